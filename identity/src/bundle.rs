@@ -1,0 +1,154 @@
+//! Trust bundles: the set of root certificates a trust domain currently accepts.
+//!
+//! A bundle holds *several* roots at once. That is what makes a root rotation hitless: the new
+//! root is added, distributed, used for signing, and the old one removed only once every leaf it
+//! signed has expired. Verification accepts a chain ending at any root of the bundle.
+
+use std::sync::{Arc, RwLock};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::spiffe_id::TrustDomain;
+use crate::svid::{self, SvidError};
+
+/// Why a bundle could not be built or changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// A PEM file held no certificate or could not be decoded.
+    #[error("trust bundle PEM: {0}")]
+    Pem(String),
+    /// A root is not a usable CA certificate.
+    #[error("root certificate rejected: {0}")]
+    BadRoot(#[source] SvidError),
+    /// A bundle must hold at least one root.
+    #[error("a trust bundle needs at least one root")]
+    Empty,
+}
+
+/// The roots one trust domain accepts. Cheap to clone behind an `Arc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    trust_domain: TrustDomain,
+    /// Kept sorted by DER and free of duplicates so equal bundles compare equal.
+    roots: Vec<CertificateDer<'static>>,
+}
+
+// === impl TrustBundle ===
+
+impl TrustBundle {
+    /// Builds a bundle from DER roots, checking that each one is a CA certificate.
+    pub fn new(
+        trust_domain: TrustDomain,
+        roots: impl IntoIterator<Item = CertificateDer<'static>>,
+    ) -> Result<Self, BundleError> {
+        let mut bundle = Self {
+            trust_domain,
+            roots: Vec::new(),
+        };
+        for root in roots {
+            bundle.add_root(root)?;
+        }
+        if bundle.roots.is_empty() {
+            return Err(BundleError::Empty);
+        }
+        Ok(bundle)
+    }
+
+    /// Builds a bundle from every `CERTIFICATE` block of a PEM document.
+    pub fn from_pem(trust_domain: TrustDomain, pem: &[u8]) -> Result<Self, BundleError> {
+        let roots = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BundleError::Pem(e.to_string()))?;
+        Self::new(trust_domain, roots)
+    }
+
+    /// Adds a root (a no-op if it is already present). Returns whether it was new.
+    pub fn add_root(&mut self, root: CertificateDer<'static>) -> Result<bool, BundleError> {
+        svid::check_ca_certificate(&root).map_err(BundleError::BadRoot)?;
+        match self
+            .roots
+            .binary_search_by(|r| r.as_ref().cmp(root.as_ref()))
+        {
+            Ok(_) => Ok(false),
+            Err(at) => {
+                self.roots.insert(at, root);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Removes a root. Returns whether it was present. The last root cannot be removed.
+    pub fn remove_root(&mut self, root: &CertificateDer<'_>) -> Result<bool, BundleError> {
+        let Some(at) = self.roots.iter().position(|r| r == root) else {
+            return Ok(false);
+        };
+        if self.roots.len() == 1 {
+            return Err(BundleError::Empty);
+        }
+        self.roots.remove(at);
+        Ok(true)
+    }
+
+    /// The trust domain these roots speak for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The roots, in a stable order.
+    pub fn roots(&self) -> impl ExactSizeIterator<Item = &CertificateDer<'static>> {
+        self.roots.iter()
+    }
+
+    /// The roots as one PEM document.
+    pub fn to_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+            .collect()
+    }
+
+    /// Verifies that `chain` (leaf first, then intermediates) is a valid X.509-SVID of this
+    /// trust domain at `now`, for the given TLS role, and returns its SPIFFE ID.
+    pub fn verify_svid_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: svid::Usage,
+    ) -> Result<crate::SpiffeId, SvidError> {
+        svid::verify_chain(self, chain, now, usage)
+    }
+}
+
+/// A trust bundle that can be replaced while verifiers hold on to it (root rotation).
+#[derive(Debug, Clone)]
+pub struct SharedTrustBundle(Arc<RwLock<Arc<TrustBundle>>>);
+
+// === impl SharedTrustBundle ===
+
+impl SharedTrustBundle {
+    /// Wraps a bundle.
+    pub fn new(bundle: TrustBundle) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(bundle))))
+    }
+
+    /// The current bundle.
+    pub fn load(&self) -> Arc<TrustBundle> {
+        // A poisoned lock only means a writer panicked between two whole-Arc stores; the
+        // value inside is still a complete bundle.
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the bundle; handshakes that start afterwards use the new one.
+    pub fn store(&self, bundle: TrustBundle) {
+        let mut guard = match self.0.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Arc::new(bundle);
+    }
+}

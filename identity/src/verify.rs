@@ -1,0 +1,301 @@
+//! rustls verifiers that authenticate peers by SPIFFE ID.
+//!
+//! A peer is accepted only if its chain verifies against the current [`SharedTrustBundle`] *and*
+//! its SPIFFE ID passes the caller's [`PeerCheck`]. DNS names play no part: the server name a
+//! client dials is ignored in favour of the expected SPIFFE ID. After the handshake,
+//! [`peer_spiffe_id`] hands the verified ID back for authorization.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::bundle::SharedTrustBundle;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::{self, SvidError, Usage, WorkloadSvid};
+
+/// Which SPIFFE IDs a verifier accepts (after the chain verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerCheck {
+    /// Exactly this ID (an outbound tunnel to a known destination).
+    Exact(SpiffeId),
+    /// Any ID in this trust domain (an inbound listener; policy decides later).
+    TrustDomain(TrustDomain),
+}
+
+/// Why a peer's SPIFFE ID was refused after its chain verified.
+#[derive(Debug, thiserror::Error)]
+#[error("peer SPIFFE ID {presented} is not accepted here (expected {expected})")]
+pub struct UnexpectedPeer {
+    presented: String,
+    expected: String,
+}
+
+// === impl PeerCheck ===
+
+impl PeerCheck {
+    fn check(&self, id: &SpiffeId) -> Result<(), UnexpectedPeer> {
+        let ok = match self {
+            PeerCheck::Exact(expected) => expected == id,
+            PeerCheck::TrustDomain(td) => id.trust_domain() == td,
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(UnexpectedPeer {
+            presented: id.to_string(),
+            expected: match self {
+                PeerCheck::Exact(e) => e.to_string(),
+                PeerCheck::TrustDomain(td) => format!("any ID in {td}"),
+            },
+        })
+    }
+}
+
+fn to_rustls(e: SvidError) -> rustls::Error {
+    let cert_error = match e {
+        SvidError::Expired { .. } => CertificateError::Expired,
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(cert_error)
+}
+
+/// Shared core of the client and server verifiers.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    bundle: SharedTrustBundle,
+    check: PeerCheck,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeVerifier {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<(), rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let bundle = self.bundle.load();
+        let id = svid::verify_chain(&bundle, &chain, now, usage).map_err(to_rustls)?;
+        self.check.check(&id).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a TLS server's X.509-SVID (used by the dialling side).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier(SpiffeVerifier);
+
+impl SpiffeServerVerifier {
+    /// Accepts servers whose chain verifies against `bundle` and whose ID passes `check`.
+    pub fn new(bundle: SharedTrustBundle, check: PeerCheck, provider: Arc<CryptoProvider>) -> Self {
+        Self(SpiffeVerifier {
+            bundle,
+            check,
+            provider,
+        })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .verify(end_entity, intermediates, now, Usage::Server)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.schemes()
+    }
+}
+
+/// Verifies a TLS client's X.509-SVID (used by the listening side). Client certificates are
+/// mandatory.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier(SpiffeVerifier);
+
+impl SpiffeClientVerifier {
+    /// Accepts clients whose chain verifies against `bundle` and whose ID passes `check`.
+    pub fn new(bundle: SharedTrustBundle, check: PeerCheck, provider: Arc<CryptoProvider>) -> Self {
+        Self(SpiffeVerifier {
+            bundle,
+            check,
+            provider,
+        })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify(end_entity, intermediates, now, Usage::Client)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.schemes()
+    }
+}
+
+/// The SPIFFE ID of a peer whose certificate a [`SpiffeServerVerifier`] or
+/// [`SpiffeClientVerifier`] already accepted (pass `conn.peer_certificates()`).
+pub fn peer_spiffe_id(
+    peer_certificates: Option<&[CertificateDer<'_>]>,
+) -> Result<SpiffeId, SvidError> {
+    let leaf = peer_certificates
+        .and_then(|c| c.first())
+        .ok_or(SvidError::NoCertificate)?;
+    Ok(svid::parse_leaf(leaf)?.spiffe_id)
+}
+
+/// Serves one fixed SVID as both a client and a server certificate.
+#[derive(Debug)]
+struct FixedSvid(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedSvid {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for FixedSvid {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS 1.3 server configuration that presents `svid` and requires a client SVID passing
+/// `check`.
+pub fn mtls_server_config(
+    svid: &WorkloadSvid,
+    bundle: SharedTrustBundle,
+    check: PeerCheck,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, check, provider.clone()));
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedSvid(svid.certified_key()))))
+}
+
+/// A TLS 1.3 client configuration that presents `svid` and requires a server SVID passing
+/// `check`.
+pub fn mtls_client_config(
+    svid: &WorkloadSvid,
+    bundle: SharedTrustBundle,
+    check: PeerCheck,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(bundle, check, provider.clone()));
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(FixedSvid(svid.certified_key()))))
+}
