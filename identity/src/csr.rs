@@ -267,7 +267,8 @@ mod tests {
     #[test]
     fn rejects_each_malformation() {
         let ok = "spiffe://cluster.local/ns/a/sa/b";
-        let cases: Vec<(Vec<u8>, fn(&CsrError) -> bool)> = vec![
+        type Case = (Vec<u8>, fn(&CsrError) -> bool);
+        let cases: Vec<Case> = vec![
             (vec![], |e| matches!(e, CsrError::Malformed(_))),
             (b"not a csr".to_vec(), |e| {
                 matches!(e, CsrError::Malformed(_))

@@ -1,0 +1,203 @@
+//! The controller's Prometheus metrics and the small HTTP endpoint that serves them.
+//!
+//! Each module's metrics are a struct registered on the shared registry (`membrane_ca_` prefix).
+//! `/metrics` serves the text format; `/ready` answers 200 once the workload source has loaded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::source::StateReceiver;
+
+/// Why a signing request was refused (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// No credential, or an unknown one.
+    Unauthenticated,
+    /// The identity is not scheduled on the caller's node.
+    NotOnNode,
+    /// The CSR failed validation.
+    InvalidCsr,
+    /// The workload source has not loaded yet.
+    SourceNotReady,
+    /// The controller failed to sign.
+    Internal,
+}
+
+impl RefusalReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::NotOnNode => "not_on_node",
+            Self::InvalidCsr => "invalid_csr",
+            Self::SourceNotReady => "source_not_ready",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl EncodeLabelValue for RefusalReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// Labels of `membrane_ca_csr_refused_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Why.
+    pub reason: RefusalReason,
+}
+
+/// Certificate signing outcomes.
+#[derive(Debug, Clone, Default)]
+pub struct SignMetrics {
+    /// Certificates issued.
+    pub signed: Counter,
+    /// Requests refused, by reason.
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+impl SignMetrics {
+    /// Registers the signing metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "certificates_signed",
+            "X.509-SVIDs issued",
+            m.signed.clone(),
+        );
+        registry.register(
+            "csr_refused",
+            "Certificate signing requests refused, by reason",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    /// Counts one refusal.
+    pub fn refuse(&self, reason: RefusalReason) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+}
+
+/// Workload source health.
+#[derive(Debug, Clone, Default)]
+pub struct SourceMetrics {
+    /// Times a new state was published.
+    pub reloads: Counter,
+    /// Files whose newest version is rejected (their last good version is in force).
+    pub file_errors: Gauge,
+    /// Times the directory could not be listed.
+    pub scan_failures: Counter,
+}
+
+impl SourceMetrics {
+    /// Registers the source metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "source_reloads",
+            "Workload source states published",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "source_file_errors",
+            "Manifest files currently rejected (last good version kept)",
+            m.file_errors.clone(),
+        );
+        registry.register(
+            "source_scan_failures",
+            "Failed scans of the manifest directory",
+            m.scan_failures.clone(),
+        );
+        m
+    }
+}
+
+/// A new registry with Membrane's controller prefix.
+pub fn registry() -> Registry {
+    Registry::with_prefix("membrane_ca")
+}
+
+/// Serves `/metrics` and `/ready` on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    ready: StateReceiver,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let ready = ready.clone();
+        let conn_cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &registry, &ready);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn_cancel.cancelled() => {}
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+                },
+            }
+        });
+    }
+}
+
+fn respond<B>(req: &Request<B>, registry: &Registry, ready: &StateReceiver) -> Response<Full<Bytes>> {
+    let (status, body, content_type) = match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    text,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new(), "text/plain"),
+            }
+        }
+        "/ready" if ready.borrow().is_some() => (StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "workload source not loaded\n".into(),
+            "text/plain",
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// Binds the metrics listener (separate so `main` reports a busy port before starting work).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

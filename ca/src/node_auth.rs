@@ -1,0 +1,224 @@
+//! Node authorization: which node is calling, and may it have the identity it asks for.
+//!
+//! Local mode authenticates a node by a bootstrap token. The token file has one node per line,
+//! `<node-name> <token>`; blank lines and `#` comments are ignored. Tokens are at least 16
+//! characters of printable ASCII and unique. Only SHA-256 digests are kept in memory, and a
+//! presented token is compared by digest.
+//!
+//! A node may obtain an SVID for `ns/N/sa/S` only if an active pod with that namespace and
+//! service account, in a namespace that opted into the mesh, is scheduled on that node.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use membrane_identity::WorkloadIdentity;
+use ring::digest;
+
+use crate::source::ClusterState;
+
+/// Shortest token accepted in the token file.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A problem with the token file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenFileError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is malformed.
+    #[error("{path}:{line}: {reason}")]
+    Line {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file names no node.
+    #[error("{path}: no tokens")]
+    Empty {
+        /// The file.
+        path: String,
+    },
+}
+
+/// Why a node was refused an identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeAuthError {
+    /// No pod with that identity is scheduled on the calling node.
+    #[error("no mesh pod with service account {namespace}/{service_account} is scheduled on node {node}")]
+    NotOnNode {
+        /// The calling node.
+        node: String,
+        /// Requested namespace.
+        namespace: String,
+        /// Requested service account.
+        service_account: String,
+    },
+}
+
+type Digest = [u8; 32];
+
+fn sha256(token: &str) -> Digest {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+/// Bootstrap tokens and the nodes they stand for.
+#[derive(Clone, Default)]
+pub struct BootstrapTokens {
+    nodes: HashMap<Digest, String>,
+}
+
+impl std::fmt::Debug for BootstrapTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapTokens")
+            .field("nodes", &self.nodes.len())
+            .finish()
+    }
+}
+
+// === impl BootstrapTokens ===
+
+impl BootstrapTokens {
+    /// Reads a token file.
+    pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&shown, &text)
+    }
+
+    /// Parses the text of a token file; `path` is only used in error messages.
+    pub fn parse(path: &str, text: &str) -> Result<Self, TokenFileError> {
+        let mut nodes = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line_err = |reason: &str| TokenFileError::Line {
+                path: path.to_owned(),
+                line: i + 1,
+                reason: reason.to_owned(),
+            };
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(node), Some(token), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(line_err("expected `<node-name> <token>`"));
+            };
+            membrane_identity::spiffe_id::validate_service_account(node)
+                .map_err(|_| line_err("node name must be a lower-case DNS name"))?;
+            if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(line_err("token must be at least 16 printable ASCII characters"));
+            }
+            if nodes.insert(sha256(token), node.to_owned()).is_some() {
+                return Err(line_err("token already used by another line"));
+            }
+        }
+        if nodes.is_empty() {
+            return Err(TokenFileError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The node a presented token belongs to, if any.
+    pub fn node_for(&self, token: &str) -> Option<&str> {
+        self.nodes.get(&sha256(token)).map(String::as_str)
+    }
+}
+
+/// Checks that `identity` is scheduled on `node` in `state` (DESIGN §3).
+pub fn authorize(
+    state: &ClusterState,
+    node: &str,
+    identity: &WorkloadIdentity,
+) -> Result<(), NodeAuthError> {
+    let scheduled = state.mesh_pods_on(node).any(|pod| {
+        pod.namespace == identity.namespace() && pod.service_account == identity.service_account()
+    });
+    if scheduled {
+        Ok(())
+    } else {
+        Err(NodeAuthError::NotOnNode {
+            node: node.to_owned(),
+            namespace: identity.namespace().to_owned(),
+            service_account: identity.service_account().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{MESH_LABEL, Namespace, Pod};
+
+    #[test]
+    fn token_file_parses_and_rejects_garbage() {
+        let tokens = BootstrapTokens::parse(
+            "t",
+            "# nodes\nnode-a aaaaaaaaaaaaaaaa\n\nnode-b bbbbbbbbbbbbbbbb\n",
+        )
+        .expect("valid");
+        assert_eq!(tokens.node_for("aaaaaaaaaaaaaaaa"), Some("node-a"));
+        assert_eq!(tokens.node_for("bbbbbbbbbbbbbbbb"), Some("node-b"));
+        assert_eq!(tokens.node_for("cccccccccccccccc"), None);
+        assert_eq!(tokens.node_for(""), None);
+        for bad in [
+            "node-a\n",
+            "node-a short\n",
+            "Node_A aaaaaaaaaaaaaaaa\n",
+            "node-a aaaaaaaaaaaaaaaa extra\n",
+            "node-a aaaaaaaaaaaaaaaa\nnode-b aaaaaaaaaaaaaaaa\n",
+            "# only comments\n",
+        ] {
+            assert!(BootstrapTokens::parse("t", bad).is_err(), "{bad:?}");
+        }
+        let err = BootstrapTokens::parse("tokens.txt", "ok-node aaaaaaaaaaaaaaaa\nbroken\n")
+            .expect_err("bad line");
+        assert!(err.to_string().starts_with("tokens.txt:2:"), "{err}");
+    }
+
+    #[test]
+    fn identity_must_be_scheduled_on_the_node() {
+        let mut state = ClusterState::default();
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(MESH_LABEL.to_owned(), "enabled".to_owned());
+        state.namespaces.insert(
+            "training".into(),
+            Namespace {
+                name: "training".into(),
+                labels,
+                ..Default::default()
+            },
+        );
+        let pod = Pod {
+            namespace: "training".into(),
+            name: "trainer-0".into(),
+            service_account: "trainer".into(),
+            node_name: Some("node-a".into()),
+            ..Default::default()
+        };
+        state.pods.insert(("training".into(), "trainer-0".into()), pod);
+        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
+        let trainer = WorkloadIdentity::new(&td, "training", "trainer").expect("id");
+        let other_sa = WorkloadIdentity::new(&td, "training", "default").expect("id");
+        assert!(authorize(&state, "node-a", &trainer).is_ok());
+        assert!(authorize(&state, "node-b", &trainer).is_err());
+        assert!(authorize(&state, "node-a", &other_sa).is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! The gRPC `Certificates` service and the TLS server that carries it.
+//!
+//! Each call is checked in a fixed order, and every refusal gets its own status code, a
+//! structured log line with the reason, and a count in `membrane_ca_csr_refused_total`:
+//! credential (UNAUTHENTICATED) → CSR (INVALID_ARGUMENT) → source loaded (UNAVAILABLE) →
+//! identity scheduled on the caller's node (PERMISSION_DENIED). Only then is a certificate
+//! signed.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{TrustDomain, ValidatedCsr};
+use membrane_proto::v1::certificates_server::{Certificates, CertificatesServer};
+use membrane_proto::v1::{SignRequest, SignResponse};
+use rcgen::SanType;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::{RefusalReason, SignMetrics};
+use crate::node_auth::{self, BootstrapTokens};
+use crate::signer::Signer;
+use crate::source::StateReceiver;
+
+/// The largest gRPC message the server decodes; a bigger request is refused by the transport
+/// (RESOURCE_EXHAUSTED) before any parsing. CSRs above 16 KiB but below this get
+/// INVALID_ARGUMENT from the CSR gate.
+pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
+
+/// The namespace and service account of the controller's own identity.
+pub const CONTROLLER_NAMESPACE: &str = "membrane-system";
+/// Service account of the controller.
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "membrane-ca";
+
+/// DNS names the controller's serving certificate always carries.
+pub const DEFAULT_SERVER_NAMES: &[&str] = &[
+    "membrane-ca",
+    "membrane-ca.membrane-system",
+    "membrane-ca.membrane-system.svc",
+    "localhost",
+    "127.0.0.1",
+    "::1",
+];
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The serving certificate could not be made.
+    #[error("cannot issue the controller's serving certificate: {0}")]
+    Certificate(String),
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The `Certificates` service.
+#[derive(Debug, Clone)]
+pub struct CertificateService {
+    signer: Signer,
+    tokens: Arc<BootstrapTokens>,
+    state: StateReceiver,
+    metrics: SignMetrics,
+}
+
+impl CertificateService {
+    /// A service signing with `signer` for nodes known by `tokens`, authorizing against the
+    /// latest source state.
+    pub fn new(
+        signer: Signer,
+        tokens: BootstrapTokens,
+        state: StateReceiver,
+        metrics: SignMetrics,
+    ) -> Self {
+        Self {
+            signer,
+            tokens: Arc::new(tokens),
+            state,
+            metrics,
+        }
+    }
+
+    fn trust_domain(&self) -> &TrustDomain {
+        self.signer.bundle().trust_domain()
+    }
+
+    fn refuse(&self, reason: RefusalReason, status: Status) -> Status {
+        self.metrics.refuse(reason);
+        status
+    }
+
+    fn authenticate<'a>(&'a self, metadata: &tonic::metadata::MetadataMap) -> Result<&'a str, &'static str> {
+        let value = metadata
+            .get("authorization")
+            .ok_or("no authorization metadata")?
+            .to_str()
+            .map_err(|_| "authorization metadata is not ASCII")?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or("authorization metadata is not a Bearer token")?;
+        self.tokens.node_for(token.trim()).ok_or("unknown token")
+    }
+}
+
+#[tonic::async_trait]
+impl Certificates for CertificateService {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let peer = request.remote_addr();
+        let node = match self.authenticate(request.metadata()) {
+            Ok(node) => node.to_owned(),
+            Err(reason) => {
+                tracing::warn!(peer = ?peer, reason, "refused certificate request: unauthenticated");
+                return Err(self.refuse(
+                    RefusalReason::Unauthenticated,
+                    Status::unauthenticated(format!("node credential refused: {reason}")),
+                ));
+            }
+        };
+        let request = request.into_inner();
+        let csr = match ValidatedCsr::parse(&request.csr_der, self.trust_domain()) {
+            Ok(csr) => csr,
+            Err(e) => {
+                tracing::warn!(node, peer = ?peer, error = %e, "refused certificate request: invalid CSR");
+                return Err(self.refuse(
+                    RefusalReason::InvalidCsr,
+                    Status::invalid_argument(e.to_string()),
+                ));
+            }
+        };
+        let identity = csr.identity();
+        let Some(state) = self.state.borrow().clone() else {
+            tracing::warn!(node, %identity, "refused certificate request: workload source not loaded yet");
+            return Err(self.refuse(
+                RefusalReason::SourceNotReady,
+                Status::unavailable("the controller has not loaded its workload source yet"),
+            ));
+        };
+        if let Err(e) = node_auth::authorize(&state, &node, identity) {
+            tracing::warn!(node, %identity, error = %e, "refused certificate request: identity not on node");
+            return Err(self.refuse(
+                RefusalReason::NotOnNode,
+                Status::permission_denied(e.to_string()),
+            ));
+        }
+        let requested = Duration::from_secs(request.ttl_seconds);
+        let signed = match self.signer.sign(&csr, requested) {
+            Ok(signed) => signed,
+            Err(e) => {
+                tracing::error!(node, %identity, error = %e, "signing failed");
+                return Err(self.refuse(RefusalReason::Internal, Status::internal(e.to_string())));
+            }
+        };
+        self.metrics.signed.inc();
+        tracing::info!(
+            node,
+            %identity,
+            serial = signed.serial,
+            not_after = %signed.not_after,
+            "issued workload certificate"
+        );
+        Ok(Response::new(SignResponse {
+            cert_chain_der: signed.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_roots_der: self.signer.bundle().roots().map(|c| c.to_vec()).collect(),
+            not_after_unix: signed.not_after.unix_timestamp(),
+        }))
+    }
+}
+
+/// Issues the controller's own serving certificate (key generated here, kept in memory only):
+/// SPIFFE ID `spiffe://<td>/ns/membrane-system/sa/membrane-ca`, the default names and `extra`.
+pub fn serving_identity(
+    signer: &Signer,
+    extra: &[String],
+    ttl: Duration,
+) -> Result<tonic::transport::Identity, ServerError> {
+    let err = |e: &dyn std::fmt::Display| ServerError::Certificate(e.to_string());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(&e))?;
+    let id = format!(
+        "spiffe://{}/ns/{CONTROLLER_NAMESPACE}/sa/{CONTROLLER_SERVICE_ACCOUNT}",
+        signer.bundle().trust_domain()
+    );
+    let mut sans = vec![SanType::URI(id.try_into().map_err(|e| err(&e))?)];
+    let names = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).chain(extra.iter().cloned());
+    for name in names {
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.try_into().map_err(|e| err(&e))?),
+        };
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let signed = signer.issue(sans, &key, ttl).map_err(|e| err(&e))?;
+    let chain_pem: String = signed
+        .chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect();
+    Ok(tonic::transport::Identity::from_pem(chain_pem, key.serialize_pem()))
+}
+
+/// Serves `service` over TLS on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: CertificateService,
+    identity: tonic::transport::Identity,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        .add_service(
+            CertificatesServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_LEN)
+                .max_encoding_message_size(MAX_MESSAGE_LEN),
+        )
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await?;
+    Ok(())
+}

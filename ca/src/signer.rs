@@ -1,0 +1,185 @@
+//! Turns a validated CSR into an X.509-SVID.
+//!
+//! The CA copies nothing from the request but the public key and the one SPIFFE ID it already
+//! validated: key usage, extended key usage, validity and serial are the CA's decisions. The
+//! lifetime is the requested one, or the default, capped by the configured maximum and by the
+//! signing certificate's own expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{TrustBundle, ValidatedCsr, WorkloadIdentity};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType, SerialNumber};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use crate::authority::SigningAuthority;
+
+/// How far `not_before` is set in the past, to absorb clock skew between nodes.
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// Lifetimes the signer applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignerConfig {
+    /// Lifetime when the request asks for none (default 24 h).
+    pub default_ttl: Duration,
+    /// Longest lifetime granted, whatever the request says (default 24 h).
+    pub max_ttl: Duration,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why signing failed after the request was accepted (a controller fault, not the caller's).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The signing certificate has expired or expires within the backdate window.
+    #[error("the signing certificate expired at {0}")]
+    AuthorityExpired(OffsetDateTime),
+    /// rcgen could not encode or sign the certificate.
+    #[error("certificate encoding failed: {0}")]
+    Encode(#[from] rcgen::Error),
+}
+
+/// A signed SVID as returned to the node: the chain (leaf first, no root) and its expiry.
+#[derive(Debug, Clone)]
+pub struct SignedSvid {
+    /// Leaf followed by the intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// End of the leaf's validity.
+    pub not_after: OffsetDateTime,
+    /// Serial, lower-case hex.
+    pub serial: String,
+}
+
+/// Signs leaves with a [`SigningAuthority`]. Cheap to share (`Arc`).
+#[derive(Debug, Clone)]
+pub struct Signer {
+    authority: Arc<SigningAuthority>,
+    config: SignerConfig,
+}
+
+/// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
+pub fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f;
+    // A leading zero octet would be stripped by DER; keep the length fixed.
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn leaf_params(
+    sans: Vec<SanType>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> (CertificateParams, String) {
+    let serial = random_serial();
+    let hex = serial.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(serial);
+    params.use_authority_key_identifier_extension = true;
+    (params, hex)
+}
+
+fn uri_san(identity: &WorkloadIdentity) -> Result<SanType, rcgen::Error> {
+    Ok(SanType::URI(identity.to_string().try_into()?))
+}
+
+/// Signs a throwaway leaf with a fresh key; used to self-check an authority at load time.
+pub(crate) fn probe_leaf(
+    authority: &SigningAuthority,
+) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let now = OffsetDateTime::now_utc();
+    let probe = SanType::URI(
+        format!(
+            "spiffe://{}/ns/membrane-system/sa/probe",
+            authority.bundle.trust_domain()
+        )
+        .try_into()?,
+    );
+    let (params, _) = leaf_params(vec![probe], now - BACKDATE, now + Duration::from_secs(60));
+    let leaf = params.signed_by(&key, &authority.issuer)?;
+    let mut chain = vec![leaf.der().clone()];
+    chain.extend(authority.chain.iter().cloned());
+    Ok(chain)
+}
+
+// === impl Signer ===
+
+impl Signer {
+    /// A signer using `authority` with the given lifetimes.
+    pub fn new(authority: SigningAuthority, config: SignerConfig) -> Self {
+        Self {
+            authority: Arc::new(authority),
+            config,
+        }
+    }
+
+    /// The trust bundle this signer's leaves verify against.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.authority.bundle
+    }
+
+    /// The configured lifetimes.
+    pub fn config(&self) -> SignerConfig {
+        self.config
+    }
+
+    /// The lifetime granted for a request of `requested` (zero: the default).
+    pub fn granted_ttl(&self, requested: Duration) -> Duration {
+        let wanted = if requested.is_zero() {
+            self.config.default_ttl
+        } else {
+            requested
+        };
+        wanted.min(self.config.max_ttl)
+    }
+
+    /// Signs the SVID for a validated CSR.
+    pub fn sign(&self, csr: &ValidatedCsr, requested: Duration) -> Result<SignedSvid, SignError> {
+        let san = uri_san(csr.identity())?;
+        self.issue(vec![san], csr.public_key(), requested)
+    }
+
+    /// Signs a leaf with arbitrary SANs (the controller's own serving certificate).
+    pub fn issue(
+        &self,
+        sans: Vec<SanType>,
+        public_key: &impl rcgen::PublicKeyData,
+        requested: Duration,
+    ) -> Result<SignedSvid, SignError> {
+        let now = OffsetDateTime::now_utc();
+        let limit = self.authority.not_after;
+        let not_after = (now + self.granted_ttl(requested)).min(limit);
+        if not_after <= now {
+            return Err(SignError::AuthorityExpired(limit));
+        }
+        let (params, serial) = leaf_params(sans, now - BACKDATE, not_after);
+        let leaf = params.signed_by(public_key, &self.authority.issuer)?;
+        let mut chain = Vec::with_capacity(1 + self.authority.chain.len());
+        chain.push(leaf.der().clone());
+        chain.extend(self.authority.chain.iter().cloned());
+        Ok(SignedSvid {
+            chain,
+            not_after,
+            serial,
+        })
+    }
+}
