@@ -173,9 +173,12 @@ impl SigningAuthority {
             bundle,
             not_after,
         };
-        authority
-            .self_check()
-            .map_err(|reason| bad(key_path, format!("does not match {ROOT_CERT_FILE}: {reason}")))?;
+        authority.self_check().map_err(|reason| {
+            bad(
+                key_path,
+                format!("does not match {ROOT_CERT_FILE}: {reason}"),
+            )
+        })?;
         Ok(authority)
     }
 
@@ -192,7 +195,9 @@ impl SigningAuthority {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, trust_domain.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain.as_str());
         params
             .distinguished_name
             .push(DnType::CommonName, "Membrane root CA");

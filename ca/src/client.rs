@@ -95,8 +95,16 @@ impl CaClient {
             .metadata_mut()
             .insert("authorization", self.authorization.clone());
         let response = self.inner.sign(request).await?.into_inner();
-        let chain = response.cert_chain_der.into_iter().map(CertificateDer::from).collect();
-        let roots = response.trust_roots_der.into_iter().map(CertificateDer::from).collect();
+        let chain = response
+            .cert_chain_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let roots = response
+            .trust_roots_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
         Ok((chain, roots))
     }
 

@@ -168,7 +168,11 @@ pub async fn serve(
     }
 }
 
-fn respond<B>(req: &Request<B>, registry: &Registry, ready: &StateReceiver) -> Response<Full<Bytes>> {
+fn respond<B>(
+    req: &Request<B>,
+    registry: &Registry,
+    ready: &StateReceiver,
+) -> Response<Full<Bytes>> {
     let (status, body, content_type) = match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -178,7 +182,11 @@ fn respond<B>(req: &Request<B>, registry: &Registry, ready: &StateReceiver) -> R
                     text,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
-                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new(), "text/plain"),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    String::new(),
+                    "text/plain",
+                ),
             }
         }
         "/ready" if ready.borrow().is_some() => (StatusCode::OK, "ready\n".into(), "text/plain"),

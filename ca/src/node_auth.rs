@@ -55,7 +55,9 @@ pub enum TokenFileError {
 #[non_exhaustive]
 pub enum NodeAuthError {
     /// No pod with that identity is scheduled on the calling node.
-    #[error("no mesh pod with service account {namespace}/{service_account} is scheduled on node {node}")]
+    #[error(
+        "no mesh pod with service account {namespace}/{service_account} is scheduled on node {node}"
+    )]
     NotOnNode {
         /// The calling node.
         node: String,
@@ -122,7 +124,9 @@ impl BootstrapTokens {
             membrane_identity::spiffe_id::validate_service_account(node)
                 .map_err(|_| line_err("node name must be a lower-case DNS name"))?;
             if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(line_err("token must be at least 16 printable ASCII characters"));
+                return Err(line_err(
+                    "token must be at least 16 printable ASCII characters",
+                ));
             }
             if nodes.insert(sha256(token), node.to_owned()).is_some() {
                 return Err(line_err("token already used by another line"));
@@ -213,7 +217,9 @@ mod tests {
             node_name: Some("node-a".into()),
             ..Default::default()
         };
-        state.pods.insert(("training".into(), "trainer-0".into()), pod);
+        state
+            .pods
+            .insert(("training".into(), "trainer-0".into()), pod);
         let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
         let trainer = WorkloadIdentity::new(&td, "training", "trainer").expect("id");
         let other_sa = WorkloadIdentity::new(&td, "training", "default").expect("id");

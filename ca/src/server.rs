@@ -89,7 +89,10 @@ impl CertificateService {
         status
     }
 
-    fn authenticate<'a>(&'a self, metadata: &tonic::metadata::MetadataMap) -> Result<&'a str, &'static str> {
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<&'a str, &'static str> {
         let value = metadata
             .get("authorization")
             .ok_or("no authorization metadata")?
@@ -180,7 +183,10 @@ pub fn serving_identity(
         signer.bundle().trust_domain()
     );
     let mut sans = vec![SanType::URI(id.try_into().map_err(|e| err(&e))?)];
-    let names = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).chain(extra.iter().cloned());
+    let names = DEFAULT_SERVER_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(extra.iter().cloned());
     for name in names {
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -196,7 +202,10 @@ pub fn serving_identity(
         .iter()
         .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
         .collect();
-    Ok(tonic::transport::Identity::from_pem(chain_pem, key.serialize_pem()))
+    Ok(tonic::transport::Identity::from_pem(
+        chain_pem,
+        key.serialize_pem(),
+    ))
 }
 
 /// Serves `service` over TLS on `listener` until `cancel` fires.

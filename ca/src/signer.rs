@@ -81,7 +81,11 @@ fn leaf_params(
     not_after: OffsetDateTime,
 ) -> (CertificateParams, String) {
     let serial = random_serial();
-    let hex = serial.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = serial
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = sans;

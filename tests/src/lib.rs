@@ -1,1 +1,160 @@
-//! placeholder
+//! Membrane's shared test harness.
+//!
+//! [`TestCa`] runs the real controller (`membrane_ca::app`) on a loopback port with its own
+//! temporary state, manifest directory and token file, so tests talk to it over real TLS and
+//! gRPC. Dropping the directory removes everything it wrote.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use membrane_ca::SignerConfig;
+use membrane_ca::app::{self, AppConfig, Running};
+use membrane_ca::client::CaClient;
+use membrane_identity::spiffe_id::parse_trust_domain;
+use membrane_identity::{TrustDomain, WorkloadIdentity};
+
+/// Token of the simulated node `node-a`.
+pub const NODE_A_TOKEN: &str = "node-a-bootstrap-token-0001";
+/// Token of the simulated node `node-b`.
+pub const NODE_B_TOKEN: &str = "node-b-bootstrap-token-0002";
+
+/// A small mesh: `training` (enrolled) with a trainer on node-a and an inference server on
+/// node-b, and `legacy` (not enrolled) with a pod on node-a.
+pub const MESH_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: training
+  labels:
+    membrane.dev/mesh: enabled
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: legacy
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: trainer-0, namespace: training}
+spec: {serviceAccountName: trainer, nodeName: node-a}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: inference-0, namespace: training}
+spec: {serviceAccountName: inference, nodeName: node-b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-app, namespace: legacy}
+spec: {serviceAccountName: old-app, nodeName: node-a}
+"#;
+
+/// The trust domain the harness uses.
+pub fn trust_domain() -> TrustDomain {
+    parse_trust_domain("cluster.local").expect("valid trust domain")
+}
+
+/// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
+pub fn identity(ns: &str, sa: &str) -> WorkloadIdentity {
+    WorkloadIdentity::new(&trust_domain(), ns, sa).expect("valid identity")
+}
+
+/// A running controller with its own directories.
+pub struct TestCa {
+    /// Temporary root: `state/`, `manifests/`, `tokens`.
+    pub dir: tempfile::TempDir,
+    running: Option<Running>,
+}
+
+impl TestCa {
+    /// Starts a controller whose manifest directory holds `manifests` in `mesh.yaml`.
+    pub async fn start(manifests: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("manifests"))?;
+        std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests)?;
+        std::fs::write(
+            dir.path().join("tokens"),
+            format!("node-a {NODE_A_TOKEN}\nnode-b {NODE_B_TOKEN}\n"),
+        )?;
+        Self::start_in(dir, None).await
+    }
+
+    /// Starts (or restarts) a controller over an existing harness directory.
+    pub async fn start_in(dir: tempfile::TempDir, plugin: Option<PathBuf>) -> anyhow::Result<Self> {
+        let config = Self::config(dir.path(), plugin);
+        let running = app::start(config).await?;
+        tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
+        Ok(Self {
+            dir,
+            running: Some(running),
+        })
+    }
+
+    fn config(dir: &Path, plugin_ca_dir: Option<PathBuf>) -> AppConfig {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        AppConfig {
+            trust_domain: trust_domain(),
+            state_dir: dir.join("state"),
+            plugin_ca_dir,
+            root_ttl: Duration::from_secs(3600 * 24 * 365),
+            source_dir: dir.join("manifests"),
+            reload_interval: Duration::from_millis(50),
+            tokens_file: dir.join("tokens"),
+            listen: loopback,
+            metrics_listen: loopback,
+            server_names: Vec::new(),
+            serving_cert_ttl: Duration::from_secs(3600),
+            signer: SignerConfig::default(),
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("controller running")
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.running().grpc_addr())
+    }
+
+    /// The metrics/readiness address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.running().metrics_addr()
+    }
+
+    /// The trust bundle as PEM (what a node is bootstrapped with).
+    pub fn root_pem(&self) -> String {
+        self.running().bundle().to_pem()
+    }
+
+    /// A client authenticated with `token`.
+    pub async fn client(&self, token: &str) -> anyhow::Result<CaClient> {
+        Ok(CaClient::connect(
+            &self.endpoint(),
+            self.root_pem().as_bytes(),
+            "membrane-ca",
+            token,
+        )
+        .await?)
+    }
+
+    /// Stops the controller and hands back its directory (for a restart).
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        self.dir
+    }
+
+    /// Fetches `/metrics` as text over plain HTTP/1.1.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr()).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+}

@@ -139,7 +139,9 @@ mod tests {
         state.namespaces.insert("in".into(), ns("in", true));
         state.namespaces.insert("out".into(), ns("out", false));
         let mut opted_out = pod("in", "b", "n1");
-        opted_out.labels.insert(MESH_LABEL.into(), "disabled".into());
+        opted_out
+            .labels
+            .insert(MESH_LABEL.into(), "disabled".into());
         let mut done = pod("in", "c", "n1");
         done.phase = PodPhase::Succeeded;
         for p in [

@@ -210,12 +210,16 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
         }
         ("v1", "Namespace") => {
             let doc: NamespaceDoc = typed(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?;
-            out.push(Object::Namespace(namespace_from(doc).map_err(|(f, m)| field_err(f, m))?));
+            out.push(Object::Namespace(
+                namespace_from(doc).map_err(|(f, m)| field_err(f, m))?,
+            ));
             Ok(())
         }
         ("v1", "Pod") => {
             let doc: PodDoc = typed(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?;
-            out.push(Object::Pod(pod_from(doc).map_err(|(f, m)| field_err(f, m))?));
+            out.push(Object::Pod(
+                pod_from(doc).map_err(|(f, m)| field_err(f, m))?,
+            ));
             Ok(())
         }
         (_, "Namespace" | "Pod") => Err(field_err(
@@ -274,7 +278,11 @@ fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
     let mut ips = Vec::new();
     let listed = doc.status.pod_ips.into_iter().map(|p| p.ip);
     for (i, ip) in doc.status.pod_ip.into_iter().chain(listed).enumerate() {
-        let field = if i == 0 { "status.podIP".to_owned() } else { format!("status.podIPs[{}]", i - 1) };
+        let field = if i == 0 {
+            "status.podIP".to_owned()
+        } else {
+            format!("status.podIPs[{}]", i - 1)
+        };
         let ip: std::net::IpAddr = ip
             .parse()
             .map_err(|_| (field, format!("{ip:?} is not an IP address")))?;
@@ -283,14 +291,20 @@ fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
         }
     }
     Ok(Pod {
-        uid: meta.uid.unwrap_or_else(|| format!("{namespace}/{}", meta.name)),
+        uid: meta
+            .uid
+            .unwrap_or_else(|| format!("{namespace}/{}", meta.name)),
         namespace,
         name: meta.name,
         service_account,
         node_name: doc.spec.node_name,
         ips,
         labels: meta.labels,
-        phase: doc.status.phase.as_deref().map_or(PodPhase::Running, PodPhase::parse),
+        phase: doc
+            .status
+            .phase
+            .as_deref()
+            .map_or(PodPhase::Running, PodPhase::parse),
     })
 }
 
@@ -328,10 +342,7 @@ fn list_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let ty = entry.file_type()?;
         if ty.is_dir() {
             list_manifests(&path, out)?;
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml")
-        {
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             out.push(path);
         }
     }
@@ -468,7 +479,10 @@ impl DirectorySource {
 
     /// Files whose newest version is rejected, with the reason.
     pub fn errors(&self) -> Vec<SourceError> {
-        self.files.values().filter_map(|f| f.error.clone()).collect()
+        self.files
+            .values()
+            .filter_map(|f| f.error.clone())
+            .collect()
     }
 
     /// The merged state of every file's last good version. When two files define the same
@@ -480,7 +494,10 @@ impl DirectorySource {
                 let duplicate = match object {
                     Object::Namespace(ns) => {
                         let dup = state.namespaces.contains_key(&ns.name);
-                        state.namespaces.entry(ns.name.clone()).or_insert_with(|| ns.clone());
+                        state
+                            .namespaces
+                            .entry(ns.name.clone())
+                            .or_insert_with(|| ns.clone());
                         dup.then(|| format!("Namespace {}", ns.name))
                     }
                     Object::Pod(pod) => {
@@ -519,7 +536,9 @@ pub async fn run(
         match source.rescan() {
             Ok(changed) => {
                 let errors = source.errors();
-                metrics.file_errors.set(i64::try_from(errors.len()).unwrap_or(i64::MAX));
+                metrics
+                    .file_errors
+                    .set(i64::try_from(errors.len()).unwrap_or(i64::MAX));
                 if changed || tx.borrow().is_none() {
                     let state = source.state();
                     let new = Some(Arc::new(state));

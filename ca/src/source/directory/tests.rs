@@ -36,12 +36,16 @@ fn parses_namespaces_and_pods_and_skips_other_kinds() {
     assert_eq!(pod.service_account, "trainer");
     assert_eq!(pod.node_name.as_deref(), Some("node-a"));
     assert_eq!(pod.uid, "6f1c");
-    assert_eq!(pod.ips, vec!["10.0.0.5".parse::<std::net::IpAddr>().expect("ip")]);
+    assert_eq!(
+        pod.ips,
+        vec!["10.0.0.5".parse::<std::net::IpAddr>().expect("ip")]
+    );
 }
 
 #[test]
 fn defaults_follow_kubernetes() {
-    let objects = parse_manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").expect("valid");
+    let objects =
+        parse_manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").expect("valid");
     let Object::Pod(pod) = &objects[0] else {
         panic!("expected a pod");
     };
@@ -79,12 +83,18 @@ fn errors_name_document_and_field() {
         ("apiVersion: v1\nkind: Pod\n", "missing field `metadata`"),
         ("kind: Pod\n", "missing string field apiVersion"),
         ("- a\n- b\n", "expected a mapping"),
-        ("apiVersion: v2\nkind: Pod\nmetadata: {name: p}\n", "apiVersion"),
+        (
+            "apiVersion: v2\nkind: Pod\nmetadata: {name: p}\n",
+            "apiVersion",
+        ),
         ("a: [unclosed\n", "not valid YAML"),
     ];
     for (text, expected) in cases {
         let err = parse_manifests(text).expect_err(text).to_string();
-        assert!(err.contains(expected), "{text:?}: {err:?} should contain {expected:?}");
+        assert!(
+            err.contains(expected),
+            "{text:?}: {err:?} should contain {expected:?}"
+        );
     }
 }
 

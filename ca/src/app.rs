@@ -1,0 +1,252 @@
+//! The controller assembled: the one place its long-lived tasks are spawned.
+//!
+//! [`start`] loads the signing authority and the token file, binds the listeners (so a busy
+//! port is reported before anything runs), and spawns the workload source, the metrics endpoint
+//! and the gRPC server, all watching one cancellation token. [`Running::shutdown`] cancels it
+//! and waits for the tasks, up to a grace deadline.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{TrustBundle, TrustDomain};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::{AuthorityError, SigningAuthority};
+use crate::metrics::{self, SignMetrics, SourceMetrics};
+use crate::node_auth::{BootstrapTokens, TokenFileError};
+use crate::server::{self, CertificateService, ServerError};
+use crate::signer::{Signer, SignerConfig};
+use crate::source::StateReceiver;
+use crate::source::directory::{self, DirectorySource};
+
+/// How long shutdown waits for tasks to finish before giving up on them.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Everything the controller needs to start.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// Trust domain of every identity issued.
+    pub trust_domain: TrustDomain,
+    /// Directory of the self-managed root.
+    pub state_dir: PathBuf,
+    /// Operator-supplied CA directory; replaces the self-managed root when set.
+    pub plugin_ca_dir: Option<PathBuf>,
+    /// Lifetime of a newly created self-managed root.
+    pub root_ttl: Duration,
+    /// Manifest directory of the workload source.
+    pub source_dir: PathBuf,
+    /// Rescan period of the manifest directory.
+    pub reload_interval: Duration,
+    /// Bootstrap token file.
+    pub tokens_file: PathBuf,
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Metrics and readiness listen address.
+    pub metrics_listen: SocketAddr,
+    /// Extra names for the serving certificate.
+    pub server_names: Vec<String>,
+    /// Lifetime of the serving certificate.
+    pub serving_cert_ttl: Duration,
+    /// Workload certificate lifetimes.
+    pub signer: SignerConfig,
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The lifetimes are inconsistent.
+    #[error(
+        "default certificate lifetime {default:?} must be positive and at most the maximum {max:?}"
+    )]
+    Lifetimes {
+        /// Default lifetime.
+        default: Duration,
+        /// Maximum lifetime.
+        max: Duration,
+    },
+    /// The signing authority could not be loaded or created.
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    /// The token file is unusable.
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
+    /// The serving certificate could not be issued.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started controller.
+#[derive(Debug)]
+pub struct Running {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    bundle: TrustBundle,
+    state: StateReceiver,
+    cancel: CancellationToken,
+    grpc: JoinHandle<Result<(), ServerError>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+/// Starts the controller.
+pub async fn start(config: AppConfig) -> Result<Running, StartError> {
+    let SignerConfig {
+        default_ttl,
+        max_ttl,
+    } = config.signer;
+    if default_ttl.is_zero() || default_ttl > max_ttl {
+        return Err(StartError::Lifetimes {
+            default: default_ttl,
+            max: max_ttl,
+        });
+    }
+    let authority = match &config.plugin_ca_dir {
+        Some(dir) => SigningAuthority::load_plugin(dir, &config.trust_domain)?,
+        None => SigningAuthority::load_or_create(
+            &config.state_dir,
+            &config.trust_domain,
+            config.root_ttl,
+        )?,
+    };
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        plugin = config.plugin_ca_dir.is_some(),
+        roots = authority.bundle().roots().len(),
+        signing_not_after = %authority.not_after(),
+        "signing authority loaded"
+    );
+    let bundle = authority.bundle().clone();
+    let signer = Signer::new(authority, config.signer);
+    let tokens = BootstrapTokens::load(&config.tokens_file)?;
+    let identity =
+        server::serving_identity(&signer, &config.server_names, config.serving_cert_ttl)?;
+
+    let mut registry = metrics::registry();
+    let sign_metrics = SignMetrics::register(&mut registry);
+    let source_metrics = SourceMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(config.listen).await?;
+    let metrics_listener = bind(config.metrics_listen).await?;
+    let local = |l: &tokio::net::TcpListener, addr| {
+        l.local_addr()
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let grpc_addr = local(&listener, config.listen)?;
+    let metrics_addr = local(&metrics_listener, config.metrics_listen)?;
+
+    let cancel = CancellationToken::new();
+    let (state_tx, state_rx) = tokio::sync::watch::channel(None);
+    let source = tokio::spawn(directory::run(
+        DirectorySource::new(&config.source_dir),
+        config.reload_interval,
+        state_tx,
+        source_metrics,
+        cancel.clone(),
+    ));
+    let metrics = tokio::spawn(metrics::serve(
+        metrics_listener,
+        registry,
+        state_rx.clone(),
+        cancel.clone(),
+    ));
+    let service = CertificateService::new(signer, tokens, state_rx.clone(), sign_metrics);
+    let grpc = tokio::spawn(server::serve(listener, service, identity, cancel.clone()));
+    tracing::info!(
+        listen = %grpc_addr,
+        metrics = %metrics_addr,
+        source = %config.source_dir.display(),
+        "membrane-ca serving"
+    );
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        bundle,
+        state: state_rx,
+        cancel,
+        grpc,
+        others: vec![source, metrics],
+    })
+}
+
+// === impl Running ===
+
+impl Running {
+    /// The gRPC address actually bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The metrics address actually bound.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The trust bundle clients should trust.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// Waits until the workload source has published its first state.
+    pub async fn ready(&self) {
+        let mut state = self.state.clone();
+        let _ = state.wait_for(Option::is_some).await;
+    }
+
+    /// Waits until the gRPC server stops by itself (an error) or `signal` completes, then shuts
+    /// everything down within [`DRAIN_DEADLINE`].
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        tokio::select! {
+            () = signal => {
+                tracing::info!("shutting down");
+                self.shutdown().await;
+                Ok(())
+            }
+            result = &mut self.grpc => {
+                self.cancel.cancel();
+                match result {
+                    Ok(result) => result,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gRPC server task failed");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every task: cancel, then wait up to [`DRAIN_DEADLINE`].
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let Running { grpc, others, .. } = self;
+        let drain = async move {
+            let _ = grpc.await;
+            for task in others {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_DEADLINE, drain).await.is_err() {
+            tracing::warn!("drain deadline passed; stopping anyway");
+        }
+    }
+}
