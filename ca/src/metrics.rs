@@ -25,6 +25,8 @@ pub enum RefusalReason {
     Unauthenticated,
     /// The identity is not scheduled on the caller's node.
     NotOnNode,
+    /// A pod with the identity is on the node but not enrolled in the mesh.
+    NotInMesh,
     /// The CSR failed validation.
     InvalidCsr,
     /// The workload source has not loaded yet.
@@ -39,6 +41,7 @@ impl RefusalReason {
         match self {
             Self::Unauthenticated => "unauthenticated",
             Self::NotOnNode => "not_on_node",
+            Self::NotInMesh => "not_in_mesh",
             Self::InvalidCsr => "invalid_csr",
             Self::SourceNotReady => "source_not_ready",
             Self::Internal => "internal",

@@ -66,6 +66,17 @@ pub enum NodeAuthError {
         /// Requested service account.
         service_account: String,
     },
+    /// A pod with that identity is on the node, but its namespace is not in the mesh (or the
+    /// pod opted out).
+    #[error("{namespace}/{service_account} runs on node {node} but is not enrolled in the mesh (namespace label membrane.dev/mesh=enabled missing, or pod opted out)")]
+    NotInMesh {
+        /// The calling node.
+        node: String,
+        /// Requested namespace.
+        namespace: String,
+        /// Requested service account.
+        service_account: String,
+    },
 }
 
 type Digest = [u8; 32];
@@ -156,14 +167,32 @@ pub fn authorize(
         pod.namespace == identity.namespace() && pod.service_account == identity.service_account()
     });
     if scheduled {
-        Ok(())
-    } else {
-        Err(NodeAuthError::NotOnNode {
-            node: node.to_owned(),
-            namespace: identity.namespace().to_owned(),
-            service_account: identity.service_account().to_owned(),
-        })
+        return Ok(());
     }
+    let (node, namespace, service_account) = (
+        node.to_owned(),
+        identity.namespace().to_owned(),
+        identity.service_account().to_owned(),
+    );
+    let present_outside_mesh = state.pods.values().any(|pod| {
+        pod.node_name.as_deref() == Some(node.as_str())
+            && pod.phase.is_active()
+            && pod.namespace == namespace
+            && pod.service_account == service_account
+    });
+    Err(if present_outside_mesh {
+        NodeAuthError::NotInMesh {
+            node,
+            namespace,
+            service_account,
+        }
+    } else {
+        NodeAuthError::NotOnNode {
+            node,
+            namespace,
+            service_account,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -226,5 +255,10 @@ mod tests {
         assert!(authorize(&state, "node-a", &trainer).is_ok());
         assert!(authorize(&state, "node-b", &trainer).is_err());
         assert!(authorize(&state, "node-a", &other_sa).is_err());
+        state.namespaces.get_mut("training").expect("ns").labels.clear();
+        assert!(matches!(
+            authorize(&state, "node-a", &trainer),
+            Err(NodeAuthError::NotInMesh { .. })
+        ));
     }
 }

@@ -139,11 +139,12 @@ impl Certificates for CertificateService {
             ));
         };
         if let Err(e) = node_auth::authorize(&state, &node, identity) {
-            tracing::warn!(node, %identity, error = %e, "refused certificate request: identity not on node");
-            return Err(self.refuse(
-                RefusalReason::NotOnNode,
-                Status::permission_denied(e.to_string()),
-            ));
+            let reason = match e {
+                node_auth::NodeAuthError::NotInMesh { .. } => RefusalReason::NotInMesh,
+                _ => RefusalReason::NotOnNode,
+            };
+            tracing::warn!(node, %identity, reason = reason.as_str(), error = %e, "refused certificate request: node not entitled");
+            return Err(self.refuse(reason, Status::permission_denied(e.to_string())));
         }
         let requested = Duration::from_secs(request.ttl_seconds);
         let signed = match self.signer.sign(&csr, requested) {

@@ -79,12 +79,13 @@ async fn identity_on_another_node_is_refused() -> anyhow::Result<()> {
     );
     assert!(msg.contains("node-a"), "{msg}");
     // A pod of a namespace that is not in the mesh gets nothing, even on its own node.
-    refused_with(
+    let msg = refused_with(
         node_a
             .request_svid(&identity("legacy", "old-app"), Duration::ZERO)
             .await,
         tonic::Code::PermissionDenied,
     );
+    assert!(msg.contains("not enrolled in the mesh"), "{msg}");
     // An identity nobody runs.
     refused_with(
         node_a
@@ -125,7 +126,12 @@ async fn identity_on_another_node_is_refused() -> anyhow::Result<()> {
     );
     let metrics = ca.metrics().await?;
     assert!(
+        // At least three; more while the test polls for the manifest reload.
         metrics.contains(r#"membrane_ca_csr_refused_total{reason="not_on_node"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"membrane_ca_csr_refused_total{reason="not_in_mesh"} 1"#),
         "{metrics}"
     );
     ca.stop().await;

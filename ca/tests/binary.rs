@@ -1,0 +1,133 @@
+//! The `membrane-ca` binary as an operator runs it: flags, logs, readiness, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use membrane_ca::client::CaClient;
+use membrane_identity::WorkloadIdentity;
+
+const MANIFESTS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ml\n  labels: {membrane.dev/mesh: enabled}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ml}\nspec: {serviceAccountName: worker, nodeName: node-1}\n";
+const TOKEN: &str = "node-1-token-abcdefgh";
+
+/// Kills the child on drop so a failing test leaves no process behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("manifests")).expect("mkdir");
+    std::fs::write(dir.path().join("manifests/m.yaml"), MANIFESTS).expect("write");
+    std::fs::write(dir.path().join("tokens"), format!("node-1 {TOKEN}\n")).expect("write");
+    dir
+}
+
+fn command(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_membrane-ca"));
+    cmd.arg("serve")
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--source-dir")
+        .arg(dir.join("manifests"))
+        .arg("--tokens-file")
+        .arg(dir.join("tokens"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+#[tokio::test]
+async fn binary_serves_then_stops_on_sigterm() -> anyhow::Result<()> {
+    let dir = setup();
+    let mut child = Guard(command(dir.path()).spawn()?);
+    let stderr = child.0.stderr.take().expect("piped");
+    // Read log lines until the serving line names the bound address.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listen = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        if value["message"] == "membrane-ca serving" {
+            break value["listen"].as_str().expect("listen field").to_owned();
+        }
+    };
+    let root = std::fs::read(dir.path().join("state/root-cert.pem"))?;
+    let mut client = loop {
+        match CaClient::connect(&format!("https://{listen}"), &root, "membrane-ca", TOKEN).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let id: WorkloadIdentity = "spiffe://cluster.local/ns/ml/sa/worker".parse()?;
+    let (svid, _) = loop {
+        match client.request_svid(&id, Duration::ZERO).await {
+            Ok(ok) => break ok,
+            // UNAVAILABLE until the first manifest scan finished.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert_eq!(svid.identity(), &id);
+
+    // A refusal is logged with its reason as a structured field.
+    let other: WorkloadIdentity = "spiffe://cluster.local/ns/ml/sa/other".parse()?;
+    assert!(client.request_svid(&other, Duration::ZERO).await.is_err());
+    let refusal = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        if line.contains("refused certificate request") {
+            break serde_json::from_str::<serde_json::Value>(&line)?;
+        }
+    };
+    assert_eq!(refusal["node"], "node-1");
+    assert_eq!(refusal["identity"], other.to_string());
+
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status()?.success());
+    let stop_deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        assert!(Instant::now() < stop_deadline, "did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
+
+#[test]
+fn bad_configuration_fails_with_a_clear_message() {
+    let dir = setup();
+    std::fs::write(dir.path().join("tokens"), "node-1 short\n").expect("write");
+    let out = command(dir.path()).output().expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokens:1"), "{stderr}");
+
+    let out = command(dir.path())
+        .args(["--trust-domain", "Not_Valid!"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
+}

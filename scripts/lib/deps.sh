@@ -1,0 +1,34 @@
+# Installs what Membrane's scripts need on a fresh Debian/Ubuntu machine, and checks the rest.
+# Sourced by scripts/demo.sh, scripts/test.sh and .ci/run; safe to run repeatedly.
+
+membrane_need_root_for() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "membrane: installing $* needs root; re-run as root (sudo $0)" >&2
+        exit 1
+    fi
+}
+
+membrane_install_deps() {
+    local missing=()
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+    if ((${#missing[@]})); then
+        membrane_need_root_for "${missing[*]}"
+        echo "membrane: installing system packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        if [ -x "$HOME/.cargo/bin/cargo" ]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        else
+            echo "membrane: a Rust toolchain (1.89 or newer, with cargo) is required: https://rustup.rs" >&2
+            exit 1
+        fi
+    fi
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs and runs all of it: unit, integration and end-to-end
+# tests of every crate, then the doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/deps.sh
+membrane_install_deps
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast --lib --bins --tests
+fi
+cargo test --workspace --locked --doc --quiet
