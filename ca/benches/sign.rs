@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_main};
 use membrane_ca::{Signer, SignerConfig, SigningAuthority};
 use membrane_identity::{ValidatedCsr, WorkloadIdentity, csr, spiffe_id::parse_trust_domain};
 
@@ -46,5 +46,9 @@ fn bench(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+// The macro generates an undocumented function.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::bench);
+}
+criterion_main!(group::benches);

@@ -68,7 +68,9 @@ pub enum NodeAuthError {
     },
     /// A pod with that identity is on the node, but its namespace is not in the mesh (or the
     /// pod opted out).
-    #[error("{namespace}/{service_account} runs on node {node} but is not enrolled in the mesh (namespace label membrane.dev/mesh=enabled missing, or pod opted out)")]
+    #[error(
+        "{namespace}/{service_account} runs on node {node} but is not enrolled in the mesh (namespace label membrane.dev/mesh=enabled missing, or pod opted out)"
+    )]
     NotInMesh {
         /// The calling node.
         node: String,
@@ -255,7 +257,12 @@ mod tests {
         assert!(authorize(&state, "node-a", &trainer).is_ok());
         assert!(authorize(&state, "node-b", &trainer).is_err());
         assert!(authorize(&state, "node-a", &other_sa).is_err());
-        state.namespaces.get_mut("training").expect("ns").labels.clear();
+        state
+            .namespaces
+            .get_mut("training")
+            .expect("ns")
+            .labels
+            .clear();
         assert!(matches!(
             authorize(&state, "node-a", &trainer),
             Err(NodeAuthError::NotInMesh { .. })

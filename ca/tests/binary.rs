@@ -102,7 +102,12 @@ async fn binary_serves_then_stops_on_sigterm() -> anyhow::Result<()> {
     assert_eq!(refusal["identity"], other.to_string());
 
     let pid = child.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status()?.success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+    );
     let stop_deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = child.0.try_wait()? {

@@ -14,7 +14,9 @@ use anyhow::Context;
 use membrane_ca::app::{self, AppConfig, Running};
 use membrane_ca::client::{CaClient, ClientError};
 use membrane_identity::spiffe_id::parse_trust_domain;
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadIdentity, WorkloadSvid};
+use membrane_identity::{
+    PeerCheck, SharedTrustBundle, TrustBundle, WorkloadIdentity, WorkloadSvid,
+};
 use rustls_pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,7 +72,9 @@ fn fingerprint(der: &[u8]) -> String {
 
 /// Runs the demo; Ctrl-C stops it early and still cleans up.
 pub async fn run(json: bool) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("membrane-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("membrane-demo-")
+        .tempdir()?;
     let tokens = [("node-a", random_token()), ("node-b", random_token())];
     std::fs::create_dir_all(dir.path().join("manifests"))?;
     std::fs::write(dir.path().join("manifests/mesh.yaml"), MANIFESTS)?;
@@ -96,7 +100,9 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         },
     };
     let mut out = Narrator { json, step: 0 };
-    let running = app::start(config).await.context("starting the controller")?;
+    let running = app::start(config)
+        .await
+        .context("starting the controller")?;
     let result = tokio::select! {
         r = tour(&mut out, &running, &tokens) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -147,7 +153,11 @@ async fn tour(
     out.step("node-a's agent asks for the trainer's identity");
     let trainer = id("training", "trainer")?;
     let (trainer_svid, bundle) = node_a.request_svid(&trainer, Duration::ZERO).await?;
-    describe_svid(out, &trainer_svid, "key generated on node-a; only a CSR left the node");
+    describe_svid(
+        out,
+        &trainer_svid,
+        "key generated on node-a; only a CSR left the node",
+    );
 
     out.step("node-b's agent asks for the feature store's identity");
     let store = id("data", "feature-store")?;
@@ -156,15 +166,27 @@ async fn tour(
 
     out.step("node-a asks for an identity that is not scheduled on it");
     let model = id("inference", "model-server")?;
-    refusal(out, node_a.request_svid(&model, Duration::ZERO).await, "model-server runs on node-b; node-a cannot obtain its identity");
+    refusal(
+        out,
+        node_a.request_svid(&model, Duration::ZERO).await,
+        "model-server runs on node-b; node-a cannot obtain its identity",
+    );
 
     out.step("node-a asks for a pod whose namespace is not in the mesh");
     let scraper = id("untrusted", "scraper")?;
-    refusal(out, node_a.request_svid(&scraper, Duration::ZERO).await, "scraper runs on node-a, but namespace untrusted is not in the mesh: no identity");
+    refusal(
+        out,
+        node_a.request_svid(&scraper, Duration::ZERO).await,
+        "scraper runs on node-a, but namespace untrusted is not in the mesh: no identity",
+    );
 
     out.step("a caller with a stolen-looking, unknown token");
     let mut stranger = connect("this-token-was-never-issued").await?;
-    refusal(out, stranger.request_svid(&trainer, Duration::ZERO).await, "unknown node credential: nothing is issued");
+    refusal(
+        out,
+        stranger.request_svid(&trainer, Duration::ZERO).await,
+        "unknown node credential: nothing is issued",
+    );
 
     out.step("trainer → feature store over mutual TLS, authenticated by SPIFFE ID");
     mtls_exchange(out, &trainer_svid, &store_svid, &bundle).await?;
@@ -173,7 +195,10 @@ async fn tour(
     let metrics = scrape(ca.metrics_addr()).await?;
     let lines: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("membrane_ca_certificates_signed_total") || l.starts_with("membrane_ca_csr_refused_total"))
+        .filter(|l| {
+            l.starts_with("membrane_ca_certificates_signed_total")
+                || l.starts_with("membrane_ca_csr_refused_total")
+        })
         .collect();
     out.say(true, "Prometheus counters", json!({"metrics": lines}));
     Ok(())
@@ -228,10 +253,13 @@ async fn mtls_exchange(
     let server = tokio::spawn(async move {
         let mut seen = Vec::new();
         for _ in 0..2 {
-            let Ok((tcp, _)) = listener.accept().await else { break };
+            let Ok((tcp, _)) = listener.accept().await else {
+                break;
+            };
             match acceptor.accept(tcp).await {
                 Ok(mut tls) => {
-                    let peer = membrane_identity::peer_spiffe_id(tls.get_ref().1.peer_certificates());
+                    let peer =
+                        membrane_identity::peer_spiffe_id(tls.get_ref().1.peer_certificates());
                     let mut buf = [0u8; 64];
                     let n = tls.read(&mut buf).await.unwrap_or(0);
                     let _ = tls.write_all(b"features: [0.12, 0.97, 0.33]").await;
@@ -285,7 +313,10 @@ async fn mtls_exchange(
         let _ = s.read_to_end(&mut sink).await;
     }
     let seen = server.await?;
-    let first = seen.first().cloned().unwrap_or_else(|| Err("no connection".into()));
+    let first = seen
+        .first()
+        .cloned()
+        .unwrap_or_else(|| Err("no connection".into()));
     out.say(
         first.is_ok(),
         "handshake verified both ways; each side knows the other's workload identity",
@@ -296,7 +327,10 @@ async fn mtls_exchange(
             "reply": String::from_utf8_lossy(&reply),
         }),
     );
-    let second = seen.get(1).cloned().unwrap_or_else(|| Ok((String::new(), 0)));
+    let second = seen
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| Ok((String::new(), 0)));
     out.say(
         second.is_err(),
         "an impostor presenting the trainer's SPIFFE ID from an untrusted CA is refused",
@@ -306,7 +340,9 @@ async fn mtls_exchange(
 }
 
 fn impostor_svid(claimed: &WorkloadIdentity) -> anyhow::Result<WorkloadSvid> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
