@@ -299,3 +299,29 @@ pub fn mtls_client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(FixedSvid(svid.certified_key()))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spiffe_id::{parse_spiffe_id, parse_trust_domain};
+
+    #[test]
+    fn peer_check_exact_and_trust_domain() {
+        let a = parse_spiffe_id("spiffe://cluster.local/ns/a/sa/x").expect("id");
+        let b = parse_spiffe_id("spiffe://cluster.local/ns/b/sa/y").expect("id");
+        let foreign = parse_spiffe_id("spiffe://other.org/ns/a/sa/x").expect("id");
+        let exact = PeerCheck::Exact(a.clone());
+        assert!(exact.check(&a).is_ok());
+        let err = exact.check(&b).expect_err("other id");
+        assert!(err.to_string().contains("ns/b/sa/y"), "{err}");
+        let domain = PeerCheck::TrustDomain(parse_trust_domain("cluster.local").expect("td"));
+        assert!(domain.check(&a).is_ok() && domain.check(&b).is_ok());
+        assert!(domain.check(&foreign).is_err());
+    }
+
+    #[test]
+    fn peer_id_requires_a_certificate() {
+        assert!(matches!(peer_spiffe_id(None), Err(SvidError::NoCertificate)));
+        assert!(matches!(peer_spiffe_id(Some(&[])), Err(SvidError::NoCertificate)));
+    }
+}
