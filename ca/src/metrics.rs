@@ -6,9 +6,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use http::StatusCode;
+use membrane_runtime::Reply;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -140,72 +139,27 @@ pub async fn serve(
     ready: StateReceiver,
     cancel: CancellationToken,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    continue;
-                }
-            },
-        };
-        let registry = registry.clone();
-        let ready = ready.clone();
-        let conn_cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &registry, &ready);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn_cancel.cancelled() => {}
-                result = conn => if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
-                },
-            }
-        });
-    }
+    let route: membrane_runtime::Route =
+        Arc::new(move |path: &str| respond(path, &registry, &ready));
+    membrane_runtime::serve_http(listener, route, cancel).await;
 }
 
-fn respond<B>(
-    req: &Request<B>,
-    registry: &Registry,
-    ready: &StateReceiver,
-) -> Response<Full<Bytes>> {
-    let (status, body, content_type) = match req.uri().path() {
+fn respond(path: &str, registry: &Registry, ready: &StateReceiver) -> Reply {
+    match path {
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => (
-                    StatusCode::OK,
-                    text,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-                Err(_) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    String::new(),
-                    "text/plain",
-                ),
+                Ok(()) => Reply::ok(membrane_runtime::OPENMETRICS, text),
+                Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
             }
         }
-        "/ready" if ready.borrow().is_some() => (StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/ready" => (
+        "/ready" if ready.borrow().is_some() => Reply::text(StatusCode::OK, "ready\n"),
+        "/ready" => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "workload source not loaded\n".into(),
-            "text/plain",
+            "workload source not loaded\n",
         ),
-        _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
     }
-    response
 }
 
 /// Binds the metrics listener (separate so `main` reports a busy port before starting work).

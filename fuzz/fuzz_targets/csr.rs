@@ -23,10 +23,8 @@ fn ca() -> &'static Ca {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let dir: PathBuf = std::env::temp_dir().join(format!(
-            "membrane-fuzz-csr-{}-{nanos}",
-            std::process::id()
-        ));
+        let dir: PathBuf =
+            std::env::temp_dir().join(format!("membrane-fuzz-csr-{}-{nanos}", std::process::id()));
         let authority =
             SigningAuthority::load_or_create(&dir, &trust_domain, Duration::from_secs(3600))
                 .expect("create a signing authority");

@@ -15,14 +15,20 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(id) = parse_spiffe_id(input) {
         let printed = id.to_string();
-        assert_eq!(printed, input, "parse_spiffe_id accepted a non-canonical ID");
+        assert_eq!(
+            printed, input,
+            "parse_spiffe_id accepted a non-canonical ID"
+        );
         let again = parse_spiffe_id(&printed).expect("a printed SPIFFE ID must parse again");
         assert_eq!(again, id);
     }
 
     if let Ok(identity) = WorkloadIdentity::from_str(input) {
         let printed = identity.to_string();
-        assert_eq!(printed, input, "WorkloadIdentity accepted a non-canonical ID");
+        assert_eq!(
+            printed, input,
+            "WorkloadIdentity accepted a non-canonical ID"
+        );
         let again =
             WorkloadIdentity::from_str(&printed).expect("a printed identity must parse again");
         assert_eq!(again, identity);
@@ -35,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(td) = parse_trust_domain(input) {
         let printed = td.to_string();
-        assert_eq!(printed, input, "parse_trust_domain accepted a non-canonical name");
+        assert_eq!(
+            printed, input,
+            "parse_trust_domain accepted a non-canonical name"
+        );
         let again = parse_trust_domain(&printed).expect("a printed trust domain must parse again");
         assert_eq!(again, td);
     }

@@ -321,7 +321,13 @@ mod tests {
 
     #[test]
     fn peer_id_requires_a_certificate() {
-        assert!(matches!(peer_spiffe_id(None), Err(SvidError::NoCertificate)));
-        assert!(matches!(peer_spiffe_id(Some(&[])), Err(SvidError::NoCertificate)));
+        assert!(matches!(
+            peer_spiffe_id(None),
+            Err(SvidError::NoCertificate)
+        ));
+        assert!(matches!(
+            peer_spiffe_id(Some(&[])),
+            Err(SvidError::NoCertificate)
+        ));
     }
 }

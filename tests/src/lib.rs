@@ -4,6 +4,9 @@
 //! temporary state, manifest directory and token file, so tests talk to it over real TLS and
 //! gRPC. Dropping the directory removes everything it wrote.
 
+pub mod mesh;
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +53,11 @@ metadata: {name: old-app, namespace: legacy}
 spec: {serviceAccountName: old-app, nodeName: node-a}
 "#;
 
+/// The bootstrap token the harness gives node `node`.
+pub fn node_token(node: &str) -> String {
+    format!("{node}-bootstrap-token-for-tests")
+}
+
 /// The trust domain the harness uses.
 pub fn trust_domain() -> TrustDomain {
     parse_trust_domain("cluster.local").expect("valid trust domain")
@@ -77,6 +85,20 @@ impl TestCa {
             dir.path().join("tokens"),
             format!("node-a {NODE_A_TOKEN}\nnode-b {NODE_B_TOKEN}\n"),
         )?;
+        Self::start_in(dir, None).await
+    }
+
+    /// Starts a controller for `manifests` with a token for each of `nodes`
+    /// ([`node_token`]).
+    pub async fn start_with(manifests: &str, nodes: &[String]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("manifests"))?;
+        std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests)?;
+        let tokens: String = nodes
+            .iter()
+            .map(|n| format!("{n} {}\n", node_token(n)))
+            .collect();
+        std::fs::write(dir.path().join("tokens"), tokens)?;
         Self::start_in(dir, None).await
     }
 

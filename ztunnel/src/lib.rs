@@ -1,6 +1,30 @@
 //! The node agent (`ztunnel`): in-pod traffic capture, the HBONE mutual-TLS tunnel between
-//! nodes, and enforcement of identity-based policy.
+//! nodes, and (later) enforcement of identity-based policy.
 //!
-//! Not built yet: the data plane lands with its own piece of work (see `docs/design.md`). It
-//! will depend on `membrane-proto`, `membrane-identity` and `membrane-policy`, never on the
-//! controller crate.
+//! Layout: [`app`] (the one place tasks are spawned), [`enroll`] (the enrollment socket),
+//! [`pods`] (enrolled pods), [`netns`] (working inside a pod's network namespace),
+//! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads), [`certs`] (keys made
+//! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
+//! protocol and connection pool), [`proxy`] (what handlers share), [`telemetry`] (metrics and
+//! access records), [`admin`] (HTTP endpoints).
+//!
+//! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
+
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod enroll;
+pub mod hbone;
+pub mod inbound;
+pub mod netns;
+pub mod outbound;
+pub mod pods;
+pub mod proxy;
+pub mod redirect;
+pub mod state;
+pub mod telemetry;
+
+/// Locks a std mutex, recovering the data if a panicking holder poisoned it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,390 @@
+//! A whole mesh on one host: nodes and pods as network namespaces ([`crate::netns`]), the
+//! real controller ([`crate::TestCa`]) and one real `ztunnel` process per node.
+//!
+//! The ztunnel processes run in the host's network namespace, like a node agent next to the
+//! kubelet: they reach the controller on loopback and enter each pod's namespace for the data
+//! plane. Pod traffic between nodes crosses the simulated fabric. Everything is removed when
+//! the [`Mesh`] is dropped (processes first, then namespaces and directories).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::TestCa;
+use crate::netns::{Pod, PodSpec, Testbed};
+
+/// One pod of a [`MeshSpec`].
+#[derive(Debug, Clone)]
+pub struct PodDef {
+    /// Pod name (also the testbed pod name).
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Node.
+    pub node: String,
+}
+
+impl PodDef {
+    /// A pod `name` in `namespace` with service account `sa` on `node`.
+    pub fn new(name: &str, namespace: &str, sa: &str, node: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            node: node.into(),
+        }
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct MeshSpec {
+    /// Node names.
+    pub nodes: Vec<String>,
+    /// Pods.
+    pub pods: Vec<PodDef>,
+    /// Kubernetes namespaces in the mesh (labelled `membrane.dev/mesh=enabled`); pods of other
+    /// namespaces are plain, non-mesh workloads.
+    pub mesh_namespaces: Vec<String>,
+    /// Namespaces annotated `membrane.dev/plaintext: permit`.
+    pub plaintext_permit: Vec<String>,
+}
+
+/// A running ztunnel process.
+pub struct Ztunnel {
+    child: Child,
+    /// Its enrollment socket.
+    pub enroll_socket: PathBuf,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// Its metrics address.
+    pub metrics: SocketAddr,
+    /// Access records it printed (JSON lines on stdout).
+    pub access: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Log lines it printed (stderr).
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Ztunnel {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Copies of the access records so far.
+    pub fn access_records(&self) -> Vec<serde_json::Value> {
+        self.access.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds the `ztunnel` binary: `$MEMBRANE_ZTUNNEL_BIN`, or next to the running test binary's
+/// directory (`target/<profile>/ztunnel`, which `cargo test --workspace` builds).
+pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MEMBRANE_ZTUNNEL_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("test binary has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("no profile directory")?;
+    }
+    let candidate = dir.join("ztunnel");
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "{} not found: build it with `cargo build -p membrane-ztunnel` or set MEMBRANE_ZTUNNEL_BIN",
+            candidate.display()
+        )
+    }
+}
+
+/// A mesh on one host.
+pub struct Mesh {
+    /// Per-node ztunnels, by node name (dropped first: processes before namespaces).
+    pub ztunnels: BTreeMap<String, Ztunnel>,
+    /// The controller.
+    pub ca: TestCa,
+    /// Nodes and pods.
+    pub testbed: Testbed,
+    /// Working directory: manifests, tokens, workloads file, sockets.
+    pub dir: tempfile::TempDir,
+    spec: MeshSpec,
+}
+
+fn uid(def: &PodDef) -> String {
+    format!("{}-{}", def.namespace, def.name)
+}
+
+impl Mesh {
+    /// Builds the namespaces, starts the controller and one ztunnel per node (not yet
+    /// enrolling anything: see [`Mesh::enroll`]). `cert_ttl` is the workload SVID lifetime the
+    /// ztunnels request.
+    pub async fn start(spec: MeshSpec) -> anyhow::Result<Self> {
+        let mut testbed = Testbed::new()?;
+        for node in &spec.nodes {
+            testbed.add_node(node)?;
+        }
+        for def in &spec.pods {
+            testbed.add_pod_with(PodSpec::new(def.node.clone(), def.name.clone()))?;
+        }
+        let dir = tempfile::tempdir()?;
+        let (manifests, workloads) = Self::documents(&spec, &testbed)?;
+        let ca = TestCa::start_with(&manifests, &spec.nodes).await?;
+        let workloads_file = dir.path().join("workloads.yaml");
+        std::fs::write(&workloads_file, workloads)?;
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, ca.root_pem())?;
+        let mut mesh = Self {
+            ztunnels: BTreeMap::new(),
+            ca,
+            testbed,
+            dir,
+            spec,
+        };
+        for node in mesh.spec.nodes.clone() {
+            let z = mesh.spawn_ztunnel(&node)?;
+            mesh.ztunnels.insert(node, z);
+        }
+        Ok(mesh)
+    }
+
+    fn documents(spec: &MeshSpec, testbed: &Testbed) -> anyhow::Result<(String, String)> {
+        let mut manifests = String::new();
+        let mut namespaces: Vec<&str> = spec.pods.iter().map(|p| p.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let mut workloads = String::from("namespaces:\n");
+        for ns in &namespaces {
+            let mesh = spec.mesh_namespaces.iter().any(|m| m == ns);
+            let label = if mesh {
+                "\n  labels: {membrane.dev/mesh: enabled}"
+            } else {
+                ""
+            };
+            writeln!(
+                manifests,
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}"
+            )?;
+            let permit = spec.plaintext_permit.iter().any(|m| m == ns);
+            writeln!(
+                workloads,
+                "- {{name: {ns}, plaintext: {}}}",
+                if permit { "permit" } else { "deny" }
+            )?;
+        }
+        workloads.push_str("workloads:\n");
+        for def in &spec.pods {
+            let pod = testbed.pod(&def.name).context("pod missing from testbed")?;
+            let mesh = spec.mesh_namespaces.iter().any(|m| m == &def.namespace);
+            writeln!(
+                manifests,
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}",
+                def.name,
+                def.namespace,
+                uid(def),
+                def.service_account,
+                def.node,
+                pod.ip()
+            )?;
+            writeln!(
+                workloads,
+                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}], protocol: {}}}",
+                uid(def),
+                def.name,
+                def.namespace,
+                def.service_account,
+                def.node,
+                pod.ip(),
+                if mesh { "HBONE" } else { "TCP" }
+            )?;
+        }
+        Ok((manifests, workloads))
+    }
+
+    fn spawn_ztunnel(&self, node: &str) -> anyhow::Result<Ztunnel> {
+        let dir = self.dir.path();
+        let token_file = dir.join(format!("{node}.token"));
+        std::fs::write(&token_file, crate::node_token(node))?;
+        let enroll_socket = dir.join(format!("{node}.sock"));
+        let mut child = Command::new(ztunnel_binary()?)
+            .args(["--node", node])
+            .arg("--workloads-file")
+            .arg(dir.join("workloads.yaml"))
+            .args(["--ca-address", &self.ca.endpoint()])
+            .arg("--ca-root")
+            .arg(dir.join("root.pem"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--enroll-socket")
+            .arg(&enroll_socket)
+            .arg("--state-dir")
+            .arg(dir.join(format!("{node}-state")))
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--readiness-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--drain-grace", "2s"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ztunnel")?;
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().context("stdout")?;
+        let sink = access.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let (Ok(v), Ok(mut all)) = (serde_json::from_str(&line), sink.lock()) {
+                    all.push(v);
+                }
+            }
+        });
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                if let Ok(mut all) = log_sink.lock() {
+                    all.push(line);
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let serving = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .with_context(|| format!("ztunnel {node} did not start"))?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "ztunnel serving" {
+                break v;
+            }
+        };
+        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+            Ok(serving[k].as_str().context("address field")?.parse()?)
+        };
+        Ok(Ztunnel {
+            enroll_socket,
+            admin: addr("admin")?,
+            metrics: addr("metrics")?,
+            access,
+            logs,
+            child,
+        })
+    }
+
+    /// The testbed pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.testbed.pod(name).expect("pod in the mesh spec")
+    }
+
+    /// The pod's definition.
+    pub fn def(&self, name: &str) -> &PodDef {
+        self.spec
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod in the mesh spec")
+    }
+
+    /// The pod's IP.
+    pub fn ip(&self, name: &str) -> IpAddr {
+        IpAddr::V4(self.pod(name).ip())
+    }
+
+    /// The pod's SPIFFE ID.
+    pub fn spiffe_id(&self, name: &str) -> String {
+        let d = self.def(name);
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            d.namespace, d.service_account
+        )
+    }
+
+    /// Sends an enrollment request to the ztunnel of the pod's node.
+    pub async fn enroll_request(
+        &self,
+        node: &str,
+        request: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let z = self.ztunnels.get(node).context("no such node")?;
+        let stream = tokio::net::UnixStream::connect(&z.enroll_socket).await?;
+        let (read, mut write) = stream.into_split();
+        write.write_all(format!("{request}\n").as_bytes()).await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(read).read_line(&mut line).await?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Enrolls pod `name` with its node's ztunnel.
+    pub async fn enroll(&self, name: &str) -> anyhow::Result<()> {
+        let def = self.def(name);
+        let request = serde_json::json!({
+            "op": "add", "uid": uid(def), "netns": self.pod(name).netns_path(),
+        });
+        let reply = self.enroll_request(&def.node, &request).await?;
+        if reply["ok"] != true {
+            bail!("enrolling {name} failed: {reply}");
+        }
+        Ok(())
+    }
+
+    /// Removes pod `name` from its node's ztunnel.
+    pub async fn unenroll(&self, name: &str) -> anyhow::Result<()> {
+        let def = self.def(name);
+        let request = serde_json::json!({"op": "remove", "uid": uid(def)});
+        let reply = self.enroll_request(&def.node, &request).await?;
+        if reply["ok"] != true {
+            bail!("removing {name} failed: {reply}");
+        }
+        Ok(())
+    }
+
+    /// The path of a pod's network namespace.
+    pub fn netns_path(&self, name: &str) -> PathBuf {
+        self.pod(name).netns_path()
+    }
+
+    /// Directory of the mesh's files.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}

@@ -1,0 +1,256 @@
+//! The ztunnel assembled: the one place its long-lived tasks are spawned.
+//!
+//! [`start`] loads the mesh state and the bootstrap bundle, binds every listener (enrollment
+//! socket, admin, metrics, readiness) so errors surface before anything runs, re-enrolls the
+//! pods of a previous run, and spawns the servers under one cancellation token.
+//! [`Running::shutdown`] drains: listeners close, open connections get a grace period, then
+//! everything stops.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{SharedTrustBundle, TrustBundle, TrustDomain};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::{CaConfig, CertificateManager};
+use crate::hbone::{HbonePool, PoolConfig};
+use crate::pods::PodRegistry;
+use crate::proxy::Proxy;
+use crate::state::{MeshState, StateError};
+use crate::telemetry::{AccessLog, TcpMetrics};
+use crate::{admin, enroll};
+
+/// Everything the ztunnel needs to start.
+#[derive(Debug, Clone)]
+pub struct ZtunnelConfig {
+    /// This node's name.
+    pub node: String,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// The workloads file (until the discovery stream exists).
+    pub workloads_file: PathBuf,
+    /// The controller.
+    pub ca: CaConfig,
+    /// Enrollment socket path.
+    pub enroll_socket: PathBuf,
+    /// Where enrolled pods are persisted across restarts.
+    pub state_dir: Option<PathBuf>,
+    /// Admin address (config dump).
+    pub admin_addr: SocketAddr,
+    /// Metrics address.
+    pub metrics_addr: SocketAddr,
+    /// Readiness address.
+    pub readiness_addr: SocketAddr,
+    /// Grace period for open connections at shutdown.
+    pub drain_grace: Duration,
+}
+
+/// Why the ztunnel could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The workloads file is unusable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The bootstrap trust bundle is unusable.
+    #[error("bootstrap trust bundle: {0}")]
+    Bundle(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started ztunnel.
+pub struct Running {
+    proxy: Arc<Proxy>,
+    pods: Arc<PodRegistry>,
+    cancel: CancellationToken,
+    pods_cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    readiness_addr: SocketAddr,
+    drain_grace: Duration,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("node", &self.proxy.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the ztunnel.
+pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
+    let mesh = MeshState::load(&config.workloads_file, &config.trust_domain)?;
+    let bundle = TrustBundle::from_pem(config.trust_domain.clone(), &config.ca.root_pem)
+        .map_err(|e| StartError::Bundle(e.to_string()))?;
+    let (_state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(mesh));
+    let mut registry = prometheus_client::registry::Registry::with_prefix("membrane");
+    let metrics = TcpMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let cancel = CancellationToken::new();
+    let pods_cancel = CancellationToken::new();
+    let pool = Arc::new(HbonePool::new(PoolConfig::default()));
+    let proxy = Arc::new(Proxy {
+        node: config.node.clone(),
+        trust_domain: config.trust_domain.clone(),
+        state: state_rx,
+        certs: Arc::new(CertificateManager::new(
+            config.ca.clone(),
+            SharedTrustBundle::new(bundle),
+        )),
+        pool: pool.clone(),
+        metrics,
+        access: AccessLog,
+        active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    });
+    let persist = match &config.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| StartError::Bind {
+                what: dir.display().to_string(),
+                source,
+            })?;
+            Some(dir.join("enrolled.json"))
+        }
+        None => None,
+    };
+    let pods = Arc::new(PodRegistry::new(
+        proxy.clone(),
+        persist,
+        cancel.clone(),
+        pods_cancel.clone(),
+    ));
+
+    let bind_tcp = |addr: SocketAddr, what: &str| {
+        let what = format!("{what} {addr}");
+        async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, source })
+        }
+    };
+    let admin_l = bind_tcp(config.admin_addr, "admin").await?;
+    let metrics_l = bind_tcp(config.metrics_addr, "metrics").await?;
+    let ready_l = bind_tcp(config.readiness_addr, "readiness").await?;
+    let local = |l: &tokio::net::TcpListener| l.local_addr().unwrap_or(config.admin_addr);
+    let (admin_addr, metrics_addr, readiness_addr) =
+        (local(&admin_l), local(&metrics_l), local(&ready_l));
+    let enroll_l = enroll::bind(&config.enroll_socket).map_err(|source| StartError::Bind {
+        what: config.enroll_socket.display().to_string(),
+        source,
+    })?;
+
+    pods.restore().await;
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(enroll::serve(enroll_l, pods.clone(), cancel.clone())),
+        tokio::spawn(membrane_runtime::serve_http(
+            admin_l,
+            admin::admin_routes(proxy.clone(), pods.clone()),
+            cancel.clone(),
+        )),
+        tokio::spawn(membrane_runtime::serve_http(
+            metrics_l,
+            admin::metrics_routes(registry),
+            cancel.clone(),
+        )),
+        tokio::spawn(membrane_runtime::serve_http(
+            ready_l,
+            admin::readiness_routes(ready_rx),
+            cancel.clone(),
+        )),
+        tokio::spawn(pool.run_reaper(cancel.clone())),
+    ];
+    let _ = ready_tx.send(true);
+    // Keep the sender alive as long as the servers run.
+    let keep = cancel.clone();
+    let tasks = {
+        let mut t = tasks;
+        t.push(tokio::spawn(async move {
+            keep.cancelled().await;
+            drop(ready_tx);
+        }));
+        t
+    };
+    tracing::info!(
+        node = %config.node,
+        enroll = %config.enroll_socket.display(),
+        admin = %admin_addr,
+        metrics = %metrics_addr,
+        readiness = %readiness_addr,
+        "ztunnel serving"
+    );
+    Ok(Running {
+        proxy,
+        pods,
+        cancel,
+        pods_cancel,
+        tasks,
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        drain_grace: config.drain_grace,
+    })
+}
+
+impl Running {
+    /// The admin address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The metrics address actually bound.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The readiness address actually bound.
+    pub fn readiness_addr(&self) -> SocketAddr {
+        self.readiness_addr
+    }
+
+    /// The enrolled pods.
+    pub fn pods(&self) -> &Arc<PodRegistry> {
+        &self.pods
+    }
+
+    /// Drains: every listener closes (servers, enrollment, pods), open connections get up to
+    /// `drain_grace` to finish, then the rest are closed. With `unenroll`, the pods' redirect
+    /// rules are removed too; otherwise they stay, so traffic stays captured (failing closed)
+    /// until a restarted ztunnel picks the pods up again.
+    pub async fn shutdown(self, unenroll: bool) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let deadline = tokio::time::Instant::now() + self.drain_grace;
+        while self.proxy.active.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.proxy.active.load(std::sync::atomic::Ordering::Relaxed);
+        if left > 0 {
+            tracing::info!(
+                connections = left,
+                "drain grace period over; closing the rest"
+            );
+        }
+        self.pods_cancel.cancel();
+        if unenroll {
+            self.pods.remove_all().await;
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The enrollment socket: how the node side (the CNI plugin, `membrane`, tests) tells the
+//! ztunnel about pods.
+//!
+//! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line:
+//!
+//! ```text
+//! {"op":"add","uid":"<pod uid>","netns":"/run/netns/<name>"}   → {"ok":true}
+//! {"op":"remove","uid":"<pod uid>"}                             → {"ok":true,"removed":true}
+//! {"op":"list"}                                                 → {"ok":true,"pods":[…]}
+//! anything malformed                                            → {"ok":false,"error":"…"}
+//! ```
+//!
+//! `add` answers only once the redirect rules are in place and the listeners are bound, so the
+//! caller can start the pod's containers safely. Which identity a pod has never comes from this
+//! socket: only the UID does, and the identity is looked up in the mesh state.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::pods::{Enrollment, PodRegistry};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request on the enrollment socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Enroll a pod.
+    Add {
+        /// Pod UID.
+        uid: String,
+        /// Network namespace path.
+        netns: PathBuf,
+    },
+    /// Remove a pod.
+    Remove {
+        /// Pod UID.
+        uid: String,
+    },
+    /// List enrolled pods.
+    List,
+}
+
+/// A response on the enrollment socket.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// For `remove`: whether the pod was enrolled.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub removed: Option<bool>,
+    /// For `list`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pods: Option<Vec<Enrollment>>,
+}
+
+impl Response {
+    fn error(e: impl std::fmt::Display) -> Self {
+        Self {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+/// Parses one request line. Never panics.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let request: Request =
+        serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+    match &request {
+        Request::Add { uid, netns } => {
+            if uid.is_empty() || uid.len() > 256 {
+                return Err("uid must be 1 to 256 characters".into());
+            }
+            if !netns.is_absolute() {
+                return Err("netns must be an absolute path".into());
+            }
+        }
+        Request::Remove { uid } if uid.is_empty() => return Err("uid must not be empty".into()),
+        _ => {}
+    }
+    Ok(request)
+}
+
+/// Binds the socket at `path` (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the enrollment socket until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    pods: Arc<PodRegistry>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "enrollment accept failed");
+                    continue;
+                }
+            },
+        };
+        let (pods, cancel) = (pods.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+                let n = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    n = limited.read_line(&mut line) => n,
+                };
+                let response = match n {
+                    Ok(0) => return,
+                    Ok(_) if line.len() > MAX_LINE => Response::error("request line too long"),
+                    Ok(_) => handle(&pods, line.trim()).await,
+                    Err(e) => Response::error(format!("unreadable request: {e}")),
+                };
+                let Ok(mut out) = serde_json::to_vec(&response) else {
+                    return;
+                };
+                out.push(b'\n');
+                if write.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn handle(pods: &PodRegistry, line: &str) -> Response {
+    let request = match parse_request(line) {
+        Ok(r) => r,
+        Err(e) => return Response::error(e),
+    };
+    match request {
+        Request::Add { uid, netns } => match pods.add(&uid, &netns).await {
+            Ok(()) => Response {
+                ok: true,
+                ..Response::default()
+            },
+            Err(e) => {
+                tracing::warn!(uid, netns = %netns.display(), error = %e, "enrollment refused");
+                Response::error(e)
+            }
+        },
+        Request::Remove { uid } => match pods.remove(&uid).await {
+            Ok(removed) => Response {
+                ok: true,
+                removed: Some(removed),
+                ..Response::default()
+            },
+            Err(e) => Response::error(e),
+        },
+        Request::List => Response {
+            ok: true,
+            pods: Some(pods.list().await),
+            ..Response::default()
+        },
+    }
+}
+
+/// Sends one request to the enrollment socket at `path` and returns the response (used by the
+/// CLI and the tests).
+pub async fn call(path: &Path, request: &Request) -> std::io::Result<Response> {
+    let stream = tokio::net::UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await?;
+    serde_json::from_str(&reply).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_and_rejects_garbage() {
+        assert_eq!(
+            parse_request(r#"{"op":"add","uid":"u1","netns":"/run/netns/p"}"#),
+            Ok(Request::Add {
+                uid: "u1".into(),
+                netns: "/run/netns/p".into()
+            })
+        );
+        assert_eq!(parse_request(r#"{"op":"list"}"#), Ok(Request::List));
+        for bad in [
+            "",
+            "{}",
+            "not json",
+            r#"{"op":"add","uid":"u1"}"#,
+            r#"{"op":"add","uid":"","netns":"/x"}"#,
+            r#"{"op":"add","uid":"u","netns":"relative"}"#,
+            r#"{"op":"remove","uid":""}"#,
+            r#"{"op":"explode"}"#,
+            r#"{"op":"add","uid":"u","netns":"/x","extra":1}"#,
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
+        }
+    }
+}

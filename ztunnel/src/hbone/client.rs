@@ -1,0 +1,208 @@
+//! The dialling side of one connection: dial through the caller, mutual TLS, HTTP/2, and the
+//! CONNECT exchange on a stream. Pooling is [`super::pool`]'s job.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use membrane_identity::peer_spiffe_id;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
+use super::pool::PoolKey;
+use super::{
+    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
+    TLS_SEND_BUFFER, client_tls_with_h2, require_h2,
+};
+
+/// Creates the TCP connections the pool runs HBONE over.
+///
+/// The pool never creates sockets itself: the caller's implementation creates them where they
+/// must live (inside the source pod's network namespace, with the ztunnel's socket mark).
+pub trait Dial: Send + Sync {
+    /// Connects to `addr` (a peer's HBONE address).
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + '_>>;
+}
+
+/// The optional headers of a CONNECT request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectHeaders {
+    /// Sent as `forwarded: for="<ip>"`: the original source address.
+    pub forwarded_for: Option<IpAddr>,
+    /// W3C `baggage`, passed through.
+    pub baggage: Option<String>,
+    /// W3C `traceparent`, passed through.
+    pub traceparent: Option<String>,
+}
+
+/// The TLS stream HBONE connections run over.
+pub(crate) type ClientIo = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Dials `key.dst_addr`, completes mutual TLS and the HTTP/2 handshake, and checks the peer is
+/// `key.dst`. The returned connection must be polled (spawned) for the sender to make progress.
+pub(crate) async fn establish(
+    key: &PoolKey,
+    tls: Arc<rustls::ClientConfig>,
+    dial: &dyn Dial,
+) -> Result<(SendRequest<Bytes>, h2::client::Connection<ClientIo, Bytes>), HboneError> {
+    let tcp = dial
+        .dial(key.dst_addr)
+        .await
+        .map_err(|e| HboneError::Dial {
+            addr: key.dst_addr,
+            source: Arc::new(e),
+        })?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+    let connector = tokio_rustls::TlsConnector::from(client_tls_with_h2(tls));
+    // The verifier ignores names (it checks the SPIFFE ID); an IP name also sends no SNI.
+    let name = ServerName::IpAddress(key.dst_addr.ip().into());
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| HboneError::Tls(Arc::new(e)))?;
+    let (_, session) = tls.get_mut();
+    require_h2(session.alpn_protocol())?;
+    // The verifier already required `key.dst`; checking again here keeps a misbuilt config
+    // (or a resumed session) from ever carrying one identity's traffic to another.
+    let presented =
+        peer_spiffe_id(session.peer_certificates()).map_err(HboneError::PeerIdentity)?;
+    if presented != key.dst {
+        return Err(HboneError::PeerMismatch {
+            expected: key.dst.clone(),
+            presented,
+        });
+    }
+    session.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake(tls)
+        .await
+        .map_err(|e| HboneError::Handshake(Arc::new(e)))
+}
+
+/// Why a CONNECT on an established connection failed.
+pub(crate) enum ConnectFailure {
+    /// The connection could not take a new stream (closed, GOAWAY); nothing reached the peer,
+    /// so another connection may be tried.
+    ConnectionUnusable(HboneError),
+    /// The request was sent, or cannot be built; do not retry.
+    Final(HboneError),
+}
+
+/// Builds the CONNECT request for `authority`.
+fn connect_request(
+    authority: SocketAddr,
+    headers: &ConnectHeaders,
+) -> Result<Request<()>, HboneError> {
+    let uri = Uri::try_from(authority.to_string())
+        .map_err(|_| HboneError::InvalidHeader { name: ":authority" })?;
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = uri;
+    let map = request.headers_mut();
+    if let Some(ip) = headers.forwarded_for {
+        let value = HeaderValue::from_str(&format_forwarded_for(ip))
+            .map_err(|_| HboneError::InvalidHeader { name: FORWARDED })?;
+        map.insert(FORWARDED, value);
+    }
+    for (name, value) in [
+        (BAGGAGE, &headers.baggage),
+        (TRACEPARENT, &headers.traceparent),
+    ] {
+        if let Some(value) = value {
+            let value =
+                HeaderValue::from_str(value).map_err(|_| HboneError::InvalidHeader { name })?;
+            map.insert(name, value);
+        }
+    }
+    Ok(request)
+}
+
+/// Opens a CONNECT stream on `sender` and waits (at most `timeout`) for a 200.
+pub(crate) async fn open_tunnel(
+    sender: &SendRequest<Bytes>,
+    authority: SocketAddr,
+    headers: &ConnectHeaders,
+    timeout: Duration,
+) -> Result<(SendStream<Bytes>, RecvStream), ConnectFailure> {
+    let request = connect_request(authority, headers).map_err(ConnectFailure::Final)?;
+    let unusable = |e| ConnectFailure::ConnectionUnusable(HboneError::h2(e));
+    let exchange = async {
+        let mut sender = sender.clone().ready().await.map_err(unusable)?;
+        let (response, send) = sender.send_request(request, false).map_err(unusable)?;
+        let response = response
+            .await
+            .map_err(|e| ConnectFailure::Final(HboneError::h2(e)))?;
+        Ok((response, send))
+    };
+    let (response, send) = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| {
+            ConnectFailure::Final(HboneError::Timeout {
+                stage: "HBONE CONNECT response",
+                after: timeout,
+            })
+        })??;
+    let status = response.status();
+    if status != StatusCode::OK {
+        // Dropping `send` with the stream still open resets it.
+        return Err(ConnectFailure::Final(HboneError::Refused(status)));
+    }
+    Ok((send, response.into_body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_request_shape() {
+        let headers = ConnectHeaders {
+            forwarded_for: Some("fd00::7".parse().expect("ip")),
+            baggage: Some("k8s.namespace.name=ml".into()),
+            traceparent: None,
+        };
+        let req =
+            connect_request("[fd00::1]:8080".parse().expect("addr"), &headers).expect("request");
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(
+            req.uri().authority().map(|a| a.as_str()),
+            Some("[fd00::1]:8080")
+        );
+        assert_eq!(req.headers()[FORWARDED], r#"for="[fd00::7]""#);
+        assert_eq!(req.headers()[BAGGAGE], "k8s.namespace.name=ml");
+        assert!(req.headers().get(TRACEPARENT).is_none());
+    }
+
+    #[test]
+    fn refuses_unsendable_header_values() {
+        let headers = ConnectHeaders {
+            traceparent: Some("00-\n-01".into()),
+            ..ConnectHeaders::default()
+        };
+        let err =
+            connect_request("10.0.0.1:80".parse().expect("addr"), &headers).expect_err("newline");
+        assert!(matches!(
+            err,
+            HboneError::InvalidHeader { name: TRACEPARENT }
+        ));
+    }
+}

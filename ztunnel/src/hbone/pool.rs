@@ -1,0 +1,413 @@
+//! [`HbonePool`]: outbound HBONE connections, pooled and multiplexed per [`PoolKey`].
+//!
+//! A key names everything that must be equal for two tunnels to share a connection: the
+//! source address and identity (the connection is dialled from the source pod and presents its
+//! SVID) and the destination identity and address. Identities are never mixed.
+//!
+//! - A new tunnel reuses the first live connection of its key with fewer than
+//!   `max_streams_per_connection` open tunnels, else a new connection is dialled.
+//! - Dialling is single-flight per key: concurrent callers wait for the one dial in progress
+//!   and share its failure; other keys are not held up (the map lock is never held across an
+//!   await).
+//! - A connection leaves the pool when its HTTP/2 connection ends (GOAWAY, error, peer close)
+//!   or, via [`HbonePool::idle_sweep`] / [`HbonePool::run_reaper`], once it has carried no
+//!   tunnel for `idle_timeout`. Leaving the pool drops the pool's handle; the connection then
+//!   closes with GOAWAY as soon as its last stream ends.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use membrane_identity::SpiffeId;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::HboneError;
+use super::client::{self, ConnectFailure, ConnectHeaders, Dial};
+use super::stream::H2Stream;
+
+/// What must be equal for two tunnels to share one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The source pod's address (the connection is dialled from it).
+    pub src_ip: IpAddr,
+    /// The source identity (the SVID the connection presents).
+    pub src: SpiffeId,
+    /// The destination identity (the only one the connection accepts).
+    pub dst: SpiffeId,
+    /// The destination's HBONE address (`<pod ip>:15008`).
+    pub dst_addr: SocketAddr,
+}
+
+/// Pool tuning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Tunnels one connection carries at most before another is opened (at least 1).
+    pub max_streams_per_connection: usize,
+    /// A connection that carried no tunnel for this long is closed by the reaper.
+    pub idle_timeout: Duration,
+    /// Bounds establishing a connection (dial, TLS, HTTP/2) and, separately, waiting for the
+    /// CONNECT response.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Pooled, multiplexed outbound HBONE connections. Cheap to clone (shared state); no global
+/// state. Each pooled connection is driven by a task spawned on the current runtime that ends
+/// with the connection.
+#[derive(Clone)]
+pub struct HbonePool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    config: PoolConfig,
+    keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    next_id: AtomicU64,
+}
+
+/// The connections of one key.
+#[derive(Default)]
+struct KeyEntry {
+    conns: Mutex<Vec<Arc<PooledConn>>>,
+    /// Held while dialling (single flight). Holds the last dial's failure, if it failed.
+    dial: tokio::sync::Mutex<Option<HboneError>>,
+    /// Number of dials finished, to tell whether a failure happened while a caller waited.
+    dials_finished: AtomicU64,
+}
+
+struct PooledConn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    load: Mutex<Load>,
+    /// The HTTP/2 connection ended or refused a new stream; never hand it out again.
+    closed: AtomicBool,
+}
+
+struct Load {
+    open: usize,
+    idle_since: Instant,
+}
+
+/// One tunnel's share of a pooled connection; released when the tunnel's stream is dropped.
+pub(crate) struct StreamLease {
+    conn: Arc<PooledConn>,
+}
+
+/// Locks a std mutex, recovering from poisoning: every critical section here leaves the
+/// data consistent at each step, so a panic elsewhere does not invalidate it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// === impl HbonePool ===
+
+impl HbonePool {
+    /// An empty pool.
+    pub fn new(config: PoolConfig) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                config,
+                keys: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// Opens a tunnel to `authority` (the original destination) over a connection for `key`,
+    /// reusing one if it has room.
+    ///
+    /// `tls` comes from `mtls_client_config(src_svid, bundle, PeerCheck::Exact(key.dst))`; it
+    /// is used only when a new connection is dialled, with ALPN forced to `h2` (a copy is made
+    /// if the config offers anything else). `dial` creates the TCP connection to
+    /// `key.dst_addr`. After the handshake the peer's SPIFFE ID must equal `key.dst`.
+    ///
+    /// Errors: [`HboneError::Refused`] when the peer answers other than 200; connection
+    /// failures as their own variants. A request that found a pooled connection unusable
+    /// (closed, GOAWAY) before anything was sent is retried once on another connection.
+    pub async fn connect(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: Arc<dyn Dial>,
+        authority: SocketAddr,
+        headers: ConnectHeaders,
+    ) -> Result<H2Stream, HboneError> {
+        let span = tracing::debug_span!(
+            "hbone_connect",
+            src = %key.src,
+            dst = %key.dst,
+            dst_addr = %key.dst_addr,
+            %authority,
+        );
+        self.inner
+            .connect(key, tls, dial, authority, headers)
+            .instrument(span)
+            .await
+    }
+
+    /// Live pooled connections, all keys together.
+    pub fn connection_count(&self) -> usize {
+        let keys = lock(&self.inner.keys);
+        keys.values()
+            .map(|entry| lock(&entry.conns).iter().filter(|c| !c.is_closed()).count())
+            .sum()
+    }
+
+    /// Removes connections idle for at least `idle_timeout` and connections that ended, and
+    /// forgets keys with no connection left. Returns how many connections were removed.
+    pub fn idle_sweep(&self) -> usize {
+        self.inner.idle_sweep()
+    }
+
+    /// A future that calls [`idle_sweep`](Self::idle_sweep) every quarter of `idle_timeout`
+    /// (between 10 ms and 15 s) until `shutdown` is cancelled or the pool is dropped. The
+    /// caller spawns it: `tokio::spawn(pool.run_reaper(token))`. It does not keep the pool
+    /// alive.
+    pub fn run_reaper(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        let pool = Arc::downgrade(&self.inner);
+        let period = (self.inner.config.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(15));
+        async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let Some(inner) = pool.upgrade() else { return };
+                let removed = inner.idle_sweep();
+                if removed > 0 {
+                    tracing::debug!(removed, "closed idle HBONE connections");
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for HbonePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbonePool")
+            .field("config", &self.inner.config)
+            .field("connections", &self.connection_count())
+            .finish()
+    }
+}
+
+// === impl PoolInner ===
+
+impl PoolInner {
+    fn max_streams(&self) -> usize {
+        self.config.max_streams_per_connection.max(1)
+    }
+
+    fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
+        lock(&self.keys).entry(key.clone()).or_default().clone()
+    }
+
+    async fn connect(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: Arc<dyn Dial>,
+        authority: SocketAddr,
+        headers: ConnectHeaders,
+    ) -> Result<H2Stream, HboneError> {
+        let entry = self.entry(&key);
+        let mut retried = false;
+        loop {
+            let lease = match entry.try_reserve(self.max_streams()) {
+                Some(lease) => lease,
+                None => self.reserve_or_dial(&entry, &key, &tls, &*dial).await?,
+            };
+            let opened = client::open_tunnel(
+                &lease.conn.sender,
+                authority,
+                &headers,
+                self.config.connect_timeout,
+            )
+            .await;
+            match opened {
+                Ok((send, recv)) => {
+                    tracing::debug!(conn = lease.conn.id, "HBONE tunnel open");
+                    return Ok(H2Stream::leased(send, recv, lease));
+                }
+                Err(ConnectFailure::ConnectionUnusable(e)) if !retried => {
+                    tracing::debug!(conn = lease.conn.id, error = %e, "pooled connection unusable; retrying");
+                    lease.conn.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(ConnectFailure::ConnectionUnusable(e) | ConnectFailure::Final(e)) => {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Waits for the key's dial slot; then either a connection dialled meanwhile has room, a
+    /// dial that finished meanwhile failed (its error is shared), or this caller dials.
+    async fn reserve_or_dial(
+        &self,
+        entry: &Arc<KeyEntry>,
+        key: &PoolKey,
+        tls: &Arc<rustls::ClientConfig>,
+        dial: &dyn Dial,
+    ) -> Result<StreamLease, HboneError> {
+        let seen = entry.dials_finished.load(Ordering::Acquire);
+        let mut last_failure = entry.dial.lock().await;
+        if let Some(lease) = entry.try_reserve(self.max_streams()) {
+            return Ok(lease);
+        }
+        // A dial that finished while this caller waited failed: share its error rather than
+        // queueing one more attempt per waiter against a peer that is down.
+        if entry.dials_finished.load(Ordering::Acquire) != seen
+            && let Some(e) = &*last_failure
+        {
+            return Err(e.clone());
+        }
+        let timeout = self.config.connect_timeout;
+        let result = tokio::time::timeout(timeout, client::establish(key, tls.clone(), dial))
+            .await
+            .unwrap_or(Err(HboneError::Timeout {
+                stage: "HBONE connection establishment",
+                after: timeout,
+            }));
+        entry.dials_finished.fetch_add(1, Ordering::AcqRel);
+        let (sender, connection) = match result {
+            Ok(established) => established,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE connection failed");
+                *last_failure = Some(e.clone());
+                return Err(e);
+            }
+        };
+        *last_failure = None;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(PooledConn {
+            id,
+            sender,
+            load: Mutex::new(Load {
+                open: 1,
+                idle_since: Instant::now(),
+            }),
+            closed: AtomicBool::new(false),
+        });
+        let span = tracing::debug_span!(
+            "hbone_pool_conn",
+            conn = id,
+            src = %key.src,
+            dst = %key.dst,
+            dst_addr = %key.dst_addr,
+        );
+        let (weak_conn, weak_entry) = (Arc::downgrade(&conn), Arc::downgrade(entry));
+        // The driver holds no strong reference to the pooled handle, so dropping the handle
+        // (reaping) lets the connection close once its streams are done.
+        tokio::spawn(
+            async move {
+                tracing::debug!("HBONE connection established");
+                let result = connection.await;
+                if let Some(conn) = weak_conn.upgrade() {
+                    conn.closed.store(true, Ordering::Release);
+                }
+                if let Some(entry) = weak_entry.upgrade() {
+                    lock(&entry.conns).retain(|c| c.id != id);
+                }
+                match result {
+                    Ok(()) => tracing::debug!("HBONE connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "HBONE connection ended with an error"),
+                }
+            }
+            .instrument(span),
+        );
+        lock(&entry.conns).push(conn.clone());
+        Ok(StreamLease { conn })
+    }
+
+    fn idle_sweep(&self) -> usize {
+        let now = Instant::now();
+        let idle_timeout = self.config.idle_timeout;
+        let mut removed = Vec::new();
+        {
+            let mut keys = lock(&self.keys);
+            keys.retain(|_, entry| {
+                let mut conns = lock(&entry.conns);
+                conns.retain(|c| {
+                    let keep = !c.is_closed() && !c.idle_for(now, idle_timeout);
+                    if !keep {
+                        removed.push(c.clone());
+                    }
+                    keep
+                });
+                // Keep a key some caller is using (it may be dialling) even without connections.
+                !conns.is_empty() || Arc::strong_count(entry) > 1
+            });
+        }
+        // Dropped outside the locks: the last handle of a connection starts its GOAWAY.
+        removed.len()
+    }
+}
+
+// === impl KeyEntry ===
+
+impl KeyEntry {
+    /// Takes a stream slot on the first live connection with room.
+    fn try_reserve(&self, max_streams: usize) -> Option<StreamLease> {
+        let mut conns = lock(&self.conns);
+        conns.retain(|c| !c.is_closed());
+        conns.iter().find_map(|conn| {
+            let mut load = lock(&conn.load);
+            if load.open >= max_streams {
+                return None;
+            }
+            load.open += 1;
+            Some(StreamLease { conn: conn.clone() })
+        })
+    }
+}
+
+// === impl PooledConn ===
+
+impl PooledConn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn idle_for(&self, now: Instant, timeout: Duration) -> bool {
+        let load = lock(&self.load);
+        load.open == 0 && now.saturating_duration_since(load.idle_since) >= timeout
+    }
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        let mut load = lock(&self.conn.load);
+        load.open = load.open.saturating_sub(1);
+        if load.open == 0 {
+            load.idle_since = Instant::now();
+        }
+    }
+}

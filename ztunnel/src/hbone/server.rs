@@ -1,0 +1,374 @@
+//! The listening side: terminate mutual TLS, accept CONNECT streams, hand each to a
+//! [`ConnectHandler`], and relay the accepted ones.
+//!
+//! Nothing reaches the application before the handler accepted: the request's DATA is not read
+//! until the handler returned a connection, and a refused stream is answered and ended without
+//! its body ever being read.
+
+use std::future::{Future, poll_fn};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use membrane_identity::{SpiffeId, peer_spiffe_id};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::copy::{RelayResult, ResetOnError, relay};
+use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, parse_forwarded_for};
+use super::stream::H2Stream;
+use super::{
+    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER,
+    SERVER_HANDSHAKE_TIMEOUT, SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
+    require_h2, server_tls_with_h2,
+};
+
+/// A parsed, authenticated CONNECT request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The peer's SPIFFE ID, from its verified certificate.
+    pub peer: SpiffeId,
+    /// The original destination (`:authority`).
+    pub authority: SocketAddr,
+    /// The original source address, as the peer states it in `forwarded: for=`.
+    pub forwarded_for: Option<IpAddr>,
+    /// The `baggage` header, if present and visible ASCII.
+    pub baggage: Option<String>,
+    /// The `traceparent` header, if present and visible ASCII.
+    pub traceparent: Option<String>,
+}
+
+/// Why a handler refused a CONNECT; each variant is one response status. The reason is for
+/// local logs only and is never sent to the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// 400: the request makes no sense here (for example an authority this node does not own).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 401: the peer's identity is missing or unusable.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// 403: policy denies this peer this destination.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// 503: the destination could not be reached.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl ConnectRefusal {
+    /// The status the peer receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ConnectRefusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ConnectRefusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ConnectRefusal::Denied(_) => StatusCode::FORBIDDEN,
+            ConnectRefusal::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The local reason.
+    pub fn reason(&self) -> &str {
+        match self {
+            ConnectRefusal::BadRequest(r)
+            | ConnectRefusal::Unauthenticated(r)
+            | ConnectRefusal::Denied(r)
+            | ConnectRefusal::Unreachable(r) => r,
+        }
+    }
+}
+
+/// Decides what an authenticated CONNECT gets: a connection to the destination, or a refusal.
+pub trait ConnectHandler: Send + Sync {
+    /// Authorizes `req` and connects to its destination. Called once per well-formed CONNECT;
+    /// the future is dropped if the peer resets the stream meanwhile.
+    fn connect(
+        &self,
+        req: ConnectRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<TcpStream, ConnectRefusal>> + Send + '_>>;
+
+    /// Called once the relay of an accepted request ended.
+    fn finished(&self, req: &ConnectRequest, result: &RelayResult) {
+        let _ = (req, result);
+    }
+}
+
+/// Serves one inbound HBONE connection until it closes.
+///
+/// `tls` is a config from `membrane_identity::verify::mtls_server_config`. If it does not
+/// offer exactly ALPN `h2`, a copy that does is used for this connection — set
+/// `alpn_protocols` to `[ALPN_H2]` once to avoid the per-connection copy. A client that does
+/// not negotiate `h2` is refused. The TLS and HTTP/2 handshakes together are bounded by 10 s.
+///
+/// Each CONNECT stream runs in its own task, in a `hbone_stream` span. They are joined before
+/// this returns, and aborted if this future is dropped.
+pub async fn serve_connection(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn ConnectHandler>,
+) -> Result<(), HboneError> {
+    let span = tracing::info_span!(
+        "hbone_conn",
+        peer_addr = tracing::field::Empty,
+        peer = tracing::field::Empty,
+    );
+    if let Ok(addr) = tcp.peer_addr() {
+        span.record("peer_addr", tracing::field::display(addr));
+    }
+    serve(tcp, tls, handler).instrument(span).await
+}
+
+async fn serve(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn ConnectHandler>,
+) -> Result<(), HboneError> {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_with_h2(tls));
+    let handshake = async {
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| HboneError::Tls(Arc::new(e)))?;
+        let (_, session) = tls.get_mut();
+        require_h2(session.alpn_protocol())?;
+        let peer = peer_spiffe_id(session.peer_certificates());
+        session.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        let conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
+        Ok::<_, HboneError>((conn, peer))
+    };
+    let (mut conn, peer) = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| HboneError::Timeout {
+            stage: "HBONE server handshake",
+            after: SERVER_HANDSHAKE_TIMEOUT,
+        })??;
+    // With a verifier that requires client certificates this cannot fail; if a caller's
+    // config lets anonymous clients through, every request is answered 401.
+    let peer = match peer {
+        Ok(id) => {
+            tracing::Span::current().record("peer", tracing::field::display(&id));
+            tracing::debug!("HBONE connection established");
+            Some(id)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "peer presented no usable SPIFFE ID; refusing its requests");
+            None
+        }
+    };
+
+    let mut streams = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            joined = streams.join_next(), if !streams.is_empty() => {
+                if let Some(Err(e)) = joined {
+                    tracing::error!(error = %e, "HBONE stream task failed");
+                }
+            }
+            accepted = conn.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    let span = tracing::info_span!(
+                        "hbone_stream",
+                        stream = respond.stream_id().as_u32(),
+                        authority = tracing::field::Empty,
+                    );
+                    streams.spawn(
+                        handle_stream(request, respond, peer.clone(), handler.clone())
+                            .instrument(span),
+                    );
+                }
+                Some(Err(e)) => break Err(HboneError::h2(e)),
+                None => break Ok(()),
+            },
+        }
+    };
+    match &result {
+        Ok(()) => tracing::debug!("HBONE connection closed"),
+        Err(e) => tracing::debug!(error = %e, "HBONE connection ended with an error"),
+    }
+    // The connection is finished: its streams fail promptly, so this does not wait long.
+    drop(conn);
+    while let Some(joined) = streams.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "HBONE stream task failed");
+        }
+    }
+    result
+}
+
+async fn handle_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: Option<SpiffeId>,
+    handler: Arc<dyn ConnectHandler>,
+) {
+    let req = match parse_request(&request, peer) {
+        Ok(req) => req,
+        Err(refusal) => {
+            tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
+            return answer(&mut respond, refusal.status());
+        }
+    };
+    tracing::Span::current().record("authority", tracing::field::display(req.authority));
+    tracing::debug!(peer = %req.peer, forwarded_for = ?req.forwarded_for, "CONNECT");
+
+    let decision = tokio::select! {
+        decision = handler.connect(req.clone()) => decision,
+        reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+            match reset {
+                Ok(reason) => tracing::debug!(%reason, "peer reset the stream before the handler answered"),
+                Err(e) => tracing::debug!(error = %e, "connection failed before the handler answered"),
+            }
+            return;
+        }
+    };
+    let app = match decision {
+        Ok(app) => app,
+        Err(refusal) => {
+            tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
+            return answer(&mut respond, refusal.status());
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not open the tunnel; resetting the application side");
+            return app.reset();
+        }
+    };
+    let tunnel = H2Stream::new(send, request.into_body());
+    let result = relay(app, tunnel).await;
+    let (kind, reason) = result.summary();
+    tracing::debug!(
+        result = kind,
+        reason,
+        to_app = result.b_to_a,
+        from_app = result.a_to_b,
+        "HBONE tunnel ended"
+    );
+    handler.finished(&req, &result);
+}
+
+/// Sends a final status with END_STREAM (no body).
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(e) = respond.send_response(response, true) {
+        tracing::debug!(error = %e, "could not send the refusal");
+    }
+}
+
+fn parse_request(
+    request: &Request<RecvStream>,
+    peer: Option<SpiffeId>,
+) -> Result<ConnectRequest, ConnectRefusal> {
+    let Some(peer) = peer else {
+        return Err(ConnectRefusal::Unauthenticated(
+            "the peer presented no usable SPIFFE ID".into(),
+        ));
+    };
+    if request.method() != Method::CONNECT {
+        return Err(ConnectRefusal::BadRequest(format!(
+            "method {} is not CONNECT",
+            request.method()
+        )));
+    }
+    let authority = parse_authority(request.uri().authority().map(|a| a.as_str()))?;
+    let headers = request.headers();
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Ok(ConnectRequest {
+        peer,
+        authority,
+        forwarded_for: headers
+            .get(FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_forwarded_for),
+        baggage: text(BAGGAGE),
+        traceparent: text(TRACEPARENT),
+    })
+}
+
+/// `ip:port` (IPv6 in brackets), port not 0.
+fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, ConnectRefusal> {
+    let Some(authority) = authority else {
+        return Err(ConnectRefusal::BadRequest(
+            "CONNECT without :authority".into(),
+        ));
+    };
+    let bad = || {
+        ConnectRefusal::BadRequest(format!(
+            "authority {:?} is not ip:port",
+            authority.chars().take(256).collect::<String>()
+        ))
+    };
+    let addr: SocketAddr = authority.parse().map_err(|_| bad())?;
+    if addr.port() == 0 {
+        return Err(bad());
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_must_be_ip_and_port() {
+        assert_eq!(
+            parse_authority(Some("10.0.0.1:80")),
+            Ok("10.0.0.1:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_authority(Some("[fd00::1]:8080")),
+            Ok("[fd00::1]:8080".parse().expect("addr"))
+        );
+        for bad in [
+            None,
+            Some("example.com:80"),
+            Some("10.0.0.1"),
+            Some("10.0.0.1:0"),
+            Some("fd00::1:80"),
+            Some("10.0.0.1:99999"),
+            Some(""),
+        ] {
+            let err = parse_authority(bad).expect_err("refused");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refusal_statuses() {
+        assert_eq!(
+            ConnectRefusal::Unauthenticated("x".into()).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            ConnectRefusal::Denied("x".into()).status(),
+            StatusCode::FORBIDDEN
+        );
+        let unreachable = ConnectRefusal::Unreachable("app down".into());
+        assert_eq!(unreachable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unreachable.reason(), "app down");
+    }
+}

@@ -1,0 +1,140 @@
+//! `ztunnel`: Membrane's node agent.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use membrane_ztunnel::app::{self, ZtunnelConfig};
+use membrane_ztunnel::certs::CaConfig;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Membrane's node agent: captures enrolled pods' traffic and tunnels it over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel", version)]
+struct Args {
+    /// This node's name (as pods' spec.nodeName says).
+    #[arg(long, env = "MEMBRANE_NODE_NAME")]
+    node: String,
+    /// Trust domain.
+    #[arg(long, env = "MEMBRANE_TRUST_DOMAIN", default_value = membrane_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Workloads file (YAML/JSON), until the discovery stream replaces it.
+    #[arg(long, env = "MEMBRANE_WORKLOADS_FILE")]
+    workloads_file: PathBuf,
+    /// Controller address.
+    #[arg(
+        long,
+        env = "MEMBRANE_CA_ADDRESS",
+        default_value = "https://127.0.0.1:15012"
+    )]
+    ca_address: String,
+    /// PEM file with the roots that authenticate the controller (bootstrap bundle).
+    #[arg(long, env = "MEMBRANE_CA_ROOT")]
+    ca_root: PathBuf,
+    /// Name the controller's certificate must carry.
+    #[arg(long, default_value = "membrane-ca")]
+    ca_server_name: String,
+    /// File holding this node's bootstrap token.
+    #[arg(long, env = "MEMBRANE_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Requested workload certificate lifetime (0: the controller's default).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// Enrollment socket.
+    #[arg(long, default_value = "/var/run/membrane/ztunnel.sock")]
+    enroll_socket: PathBuf,
+    /// Directory where enrolled pods are remembered across restarts.
+    #[arg(long, default_value = "/var/lib/membrane/ztunnel")]
+    state_dir: PathBuf,
+    /// Admin address (config dump).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness address.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Grace period for open connections at shutdown.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// On shutdown, also remove every pod's capture rules (default: keep them so a restarted
+    /// ztunnel resumes, and traffic fails closed meanwhile).
+    #[arg(long)]
+    unenroll_on_exit: bool,
+    /// Log format (logs go to stderr; access records are JSON lines on stdout).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the token file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    let root_pem = std::fs::read(&args.ca_root)
+        .with_context(|| format!("reading the CA root {}", args.ca_root.display()))?;
+    let config = ZtunnelConfig {
+        node: args.node,
+        trust_domain: membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?,
+        workloads_file: args.workloads_file,
+        ca: CaConfig {
+            endpoint: args.ca_address,
+            root_pem,
+            server_name: args.ca_server_name,
+            token,
+            ttl: args.cert_ttl,
+        },
+        enroll_socket: args.enroll_socket,
+        state_dir: Some(args.state_dir),
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        drain_grace: args.drain_grace,
+    };
+    let unenroll = args.unenroll_on_exit;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(async move {
+            let running = app::start(config).await?;
+            shutdown_signal().await;
+            tracing::info!("draining");
+            running.shutdown(unenroll).await;
+            Ok(())
+        })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

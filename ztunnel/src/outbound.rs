@@ -1,0 +1,142 @@
+//! Outbound capture (15001 in the pod's namespace): the pod's own connections.
+//!
+//! The original destination comes from `SO_ORIGINAL_DST`. A mesh workload is reached through
+//! HBONE on `<pod ip>:15008`, presenting the source pod's SVID and requiring the destination's
+//! expected SPIFFE ID; anything else is passed through unchanged (egress rules come later).
+//! Every socket the ztunnel opens is created in the source pod's namespace with the ztunnel
+//! mark, so it leaves with the pod's address and is not captured again.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use membrane_identity::PeerCheck;
+use tracing::Instrument;
+
+use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
+use crate::netns::PodNetns;
+use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst};
+use crate::state::Protocol;
+
+/// Dials from inside a pod's namespace, with the ztunnel mark.
+#[derive(Debug)]
+pub struct PodDial(pub Arc<PodNetns>);
+
+impl Dial for PodDial {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
+    > {
+        Box::pin(self.0.connect(addr))
+    }
+}
+
+/// Accepts captured outbound connections until the pod is removed.
+pub async fn run(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = pod.accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.workload.name, error = %e, "outbound accept failed");
+                    continue;
+                }
+            },
+        };
+        let span = tracing::info_span!("outbound", pod = %pod.workload.name, src = %peer);
+        let (pod, proxy) = (pod.clone(), proxy.clone());
+        tokio::spawn(
+            async move {
+                let cancel = pod.cancel.clone();
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    () = handle(tcp, peer, &pod, &proxy) => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {
+    let _ = tcp.set_nodelay(true);
+    let dst = match original_dst(&tcp) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(error = %e, "no original destination; closing");
+            return;
+        }
+    };
+    let destination = proxy.state.borrow().by_ip(dst.ip()).cloned();
+    let src_id = pod.workload.identity.to_string();
+    match destination {
+        Some(w) if w.protocol == Protocol::Hbone => {
+            let mut log = ConnectionLog::start(
+                proxy,
+                "outbound",
+                "hbone",
+                peer,
+                dst,
+                Some(src_id),
+                Some(w.identity.to_string()),
+            );
+            let svid = match proxy.certs.svid(&pod.workload.identity).await {
+                Ok(svid) => svid,
+                Err(e) => return log.refused(format!("no certificate for the source: {e}")),
+            };
+            let tls = match membrane_identity::verify::mtls_client_config(
+                &svid,
+                proxy.certs.bundle(),
+                PeerCheck::Exact(w.identity.spiffe_id().clone()),
+                membrane_identity::crypto_provider(),
+            ) {
+                Ok(mut cfg) => {
+                    cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+                    Arc::new(cfg)
+                }
+                Err(e) => return log.refused(format!("TLS configuration: {e}")),
+            };
+            let key = PoolKey {
+                src_ip: peer.ip(),
+                src: pod.workload.identity.spiffe_id().clone(),
+                dst: w.identity.spiffe_id().clone(),
+                dst_addr: SocketAddr::new(dst.ip(), hbone::HBONE_PORT),
+            };
+            let headers = ConnectHeaders {
+                forwarded_for: Some(peer.ip()),
+                ..ConnectHeaders::default()
+            };
+            let dial = Arc::new(PodDial(pod.netns.clone()));
+            let stream = match proxy.pool.connect(key, tls, dial, dst, headers).await {
+                Ok(stream) => stream,
+                Err(e) => return log.refused(format!("tunnel to {dst}: {e}")),
+            };
+            log.opened();
+            let result = hbone::relay(tcp, stream).await;
+            let (result_kind, reason) = result.summary();
+            log.closed(result.a_to_b, result.b_to_a, result_kind, reason);
+        }
+        _ => {
+            let mut log = ConnectionLog::start(
+                proxy,
+                "outbound",
+                "passthrough",
+                peer,
+                dst,
+                Some(src_id),
+                None,
+            );
+            let upstream = match pod.netns.connect(dst).await {
+                Ok(s) => s,
+                Err(e) => return log.refused(format!("connect {dst}: {e}")),
+            };
+            log.opened();
+            let result = hbone::relay(tcp, upstream).await;
+            let (result_kind, reason) = result.summary();
+            log.closed(result.a_to_b, result.b_to_a, result_kind, reason);
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! What every connection handler on the node shares, and the per-pod proxy context.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime};
+
+use membrane_identity::TrustDomain;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::CertificateManager;
+use crate::hbone::HbonePool;
+use crate::netns::PodNetns;
+use crate::state::{MeshState, Workload};
+use crate::telemetry::{AccessLog, AccessRecord, TcpLabels, TcpMetrics};
+
+/// Node-wide proxy state shared by every enrolled pod.
+#[derive(Debug)]
+pub struct Proxy {
+    /// This node's name.
+    pub node: String,
+    /// Trust domain of the mesh.
+    pub trust_domain: TrustDomain,
+    /// The current mesh state.
+    pub state: watch::Receiver<Arc<MeshState>>,
+    /// Workload certificates.
+    pub certs: Arc<CertificateManager>,
+    /// Pooled HBONE connections.
+    pub pool: Arc<HbonePool>,
+    /// Connection metrics.
+    pub metrics: TcpMetrics,
+    /// Access records.
+    pub access: AccessLog,
+    /// Connections currently open (for the drain).
+    pub active: Arc<AtomicUsize>,
+}
+
+/// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
+#[derive(Debug)]
+pub struct PodContext {
+    /// The workload.
+    pub workload: Arc<Workload>,
+    /// The pod's network namespace.
+    pub netns: Arc<PodNetns>,
+    /// Cancelled when the pod is removed or the ztunnel drains: its listeners close.
+    pub accepting: CancellationToken,
+    /// Cancelled when the pod is removed or the drain grace period ends: open connections stop.
+    pub cancel: CancellationToken,
+}
+
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST`).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    let sa = nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::OriginalDst)
+        .map_err(std::io::Error::from)?;
+    let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+    Ok(SocketAddr::V4(SocketAddrV4::new(
+        ip,
+        u16::from_be(sa.sin_port),
+    )))
+}
+
+/// One connection's access record and metrics, from start to end. A record dropped before
+/// it was finished (the pod was removed, the ztunnel stopped) is emitted as `cancelled`.
+#[derive(Debug)]
+pub struct ConnectionLog {
+    started: Instant,
+    labels: TcpLabels,
+    record: AccessRecord,
+    metrics: TcpMetrics,
+    access: AccessLog,
+    active: Arc<AtomicUsize>,
+    open: bool,
+    done: bool,
+}
+
+impl ConnectionLog {
+    /// Starts the record of a connection.
+    pub fn start(
+        proxy: &Proxy,
+        direction: &'static str,
+        transport: &'static str,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+        src_identity: Option<String>,
+        dst_identity: Option<String>,
+    ) -> Self {
+        let reporter = if direction == "outbound" {
+            "source"
+        } else {
+            "destination"
+        };
+        let labels = TcpLabels {
+            reporter,
+            source_principal: src_identity.clone().unwrap_or_else(|| "unknown".into()),
+            destination_principal: dst_identity.clone().unwrap_or_else(|| "unknown".into()),
+        };
+        Self {
+            started: Instant::now(),
+            labels,
+            record: AccessRecord {
+                kind: "access",
+                start: crate::telemetry::rfc3339(SystemTime::now()),
+                direction,
+                src_addr,
+                dst_addr,
+                src_identity,
+                dst_identity,
+                transport,
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration_ms: 0,
+                result: String::new(),
+                reason: None,
+            },
+            metrics: proxy.metrics.clone(),
+            access: proxy.access,
+            active: proxy.active.clone(),
+            open: false,
+            done: false,
+        }
+    }
+
+    /// The connection was refused before any byte reached the destination.
+    pub fn refused(mut self, reason: String) {
+        tracing::info!(
+            direction = self.record.direction,
+            src = %self.record.src_addr,
+            dst = %self.record.dst_addr,
+            reason,
+            "connection refused"
+        );
+        self.metrics.refused(&self.labels);
+        self.record.result = "refused".into();
+        self.record.reason = Some(reason);
+        self.finish();
+    }
+
+    /// The connection was opened (counted once, before bytes flow).
+    pub fn opened(&mut self) {
+        self.metrics.opened(&self.labels);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.open = true;
+    }
+
+    /// The connection ended after carrying bytes.
+    pub fn closed(mut self, sent: u64, received: u64, result: &str, reason: Option<String>) {
+        self.record.bytes_sent = sent;
+        self.record.bytes_received = received;
+        self.record.result = result.into();
+        self.record.reason = reason;
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.open {
+            self.metrics.closed(
+                &self.labels,
+                self.record.bytes_sent,
+                self.record.bytes_received,
+            );
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.record.duration_ms =
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.access.record(&self.record);
+    }
+}
+
+impl Drop for ConnectionLog {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record.result = "cancelled".into();
+            self.record.reason = Some("pod removed or ztunnel stopping".into());
+            self.finish();
+        }
+    }
+}
+
+/// Whether `ip` belongs to `workload`.
+pub fn owns(workload: &Workload, ip: IpAddr) -> bool {
+    workload.ips.contains(&ip)
+}
