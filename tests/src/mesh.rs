@@ -310,6 +310,18 @@ impl Mesh {
         })
     }
 
+    /// Starts node `node`'s ztunnel again (after it stopped), with the same files and state
+    /// directory, so it re-enrolls the pods it had.
+    pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
+        if let Some(mut old) = self.ztunnels.remove(node) {
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+        }
+        let z = self.spawn_ztunnel(node)?;
+        self.ztunnels.insert(node.to_owned(), z);
+        Ok(())
+    }
+
     /// The testbed pod called `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.testbed.pod(name).expect("pod in the mesh spec")

@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    raise_fd_limit();
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading the token file {}", args.token_file.display()))?
         .trim()
@@ -121,6 +122,21 @@ fn main() -> anyhow::Result<()> {
             running.shutdown(unenroll).await;
             Ok(())
         })
+}
+
+/// Every captured connection holds two sockets; raise the soft descriptor limit to the hard
+/// one, as a node proxy must.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the file descriptor limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,353 @@
+//! The data plane's edges, end to end: who may use port 15008, many connections through few
+//! tunnels, a ztunnel restart, and SIGTERM draining.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config};
+use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::netns::run_in_netns;
+use membrane_tests::{identity, node_token, trust_domain};
+use membrane_ztunnel::hbone::{
+    self, ConnectHeaders, Dial, HboneError, HbonePool, PoolConfig, PoolKey,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP_PORT: u16 = 8080;
+
+fn spec() -> MeshSpec {
+    MeshSpec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        pods: vec![
+            PodDef::new("trainer", "training", "trainer", "node-a"),
+            PodDef::new("store", "data", "feature-store", "node-b"),
+            PodDef::new("outsider", "legacy", "outsider", "node-a"),
+        ],
+        mesh_namespaces: vec!["training".into(), "data".into()],
+        plaintext_permit: vec![],
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn socket_in(path: std::path::PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
+    let stream = run_in_netns(path, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(TcpStream::from(s))
+    })??;
+    Ok(tokio::net::TcpSocket::from_std_stream(stream))
+}
+
+/// An echo application in a pod that counts the connections it accepted.
+fn echo_app(mesh: &Mesh, pod: &str) -> anyhow::Result<Arc<AtomicUsize>> {
+    let listener = run_in_netns(mesh.netns_path(pod), || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], APP_PORT)).into())?;
+        s.listen(4096)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(TcpListener::from(s))
+    })??;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(accepted)
+}
+
+/// Dials from inside a pod's namespace without the ztunnel mark (like an application).
+struct FromPod(std::path::PathBuf);
+
+impl Dial for FromPod {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let socket = socket_in(self.0.clone()).map_err(std::io::Error::other)?;
+            socket.connect(addr).await
+        })
+    }
+}
+
+fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+    Arc::new(cfg)
+}
+
+fn rogue_svid(claimed: &str) -> anyhow::Result<WorkloadSvid> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(claimed.try_into()?)];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let leaf = leaf.signed_by(&key, &issuer)?;
+    Ok(WorkloadSvid::new(
+        vec![leaf.der().clone(), ca_cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        &crypto_provider(),
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(spec()).await?;
+    mesh.enroll("store").await?;
+    let accepted = echo_app(&mesh, "store")?;
+    let store_id = identity("data", "feature-store");
+    let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
+        trust_domain(),
+        mesh.ca.root_pem().as_bytes(),
+    )?);
+    let pool = HbonePool::new(PoolConfig::default());
+    let dial: Arc<dyn Dial> = Arc::new(FromPod(mesh.netns_path("outsider")));
+    let store_ip = mesh.ip("store");
+    let key = |src: &str| PoolKey {
+        src_ip: mesh.ip("outsider"),
+        src: src.parse().expect("id"),
+        dst: store_id.spiffe_id().clone(),
+        dst_addr: SocketAddr::new(store_ip, hbone::HBONE_PORT),
+    };
+    let app_addr = SocketAddr::new(store_ip, APP_PORT);
+    let trainer = identity("training", "trainer");
+
+    // 1. A certificate from another CA.
+    let rogue = rogue_svid(&trainer.to_string())?;
+    let cfg = h2(mtls_client_config(
+        &rogue,
+        bundle.clone(),
+        PeerCheck::Exact(store_id.spiffe_id().clone()),
+        crypto_provider(),
+    )?);
+    let result = pool
+        .connect(
+            key(&trainer.to_string()),
+            cfg,
+            dial.clone(),
+            app_addr,
+            ConnectHeaders::default(),
+        )
+        .await;
+    assert!(
+        result.is_err(),
+        "a foreign CA's certificate must be refused"
+    );
+
+    // 2. No client certificate at all.
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        bundle.clone(),
+        PeerCheck::Exact(store_id.spiffe_id().clone()),
+        crypto_provider(),
+    ));
+    let no_cert = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let result = pool
+        .connect(
+            key("spiffe://cluster.local/ns/x/sa/anonymous"),
+            h2(no_cert),
+            dial.clone(),
+            app_addr,
+            ConnectHeaders::default(),
+        )
+        .await;
+    assert!(
+        result.is_err(),
+        "a client without a certificate must be refused"
+    );
+
+    // 3. A valid SVID, but an authority that is not a workload of that pod.
+    let (svid, _) = mesh
+        .ca
+        .client(&node_token("node-a"))
+        .await?
+        .request_svid(&trainer, Duration::ZERO)
+        .await?;
+    let good = h2(mtls_client_config(
+        &svid,
+        bundle.clone(),
+        PeerCheck::Exact(store_id.spiffe_id().clone()),
+        crypto_provider(),
+    )?);
+    let elsewhere = SocketAddr::new(mesh.ip("trainer"), APP_PORT);
+    match pool
+        .connect(
+            key(&trainer.to_string()),
+            good.clone(),
+            dial.clone(),
+            elsewhere,
+            ConnectHeaders::default(),
+        )
+        .await
+    {
+        Err(HboneError::Refused(status)) => assert!(
+            status.is_client_error() || status.is_server_error(),
+            "{status}"
+        ),
+        other => panic!("misaddressed tunnel must be refused, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "nothing may reach the app"
+    );
+
+    // Control: the same valid client with the right authority gets through.
+    let mut stream = pool
+        .connect(
+            key(&trainer.to_string()),
+            good,
+            dial,
+            app_addr,
+            ConnectHeaders::default(),
+        )
+        .await?;
+    stream.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await?;
+    assert_eq!(&buf, b"ping");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(spec()).await?;
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    let accepted = echo_app(&mesh, "store")?;
+    let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    const N: usize = 1000;
+    let mut sockets = Vec::with_capacity(N);
+    for _ in 0..N {
+        sockets.push(socket_in(mesh.netns_path("trainer"))?);
+    }
+    // Open all of them before any finishes, so they are concurrent.
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let mut tasks = Vec::with_capacity(N);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = socket.connect(dst).await?;
+            let msg = format!("hello {i}\n");
+            s.write_all(msg.as_bytes()).await?;
+            let mut buf = vec![0u8; msg.len()];
+            s.read_exact(&mut buf).await?;
+            anyhow::ensure!(buf == msg.as_bytes(), "echo mismatch on {i}");
+            barrier.wait().await;
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await??;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), all).await??;
+    assert_eq!(accepted.load(Ordering::SeqCst), N);
+    // Count the node-to-node TLS connections the trainer's pod holds to 15008.
+    let out = mesh.testbed.exec(
+        mesh.pod("trainer"),
+        &["ss", "-Htn", "state", "established", "dport", "= :15008"],
+    )?;
+    let tunnels = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        (1..=20).contains(&tunnels),
+        "{tunnels} TLS connections for {N} tunnelled ones"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mut mesh = Mesh::start(spec()).await?;
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    let accepted = echo_app(&mesh, "store")?;
+    let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    let roundtrip = |mesh: &Mesh| {
+        let socket = socket_in(mesh.netns_path("trainer"));
+        async move {
+            let mut s =
+                tokio::time::timeout(Duration::from_secs(5), socket?.connect(dst)).await??;
+            s.write_all(b"x").await?;
+            let mut b = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await??;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    roundtrip(&mesh).await?;
+
+    // SIGTERM: drains and exits cleanly, keeping the rules (traffic fails closed meanwhile).
+    let status = mesh
+        .ztunnels
+        .get_mut("node-b")
+        .expect("node-b")
+        .terminate(Duration::from_secs(15))?;
+    assert!(status.success(), "{status}");
+    assert!(
+        roundtrip(&mesh).await.is_err(),
+        "with its ztunnel down, the pod must not be reachable in plaintext"
+    );
+
+    mesh.restart_ztunnel("node-b")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match roundtrip(&mesh).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.context("pod not re-enrolled after restart")),
+        }
+    }
+    let list = mesh
+        .enroll_request("node-b", &serde_json::json!({"op": "list"}))
+        .await?;
+    assert_eq!(list["pods"][0]["uid"], "data-store", "{list}");
+    assert!(accepted.load(Ordering::SeqCst) >= 2);
+    Ok(())
+}
