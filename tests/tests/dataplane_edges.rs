@@ -351,3 +351,65 @@ async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
     assert!(accepted.load(Ordering::SeqCst) >= 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(spec()).await?;
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    // The application resets every connection after reading a little.
+    let listener = run_in_netns(mesh.netns_path("store"), || TcpListener::bind(("0.0.0.0", APP_PORT)))??;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 16];
+            let _ = s.read(&mut buf).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    let mut s = socket_in(mesh.netns_path("trainer"))?.connect(dst).await?;
+    s.write_all(b"hello").await?;
+    let mut buf = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await?;
+    let err = result.expect_err("the reset must reach the client as a reset, not a clean close");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
+    // Metrics on each ztunnel carry Istio's label names with both SPIFFE IDs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (node, reporter) in [("node-a", "source"), ("node-b", "destination")] {
+        let text = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("membrane_tcp_connections_opened_total{"))
+            .unwrap_or_else(|| panic!("no opened metric on {node}: {text}"));
+        assert!(opened.contains(&format!("reporter=\"{reporter}\"")), "{opened}");
+        assert!(opened.contains(&format!("source_principal=\"{}\"", mesh.spiffe_id("trainer"))), "{opened}");
+        assert!(opened.contains(&format!("destination_principal=\"{}\"", mesh.spiffe_id("store"))), "{opened}");
+    }
+    // The admin config dump lists the node's certificates with their expiry.
+    let dump: serde_json::Value = serde_json::from_str(
+        http_get(mesh.ztunnels["node-b"].admin, "/config_dump")
+            .await?
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default(),
+    )?;
+    let certs = dump["certificates"].as_array().expect("certificates");
+    assert!(certs.iter().any(|c| c["identity"] == mesh.spiffe_id("store") && c["expires_in_seconds"].as_u64() > Some(3600)), "{dump}");
+    Ok(())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}

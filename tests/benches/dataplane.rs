@@ -1,0 +1,832 @@
+//! The data plane's on-demand benchmark (not a test: nothing here asserts): one topology, two
+//! nodes, a client pod on the first and a server pod on the second, both in a mesh namespace,
+//! each with the real ztunnel of its node. Every round measures the same workloads "direct"
+//! (pods not enrolled: no capture) and "mesh" (both pods enrolled: captured, carried over
+//! HBONE mutual TLS), in alternating order, and the report gives medians over rounds, the
+//! mesh/direct ratios and each target's PASS/FAIL as a Markdown table, then one JSON line.
+//!
+//! Workloads: TCP throughput with one and four streams (`iperf3 --json`, both ends started
+//! with `ip netns exec` in the pods); 1-byte request/response over one connection (rate, p50,
+//! p99); connect + 1-byte request/response + close with a fixed number in flight (rate, p50,
+//! p99). Around them: both ztunnels' CPU time (`utime + stime`) per GB carried, per
+//! request/response and per new connection, and their resident memory idle and at the peak of
+//! the four-stream run.
+//!
+//! Run as root after `cargo build --release -p membrane-ztunnel` (iperf3 installed):
+//! `cargo bench -p membrane-tests --bench dataplane`, or `scripts/bench-dataplane.sh`.
+//! Environment: `MEMBRANE_BENCH_ROUNDS` (3), `MEMBRANE_BENCH_BULK_SECS` (10),
+//! `MEMBRANE_BENCH_RR_SECS` (5), `MEMBRANE_BENCH_CONN_SECS` (5), `MEMBRANE_BENCH_INFLIGHT` (8),
+//! `MEMBRANE_BENCH_MODES` (`direct,mesh`), `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), and
+//! the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with both ztunnel pids (to attach a
+//! profiler), goes to stderr; the report to stdout.
+//!
+//! The client pod gets `tcp_tw_reuse=1` and a wide ephemeral port range (both pods, so the
+//! ztunnel's connections to the application have the same room): a few seconds of
+//! connection churn would otherwise run out of ports in TIME_WAIT, in both modes alike.
+
+#![allow(clippy::print_stdout)] // the report is the program's output
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::netns::{command_in, exec_in, run_in_netns};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT: &str = "client";
+const SERVER: &str = "server";
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7001;
+const CONN_PORT: u16 = 7002;
+/// Bounds on the measurement loops, whatever their duration.
+const MAX_RR_SAMPLES: usize = 5_000_000;
+const MAX_CONNS_PER_WORKER: usize = 500_000;
+const MAX_CONN_ERRORS: usize = 1_000;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+// === configuration ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Mesh,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Mesh => "mesh",
+        }
+    }
+}
+
+struct Config {
+    rounds: usize,
+    bulk: Duration,
+    rr: Duration,
+    conn: Duration,
+    inflight: usize,
+    modes: Vec<Mode>,
+    tests: Vec<String>,
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v}")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl Config {
+    fn from_env() -> anyhow::Result<Self> {
+        let mut modes = Vec::new();
+        for m in env_list("MEMBRANE_BENCH_MODES", "direct,mesh") {
+            modes.push(match m.as_str() {
+                "direct" => Mode::Direct,
+                "mesh" => Mode::Mesh,
+                other => bail!("MEMBRANE_BENCH_MODES: unknown mode {other}"),
+            });
+        }
+        let tests = env_list("MEMBRANE_BENCH_TESTS", "tcp1,tcp4,rr,conn");
+        if let Some(t) = tests
+            .iter()
+            .find(|t| !["tcp1", "tcp4", "rr", "conn"].contains(&t.as_str()))
+        {
+            bail!("MEMBRANE_BENCH_TESTS: unknown test {t}");
+        }
+        Ok(Self {
+            rounds: usize::try_from(env_u64("MEMBRANE_BENCH_ROUNDS", 3)?.max(1))?,
+            bulk: Duration::from_secs(env_u64("MEMBRANE_BENCH_BULK_SECS", 10)?.max(1)),
+            rr: Duration::from_secs(env_u64("MEMBRANE_BENCH_RR_SECS", 5)?.max(1)),
+            conn: Duration::from_secs(env_u64("MEMBRANE_BENCH_CONN_SECS", 5)?.max(1)),
+            inflight: usize::try_from(env_u64("MEMBRANE_BENCH_INFLIGHT", 8)?.clamp(1, 64))?,
+            modes,
+            tests,
+        })
+    }
+
+    fn runs(&self, test: &str) -> bool {
+        self.tests.iter().any(|t| t == test)
+    }
+}
+
+// === /proc ===
+
+/// `utime + stime` of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (`state`).
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |n: usize| -> anyhow::Result<u64> { Ok(fields.get(n - 3).context("short stat")?.parse()?) };
+    Ok(field(14)? + field(15)?)
+}
+
+/// `VmRSS` of `pid`, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmRSS")?
+        .parse()?)
+}
+
+/// The largest resident memory of `pids`, in MiB.
+fn largest_rss_mib(pids: &[u32]) -> anyhow::Result<f64> {
+    let mut max = 0;
+    for &pid in pids {
+        max = max.max(rss_kib(pid)?);
+    }
+    Ok(max as f64 / 1024.0)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// === statistics ===
+
+type Samples = BTreeMap<&'static str, Vec<f64>>;
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The `q` quantile (nearest rank) of sorted nanosecond latencies, in µs.
+fn quantile_us(sorted_ns: &[u32], q: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted_ns.len() as f64).ceil() as usize;
+    f64::from(sorted_ns[rank.clamp(1, sorted_ns.len()) - 1]) / 1000.0
+}
+
+fn nanos(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+}
+
+// === the workloads ===
+
+struct Bench<'a> {
+    mesh: &'a Mesh,
+    rt: &'a tokio::runtime::Runtime,
+    cfg: &'a Config,
+    client_ns: String,
+    server_ns: String,
+    server_ip: Ipv4Addr,
+    pids: Vec<u32>,
+    ticks: f64,
+    errors: Vec<String>,
+}
+
+struct Iperf {
+    bits_per_second: f64,
+    bytes: f64,
+}
+
+/// Kills and reaps a child this program started, if it is still running.
+fn reap(mut child: Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Bench<'_> {
+    fn path(&self, pod: &str) -> PathBuf {
+        self.mesh.netns_path(pod)
+    }
+
+    /// Both ztunnels' CPU time so far, in seconds.
+    fn ztunnel_cpu(&self) -> anyhow::Result<f64> {
+        let mut ticks = 0;
+        for &pid in &self.pids {
+            ticks += cpu_ticks(pid)?;
+        }
+        Ok(ticks as f64 / self.ticks)
+    }
+
+    /// The larger ztunnel's resident memory, in MiB.
+    fn ztunnel_rss_mib(&self) -> anyhow::Result<f64> {
+        largest_rss_mib(&self.pids)
+    }
+
+    fn clear_access_records(&self) -> usize {
+        let mut n = 0;
+        for z in self.mesh.ztunnels.values() {
+            if let Ok(mut records) = z.access.lock() {
+                n += records.len();
+                records.clear();
+            }
+        }
+        n
+    }
+
+    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
+        let filter = format!("sport = :{port}");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while Instant::now() < deadline {
+            let out = exec_in(&self.server_ns, &["ss", "-Htln", &filter])?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("nothing listens on {port} in the server pod")
+    }
+
+    /// One iperf3 run with `streams` parallel streams; the server serves one test (`-1`).
+    fn iperf(&self, streams: u32) -> anyhow::Result<Iperf> {
+        let port = IPERF_PORT.to_string();
+        let server = command_in(&self.server_ns, "iperf3")
+            .args(["-s", "-1", "-p", &port])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s (is iperf3 installed?)")?;
+        let result = self.wait_listening(IPERF_PORT).and_then(|()| {
+            let out = command_in(&self.client_ns, "iperf3")
+                .args(["-c", &self.server_ip.to_string(), "-p", &port, "--json"])
+                .args(["-t", &self.cfg.bulk.as_secs().to_string()])
+                .args(["-P", &streams.to_string(), "--connect-timeout", "5000"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .context("running iperf3 -c")?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("iperf3 -c printed no JSON ({})", out.status))?;
+            if let Some(e) = v.get("error") {
+                bail!("iperf3: {e}");
+            }
+            let sum = &v["end"]["sum_received"];
+            Ok(Iperf {
+                bits_per_second: sum["bits_per_second"].as_f64().context("no bits/s")?,
+                bytes: sum["bytes"].as_f64().context("no bytes")?,
+            })
+        });
+        reap(server, Duration::from_secs(3));
+        result
+    }
+
+    /// Four-stream iperf3 while a thread samples both ztunnels' RSS every 100 ms; returns the
+    /// run and the peak of the larger ztunnel, in MiB.
+    fn iperf_sampling_rss(&self, streams: u32) -> (anyhow::Result<Iperf>, f64) {
+        let stop = AtomicBool::new(false);
+        let pids = self.pids.as_slice();
+        std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut peak = 0.0f64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(rss) = largest_rss_mib(pids) {
+                        peak = peak.max(rss);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                peak
+            });
+            let run = self.iperf(streams);
+            stop.store(true, Ordering::Relaxed);
+            (run, sampler.join().unwrap_or(f64::NAN))
+        })
+    }
+
+    /// 1-byte ping-pong over one connection for the configured time: (transactions/s, sorted
+    /// latencies in ns). Blocking sockets on both ends, `TCP_NODELAY`.
+    fn request_response(&self) -> anyhow::Result<(f64, Vec<u32>)> {
+        let listener = run_in_netns(self.path(SERVER), || {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, RR_PORT))
+        })??;
+        let server = std::thread::spawn(move || -> io::Result<()> {
+            let (mut s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut b = [0u8; 1];
+            while s.read(&mut b)? == 1 {
+                s.write_all(&b)?;
+            }
+            Ok(())
+        });
+        let dst = SocketAddr::from((self.server_ip, RR_PORT));
+        let duration = self.cfg.rr;
+        let client = run_in_netns(self.path(CLIENT), move || -> io::Result<_> {
+            let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut b = [1u8; 1];
+            for _ in 0..100 {
+                s.write_all(&b)?;
+                s.read_exact(&mut b)?;
+            }
+            let mut lat = Vec::with_capacity(1 << 20);
+            let start = Instant::now();
+            let deadline = start + duration;
+            while lat.len() < MAX_RR_SAMPLES {
+                let t0 = Instant::now();
+                if t0 >= deadline {
+                    break;
+                }
+                s.write_all(&b)?;
+                s.read_exact(&mut b)?;
+                lat.push(nanos(t0.elapsed()));
+            }
+            Ok((lat, start.elapsed()))
+        })?;
+        let served = server.join();
+        let (mut lat, elapsed) = client?;
+        match served {
+            Ok(r) => r.context("request/response server")?,
+            Err(_) => bail!("request/response server panicked"),
+        }
+        lat.sort_unstable();
+        Ok((lat.len() as f64 / elapsed.as_secs_f64(), lat))
+    }
+
+    /// Connect + 1-byte request/response + close, `inflight` blocking clients in the client
+    /// pod against a tokio server: (successes/s, sorted latencies in ns, errors).
+    fn connection_rate(&self) -> anyhow::Result<(f64, Vec<u32>, usize)> {
+        let listener = run_in_netns(self.path(SERVER), || {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONN_PORT))
+        })??;
+        listener.set_nonblocking(true)?;
+        let server = self.rt.spawn(conn_server(listener));
+        let dst = SocketAddr::from((self.server_ip, CONN_PORT));
+        let client_path = self.path(CLIENT);
+        let start = Instant::now();
+        let deadline = start + self.cfg.conn;
+        let outcomes: Vec<_> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..self.cfg.inflight)
+                .map(|_| s.spawn(|| run_in_netns(&client_path, || connect_loop(dst, deadline))))
+                .collect();
+            workers.into_iter().map(|w| w.join()).collect()
+        });
+        let elapsed = start.elapsed();
+        server.abort();
+        let (mut lat, mut errors) = (Vec::new(), 0);
+        for outcome in outcomes {
+            match outcome {
+                Ok(Ok((l, e))) => {
+                    lat.extend(l);
+                    errors += e;
+                }
+                Ok(Err(e)) => bail!("client thread: {e}"),
+                Err(_) => bail!("client thread panicked"),
+            }
+        }
+        lat.sort_unstable();
+        Ok((lat.len() as f64 / elapsed.as_secs_f64(), lat, errors))
+    }
+
+    fn note(&mut self, what: String) {
+        eprintln!("  ERROR {what}");
+        self.errors.push(what);
+    }
+
+    /// One mode of one round: every selected workload, pushing its figures into `out`.
+    fn run_mode(&mut self, mode: Mode, round: usize, out: &mut Samples) -> anyhow::Result<()> {
+        let tag = format!("round {round} {}", mode.name());
+        if mode == Mode::Mesh {
+            self.rt.block_on(self.mesh.enroll(CLIENT))?;
+            self.rt.block_on(self.mesh.enroll(SERVER))?;
+            std::thread::sleep(Duration::from_millis(500));
+            out.entry("zt_rss_idle_mb")
+                .or_default()
+                .push(self.ztunnel_rss_mib()?);
+        }
+        self.clear_access_records();
+        let mesh = mode == Mode::Mesh;
+        for (test, streams) in [("tcp1", 1), ("tcp4", 4)] {
+            if !self.cfg.runs(test) {
+                continue;
+            }
+            eprintln!("[{tag}] {test} start ({} s)", self.cfg.bulk.as_secs());
+            let cpu0 = self.ztunnel_cpu()?;
+            let (run, peak) = if streams == 4 {
+                self.iperf_sampling_rss(streams)
+            } else {
+                (self.iperf(streams), f64::NAN)
+            };
+            let cpu = self.ztunnel_cpu()? - cpu0;
+            match run {
+                Ok(r) => {
+                    let gbps = r.bits_per_second / 1e9;
+                    eprintln!("[{tag}] {test}: {gbps:.2} Gbit/s, ztunnels {cpu:.2} CPU-s");
+                    let key = if streams == 1 {
+                        "tcp1_gbps"
+                    } else {
+                        "tcp4_gbps"
+                    };
+                    out.entry(key).or_default().push(gbps);
+                    if mesh {
+                        let key = if streams == 1 {
+                            "zt_cpu_s_per_gb_1"
+                        } else {
+                            "zt_cpu_s_per_gb_4"
+                        };
+                        out.entry(key).or_default().push(cpu / (r.bytes / 1e9));
+                        if streams == 4 {
+                            out.entry("zt_rss_bulk_mb").or_default().push(peak);
+                        }
+                    }
+                }
+                Err(e) => self.note(format!("[{tag}] {test}: {e:#}")),
+            }
+        }
+        if self.cfg.runs("rr") {
+            eprintln!("[{tag}] rr start ({} s)", self.cfg.rr.as_secs());
+            let cpu0 = self.ztunnel_cpu()?;
+            match self.request_response() {
+                Ok((rate, lat)) => {
+                    let cpu = self.ztunnel_cpu()? - cpu0;
+                    eprintln!(
+                        "[{tag}] rr: {rate:.0}/s, p99 {:.0} µs",
+                        quantile_us(&lat, 0.99)
+                    );
+                    out.entry("rr_per_s").or_default().push(rate);
+                    out.entry("rr_p50_us")
+                        .or_default()
+                        .push(quantile_us(&lat, 0.5));
+                    out.entry("rr_p99_us")
+                        .or_default()
+                        .push(quantile_us(&lat, 0.99));
+                    if mesh {
+                        let per = cpu * 1e6 / lat.len().max(1) as f64;
+                        out.entry("zt_cpu_us_per_rr").or_default().push(per);
+                    }
+                }
+                Err(e) => self.note(format!("[{tag}] rr: {e:#}")),
+            }
+        }
+        if self.cfg.runs("conn") {
+            eprintln!("[{tag}] conn start ({} s)", self.cfg.conn.as_secs());
+            self.clear_access_records();
+            let cpu0 = self.ztunnel_cpu()?;
+            match self.connection_rate() {
+                Ok((rate, lat, errors)) => {
+                    let cpu = self.ztunnel_cpu()? - cpu0;
+                    eprintln!(
+                        "[{tag}] conn: {rate:.0}/s, p99 {:.0} µs, {errors} errors, ztunnels {cpu:.2} CPU-s",
+                        quantile_us(&lat, 0.99)
+                    );
+                    out.entry("conn_per_s").or_default().push(rate);
+                    out.entry("conn_p50_us")
+                        .or_default()
+                        .push(quantile_us(&lat, 0.5));
+                    out.entry("conn_p99_us")
+                        .or_default()
+                        .push(quantile_us(&lat, 0.99));
+                    out.entry("conn_errors").or_default().push(errors as f64);
+                    if mesh {
+                        let per = cpu * 1e6 / lat.len().max(1) as f64;
+                        out.entry("zt_cpu_us_per_conn").or_default().push(per);
+                    }
+                }
+                Err(e) => self.note(format!("[{tag}] conn: {e:#}")),
+            }
+        }
+        // Were the connections really (not) carried by the mesh? Records come per connection.
+        std::thread::sleep(Duration::from_millis(300));
+        let records = self.clear_access_records();
+        match (mesh, records) {
+            (true, 0) => self.note(format!("[{tag}] no access records: traffic not captured?")),
+            (false, n) if n > 0 => self.note(format!("[{tag}] {n} access records in direct mode")),
+            _ => {}
+        }
+        if mesh {
+            self.rt.block_on(self.mesh.unenroll(CLIENT))?;
+            self.rt.block_on(self.mesh.unenroll(SERVER))?;
+            std::thread::sleep(Duration::from_millis(500));
+            self.clear_access_records();
+        }
+        Ok(())
+    }
+}
+
+/// One client of the connection-rate test, inside the client pod's namespace.
+fn connect_loop(dst: SocketAddr, deadline: Instant) -> io::Result<(Vec<u32>, usize)> {
+    let mut lat = Vec::with_capacity(64 * 1024);
+    let mut errors = 0;
+    while Instant::now() < deadline && lat.len() < MAX_CONNS_PER_WORKER {
+        let t0 = Instant::now();
+        let attempt = (|| -> io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut b = [1u8; 1];
+            s.write_all(&b)?;
+            s.read_exact(&mut b)?;
+            Ok(())
+        })();
+        match attempt {
+            Ok(()) => lat.push(nanos(t0.elapsed())),
+            Err(_) if errors < MAX_CONN_ERRORS => errors += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((lat, errors))
+}
+
+/// The connection-rate server: one task per accepted connection, until aborted.
+async fn conn_server(listener: TcpListener) -> io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        let (s, _) = listener.accept().await?;
+        tokio::spawn(serve_one(s));
+    }
+}
+
+/// The connection-rate server's side of one connection: answer one byte, wait for the close.
+async fn serve_one(mut s: tokio::net::TcpStream) {
+    let _ = s.set_nodelay(true);
+    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+        let mut b = [0u8; 64];
+        if s.read(&mut b).await? == 0 {
+            return Ok(());
+        }
+        s.write_all(&b[..1]).await?;
+        while s.read(&mut b).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
+}
+
+// === the report ===
+
+enum Target {
+    Info,
+    RatioAtLeast(f64),
+    MeshAtMost(f64),
+}
+
+const ROWS: &[(&str, &str, Target)] = &[
+    (
+        "TCP throughput, 1 stream (Gbit/s)",
+        "tcp1_gbps",
+        Target::RatioAtLeast(0.6),
+    ),
+    (
+        "TCP throughput, 4 streams (Gbit/s)",
+        "tcp4_gbps",
+        Target::RatioAtLeast(0.3),
+    ),
+    (
+        "1-byte request/response, one connection (/s)",
+        "rr_per_s",
+        Target::RatioAtLeast(0.7),
+    ),
+    ("request/response p50 (µs)", "rr_p50_us", Target::Info),
+    ("request/response p99 (µs)", "rr_p99_us", Target::Info),
+    (
+        "connect + request/response + close (/s)",
+        "conn_per_s",
+        Target::RatioAtLeast(0.35),
+    ),
+    ("new connection p50 (µs)", "conn_p50_us", Target::Info),
+    ("new connection p99 (µs)", "conn_p99_us", Target::Info),
+    (
+        "new-connection errors (per run)",
+        "conn_errors",
+        Target::Info,
+    ),
+    (
+        "ztunnel CPU per new connection, both (µs)",
+        "zt_cpu_us_per_conn",
+        Target::MeshAtMost(200.0),
+    ),
+    (
+        "ztunnel CPU per request/response, both (µs)",
+        "zt_cpu_us_per_rr",
+        Target::Info,
+    ),
+    (
+        "ztunnel CPU per GB, 1 stream, both (CPU-s)",
+        "zt_cpu_s_per_gb_1",
+        Target::Info,
+    ),
+    (
+        "ztunnel CPU per GB, 4 streams, both (CPU-s)",
+        "zt_cpu_s_per_gb_4",
+        Target::Info,
+    ),
+    (
+        "ztunnel RSS idle, larger of the two (MiB)",
+        "zt_rss_idle_mb",
+        Target::MeshAtMost(10.0),
+    ),
+    (
+        "ztunnel RSS peak, 4 streams (MiB)",
+        "zt_rss_bulk_mb",
+        Target::MeshAtMost(30.0),
+    ),
+];
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(v) if v.is_nan() => "–".into(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+fn report(cfg: &Config, direct: &Samples, mesh: &Samples, load: (&str, &str), errors: &[String]) {
+    println!(
+        "\nMembrane data plane, medians of {} rounds (load average at start {}, at end {})\n",
+        cfg.rounds, load.0, load.1
+    );
+    println!("| measurement | direct | mesh | mesh/direct | target | result |");
+    println!("|---|---|---|---|---|---|");
+    let mut medians = (serde_json::Map::new(), serde_json::Map::new());
+    let mut ratios = serde_json::Map::new();
+    let mut verdicts = serde_json::Map::new();
+    for (label, key, target) in ROWS {
+        let d = direct.get(key).and_then(|v| median(v));
+        let m = mesh.get(key).and_then(|v| median(v));
+        let ratio = match (d, m) {
+            (Some(d), Some(m)) if d > 0.0 => Some(m / d),
+            _ => None,
+        };
+        let (goal, pass) = match target {
+            Target::Info => (String::new(), None),
+            Target::RatioAtLeast(x) => (format!("≥ {x}×"), ratio.map(|r| r >= *x)),
+            Target::MeshAtMost(x) => (format!("≤ {x}"), m.map(|m| m <= *x)),
+        };
+        let verdict = match pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None if goal.is_empty() => "",
+            None => "n/a",
+        };
+        let ratio_text = ratio.map_or_else(|| "–".into(), |r| format!("{r:.2}×"));
+        println!(
+            "| {label} | {} | {} | {ratio_text} | {goal} | {verdict} |",
+            fmt(d),
+            fmt(m)
+        );
+        if let Some(d) = d {
+            medians.0.insert((*key).into(), json!(d));
+        }
+        if let Some(m) = m {
+            medians.1.insert((*key).into(), json!(m));
+        }
+        if let Some(r) = ratio {
+            ratios.insert((*key).into(), json!(r));
+        }
+        if let Some(p) = pass {
+            verdicts.insert((*key).into(), json!(p));
+        }
+    }
+    for e in errors {
+        println!("\nerror: {e}");
+    }
+    let line = json!({
+        "bench": "membrane-dataplane",
+        "rounds": cfg.rounds,
+        "bulk_secs": cfg.bulk.as_secs(),
+        "rr_secs": cfg.rr.as_secs(),
+        "conn_secs": cfg.conn.as_secs(),
+        "inflight": cfg.inflight,
+        "load_start": load.0,
+        "load_end": load.1,
+        "direct": medians.0,
+        "mesh": medians.1,
+        "ratio": ratios,
+        "pass": verdicts,
+        "samples": {"direct": direct, "mesh": mesh},
+        "errors": errors,
+    });
+    println!("\n{line}");
+}
+
+// === setup ===
+
+fn spec() -> MeshSpec {
+    MeshSpec {
+        nodes: vec!["node-1".into(), "node-2".into()],
+        pods: vec![
+            PodDef::new(CLIENT, "bench", "client", "node-1"),
+            PodDef::new(SERVER, "bench", "server", "node-2"),
+        ],
+        mesh_namespaces: vec!["bench".into()],
+        plaintext_permit: vec![],
+    }
+}
+
+/// Room for connection churn in a pod: TIME_WAIT reuse and a wide ephemeral port range.
+fn tune_pod(mesh: &Mesh, pod: &str) -> anyhow::Result<()> {
+    run_in_netns(mesh.netns_path(pod), || -> io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "16000 65000")
+    })??;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the data-plane benchmark needs root (network namespaces)");
+        return Ok(());
+    }
+    let cfg = Config::from_env()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let load_start = load_average();
+    let mesh = rt.block_on(Mesh::start(spec()))?;
+    tune_pod(&mesh, CLIENT)?;
+    tune_pod(&mesh, SERVER)?;
+    let pids: Vec<u32> = mesh.ztunnels.values().map(|z| z.pid()).collect();
+    eprintln!(
+        "ztunnel pids: {}",
+        mesh.ztunnels
+            .iter()
+            .map(|(node, z)| format!("{node}={}", z.pid()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut bench = Bench {
+        mesh: &mesh,
+        rt: &rt,
+        cfg: &cfg,
+        client_ns: mesh.pod(CLIENT).netns_name().to_owned(),
+        server_ns: mesh.pod(SERVER).netns_name().to_owned(),
+        server_ip: mesh.pod(SERVER).ip(),
+        pids,
+        ticks: clock_ticks_per_second(),
+        errors: Vec::new(),
+    };
+    let (mut direct, mut meshed) = (Samples::new(), Samples::new());
+    for round in 1..=cfg.rounds {
+        // Alternate the order (direct first, then mesh first) so drift hits both alike.
+        let mut order = cfg.modes.clone();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for mode in order {
+            let out = match mode {
+                Mode::Direct => &mut direct,
+                Mode::Mesh => &mut meshed,
+            };
+            bench.run_mode(mode, round, out)?;
+        }
+    }
+    let errors = std::mem::take(&mut bench.errors);
+    report(
+        &cfg,
+        &direct,
+        &meshed,
+        (&load_start, &load_average()),
+        &errors,
+    );
+    drop(mesh);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
