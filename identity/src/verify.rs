@@ -278,10 +278,15 @@ pub fn mtls_server_config(
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let verifier = Arc::new(SpiffeClientVerifier::new(bundle, check, provider.clone()));
-    Ok(rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(FixedSvid(svid.certified_key()))))
+        .with_cert_resolver(Arc::new(FixedSvid(svid.certified_key())));
+    // A resumed session skips certificate verification: a peer would keep its access after
+    // its root left the bundle. Every handshake verifies.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// A TLS 1.3 client configuration that presents `svid` and requires a server SVID passing
@@ -293,11 +298,14 @@ pub fn mtls_client_config(
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let verifier = Arc::new(SpiffeServerVerifier::new(bundle, check, provider.clone()));
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(FixedSvid(svid.certified_key()))))
+        .with_client_cert_resolver(Arc::new(FixedSvid(svid.certified_key())));
+    // No resumption (see mtls_server_config).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 #[cfg(test)]
