@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
 membrane_install_deps
-cargo build --locked --quiet -p membrane-cli --bin membrane
+cargo build --locked --quiet -p membrane-cli --bin membrane -p membrane-ztunnel --bin ztunnel
 exec ./target/debug/membrane demo "$@"

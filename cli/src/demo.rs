@@ -24,20 +24,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const MANIFESTS: &str = include_str!("../../examples/genai/mesh.yaml");
 
 /// Prints steps as text or as JSON lines.
-struct Narrator {
+pub struct Narrator {
     json: bool,
     step: usize,
 }
 
 impl Narrator {
-    fn step(&mut self, title: &str) {
+    /// Starts a numbered step.
+    pub fn step(&mut self, title: &str) {
         self.step += 1;
         if !self.json {
             println!("\n[{}] {title}", self.step);
         }
     }
 
-    fn say(&self, ok: bool, text: &str, detail: serde_json::Value) {
+    /// Reports one outcome of the current step.
+    pub fn say(&self, ok: bool, text: &str, detail: serde_json::Value) {
         if self.json {
             println!(
                 "{}",
@@ -108,12 +110,29 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     running.shutdown().await;
+    // The data plane needs network namespaces: root only.
+    let result = match result {
+        Ok(()) if nix::unistd::geteuid().is_root() => tokio::select! {
+            r = crate::dataplane::tour(&mut out) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
+        Ok(()) => {
+            out.step("The data plane");
+            out.say(
+                true,
+                "skipped: creating network namespaces needs root (run the demo as root)",
+                json!({}),
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
     let path = dir.path().to_owned();
     drop(dir);
     out.step("Clean up");
     out.say(
         !path.exists(),
-        "controller stopped; its temporary root, keys and manifests are deleted",
+        "controllers and ztunnels stopped; namespaces, rules, keys and manifests are deleted",
         json!({"removed": path.display().to_string()}),
     );
     result

@@ -412,10 +412,11 @@ impl Bench<'_> {
         let (mut lat, mut errors) = (Vec::new(), 0);
         for outcome in outcomes {
             match outcome {
-                Ok(Ok((l, e))) => {
+                Ok(Ok(Ok((l, e)))) => {
                     lat.extend(l);
                     errors += e;
                 }
+                Ok(Ok(Err(e))) => bail!("client thread: {e}"),
                 Ok(Err(e)) => bail!("client thread: {e}"),
                 Err(_) => bail!("client thread panicked"),
             }

@@ -361,7 +361,9 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
     // The application resets every connection after reading a little.
-    let listener = run_in_netns(mesh.netns_path("store"), || TcpListener::bind(("0.0.0.0", APP_PORT)))??;
+    let listener = run_in_netns(mesh.netns_path("store"), || {
+        TcpListener::bind(("0.0.0.0", APP_PORT))
+    })??;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tokio::spawn(async move {
@@ -388,9 +390,24 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
             .lines()
             .find(|l| l.starts_with("membrane_tcp_connections_opened_total{"))
             .unwrap_or_else(|| panic!("no opened metric on {node}: {text}"));
-        assert!(opened.contains(&format!("reporter=\"{reporter}\"")), "{opened}");
-        assert!(opened.contains(&format!("source_principal=\"{}\"", mesh.spiffe_id("trainer"))), "{opened}");
-        assert!(opened.contains(&format!("destination_principal=\"{}\"", mesh.spiffe_id("store"))), "{opened}");
+        assert!(
+            opened.contains(&format!("reporter=\"{reporter}\"")),
+            "{opened}"
+        );
+        assert!(
+            opened.contains(&format!(
+                "source_principal=\"{}\"",
+                mesh.spiffe_id("trainer")
+            )),
+            "{opened}"
+        );
+        assert!(
+            opened.contains(&format!(
+                "destination_principal=\"{}\"",
+                mesh.spiffe_id("store")
+            )),
+            "{opened}"
+        );
     }
     // The admin config dump lists the node's certificates with their expiry.
     let dump: serde_json::Value = serde_json::from_str(
@@ -401,7 +418,13 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
             .unwrap_or_default(),
     )?;
     let certs = dump["certificates"].as_array().expect("certificates");
-    assert!(certs.iter().any(|c| c["identity"] == mesh.spiffe_id("store") && c["expires_in_seconds"].as_u64() > Some(3600)), "{dump}");
+    assert!(
+        certs
+            .iter()
+            .any(|c| c["identity"] == mesh.spiffe_id("store")
+                && c["expires_in_seconds"].as_u64() > Some(3600)),
+        "{dump}"
+    );
     Ok(())
 }
 
