@@ -13,7 +13,7 @@ pub(crate) const BAGGAGE: &str = "baggage";
 pub(crate) const TRACEPARENT: &str = "traceparent";
 
 /// `for="10.0.0.1"` or `for="[2001:db8::1]"`.
-pub(crate) fn format_forwarded_for(ip: IpAddr) -> String {
+pub fn format_forwarded_for(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("for=\"{v4}\""),
         IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
@@ -21,7 +21,7 @@ pub(crate) fn format_forwarded_for(ip: IpAddr) -> String {
 }
 
 /// The IP address of the `for` parameter of the first forwarded element, if it is one.
-pub(crate) fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
+pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
     // Proxies append elements; the first one names the original client.
     let first = value.split(',').next()?;
     let node = first.split(';').find_map(|pair| {

@@ -41,8 +41,11 @@ mod stream;
 
 pub use client::{ConnectHeaders, Dial};
 pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay};
+pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
-pub use server::{ConnectHandler, ConnectRefusal, ConnectRequest, serve_connection};
+pub use server::{
+    ConnectHandler, ConnectRefusal, ConnectRequest, parse_authority, serve_connection,
+};
 pub use stream::H2Stream;
 
 /// The port inbound HBONE listens on, in every enrolled pod's network namespace.

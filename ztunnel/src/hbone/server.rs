@@ -309,8 +309,8 @@ fn parse_request(
     })
 }
 
-/// `ip:port` (IPv6 in brackets), port not 0.
-fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, ConnectRefusal> {
+/// Parses a CONNECT `:authority`: `ip:port` (IPv6 in brackets), port not 0. Never panics.
+pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, ConnectRefusal> {
     let Some(authority) = authority else {
         return Err(ConnectRefusal::BadRequest(
             "CONNECT without :authority".into(),
