@@ -103,6 +103,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
     let pool = Arc::new(HbonePool::new(PoolConfig::default()));
+    let (access, access_writer) = AccessLog::stdout(metrics.access_dropped.clone());
+    let access_task = tokio::spawn(access_writer);
     let proxy = Arc::new(Proxy {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -113,7 +115,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         )),
         pool: pool.clone(),
         metrics,
-        access: AccessLog,
+        access,
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
     let persist = match &config.state_dir {
@@ -173,6 +175,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         )),
         tokio::spawn(pool.run_reaper(cancel.clone())),
     ];
+    // The access writer ends when the last record sender (the proxy) is gone.
+    drop(access_task);
     let _ = ready_tx.send(true);
     // Keep the sender alive as long as the servers run.
     let keep = cancel.clone();

@@ -9,6 +9,12 @@ use clap::{Parser, ValueEnum};
 use membrane_ztunnel::app::{self, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
 
+/// mimalloc keeps freed memory for reuse instead of returning it to the kernel at once: with
+/// glibc's allocator, every relay and TLS buffer was page-faulted in afresh (28 % of the
+/// sending ztunnel's CPU in the profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,

@@ -1,9 +1,12 @@
 //! Working inside a pod's network namespace.
 //!
-//! A [`PodNetns`] owns one std thread that entered the pod's namespace with `setns` and stays
-//! there. Sockets are created on that thread (a socket belongs to the namespace it was created
-//! in, whichever thread uses it later), and commands spawned from it (`nft`) run in the pod's
-//! namespace too. The tokio runtime's threads never change namespace.
+//! A socket belongs to the namespace it was created in, whichever thread uses it later. On the
+//! hot path (every connection creates one) [`PodNetns`] creates sockets on the *calling*
+//! thread: `setns` into the pod, `socket()`, `setns` back — three syscalls, no thread hop, and
+//! nothing can run on the thread in between because the closure never awaits. If returning to
+//! the node's namespace ever failed, the process aborts rather than run tasks in a pod's
+//! namespace. Commands (`nft`) run on a std thread parked in the pod's namespace: a child
+//! process inherits its parent thread's namespace, and spawning blocks.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -48,11 +51,22 @@ pub enum NetnsError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A thread parked in a pod's network namespace, running jobs there.
+/// A pod's network namespace: a handle to enter it briefly, and a thread parked in it.
 #[derive(Debug)]
 pub struct PodNetns {
     path: PathBuf,
+    file: File,
     jobs: mpsc::Sender<Job>,
+}
+
+/// The node's own network namespace, opened once before any thread enters a pod.
+fn host_netns() -> std::io::Result<&'static File> {
+    static HOST: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(file) = HOST.get() {
+        return Ok(file);
+    }
+    let file = File::open("/proc/thread-self/ns/net")?;
+    Ok(HOST.get_or_init(|| file))
 }
 
 // === impl PodNetns ===
@@ -61,7 +75,15 @@ impl PodNetns {
     /// Opens `path` (for example `/run/netns/<name>` or `/proc/<pid>/ns/net`) and starts the
     /// worker. Fails if the namespace cannot be entered.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        host_netns().map_err(|source| NetnsError::Open {
+            path: PathBuf::from("/proc/thread-self/ns/net"),
+            source,
+        })?;
         let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let thread_file = file.try_clone().map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
         })?;
@@ -71,11 +93,11 @@ impl PodNetns {
         std::thread::Builder::new()
             .name("netns".into())
             .spawn(move || {
-                if let Err(e) = setns(&file, CloneFlags::CLONE_NEWNET) {
+                if let Err(e) = setns(&thread_file, CloneFlags::CLONE_NEWNET) {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
-                drop(file);
+                drop(thread_file);
                 let _ = ready_tx.send(Ok(()));
                 // Runs until every sender is dropped (the pod is removed).
                 for job in rx {
@@ -86,6 +108,7 @@ impl PodNetns {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 path: path.to_owned(),
+                file,
                 jobs,
             }),
             Ok(Err(source)) => Err(NetnsError::Enter {
@@ -116,40 +139,43 @@ impl PodNetns {
         rx.await.map_err(|_| NetnsError::Stopped(self.path.clone()))
     }
 
+    /// Runs `f` on the calling thread inside the pod's namespace, then returns to the node's.
+    /// `f` must not block or await.
+    fn enter<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        let host = host_netns()?;
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let out = f();
+        if let Err(e) = setns(host, CloneFlags::CLONE_NEWNET) {
+            tracing::error!(error = %e, "cannot return to the node's network namespace; aborting");
+            std::process::abort();
+        }
+        out
+    }
+
     /// Binds a non-blocking TCP listener on `addr` inside the namespace.
     pub async fn listen(
         &self,
         addr: SocketAddr,
     ) -> Result<tokio::net::TcpListener, std::io::Error> {
-        let std_listener = self
-            .run(move || -> std::io::Result<std::net::TcpListener> {
-                let socket =
-                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_reuse_address(true)?;
-                socket.set_nonblocking(true)?;
-                socket.bind(&addr.into())?;
-                socket.listen(1024)?;
-                Ok(socket.into())
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-        tokio::net::TcpListener::from_std(std_listener)
+        let socket = self.enter(|| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket)
+        })?;
+        tokio::net::TcpListener::from_std(socket.into())
     }
 
     /// Connects to `addr` from inside the namespace with the ztunnel's socket mark, so the
     /// connection is not captured again.
     pub async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, std::io::Error> {
         let socket = self
-            .run(move || -> std::io::Result<socket2::Socket> {
-                let socket =
-                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_mark(ZTUNNEL_MARK)?;
-                socket.set_nonblocking(true)?;
-                socket.set_tcp_nodelay(true)?;
-                Ok(socket)
-            })
-            .await
-            .map_err(std::io::Error::other)??;
+            .enter(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
+        socket.set_mark(ZTUNNEL_MARK)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
     }

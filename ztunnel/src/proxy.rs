@@ -115,7 +115,7 @@ impl ConnectionLog {
                 reason: None,
             },
             metrics: proxy.metrics.clone(),
-            access: proxy.access,
+            access: proxy.access.clone(),
             active: proxy.active.clone(),
             open: false,
             done: false,

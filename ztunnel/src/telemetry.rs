@@ -4,7 +4,6 @@
 //! (`reporter`, `source_principal`, `destination_principal`), so dashboards port. Each
 //! connection also produces one JSON access record on stdout (logs go to stderr).
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +32,8 @@ pub struct TcpMetrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     refused: Family<TcpLabels, Counter>,
+    /// Access records dropped (queue full).
+    pub access_dropped: Counter,
 }
 
 impl TcpMetrics {
@@ -58,6 +59,11 @@ impl TcpMetrics {
             "tcp_received_bytes",
             "Bytes received by the connection's source",
             m.received.clone(),
+        );
+        registry.register(
+            "access_records_dropped",
+            "Access records dropped because stdout could not keep up",
+            m.access_dropped.clone(),
         );
         registry.register(
             "tcp_connections_refused",
@@ -142,18 +148,58 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// Writes access records as JSON lines on stdout.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccessLog;
+/// Records waiting for the writer before new ones are dropped (and counted).
+pub const ACCESS_QUEUE: usize = 16 * 1024;
+
+/// Access records as JSON lines on stdout. Connections hand records to a queue; one writer task
+/// writes them in batches (one `write` per batch rather than per connection). If stdout
+/// cannot keep up, records are dropped and counted, never waited for.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: tokio::sync::mpsc::Sender<String>,
+    dropped: Counter,
+}
 
 impl AccessLog {
+    /// A log and the writer future the caller spawns; `dropped` counts records lost to a full
+    /// queue.
+    pub fn stdout(dropped: Counter) -> (Self, impl std::future::Future<Output = ()> + Send) {
+        let (tx, rx) = tokio::sync::mpsc::channel(ACCESS_QUEUE);
+        (Self { tx, dropped }, write_batches(rx))
+    }
+
     /// Emits one record.
     pub fn record(&self, record: &AccessRecord) {
-        if let Ok(line) = serde_json::to_string(record) {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+        let Ok(line) = serde_json::to_string(record) else {
+            return;
+        };
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
         }
+    }
+}
+
+async fn write_batches(mut rx: tokio::sync::mpsc::Receiver<String>) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = tokio::io::stdout();
+    let mut batch = String::new();
+    while let Some(line) = rx.recv().await {
+        batch.push_str(&line);
+        batch.push('\n');
+        while batch.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(line) => {
+                    batch.push_str(&line);
+                    batch.push('\n');
+                }
+                Err(_) => break,
+            }
+        }
+        if out.write_all(batch.as_bytes()).await.is_err() || out.flush().await.is_err() {
+            // stdout is gone (closed pipe): keep draining so senders never block.
+            tracing::warn!("cannot write access records to stdout");
+        }
+        batch.clear();
     }
 }
 

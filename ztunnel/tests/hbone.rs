@@ -642,7 +642,8 @@ async fn untrusted_or_anonymous_clients_are_refused() {
     .await;
 }
 
-/// (f) 200 concurrent tunnels with one key share exactly two connections (100 streams each).
+/// (f) Without spreading, 200 concurrent tunnels with one key share exactly two connections
+/// (100 streams each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_multiplexes_up_to_max_streams() {
     bounded(async {
@@ -651,7 +652,10 @@ async fn pool_multiplexes_up_to_max_streams() {
         let echo = spawn_echo(app);
         let server =
             Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
-        let pool = HbonePool::new(PoolConfig::default());
+        let pool = HbonePool::new(PoolConfig {
+            spread_connections: 1,
+            ..PoolConfig::default()
+        });
         let dial = Arc::new(TestDial::default());
         let tls = ca.client_tls(&ca.svid(CLIENT_ID), SERVER_ID);
         let pool_key = key("10.0.0.7", CLIENT_ID, &server);
@@ -719,7 +723,11 @@ async fn identities_never_share_a_connection() {
         let echo = spawn_echo(app);
         let server =
             Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
-        let pool = HbonePool::new(PoolConfig::default());
+        // No spreading: any second connection would come from the identity split alone.
+        let pool = HbonePool::new(PoolConfig {
+            spread_connections: 1,
+            ..PoolConfig::default()
+        });
         let dial = Arc::new(TestDial::default());
         let other_id = "spiffe://cluster.local/ns/batch/sa/trainer";
         let mut streams = Vec::new();
@@ -957,4 +965,55 @@ async fn malformed_requests_get_400() {
 fn h2_stream_is_send_and_unpin() {
     fn assert_traits<T: Send + Unpin + AsyncRead + AsyncWrite + 'static>() {}
     assert_traits::<H2Stream>();
+}
+
+/// Concurrent tunnels of one key first spread over `spread_connections` connections, then
+/// share the least-loaded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_spreads_busy_tunnels_over_connections() {
+    bounded(async {
+        let ca = TestCa::new("root");
+        let (app, app_addr) = app_listener().await;
+        let echo = spawn_echo(app);
+        let server =
+            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let pool = HbonePool::new(PoolConfig {
+            spread_connections: 3,
+            ..PoolConfig::default()
+        });
+        let dial = Arc::new(TestDial::default());
+        let tls = ca.client_tls(&ca.svid(CLIENT_ID), SERVER_ID);
+        let pool_key = key("10.0.0.7", CLIENT_ID, &server);
+        let mut open = Vec::new();
+        for expected in [1, 2, 3, 3, 3] {
+            let stream = pool
+                .connect(
+                    pool_key.clone(),
+                    tls.clone(),
+                    dial.clone(),
+                    app_addr,
+                    ConnectHeaders::default(),
+                )
+                .await
+                .expect("tunnel");
+            open.push(stream);
+            assert_eq!(pool.connection_count(), expected);
+        }
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 3);
+        drop(open);
+        // Idle connections are reused before anything new is dialled.
+        let _again = pool
+            .connect(
+                pool_key,
+                tls,
+                dial.clone(),
+                app_addr,
+                ConnectHeaders::default(),
+            )
+            .await
+            .expect("tunnel");
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 3);
+        echo.abort();
+    })
+    .await;
 }

@@ -4,8 +4,10 @@
 //! source address and identity (the connection is dialled from the source pod and presents its
 //! SVID) and the destination identity and address. Identities are never mixed.
 //!
-//! - A new tunnel reuses the first live connection of its key with fewer than
-//!   `max_streams_per_connection` open tunnels, else a new connection is dialled.
+//! - A new tunnel takes the least-loaded live connection of its key; a new connection is
+//!   dialled when all are full (`max_streams_per_connection`), or while the key has fewer than
+//!   `spread_connections` connections and all of them are busy (bulk flows between the same
+//!   pods then use separate connections, tasks and cores).
 //! - Dialling is single-flight per key: concurrent callers wait for the one dial in progress
 //!   and share its failure; other keys are not held up (the map lock is never held across an
 //!   await).
@@ -50,6 +52,11 @@ pub struct PoolKey {
 pub struct PoolConfig {
     /// Tunnels one connection carries at most before another is opened (at least 1).
     pub max_streams_per_connection: usize,
+    /// While a key has fewer connections than this and every one of them carries a tunnel, a
+    /// new tunnel gets a connection of its own (at least 1). Several bulk flows between the
+    /// same two pods then run on separate TLS connections and tasks — separate cores —
+    /// instead of being funnelled through one.
+    pub spread_connections: usize,
     /// A connection that carried no tunnel for this long is closed by the reaper.
     pub idle_timeout: Duration,
     /// Bounds establishing a connection (dial, TLS, HTTP/2) and, separately, waiting for the
@@ -61,6 +68,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             max_streams_per_connection: 100,
+            spread_connections: 4,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
         }
@@ -225,6 +233,10 @@ impl PoolInner {
         self.config.max_streams_per_connection.max(1)
     }
 
+    fn spread(&self) -> usize {
+        self.config.spread_connections.max(1)
+    }
+
     fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
         lock(&self.keys).entry(key.clone()).or_default().clone()
     }
@@ -240,7 +252,7 @@ impl PoolInner {
         let entry = self.entry(&key);
         let mut retried = false;
         loop {
-            let lease = match entry.try_reserve(self.max_streams()) {
+            let lease = match entry.try_reserve(self.max_streams(), self.spread()) {
                 Some(lease) => lease,
                 None => self.reserve_or_dial(&entry, &key, &tls, &*dial).await?,
             };
@@ -279,7 +291,7 @@ impl PoolInner {
     ) -> Result<StreamLease, HboneError> {
         let seen = entry.dials_finished.load(Ordering::Acquire);
         let mut last_failure = entry.dial.lock().await;
-        if let Some(lease) = entry.try_reserve(self.max_streams()) {
+        if let Some(lease) = entry.try_reserve(self.max_streams(), self.spread()) {
             return Ok(lease);
         }
         // A dial that finished while this caller waited failed: share its error rather than
@@ -374,17 +386,22 @@ impl PoolInner {
 // === impl KeyEntry ===
 
 impl KeyEntry {
-    /// Takes a stream slot on the first live connection with room.
-    fn try_reserve(&self, max_streams: usize) -> Option<StreamLease> {
+    /// Takes a stream slot on the least-loaded live connection, unless the key should spread
+    /// to a new connection first (see [`PoolConfig::spread_connections`]) or every connection
+    /// is full.
+    fn try_reserve(&self, max_streams: usize, spread: usize) -> Option<StreamLease> {
         let mut conns = lock(&self.conns);
         conns.retain(|c| !c.is_closed());
-        conns.iter().find_map(|conn| {
-            let mut load = lock(&conn.load);
-            if load.open >= max_streams {
-                return None;
-            }
-            load.open += 1;
-            Some(StreamLease { conn: conn.clone() })
+        let count = conns.len();
+        let least = conns.iter().min_by_key(|c| lock(&c.load).open)?;
+        let mut load = lock(&least.load);
+        let spread_first = load.open > 0 && count < spread;
+        if spread_first || load.open >= max_streams {
+            return None;
+        }
+        load.open += 1;
+        Some(StreamLease {
+            conn: least.clone(),
         })
     }
 }

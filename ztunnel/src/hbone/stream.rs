@@ -4,7 +4,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -25,6 +25,10 @@ pub struct H2Stream {
     recv: RecvStream,
     /// Received and not yet read. Its flow-control capacity is still held.
     pending: Bytes,
+    /// Staging for outgoing DATA. Frozen chunks go to h2; once h2 has written and dropped
+    /// them, `reserve` reclaims the same allocation instead of allocating (and page-faulting)
+    /// a fresh buffer per write — the largest cost of the send path before.
+    out: BytesMut,
     /// The peer's END_STREAM was read.
     recv_done: bool,
     /// Our END_STREAM was queued.
@@ -44,6 +48,7 @@ impl H2Stream {
             send,
             recv,
             pending: Bytes::new(),
+            out: BytesMut::new(),
             recv_done: false,
             send_done: false,
             failed: false,
@@ -169,10 +174,10 @@ impl AsyncWrite for H2Stream {
             let capacity = this.send.capacity();
             if capacity > 0 {
                 let n = capacity.min(buf.len());
-                if let Err(e) = this
-                    .send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                {
+                this.out.reserve(n);
+                this.out.extend_from_slice(&buf[..n]);
+                let chunk = this.out.split().freeze();
+                if let Err(e) = this.send.send_data(chunk, false) {
                     return Poll::Ready(Err(this.fail(e)));
                 }
                 return Poll::Ready(Ok(n));
