@@ -9,12 +9,6 @@ use clap::{Parser, ValueEnum};
 use membrane_ztunnel::app::{self, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
 
-/// mimalloc keeps freed memory for reuse instead of returning it to the kernel at once: with
-/// glibc's allocator, every relay and TLS buffer was page-faulted in afresh (28 % of the
-/// sending ztunnel's CPU in the profile).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -75,6 +69,9 @@ struct Args {
     /// ztunnel resumes, and traffic fails closed meanwhile).
     #[arg(long)]
     unenroll_on_exit: bool,
+    /// Worker threads of the proxy runtime.
+    #[arg(long, env = "MEMBRANE_ZTUNNEL_WORKERS", default_value_t = 2)]
+    worker_threads: usize,
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -117,7 +114,9 @@ fn main() -> anyhow::Result<()> {
         drain_grace: args.drain_grace,
     };
     let unenroll = args.unenroll_on_exit;
+    let workers = args.worker_threads;
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
         .enable_all()
         .build()
         .context("cannot start the runtime")?
