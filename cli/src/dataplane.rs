@@ -127,11 +127,12 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     let got = server.await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let wire = capture.stop();
-    let records = mesh.ztunnels["node-b"].access_records();
-    let inbound = records
-        .iter()
-        .rev()
-        .find(|r| r["direction"] == "inbound" && r["transport"] == "hbone");
+    let inbound = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
+            Duration::from_secs(5),
+        )
+        .await;
     out.say(
         got == MARKER && !wire.contains(MARKER) && wire.packets > 0,
         "the application received the data; on the wire between the nodes it was never visible",
@@ -160,14 +161,15 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     out.step("untrusted scraper → feature store: no identity, refused");
     let _server = serve_once(&mesh, "feature-store-0", b"you should not see this")?;
     let result = call(&mesh, "scraper-0", store, b"GET /features").await;
-    let records = mesh.ztunnels["node-b"].access_records();
-    let refusal = records.iter().rev().find(|r| r["result"] == "refused");
+    let refusal = mesh.ztunnels["node-b"]
+        .wait_for_record(|r| r["result"] == "refused", Duration::from_secs(5))
+        .await;
     out.say(
         result.is_err(),
         "a plaintext caller without a SPIFFE identity is refused at the feature store's pod (zero trust)",
         json!({
             "caller saw": result.err().map(|e| e.to_string()).unwrap_or_else(|| "a reply (wrong!)".into()),
-            "ztunnel access record": refusal.and_then(|r| r["reason"].as_str()).unwrap_or_default(),
+            "ztunnel access record": refusal.as_ref().and_then(|r| r["reason"].as_str()).unwrap_or_default(),
         }),
     );
     Ok(())

@@ -85,6 +85,25 @@ impl Ztunnel {
         self.access.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for an access record matching `pred` (records are written in
+    /// batches, so a test must not assume one is there the moment a connection closed).
+    pub async fn wait_for_record(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+    ) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.access_records().into_iter().find(|r| pred(r)) {
+                return Some(found);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);

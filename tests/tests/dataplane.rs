@@ -186,18 +186,22 @@ async fn cross_node_tunnel_carries_bytes_intact_and_encrypted() -> anyhow::Resul
     );
 
     // 3. Access records name the peers' SPIFFE IDs on both sides.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let src_records = mesh.ztunnels["node-a"].access_records();
-    let dst_records = mesh.ztunnels["node-b"].access_records();
-    let outbound = src_records
-        .iter()
-        .find(|r| r["direction"] == "outbound" && r["transport"] == "hbone")
+    let wait = Duration::from_secs(10);
+    let outbound = mesh.ztunnels["node-a"]
+        .wait_for_record(
+            |r| r["direction"] == "outbound" && r["transport"] == "hbone",
+            wait,
+        )
+        .await
         .expect("outbound access record");
     assert_eq!(outbound["dst_identity"], mesh.spiffe_id("store"));
     assert_eq!(outbound["src_identity"], mesh.spiffe_id("trainer"));
-    let inbound = dst_records
-        .iter()
-        .find(|r| r["direction"] == "inbound" && r["transport"] == "hbone")
+    let inbound = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
+            wait,
+        )
+        .await
         .expect("inbound access record");
     assert_eq!(inbound["src_identity"], mesh.spiffe_id("trainer"));
     assert_eq!(inbound["dst_identity"], mesh.spiffe_id("store"));
@@ -226,13 +230,21 @@ async fn same_node_traffic_is_tunnelled_too() -> anyhow::Result<()> {
     .await?;
     exchange(client, 4096, 1024).await?;
     app.await??;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let records = mesh.ztunnels["node-a"].access_records();
+    let trainer = mesh.spiffe_id("trainer");
+    let record = mesh.ztunnels["node-a"]
+        .wait_for_record(
+            |r| {
+                r["direction"] == "inbound"
+                    && r["transport"] == "hbone"
+                    && r["src_identity"] == trainer
+            },
+            Duration::from_secs(10),
+        )
+        .await;
     assert!(
-        records.iter().any(|r| r["direction"] == "inbound"
-            && r["transport"] == "hbone"
-            && r["src_identity"] == mesh.spiffe_id("trainer")),
-        "{records:?}"
+        record.is_some(),
+        "{:?}",
+        mesh.ztunnels["node-a"].access_records()
     );
     Ok(())
 }

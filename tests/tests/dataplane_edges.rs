@@ -382,14 +382,24 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
     let err = result.expect_err("the reset must reach the client as a reset, not a clean close");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
-    // Metrics on each ztunnel carry Istio's label names with both SPIFFE IDs.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Metrics on each ztunnel carry Istio's label names with both SPIFFE IDs. (The inbound
+    // side counts the connection when its relay ends: poll.)
     for (node, reporter) in [("node-a", "source"), ("node-b", "destination")] {
-        let text = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
-        let opened = text
-            .lines()
-            .find(|l| l.starts_with("membrane_tcp_connections_opened_total{"))
-            .unwrap_or_else(|| panic!("no opened metric on {node}: {text}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let opened = loop {
+            let text = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("membrane_tcp_connections_opened_total{"))
+            {
+                break line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no opened metric on {node}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(
             opened.contains(&format!("reporter=\"{reporter}\"")),
             "{opened}"
