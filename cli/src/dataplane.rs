@@ -31,6 +31,7 @@ fn spec() -> MeshSpec {
         ],
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
+        policies: String::new(),
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod dataplane;
 mod demo;
+mod policy;
 
 use clap::{Parser, Subcommand};
 
@@ -21,7 +22,41 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate AuthorizationPolicy files: every error and warning with its field path.
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// Would this source reach that workload on that port, and which policy decides?
+    Explain {
+        /// Directory of manifests (Namespaces, Pods with labels, AuthorizationPolicies).
+        #[arg(long)]
+        manifests: std::path::PathBuf,
+        /// Source SPIFFE ID, or `none` for a plaintext source without identity.
+        #[arg(long)]
+        from: String,
+        /// Destination as NAMESPACE/POD.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// Source IP (for ipBlocks and source.ip conditions).
+        #[arg(long, default_value = "0.0.0.0")]
+        source_ip: std::net::IpAddr,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Check and explain AuthorizationPolicy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run a guided demo: identities issued and refused, then (as root) a two-node mesh in
     /// network namespaces with one ztunnel per node — traffic encrypted on the wire, plaintext
     /// callers refused. Leaves nothing behind.
@@ -47,5 +82,27 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Demo { json } => runtime.block_on(demo::run(json)),
+        Command::Policy(PolicyCommand::Check { files }) => {
+            if policy::check(&files)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::Policy(PolicyCommand::Explain {
+            manifests,
+            from,
+            to,
+            port,
+            source_ip,
+            json,
+        }) => policy::explain(&policy::ExplainArgs {
+            manifests,
+            from,
+            to,
+            port,
+            source_ip,
+            json,
+        }),
     }
 }

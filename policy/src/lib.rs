@@ -1,5 +1,40 @@
-//! Membrane's AuthorizationPolicy: the YAML model, validation, the compiled index and the pure
-//! `decide` function.
+//! Membrane's AuthorizationPolicy engine: the YAML model, validation, the compiled index and
+//! the pure `decide` function (DESIGN.md §6 is the contract for the semantics).
 //!
-//! Not built yet: the policy engine lands with the identity-based AuthorizationPolicy work
-//! (see `docs/design.md`). This crate must never do I/O.
+//! Flow: text → [`validate::parse_policies`] (or a typed [`model::AuthorizationPolicy`] →
+//! [`validate::check`]) → [`Policy`] values with [`Warning`]s → [`PolicyIndex::build`] →
+//! [`decide`] per connection. The proto conversion (`wire`) will build [`Policy`] values
+//! directly from the types in [`policy`] and [`matcher`] (their parsers re-check every
+//! value), then index them like any others.
+//!
+//! Modules: `model` (document shape), `validate` and `diagnostics` (errors and warnings with
+//! field paths), `matcher` (one value's syntax and matching), `policy` (the validated form),
+//! `compile` (the index by scope), `eval` (the decision); private: `program` (the flattened
+//! encoding `decide` walks) and `gate` (per-rule source-namespace filters).
+//!
+//! This crate never does I/O (no files, network, clock or logging) and never panics on input:
+//! its callers (controller, ztunnel, CLI) read, log and measure.
+
+pub mod compile;
+pub mod diagnostics;
+pub mod eval;
+mod gate;
+pub mod matcher;
+pub mod model;
+pub mod policy;
+mod program;
+pub mod validate;
+
+pub use compile::PolicyIndex;
+pub use diagnostics::{PolicyError, Problem, Warning, WarningKind};
+pub use eval::{
+    Decision, DecisionReason, DryRunMatch, Request, RuleMatch, Source, Verdict, decide,
+};
+pub use matcher::{IpNet, ServiceAccountRef, StringMatch};
+pub use policy::{
+    Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,
+};
+pub use validate::{Checked, check, parse_policies};
+
+/// The namespace whose policies without selector apply to the whole mesh.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "membrane-system";

@@ -737,6 +737,7 @@ fn spec() -> MeshSpec {
         ],
         mesh_namespaces: vec!["bench".into()],
         plaintext_permit: vec![],
+        policies: String::new(),
     }
 }
 

@@ -31,6 +31,8 @@ pub struct PodDef {
     pub service_account: String,
     /// Node.
     pub node: String,
+    /// Labels (`app: <name>` unless set).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodDef {
@@ -41,6 +43,7 @@ impl PodDef {
             namespace: namespace.into(),
             service_account: sa.into(),
             node: node.into(),
+            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         }
     }
 }
@@ -57,6 +60,9 @@ pub struct MeshSpec {
     pub mesh_namespaces: Vec<String>,
     /// Namespaces annotated `membrane.dev/plaintext: permit`.
     pub plaintext_permit: Vec<String>,
+    /// AuthorizationPolicy documents every ztunnel enforces (written to `policies.yaml`;
+    /// change them with [`Mesh::set_policies`]).
+    pub policies: String,
 }
 
 /// A running ztunnel process.
@@ -184,6 +190,7 @@ impl Mesh {
         let ca = TestCa::start_with(&manifests, &spec.nodes).await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
+        std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
         let root = dir.path().join("root.pem");
         std::fs::write(&root, ca.root_pem())?;
         let mut mesh = Self {
@@ -228,9 +235,11 @@ impl Mesh {
         for def in &spec.pods {
             let pod = testbed.pod(&def.name).context("pod missing from testbed")?;
             let mesh = spec.mesh_namespaces.iter().any(|m| m == &def.namespace);
+            // JSON is YAML: a flow mapping that quotes every key and value.
+            let labels = serde_json::to_string(&def.labels)?;
             writeln!(
                 manifests,
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}",
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {labels}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}",
                 def.name,
                 def.namespace,
                 uid(def),
@@ -240,7 +249,7 @@ impl Mesh {
             )?;
             writeln!(
                 workloads,
-                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}], protocol: {}}}",
+                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}], protocol: {}, labels: {labels}}}",
                 uid(def),
                 def.name,
                 def.namespace,
@@ -262,6 +271,8 @@ impl Mesh {
             .args(["--node", node])
             .arg("--workloads-file")
             .arg(dir.join("workloads.yaml"))
+            .arg("--policy-file")
+            .arg(dir.join("policies.yaml"))
             .args(["--ca-address", &self.ca.endpoint()])
             .arg("--ca-root")
             .arg(dir.join("root.pem"))
@@ -338,6 +349,14 @@ impl Mesh {
         }
         let z = self.spawn_ztunnel(node)?;
         self.ztunnels.insert(node.to_owned(), z);
+        Ok(())
+    }
+
+    /// Replaces the policy documents every ztunnel enforces (atomically: write, then rename).
+    pub fn set_policies(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.path().join(".policies.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.path().join("policies.yaml"))?;
         Ok(())
     }
 

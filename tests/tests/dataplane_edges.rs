@@ -29,6 +29,7 @@ fn spec() -> MeshSpec {
         ],
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
+        policies: String::new(),
     }
 }
 

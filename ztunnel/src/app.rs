@@ -15,7 +15,9 @@ use membrane_identity::{SharedTrustBundle, TrustBundle, TrustDomain};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::authz::{self, Authorizer, AuthzMetrics};
 use crate::certs::{CaConfig, CertificateManager};
+use crate::conntrack::OpenConnections;
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::pods::PodRegistry;
 use crate::proxy::Proxy;
@@ -32,6 +34,9 @@ pub struct ZtunnelConfig {
     pub trust_domain: TrustDomain,
     /// The workloads file (until the discovery stream exists).
     pub workloads_file: PathBuf,
+    /// AuthorizationPolicy file (until the discovery stream exists); none: no policy, every
+    /// authenticated connection is allowed.
+    pub policy_file: Option<PathBuf>,
     /// The controller.
     pub ca: CaConfig,
     /// Enrollment socket path.
@@ -55,6 +60,9 @@ pub enum StartError {
     /// The workloads file is unusable.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The policy file is unusable.
+    #[error("policy: {0}")]
+    Policy(String),
     /// The bootstrap trust bundle is unusable.
     #[error("bootstrap trust bundle: {0}")]
     Bundle(String),
@@ -98,6 +106,14 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let (_state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(mesh));
     let mut registry = prometheus_client::registry::Registry::with_prefix("membrane");
     let metrics = TcpMetrics::register(&mut registry);
+    let authz_metrics = AuthzMetrics::register(&mut registry);
+    let index = match &config.policy_file {
+        Some(path) => authz::load_policies(path).map_err(StartError::Policy)?,
+        None => authz::empty_index(),
+    };
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(index));
+    let authorizer = Authorizer::new(policy_rx, authz_metrics.clone());
+    let open = Arc::new(OpenConnections::default());
     let registry = Arc::new(registry);
 
     let cancel = CancellationToken::new();
@@ -117,6 +133,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         metrics,
         access,
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        authorizer: authorizer.clone(),
+        open: open.clone(),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -156,7 +174,18 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     pods.restore().await;
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let tasks = vec![
+    let mut tasks = Vec::new();
+    if let Some(path) = &config.policy_file {
+        tasks.push(tokio::spawn(authz::watch_policy_file(
+            path.clone(),
+            policy_tx,
+            authorizer,
+            open,
+            authz_metrics,
+            cancel.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(enroll::serve(enroll_l, pods.clone(), cancel.clone())),
         tokio::spawn(membrane_runtime::serve_http(
             admin_l,
@@ -174,7 +203,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             cancel.clone(),
         )),
         tokio::spawn(pool.run_reaper(cancel.clone())),
-    ];
+    ]);
     // The access writer ends when the last record sender (the proxy) is gone.
     drop(access_task);
     let _ = ready_tx.send(true);

@@ -13,9 +13,12 @@ use std::sync::Arc;
 use membrane_identity::PeerCheck;
 use tracing::Instrument;
 
-use crate::hbone::{self, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
+use crate::authz::DecisionSummary;
+use crate::conntrack::{ConnAttrs, ConnGuard};
+use crate::hbone::{self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, owns};
 use crate::state::PlaintextMode;
+use membrane_identity::WorkloadIdentity;
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -81,32 +84,82 @@ struct InboundHandler {
     proxy: Arc<Proxy>,
 }
 
+/// What an admitted tunnel keeps until its relay ends.
+struct Admitted {
+    decision: DecisionSummary,
+    _registration: ConnGuard,
+}
+
 impl ConnectHandler for InboundHandler {
     fn connect(
         &self,
         req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<tokio::net::TcpStream, ConnectRefusal>> + Send + '_>>
-    {
+    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
         Box::pin(async move {
             if !owns(&self.pod.workload, req.authority.ip()) {
                 let reason = format!("{} is not a workload on this node", req.authority);
                 self.log(&req).refused(reason.clone());
-                return Err(ConnectRefusal::Unreachable(reason));
+                return Err(ConnectRefusal::BadRequest(reason));
             }
-            match self.pod.netns.connect(req.authority).await {
-                Ok(app) => Ok(app),
+            let source = match WorkloadIdentity::from_spiffe_id(req.peer.clone()) {
+                Ok(id) => id,
+                Err(e) => {
+                    let reason = format!("peer {} is not a workload identity: {e}", req.peer);
+                    self.log(&req).refused(reason.clone());
+                    return Err(ConnectRefusal::Unauthenticated(reason));
+                }
+            };
+            let attrs = ConnAttrs {
+                source: Some(source),
+                source_ip: req
+                    .forwarded_for
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                destination: self.pod.workload.clone(),
+                destination_ip: req.authority.ip(),
+                destination_port: req.authority.port(),
+            };
+            let decision = self.proxy.authorizer.authorize(&attrs);
+            if decision.verdict != "allow" {
+                let reason = match &decision.policy {
+                    Some(p) => format!("denied by policy {p}"),
+                    None => "no ALLOW policy matches".to_owned(),
+                };
+                let mut log = self.log(&req);
+                log.authorized(decision);
+                log.refused(reason.clone());
+                return Err(ConnectRefusal::Denied(reason));
+            }
+            let app = match self.pod.netns.connect(req.authority).await {
+                Ok(app) => app,
                 Err(e) => {
                     let reason = format!("application at {} unreachable: {e}", req.authority);
                     self.log(&req).refused(reason.clone());
-                    Err(ConnectRefusal::Unreachable(reason))
+                    return Err(ConnectRefusal::Unreachable(reason));
                 }
-            }
+            };
+            let (cancel, registration) = self.proxy.open.register(attrs);
+            Ok(Accepted {
+                app,
+                keep: Some(Box::new(Admitted {
+                    decision,
+                    _registration: registration,
+                })),
+                cancel: Some(cancel),
+            })
         })
     }
 
-    fn finished(&self, req: &ConnectRequest, result: &RelayResult) {
+    fn finished(
+        &self,
+        req: &ConnectRequest,
+        result: &RelayResult,
+        keep: Option<&(dyn std::any::Any + Send)>,
+    ) {
         let (kind, reason) = result.summary();
         let mut log = self.log(req);
+        if let Some(admitted) = keep.and_then(|k| k.downcast_ref::<Admitted>()) {
+            log.authorized(admitted.decision.clone());
+        }
         log.opened();
         log.closed(result.b_to_a, result.a_to_b, kind, reason);
     }
@@ -163,25 +216,53 @@ pub async fn run_plaintext(
                     Some(pod.workload.identity.to_string()),
                 );
                 let mode = proxy.state.borrow().plaintext(&pod.workload.namespace);
-                if mode != PlaintextMode::Permit {
+                let refuse = |log: ConnectionLog, tcp: tokio::net::TcpStream, reason: String| {
                     // Reset rather than close: the caller sees a refusal, not an empty reply.
                     let _ =
                         socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
                     drop(tcp);
-                    return log.refused(format!(
-                        "plaintext source refused: namespace {} does not permit plaintext",
-                        pod.workload.namespace
-                    ));
+                    log.refused(reason);
+                };
+                if mode != PlaintextMode::Permit {
+                    return refuse(
+                        log,
+                        tcp,
+                        format!(
+                            "plaintext source refused: namespace {} does not permit plaintext",
+                            pod.workload.namespace
+                        ),
+                    );
+                }
+                // Permitted namespaces evaluate plaintext sources like any other, with no
+                // identity: only rules that need none (ipBlocks, notPrincipals, …) admit them.
+                let attrs = ConnAttrs {
+                    source: None,
+                    source_ip: peer.ip(),
+                    destination: pod.workload.clone(),
+                    destination_ip: dst.ip(),
+                    destination_port: dst.port(),
+                };
+                let decision = proxy.authorizer.authorize(&attrs);
+                let allowed = decision.verdict == "allow";
+                let policy = decision.policy.clone();
+                log.authorized(decision);
+                if !allowed {
+                    let reason = match policy {
+                        Some(p) => format!("plaintext source denied by policy {p}"),
+                        None => "plaintext source: no ALLOW policy matches".to_owned(),
+                    };
+                    return refuse(log, tcp, reason);
                 }
                 let app = match pod.netns.connect(dst).await {
                     Ok(app) => app,
                     Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
                 };
+                let (revoked, _registration) = proxy.open.register(attrs);
                 log.opened();
                 let cancel = pod.cancel.clone();
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    result = hbone::relay(tcp, app) => {
+                    result = hbone::relay_until(tcp, app, revoked) => {
                         let (kind, reason) = result.summary();
                         log.closed(result.a_to_b, result.b_to_a, kind, reason);
                     }

@@ -1,18 +1,21 @@
 //! The node agent (`ztunnel`): in-pod traffic capture, the HBONE mutual-TLS tunnel between
-//! nodes, and (later) enforcement of identity-based policy.
+//! nodes, and enforcement of identity-based policy.
 //!
 //! Layout: [`app`] (the one place tasks are spawned), [`enroll`] (the enrollment socket),
 //! [`pods`] (enrolled pods), [`netns`] (working inside a pod's network namespace),
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads), [`certs`] (keys made
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
-//! protocol and connection pool), [`proxy`] (what handlers share), [`telemetry`] (metrics and
+//! protocol and connection pool), [`proxy`] (what handlers share), [`authz`] (policy decisions) and [`conntrack`] (open
+//! connections re-checked on policy change), [`telemetry`] (metrics and
 //! access records), [`admin`] (HTTP endpoints).
 //!
 //! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod certs;
+pub mod conntrack;
 pub mod enroll;
 pub mod hbone;
 pub mod inbound;

@@ -28,6 +28,10 @@ struct Args {
     /// Workloads file (YAML/JSON), until the discovery stream replaces it.
     #[arg(long, env = "MEMBRANE_WORKLOADS_FILE")]
     workloads_file: PathBuf,
+    /// AuthorizationPolicy file (YAML; reloaded on change), until the discovery stream
+    /// delivers compiled policy. Without it every authenticated connection is allowed.
+    #[arg(long, env = "MEMBRANE_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
     /// Controller address.
     #[arg(
         long,
@@ -99,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         node: args.node,
         trust_domain: membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?,
         workloads_file: args.workloads_file,
+        policy_file: args.policy_file,
         ca: CaConfig {
             endpoint: args.ca_address,
             root_pem,

@@ -35,6 +35,10 @@ pub struct Proxy {
     pub access: AccessLog,
     /// Connections currently open (for the drain).
     pub active: Arc<AtomicUsize>,
+    /// Decides inbound connections.
+    pub authorizer: crate::authz::Authorizer,
+    /// Admitted inbound connections, re-checked when policy changes.
+    pub open: Arc<crate::conntrack::OpenConnections>,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -113,6 +117,7 @@ impl ConnectionLog {
                 duration_ms: 0,
                 result: String::new(),
                 reason: None,
+                authorization: None,
             },
             metrics: proxy.metrics.clone(),
             access: proxy.access.clone(),
@@ -135,6 +140,11 @@ impl ConnectionLog {
         self.record.result = "refused".into();
         self.record.reason = Some(reason);
         self.finish();
+    }
+
+    /// Records the authorization decision.
+    pub fn authorized(&mut self, decision: crate::authz::DecisionSummary) {
+        self.record.authorization = Some(decision);
     }
 
     /// The connection was opened (counted once, before bytes flow).

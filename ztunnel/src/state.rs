@@ -13,6 +13,7 @@
 //!     node: node-a
 //!     ips: [10.77.1.10]
 //!     protocol: HBONE        # HBONE (in the mesh, default) or TCP (plain, not captured)
+//!     labels: {app: trainer} # pod labels, matched by policy selectors
 //! namespaces:
 //!   - name: training
 //!     plaintext: deny        # `permit` admits plaintext sources (membrane.dev/plaintext)
@@ -55,6 +56,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// How it is reached.
     pub protocol: Protocol,
+    /// Pod labels (policy selectors match them).
+    pub labels: BTreeMap<String, String>,
     /// Its SPIFFE identity.
     #[serde(serialize_with = "display")]
     pub identity: WorkloadIdentity,
@@ -88,6 +91,8 @@ struct WorkloadDoc {
     ips: Vec<IpAddr>,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 fn default_sa() -> String {
@@ -181,6 +186,7 @@ impl MeshState {
                 node: w.node,
                 ips: w.ips,
                 protocol: w.protocol,
+                labels: w.labels,
                 identity,
             });
             if state

@@ -120,6 +120,10 @@ pub struct AccessRecord {
     pub result: String,
     /// Detail for anything but `ok`.
     pub reason: Option<String>,
+    /// The authorization decision (inbound), with the deciding policy and rule and any AUDIT
+    /// or dry-run matches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<crate::authz::DecisionSummary>,
 }
 
 /// Formats a time as RFC 3339 (UTC, millisecond precision).

@@ -18,8 +18,9 @@ use membrane_identity::{
     PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain, WorkloadSvid, crypto_provider,
 };
 use membrane_ztunnel::hbone::{
-    ALPN_H2, ConnectHandler, ConnectHeaders, ConnectRefusal, ConnectRequest, Dial, H2Stream,
-    HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd, RelayResult, Side, serve_connection,
+    ALPN_H2, Accepted, ConnectHandler, ConnectHeaders, ConnectRefusal, ConnectRequest, Dial,
+    H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd, RelayResult, Side,
+    serve_connection,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -135,19 +136,25 @@ impl ConnectHandler for TestHandler {
     fn connect(
         &self,
         req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<TcpStream, ConnectRefusal>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
         self.calls.lock().expect("lock").push(req);
         Box::pin(async move {
             match &self.mode {
                 Mode::Forward(app) => TcpStream::connect(app)
                     .await
+                    .map(Accepted::from)
                     .map_err(|e| ConnectRefusal::Unreachable(e.to_string())),
                 Mode::Refuse(refusal) => Err(refusal.clone()),
             }
         })
     }
 
-    fn finished(&self, req: &ConnectRequest, result: &RelayResult) {
+    fn finished(
+        &self,
+        req: &ConnectRequest,
+        result: &RelayResult,
+        _keep: Option<&(dyn std::any::Any + Send)>,
+    ) {
         let end = match &result.end {
             RelayEnd::Closed => "closed".to_string(),
             RelayEnd::Reset(Side::A) => "reset by app".to_string(),

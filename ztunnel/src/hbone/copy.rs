@@ -10,6 +10,7 @@
 //! 16 KiB and grow to 256 KiB once a read fills them: idle connections stay small, bulk
 //! transfers make few large writes, which is what the tunnel's cost depends on.
 
+use std::future::Future;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -121,14 +122,49 @@ impl RelayResult {
 ///
 /// One known blind spot, shared with TCP proxies: once a direction has ended, an abort of its
 /// source is noticed only when the other direction next reads or writes.
-pub async fn relay<A, B>(mut a: A, mut b: B) -> RelayResult
+pub async fn relay<A, B>(a: A, b: B) -> RelayResult
+where
+    A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+    B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+{
+    relay_inner(a, b, None).await
+}
+
+/// [`relay`], ended early when `cancel` fires: both sides are reset and the result is an
+/// error on side A saying the connection is no longer authorized.
+pub async fn relay_until<A, B>(
+    a: A,
+    b: B,
+    cancel: tokio_util::sync::CancellationToken,
+) -> RelayResult
+where
+    A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+    B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+{
+    relay_inner(a, b, Some(cancel)).await
+}
+
+async fn relay_inner<A, B>(
+    mut a: A,
+    mut b: B,
+    cancel: Option<tokio_util::sync::CancellationToken>,
+) -> RelayResult
 where
     A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
     B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
 {
     let mut a_to_b = Pipe::new();
     let mut b_to_a = Pipe::new();
+    let mut cancelled = cancel.map(|c| Box::pin(c.cancelled_owned()));
     let outcome = poll_fn(|cx| {
+        if let Some(cancelled) = cancelled.as_mut()
+            && cancelled.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err((
+                Side::A,
+                io::Error::other("closed: the connection is no longer authorized"),
+            )));
+        }
         if !a_to_b.done {
             match a_to_b.poll_copy(cx, &mut a, &mut b) {
                 Poll::Ready(Ok(())) => a_to_b.done = true,

@@ -40,11 +40,11 @@ mod server;
 mod stream;
 
 pub use client::{ConnectHeaders, Dial};
-pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay};
+pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay, relay_until};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{
-    ConnectHandler, ConnectRefusal, ConnectRequest, parse_authority, serve_connection,
+    Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, parse_authority, serve_connection,
 };
 pub use stream::H2Stream;
 

@@ -83,6 +83,29 @@ impl ConnectRefusal {
     }
 }
 
+/// An accepted CONNECT: the connection to the destination, and whatever the handler wants
+/// kept until the relay ends (a registration guard, the authorization decision…). `keep` is
+/// handed to [`ConnectHandler::finished`] and dropped after it.
+pub struct Accepted {
+    /// The connection to the destination.
+    pub app: TcpStream,
+    /// Handler state for the life of the tunnel.
+    pub keep: Option<Box<dyn std::any::Any + Send>>,
+    /// Cancelling it ends the tunnel at once: both sides are reset (for example when a policy
+    /// change no longer allows the connection).
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl From<TcpStream> for Accepted {
+    fn from(app: TcpStream) -> Self {
+        Self {
+            app,
+            keep: None,
+            cancel: None,
+        }
+    }
+}
+
 /// Decides what an authenticated CONNECT gets: a connection to the destination, or a refusal.
 pub trait ConnectHandler: Send + Sync {
     /// Authorizes `req` and connects to its destination. Called once per well-formed CONNECT;
@@ -90,11 +113,16 @@ pub trait ConnectHandler: Send + Sync {
     fn connect(
         &self,
         req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<TcpStream, ConnectRefusal>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>>;
 
-    /// Called once the relay of an accepted request ended.
-    fn finished(&self, req: &ConnectRequest, result: &RelayResult) {
-        let _ = (req, result);
+    /// Called once the relay of an accepted request ended, with the `keep` it returned.
+    fn finished(
+        &self,
+        req: &ConnectRequest,
+        result: &RelayResult,
+        keep: Option<&(dyn std::any::Any + Send)>,
+    ) {
+        let _ = (req, result, keep);
     }
 }
 
@@ -238,8 +266,8 @@ async fn handle_stream(
             return;
         }
     };
-    let app = match decision {
-        Ok(app) => app,
+    let Accepted { app, keep, cancel } = match decision {
+        Ok(accepted) => accepted,
         Err(refusal) => {
             tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
             return answer(&mut respond, refusal.status());
@@ -253,7 +281,10 @@ async fn handle_stream(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    let result = relay(app, tunnel).await;
+    let result = match cancel {
+        None => relay(app, tunnel).await,
+        Some(cancel) => super::relay_until(app, tunnel, cancel).await,
+    };
     let (kind, reason) = result.summary();
     tracing::debug!(
         result = kind,
@@ -262,7 +293,8 @@ async fn handle_stream(
         from_app = result.a_to_b,
         "HBONE tunnel ended"
     );
-    handler.finished(&req, &result);
+    handler.finished(&req, &result, keep.as_deref());
+    drop(keep);
 }
 
 /// Sends a final status with END_STREAM (no body).

@@ -1,0 +1,276 @@
+//! `membrane policy check` and `membrane policy explain`.
+//!
+//! `check` validates AuthorizationPolicy files and prints every error and warning with its
+//! field path (exit 1 on errors). `explain` answers "would this source reach that workload on
+//! that port, and which policy decides?" from a directory of manifests, with the ztunnel's own
+//! decision function: verdict on the first line, then the deciding policy and rule, AUDIT and
+//! dry-run matches. It exits 0 whatever the verdict, non-zero only for bad input.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use membrane_ca::source::directory::DirectorySource;
+use membrane_policy::eval::{Decision, DecisionReason, Request, Source, decide};
+use membrane_policy::{PolicyIndex, parse_policies};
+use serde_json::json;
+
+/// The namespace whose selector-less policies apply mesh-wide.
+const ROOT_NAMESPACE: &str = "membrane-system";
+
+/// Validates files; returns whether all were valid.
+pub fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
+    let mut ok = true;
+    for file in files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        match parse_policies(&text) {
+            Ok(checked) => {
+                for c in &checked {
+                    for w in &c.warnings {
+                        println!("{}: warning: {w}", file.display());
+                    }
+                }
+                println!("{}: ok ({} policies)", file.display(), checked.len());
+            }
+            Err(errors) => {
+                ok = false;
+                for e in &errors {
+                    println!("{}: error: {e}", file.display());
+                }
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        if path.is_dir() {
+            manifest_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// What `explain` was asked.
+#[derive(Debug)]
+pub struct ExplainArgs {
+    /// Manifest directory.
+    pub manifests: PathBuf,
+    /// Source SPIFFE ID, or `none`.
+    pub from: String,
+    /// `namespace/pod`.
+    pub to: String,
+    /// Destination port.
+    pub port: u16,
+    /// Source IP.
+    pub source_ip: IpAddr,
+    /// JSON output.
+    pub json: bool,
+}
+
+/// Answers the question; errors only for bad input.
+pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    let mut source_dir = DirectorySource::new(&args.manifests);
+    source_dir.rescan().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(e) = source_dir.errors().first() {
+        bail!("{e}");
+    }
+    let state = source_dir.state();
+    let mut files = Vec::new();
+    manifest_files(&args.manifests, &mut files)?;
+    files.sort();
+    let mut policies = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file)?;
+        let checked = parse_policies(&text).map_err(|errors| {
+            let all: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {e}", file.display()))
+                .collect();
+            anyhow::anyhow!(all.join("\n"))
+        })?;
+        policies.extend(checked.into_iter().map(|c| c.policy));
+    }
+    let index = PolicyIndex::build(policies, ROOT_NAMESPACE);
+
+    let (namespace, pod_name) = args
+        .to
+        .split_once('/')
+        .context("--to must be NAMESPACE/POD")?;
+    let pod = state
+        .pods
+        .get(&(namespace.to_owned(), pod_name.to_owned()))
+        .with_context(|| {
+            format!(
+                "no pod {namespace}/{pod_name} in {}",
+                args.manifests.display()
+            )
+        })?;
+    let destination_ip = pod
+        .ips
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let empty = BTreeMap::new();
+    let ns_annotations = state
+        .namespaces
+        .get(namespace)
+        .map_or(&empty, |n| &n.annotations);
+
+    let identity = if args.from == "none" {
+        None
+    } else {
+        let id: membrane_identity::WorkloadIdentity = args.from.parse().with_context(|| {
+            format!(
+                "--from {} is not a workload SPIFFE ID (or `none`)",
+                args.from
+            )
+        })?;
+        Some(id)
+    };
+    let principal = identity.as_ref().map(|id| {
+        let s = id.to_string();
+        s.strip_prefix("spiffe://").unwrap_or(&s).to_owned()
+    });
+    let permit = ns_annotations
+        .get("membrane.dev/plaintext")
+        .map(String::as_str)
+        == Some("permit");
+    if identity.is_none() && !permit {
+        let reason = format!(
+            "plaintext source refused: namespace {namespace} is not annotated membrane.dev/plaintext: permit"
+        );
+        return print(
+            args.json,
+            "DENY",
+            None,
+            None,
+            "plaintext_refused",
+            &reason,
+            &[],
+            &[],
+        );
+    }
+    let source = match (&identity, &principal) {
+        (Some(id), Some(p)) => Some(Source {
+            principal: p,
+            namespace: id.namespace(),
+            service_account: id.service_account(),
+        }),
+        _ => None,
+    };
+    let decision: Decision = decide(
+        &index,
+        &Request {
+            source,
+            source_ip: args.source_ip,
+            destination_namespace: namespace,
+            destination_labels: &pod.labels,
+            destination_ip,
+            destination_port: args.port,
+        },
+    );
+    let verdict = if decision.is_allowed() {
+        "ALLOW"
+    } else {
+        "DENY"
+    };
+    let policy = decision
+        .policy
+        .as_ref()
+        .map(|p| format!("{}/{}", p.namespace, p.name));
+    let reason = match decision.reason {
+        DecisionReason::DeniedBy => "a DENY rule matched".to_owned(),
+        DecisionReason::AllowedBy => "an ALLOW rule matched".to_owned(),
+        DecisionReason::NoAllowPolicies => {
+            "no ALLOW policy applies to the destination: allowed by default".to_owned()
+        }
+        DecisionReason::NoAllowMatched => {
+            "ALLOW policies apply to the destination but none matches: denied".to_owned()
+        }
+    };
+    let reason = if identity.is_none() {
+        format!(
+            "{reason} (plaintext source admitted to evaluation: namespace {namespace} permits plaintext)"
+        )
+    } else {
+        reason
+    };
+    let audit: Vec<String> = decision
+        .audit
+        .iter()
+        .map(|m| format!("{}/{} rule {}", m.policy.namespace, m.policy.name, m.rule))
+        .collect();
+    let dry_run: Vec<String> = decision
+        .dry_run
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{} ({}, would {}match)",
+                m.policy.namespace,
+                m.policy.name,
+                m.action,
+                if m.would_match { "" } else { "not " }
+            )
+        })
+        .collect();
+    print(
+        args.json,
+        verdict,
+        policy.as_deref(),
+        decision.rule,
+        decision.reason.as_str(),
+        &reason,
+        &audit,
+        &dry_run,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print(
+    json: bool,
+    verdict: &str,
+    policy: Option<&str>,
+    rule: Option<usize>,
+    reason_code: &str,
+    reason: &str,
+    audit: &[String],
+    dry_run: &[String],
+) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "verdict": verdict, "policy": policy, "rule": rule, "reason": reason_code,
+                "explanation": reason, "audit": audit, "dry_run": dry_run,
+            })
+        );
+        return Ok(());
+    }
+    println!("{verdict}");
+    match (policy, rule) {
+        (Some(p), Some(r)) => println!("decided by: {p}, rule {r}"),
+        (Some(p), None) => println!("decided by: {p}"),
+        _ => println!("decided by: no policy"),
+    }
+    println!("why: {reason}");
+    for a in audit {
+        println!("audit: {a}");
+    }
+    for d in dry_run {
+        println!("dry-run: {d}");
+    }
+    Ok(())
+}

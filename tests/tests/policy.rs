@@ -1,0 +1,214 @@
+//! Identity-based AuthorizationPolicy enforced end to end: network namespaces, one ztunnel
+//! process per node, the real controller.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::netns::run_in_netns;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PORT: u16 = 8080;
+
+fn policy(principal: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: only-trainer
+  namespace: inference
+spec:
+  selector:
+    matchLabels:
+      app: model-server
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{principal}"]
+    to:
+    - operation:
+        ports: ["{PORT}"]
+"#
+    )
+}
+
+fn spec() -> MeshSpec {
+    MeshSpec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        pods: vec![
+            PodDef::new("trainer", "training", "trainer", "node-a"),
+            PodDef::new("etl", "data", "etl", "node-a"),
+            PodDef::new("model-server", "inference", "model-server", "node-b"),
+            PodDef::new("outsider", "legacy", "outsider", "node-a"),
+        ],
+        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
+        plaintext_permit: vec![],
+        policies: policy("cluster.local/ns/training/sa/trainer"),
+    }
+}
+
+fn echo_app(mesh: &Mesh, pod: &str) -> anyhow::Result<Arc<AtomicUsize>> {
+    let listener = run_in_netns(mesh.netns_path(pod), || {
+        TcpListener::bind(("0.0.0.0", PORT))
+    })??;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(accepted)
+}
+
+async fn connect_from(
+    mesh: &Mesh,
+    pod: &str,
+    dst: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let std_stream = run_in_netns(mesh.netns_path(pod), || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(TcpStream::from(s))
+    })
+    .map_err(std::io::Error::other)??;
+    tokio::net::TcpSocket::from_std_stream(std_stream)
+        .connect(dst)
+        .await
+}
+
+/// Sends `ping` and expects it echoed; any failure (reset, close, timeout) is an error.
+async fn ping(s: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
+    s.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+    anyhow::ensure!(&buf == b"ping", "bad echo");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(spec()).await?;
+    for pod in ["trainer", "etl", "model-server"] {
+        mesh.enroll(pod).await?;
+    }
+    let accepted = echo_app(&mesh, "model-server")?;
+    let dst = SocketAddr::new(mesh.ip("model-server"), PORT);
+
+    // The trainer gets through.
+    let mut trainer = connect_from(&mesh, "trainer", dst).await?;
+    ping(&mut trainer).await?;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Another identity: 403 between the ztunnels, nothing reaches the app.
+    let etl = async {
+        let mut s = connect_from(&mesh, "etl", dst).await?;
+        ping(&mut s).await
+    };
+    assert!(etl.await.is_err(), "etl must be refused");
+    let denied = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["result"] == "refused" && r["src_identity"] == mesh.spiffe_id("etl"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the destination logs the refusal");
+    assert_eq!(denied["authorization"]["verdict"], "deny", "{denied}");
+    let outbound = mesh.ztunnels["node-a"]
+        .wait_for_record(
+            |r| r["direction"] == "outbound" && r["src_identity"] == mesh.spiffe_id("etl"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the source logs the refusal");
+    assert!(
+        outbound["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("403"),
+        "{outbound}"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the app must see nothing of etl"
+    );
+
+    // A source outside the mesh (plaintext on 15006) is refused.
+    let outsider = async {
+        let mut s = connect_from(&mesh, "outsider", dst).await?;
+        ping(&mut s).await
+    };
+    assert!(outsider.await.is_err(), "plaintext source must be refused");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // The allowed connection is still open; the policy changes to allow only etl: the
+    // trainer's open connection is closed within a second.
+    ping(&mut trainer).await?;
+    let changed = Instant::now();
+    mesh.set_policies(&policy("cluster.local/ns/data/sa/etl"))?;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(1), trainer.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the trainer's connection must be closed within a second of the change ({:?} later: {closed:?})",
+        changed.elapsed()
+    );
+    let closure = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["direction"] == "inbound"
+                    && r["src_identity"] == mesh.spiffe_id("trainer")
+                    && r["result"] != "refused"
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(closure.is_some());
+    let logs = mesh.ztunnels["node-b"]
+        .logs
+        .lock()
+        .map(|l| l.join("\n"))
+        .unwrap_or_default();
+    assert!(
+        logs.lines().any(
+            |l| l.contains("closing an open connection that policy no longer allows")
+                && l.contains("inference/only-trainer")
+        ),
+        "the close is logged with the policy's name"
+    );
+    // And etl now gets through.
+    let mut etl = connect_from(&mesh, "etl", dst).await?;
+    ping(&mut etl).await?;
+
+    // A malformed policy file changes nothing: the last good policy stays in force and the
+    // open connection survives.
+    mesh.set_policies("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: inference}\nspec: {action: ALLOW, rules: [{to: [{operation: {ports: [\"70000\"]}}]}]}\n")?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ping(&mut etl).await?;
+    let trainer_again = async {
+        let mut s = connect_from(&mesh, "trainer", dst).await?;
+        ping(&mut s).await
+    };
+    assert!(
+        trainer_again.await.is_err(),
+        "the broken file must not replace the last good policy"
+    );
+    Ok(())
+}
