@@ -1,7 +1,10 @@
 //! Generates the tonic/prost code from `proto/` with protox (pure Rust, no `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/membrane/v1/certificates.proto"];
+    let files = [
+        "proto/membrane/v1/certificates.proto",
+        "proto/membrane/v1/authorization.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

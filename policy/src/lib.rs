@@ -3,13 +3,13 @@
 //!
 //! Flow: text → [`validate::parse_policies`] (or a typed [`model::AuthorizationPolicy`] →
 //! [`validate::check`]) → [`Policy`] values with [`Warning`]s → [`PolicyIndex::build`] →
-//! [`decide`] per connection. The proto conversion (`wire`) will build [`Policy`] values
-//! directly from the types in [`policy`] and [`matcher`] (their parsers re-check every
-//! value), then index them like any others.
+//! [`decide`] per connection. [`wire`] converts [`Policy`] to and from the wire form
+//! (`membrane.v1.Authorization`) with the same parsers re-checking every value, so the
+//! controller ships compiled policy and the ztunnel never parses YAML.
 //!
 //! Modules: `model` (document shape), `validate` and `diagnostics` (errors and warnings with
 //! field paths), `matcher` (one value's syntax and matching), `policy` (the validated form),
-//! `compile` (the index by scope), `eval` (the decision); private: `program` (the flattened
+//! `compile` (the index by scope), `eval` (the decision), `wire` (proto conversions); private: `program` (the flattened
 //! encoding `decide` walks) and `gate` (per-rule source-namespace filters).
 //!
 //! This crate never does I/O (no files, network, clock or logging) and never panics on input:
@@ -24,6 +24,7 @@ pub mod model;
 pub mod policy;
 mod program;
 pub mod validate;
+pub mod wire;
 
 pub use compile::PolicyIndex;
 pub use diagnostics::{PolicyError, Problem, Warning, WarningKind};
