@@ -118,23 +118,9 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the runtime")?
         .block_on(async move {
             let running = app::start(config).await?;
-            running.run_until(shutdown_signal()).await?;
+            running
+                .run_until(membrane_runtime::shutdown_signal())
+                .await?;
             Ok(())
         })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -1,7 +1,7 @@
 //! Process plumbing shared by `membrane-ca` and `ztunnel`.
 //!
-//! Today: the small plain-HTTP server behind their metrics, readiness and admin endpoints.
-//! Nothing domain-specific lives here.
+//! The small plain-HTTP server behind their metrics, readiness and admin endpoints, and the
+//! shutdown signal. Nothing domain-specific lives here.
 
 use std::sync::Arc;
 
@@ -96,3 +96,21 @@ fn to_response(reply: Reply) -> hyper::Response<Full<Bytes>> {
 
 /// The Prometheus text exposition content type.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Completes on SIGTERM or SIGINT: the process's one drain signal. If the handlers cannot be
+/// installed it logs why and never completes (the process can then only be killed).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

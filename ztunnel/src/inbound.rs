@@ -11,71 +11,54 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use membrane_identity::PeerCheck;
-use tracing::Instrument;
 
 use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
-use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, owns};
+use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, owns, serve_listener};
 use crate::state::PlaintextMode;
 use membrane_identity::WorkloadIdentity;
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = pod.accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.workload.name, error = %e, "HBONE accept failed");
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("inbound", pod = %pod.workload.name, peer = %peer);
-        let (pod, proxy) = (pod.clone(), proxy.clone());
-        tokio::spawn(
-            async move {
-                let _ = tcp.set_nodelay(true);
-                let svid = match proxy.certs.svid(&pod.workload.identity).await {
-                    Ok(svid) => svid,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no certificate to serve HBONE; closing");
-                        return;
-                    }
-                };
-                let tls = match membrane_identity::verify::mtls_server_config(
-                    &svid,
-                    proxy.certs.bundle(),
-                    PeerCheck::TrustDomain(proxy.trust_domain.clone()),
-                    membrane_identity::crypto_provider(),
-                ) {
-                    Ok(mut cfg) => {
-                        cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-                        Arc::new(cfg)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS configuration failed");
-                        return;
-                    }
-                };
-                let handler = Arc::new(InboundHandler {
-                    pod: pod.clone(),
-                    proxy: proxy.clone(),
-                });
-                let cancel = pod.cancel.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    result = hbone::serve_connection(tcp, tls, handler) => {
-                        if let Err(e) = result {
-                            tracing::info!(error = %e, "HBONE connection refused or failed");
-                        }
-                    }
-                }
-            }
-            .instrument(span),
-        );
+    serve_listener(listener, pod, proxy, "inbound", hbone_connection).await;
+}
+
+async fn hbone_connection(
+    tcp: tokio::net::TcpStream,
+    _peer: std::net::SocketAddr,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let svid = match proxy.certs.svid(&pod.workload.identity).await {
+        Ok(svid) => svid,
+        Err(e) => {
+            tracing::warn!(error = %e, "no certificate to serve HBONE; closing");
+            return;
+        }
+    };
+    let tls = match membrane_identity::verify::mtls_server_config(
+        &svid,
+        proxy.certs.bundle(),
+        PeerCheck::TrustDomain(proxy.trust_domain.clone()),
+        membrane_identity::crypto_provider(),
+    ) {
+        Ok(mut cfg) => {
+            cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+            Arc::new(cfg)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS configuration failed");
+            return;
+        }
+    };
+    let handler = Arc::new(InboundHandler {
+        pod: pod.clone(),
+        proxy: proxy.clone(),
+    });
+    if let Err(e) = hbone::serve_connection(tcp, tls, handler).await {
+        tracing::info!(error = %e, "HBONE connection refused or failed");
     }
 }
 
@@ -190,85 +173,69 @@ pub async fn run_plaintext(
     pod: Arc<PodContext>,
     proxy: Arc<Proxy>,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = pod.accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.workload.name, error = %e, "plaintext accept failed");
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("plaintext", pod = %pod.workload.name, src = %peer);
-        let (pod, proxy) = (pod.clone(), proxy.clone());
-        tokio::spawn(
-            async move {
-                let Ok(dst) = original_dst(&tcp) else { return };
-                let mut log = ConnectionLog::start(
-                    &proxy,
-                    "inbound",
-                    "plaintext",
-                    peer,
-                    dst,
-                    None,
-                    Some(pod.workload.identity.to_string()),
-                );
-                let mode = proxy.state.borrow().plaintext(&pod.workload.namespace);
-                let refuse = |log: ConnectionLog, tcp: tokio::net::TcpStream, reason: String| {
-                    // Reset rather than close: the caller sees a refusal, not an empty reply.
-                    let _ =
-                        socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                    drop(tcp);
-                    log.refused(reason);
-                };
-                if mode != PlaintextMode::Permit {
-                    return refuse(
-                        log,
-                        tcp,
-                        format!(
-                            "plaintext source refused: namespace {} does not permit plaintext",
-                            pod.workload.namespace
-                        ),
-                    );
-                }
-                // Permitted namespaces evaluate plaintext sources like any other, with no
-                // identity: only rules that need none (ipBlocks, notPrincipals, …) admit them.
-                let attrs = ConnAttrs {
-                    source: None,
-                    source_ip: peer.ip(),
-                    destination: pod.workload.clone(),
-                    destination_ip: dst.ip(),
-                    destination_port: dst.port(),
-                };
-                let decision = proxy.authorizer.authorize(&attrs);
-                let allowed = decision.verdict == "allow";
-                let policy = decision.policy.clone();
-                log.authorized(decision);
-                if !allowed {
-                    let reason = match policy {
-                        Some(p) => format!("plaintext source denied by policy {p}"),
-                        None => "plaintext source: no ALLOW policy matches".to_owned(),
-                    };
-                    return refuse(log, tcp, reason);
-                }
-                let app = match pod.netns.connect(dst).await {
-                    Ok(app) => app,
-                    Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
-                };
-                let (revoked, _registration) = proxy.open.register(attrs);
-                log.opened();
-                let cancel = pod.cancel.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    result = hbone::relay_until(tcp, app, revoked) => {
-                        let (kind, reason) = result.summary();
-                        log.closed(result.a_to_b, result.b_to_a, kind, reason);
-                    }
-                }
-            }
-            .instrument(span),
+    serve_listener(listener, pod, proxy, "plaintext", plaintext_connection).await;
+}
+
+async fn plaintext_connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+) {
+    let Ok(dst) = original_dst(&tcp) else { return };
+    let mut log = ConnectionLog::start(
+        &proxy,
+        "inbound",
+        "plaintext",
+        peer,
+        dst,
+        None,
+        Some(pod.workload.identity.to_string()),
+    );
+    let mode = proxy.state.borrow().plaintext(&pod.workload.namespace);
+    let refuse = |log: ConnectionLog, tcp: tokio::net::TcpStream, reason: String| {
+        // Reset rather than close: the caller sees a refusal, not an empty reply.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+        drop(tcp);
+        log.refused(reason);
+    };
+    if mode != PlaintextMode::Permit {
+        return refuse(
+            log,
+            tcp,
+            format!(
+                "plaintext source refused: namespace {} does not permit plaintext",
+                pod.workload.namespace
+            ),
         );
     }
+    // Permitted namespaces evaluate plaintext sources like any other, with no
+    // identity: only rules that need none (ipBlocks, notPrincipals, …) admit them.
+    let attrs = ConnAttrs {
+        source: None,
+        source_ip: peer.ip(),
+        destination: pod.workload.clone(),
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    };
+    let decision = proxy.authorizer.authorize(&attrs);
+    let allowed = decision.verdict == "allow";
+    let policy = decision.policy.clone();
+    log.authorized(decision);
+    if !allowed {
+        let reason = match policy {
+            Some(p) => format!("plaintext source denied by policy {p}"),
+            None => "plaintext source: no ALLOW policy matches".to_owned(),
+        };
+        return refuse(log, tcp, reason);
+    }
+    let app = match pod.netns.connect(dst).await {
+        Ok(app) => app,
+        Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
+    };
+    let (revoked, _registration) = proxy.open.register(attrs);
+    log.opened();
+    let result = hbone::relay_until(tcp, app, revoked).await;
+    let (kind, reason) = result.summary();
+    log.closed(result.a_to_b, result.b_to_a, kind, reason);
 }

@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the runtime")?
         .block_on(async move {
             let running = app::start(config).await?;
-            shutdown_signal().await;
+            membrane_runtime::shutdown_signal().await;
             tracing::info!("draining");
             running.shutdown(unenroll).await;
             Ok(())
@@ -146,21 +146,5 @@ fn raise_fd_limit() {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -11,11 +11,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use membrane_identity::PeerCheck;
-use tracing::Instrument;
 
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
-use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst};
+use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use crate::state::Protocol;
 
 /// Dials from inside a pod's namespace, with the ztunnel mark.
@@ -35,30 +34,16 @@ impl Dial for PodDial {
 
 /// Accepts captured outbound connections until the pod is removed.
 pub async fn run(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = pod.accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.workload.name, error = %e, "outbound accept failed");
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("outbound", pod = %pod.workload.name, src = %peer);
-        let (pod, proxy) = (pod.clone(), proxy.clone());
-        tokio::spawn(
-            async move {
-                let cancel = pod.cancel.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    () = handle(tcp, peer, &pod, &proxy) => {}
-                }
-            }
-            .instrument(span),
-        );
-    }
+    serve_listener(
+        listener,
+        pod,
+        proxy,
+        "outbound",
+        |tcp, peer, pod, proxy| async move {
+            handle(tcp, peer, &pod, &proxy).await;
+        },
+    )
+    .await;
 }
 
 async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {

@@ -54,6 +54,46 @@ pub struct PodContext {
     pub cancel: CancellationToken,
 }
 
+/// Accepts on one of a pod's listeners until the pod stops accepting. Each connection runs
+/// `handle` in its own task, in a span named after the listener (`kind`), and is dropped when
+/// the pod is removed or the drain grace period ends.
+pub async fn serve_listener<F, Fut>(
+    listener: tokio::net::TcpListener,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+    kind: &'static str,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<PodContext>, Arc<Proxy>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = pod.accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.workload.name, kind, error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let span = tracing::info_span!("conn", kind, pod = %pod.workload.name, peer = %peer);
+        let cancel = pod.cancel.clone();
+        let connection = handle(tcp, peer, pod.clone(), proxy.clone());
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    () = connection => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST`).
 pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
     let sa = nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::OriginalDst)
