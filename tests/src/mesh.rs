@@ -156,6 +156,17 @@ pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// An unconnected TCP socket created inside the network namespace at `path`, as an
+/// application there would create it (no ztunnel mark: it is captured).
+pub fn socket_in_netns(path: PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
+    let stream = crate::netns::run_in_netns(path, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
+    })??;
+    Ok(tokio::net::TcpSocket::from_std_stream(stream))
+}
+
 /// A mesh on one host.
 pub struct Mesh {
     /// Per-node ztunnels, by node name (dropped first: processes before namespaces).
@@ -358,6 +369,57 @@ impl Mesh {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, self.dir.path().join("policies.yaml"))?;
         Ok(())
+    }
+
+    /// An unconnected socket inside pod `name` (see [`socket_in_netns`]).
+    pub fn socket_in(&self, name: &str) -> anyhow::Result<tokio::net::TcpSocket> {
+        socket_in_netns(self.netns_path(name))
+    }
+
+    /// Connects from inside pod `name` to `dst`, as its application would (10 s bound).
+    pub async fn connect_from(
+        &self,
+        name: &str,
+        dst: SocketAddr,
+    ) -> anyhow::Result<tokio::net::TcpStream> {
+        let socket = self.socket_in(name)?;
+        Ok(tokio::time::timeout(Duration::from_secs(10), socket.connect(dst)).await??)
+    }
+
+    /// Starts an echo application on `port` in pod `name`; the counter tells how many
+    /// connections it accepted (so a test can prove nothing reached it).
+    pub fn echo_app(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> anyhow::Result<Arc<std::sync::atomic::AtomicUsize>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = crate::netns::run_in_netns(self.netns_path(name), move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            s.listen(4096)?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+        })??;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(accepted)
     }
 
     /// The testbed pod called `name`.

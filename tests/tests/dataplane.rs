@@ -3,7 +3,7 @@
 //! HBONE mutual TLS, delivered to the application.
 
 use std::hash::Hasher;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
@@ -85,20 +85,6 @@ fn start_app(
     }))
 }
 
-async fn connect_from(
-    mesh: &Mesh,
-    pod: &str,
-    dst: SocketAddr,
-) -> anyhow::Result<tokio::net::TcpStream> {
-    let stream = run_in_netns(mesh.netns_path(pod), move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(TcpStream::from(socket))
-    })??;
-    let socket = tokio::net::TcpSocket::from_std_stream(stream);
-    Ok(tokio::time::timeout(Duration::from_secs(10), socket.connect(dst)).await??)
-}
-
 /// Sends `len` bytes, half-closes, reads the reply and checks both directions.
 async fn exchange(
     mut s: tokio::net::TcpStream,
@@ -158,7 +144,7 @@ async fn cross_node_tunnel_carries_bytes_intact_and_encrypted() -> anyhow::Resul
     const BIG: usize = 100 * 1024 * 1024;
     let app = start_app(&mesh, "store", BIG)?;
     let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
-    let client = connect_from(&mesh, "trainer", dst).await?;
+    let client = mesh.connect_from("trainer", dst).await?;
     tokio::time::timeout(Duration::from_secs(120), exchange(client, BIG, BIG)).await??;
     assert_eq!(app.await??, BIG as u64);
 
@@ -166,7 +152,7 @@ async fn cross_node_tunnel_carries_bytes_intact_and_encrypted() -> anyhow::Resul
     let marker = b"MEMBRANE-PLAINTEXT-MARKER-7f3a9c";
     let capture = Capture::start_any(mesh.testbed.fabric().netns_path())?;
     let app = start_app(&mesh, "store", 0)?;
-    let mut s = connect_from(&mesh, "trainer", dst).await?;
+    let mut s = mesh.connect_from("trainer", dst).await?;
     for _ in 0..64 {
         s.write_all(marker).await?;
     }
@@ -223,12 +209,9 @@ async fn same_node_traffic_is_tunnelled_too() -> anyhow::Result<()> {
         mesh.enroll(pod).await?;
     }
     let app = start_app(&mesh, "cache", 1024)?;
-    let client = connect_from(
-        &mesh,
-        "trainer",
-        SocketAddr::new(mesh.ip("cache"), APP_PORT),
-    )
-    .await?;
+    let client = mesh
+        .connect_from("trainer", SocketAddr::new(mesh.ip("cache"), APP_PORT))
+        .await?;
     exchange(client, 4096, 1024).await?;
     app.await??;
     let trainer = mesh.spiffe_id("trainer");
@@ -263,7 +246,7 @@ async fn plaintext_and_non_mesh_paths() -> anyhow::Result<()> {
     let _app = start_app(&mesh, "store", 0)?;
     let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
     // The reset may already surface at connect (the ztunnel accepts, then resets at once).
-    let refused = match connect_from(&mesh, "legacy", dst).await {
+    let refused = match mesh.connect_from("legacy", dst).await {
         Err(_) => true,
         Ok(mut s) => {
             let _ = s.write_all(b"hello").await;
@@ -275,12 +258,9 @@ async fn plaintext_and_non_mesh_paths() -> anyhow::Result<()> {
 
     // A mesh pod calling a non-mesh pod: passed through.
     let app = start_app(&mesh, "legacy", 100)?;
-    let client = connect_from(
-        &mesh,
-        "trainer",
-        SocketAddr::new(mesh.ip("legacy"), APP_PORT),
-    )
-    .await?;
+    let client = mesh
+        .connect_from("trainer", SocketAddr::new(mesh.ip("legacy"), APP_PORT))
+        .await?;
     exchange(client, 1000, 100).await?;
     app.await??;
     Ok(())

@@ -1,15 +1,15 @@
 //! The data plane's edges, end to end: who may use port 15008, many connections through few
 //! tunnels, a ztunnel restart, and SIGTERM draining.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config};
 use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, socket_in_netns};
 use membrane_tests::netns::run_in_netns;
 use membrane_tests::{identity, node_token, trust_domain};
 use membrane_ztunnel::hbone::{
@@ -37,44 +37,6 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn socket_in(path: std::path::PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
-    let stream = run_in_netns(path, || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(TcpStream::from(s))
-    })??;
-    Ok(tokio::net::TcpSocket::from_std_stream(stream))
-}
-
-/// An echo application in a pod that counts the connections it accepted.
-fn echo_app(mesh: &Mesh, pod: &str) -> anyhow::Result<Arc<AtomicUsize>> {
-    let listener = run_in_netns(mesh.netns_path(pod), || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_reuse_address(true)?;
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], APP_PORT)).into())?;
-        s.listen(4096)?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(TcpListener::from(s))
-    })??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    Ok(accepted)
-}
-
 /// Dials from inside a pod's namespace without the ztunnel mark (like an application).
 struct FromPod(std::path::PathBuf);
 
@@ -86,7 +48,7 @@ impl Dial for FromPod {
         Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
     > {
         Box::pin(async move {
-            let socket = socket_in(self.0.clone()).map_err(std::io::Error::other)?;
+            let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
             socket.connect(addr).await
         })
     }
@@ -126,7 +88,7 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
     }
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("store").await?;
-    let accepted = echo_app(&mesh, "store")?;
+    let accepted = mesh.echo_app("store", APP_PORT)?;
     let store_id = identity("data", "feature-store");
     let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
         trust_domain(),
@@ -254,12 +216,12 @@ async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
-    let accepted = echo_app(&mesh, "store")?;
+    let accepted = mesh.echo_app("store", APP_PORT)?;
     let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
     const N: usize = 1000;
     let mut sockets = Vec::with_capacity(N);
     for _ in 0..N {
-        sockets.push(socket_in(mesh.netns_path("trainer"))?);
+        sockets.push(mesh.socket_in("trainer")?);
     }
     // Open all of them before any finishes, so they are concurrent.
     let barrier = Arc::new(tokio::sync::Barrier::new(N));
@@ -306,10 +268,10 @@ async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
     let mut mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
-    let accepted = echo_app(&mesh, "store")?;
+    let accepted = mesh.echo_app("store", APP_PORT)?;
     let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
     let roundtrip = |mesh: &Mesh| {
-        let socket = socket_in(mesh.netns_path("trainer"));
+        let socket = mesh.socket_in("trainer");
         async move {
             let mut s =
                 tokio::time::timeout(Duration::from_secs(5), socket?.connect(dst)).await??;
@@ -376,7 +338,7 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
         }
     });
     let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
-    let mut s = socket_in(mesh.netns_path("trainer"))?.connect(dst).await?;
+    let mut s = mesh.socket_in("trainer")?.connect(dst).await?;
     s.write_all(b"hello").await?;
     let mut buf = Vec::new();
     let result = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await?;

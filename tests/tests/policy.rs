@@ -1,13 +1,11 @@
 //! Identity-based AuthorizationPolicy enforced end to end: network namespaces, one ztunnel
 //! process per node, the real controller.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use membrane_tests::netns::run_in_netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
@@ -50,46 +48,6 @@ fn spec() -> MeshSpec {
     }
 }
 
-fn echo_app(mesh: &Mesh, pod: &str) -> anyhow::Result<Arc<AtomicUsize>> {
-    let listener = run_in_netns(mesh.netns_path(pod), || {
-        TcpListener::bind(("0.0.0.0", PORT))
-    })??;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    Ok(accepted)
-}
-
-async fn connect_from(
-    mesh: &Mesh,
-    pod: &str,
-    dst: SocketAddr,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let std_stream = run_in_netns(mesh.netns_path(pod), || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(TcpStream::from(s))
-    })
-    .map_err(std::io::Error::other)??;
-    tokio::net::TcpSocket::from_std_stream(std_stream)
-        .connect(dst)
-        .await
-}
-
 /// Sends `ping` and expects it echoed; any failure (reset, close, timeout) is an error.
 async fn ping(s: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
     s.write_all(b"ping").await?;
@@ -108,17 +66,17 @@ async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
     for pod in ["trainer", "etl", "model-server"] {
         mesh.enroll(pod).await?;
     }
-    let accepted = echo_app(&mesh, "model-server")?;
+    let accepted = mesh.echo_app("model-server", PORT)?;
     let dst = SocketAddr::new(mesh.ip("model-server"), PORT);
 
     // The trainer gets through.
-    let mut trainer = connect_from(&mesh, "trainer", dst).await?;
+    let mut trainer = mesh.connect_from("trainer", dst).await?;
     ping(&mut trainer).await?;
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
     // Another identity: 403 between the ztunnels, nothing reaches the app.
     let etl = async {
-        let mut s = connect_from(&mesh, "etl", dst).await?;
+        let mut s = mesh.connect_from("etl", dst).await?;
         ping(&mut s).await
     };
     assert!(etl.await.is_err(), "etl must be refused");
@@ -152,7 +110,7 @@ async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
 
     // A source outside the mesh (plaintext on 15006) is refused.
     let outsider = async {
-        let mut s = connect_from(&mesh, "outsider", dst).await?;
+        let mut s = mesh.connect_from("outsider", dst).await?;
         ping(&mut s).await
     };
     assert!(outsider.await.is_err(), "plaintext source must be refused");
@@ -194,7 +152,7 @@ async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
         "the close is logged with the policy's name"
     );
     // And etl now gets through.
-    let mut etl = connect_from(&mesh, "etl", dst).await?;
+    let mut etl = mesh.connect_from("etl", dst).await?;
     ping(&mut etl).await?;
 
     // A malformed policy file changes nothing: the last good policy stays in force and the
@@ -203,7 +161,7 @@ async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(600)).await;
     ping(&mut etl).await?;
     let trainer_again = async {
-        let mut s = connect_from(&mesh, "trainer", dst).await?;
+        let mut s = mesh.connect_from("trainer", dst).await?;
         ping(&mut s).await
     };
     assert!(
