@@ -315,7 +315,7 @@ async fn mtls_exchange(
 
     // An impostor: a certificate claiming the trainer's SPIFFE ID, from a CA the mesh does not
     // trust.
-    let impostor = impostor_svid(client_svid.identity())?;
+    let impostor = membrane_tests::impostor_svid(&client_svid.identity().to_string())?;
     let impostor_cfg = membrane_identity::verify::mtls_client_config(
         &impostor,
         shared,
@@ -356,28 +356,6 @@ async fn mtls_exchange(
         json!({"server said": second.err().unwrap_or_else(|| "ACCEPTED (wrong!)".into())}),
     );
     Ok(())
-}
-
-fn impostor_svid(claimed: &WorkloadIdentity) -> anyhow::Result<WorkloadSvid> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![SanType::URI(claimed.to_string().try_into()?)];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let leaf = leaf.signed_by(&key, &issuer)?;
-    Ok(WorkloadSvid::new(
-        vec![leaf.der().clone(), ca_cert.der().clone()],
-        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        &membrane_identity::crypto_provider(),
-    )?)
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {

@@ -53,6 +53,30 @@ metadata: {name: old-app, namespace: legacy}
 spec: {serviceAccountName: old-app, nodeName: node-a}
 "#;
 
+/// An SVID claiming `spiffe_id`, signed by a fresh CA the mesh does not trust: what an
+/// impostor presents. The chain carries that CA, so only the trust bundle can refuse it.
+pub fn impostor_svid(spiffe_id: &str) -> anyhow::Result<membrane_identity::WorkloadSvid> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let leaf = leaf.signed_by(&key, &issuer)?;
+    Ok(membrane_identity::WorkloadSvid::new(
+        vec![leaf.der().clone(), ca_cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        &membrane_identity::crypto_provider(),
+    )?)
+}
+
 /// The bootstrap token the harness gives node `node`.
 pub fn node_token(node: &str) -> String {
     format!("{node}-bootstrap-token-for-tests")

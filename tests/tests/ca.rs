@@ -340,22 +340,7 @@ async fn svids_work_in_a_real_mtls_handshake() -> anyhow::Result<()> {
     assert_eq!(buf, b"hello");
 
     // 2. An impostor with a certificate for the same SPIFFE ID from another CA is refused.
-    let rogue_key = KeyPair::generate()?;
-    let mut rogue_ca = CertificateParams::default();
-    rogue_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    rogue_ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let rogue_root = rogue_ca.self_signed(&rogue_key)?;
-    let rogue_issuer = rcgen::Issuer::new(rogue_ca, rogue_key);
-    let leaf_key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![uri(&trainer.to_string())];
-    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    let leaf = leaf.signed_by(&leaf_key, &rogue_issuer)?;
-    let rogue_svid = membrane_identity::WorkloadSvid::new(
-        vec![leaf.der().clone(), rogue_root.der().clone()],
-        rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        &provider,
-    )?;
+    let rogue_svid = membrane_tests::impostor_svid(&trainer.to_string())?;
     let rogue_cfg = membrane_identity::verify::mtls_client_config(
         &rogue_svid,
         bundle.clone(),

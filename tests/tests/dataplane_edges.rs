@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
+use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, socket_in_netns};
 use membrane_tests::netns::run_in_netns;
 use membrane_tests::{identity, node_token, trust_domain};
@@ -59,28 +59,6 @@ fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
-fn rogue_svid(claimed: &str) -> anyhow::Result<WorkloadSvid> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![SanType::URI(claimed.try_into()?)];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let leaf = leaf.signed_by(&key, &issuer)?;
-    Ok(WorkloadSvid::new(
-        vec![leaf.der().clone(), ca_cert.der().clone()],
-        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        &crypto_provider(),
-    )?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Result<()> {
     if !is_root() {
@@ -107,7 +85,7 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
     let trainer = identity("training", "trainer");
 
     // 1. A certificate from another CA.
-    let rogue = rogue_svid(&trainer.to_string())?;
+    let rogue = membrane_tests::impostor_svid(&trainer.to_string())?;
     let cfg = h2(mtls_client_config(
         &rogue,
         bundle.clone(),
