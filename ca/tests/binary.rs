@@ -92,9 +92,11 @@ async fn binary_serves_then_stops_on_sigterm() -> anyhow::Result<()> {
     // A refusal is logged with its reason as a structured field.
     let other: WorkloadIdentity = "spiffe://cluster.local/ns/ml/sa/other".parse()?;
     assert!(client.request_svid(&other, Duration::ZERO).await.is_err());
+    // Requests made before the first manifest scan were refused too (source not loaded):
+    // look for the refusal of `other`.
     let refusal = loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
-        if line.contains("refused certificate request") {
+        if line.contains("refused certificate request") && line.contains(&other.to_string()) {
             break serde_json::from_str::<serde_json::Value>(&line)?;
         }
     };

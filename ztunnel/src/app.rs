@@ -130,6 +130,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             SharedTrustBundle::new(bundle),
         )),
         pool: pool.clone(),
+        client_tls: Default::default(),
         metrics,
         access,
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

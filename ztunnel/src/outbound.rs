@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use membrane_identity::PeerCheck;
+use membrane_identity::{PeerCheck, SpiffeId};
 
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
@@ -29,6 +29,46 @@ impl Dial for PodDial {
         Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
     > {
         Box::pin(self.0.connect(addr))
+    }
+}
+
+/// TLS client configurations per (source SVID, destination identity). Most tunnels ride a
+/// pooled connection and never use theirs, so building one per captured connection was work
+/// on the hot path for nothing; a new SVID (renewal) replaces the entry. The trust bundle is
+/// shared, so a cached configuration still sees bundle updates.
+#[derive(Debug, Default)]
+pub struct ClientConfigs {
+    /// (source, destination) → (SVID serial, configuration).
+    cache: std::sync::Mutex<std::collections::HashMap<IdentityPair, CachedConfig>>,
+}
+
+type IdentityPair = (SpiffeId, SpiffeId);
+type CachedConfig = (String, Arc<rustls::ClientConfig>);
+
+impl ClientConfigs {
+    /// The configuration presenting `svid` and requiring exactly `dst`.
+    pub fn get(
+        &self,
+        svid: &membrane_identity::WorkloadSvid,
+        dst: &SpiffeId,
+        proxy: &Proxy,
+    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let key = (svid.identity().spiffe_id().clone(), dst.clone());
+        if let Some((serial, cfg)) = crate::lock(&self.cache).get(&key)
+            && *serial == svid.info().serial
+        {
+            return Ok(cfg.clone());
+        }
+        let mut cfg = membrane_identity::verify::mtls_client_config(
+            svid,
+            proxy.certs.bundle(),
+            PeerCheck::Exact(dst.clone()),
+            membrane_identity::crypto_provider(),
+        )?;
+        cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+        let cfg = Arc::new(cfg);
+        crate::lock(&self.cache).insert(key, (svid.info().serial.clone(), cfg.clone()));
+        Ok(cfg)
     }
 }
 
@@ -72,16 +112,8 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
                 Ok(svid) => svid,
                 Err(e) => return log.refused(format!("no certificate for the source: {e}")),
             };
-            let tls = match membrane_identity::verify::mtls_client_config(
-                &svid,
-                proxy.certs.bundle(),
-                PeerCheck::Exact(w.identity.spiffe_id().clone()),
-                membrane_identity::crypto_provider(),
-            ) {
-                Ok(mut cfg) => {
-                    cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-                    Arc::new(cfg)
-                }
+            let tls = match proxy.client_tls.get(&svid, w.identity.spiffe_id(), proxy) {
+                Ok(cfg) => cfg,
                 Err(e) => return log.refused(format!("TLS configuration: {e}")),
             };
             let key = PoolKey {

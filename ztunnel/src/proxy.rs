@@ -29,6 +29,8 @@ pub struct Proxy {
     pub certs: Arc<CertificateManager>,
     /// Pooled HBONE connections.
     pub pool: Arc<HbonePool>,
+    /// Outbound TLS configurations, built once per identity pair and SVID.
+    pub client_tls: crate::outbound::ClientConfigs,
     /// Connection metrics.
     pub metrics: TcpMetrics,
     /// Access records.
