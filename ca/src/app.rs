@@ -2,7 +2,7 @@
 //!
 //! [`start`] loads the signing authority and the token file, binds the listeners (so a busy
 //! port is reported before anything runs), and spawns the workload source, the metrics endpoint
-//! and the gRPC server, all watching one cancellation token. [`Running::shutdown`] cancels it
+//! and the gRPC server (`Certificates` and `Discovery`), all watching one cancellation token. [`Running::shutdown`] cancels it
 //! and waits for the tasks, up to a grace deadline.
 
 use std::net::SocketAddr;
@@ -15,12 +15,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::{AuthorityError, SigningAuthority};
+use crate::discovery::{DiscoveryMetrics, DiscoveryService};
 use crate::metrics::{self, SignMetrics, SourceMetrics};
 use crate::node_auth::{BootstrapTokens, TokenFileError};
 use crate::server::{self, CertificateService, ServerError};
 use crate::signer::{Signer, SignerConfig};
 use crate::source::StateReceiver;
 use crate::source::directory::{self, DirectorySource};
+use crate::tokenreview::{NodeAuthenticator, TokenReviewConfig, TokenReviewer};
 
 /// How long shutdown waits for tasks to finish before giving up on them.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -94,14 +96,52 @@ pub struct Running {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     bundle: TrustBundle,
+    /// The bundle streamed to the ztunnels (root rotation publishes here).
+    bundle_tx: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     state: StateReceiver,
     cancel: CancellationToken,
     grpc: JoinHandle<Result<(), ServerError>>,
     others: Vec<JoinHandle<()>>,
 }
 
-/// Starts the controller.
+/// Where the cluster state comes from, and how nodes prove who they are.
+#[derive(Debug, Clone, Default)]
+pub enum SourceMode {
+    /// Manifests in [`AppConfig::source_dir`], nodes by bootstrap token
+    /// ([`AppConfig::tokens_file`]).
+    #[default]
+    Directory,
+    /// The Kubernetes API (`source_dir`, `reload_interval` and `tokens_file` are unused).
+    Kubernetes(Box<KubernetesMode>),
+}
+
+/// The Kubernetes source's settings.
+#[derive(Clone)]
+pub struct KubernetesMode {
+    /// The API client (`kube::Client::try_default()` in the binary).
+    pub client: kube::Client,
+    /// TokenReview node authentication.
+    pub token_review: TokenReviewConfig,
+    /// Policy status write-back and its Lease.
+    pub status: crate::status::StatusConfig,
+}
+
+impl std::fmt::Debug for KubernetesMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesMode")
+            .field("token_review", &self.token_review)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the controller with the directory source.
 pub async fn start(config: AppConfig) -> Result<Running, StartError> {
+    start_with(config, SourceMode::Directory).await
+}
+
+/// Starts the controller with the source `mode`.
+pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, StartError> {
     let SignerConfig {
         default_ttl,
         max_ttl,
@@ -129,13 +169,27 @@ pub async fn start(config: AppConfig) -> Result<Running, StartError> {
     );
     let bundle = authority.bundle().clone();
     let signer = Signer::new(authority, config.signer);
-    let tokens = BootstrapTokens::load(&config.tokens_file)?;
+    let tokens = match &mode {
+        SourceMode::Directory => Some(BootstrapTokens::load(&config.tokens_file)?),
+        SourceMode::Kubernetes(_) => None,
+    };
     let identity =
         server::serving_identity(&signer, &config.server_names, config.serving_cert_ttl)?;
 
     let mut registry = metrics::registry();
     let sign_metrics = SignMetrics::register(&mut registry);
     let source_metrics = SourceMetrics::register(&mut registry);
+    let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+    let authenticator: NodeAuthenticator = match (&mode, tokens) {
+        (SourceMode::Kubernetes(k), _) => TokenReviewer::new(
+            k.client.clone(),
+            k.token_review.clone(),
+            metrics::TokenReviewMetrics::register(&mut registry),
+        )
+        .into(),
+        (SourceMode::Directory, tokens) => tokens.unwrap_or_default().into(),
+    };
+    let status_metrics = metrics::StatusMetrics::register(&mut registry);
     let registry = Arc::new(registry);
 
     let bind = |addr: SocketAddr| async move {
@@ -154,31 +208,72 @@ pub async fn start(config: AppConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let (state_tx, state_rx) = tokio::sync::watch::channel(None);
-    let source = tokio::spawn(directory::run(
-        DirectorySource::new(&config.source_dir),
-        config.reload_interval,
-        state_tx,
-        source_metrics,
-        cancel.clone(),
-    ));
+    let source = match &mode {
+        SourceMode::Directory => tokio::spawn(directory::run(
+            DirectorySource::new(&config.source_dir),
+            config.reload_interval,
+            state_tx,
+            source_metrics,
+            cancel.clone(),
+        )),
+        SourceMode::Kubernetes(k) => {
+            let (reports_tx, reports_rx) = tokio::sync::watch::channel(None);
+            let watch = crate::source::kube::run(
+                k.client.clone(),
+                crate::source::kube::KubeSourceConfig::default(),
+                state_tx,
+                reports_tx,
+                source_metrics,
+                cancel.clone(),
+            );
+            let status = crate::status::run(
+                k.client.clone(),
+                k.status.clone(),
+                reports_rx,
+                status_metrics,
+                cancel.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::join!(watch, status);
+            })
+        }
+    };
     let metrics = tokio::spawn(metrics::serve(
         metrics_listener,
         registry,
         state_rx.clone(),
         cancel.clone(),
     ));
-    let service = CertificateService::new(signer, tokens, state_rx.clone(), sign_metrics);
-    let grpc = tokio::spawn(server::serve(listener, service, identity, cancel.clone()));
+    let service = CertificateService::new(signer, authenticator, state_rx.clone(), sign_metrics);
+    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle.clone()));
+    let discovery = DiscoveryService::new(
+        service.clone(),
+        state_rx.clone(),
+        bundle_rx,
+        discovery_metrics,
+        cancel.clone(),
+    );
+    let grpc = tokio::spawn(server::serve(
+        listener,
+        service,
+        discovery,
+        identity,
+        cancel.clone(),
+    ));
     tracing::info!(
         listen = %grpc_addr,
         metrics = %metrics_addr,
-        source = %config.source_dir.display(),
+        source = %match &mode {
+            SourceMode::Directory => config.source_dir.display().to_string(),
+            SourceMode::Kubernetes(_) => "kubernetes".to_owned(),
+        },
         "membrane-ca serving"
     );
     Ok(Running {
         grpc_addr,
         metrics_addr,
         bundle,
+        bundle_tx,
         state: state_rx,
         cancel,
         grpc,
@@ -202,6 +297,11 @@ impl Running {
     /// The trust bundle clients should trust.
     pub fn bundle(&self) -> &TrustBundle {
         &self.bundle
+    }
+
+    /// The bundle the discovery stream publishes; a new value reaches every ztunnel.
+    pub fn bundle_sender(&self) -> &tokio::sync::watch::Sender<Arc<TrustBundle>> {
+        &self.bundle_tx
     }
 
     /// Waits until the workload source has published its first state.

@@ -47,10 +47,12 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-/// A connection to the controller's `Certificates` service, authenticated as one node.
+/// A connection to the controller's `Certificates` and `Discovery` services, authenticated as
+/// one node.
 #[derive(Debug, Clone)]
 pub struct CaClient {
     inner: CertificatesClient<Channel>,
+    discovery: membrane_proto::v1::discovery_client::DiscoveryClient<Channel>,
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -76,9 +78,25 @@ impl CaClient {
             .parse()
             .map_err(|_| ClientError::BadToken)?;
         Ok(Self {
-            inner: CertificatesClient::new(channel),
+            inner: CertificatesClient::new(channel.clone()),
+            discovery: membrane_proto::v1::discovery_client::DiscoveryClient::new(channel)
+                .max_decoding_message_size(crate::server::DISCOVERY_MAX_MESSAGE_LEN),
             authorization,
         })
+    }
+
+    /// Opens `Discovery.Watch` for `node`: the stream of that node's view.
+    pub async fn watch(
+        &mut self,
+        node: &str,
+    ) -> Result<tonic::Streaming<membrane_proto::v1::Update>, ClientError> {
+        let mut request = tonic::Request::new(membrane_proto::v1::WatchRequest {
+            node: node.to_owned(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        Ok(self.discovery.watch(request).await?.into_inner())
     }
 
     /// Sends a raw DER CSR; returns the chain (leaf first) and the trust roots.

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use membrane_ca::SignerConfig;
-use membrane_ca::app::{self, AppConfig};
+use membrane_ca::app::{self, AppConfig, KubernetesMode, SourceMode};
+use membrane_ca::status::StatusConfig;
+use membrane_ca::tokenreview::TokenReviewConfig;
 
 /// Membrane's controller: certificate authority and workload source.
 #[derive(Debug, Parser)]
@@ -21,6 +23,15 @@ struct Cli {
 enum Command {
     /// Run the controller.
     Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    /// Manifests in `--source-dir`; nodes authenticate with `--tokens-file` bootstrap tokens.
+    Directory,
+    /// The Kubernetes API (in-cluster config or kubeconfig); nodes authenticate with their
+    /// projected ServiceAccount token (TokenReview).
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -45,15 +56,39 @@ struct ServeArgs {
     /// replaces the self-managed root.
     #[arg(long, env = "MEMBRANE_PLUGIN_CA_DIR")]
     plugin_ca_dir: Option<PathBuf>,
-    /// Directory of Kubernetes-style manifests (Namespaces, Pods) to authorize against.
+    /// Where the cluster state comes from.
+    #[arg(long, value_enum, env = "MEMBRANE_SOURCE", default_value = "directory")]
+    source: Source,
+    /// Directory of Kubernetes-style manifests (Namespaces, Pods, Services, policies) to
+    /// authorize against; required with `--source directory`.
     #[arg(long, env = "MEMBRANE_SOURCE_DIR")]
-    source_dir: PathBuf,
+    source_dir: Option<PathBuf>,
     /// How often the manifest directory is rescanned.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
-    /// Bootstrap token file: one `<node-name> <token>` per line.
+    /// Bootstrap token file: one `<node-name> <token>` per line; required with `--source
+    /// directory`.
     #[arg(long, env = "MEMBRANE_TOKENS_FILE")]
-    tokens_file: PathBuf,
+    tokens_file: Option<PathBuf>,
+    /// Audience the ztunnels' projected tokens are issued for (`--source kubernetes`).
+    #[arg(long, env = "MEMBRANE_TOKEN_AUDIENCE", default_value = membrane_ca::tokenreview::DEFAULT_AUDIENCE)]
+    token_audience: String,
+    /// Service account (`namespace/name`) whose tokens identify ztunnels; repeatable
+    /// (`--source kubernetes`).
+    #[arg(
+        long = "ztunnel-service-account",
+        default_value = membrane_ca::tokenreview::DEFAULT_ZTUNNEL_ACCOUNT,
+        value_parser = membrane_ca::tokenreview::parse_account
+    )]
+    ztunnel_service_accounts: Vec<(String, String)>,
+    /// Namespace of the Lease that elects the replica writing policy status
+    /// (`--source kubernetes`).
+    #[arg(
+        long,
+        env = "MEMBRANE_STATUS_LEASE_NAMESPACE",
+        default_value = "membrane-system"
+    )]
+    status_lease_namespace: String,
     /// gRPC (TLS) listen address.
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: SocketAddr,
@@ -94,15 +129,28 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
+    let directory = args.source == Source::Directory;
+    let missing = |flag: &str| {
+        Cli::command().error(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            format!("{flag} is required with --source directory"),
+        )
+    };
+    let (source_dir, tokens_file) = match (args.source_dir, args.tokens_file) {
+        (Some(dir), Some(tokens)) => (dir, tokens),
+        (None, _) if directory => missing("--source-dir").exit(),
+        (_, None) if directory => missing("--tokens-file").exit(),
+        (dir, tokens) => (dir.unwrap_or_default(), tokens.unwrap_or_default()),
+    };
     init_tracing(args.log_format);
     let config = AppConfig {
         trust_domain: membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?,
         state_dir: args.state_dir,
         plugin_ca_dir: args.plugin_ca_dir,
         root_ttl: args.root_ttl,
-        source_dir: args.source_dir,
+        source_dir,
         reload_interval: args.reload_interval,
-        tokens_file: args.tokens_file,
+        tokens_file,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         server_names: args.server_names,
@@ -117,7 +165,21 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?
         .block_on(async move {
-            let running = app::start(config).await?;
+            let mode = match args.source {
+                Source::Directory => SourceMode::Directory,
+                Source::Kubernetes => SourceMode::Kubernetes(Box::new(KubernetesMode {
+                    client: kube::Client::try_default()
+                        .await
+                        .context("cannot configure the Kubernetes client")?,
+                    token_review: TokenReviewConfig {
+                        audience: args.token_audience,
+                        ztunnel_accounts: args.ztunnel_service_accounts,
+                        ..TokenReviewConfig::default()
+                    },
+                    status: StatusConfig::new(args.status_lease_namespace),
+                })),
+            };
+            let running = app::start_with(config, mode).await?;
             running
                 .run_until(membrane_runtime::shutdown_signal())
                 .await?;

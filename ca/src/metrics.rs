@@ -30,6 +30,8 @@ pub enum RefusalReason {
     InvalidCsr,
     /// The workload source has not loaded yet.
     SourceNotReady,
+    /// The node credential could not be checked (Kubernetes API unreachable).
+    AuthUnavailable,
     /// The controller failed to sign.
     Internal,
 }
@@ -43,6 +45,7 @@ impl RefusalReason {
             Self::NotInMesh => "not_in_mesh",
             Self::InvalidCsr => "invalid_csr",
             Self::SourceNotReady => "source_not_ready",
+            Self::AuthUnavailable => "auth_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -102,6 +105,17 @@ pub struct SourceMetrics {
     pub file_errors: Gauge,
     /// Times the directory could not be listed.
     pub scan_failures: Counter,
+    /// Kubernetes watch errors, by resource (each is retried with backoff).
+    pub watch_errors: Family<ResourceLabels, Counter>,
+    /// AuthorizationPolicies currently refused (not enforced; reported in their status).
+    pub invalid_policies: Gauge,
+}
+
+/// Labels of `membrane_ca_source_watch_errors_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResourceLabels {
+    /// The watched resource (`pods`, `endpointslices`, …).
+    pub resource: &'static str,
 }
 
 impl SourceMetrics {
@@ -123,7 +137,90 @@ impl SourceMetrics {
             "Failed scans of the manifest directory",
             m.scan_failures.clone(),
         );
+        registry.register(
+            "source_watch_errors",
+            "Kubernetes watch errors, by resource (retried with backoff; the last state stays)",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "source_invalid_policies",
+            "AuthorizationPolicies currently refused by validation (not enforced)",
+            m.invalid_policies.clone(),
+        );
         m
+    }
+
+    /// Counts one watch error of `resource`.
+    pub fn watch_error(&self, resource: &'static str) {
+        self.watch_errors
+            .get_or_create(&ResourceLabels { resource })
+            .inc();
+    }
+}
+
+/// Labels with an outcome (`ok`, `failed`, `unauthenticated`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
+/// Policy status write-back.
+#[derive(Debug, Clone, Default)]
+pub struct StatusMetrics {
+    /// Status patches, by outcome (`ok`, `failed`).
+    pub writes: Family<OutcomeLabels, Counter>,
+    /// 1 while this replica holds the status Lease (and so writes status), else 0.
+    pub leader: Gauge,
+}
+
+impl StatusMetrics {
+    /// Registers the status metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "policy_status_writes",
+            "AuthorizationPolicy status patches, by outcome",
+            m.writes.clone(),
+        );
+        registry.register(
+            "policy_status_leader",
+            "1 while this replica holds the status Lease",
+            m.leader.clone(),
+        );
+        m
+    }
+
+    /// Counts one status write.
+    pub fn write(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.writes.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// Kubernetes node authentication (TokenReview).
+#[derive(Debug, Clone, Default)]
+pub struct TokenReviewMetrics {
+    /// Node credentials checked, by outcome (`authenticated`, `cached`, `unauthenticated`,
+    /// `wrong_account`, `no_node_binding`, `unavailable`).
+    pub results: Family<OutcomeLabels, Counter>,
+}
+
+impl TokenReviewMetrics {
+    /// Registers the TokenReview metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "tokenreview_results",
+            "Node credentials checked with TokenReview, by outcome",
+            m.results.clone(),
+        );
+        m
+    }
+
+    /// Counts one result.
+    pub fn result(&self, outcome: &'static str) {
+        self.results.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 }
 

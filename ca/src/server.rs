@@ -2,12 +2,11 @@
 //!
 //! Each call is checked in a fixed order, and every refusal gets its own status code, a
 //! structured log line with the reason, and a count in `membrane_ca_csr_refused_total`:
-//! credential (UNAUTHENTICATED) → CSR (INVALID_ARGUMENT) → source loaded (UNAVAILABLE) →
-//! identity scheduled on the caller's node (PERMISSION_DENIED). Only then is a certificate
-//! signed.
+//! credential (UNAUTHENTICATED; UNAVAILABLE when a TokenReview cannot be made) → CSR
+//! (INVALID_ARGUMENT) → source loaded (UNAVAILABLE) → identity scheduled on the caller's node
+//! (PERMISSION_DENIED). Only then is a certificate signed.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_identity::{TrustDomain, ValidatedCsr};
@@ -17,15 +16,21 @@ use rcgen::SanType;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::discovery::DiscoveryService;
 use crate::metrics::{RefusalReason, SignMetrics};
-use crate::node_auth::{self, BootstrapTokens};
+use crate::node_auth;
 use crate::signer::Signer;
 use crate::source::StateReceiver;
+use crate::tokenreview::{NodeAuthFailure, NodeAuthenticator};
+use membrane_proto::v1::discovery_server::DiscoveryServer;
 
 /// The largest gRPC message the server decodes; a bigger request is refused by the transport
 /// (RESOURCE_EXHAUSTED) before any parsing. CSRs above 16 KiB but below this get
 /// INVALID_ARGUMENT from the CSR gate.
 pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
+
+/// The largest discovery update sent (a snapshot of a large mesh).
+pub const DISCOVERY_MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
 
 /// The namespace and service account of the controller's own identity.
 pub const CONTROLLER_NAMESPACE: &str = "membrane-system";
@@ -58,23 +63,23 @@ pub enum ServerError {
 #[derive(Debug, Clone)]
 pub struct CertificateService {
     signer: Signer,
-    tokens: Arc<BootstrapTokens>,
+    authenticator: NodeAuthenticator,
     state: StateReceiver,
     metrics: SignMetrics,
 }
 
 impl CertificateService {
-    /// A service signing with `signer` for nodes known by `tokens`, authorizing against the
-    /// latest source state.
+    /// A service signing with `signer` for nodes known by `authenticator` (bootstrap tokens
+    /// or TokenReview), authorizing against the latest source state.
     pub fn new(
         signer: Signer,
-        tokens: BootstrapTokens,
+        authenticator: impl Into<NodeAuthenticator>,
         state: StateReceiver,
         metrics: SignMetrics,
     ) -> Self {
         Self {
             signer,
-            tokens: Arc::new(tokens),
+            authenticator: authenticator.into(),
             state,
             metrics,
         }
@@ -89,19 +94,13 @@ impl CertificateService {
         status
     }
 
-    fn authenticate<'a>(
-        &'a self,
+    /// The node the call's `authorization: Bearer` credential belongs to (bootstrap token or
+    /// TokenReview), or why it is refused ([`NodeAuthFailure::status`] is the gRPC answer).
+    pub async fn authenticate_caller(
+        &self,
         metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<&'a str, &'static str> {
-        let value = metadata
-            .get("authorization")
-            .ok_or("no authorization metadata")?
-            .to_str()
-            .map_err(|_| "authorization metadata is not ASCII")?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or("authorization metadata is not a Bearer token")?;
-        self.tokens.node_for(token.trim()).ok_or("unknown token")
+    ) -> Result<String, NodeAuthFailure> {
+        self.authenticator.authenticate(metadata).await
     }
 }
 
@@ -109,14 +108,12 @@ impl CertificateService {
 impl Certificates for CertificateService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let peer = request.remote_addr();
-        let node = match self.authenticate(request.metadata()) {
-            Ok(node) => node.to_owned(),
-            Err(reason) => {
-                tracing::warn!(peer = ?peer, reason, "refused certificate request: unauthenticated");
-                return Err(self.refuse(
-                    RefusalReason::Unauthenticated,
-                    Status::unauthenticated(format!("node credential refused: {reason}")),
-                ));
+        let node = match self.authenticate_caller(request.metadata()).await {
+            Ok(node) => node,
+            Err(failure) => {
+                let reason = failure.refusal();
+                tracing::warn!(peer = ?peer, reason = reason.as_str(), error = %failure, "refused certificate request: unauthenticated");
+                return Err(self.refuse(reason, failure.status()));
             }
         };
         let request = request.into_inner();
@@ -209,10 +206,11 @@ pub fn serving_identity(
     ))
 }
 
-/// Serves `service` over TLS on `listener` until `cancel` fires.
+/// Serves `service` and `discovery` over TLS on `listener` until `cancel` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: CertificateService,
+    discovery: DiscoveryService,
     identity: tonic::transport::Identity,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
@@ -220,11 +218,18 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
         .timeout(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .concurrency_limit_per_connection(256)
         .add_service(
             CertificatesServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_LEN)
                 .max_encoding_message_size(MAX_MESSAGE_LEN),
+        )
+        .add_service(
+            DiscoveryServer::new(discovery)
+                .max_decoding_message_size(MAX_MESSAGE_LEN)
+                .max_encoding_message_size(DISCOVERY_MAX_MESSAGE_LEN),
         )
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await?;

@@ -32,6 +32,7 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
         policies: String::new(),
+        local_files: false,
     }
 }
 

@@ -35,7 +35,7 @@ pub use matcher::{IpNet, ServiceAccountRef, StringMatch};
 pub use policy::{
     Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,
 };
-pub use validate::{Checked, check, parse_policies};
+pub use validate::{Checked, check, check_value, parse_policies};
 
 /// The namespace whose policies without selector apply to the whole mesh.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "membrane-system";

@@ -126,36 +126,53 @@ fn document(
         return;
     }
     let label = label_of(&map);
-    match serde_path_to_error::deserialize::<_, AuthorizationPolicy>(Value::Object(map)) {
+    match typed(Value::Object(map), Some(index), label, prefix) {
         Ok(doc) => match check_at(doc, Some(index), prefix) {
             Ok(c) => checked.push(c),
             Err(e) => errors.extend(e),
         },
-        Err(e) => {
-            let mut path = match e.path().to_string() {
-                root if root == "." => String::new(),
-                path => path,
-            };
-            let message = e.into_inner().to_string();
-            // Make sure an unknown field's path ends with the field itself.
-            if let Some(field) = message
-                .strip_prefix("unknown field `")
-                .and_then(|rest| rest.split('`').next())
-                && path.rsplit('.').next() != Some(field)
-            {
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(field);
-            }
-            errors.push(PolicyError {
-                document: Some(index),
-                policy: label,
-                path: format!("{prefix}{path}").trim_end_matches('.').to_owned(),
-                problem: Problem::Schema(message),
-            });
-        }
+        Err(e) => errors.push(e),
     }
+}
+
+/// Validates one `AuthorizationPolicy` document given as a JSON value (for example an object
+/// read from the Kubernetes API): a schema error names the field as [`parse_policies`] does.
+pub fn check_value(doc: Value) -> Result<Checked, Vec<PolicyError>> {
+    let label = doc.as_object().and_then(label_of);
+    let typed = typed(doc, None, label, "").map_err(|e| vec![e])?;
+    check_at(typed, None, "")
+}
+
+/// Types a document; an error's path ends with the offending field (also an unknown one).
+fn typed(
+    doc: Value,
+    index: Option<usize>,
+    label: Option<String>,
+    prefix: &str,
+) -> Result<AuthorizationPolicy, PolicyError> {
+    serde_path_to_error::deserialize::<_, AuthorizationPolicy>(doc).map_err(|e| {
+        let mut path = match e.path().to_string() {
+            root if root == "." => String::new(),
+            path => path,
+        };
+        let message = e.into_inner().to_string();
+        if let Some(field) = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            && path.rsplit('.').next() != Some(field)
+        {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(field);
+        }
+        PolicyError {
+            document: index,
+            policy: label,
+            path: format!("{prefix}{path}").trim_end_matches('.').to_owned(),
+            problem: Problem::Schema(message),
+        }
+    })
 }
 
 /// `namespace/name` from an untyped document, for errors raised before typing succeeds.

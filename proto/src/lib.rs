@@ -4,8 +4,7 @@
 //! Nothing else lives here: conversions between wire messages and the domain types belong to
 //! the crates that own those types (`TryFrom` impls at their edge).
 
-/// `membrane.v1`: certificate signing, compiled authorization policy (and, later,
-/// discovery).
+/// `membrane.v1`: certificate signing, compiled authorization policy and discovery.
 #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]
 pub mod v1 {
     tonic::include_proto!("membrane.v1");

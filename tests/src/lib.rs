@@ -97,6 +97,7 @@ pub struct TestCa {
     /// Temporary root: `state/`, `manifests/`, `tokens`.
     pub dir: tempfile::TempDir,
     running: Option<Running>,
+    paused: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl TestCa {
@@ -115,9 +116,20 @@ impl TestCa {
     /// Starts a controller for `manifests` with a token for each of `nodes`
     /// ([`node_token`]).
     pub async fn start_with(manifests: &str, nodes: &[String]) -> anyhow::Result<Self> {
+        Self::start_with_files(&[("mesh.yaml", manifests)], nodes).await
+    }
+
+    /// Starts a controller whose manifest directory holds `files` (name, content), with a
+    /// token for each of `nodes`.
+    pub async fn start_with_files(
+        files: &[(&str, &str)],
+        nodes: &[String],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
-        std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests)?;
+        for (name, content) in files {
+            std::fs::write(dir.path().join("manifests").join(name), content)?;
+        }
         let tokens: String = nodes
             .iter()
             .map(|n| format!("{n} {}\n", node_token(n)))
@@ -129,11 +141,16 @@ impl TestCa {
     /// Starts (or restarts) a controller over an existing harness directory.
     pub async fn start_in(dir: tempfile::TempDir, plugin: Option<PathBuf>) -> anyhow::Result<Self> {
         let config = Self::config(dir.path(), plugin);
+        Self::run_config(dir, config).await
+    }
+
+    async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
             dir,
             running: Some(running),
+            paused: None,
         })
     }
 
@@ -159,9 +176,12 @@ impl TestCa {
         self.running.as_ref().expect("controller running")
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (also while paused: the address it will resume on).
     pub fn endpoint(&self) -> String {
-        format!("https://{}", self.running().grpc_addr())
+        match (&self.running, self.paused) {
+            (None, Some((grpc, _))) => format!("https://{grpc}"),
+            _ => format!("https://{}", self.running().grpc_addr()),
+        }
     }
 
     /// The metrics/readiness address.
@@ -185,6 +205,63 @@ impl TestCa {
         .await?)
     }
 
+    /// Starts another controller replica over the same directory (same root, same manifests,
+    /// same tokens) on fresh loopback ports; the caller shuts it down.
+    pub async fn replica(&self) -> anyhow::Result<Running> {
+        let running = app::start(Self::config(self.dir.path(), None)).await?;
+        tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
+        Ok(running)
+    }
+
+    /// The manifest directory the controller reads (edit files here to change the cluster).
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes `content` to manifest file `name` atomically (write, then rename).
+    pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
+        let dir = self.manifests_dir();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    }
+
+    /// Stops the controller (as if killed) but keeps its directory and addresses; see
+    /// [`TestCa::resume`]. Returns the addresses it listened on.
+    pub async fn pause(&mut self) -> Option<(SocketAddr, SocketAddr)> {
+        let running = self.running.take()?;
+        let addrs = (running.grpc_addr(), running.metrics_addr());
+        running.shutdown().await;
+        self.paused = Some(addrs);
+        Some(addrs)
+    }
+
+    /// Starts a paused controller again on the same addresses, with the same root.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let (grpc, metrics) = self
+            .paused
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("controller not paused"))?;
+        let mut config = Self::config(self.dir.path(), None);
+        config.listen = grpc;
+        config.metrics_listen = metrics;
+        // The old listener's port may linger a moment after shutdown.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let running = loop {
+            match app::start(config.clone()).await {
+                Ok(r) => break r,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
+        self.running = Some(running);
+        Ok(())
+    }
+
     /// Stops the controller and hands back its directory (for a restart).
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(running) = self.running.take() {
@@ -203,4 +280,21 @@ impl TestCa {
         s.read_to_string(&mut out).await?;
         Ok(out)
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the response body, or an error for a non-2xx status.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {out:?}"))?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
 }

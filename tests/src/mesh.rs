@@ -60,9 +60,12 @@ pub struct MeshSpec {
     pub mesh_namespaces: Vec<String>,
     /// Namespaces annotated `membrane.dev/plaintext: permit`.
     pub plaintext_permit: Vec<String>,
-    /// AuthorizationPolicy documents every ztunnel enforces (written to `policies.yaml`;
-    /// change them with [`Mesh::set_policies`]).
+    /// AuthorizationPolicy documents every ztunnel enforces (written to `policies.yaml` in
+    /// the controller's manifest directory; change them with [`Mesh::set_policies`]).
     pub policies: String,
+    /// Run the ztunnels in local mode (workloads and policy from files) instead of from the
+    /// controller's discovery stream.
+    pub local_files: bool,
 }
 
 /// A running ztunnel process.
@@ -74,6 +77,8 @@ pub struct Ztunnel {
     pub admin: SocketAddr,
     /// Its metrics address.
     pub metrics: SocketAddr,
+    /// Its readiness address.
+    pub readiness: SocketAddr,
     /// Access records it printed (JSON lines on stdout).
     pub access: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Log lines it printed (stderr).
@@ -198,7 +203,11 @@ impl Mesh {
         }
         let dir = tempfile::tempdir()?;
         let (manifests, workloads) = Self::documents(&spec, &testbed)?;
-        let ca = TestCa::start_with(&manifests, &spec.nodes).await?;
+        let files = [
+            ("mesh.yaml", manifests.as_str()),
+            ("policies.yaml", spec.policies.as_str()),
+        ];
+        let ca = TestCa::start_with_files(&files, &spec.nodes).await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
@@ -231,11 +240,16 @@ impl Mesh {
             } else {
                 ""
             };
+            let permit = spec.plaintext_permit.iter().any(|m| m == ns);
+            let annotation = if permit {
+                "\n  annotations: {membrane.dev/plaintext: permit}"
+            } else {
+                ""
+            };
             writeln!(
                 manifests,
-                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}"
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}{annotation}"
             )?;
-            let permit = spec.plaintext_permit.iter().any(|m| m == ns);
             writeln!(
                 workloads,
                 "- {{name: {ns}, plaintext: {}}}",
@@ -278,12 +292,16 @@ impl Mesh {
         let token_file = dir.join(format!("{node}.token"));
         std::fs::write(&token_file, crate::node_token(node))?;
         let enroll_socket = dir.join(format!("{node}.sock"));
-        let mut child = Command::new(ztunnel_binary()?)
-            .args(["--node", node])
-            .arg("--workloads-file")
-            .arg(dir.join("workloads.yaml"))
-            .arg("--policy-file")
-            .arg(dir.join("policies.yaml"))
+        let mut command = Command::new(ztunnel_binary()?);
+        command.args(["--node", node]);
+        if self.spec.local_files {
+            command
+                .arg("--workloads-file")
+                .arg(dir.join("workloads.yaml"))
+                .arg("--policy-file")
+                .arg(dir.join("policies.yaml"));
+        }
+        let mut child = command
             .args(["--ca-address", &self.ca.endpoint()])
             .arg("--ca-root")
             .arg(dir.join("root.pem"))
@@ -345,6 +363,7 @@ impl Mesh {
             enroll_socket,
             admin: addr("admin")?,
             metrics: addr("metrics")?,
+            readiness: addr("readiness")?,
             access,
             logs,
             child,
@@ -363,12 +382,24 @@ impl Mesh {
         Ok(())
     }
 
-    /// Replaces the policy documents every ztunnel enforces (atomically: write, then rename).
+    /// Replaces the policy documents every ztunnel enforces (atomically: write, then rename):
+    /// in the controller's manifest directory, or, in local mode, the ztunnels' policy file.
     pub fn set_policies(&self, text: &str) -> anyhow::Result<()> {
+        if !self.spec.local_files {
+            return self.ca.write_manifest("policies.yaml", text);
+        }
         let tmp = self.dir.path().join(".policies.yaml.tmp");
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, self.dir.path().join("policies.yaml"))?;
         Ok(())
+    }
+
+    /// Node `node`'s ztunnel admin config dump.
+    pub async fn config_dump(&self, node: &str) -> anyhow::Result<serde_json::Value> {
+        let z = self.ztunnels.get(node).context("no such node")?;
+        let (status, body) = crate::http_get(z.admin, "/config_dump").await?;
+        anyhow::ensure!(status == 200, "config dump: HTTP {status}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// An unconnected socket inside pod `name` (see [`socket_in_netns`]).
@@ -499,4 +530,15 @@ impl Mesh {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Sends `ping` and expects it echoed within 5 s; any failure (reset, close, timeout) is an
+/// error.
+pub async fn ping(s: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+    anyhow::ensure!(&buf == b"ping", "bad echo");
+    Ok(())
 }

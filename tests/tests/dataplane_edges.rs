@@ -30,6 +30,7 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
         policies: String::new(),
+        local_files: false,
     }
 }
 
@@ -328,7 +329,8 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
     for (node, reporter) in [("node-a", "source"), ("node-b", "destination")] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let opened = loop {
-            let text = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
+            let (_, text) =
+                membrane_tests::http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
             if let Some(line) = text
                 .lines()
                 .find(|l| l.starts_with("membrane_tcp_connections_opened_total{"))
@@ -361,13 +363,7 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
         );
     }
     // The admin config dump lists the node's certificates with their expiry.
-    let dump: serde_json::Value = serde_json::from_str(
-        http_get(mesh.ztunnels["node-b"].admin, "/config_dump")
-            .await?
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default(),
-    )?;
+    let dump = mesh.config_dump("node-b").await?;
     let certs = dump["certificates"].as_array().expect("certificates");
     assert!(
         certs
@@ -377,13 +373,4 @@ async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<(
         "{dump}"
     );
     Ok(())
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
 }

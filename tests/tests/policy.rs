@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use tokio::io::AsyncReadExt;
 
 const PORT: u16 = 8080;
 
@@ -45,16 +45,8 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         plaintext_permit: vec![],
         policies: policy("cluster.local/ns/training/sa/trainer"),
+        local_files: false,
     }
-}
-
-/// Sends `ping` and expects it echoed; any failure (reset, close, timeout) is an error.
-async fn ping(s: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
-    s.write_all(b"ping").await?;
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
-    anyhow::ensure!(&buf == b"ping", "bad echo");
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

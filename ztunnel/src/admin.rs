@@ -1,7 +1,7 @@
 //! The ztunnel's HTTP endpoints: admin (127.0.0.1:15000), metrics (15020), readiness (15021).
 //!
-//! - `GET /config_dump` on the admin port: mesh workloads, enrolled pods, certificates with
-//!   expiry, as JSON.
+//! - `GET /config_dump` on the admin port: mesh workloads, Services, policies in force,
+//!   enrolled pods, certificates with expiry, as JSON.
 //! - `GET /metrics` on the metrics port: Prometheus text format.
 //! - `GET /healthz/ready` on the readiness port: 200 once the mesh state is loaded and the
 //!   enrollment socket is listening.
@@ -29,6 +29,8 @@ pub fn admin_routes(proxy: Arc<Proxy>, pods: Arc<PodRegistry>) -> Route {
             let dump = json!({
                 "node": proxy.node,
                 "workloads": workloads,
+                "services": state.services(),
+                "policies": proxy.authorizer.policy_names(),
                 "enrolled": pods.names(),
                 "certificates": proxy.certs.status(),
                 "trustBundleRoots": proxy.certs.bundle().load().roots().len(),

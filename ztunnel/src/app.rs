@@ -1,8 +1,10 @@
 //! The ztunnel assembled: the one place its long-lived tasks are spawned.
 //!
-//! [`start`] loads the mesh state and the bootstrap bundle, binds every listener (enrollment
-//! socket, admin, metrics, readiness) so errors surface before anything runs, re-enrolls the
-//! pods of a previous run, and spawns the servers under one cancellation token.
+//! [`start`] loads the bootstrap bundle (and, in local mode, the workloads and policy files),
+//! binds every listener (enrollment socket, admin, metrics, readiness) so errors surface before
+//! anything runs, starts the discovery client (or the policy file watcher), re-enrolls the
+//! pods of a previous run once their workloads are known, and spawns the servers under one
+//! cancellation token. Readiness turns true once the mesh state is loaded.
 //! [`Running::shutdown`] drains: listeners close, open connections get a grace period, then
 //! everything stops.
 
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::{self, Authorizer, AuthzMetrics};
 use crate::certs::{CaConfig, CertificateManager};
 use crate::conntrack::OpenConnections;
+use crate::discovery::{self, DiscoveryMetrics};
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::pods::PodRegistry;
 use crate::proxy::Proxy;
@@ -32,10 +35,11 @@ pub struct ZtunnelConfig {
     pub node: String,
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// The workloads file (until the discovery stream exists).
-    pub workloads_file: PathBuf,
-    /// AuthorizationPolicy file (until the discovery stream exists); none: no policy, every
-    /// authenticated connection is allowed.
+    /// Local mode: the workloads file. `None`: workloads, Services, policy and the trust
+    /// bundle come from the controller's discovery stream.
+    pub workloads_file: Option<PathBuf>,
+    /// Local mode only: AuthorizationPolicy file; none: no policy, every authenticated
+    /// connection is allowed.
     pub policy_file: Option<PathBuf>,
     /// The controller.
     pub ca: CaConfig,
@@ -100,13 +104,24 @@ impl std::fmt::Debug for Running {
 
 /// Starts the ztunnel.
 pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
-    let mesh = MeshState::load(&config.workloads_file, &config.trust_domain)?;
-    let bundle = TrustBundle::from_pem(config.trust_domain.clone(), &config.ca.root_pem)
-        .map_err(|e| StartError::Bundle(e.to_string()))?;
-    let (_state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(mesh));
+    if config.workloads_file.is_none() && config.policy_file.is_some() {
+        return Err(StartError::Policy(
+            "a policy file is only read in local mode (with a workloads file); with the discovery stream, policy comes from the controller".into(),
+        ));
+    }
+    let mesh = match &config.workloads_file {
+        Some(path) => MeshState::load(path, &config.trust_domain)?,
+        None => MeshState::default(),
+    };
+    let bundle = SharedTrustBundle::new(
+        TrustBundle::from_pem(config.trust_domain.clone(), &config.ca.root_pem)
+            .map_err(|e| StartError::Bundle(e.to_string()))?,
+    );
+    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(mesh));
     let mut registry = prometheus_client::registry::Registry::with_prefix("membrane");
     let metrics = TcpMetrics::register(&mut registry);
     let authz_metrics = AuthzMetrics::register(&mut registry);
+    let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let index = match &config.policy_file {
         Some(path) => authz::load_policies(path).map_err(StartError::Policy)?,
         None => authz::empty_index(),
@@ -125,10 +140,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
         state: state_rx,
-        certs: Arc::new(CertificateManager::new(
-            config.ca.clone(),
-            SharedTrustBundle::new(bundle),
-        )),
+        certs: Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone())),
         pool: pool.clone(),
         client_tls: Default::default(),
         metrics,
@@ -173,18 +185,57 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         source,
     })?;
 
-    pods.restore().await;
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    if let Some(path) = &config.policy_file {
-        tasks.push(tokio::spawn(authz::watch_policy_file(
-            path.clone(),
-            policy_tx,
-            authorizer,
-            open,
-            authz_metrics,
-            cancel.clone(),
-        )));
+    match (&config.workloads_file, &config.policy_file) {
+        (Some(_), policy_file) => {
+            pods.restore().await;
+            if let Some(path) = policy_file {
+                tasks.push(tokio::spawn(authz::watch_policy_file(
+                    path.clone(),
+                    policy_tx,
+                    authorizer,
+                    open,
+                    authz_metrics,
+                    cancel.clone(),
+                )));
+            }
+            ready_tx.send_replace(true);
+        }
+        (None, _) => {
+            let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
+            let client = discovery::Client {
+                ca: config.ca.clone(),
+                node: config.node.clone(),
+                trust_domain: config.trust_domain.clone(),
+                sinks: discovery::Sinks {
+                    state: state_tx,
+                    policy: policy_tx,
+                    bundle,
+                    authorizer,
+                    open,
+                    loaded: loaded_tx,
+                },
+                metrics: discovery_metrics,
+            };
+            tasks.push(tokio::spawn(client.run(cancel.clone())));
+            // Pods of a previous run are re-enrolled once the first snapshot says who they
+            // are (their rules stayed in place meanwhile, so their traffic failed closed);
+            // only then is the ztunnel ready.
+            let restore = pods.clone();
+            let stop = cancel.clone();
+            let ready = ready_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let loaded = tokio::select! {
+                    _ = stop.cancelled() => false,
+                    r = loaded.wait_for(|l| *l) => r.is_ok(),
+                };
+                if loaded {
+                    restore.restore().await;
+                    ready.send_replace(true);
+                }
+            }));
+        }
     }
     tasks.extend([
         tokio::spawn(enroll::serve(enroll_l, pods.clone(), cancel.clone())),
@@ -207,7 +258,6 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     ]);
     // The access writer ends when the last record sender (the proxy) is gone.
     drop(access_task);
-    let _ = ready_tx.send(true);
     // Keep the sender alive as long as the servers run.
     let keep = cancel.clone();
     let tasks = {

@@ -1,7 +1,7 @@
 //! Authorization of inbound connections against identity-based AuthorizationPolicy.
 //!
-//! The ztunnel holds the current compiled [`PolicyIndex`] in a `watch` channel. Until the
-//! controller's discovery stream delivers compiled policies, they come from a local file of
+//! The ztunnel holds the current compiled [`PolicyIndex`] in a `watch` channel, fed by the
+//! controller's discovery stream ([`crate::discovery`]) or, in local mode, by a file of
 //! AuthorizationPolicy documents (the same YAML operators write), reloaded when it changes; a
 //! broken file is reported and the last good policy stays in force. Every decision is counted
 //! (`membrane_authorization_decisions_total{verdict, policy}`) and carried into the
@@ -148,6 +148,16 @@ impl Authorizer {
             destination_port: attrs.destination_port,
         };
         decide(index, &request)
+    }
+
+    /// `namespace/name` of every policy in force on this node.
+    pub fn policy_names(&self) -> Vec<String> {
+        self.index
+            .borrow()
+            .policies()
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace(), p.name()))
+            .collect()
     }
 
     /// Decides a new connection; counts the decision.

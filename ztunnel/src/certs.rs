@@ -26,10 +26,41 @@ pub struct CaConfig {
     pub root_pem: Vec<u8>,
     /// Name the controller's certificate must carry.
     pub server_name: String,
-    /// This node's bootstrap token.
+    /// This node's credential as read at start: a bootstrap token, or a projected
+    /// ServiceAccount token.
     pub token: String,
+    /// Where the credential is read from again before each call (projected tokens are
+    /// rotated by the kubelet); `None` keeps `token`.
+    pub token_file: Option<std::path::PathBuf>,
     /// Requested SVID lifetime (zero: the controller's default).
     pub ttl: Duration,
+}
+
+impl CaConfig {
+    /// The `authorization` metadata value: `Bearer <credential>`, re-read from the token
+    /// file when there is one (falling back to the credential read at start when the file
+    /// is unreadable or empty, with a warning).
+    pub fn bearer(
+        &self,
+    ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, CertError> {
+        let fresh = self.token_file.as_ref().and_then(|path| {
+            match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "token file is empty; using the token read at start");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot re-read the token file; using the token read at start");
+                    None
+                }
+            }
+        });
+        let token = fresh.as_deref().unwrap_or(&self.token);
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CertError::Connect("the node token is not valid ASCII".into()))
+    }
 }
 
 /// Why an SVID could not be obtained.
@@ -68,6 +99,31 @@ pub struct CertificateStatus {
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<WorkloadSvid>>>;
+
+/// Deadline of one signing call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A lazily connecting TLS channel to the controller, authenticated by the bootstrap roots
+/// and the controller's name, with a deadline per call when `timeout` is set (not for
+/// streams). HTTP/2 keepalives notice a vanished controller.
+pub fn channel(config: &CaConfig, timeout: Option<Duration>) -> Result<Channel, CertError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&config.root_pem))
+        .domain_name(config.server_name.clone());
+    let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+        .map_err(|e| CertError::Connect(e.to_string()))?;
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    Ok(endpoint
+        .tls_config(tls)
+        .map_err(|e| CertError::Connect(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
 
 /// Issues and caches the SVIDs of this node's workloads.
 #[derive(Debug)]
@@ -183,17 +239,7 @@ impl CertificateManager {
         if let Some(client) = guard.as_ref() {
             return Ok(client.clone());
         }
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.config.root_pem))
-            .domain_name(self.config.server_name.clone());
-        let channel = Endpoint::from_shared(self.config.endpoint.clone())
-            .map_err(|e| CertError::Connect(e.to_string()))?
-            .tls_config(tls)
-            .map_err(|e| CertError::Connect(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
-            .connect_lazy();
-        let client = CertificatesClient::new(channel);
+        let client = CertificatesClient::new(channel(&self.config, Some(CALL_TIMEOUT))?);
         *guard = Some(client.clone());
         Ok(client)
     }
@@ -205,10 +251,9 @@ impl CertificateManager {
             csr_der: generated.csr.to_vec(),
             ttl_seconds: self.config.ttl.as_secs(),
         });
-        let auth = format!("Bearer {}", self.config.token)
-            .parse()
-            .map_err(|_| CertError::Connect("bootstrap token is not valid ASCII".into()))?;
-        request.metadata_mut().insert("authorization", auth);
+        request
+            .metadata_mut()
+            .insert("authorization", self.config.bearer()?);
         let response = self
             .client()
             .await?

@@ -3,7 +3,8 @@
 //!
 //! Layout: [`app`] (the one place tasks are spawned), [`enroll`] (the enrollment socket),
 //! [`pods`] (enrolled pods), [`netns`] (working inside a pod's network namespace),
-//! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads), [`certs`] (keys made
+//! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
+//! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
 //! protocol and connection pool), [`proxy`] (what handlers share), [`authz`] (policy decisions) and [`conntrack`] (open
 //! connections re-checked on policy change), [`telemetry`] (metrics and
@@ -16,6 +17,7 @@ pub mod app;
 pub mod authz;
 pub mod certs;
 pub mod conntrack;
+pub mod discovery;
 pub mod enroll;
 pub mod hbone;
 pub mod inbound;

@@ -25,12 +25,13 @@ struct Args {
     /// Trust domain.
     #[arg(long, env = "MEMBRANE_TRUST_DOMAIN", default_value = membrane_identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// Workloads file (YAML/JSON), until the discovery stream replaces it.
+    /// Local mode: read workloads from this file (YAML/JSON) instead of the controller's
+    /// discovery stream (the controller still signs certificates).
     #[arg(long, env = "MEMBRANE_WORKLOADS_FILE")]
-    workloads_file: PathBuf,
-    /// AuthorizationPolicy file (YAML; reloaded on change), until the discovery stream
-    /// delivers compiled policy. Without it every authenticated connection is allowed.
-    #[arg(long, env = "MEMBRANE_POLICY_FILE")]
+    workloads_file: Option<PathBuf>,
+    /// Local mode only: AuthorizationPolicy file (YAML; reloaded on change). Without it every
+    /// authenticated connection is allowed.
+    #[arg(long, env = "MEMBRANE_POLICY_FILE", requires = "workloads_file")]
     policy_file: Option<PathBuf>,
     /// Controller address.
     #[arg(
@@ -45,7 +46,8 @@ struct Args {
     /// Name the controller's certificate must carry.
     #[arg(long, default_value = "membrane-ca")]
     ca_server_name: String,
-    /// File holding this node's bootstrap token.
+    /// File holding this node's credential: a bootstrap token, or (in Kubernetes) the
+    /// projected ServiceAccount token, re-read before each call to the controller.
     #[arg(long, env = "MEMBRANE_TOKEN_FILE")]
     token_file: PathBuf,
     /// Requested workload certificate lifetime (0: the controller's default).
@@ -109,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             root_pem,
             server_name: args.ca_server_name,
             token,
+            token_file: Some(args.token_file.clone()),
             ttl: args.cert_ttl,
         },
         enroll_socket: args.enroll_socket,

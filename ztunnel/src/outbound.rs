@@ -1,6 +1,7 @@
 //! Outbound capture (15001 in the pod's namespace): the pod's own connections.
 //!
-//! The original destination comes from `SO_ORIGINAL_DST`. A mesh workload is reached through
+//! The original destination comes from `SO_ORIGINAL_DST`; a Service's virtual IP and port are
+//! resolved to one of its endpoints. A mesh workload is reached through
 //! HBONE on `<pod ip>:15008`, presenting the source pod's SVID and requiring the destination's
 //! expected SPIFFE ID; anything else is passed through unchanged (egress rules come later).
 //! Every socket the ztunnel opens is created in the source pod's namespace with the ztunnel
@@ -95,7 +96,9 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             return;
         }
     };
-    let destination = proxy.state.borrow().by_ip(dst.ip()).cloned();
+    // A Service's virtual IP is resolved here to one of its endpoints (in-pod capture sees
+    // the VIP before any node-level NAT could).
+    let (dst, destination) = proxy.state.borrow().resolve(dst);
     let src_id = pod.workload.identity.to_string();
     match destination {
         Some(w) if w.protocol == Protocol::Hbone => {

@@ -20,12 +20,20 @@ use crate::redirect::{
     self, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, RedirectError,
 };
 use crate::state::Protocol;
+
+/// How long an enrollment waits for the first mesh state.
+pub const ENROLL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an enrollment waits for an unknown pod to appear in the mesh state.
+pub const UNKNOWN_POD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::{inbound, outbound};
 
 /// Why a pod could not be enrolled.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnrollError {
+    /// The ztunnel has no mesh state yet (the controller's first snapshot has not arrived).
+    #[error("the ztunnel has not received the mesh state from the controller yet; retry shortly")]
+    NotReady,
     /// The controller's (or the file's) state has no pod with this UID.
     #[error("unknown pod uid {0}: no such workload in the mesh state")]
     UnknownPod(String),
@@ -111,17 +119,35 @@ impl PodRegistry {
         }
     }
 
+    /// The workload `uid`, waiting a moment for it: a pod can reach the CNI before the
+    /// controller's stream announced it, and nothing is known before the first snapshot.
+    async fn workload(&self, uid: &str) -> Result<Arc<crate::state::Workload>, EnrollError> {
+        let mut state = self.proxy.state.clone();
+        let loaded = tokio::time::timeout(ENROLL_WAIT, state.wait_for(|s| s.is_loaded()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !loaded {
+            return Err(EnrollError::NotReady);
+        }
+        let found = tokio::time::timeout(
+            UNKNOWN_POD_WAIT,
+            state.wait_for(|s| s.by_uid(uid).is_some()),
+        )
+        .await;
+        match found {
+            Ok(Ok(s)) => s
+                .by_uid(uid)
+                .cloned()
+                .ok_or_else(|| EnrollError::UnknownPod(uid.to_owned())),
+            _ => Err(EnrollError::UnknownPod(uid.to_owned())),
+        }
+    }
+
     /// Enrolls pod `uid` living in the network namespace at `netns`. Idempotent: enrolling the
     /// same pod with the same namespace again re-installs the rules; with another namespace
     /// replaces the old enrollment.
     pub async fn add(&self, uid: &str, netns: &Path) -> Result<(), EnrollError> {
-        let workload = self
-            .proxy
-            .state
-            .borrow()
-            .by_uid(uid)
-            .cloned()
-            .ok_or_else(|| EnrollError::UnknownPod(uid.to_owned()))?;
+        let workload = self.workload(uid).await?;
         if workload.node != self.proxy.node {
             return Err(EnrollError::OtherNode {
                 uid: uid.to_owned(),

@@ -1,8 +1,9 @@
-//! What the ztunnel knows: mesh workloads, and which of them live on this node.
+//! What the ztunnel knows: mesh workloads (which of them live on this node), and Services
+//! (virtual IPs and the endpoints behind them).
 //!
-//! Until the controller's discovery stream exists the workloads come from a local file — the
-//! same objects the stream will carry — and that stays a supported way to run without a
-//! controller. The file is YAML or JSON:
+//! The state comes from the controller's discovery stream ([`crate::discovery`]), or, to run
+//! without a controller's stream, from a local file of the same objects. The file is YAML or
+//! JSON:
 //!
 //! ```yaml
 //! workloads:
@@ -20,7 +21,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -149,12 +150,25 @@ pub enum StateError {
     },
 }
 
+/// One port of a Service: where connections to `vip:port` go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceTarget {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Ready endpoints: IP and target port.
+    pub endpoints: Vec<SocketAddr>,
+}
+
 /// An immutable view of the mesh; replaced whole on every change.
 #[derive(Debug, Clone, Default)]
 pub struct MeshState {
     by_uid: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     plaintext: BTreeMap<String, PlaintextMode>,
+    services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// Whether this state came from a source (false: the empty state before the first
+    /// discovery snapshot).
+    loaded: bool,
 }
 
 // === impl MeshState ===
@@ -166,7 +180,10 @@ impl MeshState {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        let mut state = MeshState::default();
+        let mut state = MeshState {
+            loaded: true,
+            ..MeshState::default()
+        };
         for ns in doc.namespaces {
             state.plaintext.insert(ns.name, ns.plaintext);
         }
@@ -178,31 +195,97 @@ impl MeshState {
             };
             let identity = WorkloadIdentity::new(trust_domain, &w.namespace, &w.service_account)
                 .map_err(|e| invalid(e.to_string()))?;
-            let workload = Arc::new(Workload {
-                uid: w.uid.clone(),
-                name: w.name,
-                namespace: w.namespace,
-                service_account: w.service_account,
-                node: w.node,
-                ips: w.ips,
-                protocol: w.protocol,
-                labels: w.labels,
-                identity,
-            });
-            if state
-                .by_uid
-                .insert(w.uid.clone(), workload.clone())
-                .is_some()
-            {
-                return Err(invalid("duplicate uid".into()));
-            }
-            for ip in &workload.ips {
-                if let Some(other) = state.by_ip.insert(*ip, workload.clone()) {
-                    return Err(invalid(format!("IP {ip} is also used by {}", other.uid)));
-                }
-            }
+            state
+                .insert(Workload {
+                    uid: w.uid.clone(),
+                    name: w.name,
+                    namespace: w.namespace,
+                    service_account: w.service_account,
+                    node: w.node,
+                    ips: w.ips,
+                    protocol: w.protocol,
+                    labels: w.labels,
+                    identity,
+                })
+                .map_err(invalid)?;
         }
         Ok(state)
+    }
+
+    /// An empty state that says it was loaded from a source (a mesh with no workloads).
+    pub fn empty_loaded() -> Self {
+        Self {
+            loaded: true,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a workload; refuses a duplicate UID or an IP already owned by another workload.
+    pub fn insert(&mut self, workload: Workload) -> Result<(), String> {
+        let workload = Arc::new(workload);
+        if self
+            .by_uid
+            .insert(workload.uid.clone(), workload.clone())
+            .is_some()
+        {
+            return Err("duplicate uid".into());
+        }
+        for ip in &workload.ips {
+            if let Some(other) = self.by_ip.insert(*ip, workload.clone()) {
+                return Err(format!("IP {ip} is also used by {}", other.uid));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a namespace's plaintext mode.
+    pub fn set_plaintext(&mut self, namespace: &str, mode: PlaintextMode) {
+        self.plaintext.insert(namespace.to_owned(), mode);
+    }
+
+    /// Routes connections to `vip` (a Service's virtual IP and port) to `target`.
+    pub fn add_service(&mut self, vip: SocketAddr, target: ServiceTarget) {
+        self.services.insert(vip, Arc::new(target));
+    }
+
+    /// Whether this state came from a source (the file, or a discovery snapshot).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded
+    }
+
+    /// Where a connection to `dst` goes: a workload's own address, or, for a Service's
+    /// virtual IP, one of its ready endpoints (mesh workloads first, picked at random). Any
+    /// other destination is returned unchanged with no workload.
+    pub fn resolve(&self, dst: SocketAddr) -> (SocketAddr, Option<Arc<Workload>>) {
+        if let Some(w) = self.by_ip.get(&dst.ip()) {
+            return (dst, Some(w.clone()));
+        }
+        let Some(svc) = self.services.get(&dst) else {
+            return (dst, None);
+        };
+        let meshed: Vec<&SocketAddr> = svc
+            .endpoints
+            .iter()
+            .filter(|e| self.by_ip.contains_key(&e.ip()))
+            .collect();
+        let pool: Vec<&SocketAddr> = if meshed.is_empty() {
+            svc.endpoints.iter().collect()
+        } else {
+            meshed
+        };
+        if pool.is_empty() {
+            return (dst, None);
+        }
+        let chosen = *pool[rand::random_range(0..pool.len())];
+        (chosen, self.by_ip.get(&chosen.ip()).cloned())
+    }
+
+    /// Every Service port, by virtual address.
+    pub fn services(&self) -> BTreeMap<String, ServiceTarget> {
+        self.services
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_ref().clone()))
+            .collect()
     }
 
     /// Reads and parses a workloads file.

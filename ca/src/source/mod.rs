@@ -1,15 +1,19 @@
 //! What the controller knows about the cluster, whichever source it comes from.
 //!
-//! A source (a directory of manifests now; the Kubernetes API later) publishes complete
+//! A source (a directory of manifests, or the Kubernetes API) publishes complete
 //! [`ClusterState`] snapshots on a `watch` channel. Consumers — node authorization today, the
 //! discovery stream later — read the latest snapshot and never see a half-applied change.
 
 pub mod directory;
+pub mod kube;
 mod model;
 
 use std::sync::Arc;
 
-pub use model::{ClusterState, MESH_LABEL, Namespace, Pod, PodPhase};
+pub use model::{
+    ClusterState, Endpoint, MESH_LABEL, Namespace, Pod, PodPhase, PolicyEntry, Service,
+    ServiceAccount, ServicePort,
+};
 
 /// The receiving end of a source: always holds the latest complete snapshot, or `None` until
 /// the first load finished.

@@ -1,4 +1,9 @@
-//! The source-independent model of the objects Membrane reads: Namespaces and Pods.
+//! The source-independent model of the objects Membrane reads: Namespaces, Pods,
+//! ServiceAccounts, Services (with their endpoints) and AuthorizationPolicies.
+//!
+//! Both sources (the manifest directory and the Kubernetes API) fill the same
+//! [`ClusterState`]; everything downstream (node authorization, the discovery stream, policy
+//! status) reads only this model.
 
 use std::collections::BTreeMap;
 
@@ -77,6 +82,68 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// Phase.
     pub phase: PodPhase,
+    /// Named container ports (`spec.containers[].ports[]` with a name), used to resolve a
+    /// Service's named `targetPort` in the directory source.
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+/// A ServiceAccount (identities are issued per service account).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceAccount {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePort {
+    /// Port name (empty for a single unnamed port).
+    pub name: String,
+    /// The port clients connect to on the Service's virtual IPs.
+    pub port: u16,
+    /// The port on the endpoints when every endpoint uses the same number; endpoints may
+    /// override it per name ([`Endpoint::ports`]).
+    pub target_port: u16,
+}
+
+/// One backend of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The backend's IP.
+    pub ip: std::net::IpAddr,
+    /// The pod behind it, when known (same namespace as the Service).
+    pub pod: Option<String>,
+    /// Whether it is ready to receive traffic.
+    pub ready: bool,
+    /// Target port per Service port name, when it differs from [`ServicePort::target_port`]
+    /// (named target ports resolve per pod).
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// A Service: virtual IPs, ports and the endpoints behind them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Cluster IPs (empty for a headless Service).
+    pub vips: Vec<std::net::IpAddr>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Endpoints (from EndpointSlices in Kubernetes; from the selector in a directory).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A validated AuthorizationPolicy and what its author should know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// The policy as the ztunnels enforce it.
+    pub policy: membrane_policy::Policy,
+    /// Accepted but noteworthy fields (L7 fields, …), reported in the policy's status.
+    pub warnings: Vec<membrane_policy::Warning>,
 }
 
 /// One complete, consistent view of the cluster.
@@ -86,6 +153,13 @@ pub struct ClusterState {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Pods by (namespace, name).
     pub pods: BTreeMap<(String, String), Pod>,
+    /// ServiceAccounts by (namespace, name).
+    pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
+    /// Services by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// Valid AuthorizationPolicies by (namespace, name); invalid ones are left out (their
+    /// errors are reported by the source).
+    pub policies: BTreeMap<(String, String), PolicyEntry>,
 }
 
 impl ClusterState {

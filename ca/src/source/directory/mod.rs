@@ -1,8 +1,10 @@
 //! The directory source: Kubernetes-style YAML manifests in a directory, reloaded on change.
 //!
 //! Every `*.yaml` / `*.yml` file below the directory is read (hidden files and directories are
-//! skipped); a file may hold several documents, and `kind: List` is unpacked. `Namespace` and
-//! `Pod` are understood; other kinds are ignored here (their own readers pick them up).
+//! skipped); a file may hold several documents, and `kind: List` is unpacked. `Namespace`,
+//! `Pod`, `ServiceAccount`, `Service` and `AuthorizationPolicy` (Membrane's and Istio's API
+//! groups) are understood; other kinds are ignored. A Service's endpoints are the pods its
+//! selector matches (there is no endpoints controller without Kubernetes).
 //!
 //! A file is applied whole or not at all: when an edit breaks it, the error names the file,
 //! the document and the field, and the *last good* version of that file stays in force. A
@@ -21,7 +23,9 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{ClusterState, Namespace, Pod, PodPhase};
+use super::model::{
+    ClusterState, Endpoint, Namespace, Pod, PodPhase, PolicyEntry, ServiceAccount, ServicePort,
+};
 use crate::metrics::SourceMetrics;
 
 /// Files larger than this are refused (a manifest directory is not a data store).
@@ -95,6 +99,36 @@ pub enum Object {
     Namespace(Namespace),
     /// A Pod.
     Pod(Pod),
+    /// A ServiceAccount.
+    ServiceAccount(ServiceAccount),
+    /// A Service, with its selector (endpoints are resolved against the pods).
+    Service(DirService),
+    /// A valid AuthorizationPolicy.
+    Policy(PolicyEntry),
+}
+
+/// A Service as written in a manifest: endpoints come from its selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirService {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Cluster IPs.
+    pub vips: Vec<std::net::IpAddr>,
+    /// Ports, with the target port as written.
+    pub ports: Vec<(ServicePort, TargetPort)>,
+    /// `spec.selector`; `None` selects nothing.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+/// A Service port's `targetPort`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A number.
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Name(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -130,6 +164,63 @@ struct PodSpecDoc {
     /// Deprecated alias Kubernetes still accepts.
     service_account: Option<String>,
     node_name: Option<String>,
+    #[serde(default)]
+    containers: Vec<ContainerDoc>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ContainerDoc {
+    #[serde(default)]
+    ports: Vec<ContainerPortDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPortDoc {
+    name: Option<String>,
+    container_port: u16,
+}
+
+#[derive(Deserialize)]
+struct ServiceAccountDoc {
+    metadata: MetaDoc,
+}
+
+#[derive(Deserialize)]
+struct ServiceDoc {
+    metadata: MetaDoc,
+    #[serde(default)]
+    spec: ServiceSpecDoc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpecDoc {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default)]
+    cluster_ips: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ServicePortDoc>,
+    selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePortDoc {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    target_port: Option<IntOrString>,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(u16),
+    Str(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -222,7 +313,28 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
             ));
             Ok(())
         }
-        (_, "Namespace" | "Pod") => Err(field_err(
+        ("v1", "ServiceAccount") => {
+            let doc: ServiceAccountDoc =
+                typed(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?;
+            out.push(Object::ServiceAccount(
+                service_account_from(doc).map_err(|(f, m)| field_err(f, m))?,
+            ));
+            Ok(())
+        }
+        ("v1", "Service") => {
+            let doc: ServiceDoc = typed(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?;
+            out.push(Object::Service(
+                service_from(doc).map_err(|(f, m)| field_err(f, m))?,
+            ));
+            Ok(())
+        }
+        (v, membrane_policy::model::KIND) if membrane_policy::model::API_VERSIONS.contains(&v) => {
+            out.push(Object::Policy(
+                policy_from(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?,
+            ));
+            Ok(())
+        }
+        (_, "Namespace" | "Pod" | "ServiceAccount" | "Service") => Err(field_err(
             "apiVersion".into(),
             format!("{kind} must have apiVersion v1, not {api_version}"),
         )),
@@ -261,6 +373,147 @@ fn namespace_from(doc: NamespaceDoc) -> FieldResult<Namespace> {
     })
 }
 
+fn service_account_from(doc: ServiceAccountDoc) -> FieldResult<ServiceAccount> {
+    let namespace = doc.metadata.namespace.unwrap_or_else(|| "default".into());
+    check_name("metadata.namespace", &namespace, false)?;
+    check_name("metadata.name", &doc.metadata.name, true)?;
+    Ok(ServiceAccount {
+        namespace,
+        name: doc.metadata.name,
+    })
+}
+
+fn service_from(doc: ServiceDoc) -> FieldResult<DirService> {
+    let namespace = doc.metadata.namespace.unwrap_or_else(|| "default".into());
+    check_name("metadata.namespace", &namespace, false)?;
+    check_name("metadata.name", &doc.metadata.name, false)?;
+    let mut vips = Vec::new();
+    let listed = doc.spec.cluster_ips.into_iter().enumerate();
+    let first = doc.spec.cluster_ip.map(|ip| (usize::MAX, ip));
+    for (i, ip) in first.into_iter().chain(listed) {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        let field = if i == usize::MAX {
+            "spec.clusterIP".to_owned()
+        } else {
+            format!("spec.clusterIPs[{i}]")
+        };
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| (field, format!("{ip:?} is not an IP address")))?;
+        if !vips.contains(&ip) {
+            vips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in doc.spec.ports.into_iter().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        if p.port == 0 {
+            return Err((field("port"), "port must be 1-65535".into()));
+        }
+        if let Some(proto) = &p.protocol
+            && proto != "TCP"
+        {
+            // UDP and SCTP are not carried by the mesh; keep the Service, skip the port.
+            tracing::debug!(service = %doc.metadata.name, protocol = %proto, "non-TCP service port ignored");
+            continue;
+        }
+        let target = match p.target_port {
+            None => TargetPort::Number(p.port),
+            Some(IntOrString::Int(0)) => {
+                return Err((field("targetPort"), "port must be 1-65535".into()));
+            }
+            Some(IntOrString::Int(n)) => TargetPort::Number(n),
+            Some(IntOrString::Str(s)) => match s.parse::<u16>() {
+                Ok(n) if n > 0 => TargetPort::Number(n),
+                _ if !s.is_empty() && s.len() <= 15 => TargetPort::Name(s),
+                _ => {
+                    return Err((
+                        field("targetPort"),
+                        format!("{s:?} is not a port or a port name"),
+                    ));
+                }
+            },
+        };
+        let target_port = match &target {
+            TargetPort::Number(n) => *n,
+            TargetPort::Name(_) => 0,
+        };
+        ports.push((
+            ServicePort {
+                name: p.name,
+                port: p.port,
+                target_port,
+            },
+            target,
+        ));
+    }
+    Ok(DirService {
+        namespace,
+        name: doc.metadata.name,
+        vips,
+        ports,
+        selector: doc.spec.selector.filter(|s| !s.is_empty()),
+    })
+}
+
+fn policy_from(value: Value) -> FieldResult<PolicyEntry> {
+    match membrane_policy::check_value(value) {
+        Ok(checked) => Ok(PolicyEntry {
+            policy: checked.policy,
+            warnings: checked.warnings,
+        }),
+        Err(errors) => {
+            let first = errors.first();
+            let field = first.map_or_else(String::new, |e| e.path.clone());
+            let message = errors
+                .iter()
+                .map(|e| e.problem.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err((field, message))
+        }
+    }
+}
+
+/// Resolves a Service's endpoints from the pods its selector matches.
+fn resolve_service(svc: &DirService, state: &ClusterState) -> super::model::Service {
+    let mut endpoints = Vec::new();
+    if let Some(selector) = &svc.selector {
+        for pod in state.pods.values() {
+            let selected = pod.namespace == svc.namespace
+                && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+            if !selected {
+                continue;
+            }
+            let mut ports = BTreeMap::new();
+            for (port, target) in &svc.ports {
+                if let TargetPort::Name(name) = target
+                    && let Some(n) = pod.named_ports.get(name)
+                {
+                    ports.insert(port.name.clone(), *n);
+                }
+            }
+            for ip in &pod.ips {
+                endpoints.push(Endpoint {
+                    ip: *ip,
+                    pod: Some(pod.name.clone()),
+                    ready: pod.phase == PodPhase::Running,
+                    ports: ports.clone(),
+                });
+            }
+        }
+    }
+    super::model::Service {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        vips: svc.vips.clone(),
+        ports: svc.ports.iter().map(|(p, _)| p.clone()).collect(),
+        endpoints,
+    }
+}
+
 fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
     let meta = doc.metadata;
     let namespace = meta.namespace.unwrap_or_else(|| "default".into());
@@ -290,7 +543,22 @@ fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
             ips.push(ip);
         }
     }
+    let mut named_ports = BTreeMap::new();
+    for (c, container) in doc.spec.containers.iter().enumerate() {
+        for (i, port) in container.ports.iter().enumerate() {
+            if port.container_port == 0 {
+                return Err((
+                    format!("spec.containers[{c}].ports[{i}].containerPort"),
+                    "port must be 1-65535".into(),
+                ));
+            }
+            if let Some(name) = &port.name {
+                named_ports.insert(name.clone(), port.container_port);
+            }
+        }
+    }
     Ok(Pod {
+        named_ports,
         uid: meta
             .uid
             .unwrap_or_else(|| format!("{namespace}/{}", meta.name)),
@@ -489,6 +757,7 @@ impl DirectorySource {
     /// object, the one whose path sorts first wins and the conflict is logged.
     pub fn state(&self) -> ClusterState {
         let mut state = ClusterState::default();
+        let mut services: BTreeMap<(String, String), &DirService> = BTreeMap::new();
         for (path, file) in &self.files {
             for object in &file.objects {
                 let duplicate = match object {
@@ -506,12 +775,39 @@ impl DirectorySource {
                         state.pods.entry(key).or_insert_with(|| pod.clone());
                         dup.then(|| format!("Pod {}/{}", pod.namespace, pod.name))
                     }
+                    Object::ServiceAccount(sa) => {
+                        let key = (sa.namespace.clone(), sa.name.clone());
+                        let dup = state.service_accounts.contains_key(&key);
+                        state
+                            .service_accounts
+                            .entry(key)
+                            .or_insert_with(|| sa.clone());
+                        dup.then(|| format!("ServiceAccount {}/{}", sa.namespace, sa.name))
+                    }
+                    Object::Service(svc) => {
+                        let key = (svc.namespace.clone(), svc.name.clone());
+                        let dup = services.contains_key(&key);
+                        services.entry(key).or_insert(svc);
+                        dup.then(|| format!("Service {}/{}", svc.namespace, svc.name))
+                    }
+                    Object::Policy(entry) => {
+                        let p = &entry.policy;
+                        let key = (p.namespace().to_owned(), p.name().to_owned());
+                        let dup = state.policies.contains_key(&key);
+                        state.policies.entry(key).or_insert_with(|| entry.clone());
+                        dup.then(|| format!("AuthorizationPolicy {}/{}", p.namespace(), p.name()))
+                    }
                 };
                 if let Some(object) = duplicate {
                     tracing::warn!(file = %path.display(), object, "object defined twice; the first definition wins");
                 }
             }
         }
+        let resolved: Vec<_> = services
+            .into_iter()
+            .map(|(key, svc)| (key, resolve_service(svc, &state)))
+            .collect();
+        state.services.extend(resolved);
         state
     }
 }
@@ -556,6 +852,8 @@ pub async fn run(
                                 dir = %source.dir.display(),
                                 namespaces = state.namespaces.len(),
                                 pods = state.pods.len(),
+                                services = state.services.len(),
+                                policies = state.policies.len(),
                                 broken_files = errors.len(),
                                 "workload source loaded"
                             );

@@ -23,13 +23,25 @@ status:
 apiVersion: security.membrane.dev/v1
 kind: AuthorizationPolicy
 metadata:
-  name: ignored-here
+  name: allow-nothing
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: ignored-kind
 "#;
 
 #[test]
-fn parses_namespaces_and_pods_and_skips_other_kinds() {
+fn parses_namespaces_pods_and_policies_and_skips_other_kinds() {
     let objects = parse_manifests(GOOD).expect("valid");
-    assert_eq!(objects.len(), 2);
+    assert_eq!(objects.len(), 3);
+    let Object::Policy(policy) = &objects[2] else {
+        panic!("expected a policy, got {:?}", objects[2]);
+    };
+    assert_eq!(
+        (policy.policy.namespace(), policy.policy.name()),
+        ("default", "allow-nothing")
+    );
     let Object::Pod(pod) = &objects[1] else {
         panic!("expected a pod, got {:?}", objects[1]);
     };
@@ -88,6 +100,22 @@ fn errors_name_document_and_field() {
             "apiVersion",
         ),
         ("a: [unclosed\n", "not valid YAML"),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: a}\nspec: {rules: [{to: [{operation: {ports: [\"99999\"]}}]}]}\n",
+            "field spec.rules[0].to[0].operation.ports[0]",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: nope}\n",
+            "field spec.clusterIP",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 0}]}\n",
+            "field spec.ports[0].port",
+        ),
+        (
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: Bad_SA}\n",
+            "field metadata.name",
+        ),
     ];
     for (text, expected) in cases {
         let err = parse_manifests(text).expect_err(text).to_string();
@@ -139,6 +167,73 @@ fn broken_edit_keeps_last_good_version_and_delete_removes() {
     std::fs::remove_file(&file).expect("rm");
     assert!(source.rescan().expect("scan"));
     assert!(source.state().pods.is_empty());
+}
+
+#[test]
+fn services_take_their_endpoints_from_the_selector() {
+    let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: store-0, namespace: data, labels: {app: store}}
+spec:
+  containers: [{ports: [{name: http, containerPort: 9090}]}]
+status: {podIP: 10.0.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: data, labels: {app: other}}
+status: {podIP: 10.0.0.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: store-elsewhere, namespace: web, labels: {app: store}}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: store, namespace: data}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: store}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: grpc, port: 81, targetPort: 9091}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: store, namespace: data}
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("all.yaml"), text).expect("write");
+    let mut source = DirectorySource::new(dir.path());
+    source.rescan().expect("scan");
+    let state = source.state();
+    let svc = &state.services[&("data".to_owned(), "store".to_owned())];
+    assert_eq!(
+        svc.vips,
+        ["10.96.0.10".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    let ports: Vec<_> = svc
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.port, p.target_port))
+        .collect();
+    assert_eq!(ports, [("http", 80, 0), ("grpc", 81, 9091)], "UDP skipped");
+    assert_eq!(
+        svc.endpoints.len(),
+        1,
+        "same namespace, matching labels only"
+    );
+    let ep = &svc.endpoints[0];
+    assert_eq!(ep.pod.as_deref(), Some("store-0"));
+    assert!(ep.ready);
+    assert_eq!(ep.ports.get("http"), Some(&9090), "named port resolved");
+    assert!(
+        state
+            .service_accounts
+            .contains_key(&("data".to_owned(), "store".to_owned()))
+    );
 }
 
 #[test]

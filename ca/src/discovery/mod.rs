@@ -1,0 +1,270 @@
+//! The `Discovery` service: each ztunnel's view of the mesh, streamed (DESIGN.md §4).
+//!
+//! A `Watch` is authenticated like `Certificates.Sign` and may only name the caller's own
+//! node. The stream starts with a full snapshot; after that, every change of the source state
+//! or the trust bundle is coalesced for [`COALESCE`] (a burst of edits becomes one delta, not
+//! thousands) and sent as the difference between the node's previous and new view. The part of
+//! the view every node shares is built once per state and cached; each stream adds the
+//! policies that select its node's workloads.
+
+mod view;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use membrane_identity::TrustBundle;
+use membrane_proto::v1 as pb;
+use pb::discovery_server::Discovery;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub use view::{Key, MeshView, PLAINTEXT_ANNOTATION, View, bundle_resource, diff};
+
+use crate::server::CertificateService;
+use crate::source::{ClusterState, StateReceiver};
+
+/// How long changes are gathered before a delta is sent.
+pub const COALESCE: Duration = Duration::from_millis(50);
+
+/// Labels of the update counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpdateLabels {
+    /// `snapshot` or `delta`.
+    pub kind: &'static str,
+}
+
+/// Labels of the refusal counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// A node-authentication refusal reason (`unauthenticated`, …), `wrong_node` or
+    /// `source_not_ready`.
+    pub reason: &'static str,
+}
+
+/// Discovery metrics.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveryMetrics {
+    streams: Gauge,
+    updates: Family<UpdateLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+impl DiscoveryMetrics {
+    /// Registers the metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "discovery_streams",
+            "Discovery streams open",
+            m.streams.clone(),
+        );
+        registry.register(
+            "discovery_updates",
+            "Discovery updates sent, by kind (snapshot or delta)",
+            m.updates.clone(),
+        );
+        registry.register(
+            "discovery_refused",
+            "Discovery streams refused, by reason",
+            m.refused.clone(),
+        );
+        m
+    }
+}
+
+type Cached = (Arc<ClusterState>, Arc<TrustBundle>, Arc<MeshView>);
+
+/// The `Discovery` service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    auth: CertificateService,
+    state: StateReceiver,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    cache: Arc<Mutex<Option<Cached>>>,
+    version: Arc<AtomicU64>,
+    metrics: DiscoveryMetrics,
+    cancel: CancellationToken,
+}
+
+struct StreamGuard(Gauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl DiscoveryService {
+    /// A service streaming views of `state` and `bundle`, authenticating callers like
+    /// `auth`; streams end when `cancel` fires.
+    pub fn new(
+        auth: CertificateService,
+        state: StateReceiver,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        metrics: DiscoveryMetrics,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            auth,
+            state,
+            bundle,
+            cache: Arc::default(),
+            version: Arc::new(AtomicU64::new(0)),
+            metrics,
+            cancel,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+        status
+    }
+
+    /// The shared view of the current state and bundle, or `None` before the source loaded.
+    fn mesh_view(&self) -> Option<Arc<MeshView>> {
+        let state = self.state.borrow().clone()?;
+        let bundle = self.bundle.borrow().clone();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, b, view)) = cache.as_ref()
+            && Arc::ptr_eq(s, &state)
+            && Arc::ptr_eq(b, &bundle)
+        {
+            return Some(view.clone());
+        }
+        let view = Arc::new(MeshView::build(&state, &bundle));
+        *cache = Some((state, bundle, view.clone()));
+        Some(view)
+    }
+
+    fn next_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    async fn stream(self, node: String, tx: mpsc::Sender<Result<pb::Update, Status>>) {
+        let _guard = {
+            self.metrics.streams.inc();
+            StreamGuard(self.metrics.streams.clone())
+        };
+        let mut state_rx = self.state.clone();
+        let mut bundle_rx = self.bundle.clone();
+        state_rx.borrow_and_update();
+        bundle_rx.borrow_and_update();
+        let Some(mesh) = self.mesh_view() else {
+            return;
+        };
+        let mut sent = mesh.node_view(&node);
+        let snapshot = pb::Update {
+            version: self.next_version(),
+            snapshot: true,
+            upserts: sent.values().cloned().collect(),
+            removals: Vec::new(),
+        };
+        let resources = snapshot.upserts.len();
+        if tx.send(Ok(snapshot)).await.is_err() {
+            return;
+        }
+        self.metrics
+            .updates
+            .get_or_create(&UpdateLabels { kind: "snapshot" })
+            .inc();
+        tracing::info!(node, resources, "discovery stream opened; snapshot sent");
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tx.closed() => break,
+                r = state_rx.changed() => if r.is_err() { break },
+                r = bundle_rx.changed() => if r.is_err() { break },
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(COALESCE) => {}
+            }
+            state_rx.borrow_and_update();
+            bundle_rx.borrow_and_update();
+            let Some(mesh) = self.mesh_view() else {
+                continue;
+            };
+            let view = mesh.node_view(&node);
+            let (upserts, removals) = diff(&sent, &view);
+            if upserts.is_empty() && removals.is_empty() {
+                continue;
+            }
+            let update = pb::Update {
+                version: self.next_version(),
+                snapshot: false,
+                upserts,
+                removals,
+            };
+            tracing::debug!(
+                node,
+                version = update.version,
+                upserts = update.upserts.len(),
+                removals = update.removals.len(),
+                "discovery delta sent"
+            );
+            if tx.send(Ok(update)).await.is_err() {
+                break;
+            }
+            self.metrics
+                .updates
+                .get_or_create(&UpdateLabels { kind: "delta" })
+                .inc();
+            sent = view;
+        }
+        tracing::info!(node, "discovery stream closed");
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = ReceiverStream<Result<pb::Update, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr();
+        let node = match self.auth.authenticate_caller(request.metadata()).await {
+            Ok(node) => node,
+            Err(failure) => {
+                let reason = failure.refusal().as_str();
+                tracing::warn!(peer = ?peer, reason, error = %failure, "refused discovery stream: unauthenticated");
+                return Err(self.refuse(reason, failure.status()));
+            }
+        };
+        let asked = request.into_inner().node;
+        if asked != node {
+            tracing::warn!(
+                node,
+                asked,
+                "refused discovery stream: another node's view asked"
+            );
+            return Err(self.refuse(
+                "wrong_node",
+                Status::permission_denied(format!(
+                    "this credential belongs to node {node:?}, not {asked:?}"
+                )),
+            ));
+        }
+        if self.state.borrow().is_none() {
+            return Err(self.refuse(
+                "source_not_ready",
+                Status::unavailable("the controller has not loaded its workload source yet"),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(self.clone().stream(node, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

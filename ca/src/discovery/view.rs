@@ -1,0 +1,295 @@
+//! What one node is told: its view of the cluster as wire resources, and the delta between
+//! two views.
+//!
+//! The part every node shares (workloads, services, the trust bundle, the compiled policy
+//! index) is built once per source state ([`MeshView::build`]); a node's view adds the
+//! policies that select its own workloads ([`MeshView::node_view`]). Views are maps from
+//! [`Key`] to the wire resource, so a delta is a plain map difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use membrane_identity::TrustBundle;
+use membrane_policy::PolicyIndex;
+use membrane_proto::v1 as pb;
+use pb::resource_key::Kind;
+
+use crate::source::{ClusterState, Pod, Service};
+
+/// The namespace annotation that admits plaintext sources (`permit`).
+pub const PLAINTEXT_ANNOTATION: &str = "membrane.dev/plaintext";
+
+/// A resource's key: kind and name (pod UID, `namespace/name`, or empty for the bundle).
+pub type Key = (i32, String);
+
+/// Wire resources by key.
+pub type View = BTreeMap<Key, pb::Resource>;
+
+/// A workload's namespace and labels (what policy selection reads).
+type LocalWorkload = (String, BTreeMap<String, String>);
+
+/// The part of every node's view that does not depend on the node.
+#[derive(Debug)]
+pub struct MeshView {
+    shared: View,
+    index: PolicyIndex,
+    /// Local workloads per node: (namespace, labels).
+    by_node: BTreeMap<String, Vec<LocalWorkload>>,
+}
+
+fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
+    let plaintext = state
+        .namespaces
+        .get(&pod.namespace)
+        .and_then(|ns| ns.annotations.get(PLAINTEXT_ANNOTATION))
+        .is_some_and(|v| v == "permit");
+    pb::Workload {
+        uid: pod.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+        node: pod.node_name.clone().unwrap_or_default(),
+        ips: pod.ips.iter().map(ToString::to_string).collect(),
+        protocol: pb::workload::Protocol::Hbone as i32,
+        labels: pod.labels.clone().into_iter().collect(),
+        plaintext_permitted: plaintext,
+    }
+}
+
+fn service(svc: &Service) -> pb::Service {
+    pb::Service {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        vips: svc.vips.iter().map(ToString::to_string).collect(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone(),
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+            })
+            .collect(),
+        endpoints: svc
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                ip: e.ip.to_string(),
+                pod: e.pod.clone().unwrap_or_default(),
+                ready: e.ready,
+                ports: e
+                    .ports
+                    .iter()
+                    .map(|(k, v)| (k.clone(), u32::from(*v)))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn resource(kind: pb::resource::Kind) -> pb::Resource {
+    pb::Resource { kind: Some(kind) }
+}
+
+/// The wire form of a trust bundle.
+pub fn bundle_resource(bundle: &TrustBundle) -> pb::Resource {
+    resource(pb::resource::Kind::TrustBundle(pb::TrustBundle {
+        trust_domain: bundle.trust_domain().to_string(),
+        roots_der: bundle.roots().map(|r| r.to_vec()).collect(),
+    }))
+}
+
+// === impl MeshView ===
+
+impl MeshView {
+    /// Builds the shared part from a source state and the current trust bundle.
+    pub fn build(state: &ClusterState, bundle: &TrustBundle) -> Self {
+        let mut shared = View::new();
+        let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for pod in state.pods.values() {
+            if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
+                continue;
+            }
+            let Some(node) = &pod.node_name else {
+                continue;
+            };
+            by_node
+                .entry(node.clone())
+                .or_default()
+                .push((pod.namespace.clone(), pod.labels.clone()));
+            shared.insert(
+                (Kind::Workload as i32, pod.uid.clone()),
+                resource(pb::resource::Kind::Workload(workload(state, pod))),
+            );
+        }
+        for svc in state.services.values() {
+            shared.insert(
+                (
+                    Kind::Service as i32,
+                    format!("{}/{}", svc.namespace, svc.name),
+                ),
+                resource(pb::resource::Kind::Service(service(svc))),
+            );
+        }
+        shared.insert(
+            (Kind::TrustBundle as i32, String::new()),
+            bundle_resource(bundle),
+        );
+        let index = PolicyIndex::build(
+            state.policies.values().map(|e| e.policy.clone()),
+            membrane_policy::DEFAULT_ROOT_NAMESPACE,
+        );
+        Self {
+            shared,
+            index,
+            by_node,
+        }
+    }
+
+    /// Node `node`'s complete view: the shared part plus the policies selecting its
+    /// workloads.
+    pub fn node_view(&self, node: &str) -> View {
+        let mut view = self.shared.clone();
+        let mut seen = BTreeSet::new();
+        for (namespace, labels) in self.by_node.get(node).into_iter().flatten() {
+            for policy in self.index.policies_for(namespace, labels) {
+                let name = format!("{}/{}", policy.id.namespace, policy.id.name);
+                if seen.insert(name.clone()) {
+                    view.insert(
+                        (Kind::Authorization as i32, name),
+                        resource(pb::resource::Kind::Authorization(policy.into())),
+                    );
+                }
+            }
+        }
+        view
+    }
+
+    /// Number of mesh workloads.
+    pub fn workloads(&self) -> usize {
+        self.shared
+            .keys()
+            .filter(|(k, _)| *k == Kind::Workload as i32)
+            .count()
+    }
+}
+
+/// The delta from `old` to `new`: resources added or changed, and keys removed.
+pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>) {
+    let upserts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|(kind, name)| pb::ResourceKey {
+            kind: *kind,
+            name: name.clone(),
+        })
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{MESH_LABEL, Namespace, PolicyEntry};
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (name, enabled) in [("a", true), ("b", true), ("off", false)] {
+            let mut ns = Namespace {
+                name: name.into(),
+                ..Default::default()
+            };
+            if enabled {
+                ns.labels.insert(MESH_LABEL.into(), "enabled".into());
+            }
+            s.namespaces.insert(name.into(), ns);
+        }
+        for (ns, name, node) in [("a", "p1", "n1"), ("b", "p2", "n2"), ("off", "p3", "n1")] {
+            let pod = Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                service_account: "default".into(),
+                node_name: Some(node.into()),
+                ips: vec![format!("10.0.0.{}", name.len()).parse().expect("ip")],
+                ..Default::default()
+            };
+            s.pods.insert((ns.into(), name.into()), pod);
+        }
+        for ns in ["a", "b"] {
+            let text = format!(
+                "apiVersion: security.membrane.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: {ns}}}\nspec: {{}}\n"
+            );
+            let checked = membrane_policy::parse_policies(&text).expect("valid");
+            let c = checked.into_iter().next().expect("one");
+            s.policies.insert(
+                (ns.into(), "p".into()),
+                PolicyEntry {
+                    policy: c.policy,
+                    warnings: c.warnings,
+                },
+            );
+        }
+        s
+    }
+
+    fn bundle() -> TrustBundle {
+        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = std::time::Duration::from_secs(3600);
+        crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
+            .expect("root")
+            .bundle()
+            .clone()
+    }
+
+    fn names(view: &View, kind: Kind) -> Vec<String> {
+        view.keys()
+            .filter(|(k, _)| *k == kind as i32)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_node_gets_every_mesh_workload_but_only_its_policies() {
+        let mesh = MeshView::build(&state(), &bundle());
+        let n1 = mesh.node_view("n1");
+        assert_eq!(names(&n1, Kind::Workload), ["uid-p1", "uid-p2"]);
+        assert_eq!(names(&n1, Kind::Authorization), ["a/p"]);
+        assert_eq!(names(&n1, Kind::TrustBundle), [""]);
+        let n2 = mesh.node_view("n2");
+        assert_eq!(names(&n2, Kind::Authorization), ["b/p"]);
+        assert!(names(&mesh.node_view("n3"), Kind::Authorization).is_empty());
+    }
+
+    #[test]
+    fn diff_reports_upserts_and_removals() {
+        let bundle = bundle();
+        let before = MeshView::build(&state(), &bundle).node_view("n1");
+        let mut s = state();
+        s.pods.remove(&("b".to_owned(), "p2".to_owned()));
+        if let Some(p) = s.pods.get_mut(&("a".to_owned(), "p1".to_owned())) {
+            p.labels.insert("app".into(), "x".into());
+        }
+        let after = MeshView::build(&s, &bundle).node_view("n1");
+        let (upserts, removals) = diff(&before, &after);
+        assert_eq!(upserts.len(), 1);
+        assert!(matches!(
+            &upserts[0].kind,
+            Some(pb::resource::Kind::Workload(w)) if w.uid == "uid-p1"
+        ));
+        assert_eq!(
+            removals,
+            [pb::ResourceKey {
+                kind: Kind::Workload as i32,
+                name: "uid-p2".into()
+            }]
+        );
+        let (u, r) = diff(&after, &after);
+        assert!(u.is_empty() && r.is_empty());
+    }
+}

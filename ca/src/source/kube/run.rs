@@ -1,0 +1,345 @@
+//! The source's task: one watcher per resource merged into one stream, the caches, and the
+//! coalesced publication of snapshots.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{BoxStream, SelectAll, StreamExt};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{Cache, Change};
+use super::convert::{self, Key, Slice};
+use super::policy::{self, PolicyReport, PolicyReports, PolicyVerdict};
+use super::{KubeSourceConfig, ReportSender, StateSender};
+use crate::crd::AuthorizationPolicy;
+use crate::metrics::SourceMetrics;
+use crate::source::model::{ClusterState, Namespace, Pod, PolicyEntry, Service, ServiceAccount};
+
+/// How long after the first change of a quiet period the snapshot is taken, so that the rest
+/// of a burst read in one go lands in the same snapshot.
+const SETTLE: Duration = Duration::from_millis(10);
+/// How often a source still waiting for its initial lists says which.
+const WAITING_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+type PolicyValue = (PolicyReport, Option<PolicyEntry>);
+
+/// One converted watcher event, or a watcher error.
+enum Update {
+    Namespace(Change<String, Namespace>),
+    Pod(Change<Key, Pod>),
+    ServiceAccount(Change<Key, ServiceAccount>),
+    Service(Change<Key, Service>),
+    Slice(Change<Key, Slice>),
+    Policy(Change<Key, PolicyValue>),
+    Error(&'static str, watcher::Error),
+    /// An object without name or namespace (never sent by an API server).
+    Skip,
+}
+
+/// Watches `api` and converts each event with `convert` (the key comes from `key`, so a
+/// deleted or unconvertible object still removes its predecessor).
+fn watch<K, Q, V>(
+    api: Api<K>,
+    resource: &'static str,
+    key: fn(&K) -> Option<Q>,
+    convert: fn(K) -> Option<(Q, V)>,
+    wrap: fn(Change<Q, V>) -> Update,
+) -> BoxStream<'static, Update>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    Q: Send + 'static,
+    V: Send + 'static,
+{
+    let value = move |obj: K| convert(obj).map(|(_, v)| v);
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |event| {
+            let change = match event {
+                Err(e) => return Update::Error(resource, e),
+                Ok(Event::Init) => Change::Init,
+                Ok(Event::InitDone) => Change::InitDone,
+                Ok(Event::InitApply(obj)) => match key(&obj) {
+                    Some(k) => Change::InitApply(k, value(obj)),
+                    None => return Update::Skip,
+                },
+                Ok(Event::Apply(obj)) => match key(&obj) {
+                    Some(k) => Change::Apply(k, value(obj)),
+                    None => return Update::Skip,
+                },
+                Ok(Event::Delete(obj)) => match key(&obj) {
+                    Some(k) => Change::Delete(k),
+                    None => return Update::Skip,
+                },
+            };
+            wrap(change)
+        })
+        .boxed()
+}
+
+fn streams(client: &Client) -> SelectAll<BoxStream<'static, Update>> {
+    futures_util::stream::select_all([
+        watch::<core::Namespace, _, _>(
+            Api::all(client.clone()),
+            "namespaces",
+            convert::namespace_key,
+            convert::namespace,
+            Update::Namespace,
+        ),
+        watch::<core::Pod, _, _>(
+            Api::all(client.clone()),
+            "pods",
+            convert::key,
+            convert::pod,
+            Update::Pod,
+        ),
+        watch::<core::ServiceAccount, _, _>(
+            Api::all(client.clone()),
+            "serviceaccounts",
+            convert::key,
+            convert::service_account,
+            Update::ServiceAccount,
+        ),
+        watch::<core::Service, _, _>(
+            Api::all(client.clone()),
+            "services",
+            convert::key,
+            convert::service,
+            Update::Service,
+        ),
+        watch::<discovery::EndpointSlice, _, _>(
+            Api::all(client.clone()),
+            "endpointslices",
+            convert::key,
+            convert::endpoint_slice,
+            Update::Slice,
+        ),
+        watch::<AuthorizationPolicy, _, _>(
+            Api::all(client.clone()),
+            "authorizationpolicies",
+            convert::key,
+            policy::policy,
+            Update::Policy,
+        ),
+    ])
+}
+
+#[derive(Default)]
+struct Caches {
+    namespaces: Cache<String, Namespace>,
+    pods: Cache<Key, Pod>,
+    service_accounts: Cache<Key, ServiceAccount>,
+    services: Cache<Key, Service>,
+    slices: Cache<Key, Slice>,
+    policies: Cache<Key, PolicyValue>,
+}
+
+impl Caches {
+    /// Applies one converted event; `true` when something visible changed.
+    fn apply(&mut self, update: Update) -> bool {
+        match update {
+            Update::Namespace(c) => self.namespaces.apply(c),
+            Update::Pod(c) => self.pods.apply(c),
+            Update::ServiceAccount(c) => self.service_accounts.apply(c),
+            Update::Service(c) => self.services.apply(c),
+            Update::Slice(c) => self.slices.apply(c),
+            Update::Policy(c) => self.policies.apply(c),
+            Update::Error(..) | Update::Skip => false,
+        }
+    }
+
+    /// Resources whose first list is not complete yet.
+    fn waiting(&self) -> Vec<&'static str> {
+        let ready = [
+            self.namespaces.ready(),
+            self.pods.ready(),
+            self.service_accounts.ready(),
+            self.services.ready(),
+            self.slices.ready(),
+            self.policies.ready(),
+        ];
+        super::RESOURCES
+            .into_iter()
+            .zip(ready)
+            .filter_map(|(name, ready)| (!ready).then_some(name))
+            .collect()
+    }
+
+    fn state(&self) -> ClusterState {
+        ClusterState {
+            namespaces: self.namespaces.items().clone(),
+            pods: self.pods.items().clone(),
+            service_accounts: self.service_accounts.items().clone(),
+            services: convert::join(self.services.items(), self.slices.items()),
+            policies: self
+                .policies
+                .items()
+                .iter()
+                .filter_map(|(k, (_, entry))| Some((k.clone(), entry.clone()?)))
+                .collect(),
+        }
+    }
+
+    fn reports(&self) -> PolicyReports {
+        self.policies
+            .items()
+            .iter()
+            .map(|(k, (report, _))| (k.clone(), report.clone()))
+            .collect()
+    }
+}
+
+/// Watches the cluster through `client` until `cancel` fires, publishing complete states on
+/// `tx` and policy reports on `reports` (see the module docs for when).
+pub async fn run(
+    client: Client,
+    config: KubeSourceConfig,
+    tx: StateSender,
+    reports: ReportSender,
+    metrics: SourceMetrics,
+    cancel: CancellationToken,
+) {
+    let mut updates = streams(&client);
+    let mut caches = Caches::default();
+    let mut synced = false;
+    // When the pending change should be published; `None`: nothing pending.
+    let mut due: Option<Instant> = None;
+    let mut last_published: Option<Instant> = None;
+    let mut waiting_log = tokio::time::interval(WAITING_LOG_PERIOD);
+    waiting_log.reset();
+    loop {
+        if let Some(at) = due
+            && synced
+            && Instant::now() >= at
+        {
+            publish(&caches, &tx, &reports, &metrics);
+            due = None;
+            last_published = Some(Instant::now());
+        }
+        let timer = async {
+            match due {
+                Some(at) if synced => tokio::time::sleep_until(at).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            update = updates.next() => {
+                let Some(update) = update else {
+                    tracing::error!("every Kubernetes watcher ended; the source stops");
+                    return;
+                };
+                if let Update::Error(resource, e) = &update {
+                    watch_error(resource, e, &metrics);
+                    continue;
+                }
+                if !caches.apply(update) {
+                    continue;
+                }
+                if !synced && caches.waiting().is_empty() {
+                    synced = true;
+                    let state = caches.state();
+                    tracing::info!(
+                        namespaces = state.namespaces.len(),
+                        pods = state.pods.len(),
+                        service_accounts = state.service_accounts.len(),
+                        services = state.services.len(),
+                        policies = state.policies.len(),
+                        "Kubernetes source synced"
+                    );
+                    due = Some(Instant::now());
+                } else if due.is_none() {
+                    let settle = Instant::now() + SETTLE.min(config.coalesce);
+                    let spaced = last_published.map(|t| t + config.coalesce);
+                    due = Some(spaced.map_or(settle, |s| s.max(settle)));
+                }
+            }
+            () = timer => {}
+            _ = waiting_log.tick(), if !synced => {
+                tracing::warn!(
+                    waiting_for = ?caches.waiting(),
+                    "Kubernetes source still waiting for initial lists; nothing is published yet"
+                );
+            }
+        }
+    }
+}
+
+fn watch_error(resource: &'static str, e: &watcher::Error, metrics: &SourceMetrics) {
+    metrics.watch_error(resource);
+    let hint = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => match s.code {
+            404 if resource == "authorizationpolicies" => {
+                "is the AuthorizationPolicy CRD (security.membrane.dev) installed?"
+            }
+            401 | 403 => "check the controller's RBAC",
+            _ => "",
+        },
+        _ => "",
+    };
+    if matches!(e, watcher::Error::WatchError(s) if s.code == 410) {
+        // The resource version expired (etcd compaction): routine, the watcher relists.
+        tracing::info!(resource, error = %e, "Kubernetes watch expired; relisting");
+        return;
+    }
+    tracing::warn!(
+        resource,
+        error = %e,
+        hint,
+        "Kubernetes watch failed; retrying with backoff, the last state stays"
+    );
+}
+
+fn publish(caches: &Caches, tx: &StateSender, reports_tx: &ReportSender, metrics: &SourceMetrics) {
+    let state = caches.state();
+    let reports = caches.reports();
+    let invalid = reports
+        .values()
+        .filter(|r| matches!(r.verdict, PolicyVerdict::Invalid { .. }))
+        .count();
+    metrics
+        .invalid_policies
+        .set(i64::try_from(invalid).unwrap_or(i64::MAX));
+    let counts = (
+        state.namespaces.len(),
+        state.pods.len(),
+        state.services.len(),
+        state.policies.len(),
+    );
+    let mut state = Some(state);
+    let published = tx.send_if_modified(|current| {
+        if current.as_deref() == state.as_ref() {
+            return false;
+        }
+        *current = state.take().map(Arc::new);
+        true
+    });
+    if published {
+        metrics.reloads.inc();
+        tracing::debug!(
+            namespaces = counts.0,
+            pods = counts.1,
+            services = counts.2,
+            policies = counts.3,
+            invalid_policies = invalid,
+            "Kubernetes source published a new state"
+        );
+    }
+    let mut reports = Some(reports);
+    reports_tx.send_if_modified(|current| {
+        if current.as_deref() == reports.as_ref() {
+            return false;
+        }
+        *current = reports.take().map(Arc::new);
+        true
+    });
+}

@@ -1,0 +1,394 @@
+//! Node authentication: which node is calling, from a bootstrap token (directory mode) or
+//! from the ztunnel's projected ServiceAccount token checked with a Kubernetes TokenReview.
+//!
+//! Kubernetes mode (DESIGN §3): the ztunnel sends its bound service account token as
+//! `authorization: Bearer <token>`, requested for the controller's audience (`membrane-ca` by
+//! default). The controller creates an `authentication.k8s.io/v1` TokenReview with that
+//! audience and accepts the token only if the API server says
+//!
+//! 1. `authenticated: true`, with the audience echoed in `status.audiences` (an API server
+//!    that ignores audiences would otherwise accept a token minted for anything else);
+//! 2. user `system:serviceaccount:<ns>:<sa>` is one of the configured ztunnel accounts
+//!    (`membrane-system/ztunnel` by default);
+//! 3. `user.extra["authentication.kubernetes.io/node-name"]` names exactly one node: bound
+//!    pod tokens carry it (Kubernetes ≥ 1.30). A token without it — a legacy Secret token, a
+//!    token not bound to a pod — is refused: it says nothing about where it runs.
+//!
+//! The node name is the same result the bootstrap token gives, and node authorization
+//! ([`crate::node_auth::authorize`]) follows unchanged. Positive results are cached for
+//! [`TokenReviewConfig::cache_ttl`] (30 s) by SHA-256 of the token, so a node renewing many
+//! certificates costs one review; a revoked token may therefore be honoured for up to that
+//! long. Negative results are never cached. An API server that cannot be reached (or refuses
+//! the controller itself) gives [`TokenReviewError::Unavailable`] → gRPC `UNAVAILABLE`, so a
+//! ztunnel retries instead of giving up on a credential that may be fine.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use ring::digest;
+use tokio::time::Instant;
+
+use crate::metrics::{RefusalReason, TokenReviewMetrics};
+use crate::node_auth::BootstrapTokens;
+
+/// The `user.extra` key that carries the node of a bound pod token.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// Default audience of the ztunnel's projected token.
+pub const DEFAULT_AUDIENCE: &str = "membrane-ca";
+/// Default ztunnel service account (`namespace/name`).
+pub const DEFAULT_ZTUNNEL_ACCOUNT: &str = "membrane-system/ztunnel";
+/// Longest token sent for review (projected tokens are about 1 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Most cached positive results.
+const CACHE_CAPACITY: usize = 4096;
+
+/// How tokens are reviewed.
+#[derive(Debug, Clone)]
+pub struct TokenReviewConfig {
+    /// Audience the token must be issued for.
+    pub audience: String,
+    /// Service accounts (`namespace`, `name`) whose tokens identify nodes.
+    pub ztunnel_accounts: Vec<(String, String)>,
+    /// How long a positive result is reused.
+    pub cache_ttl: Duration,
+    /// Deadline of one TokenReview call.
+    pub timeout: Duration,
+}
+
+impl Default for TokenReviewConfig {
+    fn default() -> Self {
+        Self {
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            ztunnel_accounts: vec![("membrane-system".to_owned(), "ztunnel".to_owned())],
+            cache_ttl: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Parses `namespace/name` (the `--ztunnel-service-account` flag).
+pub fn parse_account(text: &str) -> Result<(String, String), String> {
+    let (ns, sa) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?}: expected <namespace>/<service-account>"))?;
+    membrane_identity::spiffe_id::validate_namespace(ns).map_err(|e| format!("{text:?}: {e}"))?;
+    membrane_identity::spiffe_id::validate_service_account(sa)
+        .map_err(|e| format!("{text:?}: {e}"))?;
+    Ok((ns.to_owned(), sa.to_owned()))
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenReviewError {
+    /// The API server did not authenticate the token (or not for our audience).
+    #[error("token not authenticated: {0}")]
+    Unauthenticated(String),
+    /// A valid token of a service account that is not a ztunnel's.
+    #[error("{username} is not a ztunnel service account")]
+    WrongAccount {
+        /// The token's user.
+        username: String,
+    },
+    /// A ztunnel token that is not bound to a pod on a node.
+    #[error(
+        "the token of {username} names no node (no {NODE_NAME_EXTRA}); mount a projected \
+         service account token"
+    )]
+    NoNodeBinding {
+        /// The token's user.
+        username: String,
+    },
+    /// The TokenReview could not be made.
+    #[error("cannot review the token with the Kubernetes API: {0}")]
+    Unavailable(String),
+}
+
+impl TokenReviewError {
+    /// The metric outcome label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::WrongAccount { .. } => "wrong_account",
+            Self::NoNodeBinding { .. } => "no_node_binding",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+type Digest = [u8; 32];
+
+fn sha256(token: &str) -> Digest {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+/// Checks ztunnel tokens with TokenReview.
+pub struct TokenReviewer {
+    api: Api<TokenReview>,
+    config: TokenReviewConfig,
+    usernames: BTreeSet<String>,
+    cache: Mutex<HashMap<Digest, (String, Instant)>>,
+    metrics: TokenReviewMetrics,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audience", &self.config.audience)
+            .field("accounts", &self.usernames)
+            .finish()
+    }
+}
+
+impl TokenReviewer {
+    /// A reviewer calling the API through `client`.
+    pub fn new(client: Client, config: TokenReviewConfig, metrics: TokenReviewMetrics) -> Self {
+        let usernames = config
+            .ztunnel_accounts
+            .iter()
+            .map(|(ns, sa)| format!("system:serviceaccount:{ns}:{sa}"))
+            .collect();
+        Self {
+            api: Api::all(client),
+            config,
+            usernames,
+            cache: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// The node `token` belongs to.
+    pub async fn node_for(&self, token: &str) -> Result<String, TokenReviewError> {
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            self.metrics.result("unauthenticated");
+            return Err(TokenReviewError::Unauthenticated(
+                "empty or oversized token".to_owned(),
+            ));
+        }
+        let digest = sha256(token);
+        if let Some(node) = self.cached(&digest) {
+            self.metrics.result("cached");
+            return Ok(node);
+        }
+        match self.review(token).await {
+            Ok(node) => {
+                self.metrics.result("authenticated");
+                self.remember(digest, &node);
+                Ok(node)
+            }
+            Err(e) => {
+                self.metrics.result(e.outcome());
+                if let TokenReviewError::Unavailable(reason) = &e {
+                    tracing::warn!(error = %reason, "TokenReview failed; node credential not checked");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn cached(&self, digest: &Digest) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let (node, expires) = cache.get(digest)?;
+        (Instant::now() < *expires).then(|| node.clone())
+    }
+
+    fn remember(&self, digest: Digest, node: &str) {
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, (_, expires)| *expires > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (node.to_owned(), now + self.config.cache_ttl));
+    }
+
+    async fn review(&self, token: &str) -> Result<String, TokenReviewError> {
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                audiences: Some(vec![self.config.audience.clone()]),
+                token: Some(token.to_owned()),
+            },
+            ..Default::default()
+        };
+        let params = PostParams::default();
+        let call = self.api.create(&params, &request);
+        let review = match tokio::time::timeout(self.config.timeout, call).await {
+            Err(_) => {
+                return Err(TokenReviewError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.config.timeout
+                )));
+            }
+            Ok(Err(e)) => return Err(TokenReviewError::Unavailable(e.to_string())),
+            Ok(Ok(review)) => review,
+        };
+        let status = review.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let reason = status
+                .error
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "rejected by the API server".to_owned());
+            return Err(TokenReviewError::Unauthenticated(reason));
+        }
+        let audiences = status.audiences.unwrap_or_default();
+        if !audiences.contains(&self.config.audience) {
+            return Err(TokenReviewError::Unauthenticated(format!(
+                "not issued for audience {:?}",
+                self.config.audience
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if !self.usernames.contains(&username) {
+            return Err(TokenReviewError::WrongAccount { username });
+        }
+        let nodes = user
+            .extra
+            .unwrap_or_default()
+            .remove(NODE_NAME_EXTRA)
+            .unwrap_or_default();
+        match nodes.as_slice() {
+            [node] if !node.is_empty() => Ok(node.clone()),
+            _ => Err(TokenReviewError::NoNodeBinding { username }),
+        }
+    }
+}
+
+/// How the controller learns which node is calling.
+#[derive(Debug, Clone)]
+pub enum NodeAuthenticator {
+    /// Bootstrap tokens from a file (directory mode).
+    Bootstrap(Arc<BootstrapTokens>),
+    /// Projected ServiceAccount tokens checked with TokenReview (Kubernetes mode).
+    Kubernetes(Arc<TokenReviewer>),
+}
+
+impl From<BootstrapTokens> for NodeAuthenticator {
+    fn from(tokens: BootstrapTokens) -> Self {
+        Self::Bootstrap(Arc::new(tokens))
+    }
+}
+
+impl From<TokenReviewer> for NodeAuthenticator {
+    fn from(reviewer: TokenReviewer) -> Self {
+        Self::Kubernetes(Arc::new(reviewer))
+    }
+}
+
+/// Why a caller is not known as a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeAuthFailure {
+    /// No usable `authorization: Bearer` metadata.
+    #[error("{0}")]
+    Credential(&'static str),
+    /// A bootstrap token that is not in the token file.
+    #[error("unknown token")]
+    UnknownToken,
+    /// Refused by TokenReview (or TokenReview could not be made).
+    #[error(transparent)]
+    TokenReview(#[from] TokenReviewError),
+}
+
+impl NodeAuthFailure {
+    /// The refusal reason counted in `membrane_ca_csr_refused_total`.
+    pub fn refusal(&self) -> RefusalReason {
+        match self {
+            Self::TokenReview(TokenReviewError::Unavailable(_)) => RefusalReason::AuthUnavailable,
+            _ => RefusalReason::Unauthenticated,
+        }
+    }
+
+    /// The gRPC status for the caller: `UNAVAILABLE` when the credential could not be
+    /// checked, `UNAUTHENTICATED` otherwise.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Self::TokenReview(TokenReviewError::Unavailable(_)) => {
+                tonic::Status::unavailable("the node credential cannot be checked right now; retry")
+            }
+            other => tonic::Status::unauthenticated(format!("node credential refused: {other}")),
+        }
+    }
+}
+
+/// The token of a call's `authorization: Bearer <token>` metadata.
+pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, &'static str> {
+    let value = metadata
+        .get("authorization")
+        .ok_or("no authorization metadata")?
+        .to_str()
+        .map_err(|_| "authorization metadata is not ASCII")?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or("authorization metadata is not a Bearer token")?;
+    Ok(token.trim())
+}
+
+impl NodeAuthenticator {
+    /// The node named by the call's `authorization: Bearer <token>` metadata.
+    pub async fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<String, NodeAuthFailure> {
+        let token = bearer_token(metadata).map_err(NodeAuthFailure::Credential)?;
+        self.node_for(token).await
+    }
+
+    /// The node a bare token belongs to.
+    pub async fn node_for(&self, token: &str) -> Result<String, NodeAuthFailure> {
+        match self {
+            Self::Bootstrap(tokens) => tokens
+                .node_for(token)
+                .map(str::to_owned)
+                .ok_or(NodeAuthFailure::UnknownToken),
+            Self::Kubernetes(reviewer) => Ok(reviewer.node_for(token).await?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_parse() {
+        assert_eq!(
+            parse_account(DEFAULT_ZTUNNEL_ACCOUNT),
+            Ok(("membrane-system".to_owned(), "ztunnel".to_owned()))
+        );
+        for bad in ["ztunnel", "a/b/c", "/ztunnel", "Ns/sa", "ns/"] {
+            assert!(parse_account(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn failures_map_to_grpc_codes() {
+        let unavailable = NodeAuthFailure::from(TokenReviewError::Unavailable("down".into()));
+        assert_eq!(unavailable.status().code(), tonic::Code::Unavailable);
+        assert_eq!(unavailable.refusal(), RefusalReason::AuthUnavailable);
+        for refused in [
+            NodeAuthFailure::UnknownToken,
+            NodeAuthFailure::Credential("no authorization metadata"),
+            TokenReviewError::Unauthenticated("x".into()).into(),
+            TokenReviewError::WrongAccount {
+                username: "system:serviceaccount:a:b".into(),
+            }
+            .into(),
+            TokenReviewError::NoNodeBinding {
+                username: "system:serviceaccount:a:b".into(),
+            }
+            .into(),
+        ] {
+            assert_eq!(refused.status().code(), tonic::Code::Unauthenticated);
+            assert_eq!(refused.refusal(), RefusalReason::Unauthenticated);
+        }
+    }
+}

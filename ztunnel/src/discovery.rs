@@ -1,0 +1,615 @@
+//! The discovery client: the node's view of the mesh, streamed from the controller.
+//!
+//! The ztunnel opens `Discovery.Watch(node)` with its node credential, applies the first
+//! snapshot and every delta *whole* (a resource that fails validation rejects its update, the
+//! last good state stays, and the stream is reopened so a fresh snapshot resynchronises), and
+//! publishes workloads, Services, the trust bundle and the compiled policy to the proxy. When
+//! the stream breaks, the ztunnel keeps enforcing its last state and reconnects with capped
+//! exponential backoff and jitter; the snapshot that opens every stream replaces everything,
+//! so removals made while it was away take effect. The ztunnel turns ready once the first
+//! snapshot is applied and the pods of a previous run are re-enrolled.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{SharedTrustBundle, TrustBundle, TrustDomain, WorkloadIdentity};
+use membrane_policy::PolicyIndex;
+use membrane_proto::v1 as pb;
+use pb::discovery_client::DiscoveryClient;
+use pb::resource::Kind as ResourceKind;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::{Authorizer, ROOT_NAMESPACE};
+use crate::certs::CaConfig;
+use crate::conntrack::OpenConnections;
+use crate::state::{MeshState, PlaintextMode, Protocol, ServiceTarget, Workload};
+
+/// First reconnect delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// Largest update accepted (a snapshot of a large mesh).
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
+
+/// Labels of the update counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpdateLabels {
+    /// `snapshot` or `delta`.
+    pub kind: &'static str,
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+}
+
+/// Discovery client metrics.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveryMetrics {
+    connected: Gauge,
+    updates: Family<UpdateLabels, Counter>,
+    reconnects: Counter,
+    version: Gauge,
+}
+
+impl DiscoveryMetrics {
+    /// Registers the metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "discovery_connected",
+            "1 while the discovery stream from the controller is open",
+            m.connected.clone(),
+        );
+        registry.register(
+            "discovery_updates",
+            "Discovery updates received, by kind and result",
+            m.updates.clone(),
+        );
+        registry.register(
+            "discovery_reconnects",
+            "Discovery stream (re)connection attempts after a failure",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "discovery_version",
+            "Version of the last applied discovery update",
+            m.version.clone(),
+        );
+        m
+    }
+}
+
+/// Why an update was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// A resource is malformed.
+    #[error("{kind} {name}: {message}")]
+    Invalid {
+        /// Resource kind.
+        kind: &'static str,
+        /// Its key.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A delta arrived before any snapshot.
+    #[error("a delta arrived before the first snapshot")]
+    NoSnapshot,
+}
+
+/// Resources held, by (kind, key).
+pub type Held = BTreeMap<(i32, String), pb::Resource>;
+
+/// What the proxy uses, built from the held resources.
+#[derive(Debug)]
+pub struct Built {
+    /// Workloads and Services.
+    pub state: MeshState,
+    /// Compiled policy.
+    pub policy: PolicyIndex,
+    /// The trust bundle, when one was sent.
+    pub bundle: Option<TrustBundle>,
+}
+
+fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
+    use pb::resource_key::Kind;
+    Some(match resource.kind.as_ref()? {
+        ResourceKind::Workload(w) => (Kind::Workload as i32, w.uid.clone()),
+        ResourceKind::Service(s) => (Kind::Service as i32, format!("{}/{}", s.namespace, s.name)),
+        ResourceKind::Authorization(a) => (
+            Kind::Authorization as i32,
+            format!("{}/{}", a.namespace, a.name),
+        ),
+        ResourceKind::TrustBundle(_) => (Kind::TrustBundle as i32, String::new()),
+    })
+}
+
+/// Applies `update` to a copy of `held`; the caller keeps `held` when this fails.
+pub fn apply(held: Option<&Held>, update: &pb::Update) -> Result<Held, UpdateError> {
+    let mut next = match (update.snapshot, held) {
+        (true, _) => Held::new(),
+        (false, Some(held)) => held.clone(),
+        (false, None) => return Err(UpdateError::NoSnapshot),
+    };
+    for key in &update.removals {
+        next.remove(&(key.kind, key.name.clone()));
+    }
+    for resource in &update.upserts {
+        let key = key_of(resource).ok_or_else(|| UpdateError::Invalid {
+            kind: "resource",
+            name: String::new(),
+            message: "empty resource".into(),
+        })?;
+        next.insert(key, resource.clone());
+    }
+    Ok(next)
+}
+
+fn invalid(kind: &'static str, name: &str, message: impl ToString) -> UpdateError {
+    UpdateError::Invalid {
+        kind,
+        name: name.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn port(kind: &'static str, name: &str, value: u32) -> Result<u16, UpdateError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid(kind, name, format!("port {value} is not 1-65535")))
+}
+
+fn workload(w: &pb::Workload, td: &TrustDomain) -> Result<Workload, UpdateError> {
+    let identity = WorkloadIdentity::new(td, &w.namespace, &w.service_account)
+        .map_err(|e| invalid("workload", &w.uid, e))?;
+    let ips = w
+        .ips
+        .iter()
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| invalid("workload", &w.uid, format!("{ip:?} is not an IP")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match pb::workload::Protocol::try_from(w.protocol) {
+        Ok(pb::workload::Protocol::Hbone) => Protocol::Hbone,
+        Ok(pb::workload::Protocol::Tcp) => Protocol::Tcp,
+        Err(_) => return Err(invalid("workload", &w.uid, "unknown protocol")),
+    };
+    Ok(Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        node: w.node.clone(),
+        ips,
+        protocol,
+        labels: w.labels.clone().into_iter().collect(),
+        identity,
+    })
+}
+
+fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {
+    let name = format!("{}/{}", s.namespace, s.name);
+    let vips = s
+        .vips
+        .iter()
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| invalid("service", &name, format!("{ip:?} is not an IP")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for p in &s.ports {
+        let service_port = port("service", &name, p.port)?;
+        let mut endpoints = Vec::new();
+        for e in s.endpoints.iter().filter(|e| e.ready) {
+            let ip: IpAddr =
+                e.ip.parse()
+                    .map_err(|_| invalid("service", &name, format!("{:?} is not an IP", e.ip)))?;
+            let target = match e.ports.get(&p.name) {
+                Some(n) => port("service", &name, *n)?,
+                None if p.target_port == 0 => continue,
+                None => port("service", &name, p.target_port)?,
+            };
+            endpoints.push(SocketAddr::new(ip, target));
+        }
+        for vip in &vips {
+            state.add_service(
+                SocketAddr::new(*vip, service_port),
+                ServiceTarget {
+                    service: name.clone(),
+                    endpoints: endpoints.clone(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Builds what the proxy uses from the held resources, validating every value.
+pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
+    let mut state = MeshState::empty_loaded();
+    let mut policies = Vec::new();
+    let mut bundle = None;
+    for resource in held.values() {
+        match &resource.kind {
+            Some(ResourceKind::Workload(w)) => {
+                let mode = if w.plaintext_permitted {
+                    PlaintextMode::Permit
+                } else {
+                    PlaintextMode::Deny
+                };
+                state.set_plaintext(&w.namespace, mode);
+                state
+                    .insert(workload(w, td)?)
+                    .map_err(|m| invalid("workload", &w.uid, m))?;
+            }
+            Some(ResourceKind::Service(s)) => service(s, &mut state)?,
+            Some(ResourceKind::Authorization(a)) => {
+                let name = format!("{}/{}", a.namespace, a.name);
+                let policy = membrane_policy::Policy::try_from(a.clone())
+                    .map_err(|e| invalid("authorization", &name, e))?;
+                policies.push(policy);
+            }
+            Some(ResourceKind::TrustBundle(b)) => {
+                if b.trust_domain != td.to_string() {
+                    return Err(invalid(
+                        "trust bundle",
+                        &b.trust_domain,
+                        format!("trust domain is not {td}"),
+                    ));
+                }
+                let roots = b.roots_der.iter().cloned().map(CertificateDer::from);
+                let built = TrustBundle::new(td.clone(), roots)
+                    .map_err(|e| invalid("trust bundle", "", e))?;
+                bundle = Some(built);
+            }
+            None => return Err(invalid("resource", "", "empty resource")),
+        }
+    }
+    Ok(Built {
+        state,
+        policy: PolicyIndex::build(policies, ROOT_NAMESPACE),
+        bundle,
+    })
+}
+
+/// Where the client publishes what it receives.
+#[derive(Debug)]
+pub struct Sinks {
+    /// Workloads and Services.
+    pub state: watch::Sender<Arc<MeshState>>,
+    /// Compiled policy.
+    pub policy: watch::Sender<Arc<PolicyIndex>>,
+    /// The trust bundle peers are verified against.
+    pub bundle: SharedTrustBundle,
+    /// Re-decides open connections after a change.
+    pub authorizer: Authorizer,
+    /// Open connections.
+    pub open: Arc<OpenConnections>,
+    /// Turns true when the first snapshot is applied.
+    pub loaded: watch::Sender<bool>,
+}
+
+/// The discovery client.
+#[derive(Debug)]
+pub struct Client {
+    /// The controller.
+    pub ca: CaConfig,
+    /// This node.
+    pub node: String,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Where updates go.
+    pub sinks: Sinks,
+    /// Metrics.
+    pub metrics: DiscoveryMetrics,
+}
+
+enum StreamEnd {
+    /// The controller closed the stream or the connection failed.
+    Broken(String),
+    /// An update was rejected; resynchronise.
+    Rejected(UpdateError),
+    /// Shutting down.
+    Cancelled,
+}
+
+fn jittered(delay: Duration) -> Duration {
+    let factor = rand::random_range(0.5..1.0);
+    delay.mul_f64(factor)
+}
+
+// === impl Client ===
+
+impl Client {
+    /// Runs until `cancel` fires: connects, applies, reconnects.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut held: Option<Held> = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let (end, got_snapshot) = self.session(&mut held, &cancel).await;
+            self.metrics.connected.set(0);
+            match end {
+                StreamEnd::Cancelled => return,
+                StreamEnd::Broken(reason) => {
+                    tracing::warn!(node = %self.node, reason, "discovery stream lost; serving the last state");
+                }
+                StreamEnd::Rejected(error) => {
+                    tracing::error!(node = %self.node, error = %error, "discovery update rejected; keeping the last state and resynchronising");
+                }
+            }
+            if got_snapshot {
+                backoff = BACKOFF_MIN;
+            }
+            let delay = jittered(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            self.metrics.reconnects.inc();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<tonic::Streaming<pb::Update>, String> {
+        let channel = crate::certs::channel(&self.ca, None).map_err(|e| e.to_string())?;
+        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_LEN);
+        let mut request = tonic::Request::new(pb::WatchRequest {
+            node: self.node.clone(),
+        });
+        let auth = self.ca.bearer().map_err(|e| e.to_string())?;
+        request.metadata_mut().insert("authorization", auth);
+        let response = client
+            .watch(request)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        Ok(response.into_inner())
+    }
+
+    /// One stream: returns how it ended and whether a snapshot was applied.
+    async fn session(
+        &self,
+        held: &mut Option<Held>,
+        cancel: &CancellationToken,
+    ) -> (StreamEnd, bool) {
+        let mut stream = tokio::select! {
+            _ = cancel.cancelled() => return (StreamEnd::Cancelled, false),
+            r = self.connect() => match r {
+                Ok(stream) => stream,
+                Err(e) => return (StreamEnd::Broken(e), false),
+            },
+        };
+        let mut got_snapshot = false;
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => return (StreamEnd::Cancelled, got_snapshot),
+                m = stream.message() => m,
+            };
+            let update = match message {
+                Ok(Some(update)) => update,
+                Ok(None) => {
+                    return (
+                        StreamEnd::Broken("the controller ended the stream".into()),
+                        got_snapshot,
+                    );
+                }
+                Err(s) => {
+                    return (
+                        StreamEnd::Broken(format!("{:?}: {}", s.code(), s.message())),
+                        got_snapshot,
+                    );
+                }
+            };
+            // The first message of every stream must be a snapshot: a delta would apply on
+            // top of state the controller does not know we hold.
+            let base = if got_snapshot { held.as_ref() } else { None };
+            let kind = if update.snapshot { "snapshot" } else { "delta" };
+            let result = apply(base, &update)
+                .and_then(|next| build(&next, &self.trust_domain).map(|b| (next, b)));
+            match result {
+                Ok((next, built)) => {
+                    self.publish(built);
+                    *held = Some(next);
+                    got_snapshot |= update.snapshot;
+                    self.metrics.connected.set(1);
+                    self.metrics
+                        .version
+                        .set(i64::try_from(update.version).unwrap_or(i64::MAX));
+                    self.metrics
+                        .updates
+                        .get_or_create(&UpdateLabels {
+                            kind,
+                            result: "applied",
+                        })
+                        .inc();
+                    tracing::info!(
+                        node = %self.node,
+                        version = update.version,
+                        kind,
+                        upserts = update.upserts.len(),
+                        removals = update.removals.len(),
+                        "discovery update applied"
+                    );
+                }
+                Err(e) => {
+                    self.metrics
+                        .updates
+                        .get_or_create(&UpdateLabels {
+                            kind,
+                            result: "rejected",
+                        })
+                        .inc();
+                    return (StreamEnd::Rejected(e), got_snapshot);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, built: Built) {
+        let sinks = &self.sinks;
+        if let Some(bundle) = built.bundle
+            && *sinks.bundle.load() != bundle
+        {
+            tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
+            sinks.bundle.store(bundle);
+        }
+        sinks.state.send_replace(Arc::new(built.state));
+        sinks.policy.send_replace(Arc::new(built.policy));
+        let closed = sinks.authorizer.recheck(&sinks.open);
+        if closed > 0 {
+            tracing::info!(closed, "connections closed after a discovery update");
+        }
+        sinks.loaded.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::resource_key::Kind;
+
+    fn td() -> TrustDomain {
+        membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td")
+    }
+
+    fn wl(uid: &str, ip: &str) -> pb::Resource {
+        pb::Resource {
+            kind: Some(ResourceKind::Workload(pb::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                node: "n1".into(),
+                ips: vec![ip.into()],
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn update(snapshot: bool, upserts: Vec<pb::Resource>, removals: &[&str]) -> pb::Update {
+        pb::Update {
+            version: 1,
+            snapshot,
+            upserts,
+            removals: removals
+                .iter()
+                .map(|n| pb::ResourceKey {
+                    kind: Kind::Workload as i32,
+                    name: (*n).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snapshot_replaces_and_delta_patches() {
+        let first = apply(
+            None,
+            &update(true, vec![wl("a", "10.0.0.1"), wl("b", "10.0.0.2")], &[]),
+        )
+        .expect("snapshot");
+        let second = apply(
+            Some(&first),
+            &update(false, vec![wl("c", "10.0.0.3")], &["a"]),
+        )
+        .expect("delta");
+        let built = build(&second, &td()).expect("valid");
+        assert!(built.state.by_uid("a").is_none());
+        assert!(built.state.by_uid("b").is_some() && built.state.by_uid("c").is_some());
+        // A new snapshot drops what it does not name (removals made while away).
+        let third =
+            apply(Some(&second), &update(true, vec![wl("c", "10.0.0.3")], &[])).expect("snapshot");
+        assert_eq!(third.len(), 1);
+        assert!(matches!(
+            apply(None, &update(false, vec![], &[])),
+            Err(UpdateError::NoSnapshot)
+        ));
+    }
+
+    #[test]
+    fn invalid_resources_reject_the_whole_update() {
+        for bad in [
+            wl("x", "not-an-ip"),
+            pb::Resource { kind: None },
+            pb::Resource {
+                kind: Some(ResourceKind::Workload(pb::Workload {
+                    uid: "y".into(),
+                    namespace: "Bad_NS".into(),
+                    service_account: "sa".into(),
+                    ..Default::default()
+                })),
+            },
+            pb::Resource {
+                kind: Some(ResourceKind::Service(pb::Service {
+                    namespace: "ns".into(),
+                    name: "s".into(),
+                    vips: vec!["10.96.0.1".into()],
+                    ports: vec![pb::ServicePort {
+                        name: String::new(),
+                        port: 70000,
+                        target_port: 80,
+                    }],
+                    endpoints: vec![],
+                })),
+            },
+        ] {
+            let result = apply(None, &update(true, vec![wl("a", "10.0.0.1"), bad], &[]))
+                .and_then(|h| build(&h, &td()).map(|_| ()));
+            assert!(result.is_err());
+        }
+        // Two workloads claiming one IP.
+        let held = apply(
+            None,
+            &update(true, vec![wl("a", "10.0.0.1"), wl("b", "10.0.0.1")], &[]),
+        )
+        .expect("applies");
+        assert!(build(&held, &td()).is_err());
+    }
+
+    #[test]
+    fn services_resolve_to_ready_endpoints() {
+        let svc = pb::Resource {
+            kind: Some(ResourceKind::Service(pb::Service {
+                namespace: "ns".into(),
+                name: "store".into(),
+                vips: vec!["10.96.0.10".into()],
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec![
+                    pb::Endpoint {
+                        ip: "10.0.0.1".into(),
+                        ready: true,
+                        ..Default::default()
+                    },
+                    pb::Endpoint {
+                        ip: "10.0.0.2".into(),
+                        ready: false,
+                        ..Default::default()
+                    },
+                ],
+            })),
+        };
+        let held = apply(None, &update(true, vec![wl("a", "10.0.0.1"), svc], &[])).expect("ok");
+        let built = build(&held, &td()).expect("valid");
+        let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+        for _ in 0..20 {
+            let (dst, w) = built.state.resolve(vip);
+            assert_eq!(dst, "10.0.0.1:8080".parse().expect("addr"));
+            assert_eq!(w.map(|w| w.uid.clone()).as_deref(), Some("a"));
+        }
+        let other: SocketAddr = "10.96.0.10:81".parse().expect("addr");
+        assert_eq!(built.state.resolve(other), (other, None));
+    }
+}
