@@ -145,6 +145,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     let SignerConfig {
         default_ttl,
         max_ttl,
+        ..
     } = config.signer;
     if default_ttl.is_zero() || default_ttl > max_ttl {
         return Err(StartError::Lifetimes {

@@ -104,6 +104,10 @@ struct ServeArgs {
     /// Longest workload certificate lifetime granted.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_ttl: Duration,
+    /// Fraction of a workload certificate's lifetime after which ztunnels renew it (they add
+    /// their own jitter).
+    #[arg(long, default_value_t = membrane_ca::signer::DEFAULT_RENEWAL_FRACTION, value_parser = parse_fraction)]
+    renewal_fraction: f64,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -113,6 +117,13 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.05..=0.95).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?}: expected a number between 0.05 and 0.95")),
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -158,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,
+            renewal_fraction: args.renewal_fraction,
         },
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -163,6 +163,7 @@ impl Certificates for CertificateService {
             cert_chain_der: signed.chain.iter().map(|c| c.to_vec()).collect(),
             trust_roots_der: self.signer.bundle().roots().map(|c| c.to_vec()).collect(),
             not_after_unix: signed.not_after.unix_timestamp(),
+            refresh_at_unix: signed.refresh_at.unix_timestamp(),
         }))
     }
 }

@@ -19,19 +19,26 @@ use crate::authority::SigningAuthority;
 pub const BACKDATE: Duration = Duration::from_secs(10);
 
 /// Lifetimes the signer applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SignerConfig {
     /// Lifetime when the request asks for none (default 24 h).
     pub default_ttl: Duration,
     /// Longest lifetime granted, whatever the request says (default 24 h).
     pub max_ttl: Duration,
+    /// Fraction of a certificate's lifetime after which nodes are told to renew it (before
+    /// their jitter); default 0.5.
+    pub renewal_fraction: f64,
 }
+
+/// The renewal fraction nodes are told when nothing else is configured.
+pub const DEFAULT_RENEWAL_FRACTION: f64 = 0.5;
 
 impl Default for SignerConfig {
     fn default() -> Self {
         Self {
             default_ttl: Duration::from_secs(24 * 3600),
             max_ttl: Duration::from_secs(24 * 3600),
+            renewal_fraction: DEFAULT_RENEWAL_FRACTION,
         }
     }
 }
@@ -53,8 +60,12 @@ pub enum SignError {
 pub struct SignedSvid {
     /// Leaf followed by the intermediates.
     pub chain: Vec<CertificateDer<'static>>,
+    /// Start of the leaf's validity (backdated by [`BACKDATE`]).
+    pub not_before: OffsetDateTime,
     /// End of the leaf's validity.
     pub not_after: OffsetDateTime,
+    /// When the node should renew it: the renewal fraction of the lifetime.
+    pub refresh_at: OffsetDateTime,
     /// Serial, lower-case hex.
     pub serial: String,
 }
@@ -175,14 +186,19 @@ impl Signer {
         if not_after <= now {
             return Err(SignError::AuthorityExpired(limit));
         }
-        let (params, serial) = leaf_params(sans, now - BACKDATE, not_after);
+        let not_before = now - BACKDATE;
+        let (params, serial) = leaf_params(sans, not_before, not_after);
         let leaf = params.signed_by(public_key, &self.authority.issuer)?;
         let mut chain = Vec::with_capacity(1 + self.authority.chain.len());
         chain.push(leaf.der().clone());
         chain.extend(self.authority.chain.iter().cloned());
+        let fraction = self.config.renewal_fraction.clamp(0.05, 0.95);
+        let refresh_at = not_before + (not_after - not_before) * fraction;
         Ok(SignedSvid {
             chain,
+            not_before,
             not_after,
+            refresh_at,
             serial,
         })
     }

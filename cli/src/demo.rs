@@ -99,6 +99,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         signer: membrane_ca::SignerConfig {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(24 * 3600),
+            ..membrane_ca::SignerConfig::default()
         },
     };
     let mut out = Narrator { json, step: 0 };

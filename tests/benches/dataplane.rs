@@ -738,6 +738,7 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["bench".into()],
         plaintext_permit: vec![],
         policies: String::new(),
+        cert_ttl: None,
         local_files: false,
     }
 }

@@ -98,6 +98,7 @@ pub struct TestCa {
     pub dir: tempfile::TempDir,
     running: Option<Running>,
     paused: Option<(SocketAddr, SocketAddr)>,
+    signer: SignerConfig,
 }
 
 impl TestCa {
@@ -125,6 +126,16 @@ impl TestCa {
         files: &[(&str, &str)],
         nodes: &[String],
     ) -> anyhow::Result<Self> {
+        Self::start_with_signer(files, nodes, SignerConfig::default()).await
+    }
+
+    /// As [`TestCa::start_with_files`], with the given certificate lifetimes (kept across
+    /// [`TestCa::pause`] and [`TestCa::resume`]).
+    pub async fn start_with_signer(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         for (name, content) in files {
@@ -135,7 +146,9 @@ impl TestCa {
             .map(|n| format!("{n} {}\n", node_token(n)))
             .collect();
         std::fs::write(dir.path().join("tokens"), tokens)?;
-        Self::start_in(dir, None).await
+        let mut config = Self::config(dir.path(), None);
+        config.signer = signer;
+        Self::run_config(dir, config).await
     }
 
     /// Starts (or restarts) a controller over an existing harness directory.
@@ -145,12 +158,14 @@ impl TestCa {
     }
 
     async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
+        let config_signer = config.signer;
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
             dir,
             running: Some(running),
             paused: None,
+            signer: config_signer,
         })
     }
 
@@ -208,7 +223,9 @@ impl TestCa {
     /// Starts another controller replica over the same directory (same root, same manifests,
     /// same tokens) on fresh loopback ports; the caller shuts it down.
     pub async fn replica(&self) -> anyhow::Result<Running> {
-        let running = app::start(Self::config(self.dir.path(), None)).await?;
+        let mut config = Self::config(self.dir.path(), None);
+        config.signer = self.signer;
+        let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(running)
     }
@@ -244,6 +261,7 @@ impl TestCa {
             .take()
             .ok_or_else(|| anyhow::anyhow!("controller not paused"))?;
         let mut config = Self::config(self.dir.path(), None);
+        config.signer = self.signer;
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

@@ -63,6 +63,9 @@ pub struct MeshSpec {
     /// AuthorizationPolicy documents every ztunnel enforces (written to `policies.yaml` in
     /// the controller's manifest directory; change them with [`Mesh::set_policies`]).
     pub policies: String,
+    /// Workload certificate lifetime: the ztunnels ask for it and the controller's default and
+    /// maximum are set to it (`None`: the controller's defaults, 24 h).
+    pub cert_ttl: Option<Duration>,
     /// Run the ztunnels in local mode (workloads and policy from files) instead of from the
     /// controller's discovery stream.
     pub local_files: bool,
@@ -207,7 +210,12 @@ impl Mesh {
             ("mesh.yaml", manifests.as_str()),
             ("policies.yaml", spec.policies.as_str()),
         ];
-        let ca = TestCa::start_with_files(&files, &spec.nodes).await?;
+        let mut signer = membrane_ca::SignerConfig::default();
+        if let Some(ttl) = spec.cert_ttl {
+            signer.default_ttl = ttl;
+            signer.max_ttl = ttl;
+        }
+        let ca = TestCa::start_with_signer(&files, &spec.nodes, signer).await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
@@ -294,6 +302,11 @@ impl Mesh {
         let enroll_socket = dir.join(format!("{node}.sock"));
         let mut command = Command::new(ztunnel_binary()?);
         command.args(["--node", node]);
+        if let Some(ttl) = self.spec.cert_ttl {
+            command
+                .arg("--cert-ttl")
+                .arg(format!("{}ms", ttl.as_millis()));
+        }
         if self.spec.local_files {
             command
                 .arg("--workloads-file")

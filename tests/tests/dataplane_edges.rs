@@ -30,6 +30,7 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
         policies: String::new(),
+        cert_ttl: None,
         local_files: false,
     }
 }

@@ -25,6 +25,7 @@ fn spec(policies: String) -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into()],
         plaintext_permit: vec![],
         policies,
+        cert_ttl: None,
         local_files: false,
     }
 }

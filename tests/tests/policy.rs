@@ -45,6 +45,7 @@ fn spec() -> MeshSpec {
         mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         plaintext_permit: vec![],
         policies: policy("cluster.local/ns/training/sa/trainer"),
+        cert_ttl: None,
         local_files: false,
     }
 }

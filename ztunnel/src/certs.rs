@@ -103,12 +103,17 @@ type Slot = Arc<tokio::sync::Mutex<Option<WorkloadSvid>>>;
 /// Deadline of one signing call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A lazily connecting TLS channel to the controller, authenticated by the bootstrap roots
-/// and the controller's name, with a deadline per call when `timeout` is set (not for
-/// streams). HTTP/2 keepalives notice a vanished controller.
-pub fn channel(config: &CaConfig, timeout: Option<Duration>) -> Result<Channel, CertError> {
+/// A lazily connecting TLS channel to the controller, authenticated by the roots of `bundle`
+/// (the bootstrap roots at first, then the streamed bundle, so the controller stays trusted
+/// across a root rotation) and the controller's name, with a deadline per call when
+/// `timeout` is set (not for streams). HTTP/2 keepalives notice a vanished controller.
+pub fn channel(
+    config: &CaConfig,
+    bundle: &TrustBundle,
+    timeout: Option<Duration>,
+) -> Result<Channel, CertError> {
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&config.root_pem))
+        .ca_certificate(Certificate::from_pem(bundle.to_pem()))
         .domain_name(config.server_name.clone());
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
         .map_err(|e| CertError::Connect(e.to_string()))?;
@@ -130,7 +135,9 @@ pub fn channel(config: &CaConfig, timeout: Option<Duration>) -> Result<Channel, 
 pub struct CertificateManager {
     config: CaConfig,
     bundle: SharedTrustBundle,
-    client: tokio::sync::Mutex<Option<CertificatesClient<Channel>>>,
+    /// The signing client and the bundle its channel trusts (rebuilt when the bundle
+    /// changes, so a rotated controller certificate is trusted).
+    client: tokio::sync::Mutex<Option<(Arc<TrustBundle>, CertificatesClient<Channel>)>>,
     slots: Mutex<HashMap<WorkloadIdentity, Slot>>,
 }
 
@@ -236,11 +243,14 @@ impl CertificateManager {
 
     async fn client(&self) -> Result<CertificatesClient<Channel>, CertError> {
         let mut guard = self.client.lock().await;
-        if let Some(client) = guard.as_ref() {
+        let bundle = self.bundle.load();
+        if let Some((trusted, client)) = guard.as_ref()
+            && **trusted == *bundle
+        {
             return Ok(client.clone());
         }
-        let client = CertificatesClient::new(channel(&self.config, Some(CALL_TIMEOUT))?);
-        *guard = Some(client.clone());
+        let client = CertificatesClient::new(channel(&self.config, &bundle, Some(CALL_TIMEOUT))?);
+        *guard = Some((bundle, client.clone()));
         Ok(client)
     }
 

@@ -27,6 +27,7 @@ use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use crate::authz::{Authorizer, ROOT_NAMESPACE};
 use crate::certs::CaConfig;
@@ -360,8 +361,11 @@ impl Client {
         }
     }
 
-    async fn connect(&self) -> Result<tonic::Streaming<pb::Update>, String> {
-        let channel = crate::certs::channel(&self.ca, None).map_err(|e| e.to_string())?;
+    async fn connect(
+        &self,
+    ) -> Result<(DiscoveryClient<Channel>, tonic::Streaming<pb::Update>), String> {
+        let channel = crate::certs::channel(&self.ca, &self.sinks.bundle.load(), None)
+            .map_err(|e| e.to_string())?;
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_LEN);
         let mut request = tonic::Request::new(pb::WatchRequest {
             node: self.node.clone(),
@@ -372,7 +376,29 @@ impl Client {
             .watch(request)
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        Ok(response.into_inner())
+        Ok((client, response.into_inner()))
+    }
+
+    /// Confirms `version` to the controller (root rotation waits for it). A failure is only
+    /// logged: the next update is confirmed again, and a reconnect starts with a snapshot.
+    async fn ack(&self, client: &mut DiscoveryClient<Channel>, version: u64) {
+        let mut request = tonic::Request::new(pb::AckRequest {
+            node: self.node.clone(),
+            version,
+        });
+        request.set_timeout(Duration::from_secs(10));
+        match self.ca.bearer() {
+            Ok(auth) => {
+                request.metadata_mut().insert("authorization", auth);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot acknowledge a discovery update");
+                return;
+            }
+        }
+        if let Err(s) = client.ack(request).await {
+            tracing::warn!(version, code = ?s.code(), message = s.message(), "discovery acknowledgement failed");
+        }
     }
 
     /// One stream: returns how it ended and whether a snapshot was applied.
@@ -381,10 +407,10 @@ impl Client {
         held: &mut Option<Held>,
         cancel: &CancellationToken,
     ) -> (StreamEnd, bool) {
-        let mut stream = tokio::select! {
+        let (mut client, mut stream) = tokio::select! {
             _ = cancel.cancelled() => return (StreamEnd::Cancelled, false),
             r = self.connect() => match r {
-                Ok(stream) => stream,
+                Ok(pair) => pair,
                 Err(e) => return (StreamEnd::Broken(e), false),
             },
         };
@@ -439,6 +465,7 @@ impl Client {
                         removals = update.removals.len(),
                         "discovery update applied"
                     );
+                    self.ack(&mut client, update.version).await;
                 }
                 Err(e) => {
                     self.metrics

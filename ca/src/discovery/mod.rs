@@ -9,6 +9,7 @@
 
 mod view;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,6 +83,68 @@ impl DiscoveryMetrics {
 
 type Cached = (Arc<ClusterState>, Arc<TrustBundle>, Arc<MeshView>);
 
+/// What each node was sent and has confirmed (`Discovery.Ack`).
+#[derive(Debug, Default)]
+struct NodeAcks {
+    /// Open streams of the node.
+    streams: usize,
+    /// The bundle last sent to the node, and the version of the update that carried it.
+    bundle_sent: Option<(Arc<TrustBundle>, u64)>,
+    /// Highest version the node confirmed.
+    acked: u64,
+}
+
+/// Which nodes have applied which trust bundle: root rotation waits on it.
+#[derive(Debug, Clone, Default)]
+pub struct AckBook(Arc<Mutex<HashMap<String, NodeAcks>>>);
+
+impl AckBook {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, NodeAcks>) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn opened(&self, node: &str) {
+        self.with(|m| m.entry(node.to_owned()).or_default().streams += 1);
+    }
+
+    fn closed(&self, node: &str) {
+        self.with(|m| {
+            if let Some(n) = m.get_mut(node) {
+                n.streams = n.streams.saturating_sub(1);
+            }
+        });
+    }
+
+    fn sent_bundle(&self, node: &str, bundle: Arc<TrustBundle>, version: u64) {
+        self.with(|m| m.entry(node.to_owned()).or_default().bundle_sent = Some((bundle, version)));
+    }
+
+    fn acked(&self, node: &str, version: u64) {
+        self.with(|m| {
+            let n = m.entry(node.to_owned()).or_default();
+            n.acked = n.acked.max(version);
+        });
+    }
+
+    /// Whether every node with an open stream has confirmed an update carrying `bundle`
+    /// (trivially true with no node connected). Returns the nodes still waited for.
+    pub fn pending(&self, bundle: &TrustBundle) -> Vec<String> {
+        self.with(|m| {
+            let mut waiting: Vec<String> = m
+                .iter()
+                .filter(|(_, n)| n.streams > 0)
+                .filter(|(_, n)| match &n.bundle_sent {
+                    Some((sent, version)) => **sent != *bundle || n.acked < *version,
+                    None => true,
+                })
+                .map(|(node, _)| node.clone())
+                .collect();
+            waiting.sort();
+            waiting
+        })
+    }
+}
+
 /// The `Discovery` service.
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
@@ -90,15 +153,21 @@ pub struct DiscoveryService {
     bundle: watch::Receiver<Arc<TrustBundle>>,
     cache: Arc<Mutex<Option<Cached>>>,
     version: Arc<AtomicU64>,
+    acks: AckBook,
     metrics: DiscoveryMetrics,
     cancel: CancellationToken,
 }
 
-struct StreamGuard(Gauge);
+struct StreamGuard {
+    gauge: Gauge,
+    acks: AckBook,
+    node: String,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        self.acks.closed(&self.node);
     }
 }
 
@@ -118,9 +187,15 @@ impl DiscoveryService {
             bundle,
             cache: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
+            acks: AckBook::default(),
             metrics,
             cancel,
         }
+    }
+
+    /// What the nodes have confirmed.
+    pub fn acks(&self) -> AckBook {
+        self.acks.clone()
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -154,7 +229,12 @@ impl DiscoveryService {
     async fn stream(self, node: String, tx: mpsc::Sender<Result<pb::Update, Status>>) {
         let _guard = {
             self.metrics.streams.inc();
-            StreamGuard(self.metrics.streams.clone())
+            self.acks.opened(&node);
+            StreamGuard {
+                gauge: self.metrics.streams.clone(),
+                acks: self.acks.clone(),
+                node: node.clone(),
+            }
         };
         let mut state_rx = self.state.clone();
         let mut bundle_rx = self.bundle.clone();
@@ -171,9 +251,12 @@ impl DiscoveryService {
             removals: Vec::new(),
         };
         let resources = snapshot.upserts.len();
+        let snapshot_version = snapshot.version;
         if tx.send(Ok(snapshot)).await.is_err() {
             return;
         }
+        self.acks
+            .sent_bundle(&node, mesh.bundle().clone(), snapshot_version);
         self.metrics
             .updates
             .get_or_create(&UpdateLabels { kind: "snapshot" })
@@ -200,12 +283,16 @@ impl DiscoveryService {
             if upserts.is_empty() && removals.is_empty() {
                 continue;
             }
+            let carries_bundle = upserts
+                .iter()
+                .any(|r| matches!(r.kind, Some(pb::resource::Kind::TrustBundle(_))));
             let update = pb::Update {
                 version: self.next_version(),
                 snapshot: false,
                 upserts,
                 removals,
             };
+            let version = update.version;
             tracing::debug!(
                 node,
                 version = update.version,
@@ -215,6 +302,9 @@ impl DiscoveryService {
             );
             if tx.send(Ok(update)).await.is_err() {
                 break;
+            }
+            if carries_bundle {
+                self.acks.sent_bundle(&node, mesh.bundle().clone(), version);
             }
             self.metrics
                 .updates
@@ -266,5 +356,30 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(self.clone().stream(node, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let node = match self.auth.authenticate_caller(request.metadata()).await {
+            Ok(node) => node,
+            Err(failure) => {
+                return Err(self.refuse(failure.refusal().as_str(), failure.status()));
+            }
+        };
+        let ack = request.into_inner();
+        if ack.node != node {
+            return Err(self.refuse(
+                "wrong_node",
+                Status::permission_denied(format!(
+                    "this credential belongs to node {node:?}, not {:?}",
+                    ack.node
+                )),
+            ));
+        }
+        tracing::debug!(node, version = ack.version, "discovery update acknowledged");
+        self.acks.acked(&node, ack.version);
+        Ok(Response::new(pb::AckResponse {}))
     }
 }

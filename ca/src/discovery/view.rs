@@ -7,6 +7,7 @@
 //! [`Key`] to the wire resource, so a delta is a plain map difference.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use membrane_identity::TrustBundle;
 use membrane_policy::PolicyIndex;
@@ -31,6 +32,7 @@ type LocalWorkload = (String, BTreeMap<String, String>);
 #[derive(Debug)]
 pub struct MeshView {
     shared: View,
+    bundle: Arc<TrustBundle>,
     index: PolicyIndex,
     /// Local workloads per node: (namespace, labels).
     by_node: BTreeMap<String, Vec<LocalWorkload>>,
@@ -102,7 +104,7 @@ pub fn bundle_resource(bundle: &TrustBundle) -> pb::Resource {
 
 impl MeshView {
     /// Builds the shared part from a source state and the current trust bundle.
-    pub fn build(state: &ClusterState, bundle: &TrustBundle) -> Self {
+    pub fn build(state: &ClusterState, bundle: &Arc<TrustBundle>) -> Self {
         let mut shared = View::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for pod in state.pods.values() {
@@ -140,6 +142,7 @@ impl MeshView {
         );
         Self {
             shared,
+            bundle: bundle.clone(),
             index,
             by_node,
         }
@@ -162,6 +165,11 @@ impl MeshView {
             }
         }
         view
+    }
+
+    /// The trust bundle this view carries.
+    pub fn bundle(&self) -> &Arc<TrustBundle> {
+        &self.bundle
     }
 
     /// Number of mesh workloads.
@@ -237,14 +245,16 @@ mod tests {
         s
     }
 
-    fn bundle() -> TrustBundle {
+    fn bundle() -> Arc<TrustBundle> {
         let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
         let dir = tempfile::tempdir().expect("tempdir");
         let ttl = std::time::Duration::from_secs(3600);
-        crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
-            .expect("root")
-            .bundle()
-            .clone()
+        Arc::new(
+            crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
+                .expect("root")
+                .bundle()
+                .clone(),
+        )
     }
 
     fn names(view: &View, kind: Kind) -> Vec<String> {
