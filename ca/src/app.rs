@@ -18,7 +18,10 @@ use crate::authority::{AuthorityError, SigningAuthority};
 use crate::discovery::{DiscoveryMetrics, DiscoveryService};
 use crate::metrics::{self, SignMetrics, SourceMetrics};
 use crate::node_auth::{BootstrapTokens, TokenFileError};
+use crate::plugin_reload::{PluginMetrics, PluginReloader};
+use crate::rotation::{self, RotationError, RotationMetrics, Rotator};
 use crate::server::{self, CertificateService, ServerError};
+use crate::serving::ServingCert;
 use crate::signer::{Signer, SignerConfig};
 use crate::source::StateReceiver;
 use crate::source::directory::{self, DirectorySource};
@@ -50,6 +53,9 @@ pub struct AppConfig {
     pub metrics_listen: SocketAddr,
     /// Extra names for the serving certificate.
     pub server_names: Vec<String>,
+    /// Root rotation: the least time a new root is distributed (after its start, or after a
+    /// restart) before signing switches to it.
+    pub rotation_grace: Duration,
     /// Lifetime of the serving certificate.
     pub serving_cert_ttl: Duration,
     /// Workload certificate lifetimes.
@@ -73,6 +79,9 @@ pub enum StartError {
     /// The signing authority could not be loaded or created.
     #[error(transparent)]
     Authority(#[from] AuthorityError),
+    /// The root (or an interrupted root rotation) could not be loaded.
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
     /// The token file is unusable.
     #[error(transparent)]
     Tokens(#[from] TokenFileError),
@@ -153,19 +162,23 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             max: max_ttl,
         });
     }
-    let authority = match &config.plugin_ca_dir {
-        Some(dir) => SigningAuthority::load_plugin(dir, &config.trust_domain)?,
-        None => SigningAuthority::load_or_create(
-            &config.state_dir,
-            &config.trust_domain,
-            config.root_ttl,
-        )?,
+    let (authority, phase) = match &config.plugin_ca_dir {
+        Some(dir) => (
+            SigningAuthority::load_plugin(dir, &config.trust_domain)?,
+            None,
+        ),
+        None => {
+            let (authority, phase) =
+                rotation::load(&config.state_dir, &config.trust_domain, config.root_ttl)?;
+            (authority, Some(phase))
+        }
     };
     tracing::info!(
         trust_domain = %config.trust_domain,
         plugin = config.plugin_ca_dir.is_some(),
         roots = authority.bundle().roots().len(),
         signing_not_after = %authority.not_after(),
+        rotation = phase.map_or("plug-in", |p| p.name()),
         "signing authority loaded"
     );
     let bundle = authority.bundle().clone();
@@ -174,13 +187,21 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         SourceMode::Directory => Some(BootstrapTokens::load(&config.tokens_file)?),
         SourceMode::Kubernetes(_) => None,
     };
-    let identity =
-        server::serving_identity(&signer, &config.server_names, config.serving_cert_ttl)?;
+    let serving = Arc::new(
+        ServingCert::new(
+            signer.clone(),
+            config.server_names.clone(),
+            config.serving_cert_ttl,
+        )
+        .map_err(|e| ServerError::Certificate(e.to_string()))?,
+    );
 
     let mut registry = metrics::registry();
     let sign_metrics = SignMetrics::register(&mut registry);
     let source_metrics = SourceMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+    let rotation_metrics = RotationMetrics::register(&mut registry);
+    let plugin_metrics = PluginMetrics::register(&mut registry);
     let authenticator: NodeAuthenticator = match (&mode, tokens) {
         (SourceMode::Kubernetes(k), _) => TokenReviewer::new(
             k.client.clone(),
@@ -245,7 +266,12 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         state_rx.clone(),
         cancel.clone(),
     ));
-    let service = CertificateService::new(signer, authenticator, state_rx.clone(), sign_metrics);
+    let service = CertificateService::new(
+        signer.clone(),
+        authenticator,
+        state_rx.clone(),
+        sign_metrics,
+    );
     let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle.clone()));
     let discovery = DiscoveryService::new(
         service.clone(),
@@ -254,11 +280,43 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         discovery_metrics,
         cancel.clone(),
     );
+    let mut others = vec![source, metrics];
+    let renew = serving.clone();
+    let on_switch: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        if let Err(e) = renew.renew() {
+            tracing::error!(error = %e, "cannot re-issue the serving certificate under the new signing CA");
+        }
+    });
+    if let Some(dir) = &config.plugin_ca_dir {
+        let reloader = PluginReloader {
+            dir: dir.clone(),
+            trust_domain: config.trust_domain.clone(),
+            signer: signer.clone(),
+            on_switch: on_switch.clone(),
+            metrics: plugin_metrics,
+        };
+        others.push(tokio::spawn(reloader.run(cancel.clone())));
+    }
+    if let Some(phase) = phase {
+        let rotator = Rotator {
+            dir: config.state_dir.clone(),
+            trust_domain: config.trust_domain.clone(),
+            signer,
+            bundle_tx: bundle_tx.clone(),
+            acks: discovery.acks(),
+            max_ttl: config.signer.max_ttl,
+            grace: config.rotation_grace,
+            on_switch,
+            metrics: rotation_metrics,
+        };
+        others.push(tokio::spawn(rotator.run(phase, cancel.clone())));
+    }
+    others.push(tokio::spawn(serving.clone().run(cancel.clone())));
     let grpc = tokio::spawn(server::serve(
         listener,
         service,
         discovery,
-        identity,
+        serving,
         cancel.clone(),
     ));
     tracing::info!(
@@ -278,7 +336,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         state: state_rx,
         cancel,
         grpc,
-        others: vec![source, metrics],
+        others,
     })
 }
 
@@ -295,9 +353,14 @@ impl Running {
         self.metrics_addr
     }
 
-    /// The trust bundle clients should trust.
+    /// The trust bundle at start (what a node is bootstrapped with).
     pub fn bundle(&self) -> &TrustBundle {
         &self.bundle
+    }
+
+    /// The trust bundle streamed now (it changes during a root rotation).
+    pub fn current_bundle(&self) -> TrustBundle {
+        self.bundle_tx.borrow().as_ref().clone()
     }
 
     /// The bundle the discovery stream publishes; a new value reaches every ztunnel.

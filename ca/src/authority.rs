@@ -22,6 +22,10 @@ use crate::fsutil;
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 /// The root's private key (mode 0600).
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// The next root during a rotation (see [`crate::rotation`]).
+pub const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
+/// The next root's private key (mode 0600).
+pub const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
 
 /// Why the signing authority could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +143,13 @@ impl SigningAuthority {
         let key_path = state_dir.join(ROOT_KEY_FILE);
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => Self::load_root(&cert_path, &key_path, trust_domain),
-            (false, false) => Self::create_root(state_dir, trust_domain, root_ttl),
+            (false, false) => Self::create_root(
+                state_dir,
+                ROOT_CERT_FILE,
+                ROOT_KEY_FILE,
+                trust_domain,
+                root_ttl,
+            ),
             (true, false) => Err(AuthorityError::HalfRoot {
                 dir: state_dir.to_owned(),
                 present: ROOT_CERT_FILE,
@@ -153,7 +163,8 @@ impl SigningAuthority {
         }
     }
 
-    fn load_root(
+    /// Loads a self-managed root from its certificate and key files, checking they match.
+    pub fn load_root(
         cert_path: &Path,
         key_path: &Path,
         trust_domain: &TrustDomain,
@@ -174,16 +185,18 @@ impl SigningAuthority {
             not_after,
         };
         authority.self_check().map_err(|reason| {
-            bad(
-                key_path,
-                format!("does not match {ROOT_CERT_FILE}: {reason}"),
-            )
+            let cert = cert_path.file_name().unwrap_or_default().to_string_lossy();
+            bad(key_path, format!("does not match {cert}: {reason}"))
         })?;
         Ok(authority)
     }
 
-    fn create_root(
+    /// Creates a root valid for `root_ttl` and persists it as `cert_file` and `key_file` in
+    /// `state_dir` (key first, 0600).
+    pub fn create_root(
         state_dir: &Path,
+        cert_file: &str,
+        key_file: &str,
         trust_domain: &TrustDomain,
         root_ttl: Duration,
     ) -> Result<Self, AuthorityError> {
@@ -213,21 +226,21 @@ impl SigningAuthority {
         let cert = params.self_signed(&key)?;
         // Key first: a crash between the two writes leaves a key without a certificate, which
         // load_or_create reports instead of silently minting a second root.
-        let key_path = state_dir.join(ROOT_KEY_FILE);
+        let key_path = state_dir.join(key_file);
         fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(
             |source| AuthorityError::Io {
                 path: key_path.clone(),
                 source,
             },
         )?;
-        let cert_path = state_dir.join(ROOT_CERT_FILE);
+        let cert_path = state_dir.join(cert_file);
         fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(|source| {
             AuthorityError::Io {
                 path: cert_path.clone(),
                 source,
             }
         })?;
-        tracing::info!(dir = %state_dir.display(), not_after = %params.not_after, "created a new root CA");
+        tracing::info!(dir = %state_dir.display(), file = cert_file, not_after = %params.not_after, "created a new root CA");
         let bundle = TrustBundle::new(trust_domain.clone(), [cert.der().clone()])
             .map_err(|e| bad(&cert_path, e))?;
         Ok(Self {
@@ -296,6 +309,28 @@ impl SigningAuthority {
             )
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// The same authority announcing `bundle` (which must contain its own root, as a
+    /// rotation's bundle of old and new roots does): checked with a probe leaf.
+    pub fn with_bundle(self, bundle: TrustBundle) -> Result<Self, AuthorityError> {
+        let authority = Self { bundle, ..self };
+        authority
+            .self_check()
+            .map_err(|reason| AuthorityError::BadFile {
+                path: PathBuf::from("(trust bundle)"),
+                reason: format!("the bundle does not contain the signing root: {reason}"),
+            })?;
+        Ok(authority)
+    }
+
+    /// The root certificate this authority signs under, when it is self-managed (the bundle's
+    /// only root at load time).
+    pub fn own_root(&self) -> Option<&CertificateDer<'static>> {
+        match self.bundle.roots().len() {
+            1 => self.bundle.roots().next(),
+            _ => None,
+        }
     }
 
     /// The trust bundle leaves from this authority verify against.

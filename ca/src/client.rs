@@ -99,6 +99,19 @@ impl CaClient {
         Ok(self.discovery.watch(request).await?.into_inner())
     }
 
+    /// Confirms to the controller that `node` applied every update up to `version`.
+    pub async fn ack(&mut self, node: &str, version: u64) -> Result<(), ClientError> {
+        let mut request = tonic::Request::new(membrane_proto::v1::AckRequest {
+            node: node.to_owned(),
+            version,
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        self.discovery.ack(request).await?;
+        Ok(())
+    }
+
     /// Sends a raw DER CSR; returns the chain (leaf first) and the trust roots.
     pub async fn sign_raw(
         &mut self,

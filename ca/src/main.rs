@@ -22,7 +22,46 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Start a rotation of the self-managed root: creates the next root in the state
+    /// directory; the running controller distributes it, switches signing once every
+    /// connected ztunnel has it, and retires the old root when its last certificate expired.
+    RotateRoot(RotateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RotateArgs {
+    /// The controller's state directory (where root-cert.pem lives).
+    #[arg(
+        long,
+        env = "MEMBRANE_STATE_DIR",
+        default_value = "/var/lib/membrane-ca"
+    )]
+    state_dir: PathBuf,
+    /// Trust domain of the root.
+    #[arg(long, env = "MEMBRANE_TRUST_DOMAIN", default_value = membrane_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of the new root.
+    #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
+    root_ttl: Duration,
+}
+
+fn rotate_root(args: RotateArgs) -> anyhow::Result<()> {
+    let td = membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?;
+    membrane_ca::rotation::request(&args.state_dir, &td, args.root_ttl).with_context(|| {
+        format!(
+            "cannot start a root rotation in {}",
+            args.state_dir.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    writeln!(
+        out,
+        "root rotation started in {dir}: the running controller now distributes the new root,\nswitches signing once every connected ztunnel has acknowledged it, and removes the old root\nafter the longest certificate lifetime. Follow it with the membrane_ca_root_rotation_phase metric\n(1 distributing, 2 signing with the new root, 0 done) or {dir}/rotation.json.",
+        dir = args.state_dir.display()
+    )?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,6 +147,11 @@ struct ServeArgs {
     /// their own jitter).
     #[arg(long, default_value_t = membrane_ca::signer::DEFAULT_RENEWAL_FRACTION, value_parser = parse_fraction)]
     renewal_fraction: f64,
+    /// During a root rotation, the least time the new root is distributed before signing
+    /// switches to it (ztunnels that were connected before a controller restart reconnect
+    /// and acknowledge within it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    rotation_grace: Duration,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -139,7 +183,10 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => *args,
+        Command::RotateRoot(args) => return rotate_root(args),
+    };
     let directory = args.source == Source::Directory;
     let missing = |flag: &str| {
         Cli::command().error(
@@ -166,6 +213,7 @@ fn main() -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         server_names: args.server_names,
         serving_cert_ttl: args.serving_cert_ttl,
+        rotation_grace: args.rotation_grace,
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,

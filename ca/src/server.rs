@@ -6,19 +6,19 @@
 //! (INVALID_ARGUMENT) → source loaded (UNAVAILABLE) → identity scheduled on the caller's node
 //! (PERMISSION_DENIED). Only then is a certificate signed.
 
-use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_identity::{TrustDomain, ValidatedCsr};
 use membrane_proto::v1::certificates_server::{Certificates, CertificatesServer};
 use membrane_proto::v1::{SignRequest, SignResponse};
-use rcgen::SanType;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::discovery::DiscoveryService;
 use crate::metrics::{RefusalReason, SignMetrics};
 use crate::node_auth;
+use crate::serving::ServingCert;
 use crate::signer::Signer;
 use crate::source::StateReceiver;
 use crate::tokenreview::{NodeAuthFailure, NodeAuthenticator};
@@ -85,8 +85,8 @@ impl CertificateService {
         }
     }
 
-    fn trust_domain(&self) -> &TrustDomain {
-        self.signer.bundle().trust_domain()
+    fn trust_domain(&self) -> TrustDomain {
+        self.signer.bundle().trust_domain().clone()
     }
 
     fn refuse(&self, reason: RefusalReason, status: Status) -> Status {
@@ -117,7 +117,7 @@ impl Certificates for CertificateService {
             }
         };
         let request = request.into_inner();
-        let csr = match ValidatedCsr::parse(&request.csr_der, self.trust_domain()) {
+        let csr = match ValidatedCsr::parse(&request.csr_der, &self.trust_domain()) {
             Ok(csr) => csr,
             Err(e) => {
                 tracing::warn!(node, peer = ?peer, error = %e, "refused certificate request: invalid CSR");
@@ -168,56 +168,20 @@ impl Certificates for CertificateService {
     }
 }
 
-/// Issues the controller's own serving certificate (key generated here, kept in memory only):
-/// SPIFFE ID `spiffe://<td>/ns/membrane-system/sa/membrane-ca`, the default names and `extra`.
-pub fn serving_identity(
-    signer: &Signer,
-    extra: &[String],
-    ttl: Duration,
-) -> Result<tonic::transport::Identity, ServerError> {
-    let err = |e: &dyn std::fmt::Display| ServerError::Certificate(e.to_string());
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(&e))?;
-    let id = format!(
-        "spiffe://{}/ns/{CONTROLLER_NAMESPACE}/sa/{CONTROLLER_SERVICE_ACCOUNT}",
-        signer.bundle().trust_domain()
-    );
-    let mut sans = vec![SanType::URI(id.try_into().map_err(|e| err(&e))?)];
-    let names = DEFAULT_SERVER_NAMES
-        .iter()
-        .map(|s| s.to_string())
-        .chain(extra.iter().cloned());
-    for name in names {
-        let san = match name.parse::<IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(name.try_into().map_err(|e| err(&e))?),
-        };
-        if !sans.contains(&san) {
-            sans.push(san);
-        }
-    }
-    let signed = signer.issue(sans, &key, ttl).map_err(|e| err(&e))?;
-    let chain_pem: String = signed
-        .chain
-        .iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
-        .collect();
-    Ok(tonic::transport::Identity::from_pem(
-        chain_pem,
-        key.serialize_pem(),
-    ))
-}
-
-/// Serves `service` and `discovery` over TLS on `listener` until `cancel` fires.
+/// Serves `service` and `discovery` over TLS (with the rotating `serving` certificate) on
+/// `listener` until `cancel` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: CertificateService,
     discovery: DiscoveryService,
-    identity: tonic::transport::Identity,
+    serving: Arc<ServingCert>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let config = serving
+        .server_config()
+        .map_err(|e| ServerError::Certificate(e.to_string()))?;
+    let incoming = crate::serving::incoming(listener, Arc::new(config), cancel.clone());
     tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

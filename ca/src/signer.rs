@@ -5,7 +5,7 @@
 //! lifetime is the requested one, or the default, capped by the configured maximum and by the
 //! signing certificate's own expiry.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use membrane_identity::{TrustBundle, ValidatedCsr, WorkloadIdentity};
@@ -64,16 +64,18 @@ pub struct SignedSvid {
     pub not_before: OffsetDateTime,
     /// End of the leaf's validity.
     pub not_after: OffsetDateTime,
-    /// When the node should renew it: the renewal fraction of the lifetime.
+    /// When the node should renew it: the renewal fraction of the time between issue and
+    /// expiry.
     pub refresh_at: OffsetDateTime,
     /// Serial, lower-case hex.
     pub serial: String,
 }
 
-/// Signs leaves with a [`SigningAuthority`]. Cheap to share (`Arc`).
+/// Signs leaves with a [`SigningAuthority`]. Cheap to share: clones share the authority, so
+/// [`Signer::replace`] (root rotation) takes effect for every holder at once.
 #[derive(Debug, Clone)]
 pub struct Signer {
-    authority: Arc<SigningAuthority>,
+    authority: Arc<RwLock<Arc<SigningAuthority>>>,
     config: SignerConfig,
 }
 
@@ -142,14 +144,36 @@ impl Signer {
     /// A signer using `authority` with the given lifetimes.
     pub fn new(authority: SigningAuthority, config: SignerConfig) -> Self {
         Self {
-            authority: Arc::new(authority),
+            authority: Arc::new(RwLock::new(Arc::new(authority))),
             config,
         }
     }
 
-    /// The trust bundle this signer's leaves verify against.
-    pub fn bundle(&self) -> &TrustBundle {
-        &self.authority.bundle
+    fn current(&self) -> Arc<SigningAuthority> {
+        match self.authority.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Signs with `authority` from now on (every clone of this signer).
+    pub fn replace(&self, authority: SigningAuthority) {
+        let mut guard = match self.authority.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Arc::new(authority);
+    }
+
+    /// The trust bundle this signer's leaves verify against (during a root rotation: every
+    /// root in use).
+    pub fn bundle(&self) -> TrustBundle {
+        self.current().bundle.clone()
+    }
+
+    /// End of the current signing certificate's validity; no leaf outlives it.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.current().not_after
     }
 
     /// The configured lifetimes.
@@ -170,30 +194,35 @@ impl Signer {
     /// Signs the SVID for a validated CSR.
     pub fn sign(&self, csr: &ValidatedCsr, requested: Duration) -> Result<SignedSvid, SignError> {
         let san = uri_san(csr.identity())?;
-        self.issue(vec![san], csr.public_key(), requested)
+        self.issue(vec![san], csr.public_key(), self.granted_ttl(requested))
     }
 
-    /// Signs a leaf with arbitrary SANs (the controller's own serving certificate).
+    /// Signs a leaf with arbitrary SANs valid for `lifetime` (capped only by the signing
+    /// certificate's expiry, not by the workload maximum: the controller's own serving
+    /// certificate uses it).
     pub fn issue(
         &self,
         sans: Vec<SanType>,
         public_key: &impl rcgen::PublicKeyData,
-        requested: Duration,
+        lifetime: Duration,
     ) -> Result<SignedSvid, SignError> {
+        let authority = self.current();
         let now = OffsetDateTime::now_utc();
-        let limit = self.authority.not_after;
-        let not_after = (now + self.granted_ttl(requested)).min(limit);
+        let limit = authority.not_after;
+        let not_after = (now + lifetime).min(limit);
         if not_after <= now {
             return Err(SignError::AuthorityExpired(limit));
         }
         let not_before = now - BACKDATE;
         let (params, serial) = leaf_params(sans, not_before, not_after);
-        let leaf = params.signed_by(public_key, &self.authority.issuer)?;
-        let mut chain = Vec::with_capacity(1 + self.authority.chain.len());
+        let leaf = params.signed_by(public_key, &authority.issuer)?;
+        let mut chain = Vec::with_capacity(1 + authority.chain.len());
         chain.push(leaf.der().clone());
-        chain.extend(self.authority.chain.iter().cloned());
+        chain.extend(authority.chain.iter().cloned());
         let fraction = self.config.renewal_fraction.clamp(0.05, 0.95);
-        let refresh_at = not_before + (not_after - not_before) * fraction;
+        // From the moment of issue, not from the backdated start: with short lifetimes the
+        // backdate would otherwise put the renewal point in the past.
+        let refresh_at = now + (not_after - now) * fraction;
         Ok(SignedSvid {
             chain,
             not_before,

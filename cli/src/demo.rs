@@ -96,6 +96,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         metrics_listen: loopback,
         server_names: Vec::new(),
         serving_cert_ttl: Duration::from_secs(3600),
+        rotation_grace: Duration::from_secs(1),
         signer: membrane_ca::SignerConfig {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(24 * 3600),

@@ -1,14 +1,16 @@
 //! `membrane`: the command-line tool for Membrane users.
 //!
-//! Today it runs `membrane demo`, a guided tour of the mesh's identity layer on one machine.
-//! The local mesh (`membrane local up`), policy tooling and `observe` arrive with their
-//! pieces of work (see `docs/design.md`).
+//! `membrane demo` (a guided tour on one machine), `membrane local` (a real mesh on one host
+//! from a manifest directory: `up`, `status`, `down`), `membrane observe` (its connection
+//! records, live) and `membrane policy` (`check`, `explain`).
 
 // Printing to stdout is this binary's job.
 #![allow(clippy::print_stdout)]
 
 mod dataplane;
 mod demo;
+mod local;
+mod observe;
 mod policy;
 
 use clap::{Parser, Subcommand};
@@ -53,7 +55,78 @@ enum PolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum LocalCommand {
+    /// Build a mesh on this host from a directory of manifests (Namespaces labelled
+    /// `membrane.dev/mesh=enabled`, Pods with `spec.nodeName` and service accounts, Services,
+    /// AuthorizationPolicies) and leave it running in the background. Each pod becomes a
+    /// network namespace named `<namespace>-<pod>`; returns once every pod is enrolled and
+    /// every identity issued. Needs root.
+    Up {
+        /// The manifest directory (edits to its Services and policies apply live).
+        dir: std::path::PathBuf,
+        /// Where the state, the logs and the access records are kept.
+        #[arg(long, default_value = local::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+        /// Workload certificate lifetime (e.g. `6s` to watch rotation happen); default 24 h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cert_ttl: Option<std::time::Duration>,
+        /// Prefix of the simulated nodes' network namespaces (`<prefix>-node-a`).
+        #[arg(long, default_value = local::NODE_PREFIX, hide = true)]
+        prefix: String,
+    },
+    /// Pods, their namespaces, IPs, nodes and identities, certificate expiry and the policies
+    /// each node enforces.
+    Status {
+        /// State directory of the mesh.
+        #[arg(long, default_value = local::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the local mesh and remove everything it created (namespaces, rules, processes).
+    Down {
+        /// State directory of the mesh.
+        #[arg(long, default_value = local::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+    },
+    /// Runs the mesh in the foreground (what `up` starts in the background).
+    #[command(hide = true)]
+    Daemon {
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cert_ttl: Option<std::time::Duration>,
+        #[arg(long, default_value = local::NODE_PREFIX)]
+        prefix: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// A real mesh on this host from a directory of manifests.
+    #[command(subcommand)]
+    Local(LocalCommand),
+    /// Watch the connection records of the local mesh: source and destination identity,
+    /// verdict and deciding policy, bytes.
+    Observe {
+        /// Only connections from or to these namespaces (repeatable).
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+        /// Only connections from or to this SPIFFE ID.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Print what was recorded so far and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+        /// Print the records as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// State directory of the mesh.
+        #[arg(long, default_value = local::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+    },
     /// Check and explain AuthorizationPolicy.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -82,6 +155,37 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Demo { json } => runtime.block_on(demo::run(json)),
+        Command::Local(LocalCommand::Up {
+            dir,
+            state_dir,
+            cert_ttl,
+            prefix,
+        }) => local::up(&dir, &state_dir, cert_ttl, &prefix),
+        Command::Local(LocalCommand::Status { state_dir, json }) => {
+            runtime.block_on(local::status(&state_dir, json))
+        }
+        Command::Local(LocalCommand::Down { state_dir }) => local::down(&state_dir),
+        Command::Local(LocalCommand::Daemon {
+            dir,
+            state_dir,
+            cert_ttl,
+            prefix,
+        }) => runtime.block_on(local::daemon(&dir, &state_dir, cert_ttl, &prefix)),
+        Command::Observe {
+            namespaces,
+            identity,
+            no_follow,
+            json,
+            state_dir,
+        } => runtime.block_on(observe::run(
+            &state_dir.join("access.log"),
+            &observe::Filter {
+                namespaces,
+                identity,
+            },
+            !no_follow,
+            json,
+        )),
         Command::Policy(PolicyCommand::Check { files }) => {
             if policy::check(&files)? {
                 Ok(())

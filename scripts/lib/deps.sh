@@ -32,3 +32,10 @@ membrane_install_deps() {
         fi
     fi
 }
+
+# The test suite also needs helm (chart lint/template tests) and jq (the chart's CNI script).
+membrane_install_test_deps() {
+    membrane_install_deps
+    source "$(dirname "${BASH_SOURCE[0]}")/helm.sh"
+    membrane_install_helm
+}

@@ -183,6 +183,7 @@ impl TestCa {
             metrics_listen: loopback,
             server_names: Vec::new(),
             serving_cert_ttl: Duration::from_secs(3600),
+            rotation_grace: Duration::from_millis(500),
             signer: SignerConfig::default(),
         }
     }
@@ -206,7 +207,7 @@ impl TestCa {
 
     /// The trust bundle as PEM (what a node is bootstrapped with).
     pub fn root_pem(&self) -> String {
-        self.running().bundle().to_pem()
+        self.running().current_bundle().to_pem()
     }
 
     /// A client authenticated with `token`.
@@ -315,4 +316,21 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {out:?}"))?;
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     Ok((status, body))
+}
+
+/// Deterministic pseudo-random bytes (xorshift64): both ends of a test stream can generate
+/// and check the same bytes without storing them.
+#[derive(Debug, Clone)]
+pub struct Pattern(pub u64);
+
+impl Pattern {
+    /// Fills `buf` with the next bytes of the sequence.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
 }

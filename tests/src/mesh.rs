@@ -23,7 +23,7 @@ use crate::netns::{Pod, PodSpec, Testbed};
 /// One pod of a [`MeshSpec`].
 #[derive(Debug, Clone)]
 pub struct PodDef {
-    /// Pod name (also the testbed pod name).
+    /// Pod name (also the testbed pod name unless [`PodDef::netns`] is set).
     pub name: String,
     /// Kubernetes namespace.
     pub namespace: String,
@@ -33,6 +33,11 @@ pub struct PodDef {
     pub node: String,
     /// Labels (`app: <name>` unless set).
     pub labels: BTreeMap<String, String>,
+    /// Network namespace name (default `<testbed prefix>-<name>`); when set it is also the
+    /// key that [`Mesh`]'s methods take for this pod.
+    pub netns: Option<String>,
+    /// The pod's IP (default: the lowest free one of its node's range).
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 impl PodDef {
@@ -44,7 +49,14 @@ impl PodDef {
             service_account: sa.into(),
             node: node.into(),
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            netns: None,
+            ip: None,
         }
+    }
+
+    /// The key [`Mesh`]'s methods take: the namespace name when set, otherwise the name.
+    pub fn key(&self) -> &str {
+        self.netns.as_deref().unwrap_or(&self.name)
     }
 }
 
@@ -66,6 +78,11 @@ pub struct MeshSpec {
     /// Workload certificate lifetime: the ztunnels ask for it and the controller's default and
     /// maximum are set to it (`None`: the controller's defaults, 24 h).
     pub cert_ttl: Option<Duration>,
+    /// More manifest files (name, content) for the controller's directory (Services,
+    /// policies, …); change them later with [`Mesh::write_manifest`].
+    pub extra_manifests: Vec<(String, String)>,
+    /// Also append every access record (JSON line) of every ztunnel to this file.
+    pub access_log: Option<PathBuf>,
     /// Run the ztunnels in local mode (workloads and policy from files) instead of from the
     /// controller's discovery stream.
     pub local_files: bool,
@@ -197,19 +214,36 @@ impl Mesh {
     /// enrolling anything: see [`Mesh::enroll`]). `cert_ttl` is the workload SVID lifetime the
     /// ztunnels request.
     pub async fn start(spec: MeshSpec) -> anyhow::Result<Self> {
-        let mut testbed = Testbed::new()?;
+        Self::start_on(Testbed::new()?, spec).await
+    }
+
+    /// As [`Mesh::start`], on a testbed the caller created (for example with a chosen
+    /// prefix, as `membrane local` does).
+    pub async fn start_on(mut testbed: Testbed, spec: MeshSpec) -> anyhow::Result<Self> {
         for node in &spec.nodes {
             testbed.add_node(node)?;
         }
         for def in &spec.pods {
-            testbed.add_pod_with(PodSpec::new(def.node.clone(), def.name.clone()))?;
+            let mut pod = PodSpec::new(def.node.clone(), def.key().to_owned());
+            if let Some(netns) = &def.netns {
+                pod = pod.netns_name(netns.clone());
+            }
+            if let Some(ip) = def.ip {
+                pod = pod.ip(ip);
+            }
+            testbed
+                .add_pod_with(pod)
+                .with_context(|| format!("pod {}/{}", def.namespace, def.name))?;
         }
         let dir = tempfile::tempdir()?;
         let (manifests, workloads) = Self::documents(&spec, &testbed)?;
-        let files = [
+        let mut files = vec![
             ("mesh.yaml", manifests.as_str()),
             ("policies.yaml", spec.policies.as_str()),
         ];
+        for (name, content) in &spec.extra_manifests {
+            files.push((name.as_str(), content.as_str()));
+        }
         let mut signer = membrane_ca::SignerConfig::default();
         if let Some(ttl) = spec.cert_ttl {
             signer.default_ttl = ttl;
@@ -266,7 +300,7 @@ impl Mesh {
         }
         workloads.push_str("workloads:\n");
         for def in &spec.pods {
-            let pod = testbed.pod(&def.name).context("pod missing from testbed")?;
+            let pod = testbed.pod(def.key()).context("pod missing from testbed")?;
             let mesh = spec.mesh_namespaces.iter().any(|m| m == &def.namespace);
             // JSON is YAML: a flow mapping that quotes every key and value.
             let labels = serde_json::to_string(&def.labels)?;
@@ -341,8 +375,22 @@ impl Mesh {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().context("stdout")?;
         let sink = access.clone();
+        let mut tee = match &self.spec.access_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            ),
+            None => None,
+        };
         std::thread::spawn(move || {
+            use std::io::Write as _;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(file) = tee.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
                 if let (Ok(v), Ok(mut all)) = (serde_json::from_str(&line), sink.lock()) {
                     all.push(v);
                 }
@@ -405,6 +453,21 @@ impl Mesh {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, self.dir.path().join("policies.yaml"))?;
         Ok(())
+    }
+
+    /// Writes manifest file `name` in the controller's directory (atomically).
+    pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
+        self.ca.write_manifest(name, content)
+    }
+
+    /// The pod definitions.
+    pub fn pods(&self) -> &[PodDef] {
+        &self.spec.pods
+    }
+
+    /// What the mesh was built from.
+    pub fn spec(&self) -> &MeshSpec {
+        &self.spec
     }
 
     /// Node `node`'s ztunnel admin config dump.
@@ -476,7 +539,7 @@ impl Mesh {
         self.spec
             .pods
             .iter()
-            .find(|p| p.name == name)
+            .find(|p| p.key() == name)
             .expect("pod in the mesh spec")
     }
 

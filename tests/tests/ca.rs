@@ -464,6 +464,76 @@ async fn plugin_intermediate_signs_chains_to_the_operator_root() -> anyhow::Resu
     Ok(())
 }
 
+/// Writes a plug-in CA (intermediate signed by `root`) into `dir`, Istio's layout.
+fn write_plugin(
+    dir: &std::path::Path,
+    root: &rcgen::Certificate,
+    root_issuer: &rcgen::Issuer<'_, KeyPair>,
+    name: &str,
+) -> anyhow::Result<rcgen::Certificate> {
+    let key = KeyPair::generate()?;
+    let int = ca_params(name).signed_by(&key, root_issuer)?;
+    std::fs::write(dir.join("ca-key.pem"), key.serialize_pem())?;
+    std::fs::write(dir.join("ca-cert.pem"), int.pem())?;
+    std::fs::write(
+        dir.join("cert-chain.pem"),
+        format!("{}{}", int.pem(), root.pem()),
+    )?;
+    std::fs::write(dir.join("root-cert.pem"), root.pem())?;
+    Ok(int)
+}
+
+#[tokio::test]
+async fn plugin_intermediate_is_replaced_in_place_but_not_its_root() -> anyhow::Result<()> {
+    let plugin = tempfile::tempdir()?;
+    let root_key = KeyPair::generate()?;
+    let root_params = ca_params("Example Corp root");
+    let root = root_params.self_signed(&root_key)?;
+    let issuer = rcgen::Issuer::new(root_params, root_key);
+    let first = write_plugin(plugin.path(), &root, &issuer, "intermediate one")?;
+    let ca = TestCa::start(MESH_MANIFESTS).await?;
+    let dir = ca.stop().await;
+    let ca = TestCa::start_in(dir, Some(plugin.path().to_owned())).await?;
+    let intermediate = || async {
+        let (svid, _) = ca
+            .client(NODE_A_TOKEN)
+            .await?
+            .request_svid(&identity("training", "trainer"), Duration::ZERO)
+            .await?;
+        anyhow::Ok(svid.chain()[1].to_vec())
+    };
+    assert_eq!(intermediate().await?, first.der().to_vec());
+
+    // A new intermediate under the same root: signing switches without a restart.
+    let second = write_plugin(plugin.path(), &root, &issuer, "intermediate two")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while intermediate().await? != second.der().to_vec() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never switched");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Another root: refused (trust in it was never distributed); the second keeps signing.
+    let other_key = KeyPair::generate()?;
+    let other_params = ca_params("Another root");
+    let other = other_params.self_signed(&other_key)?;
+    let other_issuer = rcgen::Issuer::new(other_params, other_key);
+    write_plugin(plugin.path(), &other, &other_issuer, "intermediate three")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ca
+        .metrics()
+        .await?
+        .contains("membrane_ca_plugin_ca_reloads_total{result=\"root_changed\"} 1")
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "root change not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(intermediate().await?, second.der().to_vec());
+    Ok(())
+}
+
 #[tokio::test]
 async fn half_written_root_is_refused_not_replaced() -> anyhow::Result<()> {
     let ca = TestCa::start(MESH_MANIFESTS).await?;

@@ -6,6 +6,7 @@ use std::hash::Hasher;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use membrane_tests::Pattern;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::{Capture, run_in_netns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,27 +26,14 @@ fn spec() -> MeshSpec {
         plaintext_permit: vec![],
         policies: String::new(),
         cert_ttl: None,
+        extra_manifests: Vec::new(),
+        access_log: None,
         local_files: false,
     }
 }
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so both ends can checksum without storing.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            let bytes = self.0.to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
-    }
 }
 
 /// An application in a pod: reads everything (hashing it) until the client half-closes, then

@@ -31,6 +31,8 @@ fn spec() -> MeshSpec {
         plaintext_permit: vec![],
         policies: String::new(),
         cert_ttl: None,
+        extra_manifests: Vec::new(),
+        access_log: None,
         local_files: false,
     }
 }

@@ -26,6 +26,8 @@ fn spec(policies: String) -> MeshSpec {
         plaintext_permit: vec![],
         policies,
         cert_ttl: None,
+        extra_manifests: Vec::new(),
+        access_log: None,
         local_files: false,
     }
 }

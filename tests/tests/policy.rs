@@ -46,6 +46,8 @@ fn spec() -> MeshSpec {
         plaintext_permit: vec![],
         policies: policy("cluster.local/ns/training/sa/trainer"),
         cert_ttl: None,
+        extra_manifests: Vec::new(),
+        access_log: None,
         local_files: false,
     }
 }

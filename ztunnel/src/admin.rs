@@ -1,7 +1,8 @@
 //! The ztunnel's HTTP endpoints: admin (127.0.0.1:15000), metrics (15020), readiness (15021).
 //!
 //! - `GET /config_dump` on the admin port: mesh workloads, Services, policies in force,
-//!   enrolled pods, certificates with expiry, as JSON.
+//!   enrolled pods, certificates (serial, expiry, next planned renewal, renewal failures), as
+//!   JSON.
 //! - `GET /metrics` on the metrics port: Prometheus text format.
 //! - `GET /healthz/ready` on the readiness port: 200 once the mesh state is loaded and the
 //!   enrollment socket is listening.

@@ -122,6 +122,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let metrics = TcpMetrics::register(&mut registry);
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+    let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
+    certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
         Some(path) => authz::load_policies(path).map_err(StartError::Policy)?,
         None => authz::empty_index(),
@@ -140,7 +142,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
         state: state_rx,
-        certs: Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone())),
+        certs: certs.clone(),
         pool: pool.clone(),
         client_tls: Default::default(),
         metrics,
@@ -255,6 +257,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             cancel.clone(),
         )),
         tokio::spawn(pool.run_reaper(cancel.clone())),
+        tokio::spawn(certs.run_renewals(cancel.clone())),
     ]);
     // The access writer ends when the last record sender (the proxy) is gone.
     drop(access_task);

@@ -34,7 +34,17 @@ async fn hbone_connection(
     let svid = match proxy.certs.svid(&pod.workload.identity).await {
         Ok(svid) => svid,
         Err(e) => {
-            tracing::warn!(error = %e, "no certificate to serve HBONE; closing");
+            // Never an expired certificate: the connection is refused (the peer sees the TCP
+            // connection close before any TLS) and counted.
+            proxy
+                .certs
+                .metrics()
+                .refused("destination", pod.workload.identity.to_string());
+            tracing::warn!(
+                identity = %pod.workload.identity,
+                error = %e,
+                "no valid certificate to serve HBONE; connection refused"
+            );
             return;
         }
     };

@@ -111,14 +111,25 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
                 Some(src_id),
                 Some(w.identity.to_string()),
             );
+            // Never an expired certificate: a renewal failed until expiry is refused here,
+            // with the reason, until the controller answers again.
             let svid = match proxy.certs.svid(&pod.workload.identity).await {
                 Ok(svid) => svid,
-                Err(e) => return log.refused(format!("no certificate for the source: {e}")),
+                Err(e) => {
+                    proxy
+                        .certs
+                        .metrics()
+                        .refused("source", pod.workload.identity.to_string());
+                    return log.refused(format!("no valid certificate for the source: {e}"));
+                }
             };
             let tls = match proxy.client_tls.get(&svid, w.identity.spiffe_id(), proxy) {
                 Ok(cfg) => cfg,
                 Err(e) => return log.refused(format!("TLS configuration: {e}")),
             };
+            // The pool reuses a connection only while it presents this SVID (the one in
+            // `tls`) and neither end's certificate has expired; after a renewal new tunnels
+            // get a new connection and open ones stay where they are.
             let key = PoolKey {
                 src_ip: peer.ip(),
                 src: pod.workload.identity.spiffe_id().clone(),
@@ -130,7 +141,11 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
                 ..ConnectHeaders::default()
             };
             let dial = Arc::new(PodDial(pod.netns.clone()));
-            let stream = match proxy.pool.connect(key, tls, dial, dst, headers).await {
+            let stream = match proxy
+                .pool
+                .connect_presenting(key, tls, dial, dst, headers)
+                .await
+            {
                 Ok(stream) => stream,
                 Err(e) => return log.refused(format!("tunnel to {dst}: {e}")),
             };

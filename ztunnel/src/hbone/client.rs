@@ -6,7 +6,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -49,13 +49,21 @@ pub struct ConnectHeaders {
 /// The TLS stream HBONE connections run over.
 pub(crate) type ClientIo = tokio_rustls::client::TlsStream<TcpStream>;
 
+/// An established HBONE connection: the sender, the connection (which must be polled —
+/// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
+pub(crate) type Established = (
+    SendRequest<Bytes>,
+    h2::client::Connection<ClientIo, Bytes>,
+    Option<SystemTime>,
+);
+
 /// Dials `key.dst_addr`, completes mutual TLS and the HTTP/2 handshake, and checks the peer is
-/// `key.dst`. The returned connection must be polled (spawned) for the sender to make progress.
+/// `key.dst`.
 pub(crate) async fn establish(
     key: &PoolKey,
     tls: Arc<rustls::ClientConfig>,
     dial: &dyn Dial,
-) -> Result<(SendRequest<Bytes>, h2::client::Connection<ClientIo, Bytes>), HboneError> {
+) -> Result<Established, HboneError> {
     let tcp = dial
         .dial(key.dst_addr)
         .await
@@ -85,8 +93,14 @@ pub(crate) async fn establish(
             presented,
         });
     }
+    // The pool puts no new tunnel on the connection once the peer's certificate expired.
+    let peer_not_after = session
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
+        .map(|info| info.not_after);
     session.set_buffer_limit(Some(TLS_SEND_BUFFER));
-    h2::client::Builder::new()
+    let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
@@ -95,7 +109,8 @@ pub(crate) async fn establish(
         .enable_push(false)
         .handshake(tls)
         .await
-        .map_err(|e| HboneError::Handshake(Arc::new(e)))
+        .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
+    Ok((sender, connection, peer_not_after))
 }
 
 /// Why a CONNECT on an established connection failed.

@@ -1,0 +1,262 @@
+//! `membrane local`: a real mesh on one Linux host, from a directory of manifests.
+//!
+//! `up` starts a background process (`membrane local daemon`, in its own process group so the
+//! terminal's Ctrl-C does not reach it) that builds the mesh with the same harness the test
+//! suite uses ([`membrane_tests::mesh`]): simulated nodes and pods as network namespaces, the
+//! controller, one `ztunnel` process per node, every mesh pod enrolled and its identity
+//! issued. `up` returns once the daemon reports the mesh ready in the state file
+//! (`<state-dir>/local.json`). The daemon keeps the controller's view of the user's Services
+//! and policies in step with the directory, appends every access record to
+//! `<state-dir>/access.log` (read by `membrane observe`), and tears everything down on
+//! SIGTERM, which `down` sends; `down` then removes whatever a killed daemon left behind.
+
+pub mod manifests;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use membrane_tests::mesh::Mesh;
+use membrane_tests::netns::Testbed;
+use state::LocalState;
+
+/// Where `membrane local` keeps its state unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/run/membrane/local";
+/// Prefix of the simulated nodes' namespaces (`membrane-node-a`, `membrane-fabric`).
+pub const NODE_PREFIX: &str = "membrane";
+/// How long `up` waits for the mesh to be ready.
+pub const UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn state_file(dir: &Path) -> PathBuf {
+    dir.join("local.json")
+}
+
+/// `membrane local up`.
+pub fn up(
+    manifests: &Path,
+    state_dir: &Path,
+    cert_ttl: Option<Duration>,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("membrane local needs root (network namespaces, nftables): run it with sudo");
+    }
+    // Validate before starting anything, so errors show here and not in a log file.
+    manifests::spec(manifests, cert_ttl, None)?;
+    if let Ok(existing) = LocalState::read(&state_file(state_dir))
+        && existing.daemon_alive()
+    {
+        bail!(
+            "a local mesh is already running (pid {}, from {}); run `membrane local down` first",
+            existing.pid,
+            existing.manifests.display()
+        );
+    }
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let _ = std::fs::remove_file(state_file(state_dir));
+    let log_path = state_dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(["local", "daemon"])
+        .arg(std::fs::canonicalize(manifests)?)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--prefix", prefix]);
+    if let Some(ttl) = cert_ttl {
+        command
+            .arg("--cert-ttl")
+            .arg(humantime::format_duration(ttl).to_string());
+    }
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the local mesh daemon")?;
+    let deadline = Instant::now() + UP_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the local mesh did not start ({status}):\n{log}");
+        }
+        if let Ok(state) = LocalState::read(&state_file(state_dir))
+            && state.ready
+        {
+            state.print_summary();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the local mesh was not ready within {UP_TIMEOUT:?}; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `membrane local daemon` (internal): builds the mesh and keeps it until SIGTERM.
+pub async fn daemon(
+    manifests_dir: &Path,
+    state_dir: &Path,
+    cert_ttl: Option<Duration>,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let access_log = state_dir.join("access.log");
+    std::fs::write(&access_log, b"")?;
+    let spec = manifests::spec(manifests_dir, cert_ttl, Some(access_log))?;
+    let testbed = Testbed::with_prefix(prefix)?;
+    let mesh = Mesh::start_on(testbed, spec).await?;
+    let mut state = LocalState::from_mesh(&mesh, manifests_dir, false);
+    state.write(&state_file(state_dir))?;
+    for pod in mesh.pods() {
+        if manifests::enrolled(mesh_spec(&mesh), pod) {
+            mesh.enroll(pod.key())
+                .await
+                .with_context(|| format!("enrolling {}/{}", pod.namespace, pod.name))?;
+        }
+    }
+    wait_for_identities(&mesh, &state).await?;
+    state.ready = true;
+    state.write(&state_file(state_dir))?;
+    tracing::info!(pods = state.pods.len(), "local mesh ready");
+
+    let mut sync = Sync::new(manifests_dir);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = ticker.tick() => sync.run(&mesh),
+        }
+    }
+    tracing::info!("stopping the local mesh");
+    drop(mesh);
+    let _ = std::fs::remove_file(state_file(state_dir));
+    Ok(())
+}
+
+fn mesh_spec(mesh: &Mesh) -> &membrane_tests::mesh::MeshSpec {
+    mesh.spec()
+}
+
+/// Waits until every enrolled pod's identity has a certificate on its node.
+async fn wait_for_identities(mesh: &Mesh, state: &LocalState) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut missing = Vec::new();
+        for pod in state.pods.iter().filter(|p| p.enrolled) {
+            let dump = mesh.config_dump(&pod.node).await?;
+            let issued = dump["certificates"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["identity"] == pod.identity));
+            if !issued {
+                missing.push(pod.identity.clone());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("identities not issued within 30 s: {}", missing.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps the controller's copy of the user's Services and policies in step with the files.
+struct Sync {
+    dir: PathBuf,
+    last: Vec<(String, String)>,
+}
+
+impl Sync {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            last: manifests::other_documents(dir).unwrap_or_default(),
+        }
+    }
+
+    fn run(&mut self, mesh: &Mesh) {
+        let Ok(now) = manifests::other_documents(&self.dir) else {
+            return;
+        };
+        if now == self.last {
+            return;
+        }
+        for (name, content) in &now {
+            if !self.last.contains(&(name.clone(), content.clone()))
+                && let Err(e) = mesh.write_manifest(name, content)
+            {
+                tracing::warn!(file = name, error = %e, "cannot pass a changed manifest on");
+            }
+        }
+        for (name, _) in &self.last {
+            if !now.iter().any(|(n, _)| n == name)
+                && let Err(e) = mesh.write_manifest(name, "")
+            {
+                tracing::warn!(file = name, error = %e, "cannot pass a removed manifest on");
+            }
+        }
+        tracing::info!("manifests changed; the controller picks them up");
+        self.last = now;
+    }
+}
+
+/// `membrane local down`.
+pub fn down(state_dir: &Path) -> anyhow::Result<()> {
+    let path = state_file(state_dir);
+    let Ok(state) = LocalState::read(&path) else {
+        println!("no local mesh is running (no {})", path.display());
+        return Ok(());
+    };
+    if state.daemon_alive() {
+        state.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while state.daemon_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if state.daemon_alive() {
+            state.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    // Whatever a killed daemon could not remove.
+    let leftovers = state.remove_leftovers();
+    let _ = std::fs::remove_file(&path);
+    if leftovers.is_empty() {
+        println!("local mesh stopped; nothing left behind");
+    } else {
+        println!(
+            "local mesh stopped; removed what the daemon left: {}",
+            leftovers.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `membrane local status`.
+pub async fn status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let path = state_file(state_dir);
+    let state = LocalState::read(&path).with_context(|| {
+        format!(
+            "no local mesh state at {} — start one with `membrane local up DIR`",
+            path.display()
+        )
+    })?;
+    let live = state.live_view().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&live)?);
+    } else {
+        state::print_live(&live);
+    }
+    Ok(())
+}

@@ -1,0 +1,723 @@
+//! The per-identity certificate cache and its renewal scheduler.
+//!
+//! Each local identity has a slot: the current SVID, when the next attempt is planned, and how
+//! the last attempts went. [`CertificateManager::svid`] reads the slot without waiting while
+//! the SVID is valid; only when there is none, or it expired, does the caller ask the
+//! controller itself (one request per identity at a time; when the controller was unreachable
+//! less than a second ago the caller fails at once). [`CertificateManager::run_renewals`] is
+//! the one task that keeps every slot current: it sleeps until the earliest planned attempt
+//! and runs due attempts concurrently.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use membrane_identity::{SharedTrustBundle, WorkloadIdentity, WorkloadSvid};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use super::controller::{Controller, Issued, SvidSource};
+use super::metrics::{CertMetrics, ExpiryCollector};
+use super::schedule::{self, Jitter, Validity};
+use super::{CaConfig, CertError};
+use crate::telemetry::rfc3339;
+
+/// A caller that needs a certificate fails at once, rather than asking again, when the
+/// controller was found unreachable less than this long ago.
+const FAIL_FAST: Duration = Duration::from_secs(1);
+/// The scheduler looks at the slots at least this often (the wall clock can jump).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Shortest interval between two planned attempts for one identity (guards against a
+/// certificate issued already expired).
+const MIN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One identity's certificate, for the admin config dump.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateStatus {
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Serial of the current certificate (hex); none before the first issuance.
+    pub serial: Option<String>,
+    /// Seconds since the epoch when the certificate expires (0: none).
+    pub not_after_unix: u64,
+    /// When the certificate expires (RFC 3339).
+    pub not_after: Option<String>,
+    /// Seconds until expiry (0 when expired or none).
+    pub expires_in_seconds: u64,
+    /// The certificate has expired (it is no longer presented).
+    pub expired: bool,
+    /// The next planned renewal (or retry) attempt (RFC 3339).
+    pub next_renewal: Option<String>,
+    /// The same, in milliseconds since the epoch.
+    pub next_renewal_unix_ms: Option<u64>,
+    /// Failed attempts since the last success.
+    pub renewal_failures: u32,
+    /// Why the last attempt failed, while it is the latest word.
+    pub last_error: Option<String>,
+}
+
+/// Issues, caches and renews the SVIDs of this node's workloads.
+#[derive(Debug)]
+pub struct CertificateManager {
+    source: Arc<dyn SvidSource>,
+    bundle: SharedTrustBundle,
+    slots: Mutex<HashMap<WorkloadIdentity, Arc<Slot>>>,
+    /// Wakes the scheduler when a plan changed.
+    replan: tokio::sync::Notify,
+    jitter: Jitter,
+    metrics: CertMetrics,
+}
+
+#[derive(Debug)]
+struct Slot {
+    identity: WorkloadIdentity,
+    state: Mutex<SlotState>,
+    /// Held while asking the controller: one request per identity at a time.
+    fetch: tokio::sync::Mutex<()>,
+    /// Cancelled when the identity's last pod left: its renewals stop.
+    forgotten: CancellationToken,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SlotState {
+    svid: Option<WorkloadSvid>,
+    /// Next attempt: the planned renewal, or a retry after a failure.
+    next_attempt: Option<SystemTime>,
+    failures: u32,
+    last_error: Option<CertError>,
+    last_failure: Option<SystemTime>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn until(t: SystemTime, now: SystemTime) -> Duration {
+    t.duration_since(now).unwrap_or_default()
+}
+
+// === impl SlotState ===
+
+impl SlotState {
+    /// The current SVID if it is valid at `now`: the only one ever handed out.
+    fn valid(&self, now: SystemTime) -> Option<WorkloadSvid> {
+        self.svid.as_ref().filter(|s| s.is_valid_at(now)).cloned()
+    }
+
+    fn remaining(&self, now: SystemTime) -> Duration {
+        self.valid(now)
+            .map_or(Duration::ZERO, |s| until(s.info().not_after, now))
+    }
+
+    fn due(&self, now: SystemTime) -> bool {
+        self.next_attempt.is_some_and(|t| t <= now)
+    }
+
+    /// Installs a new SVID received at `now` and plans its renewal (`jitter` in `[0, 1)`).
+    /// Returns the one it replaces.
+    fn succeeded(&mut self, issued: Issued, now: SystemTime, jitter: f64) -> Option<WorkloadSvid> {
+        let info = issued.svid.info();
+        let validity = Validity {
+            received: now,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            refresh_at: issued.refresh_at,
+        };
+        let planned = schedule::renewal_time(&validity, jitter).max(now + MIN_INTERVAL);
+        self.next_attempt = Some(planned);
+        self.failures = 0;
+        self.last_error = None;
+        self.last_failure = None;
+        self.svid.replace(issued.svid)
+    }
+
+    /// Records a failed attempt at `now` and plans the retry.
+    fn failed(&mut self, error: CertError, now: SystemTime) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = schedule::retry_delay(self.failures, self.remaining(now));
+        self.next_attempt = Some(now + delay.max(MIN_INTERVAL));
+        self.last_error = Some(error);
+        self.last_failure = Some(now);
+    }
+
+    /// The controller was unreachable less than [`FAIL_FAST`] ago.
+    fn recently_unreachable(&self, now: SystemTime) -> bool {
+        matches!(self.last_error, Some(CertError::Connect(_)))
+            && self
+                .last_failure
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|ago| ago < FAIL_FAST)
+    }
+
+    /// Why there is no valid SVID at `now`.
+    fn unavailable(&self, identity: &WorkloadIdentity, now: SystemTime) -> CertError {
+        match (&self.svid, &self.last_error) {
+            (Some(old), last) if old.info().not_after < now => CertError::Expired {
+                identity: identity.to_string(),
+                expired_at: rfc3339(old.info().not_after),
+                last_error: last
+                    .as_ref()
+                    .map_or_else(|| "no attempt yet".to_owned(), ToString::to_string),
+            },
+            (_, Some(last)) => last.clone(),
+            (_, None) => CertError::Connect(format!("no certificate for {identity} yet")),
+        }
+    }
+}
+
+// === impl CertificateManager ===
+
+impl CertificateManager {
+    /// A manager signing through the controller of `config`; `bundle` is the bootstrap trust
+    /// bundle, updated from responses.
+    pub fn new(config: CaConfig, bundle: SharedTrustBundle) -> Self {
+        Self::with_source(Arc::new(Controller::new(config, bundle.clone())), bundle)
+    }
+
+    pub(crate) fn with_source(source: Arc<dyn SvidSource>, bundle: SharedTrustBundle) -> Self {
+        Self {
+            source,
+            bundle,
+            slots: Mutex::new(HashMap::new()),
+            replan: tokio::sync::Notify::new(),
+            jitter: Jitter::random(),
+            metrics: CertMetrics::default(),
+        }
+    }
+
+    /// Registers the certificate metrics: the counters and
+    /// `workload_certificate_expiry_seconds`, computed from the slots at each scrape.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        self.metrics.register_in(registry);
+        registry.register_collector(Box::new(ExpiryCollector(Arc::downgrade(self))));
+    }
+
+    /// The certificate metrics (callers count connections refused for want of a certificate).
+    pub fn metrics(&self) -> &CertMetrics {
+        &self.metrics
+    }
+
+    /// The trust bundle peers are verified against.
+    pub fn bundle(&self) -> SharedTrustBundle {
+        self.bundle.clone()
+    }
+
+    fn slot(&self, identity: &WorkloadIdentity) -> Arc<Slot> {
+        lock(&self.slots)
+            .entry(identity.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    identity: identity.clone(),
+                    state: Mutex::new(SlotState::default()),
+                    fetch: tokio::sync::Mutex::new(()),
+                    forgotten: CancellationToken::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.slots).values().cloned().collect()
+    }
+
+    /// The valid SVID for `identity`. Returns the cached one at once while it is valid (the
+    /// scheduler renews it ahead of expiry); asks the controller only when there is none or it
+    /// expired. Never returns an expired SVID: [`CertError::Expired`] says when it expired and
+    /// why renewal failed.
+    pub async fn svid(&self, identity: &WorkloadIdentity) -> Result<WorkloadSvid, CertError> {
+        let slot = self.slot(identity);
+        if let Some(svid) = lock(&slot.state).valid(SystemTime::now()) {
+            return Ok(svid);
+        }
+        let _flight = slot.fetch.lock().await;
+        let now = SystemTime::now();
+        {
+            let state = lock(&slot.state);
+            if let Some(svid) = state.valid(now) {
+                return Ok(svid);
+            }
+            if state.recently_unreachable(now) {
+                return Err(state.unavailable(identity, now));
+            }
+        }
+        self.attempt(&slot).await
+    }
+
+    /// Asks the controller for `slot`'s SVID and records the outcome (the caller holds the
+    /// slot's fetch lock). On failure the still-valid SVID, if any, is returned.
+    async fn attempt(&self, slot: &Slot) -> Result<WorkloadSvid, CertError> {
+        let now_valid = |issued: Issued| {
+            let now = SystemTime::now();
+            if issued.svid.is_valid_at(now) {
+                Ok(issued)
+            } else {
+                let info = issued.svid.info();
+                Err(CertError::BadResponse(format!(
+                    "the certificate issued is valid from {} to {}, not now (clock skew?)",
+                    rfc3339(info.not_before),
+                    rfc3339(info.not_after)
+                )))
+            }
+        };
+        let result = self.source.issue(&slot.identity).await.and_then(now_valid);
+        let now = SystemTime::now();
+        let identity = &slot.identity;
+        let mut state = lock(&slot.state);
+        let renewal = state.svid.is_some();
+        let outcome = match result {
+            Ok(issued) => {
+                let svid = issued.svid.clone();
+                let old = state.succeeded(issued, now, self.jitter.sample());
+                let next = state.next_attempt;
+                drop(state);
+                if renewal {
+                    self.metrics.renewal(true);
+                }
+                tracing::info!(
+                    %identity,
+                    serial = svid.info().serial,
+                    old_serial = old.map(|s| s.info().serial.clone()),
+                    not_after = rfc3339(svid.info().not_after),
+                    next_renewal = next.map(rfc3339),
+                    "workload certificate issued"
+                );
+                Ok(svid)
+            }
+            Err(error) => {
+                state.failed(error.clone(), now);
+                let retry_in_ms = state.next_attempt.map(|t| until(t, now).as_millis());
+                let current = state.valid(now);
+                let unavailable = state.unavailable(identity, now);
+                let failures = state.failures;
+                drop(state);
+                if renewal {
+                    self.metrics.renewal(false);
+                }
+                match current {
+                    Some(svid) => {
+                        tracing::warn!(
+                            %identity,
+                            %error,
+                            failures,
+                            retry_in_ms,
+                            serial = svid.info().serial,
+                            expires_in_ms = until(svid.info().not_after, now).as_millis(),
+                            "certificate renewal failed; serving the still-valid certificate"
+                        );
+                        Ok(svid)
+                    }
+                    None => {
+                        tracing::warn!(
+                            %identity,
+                            error = %unavailable,
+                            failures,
+                            retry_in_ms,
+                            "no valid workload certificate: connections of this identity fail until the controller answers"
+                        );
+                        Err(unavailable)
+                    }
+                }
+            }
+        };
+        self.replan.notify_one();
+        outcome
+    }
+
+    /// One scheduled attempt for `slot`, unless a caller renewed it meanwhile or its identity
+    /// was forgotten.
+    async fn renew(&self, slot: Arc<Slot>) {
+        let _flight = tokio::select! {
+            guard = slot.fetch.lock() => guard,
+            () = slot.forgotten.cancelled() => return,
+        };
+        if !lock(&slot.state).due(SystemTime::now()) {
+            return;
+        }
+        tokio::select! {
+            _ = self.attempt(&slot) => {}
+            () = slot.forgotten.cancelled() => {
+                tracing::debug!(identity = %slot.identity, "renewal abandoned: identity forgotten");
+            }
+        }
+    }
+
+    /// The renewal scheduler, until `shutdown`: sleeps until the earliest planned attempt
+    /// (or a plan changes), then runs every due attempt, each in its own task. The caller
+    /// spawns it.
+    pub fn run_renewals(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let manager = self.clone();
+        async move {
+            let mut running = tokio::task::JoinSet::new();
+            let mut in_flight: HashMap<tokio::task::Id, WorkloadIdentity> = HashMap::new();
+            loop {
+                let now = SystemTime::now();
+                let mut wake = now + MAX_SLEEP;
+                let busy: HashSet<&WorkloadIdentity> = in_flight.values().collect();
+                let mut started = Vec::new();
+                for slot in manager.slots() {
+                    if busy.contains(&slot.identity) {
+                        continue;
+                    }
+                    let Some(at) = lock(&slot.state).next_attempt else {
+                        continue;
+                    };
+                    if at <= now {
+                        let identity = slot.identity.clone();
+                        let m = manager.clone();
+                        let handle = running.spawn(async move { m.renew(slot).await });
+                        started.push((handle.id(), identity));
+                    } else {
+                        wake = wake.min(at);
+                    }
+                }
+                in_flight.extend(started);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = manager.replan.notified() => {}
+                    () = tokio::time::sleep(until(wake, now)) => {}
+                    Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                        let id = match done {
+                            Ok((id, ())) => id,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "certificate renewal task failed");
+                                e.id()
+                            }
+                        };
+                        in_flight.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets an identity whose last pod left the node: its certificate is dropped and its
+    /// renewals stop.
+    pub fn forget(&self, identity: &WorkloadIdentity) {
+        let removed = lock(&self.slots).remove(identity);
+        if let Some(slot) = removed {
+            slot.forgotten.cancel();
+            self.replan.notify_one();
+            tracing::info!(%identity, "identity left the node; its certificate is no longer renewed");
+        }
+    }
+
+    /// Expiry of every cached SVID, by SPIFFE ID.
+    pub(crate) fn expiries(&self) -> Vec<(String, SystemTime)> {
+        self.slots()
+            .iter()
+            .filter_map(|slot| {
+                let state = lock(&slot.state);
+                let svid = state.svid.as_ref()?;
+                Some((slot.identity.to_string(), svid.info().not_after))
+            })
+            .collect()
+    }
+
+    /// Every identity's certificate, expiry and next planned renewal.
+    pub fn status(&self) -> Vec<CertificateStatus> {
+        let now = SystemTime::now();
+        let mut out: Vec<CertificateStatus> = self
+            .slots()
+            .iter()
+            .map(|slot| {
+                let state = lock(&slot.state).clone();
+                let info = state.svid.as_ref().map(WorkloadSvid::info);
+                let not_after = info.map(|i| i.not_after);
+                CertificateStatus {
+                    identity: slot.identity.to_string(),
+                    serial: info.map(|i| i.serial.clone()),
+                    not_after_unix: not_after.map_or(0, |t| unix_ms(t) / 1000),
+                    not_after: not_after.map(rfc3339),
+                    expires_in_seconds: not_after.map_or(0, |t| until(t, now).as_secs()),
+                    expired: not_after.is_some_and(|t| t < now),
+                    next_renewal: state.next_attempt.map(rfc3339),
+                    next_renewal_unix_ms: state.next_attempt.map(unix_ms),
+                    renewal_failures: state.failures,
+                    last_error: state.last_error.as_ref().map(ToString::to_string),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use membrane_identity::spiffe_id::parse_trust_domain;
+    use membrane_identity::{TrustBundle, crypto_provider};
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::*;
+
+    const ID: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
+
+    /// A stand-in controller: signs leaves of `lifetime`, or fails while down.
+    struct FakeCa {
+        root: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+        lifetime: Duration,
+        up: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl std::fmt::Debug for FakeCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("FakeCa").finish_non_exhaustive()
+        }
+    }
+
+    impl FakeCa {
+        fn new(lifetime: Duration) -> Arc<Self> {
+            let key = KeyPair::generate().expect("keygen");
+            let mut params = CertificateParams::default();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let root = params.self_signed(&key).expect("root");
+            Arc::new(Self {
+                root: root.der().clone(),
+                issuer: Issuer::new(params, key),
+                lifetime,
+                up: AtomicBool::new(true),
+                calls: AtomicUsize::new(0),
+            })
+        }
+
+        fn bundle(&self) -> SharedTrustBundle {
+            let td = parse_trust_domain("cluster.local").expect("td");
+            SharedTrustBundle::new(TrustBundle::new(td, [self.root.clone()]).expect("bundle"))
+        }
+
+        fn sign(&self, identity: &WorkloadIdentity) -> WorkloadSvid {
+            let key = KeyPair::generate().expect("keygen");
+            let mut params = CertificateParams::default();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            let uri = identity.to_string();
+            params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().expect("uri"))];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::seconds(1);
+            params.not_after = now + self.lifetime;
+            let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            WorkloadSvid::new(vec![cert.der().clone()], key, &crypto_provider()).expect("svid")
+        }
+    }
+
+    impl SvidSource for FakeCa {
+        fn issue<'a>(
+            &'a self,
+            identity: &'a WorkloadIdentity,
+        ) -> Pin<Box<dyn Future<Output = Result<Issued, CertError>> + Send + 'a>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let result = if self.up.load(Ordering::SeqCst) {
+                Ok(Issued {
+                    svid: self.sign(identity),
+                    refresh_at: None,
+                })
+            } else {
+                Err(CertError::Connect("controller down".into()))
+            };
+            Box::pin(async move { result })
+        }
+    }
+
+    fn identity() -> WorkloadIdentity {
+        WorkloadIdentity::from_spiffe_id(ID.parse().expect("id")).expect("identity")
+    }
+
+    fn manager(ca: &Arc<FakeCa>) -> Arc<CertificateManager> {
+        Arc::new(CertificateManager::with_source(ca.clone(), ca.bundle()))
+    }
+
+    async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn renews_ahead_of_expiry_without_blocking_callers() {
+        let ca = FakeCa::new(Duration::from_secs(3));
+        let certs = manager(&ca);
+        let stop = CancellationToken::new();
+        let scheduler = tokio::spawn(certs.run_renewals(stop.clone()));
+        let first = certs.svid(&identity()).await.expect("issued");
+        // Cached: no second call.
+        let again = certs.svid(&identity()).await.expect("cached");
+        assert_eq!(first.info().serial, again.info().serial);
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 1);
+        let planned = certs.status()[0].next_renewal_unix_ms.expect("planned");
+        let renewed = eventually(Duration::from_secs(4), || {
+            certs.metrics().renewals(true) >= 1
+        })
+        .await;
+        assert!(renewed, "renewed in the background: {:?}", certs.status());
+        assert!(unix_ms(SystemTime::now()) >= planned);
+        let next = certs.svid(&identity()).await.expect("renewed");
+        assert_ne!(next.info().serial, first.info().serial);
+        assert!(next.info().not_after > first.info().not_after);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(2), scheduler)
+            .await
+            .expect("scheduler stops")
+            .expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn a_failing_controller_keeps_the_valid_certificate_then_expiry_is_an_error() {
+        let ca = FakeCa::new(Duration::from_secs(2));
+        let certs = manager(&ca);
+        let stop = CancellationToken::new();
+        let _scheduler = tokio::spawn(certs.run_renewals(stop.clone()));
+        let first = certs.svid(&identity()).await.expect("issued");
+        ca.up.store(false, Ordering::SeqCst);
+        // Renewal attempts fail; the valid certificate is still served meanwhile.
+        assert!(
+            eventually(Duration::from_secs(3), || certs.metrics().renewals(false)
+                >= 1)
+            .await,
+            "renewal attempted"
+        );
+        if first.is_valid_at(SystemTime::now()) {
+            let served = certs.svid(&identity()).await.expect("still valid");
+            assert_eq!(served.info().serial, first.info().serial);
+        }
+        // After expiry: a typed error, never the expired certificate.
+        let until_expiry = until(first.info().not_after, SystemTime::now());
+        tokio::time::sleep(until_expiry + Duration::from_millis(1100)).await;
+        let err = certs.svid(&identity()).await.expect_err("expired");
+        assert!(matches!(err, CertError::Expired { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("expired") && message.contains("controller down"),
+            "{message}"
+        );
+        let status = &certs.status()[0];
+        assert!(status.expired && status.renewal_failures >= 2, "{status:?}");
+        // The issuance, then retries closer together as expiry neared.
+        assert!(ca.calls.load(Ordering::SeqCst) >= 3);
+        // The controller is back: recovery without a restart.
+        ca.up.store(true, Ordering::SeqCst);
+        let recovered = eventually(Duration::from_secs(6), || {
+            certs.status()[0].serial.as_deref() != Some(first.info().serial.as_str())
+        })
+        .await;
+        assert!(recovered, "scheduler recovers: {:?}", certs.status());
+        let svid = certs.svid(&identity()).await.expect("recovered");
+        assert!(svid.is_valid_at(SystemTime::now()));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_caller_recovers_an_expired_certificate_itself() {
+        let ca = FakeCa::new(Duration::from_secs(2));
+        let certs = manager(&ca);
+        // No scheduler: only callers ask.
+        let first = certs.svid(&identity()).await.expect("issued");
+        ca.up.store(false, Ordering::SeqCst);
+        tokio::time::sleep(
+            until(first.info().not_after, SystemTime::now()) + Duration::from_millis(50),
+        )
+        .await;
+        let calls = ca.calls.load(Ordering::SeqCst);
+        let err = certs.svid(&identity()).await.expect_err("expired");
+        assert!(matches!(err, CertError::Expired { .. }), "{err:?}");
+        // A second caller right after does not ask again (the controller was just down).
+        let err = certs.svid(&identity()).await.expect_err("still expired");
+        assert!(matches!(err, CertError::Expired { .. }), "{err:?}");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), calls + 1);
+        ca.up.store(true, Ordering::SeqCst);
+        tokio::time::sleep(FAIL_FAST).await;
+        let svid = certs.svid(&identity()).await.expect("recovered");
+        assert_ne!(svid.info().serial, first.info().serial);
+    }
+
+    #[tokio::test]
+    async fn forgetting_an_identity_stops_its_renewals() {
+        let ca = FakeCa::new(Duration::from_secs(1));
+        let certs = manager(&ca);
+        let stop = CancellationToken::new();
+        let _scheduler = tokio::spawn(certs.run_renewals(stop.clone()));
+        certs.svid(&identity()).await.expect("issued");
+        certs.forget(&identity());
+        assert!(certs.status().is_empty());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            ca.calls.load(Ordering::SeqCst),
+            1,
+            "no renewal after forget"
+        );
+        stop.cancel();
+    }
+
+    #[test]
+    fn slot_state_plans_and_backs_off() {
+        let ca = FakeCa::new(Duration::from_secs(100));
+        let now = SystemTime::now();
+        let mut state = SlotState::default();
+        assert!(!state.due(now));
+        let svid = ca.sign(&identity());
+        let not_after = svid.info().not_after;
+        assert!(
+            state
+                .succeeded(
+                    Issued {
+                        svid,
+                        refresh_at: None
+                    },
+                    now,
+                    0.0
+                )
+                .is_none()
+        );
+        let planned = state.next_attempt.expect("planned");
+        let half = now + until(not_after, now) / 2;
+        assert!(planned.duration_since(half).unwrap_or_default() < Duration::from_millis(1));
+        // Failures double the delay, capped by a quarter of the time left.
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            state.failed(CertError::Connect("down".into()), now);
+            delays.push(until(state.next_attempt.expect("retry"), now).as_secs());
+        }
+        assert_eq!(delays[..5], [1, 2, 4, 8, 16]);
+        assert!(
+            matches!(delays[5], 24 | 25),
+            "capped at a quarter of ~100 s: {delays:?}"
+        );
+        assert!(state.valid(now).is_some(), "still valid");
+        assert!(state.recently_unreachable(now));
+        assert!(!state.recently_unreachable(now + FAIL_FAST));
+        // After expiry: the typed error.
+        let later = not_after + Duration::from_secs(1);
+        assert!(state.valid(later).is_none());
+        let err = state.unavailable(&identity(), later);
+        assert!(matches!(err, CertError::Expired { .. }), "{err:?}");
+    }
+}
