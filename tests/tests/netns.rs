@@ -20,6 +20,8 @@ use membrane_tests::netns::{
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Process start-up and kill waits: generous, a loaded 2-core machine can be slow to fork.
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn root() -> bool {
     let root = nix::unistd::geteuid().is_root();
@@ -346,7 +348,7 @@ fn stale_namespaces_of_dead_processes_are_swept() -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     // Let it enter the namespace (unless a concurrent sweep was faster) before sweeping.
-    let deadline = Instant::now() + IO_TIMEOUT;
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
     while let Some(target) = &target {
         let inside = std::fs::metadata(format!("/proc/{}/ns/net", child.id()))
             .is_ok_and(|m| (m.dev(), m.ino()) == (target.dev(), target.ino()));
@@ -370,7 +372,7 @@ fn stale_namespaces_of_dead_processes_are_swept() -> anyhow::Result<()> {
     for name in tb.netns_names() {
         ensure!(listed.contains(name), "{name} (live) was swept");
     }
-    let deadline = Instant::now() + IO_TIMEOUT;
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             child.kill()?;
