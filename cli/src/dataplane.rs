@@ -1,10 +1,15 @@
-//! The data-plane half of `membrane demo`: a two-node mesh in network namespaces.
+//! The data-plane half of `membrane demo`: a GenAI pipeline on a two-node mesh in network
+//! namespaces.
 //!
 //! Nodes and pods are network namespaces on this host; the controller and one real `ztunnel`
-//! process per node run as they would on a cluster. The tour sends a marker from the trainer
-//! to the feature store through the mesh while capturing the inter-node link (the marker must
-//! not appear), does the same between two pods outside the mesh (it does appear), and shows a
-//! pod outside the mesh being refused by a mesh pod. Everything is removed on drop.
+//! process per node run as they would on a cluster (built by the same harness as the tests and
+//! `membrane local`). The tour: trainer → feature store allowed and encrypted on the wire (a
+//! capture of the inter-node link never shows the data), the same data in the clear between
+//! two pods outside the mesh, the untrusted scraper denied by identity with the deciding
+//! policy, a plaintext caller refused, a policy edit cutting a live connection, and
+//! certificates rotating under a running transfer. Every claim is checked against what
+//! happened and carried in the step's `detail` for `--json`. Everything is removed on drop,
+//! also when the demo is interrupted.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
@@ -20,19 +25,35 @@ use crate::demo::Narrator;
 const PORT: u16 = 8080;
 const MARKER: &[u8] = b"GRADIENTS-OF-MODEL-v7-CONFIDENTIAL";
 
+/// Workload certificate lifetime in the demo: short, so rotation happens while you watch.
+const CERT_TTL: Duration = Duration::from_secs(3);
+const POLICIES: &str = include_str!("../../examples/genai/policies.yaml");
+/// The edit applied to a live connection: only the inference namespace may reach the model
+/// server from now on.
+const LOCKDOWN: &str = "---\napiVersion: security.membrane.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: model-server-lockdown, namespace: inference}\nspec:\n  selector: {matchLabels: {app: model-server-0}}\n  rules: [{from: [{source: {namespaces: [inference]}}]}]\n";
+
 fn spec() -> MeshSpec {
+    let mut feature_store = PodDef::new("feature-store-0", "data", "feature-store", "node-b");
+    feature_store.labels.insert("app".into(), "feature-store".into());
     MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![
             PodDef::new("trainer-0", "training", "trainer", "node-a"),
-            PodDef::new("feature-store-0", "data", "feature-store", "node-b"),
             PodDef::new("scraper-0", "untrusted", "scraper", "node-a"),
+            PodDef::new("legacy-etl-0", "legacy", "etl", "node-a"),
+            feature_store,
+            PodDef::new("model-server-0", "inference", "model-server", "node-b"),
             PodDef::new("legacy-db-0", "legacy", "db", "node-b"),
         ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
+        mesh_namespaces: vec![
+            "training".into(),
+            "data".into(),
+            "inference".into(),
+            "untrusted".into(),
+        ],
         plaintext_permit: vec![],
-        policies: String::new(),
-        cert_ttl: None,
+        policies: POLICIES.to_owned(),
+        cert_ttl: Some(CERT_TTL),
         extra_manifests: Vec::new(),
         access_log: None,
         local_files: false,
@@ -87,44 +108,65 @@ async fn call(mesh: &Mesh, pod: &str, dst: SocketAddr, data: &[u8]) -> std::io::
     Ok(reply)
 }
 
+
+/// Renewals (a certificate replacing an older one) of `identity` logged by `node`'s ztunnel.
+fn renewals(mesh: &Mesh, node: &str, identity: &str) -> Vec<String> {
+    let logs = mesh.ztunnels[node]
+        .logs
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    logs.iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"] == "workload certificate issued"
+                && v["identity"] == identity
+                && v["old_serial"].as_str().is_some_and(|s| !s.is_empty())
+        })
+        .filter_map(|v| v["serial"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Runs the data-plane tour.
 pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
-    out.step("A two-node cluster on this host: pods are network namespaces, one ztunnel per node");
+    out.step("A GenAI cluster on this host: two nodes, pods as network namespaces, one ztunnel per node");
     let mesh = Mesh::start(spec())
         .await
         .context("building the mesh (needs root, iproute2 and nftables)")?;
-    let pods: Vec<String> = spec()
-        .pods
+    let in_mesh = ["trainer-0", "scraper-0", "feature-store-0", "model-server-0"];
+    for pod in in_mesh {
+        mesh.enroll(pod).await?;
+    }
+    let pods: Vec<String> = mesh
+        .pods()
         .iter()
         .map(|p| {
+            let identity = if in_mesh.contains(&p.name.as_str()) {
+                mesh.spiffe_id(&p.name)
+            } else {
+                "not in the mesh".into()
+            };
             format!(
-                "{}/{} on {} at {} ({})",
+                "{}/{} on {} at {} — {identity}",
                 p.namespace,
                 p.name,
                 p.node,
-                mesh.ip(&p.name),
-                mesh.pod(&p.name).netns_name()
+                mesh.ip(&p.name)
             )
         })
         .collect();
     out.say(
         true,
-        "namespaces training and data are in the mesh; untrusted and legacy are not",
-        json!({"pods": pods}),
+        "namespaces data, training, inference and untrusted are in the mesh (captured, with identities); legacy is not",
+        json!({
+            "pods": pods,
+            "policies": "data/feature-store-readers: only the trainer reads features; inference/deny-untrusted: nothing from untrusted",
+            "certificate lifetime": humantime::format_duration(CERT_TTL).to_string(),
+            "workDir": mesh.dir.path().display().to_string(),
+        }),
     );
 
-    for pod in ["trainer-0", "feature-store-0"] {
-        mesh.enroll(pod).await?;
-    }
-    out.say(
-        true,
-        "trainer-0 and feature-store-0 enrolled: each ztunnel installed capture rules inside the pod and obtained its SVID",
-        json!({"capture": "nftables table inet membrane in each pod: outbound → 15001, inbound plaintext → 15006, HBONE on 15008"}),
-    );
-
-    out.step(
-        "trainer → feature store through the mesh, while capturing the link between the nodes",
-    );
+    out.step("trainer → feature store through the mesh, capturing the link between the nodes");
     let store = SocketAddr::new(mesh.ip("feature-store-0"), PORT);
     let capture = Capture::start_any(mesh.testbed.fabric().netns_path())?;
     let server = serve_once(&mesh, "feature-store-0", b"features: [0.12, 0.97, 0.33]")?;
@@ -137,15 +179,18 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
             |r| r["direction"] == "inbound" && r["transport"] == "hbone",
             Duration::from_secs(5),
         )
-        .await;
+        .await
+        .unwrap_or_default();
     out.say(
         got == MARKER && !wire.contains(MARKER) && wire.packets > 0,
-        "the application received the data; on the wire between the nodes it was never visible",
+        "allowed by identity; the application received the data, the wire between the nodes never showed it",
         json!({
+            "allowed": got == MARKER,
             "reply": String::from_utf8_lossy(&reply),
-            "packets captured on the inter-node link": wire.packets,
-            "marker seen on the wire": wire.contains(MARKER),
-            "feature store's ztunnel saw caller": inbound.map(|r| r["src_identity"].clone()).unwrap_or_default(),
+            "packetsCaptured": wire.packets,
+            "markerOnWire": wire.contains(MARKER),
+            "caller seen by the feature store": inbound["src_identity"],
+            "deciding policy": inbound["authorization"]["policy"],
         }),
     );
 
@@ -153,29 +198,145 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     let db = SocketAddr::new(mesh.ip("legacy-db-0"), PORT);
     let capture = Capture::start_any(mesh.testbed.fabric().netns_path())?;
     let server = serve_once(&mesh, "legacy-db-0", b"ok")?;
-    call(&mesh, "scraper-0", db, MARKER).await?;
+    call(&mesh, "legacy-etl-0", db, MARKER).await?;
     server.await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let wire = capture.stop();
     out.say(
         wire.contains(MARKER),
         "without the mesh, anyone on the link reads it",
-        json!({"marker seen on the wire": wire.contains(MARKER)}),
+        json!({"markerOnWire": wire.contains(MARKER)}),
     );
 
-    out.step("untrusted scraper → feature store: no identity, refused");
+    out.step("untrusted scraper → model server: it has an identity, and that identity is denied");
+    let model = SocketAddr::new(mesh.ip("model-server-0"), PORT);
+    let accepted = mesh.echo_app("model-server-0", PORT)?;
+    let result = call(&mesh, "scraper-0", model, b"GET /v1/weights").await;
+    let denial = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["authorization"]["verdict"] == "deny",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_default();
+    let denied = result.is_err() && accepted.load(std::sync::atomic::Ordering::SeqCst) == 0;
+    out.say(
+        denied && denial["authorization"]["policy"] == "inference/deny-untrusted",
+        "denied at the model server's node (HTTP 403 between the ztunnels); nothing reached the application",
+        json!({
+            "denied": denied,
+            "caller": denial["src_identity"],
+            "policy": denial["authorization"]["policy"],
+            "appConnections": accepted.load(std::sync::atomic::Ordering::SeqCst),
+        }),
+    );
+
+    out.step("a pod outside the mesh → feature store: no identity at all, refused");
     let _server = serve_once(&mesh, "feature-store-0", b"you should not see this")?;
-    let result = call(&mesh, "scraper-0", store, b"GET /features").await;
+    let result = call(&mesh, "legacy-etl-0", store, b"GET /features").await;
     let refusal = mesh.ztunnels["node-b"]
-        .wait_for_record(|r| r["result"] == "refused", Duration::from_secs(5))
-        .await;
+        .wait_for_record(
+            |r| r["result"] == "refused" && r["transport"] == "plaintext",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_default();
     out.say(
         result.is_err(),
-        "a plaintext caller without a SPIFFE identity is refused at the feature store's pod (zero trust)",
+        "plaintext callers are refused by default (zero trust)",
         json!({
-            "caller saw": result.err().map(|e| e.to_string()).unwrap_or_else(|| "a reply (wrong!)".into()),
-            "ztunnel access record": refusal.as_ref().and_then(|r| r["reason"].as_str()).unwrap_or_default(),
+            "refused": result.is_err(),
+            "ztunnel access record": refusal["reason"],
+        }),
+    );
+
+    out.step("a policy edit reaches a live connection: the model server is locked down");
+    let mut live = mesh.connect_from("trainer-0", model).await?;
+    membrane_tests::mesh::ping(&mut live).await?;
+    let edited = std::time::Instant::now();
+    mesh.set_policies(&format!("{POLICIES}{LOCKDOWN}"))?;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), live.read(&mut buf)).await;
+    let took = edited.elapsed();
+    let closed_ok = matches!(closed, Ok(Ok(0) | Err(_)));
+    let after = call(&mesh, "trainer-0", model, b"ping").await;
+    out.say(
+        closed_ok && after.is_err(),
+        "the trainer's open connection to the model server was closed when the policy changed; new ones are denied",
+        json!({
+            "liveConnectionClosed": closed_ok,
+            "closedAfterMs": u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "policy added": "inference/model-server-lockdown (only the inference namespace)",
+            "newConnectionDenied": after.is_err(),
+        }),
+    );
+
+    out.step("certificates rotate under a running transfer");
+    let trainer_id = mesh.spiffe_id("trainer-0");
+    let store_id = mesh.spiffe_id("feature-store-0");
+    let before = (
+        renewals(&mesh, "node-a", &trainer_id).len(),
+        renewals(&mesh, "node-b", &store_id).len(),
+    );
+    let echo = mesh.echo_app("feature-store-0", PORT + 1)?;
+    let stream = mesh
+        .connect_from("trainer-0", SocketAddr::new(mesh.ip("feature-store-0"), PORT + 1))
+        .await?;
+    let (sent, received) = transfer(stream, Duration::from_secs(7)).await?;
+    let after = (
+        renewals(&mesh, "node-a", &trainer_id),
+        renewals(&mesh, "node-b", &store_id),
+    );
+    let rotated = (after.0.len() - before.0, after.1.len() - before.1);
+    out.say(
+        sent == received && rotated.0 >= 2 && rotated.1 >= 2 && echo.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "both ends renewed their certificates during the transfer (new keys, new serials); the tunnel carried every byte without a reset",
+        json!({
+            "renewals": {"trainer": rotated.0, "feature-store": rotated.1},
+            "latest serials": {"trainer": after.0.last(), "feature-store": after.1.last()},
+            "bytesSent": sent,
+            "bytesIntact": sent == received,
+            "root rotation": "membrane-ca rotate-root --state-dir DIR (see the README)",
         }),
     );
     Ok(())
+}
+
+/// Streams pattern bytes through `stream` (an echo) for `duration`, checking every byte that
+/// comes back; returns (sent, received intact).
+async fn transfer(
+    stream: tokio::net::TcpStream,
+    duration: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut rx, mut tx) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let (mut pattern, mut buf, mut sent) =
+            (membrane_tests::Pattern(0xfeed_beef), vec![0u8; 16 * 1024], 0u64);
+        let end = std::time::Instant::now() + duration;
+        while std::time::Instant::now() < end {
+            pattern.fill(&mut buf);
+            tx.write_all(&buf).await?;
+            sent += buf.len() as u64;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.shutdown().await?;
+        anyhow::Ok(sent)
+    });
+    let (mut pattern, mut want, mut got, mut total) = (
+        membrane_tests::Pattern(0xfeed_beef),
+        vec![0u8; 16 * 1024],
+        vec![0u8; 16 * 1024],
+        0u64,
+    );
+    loop {
+        pattern.fill(&mut want);
+        match tokio::time::timeout(Duration::from_secs(10), rx.read_exact(&mut got)).await? {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(got == want, "corrupted after {total} bytes");
+        total += got.len() as u64;
+    }
+    Ok((writer.await??, total))
 }

@@ -1,6 +1,21 @@
-//! `membrane demo --json` runs to the end, every step as expected, and leaves nothing behind.
+//! `membrane demo --json` runs to the end and every claim it prints is backed by what
+//! happened; interrupted at any point, it leaves nothing behind.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn find<'a>(steps: &'a [serde_json::Value], key: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| !s["detail"][key].is_null())
+        .map(|s| &s["detail"])
+        .unwrap_or_else(|| panic!("no step reports {key}"))
+}
 
 #[test]
 fn demo_runs_clean_and_every_step_holds() {
@@ -26,9 +41,105 @@ fn demo_runs_clean_and_every_step_holds() {
     assert!(text.contains("spiffe://cluster.local/ns/training/sa/trainer"));
     assert!(text.contains("PermissionDenied"));
     assert!(text.contains("Unauthenticated"));
+    if is_root() {
+        // Allowed flows allowed, and never in the clear on the wire.
+        let allowed = find(&steps, "allowed");
+        assert_eq!(allowed["allowed"], true);
+        assert_eq!(allowed["markerOnWire"], false);
+        assert!(allowed["packetsCaptured"].as_u64() > Some(0));
+        assert_eq!(allowed["deciding policy"], "data/feature-store-readers");
+        // The contrast really is visible without the mesh.
+        let contrast = steps
+            .iter()
+            .find(|s| s["detail"]["markerOnWire"] == true)
+            .expect("contrast step");
+        assert_eq!(contrast["ok"], true);
+        // Denied flows denied, by identity, with the deciding policy.
+        let denied = find(&steps, "denied");
+        assert_eq!(denied["denied"], true);
+        assert_eq!(denied["policy"], "inference/deny-untrusted");
+        assert_eq!(denied["appConnections"], 0);
+        assert_eq!(find(&steps, "refused")["refused"], true);
+        // A policy edit closed a live connection.
+        let edit = find(&steps, "liveConnectionClosed");
+        assert_eq!(edit["liveConnectionClosed"], true);
+        assert!(edit["closedAfterMs"].as_u64() < Some(2_000), "{edit}");
+        // Rotation observed under a running transfer.
+        let rotation = find(&steps, "renewals");
+        assert!(rotation["renewals"]["trainer"].as_u64() >= Some(2), "{rotation}");
+        assert!(rotation["renewals"]["feature-store"].as_u64() >= Some(2));
+        assert_eq!(rotation["bytesIntact"], true);
+    }
     let removed = steps
         .last()
         .and_then(|s| s["detail"]["removed"].as_str())
         .expect("clean-up step names the directory");
     assert!(!std::path::Path::new(removed).exists());
+}
+
+fn netns_list() -> String {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn interrupting_the_demo_leaves_nothing_behind() {
+    if !is_root() {
+        return;
+    }
+    // Interrupt while the mesh is being built, while traffic flows, and during the transfer.
+    for after_lines in [9, 11, 15] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_membrane"))
+            .args(["demo", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start demo");
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout");
+        let mut work_dir = None;
+        let mut lines = BufReader::new(stdout).lines();
+        for _ in 0..after_lines {
+            let Some(Ok(line)) = lines.next() else { break };
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+            if let Some(dir) = v["detail"]["workDir"].as_str() {
+                work_dir = Some(dir.to_owned());
+            }
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("SIGINT");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "demo did not stop on Ctrl-C");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(lines);
+        let prefix = format!("mbt-{pid}-");
+        assert!(
+            !netns_list().contains(&prefix),
+            "after {after_lines} lines: namespaces left: {}",
+            netns_list()
+        );
+        if let Some(dir) = work_dir {
+            let left = processes_mentioning(&dir);
+            assert!(left.is_empty(), "after {after_lines} lines: {left:?}");
+            assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+        }
+    }
 }
