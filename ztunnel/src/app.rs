@@ -3,8 +3,10 @@
 //! [`start`] loads the bootstrap bundle (and, in local mode, the workloads and policy files),
 //! binds every listener (enrollment socket, admin, metrics, readiness) so errors surface before
 //! anything runs, starts the discovery client (or the policy file watcher), re-enrolls the
-//! pods of a previous run once their workloads are known, and spawns the servers under one
-//! cancellation token. Readiness turns true once the mesh state is loaded.
+//! pods of a previous run once their workloads are known, and spawns the servers and the
+//! pod reconciler (captured pods follow the mesh state) under one cancellation token.
+//! Readiness turns true once the mesh state is loaded and the first reconciliation pass
+//! (which re-enrolls the previous run's pods) is done.
 //! [`Running::shutdown`] drains: listeners close, open connections get a grace period, then
 //! everything stops.
 
@@ -23,6 +25,8 @@ use crate::conntrack::OpenConnections;
 use crate::discovery::{self, DiscoveryMetrics};
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::pods::PodRegistry;
+use crate::pods::reconcile::Reconciler;
+use crate::pods::scan::NetnsScanner;
 use crate::proxy::Proxy;
 use crate::state::{MeshState, StateError};
 use crate::telemetry::{AccessLog, TcpMetrics};
@@ -47,6 +51,10 @@ pub struct ZtunnelConfig {
     pub enroll_socket: PathBuf,
     /// Where enrolled pods are persisted across restarts.
     pub state_dir: Option<PathBuf>,
+    /// Directory where the container runtime pins pods' network namespaces; when set, mesh
+    /// workloads of this node that nobody enrolled (pods older than Membrane) are found there
+    /// by address and enrolled.
+    pub netns_dir: Option<PathBuf>,
     /// Admin address (config dump).
     pub admin_addr: SocketAddr,
     /// Metrics address.
@@ -189,9 +197,12 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut reconciler = Reconciler::new(pods.clone(), config.netns_dir.clone().map(NetnsScanner::new));
     match (&config.workloads_file, &config.policy_file) {
         (Some(_), policy_file) => {
             pods.restore().await;
+            reconciler.pass().await;
+            tasks.push(tokio::spawn(reconciler.run(cancel.clone())));
             if let Some(path) = policy_file {
                 tasks.push(tokio::spawn(authz::watch_policy_file(
                     path.clone(),
@@ -223,7 +234,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             tasks.push(tokio::spawn(client.run(cancel.clone())));
             // Pods of a previous run are re-enrolled once the first snapshot says who they
             // are (their rules stayed in place meanwhile, so their traffic failed closed);
-            // only then is the ztunnel ready.
+            // only then is the ztunnel ready. From then on the reconciler follows the state.
             let restore = pods.clone();
             let stop = cancel.clone();
             let ready = ready_tx.clone();
@@ -234,7 +245,9 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                 };
                 if loaded {
                     restore.restore().await;
+                    reconciler.pass().await;
                     ready.send_replace(true);
+                    reconciler.run(stop).await;
                 }
             }));
         }

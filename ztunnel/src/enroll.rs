@@ -4,15 +4,21 @@
 //! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line:
 //!
 //! ```text
-//! {"op":"add","uid":"<pod uid>","netns":"/run/netns/<name>"}   → {"ok":true}
+//! {"op":"add","uid":"<pod uid>","netns":"/run/netns/<name>"}   → {"ok":true,"enrolled":true}
+//!   optional: "namespace":"<k8s namespace>","name":"<pod>","ips":["10.1.2.3"]
 //! {"op":"remove","uid":"<pod uid>"}                             → {"ok":true,"removed":true}
 //! {"op":"list"}                                                 → {"ok":true,"pods":[…]}
 //! anything malformed                                            → {"ok":false,"error":"…"}
 //! ```
 //!
 //! `add` answers only once the redirect rules are in place and the listeners are bound, so the
-//! caller can start the pod's containers safely. Which identity a pod has never comes from this
-//! socket: only the UID does, and the identity is looked up in the mesh state.
+//! caller can start the pod's containers safely. A pod that is not a mesh workload is not an
+//! error: it is remembered and the answer says `"enrolled":false` (it is enrolled later if its
+//! namespace joins the mesh). A refusal that a retry may cure (no mesh state yet) carries
+//! `"retry":true`. `list` reports every known pod: `uid`, `netns`, `enrolled`, `mesh` (the
+//! state says it is a mesh workload of this node), `namespace`, `name`, `ips`, `error`.
+//! Which identity a pod has never comes from this socket: only the UID does, and the identity
+//! is looked up in the mesh state.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,10 +28,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::pods::{Enrollment, PodRegistry};
+use crate::pods::{EnrollError, PodInfo, PodRegistry, PodStatus};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Most addresses one `add` may carry.
+pub const MAX_IPS: usize = 16;
+/// Longest Kubernetes namespace or pod name accepted.
+const MAX_NAME: usize = 253;
 
 /// A request on the enrollment socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,13 +47,23 @@ pub enum Request {
         uid: String,
         /// Network namespace path.
         netns: PathBuf,
+        /// Kubernetes namespace (lets the ztunnel answer at once for a namespace with no
+        /// mesh workload).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        /// Pod name (for logs and `list`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The pod's addresses (for `list`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ips: Vec<std::net::IpAddr>,
     },
     /// Remove a pod.
     Remove {
         /// Pod UID.
         uid: String,
     },
-    /// List enrolled pods.
+    /// List known pods.
     List,
 }
 
@@ -55,12 +75,18 @@ pub struct Response {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// Whether retrying later may succeed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry: Option<bool>,
+    /// For `add`: whether the pod is captured (`false`: not a mesh workload, remembered).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub enrolled: Option<bool>,
     /// For `remove`: whether the pod was enrolled.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub removed: Option<bool>,
     /// For `list`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub pods: Option<Vec<Enrollment>>,
+    pub pods: Option<Vec<PodStatus>>,
 }
 
 impl Response {
@@ -73,17 +99,37 @@ impl Response {
     }
 }
 
+fn valid_name(value: &Option<String>) -> bool {
+    value
+        .as_ref()
+        .is_none_or(|v| !v.is_empty() && v.len() <= MAX_NAME && !v.chars().any(char::is_control))
+}
+
 /// Parses one request line. Never panics.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let request: Request =
         serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
     match &request {
-        Request::Add { uid, netns } => {
+        Request::Add {
+            uid,
+            netns,
+            namespace,
+            name,
+            ips,
+        } => {
             if uid.is_empty() || uid.len() > 256 {
                 return Err("uid must be 1 to 256 characters".into());
             }
             if !netns.is_absolute() {
                 return Err("netns must be an absolute path".into());
+            }
+            if !valid_name(namespace) || !valid_name(name) {
+                return Err(format!(
+                    "namespace and name must be 1 to {MAX_NAME} printable characters"
+                ));
+            }
+            if ips.len() > MAX_IPS {
+                return Err(format!("at most {MAX_IPS} ips"));
             }
         }
         Request::Remove { uid } if uid.is_empty() => return Err("uid must not be empty".into()),
@@ -160,16 +206,36 @@ async fn handle(pods: &PodRegistry, line: &str) -> Response {
         Err(e) => return Response::error(e),
     };
     match request {
-        Request::Add { uid, netns } => match pods.add(&uid, &netns).await {
-            Ok(()) => Response {
-                ok: true,
-                ..Response::default()
-            },
-            Err(e) => {
-                tracing::warn!(uid, netns = %netns.display(), error = %e, "enrollment refused");
-                Response::error(e)
+        Request::Add {
+            uid,
+            netns,
+            namespace,
+            name,
+            ips,
+        } => {
+            let pod = PodInfo {
+                uid,
+                netns,
+                namespace,
+                name,
+                ips,
+            };
+            let (uid, netns) = (pod.uid.clone(), pod.netns.clone());
+            match pods.add(pod).await {
+                Ok(enrolled) => Response {
+                    ok: true,
+                    enrolled: Some(enrolled),
+                    ..Response::default()
+                },
+                Err(e) => {
+                    tracing::warn!(uid, netns = %netns.display(), error = %e, "enrollment refused");
+                    Response {
+                        retry: matches!(e, EnrollError::NotReady).then_some(true),
+                        ..Response::error(e)
+                    }
+                }
             }
-        },
+        }
         Request::Remove { uid } => match pods.remove(&uid).await {
             Ok(removed) => Response {
                 ok: true,
@@ -209,7 +275,22 @@ mod tests {
             parse_request(r#"{"op":"add","uid":"u1","netns":"/run/netns/p"}"#),
             Ok(Request::Add {
                 uid: "u1".into(),
-                netns: "/run/netns/p".into()
+                netns: "/run/netns/p".into(),
+                namespace: None,
+                name: None,
+                ips: Vec::new(),
+            })
+        );
+        assert_eq!(
+            parse_request(
+                r#"{"op":"add","uid":"u1","netns":"/run/netns/p","namespace":"shop","name":"web-0","ips":["10.0.0.1"]}"#
+            ),
+            Ok(Request::Add {
+                uid: "u1".into(),
+                netns: "/run/netns/p".into(),
+                namespace: Some("shop".into()),
+                name: Some("web-0".into()),
+                ips: vec!["10.0.0.1".parse().expect("ip")],
             })
         );
         assert_eq!(parse_request(r#"{"op":"list"}"#), Ok(Request::List));
@@ -223,6 +304,9 @@ mod tests {
             r#"{"op":"remove","uid":""}"#,
             r#"{"op":"explode"}"#,
             r#"{"op":"add","uid":"u","netns":"/x","extra":1}"#,
+            r#"{"op":"add","uid":"u","netns":"/x","namespace":""}"#,
+            r#"{"op":"add","uid":"u","netns":"/x","name":"a\nb"}"#,
+            r#"{"op":"add","uid":"u","netns":"/x","ips":["nope"]}"#,
         ] {
             assert!(parse_request(bad).is_err(), "{bad}");
         }

@@ -59,6 +59,11 @@ struct Args {
     /// Directory where enrolled pods are remembered across restarts.
     #[arg(long, default_value = "/var/lib/membrane/ztunnel")]
     state_dir: PathBuf,
+    /// Directory where the container runtime pins pods' network namespaces (containerd,
+    /// CRI-O: /var/run/netns). When set, mesh pods of this node that nobody enrolled (pods
+    /// that existed before Membrane) are found there by address and enrolled. Off by default.
+    #[arg(long, env = "MEMBRANE_NETNS_DIR")]
+    netns_dir: Option<PathBuf>,
     /// Admin address (config dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -116,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         },
         enroll_socket: args.enroll_socket,
         state_dir: Some(args.state_dir),
+        netns_dir: args.netns_dir,
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,

@@ -1,13 +1,26 @@
-//! The enrolled pods of this node: enrollment and removal.
+//! The pods of this node the ztunnel knows, and the captured (enrolled) ones among them.
 //!
-//! Enrolling a pod binds 15001/15006/15008 inside its network namespace *before* installing
-//! the redirect rules (so captured traffic never meets a closed port), then starts the accept
-//! loops. Removal cancels the pod's token (listeners close, open connections end), deletes the
-//! rules, and stops the namespace worker: nothing is left behind. The set of enrolled pods is
-//! persisted so a restarted ztunnel re-enrolls them without the node side asking again.
+//! A pod becomes *known* when the node side tells the ztunnel about it (`add` on the
+//! enrollment socket: the CNI plugin does it for every new pod) or when the ztunnel finds it
+//! by itself ([`scan`]). A known pod that the mesh state says is a mesh workload of this node
+//! is *enrolled*: 15001/15006/15008 are bound inside its network namespace *before* the
+//! redirect rules are installed (so captured traffic never meets a closed port), then the
+//! accept loops start. Removal cancels the pod's token (listeners close, open connections
+//! end), deletes the rules and stops the namespace worker: nothing is left behind.
+//!
+//! Known pods outside the mesh are remembered, not refused: when the mesh state changes (a
+//! namespace gets or loses its label, a pod appears or goes), the [`reconcile`] pass enrolls
+//! or unenrolls them without anyone asking again. Everything known is persisted
+//! (`<state-dir>/enrolled.json`), so a restarted ztunnel captures again what it captured, and
+//! keeps knowing the rest. An explicit `remove` (the CNI plugin's DEL) forgets a pod; a pod
+//! whose namespace is gone is forgotten by itself.
+
+pub mod reconcile;
+pub mod scan;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,24 +32,23 @@ use crate::proxy::{PodContext, Proxy};
 use crate::redirect::{
     self, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, RedirectError,
 };
-use crate::state::Protocol;
+use crate::state::{MeshState, Protocol, Workload};
+use crate::{inbound, outbound};
 
 /// How long an enrollment waits for the first mesh state.
 pub const ENROLL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long an enrollment waits for an unknown pod to appear in the mesh state.
+/// How long an enrollment waits for a pod the mesh state does not know yet, when its
+/// namespace may be in the mesh (see [`PodRegistry::add`]).
 pub const UNKNOWN_POD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-use crate::{inbound, outbound};
 
 /// Why a pod could not be enrolled.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnrollError {
     /// The ztunnel has no mesh state yet (the controller's first snapshot has not arrived).
+    /// The pod is remembered and enrolled once the state says it is a mesh workload.
     #[error("the ztunnel has not received the mesh state from the controller yet; retry shortly")]
     NotReady,
-    /// The controller's (or the file's) state has no pod with this UID.
-    #[error("unknown pod uid {0}: no such workload in the mesh state")]
-    UnknownPod(String),
     /// The pod is scheduled on another node.
     #[error("pod {uid} runs on node {node}, not on this node ({this})")]
     OtherNode {
@@ -47,9 +59,15 @@ pub enum EnrollError {
         /// This node.
         this: String,
     },
-    /// The pod is not a mesh workload.
-    #[error("pod {0} is not in the mesh (protocol TCP)")]
-    NotInMesh(String),
+    /// The pod's network namespace does not exist (or cannot be read).
+    #[error("the pod's network namespace {path} cannot be opened: {source}")]
+    NoNamespace {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
@@ -67,25 +85,103 @@ pub enum EnrollError {
     Redirect(#[from] RedirectError),
 }
 
-/// One enrolled pod, as persisted and listed.
+/// What the node side says about a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Pod UID (what the mesh state is keyed on).
+    pub uid: String,
+    /// Its network namespace.
+    pub netns: PathBuf,
+    /// Its Kubernetes namespace, when the caller knows it.
+    pub namespace: Option<String>,
+    /// Its name, when the caller knows it.
+    pub name: Option<String>,
+    /// Its addresses, when the caller knows them.
+    pub ips: Vec<IpAddr>,
+}
+
+/// One known pod, as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Enrollment {
+pub struct PodRecord {
     /// Pod UID.
     pub uid: String,
     /// Network namespace path.
     pub netns: PathBuf,
+    /// Whether it was captured. Files written before pods outside the mesh were remembered
+    /// list only captured pods, hence the default.
+    #[serde(default = "captured")]
+    pub enrolled: bool,
+    /// Kubernetes namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Pod name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
 }
 
+fn captured() -> bool {
+    true
+}
+
+/// One known pod, as `list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodStatus {
+    /// Pod UID.
+    pub uid: String,
+    /// Network namespace path.
+    pub netns: PathBuf,
+    /// Whether it is captured.
+    pub enrolled: bool,
+    /// Whether the mesh state says it is a mesh workload of this node.
+    pub mesh: bool,
+    /// Kubernetes namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Pod name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Addresses (the caller's, or the mesh state's).
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// The last enrollment failure, while it is not enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A known pod.
+#[derive(Debug, Clone)]
+struct Known {
+    netns: PathBuf,
+    namespace: Option<String>,
+    name: Option<String>,
+    ips: Vec<IpAddr>,
+    /// A previous run captured it: its rules may still be in its namespace.
+    stale_rules: bool,
+    /// The last enrollment failure.
+    error: Option<String>,
+}
+
+/// A captured pod.
 struct Enrolled {
     netns_path: PathBuf,
     context: Arc<PodContext>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The node's enrolled pods.
+/// Known pods (every enrolled one among them).
+#[derive(Default)]
+struct Pods {
+    known: BTreeMap<String, Known>,
+    enrolled: BTreeMap<String, Enrolled>,
+}
+
+/// The node's pods.
 pub struct PodRegistry {
     proxy: Arc<Proxy>,
-    pods: tokio::sync::Mutex<BTreeMap<String, Enrolled>>,
+    pods: tokio::sync::Mutex<Pods>,
     persist: Option<PathBuf>,
     shutdown: CancellationToken,
     draining: CancellationToken,
@@ -96,6 +192,26 @@ impl std::fmt::Debug for PodRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PodRegistry").finish_non_exhaustive()
     }
+}
+
+/// Whether two paths name the same network namespace (same nsfs inode), e.g.
+/// `/var/run/netns/x` and `/run/netns/x`.
+fn same_netns(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// The workload `uid` if the state says it is a mesh workload of `node`.
+fn local_mesh_workload(state: &MeshState, node: &str, uid: &str) -> Option<Arc<Workload>> {
+    state
+        .by_uid(uid)
+        .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+        .cloned()
 }
 
 // === impl PodRegistry ===
@@ -111,7 +227,7 @@ impl PodRegistry {
     ) -> Self {
         Self {
             proxy,
-            pods: tokio::sync::Mutex::new(BTreeMap::new()),
+            pods: tokio::sync::Mutex::new(Pods::default()),
             persist,
             shutdown,
             draining,
@@ -119,56 +235,114 @@ impl PodRegistry {
         }
     }
 
-    /// The workload `uid`, waiting a moment for it: a pod can reach the CNI before the
-    /// controller's stream announced it, and nothing is known before the first snapshot.
-    async fn workload(&self, uid: &str) -> Result<Arc<crate::state::Workload>, EnrollError> {
+    /// The first loaded mesh state, waiting up to [`ENROLL_WAIT`] for it.
+    async fn loaded_state(&self) -> Option<Arc<MeshState>> {
         let mut state = self.proxy.state.clone();
-        let loaded = tokio::time::timeout(ENROLL_WAIT, state.wait_for(|s| s.is_loaded()))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if !loaded {
-            return Err(EnrollError::NotReady);
-        }
-        let found = tokio::time::timeout(
-            UNKNOWN_POD_WAIT,
-            state.wait_for(|s| s.by_uid(uid).is_some()),
-        )
-        .await;
-        match found {
-            Ok(Ok(s)) => s
-                .by_uid(uid)
-                .cloned()
-                .ok_or_else(|| EnrollError::UnknownPod(uid.to_owned())),
-            _ => Err(EnrollError::UnknownPod(uid.to_owned())),
+        let loaded = tokio::time::timeout(ENROLL_WAIT, state.wait_for(|s| s.is_loaded())).await;
+        match loaded {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
         }
     }
 
-    /// Enrolls pod `uid` living in the network namespace at `netns`. Idempotent: enrolling the
-    /// same pod with the same namespace again re-installs the rules; with another namespace
-    /// replaces the old enrollment.
-    pub async fn add(&self, uid: &str, netns: &Path) -> Result<(), EnrollError> {
-        let workload = self.workload(uid).await?;
-        if workload.node != self.proxy.node {
+    /// The workload `uid`. A pod can reach the CNI plugin before the controller announced
+    /// it, so an unknown pod is waited for ([`UNKNOWN_POD_WAIT`]) — unless its namespace has
+    /// no mesh workload at all: the state cannot say "this namespace is not in the mesh" (it
+    /// holds only mesh workloads), and that is the closest it comes. Such a pod is answered
+    /// at once; if it is the first pod of a namespace that just joined the mesh, the
+    /// reconciler enrolls it as soon as the controller announces it.
+    async fn find_workload(
+        &self,
+        mut state: Arc<MeshState>,
+        uid: &str,
+        namespace: Option<&str>,
+    ) -> Option<Arc<Workload>> {
+        if let Some(w) = state.by_uid(uid) {
+            return Some(w.clone());
+        }
+        if let Some(ns) = namespace
+            && !state
+                .workloads()
+                .iter()
+                .any(|w| w.namespace == ns && w.protocol == Protocol::Hbone)
+        {
+            return None;
+        }
+        let mut rx = self.proxy.state.clone();
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(UNKNOWN_POD_WAIT, rx.wait_for(|s| s.by_uid(uid).is_some())).await
+        {
+            state = s.clone();
+        }
+        state.by_uid(uid).cloned()
+    }
+
+    /// Takes a pod from the node side. A mesh workload of this node is captured before this
+    /// returns `Ok(true)`; any other pod of this node is remembered (`Ok(false)`) and enrolled
+    /// later if it joins the mesh. A pod of another node, or one whose namespace does not
+    /// exist, is refused. Idempotent: the same pod and namespace again re-installs the rules;
+    /// another namespace replaces the old enrollment.
+    pub async fn add(&self, pod: PodInfo) -> Result<bool, EnrollError> {
+        std::fs::metadata(&pod.netns).map_err(|source| EnrollError::NoNamespace {
+            path: pod.netns.clone(),
+            source,
+        })?;
+        let Some(state) = self.loaded_state().await else {
+            let mut pods = self.pods.lock().await;
+            pods.remember(&pod);
+            self.save(&pods);
+            return Err(EnrollError::NotReady);
+        };
+        let workload = self
+            .find_workload(state, &pod.uid, pod.namespace.as_deref())
+            .await;
+        if let Some(w) = &workload
+            && w.node != self.proxy.node
+        {
             return Err(EnrollError::OtherNode {
-                uid: uid.to_owned(),
-                node: workload.node.clone(),
+                uid: pod.uid.clone(),
+                node: w.node.clone(),
                 this: self.proxy.node.clone(),
             });
         }
-        if workload.protocol != Protocol::Hbone {
-            return Err(EnrollError::NotInMesh(uid.to_owned()));
-        }
+        let uid = pod.uid.clone();
         let mut pods = self.pods.lock().await;
-        if let Some(existing) = pods.get(uid)
-            && existing.netns_path == netns
+        pods.remember(&pod);
+        let result = match workload.filter(|w| w.protocol == Protocol::Hbone) {
+            Some(w) => self.enroll(&mut pods, &uid, w).await.map(|()| true),
+            None => {
+                if self.unenroll(&mut pods, &uid).await {
+                    tracing::info!(uid, "pod is no longer a mesh workload; capture removed");
+                }
+                tracing::info!(uid, namespace = ?pod.namespace, name = ?pod.name, "pod is not a mesh workload; remembered");
+                Ok(false)
+            }
+        };
+        if let (Err(e), Some(k)) = (&result, pods.known.get_mut(&uid)) {
+            k.error = Some(e.to_string());
+        }
+        self.save(&pods);
+        result
+    }
+
+    /// Captures known pod `uid` as `workload` (see the module documentation for the order).
+    async fn enroll(
+        &self,
+        pods: &mut Pods,
+        uid: &str,
+        workload: Arc<Workload>,
+    ) -> Result<(), EnrollError> {
+        let Some(netns) = pods.known.get(uid).map(|k| k.netns.clone()) else {
+            return Ok(());
+        };
+        if let Some(existing) = pods.enrolled.get(uid)
+            && same_netns(&existing.netns_path, &netns)
         {
             redirect::install(&existing.context.netns).await?;
             return Ok(());
         }
-        if let Some(old) = pods.remove(uid) {
-            Self::teardown(old).await;
-        }
-        let pod_netns = Arc::new(PodNetns::open(netns)?);
+        self.unenroll(pods, uid).await;
+        let pod_netns = Arc::new(PodNetns::open(&netns)?);
         let bind = |port: u16| {
             let netns = pod_netns.clone();
             async move {
@@ -210,36 +384,50 @@ impl PodRegistry {
             uid.to_owned(),
             format!("{}/{}", workload.namespace, workload.name),
         );
-        pods.insert(
+        pods.enrolled.insert(
             uid.to_owned(),
             Enrolled {
-                netns_path: netns.to_owned(),
+                netns_path: netns,
                 context,
                 tasks,
             },
         );
-        self.save(&pods);
+        if let Some(k) = pods.known.get_mut(uid) {
+            k.stale_rules = false;
+            k.error = None;
+        }
         Ok(())
     }
 
-    /// Removes pod `uid`; unknown pods are not an error (removal is idempotent).
-    pub async fn remove(&self, uid: &str) -> Result<bool, EnrollError> {
-        let mut pods = self.pods.lock().await;
-        let Some(enrolled) = pods.remove(uid) else {
-            return Ok(false);
+    /// Stops capturing pod `uid` (it stays known); whether it was captured.
+    async fn unenroll(&self, pods: &mut Pods, uid: &str) -> bool {
+        let Some(enrolled) = pods.enrolled.remove(uid) else {
+            return false;
         };
         let identity = enrolled.context.workload.identity.clone();
         Self::teardown(enrolled).await;
         if !pods
+            .enrolled
             .values()
             .any(|p| p.context.workload.identity == identity)
         {
             self.proxy.certs.forget(&identity);
         }
         crate::lock(&self.names).remove(uid);
-        tracing::info!(uid, "pod removed");
-        self.save(&pods);
-        Ok(true)
+        true
+    }
+
+    /// Forgets pod `uid`, removing its capture; unknown pods are not an error (removal is
+    /// idempotent). Returns whether it was captured.
+    pub async fn remove(&self, uid: &str) -> Result<bool, EnrollError> {
+        let mut pods = self.pods.lock().await;
+        let was_enrolled = self.unenroll(&mut pods, uid).await;
+        let was_known = pods.known.remove(uid).is_some();
+        if was_enrolled || was_known {
+            tracing::info!(uid, was_enrolled, "pod removed");
+            self.save(&pods);
+        }
+        Ok(was_enrolled)
     }
 
     async fn teardown(enrolled: Enrolled) {
@@ -253,15 +441,28 @@ impl PodRegistry {
         }
     }
 
-    /// The enrolled pods.
-    pub async fn list(&self) -> Vec<Enrollment> {
-        self.pods
-            .lock()
-            .await
+    /// Every known pod, captured or not.
+    pub async fn list(&self) -> Vec<PodStatus> {
+        let state = self.proxy.state.borrow().clone();
+        let pods = self.pods.lock().await;
+        pods.known
             .iter()
-            .map(|(uid, p)| Enrollment {
-                uid: uid.clone(),
-                netns: p.netns_path.clone(),
+            .map(|(uid, k)| {
+                let workload = local_mesh_workload(&state, &self.proxy.node, uid);
+                let enrolled = pods.enrolled.contains_key(uid);
+                PodStatus {
+                    uid: uid.clone(),
+                    netns: k.netns.clone(),
+                    enrolled,
+                    mesh: workload.is_some(),
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                    ips: match (&workload, k.ips.is_empty()) {
+                        (Some(w), true) => w.ips.clone(),
+                        _ => k.ips.clone(),
+                    },
+                    error: k.error.clone().filter(|_| !enrolled),
+                }
             })
             .collect()
     }
@@ -271,45 +472,61 @@ impl PodRegistry {
         crate::lock(&self.names).clone()
     }
 
-    /// Re-enrolls the pods persisted by a previous run (skipping ones that are gone).
+    /// Loads the pods persisted by a previous run. They are enrolled (or their leftover
+    /// rules lifted) by the next [`reconcile`] pass, which the caller runs.
     pub async fn restore(&self) {
         let Some(path) = &self.persist else { return };
         let Ok(text) = std::fs::read_to_string(path) else {
             return;
         };
-        let saved: Vec<Enrollment> = match serde_json::from_str(&text) {
+        let saved: Vec<PodRecord> = match serde_json::from_str(&text) {
             Ok(saved) => saved,
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "ignoring unreadable enrollment state");
                 return;
             }
         };
-        for pod in saved {
-            match self.add(&pod.uid, &pod.netns).await {
-                Ok(()) => tracing::info!(uid = pod.uid, "pod re-enrolled after restart"),
-                Err(e) => {
-                    tracing::warn!(uid = pod.uid, error = %e, "could not re-enroll pod after restart")
-                }
-            }
+        let mut pods = self.pods.lock().await;
+        for record in saved {
+            pods.known.insert(
+                record.uid,
+                Known {
+                    netns: record.netns,
+                    namespace: record.namespace,
+                    name: record.name,
+                    ips: record.ips,
+                    stale_rules: record.enrolled,
+                    error: None,
+                },
+            );
         }
+        tracing::info!(pods = pods.known.len(), "pods of the previous run loaded");
     }
 
-    /// Removes every pod's rules and stops their tasks (used at shutdown when `unenroll` is
-    /// requested; a normal restart keeps the rules so traffic stays captured).
+    /// Removes every pod's capture (used at shutdown when `unenroll` is requested; a normal
+    /// restart keeps the rules so traffic stays captured). The pods stay known, so a
+    /// restarted ztunnel captures the mesh workloads among them again.
     pub async fn remove_all(&self) {
-        let uids: Vec<String> = self.pods.lock().await.keys().cloned().collect();
+        let mut pods = self.pods.lock().await;
+        let uids: Vec<String> = pods.enrolled.keys().cloned().collect();
         for uid in uids {
-            let _ = self.remove(&uid).await;
+            self.unenroll(&mut pods, &uid).await;
         }
+        self.save(&pods);
     }
 
-    fn save(&self, pods: &BTreeMap<String, Enrolled>) {
+    fn save(&self, pods: &Pods) {
         let Some(path) = &self.persist else { return };
-        let list: Vec<Enrollment> = pods
+        let list: Vec<PodRecord> = pods
+            .known
             .iter()
-            .map(|(uid, p)| Enrollment {
+            .map(|(uid, k)| PodRecord {
                 uid: uid.clone(),
-                netns: p.netns_path.clone(),
+                netns: k.netns.clone(),
+                enrolled: pods.enrolled.contains_key(uid),
+                namespace: k.namespace.clone(),
+                name: k.name.clone(),
+                ips: k.ips.clone(),
             })
             .collect();
         let result = serde_json::to_vec_pretty(&list)
@@ -322,5 +539,68 @@ impl PodRegistry {
         if let Err(e) = result {
             tracing::warn!(file = %path.display(), error = %e, "could not persist enrollment state");
         }
+    }
+}
+
+impl Pods {
+    /// Records what the node side says about a pod (its leftover-rules mark survives).
+    fn remember(&mut self, pod: &PodInfo) {
+        let stale_rules = self.known.get(&pod.uid).is_some_and(|k| k.stale_rules);
+        let mut known = Known::from(pod);
+        known.stale_rules = stale_rules;
+        self.known.insert(pod.uid.clone(), known);
+    }
+}
+
+impl From<&PodInfo> for Known {
+    fn from(pod: &PodInfo) -> Self {
+        Self {
+            netns: pod.netns.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ips: pod.ips.clone(),
+            stale_rules: false,
+            error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_earlier_versions_were_all_captured() {
+        let old: Vec<PodRecord> =
+            serde_json::from_str(r#"[{"uid":"u1","netns":"/run/netns/p"}]"#).expect("old file");
+        assert!(old[0].enrolled);
+        let new = PodRecord {
+            uid: "u2".into(),
+            netns: "/run/netns/q".into(),
+            enrolled: false,
+            namespace: Some("shop".into()),
+            name: None,
+            ips: vec!["10.0.0.2".parse().expect("ip")],
+        };
+        let text = serde_json::to_string(&new).expect("json");
+        assert_eq!(
+            text,
+            r#"{"uid":"u2","netns":"/run/netns/q","enrolled":false,"namespace":"shop","ips":["10.0.0.2"]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<PodRecord>(&text).expect("again"),
+            new
+        );
+    }
+
+    #[test]
+    fn the_same_namespace_under_two_paths_is_recognised() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ns");
+        std::fs::write(&file, b"").expect("file");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(same_netns(&file, &link));
+        assert!(!same_netns(&file, &dir.path().join("absent")));
     }
 }

@@ -7,10 +7,15 @@
 //! In the pod's namespace:
 //! - locally generated TCP (the application's outbound connections) is redirected to 15001,
 //!   except loopback traffic and sockets carrying the ztunnel's mark;
-//! - incoming TCP is redirected to 15006 (plaintext capture), except HBONE (15008) and
-//!   loopback.
+//! - incoming TCP is redirected to 15006 (plaintext capture), except HBONE (15008),
+//!   loopback, and kubelet probes: TCP from [`PROBE_SOURCE`] (169.254.7.127) goes to the
+//!   application uncaptured. Only the node can send from that address: the CNI plugin SNATs
+//!   the connections the node itself opens towards its pods to it (`cni/src/probes.rs`), the
+//!   same scheme as Istio's. Anything in the node's network namespace therefore reaches
+//!   captured pods in plaintext, as kubelet probes must.
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use crate::netns::{NetnsError, PodNetns, ZTUNNEL_MARK};
@@ -24,6 +29,10 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 
 /// The table Membrane owns in each pod namespace.
 pub const TABLE: &str = "membrane";
+
+/// The source address of kubelet probes after the node's SNAT (Istio's choice, link-local so
+/// no pod can route from it); exempt from capture.
+pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 
 /// Why rules could not be applied or removed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +64,7 @@ table inet {TABLE} {{
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
     iifname \"lo\" accept
+    ip saddr {PROBE_SOURCE} meta l4proto tcp accept
     tcp dport {INBOUND_HBONE_PORT} accept
     meta l4proto tcp redirect to :{INBOUND_PLAINTEXT_PORT}
   }}
@@ -113,4 +123,23 @@ pub async fn is_installed(pod: &PodNetns) -> Result<bool, RedirectError> {
         Ok(out.success())
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_exempted_before_the_plaintext_capture() {
+        let rules = ruleset();
+        let exempt = rules
+            .find("ip saddr 169.254.7.127 meta l4proto tcp accept")
+            .expect("probe exemption");
+        let capture = rules.find("redirect to :15006").expect("plaintext capture");
+        assert!(exempt < capture, "{rules}");
+        assert!(
+            rules.find("chain prerouting").is_some_and(|p| p < exempt),
+            "inbound only: {rules}"
+        );
+    }
 }
