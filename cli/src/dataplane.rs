@@ -34,7 +34,9 @@ const LOCKDOWN: &str = "---\napiVersion: security.membrane.dev/v1\nkind: Authori
 
 fn spec() -> MeshSpec {
     let mut feature_store = PodDef::new("feature-store-0", "data", "feature-store", "node-b");
-    feature_store.labels.insert("app".into(), "feature-store".into());
+    feature_store
+        .labels
+        .insert("app".into(), "feature-store".into());
     MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![
@@ -108,7 +110,6 @@ async fn call(mesh: &Mesh, pod: &str, dst: SocketAddr, data: &[u8]) -> std::io::
     Ok(reply)
 }
 
-
 /// Renewals (a certificate replacing an older one) of `identity` logged by `node`'s ztunnel.
 fn renewals(mesh: &Mesh, node: &str, identity: &str) -> Vec<String> {
     let logs = mesh.ztunnels[node]
@@ -129,11 +130,18 @@ fn renewals(mesh: &Mesh, node: &str, identity: &str) -> Vec<String> {
 
 /// Runs the data-plane tour.
 pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
-    out.step("A GenAI cluster on this host: two nodes, pods as network namespaces, one ztunnel per node");
+    out.step(
+        "A GenAI cluster on this host: two nodes, pods as network namespaces, one ztunnel per node",
+    );
     let mesh = Mesh::start(spec())
         .await
         .context("building the mesh (needs root, iproute2 and nftables)")?;
-    let in_mesh = ["trainer-0", "scraper-0", "feature-store-0", "model-server-0"];
+    let in_mesh = [
+        "trainer-0",
+        "scraper-0",
+        "feature-store-0",
+        "model-server-0",
+    ];
     for pod in in_mesh {
         mesh.enroll(pod).await?;
     }
@@ -280,7 +288,10 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     );
     let echo = mesh.echo_app("feature-store-0", PORT + 1)?;
     let stream = mesh
-        .connect_from("trainer-0", SocketAddr::new(mesh.ip("feature-store-0"), PORT + 1))
+        .connect_from(
+            "trainer-0",
+            SocketAddr::new(mesh.ip("feature-store-0"), PORT + 1),
+        )
         .await?;
     let (sent, received) = transfer(stream, Duration::from_secs(7)).await?;
     let after = (
@@ -304,14 +315,14 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
 
 /// Streams pattern bytes through `stream` (an echo) for `duration`, checking every byte that
 /// comes back; returns (sent, received intact).
-async fn transfer(
-    stream: tokio::net::TcpStream,
-    duration: Duration,
-) -> anyhow::Result<(u64, u64)> {
+async fn transfer(stream: tokio::net::TcpStream, duration: Duration) -> anyhow::Result<(u64, u64)> {
     let (mut rx, mut tx) = stream.into_split();
     let writer = tokio::spawn(async move {
-        let (mut pattern, mut buf, mut sent) =
-            (membrane_tests::Pattern(0xfeed_beef), vec![0u8; 16 * 1024], 0u64);
+        let (mut pattern, mut buf, mut sent) = (
+            membrane_tests::Pattern(0xfeed_beef),
+            vec![0u8; 16 * 1024],
+            0u64,
+        );
         let end = std::time::Instant::now() + duration;
         while std::time::Instant::now() < end {
             pattern.fill(&mut buf);

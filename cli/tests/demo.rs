@@ -66,7 +66,10 @@ fn demo_runs_clean_and_every_step_holds() {
         assert!(edit["closedAfterMs"].as_u64() < Some(2_000), "{edit}");
         // Rotation observed under a running transfer.
         let rotation = find(&steps, "renewals");
-        assert!(rotation["renewals"]["trainer"].as_u64() >= Some(2), "{rotation}");
+        assert!(
+            rotation["renewals"]["trainer"].as_u64() >= Some(2),
+            "{rotation}"
+        );
         assert!(rotation["renewals"]["feature-store"].as_u64() >= Some(2));
         assert_eq!(rotation["bytesIntact"], true);
     }
@@ -78,7 +81,10 @@ fn demo_runs_clean_and_every_step_holds() {
 }
 
 fn netns_list() -> String {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

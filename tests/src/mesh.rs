@@ -263,7 +263,7 @@ impl Mesh {
             spec,
         };
         for node in mesh.spec.nodes.clone() {
-            let z = mesh.spawn_ztunnel(&node)?;
+            let z = mesh.spawn_ztunnel(&node, &[])?;
             mesh.ztunnels.insert(node, z);
         }
         Ok(mesh)
@@ -329,7 +329,7 @@ impl Mesh {
         Ok((manifests, workloads))
     }
 
-    fn spawn_ztunnel(&self, node: &str) -> anyhow::Result<Ztunnel> {
+    fn spawn_ztunnel(&self, node: &str, extra_args: &[&str]) -> anyhow::Result<Ztunnel> {
         let dir = self.dir.path();
         let token_file = dir.join(format!("{node}.token"));
         std::fs::write(&token_file, crate::node_token(node))?;
@@ -366,6 +366,7 @@ impl Mesh {
             ])
             .args(["--readiness-addr", "127.0.0.1:0", "--log-format", "json"])
             .args(["--drain-grace", "2s"])
+            .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -434,11 +435,17 @@ impl Mesh {
     /// Starts node `node`'s ztunnel again (after it stopped), with the same files and state
     /// directory, so it re-enrolls the pods it had.
     pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
+        self.restart_ztunnel_with(node, &[])
+    }
+
+    /// As [`Mesh::restart_ztunnel`], with `extra_args` appended to the ztunnel's command line
+    /// (for example `--netns-dir DIR`).
+    pub fn restart_ztunnel_with(&mut self, node: &str, extra_args: &[&str]) -> anyhow::Result<()> {
         if let Some(mut old) = self.ztunnels.remove(node) {
             let _ = old.child.kill();
             let _ = old.child.wait();
         }
-        let z = self.spawn_ztunnel(node)?;
+        let z = self.spawn_ztunnel(node, extra_args)?;
         self.ztunnels.insert(node.to_owned(), z);
         Ok(())
     }

@@ -197,7 +197,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    let mut reconciler = Reconciler::new(pods.clone(), config.netns_dir.clone().map(NetnsScanner::new));
+    let mut reconciler = Reconciler::new(
+        pods.clone(),
+        config.netns_dir.clone().map(NetnsScanner::new),
+    );
     match (&config.workloads_file, &config.policy_file) {
         (Some(_), policy_file) => {
             pods.restore().await;

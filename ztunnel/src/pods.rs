@@ -245,20 +245,16 @@ impl PodRegistry {
         }
     }
 
-    /// The workload `uid`. A pod can reach the CNI plugin before the controller announced
-    /// it, so an unknown pod is waited for ([`UNKNOWN_POD_WAIT`]) — unless its namespace has
-    /// no mesh workload at all: the state cannot say "this namespace is not in the mesh" (it
-    /// holds only mesh workloads), and that is the closest it comes. Such a pod is answered
-    /// at once; if it is the first pod of a namespace that just joined the mesh, the
-    /// reconciler enrolls it as soon as the controller announces it.
-    async fn find_workload(
-        &self,
-        mut state: Arc<MeshState>,
-        uid: &str,
-        namespace: Option<&str>,
-    ) -> Option<Arc<Workload>> {
-        if let Some(w) = state.by_uid(uid) {
-            return Some(w.clone());
+    /// Waits for the state to know pod `uid`: a pod can reach the CNI plugin before the
+    /// controller announced it, so an unknown pod is waited for ([`UNKNOWN_POD_WAIT`]) —
+    /// unless its namespace has no mesh workload at all. The state cannot say "this
+    /// namespace is not in the mesh" (it holds only mesh workloads); a namespace without any
+    /// is the closest it comes, and such a pod is answered at once. If it is the first pod of
+    /// a namespace that just joined the mesh, the reconciler enrolls it as soon as the
+    /// controller announces it.
+    async fn wait_for_workload(&self, state: &MeshState, uid: &str, namespace: Option<&str>) {
+        if state.by_uid(uid).is_some() {
+            return;
         }
         if let Some(ns) = namespace
             && !state
@@ -266,15 +262,11 @@ impl PodRegistry {
                 .iter()
                 .any(|w| w.namespace == ns && w.protocol == Protocol::Hbone)
         {
-            return None;
+            return;
         }
         let mut rx = self.proxy.state.clone();
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(UNKNOWN_POD_WAIT, rx.wait_for(|s| s.by_uid(uid).is_some())).await
-        {
-            state = s.clone();
-        }
-        state.by_uid(uid).cloned()
+        let _ =
+            tokio::time::timeout(UNKNOWN_POD_WAIT, rx.wait_for(|s| s.by_uid(uid).is_some())).await;
     }
 
     /// Takes a pod from the node side. A mesh workload of this node is captured before this
@@ -293,20 +285,23 @@ impl PodRegistry {
             self.save(&pods);
             return Err(EnrollError::NotReady);
         };
-        let workload = self
-            .find_workload(state, &pod.uid, pod.namespace.as_deref())
+        self.wait_for_workload(&state, &pod.uid, pod.namespace.as_deref())
             .await;
+        let uid = pod.uid.clone();
+        let mut pods = self.pods.lock().await;
+        // Decide on the newest state, read under the lock: the reconciler decides under it
+        // too, so the two never act on states in the wrong order.
+        let state = self.proxy.state.borrow().clone();
+        let workload = state.by_uid(&uid).cloned();
         if let Some(w) = &workload
             && w.node != self.proxy.node
         {
             return Err(EnrollError::OtherNode {
-                uid: pod.uid.clone(),
+                uid,
                 node: w.node.clone(),
                 this: self.proxy.node.clone(),
             });
         }
-        let uid = pod.uid.clone();
-        let mut pods = self.pods.lock().await;
         pods.remember(&pod);
         let result = match workload.filter(|w| w.protocol == Protocol::Hbone) {
             Some(w) => self.enroll(&mut pods, &uid, w).await.map(|()| true),
