@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
 membrane_install_test_deps
+# The end-to-end tests run the binaries (ztunnel, membrane-cni, membrane-ca, membrane) as
+# separate processes: build them all first (Cargo only builds a package's binaries for its own
+# integration tests).
+cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast
 else
