@@ -47,7 +47,7 @@ pub struct ConnectHeaders {
 }
 
 /// The TLS stream HBONE connections run over.
-pub(crate) type ClientIo = tokio_rustls::client::TlsStream<TcpStream>;
+pub(crate) type ClientIo = tokio_rustls::client::TlsStream<tokio::io::BufStream<TcpStream>>;
 
 /// An established HBONE connection: the sender, the connection (which must be polled —
 /// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
@@ -78,7 +78,7 @@ pub(crate) async fn establish(
     // The verifier ignores names (it checks the SPIFFE ID); an IP name also sends no SNI.
     let name = ServerName::IpAddress(key.dst_addr.ip().into());
     let mut tls = connector
-        .connect(name, tcp)
+        .connect(name, super::buffered(tcp))
         .await
         .map_err(|e| HboneError::Tls(Arc::new(e)))?;
     let (_, session) = tls.get_mut();

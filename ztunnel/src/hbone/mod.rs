@@ -184,6 +184,17 @@ fn require_h2(negotiated: Option<&[u8]>) -> Result<(), HboneError> {
     }
 }
 
+/// Read and write buffer under TLS, in bytes (see [`buffered`]).
+pub const SOCKET_BUFFER: usize = 256 * 1024;
+
+/// The tunnel's TCP socket with large buffers under TLS: rustls reads at most a few KiB per
+/// call and writes each record separately, so without them a gigabyte costs tens of thousands
+/// of `recvfrom` and `writev` calls; with them, one `recvfrom` takes everything the kernel
+/// has, and the records of one HTTP/2 flush leave in one write.
+pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufStream<tokio::net::TcpStream> {
+    tokio::io::BufStream::with_capacity(SOCKET_BUFFER, SOCKET_BUFFER, tcp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,7 +162,7 @@ async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_with_h2(tls));
     let handshake = async {
         let mut tls = acceptor
-            .accept(tcp)
+            .accept(super::buffered(tcp))
             .await
             .map_err(|e| HboneError::Tls(Arc::new(e)))?;
         let (_, session) = tls.get_mut();
