@@ -204,7 +204,7 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let mesh = Mesh::start(MeshSpec {
+    let mut mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
@@ -334,5 +334,16 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // A ztunnel restarted now still trusts the controller, whose certificate chains to the
+    // new root that its bootstrap file (the old root) lacks: it kept the streamed bundle.
+    mesh.restart_ztunnel("node-a")?;
+    let readiness = mesh.ztunnels["node-a"].readiness;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while membrane_tests::http_get(readiness, "/healthz/ready").await?.0 != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "restarted ztunnel never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut s = mesh.connect_from("trainer", dst).await?;
+    ping(&mut s).await?;
     Ok(())
 }

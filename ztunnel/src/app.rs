@@ -65,6 +65,9 @@ pub struct ZtunnelConfig {
     pub drain_grace: Duration,
 }
 
+/// The streamed trust bundle, saved in the state directory (PEM).
+pub const BUNDLE_FILE: &str = "trust-bundle.pem";
+
 /// Why the ztunnel could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -121,10 +124,28 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         Some(path) => MeshState::load(path, &config.trust_domain)?,
         None => MeshState::default(),
     };
-    let bundle = SharedTrustBundle::new(
-        TrustBundle::from_pem(config.trust_domain.clone(), &config.ca.root_pem)
-            .map_err(|e| StartError::Bundle(e.to_string()))?,
-    );
+    // The bootstrap roots, plus the last bundle the controller streamed (kept in the state
+    // directory): after a root rotation the controller's certificate chains to a root the
+    // bootstrap file may not have.
+    let bundle_file = config.state_dir.as_ref().map(|d| d.join(BUNDLE_FILE));
+    let mut initial = TrustBundle::from_pem(config.trust_domain.clone(), &config.ca.root_pem)
+        .map_err(|e| StartError::Bundle(e.to_string()))?;
+    if let Some(path) = &bundle_file
+        && let Ok(pem) = std::fs::read(path)
+    {
+        match TrustBundle::from_pem(config.trust_domain.clone(), &pem) {
+            Ok(saved) => {
+                for root in saved.roots() {
+                    let _ = initial.add_root(root.clone());
+                }
+                tracing::info!(file = %path.display(), roots = initial.roots().len(), "trust bundle of the previous run added to the bootstrap roots");
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "ignoring the saved trust bundle");
+            }
+        }
+    }
+    let bundle = SharedTrustBundle::new(initial);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(mesh));
     let mut registry = prometheus_client::registry::Registry::with_prefix("membrane");
     let metrics = TcpMetrics::register(&mut registry);
@@ -201,9 +222,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         pods.clone(),
         config.netns_dir.clone().map(NetnsScanner::new),
     );
+    // The previous run's pods are loaded (not yet enrolled) before the enrollment socket
+    // serves: an early request must not overwrite the persisted list with just itself.
+    pods.restore().await;
     match (&config.workloads_file, &config.policy_file) {
         (Some(_), policy_file) => {
-            pods.restore().await;
             reconciler.pass().await;
             tasks.push(tokio::spawn(reconciler.run(cancel.clone())));
             if let Some(path) = policy_file {
@@ -231,6 +254,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                     authorizer,
                     open,
                     loaded: loaded_tx,
+                    bundle_file,
                 },
                 metrics: discovery_metrics,
             };
@@ -238,7 +262,6 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             // Pods of a previous run are re-enrolled once the first snapshot says who they
             // are (their rules stayed in place meanwhile, so their traffic failed closed);
             // only then is the ztunnel ready. From then on the reconciler follows the state.
-            let restore = pods.clone();
             let stop = cancel.clone();
             let ready = ready_tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -247,7 +270,6 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                     r = loaded.wait_for(|l| *l) => r.is_ok(),
                 };
                 if loaded {
-                    restore.restore().await;
                     reconciler.pass().await;
                     ready.send_replace(true);
                     reconciler.run(stop).await;

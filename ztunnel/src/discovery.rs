@@ -250,7 +250,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                 };
                 state.set_plaintext(&w.namespace, mode);
                 state
-                    .insert(workload(w, td)?)
+                    .insert_lenient(workload(w, td)?)
                     .map_err(|m| invalid("workload", &w.uid, m))?;
             }
             Some(ResourceKind::Service(s)) => service(s, &mut state)?,
@@ -298,6 +298,9 @@ pub struct Sinks {
     pub open: Arc<OpenConnections>,
     /// Turns true when the first snapshot is applied.
     pub loaded: watch::Sender<bool>,
+    /// Where a changed bundle is saved (PEM), so a restart trusts the controller even after
+    /// a root rotation replaced the bootstrap root.
+    pub bundle_file: Option<std::path::PathBuf>,
 }
 
 /// The discovery client.
@@ -487,6 +490,14 @@ impl Client {
             && *sinks.bundle.load() != bundle
         {
             tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
+            if let Some(path) = &sinks.bundle_file {
+                let tmp = path.with_extension("pem.tmp");
+                let saved = std::fs::write(&tmp, bundle.to_pem())
+                    .and_then(|()| std::fs::rename(&tmp, path));
+                if let Err(e) = saved {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot save the trust bundle");
+                }
+            }
             sinks.bundle.store(bundle);
         }
         sinks.state.send_replace(Arc::new(built.state));
@@ -593,13 +604,20 @@ mod tests {
                 .and_then(|h| build(&h, &td()).map(|_| ()));
             assert!(result.is_err());
         }
-        // Two workloads claiming one IP.
+        // Two workloads claiming one IP (hostNetwork pods, a reused IP): the update still
+        // applies; the IP stays with one owner.
         let held = apply(
             None,
             &update(true, vec![wl("a", "10.0.0.1"), wl("b", "10.0.0.1")], &[]),
         )
         .expect("applies");
-        assert!(build(&held, &td()).is_err());
+        let built = build(&held, &td()).expect("one clash does not freeze discovery");
+        let owner = built
+            .state
+            .by_ip("10.0.0.1".parse().expect("ip"))
+            .expect("owner");
+        assert_eq!(owner.uid, "a");
+        assert!(built.state.by_uid("b").is_some_and(|b| b.ips.is_empty()));
     }
 
     #[test]

@@ -220,6 +220,29 @@ impl MeshState {
         }
     }
 
+    /// Adds a workload whose IPs may clash with workloads already present (a discovery
+    /// snapshot: hostNetwork pods, a reused IP of a terminating pod): a clashing IP stays with
+    /// its first owner and is dropped from this workload, with a warning, instead of refusing
+    /// the whole update. A duplicate UID is still refused. Returns the IPs dropped.
+    pub fn insert_lenient(&mut self, mut workload: Workload) -> Result<Vec<IpAddr>, String> {
+        let (kept, dropped): (Vec<IpAddr>, Vec<IpAddr>) = workload
+            .ips
+            .iter()
+            .copied()
+            .partition(|ip| !self.by_ip.contains_key(ip));
+        for ip in &dropped {
+            tracing::warn!(
+                uid = %workload.uid,
+                %ip,
+                owner = %self.by_ip[ip].uid,
+                "workload IP already owned by another workload; not routing it to this one"
+            );
+        }
+        workload.ips = kept;
+        self.insert(workload)?;
+        Ok(dropped)
+    }
+
     /// Adds a workload; refuses a duplicate UID or an IP already owned by another workload.
     pub fn insert(&mut self, workload: Workload) -> Result<(), String> {
         let workload = Arc::new(workload);

@@ -90,7 +90,9 @@ struct NodeAcks {
     streams: usize,
     /// The bundle last sent to the node, and the version of the update that carried it.
     bundle_sent: Option<(Arc<TrustBundle>, u64)>,
-    /// Highest version the node confirmed.
+    /// Highest version sent to the node.
+    last_sent: u64,
+    /// Highest version the node confirmed (never above `last_sent`).
     acked: u64,
 }
 
@@ -115,14 +117,23 @@ impl AckBook {
         });
     }
 
+    fn sent(&self, node: &str, version: u64) {
+        self.with(|m| {
+            let n = m.entry(node.to_owned()).or_default();
+            n.last_sent = n.last_sent.max(version);
+        });
+    }
+
     fn sent_bundle(&self, node: &str, bundle: Arc<TrustBundle>, version: u64) {
         self.with(|m| m.entry(node.to_owned()).or_default().bundle_sent = Some((bundle, version)));
     }
 
+    /// Records a confirmation; a version never sent to the node counts only up to the last
+    /// one that was (a confused or lying node cannot confirm a bundle ahead of receiving it).
     fn acked(&self, node: &str, version: u64) {
         self.with(|m| {
             let n = m.entry(node.to_owned()).or_default();
-            n.acked = n.acked.max(version);
+            n.acked = n.acked.max(version.min(n.last_sent));
         });
     }
 
@@ -255,6 +266,7 @@ impl DiscoveryService {
         if tx.send(Ok(snapshot)).await.is_err() {
             return;
         }
+        self.acks.sent(&node, snapshot_version);
         self.acks
             .sent_bundle(&node, mesh.bundle().clone(), snapshot_version);
         self.metrics
@@ -303,6 +315,7 @@ impl DiscoveryService {
             if tx.send(Ok(update)).await.is_err() {
                 break;
             }
+            self.acks.sent(&node, version);
             if carries_bundle {
                 self.acks.sent_bundle(&node, mesh.bundle().clone(), version);
             }
@@ -381,5 +394,36 @@ impl Discovery for DiscoveryService {
         tracing::debug!(node, version = ack.version, "discovery update acknowledged");
         self.acks.acked(&node, ack.version);
         Ok(Response::new(pb::AckResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_ahead_of_what_was_sent_does_not_count() {
+        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_secs(3600);
+        let bundle = Arc::new(
+            crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
+                .expect("root")
+                .bundle()
+                .clone(),
+        );
+        let book = AckBook::default();
+        book.opened("n1");
+        assert_eq!(book.pending(&bundle), ["n1"]);
+        book.sent("n1", 3);
+        book.sent_bundle("n1", bundle.clone(), 5);
+        book.acked("n1", u64::MAX);
+        assert_eq!(book.pending(&bundle), ["n1"], "5 was never sent");
+        book.sent("n1", 5);
+        book.acked("n1", 5);
+        assert!(book.pending(&bundle).is_empty());
+        book.closed("n1");
+        book.opened("n2");
+        assert_eq!(book.pending(&bundle), ["n2"]);
     }
 }

@@ -52,10 +52,15 @@ pub fn key<K: kube::Resource<DynamicType = ()>>(obj: &K) -> Option<Key> {
 
 /// A Pod. `status.phase` missing (not yet reported) counts as `Pending`; the service account
 /// defaults to `default`; the UID falls back to `<namespace>/<name>` like the directory source.
+/// A `hostNetwork` pod is left out: it shares its node's network namespace and IP, so it
+/// cannot be captured, and its IP would clash with every other host-network pod's.
 pub fn pod(pod: core::Pod) -> Option<(Key, Pod)> {
     let key = key_of(&pod.metadata)?;
     let meta = pod.metadata;
     let spec = pod.spec.unwrap_or_default();
+    if spec.host_network == Some(true) {
+        return None;
+    }
     let status = pod.status.unwrap_or_default();
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
