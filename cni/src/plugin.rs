@@ -249,8 +249,19 @@ impl Plugin<'_> {
                 )),
             }
         }
+        // An IP the ztunnel now knows for another pod was reassigned (a repeated DEL after
+        // the pod is long gone): its exemption belongs to that pod and stays.
+        let mut release = ipv4(&ips);
+        if let Ok(known) = self.ztunnel.list() {
+            let ours = self.inv.pod.uid.as_deref();
+            release.retain(|ip| {
+                !known
+                    .iter()
+                    .any(|p| Some(p.uid.as_str()) != ours && p.ips.contains(&IpAddr::V4(*ip)))
+            });
+        }
         if self.conf.probe_exemption
-            && let Err(e) = self.probes.remove(&ipv4(&ips))
+            && let Err(e) = self.probes.remove(&release)
         {
             self.warnings.push(format!(
                 "cannot remove the pod from the node's probe rule: {e}"

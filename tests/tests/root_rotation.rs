@@ -339,7 +339,11 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
     mesh.restart_ztunnel("node-a")?;
     let readiness = mesh.ztunnels["node-a"].readiness;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while membrane_tests::http_get(readiness, "/healthz/ready").await?.0 != 200 {
+    while membrane_tests::http_get(readiness, "/healthz/ready")
+        .await?
+        .0
+        != 200
+    {
         anyhow::ensure!(Instant::now() < deadline, "restarted ztunnel never ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -190,8 +190,26 @@ fn add_enrolls_passes_the_result_through_and_exempts_probes() {
     let out = run(&env("DEL"), &conf(&z.socket, json!({})), &probes);
     assert!(out.success && out.stdout.is_none(), "{out:?}");
     assert_eq!(z.request("remove"), json!({"op": "remove", "uid": "uid-1"}));
-    assert_eq!(z.ops(), ["add", "list", "list", "remove"]);
+    assert_eq!(z.ops(), ["add", "list", "list", "remove", "list"]);
     assert_eq!(*probes.set.lock().expect("lock"), [ip("10.1.0.9")]);
+}
+
+#[test]
+fn a_repeated_del_keeps_the_probe_exemption_of_the_ip_s_new_owner() {
+    let z = FakeZtunnel::start(&[
+        ("remove", json!({"ok": true})),
+        (
+            "list",
+            json!({"ok": true, "pods": [
+                {"uid": "new-owner", "enrolled": true, "mesh": true, "ips": ["10.1.0.5"]},
+            ]}),
+        ),
+    ]);
+    let probes = FakeProbes::default();
+    probes.ensure(&[ip("10.1.0.5")]).expect("seed");
+    let out = run(&env("DEL"), &conf(&z.socket, json!({})), &probes);
+    assert!(out.success, "{out:?}");
+    assert_eq!(*probes.set.lock().expect("lock"), [ip("10.1.0.5")]);
 }
 
 #[test]
