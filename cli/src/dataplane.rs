@@ -110,24 +110,6 @@ async fn call(mesh: &Mesh, pod: &str, dst: SocketAddr, data: &[u8]) -> std::io::
     Ok(reply)
 }
 
-/// Renewals (a certificate replacing an older one) of `identity` logged by `node`'s ztunnel.
-fn renewals(mesh: &Mesh, node: &str, identity: &str) -> Vec<String> {
-    let logs = mesh.ztunnels[node]
-        .logs
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    logs.iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["message"] == "workload certificate issued"
-                && v["identity"] == identity
-                && v["old_serial"].as_str().is_some_and(|s| !s.is_empty())
-        })
-        .filter_map(|v| v["serial"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// Runs the data-plane tour.
 pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     out.step(
@@ -283,8 +265,8 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     let trainer_id = mesh.spiffe_id("trainer-0");
     let store_id = mesh.spiffe_id("feature-store-0");
     let before = (
-        renewals(&mesh, "node-a", &trainer_id).len(),
-        renewals(&mesh, "node-b", &store_id).len(),
+        mesh.ztunnels["node-a"].renewals(Some(&trainer_id)).len(),
+        mesh.ztunnels["node-b"].renewals(Some(&store_id)).len(),
     );
     let echo = mesh.echo_app("feature-store-0", PORT + 1)?;
     let stream = mesh
@@ -295,8 +277,8 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
         .await?;
     let (sent, received) = transfer(stream, Duration::from_secs(7)).await?;
     let after = (
-        renewals(&mesh, "node-a", &trainer_id),
-        renewals(&mesh, "node-b", &store_id),
+        mesh.ztunnels["node-a"].renewals(Some(&trainer_id)),
+        mesh.ztunnels["node-b"].renewals(Some(&store_id)),
     );
     let rotated = (after.0.len() - before.0, after.1.len() - before.1);
     out.say(

@@ -111,6 +111,23 @@ impl Ztunnel {
         self.child.id()
     }
 
+    /// The serials of the certificates this ztunnel logged as replacing an older one
+    /// ("workload certificate issued" with a different old serial), in order; only those of
+    /// `identity` when given.
+    pub fn renewals(&self, identity: Option<&str>) -> Vec<String> {
+        let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["message"] == "workload certificate issued"
+                    && v["old_serial"].as_str().is_some_and(|s| !s.is_empty())
+                    && v["serial"] != v["old_serial"]
+                    && identity.is_none_or(|id| v["identity"] == id)
+            })
+            .filter_map(|v| v["serial"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Copies of the access records so far.
     pub fn access_records(&self) -> Vec<serde_json::Value> {
         self.access.lock().map(|v| v.clone()).unwrap_or_default()

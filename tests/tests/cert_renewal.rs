@@ -86,22 +86,6 @@ async fn renewals(mesh: &Mesh, node: &str, result: &str) -> anyhow::Result<u64> 
     Ok(n as u64)
 }
 
-/// Renewals logged by a node ("workload certificate issued" with the old serial).
-fn logged_renewals(mesh: &Mesh, node: &str) -> usize {
-    let Some(z) = mesh.ztunnels.get(node) else {
-        return 0;
-    };
-    let logs = z.logs.lock().map(|l| l.clone()).unwrap_or_default();
-    logs.iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["message"] == "workload certificate issued"
-                && v["old_serial"].is_string()
-                && v["serial"] != v["old_serial"]
-        })
-        .count()
-}
-
 /// The config dump's entry for the certificate of pod `pod`.
 async fn certificate(mesh: &Mesh, pod: &str) -> anyhow::Result<serde_json::Value> {
     let node = &mesh.def(pod).node;
@@ -265,8 +249,8 @@ async fn long_lived_tunnel_survives_many_renewals() -> anyhow::Result<()> {
     let duration = started.elapsed();
     let bytes = stream.finish().await?;
     let logged = [
-        logged_renewals(&mesh, TRAINER_NODE),
-        logged_renewals(&mesh, STORE_NODE),
+        mesh.ztunnels[TRAINER_NODE].renewals(None).len(),
+        mesh.ztunnels[STORE_NODE].renewals(None).len(),
     ];
     eprintln!(
         "long-lived tunnel: {bytes} bytes over {duration:?} across {counts:?} renewals \

@@ -181,22 +181,6 @@ async fn a_second_request_during_a_rotation_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renewals (a new certificate replacing an older one) logged by a ztunnel.
-fn renewals(mesh: &membrane_tests::mesh::Mesh, node: &str) -> usize {
-    let logs = mesh.ztunnels[node]
-        .logs
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    logs.iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["message"] == "workload certificate issued"
-                && v["old_serial"].as_str().is_some_and(|s| !s.is_empty())
-        })
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Result<()> {
     use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
@@ -303,16 +287,16 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
         saw_signing |= matches!(p, Phase::Signing { .. });
         let done = saw_signing
             && p == Phase::Idle
-            && renewals(&mesh, "node-a") >= 10
-            && renewals(&mesh, "node-b") >= 10;
+            && mesh.ztunnels["node-a"].renewals(None).len() >= 10
+            && mesh.ztunnels["node-b"].renewals(None).len() >= 10;
         if done {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
             "not done: phase {p:?}, renewals {} / {}",
-            renewals(&mesh, "node-a"),
-            renewals(&mesh, "node-b")
+            mesh.ztunnels["node-a"].renewals(None).len(),
+            mesh.ztunnels["node-b"].renewals(None).len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
