@@ -53,12 +53,9 @@ fn spec() -> MeshSpec {
             "inference".into(),
             "untrusted".into(),
         ],
-        plaintext_permit: vec![],
         policies: POLICIES.to_owned(),
         cert_ttl: Some(CERT_TTL),
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

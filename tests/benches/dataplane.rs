@@ -736,12 +736,7 @@ fn spec() -> MeshSpec {
             PodDef::new(SERVER, "bench", "server", "node-2"),
         ],
         mesh_namespaces: vec!["bench".into()],
-        plaintext_permit: vec![],
-        policies: String::new(),
-        cert_ttl: None,
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

@@ -40,12 +40,7 @@ fn spec(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods,
         mesh_namespaces: mesh_namespaces.iter().map(|n| (*n).to_owned()).collect(),
-        plaintext_permit: vec![],
-        policies: String::new(),
-        cert_ttl: None,
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

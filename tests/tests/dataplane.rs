@@ -23,12 +23,7 @@ fn spec() -> MeshSpec {
             PodDef::new("legacy", "legacy", "legacy", "node-b"),
         ],
         mesh_namespaces: vec!["training".into(), "data".into()],
-        plaintext_permit: vec![],
-        policies: String::new(),
-        cert_ttl: None,
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

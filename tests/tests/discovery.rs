@@ -23,12 +23,8 @@ fn spec(policies: String) -> MeshSpec {
             PodDef::new("store", "data", "feature-store", "node-b"),
         ],
         mesh_namespaces: vec!["training".into(), "data".into()],
-        plaintext_permit: vec![],
         policies,
-        cert_ttl: None,
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

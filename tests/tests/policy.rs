@@ -43,12 +43,8 @@ fn spec() -> MeshSpec {
             PodDef::new("outsider", "legacy", "outsider", "node-a"),
         ],
         mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
-        plaintext_permit: vec![],
         policies: policy("cluster.local/ns/training/sa/trainer"),
-        cert_ttl: None,
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     }
 }
 

@@ -195,12 +195,8 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
             PodDef::new("store", "data", "feature-store", "node-b"),
         ],
         mesh_namespaces: vec!["training".into(), "data".into()],
-        plaintext_permit: vec![],
-        policies: String::new(),
         cert_ttl: Some(Duration::from_secs(3)),
-        extra_manifests: Vec::new(),
-        access_log: None,
-        local_files: false,
+        ..MeshSpec::default()
     })
     .await?;
     for pod in ["trainer", "store"] {
