@@ -81,6 +81,9 @@ pub enum StartError {
     /// The bootstrap trust bundle is unusable.
     #[error("bootstrap trust bundle: {0}")]
     Bundle(String),
+    /// The access log's writer thread could not start.
+    #[error("cannot start the access log writer: {0}")]
+    AccessLog(#[source] std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {what}: {source}")]
     Bind {
@@ -165,8 +168,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
     let pool = Arc::new(HbonePool::new(PoolConfig::default()));
-    let (access, access_writer) = AccessLog::stdout(metrics.access_dropped.clone());
-    let access_task = tokio::spawn(access_writer);
+    let access =
+        AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -297,8 +300,6 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         tokio::spawn(pool.run_reaper(cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),
     ]);
-    // The access writer ends when the last record sender (the proxy) is gone.
-    drop(access_task);
     // Keep the sender alive as long as the servers run.
     let keep = cancel.clone();
     let tasks = {
@@ -376,6 +377,13 @@ impl Running {
         self.pods_cancel.cancel();
         if unenroll {
             self.pods.remove_all().await;
+        }
+        // The records of the connections that just ended, before the process exits.
+        let access = self.proxy.access.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || access.flush(Duration::from_secs(2))).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!("access records of the last connections may be lost");
         }
     }
 }

@@ -56,14 +56,13 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 // === HTTP/2 and TLS tuning ===
 //
-// Throughput is decided by copies, write() syscalls and flow control, not by HTTP/2 framing.
-// Windows are large so one stream can fill a fast link without waiting for WINDOW_UPDATEs;
-// frames are large so a 256 KiB read from the application becomes one DATA frame; rustls may
-// batch 256 KiB of records into one socket write. Measured on loopback with a 1 GiB transfer
-// (release build, 2 shared cores, medians): 1 MiB frames beat 16 KiB frames by ~10%; a 256 KiB
-// read buffer between the socket and rustls (which reads at most 4 KiB per call) was ~15%
-// *slower* than none — the extra copy costs more than the saved syscalls — so there is none;
-// 512 KiB vs 1 MiB of per-stream send buffer made no measurable difference.
+// Throughput is decided by copies, syscalls and flow control, not by HTTP/2 framing. Windows
+// are large so one stream can fill a fast link without waiting for WINDOW_UPDATEs; frames are
+// large so a 256 KiB read from the application becomes one DATA frame; rustls may batch
+// 256 KiB of records, and [`buffered`] puts 256 KiB read and write buffers under it (one
+// `recvfrom` where rustls alone made ~16). Measured on the two-node benchmark (docs/design.md,
+// "Data-plane performance decisions"): 1 MiB frames beat 16 KiB frames by ~10%; 512 KiB vs
+// 1 MiB of per-stream send buffer made no measurable difference.
 
 /// Per-stream receive window we advertise (SETTINGS_INITIAL_WINDOW_SIZE).
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
