@@ -80,8 +80,9 @@ struct Args {
     /// ztunnel resumes, and traffic fails closed meanwhile).
     #[arg(long)]
     unenroll_on_exit: bool,
-    /// Worker threads of the proxy runtime.
-    #[arg(long, env = "MEMBRANE_ZTUNNEL_WORKERS", default_value_t = 2)]
+    /// Worker threads of the proxy runtime; 0 (the default) sizes them from the CPUs this
+    /// process may use (cgroup quota included): half of them, at least 1 and at most 4.
+    #[arg(long, env = "MEMBRANE_ZTUNNEL_WORKERS", default_value_t = 0)]
     worker_threads: usize,
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
@@ -128,9 +129,13 @@ fn main() -> anyhow::Result<()> {
         drain_grace: args.drain_grace,
     };
     let unenroll = args.unenroll_on_exit;
-    let workers = args.worker_threads;
+    let workers = match args.worker_threads {
+        0 => default_workers(std::thread::available_parallelism().map_or(1, usize::from)),
+        n => n,
+    };
+    tracing::info!(workers, "starting the proxy runtime");
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the runtime")?
@@ -141,6 +146,13 @@ fn main() -> anyhow::Result<()> {
             running.shutdown(unenroll).await;
             Ok(())
         })
+}
+
+/// Worker threads for `cpus` usable CPUs: half of them, at least 1, at most 4. A node proxy
+/// shares the node with its pods; on this project's two-core benchmark one worker per ztunnel
+/// beat two on every workload (docs/design.md, "Data-plane performance decisions").
+fn default_workers(cpus: usize) -> usize {
+    (cpus / 2).clamp(1, 4)
 }
 
 /// Every captured connection holds two sockets; raise the soft descriptor limit to the hard
@@ -155,5 +167,17 @@ fn raise_fd_limit() {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_workers_are_half_the_cpus_between_one_and_four() {
+        let picked: Vec<usize> = [1, 2, 3, 4, 8, 16, 64]
+            .into_iter()
+            .map(super::default_workers)
+            .collect();
+        assert_eq!(picked, [1, 1, 1, 2, 4, 4, 4]);
     }
 }
