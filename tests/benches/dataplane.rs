@@ -1,9 +1,12 @@
 //! The data plane's on-demand benchmark (not a test: nothing here asserts): one topology, two
 //! nodes, a client pod on the first and a server pod on the second, both in a mesh namespace,
 //! each with the real ztunnel of its node. Every round measures the same workloads "direct"
-//! (pods not enrolled: no capture) and "mesh" (both pods enrolled: captured, carried over
-//! HBONE mutual TLS), in alternating order, and the report gives medians over rounds, the
-//! mesh/direct ratios and each target's PASS/FAIL as a Markdown table, then one JSON line.
+//! (pods not enrolled: no capture), "mesh" (both pods enrolled: captured, carried over HBONE
+//! mutual TLS) and "relay" (not enrolled; two plain TCP relays, no TLS and no HTTP/2, placed
+//! where the ztunnels sit — the ceiling of the topology itself, see `dataplane/relay.rs`), in
+//! an order reversed every other round, and the report gives medians over rounds, the
+//! mesh/direct ratios with each target's PASS/FAIL and the relay/direct ratios as a Markdown
+//! table, then one JSON line.
 //!
 //! Workloads: TCP throughput with one and four streams (`iperf3 --json`, both ends started
 //! with `ip netns exec` in the pods); 1-byte request/response over one connection (rate, p50,
@@ -17,7 +20,7 @@
 //! `cargo bench -p membrane-tests --bench dataplane`, or `scripts/bench-dataplane.sh`.
 //! Environment: `MEMBRANE_BENCH_ROUNDS` (3), `MEMBRANE_BENCH_BULK_SECS` (10),
 //! `MEMBRANE_BENCH_RR_SECS` (5), `MEMBRANE_BENCH_CONN_SECS` (5), `MEMBRANE_BENCH_INFLIGHT` (8),
-//! `MEMBRANE_BENCH_MODES` (`direct,mesh`), `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), and
+//! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`), `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), and
 //! the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with both ztunnel pids (to attach a
 //! profiler), goes to stderr; the report to stdout.
 //!
@@ -26,6 +29,18 @@
 //! connection churn would otherwise run out of ports in TIME_WAIT, in both modes alike.
 
 #![allow(clippy::print_stdout)] // the report is the program's output
+
+#[path = "dataplane/relay.rs"]
+mod relay;
+#[path = "dataplane/report.rs"]
+mod report;
+#[path = "dataplane/measure.rs"]
+mod measure;
+
+use measure::{
+    Samples, clock_ticks_per_second, cpu_ticks, largest_rss_mib, load_average, nanos,
+    quantile_us,
+};
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -58,6 +73,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 enum Mode {
     Direct,
     Mesh,
+    /// Two plain TCP relays where the ztunnels sit (the topology's ceiling; see `relay`).
+    Relay,
 }
 
 impl Mode {
@@ -65,6 +82,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Mesh => "mesh",
+            Mode::Relay => "relay",
         }
     }
 }
@@ -98,10 +116,11 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 impl Config {
     fn from_env() -> anyhow::Result<Self> {
         let mut modes = Vec::new();
-        for m in env_list("MEMBRANE_BENCH_MODES", "direct,mesh") {
+        for m in env_list("MEMBRANE_BENCH_MODES", "direct,mesh,relay") {
             modes.push(match m.as_str() {
                 "direct" => Mode::Direct,
                 "mesh" => Mode::Mesh,
+                "relay" => Mode::Relay,
                 other => bail!("MEMBRANE_BENCH_MODES: unknown mode {other}"),
             });
         }
@@ -128,86 +147,6 @@ impl Config {
     }
 }
 
-// === /proc ===
-
-/// `utime + stime` of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3 (`state`).
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field =
-        |n: usize| -> anyhow::Result<u64> { Ok(fields.get(n - 3).context("short stat")?.parse()?) };
-    Ok(field(14)? + field(15)?)
-}
-
-/// `VmRSS` of `pid`, in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS")?
-        .parse()?)
-}
-
-/// The largest resident memory of `pids`, in MiB.
-fn largest_rss_mib(pids: &[u32]) -> anyhow::Result<f64> {
-    let mut max = 0;
-    for &pid in pids {
-        max = max.max(rss_kib(pid)?);
-    }
-    Ok(max as f64 / 1024.0)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-// === statistics ===
-
-type Samples = BTreeMap<&'static str, Vec<f64>>;
-
-fn median(values: &[f64]) -> Option<f64> {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
-/// The `q` quantile (nearest rank) of sorted nanosecond latencies, in µs.
-fn quantile_us(sorted_ns: &[u32], q: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted_ns.len() as f64).ceil() as usize;
-    f64::from(sorted_ns[rank.clamp(1, sorted_ns.len()) - 1]) / 1000.0
-}
-
-fn nanos(d: Duration) -> u32 {
-    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
-}
-
 // === the workloads ===
 
 struct Bench<'a> {
@@ -217,6 +156,7 @@ struct Bench<'a> {
     client_ns: String,
     server_ns: String,
     server_ip: Ipv4Addr,
+    /// The proxies whose CPU time is measured: the ztunnels, or the relays in relay mode.
     pids: Vec<u32>,
     ticks: f64,
     errors: Vec<String>,
@@ -438,8 +378,26 @@ impl Bench<'_> {
 
     /// One mode of one round: every selected workload, pushing its figures into `out`.
     fn run_mode(&mut self, mode: Mode, round: usize, out: &mut Samples) -> anyhow::Result<()> {
+        if mode != Mode::Relay {
+            return self.run_workloads(mode, round, out);
+        }
+        let relays = relay::Relays::start(
+            &self.client_ns,
+            &self.server_ns,
+            self.server_ip,
+            &[IPERF_PORT, RR_PORT, CONN_PORT],
+        )?;
+        let ztunnels = std::mem::replace(&mut self.pids, relays.pids());
+        let result = self.run_workloads(mode, round, out);
+        self.pids = ztunnels;
+        drop(relays);
+        result
+    }
+
+    fn run_workloads(&mut self, mode: Mode, round: usize, out: &mut Samples) -> anyhow::Result<()> {
         let tag = format!("round {round} {}", mode.name());
         let mesh = mode == Mode::Mesh;
+        let proxied = mode != Mode::Direct;
         if mesh {
             self.rt.block_on(self.mesh.enroll(CLIENT))?;
             self.rt.block_on(self.mesh.enroll(SERVER))?;
@@ -460,10 +418,10 @@ impl Bench<'_> {
                 continue;
             }
             let result = match test {
-                "tcp1" => self.bulk(&tag, 1, mesh, out),
-                "tcp4" => self.bulk(&tag, 4, mesh, out),
-                "rr" => self.rr(&tag, mesh, out),
-                _ => self.conn(&tag, mesh, out),
+                "tcp1" => self.bulk(&tag, 1, proxied, out),
+                "tcp4" => self.bulk(&tag, 4, proxied, out),
+                "rr" => self.rr(&tag, proxied, out),
+                _ => self.conn(&tag, proxied, out),
             };
             if let Err(e) = result {
                 self.note(format!("[{tag}] {test}: {e:#}"));
@@ -486,8 +444,15 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Bulk throughput with `streams` streams; with four, the ztunnels' RSS peak too.
-    fn bulk(&self, tag: &str, streams: u32, mesh: bool, out: &mut Samples) -> anyhow::Result<()> {
+    /// Bulk throughput with `streams` streams; with four, the proxies' RSS peak too. `proxied`:
+    /// there are proxies whose CPU time to count (mesh or relay mode).
+    fn bulk(
+        &self,
+        tag: &str,
+        streams: u32,
+        proxied: bool,
+        out: &mut Samples,
+    ) -> anyhow::Result<()> {
         let test = if streams == 1 { "tcp1" } else { "tcp4" };
         eprintln!("[{tag}] {test} start ({} s)", self.cfg.bulk.as_secs());
         let cpu0 = self.ztunnel_cpu()?;
@@ -509,7 +474,7 @@ impl Bench<'_> {
             },
             gbps,
         );
-        if mesh {
+        if proxied {
             let key = if streams == 1 {
                 "zt_cpu_s_per_gb_1"
             } else {
@@ -523,7 +488,7 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn rr(&self, tag: &str, mesh: bool, out: &mut Samples) -> anyhow::Result<()> {
+    fn rr(&self, tag: &str, proxied: bool, out: &mut Samples) -> anyhow::Result<()> {
         eprintln!("[{tag}] rr start ({} s)", self.cfg.rr.as_secs());
         let cpu0 = self.ztunnel_cpu()?;
         let (rate, lat) = self.request_response()?;
@@ -533,13 +498,13 @@ impl Bench<'_> {
         push(out, "rr_per_s", rate);
         push(out, "rr_p50_us", quantile_us(&lat, 0.5));
         push(out, "rr_p99_us", p99);
-        if mesh {
+        if proxied {
             push(out, "zt_cpu_us_per_rr", cpu * 1e6 / lat.len().max(1) as f64);
         }
         Ok(())
     }
 
-    fn conn(&self, tag: &str, mesh: bool, out: &mut Samples) -> anyhow::Result<()> {
+    fn conn(&self, tag: &str, proxied: bool, out: &mut Samples) -> anyhow::Result<()> {
         eprintln!("[{tag}] conn start ({} s)", self.cfg.conn.as_secs());
         self.clear_access_records();
         let cpu0 = self.ztunnel_cpu()?;
@@ -553,7 +518,7 @@ impl Bench<'_> {
         push(out, "conn_p50_us", quantile_us(&lat, 0.5));
         push(out, "conn_p99_us", p99);
         push(out, "conn_errors", errors as f64);
-        if mesh {
+        if proxied {
             push(
                 out,
                 "zt_cpu_us_per_conn",
@@ -616,116 +581,6 @@ async fn serve_one(mut s: tokio::net::TcpStream) {
     .await;
 }
 
-// === the report ===
-
-/// What a row is held to: nothing, a minimum mesh/direct ratio, or a maximum mesh figure.
-enum Target {
-    Info,
-    Ratio(f64),
-    Max(f64),
-}
-
-use self::Target::{Info, Max, Ratio};
-
-#[rustfmt::skip]
-const ROWS: &[(&str, &str, Target)] = &[
-    ("TCP throughput, 1 stream (Gbit/s)", "tcp1_gbps", Ratio(0.6)),
-    ("TCP throughput, 4 streams (Gbit/s)", "tcp4_gbps", Ratio(0.3)),
-    ("1-byte request/response, one connection (/s)", "rr_per_s", Ratio(0.7)),
-    ("request/response p50 (µs)", "rr_p50_us", Info),
-    ("request/response p99 (µs)", "rr_p99_us", Info),
-    ("connect + request/response + close (/s)", "conn_per_s", Ratio(0.35)),
-    ("new connection p50 (µs)", "conn_p50_us", Info),
-    ("new connection p99 (µs)", "conn_p99_us", Info),
-    ("new-connection errors (per run)", "conn_errors", Info),
-    ("ztunnel CPU per new connection, both (µs)", "zt_cpu_us_per_conn", Max(200.0)),
-    ("ztunnel CPU per request/response, both (µs)", "zt_cpu_us_per_rr", Info),
-    ("ztunnel CPU per GB, 1 stream, both (CPU-s)", "zt_cpu_s_per_gb_1", Info),
-    ("ztunnel CPU per GB, 4 streams, both (CPU-s)", "zt_cpu_s_per_gb_4", Info),
-    ("ztunnel RSS idle, fresh, larger of the two (MiB)", "zt_rss_idle_mb", Max(10.0)),
-    ("ztunnel RSS idle after earlier rounds (MiB)", "zt_rss_idle_after_load_mb", Max(10.0)),
-    ("ztunnel RSS peak, 4 streams (MiB)", "zt_rss_bulk_mb", Max(30.0)),
-];
-
-fn fmt(v: Option<f64>) -> String {
-    match v {
-        None => "–".into(),
-        Some(v) if v.is_nan() => "–".into(),
-        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
-        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.2}"),
-    }
-}
-
-fn report(cfg: &Config, direct: &Samples, mesh: &Samples, load: (&str, &str), errors: &[String]) {
-    println!(
-        "\nMembrane data plane, medians of {} rounds (load average at start {}, at end {})\n",
-        cfg.rounds, load.0, load.1
-    );
-    println!("| measurement | direct | mesh | mesh/direct | target | result |");
-    println!("|---|---|---|---|---|---|");
-    let mut medians = (serde_json::Map::new(), serde_json::Map::new());
-    let mut ratios = serde_json::Map::new();
-    let mut verdicts = serde_json::Map::new();
-    for (label, key, target) in ROWS {
-        let d = direct.get(key).and_then(|v| median(v));
-        let m = mesh.get(key).and_then(|v| median(v));
-        let ratio = match (d, m) {
-            (Some(d), Some(m)) if d > 0.0 => Some(m / d),
-            _ => None,
-        };
-        let (goal, pass) = match target {
-            Info => (String::new(), None),
-            Ratio(x) => (format!("≥ {x}×"), ratio.map(|r| r >= *x)),
-            Max(x) => (format!("≤ {x}"), m.map(|m| m <= *x)),
-        };
-        let verdict = match pass {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None if goal.is_empty() => "",
-            None => "n/a",
-        };
-        let ratio_text = ratio.map_or_else(|| "–".into(), |r| format!("{r:.2}×"));
-        println!(
-            "| {label} | {} | {} | {ratio_text} | {goal} | {verdict} |",
-            fmt(d),
-            fmt(m)
-        );
-        if let Some(d) = d {
-            medians.0.insert((*key).into(), json!(d));
-        }
-        if let Some(m) = m {
-            medians.1.insert((*key).into(), json!(m));
-        }
-        if let Some(r) = ratio {
-            ratios.insert((*key).into(), json!(r));
-        }
-        if let Some(p) = pass {
-            verdicts.insert((*key).into(), json!(p));
-        }
-    }
-    for e in errors {
-        println!("\nerror: {e}");
-    }
-    let line = json!({
-        "bench": "membrane-dataplane",
-        "rounds": cfg.rounds,
-        "bulk_secs": cfg.bulk.as_secs(),
-        "rr_secs": cfg.rr.as_secs(),
-        "conn_secs": cfg.conn.as_secs(),
-        "inflight": cfg.inflight,
-        "load_start": load.0,
-        "load_end": load.1,
-        "direct": medians.0,
-        "mesh": medians.1,
-        "ratio": ratios,
-        "pass": verdicts,
-        "samples": {"direct": direct, "mesh": mesh},
-        "errors": errors,
-    });
-    println!("\n{line}");
-}
-
 // === setup ===
 
 fn spec() -> MeshSpec {
@@ -750,6 +605,9 @@ fn tune_pod(mesh: &Mesh, pod: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if relay::run_if_requested()? {
+        return Ok(());
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: the data-plane benchmark needs root (network namespaces)");
         return Ok(());
@@ -784,9 +642,9 @@ fn main() -> anyhow::Result<()> {
         errors: Vec::new(),
         carried_traffic: false,
     };
-    let (mut direct, mut meshed) = (Samples::new(), Samples::new());
+    let (mut direct, mut meshed, mut relayed) = (Samples::new(), Samples::new(), Samples::new());
     for round in 1..=cfg.rounds {
-        // Alternate the order (direct first, then mesh first) so drift hits both alike.
+        // The listed order, reversed every other round, so drift hits every mode alike.
         let mut order = cfg.modes.clone();
         if round % 2 == 0 {
             order.reverse();
@@ -795,15 +653,15 @@ fn main() -> anyhow::Result<()> {
             let out = match mode {
                 Mode::Direct => &mut direct,
                 Mode::Mesh => &mut meshed,
+                Mode::Relay => &mut relayed,
             };
             bench.run_mode(mode, round, out)?;
         }
     }
     let errors = std::mem::take(&mut bench.errors);
-    report(
+    report::report(
         &cfg,
-        &direct,
-        &meshed,
+        [&direct, &meshed, &relayed],
         (&load_start, &load_average()),
         &errors,
     );

@@ -1,0 +1,84 @@
+//! What the benchmark reads from `/proc` (CPU time, resident memory, load) and the statistics
+//! it reports (medians, latency quantiles).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// `utime + stime` of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (`state`).
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |n: usize| -> anyhow::Result<u64> { Ok(fields.get(n - 3).context("short stat")?.parse()?) };
+    Ok(field(14)? + field(15)?)
+}
+
+/// `VmRSS` of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmRSS")?
+        .parse()?)
+}
+
+/// The largest resident memory of `pids`, in MiB.
+pub fn largest_rss_mib(pids: &[u32]) -> anyhow::Result<f64> {
+    let mut max = 0;
+    for &pid in pids {
+        max = max.max(rss_kib(pid)?);
+    }
+    Ok(max as f64 / 1024.0)
+}
+
+pub fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub type Samples = BTreeMap<&'static str, Vec<f64>>;
+
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The `q` quantile (nearest rank) of sorted nanosecond latencies, in µs.
+pub fn quantile_us(sorted_ns: &[u32], q: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted_ns.len() as f64).ceil() as usize;
+    f64::from(sorted_ns[rank.clamp(1, sorted_ns.len()) - 1]) / 1000.0
+}
+
+pub fn nanos(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+}
+
