@@ -30,19 +30,17 @@
 
 #![allow(clippy::print_stdout)] // the report is the program's output
 
+#[path = "dataplane/measure.rs"]
+mod measure;
 #[path = "dataplane/relay.rs"]
 mod relay;
 #[path = "dataplane/report.rs"]
 mod report;
-#[path = "dataplane/measure.rs"]
-mod measure;
 
 use measure::{
-    Samples, clock_ticks_per_second, cpu_ticks, largest_rss_mib, load_average, nanos,
-    quantile_us,
+    Samples, clock_ticks_per_second, cpu_ticks, largest_rss_mib, load_average, nanos, quantile_us,
 };
 
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -53,7 +51,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::{command_in, exec_in, run_in_netns};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: &str = "client";

@@ -81,4 +81,3 @@ pub fn quantile_us(sorted_ns: &[u32], q: f64) -> f64 {
 pub fn nanos(d: Duration) -> u32 {
     u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
 }
-

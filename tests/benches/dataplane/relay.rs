@@ -169,8 +169,7 @@ async fn outbound(mut app: tokio::net::TcpStream, server_ip: Ipv4Addr) -> std::i
     let sa = nix::sys::socket::getsockopt(&app.as_fd(), nix::sys::socket::sockopt::OriginalDst)
         .map_err(std::io::Error::from)?;
     let port = u16::from_be(sa.sin_port);
-    let mut up =
-        tokio::net::TcpStream::connect(SocketAddrV4::new(server_ip, INBOUND_PORT)).await?;
+    let mut up = tokio::net::TcpStream::connect(SocketAddrV4::new(server_ip, INBOUND_PORT)).await?;
     up.set_nodelay(true)?;
     up.write_all(&port.to_be_bytes()).await?;
     tokio::io::copy_bidirectional_with_sizes(&mut app, &mut up, BUFFER, BUFFER).await?;

@@ -138,4 +138,3 @@ pub fn report(cfg: &Config, samples: [&Samples; 3], load: (&str, &str), errors: 
     });
     println!("\n{line}");
 }
-

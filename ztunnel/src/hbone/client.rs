@@ -47,7 +47,7 @@ pub struct ConnectHeaders {
 }
 
 /// The TLS stream HBONE connections run over.
-pub(crate) type ClientIo = tokio_rustls::client::TlsStream<tokio::io::BufStream<TcpStream>>;
+pub(crate) type ClientIo = tokio_rustls::client::TlsStream<tokio::io::BufReader<TcpStream>>;
 
 /// An established HBONE connection: the sender, the connection (which must be polled —
 /// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
