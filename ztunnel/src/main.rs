@@ -134,18 +134,35 @@ fn main() -> anyhow::Result<()> {
         n => n,
     };
     tracing::info!(workers, "starting the proxy runtime");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let serve = async move {
+        let running = app::start(config).await?;
+        membrane_runtime::shutdown_signal().await;
+        tracing::info!("draining");
+        running.shutdown(unenroll).await;
+        Ok(())
+    };
+    if workers > 1 {
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?
+            .block_on(serve);
+    }
+    // One worker: a single-threaded runtime (no work-stealing queues, no wake-ups between a
+    // worker and the thread that waits for it), on its own thread so that its allocations come
+    // from a per-thread malloc arena as a worker's would (on the main thread's arena the
+    // four-stream peak RSS was 24-28 MiB instead of 18).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the runtime")?
-        .block_on(async move {
-            let running = app::start(config).await?;
-            membrane_runtime::shutdown_signal().await;
-            tracing::info!("draining");
-            running.shutdown(unenroll).await;
-            Ok(())
-        })
+        .context("cannot start the runtime")?;
+    std::thread::Builder::new()
+        .name("ztunnel-proxy".into())
+        .spawn(move || rt.block_on(serve))
+        .context("cannot start the proxy thread")?
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Worker threads for `cpus` usable CPUs: half of them, at least 1, at most 4. A node proxy

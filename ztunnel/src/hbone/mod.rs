@@ -57,15 +57,18 @@ pub const ALPN_H2: &[u8] = b"h2";
 // === HTTP/2 and TLS tuning ===
 //
 // Throughput is decided by copies, syscalls and flow control, not by HTTP/2 framing. Windows
-// are large so one stream can fill a fast link without waiting for WINDOW_UPDATEs; frames are
-// large so a 256 KiB read from the application becomes one DATA frame; rustls may batch
-// 256 KiB of records, and [`buffered`] puts 256 KiB read and write buffers under it (one
-// `recvfrom` where rustls alone made ~16). Measured on the two-node benchmark (docs/design.md,
-// "Data-plane performance decisions"): 1 MiB frames beat 16 KiB frames by ~10%; 512 KiB vs
-// 1 MiB of per-stream send buffer made no measurable difference.
+// are large so one stream can fill a fast link without waiting for WINDOW_UPDATEs, and the
+// stream window no larger than that needs: it bounds what a stream buffers before the
+// application reads it (with 4 MiB the four-stream peak RSS was 24-29 MiB, with 1 MiB 16-17,
+// at the same throughput). Frames are large so a 256 KiB read from the application becomes
+// one DATA frame; rustls may batch 256 KiB of records, and [`buffered`] puts a 256 KiB read
+// buffer under it (one `recvfrom` where rustls alone made ~16). Measured on the two-node
+// benchmark (docs/design.md, "Data-plane performance decisions"): 1 MiB frames beat 16 KiB
+// frames by ~10%; 256 KiB, 512 KiB and 1 MiB of per-stream send buffer made no measurable
+// difference.
 
 /// Per-stream receive window we advertise (SETTINGS_INITIAL_WINDOW_SIZE).
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Connection-wide receive window we advertise.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest DATA frame we accept (h2 allows 16 KiB ..= 16 MiB - 1).
