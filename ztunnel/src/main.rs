@@ -150,9 +150,8 @@ fn main() -> anyhow::Result<()> {
             .block_on(serve);
     }
     // One worker: a single-threaded runtime (no work-stealing queues, no wake-ups between a
-    // worker and the thread that waits for it), on its own thread so that its allocations come
-    // from a per-thread malloc arena as a worker's would (on the main thread's arena the
-    // four-stream peak RSS was 24-28 MiB instead of 18).
+    // worker and the thread that waits for it; docs/design.md, "Data-plane performance
+    // decisions"), on a thread named for it so thread listings and profiles show the proxy.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
