@@ -209,19 +209,6 @@ impl Bench<'_> {
         n
     }
 
-    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
-        let filter = format!("sport = :{port}");
-        let deadline = Instant::now() + IO_TIMEOUT;
-        while Instant::now() < deadline {
-            let out = exec_in(&self.server_ns, &["ss", "-Htln", &filter])?;
-            if !out.stdout.is_empty() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("nothing listens on {port} in the server pod")
-    }
-
     /// One iperf3 run with `streams` parallel streams; the server serves one test (`-1`).
     fn iperf(&self, streams: u32) -> anyhow::Result<Iperf> {
         let port = IPERF_PORT.to_string();
@@ -232,7 +219,7 @@ impl Bench<'_> {
             .stderr(Stdio::null())
             .spawn()
             .context("starting iperf3 -s (is iperf3 installed?)")?;
-        let result = self.wait_listening(IPERF_PORT).and_then(|()| {
+        let result = wait_listening(&self.server_ns, IPERF_PORT).and_then(|()| {
             // `timeout` bounds a client that would hang (a stalled control connection).
             let bound = (self.cfg.bulk.as_secs() + 30).to_string();
             let out = command_in(&self.client_ns, "timeout")
@@ -524,6 +511,20 @@ impl Bench<'_> {
         }
         Ok(())
     }
+}
+
+/// Waits (at most [`IO_TIMEOUT`]) until something listens on TCP `port` in namespace `ns`.
+fn wait_listening(ns: &str, port: u16) -> anyhow::Result<()> {
+    let filter = format!("sport = :{port}");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while Instant::now() < deadline {
+        let out = exec_in(ns, &["ss", "-Htln", &filter])?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on {port} in {ns}")
 }
 
 fn push(out: &mut Samples, key: &'static str, value: f64) {

@@ -179,15 +179,6 @@ pub struct AccessLog {
     dropped: Counter,
 }
 
-impl std::fmt::Debug for AccessMsg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AccessMsg::Line(line) => f.debug_tuple("Line").field(line).finish(),
-            AccessMsg::Flush(_) => f.write_str("Flush"),
-        }
-    }
-}
-
 impl AccessLog {
     /// A log whose writer thread writes to stdout; `dropped` counts records lost to a full
     /// queue. The thread ends when every clone of the log is gone.

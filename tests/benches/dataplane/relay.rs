@@ -16,11 +16,12 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use membrane_tests::netns::{command_in, exec_in};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::wait_listening;
 
 /// Where the outbound relay listens in the client pod (the redirect's target).
 const OUTBOUND_PORT: u16 = 15101;
@@ -112,19 +113,6 @@ impl Drop for Relays {
             let _ = child.wait();
         }
     }
-}
-
-fn wait_listening(ns: &str, port: u16) -> anyhow::Result<()> {
-    let filter = format!("sport = :{port}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let out = exec_in(ns, &["ss", "-Htln", &filter])?;
-        if !out.stdout.is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("the relay did not listen on {port} in {ns}")
 }
 
 /// If this process was started as a relay, runs it (until killed) and returns `true`.
