@@ -26,8 +26,8 @@ pub enum CniError {
     /// Code 7: the configuration is JSON but not a valid configuration for this plugin.
     #[error("{0}")]
     InvalidConfig(String),
-    /// Code 11: the ztunnel is busy or not ready yet (no mesh state, or it did not answer in
-    /// time); the runtime may retry.
+    /// Code 11: the ztunnel is busy or not ready yet (no mesh state; a pod it does not know
+    /// while its view is not current; or it did not answer in time); the runtime may retry.
     #[error("{0}")]
     TryAgainLater(String),
     /// Code 100: the ztunnel's enrollment socket cannot be reached.

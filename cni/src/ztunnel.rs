@@ -57,7 +57,8 @@ pub struct Reply {
     /// Why not.
     #[serde(default)]
     pub error: Option<String>,
-    /// Whether retrying later may succeed (the ztunnel has no mesh state yet).
+    /// Whether retrying later may succeed (the ztunnel has no mesh state yet, or its view is
+    /// not current and it does not know the pod).
     #[serde(default)]
     pub retry: Option<bool>,
     /// For `add`: whether the pod is now captured (false: not a mesh workload, remembered).

@@ -154,6 +154,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let metrics = TcpMetrics::register(&mut registry);
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+    let enroll_metrics = enroll::EnrollMetrics::register(&mut registry);
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
@@ -193,12 +194,12 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         }
         None => None,
     };
-    let pods = Arc::new(PodRegistry::new(
-        proxy.clone(),
-        persist,
-        cancel.clone(),
-        pods_cancel.clone(),
-    ));
+    // Local mode reads its whole view from files: always current.
+    let (current_tx, current_rx) = tokio::sync::watch::channel(config.workloads_file.is_some());
+    let pods = Arc::new(
+        PodRegistry::new(proxy.clone(), persist, cancel.clone(), pods_cancel.clone())
+            .with_current_view(current_rx),
+    );
 
     let bind_tcp = |addr: SocketAddr, what: &str| {
         let what = format!("{what} {addr}");
@@ -257,6 +258,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                     authorizer,
                     open,
                     loaded: loaded_tx,
+                    current: current_tx,
                     bundle_file,
                 },
                 metrics: discovery_metrics,
@@ -281,7 +283,12 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         }
     }
     tasks.extend([
-        tokio::spawn(enroll::serve(enroll_l, pods.clone(), cancel.clone())),
+        tokio::spawn(enroll::serve(
+            enroll_l,
+            pods.clone(),
+            enroll_metrics,
+            cancel.clone(),
+        )),
         tokio::spawn(membrane_runtime::serve_http(
             admin_l,
             admin::admin_routes(proxy.clone(), pods.clone()),

@@ -298,6 +298,10 @@ pub struct Sinks {
     pub open: Arc<OpenConnections>,
     /// Turns true when the first snapshot is applied.
     pub loaded: watch::Sender<bool>,
+    /// True while the node's view is current: a stream is open and its snapshot (and every
+    /// update since) is applied. False while the stream is down: the state is the last one
+    /// received, and the ztunnel cannot tell a new pod's membership (see `pods::PodRegistry::add`).
+    pub current: watch::Sender<bool>,
     /// Where a changed bundle is saved (PEM), so a restart trusts the controller even after
     /// a root rotation replaced the bootstrap root.
     pub bundle_file: Option<std::path::PathBuf>,
@@ -342,6 +346,7 @@ impl Client {
         loop {
             let (end, got_snapshot) = self.session(&mut held, &cancel).await;
             self.metrics.connected.set(0);
+            self.sinks.current.send_replace(false);
             match end {
                 StreamEnd::Cancelled => return,
                 StreamEnd::Broken(reason) => {
@@ -450,6 +455,7 @@ impl Client {
                     *held = Some(next);
                     got_snapshot |= update.snapshot;
                     self.metrics.connected.set(1);
+                    self.sinks.current.send_replace(got_snapshot);
                     self.metrics
                         .version
                         .set(i64::try_from(update.version).unwrap_or(i64::MAX));

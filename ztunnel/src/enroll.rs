@@ -14,7 +14,9 @@
 //! `add` answers only once the redirect rules are in place and the listeners are bound, so the
 //! caller can start the pod's containers safely. A pod that is not a mesh workload is not an
 //! error: it is remembered and the answer says `"enrolled":false` (it is enrolled later if its
-//! namespace joins the mesh). A refusal that a retry may cure (no mesh state yet) carries
+//! namespace joins the mesh) — provided the node's view is current: while the discovery stream
+//! is down, a pod the state does not know is refused, so it cannot start outside the mesh. A
+//! refusal that a retry may cure (no mesh state yet, a view that is not current) carries
 //! `"retry":true`. `list` reports every known pod: `uid`, `netns`, `enrolled`, `mesh` (the
 //! state says it is a mesh workload of this node), `namespace`, `name`, `ips`, `error`.
 //! Which identity a pod has never comes from this socket: only the UID does, and the identity
@@ -24,11 +26,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::pods::{EnrollError, PodInfo, PodRegistry, PodStatus};
+use crate::pods::{PodInfo, PodRegistry, PodStatus};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -36,6 +42,32 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_IPS: usize = 16;
 /// Longest Kubernetes namespace or pod name accepted.
 const MAX_NAME: usize = 253;
+
+/// Labels of the refusal counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Why ([`EnrollError::reason`]).
+    pub reason: &'static str,
+}
+
+/// Enrollment socket metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EnrollMetrics {
+    refused: Family<RefusalLabels, Counter>,
+}
+
+impl EnrollMetrics {
+    /// Registers the metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "enroll_refused",
+            "Pods the enrollment socket refused to add, by reason (stale_view: the discovery stream was down and the pod unknown)",
+            m.refused.clone(),
+        );
+        m
+    }
+}
 
 /// A request on the enrollment socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +189,7 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     pods: Arc<PodRegistry>,
+    metrics: EnrollMetrics,
     cancel: CancellationToken,
 ) {
     loop {
@@ -170,7 +203,7 @@ pub async fn serve(
                 }
             },
         };
-        let (pods, cancel) = (pods.clone(), cancel.clone());
+        let (pods, cancel, metrics) = (pods.clone(), cancel.clone(), metrics.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut reader = BufReader::new(read);
@@ -185,7 +218,7 @@ pub async fn serve(
                 let response = match n {
                     Ok(0) => return,
                     Ok(_) if line.len() > MAX_LINE => Response::error("request line too long"),
-                    Ok(_) => handle(&pods, line.trim()).await,
+                    Ok(_) => handle(&pods, &metrics, line.trim()).await,
                     Err(e) => Response::error(format!("unreadable request: {e}")),
                 };
                 let Ok(mut out) = serde_json::to_vec(&response) else {
@@ -200,7 +233,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(pods: &PodRegistry, line: &str) -> Response {
+async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Response {
     let request = match parse_request(line) {
         Ok(r) => r,
         Err(e) => return Response::error(e),
@@ -228,9 +261,14 @@ async fn handle(pods: &PodRegistry, line: &str) -> Response {
                     ..Response::default()
                 },
                 Err(e) => {
-                    tracing::warn!(uid, netns = %netns.display(), error = %e, "enrollment refused");
+                    let reason = e.reason();
+                    tracing::warn!(uid, netns = %netns.display(), reason, error = %e, "enrollment refused");
+                    metrics
+                        .refused
+                        .get_or_create(&RefusalLabels { reason })
+                        .inc();
                     Response {
-                        retry: matches!(e, EnrollError::NotReady).then_some(true),
+                        retry: e.retryable().then_some(true),
                         ..Response::error(e)
                     }
                 }

@@ -49,6 +49,18 @@ pub enum EnrollError {
     /// The pod is remembered and enrolled once the state says it is a mesh workload.
     #[error("the ztunnel has not received the mesh state from the controller yet; retry shortly")]
     NotReady,
+    /// The pod is not a known mesh workload and the node's view is not current (the
+    /// discovery stream is down): it may be a mesh pod the controller announced while the
+    /// node could not hear it, so it is neither captured nor let start uncaptured.
+    #[error(
+        "pod {uid} is not a mesh workload this node knows, and the node's view of the mesh is not current \
+         (the discovery stream from the controller is down): whether the pod belongs to the mesh cannot be \
+         decided, so it may not start uncaptured; retry once the controller is reachable"
+    )]
+    StaleView {
+        /// Pod UID.
+        uid: String,
+    },
     /// The pod is scheduled on another node.
     #[error("pod {uid} runs on node {node}, not on this node ({this})")]
     OtherNode {
@@ -83,6 +95,26 @@ pub enum EnrollError {
     /// The redirect rules could not be installed.
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+}
+
+impl EnrollError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotReady => "not_ready",
+            Self::StaleView { .. } => "stale_view",
+            Self::OtherNode { .. } => "other_node",
+            Self::NoNamespace { .. } => "no_namespace",
+            Self::Netns(_) => "netns",
+            Self::Listen { .. } => "listen",
+            Self::Redirect(_) => "redirect",
+        }
+    }
+
+    /// Whether a later retry may succeed (the caller should fail and retry, not give up).
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::NotReady | Self::StaleView { .. })
+    }
 }
 
 /// What the node side says about a pod.
@@ -186,6 +218,8 @@ pub struct PodRegistry {
     shutdown: CancellationToken,
     draining: CancellationToken,
     names: Mutex<BTreeMap<String, String>>,
+    /// Whether the node's view of the mesh is current (see [`PodRegistry::with_current_view`]).
+    current: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for PodRegistry {
@@ -232,7 +266,17 @@ impl PodRegistry {
             shutdown,
             draining,
             names: Mutex::new(BTreeMap::new()),
+            current: tokio::sync::watch::channel(true).1,
         }
+    }
+
+    /// Follows whether the node's view is current (the discovery stream is open and synced;
+    /// a registry without it, as in local mode, always is). A pod the state does not know is
+    /// answered "not in the mesh" only while the view is current.
+    #[must_use]
+    pub fn with_current_view(mut self, current: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.current = current;
+        self
     }
 
     /// The first loaded mesh state, waiting up to [`ENROLL_WAIT`] for it.
@@ -271,9 +315,12 @@ impl PodRegistry {
 
     /// Takes a pod from the node side. A mesh workload of this node is captured before this
     /// returns `Ok(true)`; any other pod of this node is remembered (`Ok(false)`) and enrolled
-    /// later if it joins the mesh. A pod of another node, or one whose namespace does not
-    /// exist, is refused. Idempotent: the same pod and namespace again re-installs the rules;
-    /// another namespace replaces the old enrollment.
+    /// later if it joins the mesh — but only while the node's view is current: with the
+    /// discovery stream down, a pod the state does not know is refused
+    /// ([`EnrollError::StaleView`], retryable) so that it cannot start outside the mesh. A
+    /// pod of another node, or one whose namespace does not exist, is refused. Idempotent:
+    /// the same pod and namespace again re-installs the rules; another namespace replaces the
+    /// old enrollment.
     pub async fn add(&self, pod: PodInfo) -> Result<bool, EnrollError> {
         std::fs::metadata(&pod.netns).map_err(|source| EnrollError::NoNamespace {
             path: pod.netns.clone(),
@@ -285,6 +332,12 @@ impl PodRegistry {
             self.save(&pods);
             return Err(EnrollError::NotReady);
         };
+        if state.by_uid(&pod.uid).is_none() && !*self.current.borrow() {
+            // The stream may be reconnecting: give it the same short wait as an unknown pod.
+            let mut current = self.current.clone();
+            let _ = tokio::time::timeout(UNKNOWN_POD_WAIT, current.wait_for(|c| *c)).await;
+        }
+        let state = self.proxy.state.borrow().clone();
         self.wait_for_workload(&state, &pod.uid, pod.namespace.as_deref())
             .await;
         let uid = pod.uid.clone();
@@ -303,8 +356,13 @@ impl PodRegistry {
             });
         }
         pods.remember(&pod);
+        let current = *self.current.borrow();
         let result = match workload.filter(|w| w.protocol == Protocol::Hbone) {
             Some(w) => self.enroll(&mut pods, &uid, w).await.map(|()| true),
+            None if !current && state.by_uid(&uid).is_none() => {
+                tracing::warn!(uid, namespace = ?pod.namespace, name = ?pod.name, "pod unknown while the node's view is not current; refused until the controller is reachable");
+                Err(EnrollError::StaleView { uid: uid.clone() })
+            }
             None => {
                 if self.unenroll(&mut pods, &uid).await {
                     tracing::info!(uid, "pod is no longer a mesh workload; capture removed");

@@ -1,0 +1,339 @@
+//! Node enrollment under attack, end to end with the real binaries: the `membrane-cni`
+//! plugin run as a container runtime runs it, the real ztunnels and controller of a mesh in
+//! network namespaces.
+//!
+//! - A pod created while the controller is away must never start outside the mesh: its ADD
+//!   fails (retryable) until the node's view is current again, and the retried ADD captures it.
+//!
+//! Needs `cargo build -p membrane-cni -p membrane-ztunnel` first (the plugin is looked up next
+//! to the ztunnel binary).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use membrane_tests::http_get;
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, ztunnel_binary};
+use membrane_tests::netns::command_in;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PORT: u16 = 8080;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// What one run of the plugin printed, and how it exited.
+#[derive(Debug)]
+struct Run {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+}
+
+impl Run {
+    fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {self:?}"))
+    }
+}
+
+/// Runs `membrane-cni` `command` for `pod` inside its node's network namespace, as a runtime
+/// does (only the `CNI_*` variables and a PATH; the chart's configuration with `failClosed`
+/// on stdin); 30 s bound.
+async fn cni(mesh: &Mesh, command: &str, pod: &str, fail_closed: bool) -> anyhow::Result<Run> {
+    let def = mesh.def(pod).clone();
+    let node_ns = mesh
+        .testbed
+        .node(&def.node)
+        .context("no such node")?
+        .netns_name()
+        .to_owned();
+    let binary = ztunnel_binary()?.with_file_name("membrane-cni");
+    ensure!(
+        binary.exists(),
+        "{} not found: build it with `cargo build -p membrane-cni`",
+        binary.display()
+    );
+    let netns = mesh.netns_path(pod);
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "membrane-cni",
+        "enrollSocket": mesh.ztunnels[&def.node].enroll_socket,
+        "failClosed": fail_closed,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": netns}],
+            "ips": [{"address": format!("{}/32", mesh.ip(pod)), "interface": 0}],
+        },
+    });
+    let env: Vec<(String, String)> = vec![
+        ("CNI_COMMAND".into(), command.into()),
+        ("CNI_CONTAINERID".into(), format!("sandbox-{}", def.name)),
+        ("CNI_NETNS".into(), netns.display().to_string()),
+        ("CNI_IFNAME".into(), "eth0".into()),
+        (
+            "CNI_PATH".into(),
+            binary.parent().context("bin dir")?.display().to_string(),
+        ),
+        (
+            "CNI_ARGS".into(),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}-{}",
+                def.namespace, def.name, def.namespace, def.name
+            ),
+        ),
+    ];
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut child = command_in(&node_ns, &binary)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting membrane-cni")?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(conf.to_string().as_bytes())?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("membrane-cni did not finish within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        if let Some(mut out) = child.stdout.take() {
+            out.read_to_string(&mut stdout)?;
+        }
+        if let Some(mut err) = child.stderr.take() {
+            err.read_to_string(&mut stderr)?;
+        }
+        Ok(Run {
+            stdout,
+            stderr,
+            code: status.code(),
+        })
+    })
+    .await?
+}
+
+/// Whether `pod`'s namespace holds the capture table.
+fn captured(mesh: &Mesh, pod: &str) -> anyhow::Result<bool> {
+    let out = mesh
+        .testbed
+        .exec(mesh.pod(pod), &["nft", "list", "table", "inet", "membrane"])?;
+    Ok(out.status.success())
+}
+
+/// Node `node`'s ztunnel metrics (Prometheus text).
+async fn metrics(mesh: &Mesh, node: &str) -> anyhow::Result<String> {
+    let (status, body) = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
+    ensure!(status == 200, "metrics: HTTP {status}");
+    Ok(body)
+}
+
+/// The value of the sample whose line starts with `series` (0 when absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls (every 100 ms, up to `limit`) until `check` holds.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        if Instant::now() > deadline {
+            bail!("{what}: not reached within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Whether node `node`'s ztunnel holds workload `uid` in its mesh state.
+async fn knows(mesh: &Mesh, node: &str, uid: &str) -> anyhow::Result<bool> {
+    let dump = mesh.config_dump(node).await?;
+    Ok(dump["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["uid"] == uid)))
+}
+
+/// Whether a plaintext connection from `from` to `dst` was refused (reset at connect, or
+/// closed without an echo).
+async fn plaintext_refused(mesh: &Mesh, from: &str, dst: SocketAddr) -> bool {
+    match mesh.connect_from(from, dst).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(b"ping").await;
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+            !matches!(read, Ok(Ok(_))) || buf.is_empty()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh()
+-> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    let mut mesh = Mesh::start(MeshSpec {
+        nodes: vec!["node-a".into()],
+        pods: vec![
+            PodDef::new("client", "shop", "client", "node-a"),
+            PodDef::new("late", "shop", "late", "node-a"),
+            PodDef::new("outsider", "web", "outsider", "node-a"),
+        ],
+        mesh_namespaces: vec!["shop".into()],
+        ..MeshSpec::default()
+    })
+    .await?;
+
+    // `late` is not created yet as far as the controller knows: its manifest comes later.
+    let manifest: PathBuf = mesh.ca.manifests_dir().join("mesh.yaml");
+    let full = std::fs::read_to_string(&manifest)?;
+    let without_late: String = full
+        .split("---\n")
+        .filter(|doc| !doc.contains("uid: shop-late,"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    ensure!(
+        without_late != full,
+        "the late pod's manifest was not found"
+    );
+    mesh.write_manifest("mesh.yaml", &without_late)?;
+    until("node-a forgets late", Duration::from_secs(15), || async {
+        Ok(!knows(&mesh, "node-a", "shop-late").await?
+            && knows(&mesh, "node-a", "shop-client").await?)
+    })
+    .await?;
+
+    // Legitimate path with a current view: a mesh pod is captured, a non-mesh pod starts.
+    let run = cni(&mesh, "ADD", "client", true).await?;
+    ensure!(run.ok(), "client ADD: {run:?}");
+    ensure!(captured(&mesh, "client")?, "client not captured");
+    let run = cni(&mesh, "ADD", "outsider", true).await?;
+    ensure!(run.ok(), "outsider ADD: {run:?}");
+    ensure!(!captured(&mesh, "outsider")?, "outsider captured");
+
+    // The controller goes away; the pod is created meanwhile.
+    mesh.ca
+        .pause()
+        .await
+        .context("controller was not running")?;
+    until(
+        "the discovery stream is seen down",
+        Duration::from_secs(15),
+        || async {
+            Ok(sample(
+                &metrics(&mesh, "node-a").await?,
+                "membrane_discovery_connected ",
+            ) == 0.0)
+        },
+    )
+    .await?;
+    mesh.write_manifest("mesh.yaml", &full)?;
+
+    // The attack: the runtime adds `late`. Before, the ztunnel answered "not a mesh pod" after
+    // 2 s and the pod started uncaptured. Now every attempt fails, retryably, naming why.
+    for attempt in 0..3 {
+        let run = cni(&mesh, "ADD", "late", true).await?;
+        ensure!(
+            !run.ok(),
+            "attempt {attempt}: ADD succeeded uncaptured: {run:?}"
+        );
+        let error = run.json()?;
+        assert_eq!(error["code"], 11, "{error}");
+        let msg = error["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("shop-late") && msg.contains("not current"),
+            "the error must name the pod and the reason: {msg}"
+        );
+        assert!(!captured(&mesh, "late")?);
+        // The runtime tears the sandbox down after a failed ADD.
+        let del = cni(&mesh, "DEL", "late", true).await?;
+        ensure!(del.ok(), "DEL: {del:?}");
+    }
+    let text = metrics(&mesh, "node-a").await?;
+    assert!(
+        sample(
+            &text,
+            "membrane_enroll_refused_total{reason=\"stale_view\"} "
+        ) >= 3.0,
+        "refusals not counted: {text}"
+    );
+    // A pod the node already knows as a mesh workload is still captured: capture fails closed.
+    let run = cni(&mesh, "ADD", "client", true).await?;
+    ensure!(
+        run.ok(),
+        "known mesh pod refused while the controller is away: {run:?}"
+    );
+    // `failClosed: false` keeps its documented meaning: the pod starts, uncaptured, warned.
+    let run = cni(&mesh, "ADD", "late", false).await?;
+    ensure!(run.ok(), "failClosed=false ADD: {run:?}");
+    assert!(run.stderr.contains("failClosed is false"), "{run:?}");
+    assert!(!captured(&mesh, "late")?);
+    let del = cni(&mesh, "DEL", "late", true).await?;
+    ensure!(del.ok(), "DEL: {del:?}");
+
+    // The controller returns: the runtime's retried ADD captures the pod.
+    mesh.ca.resume().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let run = cni(&mesh, "ADD", "late", true).await?;
+        if run.ok() {
+            break run;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "retried ADD never succeeded: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    ensure!(run.stderr.is_empty(), "{run:?}");
+    assert!(
+        captured(&mesh, "late")?,
+        "late not captured after the retried ADD"
+    );
+
+    // Its application starts: plaintext from a non-mesh pod never reaches it; the mesh does.
+    let accepted = mesh.echo_app("late", PORT)?;
+    let dst = SocketAddr::new(mesh.ip("late"), PORT);
+    assert!(
+        plaintext_refused(&mesh, "outsider", dst).await,
+        "plaintext reached the late pod"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "the app accepted plaintext"
+    );
+    let mut s = mesh.connect_from("client", dst).await?;
+    ping(&mut s).await?;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
