@@ -109,6 +109,9 @@ pub struct SourceMetrics {
     pub watch_errors: Family<ResourceLabels, Counter>,
     /// AuthorizationPolicies currently refused (not enforced; reported in their status).
     pub invalid_policies: Gauge,
+    /// Kubernetes namespaces whose Membrane annotations are currently invalid (read in
+    /// their narrowest meaning).
+    pub invalid_annotations: Gauge,
 }
 
 /// Labels of `membrane_ca_source_watch_errors_total`.
@@ -146,6 +149,11 @@ impl SourceMetrics {
             "source_invalid_policies",
             "AuthorizationPolicies currently refused by validation (not enforced)",
             m.invalid_policies.clone(),
+        );
+        registry.register(
+            "source_invalid_annotations",
+            "Namespaces whose Membrane annotations are invalid (membrane.dev/plaintext-udp-ports: no port exempted)",
+            m.invalid_annotations.clone(),
         );
         m
     }

@@ -4,6 +4,8 @@
 //!
 //! - A pod created while the controller is away must never start outside the mesh: its ADD
 //!   fails (retryable) until the node's view is current again, and the retried ADD captures it.
+//! - Plaintext UDP into a mesh pod of a namespace that refuses plaintext is dropped and
+//!   counted, except on the ports the namespace names, replies, and loopback.
 //!
 //! Needs `cargo build -p membrane-cni -p membrane-ztunnel` first (the plugin is looked up next
 //! to the ztunnel binary).
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use membrane_tests::http_get;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, ztunnel_binary};
-use membrane_tests::netns::command_in;
+use membrane_tests::netns::{command_in, run_in_netns};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -335,5 +337,175 @@ async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh(
     let mut s = mesh.connect_from("client", dst).await?;
     ping(&mut s).await?;
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+/// A UDP socket bound to `port` (0: any) inside the namespace at `netns`, with a 300 ms read
+/// timeout.
+fn udp_in(netns: PathBuf, port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    let socket = run_in_netns(netns, move || {
+        std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+    })??;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    Ok(socket)
+}
+
+/// Sends `count` datagrams from `from` to `dst`; how many `to` received (it is drained).
+fn datagrams(
+    from: &std::net::UdpSocket,
+    to: &std::net::UdpSocket,
+    dst: SocketAddr,
+    count: usize,
+) -> anyhow::Result<usize> {
+    for i in 0..count {
+        from.send_to(format!("datagram {i}").as_bytes(), dst)?;
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 64];
+    while got < count && to.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    Ok(got)
+}
+
+/// The packets counted by the drop rule in `pod`.
+fn nft_dropped(mesh: &Mesh, pod: &str) -> anyhow::Result<u64> {
+    let out = mesh.testbed.exec(
+        mesh.pod(pod),
+        &[
+            "nft",
+            "list",
+            "counter",
+            "inet",
+            "membrane",
+            "udp_dropped_inbound",
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in {pod}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshSpec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        pods: vec![
+            PodDef::new("target", "shop", "target", "node-a"),
+            PodDef::new("peer", "shop", "peer", "node-b"),
+            PodDef::new("relaxed", "lax", "relaxed", "node-a"),
+            PodDef::new("outsider", "web", "outsider", "node-b"),
+        ],
+        mesh_namespaces: vec!["shop".into(), "lax".into()],
+        plaintext_permit: vec!["lax".into()],
+        ..MeshSpec::default()
+    })
+    .await?;
+    let ip = |pod: &str, port: u16| SocketAddr::new(mesh.ip(pod), port);
+
+    // Uncaptured, the path works: what follows can only fail because of the capture.
+    let closed = udp_in(mesh.netns_path("target"), 7000)?;
+    let named = udp_in(mesh.netns_path("target"), 5353)?;
+    let outsider = udp_in(mesh.netns_path("outsider"), 7000)?;
+    let peer = udp_in(mesh.netns_path("peer"), 0)?;
+    ensure!(
+        datagrams(&outsider, &closed, ip("target", 7000), 3)? == 3,
+        "no UDP path from outsider"
+    );
+    ensure!(
+        datagrams(&peer, &closed, ip("target", 7000), 3)? == 3,
+        "no UDP path from peer"
+    );
+
+    // The shop namespace opens two UDP ports to plaintext.
+    let manifest = mesh.ca.manifests_dir().join("mesh.yaml");
+    let text = std::fs::read_to_string(&manifest)?;
+    let shop = "  name: shop\n  labels: {membrane.dev/mesh: enabled}";
+    ensure!(text.contains(shop), "shop namespace not found: {text}");
+    mesh.write_manifest(
+        "mesh.yaml",
+        &text.replace(
+            shop,
+            &format!("{shop}\n  annotations: {{membrane.dev/plaintext-udp-ports: \"9999, 5353\"}}"),
+        ),
+    )?;
+    for pod in ["target", "peer", "relaxed"] {
+        mesh.enroll(pod).await?;
+    }
+    until(
+        "the named ports are open in target",
+        Duration::from_secs(15),
+        || async {
+            let out = mesh.testbed.exec(
+                mesh.pod("target"),
+                &["nft", "list", "table", "inet", "membrane"],
+            )?;
+            Ok(String::from_utf8_lossy(&out.stdout).contains("udp dport { 5353, 9999 } accept"))
+        },
+    )
+    .await?;
+
+    // The attack: plaintext UDP from a non-mesh pod and from another mesh pod (another node).
+    assert_eq!(
+        datagrams(&outsider, &closed, ip("target", 7000), 5)?,
+        0,
+        "non-mesh UDP got through"
+    );
+    assert_eq!(
+        datagrams(&peer, &closed, ip("target", 7000), 5)?,
+        0,
+        "mesh-pod UDP got through"
+    );
+    let counted = nft_dropped(&mesh, "target")?;
+    assert!(counted >= 10, "drops not counted in the pod: {counted}");
+    until(
+        "the drops are exported",
+        Duration::from_secs(15),
+        || async {
+            let text = metrics(&mesh, "node-a").await?;
+            Ok(sample(
+                &text,
+                "membrane_udp_dropped_packets_total{pod=\"shop/target\",direction=\"inbound\"} ",
+            ) >= 10.0)
+        },
+    )
+    .await?;
+
+    // What stays open: a named port, replies to the pod's own UDP, loopback, and a namespace
+    // that permits plaintext.
+    assert_eq!(
+        datagrams(&outsider, &named, ip("target", 5353), 3)?,
+        3,
+        "named port closed"
+    );
+    let asker = udp_in(mesh.netns_path("target"), 0)?;
+    asker.send_to(b"question", ip("outsider", 7000))?;
+    let mut buf = [0u8; 64];
+    let (n, from) = outsider
+        .recv_from(&mut buf)
+        .context("the query never left")?;
+    outsider.send_to(&buf[..n], from)?;
+    let (n, _) = asker.recv_from(&mut buf).context("the reply was dropped")?;
+    assert_eq!(&buf[..n], b"question");
+    let local = udp_in(mesh.netns_path("target"), 0)?;
+    assert_eq!(
+        datagrams(&local, &closed, SocketAddr::from(([127, 0, 0, 1], 7000)), 3)?,
+        3,
+        "loopback UDP dropped"
+    );
+    let relaxed = udp_in(mesh.netns_path("relaxed"), 7000)?;
+    assert_eq!(
+        datagrams(&outsider, &relaxed, ip("relaxed", 7000), 3)?,
+        3,
+        "a namespace that permits plaintext must keep its UDP"
+    );
+    assert_eq!(nft_dropped(&mesh, "relaxed")?, 0);
     Ok(())
 }

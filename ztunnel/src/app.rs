@@ -155,6 +155,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let enroll_metrics = enroll::EnrollMetrics::register(&mut registry);
+    let udp_metrics = crate::udp::UdpMetrics::register(&mut registry);
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
@@ -304,6 +305,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             admin::readiness_routes(ready_rx),
             cancel.clone(),
         )),
+        tokio::spawn(crate::udp::run(pods.clone(), udp_metrics, cancel.clone())),
         tokio::spawn(pool.run_reaper(cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),
     ]);

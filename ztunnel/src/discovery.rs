@@ -249,6 +249,12 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                     PlaintextMode::Deny
                 };
                 state.set_plaintext(&w.namespace, mode);
+                let udp_ports = w
+                    .plaintext_udp_ports
+                    .iter()
+                    .map(|p| port("workload", &w.uid, *p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                state.set_plaintext_udp_ports(&w.namespace, udp_ports);
                 state
                     .insert_lenient(workload(w, td)?)
                     .map_err(|m| invalid("workload", &w.uid, m))?;

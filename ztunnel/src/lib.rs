@@ -8,7 +8,8 @@
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
 //! protocol and connection pool), [`proxy`] (what handlers share), [`authz`] (policy decisions) and [`conntrack`] (open
 //! connections re-checked on policy change), [`telemetry`] (metrics and
-//! access records), [`admin`] (HTTP endpoints).
+//! access records), [`udp`] (counting the plaintext UDP dropped in pods), [`admin`] (HTTP
+//! endpoints).
 //!
 //! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
 
@@ -28,6 +29,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod state;
 pub mod telemetry;
+pub mod udp;
 
 /// Locks a std mutex, recovering the data if a panicking holder poisoned it.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
 use crate::redirect::{self, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::state::{MeshState, Protocol, Workload};
+use crate::state::{MeshState, Protocol, UdpInbound, Workload};
 use crate::{inbound, outbound};
 
 /// How long an enrollment waits for the first mesh state.
@@ -125,6 +125,8 @@ struct Known {
 struct Enrolled {
     netns_path: PathBuf,
     context: Arc<PodContext>,
+    /// The inbound UDP rule installed.
+    udp: UdpInbound,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -313,10 +315,12 @@ impl PodRegistry {
         let Some(netns) = pods.known.get(uid).map(|k| k.netns.clone()) else {
             return Ok(());
         };
-        if let Some(existing) = pods.enrolled.get(uid)
+        let udp = self.proxy.state.borrow().udp_inbound(&workload.namespace);
+        if let Some(existing) = pods.enrolled.get_mut(uid)
             && same_netns(&existing.netns_path, &netns)
         {
-            redirect::install(&existing.context.netns).await?;
+            redirect::install(&existing.context.netns, &udp).await?;
+            existing.udp = udp;
             return Ok(());
         }
         self.unenroll(pods, uid).await;
@@ -333,7 +337,7 @@ impl PodRegistry {
         let outbound_l = bind(OUTBOUND_PORT).await?;
         let plaintext_l = bind(INBOUND_PLAINTEXT_PORT).await?;
         let hbone_l = bind(INBOUND_HBONE_PORT).await?;
-        redirect::install(&pod_netns).await?;
+        redirect::install(&pod_netns, &udp).await?;
         let context = Arc::new(PodContext {
             workload: workload.clone(),
             netns: pod_netns,
@@ -367,6 +371,7 @@ impl PodRegistry {
             Enrolled {
                 netns_path: netns,
                 context,
+                udp,
                 tasks,
             },
         );
@@ -441,6 +446,23 @@ impl PodRegistry {
                     },
                     error: k.error.clone().filter(|_| !enrolled),
                 }
+            })
+            .collect()
+    }
+
+    /// Each enrolled pod's UID, `namespace/name` and network namespace (for reading its
+    /// counters).
+    pub async fn enrolled_netns(&self) -> Vec<(String, String, Arc<PodNetns>)> {
+        let pods = self.pods.lock().await;
+        pods.enrolled
+            .iter()
+            .map(|(uid, e)| {
+                let w = &e.context.workload;
+                (
+                    uid.clone(),
+                    format!("{}/{}", w.namespace, w.name),
+                    e.context.netns.clone(),
+                )
             })
             .collect()
     }

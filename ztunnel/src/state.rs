@@ -18,6 +18,7 @@
 //! namespaces:
 //!   - name: training
 //!     plaintext: deny        # `permit` admits plaintext sources (membrane.dev/plaintext)
+//!     plaintextUdpPorts: [5353] # UDP ports left open to plaintext (membrane.dev/plaintext-udp-ports)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -79,6 +80,26 @@ pub enum PlaintextMode {
     Permit,
 }
 
+/// What inbound UDP a captured pod accepts. UDP is not tunnelled: in a namespace that refuses
+/// plaintext TCP, plaintext UDP is refused too (dropped in the pod, counted), except replies to
+/// the pod's own traffic, loopback, and the ports the namespace names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UdpInbound {
+    /// Every inbound UDP packet is accepted (the namespace permits plaintext).
+    Accept,
+    /// Inbound UDP is dropped unless it is a reply, on loopback, or to one of these ports.
+    Drop {
+        /// Destination ports left open (sorted, no duplicates, no 0).
+        except: Vec<u16>,
+    },
+}
+
+impl Default for UdpInbound {
+    fn default() -> Self {
+        Self::Drop { except: Vec::new() }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct WorkloadDoc {
@@ -102,10 +123,13 @@ fn default_sa() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct NamespaceDoc {
     name: String,
     #[serde(default)]
     plaintext: PlaintextMode,
+    #[serde(default)]
+    plaintext_udp_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +189,7 @@ pub struct MeshState {
     by_uid: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     plaintext: BTreeMap<String, PlaintextMode>,
+    udp_ports: BTreeMap<String, Vec<u16>>,
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
     /// Whether this state came from a source (false: the empty state before the first
     /// discovery snapshot).
@@ -185,6 +210,13 @@ impl MeshState {
             ..MeshState::default()
         };
         for ns in doc.namespaces {
+            if ns.plaintext_udp_ports.contains(&0) {
+                return Err(StateError::Parse {
+                    path: path.to_owned(),
+                    message: format!("namespace {}: plaintextUdpPorts: 0 is not a port", ns.name),
+                });
+            }
+            state.set_plaintext_udp_ports(&ns.name, ns.plaintext_udp_ports);
             state.plaintext.insert(ns.name, ns.plaintext);
         }
         for w in doc.workloads {
@@ -264,6 +296,25 @@ impl MeshState {
     /// Sets a namespace's plaintext mode.
     pub fn set_plaintext(&mut self, namespace: &str, mode: PlaintextMode) {
         self.plaintext.insert(namespace.to_owned(), mode);
+    }
+
+    /// Sets the UDP ports of `namespace` that stay open to plaintext (sorted and
+    /// deduplicated here).
+    pub fn set_plaintext_udp_ports(&mut self, namespace: &str, mut ports: Vec<u16>) {
+        ports.sort_unstable();
+        ports.dedup();
+        self.udp_ports.insert(namespace.to_owned(), ports);
+    }
+
+    /// What inbound UDP captured pods of `namespace` accept: everything where plaintext is
+    /// permitted (as for TCP), otherwise only the named ports.
+    pub fn udp_inbound(&self, namespace: &str) -> UdpInbound {
+        match self.plaintext(namespace) {
+            PlaintextMode::Permit => UdpInbound::Accept,
+            PlaintextMode::Deny => UdpInbound::Drop {
+                except: self.udp_ports.get(namespace).cloned().unwrap_or_default(),
+            },
+        }
     }
 
     /// Routes connections to `vip` (a Service's virtual IP and port) to `target`.
@@ -376,8 +427,24 @@ mod tests {
             "workloads: [{uid: u, name: a, namespace: ns, node: n}, {uid: u, name: b, namespace: ns, node: n}]",
             "workloads: [{uid: u, name: a, namespace: ns, node: n, ips: [10.0.0.1]}, {uid: v, name: b, namespace: ns, node: n, ips: [10.0.0.1]}]",
             "[unclosed",
+            "namespaces: [{name: ns, plaintextUdpPorts: [0]}]",
+            "namespaces: [{name: ns, plaintextUdpPorts: [70000]}]",
         ] {
             assert!(MeshState::parse("f", bad, &td()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn inbound_udp_follows_the_namespace_plaintext_mode() {
+        let text = "namespaces:\n- {name: shop, plaintextUdpPorts: [9999, 53, 53]}\n- {name: lax, plaintext: permit, plaintextUdpPorts: [53]}\n";
+        let state = MeshState::parse("f", text, &td()).expect("valid");
+        assert_eq!(
+            state.udp_inbound("shop"),
+            UdpInbound::Drop {
+                except: vec![53, 9999]
+            }
+        );
+        assert_eq!(state.udp_inbound("lax"), UdpInbound::Accept);
+        assert_eq!(state.udp_inbound("unknown"), UdpInbound::default());
     }
 }

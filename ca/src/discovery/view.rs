@@ -44,6 +44,17 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
         .get(&pod.namespace)
         .and_then(|ns| ns.annotations.get(PLAINTEXT_ANNOTATION))
         .is_some_and(|v| v == "permit");
+    // The sources validated the value (a directory refuses it, Kubernetes logs and counts
+    // it); an invalid one exempts nothing.
+    let udp_ports = state
+        .namespaces
+        .get(&pod.namespace)
+        .and_then(|ns| {
+            ns.annotations
+                .get(crate::source::PLAINTEXT_UDP_PORTS_ANNOTATION)
+        })
+        .and_then(|v| crate::source::parse_plaintext_udp_ports(v).ok())
+        .unwrap_or_default();
     pb::Workload {
         uid: pod.uid.clone(),
         name: pod.name.clone(),
@@ -54,6 +65,7 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
         protocol: pb::workload::Protocol::Hbone as i32,
         labels: pod.labels.clone().into_iter().collect(),
         plaintext_permitted: plaintext,
+        plaintext_udp_ports: udp_ports.into_iter().map(u32::from).collect(),
     }
 }
 
@@ -274,6 +286,33 @@ mod tests {
         let n2 = mesh.node_view("n2");
         assert_eq!(names(&n2, Kind::Authorization), ["b/p"]);
         assert!(names(&mesh.node_view("n3"), Kind::Authorization).is_empty());
+    }
+
+    #[test]
+    fn workloads_carry_their_namespace_plaintext_udp_ports() {
+        let ports = |s: &ClusterState| -> Vec<Vec<u32>> {
+            let view = MeshView::build(s, &bundle()).node_view("n1");
+            view.values()
+                .filter_map(|r| match &r.kind {
+                    Some(pb::resource::Kind::Workload(w)) => Some(w.plaintext_udp_ports.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut s = state();
+        let annotate = |s: &mut ClusterState, value: &str| {
+            if let Some(ns) = s.namespaces.get_mut("a") {
+                ns.annotations.insert(
+                    crate::source::PLAINTEXT_UDP_PORTS_ANNOTATION.into(),
+                    value.into(),
+                );
+            }
+        };
+        annotate(&mut s, "9999,53");
+        assert_eq!(ports(&s), [vec![53, 9999], vec![]]);
+        // An invalid value (refused by the directory, logged by Kubernetes) opens nothing.
+        annotate(&mut s, "53,dns");
+        assert_eq!(ports(&s), [Vec::<u32>::new(), vec![]]);
     }
 
     #[test]

@@ -4,12 +4,17 @@
 //! [`ClusterState`] snapshots on a `watch` channel. Consumers — node authorization today, the
 //! discovery stream later — read the latest snapshot and never see a half-applied change.
 
+mod annotations;
 pub mod directory;
 pub mod kube;
 mod model;
 
 use std::sync::Arc;
 
+pub use annotations::{
+    MAX_PLAINTEXT_UDP_PORTS, PLAINTEXT_UDP_PORTS_ANNOTATION, UdpPortsError,
+    parse_plaintext_udp_ports,
+};
 pub use model::{
     ClusterState, Endpoint, MESH_LABEL, Namespace, Pod, PodPhase, PolicyEntry, Service,
     ServiceAccount, ServicePort,

@@ -108,13 +108,31 @@ impl PodRegistry {
         // 1. Captured pods that left the mesh.
         let enrolled: Vec<String> = pods.enrolled.keys().cloned().collect();
         for uid in enrolled {
-            if local_mesh_workload(state, node, &uid).is_none() {
+            let Some(workload) = local_mesh_workload(state, node, &uid) else {
                 self.unenroll(&mut pods, &uid).await;
                 tracing::info!(
                     uid,
                     "pod is no longer a mesh workload of this node: capture removed, its open connections closed"
                 );
                 changed = true;
+                continue;
+            };
+            // Its namespace's UDP rule changed (plaintext mode, open ports): install anew.
+            let udp = state.udp_inbound(&workload.namespace);
+            let Some(e) = pods.enrolled.get_mut(&uid) else {
+                continue;
+            };
+            if e.udp != udp {
+                match redirect::install(&e.context.netns, &udp).await {
+                    Ok(()) => {
+                        tracing::info!(uid, ?udp, "inbound UDP rule of the pod updated");
+                        e.udp = udp;
+                    }
+                    Err(error) => {
+                        tracing::warn!(uid, error = %error, "could not update the pod's inbound UDP rule; will retry");
+                        pass.retry = true;
+                    }
+                }
             }
         }
 

@@ -366,6 +366,21 @@ fn check_name(field: &str, name: &str, subdomain: bool) -> FieldResult<()> {
 
 fn namespace_from(doc: NamespaceDoc) -> FieldResult<Namespace> {
     check_name("metadata.name", &doc.metadata.name, false)?;
+    if let Some(value) = doc
+        .metadata
+        .annotations
+        .get(super::PLAINTEXT_UDP_PORTS_ANNOTATION)
+    {
+        super::parse_plaintext_udp_ports(value).map_err(|e| {
+            (
+                format!(
+                    "metadata.annotations[\"{}\"]",
+                    super::PLAINTEXT_UDP_PORTS_ANNOTATION
+                ),
+                e.to_string(),
+            )
+        })?;
+    }
     Ok(Namespace {
         name: doc.metadata.name,
         labels: doc.metadata.labels,

@@ -116,6 +116,10 @@ fn errors_name_document_and_field() {
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: Bad_SA}\n",
             "field metadata.name",
         ),
+        (
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {membrane.dev/plaintext-udp-ports: \"53,dns\"}}\n",
+            "field metadata.annotations[\"membrane.dev/plaintext-udp-ports\"]: annotation membrane.dev/plaintext-udp-ports: \"dns\" is not a UDP port",
+        ),
     ];
     for (text, expected) in cases {
         let err = parse_manifests(text).expect_err(text).to_string();

@@ -31,7 +31,24 @@ pub fn namespace_key(ns: &core::Namespace) -> Option<String> {
     ns.metadata.name.clone()
 }
 
-/// A Namespace: name, labels, annotations.
+/// Whether `ns`'s Membrane annotations are valid; an invalid one is logged (with its name in
+/// the error) and read in its narrowest meaning downstream (no UDP port exempted).
+pub fn annotations_valid(ns: &Namespace) -> bool {
+    match ns
+        .annotations
+        .get(crate::source::PLAINTEXT_UDP_PORTS_ANNOTATION)
+        .map(|v| crate::source::parse_plaintext_udp_ports(v))
+    {
+        Some(Err(e)) => {
+            tracing::warn!(namespace = %ns.name, error = %e, "invalid namespace annotation; no UDP port is exempted from the drop");
+            false
+        }
+        _ => true,
+    }
+}
+
+/// A Namespace: name, labels, annotations (an invalid Membrane annotation is kept as is and
+/// logged: see [`annotations_valid`]).
 pub fn namespace(ns: core::Namespace) -> Option<(String, Namespace)> {
     let meta = ns.metadata;
     let name = meta.name?;
@@ -43,6 +60,9 @@ pub fn namespace(ns: core::Namespace) -> Option<(String, Namespace)> {
             annotations: meta.annotations.unwrap_or_default(),
         },
     ))
+    .inspect(|(_, ns)| {
+        annotations_valid(ns);
+    })
 }
 
 /// `(namespace, name)` of a Pod, ServiceAccount, Service or EndpointSlice.

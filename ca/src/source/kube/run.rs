@@ -309,6 +309,18 @@ fn publish(caches: &Caches, tx: &StateSender, reports_tx: &ReportSender, metrics
     metrics
         .invalid_policies
         .set(i64::try_from(invalid).unwrap_or(i64::MAX));
+    let invalid_annotations = state
+        .namespaces
+        .values()
+        .filter(|ns| {
+            ns.annotations
+                .get(crate::source::PLAINTEXT_UDP_PORTS_ANNOTATION)
+                .is_some_and(|v| crate::source::parse_plaintext_udp_ports(v).is_err())
+        })
+        .count();
+    metrics
+        .invalid_annotations
+        .set(i64::try_from(invalid_annotations).unwrap_or(i64::MAX));
     let counts = (
         state.namespaces.len(),
         state.pods.len(),
