@@ -599,6 +599,15 @@ mod tests {
                 })),
             },
             pb::Resource {
+                kind: Some(ResourceKind::Workload(pb::Workload {
+                    uid: "z".into(),
+                    namespace: "ns".into(),
+                    service_account: "sa".into(),
+                    plaintext_udp_ports: vec![53, 0],
+                    ..Default::default()
+                })),
+            },
+            pb::Resource {
                 kind: Some(ResourceKind::Service(pb::Service {
                     namespace: "ns".into(),
                     name: "s".into(),
