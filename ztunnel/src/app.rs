@@ -154,6 +154,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let metrics = TcpMetrics::register(&mut registry);
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+    let guard_metrics = crate::guard::GuardMetrics::register(&mut registry);
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
@@ -182,6 +183,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         authorizer: authorizer.clone(),
         open: open.clone(),
+        guard: guard_metrics,
     });
     let persist = match &config.state_dir {
         Some(dir) => {

@@ -1,10 +1,11 @@
 //! Inbound: HBONE on 15008 and plaintext capture on 15006, both in the pod's namespace.
 //!
 //! HBONE: mutual TLS is terminated with the pod's SVID, the peer SPIFFE ID comes from the
-//! verified chain, the CONNECT `:authority` must be this pod, and only then does the ztunnel
-//! connect to the application (from inside the pod, with its mark). Plaintext sources have no
-//! identity: refused unless the pod's namespace is `membrane.dev/plaintext: permit` (policy
-//! evaluation comes with the policy engine; until then permit means accept).
+//! verified chain, the CONNECT `:authority` must be an application port of this pod (never a
+//! ztunnel port: see [`crate::guard`]), and only then does the ztunnel connect to the application (from
+//! inside the pod, with its mark). Plaintext sources have no identity: refused unless the pod's
+//! namespace is `membrane.dev/plaintext: permit` (policy evaluation comes with the policy
+//! engine; until then permit means accept).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use membrane_identity::PeerCheck;
 use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
-use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, owns, serve_listener};
+use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use crate::state::PlaintextMode;
 use membrane_identity::WorkloadIdentity;
 
@@ -89,8 +90,17 @@ impl ConnectHandler for InboundHandler {
         req: ConnectRequest,
     ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
         Box::pin(async move {
-            if !owns(&self.pod.workload, req.authority.ip()) {
-                let reason = format!("{} is not a workload on this node", req.authority);
+            // The authority must be an application port of this pod: never loopback, another
+            // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
+            if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {
+                self.proxy.guard.refused("inbound_hbone", &e);
+                tracing::warn!(
+                    authority = %req.authority,
+                    peer = %req.peer,
+                    error = %e,
+                    "CONNECT authority refused"
+                );
+                let reason = format!("authority refused: {e}");
                 self.log(&req).refused(reason.clone());
                 return Err(ConnectRefusal::BadRequest(reason));
             }
@@ -192,7 +202,13 @@ async fn plaintext_connection(
     pod: Arc<PodContext>,
     proxy: Arc<Proxy>,
 ) {
-    let Ok(dst) = original_dst(&tcp) else { return };
+    let dst = match original_dst(&tcp) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(error = %e, "no original destination; closing");
+            return;
+        }
+    };
     let mut log = ConnectionLog::start(
         &proxy,
         "inbound",
@@ -209,6 +225,12 @@ async fn plaintext_connection(
         drop(tcp);
         log.refused(reason);
     };
+    // Only an application port of this pod: a ztunnel port or loopback would loop.
+    if let Err(e) = crate::guard::check_inbound(dst, &pod.workload.ips) {
+        proxy.guard.refused("inbound_plaintext", &e);
+        tracing::warn!(dst = %dst, error = %e, "plaintext destination refused");
+        return refuse(log, tcp, format!("destination refused: {e}"));
+    }
     if mode != PlaintextMode::Permit {
         return refuse(
             log,

@@ -41,6 +41,8 @@ pub struct Proxy {
     pub authorizer: crate::authz::Authorizer,
     /// Admitted inbound connections, re-checked when policy changes.
     pub open: Arc<crate::conntrack::OpenConnections>,
+    /// Refusals of the ztunnel's own addresses.
+    pub guard: crate::guard::GuardMetrics,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
