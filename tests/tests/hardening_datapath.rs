@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use membrane_identity::verify::mtls_client_config;
 use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
@@ -46,6 +46,21 @@ fn policy(name: &str, action: &str, rules: &str) -> String {
 
 fn allow_all() -> String {
     policy("allow-all", "ALLOW", "[{}]")
+}
+
+/// Waits until node `node` enforces a policy called `data/<name>` (10 s bound).
+async fn wait_policy(mesh: &Mesh, node: &str, name: &str) -> anyhow::Result<()> {
+    let want = format!("data/{name}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump = mesh.config_dump(node).await?;
+        let names = dump["policies"].as_array().cloned().unwrap_or_default();
+        if names.iter().any(|n| n.as_str() == Some(want.as_str())) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{want} never reached {node}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn open_fds(pid: u32) -> anyhow::Result<usize> {
@@ -299,6 +314,78 @@ async fn a_tunnel_to_a_ztunnel_port_is_refused_at_the_destination() -> anyhow::R
     let mut s = mesh
         .connect_from("trainer", SocketAddr::new(store_ip, APP_PORT))
         .await?;
+    ping(&mut s).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    // Nothing is allowed until the test knows the addresses.
+    let nobody = policy(
+        "nobody",
+        "ALLOW",
+        "[{from: [{source: {ipBlocks: [\"192.0.2.1/32\"]}}]}]",
+    );
+    let mesh = Mesh::start(spec(&nobody)).await?;
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    mesh.echo_app("store", APP_PORT)?;
+    let (trainer_ip, outsider_ip) = (mesh.ip("trainer"), mesh.ip("outsider"));
+    let app = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    let attacker = Attacker::new(&mesh).await?;
+
+    // ALLOW only the trainer pod's address: a forged `forwarded: for=<trainer>` from another
+    // address does not satisfy it.
+    let only_trainer = format!("[{{from: [{{source: {{ipBlocks: [\"{trainer_ip}/32\"]}}}}]}}]");
+    mesh.set_policies(&policy("only-trainer-ip", "ALLOW", &only_trainer))?;
+    wait_policy(&mesh, "node-b", "only-trainer-ip").await?;
+    refused_with(attacker.connect(app, Some(trainer_ip)).await, 403);
+    let record = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["result"] == "refused" && r["forwarded_for"] == trainer_ip.to_string(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the refusal records the claim");
+    assert_eq!(
+        record["src_addr"],
+        SocketAddr::new(outsider_ip, 0).to_string(),
+        "the record's source is the verified TCP peer: {record}"
+    );
+    assert!(metric(&mesh, "node-b", "membrane_hbone_forwarded_ignored_total").await? >= 1.0);
+    // The legitimate path: the real trainer pod through its ztunnel.
+    let mut s = mesh.connect_from("trainer", app).await?;
+    ping(&mut s).await?;
+    drop(s);
+    let ok = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["direction"] == "inbound"
+                    && r["result"] != "refused"
+                    && r["src_addr"] == SocketAddr::new(trainer_ip, 0).to_string()
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the trainer's tunnel is recorded with its own address");
+    assert!(ok["forwarded_for"].is_null(), "{ok}");
+
+    // DENY the attacker's real address: neither a forged nor an omitted header evades it.
+    let deny = format!("[{{from: [{{source: {{ipBlocks: [\"{outsider_ip}/32\"]}}}}]}}]");
+    let text = format!(
+        "{}---\n{}",
+        allow_all(),
+        policy("deny-outsider", "DENY", &deny)
+    );
+    mesh.set_policies(&text)?;
+    wait_policy(&mesh, "node-b", "deny-outsider").await?;
+    refused_with(attacker.connect(app, Some(trainer_ip)).await, 403);
+    refused_with(attacker.connect(app, None).await, 403);
+    refused_with(attacker.connect(app, Some("0.0.0.0".parse()?)).await, 403);
+    let mut s = mesh.connect_from("trainer", app).await?;
     ping(&mut s).await?;
     Ok(())
 }

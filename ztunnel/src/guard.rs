@@ -1,10 +1,13 @@
-//! What the connection handlers refuse to trust: destinations that are the ztunnel itself.
+//! What the connection handlers refuse to trust: destinations that are the ztunnel itself,
+//! and source addresses the destination cannot verify.
 //!
 //! The ztunnel listens inside every enrolled pod's namespace (15001, 15006, 15008, 15053).
 //! Relaying a connection to one of those listeners, or to loopback in the pod, hands it back to
 //! the ztunnel, which relays it again: a loop that exhausts descriptors and memory. Every
-//! handler checks its destination here before dialing. This module only decides and counts;
-//! it must not dial, log access records or hold state.
+//! handler checks its destination here before dialing. The source address used for policy is
+//! the TCP peer of the HBONE connection (the source ztunnel dials from inside the source pod);
+//! a `forwarded` claim that differs is recorded, never believed. This module only decides and
+//! counts; it must not dial, log access records or hold state.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -108,6 +111,7 @@ pub struct GuardLabels {
 #[derive(Debug, Clone, Default)]
 pub struct GuardMetrics {
     refused: Family<GuardLabels, Counter>,
+    forwarded_ignored: Counter,
 }
 
 impl GuardMetrics {
@@ -118,6 +122,11 @@ impl GuardMetrics {
             "self_destination_refused",
             "Connections refused because their destination is the ztunnel itself",
             m.refused.clone(),
+        );
+        registry.register(
+            "hbone_forwarded_ignored",
+            "CONNECT requests whose forwarded source differs from the verified TCP peer",
+            m.forwarded_ignored.clone(),
         );
         m
     }
@@ -130,6 +139,22 @@ impl GuardMetrics {
                 reason: why.label(),
             })
             .inc();
+    }
+
+    /// Counts a `forwarded` claim that was not believed.
+    pub fn forwarded_ignored(&self) {
+        self.forwarded_ignored.inc();
+    }
+}
+
+/// The source address an inbound HBONE request is decided on: the TCP peer of the HBONE
+/// connection. Returns it and, when the peer's `forwarded` claim differs from it, the claim
+/// (recorded, never used for policy).
+pub fn hbone_source(peer: IpAddr, forwarded: Option<IpAddr>) -> (IpAddr, Option<IpAddr>) {
+    let peer = peer.to_canonical();
+    match forwarded.map(|f| f.to_canonical()) {
+        Some(claim) if claim != peer => (peer, Some(claim)),
+        _ => (peer, None),
     }
 }
 
@@ -179,5 +204,14 @@ mod tests {
             Err(SelfDestination::NotThisPod(sa("10.1.0.6:8080")))
         );
         assert!(check_inbound(sa("127.0.0.1:8080"), &own).is_err());
+    }
+
+    #[test]
+    fn the_source_is_the_tcp_peer() {
+        let peer: IpAddr = "10.1.0.5".parse().expect("ip");
+        let other: IpAddr = "10.9.9.9".parse().expect("ip");
+        assert_eq!(hbone_source(peer, Some(peer)), (peer, None));
+        assert_eq!(hbone_source(peer, None), (peer, None));
+        assert_eq!(hbone_source(peer, Some(other)), (peer, Some(other)));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! HBONE: mutual TLS is terminated with the pod's SVID, the peer SPIFFE ID comes from the
 //! verified chain, the CONNECT `:authority` must be an application port of this pod (never a
-//! ztunnel port: see [`crate::guard`]), and only then does the ztunnel connect to the application (from
+//! ztunnel port: see [`crate::guard`]), the source address for policy is the TCP peer (never
+//! the `forwarded` claim), and only then does the ztunnel connect to the application (from
 //! inside the pod, with its mark). Plaintext sources have no identity: refused unless the pod's
 //! namespace is `membrane.dev/plaintext: permit` (policy evaluation comes with the policy
 //! engine; until then permit means accept).
@@ -104,6 +105,11 @@ impl ConnectHandler for InboundHandler {
                 self.log(&req).refused(reason.clone());
                 return Err(ConnectRefusal::BadRequest(reason));
             }
+            let Some(peer_addr) = req.peer_addr else {
+                let reason = "the HBONE connection's peer address is unknown".to_owned();
+                self.log(&req).refused(reason.clone());
+                return Err(ConnectRefusal::Unauthenticated(reason));
+            };
             let source = match WorkloadIdentity::from_spiffe_id(req.peer.clone()) {
                 Ok(id) => id,
                 Err(e) => {
@@ -112,11 +118,21 @@ impl ConnectHandler for InboundHandler {
                     return Err(ConnectRefusal::Unauthenticated(reason));
                 }
             };
+            // Policy sees the verified TCP peer (the source ztunnel dials from inside the
+            // source pod), never the peer's `forwarded` claim.
+            let (source_ip, claim) = crate::guard::hbone_source(peer_addr.ip(), req.forwarded_for);
+            if let Some(claim) = claim {
+                self.proxy.guard.forwarded_ignored();
+                tracing::warn!(
+                    peer = %req.peer,
+                    peer_addr = %peer_addr,
+                    forwarded_for = %claim,
+                    "forwarded source differs from the TCP peer; deciding on the TCP peer"
+                );
+            }
             let attrs = ConnAttrs {
                 source: Some(source),
-                source_ip: req
-                    .forwarded_for
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                source_ip,
                 destination: self.pod.workload.clone(),
                 destination_ip: req.authority.ip(),
                 destination_port: req.authority.port(),
@@ -170,20 +186,24 @@ impl ConnectHandler for InboundHandler {
 
 impl InboundHandler {
     fn log(&self, req: &ConnectRequest) -> ConnectionLog {
-        let src = std::net::SocketAddr::new(
-            req.forwarded_for
-                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-            0,
-        );
-        ConnectionLog::start(
+        let unknown = std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+        let (ip, claim) = match req.peer_addr {
+            Some(addr) => crate::guard::hbone_source(addr.ip(), req.forwarded_for),
+            None => (unknown, req.forwarded_for),
+        };
+        let mut log = ConnectionLog::start(
             &self.proxy,
             "inbound",
             "hbone",
-            src,
+            std::net::SocketAddr::new(ip, 0),
             req.authority,
             Some(req.peer.to_string()),
             Some(self.pod.workload.identity.to_string()),
-        )
+        );
+        if let Some(claim) = claim {
+            log.claimed_source(claim);
+        }
+        log
     }
 }
 
