@@ -389,3 +389,77 @@ async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
     ping(&mut s).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_closes_connections_admitted_while_it_lands() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(spec(&allow_all())).await?;
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    mesh.echo_app("store", APP_PORT)?;
+    let app = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    // A slow application side: half of the SYNs towards the application are dropped in the
+    // destination pod, so the ztunnel's connect to the app often takes a retransmission (1 s
+    // or more) and admissions are in flight when the revocation lands.
+    let rules = "table inet slowapp {\n chain input {\n  type filter hook input priority -300; policy accept;\n  tcp dport 8080 tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop\n }\n}\n";
+    let rules_path = mesh.path().join("slowapp.nft");
+    std::fs::write(&rules_path, rules)?;
+    let path = rules_path.to_string_lossy().into_owned();
+    let out = mesh
+        .testbed
+        .exec(mesh.pod("store"), &["nft", "-f", &path])?;
+    anyhow::ensure!(out.status.success(), "nft: {out:?}");
+
+    let start = Instant::now();
+    let mesh = Arc::new(mesh);
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let mesh = mesh.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100 * i)).await;
+            let mut last_ok: Option<Duration> = None;
+            let Ok(mut s) = mesh.connect_from("trainer", app).await else {
+                return last_ok;
+            };
+            let end = start + Duration::from_secs(9);
+            while Instant::now() < end {
+                if ping(&mut s).await.is_err() {
+                    break;
+                }
+                last_ok = Some(start.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            last_ok
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    mesh.set_policies(&format!(
+        "{}---\n{}",
+        allow_all(),
+        policy(
+            "deny-trainer",
+            "DENY",
+            "[{from: [{source: {principals: [\"cluster.local/ns/training/sa/trainer\"]}}]}]"
+        )
+    ))?;
+    wait_policy(&mesh, "node-b", "deny-trainer").await?;
+    let landed = start.elapsed();
+    let mut carried = 0;
+    for t in tasks {
+        if let Some(last) = t.await? {
+            carried += 1;
+            assert!(
+                last < landed + Duration::from_millis(1500),
+                "a connection carried data {:?} after the DENY landed",
+                last.saturating_sub(landed)
+            );
+        }
+    }
+    assert!(
+        carried > 0,
+        "some connections were admitted before the DENY"
+    );
+    Ok(())
+}

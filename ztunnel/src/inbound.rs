@@ -4,9 +4,10 @@
 //! verified chain, the CONNECT `:authority` must be an application port of this pod (never a
 //! ztunnel port: see [`crate::guard`]), the source address for policy is the TCP peer (never
 //! the `forwarded` claim), and only then does the ztunnel connect to the application (from
-//! inside the pod, with its mark). Plaintext sources have no identity: refused unless the pod's
-//! namespace is `membrane.dev/plaintext: permit` (policy evaluation comes with the policy
-//! engine; until then permit means accept).
+//! inside the pod, with its mark). Connections register for policy re-checks before they are
+//! decided, so a policy change never misses one being admitted. Plaintext sources have no
+//! identity: refused unless the pod's namespace is `membrane.dev/plaintext: permit` (policy
+//! evaluation comes with the policy engine; until then permit means accept).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,7 +17,9 @@ use membrane_identity::PeerCheck;
 
 use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
-use crate::hbone::{self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
+use crate::hbone::{
+    self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult, ResetOnError,
+};
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use crate::state::PlaintextMode;
 use membrane_identity::WorkloadIdentity;
@@ -137,6 +140,9 @@ impl ConnectHandler for InboundHandler {
                 destination_ip: req.authority.ip(),
                 destination_port: req.authority.port(),
             };
+            // Registered before the decision: a policy change from here on re-checks this
+            // connection, so none is admitted on a policy already replaced.
+            let (cancel, registration) = self.proxy.open.register(attrs.clone());
             let decision = self.proxy.authorizer.authorize(&attrs);
             if decision.verdict != "allow" {
                 let reason = match &decision.policy {
@@ -156,7 +162,14 @@ impl ConnectHandler for InboundHandler {
                     return Err(ConnectRefusal::Unreachable(reason));
                 }
             };
-            let (cancel, registration) = self.proxy.open.register(attrs);
+            if cancel.is_cancelled() {
+                app.reset();
+                let reason = "policy changed while connecting; no longer allowed".to_owned();
+                let mut log = self.log(&req);
+                log.authorized(decision);
+                log.refused(reason.clone());
+                return Err(ConnectRefusal::Denied(reason));
+            }
             Ok(Accepted {
                 app,
                 keep: Some(Box::new(Admitted {
@@ -270,6 +283,8 @@ async fn plaintext_connection(
         destination_ip: dst.ip(),
         destination_port: dst.port(),
     };
+    // Registered before the decision, as for HBONE: no policy change can slip in between.
+    let (revoked, _registration) = proxy.open.register(attrs.clone());
     let decision = proxy.authorizer.authorize(&attrs);
     let allowed = decision.verdict == "allow";
     let policy = decision.policy.clone();
@@ -285,7 +300,14 @@ async fn plaintext_connection(
         Ok(app) => app,
         Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
     };
-    let (revoked, _registration) = proxy.open.register(attrs);
+    if revoked.is_cancelled() {
+        app.reset();
+        return refuse(
+            log,
+            tcp,
+            "policy changed while connecting; no longer allowed".to_owned(),
+        );
+    }
     log.opened();
     let result = hbone::relay_until(tcp, app, revoked).await;
     let (kind, reason) = result.summary();
