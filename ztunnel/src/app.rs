@@ -156,6 +156,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let enroll_metrics = enroll::EnrollMetrics::register(&mut registry);
     let udp_metrics = crate::udp::UdpMetrics::register(&mut registry);
+    let guard_metrics = crate::guard::GuardMetrics::register(&mut registry);
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
@@ -184,6 +185,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         authorizer: authorizer.clone(),
         open: open.clone(),
+        guard: guard_metrics,
     });
     let persist = match &config.state_dir {
         Some(dir) => {

@@ -1,8 +1,11 @@
 //! Inbound: HBONE on 15008 and plaintext capture on 15006, both in the pod's namespace.
 //!
 //! HBONE: mutual TLS is terminated with the pod's SVID, the peer SPIFFE ID comes from the
-//! verified chain, the CONNECT `:authority` must be this pod, and only then does the ztunnel
-//! connect to the application (from inside the pod, with its mark). Plaintext sources have no
+//! verified chain, the CONNECT `:authority` must be an application port of this pod (never a
+//! ztunnel port: see [`crate::guard`]), the source address for policy is the TCP peer (never
+//! the `forwarded` claim), and only then does the ztunnel connect to the application (from
+//! inside the pod, with its mark). Connections register for policy re-checks before they are
+//! decided, so a policy change never misses one being admitted. Plaintext sources have no
 //! identity: refused unless the pod's namespace is `membrane.dev/plaintext: permit` (policy
 //! evaluation comes with the policy engine; until then permit means accept).
 
@@ -14,8 +17,10 @@ use membrane_identity::PeerCheck;
 
 use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
-use crate::hbone::{self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
-use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, owns, serve_listener};
+use crate::hbone::{
+    self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult, ResetOnError,
+};
+use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use crate::state::PlaintextMode;
 use membrane_identity::WorkloadIdentity;
 
@@ -89,11 +94,25 @@ impl ConnectHandler for InboundHandler {
         req: ConnectRequest,
     ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
         Box::pin(async move {
-            if !owns(&self.pod.workload, req.authority.ip()) {
-                let reason = format!("{} is not a workload on this node", req.authority);
+            // The authority must be an application port of this pod: never loopback, another
+            // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
+            if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {
+                self.proxy.guard.refused("inbound_hbone", &e);
+                tracing::warn!(
+                    authority = %req.authority,
+                    peer = %req.peer,
+                    error = %e,
+                    "CONNECT authority refused"
+                );
+                let reason = format!("authority refused: {e}");
                 self.log(&req).refused(reason.clone());
                 return Err(ConnectRefusal::BadRequest(reason));
             }
+            let Some(peer_addr) = req.peer_addr else {
+                let reason = "the HBONE connection's peer address is unknown".to_owned();
+                self.log(&req).refused(reason.clone());
+                return Err(ConnectRefusal::Unauthenticated(reason));
+            };
             let source = match WorkloadIdentity::from_spiffe_id(req.peer.clone()) {
                 Ok(id) => id,
                 Err(e) => {
@@ -102,15 +121,28 @@ impl ConnectHandler for InboundHandler {
                     return Err(ConnectRefusal::Unauthenticated(reason));
                 }
             };
+            // Policy sees the verified TCP peer (the source ztunnel dials from inside the
+            // source pod), never the peer's `forwarded` claim.
+            let (source_ip, claim) = crate::guard::hbone_source(peer_addr.ip(), req.forwarded_for);
+            if let Some(claim) = claim {
+                self.proxy.guard.forwarded_ignored();
+                tracing::warn!(
+                    peer = %req.peer,
+                    peer_addr = %peer_addr,
+                    forwarded_for = %claim,
+                    "forwarded source differs from the TCP peer; deciding on the TCP peer"
+                );
+            }
             let attrs = ConnAttrs {
                 source: Some(source),
-                source_ip: req
-                    .forwarded_for
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                source_ip,
                 destination: self.pod.workload.clone(),
                 destination_ip: req.authority.ip(),
                 destination_port: req.authority.port(),
             };
+            // Registered before the decision: a policy change from here on re-checks this
+            // connection, so none is admitted on a policy already replaced.
+            let (cancel, registration) = self.proxy.open.register(attrs.clone());
             let decision = self.proxy.authorizer.authorize(&attrs);
             if decision.verdict != "allow" {
                 let reason = match &decision.policy {
@@ -130,7 +162,14 @@ impl ConnectHandler for InboundHandler {
                     return Err(ConnectRefusal::Unreachable(reason));
                 }
             };
-            let (cancel, registration) = self.proxy.open.register(attrs);
+            if cancel.is_cancelled() {
+                app.reset();
+                let reason = "policy changed while connecting; no longer allowed".to_owned();
+                let mut log = self.log(&req);
+                log.authorized(decision);
+                log.refused(reason.clone());
+                return Err(ConnectRefusal::Denied(reason));
+            }
             Ok(Accepted {
                 app,
                 keep: Some(Box::new(Admitted {
@@ -160,20 +199,24 @@ impl ConnectHandler for InboundHandler {
 
 impl InboundHandler {
     fn log(&self, req: &ConnectRequest) -> ConnectionLog {
-        let src = std::net::SocketAddr::new(
-            req.forwarded_for
-                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-            0,
-        );
-        ConnectionLog::start(
+        let unknown = std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+        let (ip, claim) = match req.peer_addr {
+            Some(addr) => crate::guard::hbone_source(addr.ip(), req.forwarded_for),
+            None => (unknown, req.forwarded_for),
+        };
+        let mut log = ConnectionLog::start(
             &self.proxy,
             "inbound",
             "hbone",
-            src,
+            std::net::SocketAddr::new(ip, 0),
             req.authority,
             Some(req.peer.to_string()),
             Some(self.pod.workload.identity.to_string()),
-        )
+        );
+        if let Some(claim) = claim {
+            log.claimed_source(claim);
+        }
+        log
     }
 }
 
@@ -192,7 +235,13 @@ async fn plaintext_connection(
     pod: Arc<PodContext>,
     proxy: Arc<Proxy>,
 ) {
-    let Ok(dst) = original_dst(&tcp) else { return };
+    let dst = match original_dst(&tcp) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(error = %e, "no original destination; closing");
+            return;
+        }
+    };
     let mut log = ConnectionLog::start(
         &proxy,
         "inbound",
@@ -209,6 +258,12 @@ async fn plaintext_connection(
         drop(tcp);
         log.refused(reason);
     };
+    // Only an application port of this pod: a ztunnel port or loopback would loop.
+    if let Err(e) = crate::guard::check_inbound(dst, &pod.workload.ips) {
+        proxy.guard.refused("inbound_plaintext", &e);
+        tracing::warn!(dst = %dst, error = %e, "plaintext destination refused");
+        return refuse(log, tcp, format!("destination refused: {e}"));
+    }
     if mode != PlaintextMode::Permit {
         return refuse(
             log,
@@ -228,6 +283,8 @@ async fn plaintext_connection(
         destination_ip: dst.ip(),
         destination_port: dst.port(),
     };
+    // Registered before the decision, as for HBONE: no policy change can slip in between.
+    let (revoked, _registration) = proxy.open.register(attrs.clone());
     let decision = proxy.authorizer.authorize(&attrs);
     let allowed = decision.verdict == "allow";
     let policy = decision.policy.clone();
@@ -243,7 +300,14 @@ async fn plaintext_connection(
         Ok(app) => app,
         Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
     };
-    let (revoked, _registration) = proxy.open.register(attrs);
+    if revoked.is_cancelled() {
+        app.reset();
+        return refuse(
+            log,
+            tcp,
+            "policy changed while connecting; no longer allowed".to_owned(),
+        );
+    }
     log.opened();
     let result = hbone::relay_until(tcp, app, revoked).await;
     let (kind, reason) = result.summary();

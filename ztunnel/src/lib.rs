@@ -6,7 +6,7 @@
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
-//! protocol and connection pool), [`proxy`] (what handlers share), [`authz`] (policy decisions) and [`conntrack`] (open
+//! protocol and connection pool), [`proxy`] (what handlers share), [`guard`] (destinations and sources never trusted), [`authz`] (policy decisions) and [`conntrack`] (open
 //! connections re-checked on policy change), [`telemetry`] (metrics and
 //! access records), [`udp`] (counting the plaintext UDP dropped in pods), [`admin`] (HTTP
 //! endpoints).
@@ -20,6 +20,7 @@ pub mod certs;
 pub mod conntrack;
 pub mod discovery;
 pub mod enroll;
+pub mod guard;
 pub mod hbone;
 pub mod inbound;
 pub mod netns;

@@ -5,7 +5,8 @@
 //! HBONE on `<pod ip>:15008`, presenting the source pod's SVID and requiring the destination's
 //! expected SPIFFE ID; anything else is passed through unchanged (egress rules come later).
 //! Every socket the ztunnel opens is created in the source pod's namespace with the ztunnel
-//! mark, so it leaves with the pod's address and is not captured again.
+//! mark, so it leaves with the pod's address and is not captured again. A destination that is
+//! the ztunnel itself (loopback, its ports on the pod's addresses) is refused (see [`crate::guard`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -100,6 +101,24 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
     // the VIP before any node-level NAT could).
     let (dst, destination) = proxy.state.borrow().resolve(dst);
     let src_id = pod.workload.identity.to_string();
+    // Never relay to the ztunnel itself: its listeners would take the connection back and
+    // relay it again, without end.
+    let mesh = matches!(&destination, Some(w) if w.protocol == Protocol::Hbone);
+    if let Err(e) = crate::guard::check_outbound(dst, &pod.workload.ips, mesh) {
+        proxy.guard.refused("outbound", &e);
+        tracing::warn!(dst = %dst, error = %e, "outbound destination is the ztunnel itself; refused");
+        let transport = if mesh { "hbone" } else { "passthrough" };
+        let log = ConnectionLog::start(
+            proxy,
+            "outbound",
+            transport,
+            peer,
+            dst,
+            Some(src_id),
+            destination.map(|w| w.identity.to_string()),
+        );
+        return log.refused(format!("loop refused: {e}"));
+    }
     match destination {
         Some(w) if w.protocol == Protocol::Hbone => {
             let mut log = ConnectionLog::start(

@@ -41,6 +41,8 @@ pub struct Proxy {
     pub authorizer: crate::authz::Authorizer,
     /// Admitted inbound connections, re-checked when policy changes.
     pub open: Arc<crate::conntrack::OpenConnections>,
+    /// Refusals of the ztunnel's own addresses and ignored `forwarded` claims.
+    pub guard: crate::guard::GuardMetrics,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -160,6 +162,7 @@ impl ConnectionLog {
                 result: String::new(),
                 reason: None,
                 authorization: None,
+                forwarded_for: None,
             },
             metrics: proxy.metrics.clone(),
             access: proxy.access.clone(),
@@ -182,6 +185,12 @@ impl ConnectionLog {
         self.record.result = "refused".into();
         self.record.reason = Some(reason);
         self.finish();
+    }
+
+    /// Records a source address the peer claimed (`forwarded`) that differs from the verified
+    /// one in `src_addr`; it is kept for the record, never used for policy.
+    pub fn claimed_source(&mut self, ip: std::net::IpAddr) {
+        self.record.forwarded_for = Some(ip);
     }
 
     /// Records the authorization decision.

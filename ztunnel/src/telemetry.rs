@@ -124,6 +124,10 @@ pub struct AccessRecord {
     /// or dry-run matches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization: Option<crate::authz::DecisionSummary>,
+    /// Inbound HBONE: the source address the peer claimed in `forwarded` when it differs from
+    /// the verified TCP peer in `src_addr` (never used for policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<std::net::IpAddr>,
 }
 
 /// Formats a time as RFC 3339 (UTC, millisecond precision).
@@ -312,6 +316,7 @@ mod tests {
             result: "closed".into(),
             reason: None,
             authorization: None,
+            forwarded_for: None,
         }
     }
 

@@ -35,8 +35,10 @@ pub struct ConnectRequest {
     pub peer: SpiffeId,
     /// The original destination (`:authority`).
     pub authority: SocketAddr,
-    /// The original source address, as the peer states it in `forwarded: for=`.
+    /// The original source address, as the peer states it in `forwarded: for=` (a claim).
     pub forwarded_for: Option<IpAddr>,
+    /// The TCP peer of the HBONE connection (what the destination can verify), if known.
+    pub peer_addr: Option<SocketAddr>,
     /// The `baggage` header, if present and visible ASCII.
     pub baggage: Option<String>,
     /// The `traceparent` header, if present and visible ASCII.
@@ -145,14 +147,16 @@ pub async fn serve_connection(
         peer_addr = tracing::field::Empty,
         peer = tracing::field::Empty,
     );
-    if let Ok(addr) = tcp.peer_addr() {
+    let peer_addr = tcp.peer_addr().ok();
+    if let Some(addr) = peer_addr {
         span.record("peer_addr", tracing::field::display(addr));
     }
-    serve(tcp, tls, handler).instrument(span).await
+    serve(tcp, peer_addr, tls, handler).instrument(span).await
 }
 
 async fn serve(
     tcp: TcpStream,
+    peer_addr: Option<SocketAddr>,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<dyn ConnectHandler>,
 ) -> Result<(), HboneError> {
@@ -217,7 +221,7 @@ async fn serve(
                         authority = tracing::field::Empty,
                     );
                     streams.spawn(
-                        handle_stream(request, respond, peer.clone(), handler.clone())
+                        handle_stream(request, respond, peer.clone(), peer_addr, handler.clone())
                             .instrument(span),
                     );
                 }
@@ -244,9 +248,10 @@ async fn handle_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Option<SpiffeId>,
+    peer_addr: Option<SocketAddr>,
     handler: Arc<dyn ConnectHandler>,
 ) {
-    let req = match parse_request(&request, peer) {
+    let req = match parse_request(&request, peer, peer_addr) {
         Ok(req) => req,
         Err(refusal) => {
             tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
@@ -309,6 +314,7 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 fn parse_request(
     request: &Request<RecvStream>,
     peer: Option<SpiffeId>,
+    peer_addr: Option<SocketAddr>,
 ) -> Result<ConnectRequest, ConnectRefusal> {
     let Some(peer) = peer else {
         return Err(ConnectRefusal::Unauthenticated(
@@ -336,6 +342,7 @@ fn parse_request(
             .get(FORWARDED)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_forwarded_for),
+        peer_addr,
         baggage: text(BAGGAGE),
         traceparent: text(TRACEPARENT),
     })
