@@ -1,0 +1,425 @@
+//! Listener floods against the real binaries: idle connections by the thousand on every
+//! listener of a ztunnel (15001, 15006, 15008 from pods; admin, metrics, readiness) and of the
+//! controller (gRPC, metrics) are capped or closed by their timeouts while mesh traffic and
+//! certificate issuance go on; a ztunnel at its descriptor limit backs off instead of
+//! spinning and recovers; and (ignored by default, run by scripts/test.sh) a 10,000-connection
+//! flood leaves the ztunnel's memory and descriptors where they were.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use membrane_tests::netns::run_in_netns;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+const APP_PORT: u16 = 8080;
+const FLOOD: usize = 1000;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Thousands of sockets live in this process at once: the soft descriptor limit goes up to
+/// the hard one.
+fn raise_nofile() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
+fn pod(name: &str, ns: &str, node: &str) -> PodDef {
+    PodDef::new(name, ns, name, node)
+}
+
+/// `attacker` and `client` (mesh, node-a), `server` (mesh, node-b), `outsider` (no mesh,
+/// node-a).
+fn spec(ztunnel_args: &[&str]) -> MeshSpec {
+    MeshSpec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        pods: vec![
+            pod("attacker", "training", "node-a"),
+            pod("client", "training", "node-a"),
+            pod("late", "training", "node-a"),
+            pod("server", "data", "node-b"),
+            pod("outsider", "legacy", "node-a"),
+        ],
+        mesh_namespaces: vec!["training".into(), "data".into()],
+        ztunnel_args: ztunnel_args.iter().map(|s| (*s).to_owned()).collect(),
+        ..MeshSpec::default()
+    }
+}
+
+/// `n` unconnected sockets created inside pod `name` (one namespace switch for all).
+fn sockets_in(mesh: &Mesh, name: &str, n: usize) -> anyhow::Result<Vec<TcpSocket>> {
+    let std_sockets = run_in_netns(mesh.netns_path(name), move || {
+        (0..n)
+            .map(|_| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.set_nonblocking(true)?;
+                Ok(std::net::TcpStream::from(s))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    Ok(std_sockets
+        .into_iter()
+        .map(TcpSocket::from_std_stream)
+        .collect())
+}
+
+/// `n` sockets on the host bound to `ip` (a loopback address other than 127.0.0.1, so the
+/// flood has its own peer address).
+fn sockets_from(ip: Ipv4Addr, n: usize) -> anyhow::Result<Vec<TcpSocket>> {
+    (0..n)
+        .map(|_| {
+            let s = TcpSocket::new_v4()?;
+            s.bind(SocketAddr::from((ip, 0)))?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// Connects every socket to `dst`, 100 at a time, each within 3 s. Returns the connected
+/// streams (a connection refused later by the server still connects: the kernel accepts it).
+async fn connect_all(sockets: Vec<TcpSocket>, dst: SocketAddr) -> anyhow::Result<Vec<TcpStream>> {
+    let total = sockets.len();
+    let mut streams = Vec::with_capacity(total);
+    let mut sockets = sockets.into_iter();
+    loop {
+        let batch: Vec<TcpSocket> = sockets.by_ref().take(100).collect();
+        if batch.is_empty() {
+            break;
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for s in batch {
+            set.spawn(
+                async move { tokio::time::timeout(Duration::from_secs(3), s.connect(dst)).await },
+            );
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Ok(Ok(stream)) = joined? {
+                streams.push(stream);
+            }
+        }
+    }
+    anyhow::ensure!(
+        streams.len() * 10 >= total * 9,
+        "only {} of {total} flood connections to {dst} connected",
+        streams.len()
+    );
+    Ok(streams)
+}
+
+/// How many of `streams` the server closes (EOF or reset) within `within`.
+async fn closed_within(streams: Vec<TcpStream>, within: Duration) -> anyhow::Result<usize> {
+    let mut set = tokio::task::JoinSet::new();
+    for mut s in streams {
+        set.spawn(async move {
+            let mut buf = [0u8; 256];
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                    Err(_) => return false,
+                    Ok(Ok(0) | Err(_)) => return true,
+                    Ok(Ok(_)) => {}
+                }
+            }
+        });
+    }
+    let mut closed = 0;
+    while let Some(joined) = set.join_next().await {
+        closed += usize::from(joined?);
+    }
+    Ok(closed)
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics_of(addr: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = membrane_tests::http_get(addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "metrics: HTTP {status}");
+    Ok(body)
+}
+
+/// A fresh connection from `from` to the server's echo application carries bytes.
+async fn traffic_flows(mesh: &Mesh, from: &str) -> anyhow::Result<()> {
+    let dst = SocketAddr::new(mesh.ip("server"), APP_PORT);
+    let mut s = mesh.connect_from(from, dst).await?;
+    ping(&mut s).await
+}
+
+const ZTUNNEL_LIMITS: &[&str] = &[
+    "--pod-max-connections",
+    "400",
+    "--pod-max-connections-per-peer",
+    "100",
+    "--http-max-connections",
+    "32",
+    "--http-max-connections-per-peer",
+    "8",
+    "--http-header-timeout",
+    "1s",
+    "--http-idle-timeout",
+    "2s",
+    "--hbone-handshake-timeout",
+    "2s",
+    "--hbone-max-pending-handshakes",
+    "32",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    raise_nofile()?;
+    let mesh = Mesh::start(spec(ZTUNNEL_LIMITS)).await?;
+    for p in ["attacker", "client", "server"] {
+        mesh.enroll(p).await?;
+    }
+    let _app = mesh.echo_app("server", APP_PORT)?;
+    traffic_flows(&mesh, "client").await?;
+    let server = SocketAddr::new(mesh.ip("server"), APP_PORT);
+    let (za, zb) = (&mesh.ztunnels["node-a"], &mesh.ztunnels["node-b"]);
+
+    // 15001: a pod opens 1,000 captured connections and sits on them. The attacker's own
+    // listener holds 400 at most; the rest are closed at once; other pods are not affected.
+    let held = connect_all(sockets_in(&mesh, "attacker", FLOOD)?, server).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    traffic_flows(&mesh, "client").await?;
+    let refused = metric(
+        &metrics_of(za.metrics).await?,
+        "membrane_listener_connections_refused_total",
+        &["listener=\"outbound\"", "reason=\"listener_limit\""],
+    );
+    assert!(refused >= 500.0, "outbound refusals: {refused}");
+    let closed = closed_within(held, Duration::from_secs(2)).await?;
+    assert!(
+        (500..=650).contains(&closed),
+        "the connections over the cap are closed, the admitted ones stay: {closed}"
+    );
+
+    // 15008: a non-mesh pod opens 1,000 TCP connections to a pod's HBONE port and never
+    // starts TLS. 100 per peer are admitted, and closed by the 2 s handshake timeout.
+    let hbone = SocketAddr::new(mesh.ip("server"), 15008);
+    let held = connect_all(sockets_in(&mesh, "outsider", FLOOD)?, hbone).await?;
+    let n = held.len();
+    traffic_flows(&mesh, "client").await?;
+    let started = Instant::now();
+    let closed = closed_within(held, Duration::from_secs(8)).await?;
+    assert_eq!(closed, n, "every idle HBONE connection is closed");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let text = metrics_of(zb.metrics).await?;
+    let refused = metric(
+        &text,
+        "membrane_listener_connections_refused_total",
+        &["listener=\"inbound\"", "reason=\"peer_limit\""],
+    );
+    assert!(refused >= 800.0, "inbound refusals: {refused}");
+    let timeouts = metric(
+        &text,
+        "membrane_listener_timeouts_total",
+        &["listener=\"inbound\"", "stage=\"handshake\""],
+    );
+    assert!(timeouts >= 50.0, "handshake timeouts: {timeouts}");
+    traffic_flows(&mesh, "client").await?;
+
+    // 15006: plaintext from a non-mesh pod into a namespace that refuses it: all closed.
+    let held = connect_all(sockets_in(&mesh, "outsider", FLOOD)?, server).await?;
+    let n = held.len();
+    traffic_flows(&mesh, "client").await?;
+    assert_eq!(closed_within(held, Duration::from_secs(5)).await?, n);
+
+    // Admin, metrics, readiness: 1,000 idle connections each from 127.0.0.2. Eight are
+    // admitted and closed by the header / idle timeouts; a scrape from another address
+    // works throughout.
+    for (name, addr) in [
+        ("admin", za.admin),
+        ("metrics", za.metrics),
+        ("readiness", za.readiness),
+    ] {
+        let held = connect_all(sockets_from(Ipv4Addr::new(127, 0, 0, 2), FLOOD)?, addr).await?;
+        let n = held.len();
+        let text = metrics_of(za.metrics).await?;
+        traffic_flows(&mesh, "client").await?;
+        let started = Instant::now();
+        assert_eq!(
+            closed_within(held, Duration::from_secs(6)).await?,
+            n,
+            "{name}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(6), "{name}");
+        let listener = format!("listener=\"{name}\"");
+        let refused = metric(
+            &text,
+            "membrane_listener_connections_refused_total",
+            &[&listener, "reason=\"peer_limit\""],
+        );
+        assert!(refused >= 900.0, "{name} refusals: {refused}");
+    }
+    let text = metrics_of(za.metrics).await?;
+    for name in ["admin", "metrics", "readiness"] {
+        let timeouts = metric(
+            &text,
+            "membrane_listener_timeouts_total",
+            &[&format!("listener=\"{name}\"")],
+        );
+        assert!(timeouts >= 8.0, "{name} timeouts: {timeouts}");
+    }
+    traffic_flows(&mesh, "client").await?;
+    Ok(())
+}
+
+/// A TLS client that completes the handshake with the controller and then says nothing.
+async fn idle_tls(
+    connector: &tokio_rustls::TlsConnector,
+    from: Ipv4Addr,
+    dst: SocketAddr,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from, 0)))?;
+    let tcp = socket.connect(dst).await?;
+    let name = rustls_pki_types::ServerName::try_from("membrane-ca")?;
+    Ok(connector.connect(name, tcp).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    raise_nofile()?;
+    let mut spec = spec(&[]);
+    spec.ca_listeners = membrane_ca::serving::ListenerConfig {
+        grpc_max_connections: 600,
+        grpc_max_connections_per_peer: 50,
+        tls_handshake_timeout: Duration::from_secs(2),
+        grpc_idle_timeout: Duration::from_secs(3),
+        http_max_connections: 32,
+        http_max_connections_per_peer: 8,
+        http: membrane_runtime::HttpTimeouts {
+            header: Duration::from_secs(1),
+            idle: Duration::from_secs(2),
+        },
+    };
+    let mesh = Mesh::start(spec).await?;
+    for p in ["client", "server"] {
+        mesh.enroll(p).await?;
+    }
+    let _app = mesh.echo_app("server", APP_PORT)?;
+    traffic_flows(&mesh, "client").await?;
+    let grpc: SocketAddr = mesh.ca.endpoint().trim_start_matches("https://").parse()?;
+
+    // 1,000 TCP connections that never start TLS (127.0.0.2), and 20 that finish TLS and
+    // never send the HTTP/2 preface (127.0.0.3).
+    let raw = connect_all(sockets_from(Ipv4Addr::new(127, 0, 0, 2), FLOOD)?, grpc).await?;
+    let bundle = membrane_identity::TrustBundle::from_pem(
+        membrane_tests::trust_domain(),
+        mesh.ca.root_pem().as_bytes(),
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in bundle.roots() {
+        roots.add(root.clone())?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(membrane_identity::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(idle_tls(&connector, Ipv4Addr::new(127, 0, 0, 3), grpc).await?);
+    }
+
+    // While they are held: a Sign succeeds, and a pod enrolled now gets its certificate
+    // (its traffic flows).
+    let mut client = mesh
+        .ca
+        .client(&membrane_tests::node_token("node-a"))
+        .await?;
+    let identity = membrane_tests::identity("training", "late");
+    let (svid, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request_svid(&identity, Duration::from_secs(600)),
+    )
+    .await??;
+    assert_eq!(svid.identity(), &identity);
+    mesh.enroll("late").await?;
+    traffic_flows(&mesh, "late").await?;
+
+    // The raw ones go at the handshake timeout (or at once, over the per-peer cap); the TLS
+    // ones at the idle timeout.
+    let n = raw.len();
+    let started = Instant::now();
+    assert_eq!(closed_within(raw, Duration::from_secs(6)).await?, n);
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let mut closed = 0;
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        while let Ok(r) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            if matches!(r, Ok(0) | Err(_)) {
+                closed += 1;
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        closed, 20,
+        "idle TLS connections without a preface are closed"
+    );
+
+    // The metrics port: 1,000 idle connections from 127.0.0.2; a scrape from 127.0.0.1 works.
+    let held = connect_all(
+        sockets_from(Ipv4Addr::new(127, 0, 0, 2), FLOOD)?,
+        mesh.ca.metrics_addr(),
+    )
+    .await?;
+    let n = held.len();
+    let text = mesh.ca.metrics().await?;
+    assert_eq!(closed_within(held, Duration::from_secs(6)).await?, n);
+    let refused = |listener: &str| {
+        metric(
+            &text,
+            "membrane_ca_listener_connections_refused_total",
+            &[&format!("listener=\"{listener}\""), "reason=\"peer_limit\""],
+        )
+    };
+    assert!(
+        refused("grpc") >= 900.0,
+        "grpc refusals: {}",
+        refused("grpc")
+    );
+    assert!(
+        refused("metrics") >= 900.0,
+        "metrics refusals: {}",
+        refused("metrics")
+    );
+    let text = mesh.ca.metrics().await?;
+    let timeouts = |stage: &str| {
+        metric(
+            &text,
+            "membrane_ca_listener_timeouts_total",
+            &["listener=\"grpc\"", &format!("stage=\"{stage}\"")],
+        )
+    };
+    assert!(timeouts("handshake") >= 40.0, "{}", timeouts("handshake"));
+    assert!(timeouts("idle") >= 20.0, "{}", timeouts("idle"));
+    // Sign still works after the flood, on the same channel.
+    client
+        .request_svid(&identity, Duration::from_secs(600))
+        .await?;
+    traffic_flows(&mesh, "client").await?;
+    Ok(())
+}
