@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +34,14 @@ pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one log line per listener and kind of event in this interval; the lines left out
 /// are counted in the next one (`suppressed`).
 pub const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Connections held by every [`GuardedListener`] of the process.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Connections held now by every [`GuardedListener`] of this process.
+pub fn open_connections() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
 
 // === metrics ===
 
@@ -266,6 +274,7 @@ pub struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.open.dec();
+        OPEN.fetch_sub(1, Ordering::Relaxed);
         if let Some((ip, peers)) = self.peer.take() {
             let mut peers = match peers.lock() {
                 Ok(g) => g,
@@ -402,6 +411,7 @@ impl GuardedListener {
             })
             .clone();
         open.inc();
+        OPEN.fetch_add(1, Ordering::Relaxed);
         Ok(Admission {
             _permit: permit,
             peer,

@@ -1106,6 +1106,7 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     assert_eq!(flag1(zt, "http-idle-timeout")?, "30s");
     assert_eq!(flag1(zt, "http-header-timeout")?, "10s");
     assert_eq!(flag1(zt, "hbone-handshake-timeout")?, "10s");
+    assert_eq!(flag1(zt, "pool-idle-timeout")?, "60s");
     // Plug-in CA: the operator's Secret, mounted read-only into the controller only.
     assert_eq!(flag1(ca, "plugin-ca-dir")?, "/etc/membrane/cacerts");
     assert!(

@@ -423,3 +423,216 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     traffic_flows(&mesh, "client").await?;
     Ok(())
 }
+
+/// `(user + system CPU time, resident set size in KiB, open descriptors)` of process `pid`.
+fn usage(pid: u32) -> anyhow::Result<(Duration, u64, usize)> {
+    let (cpu, rss, _, fds) = usage_detail(pid)?;
+    Ok((cpu, rss, fds))
+}
+
+/// As [`usage`], with the anonymous part of the resident set (KiB) before the descriptors.
+fn usage_detail(pid: u32) -> anyhow::Result<(Duration, u64, u64, usize)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses): state is field 3, utime 14,
+    // stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(100);
+    let cpu = Duration::from_millis(ticks * 1000 / hz);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((cpu, kib("VmRSS:"), kib("RssAnon:"), fds))
+}
+
+fn set_nofile(pid: u32, limit: usize) -> anyhow::Result<()> {
+    let out = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Retries [`traffic_flows`] for up to `within` (a listener may be in its accept back-off).
+async fn traffic_recovers(mesh: &Mesh, from: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        match traffic_flows(mesh, from).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    raise_nofile()?;
+    let mesh = Mesh::start(spec(&[])).await?;
+    for p in ["attacker", "client", "server"] {
+        mesh.enroll(p).await?;
+    }
+    let _app = mesh.echo_app("server", APP_PORT)?;
+    traffic_flows(&mesh, "client").await?;
+    let za = &mesh.ztunnels["node-a"];
+    let pid = za.pid();
+    let (_, _, baseline_fds) = usage(pid)?;
+    set_nofile(pid, baseline_fds + 64)?;
+
+    // A pod opens 1,000 connections: the ztunnel runs out of descriptors after ~60, the rest
+    // wait in the listen backlog and every accept fails at once.
+    let held = connect_all(
+        sockets_in(&mesh, "attacker", FLOOD)?,
+        SocketAddr::new(mesh.ip("server"), APP_PORT),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cpu_before, _, fds) = usage(pid)?;
+    assert!(
+        fds >= baseline_fds + 60,
+        "the ztunnel reached its limit: {fds} descriptors"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu_after, _, _) = usage(pid)?;
+    let cpu = cpu_after.saturating_sub(cpu_before);
+    eprintln!("CPU time over 3 s at the descriptor limit: {cpu:?}");
+    assert!(
+        cpu < Duration::from_millis(500),
+        "the ztunnel spins: {cpu:?} of CPU in 3 s"
+    );
+    let accept_lines = || {
+        za.logs
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|l| l.contains("accept failed; backing off"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let lines = accept_lines();
+    eprintln!("accept error log lines over ~4 s: {lines}");
+    assert!(
+        (1..=4).contains(&lines),
+        "accept errors logged {lines} times"
+    );
+
+    // The flood ends: the descriptors come back and new connections work again, without
+    // raising the limit.
+    drop(held);
+    traffic_recovers(&mesh, "client", Duration::from_secs(15)).await?;
+    let errors = metric(
+        &metrics_of(za.metrics).await?,
+        "membrane_listener_accept_errors_total",
+        &["listener=\"outbound\""],
+    );
+    assert!(errors >= 1.0, "accept errors counted: {errors}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "resource test: run by scripts/test.sh"]
+async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return Ok(());
+    }
+    raise_nofile()?;
+    let started = Instant::now();
+    // The flood's 2,500 tunnels open ~25 pooled HBONE connections (100 streams each); they
+    // are kept for reuse until idle for --pool-idle-timeout (60 s by default).
+    let mesh = Mesh::start(spec(&["--pool-idle-timeout", "10s"])).await?;
+    for p in ["attacker", "client", "server"] {
+        mesh.enroll(p).await?;
+    }
+    let _app = mesh.echo_app("server", APP_PORT)?;
+    for _ in 0..20 {
+        traffic_flows(&mesh, "client").await?;
+    }
+    let za = &mesh.ztunnels["node-a"];
+    let pid = za.pid();
+    let client = mesh.ip("client");
+    let server = SocketAddr::new(mesh.ip("server"), APP_PORT);
+    // 2,500 connections on each of 15001 (captured, from a mesh pod), 15006 (plaintext from a
+    // non-mesh pod), 15008 (never starting TLS, from a non-mesh pod) and 15020.
+    let flood = |per: usize| {
+        let mesh = &mesh;
+        async move {
+            let mut held = Vec::new();
+            held.extend(connect_all(sockets_in(mesh, "attacker", per)?, server).await?);
+            let plaintext = SocketAddr::new(client, APP_PORT);
+            held.extend(connect_all(sockets_in(mesh, "outsider", per)?, plaintext).await?);
+            let hbone = SocketAddr::new(client, 15008);
+            held.extend(connect_all(sockets_in(mesh, "outsider", per)?, hbone).await?);
+            let from = Ipv4Addr::new(127, 0, 0, 2);
+            held.extend(connect_all(sockets_from(from, per)?, za.metrics).await?);
+            Ok::<_, anyhow::Error>(held)
+        }
+    };
+    // The pre-flood value is taken once the ztunnel has served the same kinds of connections
+    // (a flood of 300 per listener): the code they run is paged in, and the allocator has
+    // given back what that first flood freed; its pooled connections are reaped.
+    drop(flood(300).await?);
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    // Memory is judged on the anonymous resident set: what the process allocated. The rest
+    // of VmRSS is the binary's code, shared and evictable, and varies from run to run with
+    // what the kernel kept paged in; it is reported too.
+    let (_, rss_before, anon_before, fds_before) = usage_detail(pid)?;
+
+    let held = flood(2500).await?;
+    let (mut rss_peak, mut anon_peak, mut fds_peak) = (0, 0, 0);
+    for _ in 0..4 {
+        let (_, rss, anon, fds) = usage_detail(pid)?;
+        rss_peak = rss_peak.max(rss);
+        anon_peak = anon_peak.max(anon);
+        fds_peak = fds_peak.max(fds);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let flood = held.len();
+    drop(held);
+
+    let released = Instant::now();
+    let (rss_after, anon_after, fds_after) = loop {
+        let (_, rss, anon, fds) = usage_detail(pid)?;
+        let back = fds <= fds_before && anon * 10 <= anon_before * 11;
+        if back || released.elapsed() > Duration::from_secs(30) {
+            break (rss, anon, fds);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "flood of {flood} connections: anonymous RSS {anon_before} KiB before, {anon_peak} KiB peak, {anon_after} KiB after {:?} (VmRSS {rss_before} / {rss_peak} / {rss_after} KiB); descriptors {fds_before} before, {fds_peak} peak, {fds_after} after; test took {:?}",
+        released.elapsed(),
+        started.elapsed()
+    );
+    assert!(
+        fds_after <= fds_before,
+        "descriptors: {fds_before} -> {fds_after}"
+    );
+    assert!(
+        anon_after * 10 <= anon_before * 11,
+        "anonymous RSS: {anon_before} KiB -> {anon_after} KiB"
+    );
+    traffic_flows(&mesh, "client").await?;
+    Ok(())
+}

@@ -66,6 +66,8 @@ pub struct ZtunnelConfig {
     pub drain_grace: Duration,
     /// Caps and timeouts of every listener.
     pub listeners: ListenerConfig,
+    /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 /// Caps and timeouts of the ztunnel's listeners.
@@ -192,6 +194,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
+    let memory_metrics = crate::memory::MemoryMetrics::register(&mut registry);
     let limits = config.listeners;
     if !crate::hbone::set_handshake_limits(crate::hbone::HandshakeLimits {
         timeout: limits.hbone_handshake_timeout,
@@ -213,7 +216,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
-    let pool = Arc::new(HbonePool::new(PoolConfig::default()));
+    let pool = Arc::new(HbonePool::new(PoolConfig {
+        idle_timeout: config.pool_idle_timeout,
+        ..PoolConfig::default()
+    }));
     let access =
         AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {
@@ -362,6 +368,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             cancel.clone(),
         )),
         tokio::spawn(pool.run_reaper(cancel.clone())),
+        tokio::spawn(crate::memory::run_trimmer(memory_metrics, cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),
     ]);
     // Keep the sender alive as long as the servers run.

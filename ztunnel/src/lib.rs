@@ -8,7 +8,8 @@
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
 //! protocol and connection pool), [`proxy`] (what handlers share), [`authz`] (policy decisions) and [`conntrack`] (open
 //! connections re-checked on policy change), [`telemetry`] (metrics and
-//! access records), [`admin`] (HTTP endpoints).
+//! access records), [`admin`] (HTTP endpoints), [`memory`] (freed memory returned after
+//! floods).
 //!
 //! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
 
@@ -21,6 +22,7 @@ pub mod discovery;
 pub mod enroll;
 pub mod hbone;
 pub mod inbound;
+pub mod memory;
 pub mod netns;
 pub mod outbound;
 pub mod pods;

@@ -101,6 +101,9 @@ struct Args {
     /// Inbound HBONE handshakes in progress at once, node-wide (each holds a read buffer).
     #[arg(long, default_value_t = 256)]
     hbone_max_pending_handshakes: usize,
+    /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
     /// On shutdown, also remove every pod's capture rules (default: keep them so a restarted
     /// ztunnel resumes, and traffic fails closed meanwhile).
     #[arg(long)]
@@ -152,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
         drain_grace: args.drain_grace,
+        pool_idle_timeout: args.pool_idle_timeout,
         listeners: ListenerConfig {
             pod_max_connections: args.pod_max_connections,
             pod_max_connections_per_peer: args.pod_max_connections_per_peer,
