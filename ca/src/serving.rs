@@ -13,8 +13,9 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use membrane_runtime::idle::IdleTimeout;
 use membrane_runtime::listener::{
-    Admission, ConnectionCaps, GuardedListener, IdleTimeout, ListenerMetrics, TimeoutStage,
+    Admission, ConnectionCaps, GuardedListener, ListenerMetrics, TimeoutStage,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;

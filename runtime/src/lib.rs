@@ -1,9 +1,10 @@
 //! Process plumbing shared by `membrane-ca` and `ztunnel`.
 //!
 //! The small plain-HTTP server behind their metrics, readiness and admin endpoints, the
-//! guarded listener every server accepts on ([`listener`]), and the shutdown signal. Nothing
+//! guarded listener every server accepts on ([`listener`], [`idle`]), and the shutdown signal. Nothing
 //! domain-specific lives here.
 
+pub mod idle;
 pub mod listener;
 
 use std::sync::Arc;
@@ -84,7 +85,7 @@ pub async fn serve_http(
         let route = route.clone();
         let conn_cancel = cancel.clone();
         let metrics = metrics.clone();
-        let stream = listener::IdleTimeout::new(stream, timeouts.idle, true, idle_expired.clone());
+        let stream = idle::IdleTimeout::new(stream, timeouts.idle, true, idle_expired.clone());
         tokio::spawn(async move {
             let _admission = admission;
             let service =

@@ -156,24 +156,9 @@ async fn traffic_flows(mesh: &Mesh, from: &str) -> anyhow::Result<()> {
     ping(&mut s).await
 }
 
-const ZTUNNEL_LIMITS: &[&str] = &[
-    "--pod-max-connections",
-    "400",
-    "--pod-max-connections-per-peer",
-    "100",
-    "--http-max-connections",
-    "32",
-    "--http-max-connections-per-peer",
-    "8",
-    "--http-header-timeout",
-    "1s",
-    "--http-idle-timeout",
-    "2s",
-    "--hbone-handshake-timeout",
-    "2s",
-    "--hbone-max-pending-handshakes",
-    "32",
-];
+const ZTUNNEL_LIMITS: &str = "--pod-max-connections 400 --pod-max-connections-per-peer 100 \
+    --http-max-connections 32 --http-max-connections-per-peer 8 --http-header-timeout 1s \
+    --http-idle-timeout 2s --hbone-handshake-timeout 2s --hbone-max-pending-handshakes 32";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Result<()> {
@@ -182,7 +167,8 @@ async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Res
         return Ok(());
     }
     raise_nofile()?;
-    let mesh = Mesh::start(spec(ZTUNNEL_LIMITS)).await?;
+    let limits: Vec<&str> = ZTUNNEL_LIMITS.split_whitespace().collect();
+    let mesh = Mesh::start(spec(&limits)).await?;
     for p in ["attacker", "client", "server"] {
         mesh.enroll(p).await?;
     }
@@ -424,14 +410,9 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     Ok(())
 }
 
-/// `(user + system CPU time, resident set size in KiB, open descriptors)` of process `pid`.
-fn usage(pid: u32) -> anyhow::Result<(Duration, u64, usize)> {
-    let (cpu, rss, _, fds) = usage_detail(pid)?;
-    Ok((cpu, rss, fds))
-}
-
-/// As [`usage`], with the anonymous part of the resident set (KiB) before the descriptors.
-fn usage_detail(pid: u32) -> anyhow::Result<(Duration, u64, u64, usize)> {
+/// `(user + system CPU time, resident set size, its anonymous part (both KiB), open
+/// descriptors)` of process `pid`.
+fn usage(pid: u32) -> anyhow::Result<(Duration, u64, u64, usize)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses): state is field 3, utime 14,
     // stime 15.
@@ -496,7 +477,7 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
     traffic_flows(&mesh, "client").await?;
     let za = &mesh.ztunnels["node-a"];
     let pid = za.pid();
-    let (_, _, baseline_fds) = usage(pid)?;
+    let (_, _, _, baseline_fds) = usage(pid)?;
     set_nofile(pid, baseline_fds + 64)?;
 
     // A pod opens 1,000 connections: the ztunnel runs out of descriptors after ~60, the rest
@@ -507,13 +488,13 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (cpu_before, _, fds) = usage(pid)?;
+    let (cpu_before, _, _, fds) = usage(pid)?;
     assert!(
         fds >= baseline_fds + 60,
         "the ztunnel reached its limit: {fds} descriptors"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (cpu_after, _, _) = usage(pid)?;
+    let (cpu_after, _, _, _) = usage(pid)?;
     let cpu = cpu_after.saturating_sub(cpu_before);
     eprintln!("CPU time over 3 s at the descriptor limit: {cpu:?}");
     assert!(
@@ -597,12 +578,12 @@ async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyho
     // Memory is judged on the anonymous resident set: what the process allocated. The rest
     // of VmRSS is the binary's code, shared and evictable, and varies from run to run with
     // what the kernel kept paged in; it is reported too.
-    let (_, rss_before, anon_before, fds_before) = usage_detail(pid)?;
+    let (_, rss_before, anon_before, fds_before) = usage(pid)?;
 
     let held = flood(2500).await?;
     let (mut rss_peak, mut anon_peak, mut fds_peak) = (0, 0, 0);
     for _ in 0..4 {
-        let (_, rss, anon, fds) = usage_detail(pid)?;
+        let (_, rss, anon, fds) = usage(pid)?;
         rss_peak = rss_peak.max(rss);
         anon_peak = anon_peak.max(anon);
         fds_peak = fds_peak.max(fds);
@@ -613,7 +594,7 @@ async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyho
 
     let released = Instant::now();
     let (rss_after, anon_after, fds_after) = loop {
-        let (_, rss, anon, fds) = usage_detail(pid)?;
+        let (_, rss, anon, fds) = usage(pid)?;
         let back = fds <= fds_before && anon * 10 <= anon_before * 11;
         if back || released.elapsed() > Duration::from_secs(30) {
             break (rss, anon, fds);
