@@ -407,6 +407,17 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
         .request_svid(&identity, Duration::from_secs(600))
         .await?;
     traffic_flows(&mesh, "client").await?;
+    // The ztunnels' own long-lived streams stay silent for longer than the idle timeout,
+    // but answer the server's keepalive PINGs: none is cut.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    for (node, z) in &mesh.ztunnels {
+        let logs = z.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        let lost = logs
+            .iter()
+            .filter(|l| l.contains("discovery stream lost"))
+            .count();
+        assert_eq!(lost, 0, "{node} lost its discovery stream");
+    }
     Ok(())
 }
 
