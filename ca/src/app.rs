@@ -21,11 +21,12 @@ use crate::node_auth::{BootstrapTokens, TokenFileError};
 use crate::plugin_reload::{PluginMetrics, PluginReloader};
 use crate::rotation::{self, RotationError, RotationMetrics, Rotator};
 use crate::server::{self, CertificateService, ServerError};
-use crate::serving::ServingCert;
+use crate::serving::{ListenerConfig, ServingCert};
 use crate::signer::{Signer, SignerConfig};
 use crate::source::StateReceiver;
 use crate::source::directory::{self, DirectorySource};
 use crate::tokenreview::{NodeAuthenticator, TokenReviewConfig, TokenReviewer};
+use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics};
 
 /// How long shutdown waits for tasks to finish before giving up on them.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -60,6 +61,8 @@ pub struct AppConfig {
     pub serving_cert_ttl: Duration,
     /// Workload certificate lifetimes.
     pub signer: SignerConfig,
+    /// Caps and timeouts of the gRPC and metrics listeners.
+    pub listeners: ListenerConfig,
 }
 
 /// Why the controller could not start.
@@ -212,6 +215,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         (SourceMode::Directory, tokens) => tokens.unwrap_or_default().into(),
     };
     let status_metrics = metrics::StatusMetrics::register(&mut registry);
+    let listener_metrics = ListenerMetrics::register(&mut registry);
     let registry = Arc::new(registry);
 
     let bind = |addr: SocketAddr| async move {
@@ -260,10 +264,21 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             })
         }
     };
+    let limits = config.listeners;
+    let metrics_listener = GuardedListener::new(
+        metrics_listener,
+        "metrics",
+        ConnectionCaps {
+            max: limits.http_max_connections,
+            max_per_peer: limits.http_max_connections_per_peer,
+        },
+        listener_metrics.clone(),
+    );
     let metrics = tokio::spawn(metrics::serve(
         metrics_listener,
         registry,
         state_rx.clone(),
+        limits.http,
         cancel.clone(),
     ));
     let service = CertificateService::new(
@@ -317,6 +332,8 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         service,
         discovery,
         serving,
+        limits,
+        listener_metrics,
         cancel.clone(),
     ));
     tracing::info!(

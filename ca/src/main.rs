@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use membrane_ca::SignerConfig;
 use membrane_ca::app::{self, AppConfig, KubernetesMode, SourceMode};
+use membrane_ca::serving::ListenerConfig;
 use membrane_ca::status::StatusConfig;
 use membrane_ca::tokenreview::TokenReviewConfig;
 
@@ -158,6 +159,32 @@ struct ServeArgs {
     /// Lifetime of the controller's own serving certificate (re-issued at every start).
     #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
     serving_cert_ttl: Duration,
+    /// gRPC connections held at once (TLS handshakes included); more are closed at once and
+    /// counted in `membrane_ca_listener_connections_refused_total`.
+    #[arg(long, default_value_t = 1024)]
+    grpc_max_connections: usize,
+    /// gRPC connections one peer IP holds at once (checked before TLS).
+    #[arg(long, default_value_t = 64)]
+    grpc_max_connections_per_peer: usize,
+    /// Bound on a gRPC connection's TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// A gRPC connection whose client sent nothing for this long (no HTTP/2 preface, no
+    /// answer to the server's 10 s keepalive PINGs) is closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    grpc_idle_timeout: Duration,
+    /// Metrics connections held at once.
+    #[arg(long, default_value_t = 64)]
+    http_max_connections: usize,
+    /// Metrics connections one peer IP holds at once.
+    #[arg(long, default_value_t = 8)]
+    http_max_connections_per_peer: usize,
+    /// Longest wait for an HTTP request's headers on the metrics port.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// A metrics connection idle this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    http_idle_timeout: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -218,6 +245,18 @@ fn main() -> anyhow::Result<()> {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,
             renewal_fraction: args.renewal_fraction,
+        },
+        listeners: ListenerConfig {
+            grpc_max_connections: args.grpc_max_connections,
+            grpc_max_connections_per_peer: args.grpc_max_connections_per_peer,
+            tls_handshake_timeout: args.tls_handshake_timeout,
+            grpc_idle_timeout: args.grpc_idle_timeout,
+            http_max_connections: args.http_max_connections,
+            http_max_connections_per_peer: args.http_max_connections_per_peer,
+            http: membrane_runtime::HttpTimeouts {
+                header: args.http_header_timeout,
+                idle: args.http_idle_timeout,
+            },
         },
     };
     tokio::runtime::Builder::new_multi_thread()

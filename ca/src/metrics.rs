@@ -239,14 +239,15 @@ pub fn registry() -> Registry {
 
 /// Serves `/metrics` and `/ready` on `listener` until `cancel` fires.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: membrane_runtime::listener::GuardedListener,
     registry: Arc<Registry>,
     ready: StateReceiver,
+    timeouts: membrane_runtime::HttpTimeouts,
     cancel: CancellationToken,
 ) {
     let route: membrane_runtime::Route =
         Arc::new(move |path: &str| respond(path, &registry, &ready));
-    membrane_runtime::serve_http(listener, route, cancel).await;
+    membrane_runtime::serve_http(listener, route, timeouts, cancel).await;
 }
 
 fn respond(path: &str, registry: &Registry, ready: &StateReceiver) -> Reply {

@@ -18,11 +18,12 @@ use tonic::{Request, Response, Status};
 use crate::discovery::DiscoveryService;
 use crate::metrics::{RefusalReason, SignMetrics};
 use crate::node_auth;
-use crate::serving::ServingCert;
+use crate::serving::{ListenerConfig, ServingCert};
 use crate::signer::Signer;
 use crate::source::StateReceiver;
 use crate::tokenreview::{NodeAuthFailure, NodeAuthenticator};
 use membrane_proto::v1::discovery_server::DiscoveryServer;
+use membrane_runtime::listener::ListenerMetrics;
 
 /// The largest gRPC message the server decodes; a bigger request is refused by the transport
 /// (RESOURCE_EXHAUSTED) before any parsing. CSRs above 16 KiB but below this get
@@ -168,22 +169,34 @@ impl Certificates for CertificateService {
     }
 }
 
+/// The server's HTTP/2 keepalive PING interval: 10 s, or a third of the idle timeout when that
+/// is shorter.
+fn keepalive_interval(idle: Duration) -> Duration {
+    Duration::from_secs(10)
+        .min(idle / 3)
+        .max(Duration::from_millis(100))
+}
+
 /// Serves `service` and `discovery` over TLS (with the rotating `serving` certificate) on
-/// `listener` until `cancel` fires.
+/// `listener` until `cancel` fires, within the caps and timeouts of `limits`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: CertificateService,
     discovery: DiscoveryService,
     serving: Arc<ServingCert>,
+    limits: ListenerConfig,
+    metrics: ListenerMetrics,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     let config = serving
         .server_config()
         .map_err(|e| ServerError::Certificate(e.to_string()))?;
-    let incoming = crate::serving::incoming(listener, Arc::new(config), cancel.clone());
+    let incoming =
+        crate::serving::incoming(listener, Arc::new(config), limits, metrics, cancel.clone());
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // A live client answers these PINGs, so it is never idle for `grpc_idle_timeout`.
+        .http2_keepalive_interval(Some(keepalive_interval(limits.grpc_idle_timeout)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .concurrency_limit_per_connection(256)
         .add_service(

@@ -8,8 +8,17 @@
 //! half of the lifetime; root rotation renews right after switching the signing root.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use membrane_runtime::idle::IdleTimeout;
+use membrane_runtime::listener::{
+    Admission, ConnectionCaps, GuardedListener, ListenerMetrics, TimeoutStage,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
 
 use rcgen::SanType;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -22,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::server::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, DEFAULT_SERVER_NAMES};
 use crate::signer::Signer;
 
-/// How long a TLS handshake may take before the connection is dropped.
+/// How long a TLS handshake may take before the connection is dropped (the default of
+/// [`ListenerConfig::tls_handshake_timeout`]).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the serving certificate could not be issued.
@@ -168,38 +178,155 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-/// Accepts TCP connections on `listener` and yields them once their TLS handshake completed
-/// (each handshake runs in its own task, bounded by [`HANDSHAKE_TIMEOUT`]; failures are logged
-/// at debug level and dropped).
+/// Caps and timeouts of the controller's listeners: the gRPC port (TLS, 15012) and the
+/// metrics port (HTTP, 15014). Every cap applies before any authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// gRPC connections held at once (TLS handshakes in progress included).
+    pub grpc_max_connections: usize,
+    /// gRPC connections one peer IP holds at once.
+    pub grpc_max_connections_per_peer: usize,
+    /// Bound on a TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// A gRPC connection on which the client sent nothing for this long is closed: a client
+    /// that never sends the HTTP/2 preface, or that stops answering the server's keepalive
+    /// PINGs (sent every 10 s, so a live client always has something to send).
+    pub grpc_idle_timeout: Duration,
+    /// Metrics connections held at once.
+    pub http_max_connections: usize,
+    /// Metrics connections one peer IP holds at once.
+    pub http_max_connections_per_peer: usize,
+    /// Header-read and idle timeouts of the metrics port.
+    pub http: membrane_runtime::HttpTimeouts,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_max_connections: 1024,
+            grpc_max_connections_per_peer: 64,
+            tls_handshake_timeout: HANDSHAKE_TIMEOUT,
+            grpc_idle_timeout: Duration::from_secs(30),
+            http_max_connections: 64,
+            http_max_connections_per_peer: 8,
+            http: membrane_runtime::HttpTimeouts::default(),
+        }
+    }
+}
+
+/// A gRPC connection handed to the server: the TLS stream, closed when the client stays
+/// silent too long, and its place under the listener's caps (freed when it drops).
+pub struct ServedConnection {
+    io: IdleTimeout<TlsStream<TcpStream>>,
+    _admission: Admission,
+}
+
+impl std::fmt::Debug for ServedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedConnection").finish_non_exhaustive()
+    }
+}
+
+impl Connected for ServedConnection {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.get_ref().connect_info()
+    }
+}
+
+impl AsyncRead for ServedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The gRPC listener's name in metrics and logs.
+pub const GRPC_LISTENER: &str = "grpc";
+
+/// Accepts TCP connections on `listener` within the caps of `limits` (global and per peer IP,
+/// before any TLS) and yields them once their TLS handshake completed. Each handshake runs in
+/// its own task, bounded by `limits.tls_handshake_timeout` (timeouts are counted in
+/// `membrane_ca_listener_timeouts_total`; failures are logged at debug level and dropped).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    limits: ListenerConfig,
+    metrics: ListenerMetrics,
     cancel: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<ServedConnection, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let idle_expired = metrics.timeout_counter(GRPC_LISTENER, TimeoutStage::Idle);
+    let mut listener = GuardedListener::new(
+        listener,
+        GRPC_LISTENER,
+        ConnectionCaps {
+            max: limits.grpc_max_connections,
+            max_per_peer: limits.grpc_max_connections_per_peer,
+        },
+        metrics.clone(),
+    );
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let (tcp, peer, admission) = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = listener.accept() => r,
+                accepted = listener.accept() => accepted,
             };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+            let idle_expired = idle_expired.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let timeout = limits.tls_handshake_timeout;
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let io =
+                            IdleTimeout::new(tls, limits.grpc_idle_timeout, false, idle_expired);
+                        let _ = tx
+                            .send(Ok(ServedConnection {
+                                io,
+                                _admission: admission,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        metrics.timed_out(GRPC_LISTENER, TimeoutStage::Handshake);
+                        tracing::debug!(%peer, timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), "TLS handshake timed out");
+                    }
                 }
             });
         }

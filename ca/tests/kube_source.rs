@@ -803,6 +803,7 @@ async fn controller_in_kubernetes_mode_signs_for_the_reviewed_node() {
         serving_cert_ttl: Duration::from_secs(3600),
         rotation_grace: Duration::from_secs(30),
         signer: membrane_ca::SignerConfig::default(),
+        listeners: Default::default(),
     };
     let mode = SourceMode::Kubernetes(Box::new(KubernetesMode {
         client,

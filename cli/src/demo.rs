@@ -102,6 +102,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
             max_ttl: Duration::from_secs(24 * 3600),
             ..membrane_ca::SignerConfig::default()
         },
+        listeners: Default::default(),
     };
     let mut out = Narrator { json, step: 0 };
     let running = app::start(config)

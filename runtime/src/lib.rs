@@ -1,9 +1,14 @@
 //! Process plumbing shared by `membrane-ca` and `ztunnel`.
 //!
-//! The small plain-HTTP server behind their metrics, readiness and admin endpoints, and the
-//! shutdown signal. Nothing domain-specific lives here.
+//! The small plain-HTTP server behind their metrics, readiness and admin endpoints, the
+//! guarded listener every server accepts on ([`listener`], [`idle`]), and the shutdown signal. Nothing
+//! domain-specific lives here.
+
+pub mod idle;
+pub mod listener;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -43,26 +48,46 @@ impl Reply {
 /// Answers a request by path (GET only; the body is ignored).
 pub type Route = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// Serves `route` on `listener` (HTTP/1.1) until `cancel` fires.
+/// Timeouts of an HTTP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// Longest wait for a request's headers, from the moment the server waits for them.
+    pub header: Duration,
+    /// A connection on which nothing was received or sent for this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Serves `route` on `listener` (HTTP/1.1) until `cancel` fires. The listener's caps bound the
+/// connections; `timeouts` bound how long one may wait for headers or sit idle.
 pub async fn serve_http(
-    listener: tokio::net::TcpListener,
+    mut listener: listener::GuardedListener,
     route: Route,
+    timeouts: HttpTimeouts,
     cancel: CancellationToken,
 ) {
+    let name = listener.name();
+    let metrics = listener.metrics().clone();
+    let idle_expired = metrics.timeout_counter(name, listener::TimeoutStage::Idle);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, admission) = tokio::select! {
             _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin listener accept failed");
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
         };
         let route = route.clone();
         let conn_cancel = cancel.clone();
+        let metrics = metrics.clone();
+        let stream = idle::IdleTimeout::new(stream, timeouts.idle, true, idle_expired.clone());
         tokio::spawn(async move {
+            let _admission = admission;
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let reply = if req.method() == http::Method::GET {
@@ -73,11 +98,16 @@ pub async fn serve_http(
                     async move { Ok::<_, std::convert::Infallible>(to_response(reply)) }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeouts.header)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn_cancel.cancelled() => {}
                 result = conn => if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+                    if e.is_timeout() {
+                        metrics.timed_out(name, listener::TimeoutStage::Header);
+                    }
+                    tracing::debug!(listener = name, %peer, error = %e, "HTTP connection ended with an error");
                 },
             }
         });

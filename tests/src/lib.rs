@@ -14,6 +14,7 @@ use std::time::Duration;
 use membrane_ca::SignerConfig;
 use membrane_ca::app::{self, AppConfig, Running};
 use membrane_ca::client::CaClient;
+use membrane_ca::serving::ListenerConfig;
 use membrane_identity::spiffe_id::parse_trust_domain;
 use membrane_identity::{TrustDomain, WorkloadIdentity};
 
@@ -99,6 +100,7 @@ pub struct TestCa {
     running: Option<Running>,
     paused: Option<(SocketAddr, SocketAddr)>,
     signer: SignerConfig,
+    listeners: ListenerConfig,
 }
 
 impl TestCa {
@@ -136,6 +138,17 @@ impl TestCa {
         nodes: &[String],
         signer: SignerConfig,
     ) -> anyhow::Result<Self> {
+        Self::start_with_limits(files, nodes, signer, ListenerConfig::default()).await
+    }
+
+    /// As [`TestCa::start_with_signer`], with the given listener caps and timeouts (kept
+    /// across [`TestCa::pause`] and [`TestCa::resume`]).
+    pub async fn start_with_limits(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+        listeners: ListenerConfig,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         for (name, content) in files {
@@ -148,6 +161,7 @@ impl TestCa {
         std::fs::write(dir.path().join("tokens"), tokens)?;
         let mut config = Self::config(dir.path(), None);
         config.signer = signer;
+        config.listeners = listeners;
         Self::run_config(dir, config).await
     }
 
@@ -158,7 +172,7 @@ impl TestCa {
     }
 
     async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
-        let config_signer = config.signer;
+        let (config_signer, listeners) = (config.signer, config.listeners);
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
@@ -166,6 +180,7 @@ impl TestCa {
             running: Some(running),
             paused: None,
             signer: config_signer,
+            listeners,
         })
     }
 
@@ -185,6 +200,7 @@ impl TestCa {
             serving_cert_ttl: Duration::from_secs(3600),
             rotation_grace: Duration::from_millis(500),
             signer: SignerConfig::default(),
+            listeners: Default::default(),
         }
     }
 
@@ -226,6 +242,7 @@ impl TestCa {
     pub async fn replica(&self) -> anyhow::Result<Running> {
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
+        config.listeners = self.listeners;
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(running)
@@ -263,6 +280,7 @@ impl TestCa {
             .ok_or_else(|| anyhow::anyhow!("controller not paused"))?;
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
+        config.listeners = self.listeners;
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

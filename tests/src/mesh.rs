@@ -86,6 +86,10 @@ pub struct MeshSpec {
     /// Run the ztunnels in local mode (workloads and policy from files) instead of from the
     /// controller's discovery stream.
     pub local_files: bool,
+    /// Caps and timeouts of the controller's listeners.
+    pub ca_listeners: membrane_ca::serving::ListenerConfig,
+    /// Arguments added to every ztunnel's command line (before a restart's own).
+    pub ztunnel_args: Vec<String>,
 }
 
 /// A running ztunnel process.
@@ -266,7 +270,7 @@ impl Mesh {
             signer.default_ttl = ttl;
             signer.max_ttl = ttl;
         }
-        let ca = TestCa::start_with_signer(&files, &spec.nodes, signer).await?;
+        let ca = TestCa::start_with_limits(&files, &spec.nodes, signer, spec.ca_listeners).await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
@@ -383,6 +387,7 @@ impl Mesh {
             ])
             .args(["--readiness-addr", "127.0.0.1:0", "--log-format", "json"])
             .args(["--drain-grace", "2s"])
+            .args(&self.spec.ztunnel_args)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

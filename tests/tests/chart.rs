@@ -1097,6 +1097,16 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     }
     assert_eq!(flag1(ca, "renewal-fraction")?, "0.4");
     assert_eq!(flag1(zt, "cert-ttl")?, str_of(&certs["requestedTTL"]));
+    // Listener caps and timeouts: fixture values where set, chart defaults elsewhere.
+    assert_eq!(flag1(ca, "grpc-max-connections-per-peer")?, "16");
+    assert_eq!(flag1(ca, "tls-handshake-timeout")?, "5s");
+    assert_eq!(flag1(ca, "grpc-max-connections")?, "1024");
+    assert_eq!(flag1(ca, "grpc-idle-timeout")?, "30s");
+    assert_eq!(flag1(zt, "pod-max-connections")?, "2048");
+    assert_eq!(flag1(zt, "http-idle-timeout")?, "30s");
+    assert_eq!(flag1(zt, "http-header-timeout")?, "10s");
+    assert_eq!(flag1(zt, "hbone-handshake-timeout")?, "10s");
+    assert_eq!(flag1(zt, "pool-idle-timeout")?, "60s");
     // Plug-in CA: the operator's Secret, mounted read-only into the controller only.
     assert_eq!(flag1(ca, "plugin-ca-dir")?, "/etc/membrane/cacerts");
     assert!(

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_identity::{SharedTrustBundle, TrustBundle, TrustDomain};
+use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics, TimeoutStage};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +64,44 @@ pub struct ZtunnelConfig {
     pub readiness_addr: SocketAddr,
     /// Grace period for open connections at shutdown.
     pub drain_grace: Duration,
+    /// Caps and timeouts of every listener.
+    pub listeners: ListenerConfig,
+    /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
+    pub pool_idle_timeout: Duration,
+}
+
+/// Caps and timeouts of the ztunnel's listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Connections each pod listener (15001, 15006, 15008) holds at once.
+    pub pod_max_connections: usize,
+    /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008);
+    /// on the outbound one every peer is the pod itself.
+    pub pod_max_connections_per_peer: usize,
+    /// Connections each HTTP listener (admin, metrics, readiness) holds at once.
+    pub http_max_connections: usize,
+    /// Connections one peer IP holds at once on each HTTP listener.
+    pub http_max_connections_per_peer: usize,
+    /// Header-read and idle timeouts of the HTTP listeners.
+    pub http: membrane_runtime::HttpTimeouts,
+    /// Bound on an inbound HBONE (15008) TLS + HTTP/2 handshake, waiting for its turn included.
+    pub hbone_handshake_timeout: Duration,
+    /// Inbound HBONE handshakes in progress at once, node-wide.
+    pub hbone_max_pending_handshakes: usize,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            pod_max_connections: 4096,
+            pod_max_connections_per_peer: 1024,
+            http_max_connections: 64,
+            http_max_connections_per_peer: 8,
+            http: membrane_runtime::HttpTimeouts::default(),
+            hbone_handshake_timeout: Duration::from_secs(10),
+            hbone_max_pending_handshakes: 256,
+        }
+    }
 }
 
 /// The streamed trust bundle, saved in the state directory (PEM).
@@ -157,6 +196,16 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let enroll_metrics = enroll::EnrollMetrics::register(&mut registry);
     let udp_metrics = crate::udp::UdpMetrics::register(&mut registry);
     let guard_metrics = crate::guard::GuardMetrics::register(&mut registry);
+    let listener_metrics = ListenerMetrics::register(&mut registry);
+    let memory_metrics = crate::memory::MemoryMetrics::register(&mut registry);
+    let limits = config.listeners;
+    if !crate::hbone::set_handshake_limits(crate::hbone::HandshakeLimits {
+        timeout: limits.hbone_handshake_timeout,
+        max_pending: limits.hbone_max_pending_handshakes,
+        timed_out: listener_metrics.timeout_counter("inbound", TimeoutStage::Handshake),
+    }) {
+        tracing::warn!("HBONE handshake limits were already set in this process; keeping them");
+    }
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
@@ -170,7 +219,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
-    let pool = Arc::new(HbonePool::new(PoolConfig::default()));
+    let pool = Arc::new(HbonePool::new(PoolConfig {
+        idle_timeout: config.pool_idle_timeout,
+        ..PoolConfig::default()
+    }));
     let access =
         AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {
@@ -186,6 +238,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         authorizer: authorizer.clone(),
         open: open.clone(),
         guard: guard_metrics,
+        listener_caps: ConnectionCaps {
+            max: limits.pod_max_connections,
+            max_per_peer: limits.pod_max_connections_per_peer,
+        },
+        listener_metrics: listener_metrics.clone(),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -218,6 +275,16 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let local = |l: &tokio::net::TcpListener| l.local_addr().unwrap_or(config.admin_addr);
     let (admin_addr, metrics_addr, readiness_addr) =
         (local(&admin_l), local(&metrics_l), local(&ready_l));
+    let http_caps = ConnectionCaps {
+        max: limits.http_max_connections,
+        max_per_peer: limits.http_max_connections_per_peer,
+    };
+    let guard = |l, name| GuardedListener::new(l, name, http_caps, listener_metrics.clone());
+    let (admin_l, metrics_l, ready_l) = (
+        guard(admin_l, "admin"),
+        guard(metrics_l, "metrics"),
+        guard(ready_l, "readiness"),
+    );
     let enroll_l = enroll::bind(&config.enroll_socket).map_err(|source| StartError::Bind {
         what: config.enroll_socket.display().to_string(),
         source,
@@ -295,20 +362,24 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         tokio::spawn(membrane_runtime::serve_http(
             admin_l,
             admin::admin_routes(proxy.clone(), pods.clone()),
+            limits.http,
             cancel.clone(),
         )),
         tokio::spawn(membrane_runtime::serve_http(
             metrics_l,
             admin::metrics_routes(registry),
+            limits.http,
             cancel.clone(),
         )),
         tokio::spawn(membrane_runtime::serve_http(
             ready_l,
             admin::readiness_routes(ready_rx),
+            limits.http,
             cancel.clone(),
         )),
         tokio::spawn(crate::udp::run(pods.clone(), udp_metrics, cancel.clone())),
         tokio::spawn(pool.run_reaper(cancel.clone())),
+        tokio::spawn(crate::memory::run_trimmer(memory_metrics, cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),
     ]);
     // Keep the sender alive as long as the servers run.

@@ -9,7 +9,7 @@
 //! protocol and connection pool), [`proxy`] (what handlers share), [`guard`] (destinations and sources never trusted), [`authz`] (policy decisions) and [`conntrack`] (open
 //! connections re-checked on policy change), [`telemetry`] (metrics and
 //! access records), [`udp`] (counting the plaintext UDP dropped in pods), [`admin`] (HTTP
-//! endpoints).
+//! endpoints), [`memory`] (freed memory returned after floods).
 //!
 //! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
 
@@ -23,6 +23,7 @@ pub mod enroll;
 pub mod guard;
 pub mod hbone;
 pub mod inbound;
+pub mod memory;
 pub mod netns;
 pub mod outbound;
 pub mod pods;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use membrane_ztunnel::app::{self, ZtunnelConfig};
+use membrane_ztunnel::app::{self, ListenerConfig, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,6 +76,34 @@ struct Args {
     /// Grace period for open connections at shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_grace: Duration,
+    /// Connections each pod listener (15001, 15006, 15008) holds at once; more are closed at
+    /// once and counted in `membrane_listener_connections_refused_total`.
+    #[arg(long, default_value_t = 4096)]
+    pod_max_connections: usize,
+    /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008).
+    #[arg(long, default_value_t = 1024)]
+    pod_max_connections_per_peer: usize,
+    /// Connections each HTTP listener (admin, metrics, readiness) holds at once.
+    #[arg(long, default_value_t = 64)]
+    http_max_connections: usize,
+    /// Connections one peer IP holds at once on each HTTP listener.
+    #[arg(long, default_value_t = 8)]
+    http_max_connections_per_peer: usize,
+    /// Longest wait for an HTTP request's headers (admin, metrics, readiness).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// An HTTP connection (admin, metrics, readiness) idle this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    http_idle_timeout: Duration,
+    /// Bound on an inbound HBONE (15008) TLS + HTTP/2 handshake, waiting for its turn included.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hbone_handshake_timeout: Duration,
+    /// Inbound HBONE handshakes in progress at once, node-wide (each holds a read buffer).
+    #[arg(long, default_value_t = 256)]
+    hbone_max_pending_handshakes: usize,
+    /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
     /// On shutdown, also remove every pod's capture rules (default: keep them so a restarted
     /// ztunnel resumes, and traffic fails closed meanwhile).
     #[arg(long)]
@@ -127,6 +155,19 @@ fn main() -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
         drain_grace: args.drain_grace,
+        pool_idle_timeout: args.pool_idle_timeout,
+        listeners: ListenerConfig {
+            pod_max_connections: args.pod_max_connections,
+            pod_max_connections_per_peer: args.pod_max_connections_per_peer,
+            http_max_connections: args.http_max_connections,
+            http_max_connections_per_peer: args.http_max_connections_per_peer,
+            http: membrane_runtime::HttpTimeouts {
+                header: args.http_header_timeout,
+                idle: args.http_idle_timeout,
+            },
+            hbone_handshake_timeout: args.hbone_handshake_timeout,
+            hbone_max_pending_handshakes: args.hbone_max_pending_handshakes,
+        },
     };
     let unenroll = args.unenroll_on_exit;
     let workers = match args.worker_threads {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use membrane_identity::TrustDomain;
+use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,11 @@ pub struct Proxy {
     pub open: Arc<crate::conntrack::OpenConnections>,
     /// Refusals of the ztunnel's own addresses and ignored `forwarded` claims.
     pub guard: crate::guard::GuardMetrics,
+    /// Caps of each pod listener (15001, 15006, 15008); the per-peer cap applies to the
+    /// inbound ones only.
+    pub listener_caps: ConnectionCaps,
+    /// Listener metrics (refusals, accept errors).
+    pub listener_metrics: ListenerMetrics,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -58,9 +64,14 @@ pub struct PodContext {
     pub cancel: CancellationToken,
 }
 
+/// The `kind` of the outbound listener (15001).
+pub const OUTBOUND: &str = "outbound";
+
 /// Accepts on one of a pod's listeners until the pod stops accepting. Each connection runs
 /// `handle` in its own task, in a span named after the listener (`kind`), and is dropped when
-/// the pod is removed or the drain grace period ends.
+/// the pod is removed or the drain grace period ends. The listener holds at most
+/// [`Proxy::listener_caps`] connections (more are closed at once and counted under `kind`), and
+/// backs off after accept errors (at the descriptor limit they fail at once).
 pub async fn serve_listener<F, Fut>(
     listener: tokio::net::TcpListener,
     pod: Arc<PodContext>,
@@ -72,22 +83,23 @@ pub async fn serve_listener<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;
+    let mut caps = proxy.listener_caps;
+    if kind == OUTBOUND {
+        // Every connection on the outbound listener comes from the pod itself.
+        caps.max_per_peer = 0;
+    }
+    let mut listener = GuardedListener::new(listener, kind, caps, proxy.listener_metrics.clone());
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer, admission) = tokio::select! {
             _ = pod.accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.workload.name, kind, error = %e, "accept failed");
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
         };
         let span = tracing::info_span!("conn", kind, pod = %pod.workload.name, peer = %peer);
         let cancel = pod.cancel.clone();
         let connection = handle(tcp, peer, pod.clone(), proxy.clone());
         tokio::spawn(
             async move {
+                let _admission = admission;
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     () = connection => {}

@@ -44,7 +44,8 @@ pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay, relay_until};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{
-    Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, parse_authority, serve_connection,
+    Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, HandshakeLimits, parse_authority,
+    serve_connection, set_handshake_limits,
 };
 pub use stream::H2Stream;
 
@@ -82,8 +83,6 @@ const MAX_HEADER_LIST: u32 = 64 * 1024;
 const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Limit of rustls' outgoing record buffer (default 64 KiB): how much one socket write carries.
 const TLS_SEND_BUFFER: usize = 256 * 1024;
-/// Bound on the server's TLS + HTTP/2 handshake.
-const SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an HBONE connection or tunnel could not be established.
 ///

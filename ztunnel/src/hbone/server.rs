@@ -8,7 +8,8 @@
 use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -24,9 +25,54 @@ use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, parse_forwarded_for};
 use super::stream::H2Stream;
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER,
-    SERVER_HANDSHAKE_TIMEOUT, SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
-    require_h2, server_tls_with_h2,
+    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER, require_h2, server_tls_with_h2,
 };
+
+/// Bounds on the server's handshakes, for the whole process: how long the TLS and HTTP/2
+/// handshakes of one connection may take, and how many run at once. A connection waits for its
+/// turn within the same timeout and holds no buffer meanwhile, so a flood of half-open
+/// connections costs `max_pending` handshake buffers at most.
+#[derive(Debug, Clone)]
+pub struct HandshakeLimits {
+    /// Bound on waiting for a turn plus the TLS and HTTP/2 handshakes.
+    pub timeout: Duration,
+    /// Handshakes in progress at once.
+    pub max_pending: usize,
+    /// Incremented for each handshake that timed out.
+    pub timed_out: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            max_pending: 256,
+            timed_out: Default::default(),
+        }
+    }
+}
+
+struct Handshakes {
+    limits: HandshakeLimits,
+    pending: Arc<tokio::sync::Semaphore>,
+}
+
+static HANDSHAKES: OnceLock<Handshakes> = OnceLock::new();
+
+/// Sets the process's [`HandshakeLimits`]; only the first call counts (later ones return
+/// `false`). Without a call, the defaults apply.
+pub fn set_handshake_limits(limits: HandshakeLimits) -> bool {
+    let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending.max(1)));
+    HANDSHAKES.set(Handshakes { limits, pending }).is_ok()
+}
+
+fn handshakes() -> &'static Handshakes {
+    HANDSHAKES.get_or_init(|| {
+        let limits = HandshakeLimits::default();
+        let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending));
+        Handshakes { limits, pending }
+    })
+}
 
 /// A parsed, authenticated CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +179,8 @@ pub trait ConnectHandler: Send + Sync {
 /// `tls` is a config from `membrane_identity::verify::mtls_server_config`. If it does not
 /// offer exactly ALPN `h2`, a copy that does is used for this connection — set
 /// `alpn_protocols` to `[ALPN_H2]` once to avoid the per-connection copy. A client that does
-/// not negotiate `h2` is refused. The TLS and HTTP/2 handshakes together are bounded by 10 s.
+/// not negotiate `h2` is refused. The TLS and HTTP/2 handshakes together are bounded by
+/// [`HandshakeLimits`] (10 s and 256 at once unless [`set_handshake_limits`] said otherwise).
 ///
 /// Each CONNECT stream runs in its own task, in a `hbone_stream` span. They are joined before
 /// this returns, and aborted if this future is dropped.
@@ -164,7 +211,11 @@ async fn serve(
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_with_h2(tls));
+    let limits = handshakes();
     let handshake = async {
+        // The turn is taken before the read buffer is allocated. The semaphore is never
+        // closed, so the error arm cannot happen.
+        let _turn = limits.pending.clone().acquire_owned().await.ok();
         let mut tls = acceptor
             .accept(super::buffered(tcp))
             .await
@@ -185,11 +236,15 @@ async fn serve(
             .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
         Ok::<_, HboneError>((conn, peer))
     };
-    let (mut conn, peer) = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake)
+    let timeout = limits.limits.timeout;
+    let (mut conn, peer) = tokio::time::timeout(timeout, handshake)
         .await
-        .map_err(|_| HboneError::Timeout {
-            stage: "HBONE server handshake",
-            after: SERVER_HANDSHAKE_TIMEOUT,
+        .map_err(|_| {
+            limits.limits.timed_out.inc();
+            HboneError::Timeout {
+                stage: "HBONE server handshake",
+                after: timeout,
+            }
         })??;
     // With a verifier that requires client certificates this cannot fail; if a caller's
     // config lets anonymous clients through, every request is answered 401.
