@@ -6,10 +6,11 @@
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
-//! protocol and connection pool), [`proxy`] (what handlers share), [`guard`] (destinations and sources never trusted), [`authz`] (policy decisions) and [`conntrack`] (open
-//! connections re-checked on policy change), [`telemetry`] (metrics and
-//! access records), [`udp`] (counting the plaintext UDP dropped in pods), [`admin`] (HTTP
-//! endpoints), [`memory`] (freed memory returned after floods).
+//! protocol and connection pool), [`proxy`] (what handlers share), [`guard`] (destinations
+//! and sources never trusted), [`authz`] (policy decisions), [`conntrack`] (open connections
+//! re-checked on policy change), [`telemetry`] (metrics and access records), [`udp`]
+//! (counting the plaintext UDP dropped in pods), [`admin`] (HTTP endpoints), [`memory`]
+//! (freed memory returned after floods).
 //!
 //! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
 
