@@ -152,6 +152,11 @@ struct ServeArgs {
     /// and acknowledge within it).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     rotation_grace: Duration,
+    /// During a root rotation, the longest wait for every connected ztunnel's acknowledgement
+    /// of the new root (counted like --rotation-grace): past it, signing switches anyway and
+    /// the nodes that did not acknowledge are reported, so a silent node cannot stall it.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    rotation_ack_timeout: Duration,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -214,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         server_names: args.server_names,
         serving_cert_ttl: args.serving_cert_ttl,
         rotation_grace: args.rotation_grace,
+        rotation_ack_timeout: args.rotation_ack_timeout,
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,

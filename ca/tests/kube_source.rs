@@ -802,6 +802,7 @@ async fn controller_in_kubernetes_mode_signs_for_the_reviewed_node() {
         server_names: Vec::new(),
         serving_cert_ttl: Duration::from_secs(3600),
         rotation_grace: Duration::from_secs(30),
+        rotation_ack_timeout: Duration::from_secs(600),
         signer: membrane_ca::SignerConfig::default(),
     };
     let mode = SourceMode::Kubernetes(Box::new(KubernetesMode {

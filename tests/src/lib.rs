@@ -99,6 +99,7 @@ pub struct TestCa {
     running: Option<Running>,
     paused: Option<(SocketAddr, SocketAddr)>,
     signer: SignerConfig,
+    rotation_ack_timeout: Duration,
 }
 
 impl TestCa {
@@ -151,6 +152,21 @@ impl TestCa {
         Self::run_config(dir, config).await
     }
 
+    /// As [`TestCa::start_with_signer`], with the root rotation's acknowledgement timeout
+    /// (kept across [`TestCa::pause`] and [`TestCa::resume`]).
+    pub async fn start_with_rotation_ack_timeout(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+        ack_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut ca = Self::start_with_signer(files, nodes, signer).await?;
+        ca.pause().await;
+        ca.rotation_ack_timeout = ack_timeout;
+        ca.resume().await?;
+        Ok(ca)
+    }
+
     /// Starts (or restarts) a controller over an existing harness directory.
     pub async fn start_in(dir: tempfile::TempDir, plugin: Option<PathBuf>) -> anyhow::Result<Self> {
         let config = Self::config(dir.path(), plugin);
@@ -159,6 +175,7 @@ impl TestCa {
 
     async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
         let config_signer = config.signer;
+        let rotation_ack_timeout = config.rotation_ack_timeout;
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
@@ -166,6 +183,7 @@ impl TestCa {
             running: Some(running),
             paused: None,
             signer: config_signer,
+            rotation_ack_timeout,
         })
     }
 
@@ -184,6 +202,7 @@ impl TestCa {
             server_names: Vec::new(),
             serving_cert_ttl: Duration::from_secs(3600),
             rotation_grace: Duration::from_millis(500),
+            rotation_ack_timeout: Duration::from_secs(600),
             signer: SignerConfig::default(),
         }
     }
@@ -263,6 +282,7 @@ impl TestCa {
             .ok_or_else(|| anyhow::anyhow!("controller not paused"))?;
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
+        config.rotation_ack_timeout = self.rotation_ack_timeout;
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

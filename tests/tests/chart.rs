@@ -1091,6 +1091,7 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
         ("default-ttl", "defaultTTL"),
         ("max-ttl", "maxTTL"),
         ("rotation-grace", "rotationGrace"),
+        ("rotation-ack-timeout", "rotationAckTimeout"),
         ("serving-cert-ttl", "servingCertTTL"),
     ] {
         assert_eq!(flag1(ca, flag_name)?, str_of(&certs[key]), "--{flag_name}");
