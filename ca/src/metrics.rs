@@ -109,6 +109,9 @@ pub struct SourceMetrics {
     pub watch_errors: Family<ResourceLabels, Counter>,
     /// AuthorizationPolicies currently refused (not enforced; reported in their status).
     pub invalid_policies: Gauge,
+    /// Invalid AuthorizationPolicies with no valid version seen, replaced by a deny-all
+    /// stand-in for their scope.
+    pub deny_all_stand_ins: Gauge,
 }
 
 /// Labels of `membrane_ca_source_watch_errors_total`.
@@ -146,6 +149,11 @@ impl SourceMetrics {
             "source_invalid_policies",
             "AuthorizationPolicies currently refused by validation (not enforced)",
             m.invalid_policies.clone(),
+        );
+        registry.register(
+            "source_policy_deny_all_stand_ins",
+            "Invalid AuthorizationPolicies with no valid version seen, enforced as deny-all for their scope",
+            m.deny_all_stand_ins.clone(),
         );
         m
     }
