@@ -59,6 +59,9 @@ pub struct AppConfig {
     /// Root rotation: the longest wait for every connected node's acknowledgement of the new
     /// root; past it, signing switches and the silent nodes are reported.
     pub rotation_ack_timeout: Duration,
+    /// The root namespace: its selector-less AuthorizationPolicies apply mesh-wide (Istio's
+    /// is `istio-system`).
+    pub root_namespace: String,
     /// Lifetime of the serving certificate.
     pub serving_cert_ttl: Duration,
     /// Workload certificate lifetimes.
@@ -282,7 +285,8 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         bundle_rx,
         discovery_metrics,
         cancel.clone(),
-    );
+    )
+    .with_root_namespace(&config.root_namespace);
     let mut others = vec![source, metrics];
     let renew = serving.clone();
     let on_switch: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {

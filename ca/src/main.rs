@@ -157,6 +157,11 @@ struct ServeArgs {
     /// the nodes that did not acknowledge are reported, so a silent node cannot stall it.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     rotation_ack_timeout: Duration,
+    /// The root namespace: AuthorizationPolicies without a selector in it apply to the whole
+    /// mesh (streamed to the ztunnels). Set `istio-system` to enforce Istio's mesh-wide
+    /// policies where they are.
+    #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         serving_cert_ttl: args.serving_cert_ttl,
         rotation_grace: args.rotation_grace,
         rotation_ack_timeout: args.rotation_ack_timeout,
+        root_namespace: args.root_namespace,
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,

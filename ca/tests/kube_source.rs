@@ -801,6 +801,7 @@ async fn controller_in_kubernetes_mode_signs_for_the_reviewed_node() {
         serving_cert_ttl: Duration::from_secs(3600),
         rotation_grace: Duration::from_secs(30),
         rotation_ack_timeout: Duration::from_secs(600),
+        root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
         signer: membrane_ca::SignerConfig::default(),
     };
     let mode = SourceMode::Kubernetes(Box::new(KubernetesMode {

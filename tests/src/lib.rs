@@ -100,6 +100,7 @@ pub struct TestCa {
     paused: Option<(SocketAddr, SocketAddr)>,
     signer: SignerConfig,
     rotation_ack_timeout: Duration,
+    root_namespace: String,
 }
 
 impl TestCa {
@@ -137,6 +138,18 @@ impl TestCa {
         nodes: &[String],
         signer: SignerConfig,
     ) -> anyhow::Result<Self> {
+        Self::start_configured(files, nodes, signer, |_| {}).await
+    }
+
+    /// As [`TestCa::start_with_signer`], with `tweak` applied to the controller's
+    /// configuration (its rotation acknowledgement timeout and root namespace are kept across
+    /// [`TestCa::pause`] and [`TestCa::resume`]).
+    pub async fn start_configured(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+        tweak: impl FnOnce(&mut AppConfig),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         for (name, content) in files {
@@ -149,22 +162,21 @@ impl TestCa {
         std::fs::write(dir.path().join("tokens"), tokens)?;
         let mut config = Self::config(dir.path(), None);
         config.signer = signer;
+        tweak(&mut config);
         Self::run_config(dir, config).await
     }
 
-    /// As [`TestCa::start_with_signer`], with the root rotation's acknowledgement timeout
-    /// (kept across [`TestCa::pause`] and [`TestCa::resume`]).
+    /// As [`TestCa::start_with_signer`], with the root rotation's acknowledgement timeout.
     pub async fn start_with_rotation_ack_timeout(
         files: &[(&str, &str)],
         nodes: &[String],
         signer: SignerConfig,
         ack_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut ca = Self::start_with_signer(files, nodes, signer).await?;
-        ca.pause().await;
-        ca.rotation_ack_timeout = ack_timeout;
-        ca.resume().await?;
-        Ok(ca)
+        Self::start_configured(files, nodes, signer, |c| {
+            c.rotation_ack_timeout = ack_timeout;
+        })
+        .await
     }
 
     /// Starts (or restarts) a controller over an existing harness directory.
@@ -176,6 +188,7 @@ impl TestCa {
     async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
         let config_signer = config.signer;
         let rotation_ack_timeout = config.rotation_ack_timeout;
+        let root_namespace = config.root_namespace.clone();
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
@@ -184,6 +197,7 @@ impl TestCa {
             paused: None,
             signer: config_signer,
             rotation_ack_timeout,
+            root_namespace,
         })
     }
 
@@ -203,6 +217,7 @@ impl TestCa {
             serving_cert_ttl: Duration::from_secs(3600),
             rotation_grace: Duration::from_millis(500),
             rotation_ack_timeout: Duration::from_secs(600),
+            root_namespace: "membrane-system".to_owned(),
             signer: SignerConfig::default(),
         }
     }
@@ -245,6 +260,8 @@ impl TestCa {
     pub async fn replica(&self) -> anyhow::Result<Running> {
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
+        config.rotation_ack_timeout = self.rotation_ack_timeout;
+        config.root_namespace = self.root_namespace.clone();
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(running)
@@ -283,6 +300,7 @@ impl TestCa {
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
         config.rotation_ack_timeout = self.rotation_ack_timeout;
+        config.root_namespace = self.root_namespace.clone();
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

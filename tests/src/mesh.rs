@@ -86,6 +86,8 @@ pub struct MeshSpec {
     /// Run the ztunnels in local mode (workloads and policy from files) instead of from the
     /// controller's discovery stream.
     pub local_files: bool,
+    /// The controller's `--root-namespace` (`None`: its default, `membrane-system`).
+    pub root_namespace: Option<String>,
 }
 
 /// A running ztunnel process.
@@ -266,7 +268,13 @@ impl Mesh {
             signer.default_ttl = ttl;
             signer.max_ttl = ttl;
         }
-        let ca = TestCa::start_with_signer(&files, &spec.nodes, signer).await?;
+        let root_namespace = spec.root_namespace.clone();
+        let ca = TestCa::start_configured(&files, &spec.nodes, signer, |c| {
+            if let Some(ns) = root_namespace {
+                c.root_namespace = ns;
+            }
+        })
+        .await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;

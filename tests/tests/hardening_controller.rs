@@ -1,7 +1,12 @@
-//! Attacks on the controller's root rotation, through the real controller over TLS+gRPC: a
-//! node that keeps its discovery stream open but never acknowledges the new root must not
-//! stall the rotation past `--rotation-ack-timeout`, and it is reported.
+//! Attacks on the controller, through the real controller over TLS+gRPC (and real ztunnel
+//! processes in network namespaces where traffic is involved):
+//! - a node that keeps its discovery stream open but never acknowledges the new root must not
+//!   stall a root rotation past `--rotation-ack-timeout`, and it is reported;
+//! - Istio's mesh-wide `allow-nothing` in the configured root namespace (`istio-system`) is
+//!   enforced, not silently ignored.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use membrane_ca::SignerConfig;
@@ -9,6 +14,7 @@ use membrane_ca::rotation::{self, Phase};
 use membrane_identity::TrustBundle;
 use membrane_identity::svid::Usage;
 use membrane_proto::v1 as pb;
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
 use membrane_tests::{MESH_MANIFESTS, TestCa, identity, node_token, trust_domain};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
@@ -138,5 +144,96 @@ async fn a_node_that_never_acknowledges_cannot_stall_a_root_rotation() -> anyhow
     );
     drop((silent, silent_stream, honest, honest_stream));
     ca.stop().await;
+    Ok(())
+}
+
+const APP_PORT: u16 = 8080;
+
+/// Istio's standard mesh-wide deny, where Istio users keep it, plus one explicit ALLOW.
+const ISTIO_POLICIES: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-nothing
+  namespace: istio-system
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: trainer-to-model
+  namespace: inference
+spec:
+  selector:
+    matchLabels:
+      app: model-server
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/training/sa/trainer"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_allow_nothing_in_the_configured_root_namespace_denies_mesh_traffic()
+-> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshSpec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        pods: vec![
+            PodDef::new("trainer", "training", "trainer", "node-a"),
+            PodDef::new("etl", "data", "etl", "node-b"),
+            PodDef::new("model-server", "inference", "model-server", "node-b"),
+        ],
+        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
+        policies: ISTIO_POLICIES.to_owned(),
+        root_namespace: Some("istio-system".to_owned()),
+        ..MeshSpec::default()
+    })
+    .await?;
+    for pod in ["trainer", "etl", "model-server"] {
+        mesh.enroll(pod).await?;
+    }
+    let etl_accepted = mesh.echo_app("etl", APP_PORT)?;
+    let model_accepted = mesh.echo_app("model-server", APP_PORT)?;
+
+    // The legitimate path: an explicit ALLOW still admits the trainer.
+    let mut ok = mesh
+        .connect_from(
+            "trainer",
+            SocketAddr::new(mesh.ip("model-server"), APP_PORT),
+        )
+        .await?;
+    ping(&mut ok).await?;
+    assert_eq!(model_accepted.load(Ordering::SeqCst), 1);
+
+    // No policy selects etl: only the mesh-wide allow-nothing in istio-system can deny it.
+    let to_etl = async {
+        let mut s = mesh
+            .connect_from("trainer", SocketAddr::new(mesh.ip("etl"), APP_PORT))
+            .await?;
+        ping(&mut s).await
+    };
+    assert!(
+        to_etl.await.is_err(),
+        "allow-nothing in the root namespace istio-system must deny"
+    );
+    let denied = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["result"] == "refused"
+                    && r["src_identity"] == mesh.spiffe_id("trainer")
+                    && r["authorization"]["verdict"] == "deny"
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(denied.is_some(), "the destination records the refusal");
+    assert_eq!(
+        etl_accepted.load(Ordering::SeqCst),
+        0,
+        "etl's app saw nothing"
+    );
     Ok(())
 }

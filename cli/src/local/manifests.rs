@@ -131,6 +131,7 @@ pub fn spec(
         extra_manifests: other_documents(dir)?,
         access_log,
         local_files: false,
+        root_namespace: None,
     })
 }
 
