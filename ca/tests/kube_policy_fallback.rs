@@ -2,7 +2,8 @@
 //! real `kube::Client` over the mocked API service (`kube_source/fake_api.rs`): the last valid
 //! version stays enforced, a controller that never saw a valid version enforces a deny-all
 //! stand-in for the object's scope, and fixing the object replaces the stand-in. Verdicts are
-//! computed with the same policy index the ztunnels build from the published state.
+//! computed as a node computes them: each published policy goes through the discovery wire
+//! form (`pb::Authorization`) and back, into the ztunnel's policy index.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -90,12 +91,13 @@ fn start(policies: Vec<Value>) -> Harness {
 }
 
 /// The verdict for `service_account` (namespace `training`) connecting to a workload labelled
-/// `app: <app>` in `training`, under the policies of `state`.
+/// `app: <app>` in `training`, under the policies of `state` as a node receives them.
 fn verdict(state: &ClusterState, service_account: &str, app: &str) -> Verdict {
-    let index = PolicyIndex::build(
-        state.policies.values().map(|e| e.policy.clone()),
-        DEFAULT_ROOT_NAMESPACE,
-    );
+    let received = state.policies.values().map(|e| {
+        let wire = membrane_proto::v1::Authorization::from(&e.policy);
+        membrane_policy::Policy::try_from(wire).expect("a node accepts the streamed policy")
+    });
+    let index = PolicyIndex::build(received, DEFAULT_ROOT_NAMESPACE);
     let principal = format!("cluster.local/ns/training/sa/{service_account}");
     let labels = BTreeMap::from([("app".to_owned(), app.to_owned())]);
     let req = Request {
