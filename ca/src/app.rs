@@ -181,6 +181,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     };
     tracing::info!(
         trust_domain = %config.trust_domain,
+        root_namespace = %config.root_namespace,
         plugin = config.plugin_ca_dir.is_some(),
         roots = authority.bundle().roots().len(),
         signing_not_after = %authority.not_after(),
