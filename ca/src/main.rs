@@ -58,7 +58,7 @@ fn rotate_root(args: RotateArgs) -> anyhow::Result<()> {
     use std::io::Write;
     writeln!(
         out,
-        "root rotation started in {dir}: the running controller now distributes the new root,\nswitches signing once every connected ztunnel has acknowledged it, and removes the old root\nafter the longest certificate lifetime. Follow it with the membrane_ca_root_rotation_phase metric\n(1 distributing, 2 signing with the new root, 0 done) or {dir}/rotation.json.",
+        "root rotation started in {dir}: the running controller now distributes the new root,\nswitches signing once every connected ztunnel has acknowledged it (or after the running\ncontroller's --rotation-ack-timeout, listing the silent nodes as `unacknowledged`), and removes\nthe old root after the longest certificate lifetime. Follow it with the membrane_ca_root_rotation_phase metric\n(1 distributing, 2 signing with the new root, 0 done) or {dir}/rotation.json.",
         dir = args.state_dir.display()
     )?;
     Ok(())
