@@ -57,6 +57,12 @@ pub struct AppConfig {
     /// Root rotation: the least time a new root is distributed (after its start, or after a
     /// restart) before signing switches to it.
     pub rotation_grace: Duration,
+    /// Root rotation: the longest wait for every connected node's acknowledgement of the new
+    /// root; past it, signing switches and the silent nodes are reported.
+    pub rotation_ack_timeout: Duration,
+    /// The root namespace: its selector-less AuthorizationPolicies apply mesh-wide (Istio's
+    /// is `istio-system`).
+    pub root_namespace: String,
     /// Lifetime of the serving certificate.
     pub serving_cert_ttl: Duration,
     /// Workload certificate lifetimes.
@@ -178,10 +184,11 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     };
     tracing::info!(
         trust_domain = %config.trust_domain,
+        root_namespace = %config.root_namespace,
         plugin = config.plugin_ca_dir.is_some(),
         roots = authority.bundle().roots().len(),
         signing_not_after = %authority.not_after(),
-        rotation = phase.map_or("plug-in", |p| p.name()),
+        rotation = phase.as_ref().map_or("plug-in", |p| p.name()),
         "signing authority loaded"
     );
     let bundle = authority.bundle().clone();
@@ -294,7 +301,8 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         bundle_rx,
         discovery_metrics,
         cancel.clone(),
-    );
+    )
+    .with_root_namespace(&config.root_namespace);
     let mut others = vec![source, metrics];
     let renew = serving.clone();
     let on_switch: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
@@ -321,6 +329,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             acks: discovery.acks(),
             max_ttl: config.signer.max_ttl,
             grace: config.rotation_grace,
+            ack_timeout: config.rotation_ack_timeout,
             on_switch,
             metrics: rotation_metrics,
         };

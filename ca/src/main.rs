@@ -59,7 +59,7 @@ fn rotate_root(args: RotateArgs) -> anyhow::Result<()> {
     use std::io::Write;
     writeln!(
         out,
-        "root rotation started in {dir}: the running controller now distributes the new root,\nswitches signing once every connected ztunnel has acknowledged it, and removes the old root\nafter the longest certificate lifetime. Follow it with the membrane_ca_root_rotation_phase metric\n(1 distributing, 2 signing with the new root, 0 done) or {dir}/rotation.json.",
+        "root rotation started in {dir}: the running controller now distributes the new root,\nswitches signing once every connected ztunnel has acknowledged it (or after the running\ncontroller's --rotation-ack-timeout, listing the silent nodes as `unacknowledged`), and removes\nthe old root after the longest certificate lifetime. Follow it with the membrane_ca_root_rotation_phase metric\n(1 distributing, 2 signing with the new root, 0 done) or {dir}/rotation.json.",
         dir = args.state_dir.display()
     )?;
     Ok(())
@@ -153,6 +153,16 @@ struct ServeArgs {
     /// and acknowledge within it).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     rotation_grace: Duration,
+    /// During a root rotation, the longest wait for every connected ztunnel's acknowledgement
+    /// of the new root (counted like --rotation-grace): past it, signing switches anyway and
+    /// the nodes that did not acknowledge are reported, so a silent node cannot stall it.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    rotation_ack_timeout: Duration,
+    /// The root namespace: AuthorizationPolicies without a selector in it apply to the whole
+    /// mesh (streamed to the ztunnels). Set `istio-system` to enforce Istio's mesh-wide
+    /// policies where they are.
+    #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -241,6 +251,8 @@ fn main() -> anyhow::Result<()> {
         server_names: args.server_names,
         serving_cert_ttl: args.serving_cert_ttl,
         rotation_grace: args.rotation_grace,
+        rotation_ack_timeout: args.rotation_ack_timeout,
+        root_namespace: args.root_namespace,
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,

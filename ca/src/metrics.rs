@@ -112,6 +112,9 @@ pub struct SourceMetrics {
     /// Kubernetes namespaces whose Membrane annotations are currently invalid (read in
     /// their narrowest meaning).
     pub invalid_annotations: Gauge,
+    /// Invalid AuthorizationPolicies with no valid version seen, replaced by a deny-all
+    /// stand-in for their scope.
+    pub deny_all_stand_ins: Gauge,
 }
 
 /// Labels of `membrane_ca_source_watch_errors_total`.
@@ -147,13 +150,18 @@ impl SourceMetrics {
         );
         registry.register(
             "source_invalid_policies",
-            "AuthorizationPolicies currently refused by validation (not enforced)",
+            "AuthorizationPolicies currently refused by validation (their last valid version, or a deny-all stand-in, is enforced instead)",
             m.invalid_policies.clone(),
         );
         registry.register(
             "source_invalid_annotations",
             "Namespaces whose Membrane annotations are invalid (membrane.dev/plaintext-udp-ports: no port exempted)",
             m.invalid_annotations.clone(),
+        );
+        registry.register(
+            "source_policy_deny_all_stand_ins",
+            "Invalid AuthorizationPolicies with no valid version seen, enforced as deny-all for their scope",
+            m.deny_all_stand_ins.clone(),
         );
         m
     }

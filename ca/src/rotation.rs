@@ -17,7 +17,9 @@
 //! the rest ([`Rotator::run`]): it publishes the two-root bundle on the discovery stream, waits
 //! at least the grace period (from the start, and again after a restart, so ztunnels that were
 //! connected reconnect) and for every connected node's `Discovery.Ack` of an update carrying
-//! it, then switches signing (and
+//! it — but no longer than the acknowledgement timeout, so a node that never acknowledges
+//! cannot hold the rotation back: past it, signing switches anyway and the silent nodes are
+//! reported (warning, metric, and `unacknowledged` in the state file) — then switches signing (and
 //! re-issues its own serving certificate) and records when the old root may go — `max_ttl`
 //! after the switch, when the last leaf it signed has expired. Each transition writes the new
 //! phase before acting on it; the finalizing copy is idempotent, so a crash in the middle is
@@ -50,7 +52,7 @@ pub const ROTATION_FILE: &str = "rotation.json";
 pub const POLL: Duration = Duration::from_millis(250);
 
 /// Where a rotation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Phase {
     /// No rotation.
@@ -66,6 +68,10 @@ pub enum Phase {
         switched_unix: i64,
         /// When the old root may leave the bundle (Unix seconds).
         retire_after_unix: i64,
+        /// Connected nodes that had not acknowledged the two-root bundle when the
+        /// acknowledgement timeout made signing switch anyway (empty when all did).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unacknowledged: Vec<String>,
     },
     /// The next root is being moved into place.
     Finalizing,
@@ -73,7 +79,7 @@ pub enum Phase {
 
 impl Phase {
     /// A short name for logs and metrics.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Idle => "idle",
             Self::Distributing { .. } => "distributing",
@@ -82,7 +88,7 @@ impl Phase {
         }
     }
 
-    fn number(self) -> i64 {
+    fn number(&self) -> i64 {
         match self {
             Self::Idle => 0,
             Self::Distributing { .. } => 1,
@@ -155,9 +161,9 @@ pub fn read_phase(dir: &Path) -> Result<Phase, RotationError> {
     }
 }
 
-fn write_phase(dir: &Path, phase: Phase) -> Result<(), RotationError> {
+fn write_phase(dir: &Path, phase: &Phase) -> Result<(), RotationError> {
     let path = dir.join(ROTATION_FILE);
-    let json = serde_json::to_vec_pretty(&phase).map_err(|e| RotationError::State {
+    let json = serde_json::to_vec_pretty(phase).map_err(|e| RotationError::State {
         path: path.clone(),
         reason: e.to_string(),
     })?;
@@ -195,7 +201,7 @@ pub fn request(
     let phase = Phase::Distributing {
         started_unix: OffsetDateTime::now_utc().unix_timestamp(),
     };
-    write_phase(dir, phase)?;
+    write_phase(dir, &phase)?;
     Ok(phase)
 }
 
@@ -235,7 +241,7 @@ fn two_roots(
 
 /// Moves the next root into place; safe to repeat after a crash at any point.
 fn finalize_files(dir: &Path) -> Result<(), RotationError> {
-    write_phase(dir, Phase::Finalizing)?;
+    write_phase(dir, &Phase::Finalizing)?;
     for (from, to, mode) in [
         (NEXT_ROOT_KEY_FILE, ROOT_KEY_FILE, 0o600),
         (NEXT_ROOT_CERT_FILE, ROOT_CERT_FILE, 0o644),
@@ -266,7 +272,7 @@ pub fn load(
     root_ttl: Duration,
 ) -> Result<(SigningAuthority, Phase), RotationError> {
     let phase = read_phase(dir)?;
-    let authority = match phase {
+    let authority = match &phase {
         Phase::Idle => SigningAuthority::load_or_create(dir, td, root_ttl)?,
         Phase::Distributing { .. } => two_roots(dir, td, false)?,
         Phase::Signing { .. } => two_roots(dir, td, true)?,
@@ -287,6 +293,8 @@ pub fn load(
 pub struct RotationMetrics {
     phase: Gauge,
     waiting_nodes: Gauge,
+    unacknowledged_nodes: Gauge,
+    ack_timeouts: Counter,
     failures: Counter,
 }
 
@@ -303,6 +311,16 @@ impl RotationMetrics {
             "root_rotation_waiting_nodes",
             "Connected nodes that have not yet acknowledged the rotation's trust bundle",
             m.waiting_nodes.clone(),
+        );
+        registry.register(
+            "root_rotation_unacknowledged_nodes",
+            "Connected nodes that had not acknowledged the new root when the acknowledgement timeout switched signing anyway (current rotation)",
+            m.unacknowledged_nodes.clone(),
+        );
+        registry.register(
+            "root_rotation_ack_timeouts",
+            "Root rotations that switched signing after the acknowledgement timeout, without every node's acknowledgement",
+            m.ack_timeouts.clone(),
         );
         registry.register(
             "root_rotation_failures",
@@ -331,6 +349,9 @@ pub struct Rotator {
     /// this process's start, whichever is later) before signing switches: ztunnels that were
     /// connected before a restart get time to reconnect and acknowledge.
     pub grace: Duration,
+    /// The longest wait for acknowledgements (counted like `grace`): past it, signing switches
+    /// even if some connected nodes never acknowledged, and those nodes are reported.
+    pub ack_timeout: Duration,
     /// Called after each switch of the signing root (re-issues the serving certificate).
     pub on_switch: Arc<dyn Fn() + Send + Sync>,
     /// Metrics.
@@ -366,6 +387,7 @@ impl Rotator {
                     self.signer
                         .replace(two_roots(&self.dir, &self.trust_domain, false)?);
                     self.publish();
+                    self.metrics.unacknowledged_nodes.set(0);
                     tracing::info!("root rotation started: distributing the new root");
                 }
                 Ok(recorded)
@@ -385,30 +407,47 @@ impl Rotator {
                     .waiting_nodes
                     .set(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
                 if !waiting.is_empty() {
-                    tracing::debug!(
-                        ?waiting,
-                        "root rotation waits for nodes to acknowledge the bundle"
+                    if distributed < self.ack_timeout {
+                        tracing::debug!(
+                            ?waiting,
+                            "root rotation waits for nodes to acknowledge the bundle"
+                        );
+                        return Ok(phase);
+                    }
+                    self.metrics.ack_timeouts.inc();
+                    self.metrics
+                        .unacknowledged_nodes
+                        .set(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
+                    tracing::warn!(
+                        unacknowledged = ?waiting,
+                        timeout_secs = self.ack_timeout.as_secs_f64(),
+                        "root rotation: nodes did not acknowledge the new root in time; signing with it anyway"
                     );
-                    return Ok(phase);
                 }
                 let ttl = i64::try_from((self.max_ttl + BACKDATE).as_secs()).unwrap_or(i64::MAX);
                 let next = Phase::Signing {
                     switched_unix: now,
                     retire_after_unix: now.saturating_add(ttl).saturating_add(1),
+                    unacknowledged: waiting,
                 };
-                write_phase(&self.dir, next)?;
+                write_phase(&self.dir, &next)?;
                 self.signer
                     .replace(two_roots(&self.dir, &self.trust_domain, true)?);
                 (self.on_switch)();
                 tracing::info!(
                     retire_after_unix = now.saturating_add(ttl),
-                    "root rotation: every connected node has the new root; signing with it"
+                    "root rotation: signing with the new root"
                 );
                 Ok(next)
             }
             Phase::Signing {
-                retire_after_unix, ..
+                retire_after_unix,
+                ref unacknowledged,
+                ..
             } => {
+                self.metrics
+                    .unacknowledged_nodes
+                    .set(i64::try_from(unacknowledged.len()).unwrap_or(i64::MAX));
                 if now < retire_after_unix {
                     return Ok(phase);
                 }
@@ -437,7 +476,7 @@ impl Rotator {
                 _ = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.step(phase, since) {
+            match self.step(phase.clone(), since) {
                 Ok(next) => {
                     if next != phase {
                         since = std::time::Instant::now();
@@ -500,7 +539,7 @@ mod tests {
         request(dir.path(), &td(), DAY).expect("requested");
         let next_cert = std::fs::read(dir.path().join(NEXT_ROOT_CERT_FILE)).expect("next");
         // Crash after the key was copied but before the certificate was.
-        write_phase(dir.path(), Phase::Finalizing).expect("phase");
+        write_phase(dir.path(), &Phase::Finalizing).expect("phase");
         let key = std::fs::read(dir.path().join(NEXT_ROOT_KEY_FILE)).expect("key");
         std::fs::write(dir.path().join(ROOT_KEY_FILE), key).expect("copy");
         let (authority, phase) = load(dir.path(), &td(), DAY).expect("completes");

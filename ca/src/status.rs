@@ -8,6 +8,7 @@
 //! |---|---|---|---|
 //! | `Accepted` | `True` | `Accepted` | the policy is distributed to the ztunnels |
 //! | `Accepted` | `False` | `Invalid` | every error as `<field path>: <problem>`, `; `-separated |
+//! | `Enforced` | `True` | `LastValidVersion` or `DenyAllStandIn` | with `Accepted=False`: what the ztunnels enforce instead — the last valid version (its generation), or, when none was seen, an ALLOW-nothing stand-in for the object's selector or namespace |
 //! | `Warning` | `True` | `L7FieldsIgnored`, `HostBitsCleared`, `NoRules` or `MultipleWarnings` | every warning as `<field path>: <text>` |
 //!
 //! `Warning` is present only when the accepted policy has warnings, so `kubectl wait
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crd::{AuthorizationPolicy, Condition};
 use crate::metrics::StatusMetrics;
-use crate::source::kube::{PolicyReport, PolicyReports, PolicyVerdict, ReportReceiver};
+use crate::source::kube::{Fallback, PolicyReport, PolicyReports, PolicyVerdict, ReportReceiver};
 
 pub use lease::LeaseLock;
 
@@ -42,6 +43,8 @@ pub use lease::LeaseLock;
 pub const ACCEPTED: &str = "Accepted";
 /// Condition type carrying validation warnings of an accepted policy.
 pub const WARNING: &str = "Warning";
+/// Condition type: what is enforced in place of an invalid policy.
+pub const ENFORCED: &str = "Enforced";
 /// Field manager of the status patches.
 pub const FIELD_MANAGER: &str = "membrane-ca";
 /// Longest condition message (Kubernetes' limit for `metav1.Condition.message`).
@@ -170,18 +173,46 @@ pub fn desired_conditions(report: &PolicyReport, now: &str) -> Vec<Condition> {
             }
             out
         }
-        PolicyVerdict::Invalid { errors } => vec![condition(
-            ACCEPTED,
-            "False",
-            "Invalid",
-            join(errors.iter().map(|e| {
-                if e.path.is_empty() {
-                    e.problem.to_string()
-                } else {
-                    format!("{}: {}", e.path, e.problem)
-                }
-            })),
-        )],
+        PolicyVerdict::Invalid { errors, fallback } => {
+            let (reason, message) = match fallback {
+                Fallback::LastValid { generation } => (
+                    "LastValidVersion",
+                    match generation {
+                        Some(g) => format!(
+                            "this version is invalid; the last valid version (generation {g}) is still enforced"
+                        ),
+                        None => "this version is invalid; the last valid version is still enforced"
+                            .to_owned(),
+                    },
+                ),
+                Fallback::DenyAll { selector } => (
+                    "DenyAllStandIn",
+                    format!(
+                        "no valid version seen; every request to the workloads {} is denied until the policy is fixed",
+                        if *selector {
+                            "its selector matches"
+                        } else {
+                            "of its namespace"
+                        }
+                    ),
+                ),
+            };
+            vec![
+                condition(
+                    ACCEPTED,
+                    "False",
+                    "Invalid",
+                    join(errors.iter().map(|e| {
+                        if e.path.is_empty() {
+                            e.problem.to_string()
+                        } else {
+                            format!("{}: {}", e.path, e.problem)
+                        }
+                    })),
+                ),
+                condition(ENFORCED, "True", reason, message),
+            ]
+        }
     }
 }
 
@@ -355,11 +386,19 @@ mod tests {
                         reason: "must be 1-65535".into(),
                     },
                 }],
+                fallback: Fallback::LastValid {
+                    generation: Some(3),
+                },
             },
             vec![],
         );
         let c = desired_conditions(&r, "2026-01-01T00:00:00Z");
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[1].type_.as_str(), c[1].reason.as_str()),
+            ("Enforced", "LastValidVersion")
+        );
+        assert!(c[1].message.contains("generation 3"), "{}", c[1].message);
         assert_eq!(
             (c[0].type_.as_str(), c[0].status.as_str()),
             ("Accepted", "False")

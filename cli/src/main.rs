@@ -30,6 +30,10 @@ enum PolicyCommand {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
+        /// The controller's root namespace (its --root-namespace): warns about selector-less
+        /// policies in istio-system when that is not it.
+        #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
     },
     /// Would this source reach that workload on that port, and which policy decides?
     Explain {
@@ -51,6 +55,10 @@ enum PolicyCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// The controller's root namespace (its --root-namespace): selector-less policies
+        /// there apply mesh-wide.
+        #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
     },
 }
 
@@ -186,8 +194,11 @@ fn main() -> anyhow::Result<()> {
             !no_follow,
             json,
         )),
-        Command::Policy(PolicyCommand::Check { files }) => {
-            if policy::check(&files)? {
+        Command::Policy(PolicyCommand::Check {
+            files,
+            root_namespace,
+        }) => {
+            if policy::check(&files, &root_namespace)? {
                 Ok(())
             } else {
                 std::process::exit(1)
@@ -200,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             port,
             source_ip,
             json,
+            root_namespace,
         }) => policy::explain(&policy::ExplainArgs {
             manifests,
             from,
@@ -207,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             port,
             source_ip,
             json,
+            root_namespace,
         }),
     }
 }

@@ -16,11 +16,30 @@ use membrane_policy::eval::{Decision, DecisionReason, Request, Source, decide};
 use membrane_policy::{PolicyIndex, parse_policies};
 use serde_json::json;
 
-/// The namespace whose selector-less policies apply mesh-wide.
-const ROOT_NAMESPACE: &str = "membrane-system";
+/// Istio's root namespace: a selector-less policy there is meant mesh-wide.
+const ISTIO_ROOT_NAMESPACE: &str = "istio-system";
 
-/// Validates files; returns whether all were valid.
-pub fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
+/// The warning for a selector-less policy in `istio-system` when that is not the root
+/// namespace (it would apply to `istio-system` alone, not to the mesh).
+fn root_namespace_warning(
+    policy: &membrane_policy::Policy,
+    root_namespace: &str,
+) -> Option<String> {
+    (policy.namespace() == ISTIO_ROOT_NAMESPACE
+        && root_namespace != ISTIO_ROOT_NAMESPACE
+        && policy.selector.is_empty())
+    .then(|| {
+        format!(
+            "policy {}/{}: a policy without selector in {ISTIO_ROOT_NAMESPACE} is mesh-wide in Istio, but the root namespace is {root_namespace}: here it applies to {ISTIO_ROOT_NAMESPACE} only (start the controller with --root-namespace {ISTIO_ROOT_NAMESPACE}, or move the policy to {root_namespace})",
+            policy.namespace(),
+            policy.name()
+        )
+    })
+}
+
+/// Validates files; returns whether all were valid. `root_namespace` is the controller's
+/// `--root-namespace`.
+pub fn check(files: &[PathBuf], root_namespace: &str) -> anyhow::Result<bool> {
     let mut ok = true;
     for file in files {
         let text =
@@ -29,6 +48,9 @@ pub fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
             Ok(checked) => {
                 for c in &checked {
                     for w in &c.warnings {
+                        println!("{}: warning: {w}", file.display());
+                    }
+                    if let Some(w) = root_namespace_warning(&c.policy, root_namespace) {
                         println!("{}: warning: {w}", file.display());
                     }
                 }
@@ -78,6 +100,8 @@ pub struct ExplainArgs {
     pub source_ip: IpAddr,
     /// JSON output.
     pub json: bool,
+    /// The root namespace (the controller's `--root-namespace`).
+    pub root_namespace: String,
 }
 
 /// Answers the question; errors only for bad input.
@@ -103,7 +127,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         })?;
         policies.extend(checked.into_iter().map(|c| c.policy));
     }
-    let index = PolicyIndex::build(policies, ROOT_NAMESPACE);
+    let index = PolicyIndex::build(policies, &args.root_namespace);
 
     let (namespace, pod_name) = args
         .to

@@ -91,3 +91,60 @@ fn explain_gives_verdict_and_deciding_policy() {
     let (code, _, _) = run("none", "data/no-such-pod", false);
     assert_ne!(code, 0);
 }
+
+/// Istio's standard mesh-wide deny: `allow-nothing` in `istio-system`.
+const ALLOW_NOTHING: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-nothing\n  namespace: istio-system\nspec: {}\n";
+
+#[test]
+fn check_warns_about_istio_root_policies_outside_the_root_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("allow-nothing.yaml");
+    std::fs::write(&file, ALLOW_NOTHING).expect("write");
+    let file = file.to_str().expect("utf8");
+    let (code, out, _) = membrane(&["policy", "check", file]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning") && out.contains("--root-namespace istio-system"),
+        "{out}"
+    );
+    let (code, out, _) = membrane(&["policy", "check", "--root-namespace", "istio-system", file]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}
+
+#[test]
+fn explain_honours_the_root_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/genai"));
+    for entry in std::fs::read_dir(src).expect("example") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::write(dir.path().join("allow-nothing.yaml"), ALLOW_NOTHING).expect("write");
+    let manifests = dir.path().to_str().expect("utf8");
+    let run = |root: &str| {
+        membrane(&[
+            "policy",
+            "explain",
+            "--manifests",
+            manifests,
+            "--port",
+            "8080",
+            "--from",
+            "spiffe://cluster.local/ns/inference/sa/model-server",
+            "--to",
+            "training/trainer-0",
+            "--root-namespace",
+            root,
+        ])
+    };
+    // No policy selects the trainer: only a mesh-wide allow-nothing can deny it.
+    let (code, out, err) = run("membrane-system");
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().next(), Some("ALLOW"), "{out}");
+    let (code, out, err) = run("istio-system");
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().next(), Some("DENY"), "{out}");
+}

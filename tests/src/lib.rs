@@ -101,6 +101,8 @@ pub struct TestCa {
     paused: Option<(SocketAddr, SocketAddr)>,
     signer: SignerConfig,
     listeners: ListenerConfig,
+    rotation_ack_timeout: Duration,
+    root_namespace: String,
 }
 
 impl TestCa {
@@ -138,7 +140,7 @@ impl TestCa {
         nodes: &[String],
         signer: SignerConfig,
     ) -> anyhow::Result<Self> {
-        Self::start_with_limits(files, nodes, signer, ListenerConfig::default()).await
+        Self::start_configured(files, nodes, signer, |_| {}).await
     }
 
     /// As [`TestCa::start_with_signer`], with the given listener caps and timeouts (kept
@@ -148,6 +150,18 @@ impl TestCa {
         nodes: &[String],
         signer: SignerConfig,
         listeners: ListenerConfig,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(files, nodes, signer, |c| c.listeners = listeners).await
+    }
+
+    /// As [`TestCa::start_with_signer`], with `tweak` applied to the controller's
+    /// configuration (its listener limits, rotation acknowledgement timeout and root namespace
+    /// are kept across [`TestCa::pause`] and [`TestCa::resume`]).
+    pub async fn start_configured(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+        tweak: impl FnOnce(&mut AppConfig),
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
@@ -161,8 +175,21 @@ impl TestCa {
         std::fs::write(dir.path().join("tokens"), tokens)?;
         let mut config = Self::config(dir.path(), None);
         config.signer = signer;
-        config.listeners = listeners;
+        tweak(&mut config);
         Self::run_config(dir, config).await
+    }
+
+    /// As [`TestCa::start_with_signer`], with the root rotation's acknowledgement timeout.
+    pub async fn start_with_rotation_ack_timeout(
+        files: &[(&str, &str)],
+        nodes: &[String],
+        signer: SignerConfig,
+        ack_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(files, nodes, signer, |c| {
+            c.rotation_ack_timeout = ack_timeout;
+        })
+        .await
     }
 
     /// Starts (or restarts) a controller over an existing harness directory.
@@ -173,6 +200,8 @@ impl TestCa {
 
     async fn run_config(dir: tempfile::TempDir, config: AppConfig) -> anyhow::Result<Self> {
         let (config_signer, listeners) = (config.signer, config.listeners);
+        let rotation_ack_timeout = config.rotation_ack_timeout;
+        let root_namespace = config.root_namespace.clone();
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
@@ -181,6 +210,8 @@ impl TestCa {
             paused: None,
             signer: config_signer,
             listeners,
+            rotation_ack_timeout,
+            root_namespace,
         })
     }
 
@@ -199,6 +230,8 @@ impl TestCa {
             server_names: Vec::new(),
             serving_cert_ttl: Duration::from_secs(3600),
             rotation_grace: Duration::from_millis(500),
+            rotation_ack_timeout: Duration::from_secs(600),
+            root_namespace: "membrane-system".to_owned(),
             signer: SignerConfig::default(),
             listeners: Default::default(),
         }
@@ -243,6 +276,8 @@ impl TestCa {
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
         config.listeners = self.listeners;
+        config.rotation_ack_timeout = self.rotation_ack_timeout;
+        config.root_namespace = self.root_namespace.clone();
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(running)
@@ -281,6 +316,8 @@ impl TestCa {
         let mut config = Self::config(self.dir.path(), None);
         config.signer = self.signer;
         config.listeners = self.listeners;
+        config.rotation_ack_timeout = self.rotation_ack_timeout;
+        config.root_namespace = self.root_namespace.clone();
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

@@ -90,6 +90,8 @@ pub struct MeshSpec {
     pub ca_listeners: membrane_ca::serving::ListenerConfig,
     /// Arguments added to every ztunnel's command line (before a restart's own).
     pub ztunnel_args: Vec<String>,
+    /// The controller's `--root-namespace` (`None`: its default, `membrane-system`).
+    pub root_namespace: Option<String>,
 }
 
 /// A running ztunnel process.
@@ -270,7 +272,15 @@ impl Mesh {
             signer.default_ttl = ttl;
             signer.max_ttl = ttl;
         }
-        let ca = TestCa::start_with_limits(&files, &spec.nodes, signer, spec.ca_listeners).await?;
+        let root_namespace = spec.root_namespace.clone();
+        let ca_listeners = spec.ca_listeners;
+        let ca = TestCa::start_configured(&files, &spec.nodes, signer, |c| {
+            c.listeners = ca_listeners;
+            if let Some(ns) = root_namespace {
+                c.root_namespace = ns;
+            }
+        })
+        .await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;

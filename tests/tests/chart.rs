@@ -1087,10 +1087,12 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     let td = str_of(&v["trustDomain"]);
     assert_eq!(flag1(ca, "trust-domain")?, td);
     assert_eq!(flag1(zt, "trust-domain")?, td);
+    assert_eq!(flag1(ca, "root-namespace")?, str_of(&v["rootNamespace"]));
     for (flag_name, key) in [
         ("default-ttl", "defaultTTL"),
         ("max-ttl", "maxTTL"),
         ("rotation-grace", "rotationGrace"),
+        ("rotation-ack-timeout", "rotationAckTimeout"),
         ("serving-cert-ttl", "servingCertTTL"),
     ] {
         assert_eq!(flag1(ca, flag_name)?, str_of(&certs[key]), "--{flag_name}");

@@ -66,7 +66,7 @@ async fn wait_phase(
     let deadline = Instant::now() + limit;
     loop {
         let p = phase(ca)?;
-        if want(p) {
+        if want(p.clone()) {
             return Ok(p);
         }
         anyhow::ensure!(Instant::now() < deadline, "phase stuck at {p:?}");

@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::conntrack::{ConnAttrs, OpenConnections};
 
-/// The namespace whose selector-less policies apply mesh-wide.
-pub const ROOT_NAMESPACE: &str = "membrane-system";
+/// The namespace whose selector-less policies apply mesh-wide when the controller names no
+/// other (it streams its `--root-namespace` with the trust bundle).
+pub const ROOT_NAMESPACE: &str = membrane_policy::DEFAULT_ROOT_NAMESPACE;
 
 /// Labels of the decision counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

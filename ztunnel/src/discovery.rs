@@ -240,6 +240,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     let mut state = MeshState::empty_loaded();
     let mut policies = Vec::new();
     let mut bundle = None;
+    let mut root_namespace = ROOT_NAMESPACE;
     for resource in held.values() {
         match &resource.kind {
             Some(ResourceKind::Workload(w)) => {
@@ -278,13 +279,16 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                 let built = TrustBundle::new(td.clone(), roots)
                     .map_err(|e| invalid("trust bundle", "", e))?;
                 bundle = Some(built);
+                if !b.root_namespace.is_empty() {
+                    root_namespace = &b.root_namespace;
+                }
             }
             None => return Err(invalid("resource", "", "empty resource")),
         }
     }
     Ok(Built {
         state,
-        policy: PolicyIndex::build(policies, ROOT_NAMESPACE),
+        policy: PolicyIndex::build(policies, root_namespace),
         bundle,
     })
 }

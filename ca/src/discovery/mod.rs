@@ -167,6 +167,7 @@ pub struct DiscoveryService {
     acks: AckBook,
     metrics: DiscoveryMetrics,
     cancel: CancellationToken,
+    root_namespace: Arc<str>,
 }
 
 struct StreamGuard {
@@ -201,7 +202,15 @@ impl DiscoveryService {
             acks: AckBook::default(),
             metrics,
             cancel,
+            root_namespace: Arc::from(membrane_policy::DEFAULT_ROOT_NAMESPACE),
         }
+    }
+
+    /// Sets the root namespace (default `membrane-system`): its selector-less policies apply
+    /// mesh-wide, and it is streamed to the ztunnels with the trust bundle.
+    pub fn with_root_namespace(mut self, root_namespace: &str) -> Self {
+        self.root_namespace = Arc::from(root_namespace);
+        self
     }
 
     /// What the nodes have confirmed.
@@ -228,7 +237,7 @@ impl DiscoveryService {
         {
             return Some(view.clone());
         }
-        let view = Arc::new(MeshView::build(&state, &bundle));
+        let view = Arc::new(MeshView::build_in(&state, &bundle, &self.root_namespace));
         *cache = Some((state, bundle, view.clone()));
         Some(view)
     }

@@ -105,18 +105,26 @@ fn resource(kind: pb::resource::Kind) -> pb::Resource {
 }
 
 /// The wire form of a trust bundle.
-pub fn bundle_resource(bundle: &TrustBundle) -> pb::Resource {
+pub fn bundle_resource(bundle: &TrustBundle, root_namespace: &str) -> pb::Resource {
     resource(pb::resource::Kind::TrustBundle(pb::TrustBundle {
         trust_domain: bundle.trust_domain().to_string(),
         roots_der: bundle.roots().map(|r| r.to_vec()).collect(),
+        root_namespace: root_namespace.to_owned(),
     }))
 }
 
 // === impl MeshView ===
 
 impl MeshView {
-    /// Builds the shared part from a source state and the current trust bundle.
+    /// Builds the shared part from a source state and the current trust bundle, with the
+    /// default root namespace.
     pub fn build(state: &ClusterState, bundle: &Arc<TrustBundle>) -> Self {
+        Self::build_in(state, bundle, membrane_policy::DEFAULT_ROOT_NAMESPACE)
+    }
+
+    /// Builds the shared part; selector-less policies in `root_namespace` apply mesh-wide
+    /// (and the ztunnels are told so with the trust bundle).
+    pub fn build_in(state: &ClusterState, bundle: &Arc<TrustBundle>, root_namespace: &str) -> Self {
         let mut shared = View::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for pod in state.pods.values() {
@@ -146,11 +154,11 @@ impl MeshView {
         }
         shared.insert(
             (Kind::TrustBundle as i32, String::new()),
-            bundle_resource(bundle),
+            bundle_resource(bundle, root_namespace),
         );
         let index = PolicyIndex::build(
             state.policies.values().map(|e| e.policy.clone()),
-            membrane_policy::DEFAULT_ROOT_NAMESPACE,
+            root_namespace,
         );
         Self {
             shared,

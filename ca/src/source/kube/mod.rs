@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use policy::{PolicyReport, PolicyReports, PolicyVerdict};
+pub use policy::{Fallback, PolicyReport, PolicyReports, PolicyVerdict};
 pub use run::run;
 
 use super::ClusterState;

@@ -2,8 +2,12 @@
 //! [`PolicyReport`] per object for the status writer.
 //!
 //! The spec is typed and validated by `membrane_policy` exactly as `membrane policy check`
-//! does it (same model, same field paths). An invalid policy is left out of the state — the
-//! ztunnels never see it — and its report carries every error.
+//! does it (same model, same field paths). An invalid policy never widens access: its report
+//! carries every error, and what is enforced in its place ([`Fallback`]) is the last valid
+//! version of the same object when one was seen ([`keep_last_valid`]), else a deny-all
+//! stand-in — an ALLOW policy without rules (`spec: {}`) scoped by the invalid object's
+//! selector when that part is valid, else its whole namespace. It must not drop an invalid
+//! object from the state: "no policy" means "allow".
 
 use std::collections::BTreeMap;
 
@@ -26,10 +30,28 @@ pub enum PolicyVerdict {
         /// Accepted but noteworthy fields (L7 fields, …).
         warnings: Vec<Warning>,
     },
-    /// Refused: not enforced.
+    /// Refused: not enforced; [`Fallback`] says what is enforced in its place.
     Invalid {
         /// Every problem found, each with its field path.
         errors: Vec<PolicyError>,
+        /// What the ztunnels enforce instead.
+        fallback: Fallback,
+    },
+}
+
+/// What is enforced in place of an invalid policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The last valid version of the object (its `metadata.generation` when known).
+    LastValid {
+        /// The generation of the version still enforced.
+        generation: Option<i64>,
+    },
+    /// No valid version was seen (e.g. the controller started with the object invalid): a
+    /// deny-all stand-in for the object's scope.
+    DenyAll {
+        /// `true`: scoped by the object's selector; `false`: its whole namespace.
+        selector: bool,
     },
 }
 
@@ -65,6 +87,7 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
         .filter(|(k, _)| *k == DRY_RUN_ANNOTATION || *k == ISTIO_DRY_RUN_ANNOTATION)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let selector = obj.spec.fields.get("selector").cloned();
     let document = json!({
         "apiVersion": MEMBRANE_API_VERSION,
         "kind": KIND,
@@ -82,15 +105,19 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
                 warnings: checked.warnings,
             }),
         ),
-        Err(errors) => (PolicyVerdict::Invalid { errors }, None),
+        Err(errors) => {
+            let (entry, selector) = stand_in(&namespace, &name, selector);
+            let fallback = Fallback::DenyAll { selector };
+            (PolicyVerdict::Invalid { errors, fallback }, entry)
+        }
     };
-    if let PolicyVerdict::Invalid { errors } = &verdict {
+    if let PolicyVerdict::Invalid { errors, .. } = &verdict {
         let first = errors.first().map(|e| e.to_string()).unwrap_or_default();
         tracing::warn!(
             policy = %label,
             errors = errors.len(),
             first_error = %first,
-            "AuthorizationPolicy refused; it is not enforced"
+            "AuthorizationPolicy refused"
         );
     }
     let report = PolicyReport {
@@ -103,6 +130,76 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
         verdict,
     };
     Some(((namespace, name), (report, entry)))
+}
+
+/// A deny-all stand-in for an invalid object: an ALLOW policy without rules under the same
+/// name, scoped by the object's `selector` when that alone is valid (`true`), else its whole
+/// namespace (`false`). `None` only if even `spec: {}` is refused (then nothing can be built).
+fn stand_in(namespace: &str, name: &str, selector: Option<Value>) -> (Option<PolicyEntry>, bool) {
+    let build = |spec: Value| {
+        membrane_policy::check_value(json!({
+            "apiVersion": MEMBRANE_API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }))
+        .ok()
+        .map(|checked| PolicyEntry {
+            policy: checked.policy,
+            warnings: Vec::new(),
+        })
+    };
+    if let Some(selector) = selector
+        && let Some(entry) = build(json!({ "selector": selector }))
+    {
+        return (Some(entry), true);
+    }
+    (build(json!({})), false)
+}
+
+/// Applies the last-valid rule to a freshly validated object: when `new` is invalid and
+/// `previous` (the same object as last seen) enforced a valid version, that version stays
+/// enforced and the verdict says so; otherwise `new` is returned unchanged.
+pub fn keep_last_valid(
+    previous: Option<&(PolicyReport, Option<PolicyEntry>)>,
+    new: (PolicyReport, Option<PolicyEntry>),
+) -> (PolicyReport, Option<PolicyEntry>) {
+    let (mut report, entry) = new;
+    let PolicyVerdict::Invalid { fallback, .. } = &mut report.verdict else {
+        return (report, entry);
+    };
+    let last_valid = previous.and_then(|(prev, prev_entry)| {
+        let generation = match prev.verdict {
+            PolicyVerdict::Accepted { .. } => prev.generation,
+            PolicyVerdict::Invalid {
+                fallback: Fallback::LastValid { generation },
+                ..
+            } => generation,
+            PolicyVerdict::Invalid { .. } => return None,
+        };
+        Some((generation, prev_entry.clone()?))
+    });
+    match last_valid {
+        Some((generation, kept)) => {
+            *fallback = Fallback::LastValid { generation };
+            tracing::warn!(
+                policy = %format_args!("{}/{}", report.namespace, report.name),
+                enforced_generation = ?generation,
+                "invalid AuthorizationPolicy edit; the last valid version stays enforced"
+            );
+            (report, Some(kept))
+        }
+        None => {
+            if let Fallback::DenyAll { selector } = fallback {
+                tracing::warn!(
+                    policy = %format_args!("{}/{}", report.namespace, report.name),
+                    scope = if *selector { "selector" } else { "namespace" },
+                    "invalid AuthorizationPolicy with no valid version seen; a deny-all stand-in is enforced for its scope"
+                );
+            }
+            (report, entry)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,14 +246,15 @@ mod tests {
             "rules": [{"from": [{"source": {"principals": ["a*b"]}}]}]
         })))
         .expect("named");
-        assert!(entry.is_none());
-        let PolicyVerdict::Invalid { errors } = report.verdict else {
+        assert!(entry.is_some(), "a deny-all stand-in");
+        let PolicyVerdict::Invalid { errors, fallback } = report.verdict else {
             panic!("invalid expected");
         };
         assert_eq!(errors[0].path, "spec.rules[0].from[0].source.principals[0]");
+        assert_eq!(fallback, Fallback::DenyAll { selector: false });
 
         let (_, (report, _)) = policy(object(json!({"rules": [{"form": []}]}))).expect("named");
-        let PolicyVerdict::Invalid { errors } = report.verdict else {
+        let PolicyVerdict::Invalid { errors, .. } = report.verdict else {
             panic!("invalid expected");
         };
         assert_eq!(errors[0].path, "spec.rules[0].form", "{errors:?}");

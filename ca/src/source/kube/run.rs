@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Change};
 use super::convert::{self, Key, Slice};
-use super::policy::{self, PolicyReport, PolicyReports, PolicyVerdict};
+use super::policy::{self, Fallback, PolicyReport, PolicyReports, PolicyVerdict};
 use super::{KubeSourceConfig, ReportSender, StateSender};
 use crate::crd::AuthorizationPolicy;
 use crate::metrics::SourceMetrics;
@@ -150,7 +150,21 @@ impl Caches {
             Update::ServiceAccount(c) => self.service_accounts.apply(c),
             Update::Service(c) => self.services.apply(c),
             Update::Slice(c) => self.slices.apply(c),
-            Update::Policy(c) => self.policies.apply(c),
+            Update::Policy(c) => {
+                // An invalid edit keeps the last valid version enforced (never "no policy").
+                let c = match c {
+                    Change::Apply(k, Some(v)) => {
+                        let v = policy::keep_last_valid(self.policies.items().get(&k), v);
+                        Change::Apply(k, Some(v))
+                    }
+                    Change::InitApply(k, Some(v)) => {
+                        let v = policy::keep_last_valid(self.policies.items().get(&k), v);
+                        Change::InitApply(k, Some(v))
+                    }
+                    other => other,
+                };
+                self.policies.apply(c)
+            }
             Update::Error(..) | Update::Skip => false,
         }
     }
@@ -321,6 +335,21 @@ fn publish(caches: &Caches, tx: &StateSender, reports_tx: &ReportSender, metrics
     metrics
         .invalid_annotations
         .set(i64::try_from(invalid_annotations).unwrap_or(i64::MAX));
+    let stand_ins = reports
+        .values()
+        .filter(|r| {
+            matches!(
+                r.verdict,
+                PolicyVerdict::Invalid {
+                    fallback: Fallback::DenyAll { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    metrics
+        .deny_all_stand_ins
+        .set(i64::try_from(stand_ins).unwrap_or(i64::MAX));
     let counts = (
         state.namespaces.len(),
         state.pods.len(),
