@@ -30,9 +30,8 @@ enum PolicyCommand {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
-        /// The controller's root namespace (its --root-namespace): warns about selector-less
-        /// policies in istio-system when that is not it.
-        #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+        /// The controller's --root-namespace
+        #[arg(long, value_name = "NS", default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
     },
     /// Would this source reach that workload on that port, and which policy decides?
@@ -55,9 +54,8 @@ enum PolicyCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// The controller's root namespace (its --root-namespace): selector-less policies
-        /// there apply mesh-wide.
-        #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
+        /// The controller's --root-namespace
+        #[arg(long, value_name = "NS", default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
     },
 }
