@@ -48,6 +48,8 @@ pub enum RefusalReason {
     ListenerLimit,
     /// The peer IP holds its maximum number of connections on this listener.
     PeerLimit,
+    /// The peer IP has its share of the handshakes in progress (HBONE).
+    PeerHandshakes,
 }
 
 impl RefusalReason {
@@ -56,6 +58,7 @@ impl RefusalReason {
         match self {
             Self::ListenerLimit => "listener_limit",
             Self::PeerLimit => "peer_limit",
+            Self::PeerHandshakes => "peer_handshakes",
         }
     }
 }
@@ -163,6 +166,16 @@ impl ListenerMetrics {
                 stage,
             })
             .inc();
+    }
+
+    /// The counter of `reason` refusals on `listener` (for a server that counts them itself).
+    pub fn refused_counter(&self, listener: &str, reason: RefusalReason) -> Counter {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_owned(),
+                reason,
+            })
+            .clone()
     }
 
     /// The counter of `stage` timeouts on `listener` (for a server that counts them itself).

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_identity::{SharedTrustBundle, TrustBundle, TrustDomain};
-use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics, TimeoutStage};
+use membrane_runtime::listener::{
+    ConnectionCaps, GuardedListener, ListenerMetrics, RefusalReason, TimeoutStage,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -203,6 +205,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         timeout: limits.hbone_handshake_timeout,
         max_pending: limits.hbone_max_pending_handshakes,
         timed_out: listener_metrics.timeout_counter("inbound", TimeoutStage::Handshake),
+        peer_refused: listener_metrics.refused_counter("inbound", RefusalReason::PeerHandshakes),
     }) {
         tracing::warn!("HBONE handshake limits were already set in this process; keeping them");
     }

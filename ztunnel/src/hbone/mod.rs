@@ -26,7 +26,7 @@
 //! `traceparent`. Responses: 200 tunnel open, 400 malformed request, 401 no/invalid identity,
 //! 403 denied by policy, 503 destination unreachable.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +142,14 @@ pub enum HboneError {
         stage: &'static str,
         /// The bound that elapsed.
         after: Duration,
+    },
+    /// One peer address already holds its share of the node's pending handshakes.
+    #[error("{peer} already has {limit} HBONE handshakes in progress")]
+    PeerHandshakes {
+        /// The TCP peer's address.
+        peer: IpAddr,
+        /// Handshakes one peer address may have in progress.
+        limit: usize,
     },
 }
 

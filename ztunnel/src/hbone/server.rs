@@ -31,7 +31,9 @@ use super::{
 /// Bounds on the server's handshakes, for the whole process: how long the TLS and HTTP/2
 /// handshakes of one connection may take, and how many run at once. A connection waits for its
 /// turn within the same timeout and holds no buffer meanwhile, so a flood of half-open
-/// connections costs `max_pending` handshake buffers at most.
+/// connections costs `max_pending` handshake buffers at most. One peer address may have at
+/// most an eighth of `max_pending` in progress (at least one): a pod that floods 15008 with
+/// silent connections exhausts its own share, not the node's.
 #[derive(Debug, Clone)]
 pub struct HandshakeLimits {
     /// Bound on waiting for a turn plus the TLS and HTTP/2 handshakes.
@@ -40,6 +42,15 @@ pub struct HandshakeLimits {
     pub max_pending: usize,
     /// Incremented for each handshake that timed out.
     pub timed_out: prometheus_client::metrics::counter::Counter,
+    /// Incremented for each connection refused because its peer address had its share.
+    pub peer_refused: prometheus_client::metrics::counter::Counter,
+}
+
+impl HandshakeLimits {
+    /// Handshakes one peer address may have in progress (waiting or running).
+    pub fn max_pending_per_peer(&self) -> usize {
+        (self.max_pending / 8).max(1)
+    }
 }
 
 impl Default for HandshakeLimits {
@@ -48,6 +59,7 @@ impl Default for HandshakeLimits {
             timeout: Duration::from_secs(10),
             max_pending: 256,
             timed_out: Default::default(),
+            peer_refused: Default::default(),
         }
     }
 }
@@ -55,6 +67,50 @@ impl Default for HandshakeLimits {
 struct Handshakes {
     limits: HandshakeLimits,
     pending: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress per peer address (entries at zero are removed).
+    per_peer: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl Handshakes {
+    fn new(limits: HandshakeLimits) -> Self {
+        let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending.max(1)));
+        Self {
+            limits,
+            pending,
+            per_peer: Default::default(),
+        }
+    }
+
+    /// Counts a handshake for `peer`, or refuses it when that address has its share.
+    fn enter(&'static self, peer: IpAddr) -> Result<PeerHandshake, HboneError> {
+        let limit = self.limits.max_pending_per_peer();
+        let mut counts = crate::lock(&self.per_peer);
+        let n = counts.entry(peer).or_insert(0);
+        if *n >= limit {
+            self.limits.peer_refused.inc();
+            return Err(HboneError::PeerHandshakes { peer, limit });
+        }
+        *n += 1;
+        Ok(PeerHandshake { owner: self, peer })
+    }
+}
+
+/// One peer's handshake in progress; released when dropped.
+struct PeerHandshake {
+    owner: &'static Handshakes,
+    peer: IpAddr,
+}
+
+impl Drop for PeerHandshake {
+    fn drop(&mut self) {
+        let mut counts = crate::lock(&self.owner.per_peer);
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 static HANDSHAKES: OnceLock<Handshakes> = OnceLock::new();
@@ -62,16 +118,11 @@ static HANDSHAKES: OnceLock<Handshakes> = OnceLock::new();
 /// Sets the process's [`HandshakeLimits`]; only the first call counts (later ones return
 /// `false`). Without a call, the defaults apply.
 pub fn set_handshake_limits(limits: HandshakeLimits) -> bool {
-    let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending.max(1)));
-    HANDSHAKES.set(Handshakes { limits, pending }).is_ok()
+    HANDSHAKES.set(Handshakes::new(limits)).is_ok()
 }
 
 fn handshakes() -> &'static Handshakes {
-    HANDSHAKES.get_or_init(|| {
-        let limits = HandshakeLimits::default();
-        let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending));
-        Handshakes { limits, pending }
-    })
+    HANDSHAKES.get_or_init(|| Handshakes::new(HandshakeLimits::default()))
 }
 
 /// A parsed, authenticated CONNECT request.
@@ -212,6 +263,11 @@ async fn serve(
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_with_h2(tls));
     let limits = handshakes();
+    // A peer over its share is refused before it waits for a turn or costs a buffer.
+    let _peer_turn = match peer_addr {
+        Some(addr) => Some(limits.enter(addr.ip())?),
+        None => None,
+    };
     let handshake = async {
         // The turn is taken before the read buffer is allocated. The semaphore is never
         // closed, so the error arm cannot happen.
@@ -426,6 +482,29 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, ConnectRef
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_peer_gets_only_its_share_of_pending_handshakes() {
+        let limits = HandshakeLimits {
+            max_pending: 16,
+            ..HandshakeLimits::default()
+        };
+        let refused = limits.peer_refused.clone();
+        let handshakes: &'static Handshakes = Box::leak(Box::new(Handshakes::new(limits)));
+        let attacker: IpAddr = "10.0.0.1".parse().expect("ip");
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        let first = handshakes.enter(attacker).expect("first");
+        let _second = handshakes.enter(attacker).expect("second");
+        assert!(matches!(
+            handshakes.enter(attacker),
+            Err(HboneError::PeerHandshakes { limit: 2, .. })
+        ));
+        assert_eq!(refused.get(), 1);
+        // Another peer is unaffected; a finished handshake frees its slot.
+        let _other = handshakes.enter(other).expect("other peer");
+        drop(first);
+        let _third = handshakes.enter(attacker).expect("slot freed");
+    }
 
     #[test]
     fn authority_must_be_ip_and_port() {
