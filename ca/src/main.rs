@@ -184,7 +184,7 @@ struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grpc_idle_timeout: Duration,
     /// Metrics connections held at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 1024)]
     http_max_connections: usize,
     /// Metrics connections one peer IP holds at once.
     #[arg(long, default_value_t = 8)]

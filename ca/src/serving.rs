@@ -207,7 +207,7 @@ impl Default for ListenerConfig {
             grpc_max_connections_per_peer: 64,
             tls_handshake_timeout: HANDSHAKE_TIMEOUT,
             grpc_idle_timeout: Duration::from_secs(30),
-            http_max_connections: 64,
+            http_max_connections: 1024,
             http_max_connections_per_peer: 8,
             http: membrane_runtime::HttpTimeouts::default(),
         }

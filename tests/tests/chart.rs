@@ -906,6 +906,12 @@ fn ports_probes_and_the_controller_address_line_up() -> anyhow::Result<()> {
             ca["readinessProbe"]["httpGet"],
             json!({"path": "/ready", "port": "http-metrics"})
         );
+        ensure!(
+            ca["livenessProbe"]["tcpSocket"] == json!({"port": "http-metrics"})
+                && ca["livenessProbe"].get("httpGet").is_none(),
+            "controller liveness probe: {}",
+            ca["livenessProbe"]
+        );
 
         let service = r.one("Service")?;
         ensure!(
@@ -957,6 +963,13 @@ fn ports_probes_and_the_controller_address_line_up() -> anyhow::Result<()> {
         assert_eq!(
             zt["readinessProbe"]["httpGet"],
             json!({"path": "/healthz/ready", "port": "http-ready"})
+        );
+        // Liveness must not depend on winning a slot under the HTTP connection caps.
+        ensure!(
+            zt["livenessProbe"]["tcpSocket"] == json!({"port": "http-metrics"})
+                && zt["livenessProbe"].get("httpGet").is_none(),
+            "ztunnel liveness probe: {}",
+            zt["livenessProbe"]
         );
         let ready_port = zt["ports"]
             .as_array()
@@ -1105,6 +1118,7 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     assert_eq!(flag1(ca, "grpc-max-connections")?, "1024");
     assert_eq!(flag1(ca, "grpc-idle-timeout")?, "30s");
     assert_eq!(flag1(zt, "pod-max-connections")?, "2048");
+    assert_eq!(flag1(zt, "pod-max-connections-per-peer")?, "4096");
     assert_eq!(flag1(zt, "http-idle-timeout")?, "30s");
     assert_eq!(flag1(zt, "http-header-timeout")?, "10s");
     assert_eq!(flag1(zt, "hbone-handshake-timeout")?, "10s");

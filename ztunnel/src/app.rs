@@ -95,9 +95,9 @@ pub struct ListenerConfig {
 impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
-            pod_max_connections: 4096,
-            pod_max_connections_per_peer: 1024,
-            http_max_connections: 64,
+            pod_max_connections: 16384,
+            pod_max_connections_per_peer: 4096,
+            http_max_connections: 1024,
             http_max_connections_per_peer: 8,
             http: membrane_runtime::HttpTimeouts::default(),
             hbone_handshake_timeout: Duration::from_secs(10),

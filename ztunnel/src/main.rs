@@ -78,13 +78,13 @@ struct Args {
     drain_grace: Duration,
     /// Connections each pod listener (15001, 15006, 15008) holds at once; more are closed at
     /// once and counted in `membrane_listener_connections_refused_total`.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 16384)]
     pod_max_connections: usize,
     /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 4096)]
     pod_max_connections_per_peer: usize,
     /// Connections each HTTP listener (admin, metrics, readiness) holds at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 1024)]
     http_max_connections: usize,
     /// Connections one peer IP holds at once on each HTTP listener.
     #[arg(long, default_value_t = 8)]
