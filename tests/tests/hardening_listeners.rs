@@ -43,6 +43,7 @@ fn spec(ztunnel_args: &[&str]) -> MeshSpec {
             pod("attacker", "training", "node-a"),
             pod("client", "training", "node-a"),
             pod("late", "training", "node-a"),
+            pod("fresh", "training", "node-a"),
             pod("server", "data", "node-b"),
             pod("outsider", "legacy", "node-a"),
         ],
@@ -169,7 +170,7 @@ async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Res
     raise_nofile()?;
     let limits: Vec<&str> = ZTUNNEL_LIMITS.split_whitespace().collect();
     let mesh = Mesh::start(spec(&limits)).await?;
-    for p in ["attacker", "client", "server"] {
+    for p in ["attacker", "client", "server", "fresh"] {
         mesh.enroll(p).await?;
     }
     let _app = mesh.echo_app("server", APP_PORT)?;
@@ -201,6 +202,9 @@ async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Res
     let held = connect_all(sockets_in(&mesh, "outsider", FLOOD)?, hbone).await?;
     let n = held.len();
     traffic_flows(&mesh, "client").await?;
+    // A pod that has not talked to the server yet needs a new HBONE handshake (tunnels are
+    // pooled per source pod): it must get a slot while the flood holds its own share.
+    traffic_flows(&mesh, "fresh").await?;
     let started = Instant::now();
     let closed = closed_within(held, Duration::from_secs(8)).await?;
     assert_eq!(closed, n, "every idle HBONE connection is closed");
