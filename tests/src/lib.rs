@@ -259,6 +259,35 @@ impl TestCa {
         self.running().current_bundle().to_pem()
     }
 
+    /// Issues node-a's trainer an SVID (lifetime `ttl`) and returns which of `roots` (DER)
+    /// its chain verifies against on its own.
+    pub async fn trainer_signed_by(
+        &self,
+        roots: &[Vec<u8>],
+        ttl: Duration,
+    ) -> anyhow::Result<Vec<usize>> {
+        use membrane_identity::svid::Usage;
+        use rustls_pki_types::{CertificateDer, UnixTime};
+        let mut client = self.client(&node_token("node-a")).await?;
+        let (svid, _) = client
+            .request_svid(&identity("training", "trainer"), ttl)
+            .await?;
+        let mut which = Vec::new();
+        for (i, root) in roots.iter().enumerate() {
+            let only = membrane_identity::TrustBundle::new(
+                trust_domain(),
+                [CertificateDer::from(root.clone())],
+            )?;
+            if only
+                .verify_svid_chain(svid.chain(), UnixTime::now(), Usage::Client)
+                .is_ok()
+            {
+                which.push(i);
+            }
+        }
+        Ok(which)
+    }
+
     /// A client authenticated with `token`.
     pub async fn client(&self, token: &str) -> anyhow::Result<CaClient> {
         Ok(CaClient::connect(

@@ -11,12 +11,9 @@ use std::time::{Duration, Instant};
 
 use membrane_ca::SignerConfig;
 use membrane_ca::rotation::{self, Phase};
-use membrane_identity::TrustBundle;
-use membrane_identity::svid::Usage;
 use membrane_proto::v1 as pb;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
-use membrane_tests::{MESH_MANIFESTS, TestCa, identity, node_token, trust_domain};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use membrane_tests::{MESH_MANIFESTS, TestCa, node_token, trust_domain};
 
 const TTL: Duration = Duration::from_secs(2);
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,25 +40,6 @@ async fn next_bundle(
             return Ok((update, roots));
         }
     }
-}
-
-/// Which of `roots` the trainer's freshly issued SVID chains to.
-async fn signed_by(ca: &TestCa, roots: &[Vec<u8>]) -> anyhow::Result<Vec<usize>> {
-    let mut client = ca.client(&node_token("node-a")).await?;
-    let (svid, _) = client
-        .request_svid(&identity("training", "trainer"), TTL)
-        .await?;
-    let mut which = Vec::new();
-    for (i, root) in roots.iter().enumerate() {
-        let only = TrustBundle::new(trust_domain(), [CertificateDer::from(root.clone())])?;
-        if only
-            .verify_svid_chain(svid.chain(), UnixTime::now(), Usage::Client)
-            .is_ok()
-        {
-            which.push(i);
-        }
-    }
-    Ok(which)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +90,7 @@ async fn a_node_that_never_acknowledges_cannot_stall_a_root_rotation() -> anyhow
         matches!(rotation::read_phase(&state)?, Phase::Distributing { .. }),
         "switched before the acknowledgement timeout"
     );
-    assert_eq!(signed_by(&ca, &roots).await?, [0]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [0]);
 
     // After the timeout the rotation proceeds anyway and names the silent node.
     let deadline = started + ACK_TIMEOUT + Duration::from_secs(10);
@@ -132,7 +110,7 @@ async fn a_node_that_never_acknowledges_cannot_stall_a_root_rotation() -> anyhow
         started.elapsed()
     );
     assert_eq!(unacknowledged, ["node-a"]);
-    assert_eq!(signed_by(&ca, &roots).await?, [1]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [1]);
     let metrics = ca.metrics().await?;
     assert!(
         metrics.contains("membrane_ca_root_rotation_unacknowledged_nodes 1"),

@@ -6,11 +6,8 @@ use std::time::{Duration, Instant};
 use membrane_ca::SignerConfig;
 use membrane_ca::client::CaClient;
 use membrane_ca::rotation::{self, Phase};
-use membrane_identity::TrustBundle;
-use membrane_identity::svid::Usage;
 use membrane_proto::v1 as pb;
-use membrane_tests::{MESH_MANIFESTS, Pattern, TestCa, identity, node_token, trust_domain};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use membrane_tests::{MESH_MANIFESTS, Pattern, TestCa, node_token, trust_domain};
 
 /// Workload lifetime in this test: the old root retires this long (plus the signer's
 /// backdate) after the switch.
@@ -31,25 +28,6 @@ fn roots_in(update: &pb::Update) -> Option<Vec<Vec<u8>>> {
 
 fn phase(ca: &TestCa) -> anyhow::Result<Phase> {
     Ok(rotation::read_phase(&ca.dir.path().join("state"))?)
-}
-
-/// Issues an SVID for the trainer and returns which of `roots` its chain verifies against.
-async fn signed_by(ca: &TestCa, roots: &[Vec<u8>]) -> anyhow::Result<Vec<usize>> {
-    let mut client = ca.client(&node_token("node-a")).await?;
-    let (svid, _) = client
-        .request_svid(&identity("training", "trainer"), TTL)
-        .await?;
-    let mut which = Vec::new();
-    for (i, root) in roots.iter().enumerate() {
-        let only = TrustBundle::new(trust_domain(), [CertificateDer::from(root.clone())])?;
-        if only
-            .verify_svid_chain(svid.chain(), UnixTime::now(), Usage::Client)
-            .is_ok()
-        {
-            which.push(i);
-        }
-    }
-    Ok(which)
 }
 
 async fn watch_a(ca: &TestCa) -> anyhow::Result<(CaClient, tonic::Streaming<pb::Update>)> {
@@ -107,7 +85,7 @@ async fn a_root_rotation_waits_for_nodes_and_survives_restarts_at_every_step() -
     // Unacknowledged, it keeps signing with the old root.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(matches!(phase(&ca)?, Phase::Distributing { .. }));
-    assert_eq!(signed_by(&ca, &roots).await?, [0]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [0]);
 
     // Restart while distributing: still distributing, still both roots in the snapshot.
     drop((client, stream));
@@ -124,14 +102,14 @@ async fn a_root_rotation_waits_for_nodes_and_survives_restarts_at_every_step() -
         matches!(p, Phase::Signing { .. })
     })
     .await?;
-    assert_eq!(signed_by(&ca, &roots).await?, [1]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [1]);
 
     // Restart while signing with the new root: it keeps doing so.
     drop((client, stream));
     ca.pause().await;
     ca.resume().await?;
     assert!(matches!(phase(&ca)?, Phase::Signing { .. }));
-    assert_eq!(signed_by(&ca, &roots).await?, [1]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [1]);
 
     // Once the old root's last leaf expired, it leaves the bundle.
     let (_client, mut stream) = watch_a(&ca).await?;
@@ -148,7 +126,7 @@ async fn a_root_rotation_waits_for_nodes_and_survives_restarts_at_every_step() -
     // And a restart afterwards keeps the new root.
     ca.pause().await;
     ca.resume().await?;
-    assert_eq!(signed_by(&ca, &roots).await?, [1]);
+    assert_eq!(ca.trainer_signed_by(&roots, TTL).await?, [1]);
     let (_client, mut stream) = watch_a(&ca).await?;
     assert_eq!(roots_in(&next(&mut stream).await?), Some(vec![new_root]));
     Ok(())
