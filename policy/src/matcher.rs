@@ -2,9 +2,9 @@
 //! `ns/sa` service accounts, IP networks and ports — each with its parser and its `matches`.
 //!
 //! This module owns the syntax of one value and the cost of matching it (no allocation when
-//! matching). It must not know about documents, field paths or actions: callers (`validate`,
-//! and the wire conversion later) attach the path to a parse error, and `eval` decides what
-//! an absent attribute means.
+//! matching). It must not know about documents, field paths or actions: callers (`validate`
+//! and `wire`) attach the path to a parse error, and `eval` decides what an absent attribute
+//! means.
 
 use std::fmt;
 use std::net::IpAddr;
