@@ -54,12 +54,18 @@ pub enum Action {
 }
 
 impl Action {
-    /// `ALLOW`, `DENY` or `AUDIT`.
+    /// `ALLOW`, `DENY` or `AUDIT`: the document's spelling.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Allow => "ALLOW",
-            Action::Deny => "DENY",
-            Action::Audit => "AUDIT",
+        crate::model::Action::from(self).as_str()
+    }
+}
+
+impl From<Action> for crate::model::Action {
+    fn from(action: Action) -> Self {
+        match action {
+            Action::Allow => Self::Allow,
+            Action::Deny => Self::Deny,
+            Action::Audit => Self::Audit,
         }
     }
 }
