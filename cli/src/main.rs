@@ -35,29 +35,7 @@ enum PolicyCommand {
         root_namespace: String,
     },
     /// Would this source reach that workload on that port, and which policy decides?
-    Explain {
-        /// Directory of manifests (Namespaces, Pods with labels, AuthorizationPolicies).
-        #[arg(long)]
-        manifests: std::path::PathBuf,
-        /// Source SPIFFE ID, or `none` for a plaintext source without identity.
-        #[arg(long)]
-        from: String,
-        /// Destination as NAMESPACE/POD.
-        #[arg(long)]
-        to: String,
-        /// Destination port.
-        #[arg(long)]
-        port: u16,
-        /// Source IP (for ipBlocks and source.ip conditions).
-        #[arg(long, default_value = "0.0.0.0")]
-        source_ip: std::net::IpAddr,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// The controller's --root-namespace
-        #[arg(long, value_name = "NS", default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
-        root_namespace: String,
-    },
+    Explain(policy::ExplainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,22 +180,6 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
-        Command::Policy(PolicyCommand::Explain {
-            manifests,
-            from,
-            to,
-            port,
-            source_ip,
-            json,
-            root_namespace,
-        }) => policy::explain(&policy::ExplainArgs {
-            manifests,
-            from,
-            to,
-            port,
-            source_ip,
-            json,
-            root_namespace,
-        }),
+        Command::Policy(PolicyCommand::Explain(args)) => policy::explain(&args),
     }
 }

@@ -85,22 +85,29 @@ fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `explain` was asked.
-#[derive(Debug)]
+/// What `explain` was asked (the command line of `membrane policy explain`).
+#[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
-    /// Manifest directory.
+    /// Directory of manifests (Namespaces, Pods with labels, AuthorizationPolicies).
+    #[arg(long)]
     pub manifests: PathBuf,
-    /// Source SPIFFE ID, or `none`.
+    /// Source SPIFFE ID, or `none` for a plaintext source without identity.
+    #[arg(long)]
     pub from: String,
-    /// `namespace/pod`.
+    /// Destination as NAMESPACE/POD.
+    #[arg(long)]
     pub to: String,
     /// Destination port.
+    #[arg(long)]
     pub port: u16,
-    /// Source IP.
+    /// Source IP (for ipBlocks and source.ip conditions).
+    #[arg(long, default_value = "0.0.0.0")]
     pub source_ip: IpAddr,
-    /// JSON output.
+    /// Print one JSON object.
+    #[arg(long)]
     pub json: bool,
-    /// The root namespace (the controller's `--root-namespace`).
+    /// The controller's --root-namespace
+    #[arg(long, value_name = "NS", default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 }
 
