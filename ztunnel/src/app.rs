@@ -222,10 +222,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
-    let pool = Arc::new(HbonePool::new(PoolConfig {
+    let pool = HbonePool::new(PoolConfig {
         idle_timeout: config.pool_idle_timeout,
         ..PoolConfig::default()
-    }));
+    });
     let access =
         AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {

@@ -28,8 +28,8 @@ pub struct Proxy {
     pub state: watch::Receiver<Arc<MeshState>>,
     /// Workload certificates.
     pub certs: Arc<CertificateManager>,
-    /// Pooled HBONE connections.
-    pub pool: Arc<HbonePool>,
+    /// Pooled HBONE connections (a shared handle: clones use the same pool).
+    pub pool: HbonePool,
     /// Outbound TLS configurations, built once per identity pair and SVID.
     pub client_tls: crate::outbound::ClientConfigs,
     /// Connection metrics.

@@ -153,11 +153,6 @@ impl HbonePool {
         }
     }
 
-    /// The pool's configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.inner.config
-    }
-
     /// Opens a tunnel to `authority` (the original destination) over a connection for `key`,
     /// reusing one if it has room.
     ///
