@@ -30,8 +30,8 @@ pub struct Proxy {
     pub certs: Arc<CertificateManager>,
     /// Pooled HBONE connections (a shared handle: clones use the same pool).
     pub pool: HbonePool,
-    /// Outbound TLS configurations, built once per identity pair and SVID.
-    pub client_tls: crate::outbound::ClientConfigs,
+    /// TLS configurations (outbound and inbound), built once per identity and SVID serial.
+    pub tls: crate::certs::TlsConfigs,
     /// Connection metrics.
     pub metrics: TcpMetrics,
     /// Access records.

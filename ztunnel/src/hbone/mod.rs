@@ -16,7 +16,7 @@
 //!   mixing identities on one connection.
 //!
 //! What it must not do: decide policy (the handler does), choose identities or build TLS
-//! configurations (callers pass configs made by `membrane_identity::verify`), or create sockets
+//! configurations (callers pass configs made by `crate::certs::TlsConfigs`), or create sockets
 //! on the dialling side (the caller's [`Dial`] does, inside the right network namespace and
 //! with the right mark). It holds no global state and spawns only tasks whose lifetime is tied
 //! to a connection it serves or pools.

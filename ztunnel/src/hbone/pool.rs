@@ -12,8 +12,8 @@
 //!   and share its failure; other keys are not held up (the map lock is never held across an
 //!   await).
 //! - Certificates: a connection takes new tunnels only until the earlier of its two leaves'
-//!   (local and peer) `not_after`, and, for [`HbonePool::connect_presenting`], only from
-//!   callers whose TLS configuration presents the very leaf it was dialled with. After a
+//!   (local and peer) `not_after`, and only from callers whose TLS configuration presents the
+//!   very leaf it was dialled with. After a
 //!   renewal, new tunnels therefore go over a new connection presenting the new certificate,
 //!   while tunnels already open keep their connection until they end (the connection drains:
 //!   it takes no new tunnel, and leaves the pool once idle). A connection whose local or peer
@@ -128,8 +128,9 @@ struct Load {
     idle_since: Instant,
 }
 
-/// One tunnel's share of a pooled connection; released when the tunnel's stream is dropped.
-pub(crate) struct StreamLease {
+/// One tunnel's share of a pooled connection; released when the tunnel's stream (which holds
+/// it as its guard) is dropped.
+struct StreamLease {
     conn: Arc<PooledConn>,
 }
 
@@ -156,13 +157,16 @@ impl HbonePool {
     /// Opens a tunnel to `authority` (the original destination) over a connection for `key`,
     /// reusing one if it has room.
     ///
-    /// `tls` comes from `mtls_client_config(src_svid, bundle, PeerCheck::Exact(key.dst))`; it
-    /// is used only when a new connection is dialled, with ALPN forced to `h2` (a copy is made
-    /// if the config offers anything else). `dial` creates the TCP connection to
-    /// `key.dst_addr`. After the handshake the peer's SPIFFE ID must equal `key.dst`.
+    /// `tls` presents the source identity's *current* SVID and requires exactly `key.dst`
+    /// (`crate::certs::TlsConfigs::client_config`); it is used only when a new connection is
+    /// dialled, with ALPN forced to `h2` (a copy is made if the config offers anything else).
+    /// `dial` creates the TCP connection to `key.dst_addr`. After the handshake the peer's
+    /// SPIFFE ID must equal `key.dst`.
     ///
-    /// A pooled connection is reused whichever certificate of `key.src` it presents, as long
-    /// as neither its local nor its peer certificate has expired.
+    /// A pooled connection is reused only if it presents the very certificate `tls` presents
+    /// and neither its local nor its peer certificate has expired. Connections dialled with an
+    /// earlier certificate (before a renewal) keep their open tunnels but take no new one, and
+    /// leave the pool once idle.
     ///
     /// Errors: [`HboneError::Refused`] when the peer answers other than 200; connection
     /// failures as their own variants. A request that found a pooled connection unusable
@@ -175,33 +179,6 @@ impl HbonePool {
         authority: SocketAddr,
         headers: ConnectHeaders,
     ) -> Result<H2Stream, HboneError> {
-        self.open(key, tls, dial, authority, headers, false).await
-    }
-
-    /// As [`connect`](Self::connect), for a caller whose `tls` presents the source identity's
-    /// *current* certificate: a pooled connection is reused only if it presents that very
-    /// certificate. Connections dialled with an earlier one (before a renewal) keep their
-    /// open tunnels but take no new one, and leave the pool once idle.
-    pub async fn connect_presenting(
-        &self,
-        key: PoolKey,
-        tls: Arc<rustls::ClientConfig>,
-        dial: Arc<dyn Dial>,
-        authority: SocketAddr,
-        headers: ConnectHeaders,
-    ) -> Result<H2Stream, HboneError> {
-        self.open(key, tls, dial, authority, headers, true).await
-    }
-
-    async fn open(
-        &self,
-        key: PoolKey,
-        tls: Arc<rustls::ClientConfig>,
-        dial: Arc<dyn Dial>,
-        authority: SocketAddr,
-        headers: ConnectHeaders,
-        same_certificate: bool,
-    ) -> Result<H2Stream, HboneError> {
         let span = tracing::debug_span!(
             "hbone_connect",
             src = %key.src,
@@ -209,10 +186,7 @@ impl HbonePool {
             dst_addr = %key.dst_addr,
             %authority,
         );
-        let presenting = Presenting {
-            leaf: presented_certificate(&tls),
-            same_only: same_certificate,
-        };
+        let presenting = presented_certificate(&tls);
         self.inner
             .connect(key, tls, dial, authority, headers, presenting)
             .instrument(span)
@@ -316,7 +290,7 @@ impl PoolInner {
             match opened {
                 Ok((send, recv)) => {
                     tracing::debug!(conn = lease.conn.id, "HBONE tunnel open");
-                    return Ok(H2Stream::leased(send, recv, lease));
+                    return Ok(H2Stream::new(send, recv).holding(Box::new(lease)));
                 }
                 Err(ConnectFailure::ConnectionUnusable(e)) if !retried => {
                     tracing::debug!(conn = lease.conn.id, error = %e, "pooled connection unusable; retrying");
@@ -353,7 +327,8 @@ impl PoolInner {
             return Err(e.clone());
         }
         let timeout = self.config.connect_timeout;
-        let result = tokio::time::timeout(timeout, client::establish(key, tls.clone(), dial))
+        let established = client::establish(key.dst_addr, &key.dst, tls.clone(), dial);
+        let result = tokio::time::timeout(timeout, established)
             .await
             .unwrap_or(Err(HboneError::Timeout {
                 stage: "HBONE connection establishment",
@@ -371,7 +346,6 @@ impl PoolInner {
         *last_failure = None;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let local_not_after = presenting
-            .leaf
             .as_ref()
             .and_then(|ck| ck.end_entity_cert().ok())
             .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
@@ -388,7 +362,7 @@ impl PoolInner {
                 idle_since: Instant::now(),
             }),
             closed: AtomicBool::new(false),
-            local: presenting.leaf.clone(),
+            local: presenting.clone(),
             expires_at,
             draining: AtomicBool::new(false),
         });
@@ -510,17 +484,16 @@ impl PooledConn {
     }
 
     /// Whether a new tunnel for `presenting` may ride this connection: neither leaf has
-    /// expired and, if the caller asks for it, the connection presents the caller's leaf. An
+    /// expired and the connection presents the caller's leaf. An
     /// unusable connection still carries the tunnels it has (logged once).
     fn usable(&self, presenting: &Presenting, now: SystemTime) -> bool {
-        let same = !presenting.same_only
-            || match (&self.local, &presenting.leaf) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    Arc::ptr_eq(a, b) || a.end_entity_cert().ok() == b.end_entity_cert().ok()
-                }
-                _ => false,
-            };
+        let same = match (&self.local, presenting) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                Arc::ptr_eq(a, b) || a.end_entity_cert().ok() == b.end_entity_cert().ok()
+            }
+            _ => false,
+        };
         let usable = same && !self.expired(now);
         if !usable && !self.draining.swap(true, Ordering::Relaxed) {
             tracing::debug!(
@@ -538,12 +511,9 @@ impl PooledConn {
     }
 }
 
-/// What a caller presents: the certified key of its TLS configuration, and whether only
-/// connections presenting that same leaf may carry its tunnel.
-struct Presenting {
-    leaf: Option<Arc<CertifiedKey>>,
-    same_only: bool,
-}
+/// What a caller presents: the certified key of its TLS configuration. Only connections
+/// presenting that same leaf may carry its tunnel.
+type Presenting = Option<Arc<CertifiedKey>>;
 
 /// The leaf certificate `tls` presents as a client (its resolver returns the certified key
 /// whatever the server asks for; membrane's configurations present one fixed SVID).
@@ -752,7 +722,7 @@ mod tests {
         let dial = Arc::new(CountingDial::default());
         let old = ca.client_tls(&ca.svid(CLIENT, Duration::from_secs(3600)));
         let open = |tls: &Arc<rustls::ClientConfig>| {
-            pool.connect_presenting(
+            pool.connect(
                 key(addr),
                 tls.clone(),
                 dial.clone(),
@@ -776,13 +746,6 @@ mod tests {
             echoes(stream, b"still here").await;
         }
         assert_eq!(pool.connection_count(), 2);
-        // `connect` is not particular about the certificate: it takes either connection.
-        let fifth = pool
-            .connect(key(addr), old, dial.clone(), app, ConnectHeaders::default())
-            .await
-            .expect("tunnel");
-        assert_eq!(dial.0.load(Ordering::SeqCst), 2);
-        drop(fifth);
         // Once the old connection is idle, the next tunnel retires it.
         drop((first, second));
         tokio::time::sleep(Duration::from_millis(50)).await;
