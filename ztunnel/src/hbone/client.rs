@@ -1,5 +1,5 @@
 //! The dialling side of one connection: dial through the caller, mutual TLS, HTTP/2, and the
-//! CONNECT exchange on a stream. Pooling is [`super::pool`]'s job.
+//! CONNECT exchange on a stream. Pooling is the pool's job (`pool.rs`).
 
 use std::future::Future;
 use std::io;
