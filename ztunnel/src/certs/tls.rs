@@ -7,7 +7,8 @@
 //! by the identity it presents; each entry remembers the serial of the SVID it was built from,
 //! and a new serial (a renewal) replaces it. Every configuration shares the node's trust
 //! bundle, so a cached one still sees bundle updates (root rotation) at its next handshake.
-//! Every configuration offers exactly ALPN `h2`.
+//! Every configuration offers exactly ALPN `h2`. An identity whose last pod left is forgotten
+//! ([`TlsConfigs::forget`]), as the certificate manager forgets its SVID.
 //!
 //! What it must not do: obtain or renew certificates (the [`super::CertificateManager`] does;
 //! callers pass the SVID it returned), or open connections.
@@ -94,6 +95,17 @@ impl TlsConfigs {
             cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
             Ok(cfg)
         })
+    }
+
+    /// Drops every configuration presenting `identity` (its last pod left this node), so its
+    /// key is no longer held here. Returns how many were dropped.
+    pub fn forget(&self, identity: &SpiffeId) -> usize {
+        let mut clients = crate::lock(&self.clients);
+        let before = clients.len();
+        clients.retain(|(src, _), _| src != identity);
+        let dropped = before - clients.len();
+        drop(clients);
+        dropped + usize::from(crate::lock(&self.servers).remove(identity).is_some())
     }
 }
 
@@ -236,6 +248,28 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &other), "another identity");
         let renewed = configs.server_config(&ca.svid(STORE)).expect("config");
         assert!(!Arc::ptr_eq(&first, &renewed), "new serial: a new config");
+    }
+
+    #[test]
+    fn forgetting_an_identity_drops_only_its_configs() {
+        let ca = Ca::new();
+        let configs = ca.configs();
+        let (trainer, store) = (ca.svid(TRAINER), ca.svid(STORE));
+        let kept = configs.client_config(&store, &id(CACHE)).expect("config");
+        let server = configs.server_config(&store).expect("config");
+        configs.client_config(&trainer, &id(STORE)).expect("config");
+        configs.client_config(&trainer, &id(CACHE)).expect("config");
+        configs.server_config(&trainer).expect("config");
+        assert_eq!(configs.forget(&id(TRAINER)), 3);
+        assert_eq!(configs.forget(&id(TRAINER)), 0);
+        assert!(Arc::ptr_eq(
+            &kept,
+            &configs.client_config(&store, &id(CACHE)).expect("config")
+        ));
+        assert!(Arc::ptr_eq(
+            &server,
+            &configs.server_config(&store).expect("config")
+        ));
     }
 
     /// A cached configuration presents the SVID it was built from and, after a renewal, the
