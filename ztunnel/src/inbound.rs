@@ -54,7 +54,11 @@ async fn hbone_connection(
     let tls = match proxy.tls.server_config(&svid) {
         Ok(cfg) => cfg,
         Err(e) => {
-            tracing::warn!(error = %e, "TLS configuration failed");
+            proxy
+                .certs
+                .metrics()
+                .refused("destination", pod.workload.identity.to_string());
+            tracing::warn!(error = %e, "TLS configuration failed; connection refused");
             return;
         }
     };
