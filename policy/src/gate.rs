@@ -16,7 +16,7 @@
 
 use std::hash::Hasher;
 
-use crate::fxhash::FxHasher;
+use crate::compile::FxHasher;
 use crate::matcher::{ServiceAccountRef, StringMatch};
 use crate::policy::{Condition, Constraint, Rule, SourceMatch};
 

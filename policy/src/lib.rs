@@ -10,8 +10,7 @@
 //! Modules: `model` (document shape), `validate` and `diagnostics` (errors and warnings with
 //! field paths), `matcher` (one value's syntax and matching), `policy` (the validated form),
 //! `compile` (the index by scope), `eval` (the decision), `wire` (proto conversions); private: `program` (the flattened
-//! encoding `decide` walks), `gate` (per-rule source-namespace filters) and `fxhash` (the hash
-//! both use).
+//! encoding `decide` walks) and `gate` (per-rule source-namespace filters).
 //!
 //! This crate never does I/O (no files, network, clock or logging) and never panics on input:
 //! its callers (controller, ztunnel, CLI) read, log and measure.
@@ -19,7 +18,6 @@
 pub mod compile;
 pub mod diagnostics;
 pub mod eval;
-mod fxhash;
 mod gate;
 pub mod matcher;
 pub mod model;
