@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{self, Authorizer, AuthzMetrics};
-use crate::certs::{CaConfig, CertificateManager};
+use crate::certs::{CaConfig, CertificateManager, TlsConfigs};
 use crate::conntrack::OpenConnections;
 use crate::discovery::{self, DiscoveryMetrics};
 use crate::hbone::{HbonePool, PoolConfig};
@@ -222,10 +222,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
-    let pool = Arc::new(HbonePool::new(PoolConfig {
+    let pool = HbonePool::new(PoolConfig {
         idle_timeout: config.pool_idle_timeout,
         ..PoolConfig::default()
-    }));
+    });
     let access =
         AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {
@@ -234,7 +234,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         state: state_rx,
         certs: certs.clone(),
         pool: pool.clone(),
-        client_tls: Default::default(),
+        tls: TlsConfigs::new(certs.bundle(), config.trust_domain.clone()),
         metrics,
         access,
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

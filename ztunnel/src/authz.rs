@@ -8,7 +8,6 @@
 //! connection's access record. When the policy changes, open connections are decided again
 //! and the ones no longer allowed are closed ([`crate::conntrack`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -265,6 +264,3 @@ pub async fn watch_policy_file(
 pub fn empty_index() -> PolicyIndex {
     PolicyIndex::build(Vec::new(), ROOT_NAMESPACE)
 }
-
-/// Labels type re-export for callers building requests.
-pub type Labels = BTreeMap<String, String>;

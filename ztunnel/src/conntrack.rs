@@ -85,16 +85,6 @@ impl OpenConnections {
         )
     }
 
-    /// Number of open registered connections.
-    pub fn len(&self) -> usize {
-        crate::lock(&self.map).len()
-    }
-
-    /// Whether no connection is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Decides every open connection again with `still_allowed` (returning the reason to close
     /// it, if it is no longer allowed) and cancels the ones it refuses. Returns how many were
     /// closed.

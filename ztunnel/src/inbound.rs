@@ -13,8 +13,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use membrane_identity::PeerCheck;
-
 use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{
@@ -53,18 +51,14 @@ async fn hbone_connection(
             return;
         }
     };
-    let tls = match membrane_identity::verify::mtls_server_config(
-        &svid,
-        proxy.certs.bundle(),
-        PeerCheck::TrustDomain(proxy.trust_domain.clone()),
-        membrane_identity::crypto_provider(),
-    ) {
-        Ok(mut cfg) => {
-            cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-            Arc::new(cfg)
-        }
+    let tls = match proxy.tls.server_config(&svid) {
+        Ok(cfg) => cfg,
         Err(e) => {
-            tracing::warn!(error = %e, "TLS configuration failed");
+            proxy
+                .certs
+                .metrics()
+                .refused("destination", pod.workload.identity.to_string());
+            tracing::warn!(error = %e, "TLS configuration failed; connection refused");
             return;
         }
     };

@@ -12,8 +12,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use membrane_identity::{PeerCheck, SpiffeId};
-
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
@@ -31,46 +29,6 @@ impl Dial for PodDial {
         Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
     > {
         Box::pin(self.0.connect(addr))
-    }
-}
-
-/// TLS client configurations per (source SVID, destination identity). Most tunnels ride a
-/// pooled connection and never use theirs, so building one per captured connection was work
-/// on the hot path for nothing; a new SVID (renewal) replaces the entry. The trust bundle is
-/// shared, so a cached configuration still sees bundle updates.
-#[derive(Debug, Default)]
-pub struct ClientConfigs {
-    /// (source, destination) → (SVID serial, configuration).
-    cache: std::sync::Mutex<std::collections::HashMap<IdentityPair, CachedConfig>>,
-}
-
-type IdentityPair = (SpiffeId, SpiffeId);
-type CachedConfig = (String, Arc<rustls::ClientConfig>);
-
-impl ClientConfigs {
-    /// The configuration presenting `svid` and requiring exactly `dst`.
-    pub fn get(
-        &self,
-        svid: &membrane_identity::WorkloadSvid,
-        dst: &SpiffeId,
-        proxy: &Proxy,
-    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-        let key = (svid.identity().spiffe_id().clone(), dst.clone());
-        if let Some((serial, cfg)) = crate::lock(&self.cache).get(&key)
-            && *serial == svid.info().serial
-        {
-            return Ok(cfg.clone());
-        }
-        let mut cfg = membrane_identity::verify::mtls_client_config(
-            svid,
-            proxy.certs.bundle(),
-            PeerCheck::Exact(dst.clone()),
-            membrane_identity::crypto_provider(),
-        )?;
-        cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-        let cfg = Arc::new(cfg);
-        crate::lock(&self.cache).insert(key, (svid.info().serial.clone(), cfg.clone()));
-        Ok(cfg)
     }
 }
 
@@ -142,7 +100,7 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
                     return log.refused(format!("no valid certificate for the source: {e}"));
                 }
             };
-            let tls = match proxy.client_tls.get(&svid, w.identity.spiffe_id(), proxy) {
+            let tls = match proxy.tls.client_config(&svid, w.identity.spiffe_id()) {
                 Ok(cfg) => cfg,
                 Err(e) => return log.refused(format!("TLS configuration: {e}")),
             };
@@ -160,11 +118,7 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
                 ..ConnectHeaders::default()
             };
             let dial = Arc::new(PodDial(pod.netns.clone()));
-            let stream = match proxy
-                .pool
-                .connect_presenting(key, tls, dial, dst, headers)
-                .await
-            {
+            let stream = match proxy.pool.connect(key, tls, dial, dst, headers).await {
                 Ok(stream) => stream,
                 Err(e) => return log.refused(format!("tunnel to {dst}: {e}")),
             };

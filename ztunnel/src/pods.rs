@@ -395,6 +395,7 @@ impl PodRegistry {
             .any(|p| p.context.workload.identity == identity)
         {
             self.proxy.certs.forget(&identity);
+            self.proxy.tls.forget(identity.spiffe_id());
         }
         crate::lock(&self.names).remove(uid);
         true

@@ -28,10 +28,10 @@ pub struct Proxy {
     pub state: watch::Receiver<Arc<MeshState>>,
     /// Workload certificates.
     pub certs: Arc<CertificateManager>,
-    /// Pooled HBONE connections.
-    pub pool: Arc<HbonePool>,
-    /// Outbound TLS configurations, built once per identity pair and SVID.
-    pub client_tls: crate::outbound::ClientConfigs,
+    /// Pooled HBONE connections (a shared handle: clones use the same pool).
+    pub pool: HbonePool,
+    /// TLS configurations (outbound and inbound), built once per identity and SVID serial.
+    pub tls: crate::certs::TlsConfigs,
     /// Connection metrics.
     pub metrics: TcpMetrics,
     /// Access records.

@@ -184,20 +184,6 @@ pub async fn remove(pod: &PodNetns) -> Result<(), RedirectError> {
     .await?
 }
 
-/// Whether the pod's namespace currently holds Membrane's table.
-pub async fn is_installed(pod: &PodNetns) -> Result<bool, RedirectError> {
-    pod.run(|| -> Result<bool, RedirectError> {
-        let out = Command::new("nft")
-            .args(["list", "table", "inet", TABLE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(RedirectError::Spawn)?;
-        Ok(out.success())
-    })
-    .await?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

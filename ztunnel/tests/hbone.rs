@@ -737,16 +737,20 @@ async fn identities_never_share_a_connection() {
         });
         let dial = Arc::new(TestDial::default());
         let other_id = "spiffe://cluster.local/ns/batch/sa/trainer";
+        // One SVID per identity, as the certificate manager hands out (the pool reuses a
+        // connection only for the certificate it presents).
+        let client_tls = ca.client_tls(&ca.svid(CLIENT_ID), SERVER_ID);
+        let other_tls = ca.client_tls(&ca.svid(other_id), SERVER_ID);
         let mut streams = Vec::new();
-        for (src_ip, src) in [
-            ("10.0.0.7", CLIENT_ID),
-            ("10.0.0.8", other_id),
-            ("10.0.0.7", CLIENT_ID),
+        for (src_ip, src, tls) in [
+            ("10.0.0.7", CLIENT_ID, &client_tls),
+            ("10.0.0.8", other_id, &other_tls),
+            ("10.0.0.7", CLIENT_ID, &client_tls),
         ] {
             let stream = pool
                 .connect(
                     key(src_ip, src, &server),
-                    ca.client_tls(&ca.svid(src), SERVER_ID),
+                    tls.clone(),
                     dial.clone(),
                     app_addr,
                     forwarded(src_ip),

@@ -16,6 +16,8 @@
 //! - `metrics`: renewal results, expiry per identity (computed at scrape time), connections
 //!   refused for want of a certificate.
 //! - [`schedule`]: when to renew and how long to back off (pure functions).
+//! - `tls`: the client and server TLS configurations built from an SVID, cached per
+//!   certificate serial ([`TlsConfigs`]).
 
 use std::time::Duration;
 
@@ -26,9 +28,11 @@ mod controller;
 mod manager;
 mod metrics;
 pub mod schedule;
+mod tls;
 
 pub use manager::{CertificateManager, CertificateStatus};
 pub use metrics::CertMetrics;
+pub use tls::{TlsConfigError, TlsConfigs};
 
 /// How to reach the controller.
 #[derive(Debug, Clone)]

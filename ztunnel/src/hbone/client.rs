@@ -1,5 +1,5 @@
 //! The dialling side of one connection: dial through the caller, mutual TLS, HTTP/2, and the
-//! CONNECT exchange on a stream. Pooling is [`super::pool`]'s job.
+//! CONNECT exchange on a stream. Pooling is the pool's job (`pool.rs`).
 
 use std::future::Future;
 use std::io;
@@ -12,12 +12,11 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use membrane_identity::peer_spiffe_id;
+use membrane_identity::{SpiffeId, peer_spiffe_id};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
-use super::pool::PoolKey;
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
     TLS_SEND_BUFFER, client_tls_with_h2, require_h2,
@@ -57,39 +56,37 @@ pub(crate) type Established = (
     Option<SystemTime>,
 );
 
-/// Dials `key.dst_addr`, completes mutual TLS and the HTTP/2 handshake, and checks the peer is
-/// `key.dst`.
+/// Dials `addr`, completes mutual TLS and the HTTP/2 handshake, and checks the peer is
+/// `expected`.
 pub(crate) async fn establish(
-    key: &PoolKey,
+    addr: SocketAddr,
+    expected: &SpiffeId,
     tls: Arc<rustls::ClientConfig>,
     dial: &dyn Dial,
 ) -> Result<Established, HboneError> {
-    let tcp = dial
-        .dial(key.dst_addr)
-        .await
-        .map_err(|e| HboneError::Dial {
-            addr: key.dst_addr,
-            source: Arc::new(e),
-        })?;
+    let tcp = dial.dial(addr).await.map_err(|e| HboneError::Dial {
+        addr,
+        source: Arc::new(e),
+    })?;
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
     let connector = tokio_rustls::TlsConnector::from(client_tls_with_h2(tls));
     // The verifier ignores names (it checks the SPIFFE ID); an IP name also sends no SNI.
-    let name = ServerName::IpAddress(key.dst_addr.ip().into());
+    let name = ServerName::IpAddress(addr.ip().into());
     let mut tls = connector
         .connect(name, super::buffered(tcp))
         .await
         .map_err(|e| HboneError::Tls(Arc::new(e)))?;
     let (_, session) = tls.get_mut();
     require_h2(session.alpn_protocol())?;
-    // The verifier already required `key.dst`; checking again here keeps a misbuilt config
+    // The verifier already required `expected`; checking again here keeps a misbuilt config
     // (or a resumed session) from ever carrying one identity's traffic to another.
     let presented =
         peer_spiffe_id(session.peer_certificates()).map_err(HboneError::PeerIdentity)?;
-    if presented != key.dst {
+    if presented != *expected {
         return Err(HboneError::PeerMismatch {
-            expected: key.dst.clone(),
+            expected: expected.clone(),
             presented,
         });
     }

@@ -16,7 +16,7 @@
 //!   mixing identities on one connection.
 //!
 //! What it must not do: decide policy (the handler does), choose identities or build TLS
-//! configurations (callers pass configs made by `membrane_identity::verify`), or create sockets
+//! configurations (callers pass configs made by `crate::certs::TlsConfigs`), or create sockets
 //! on the dialling side (the caller's [`Dial`] does, inside the right network namespace and
 //! with the right mark). It holds no global state and spawns only tasks whose lifetime is tied
 //! to a connection it serves or pools.
@@ -159,24 +159,46 @@ impl HboneError {
     }
 }
 
+/// A rustls configuration with an ALPN list (client or server).
+trait AlpnConfig: Clone {
+    fn alpn(&self) -> &[Vec<u8>];
+    fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>>;
+}
+
+impl AlpnConfig for rustls::ServerConfig {
+    fn alpn(&self) -> &[Vec<u8>] {
+        &self.alpn_protocols
+    }
+    fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>> {
+        &mut self.alpn_protocols
+    }
+}
+
+impl AlpnConfig for rustls::ClientConfig {
+    fn alpn(&self) -> &[Vec<u8>] {
+        &self.alpn_protocols
+    }
+    fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>> {
+        &mut self.alpn_protocols
+    }
+}
+
+/// The caller's config if it already offers exactly `h2`, else a copy that does.
+fn with_h2<C: AlpnConfig>(mut cfg: Arc<C>) -> Arc<C> {
+    if !offers_only_h2(cfg.alpn()) {
+        *Arc::make_mut(&mut cfg).alpn_mut() = vec![ALPN_H2.to_vec()];
+    }
+    cfg
+}
+
 /// The caller's server config if it already offers exactly `h2`, else a copy that does.
 fn server_tls_with_h2(cfg: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
-    if offers_only_h2(&cfg.alpn_protocols) {
-        return cfg;
-    }
-    let mut cfg = (*cfg).clone();
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Arc::new(cfg)
+    with_h2(cfg)
 }
 
 /// The caller's client config if it already offers exactly `h2`, else a copy that does.
 fn client_tls_with_h2(cfg: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
-    if offers_only_h2(&cfg.alpn_protocols) {
-        return cfg;
-    }
-    let mut cfg = (*cfg).clone();
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Arc::new(cfg)
+    with_h2(cfg)
 }
 
 fn offers_only_h2(alpn: &[Vec<u8>]) -> bool {
@@ -221,5 +243,22 @@ mod tests {
         assert!(offers_only_h2(&[b"h2".to_vec()]));
         assert!(!offers_only_h2(&[b"h2".to_vec(), b"http/1.1".to_vec()]));
         assert!(!offers_only_h2(&[]));
+    }
+
+    #[test]
+    fn a_config_offering_only_h2_is_used_as_is() {
+        let provider = membrane_identity::crypto_provider();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let other = Arc::new(cfg);
+        let fixed = client_tls_with_h2(other.clone());
+        assert!(!Arc::ptr_eq(&other, &fixed), "a copy offering h2");
+        assert_eq!(fixed.alpn_protocols, vec![ALPN_H2.to_vec()]);
+        assert_eq!(other.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(Arc::ptr_eq(&fixed, &client_tls_with_h2(fixed.clone())));
     }
 }

@@ -12,8 +12,8 @@
 //!   and share its failure; other keys are not held up (the map lock is never held across an
 //!   await).
 //! - Certificates: a connection takes new tunnels only until the earlier of its two leaves'
-//!   (local and peer) `not_after`, and, for [`HbonePool::connect_presenting`], only from
-//!   callers whose TLS configuration presents the very leaf it was dialled with. After a
+//!   (local and peer) `not_after`, and only from callers whose TLS configuration presents the
+//!   very leaf it was dialled with. After a
 //!   renewal, new tunnels therefore go over a new connection presenting the new certificate,
 //!   while tunnels already open keep their connection until they end (the connection drains:
 //!   it takes no new tunnel, and leaves the pool once idle). A connection whose local or peer
@@ -128,8 +128,9 @@ struct Load {
     idle_since: Instant,
 }
 
-/// One tunnel's share of a pooled connection; released when the tunnel's stream is dropped.
-pub(crate) struct StreamLease {
+/// One tunnel's share of a pooled connection; released when the tunnel's stream (which holds
+/// it as its guard) is dropped.
+struct StreamLease {
     conn: Arc<PooledConn>,
 }
 
@@ -153,21 +154,19 @@ impl HbonePool {
         }
     }
 
-    /// The pool's configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.inner.config
-    }
-
     /// Opens a tunnel to `authority` (the original destination) over a connection for `key`,
     /// reusing one if it has room.
     ///
-    /// `tls` comes from `mtls_client_config(src_svid, bundle, PeerCheck::Exact(key.dst))`; it
-    /// is used only when a new connection is dialled, with ALPN forced to `h2` (a copy is made
-    /// if the config offers anything else). `dial` creates the TCP connection to
-    /// `key.dst_addr`. After the handshake the peer's SPIFFE ID must equal `key.dst`.
+    /// `tls` presents the source identity's *current* SVID and requires exactly `key.dst`
+    /// (`crate::certs::TlsConfigs::client_config`); it is used only when a new connection is
+    /// dialled, with ALPN forced to `h2` (a copy is made if the config offers anything else).
+    /// `dial` creates the TCP connection to `key.dst_addr`. After the handshake the peer's
+    /// SPIFFE ID must equal `key.dst`.
     ///
-    /// A pooled connection is reused whichever certificate of `key.src` it presents, as long
-    /// as neither its local nor its peer certificate has expired.
+    /// A pooled connection is reused only if it presents the very certificate `tls` presents
+    /// and neither its local nor its peer certificate has expired. Connections dialled with an
+    /// earlier certificate (before a renewal) keep their open tunnels but take no new one, and
+    /// leave the pool once idle.
     ///
     /// Errors: [`HboneError::Refused`] when the peer answers other than 200; connection
     /// failures as their own variants. A request that found a pooled connection unusable
@@ -180,33 +179,6 @@ impl HbonePool {
         authority: SocketAddr,
         headers: ConnectHeaders,
     ) -> Result<H2Stream, HboneError> {
-        self.open(key, tls, dial, authority, headers, false).await
-    }
-
-    /// As [`connect`](Self::connect), for a caller whose `tls` presents the source identity's
-    /// *current* certificate: a pooled connection is reused only if it presents that very
-    /// certificate. Connections dialled with an earlier one (before a renewal) keep their
-    /// open tunnels but take no new one, and leave the pool once idle.
-    pub async fn connect_presenting(
-        &self,
-        key: PoolKey,
-        tls: Arc<rustls::ClientConfig>,
-        dial: Arc<dyn Dial>,
-        authority: SocketAddr,
-        headers: ConnectHeaders,
-    ) -> Result<H2Stream, HboneError> {
-        self.open(key, tls, dial, authority, headers, true).await
-    }
-
-    async fn open(
-        &self,
-        key: PoolKey,
-        tls: Arc<rustls::ClientConfig>,
-        dial: Arc<dyn Dial>,
-        authority: SocketAddr,
-        headers: ConnectHeaders,
-        same_certificate: bool,
-    ) -> Result<H2Stream, HboneError> {
         let span = tracing::debug_span!(
             "hbone_connect",
             src = %key.src,
@@ -214,10 +186,7 @@ impl HbonePool {
             dst_addr = %key.dst_addr,
             %authority,
         );
-        let presenting = Presenting {
-            leaf: presented_certificate(&tls),
-            same_only: same_certificate,
-        };
+        let presenting = presented_certificate(&tls);
         self.inner
             .connect(key, tls, dial, authority, headers, presenting)
             .instrument(span)
@@ -321,7 +290,7 @@ impl PoolInner {
             match opened {
                 Ok((send, recv)) => {
                     tracing::debug!(conn = lease.conn.id, "HBONE tunnel open");
-                    return Ok(H2Stream::leased(send, recv, lease));
+                    return Ok(H2Stream::new(send, recv).holding(Box::new(lease)));
                 }
                 Err(ConnectFailure::ConnectionUnusable(e)) if !retried => {
                     tracing::debug!(conn = lease.conn.id, error = %e, "pooled connection unusable; retrying");
@@ -358,7 +327,8 @@ impl PoolInner {
             return Err(e.clone());
         }
         let timeout = self.config.connect_timeout;
-        let result = tokio::time::timeout(timeout, client::establish(key, tls.clone(), dial))
+        let established = client::establish(key.dst_addr, &key.dst, tls.clone(), dial);
+        let result = tokio::time::timeout(timeout, established)
             .await
             .unwrap_or(Err(HboneError::Timeout {
                 stage: "HBONE connection establishment",
@@ -376,7 +346,6 @@ impl PoolInner {
         *last_failure = None;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let local_not_after = presenting
-            .leaf
             .as_ref()
             .and_then(|ck| ck.end_entity_cert().ok())
             .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
@@ -393,7 +362,7 @@ impl PoolInner {
                 idle_since: Instant::now(),
             }),
             closed: AtomicBool::new(false),
-            local: presenting.leaf.clone(),
+            local: presenting.clone(),
             expires_at,
             draining: AtomicBool::new(false),
         });
@@ -515,17 +484,16 @@ impl PooledConn {
     }
 
     /// Whether a new tunnel for `presenting` may ride this connection: neither leaf has
-    /// expired and, if the caller asks for it, the connection presents the caller's leaf. An
+    /// expired and the connection presents the caller's leaf. An
     /// unusable connection still carries the tunnels it has (logged once).
     fn usable(&self, presenting: &Presenting, now: SystemTime) -> bool {
-        let same = !presenting.same_only
-            || match (&self.local, &presenting.leaf) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    Arc::ptr_eq(a, b) || a.end_entity_cert().ok() == b.end_entity_cert().ok()
-                }
-                _ => false,
-            };
+        let same = match (&self.local, presenting) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                Arc::ptr_eq(a, b) || a.end_entity_cert().ok() == b.end_entity_cert().ok()
+            }
+            _ => false,
+        };
         let usable = same && !self.expired(now);
         if !usable && !self.draining.swap(true, Ordering::Relaxed) {
             tracing::debug!(
@@ -543,12 +511,9 @@ impl PooledConn {
     }
 }
 
-/// What a caller presents: the certified key of its TLS configuration, and whether only
-/// connections presenting that same leaf may carry its tunnel.
-struct Presenting {
-    leaf: Option<Arc<CertifiedKey>>,
-    same_only: bool,
-}
+/// What a caller presents: the certified key of its TLS configuration. Only connections
+/// presenting that same leaf may carry its tunnel.
+type Presenting = Option<Arc<CertifiedKey>>;
 
 /// The leaf certificate `tls` presents as a client (its resolver returns the certified key
 /// whatever the server asks for; membrane's configurations present one fixed SVID).
@@ -571,275 +536,5 @@ impl Drop for StreamLease {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::pin::Pin;
-
-    use membrane_identity::spiffe_id::parse_trust_domain;
-    use membrane_identity::verify::{mtls_client_config, mtls_server_config};
-    use membrane_identity::{
-        PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider,
-    };
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose, SanType,
-    };
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinSet;
-
-    use super::*;
-    use crate::hbone::{Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
-
-    const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
-    const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
-
-    struct Ca {
-        root: CertificateDer<'static>,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    impl Ca {
-        fn new() -> Self {
-            let key = KeyPair::generate().expect("keygen");
-            let mut params = CertificateParams::default();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-            let root = params.self_signed(&key).expect("root");
-            Self {
-                root: root.der().clone(),
-                issuer: Issuer::new(params, key),
-            }
-        }
-
-        fn bundle(&self) -> SharedTrustBundle {
-            let td = parse_trust_domain("cluster.local").expect("td");
-            SharedTrustBundle::new(TrustBundle::new(td, [self.root.clone()]).expect("bundle"))
-        }
-
-        fn svid(&self, uri: &str, lifetime: Duration) -> WorkloadSvid {
-            let key = KeyPair::generate().expect("keygen");
-            let mut params = CertificateParams::default();
-            params.distinguished_name = rcgen::DistinguishedName::new();
-            params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let now = time::OffsetDateTime::now_utc();
-            params.not_before = now - time::Duration::seconds(5);
-            params.not_after = now + lifetime;
-            let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            WorkloadSvid::new(vec![cert.der().clone()], key, &crypto_provider()).expect("svid")
-        }
-
-        fn client_tls(&self, svid: &WorkloadSvid) -> Arc<rustls::ClientConfig> {
-            let mut cfg = mtls_client_config(
-                svid,
-                self.bundle(),
-                PeerCheck::Exact(SpiffeId::new(SERVER).expect("id")),
-                crypto_provider(),
-            )
-            .expect("client config");
-            cfg.alpn_protocols = vec![crate::hbone::ALPN_H2.to_vec()];
-            Arc::new(cfg)
-        }
-    }
-
-    /// Forwards every tunnel to the echo application.
-    struct Forward(SocketAddr);
-
-    impl ConnectHandler for Forward {
-        fn connect(
-            &self,
-            _req: ConnectRequest,
-        ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
-            Box::pin(async move {
-                TcpStream::connect(self.0)
-                    .await
-                    .map(Accepted::from)
-                    .map_err(|e| ConnectRefusal::Unreachable(e.to_string()))
-            })
-        }
-
-        fn finished(
-            &self,
-            _req: &ConnectRequest,
-            _result: &RelayResult,
-            _keep: Option<&(dyn std::any::Any + Send)>,
-        ) {
-        }
-    }
-
-    /// An echo application and an HBONE server presenting whatever `server_svid` holds when a
-    /// connection arrives (as the inbound side does). Tasks end with the returned set.
-    async fn serve(
-        ca: &Ca,
-        server_svid: Arc<Mutex<WorkloadSvid>>,
-    ) -> (SocketAddr, SocketAddr, JoinSet<()>) {
-        let mut tasks = JoinSet::new();
-        let app = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let app_addr = app.local_addr().expect("addr");
-        tasks.spawn(async move {
-            while let Ok((mut tcp, _)) = app.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = tcp.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let bundle = ca.bundle();
-        tasks.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let svid = lock(&server_svid).clone();
-                let td = parse_trust_domain("cluster.local").expect("td");
-                let tls = mtls_server_config(
-                    &svid,
-                    bundle.clone(),
-                    PeerCheck::TrustDomain(td),
-                    crypto_provider(),
-                )
-                .expect("server config");
-                let handler: Arc<dyn ConnectHandler> = Arc::new(Forward(app_addr));
-                tokio::spawn(super::super::serve_connection(tcp, Arc::new(tls), handler));
-            }
-        });
-        (addr, app_addr, tasks)
-    }
-
-    #[derive(Default)]
-    struct CountingDial(AtomicU64);
-
-    impl Dial for CountingDial {
-        fn dial(
-            &self,
-            addr: SocketAddr,
-        ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Box::pin(TcpStream::connect(addr))
-        }
-    }
-
-    fn key(addr: SocketAddr) -> PoolKey {
-        PoolKey {
-            src_ip: "10.0.0.7".parse().expect("ip"),
-            src: SpiffeId::new(CLIENT).expect("id"),
-            dst: SpiffeId::new(SERVER).expect("id"),
-            dst_addr: addr,
-        }
-    }
-
-    async fn echoes(stream: &mut H2Stream, text: &[u8]) {
-        stream.write_all(text).await.expect("write");
-        let mut buf = vec![0; text.len()];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buf))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(buf, text);
-    }
-
-    /// After a renewal new tunnels ride a new connection presenting the new certificate; the
-    /// tunnel on the old connection keeps working; the old connection leaves once idle.
-    #[tokio::test]
-    async fn a_renewed_certificate_gets_a_new_connection_and_old_tunnels_stay() {
-        let ca = Ca::new();
-        let server_svid = Arc::new(Mutex::new(ca.svid(SERVER, Duration::from_secs(3600))));
-        let (addr, app, _tasks) = serve(&ca, server_svid).await;
-        let pool = HbonePool::new(PoolConfig {
-            spread_connections: 1,
-            ..PoolConfig::default()
-        });
-        let dial = Arc::new(CountingDial::default());
-        let old = ca.client_tls(&ca.svid(CLIENT, Duration::from_secs(3600)));
-        let open = |tls: &Arc<rustls::ClientConfig>| {
-            pool.connect_presenting(
-                key(addr),
-                tls.clone(),
-                dial.clone(),
-                app,
-                ConnectHeaders::default(),
-            )
-        };
-        let mut first = open(&old).await.expect("tunnel");
-        let mut second = open(&old).await.expect("tunnel");
-        assert_eq!(dial.0.load(Ordering::SeqCst), 1, "same certificate: shared");
-        let renewed = ca.client_tls(&ca.svid(CLIENT, Duration::from_secs(3600)));
-        let mut third = open(&renewed).await.expect("tunnel");
-        assert_eq!(
-            dial.0.load(Ordering::SeqCst),
-            2,
-            "renewed: a new connection"
-        );
-        let mut fourth = open(&renewed).await.expect("tunnel");
-        assert_eq!(dial.0.load(Ordering::SeqCst), 2, "renewed: shared again");
-        for stream in [&mut first, &mut second, &mut third, &mut fourth] {
-            echoes(stream, b"still here").await;
-        }
-        assert_eq!(pool.connection_count(), 2);
-        // `connect` is not particular about the certificate: it takes either connection.
-        let fifth = pool
-            .connect(key(addr), old, dial.clone(), app, ConnectHeaders::default())
-            .await
-            .expect("tunnel");
-        assert_eq!(dial.0.load(Ordering::SeqCst), 2);
-        drop(fifth);
-        // Once the old connection is idle, the next tunnel retires it.
-        drop((first, second));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let _sixth = open(&renewed).await.expect("tunnel");
-        assert_eq!(pool.connection_count(), 1);
-        assert_eq!(dial.0.load(Ordering::SeqCst), 2);
-    }
-
-    /// No new tunnel rides a connection whose peer certificate has expired; the tunnel it
-    /// carries keeps working.
-    #[tokio::test]
-    async fn an_expired_peer_certificate_is_not_reused() {
-        let ca = Ca::new();
-        // X.509 times are whole seconds: this one expires within 1–2 s.
-        let short = ca.svid(SERVER, Duration::from_secs(2));
-        let expiry = short.info().not_after;
-        let server_svid = Arc::new(Mutex::new(short));
-        let (addr, app, _tasks) = serve(&ca, server_svid.clone()).await;
-        let pool = HbonePool::new(PoolConfig::default());
-        let dial = Arc::new(CountingDial::default());
-        let tls = ca.client_tls(&ca.svid(CLIENT, Duration::from_secs(3600)));
-        let mut first = pool
-            .connect(
-                key(addr),
-                tls.clone(),
-                dial.clone(),
-                app,
-                ConnectHeaders::default(),
-            )
-            .await
-            .expect("tunnel");
-        *lock(&server_svid) = ca.svid(SERVER, Duration::from_secs(3600));
-        let wait = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(wait + Duration::from_millis(100)).await;
-        let mut second = pool
-            .connect(key(addr), tls, dial.clone(), app, ConnectHeaders::default())
-            .await
-            .expect("tunnel");
-        assert_eq!(
-            dial.0.load(Ordering::SeqCst),
-            2,
-            "expired peer: a new connection"
-        );
-        echoes(&mut first, b"established tunnels survive").await;
-        echoes(&mut second, b"new ones use the new connection").await;
-        drop(first);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(
-            pool.idle_sweep(),
-            1,
-            "the expired connection leaves once idle"
-        );
-        assert_eq!(pool.connection_count(), 1);
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;

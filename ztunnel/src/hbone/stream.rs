@@ -9,7 +9,6 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::copy::ResetOnError;
-use super::pool::StreamLease;
 
 /// An open HBONE tunnel: the DATA frames of one HTTP/2 stream, both ways.
 ///
@@ -35,8 +34,9 @@ pub struct H2Stream {
     send_done: bool,
     /// An error was seen; the stream has been reset.
     failed: bool,
-    /// Keeps the pooled connection's stream count while this stream lives.
-    _lease: Option<StreamLease>,
+    /// Whatever must live as long as the stream (the pool's share of a connection); opaque
+    /// here, dropped with the stream.
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 // === impl H2Stream ===
@@ -52,14 +52,14 @@ impl H2Stream {
             recv_done: false,
             send_done: false,
             failed: false,
-            _lease: None,
+            _guard: None,
         }
     }
 
-    pub(crate) fn leased(send: SendStream<Bytes>, recv: RecvStream, lease: StreamLease) -> Self {
-        let mut stream = Self::new(send, recv);
-        stream._lease = Some(lease);
-        stream
+    /// The stream, keeping `guard` until it is dropped.
+    pub(crate) fn holding(mut self, guard: Box<dyn Send + Sync>) -> Self {
+        self._guard = Some(guard);
+        self
     }
 
     /// The HTTP/2 stream ID (for logs).
