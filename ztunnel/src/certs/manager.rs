@@ -195,7 +195,10 @@ impl CertificateManager {
     /// `workload_certificate_expiry_seconds`, computed from the slots at each scrape.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
         self.metrics.register_in(registry);
-        registry.register_collector(Box::new(ExpiryCollector(Arc::downgrade(self))));
+        let manager = Arc::downgrade(self);
+        registry.register_collector(Box::new(ExpiryCollector(Box::new(move || {
+            manager.upgrade().map(|m| m.expiries())
+        }))));
     }
 
     /// The certificate metrics (callers count connections refused for want of a certificate).

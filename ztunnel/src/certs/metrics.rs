@@ -1,7 +1,6 @@
 //! Certificate metrics: renewals by result, connections refused for want of a valid
 //! certificate, and the time left on each identity's certificate (computed at scrape time).
 
-use std::sync::Weak;
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
@@ -10,8 +9,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-
-use super::CertificateManager;
 
 /// Labels of the renewal counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -77,18 +74,26 @@ impl CertMetrics {
     }
 }
 
+/// Where the expiry gauge reads from at each scrape: each identity and its certificate's
+/// `notAfter`, or `None` once the owner is gone.
+pub(crate) type ExpirySource = Box<dyn Fn() -> Option<Vec<(String, SystemTime)>> + Send + Sync>;
+
 /// `membrane_workload_certificate_expiry_seconds{identity}`: seconds until each cached
-/// certificate expires (negative once it has), read from the manager at every scrape.
-#[derive(Debug)]
-pub(crate) struct ExpiryCollector(pub(crate) Weak<CertificateManager>);
+/// certificate expires (negative once it has), read from its source at every scrape.
+pub(crate) struct ExpiryCollector(pub(crate) ExpirySource);
+
+impl std::fmt::Debug for ExpiryCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExpiryCollector")
+    }
+}
 
 impl Collector for ExpiryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(manager) = self.0.upgrade() else {
+        let Some(expiries) = (self.0)() else {
             return Ok(());
         };
         let now = SystemTime::now();
-        let expiries = manager.expiries();
         let mut family = encoder.encode_descriptor(
             "workload_certificate_expiry_seconds",
             "Seconds until the workload certificate of each local identity expires (negative once expired)",
