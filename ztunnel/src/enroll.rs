@@ -1,15 +1,8 @@
 //! The enrollment socket: how the node side (the CNI plugin, `membrane`, tests) tells the
 //! ztunnel about pods.
 //!
-//! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line:
-//!
-//! ```text
-//! {"op":"add","uid":"<pod uid>","netns":"/run/netns/<name>"}   → {"ok":true,"enrolled":true}
-//!   optional: "namespace":"<k8s namespace>","name":"<pod>","ips":["10.1.2.3"]
-//! {"op":"remove","uid":"<pod uid>"}                             → {"ok":true,"removed":true}
-//! {"op":"list"}                                                 → {"ok":true,"pods":[…]}
-//! anything malformed                                            → {"ok":false,"error":"…"}
-//! ```
+//! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line; the
+//! messages are `membrane_api::enrollment`'s (re-exported here), which the CNI plugin shares.
 //!
 //! `add` answers only once the redirect rules are in place and the listeners are bound, so the
 //! caller can start the pod's containers safely. A pod that is not a mesh workload is not an
