@@ -126,7 +126,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "MEMBRANE_STATUS_LEASE_NAMESPACE",
-        default_value = "membrane-system"
+        default_value = membrane_ca::server::CONTROLLER_NAMESPACE
     )]
     status_lease_namespace: String,
     /// gRPC (TLS) listen address.

@@ -3,14 +3,16 @@
 //! Every ztunnel writes one JSON record per connection (both SPIFFE IDs, addresses, bytes,
 //! duration, result, and on the destination side the authorization verdict with the deciding
 //! policy); `membrane local` appends them to `<state-dir>/access.log`. This command prints
-//! them as they arrive, optionally only those touching a namespace or an identity.
+//! them as they arrive, optionally only those touching a namespace or an identity. Records
+//! are parsed as `membrane_api::access::AccessRecord`, the type the ztunnel writes; a line
+//! that is not one is skipped, and the skipped lines are counted in a warning.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::Value;
+use membrane_api::access::{AccessRecord, KIND};
 
 /// What to show.
 #[derive(Debug, Clone, Default)]
@@ -28,10 +30,10 @@ fn namespace_of(id: &str) -> Option<&str> {
 
 impl Filter {
     /// Whether `record` passes.
-    pub fn matches(&self, record: &Value) -> bool {
+    pub fn matches(&self, record: &AccessRecord) -> bool {
         let ids = [
-            record["src_identity"].as_str(),
-            record["dst_identity"].as_str(),
+            record.src_identity.as_deref(),
+            record.dst_identity.as_deref(),
         ];
         if let Some(want) = &self.identity
             && !ids.iter().flatten().any(|id| id == want)
@@ -63,32 +65,68 @@ fn short(id: Option<&str>) -> String {
 }
 
 /// One line of text for a record.
-pub fn render(r: &Value) -> String {
-    let verdict = match r["authorization"]["verdict"].as_str() {
-        Some(v) => match r["authorization"]["policy"].as_str() {
-            Some(p) => format!("{v} by {p}"),
-            None => v.to_owned(),
+pub fn render(r: &AccessRecord) -> String {
+    let verdict = match &r.authorization {
+        Some(a) => match &a.policy {
+            Some(p) => format!("{} by {p}", a.verdict),
+            None => a.verdict.clone().into_owned(),
         },
         None => String::new(),
     };
-    let reason = r["reason"]
-        .as_str()
+    let reason = r
+        .reason
+        .as_deref()
         .map(|s| format!(" ({s})"))
         .unwrap_or_default();
     format!(
         "{} {:<8} {:<28} → {:<28} {:<6} {:<10} {:>8} B ↑ {:>8} B ↓ {:>6} ms  {}{}",
-        r["start"].as_str().unwrap_or("?"),
-        r["direction"].as_str().unwrap_or("?"),
-        short(r["src_identity"].as_str()),
-        short(r["dst_identity"].as_str()),
-        r["transport"].as_str().unwrap_or("?"),
-        r["result"].as_str().unwrap_or("?"),
-        r["bytes_sent"].as_u64().unwrap_or(0),
-        r["bytes_received"].as_u64().unwrap_or(0),
-        r["duration_ms"].as_u64().unwrap_or(0),
+        r.start,
+        r.direction,
+        short(r.src_identity.as_deref()),
+        short(r.dst_identity.as_deref()),
+        r.transport,
+        r.result,
+        r.bytes_sent,
+        r.bytes_received,
+        r.duration_ms,
         verdict,
         reason
     )
+}
+
+/// Lines of the log that are not access records, counted for one warning at the end.
+#[derive(Debug, Default)]
+struct Skipped {
+    lines: u64,
+}
+
+impl Skipped {
+    /// Parses one line; `None` (and counted) if it is not an access record.
+    fn parse(&mut self, line: &str) -> Option<AccessRecord> {
+        match serde_json::from_str::<AccessRecord>(line) {
+            Ok(record) => Some(record),
+            Err(e) => {
+                self.lines += 1;
+                tracing::debug!(error = %e, "skipped a line that is not an access record");
+                None
+            }
+        }
+    }
+
+    fn warn(&self, log: &Path) {
+        if self.lines > 0 {
+            eprintln!(
+                "warning: skipped {} line(s) of {} that are not access records",
+                self.lines,
+                log.display()
+            );
+            tracing::warn!(
+                skipped = self.lines,
+                log = %log.display(),
+                "lines that are not access records were skipped"
+            );
+        }
+    }
 }
 
 /// Prints the records of `log` that pass `filter`; with `follow`, keeps printing new ones
@@ -101,6 +139,19 @@ pub async fn run(log: &Path, filter: &Filter, follow: bool, json: bool) -> anyho
         )
     })?;
     let mut reader = BufReader::new(file);
+    let mut skipped = Skipped::default();
+    let result = follow_log(&mut reader, &mut skipped, filter, follow, json).await;
+    skipped.warn(log);
+    result
+}
+
+async fn follow_log(
+    reader: &mut BufReader<std::fs::File>,
+    skipped: &mut Skipped,
+    filter: &Filter,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut line = String::new();
     let mut position = 0u64;
     loop {
@@ -119,14 +170,16 @@ pub async fn run(log: &Path, filter: &Filter, follow: bool, json: bool) -> anyho
             continue;
         }
         position += n as u64;
-        let Ok(record) = serde_json::from_str::<Value>(line.trim_end()) else {
+        let text = line.trim_end();
+        let Some(record) = skipped.parse(text) else {
             continue;
         };
-        if record["kind"] != "access" || !filter.matches(&record) {
+        if record.kind != KIND || !filter.matches(&record) {
             continue;
         }
         if json {
-            println!("{record}");
+            // The line as the ztunnel wrote it.
+            println!("{text}");
         } else {
             println!("{}", render(&record));
         }
@@ -136,19 +189,26 @@ pub async fn run(log: &Path, filter: &Filter, follow: bool, json: bool) -> anyho
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn record(src: &str, dst: &str) -> Value {
-        json!({"kind": "access", "src_identity": src, "dst_identity": dst, "direction": "inbound",
-               "authorization": {"verdict": "deny", "policy": "inference/only-trainer"}})
+    /// A destination-side record, as the ztunnel writes it (field order and all).
+    const INBOUND: &str = concat!(
+        r#"{"kind":"access","start":"2026-11-26T12:00:00.123Z","direction":"inbound","#,
+        r#""src_addr":"10.0.0.1:40000","dst_addr":"10.0.0.2:8080","#,
+        r#""src_identity":"spiffe://cluster.local/ns/untrusted/sa/scraper","#,
+        r#""dst_identity":"spiffe://cluster.local/ns/inference/sa/model-server","#,
+        r#""transport":"hbone","bytes_sent":0,"bytes_received":0,"duration_ms":1,"#,
+        r#""result":"refused","reason":"denied by policy","#,
+        r#""authorization":{"verdict":"deny","policy":"inference/only-trainer","rule":null,"#,
+        r#""audit":[],"dry_run":[]}}"#
+    );
+
+    fn record() -> AccessRecord {
+        Skipped::default().parse(INBOUND).expect("an access record")
     }
 
     #[test]
     fn filters_by_namespace_and_identity() {
-        let r = record(
-            "spiffe://cluster.local/ns/untrusted/sa/scraper",
-            "spiffe://cluster.local/ns/inference/sa/model-server",
-        );
+        let r = record();
         assert!(Filter::default().matches(&r));
         let ns = |n: &str| Filter {
             namespaces: vec![n.into()],
@@ -161,19 +221,32 @@ mod tests {
             identity: Some("spiffe://cluster.local/ns/untrusted/sa/scraper".into()),
         };
         assert!(id.matches(&r));
-        assert!(render(&r).contains("deny by inference/only-trainer"));
-        assert!(render(&r).contains("untrusted/scraper"));
+        let other = Filter {
+            namespaces: vec![],
+            identity: Some("spiffe://cluster.local/ns/a/sa/x".into()),
+        };
+        assert!(!other.matches(&r));
+        let text = render(&r);
+        assert!(text.contains("deny by inference/only-trainer"), "{text}");
+        assert!(text.contains("untrusted/scraper"), "{text}");
+        assert!(text.contains("(denied by policy)"), "{text}");
+    }
+
+    #[test]
+    fn lines_that_are_not_records_are_counted() {
+        let mut skipped = Skipped::default();
+        assert!(skipped.parse(INBOUND).is_some());
+        for bad in ["not json", "{\"kind\":\"access\"}", "{\"partial\":"] {
+            assert!(skipped.parse(bad).is_none(), "{bad}");
+        }
+        assert_eq!(skipped.lines, 3);
     }
 
     #[tokio::test]
     async fn prints_existing_records_without_follow() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("access.log");
-        let line = record(
-            "spiffe://cluster.local/ns/a/sa/x",
-            "spiffe://cluster.local/ns/b/sa/y",
-        );
-        std::fs::write(&log, format!("{line}\nnot json\n{{\"partial\":")).expect("write");
+        std::fs::write(&log, format!("{INBOUND}\nnot json\n{{\"partial\":")).expect("write");
         run(&log, &Filter::default(), false, true)
             .await
             .expect("runs");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use membrane_ca::source::directory::DirectorySource;
 use membrane_policy::eval::{Decision, DecisionReason, Request, Source, decide};
-use membrane_policy::{PolicyIndex, parse_policies};
+use membrane_policy::{PLAINTEXT_ANNOTATION, PlaintextMode, PolicyIndex, parse_policies};
 use serde_json::json;
 
 /// Istio's root namespace: a selector-less policy there is meant mesh-wide.
@@ -171,15 +171,10 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         })?;
         Some(id)
     };
-    let principal = identity.as_ref().map(|id| {
-        let s = id.to_string();
-        s.strip_prefix("spiffe://").unwrap_or(&s).to_owned()
-    });
-    let permit = ns_annotations
-        .get("membrane.dev/plaintext")
-        .map(String::as_str)
-        == Some("permit");
-    if identity.is_none() && !permit {
+    let mode = PlaintextMode::from_annotation(
+        ns_annotations.get(PLAINTEXT_ANNOTATION).map(String::as_str),
+    );
+    if !mode.admits(identity.is_some()) {
         let reason = format!(
             "plaintext source refused: namespace {namespace} is not annotated membrane.dev/plaintext: permit"
         );
@@ -194,14 +189,10 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             &[],
         );
     }
-    let source = match (&identity, &principal) {
-        (Some(id), Some(p)) => Some(Source {
-            principal: p,
-            namespace: id.namespace(),
-            service_account: id.service_account(),
-        }),
-        _ => None,
-    };
+    let mut principal = String::new();
+    let source = identity
+        .as_ref()
+        .map(|id| Source::from_identity(id, &mut principal));
     let decision: Decision = decide(
         &index,
         &Request {

@@ -26,7 +26,7 @@ use crate::config::{self, NetConf};
 use crate::env::{Command, Invocation};
 use crate::error::{CURRENT_VERSION, CniError};
 use crate::probes::ProbeRules;
-use crate::ztunnel::{AddRequest, CallError, Ztunnel};
+use crate::ztunnel::{CallError, Request, Ztunnel};
 
 /// What a run of the plugin produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,12 +147,12 @@ impl Plugin<'_> {
             return Ok(self.conf.result());
         };
         let netns = self.inv.netns.clone().unwrap_or_default();
-        let reply = self.ztunnel.add(AddRequest {
-            uid: &uid,
-            netns: &netns,
-            namespace: self.inv.pod.namespace.as_deref(),
-            name: self.inv.pod.name.as_deref(),
-            ips: &ips,
+        let reply = self.ztunnel.add(&Request::Add {
+            uid: uid.clone(),
+            netns,
+            namespace: self.inv.pod.namespace.clone(),
+            name: self.inv.pod.name.clone(),
+            ips: ips.clone(),
         });
         let (reachable, enrolled) = match reply {
             Ok(r) if r.ok => (true, r.enrolled.unwrap_or(true)),

@@ -1,19 +1,16 @@
 //! The ztunnel's enrollment socket, seen from the plugin: one JSON request line, one JSON
 //! answer line, on a Unix stream socket, every step bounded by the configured timeout.
 //!
-//! The protocol belongs to the ztunnel (`ztunnel/src/enroll.rs`); this side sends
-//! `{"op":"add","uid","netns","namespace","name","ips"}`, `{"op":"remove","uid"}` and
-//! `{"op":"list"}` and reads `{"ok", "error", "retry", "enrolled", "pods"}`. The plugin does
-//! not link the ztunnel crate: it must stay a small synchronous binary on the host.
+//! The wire types are `membrane_api::enrollment`'s, the same the ztunnel parses and writes
+//! (`ztunnel/src/enroll.rs` serves the socket). The plugin links that serde-only crate, not
+//! the ztunnel: it must stay a small synchronous binary on the host.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::json;
+pub use membrane_api::enrollment::{PodStatus, Request, Response};
 
 /// Longest answer read (a `list` of every pod of a large node fits easily).
 const MAX_REPLY: u64 = 4 * 1024 * 1024;
@@ -49,66 +46,11 @@ pub enum CallError {
     },
 }
 
-/// The ztunnel's answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct Reply {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Whether retrying later may succeed (the ztunnel has no mesh state yet, or its view is
-    /// not current and it does not know the pod).
-    #[serde(default)]
-    pub retry: Option<bool>,
-    /// For `add`: whether the pod is now captured (false: not a mesh workload, remembered).
-    #[serde(default)]
-    pub enrolled: Option<bool>,
-    /// For `list`.
-    #[serde(default)]
-    pub pods: Option<Vec<PodEntry>>,
-}
-
-/// One pod in a `list` answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct PodEntry {
-    /// Pod UID.
-    pub uid: String,
-    /// Whether it is captured.
-    #[serde(default)]
-    pub enrolled: bool,
-    /// Whether the mesh state says it is a mesh workload of this node.
-    #[serde(default)]
-    pub mesh: bool,
-    /// Its addresses, as far as the ztunnel knows them.
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// The last enrollment failure, if any.
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
 /// A client of one ztunnel.
 #[derive(Debug, Clone)]
 pub struct Ztunnel {
     socket: PathBuf,
     timeout: Duration,
-}
-
-/// What `add` sends about the pod.
-#[derive(Debug, Clone, Copy)]
-pub struct AddRequest<'a> {
-    /// Pod UID.
-    pub uid: &'a str,
-    /// Its network namespace.
-    pub netns: &'a Path,
-    /// Its Kubernetes namespace (lets the ztunnel skip waiting for a pod of a namespace that
-    /// is not in the mesh).
-    pub namespace: Option<&'a str>,
-    /// Its name (for logs).
-    pub name: Option<&'a str>,
-    /// Its addresses.
-    pub ips: &'a [IpAddr],
 }
 
 // === impl Ztunnel ===
@@ -127,30 +69,22 @@ impl Ztunnel {
         &self.socket
     }
 
-    /// Hands a pod to the ztunnel; answers once it is captured (or remembered as not a mesh
-    /// workload).
-    pub fn add(&self, pod: AddRequest<'_>) -> Result<Reply, CallError> {
-        let mut request = json!({"op": "add", "uid": pod.uid, "netns": pod.netns});
-        if let Some(ns) = pod.namespace {
-            request["namespace"] = json!(ns);
-        }
-        if let Some(name) = pod.name {
-            request["name"] = json!(name);
-        }
-        if !pod.ips.is_empty() {
-            request["ips"] = json!(pod.ips);
-        }
-        self.call(&request)
+    /// Hands a pod to the ztunnel (a [`Request::Add`]); answers once it is captured (or
+    /// remembered as not a mesh workload).
+    pub fn add(&self, pod: &Request) -> Result<Response, CallError> {
+        self.call(pod)
     }
 
     /// Tells the ztunnel the pod is gone.
-    pub fn remove(&self, uid: &str) -> Result<Reply, CallError> {
-        self.call(&json!({"op": "remove", "uid": uid}))
+    pub fn remove(&self, uid: &str) -> Result<Response, CallError> {
+        self.call(&Request::Remove {
+            uid: uid.to_owned(),
+        })
     }
 
     /// Every pod the ztunnel knows.
-    pub fn list(&self) -> Result<Vec<PodEntry>, CallError> {
-        let reply = self.call(&json!({"op": "list"}))?;
+    pub fn list(&self) -> Result<Vec<PodStatus>, CallError> {
+        let reply = self.call(&Request::List)?;
         if !reply.ok {
             return Err(self.protocol(format!("list refused: {}", reply.error.unwrap_or_default())));
         }
@@ -175,7 +109,7 @@ impl Ztunnel {
     }
 
     /// One request, one answer.
-    pub fn call(&self, request: &serde_json::Value) -> Result<Reply, CallError> {
+    pub fn call(&self, request: &Request) -> Result<Response, CallError> {
         let stream =
             UnixStream::connect(&self.socket).map_err(|source| CallError::Unreachable {
                 socket: self.socket.clone(),
@@ -185,7 +119,8 @@ impl Ztunnel {
             .set_read_timeout(Some(self.timeout))
             .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
             .map_err(|e| self.io_error(e))?;
-        let mut line = request.to_string();
+        let mut line = serde_json::to_string(request)
+            .map_err(|e| self.protocol(format!("cannot encode the request: {e}")))?;
         line.push('\n');
         (&stream)
             .write_all(line.as_bytes())
@@ -235,12 +170,12 @@ mod tests {
         let z = Ztunnel::new(&path, Duration::from_secs(5));
         let ips = ["10.0.0.1".parse().expect("ip")];
         let reply = z
-            .add(AddRequest {
-                uid: "u1",
-                netns: Path::new("/run/netns/p"),
-                namespace: Some("shop"),
+            .add(&Request::Add {
+                uid: "u1".into(),
+                netns: "/run/netns/p".into(),
+                namespace: Some("shop".into()),
                 name: None,
-                ips: &ips,
+                ips: ips.to_vec(),
             })
             .expect("reply");
         assert_eq!(reply.enrolled, Some(false));
@@ -248,7 +183,7 @@ mod tests {
             serde_json::from_str(&server.join().expect("server")).expect("json");
         assert_eq!(
             sent,
-            json!({"op":"add","uid":"u1","netns":"/run/netns/p","namespace":"shop","ips":["10.0.0.1"]})
+            serde_json::json!({"op":"add","uid":"u1","netns":"/run/netns/p","namespace":"shop","ips":["10.0.0.1"]})
         );
     }
 

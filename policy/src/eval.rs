@@ -39,6 +39,27 @@ pub struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
+    /// The source of a verified workload identity. Its principal (the SPIFFE ID without the
+    /// scheme) is written into `principal`, which the source borrows; namespace and service
+    /// account are the identity's own, so they always agree with the principal.
+    pub fn from_identity(
+        identity: &'a membrane_identity::WorkloadIdentity,
+        principal: &'a mut String,
+    ) -> Self {
+        use std::fmt::Write as _;
+        principal.clear();
+        // Writing to a `String` cannot fail.
+        let _ = write!(principal, "{identity}");
+        if principal.starts_with(crate::matcher::SPIFFE_SCHEME) {
+            principal.drain(..crate::matcher::SPIFFE_SCHEME.len());
+        }
+        Self {
+            principal: principal.as_str(),
+            namespace: identity.namespace(),
+            service_account: identity.service_account(),
+        }
+    }
+
     /// Splits a principal `td/ns/N/sa/S` (with or without `spiffe://`); `None` if it does not
     /// have that shape. Names are not validated: the identity was verified by the handshake.
     pub fn from_principal(principal: &'a str) -> Option<Self> {
@@ -553,5 +574,27 @@ mod tests {
         assert_eq!(d.dry_run.len(), 1);
         assert!(d.dry_run[0].would_match);
         assert_eq!(d.dry_run[0].action, Action::Allow);
+    }
+
+    #[test]
+    fn a_verified_identity_is_the_source_its_principal_names() {
+        let identity: membrane_identity::WorkloadIdentity =
+            "spiffe://cluster.local/ns/training/sa/trainer"
+                .parse()
+                .expect("identity");
+        let mut principal = String::from("left over");
+        let source = Source::from_identity(&identity, &mut principal);
+        assert_eq!(
+            source,
+            Source {
+                principal: "cluster.local/ns/training/sa/trainer",
+                namespace: "training",
+                service_account: "trainer",
+            }
+        );
+        assert_eq!(
+            Source::from_principal("spiffe://cluster.local/ns/training/sa/trainer"),
+            Some(source)
+        );
     }
 }

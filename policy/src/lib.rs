@@ -9,9 +9,10 @@
 //!
 //! Modules: `model` (document shape), `validate` and `diagnostics` (errors and warnings with
 //! field paths), `matcher` (one value's syntax and matching), `policy` (the validated form),
-//! `compile` (the index by scope), `eval` (the decision), `wire` (proto conversions); private: `program` (the flattened
-//! encoding `decide` walks), `gate` (per-rule source-namespace filters) and `hash` (the Fx hash
-//! both use).
+//! `compile` (the index by scope), `eval` (the decision), `wire` (proto conversions),
+//! `plaintext` (which identity-less sources a namespace admits); private: `program` (the
+//! flattened encoding `decide` walks), `gate` (per-rule source-namespace filters) and `hash`
+//! (the Fx hash both use).
 //!
 //! This crate never does I/O (no files, network, clock or logging) and never panics on input:
 //! its callers (controller, ztunnel, CLI) read, log and measure.
@@ -23,6 +24,7 @@ mod gate;
 mod hash;
 pub mod matcher;
 pub mod model;
+pub mod plaintext;
 pub mod policy;
 mod program;
 pub mod validate;
@@ -34,10 +36,14 @@ pub use eval::{
     Decision, DecisionReason, DryRunMatch, Request, RuleMatch, Source, Verdict, decide,
 };
 pub use matcher::{IpNet, ServiceAccountRef, StringMatch};
+pub use plaintext::{PLAINTEXT_ANNOTATION, PlaintextMode};
 pub use policy::{
     Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,
 };
 pub use validate::{Checked, check, check_value, parse_policies};
 
-/// The namespace whose policies without selector apply to the whole mesh.
+/// The namespace whose policies without selector apply to the whole mesh, unless the controller
+/// is started with another `--root-namespace` (it streams its choice to the ztunnels). The one
+/// definition of this default: the controller, the ztunnel and the CLI all use it. (The
+/// controller's own namespace has the same name by default but is another setting.)
 pub const DEFAULT_ROOT_NAMESPACE: &str = "membrane-system";

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::conntrack::{ConnAttrs, OpenConnections};
 
-/// The namespace whose selector-less policies apply mesh-wide when the controller names no
-/// other (it streams its `--root-namespace` with the trust bundle).
-pub const ROOT_NAMESPACE: &str = membrane_policy::DEFAULT_ROOT_NAMESPACE;
-
 /// Labels of the decision counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -69,7 +65,7 @@ impl AuthzMetrics {
 }
 
 /// What an access record says about authorization.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct DecisionSummary {
     /// `allow` or `deny`.
     pub verdict: &'static str,
@@ -81,6 +77,18 @@ pub struct DecisionSummary {
     pub audit: Vec<String>,
     /// Dry-run policies that would have matched.
     pub dry_run: Vec<String>,
+}
+
+impl From<DecisionSummary> for membrane_api::access::Authorization {
+    fn from(d: DecisionSummary) -> Self {
+        Self {
+            verdict: d.verdict.into(),
+            policy: d.policy,
+            rule: d.rule,
+            audit: d.audit,
+            dry_run: d.dry_run,
+        }
+    }
 }
 
 /// Decides connections against the current policy.
@@ -127,18 +135,11 @@ impl Authorizer {
     }
 
     fn evaluate_with(index: &PolicyIndex, attrs: &ConnAttrs) -> Decision {
-        let principal = attrs.source.as_ref().map(|s| {
-            let id = s.to_string();
-            id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()
-        });
-        let source = match (&attrs.source, &principal) {
-            (Some(id), Some(principal)) => Some(Source {
-                principal,
-                namespace: id.namespace(),
-                service_account: id.service_account(),
-            }),
-            _ => None,
-        };
+        let mut principal = String::new();
+        let source = attrs
+            .source
+            .as_ref()
+            .map(|id| Source::from_identity(id, &mut principal));
         let request = Request {
             source,
             source_ip: attrs.source_ip,
@@ -216,7 +217,7 @@ pub fn load_policies(path: &Path) -> Result<PolicyIndex, String> {
     }
     Ok(PolicyIndex::build(
         checked.into_iter().map(|c| c.policy),
-        ROOT_NAMESPACE,
+        membrane_policy::DEFAULT_ROOT_NAMESPACE,
     ))
 }
 
@@ -262,5 +263,5 @@ pub async fn watch_policy_file(
 
 /// An empty policy set: every connection is allowed (no ALLOW policy applies).
 pub fn empty_index() -> PolicyIndex {
-    PolicyIndex::build(Vec::new(), ROOT_NAMESPACE)
+    PolicyIndex::build(Vec::new(), membrane_policy::DEFAULT_ROOT_NAMESPACE)
 }

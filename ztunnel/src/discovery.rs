@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::authz::{Authorizer, ROOT_NAMESPACE};
+use crate::authz::Authorizer;
 use crate::certs::CaConfig;
 use crate::conntrack::OpenConnections;
 use crate::state::{MeshState, PlaintextMode, Protocol, ServiceTarget, Workload};
@@ -240,7 +240,9 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     let mut state = MeshState::empty_loaded();
     let mut policies = Vec::new();
     let mut bundle = None;
-    let mut root_namespace = ROOT_NAMESPACE;
+    // The controller streams its `--root-namespace` with the trust bundle; until it names one,
+    // the default applies.
+    let mut root_namespace = membrane_policy::DEFAULT_ROOT_NAMESPACE;
     for resource in held.values() {
         match &resource.kind {
             Some(ResourceKind::Workload(w)) => {

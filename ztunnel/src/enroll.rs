@@ -1,15 +1,8 @@
 //! The enrollment socket: how the node side (the CNI plugin, `membrane`, tests) tells the
 //! ztunnel about pods.
 //!
-//! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line:
-//!
-//! ```text
-//! {"op":"add","uid":"<pod uid>","netns":"/run/netns/<name>"}   → {"ok":true,"enrolled":true}
-//!   optional: "namespace":"<k8s namespace>","name":"<pod>","ips":["10.1.2.3"]
-//! {"op":"remove","uid":"<pod uid>"}                             → {"ok":true,"removed":true}
-//! {"op":"list"}                                                 → {"ok":true,"pods":[…]}
-//! anything malformed                                            → {"ok":false,"error":"…"}
-//! ```
+//! A Unix stream socket (mode 0600), one JSON request per line, one JSON response per line; the
+//! messages are `membrane_api::enrollment`'s (re-exported here), which the CNI plugin shares.
 //!
 //! `add` answers only once the redirect rules are in place and the listeners are bound, so the
 //! caller can start the pod's containers safely. A pod that is not a mesh workload is not an
@@ -23,18 +16,19 @@
 //! is looked up in the mesh state.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::pods::{PodInfo, PodRegistry, PodStatus};
+pub use membrane_api::enrollment::{PodStatus, Request, Response};
+
+use crate::pods::{PodInfo, PodRegistry};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -66,68 +60,6 @@ impl EnrollMetrics {
             m.refused.clone(),
         );
         m
-    }
-}
-
-/// A request on the enrollment socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Enroll a pod.
-    Add {
-        /// Pod UID.
-        uid: String,
-        /// Network namespace path.
-        netns: PathBuf,
-        /// Kubernetes namespace (lets the ztunnel answer at once for a namespace with no
-        /// mesh workload).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        namespace: Option<String>,
-        /// Pod name (for logs and `list`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<String>,
-        /// The pod's addresses (for `list`).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        ips: Vec<std::net::IpAddr>,
-    },
-    /// Remove a pod.
-    Remove {
-        /// Pod UID.
-        uid: String,
-    },
-    /// List known pods.
-    List,
-}
-
-/// A response on the enrollment socket.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Response {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// Why it failed.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub error: Option<String>,
-    /// Whether retrying later may succeed.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub retry: Option<bool>,
-    /// For `add`: whether the pod is captured (`false`: not a mesh workload, remembered).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub enrolled: Option<bool>,
-    /// For `remove`: whether the pod was enrolled.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub removed: Option<bool>,
-    /// For `list`.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub pods: Option<Vec<PodStatus>>,
-}
-
-impl Response {
-    fn error(e: impl std::fmt::Display) -> Self {
-        Self {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Self::default()
-        }
     }
 }
 

@@ -16,18 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::redirect::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-
-/// DNS capture in the pod's namespace (reserved: no application may be reached on it).
-pub const DNS_PORT: u16 = 15053;
-
 /// The ports the ztunnel owns in every enrolled pod's namespace.
-pub const POD_PORTS: [u16; 4] = [
-    OUTBOUND_PORT,
-    INBOUND_PLAINTEXT_PORT,
-    INBOUND_HBONE_PORT,
-    DNS_PORT,
-];
+pub use membrane_api::ports::POD_PORTS;
 
 /// A destination the ztunnel refuses because it is, or may be, the ztunnel itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -19,7 +19,6 @@ use crate::hbone::{
     self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult, ResetOnError,
 };
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
-use crate::state::PlaintextMode;
 use membrane_identity::WorkloadIdentity;
 
 /// Accepts HBONE connections for one pod until it is removed.
@@ -258,7 +257,8 @@ async fn plaintext_connection(
         tracing::warn!(dst = %dst, error = %e, "plaintext destination refused");
         return refuse(log, tcp, format!("destination refused: {e}"));
     }
-    if mode != PlaintextMode::Permit {
+    // A plaintext source is not authenticated.
+    if !mode.admits(false) {
         return refuse(
             log,
             tcp,

@@ -27,12 +27,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use membrane_api::ports;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
-use crate::redirect::{self, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::redirect;
 use crate::state::{MeshState, Protocol, UdpInbound, Workload};
 use crate::{inbound, outbound};
 
@@ -83,30 +84,7 @@ fn captured() -> bool {
     true
 }
 
-/// One known pod, as `list` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodStatus {
-    /// Pod UID.
-    pub uid: String,
-    /// Network namespace path.
-    pub netns: PathBuf,
-    /// Whether it is captured.
-    pub enrolled: bool,
-    /// Whether the mesh state says it is a mesh workload of this node.
-    pub mesh: bool,
-    /// Kubernetes namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// Pod name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Addresses (the caller's, or the mesh state's).
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// The last enrollment failure, while it is not enrolled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+pub use membrane_api::enrollment::PodStatus;
 
 /// A known pod.
 #[derive(Debug, Clone)]
@@ -334,9 +312,9 @@ impl PodRegistry {
                     .map_err(|source| EnrollError::Listen { port, source })
             }
         };
-        let outbound_l = bind(OUTBOUND_PORT).await?;
-        let plaintext_l = bind(INBOUND_PLAINTEXT_PORT).await?;
-        let hbone_l = bind(INBOUND_HBONE_PORT).await?;
+        let outbound_l = bind(ports::OUTBOUND).await?;
+        let plaintext_l = bind(ports::INBOUND_PLAINTEXT).await?;
+        let hbone_l = bind(ports::HBONE).await?;
         redirect::install(&pod_netns, &udp).await?;
         let context = Arc::new(PodContext {
             workload: workload.clone(),

@@ -160,14 +160,14 @@ impl ConnectionLog {
             started: Instant::now(),
             labels,
             record: AccessRecord {
-                kind: "access",
+                kind: membrane_api::access::KIND.into(),
                 start: crate::telemetry::rfc3339(SystemTime::now()),
-                direction,
+                direction: direction.into(),
                 src_addr,
                 dst_addr,
                 src_identity,
                 dst_identity,
-                transport,
+                transport: transport.into(),
                 bytes_sent: 0,
                 bytes_received: 0,
                 duration_ms: 0,
@@ -187,7 +187,7 @@ impl ConnectionLog {
     /// The connection was refused before any byte reached the destination.
     pub fn refused(mut self, reason: String) {
         tracing::info!(
-            direction = self.record.direction,
+            direction = %self.record.direction,
             src = %self.record.src_addr,
             dst = %self.record.dst_addr,
             reason,
@@ -207,7 +207,7 @@ impl ConnectionLog {
 
     /// Records the authorization decision.
     pub fn authorized(&mut self, decision: crate::authz::DecisionSummary) {
-        self.record.authorization = Some(decision);
+        self.record.authorization = Some(decision.into());
     }
 
     /// The connection was opened (counted once, before bytes flow).

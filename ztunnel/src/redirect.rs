@@ -23,15 +23,10 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
+use membrane_api::ports;
+
 use crate::netns::{NetnsError, PodNetns, ZTUNNEL_MARK};
 use crate::state::UdpInbound;
-
-/// Outbound capture port.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Inbound plaintext capture port.
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-/// Inbound HBONE port.
-pub const INBOUND_HBONE_PORT: u16 = 15008;
 
 /// The table Membrane owns in each pod namespace.
 pub const TABLE: &str = "membrane";
@@ -91,6 +86,7 @@ fn udp_chain(udp: &UdpInbound) -> String {
 /// The rule set, replacing any previous version of the table atomically.
 pub fn ruleset(udp: &UdpInbound) -> String {
     let udp_chain = udp_chain(udp);
+    let (outbound, plaintext, hbone) = (ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE);
     format!(
         "add table inet {TABLE}
 delete table inet {TABLE}
@@ -100,14 +96,14 @@ table inet {TABLE} {{
     type nat hook output priority -100; policy accept;
     meta mark {ZTUNNEL_MARK:#x} accept
     oifname \"lo\" accept
-    meta l4proto tcp redirect to :{OUTBOUND_PORT}
+    meta l4proto tcp redirect to :{outbound}
   }}
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} meta l4proto tcp accept
-    tcp dport {INBOUND_HBONE_PORT} accept
-    meta l4proto tcp redirect to :{INBOUND_PLAINTEXT_PORT}
+    tcp dport {hbone} accept
+    meta l4proto tcp redirect to :{plaintext}
   }}
 }}
 "

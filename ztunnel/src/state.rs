@@ -69,16 +69,8 @@ fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S:
     s.collect_str(v)
 }
 
-/// How a namespace treats plaintext (identity-less) sources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PlaintextMode {
-    /// Refused (zero trust, the default).
-    #[default]
-    Deny,
-    /// Handed to policy with no identity (`membrane.dev/plaintext: permit`).
-    Permit,
-}
+/// How a namespace treats plaintext sources: the rule is `membrane_policy::plaintext`.
+pub use membrane_policy::PlaintextMode;
 
 /// What inbound UDP a captured pod accepts. UDP is not tunnelled: in a namespace that refuses
 /// plaintext TCP, plaintext UDP is refused too (dropped in the pod, counted), except replies to

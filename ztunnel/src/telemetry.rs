@@ -4,14 +4,12 @@
 //! (`reporter`, `source_principal`, `destination_principal`), so dashboards port. Each
 //! connection also produces one JSON access record on stdout (logs go to stderr).
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 
 /// Labels of the TCP metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -91,44 +89,9 @@ impl TcpMetrics {
     }
 }
 
-/// One connection's access record.
-#[derive(Debug, Clone, Serialize)]
-pub struct AccessRecord {
-    /// Always `access`.
-    pub kind: &'static str,
-    /// Start time, RFC 3339.
-    pub start: String,
-    /// `outbound` (this node is the source side) or `inbound`.
-    pub direction: &'static str,
-    /// Source address.
-    pub src_addr: SocketAddr,
-    /// Destination (original) address.
-    pub dst_addr: SocketAddr,
-    /// Source SPIFFE ID, if known.
-    pub src_identity: Option<String>,
-    /// Destination SPIFFE ID, if any (none for passthrough).
-    pub dst_identity: Option<String>,
-    /// `hbone`, `passthrough` or `plaintext`.
-    pub transport: &'static str,
-    /// Bytes from source to destination.
-    pub bytes_sent: u64,
-    /// Bytes from destination to source.
-    pub bytes_received: u64,
-    /// Duration in milliseconds.
-    pub duration_ms: u64,
-    /// `ok`, `reset`, `refused`, `error`.
-    pub result: String,
-    /// Detail for anything but `ok`.
-    pub reason: Option<String>,
-    /// The authorization decision (inbound), with the deciding policy and rule and any AUDIT
-    /// or dry-run matches.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub authorization: Option<crate::authz::DecisionSummary>,
-    /// Inbound HBONE: the source address the peer claimed in `forwarded` when it differs from
-    /// the verified TCP peer in `src_addr` (never used for policy).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forwarded_for: Option<std::net::IpAddr>,
-}
+/// One connection's access record: its shape is a contract with the readers of the ztunnel's
+/// output (`membrane observe`), defined in `membrane_api::access`.
+pub use membrane_api::access::{AccessRecord, Authorization};
 
 /// Formats a time as RFC 3339 (UTC, millisecond precision).
 pub fn rfc3339(t: SystemTime) -> String {
@@ -302,14 +265,14 @@ mod tests {
 
     fn record(n: u64) -> AccessRecord {
         AccessRecord {
-            kind: "access",
+            kind: membrane_api::access::KIND.into(),
             start: rfc3339(SystemTime::UNIX_EPOCH),
-            direction: "outbound",
+            direction: "outbound".into(),
             src_addr: "10.0.0.1:1000".parse().expect("addr"),
             dst_addr: "10.0.0.2:80".parse().expect("addr"),
             src_identity: None,
             dst_identity: None,
-            transport: "hbone",
+            transport: "hbone".into(),
             bytes_sent: n,
             bytes_received: 0,
             duration_ms: 0,
@@ -331,13 +294,14 @@ mod tests {
         assert!(log.flush(Duration::from_secs(5)), "flush acknowledged");
         let (bytes, writes) = out.0.lock().expect("lock").clone();
         let text = String::from_utf8(bytes).expect("utf-8");
-        let lines: Vec<serde_json::Value> = text
+        // Each line parses as the shared record type, as `membrane observe` reads it.
+        let lines: Vec<AccessRecord> = text
             .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+            .map(|l| serde_json::from_str(l).expect("one access record per line"))
             .collect();
         assert_eq!(lines.len(), 500);
         for (n, line) in lines.iter().enumerate() {
-            assert_eq!(line["bytes_sent"], n as u64, "in order");
+            assert_eq!(line, &record(n as u64), "in order, unchanged");
         }
         assert!(writes <= 5, "500 records in {writes} writes");
     }

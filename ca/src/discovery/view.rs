@@ -16,8 +16,7 @@ use pb::resource_key::Kind;
 
 use crate::source::{ClusterState, Pod, Service};
 
-/// The namespace annotation that admits plaintext sources (`permit`).
-pub const PLAINTEXT_ANNOTATION: &str = "membrane.dev/plaintext";
+pub use membrane_policy::PLAINTEXT_ANNOTATION;
 
 /// A resource's key: kind and name (pod UID, `namespace/name`, or empty for the bundle).
 pub type Key = (i32, String);
@@ -43,7 +42,9 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
         .namespaces
         .get(&pod.namespace)
         .and_then(|ns| ns.annotations.get(PLAINTEXT_ANNOTATION))
-        .is_some_and(|v| v == "permit");
+        .map(String::as_str);
+    let plaintext = membrane_policy::PlaintextMode::from_annotation(plaintext)
+        == membrane_policy::PlaintextMode::Permit;
     // The sources validated the value (a directory refuses it, Kubernetes logs and counts
     // it); an invalid one exempts nothing.
     let udp_ports = state

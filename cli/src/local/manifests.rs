@@ -114,10 +114,9 @@ pub fn spec(
         .namespaces
         .values()
         .filter(|n| {
-            n.annotations
-                .get("membrane.dev/plaintext")
-                .map(String::as_str)
-                == Some("permit")
+            let value = n.annotations.get(membrane_policy::PLAINTEXT_ANNOTATION);
+            membrane_policy::PlaintextMode::from_annotation(value.map(String::as_str))
+                == membrane_policy::PlaintextMode::Permit
         })
         .map(|n| n.name.clone())
         .collect();

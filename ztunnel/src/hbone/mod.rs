@@ -50,7 +50,7 @@ pub use server::{
 pub use stream::H2Stream;
 
 /// The port inbound HBONE listens on, in every enrolled pod's network namespace.
-pub const HBONE_PORT: u16 = 15008;
+pub use membrane_api::ports::HBONE as HBONE_PORT;
 
 /// The only ALPN protocol HBONE speaks.
 pub const ALPN_H2: &[u8] = b"h2";
