@@ -5,10 +5,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn find<'a>(steps: &'a [serde_json::Value], key: &str) -> &'a serde_json::Value {
     steps
         .iter()
@@ -41,7 +37,7 @@ fn demo_runs_clean_and_every_step_holds() {
     assert!(text.contains("spiffe://cluster.local/ns/training/sa/trainer"));
     assert!(text.contains("PermissionDenied"));
     assert!(text.contains("Unauthenticated"));
-    if is_root() {
+    if membrane_testbed::is_root() {
         // Allowed flows allowed, and never in the clear on the wire.
         let allowed = find(&steps, "allowed");
         assert_eq!(allowed["allowed"], true);
@@ -102,10 +98,9 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn interrupting_the_demo_leaves_nothing_behind() {
-    if !is_root() {
-        return;
-    }
+    membrane_testbed::require_root().expect("needs root");
     // Interrupt while the mesh is being built, while traffic flows, and during the transfer.
     for after_lines in [9, 11, 15] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_membrane"))

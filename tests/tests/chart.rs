@@ -36,10 +36,6 @@ fn chart_dir() -> PathBuf {
     repo_root().join("charts/membrane")
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn runs(helm: &Path) -> bool {
     Command::new(helm)
         .args(["version", "--short"])
@@ -93,7 +89,7 @@ fn helm() -> anyhow::Result<Option<PathBuf>> {
         return Ok(Some(helm));
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if is_root() {
+    if membrane_tests::is_root() {
         bail!(
             "helm is not installed and scripts/lib/helm.sh could not install it \
              (source scripts/lib/helm.sh && membrane_install_helm):\n{stderr}"
@@ -1300,7 +1296,7 @@ fn script_tools() -> anyhow::Result<bool> {
     if missing.is_empty() {
         return Ok(true);
     }
-    if is_root() {
+    if membrane_tests::is_root() {
         bail!(
             "{missing:?} missing: `source scripts/lib/helm.sh && membrane_install_helm` installs jq"
         );

@@ -19,10 +19,6 @@ use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// `membrane-cni`, next to the ztunnel binary.
 fn cni_binary() -> anyhow::Result<PathBuf> {
     let zt = ztunnel_binary()?;
@@ -234,11 +230,9 @@ async fn reach_from(netns: PathBuf, dst: SocketAddr) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
@@ -378,11 +372,10 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_not()
 -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(
         vec![
             PodDef::new("store", "data", "feature-store", "node-b"),
@@ -479,10 +472,9 @@ fn label_namespace(mesh: &Mesh, ns: &str, in_mesh: bool) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
@@ -571,10 +563,9 @@ async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn pods_older_than_the_ztunnel_are_found_and_captured() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(spec(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),

@@ -32,10 +32,6 @@ fn spec() -> MeshSpec {
     }
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// Dials from inside a pod's namespace without the ztunnel mark (like an application).
 struct FromPod(std::path::PathBuf);
 
@@ -59,10 +55,9 @@ fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("store").await?;
     let accepted = mesh.echo_app("store", APP_PORT)?;
@@ -186,10 +181,9 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -238,10 +232,9 @@ async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -293,10 +286,9 @@ async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;

@@ -152,11 +152,10 @@ spec:
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn istio_allow_nothing_in_the_configured_root_namespace_denies_mesh_traffic()
 -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![

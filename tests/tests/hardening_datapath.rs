@@ -19,10 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn spec(policies: &str) -> MeshSpec {
     MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
@@ -195,10 +191,9 @@ fn refused_with(result: anyhow::Result<()>, status: u16) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_pod_cannot_make_its_ztunnel_relay_to_itself() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec("")).await?;
     for pod in ["trainer", "etl", "store"] {
         mesh.enroll(pod).await?;
@@ -262,10 +257,9 @@ async fn a_pod_cannot_make_its_ztunnel_relay_to_itself() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_tunnel_to_a_ztunnel_port_is_refused_at_the_destination() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(&allow_all())).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -319,10 +313,9 @@ async fn a_tunnel_to_a_ztunnel_port_is_refused_at_the_destination() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     // Nothing is allowed until the test knows the addresses.
     let nobody = policy(
         "nobody",
@@ -391,10 +384,9 @@ async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_revocation_closes_connections_admitted_while_it_lands() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(&allow_all())).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;

@@ -25,10 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// What one run of the plugin printed, and how it exited.
 #[derive(Debug)]
 struct Run {
@@ -197,12 +193,10 @@ async fn plaintext_refused(mesh: &Mesh, from: &str, dst: SocketAddr) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh()
 -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into()],
         pods: vec![
@@ -390,11 +384,9 @@ fn nft_dropped(mesh: &Mesh, pod: &str) -> anyhow::Result<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![

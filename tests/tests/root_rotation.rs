@@ -160,12 +160,11 @@ async fn a_second_request_during_a_rotation_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Result<()> {
     use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![
