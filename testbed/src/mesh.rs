@@ -159,20 +159,19 @@ impl Mesh {
         for (name, content) in &spec.extra_manifests {
             files.push((name.as_str(), content.as_str()));
         }
-        let mut signer = membrane_ca::SignerConfig::default();
-        if let Some(ttl) = spec.cert_ttl {
-            signer.default_ttl = ttl;
-            signer.max_ttl = ttl;
+        let mut ca = TestCa::builder()
+            .nodes(&spec.nodes)
+            .listeners(spec.ca_listeners);
+        for (name, content) in files {
+            ca = ca.manifest(name, content);
         }
-        let root_namespace = spec.root_namespace.clone();
-        let ca_listeners = spec.ca_listeners;
-        let ca = TestCa::start_configured(&files, &spec.nodes, signer, |c| {
-            c.listeners = ca_listeners;
-            if let Some(ns) = root_namespace {
-                c.root_namespace = ns;
-            }
-        })
-        .await?;
+        if let Some(ttl) = spec.cert_ttl {
+            ca = ca.cert_ttl(ttl);
+        }
+        if let Some(ns) = &spec.root_namespace {
+            ca = ca.root_namespace(ns);
+        }
+        let ca = ca.start().await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use membrane_ca::SignerConfig;
 use membrane_ca::rotation::{self, Phase};
 use membrane_proto::v1 as pb;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
@@ -44,19 +43,13 @@ async fn next_bundle(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_never_acknowledges_cannot_stall_a_root_rotation() -> anyhow::Result<()> {
-    let signer = SignerConfig {
-        default_ttl: TTL,
-        max_ttl: TTL,
-        ..SignerConfig::default()
-    };
-    let nodes = ["node-a".to_owned(), "node-b".to_owned()];
-    let ca = TestCa::start_with_rotation_ack_timeout(
-        &[("mesh.yaml", MESH_MANIFESTS)],
-        &nodes,
-        signer,
-        ACK_TIMEOUT,
-    )
-    .await?;
+    let ca = TestCa::builder()
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .nodes(&["node-a".to_owned(), "node-b".to_owned()])
+        .cert_ttl(TTL)
+        .rotation_ack_timeout(ACK_TIMEOUT)
+        .start()
+        .await?;
     let state = ca.dir.path().join("state");
 
     // The attacker: node-a holds its stream open and never acknowledges anything.

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use membrane_ca::SignerConfig;
 use membrane_ca::client::CaClient;
 use membrane_ca::rotation::{self, Phase};
 use membrane_proto::v1 as pb;
@@ -55,14 +54,12 @@ async fn wait_phase(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_waits_for_nodes_and_survives_restarts_at_every_step() -> anyhow::Result<()>
 {
-    let signer = SignerConfig {
-        default_ttl: TTL,
-        max_ttl: TTL,
-        ..SignerConfig::default()
-    };
-    let nodes = ["node-a".to_owned()];
-    let mut ca =
-        TestCa::start_with_signer(&[("mesh.yaml", MESH_MANIFESTS)], &nodes, signer).await?;
+    let mut ca = TestCa::builder()
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .nodes(&["node-a".to_owned()])
+        .cert_ttl(TTL)
+        .start()
+        .await?;
     let state = ca.dir.path().join("state");
     let (client, mut stream) = watch_a(&ca).await?;
     let snapshot = next(&mut stream).await?;
