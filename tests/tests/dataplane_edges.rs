@@ -2,16 +2,16 @@
 //! tunnels, a ztunnel restart, and SIGTERM draining.
 
 use std::net::{SocketAddr, TcpListener};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, socket_in_netns};
+use membrane_identity::{PeerCheck, crypto_provider};
+use membrane_tests::hbone::{FromPod, mesh_bundle};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::run_in_netns;
-use membrane_tests::{identity, node_token, trust_domain};
+use membrane_tests::{identity, node_token};
 use membrane_ztunnel::hbone::{
     self, ConnectHeaders, Dial, HboneError, HbonePool, PoolConfig, PoolKey,
 };
@@ -32,23 +32,6 @@ fn spec() -> MeshSpec {
     }
 }
 
-/// Dials from inside a pod's namespace without the ztunnel mark (like an application).
-struct FromPod(std::path::PathBuf);
-
-impl Dial for FromPod {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
-            socket.connect(addr).await
-        })
-    }
-}
-
 fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
     cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
     Arc::new(cfg)
@@ -62,10 +45,7 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
     mesh.enroll("store").await?;
     let accepted = mesh.echo_app("store", APP_PORT)?;
     let store_id = identity("data", "feature-store");
-    let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
-        trust_domain(),
-        mesh.ca.root_pem().as_bytes(),
-    )?);
+    let bundle = mesh_bundle(&mesh)?;
     let pool = HbonePool::new(PoolConfig::default());
     let dial: Arc<dyn Dial> = Arc::new(FromPod(mesh.netns_path("outsider")));
     let store_ip = mesh.ip("store");

@@ -3,14 +3,14 @@
 //! connection racing a revocation. Each asserts the attack fails and the legitimate path works.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use membrane_identity::verify::mtls_client_config;
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, socket_in_netns};
-use membrane_tests::{http_get, identity, node_token, trust_domain};
+use membrane_identity::{PeerCheck, crypto_provider};
+use membrane_tests::hbone::{FromPod, mesh_bundle};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use membrane_tests::{http_get, identity, node_token};
 use membrane_ztunnel::hbone::{
     self, ConnectHeaders, Dial, HboneError, HbonePool, PoolConfig, PoolKey,
 };
@@ -92,23 +92,6 @@ async fn expect_dead_end(mesh: &Mesh, from: &str, dst: SocketAddr) {
     }
 }
 
-/// Dials from inside a pod's namespace without the ztunnel mark (like an application).
-struct FromPod(std::path::PathBuf);
-
-impl Dial for FromPod {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
-            socket.connect(addr).await
-        })
-    }
-}
-
 /// An HBONE client dialing from the non-mesh pod `outsider` on node-a while presenting a valid
 /// SVID of `training/trainer`: what a compromised node can do.
 struct Attacker {
@@ -120,10 +103,7 @@ struct Attacker {
 
 impl Attacker {
     async fn new(mesh: &Mesh) -> anyhow::Result<Self> {
-        let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
-            trust_domain(),
-            mesh.ca.root_pem().as_bytes(),
-        )?);
+        let bundle = mesh_bundle(&mesh)?;
         let trainer = identity("training", "trainer");
         let store = identity("data", "feature-store");
         let (svid, _) = mesh
