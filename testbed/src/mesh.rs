@@ -107,6 +107,19 @@ pub fn socket_in_netns(path: PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
     Ok(tokio::net::TcpSocket::from_std_stream(stream))
 }
 
+impl MeshSpec {
+    /// Two nodes, `node-a` and `node-b`, running `pods`, with `mesh_namespaces` in the mesh;
+    /// everything else default.
+    pub fn two_nodes(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> Self {
+        Self {
+            nodes: vec!["node-a".into(), "node-b".into()],
+            pods,
+            mesh_namespaces: mesh_namespaces.iter().map(|n| (*n).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+}
+
 /// A mesh on one host.
 pub struct Mesh {
     /// Per-node ztunnels, by node name (dropped first: processes before namespaces).

@@ -19,15 +19,6 @@ use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 
-fn spec(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods,
-        mesh_namespaces: mesh_namespaces.iter().map(|n| (*n).to_owned()).collect(),
-        ..MeshSpec::default()
-    }
-}
-
 /// The ztunnel's `list` entry for `pod`, if it knows the pod.
 async fn listed(mesh: &Mesh, pod: &str) -> anyhow::Result<Option<Value>> {
     let def = mesh.def(pod);
@@ -76,7 +67,7 @@ async fn reach_from(netns: PathBuf, dst: SocketAddr) -> anyhow::Result<()> {
 #[ignore = "needs root"]
 async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
-    let mesh = Mesh::start(spec(
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
@@ -221,7 +212,7 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
 async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_not()
 -> anyhow::Result<()> {
     membrane_tests::require_root()?;
-    let mesh = Mesh::start(spec(
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("legacy", "legacy", "legacy", "node-a"),
@@ -320,7 +311,7 @@ fn label_namespace(mesh: &Mesh, ns: &str, in_mesh: bool) -> anyhow::Result<()> {
 #[ignore = "needs root"]
 async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
-    let mesh = Mesh::start(spec(
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("worker", "batch", "worker", "node-b"),
@@ -411,7 +402,7 @@ async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Resul
 #[ignore = "needs root"]
 async fn pods_older_than_the_ztunnel_are_found_and_captured() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
-    let mut mesh = Mesh::start(spec(
+    let mut mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),

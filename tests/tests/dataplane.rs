@@ -14,17 +14,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 
 fn spec() -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
+    MeshSpec::two_nodes(
+        vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("cache", "data", "cache", "node-a"),
             PodDef::new("legacy", "legacy", "legacy", "node-b"),
         ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
-        ..MeshSpec::default()
-    }
+        &["training", "data"],
+    )
 }
 
 /// An application in a pod: reads everything (hashing it) until the client half-closes, then

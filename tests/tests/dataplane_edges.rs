@@ -20,16 +20,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 
 fn spec() -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
+    MeshSpec::two_nodes(
+        vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("outsider", "legacy", "outsider", "node-a"),
         ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
-        ..MeshSpec::default()
-    }
+        &["training", "data"],
+    )
 }
 
 fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {

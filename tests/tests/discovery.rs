@@ -12,15 +12,15 @@ const PORT: u16 = 8080;
 
 fn spec(policies: String) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         policies,
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 

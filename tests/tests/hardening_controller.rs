@@ -150,16 +150,16 @@ async fn istio_allow_nothing_in_the_configured_root_namespace_denies_mesh_traffi
 -> anyhow::Result<()> {
     membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-b"),
-            PodDef::new("model-server", "inference", "model-server", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         policies: ISTIO_POLICIES.to_owned(),
         root_namespace: Some("istio-system".to_owned()),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-b"),
+                PodDef::new("model-server", "inference", "model-server", "node-b"),
+            ],
+            &["training", "data", "inference"],
+        )
     })
     .await?;
     for pod in ["trainer", "etl", "model-server"] {

@@ -21,16 +21,16 @@ const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 fn spec(policies: &str) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "training", "etl", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-            PodDef::new("outsider", "legacy", "outsider", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         policies: policies.to_owned(),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "training", "etl", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+                PodDef::new("outsider", "legacy", "outsider", "node-a"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 

@@ -34,18 +34,18 @@ fn pod(name: &str, ns: &str, node: &str) -> PodDef {
 /// node-a).
 fn spec(ztunnel_args: &[&str]) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            pod("attacker", "training", "node-a"),
-            pod("client", "training", "node-a"),
-            pod("late", "training", "node-a"),
-            pod("fresh", "training", "node-a"),
-            pod("server", "data", "node-b"),
-            pod("outsider", "legacy", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         ztunnel_args: ztunnel_args.iter().map(|s| (*s).to_owned()).collect(),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                pod("attacker", "training", "node-a"),
+                pod("client", "training", "node-a"),
+                pod("late", "training", "node-a"),
+                pod("fresh", "training", "node-a"),
+                pod("server", "data", "node-b"),
+                pod("outsider", "legacy", "node-a"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 

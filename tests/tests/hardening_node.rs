@@ -272,16 +272,16 @@ fn nft_dropped(mesh: &Mesh, pod: &str) -> anyhow::Result<u64> {
 async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("target", "shop", "target", "node-a"),
-            PodDef::new("peer", "shop", "peer", "node-b"),
-            PodDef::new("relaxed", "lax", "relaxed", "node-a"),
-            PodDef::new("outsider", "web", "outsider", "node-b"),
-        ],
-        mesh_namespaces: vec!["shop".into(), "lax".into()],
         plaintext_permit: vec!["lax".into()],
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("target", "shop", "target", "node-a"),
+                PodDef::new("peer", "shop", "peer", "node-b"),
+                PodDef::new("relaxed", "lax", "relaxed", "node-a"),
+                PodDef::new("outsider", "web", "outsider", "node-b"),
+            ],
+            &["shop", "lax"],
+        )
     })
     .await?;
     let ip = |pod: &str, port: u16| SocketAddr::new(mesh.ip(pod), port);

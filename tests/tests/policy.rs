@@ -35,16 +35,16 @@ spec:
 
 fn spec() -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-a"),
-            PodDef::new("model-server", "inference", "model-server", "node-b"),
-            PodDef::new("outsider", "legacy", "outsider", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         policies: policy("cluster.local/ns/training/sa/trainer"),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-a"),
+                PodDef::new("model-server", "inference", "model-server", "node-b"),
+                PodDef::new("outsider", "legacy", "outsider", "node-a"),
+            ],
+            &["training", "data", "inference"],
+        )
     }
 }
 

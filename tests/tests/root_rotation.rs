@@ -163,14 +163,14 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     membrane_tests::require_root()?;
     let mut mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         cert_ttl: Some(Duration::from_secs(3)),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+            ],
+            &["training", "data"],
+        )
     })
     .await?;
     for pod in ["trainer", "store"] {
