@@ -103,7 +103,7 @@ struct Attacker {
 
 impl Attacker {
     async fn new(mesh: &Mesh) -> anyhow::Result<Self> {
-        let bundle = mesh_bundle(&mesh)?;
+        let bundle = mesh_bundle(mesh)?;
         let trainer = identity("training", "trainer");
         let store = identity("data", "feature-store");
         let (svid, _) = mesh
