@@ -10,14 +10,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use membrane_ca::metrics::SourceMetrics;
 use membrane_ca::source::ClusterState;
-use membrane_ca::source::kube::{self as ksource, Fallback, KubeSourceConfig, PolicyVerdict};
+use membrane_ca::source::kube::{self as ksource, Fallback, PolicyVerdict};
 use membrane_ca::status;
 use membrane_policy::{DEFAULT_ROOT_NAMESPACE, PolicyIndex, Request, Source, Verdict, decide};
 use serde_json::{Value, json};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -25,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(10);
 #[allow(dead_code)]
 mod fake_api;
 
-use fake_api::{FakeApi, Setup};
+use fake_api::{Setup, Source as Harness, start_source};
 
 fn policy(generation: i64, spec: Value) -> Value {
     json!({"apiVersion": "security.membrane.dev/v1", "kind": "AuthorizationPolicy",
@@ -46,20 +43,6 @@ fn broken() -> Value {
            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/*/sa/trainer"]}}]}]})
 }
 
-struct Harness {
-    api: FakeApi,
-    state: watch::Receiver<Option<Arc<ClusterState>>>,
-    reports: ksource::ReportReceiver,
-    metrics: SourceMetrics,
-    cancel: CancellationToken,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 fn start(policies: Vec<Value>) -> Harness {
     let mut setup = Setup::default();
     setup.lists.insert(
@@ -68,26 +51,7 @@ fn start(policies: Vec<Value>) -> Harness {
                     "metadata": {"name": "training", "labels": {"membrane.dev/mesh": "enabled"}}})],
     );
     setup.lists.insert("authorizationpolicies", policies);
-    let (client, api) = FakeApi::start(setup);
-    let (tx, state) = watch::channel(None);
-    let (reports_tx, reports) = watch::channel(None);
-    let metrics = SourceMetrics::default();
-    let cancel = CancellationToken::new();
-    tokio::spawn(ksource::run(
-        client,
-        KubeSourceConfig::default(),
-        tx,
-        reports_tx,
-        metrics.clone(),
-        cancel.clone(),
-    ));
-    Harness {
-        api,
-        state,
-        reports,
-        metrics,
-        cancel,
-    }
+    start_source(setup)
 }
 
 /// The verdict for `service_account` (namespace `training`) connecting to a workload labelled

@@ -8,24 +8,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
-use membrane_ca::metrics::{ResourceLabels, SourceMetrics, StatusMetrics, TokenReviewMetrics};
+use membrane_ca::metrics::{ResourceLabels, StatusMetrics, TokenReviewMetrics};
 use membrane_ca::source::ClusterState;
-use membrane_ca::source::kube::{self as ksource, KubeSourceConfig, PolicyVerdict, ReportReceiver};
+use membrane_ca::source::kube::PolicyVerdict;
 use membrane_ca::status::{self, StatusConfig};
 use membrane_ca::tokenreview::{
     NodeAuthFailure, NodeAuthenticator, TokenReviewConfig, TokenReviewError, TokenReviewer,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 #[path = "kube_source/fake_api.rs"]
 mod fake_api;
 
-use fake_api::{FakeApi, Seen, Setup, api_status};
+use fake_api::{FakeApi, Seen, Setup, Source, api_status, start_source};
 
 fn namespace(name: &str, mesh: bool) -> Value {
     let labels = if mesh {
@@ -63,45 +61,6 @@ fn slice(ns: &str, name: &str, service: &str, ips: &[&str]) -> Value {
                         "labels": {"kubernetes.io/service-name": service}},
            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
            "endpoints": endpoints})
-}
-
-struct Source {
-    api: FakeApi,
-    client: Client,
-    state: watch::Receiver<Option<Arc<ClusterState>>>,
-    reports: ReportReceiver,
-    metrics: SourceMetrics,
-    cancel: CancellationToken,
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-fn start_source(setup: Setup) -> Source {
-    let (client, api) = FakeApi::start(setup);
-    let (tx, state) = watch::channel(None);
-    let (reports_tx, reports) = watch::channel(None);
-    let metrics = SourceMetrics::default();
-    let cancel = CancellationToken::new();
-    tokio::spawn(ksource::run(
-        client.clone(),
-        KubeSourceConfig::default(),
-        tx,
-        reports_tx,
-        metrics.clone(),
-        cancel.clone(),
-    ));
-    Source {
-        api,
-        client,
-        state,
-        reports,
-        metrics,
-        cancel,
-    }
 }
 
 /// Waits for a published state satisfying `pred`.

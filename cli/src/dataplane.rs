@@ -15,8 +15,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::Context;
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use membrane_tests::netns::{Capture, run_in_netns};
+use membrane_testbed::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_testbed::netns::{Capture, run_in_netns};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -239,7 +239,7 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
 
     out.step("a policy edit reaches a live connection: the model server is locked down");
     let mut live = mesh.connect_from("trainer-0", model).await?;
-    membrane_tests::mesh::ping(&mut live).await?;
+    membrane_testbed::mesh::ping(&mut live).await?;
     let edited = std::time::Instant::now();
     mesh.set_policies(&format!("{POLICIES}{LOCKDOWN}"))?;
     let mut buf = [0u8; 16];
@@ -298,7 +298,7 @@ async fn transfer(stream: tokio::net::TcpStream, duration: Duration) -> anyhow::
     let (mut rx, mut tx) = stream.into_split();
     let writer = tokio::spawn(async move {
         let (mut pattern, mut buf, mut sent) = (
-            membrane_tests::Pattern(0xfeed_beef),
+            membrane_testbed::Pattern(0xfeed_beef),
             vec![0u8; 16 * 1024],
             0u64,
         );
@@ -313,7 +313,7 @@ async fn transfer(stream: tokio::net::TcpStream, duration: Duration) -> anyhow::
         anyhow::Ok(sent)
     });
     let (mut pattern, mut want, mut got, mut total) = (
-        membrane_tests::Pattern(0xfeed_beef),
+        membrane_testbed::Pattern(0xfeed_beef),
         vec![0u8; 16 * 1024],
         vec![0u8; 16 * 1024],
         0u64,

@@ -117,7 +117,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     running.shutdown().await;
     // The data plane needs network namespaces: root only.
     let result = match result {
-        Ok(()) if nix::unistd::geteuid().is_root() => tokio::select! {
+        Ok(()) if membrane_testbed::is_root() => tokio::select! {
             r = crate::dataplane::tour(&mut out) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         },
@@ -320,7 +320,7 @@ async fn mtls_exchange(
 
     // An impostor: a certificate claiming the trainer's SPIFFE ID, from a CA the mesh does not
     // trust.
-    let impostor = membrane_tests::impostor_svid(&client_svid.identity().to_string())?;
+    let impostor = membrane_testbed::impostor_svid(&client_svid.identity().to_string())?;
     let impostor_cfg = membrane_identity::verify::mtls_client_config(
         &impostor,
         shared,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use membrane_tests::netns::run_in_netns;
+use membrane_testbed::netns::run_in_netns;
 
 fn membrane(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_membrane"))
@@ -120,10 +120,9 @@ impl Drop for Down {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn local_mesh_from_manifests_up_status_observe_down() {
-    if !nix::unistd::geteuid().is_root() {
-        return;
-    }
+    membrane_testbed::require_root().expect("needs root");
     let dir = tempfile::tempdir().expect("tempdir");
     let state = tempfile::tempdir().expect("state");
     let state_dir = state.path().to_str().expect("utf-8").to_owned();
@@ -238,10 +237,9 @@ fn local_mesh_from_manifests_up_status_observe_down() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn bad_manifests_are_reported_with_file_and_field() {
-    if !nix::unistd::geteuid().is_root() {
-        return;
-    }
+    membrane_testbed::require_root().expect("needs root");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("broken.yaml"),

@@ -606,7 +606,7 @@ fn main() -> anyhow::Result<()> {
     if relay::run_if_requested()? {
         return Ok(());
     }
-    if !nix::unistd::geteuid().is_root() {
+    if !membrane_tests::is_root() {
         eprintln!("skipped: the data-plane benchmark needs root (network namespaces)");
         return Ok(());
     }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use membrane_ca::client::ClientError;
 use membrane_identity::svid::Usage;
 use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider, csr};
-use membrane_tests::{MESH_MANIFESTS, NODE_A_TOKEN, NODE_B_TOKEN, TestCa, identity, trust_domain};
+use membrane_tests::{
+    MESH_MANIFESTS, NODE_A_TOKEN, NODE_B_TOKEN, OfflineCa, TestCa, identity, trust_domain,
+};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls_pki_types::{ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -406,36 +408,12 @@ async fn svids_work_in_a_real_mtls_handshake() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ca_params(name: &str) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    p
-}
-
 /// An operator's PKI: root → intermediate; the controller signs with the intermediate.
 #[tokio::test]
 async fn plugin_intermediate_signs_chains_to_the_operator_root() -> anyhow::Result<()> {
     let plugin = tempfile::tempdir()?;
-    let root_key = KeyPair::generate()?;
-    let root_params = ca_params("Example Corp root");
-    let root = root_params.self_signed(&root_key)?;
-    let root_issuer = rcgen::Issuer::new(root_params, root_key);
-    let int_key = KeyPair::generate()?;
-    let int = ca_params("Example Corp mesh intermediate").signed_by(&int_key, &root_issuer)?;
-    std::fs::write(plugin.path().join("root-cert.pem"), root.pem())?;
-    std::fs::write(plugin.path().join("ca-cert.pem"), int.pem())?;
-    std::fs::write(plugin.path().join("ca-key.pem"), int_key.serialize_pem())?;
-    // Istio's layout: cert-chain.pem holds the intermediate and the root.
-    std::fs::write(
-        plugin.path().join("cert-chain.pem"),
-        format!("{}{}", int.pem(), root.pem()),
-    )?;
+    let root = OfflineCa::root("Example Corp root")?;
+    write_plugin(plugin.path(), &root, "Example Corp mesh intermediate")?;
 
     let ca = TestCa::start(MESH_MANIFESTS).await?;
     let dir = ca.stop().await;
@@ -464,16 +442,11 @@ async fn plugin_intermediate_signs_chains_to_the_operator_root() -> anyhow::Resu
     Ok(())
 }
 
-/// Writes a plug-in CA (intermediate signed by `root`) into `dir`, Istio's layout.
-fn write_plugin(
-    dir: &std::path::Path,
-    root: &rcgen::Certificate,
-    root_issuer: &rcgen::Issuer<'_, KeyPair>,
-    name: &str,
-) -> anyhow::Result<rcgen::Certificate> {
-    let key = KeyPair::generate()?;
-    let int = ca_params(name).signed_by(&key, root_issuer)?;
-    std::fs::write(dir.join("ca-key.pem"), key.serialize_pem())?;
+/// Writes a plug-in CA (intermediate signed by `root`) into `dir`, Istio's layout:
+/// `cert-chain.pem` holds the intermediate and the root.
+fn write_plugin(dir: &std::path::Path, root: &OfflineCa, name: &str) -> anyhow::Result<OfflineCa> {
+    let int = root.intermediate(name)?;
+    std::fs::write(dir.join("ca-key.pem"), int.key_pem())?;
     std::fs::write(dir.join("ca-cert.pem"), int.pem())?;
     std::fs::write(
         dir.join("cert-chain.pem"),
@@ -486,11 +459,8 @@ fn write_plugin(
 #[tokio::test]
 async fn plugin_intermediate_is_replaced_in_place_but_not_its_root() -> anyhow::Result<()> {
     let plugin = tempfile::tempdir()?;
-    let root_key = KeyPair::generate()?;
-    let root_params = ca_params("Example Corp root");
-    let root = root_params.self_signed(&root_key)?;
-    let issuer = rcgen::Issuer::new(root_params, root_key);
-    let first = write_plugin(plugin.path(), &root, &issuer, "intermediate one")?;
+    let root = OfflineCa::root("Example Corp root")?;
+    let first = write_plugin(plugin.path(), &root, "intermediate one")?;
     let ca = TestCa::start(MESH_MANIFESTS).await?;
     let dir = ca.stop().await;
     let ca = TestCa::start_in(dir, Some(plugin.path().to_owned())).await?;
@@ -505,7 +475,7 @@ async fn plugin_intermediate_is_replaced_in_place_but_not_its_root() -> anyhow::
     assert_eq!(intermediate().await?, first.der().to_vec());
 
     // A new intermediate under the same root: signing switches without a restart.
-    let second = write_plugin(plugin.path(), &root, &issuer, "intermediate two")?;
+    let second = write_plugin(plugin.path(), &root, "intermediate two")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while intermediate().await? != second.der().to_vec() {
         anyhow::ensure!(std::time::Instant::now() < deadline, "never switched");
@@ -513,11 +483,8 @@ async fn plugin_intermediate_is_replaced_in_place_but_not_its_root() -> anyhow::
     }
 
     // Another root: refused (trust in it was never distributed); the second keeps signing.
-    let other_key = KeyPair::generate()?;
-    let other_params = ca_params("Another root");
-    let other = other_params.self_signed(&other_key)?;
-    let other_issuer = rcgen::Issuer::new(other_params, other_key);
-    write_plugin(plugin.path(), &other, &other_issuer, "intermediate three")?;
+    let other = OfflineCa::root("Another root")?;
+    write_plugin(plugin.path(), &other, "intermediate three")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !ca
         .metrics()

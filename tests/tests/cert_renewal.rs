@@ -21,10 +21,6 @@ const APP_PORT: u16 = 8080;
 const TRAINER_NODE: &str = "node-a";
 const STORE_NODE: &str = "node-b";
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 async fn start(ttl: Duration) -> anyhow::Result<Mesh> {
     let mesh = Mesh::start(MeshSpec {
         nodes: vec![TRAINER_NODE.into(), STORE_NODE.into()],
@@ -211,11 +207,9 @@ impl Stream {
 /// (a) A tunnel open for more than 20 s across ≥ 10 renewals of each end's certificate keeps
 /// carrying intact bytes; new connections every 500 ms all succeed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn long_lived_tunnel_survives_many_renewals() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = start(Duration::from_secs(4)).await?;
     probe(&mesh).await.context("first connection")?;
     let first_serial = certificate(&mesh, "trainer").await?["serial"].clone();
@@ -310,11 +304,9 @@ async fn margins(mesh: &Mesh) -> anyhow::Result<(i64, i64)> {
 /// the valid certificates keep serving, traffic and new connections carry on, and renewals
 /// resume once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn outage_shorter_than_the_lifetime_is_invisible() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = start(Duration::from_secs(6)).await?;
     probe(&mesh).await.context("first connection")?;
     let stream = Stream::open(&mesh).await?;
@@ -403,11 +395,9 @@ async fn outage_shorter_than_the_lifetime_is_invisible() -> anyhow::Result<()> {
 /// naming the expired certificate and counted; once the controller is back they succeed
 /// again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn outage_past_expiry_refuses_then_recovers() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = start(Duration::from_secs(3)).await?;
     probe(&mesh).await.context("first connection")?;
     mesh.ca.pause().await.context("pause")?;

@@ -36,10 +36,6 @@ fn chart_dir() -> PathBuf {
     repo_root().join("charts/membrane")
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn runs(helm: &Path) -> bool {
     Command::new(helm)
         .args(["version", "--short"])
@@ -71,15 +67,15 @@ fn find_helm() -> Option<PathBuf> {
 
 /// The helm binary, installed by `scripts/lib/helm.sh` if needed; `None` (skip) only when not
 /// root and it cannot be had.
-fn helm() -> anyhow::Result<Option<PathBuf>> {
+fn helm() -> anyhow::Result<PathBuf> {
     if let Some(helm) = find_helm() {
-        return Ok(Some(helm));
+        return Ok(helm);
     }
     // One installer at a time: nextest runs every test in its own process.
     let lock = File::create(std::env::temp_dir().join("membrane-helm-install.lock"))?;
     lock.lock()?;
     if let Some(helm) = find_helm() {
-        return Ok(Some(helm));
+        return Ok(helm);
     }
     let out = Command::new("bash")
         .args([
@@ -90,17 +86,14 @@ fn helm() -> anyhow::Result<Option<PathBuf>> {
         .output()
         .context("run bash to install helm")?;
     if let Some(helm) = find_helm() {
-        return Ok(Some(helm));
+        return Ok(helm);
     }
+    // Never a silent pass: without helm these tests fail, saying how to get it.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if is_root() {
-        bail!(
-            "helm is not installed and scripts/lib/helm.sh could not install it \
-             (source scripts/lib/helm.sh && membrane_install_helm):\n{stderr}"
-        );
-    }
-    eprintln!("skipping: no helm, and installing it failed (not root):\n{stderr}");
-    Ok(None)
+    bail!(
+        "helm is not installed and scripts/lib/helm.sh could not install it \
+         (as root: source scripts/lib/helm.sh && membrane_install_helm):\n{stderr}"
+    );
 }
 
 /// Runs helm in the repository root.
@@ -193,10 +186,7 @@ fn chart_values() -> anyhow::Result<Value> {
 
 macro_rules! need_helm {
     () => {
-        match helm()? {
-            Some(helm) => helm,
-            None => return Ok(()),
-        }
+        helm()?
     };
 }
 
@@ -1287,8 +1277,8 @@ fn rendered_flags_are_accepted_by_the_binaries() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // the CNI install script
 
-/// sh, jq and cmp for the script; `None` (skip) only when not root and jq is missing.
-fn script_tools() -> anyhow::Result<bool> {
+/// sh, jq and cmp for the script; an error when one is missing (never a silent pass).
+fn script_tools() -> anyhow::Result<()> {
     let have = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -1298,15 +1288,12 @@ fn script_tools() -> anyhow::Result<bool> {
     };
     let missing: Vec<&str> = ["jq", "cmp"].into_iter().filter(|t| !have(t)).collect();
     if missing.is_empty() {
-        return Ok(true);
+        return Ok(());
     }
-    if is_root() {
-        bail!(
-            "{missing:?} missing: `source scripts/lib/helm.sh && membrane_install_helm` installs jq"
-        );
-    }
-    eprintln!("skipping: {missing:?} missing (not root)");
-    Ok(false)
+    bail!(
+        "{missing:?} missing: `source scripts/lib/helm.sh && membrane_install_helm` (as root) \
+         installs jq"
+    );
 }
 
 struct FakeNode {
@@ -1390,9 +1377,7 @@ fn primary_conflist() -> Value {
 #[test]
 fn cni_install_script_installs_idempotently_and_removes_everything() -> anyhow::Result<()> {
     let helm = need_helm!();
-    if !script_tools()? {
-        return Ok(());
-    }
+    script_tools()?;
     let node = FakeNode::new(&helm)?;
     let entry: Value = serde_json::from_str(&node.entry)?;
 
@@ -1483,9 +1468,7 @@ fn cni_install_script_installs_idempotently_and_removes_everything() -> anyhow::
 #[test]
 fn cni_install_script_keeps_the_entry_and_removes_it_on_termination() -> anyhow::Result<()> {
     let helm = need_helm!();
-    if !script_tools()? {
-        return Ok(());
-    }
+    script_tools()?;
     let node = FakeNode::new(&helm)?;
     let primary = primary_conflist();
     std::fs::write(

@@ -8,178 +8,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, socket_in_netns, ztunnel_binary};
-use membrane_tests::netns::{Netns, command_in};
+use membrane_tests::cni::{captured, cni, cni_env, net_conf, prev_result, run_plugin};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, socket_in_netns};
+use membrane_tests::netns::Netns;
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// `membrane-cni`, next to the ztunnel binary.
-fn cni_binary() -> anyhow::Result<PathBuf> {
-    let zt = ztunnel_binary()?;
-    let path = zt.with_file_name("membrane-cni");
-    ensure!(
-        path.exists(),
-        "{} not found: build it with `cargo build -p membrane-cni`",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn spec(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods,
-        mesh_namespaces: mesh_namespaces.iter().map(|n| (*n).to_owned()).collect(),
-        ..MeshSpec::default()
-    }
-}
-
-/// What one run of the plugin printed, and how it exited.
-#[derive(Debug)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-    took: Duration,
-}
-
-impl Run {
-    fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {self:?}"))
-    }
-
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-/// Runs the plugin inside `node`'s network namespace (where a runtime runs it: the node's
-/// host namespace) with only `env` and a PATH, `stdin` on stdin; 30 s bound.
-async fn run_plugin(
-    mesh: &Mesh,
-    node: &str,
-    env: Vec<(String, String)>,
-    stdin: Vec<u8>,
-) -> anyhow::Result<Run> {
-    let node_ns = mesh
-        .testbed
-        .node(node)
-        .context("no such node")?
-        .netns_name()
-        .to_owned();
-    let binary = cni_binary()?;
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut command = command_in(&node_ns, &binary);
-        command
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut child = command.spawn().context("starting membrane-cni")?;
-        if let Some(mut input) = child.stdin.take() {
-            input.write_all(&stdin)?;
-        }
-        let deadline = started + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("membrane-cni did not finish within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let took = started.elapsed();
-        let (mut stdout, mut stderr) = (String::new(), String::new());
-        if let Some(mut out) = child.stdout.take() {
-            out.read_to_string(&mut stdout)?;
-        }
-        if let Some(mut err) = child.stderr.take() {
-            err.read_to_string(&mut stderr)?;
-        }
-        Ok(Run {
-            stdout,
-            stderr,
-            code: status.code(),
-            took,
-        })
-    })
-    .await?
-}
-
-/// The `CNI_*` variables a runtime sets for `pod` (the harness's pod UID is
-/// `<namespace>-<name>`).
-fn cni_env(mesh: &Mesh, command: &str, pod: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let def = mesh.def(pod);
-    let bin_dir = cni_binary()?
-        .parent()
-        .context("bin dir")?
-        .display()
-        .to_string();
-    Ok(vec![
-        ("CNI_COMMAND".into(), command.into()),
-        ("CNI_CONTAINERID".into(), format!("sandbox-{}", def.name)),
-        (
-            "CNI_NETNS".into(),
-            mesh.netns_path(pod).display().to_string(),
-        ),
-        ("CNI_IFNAME".into(), "eth0".into()),
-        ("CNI_PATH".into(), bin_dir),
-        (
-            "CNI_ARGS".into(),
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox-{};K8S_POD_UID={}-{}",
-                def.namespace, def.name, def.name, def.namespace, def.name
-            ),
-        ),
-    ])
-}
-
-/// What the primary CNI (before membrane-cni in the list) produced for `pod`.
-fn prev_result(mesh: &Mesh, pod: &str) -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "interfaces": [{"name": "eth0", "sandbox": mesh.netns_path(pod)}],
-        "ips": [{"address": format!("{}/32", mesh.ip(pod)), "interface": 0, "gateway": "10.77.0.1"}],
-        "dns": {},
-    })
-}
-
-/// The network configuration the runtime passes: the list's name and version, the plugin's
-/// entry as the chart installs it, and the previous result.
-fn net_conf(mesh: &Mesh, node: &str, pod: &str) -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "membrane-cni",
-        "enrollSocket": mesh.ztunnels[node].enroll_socket,
-        "failClosed": true,
-        "prevResult": prev_result(mesh, pod),
-    })
-}
-
-/// Runs `command` for `pod` (on its node) with the standard configuration.
-async fn cni(mesh: &Mesh, command: &str, pod: &str) -> anyhow::Result<Run> {
-    let node = mesh.def(pod).node.clone();
-    let conf = net_conf(mesh, &node, pod).to_string().into_bytes();
-    run_plugin(mesh, &node, cni_env(mesh, command, pod)?, conf).await
-}
 
 /// The ztunnel's `list` entry for `pod`, if it knows the pod.
 async fn listed(mesh: &Mesh, pod: &str) -> anyhow::Result<Option<Value>> {
@@ -192,14 +30,6 @@ async fn listed(mesh: &Mesh, pod: &str) -> anyhow::Result<Option<Value>> {
     Ok(reply["pods"]
         .as_array()
         .and_then(|pods| pods.iter().find(|p| p["uid"] == uid.as_str()).cloned()))
-}
-
-/// Whether `pod`'s namespace holds the capture table.
-fn captured(mesh: &Mesh, pod: &str) -> anyhow::Result<bool> {
-    let out = mesh
-        .testbed
-        .exec(mesh.pod(pod), &["nft", "list", "table", "inet", "membrane"])?;
-    Ok(out.status.success())
 }
 
 /// Polls (every 50 ms, up to `limit`) until `pod`'s `list` entry satisfies `check`.
@@ -234,12 +64,10 @@ async fn reach_from(netns: PathBuf, dst: SocketAddr) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
-    let mesh = Mesh::start(spec(
+    membrane_tests::require_root()?;
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
@@ -265,7 +93,7 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
 
     // ADD of a mesh pod: captured before the plugin returns; prevResult passed through.
     for pod in ["store", "trainer"] {
-        let run = cni(&mesh, "ADD", pod).await?;
+        let run = cni(&mesh, "ADD", pod, true).await?;
         assert!(run.ok(), "{pod}: {run:?}");
         assert_eq!(run.json()?, prev_result(&mesh, pod), "{pod}");
         assert!(
@@ -281,12 +109,12 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
     trainer_reaches_store_through_a_tunnel(&mesh).await?;
 
     // CHECK agrees.
-    let run = cni(&mesh, "CHECK", "store").await?;
+    let run = cni(&mesh, "CHECK", "store", true).await?;
     assert!(run.ok() && run.stdout.is_empty(), "{run:?}");
 
     // ADD of a pod outside the mesh succeeds at once (its namespace has no mesh workload: no
     // wait for the controller), is remembered, and is not captured.
-    let run = cni(&mesh, "ADD", "legacy").await?;
+    let run = cni(&mesh, "ADD", "legacy", true).await?;
     assert!(run.ok(), "{run:?}");
     assert_eq!(run.json()?, prev_result(&mesh, "legacy"));
     assert!(
@@ -300,11 +128,11 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
     assert_eq!(entry["enrolled"], false, "{entry}");
     assert_eq!(entry["mesh"], false, "{entry}");
     assert!(!captured(&mesh, "legacy")?);
-    let run = cni(&mesh, "CHECK", "legacy").await?;
+    let run = cni(&mesh, "CHECK", "legacy", true).await?;
     assert!(run.ok(), "{run:?}");
 
     // DEL unenrolls: no table, no listener left in the pod; the pod is forgotten.
-    let run = cni(&mesh, "DEL", "store").await?;
+    let run = cni(&mesh, "DEL", "store", true).await?;
     assert!(run.ok() && run.stdout.is_empty(), "{run:?}");
     assert!(!captured(&mesh, "store")?, "capture table left after DEL");
     let ss = mesh.testbed.exec(mesh.pod("store"), &["ss", "-Htln"])?;
@@ -312,7 +140,7 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
     assert!(!ss.contains(":1500"), "listeners left after DEL: {ss}");
     assert_eq!(listed(&mesh, "store").await?, None);
     // A second DEL, and a DEL of a container nobody knows (no namespace any more), succeed.
-    let run = cni(&mesh, "DEL", "store").await?;
+    let run = cni(&mesh, "DEL", "store", true).await?;
     assert!(run.ok() && run.stdout.is_empty(), "{run:?}");
     let mut env = cni_env(&mesh, "DEL", "store")?;
     env.retain(|(k, _)| k != "CNI_NETNS");
@@ -343,11 +171,13 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
         .filter(|(k, _)| k != "CNI_COMMAND")
         .cloned()
         .collect();
-    let conf = net_conf(&mesh, "node-b", "store").to_string().into_bytes();
+    let conf = net_conf(&mesh, "node-b", "store", true)
+        .to_string()
+        .into_bytes();
     let run = run_plugin(&mesh, "node-b", no_command, conf).await?;
     assert_eq!(run.code, Some(1), "{run:?}");
     assert_eq!(run.json()?["code"], 4);
-    let mut old = net_conf(&mesh, "node-b", "store");
+    let mut old = net_conf(&mesh, "node-b", "store", true);
     old["cniVersion"] = json!("0.2.0");
     let run = run_plugin(&mesh, "node-b", add.clone(), old.to_string().into_bytes()).await?;
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -357,7 +187,7 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
     // No ztunnel: fail closed with a message naming the socket and the way out; with
     // failClosed false the pod starts (uncaptured) and stderr says why.
     let absent = mesh.path().join("no-ztunnel.sock");
-    let mut conf = net_conf(&mesh, "node-b", "store");
+    let mut conf = net_conf(&mesh, "node-b", "store", true);
     conf["enrollSocket"] = json!(absent);
     let run = run_plugin(&mesh, "node-b", add.clone(), conf.to_string().into_bytes()).await?;
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -378,12 +208,11 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_not()
 -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
-    let mesh = Mesh::start(spec(
+    membrane_tests::require_root()?;
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("legacy", "legacy", "legacy", "node-a"),
@@ -392,7 +221,7 @@ async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_
         &["data"],
     ))
     .await?;
-    let run = cni(&mesh, "ADD", "store").await?;
+    let run = cni(&mesh, "ADD", "store", true).await?;
     assert!(run.ok(), "{run:?}");
     assert!(captured(&mesh, "store")?);
     let node_b = mesh.testbed.node("node-b").context("node-b")?.clone();
@@ -440,16 +269,16 @@ async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_
     ])?;
     assert!(out.status.success(), "{out:?}");
     assert!(reach_from(node_b.netns_path(), dst).await.is_err());
-    let run = cni(&mesh, "ADD", "store").await?;
+    let run = cni(&mesh, "ADD", "store", true).await?;
     assert!(run.ok(), "{run:?}");
     reach_from(node_b.netns_path(), dst)
         .await
         .context("after the second ADD")?;
-    let run = cni(&mesh, "CHECK", "store").await?;
+    let run = cni(&mesh, "CHECK", "store", true).await?;
     assert!(run.ok(), "{run:?}");
 
     // DEL takes the address out of the node's set.
-    let run = cni(&mesh, "DEL", "store").await?;
+    let run = cni(&mesh, "DEL", "store", true).await?;
     assert!(run.ok(), "{run:?}");
     let set = node_b.exec(&["nft", "list", "set", "ip", "membrane-probes", "pods"])?;
     let set = String::from_utf8_lossy(&set.stdout).into_owned();
@@ -479,11 +308,10 @@ fn label_namespace(mesh: &Mesh, ns: &str, in_mesh: bool) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
-    let mesh = Mesh::start(spec(
+    membrane_tests::require_root()?;
+    let mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("worker", "batch", "worker", "node-b"),
@@ -492,7 +320,7 @@ async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Resul
     ))
     .await?;
     for pod in ["trainer", "worker"] {
-        let run = cni(&mesh, "ADD", pod).await?;
+        let run = cni(&mesh, "ADD", pod, true).await?;
         assert!(run.ok(), "{pod}: {run:?}");
     }
     let entry = listed(&mesh, "worker")
@@ -571,11 +399,10 @@ async fn a_namespace_label_captures_and_releases_running_pods() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn pods_older_than_the_ztunnel_are_found_and_captured() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
-    let mut mesh = Mesh::start(spec(
+    membrane_tests::require_root()?;
+    let mut mesh = Mesh::start(MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),

@@ -14,21 +14,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 
 fn spec() -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
+    MeshSpec::two_nodes(
+        vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("cache", "data", "cache", "node-a"),
             PodDef::new("legacy", "legacy", "legacy", "node-b"),
         ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
-        ..MeshSpec::default()
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+        &["training", "data"],
+    )
 }
 
 /// An application in a pod: reads everything (hashing it) until the client half-closes, then
@@ -116,11 +110,9 @@ async fn exchange(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn cross_node_tunnel_carries_bytes_intact_and_encrypted() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     for pod in ["trainer", "store", "cache"] {
         mesh.enroll(pod).await?;
@@ -185,10 +177,9 @@ async fn cross_node_tunnel_carries_bytes_intact_and_encrypted() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn same_node_traffic_is_tunnelled_too() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     for pod in ["trainer", "cache"] {
         mesh.enroll(pod).await?;
@@ -219,10 +210,9 @@ async fn same_node_traffic_is_tunnelled_too() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn plaintext_and_non_mesh_paths() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     for pod in ["trainer", "store"] {
         mesh.enroll(pod).await?;
@@ -252,10 +242,9 @@ async fn plaintext_and_non_mesh_paths() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn unenroll_leaves_nothing_and_reenroll_works() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     let nft = |pod: &str| -> anyhow::Result<bool> {

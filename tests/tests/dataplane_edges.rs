@@ -2,16 +2,16 @@
 //! tunnels, a ztunnel restart, and SIGTERM draining.
 
 use std::net::{SocketAddr, TcpListener};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, socket_in_netns};
+use membrane_identity::{PeerCheck, crypto_provider};
+use membrane_tests::hbone::{FromPod, mesh_bundle};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::run_in_netns;
-use membrane_tests::{identity, node_token, trust_domain};
+use membrane_tests::{identity, node_token};
 use membrane_ztunnel::hbone::{
     self, ConnectHeaders, Dial, HboneError, HbonePool, PoolConfig, PoolKey,
 };
@@ -20,37 +20,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 
 fn spec() -> MeshSpec {
-    MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
+    MeshSpec::two_nodes(
+        vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
             PodDef::new("store", "data", "feature-store", "node-b"),
             PodDef::new("outsider", "legacy", "outsider", "node-a"),
         ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
-        ..MeshSpec::default()
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Dials from inside a pod's namespace without the ztunnel mark (like an application).
-struct FromPod(std::path::PathBuf);
-
-impl Dial for FromPod {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
-            socket.connect(addr).await
-        })
-    }
+        &["training", "data"],
+    )
 }
 
 fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
@@ -59,18 +36,14 @@ fn h2(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("store").await?;
     let accepted = mesh.echo_app("store", APP_PORT)?;
     let store_id = identity("data", "feature-store");
-    let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
-        trust_domain(),
-        mesh.ca.root_pem().as_bytes(),
-    )?);
+    let bundle = mesh_bundle(&mesh)?;
     let pool = HbonePool::new(PoolConfig::default());
     let dial: Arc<dyn Dial> = Arc::new(FromPod(mesh.netns_path("outsider")));
     let store_ip = mesh.ip("store");
@@ -186,10 +159,9 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -238,10 +210,9 @@ async fn a_thousand_concurrent_connections_share_few_tunnels() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -293,10 +264,9 @@ async fn restarted_ztunnel_reenrolls_its_pods() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn resets_propagate_and_metrics_name_both_principals() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;

@@ -10,21 +10,17 @@ use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
 
 const PORT: u16 = 8080;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn spec(policies: String) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         policies,
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 
@@ -93,11 +89,10 @@ async fn until_dumps(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn manifest_edits_reach_every_ztunnel_and_broken_files_change_nothing() -> anyhow::Result<()>
 {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(String::new())).await?;
     until_dumps(&mesh, Duration::from_secs(10), |_, d| {
         workload_uids(d).len() == 3
@@ -170,10 +165,9 @@ async fn manifest_edits_reach_every_ztunnel_and_broken_files_change_nothing() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn ztunnels_enforce_their_last_state_while_the_controller_is_away() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(spec(store_allows(&["training/sa/trainer"]))).await?;
     for pod in ["trainer", "etl", "store"] {
         mesh.enroll(pod).await?;
@@ -246,10 +240,9 @@ async fn ztunnels_enforce_their_last_state_while_the_controller_is_away() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_service_address_reaches_its_endpoint_through_the_tunnel() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(String::new())).await?;
     for pod in ["trainer", "store"] {
         mesh.enroll(pod).await?;
@@ -279,10 +272,9 @@ async fn a_service_address_reaches_its_endpoint_through_the_tunnel() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn local_mode_runs_from_files_without_the_stream() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut s = spec(store_allows(&["training/sa/trainer"]));
     s.local_files = true;
     let mesh = Mesh::start(s).await?;

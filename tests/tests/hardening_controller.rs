@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use membrane_ca::SignerConfig;
 use membrane_ca::rotation::{self, Phase};
 use membrane_proto::v1 as pb;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
@@ -44,19 +43,13 @@ async fn next_bundle(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_never_acknowledges_cannot_stall_a_root_rotation() -> anyhow::Result<()> {
-    let signer = SignerConfig {
-        default_ttl: TTL,
-        max_ttl: TTL,
-        ..SignerConfig::default()
-    };
-    let nodes = ["node-a".to_owned(), "node-b".to_owned()];
-    let ca = TestCa::start_with_rotation_ack_timeout(
-        &[("mesh.yaml", MESH_MANIFESTS)],
-        &nodes,
-        signer,
-        ACK_TIMEOUT,
-    )
-    .await?;
+    let ca = TestCa::builder()
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .nodes(&["node-a".to_owned(), "node-b".to_owned()])
+        .cert_ttl(TTL)
+        .rotation_ack_timeout(ACK_TIMEOUT)
+        .start()
+        .await?;
     let state = ca.dir.path().join("state");
 
     // The attacker: node-a holds its stream open and never acknowledges anything.
@@ -152,22 +145,21 @@ spec:
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn istio_allow_nothing_in_the_configured_root_namespace_denies_mesh_traffic()
 -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-b"),
-            PodDef::new("model-server", "inference", "model-server", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         policies: ISTIO_POLICIES.to_owned(),
         root_namespace: Some("istio-system".to_owned()),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-b"),
+                PodDef::new("model-server", "inference", "model-server", "node-b"),
+            ],
+            &["training", "data", "inference"],
+        )
     })
     .await?;
     for pod in ["trainer", "etl", "model-server"] {

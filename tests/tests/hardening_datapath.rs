@@ -3,14 +3,14 @@
 //! connection racing a revocation. Each asserts the attack fails and the legitimate path works.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use membrane_identity::verify::mtls_client_config;
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, crypto_provider};
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, socket_in_netns};
-use membrane_tests::{http_get, identity, node_token, trust_domain};
+use membrane_identity::{PeerCheck, crypto_provider};
+use membrane_tests::hbone::{FromPod, mesh_bundle};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use membrane_tests::{http_get, identity, node_token};
 use membrane_ztunnel::hbone::{
     self, ConnectHeaders, Dial, HboneError, HbonePool, PoolConfig, PoolKey,
 };
@@ -19,22 +19,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const APP_PORT: u16 = 8080;
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn spec(policies: &str) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "training", "etl", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-            PodDef::new("outsider", "legacy", "outsider", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         policies: policies.to_owned(),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "training", "etl", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+                PodDef::new("outsider", "legacy", "outsider", "node-a"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 
@@ -96,23 +92,6 @@ async fn expect_dead_end(mesh: &Mesh, from: &str, dst: SocketAddr) {
     }
 }
 
-/// Dials from inside a pod's namespace without the ztunnel mark (like an application).
-struct FromPod(std::path::PathBuf);
-
-impl Dial for FromPod {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
-            socket.connect(addr).await
-        })
-    }
-}
-
 /// An HBONE client dialing from the non-mesh pod `outsider` on node-a while presenting a valid
 /// SVID of `training/trainer`: what a compromised node can do.
 struct Attacker {
@@ -124,10 +103,7 @@ struct Attacker {
 
 impl Attacker {
     async fn new(mesh: &Mesh) -> anyhow::Result<Self> {
-        let bundle = SharedTrustBundle::new(TrustBundle::from_pem(
-            trust_domain(),
-            mesh.ca.root_pem().as_bytes(),
-        )?);
+        let bundle = mesh_bundle(mesh)?;
         let trainer = identity("training", "trainer");
         let store = identity("data", "feature-store");
         let (svid, _) = mesh
@@ -195,10 +171,9 @@ fn refused_with(result: anyhow::Result<()>, status: u16) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_pod_cannot_make_its_ztunnel_relay_to_itself() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec("")).await?;
     for pod in ["trainer", "etl", "store"] {
         mesh.enroll(pod).await?;
@@ -262,10 +237,9 @@ async fn a_pod_cannot_make_its_ztunnel_relay_to_itself() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_tunnel_to_a_ztunnel_port_is_refused_at_the_destination() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(&allow_all())).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;
@@ -319,10 +293,9 @@ async fn a_tunnel_to_a_ztunnel_port_is_refused_at_the_destination() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     // Nothing is allowed until the test knows the addresses.
     let nobody = policy(
         "nobody",
@@ -391,10 +364,9 @@ async fn a_forged_forwarded_header_changes_no_verdict() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_revocation_closes_connections_admitted_while_it_lands() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec(&allow_all())).await?;
     mesh.enroll("trainer").await?;
     mesh.enroll("store").await?;

@@ -17,10 +17,6 @@ use tokio::net::{TcpSocket, TcpStream};
 const APP_PORT: u16 = 8080;
 const FLOOD: usize = 1000;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// Thousands of sockets live in this process at once: the soft descriptor limit goes up to
 /// the hard one.
 fn raise_nofile() -> anyhow::Result<()> {
@@ -38,18 +34,18 @@ fn pod(name: &str, ns: &str, node: &str) -> PodDef {
 /// node-a).
 fn spec(ztunnel_args: &[&str]) -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            pod("attacker", "training", "node-a"),
-            pod("client", "training", "node-a"),
-            pod("late", "training", "node-a"),
-            pod("fresh", "training", "node-a"),
-            pod("server", "data", "node-b"),
-            pod("outsider", "legacy", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         ztunnel_args: ztunnel_args.iter().map(|s| (*s).to_owned()).collect(),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                pod("attacker", "training", "node-a"),
+                pod("client", "training", "node-a"),
+                pod("late", "training", "node-a"),
+                pod("fresh", "training", "node-a"),
+                pod("server", "data", "node-b"),
+                pod("outsider", "legacy", "node-a"),
+            ],
+            &["training", "data"],
+        )
     }
 }
 
@@ -162,11 +158,9 @@ const ZTUNNEL_LIMITS: &str = "--pod-max-connections 400 --pod-max-connections-pe
     --http-idle-timeout 2s --hbone-handshake-timeout 2s --hbone-max-pending-handshakes 32";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     raise_nofile()?;
     let limits: Vec<&str> = ZTUNNEL_LIMITS.split_whitespace().collect();
     let mesh = Mesh::start(spec(&limits)).await?;
@@ -297,11 +291,9 @@ async fn idle_tls(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     raise_nofile()?;
     let mut spec = spec(&[]);
     spec.ca_listeners = membrane_ca::serving::ListenerConfig {
@@ -492,11 +484,9 @@ async fn traffic_recovers(mesh: &Mesh, from: &str, within: Duration) -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     raise_nofile()?;
     let mesh = Mesh::start(spec(&[])).await?;
     for p in ["attacker", "client", "server"] {
@@ -563,10 +553,7 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "resource test: run by scripts/test.sh"]
 async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     raise_nofile()?;
     let started = Instant::now();
     // The flood's 2,500 tunnels open ~25 pooled HBONE connections (100 streams each); they

@@ -12,137 +12,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use membrane_tests::cni::{captured, cni};
 use membrane_tests::http_get;
-use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping, ztunnel_binary};
-use membrane_tests::netns::{command_in, run_in_netns};
-use serde_json::{Value, json};
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use membrane_tests::netns::run_in_netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// What one run of the plugin printed, and how it exited.
-#[derive(Debug)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-}
-
-impl Run {
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-
-    fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {self:?}"))
-    }
-}
-
-/// Runs `membrane-cni` `command` for `pod` inside its node's network namespace, as a runtime
-/// does (only the `CNI_*` variables and a PATH; the chart's configuration with `failClosed`
-/// on stdin); 30 s bound.
-async fn cni(mesh: &Mesh, command: &str, pod: &str, fail_closed: bool) -> anyhow::Result<Run> {
-    let def = mesh.def(pod).clone();
-    let node_ns = mesh
-        .testbed
-        .node(&def.node)
-        .context("no such node")?
-        .netns_name()
-        .to_owned();
-    let binary = ztunnel_binary()?.with_file_name("membrane-cni");
-    ensure!(
-        binary.exists(),
-        "{} not found: build it with `cargo build -p membrane-cni`",
-        binary.display()
-    );
-    let netns = mesh.netns_path(pod);
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "membrane-cni",
-        "enrollSocket": mesh.ztunnels[&def.node].enroll_socket,
-        "failClosed": fail_closed,
-        "prevResult": {
-            "cniVersion": "1.0.0",
-            "interfaces": [{"name": "eth0", "sandbox": netns}],
-            "ips": [{"address": format!("{}/32", mesh.ip(pod)), "interface": 0}],
-        },
-    });
-    let env: Vec<(String, String)> = vec![
-        ("CNI_COMMAND".into(), command.into()),
-        ("CNI_CONTAINERID".into(), format!("sandbox-{}", def.name)),
-        ("CNI_NETNS".into(), netns.display().to_string()),
-        ("CNI_IFNAME".into(), "eth0".into()),
-        (
-            "CNI_PATH".into(),
-            binary.parent().context("bin dir")?.display().to_string(),
-        ),
-        (
-            "CNI_ARGS".into(),
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}-{}",
-                def.namespace, def.name, def.namespace, def.name
-            ),
-        ),
-    ];
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut child = command_in(&node_ns, &binary)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting membrane-cni")?;
-        if let Some(mut input) = child.stdin.take() {
-            input.write_all(conf.to_string().as_bytes())?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("membrane-cni did not finish within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let (mut stdout, mut stderr) = (String::new(), String::new());
-        if let Some(mut out) = child.stdout.take() {
-            out.read_to_string(&mut stdout)?;
-        }
-        if let Some(mut err) = child.stderr.take() {
-            err.read_to_string(&mut stderr)?;
-        }
-        Ok(Run {
-            stdout,
-            stderr,
-            code: status.code(),
-        })
-    })
-    .await?
-}
-
-/// Whether `pod`'s namespace holds the capture table.
-fn captured(mesh: &Mesh, pod: &str) -> anyhow::Result<bool> {
-    let out = mesh
-        .testbed
-        .exec(mesh.pod(pod), &["nft", "list", "table", "inet", "membrane"])?;
-    Ok(out.status.success())
-}
 
 /// Node `node`'s ztunnel metrics (Prometheus text).
 async fn metrics(mesh: &Mesh, node: &str) -> anyhow::Result<String> {
@@ -197,12 +77,10 @@ async fn plaintext_refused(mesh: &Mesh, from: &str, dst: SocketAddr) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh()
 -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(MeshSpec {
         nodes: vec!["node-a".into()],
         pods: vec![
@@ -390,22 +268,20 @@ fn nft_dropped(mesh: &Mesh, pod: &str) -> anyhow::Result<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("target", "shop", "target", "node-a"),
-            PodDef::new("peer", "shop", "peer", "node-b"),
-            PodDef::new("relaxed", "lax", "relaxed", "node-a"),
-            PodDef::new("outsider", "web", "outsider", "node-b"),
-        ],
-        mesh_namespaces: vec!["shop".into(), "lax".into()],
         plaintext_permit: vec!["lax".into()],
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("target", "shop", "target", "node-a"),
+                PodDef::new("peer", "shop", "peer", "node-b"),
+                PodDef::new("relaxed", "lax", "relaxed", "node-a"),
+                PodDef::new("outsider", "web", "outsider", "node-b"),
+            ],
+            &["shop", "lax"],
+        )
     })
     .await?;
     let ip = |pod: &str, port: u16| SocketAddr::new(mesh.ip(pod), port);

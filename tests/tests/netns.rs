@@ -23,14 +23,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Process start-up and kill waits: generous, a loaded 2-core machine can be slow to fork.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("skipping: network-namespace tests need root");
-    }
-    root
-}
-
 /// Names listed by `ip netns list`.
 fn netns_list() -> anyhow::Result<BTreeSet<String>> {
     let output = Command::new("ip").args(["netns", "list"]).output()?;
@@ -117,10 +109,9 @@ fn echo(ns: &impl Netns, addr: SocketAddr, message: &[u8]) -> anyhow::Result<Vec
 }
 
 #[test]
+#[ignore = "needs root"]
 fn pods_reach_each_other_across_and_within_nodes() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut tb = Testbed::new()?;
     let id = tb.id().to_owned();
     ensure!(id.starts_with(&format!("{GENERATED_PREFIX}{}-", std::process::id())));
@@ -227,10 +218,9 @@ fn pods_reach_each_other_across_and_within_nodes() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn drop_removes_everything_even_after_a_panic() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     // Plain drop, with a process still running in a pod.
     let mut tb = Testbed::new()?;
     tb.add_node("node-a")?;
@@ -314,10 +304,9 @@ impl Drop for Handmade {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stale_namespaces_of_dead_processes_are_swept() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     // `pid_max` itself is never a pid, so that "process" is certainly dead. Concurrent tests
     // (and test processes) sweep too, so the stale namespaces may vanish at any moment; the
     // names carry our pid so that they are ours alone.
@@ -386,10 +375,9 @@ fn stale_namespaces_of_dead_processes_are_swept() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn capture_sees_cross_node_traffic_but_not_same_node_traffic() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut tb = Testbed::new()?;
     let node_a = tb.add_node("node-a")?;
     tb.add_node("node-b")?;
@@ -462,10 +450,9 @@ fn capture_sees_cross_node_traffic_but_not_same_node_traffic() -> anyhow::Result
 }
 
 #[test]
+#[ignore = "needs root"]
 fn concurrent_testbeds_do_not_collide() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     // Start both builds at once. (Only this one rendezvous, before anything can fail, so a
     // failing builder cannot leave the other waiting.)
     let barrier = Barrier::new(2);
@@ -509,10 +496,9 @@ fn concurrent_testbeds_do_not_collide() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn caller_chosen_names() -> anyhow::Result<()> {
-    if !root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     ensure!(
         Testbed::with_prefix("mbt-1-2").is_err(),
         "reserved prefix accepted"

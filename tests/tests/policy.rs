@@ -35,24 +35,23 @@ spec:
 
 fn spec() -> MeshSpec {
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("etl", "data", "etl", "node-a"),
-            PodDef::new("model-server", "inference", "model-server", "node-b"),
-            PodDef::new("outsider", "legacy", "outsider", "node-a"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into(), "inference".into()],
         policies: policy("cluster.local/ns/training/sa/trainer"),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("etl", "data", "etl", "node-a"),
+                PodDef::new("model-server", "inference", "model-server", "node-b"),
+                PodDef::new("outsider", "legacy", "outsider", "node-a"),
+            ],
+            &["training", "data", "inference"],
+        )
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn only_the_trainer_reaches_the_model_server() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mesh = Mesh::start(spec()).await?;
     for pod in ["trainer", "etl", "model-server"] {
         mesh.enroll(pod).await?;

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use membrane_ca::SignerConfig;
 use membrane_ca::client::CaClient;
 use membrane_ca::rotation::{self, Phase};
 use membrane_proto::v1 as pb;
@@ -55,14 +54,12 @@ async fn wait_phase(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_waits_for_nodes_and_survives_restarts_at_every_step() -> anyhow::Result<()>
 {
-    let signer = SignerConfig {
-        default_ttl: TTL,
-        max_ttl: TTL,
-        ..SignerConfig::default()
-    };
-    let nodes = ["node-a".to_owned()];
-    let mut ca =
-        TestCa::start_with_signer(&[("mesh.yaml", MESH_MANIFESTS)], &nodes, signer).await?;
+    let mut ca = TestCa::builder()
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .nodes(&["node-a".to_owned()])
+        .cert_ttl(TTL)
+        .start()
+        .await?;
     let state = ca.dir.path().join("state");
     let (client, mut stream) = watch_a(&ca).await?;
     let snapshot = next(&mut stream).await?;
@@ -160,21 +157,20 @@ async fn a_second_request_during_a_rotation_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Result<()> {
     use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
+    membrane_tests::require_root()?;
     let mut mesh = Mesh::start(MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
-        pods: vec![
-            PodDef::new("trainer", "training", "trainer", "node-a"),
-            PodDef::new("store", "data", "feature-store", "node-b"),
-        ],
-        mesh_namespaces: vec!["training".into(), "data".into()],
         cert_ttl: Some(Duration::from_secs(3)),
-        ..MeshSpec::default()
+        ..MeshSpec::two_nodes(
+            vec![
+                PodDef::new("trainer", "training", "trainer", "node-a"),
+                PodDef::new("store", "data", "feature-store", "node-b"),
+            ],
+            &["training", "data"],
+        )
     })
     .await?;
     for pod in ["trainer", "store"] {

@@ -17,16 +17,13 @@ use membrane_identity::verify::{SpiffeServerVerifier, mtls_client_config, mtls_s
 use membrane_identity::{
     PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain, WorkloadSvid, crypto_provider,
 };
+use membrane_testbed::OfflineCa;
 use membrane_ztunnel::hbone::{
     ALPN_H2, Accepted, ConnectHandler, ConnectHeaders, ConnectRefusal, ConnectRequest, Dial,
     H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd, RelayResult, Side,
     serve_connection,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -48,47 +45,20 @@ fn id(s: &str) -> SpiffeId {
     SpiffeId::new(s).expect("spiffe id")
 }
 
-struct TestCa {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
+/// The shared offline CA, with what these tests build from it.
+struct TestCa(OfflineCa);
 
 impl TestCa {
     fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).expect("self-signed root");
-        Self {
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
+        Self(OfflineCa::root(name).expect("root"))
     }
 
     fn bundle(&self) -> SharedTrustBundle {
-        SharedTrustBundle::new(TrustBundle::new(td(), [self.cert.clone()]).expect("bundle"))
+        SharedTrustBundle::new(TrustBundle::new(td(), [self.0.der().clone()]).expect("bundle"))
     }
 
     fn svid(&self, uri: &str) -> WorkloadSvid {
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("ia5"))];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::hours(1);
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadSvid::new(vec![cert.der().clone()], key, &crypto_provider()).expect("svid")
+        self.0.svid(uri, &[]).expect("svid")
     }
 
     /// What the inbound side builds: any peer of the trust domain, ALPN left to the module.

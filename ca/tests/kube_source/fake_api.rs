@@ -1,17 +1,22 @@
 //! A fake Kubernetes API server behind `tower_test::mock::pair`, for the `kube_source`
-//! tests: LIST with a `resourceVersion`, WATCH as newline-separated JSON events (a watch
+//! tests (and the source started over it, [`start_source`]): LIST with a `resourceVersion`, WATCH as newline-separated JSON events (a watch
 //! response ends after the events a test sends, as an API server's watch timeout would; the
 //! watcher then re-watches from the last version), status PATCH, Lease GET/POST/PUT (kept in
 //! memory) and TokenReview POST. Every non-watch request is recorded.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
+use membrane_ca::metrics::SourceMetrics;
+use membrane_ca::source::ClusterState;
+use membrane_ca::source::kube::{self as ksource, KubeSourceConfig, ReportReceiver};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tower_test::mock;
 
 use super::WAIT;
@@ -274,5 +279,52 @@ impl FakeApi {
             }
         }
         out
+    }
+}
+
+/// The Kubernetes source running against a [`FakeApi`]; dropping it stops the source.
+pub struct Source {
+    /// The fake API server.
+    pub api: FakeApi,
+    /// The client the source uses.
+    pub client: Client,
+    /// The states it publishes.
+    pub state: watch::Receiver<Option<Arc<ClusterState>>>,
+    /// Its per-policy reports.
+    pub reports: ReportReceiver,
+    /// Its metrics.
+    pub metrics: SourceMetrics,
+    /// Cancelled on drop; tasks tied to the source use it too.
+    pub cancel: CancellationToken,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Starts the Kubernetes source (default configuration) over a fake API serving `setup`.
+pub fn start_source(setup: Setup) -> Source {
+    let (client, api) = FakeApi::start(setup);
+    let (tx, state) = watch::channel(None);
+    let (reports_tx, reports) = watch::channel(None);
+    let metrics = SourceMetrics::default();
+    let cancel = CancellationToken::new();
+    tokio::spawn(ksource::run(
+        client.clone(),
+        KubeSourceConfig::default(),
+        tx,
+        reports_tx,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    Source {
+        api,
+        client,
+        state,
+        reports,
+        metrics,
+        cancel,
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use membrane_ca::source::MESH_LABEL;
 use membrane_ca::source::directory::DirectorySource;
-use membrane_tests::mesh::{MeshSpec, PodDef};
+use membrane_testbed::mesh::{MeshSpec, PodDef};
 
 /// Longest network namespace name used; longer `<namespace>-<pod>` names are shortened.
 pub const MAX_NETNS_NAME: usize = 48;
@@ -82,11 +82,11 @@ pub fn spec(
         });
         pods.push(def);
     }
-    if nodes.len() > membrane_tests::netns::MAX_NODES {
+    if nodes.len() > membrane_testbed::netns::MAX_NODES {
         bail!(
             "{} nodes named; a local mesh supports at most {}",
             nodes.len(),
-            membrane_tests::netns::MAX_NODES
+            membrane_testbed::netns::MAX_NODES
         );
     }
     let nodes: Vec<String> = nodes.into_iter().collect();

@@ -1,8 +1,8 @@
 //! `membrane local`: a real mesh on one Linux host, from a directory of manifests.
 //!
 //! `up` starts a background process (`membrane local daemon`, in its own process group so the
-//! terminal's Ctrl-C does not reach it) that builds the mesh with the same harness the test
-//! suite uses ([`membrane_tests::mesh`]): simulated nodes and pods as network namespaces, the
+//! terminal's Ctrl-C does not reach it) that builds the mesh with the same testbed the end-to-end
+//! tests use ([`membrane_testbed::mesh`]): simulated nodes and pods as network namespaces, the
 //! controller, one `ztunnel` process per node, every mesh pod enrolled and its identity
 //! issued. `up` returns once the daemon reports the mesh ready in the state file
 //! (`<state-dir>/local.json`). The daemon keeps the controller's view of the user's Services
@@ -18,8 +18,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use membrane_tests::mesh::Mesh;
-use membrane_tests::netns::Testbed;
+use membrane_testbed::mesh::Mesh;
+use membrane_testbed::netns::Testbed;
 use state::LocalState;
 
 /// Where `membrane local` keeps its state unless told otherwise.
@@ -40,7 +40,7 @@ pub fn up(
     cert_ttl: Option<Duration>,
     prefix: &str,
 ) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
+    if !membrane_testbed::is_root() {
         bail!("membrane local needs root (network namespaces, nftables): run it with sudo");
     }
     // Validate before starting anything, so errors show here and not in a log file.
@@ -144,7 +144,7 @@ pub async fn daemon(
     Ok(())
 }
 
-fn mesh_spec(mesh: &Mesh) -> &membrane_tests::mesh::MeshSpec {
+fn mesh_spec(mesh: &Mesh) -> &membrane_testbed::mesh::MeshSpec {
     mesh.spec()
 }
 

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use membrane_tests::mesh::Mesh;
+use membrane_testbed::mesh::Mesh;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -154,7 +154,7 @@ impl LocalState {
             }
         }
         for name in self.netns.iter().rev() {
-            let path = Path::new(membrane_tests::netns::NETNS_RUN_DIR).join(name);
+            let path = Path::new(membrane_testbed::netns::NETNS_RUN_DIR).join(name);
             if !path.exists() {
                 continue;
             }
@@ -214,7 +214,7 @@ impl LocalState {
         let mut certs: BTreeMap<String, Value> = BTreeMap::new();
         let mut nodes = serde_json::Map::new();
         for (node, z) in &self.ztunnels {
-            let dump = match membrane_tests::http_get(z.admin, "/config_dump").await {
+            let dump = match membrane_testbed::http_get(z.admin, "/config_dump").await {
                 Ok((200, body)) => serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
                 _ => Value::Null,
             };
@@ -224,7 +224,7 @@ impl LocalState {
                 }
             }
             let ready = matches!(
-                membrane_tests::http_get(z.readiness, "/healthz/ready").await,
+                membrane_testbed::http_get(z.readiness, "/healthz/ready").await,
                 Ok((200, _))
             );
             nodes.insert(

@@ -8,17 +8,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 use crate::TestCa;
 use crate::netns::{Pod, PodSpec, Testbed};
+
+mod ztunnel;
+
+pub use ztunnel::{Ztunnel, ztunnel_binary};
 
 /// One pod of a [`MeshSpec`].
 #[derive(Debug, Clone)]
@@ -94,116 +96,6 @@ pub struct MeshSpec {
     pub root_namespace: Option<String>,
 }
 
-/// A running ztunnel process.
-pub struct Ztunnel {
-    child: Child,
-    /// Its enrollment socket.
-    pub enroll_socket: PathBuf,
-    /// Its admin address.
-    pub admin: SocketAddr,
-    /// Its metrics address.
-    pub metrics: SocketAddr,
-    /// Its readiness address.
-    pub readiness: SocketAddr,
-    /// Access records it printed (JSON lines on stdout).
-    pub access: Arc<Mutex<Vec<serde_json::Value>>>,
-    /// Log lines it printed (stderr).
-    pub logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Ztunnel {
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The serials of the certificates this ztunnel logged as replacing an older one
-    /// ("workload certificate issued" with a different old serial), in order; only those of
-    /// `identity` when given.
-    pub fn renewals(&self, identity: Option<&str>) -> Vec<String> {
-        let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
-        logs.iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["message"] == "workload certificate issued"
-                    && v["old_serial"].as_str().is_some_and(|s| !s.is_empty())
-                    && v["serial"] != v["old_serial"]
-                    && identity.is_none_or(|id| v["identity"] == id)
-            })
-            .filter_map(|v| v["serial"].as_str().map(str::to_owned))
-            .collect()
-    }
-
-    /// Copies of the access records so far.
-    pub fn access_records(&self) -> Vec<serde_json::Value> {
-        self.access.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    /// Waits up to `timeout` for an access record matching `pred` (records are written in
-    /// batches, so a test must not assume one is there the moment a connection closed).
-    pub async fn wait_for_record(
-        &self,
-        pred: impl Fn(&serde_json::Value) -> bool,
-        timeout: Duration,
-    ) -> Option<serde_json::Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(found) = self.access_records().into_iter().find(|r| pred(r)) {
-                return Some(found);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Sends SIGTERM and waits up to `timeout` for the exit status.
-    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("ztunnel did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Finds the `ztunnel` binary: `$MEMBRANE_ZTUNNEL_BIN`, or next to the running test binary's
-/// directory (`target/<profile>/ztunnel`, which `cargo test --workspace` builds).
-pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("MEMBRANE_ZTUNNEL_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("test binary has no directory")?;
-    if dir.ends_with("deps") {
-        dir = dir.parent().context("no profile directory")?;
-    }
-    let candidate = dir.join("ztunnel");
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        bail!(
-            "{} not found: build it with `cargo build -p membrane-ztunnel` or set MEMBRANE_ZTUNNEL_BIN",
-            candidate.display()
-        )
-    }
-}
-
 /// An unconnected TCP socket created inside the network namespace at `path`, as an
 /// application there would create it (no ztunnel mark: it is captured).
 pub fn socket_in_netns(path: PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
@@ -213,6 +105,19 @@ pub fn socket_in_netns(path: PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
         Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
     })??;
     Ok(tokio::net::TcpSocket::from_std_stream(stream))
+}
+
+impl MeshSpec {
+    /// Two nodes, `node-a` and `node-b`, running `pods`, with `mesh_namespaces` in the mesh;
+    /// everything else default.
+    pub fn two_nodes(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> Self {
+        Self {
+            nodes: vec!["node-a".into(), "node-b".into()],
+            pods,
+            mesh_namespaces: mesh_namespaces.iter().map(|n| (*n).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
 }
 
 /// A mesh on one host.
@@ -267,20 +172,19 @@ impl Mesh {
         for (name, content) in &spec.extra_manifests {
             files.push((name.as_str(), content.as_str()));
         }
-        let mut signer = membrane_ca::SignerConfig::default();
-        if let Some(ttl) = spec.cert_ttl {
-            signer.default_ttl = ttl;
-            signer.max_ttl = ttl;
+        let mut ca = TestCa::builder()
+            .nodes(&spec.nodes)
+            .listeners(spec.ca_listeners);
+        for (name, content) in files {
+            ca = ca.manifest(name, content);
         }
-        let root_namespace = spec.root_namespace.clone();
-        let ca_listeners = spec.ca_listeners;
-        let ca = TestCa::start_configured(&files, &spec.nodes, signer, |c| {
-            c.listeners = ca_listeners;
-            if let Some(ns) = root_namespace {
-                c.root_namespace = ns;
-            }
-        })
-        .await?;
+        if let Some(ttl) = spec.cert_ttl {
+            ca = ca.cert_ttl(ttl);
+        }
+        if let Some(ns) = &spec.root_namespace {
+            ca = ca.root_namespace(ns);
+        }
+        let ca = ca.start().await?;
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
@@ -358,128 +262,6 @@ impl Mesh {
             )?;
         }
         Ok((manifests, workloads))
-    }
-
-    fn spawn_ztunnel(&self, node: &str, extra_args: &[&str]) -> anyhow::Result<Ztunnel> {
-        let dir = self.dir.path();
-        let token_file = dir.join(format!("{node}.token"));
-        std::fs::write(&token_file, crate::node_token(node))?;
-        let enroll_socket = dir.join(format!("{node}.sock"));
-        let mut command = Command::new(ztunnel_binary()?);
-        command.args(["--node", node]);
-        if let Some(ttl) = self.spec.cert_ttl {
-            command
-                .arg("--cert-ttl")
-                .arg(format!("{}ms", ttl.as_millis()));
-        }
-        if self.spec.local_files {
-            command
-                .arg("--workloads-file")
-                .arg(dir.join("workloads.yaml"))
-                .arg("--policy-file")
-                .arg(dir.join("policies.yaml"));
-        }
-        let mut child = command
-            .args(["--ca-address", &self.ca.endpoint()])
-            .arg("--ca-root")
-            .arg(dir.join("root.pem"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--enroll-socket")
-            .arg(&enroll_socket)
-            .arg("--state-dir")
-            .arg(dir.join(format!("{node}-state")))
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--readiness-addr", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--drain-grace", "2s"])
-            .args(&self.spec.ztunnel_args)
-            .args(extra_args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting ztunnel")?;
-        let access = Arc::new(Mutex::new(Vec::new()));
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().context("stdout")?;
-        let sink = access.clone();
-        let mut tee = match &self.spec.access_log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            ),
-            None => None,
-        };
-        std::thread::spawn(move || {
-            use std::io::Write as _;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(file) = tee.as_mut() {
-                    let _ = writeln!(file, "{line}");
-                }
-                if let (Ok(v), Ok(mut all)) = (serde_json::from_str(&line), sink.lock()) {
-                    all.push(v);
-                }
-            }
-        });
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log_sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line.clone());
-                if let Ok(mut all) = log_sink.lock() {
-                    all.push(line);
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let serving = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .with_context(|| format!("ztunnel {node} did not start"))?;
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "ztunnel serving" {
-                break v;
-            }
-        };
-        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
-            Ok(serving[k].as_str().context("address field")?.parse()?)
-        };
-        Ok(Ztunnel {
-            enroll_socket,
-            admin: addr("admin")?,
-            metrics: addr("metrics")?,
-            readiness: addr("readiness")?,
-            access,
-            logs,
-            child,
-        })
-    }
-
-    /// Starts node `node`'s ztunnel again (after it stopped), with the same files and state
-    /// directory, so it re-enrolls the pods it had.
-    pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
-        self.restart_ztunnel_with(node, &[])
-    }
-
-    /// As [`Mesh::restart_ztunnel`], with `extra_args` appended to the ztunnel's command line
-    /// (for example `--netns-dir DIR`).
-    pub fn restart_ztunnel_with(&mut self, node: &str, extra_args: &[&str]) -> anyhow::Result<()> {
-        if let Some(mut old) = self.ztunnels.remove(node) {
-            let _ = old.child.kill();
-            let _ = old.child.wait();
-        }
-        let z = self.spawn_ztunnel(node, extra_args)?;
-        self.ztunnels.insert(node.to_owned(), z);
-        Ok(())
     }
 
     /// Replaces the policy documents every ztunnel enforces (atomically: write, then rename):
