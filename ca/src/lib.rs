@@ -18,6 +18,7 @@ pub mod client;
 pub mod crd;
 pub mod discovery;
 mod fsutil;
+mod leaf;
 pub mod metrics;
 pub mod node_auth;
 pub mod plugin_reload;
