@@ -8,20 +8,20 @@ use std::time::Duration;
 
 use crate::HttpTimeouts;
 
-/// The `--http-*` flags of a binary's plain-HTTP listeners (metrics, readiness, admin);
-/// flattened into the binary's arguments with `#[command(flatten)]`.
+/// The `--http-*` flags of a binary's plain-HTTP listeners (whichever of metrics, readiness
+/// and admin it serves); flattened into the binary's arguments with `#[command(flatten)]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {
-    /// Connections each HTTP listener (metrics, readiness, admin) holds at once.
+    /// Connections each plain-HTTP listener holds at once.
     #[arg(long, default_value_t = 1024)]
     pub http_max_connections: usize,
-    /// Connections one peer IP holds at once on each HTTP listener.
+    /// Connections one peer IP holds at once on each plain-HTTP listener.
     #[arg(long, default_value_t = 8)]
     pub http_max_connections_per_peer: usize,
-    /// Longest wait for an HTTP request's headers (metrics, readiness, admin).
+    /// Longest wait for a request's headers on a plain-HTTP listener.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
-    /// An HTTP connection (metrics, readiness, admin) idle this long is closed.
+    /// A plain-HTTP listener's connection idle this long is closed.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub http_idle_timeout: Duration,
 }
