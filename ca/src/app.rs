@@ -15,12 +15,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::{AuthorityError, SigningAuthority};
+use crate::certificates::CertificateService;
 use crate::discovery::{DiscoveryMetrics, DiscoveryService};
+use crate::endpoint;
 use crate::metrics::{self, SignMetrics, SourceMetrics};
 use crate::node_auth::{BootstrapTokens, TokenFileError};
 use crate::plugin_reload::{PluginMetrics, PluginReloader};
 use crate::rotation::{self, RotationError, RotationMetrics, Rotator};
-use crate::server::{self, CertificateService, ServerError};
+use crate::server::{self, ServerError};
 use crate::serving::{ListenerConfig, ServingCert};
 use crate::signer::{Signer, SignerConfig};
 use crate::source::StateReceiver;
@@ -281,7 +283,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         },
         listener_metrics.clone(),
     );
-    let metrics = tokio::spawn(metrics::serve(
+    let metrics = tokio::spawn(endpoint::serve(
         metrics_listener,
         registry,
         state_rx.clone(),
@@ -290,13 +292,13 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     ));
     let service = CertificateService::new(
         signer.clone(),
-        authenticator,
+        authenticator.clone(),
         state_rx.clone(),
         sign_metrics,
     );
     let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle.clone()));
     let discovery = DiscoveryService::new(
-        service.clone(),
+        authenticator,
         state_rx.clone(),
         bundle_rx,
         discovery_metrics,

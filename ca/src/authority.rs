@@ -222,7 +222,7 @@ impl SigningAuthority {
         ];
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + root_ttl;
-        params.serial_number = Some(crate::signer::random_serial());
+        params.serial_number = Some(crate::leaf::random_serial());
         let cert = params.self_signed(&key)?;
         // Key first: a crash between the two writes leaves a key without a certificate, which
         // load_or_create reports instead of silently minting a second root.
@@ -300,7 +300,7 @@ impl SigningAuthority {
     /// Signs a probe leaf and verifies it against the bundle: proves the key belongs to the
     /// signing certificate and the chain reaches a root.
     fn self_check(&self) -> Result<(), String> {
-        let probe = crate::signer::probe_leaf(self).map_err(|e| e.to_string())?;
+        let probe = probe_leaf(self).map_err(|e| e.to_string())?;
         self.bundle
             .verify_svid_chain(
                 &probe,
@@ -342,4 +342,26 @@ impl SigningAuthority {
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
     }
+}
+
+/// Signs a throwaway leaf with a fresh key; used to self-check an authority at load time.
+fn probe_leaf(authority: &SigningAuthority) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let now = OffsetDateTime::now_utc();
+    let probe = rcgen::SanType::URI(
+        format!(
+            "spiffe://{}/ns/membrane-system/sa/probe",
+            authority.bundle.trust_domain()
+        )
+        .try_into()?,
+    );
+    let (params, _) = crate::leaf::leaf_params(
+        vec![probe],
+        now - crate::leaf::BACKDATE,
+        now + Duration::from_secs(60),
+    );
+    let leaf = params.signed_by(&key, &authority.issuer)?;
+    let mut chain = vec![leaf.der().clone()];
+    chain.extend(authority.chain.iter().cloned());
+    Ok(chain)
 }

@@ -31,8 +31,6 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// API group of Membrane's policies.
-pub const GROUP: &str = "security.membrane.dev";
 /// API version of the custom resource.
 pub const VERSION: &str = "v1";
 

@@ -11,6 +11,7 @@ use membrane_ca::app::{self, AppConfig, KubernetesMode, SourceMode};
 use membrane_ca::serving::ListenerConfig;
 use membrane_ca::status::StatusConfig;
 use membrane_ca::tokenreview::TokenReviewConfig;
+use membrane_runtime::cli::{HttpArgs, LogFormat, init_tracing};
 
 /// Membrane's controller: certificate authority and workload source.
 #[derive(Debug, Parser)]
@@ -72,12 +73,6 @@ enum Source {
     /// The Kubernetes API (in-cluster config or kubeconfig); nodes authenticate with their
     /// projected ServiceAccount token (TokenReview).
     Kubernetes,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,18 +178,8 @@ struct ServeArgs {
     /// answer to the server's 10 s keepalive PINGs) is closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grpc_idle_timeout: Duration,
-    /// Metrics connections held at once.
-    #[arg(long, default_value_t = 1024)]
-    http_max_connections: usize,
-    /// Metrics connections one peer IP holds at once.
-    #[arg(long, default_value_t = 8)]
-    http_max_connections_per_peer: usize,
-    /// Longest wait for an HTTP request's headers on the metrics port.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    http_header_timeout: Duration,
-    /// A metrics connection idle this long is closed.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    http_idle_timeout: Duration,
+    #[command(flatten)]
+    http: HttpArgs,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -204,18 +189,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if (0.05..=0.95).contains(&f) => Ok(f),
         _ => Err(format!("{s:?}: expected a number between 0.05 and 0.95")),
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 
@@ -263,12 +236,9 @@ fn main() -> anyhow::Result<()> {
             grpc_max_connections_per_peer: args.grpc_max_connections_per_peer,
             tls_handshake_timeout: args.tls_handshake_timeout,
             grpc_idle_timeout: args.grpc_idle_timeout,
-            http_max_connections: args.http_max_connections,
-            http_max_connections_per_peer: args.http_max_connections_per_peer,
-            http: membrane_runtime::HttpTimeouts {
-                header: args.http_header_timeout,
-                idle: args.http_idle_timeout,
-            },
+            http_max_connections: args.http.http_max_connections,
+            http_max_connections_per_peer: args.http.http_max_connections_per_peer,
+            http: args.http.timeouts(),
         },
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -1,21 +1,13 @@
-//! The controller's Prometheus metrics and the small HTTP endpoint that serves them.
+//! The controller's Prometheus metrics.
 //!
 //! Each module's metrics are a struct registered on the shared registry (`membrane_ca_` prefix).
-//! `/metrics` serves the text format; `/ready` answers 200 once the workload source has loaded.
+//! Definitions only: the HTTP endpoint that serves them is [`crate::endpoint`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use http::StatusCode;
-use membrane_runtime::Reply;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
-
-use crate::source::StateReceiver;
 
 /// Why a signing request was refused (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -243,40 +235,4 @@ impl TokenReviewMetrics {
 /// A new registry with Membrane's controller prefix.
 pub fn registry() -> Registry {
     Registry::with_prefix("membrane_ca")
-}
-
-/// Serves `/metrics` and `/ready` on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: membrane_runtime::listener::GuardedListener,
-    registry: Arc<Registry>,
-    ready: StateReceiver,
-    timeouts: membrane_runtime::HttpTimeouts,
-    cancel: CancellationToken,
-) {
-    let route: membrane_runtime::Route =
-        Arc::new(move |path: &str| respond(path, &registry, &ready));
-    membrane_runtime::serve_http(listener, route, timeouts, cancel).await;
-}
-
-fn respond(path: &str, registry: &Registry, ready: &StateReceiver) -> Reply {
-    match path {
-        "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => Reply::ok(membrane_runtime::OPENMETRICS, text),
-                Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
-            }
-        }
-        "/ready" if ready.borrow().is_some() => Reply::text(StatusCode::OK, "ready\n"),
-        "/ready" => Reply::text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "workload source not loaded\n",
-        ),
-        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
-    }
-}
-
-/// Binds the metrics listener (separate so `main` reports a busy port before starting work).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

@@ -28,8 +28,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, DEFAULT_SERVER_NAMES};
 use crate::signer::Signer;
+
+/// The namespace and service account of the controller's own identity.
+pub const CONTROLLER_NAMESPACE: &str = "membrane-system";
+/// Service account of the controller.
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "membrane-ca";
+
+/// DNS names the controller's serving certificate always carries.
+pub const DEFAULT_SERVER_NAMES: &[&str] = &[
+    "membrane-ca",
+    "membrane-ca.membrane-system",
+    "membrane-ca.membrane-system.svc",
+    "localhost",
+    "127.0.0.1",
+    "::1",
+];
 
 /// How long a TLS handshake may take before the connection is dropped (the default of
 /// [`ListenerConfig::tls_handshake_timeout`]).

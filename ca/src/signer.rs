@@ -9,14 +9,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use membrane_identity::{TrustBundle, ValidatedCsr, WorkloadIdentity};
-use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType, SerialNumber};
+use rcgen::SanType;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::authority::SigningAuthority;
-
-/// How far `not_before` is set in the past, to absorb clock skew between nodes.
-pub const BACKDATE: Duration = Duration::from_secs(10);
+pub use crate::leaf::BACKDATE;
+use crate::leaf::leaf_params;
 
 /// Lifetimes the signer applies.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,63 +78,8 @@ pub struct Signer {
     config: SignerConfig,
 }
 
-/// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
-pub fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f;
-    // A leading zero octet would be stripped by DER; keep the length fixed.
-    bytes[0] |= 0x01;
-    SerialNumber::from_slice(&bytes)
-}
-
-fn leaf_params(
-    sans: Vec<SanType>,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-) -> (CertificateParams, String) {
-    let serial = random_serial();
-    let hex = serial
-        .to_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names = sans;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.serial_number = Some(serial);
-    params.use_authority_key_identifier_extension = true;
-    (params, hex)
-}
-
 fn uri_san(identity: &WorkloadIdentity) -> Result<SanType, rcgen::Error> {
     Ok(SanType::URI(identity.to_string().try_into()?))
-}
-
-/// Signs a throwaway leaf with a fresh key; used to self-check an authority at load time.
-pub(crate) fn probe_leaf(
-    authority: &SigningAuthority,
-) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let now = OffsetDateTime::now_utc();
-    let probe = SanType::URI(
-        format!(
-            "spiffe://{}/ns/membrane-system/sa/probe",
-            authority.bundle.trust_domain()
-        )
-        .try_into()?,
-    );
-    let (params, _) = leaf_params(vec![probe], now - BACKDATE, now + Duration::from_secs(60));
-    let leaf = params.signed_by(&key, &authority.issuer)?;
-    let mut chain = vec![leaf.der().clone()];
-    chain.extend(authority.chain.iter().cloned());
-    Ok(chain)
 }
 
 // === impl Signer ===

@@ -117,7 +117,7 @@ impl TrustBundle {
         now: UnixTime,
         usage: svid::Usage,
     ) -> Result<crate::SpiffeId, SvidError> {
-        svid::verify_chain(self, chain, now, usage)
+        svid::verify_chain(&self.trust_domain, &self.roots, chain, now, usage)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! [`parse_leaf`] checks what a leaf must carry on its own (exactly one URI SAN holding a
 //! canonical SPIFFE ID, not a CA, `digitalSignature` and no signing usages); [`verify_chain`]
-//! adds the validity window and the path to a root of a [`TrustBundle`]. [`WorkloadSvid`] is a
+//! adds the validity window and the path to one of a trust domain's roots (a trust bundle's). [`WorkloadSvid`] is a
 //! leaf plus the private key that goes with it, ready to serve.
 
 use std::sync::Arc;
@@ -15,8 +15,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
-use crate::bundle::TrustBundle;
-use crate::spiffe_id::{IdentityError, SpiffeId, WorkloadIdentity, parse_spiffe_id};
+use crate::spiffe_id::{IdentityError, SpiffeId, TrustDomain, WorkloadIdentity, parse_spiffe_id};
 
 /// Why a certificate is not an acceptable X.509-SVID (or root).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,19 +183,22 @@ pub fn check_ca_certificate(der: &[u8]) -> Result<(), SvidError> {
     }
 }
 
-/// Verifies a presented chain (leaf first) against `bundle` at `now` and returns the SPIFFE ID.
+/// Verifies a presented chain (leaf first) at `now` against `roots`, the roots of
+/// `trust_domain`, and returns the SPIFFE ID. Callers holding a trust bundle use
+/// [`TrustBundle::verify_svid_chain`](crate::TrustBundle::verify_svid_chain).
 pub fn verify_chain(
-    bundle: &TrustBundle,
+    trust_domain: &TrustDomain,
+    roots: &[CertificateDer<'static>],
     chain: &[CertificateDer<'_>],
     now: UnixTime,
     usage: Usage,
 ) -> Result<SpiffeId, SvidError> {
     let (leaf, intermediates) = chain.split_first().ok_or(SvidError::NoCertificate)?;
     let info = parse_leaf(leaf)?;
-    if info.spiffe_id.trust_domain() != bundle.trust_domain() {
+    if info.spiffe_id.trust_domain() != trust_domain {
         return Err(SvidError::WrongTrustDomain {
             id: info.spiffe_id.to_string(),
-            trust_domain: bundle.trust_domain().to_string(),
+            trust_domain: trust_domain.to_string(),
         });
     }
     let now_secs = now.as_secs();
@@ -207,8 +209,8 @@ pub fn verify_chain(
             not_after: i64::try_from(na).unwrap_or(i64::MAX),
         });
     }
-    let anchors = bundle
-        .roots()
+    let anchors = roots
+        .iter()
         .map(|root| webpki::anchor_from_trusted_cert(root).map(|a| a.to_owned()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SvidError::Untrusted(format!("unusable root: {e}")))?;

@@ -86,7 +86,9 @@ impl SpiffeVerifier {
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
         let bundle = self.bundle.load();
-        let id = svid::verify_chain(&bundle, &chain, now, usage).map_err(to_rustls)?;
+        let id = bundle
+            .verify_svid_chain(&chain, now, usage)
+            .map_err(to_rustls)?;
         self.check.check(&id).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })

@@ -12,7 +12,8 @@ use time::{Duration, OffsetDateTime};
 const ID: &str = "spiffe://cluster.local/ns/training/sa/trainer";
 
 fn verify(ca: &TestCa, leaf: &common::Leaf) -> Result<String, SvidError> {
-    svid::verify_chain(&ca.bundle(), &leaf.chain, UnixTime::now(), Usage::Client)
+    ca.bundle()
+        .verify_svid_chain(&leaf.chain, UnixTime::now(), Usage::Client)
         .map(|id| id.to_string())
 }
 
@@ -22,7 +23,8 @@ fn valid_svid_verifies_and_parses() {
     let leaf = ca.leaf(ID);
     assert_eq!(verify(&ca, &leaf).expect("valid"), ID);
     assert_eq!(
-        svid::verify_chain(&ca.bundle(), &leaf.chain, UnixTime::now(), Usage::Server)
+        ca.bundle()
+            .verify_svid_chain(&leaf.chain, UnixTime::now(), Usage::Server)
             .expect("server usage too")
             .to_string(),
         ID
@@ -134,7 +136,8 @@ fn chain_must_reach_a_root_of_the_bundle() {
     let leaf = other.leaf(ID);
     assert!(matches!(verify(&ca, &leaf), Err(SvidError::Untrusted(_))));
     assert!(matches!(
-        svid::verify_chain(&ca.bundle(), &[], UnixTime::now(), Usage::Client),
+        ca.bundle()
+            .verify_svid_chain(&[], UnixTime::now(), Usage::Client),
         Err(SvidError::NoCertificate)
     ));
 }

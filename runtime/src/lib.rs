@@ -1,11 +1,16 @@
 //! Process plumbing shared by `membrane-ca` and `ztunnel`.
 //!
 //! The small plain-HTTP server behind their metrics, readiness and admin endpoints, the
-//! guarded listener every server accepts on ([`listener`], [`idle`]), and the shutdown signal. Nothing
-//! domain-specific lives here.
+//! guarded listener every server accepts on ([`listener`], [`idle`]), the shutdown signal, the
+//! flags and log setup the binaries share ([`cli`]) and poison-tolerant locking ([`sync`]).
+//! Nothing domain-specific lives here.
 
+pub mod cli;
 pub mod idle;
 pub mod listener;
+pub mod sync;
+
+pub use sync::lock;
 
 use std::sync::Arc;
 use std::time::Duration;

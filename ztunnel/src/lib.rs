@@ -34,7 +34,4 @@ pub mod state;
 pub mod telemetry;
 pub mod udp;
 
-/// Locks a std mutex, recovering the data if a panicking holder poisoned it.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(crate) use membrane_runtime::lock;

@@ -5,15 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use membrane_runtime::cli::{HttpArgs, LogFormat, init_tracing};
 use membrane_ztunnel::app::{self, ListenerConfig, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Membrane's node agent: captures enrolled pods' traffic and tunnels it over mutual TLS.
 #[derive(Debug, Parser)]
@@ -83,18 +78,8 @@ struct Args {
     /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008).
     #[arg(long, default_value_t = 4096)]
     pod_max_connections_per_peer: usize,
-    /// Connections each HTTP listener (admin, metrics, readiness) holds at once.
-    #[arg(long, default_value_t = 1024)]
-    http_max_connections: usize,
-    /// Connections one peer IP holds at once on each HTTP listener.
-    #[arg(long, default_value_t = 8)]
-    http_max_connections_per_peer: usize,
-    /// Longest wait for an HTTP request's headers (admin, metrics, readiness).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    http_header_timeout: Duration,
-    /// An HTTP connection (admin, metrics, readiness) idle this long is closed.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    http_idle_timeout: Duration,
+    #[command(flatten)]
+    http: HttpArgs,
     /// Bound on an inbound HBONE (15008) TLS + HTTP/2 handshake, waiting for its turn included.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hbone_handshake_timeout: Duration,
@@ -119,15 +104,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    init_tracing(args.log_format);
     raise_fd_limit();
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading the token file {}", args.token_file.display()))?
@@ -159,12 +136,9 @@ fn main() -> anyhow::Result<()> {
         listeners: ListenerConfig {
             pod_max_connections: args.pod_max_connections,
             pod_max_connections_per_peer: args.pod_max_connections_per_peer,
-            http_max_connections: args.http_max_connections,
-            http_max_connections_per_peer: args.http_max_connections_per_peer,
-            http: membrane_runtime::HttpTimeouts {
-                header: args.http_header_timeout,
-                idle: args.http_idle_timeout,
-            },
+            http_max_connections: args.http.http_max_connections,
+            http_max_connections_per_peer: args.http.http_max_connections_per_peer,
+            http: args.http.timeouts(),
             hbone_handshake_timeout: args.hbone_handshake_timeout,
             hbone_max_pending_handshakes: args.hbone_max_pending_handshakes,
         },

@@ -29,8 +29,8 @@ use tonic::{Request, Response, Status};
 
 pub use view::{Key, MeshView, PLAINTEXT_ANNOTATION, View, bundle_resource, diff};
 
-use crate::server::CertificateService;
 use crate::source::{ClusterState, StateReceiver};
+use crate::tokenreview::NodeAuthenticator;
 
 /// How long changes are gathered before a delta is sent.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -159,7 +159,7 @@ impl AckBook {
 /// The `Discovery` service.
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
-    auth: CertificateService,
+    auth: NodeAuthenticator,
     state: StateReceiver,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     cache: Arc<Mutex<Option<Cached>>>,
@@ -184,10 +184,10 @@ impl Drop for StreamGuard {
 }
 
 impl DiscoveryService {
-    /// A service streaming views of `state` and `bundle`, authenticating callers like
-    /// `auth`; streams end when `cancel` fires.
+    /// A service streaming views of `state` and `bundle`, authenticating callers with `auth`
+    /// (the same node authenticator as `Certificates.Sign`); streams end when `cancel` fires.
     pub fn new(
-        auth: CertificateService,
+        auth: NodeAuthenticator,
         state: StateReceiver,
         bundle: watch::Receiver<Arc<TrustBundle>>,
         metrics: DiscoveryMetrics,
@@ -347,7 +347,7 @@ impl Discovery for DiscoveryService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr();
-        let node = match self.auth.authenticate_caller(request.metadata()).await {
+        let node = match self.auth.authenticate(request.metadata()).await {
             Ok(node) => node,
             Err(failure) => {
                 let reason = failure.refusal().as_str();
@@ -384,7 +384,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let node = match self.auth.authenticate_caller(request.metadata()).await {
+        let node = match self.auth.authenticate(request.metadata()).await {
             Ok(node) => node,
             Err(failure) => {
                 return Err(self.refuse(failure.refusal().as_str(), failure.status()));

@@ -1,8 +1,8 @@
 //! What the controller knows about the cluster, whichever source it comes from.
 //!
 //! A source (a directory of manifests, or the Kubernetes API) publishes complete
-//! [`ClusterState`] snapshots on a `watch` channel. Consumers — node authorization today, the
-//! discovery stream later — read the latest snapshot and never see a half-applied change.
+//! [`ClusterState`] snapshots on a `watch` channel. Consumers (node authorization, the
+//! discovery stream, readiness) read the latest snapshot and never see a half-applied change.
 
 mod annotations;
 pub mod directory;

@@ -22,6 +22,7 @@ use super::metrics::{CertMetrics, ExpiryCollector};
 use super::schedule::{self, Jitter, Validity};
 use super::{CaConfig, CertError};
 use crate::telemetry::rfc3339;
+use membrane_runtime::lock;
 
 /// A caller that needs a certificate fails at once, rather than asking again, when the
 /// controller was found unreachable less than this long ago.
@@ -87,10 +88,6 @@ struct SlotState {
     failures: u32,
     last_error: Option<CertError>,
     last_failure: Option<SystemTime>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

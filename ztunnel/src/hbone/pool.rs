@@ -28,12 +28,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use membrane_identity::SpiffeId;
+use membrane_runtime::lock;
 use rustls::sign::CertifiedKey;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -132,12 +133,6 @@ struct Load {
 /// it as its guard) is dropped.
 struct StreamLease {
     conn: Arc<PooledConn>,
-}
-
-/// Locks a std mutex, recovering from poisoning: every critical section here leaves the
-/// data consistent at each step, so a panic elsewhere does not invalidate it.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // === impl HbonePool ===

@@ -1,4 +1,5 @@
 use super::*;
+use crate::source::PodPhase;
 
 const GOOD: &str = r#"
 apiVersion: v1
