@@ -121,7 +121,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "MEMBRANE_STATUS_LEASE_NAMESPACE",
-        default_value = membrane_ca::server::CONTROLLER_NAMESPACE
+        default_value = membrane_ca::serving::CONTROLLER_NAMESPACE
     )]
     status_lease_namespace: String,
     /// gRPC (TLS) listen address.
