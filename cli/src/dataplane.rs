@@ -20,7 +20,7 @@ use membrane_testbed::netns::{Capture, run_in_netns};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::demo::Narrator;
+use crate::narrator::Narrator;
 
 const PORT: u16 = 8080;
 const MARKER: &[u8] = b"GRADIENTS-OF-MODEL-v7-CONFIDENTIAL";

@@ -21,42 +21,9 @@ use rustls_pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::narrator::Narrator;
+
 const MANIFESTS: &str = include_str!("../../examples/genai/mesh.yaml");
-
-/// Prints steps as text or as JSON lines.
-pub struct Narrator {
-    json: bool,
-    step: usize,
-}
-
-impl Narrator {
-    /// Starts a numbered step.
-    pub fn step(&mut self, title: &str) {
-        self.step += 1;
-        if !self.json {
-            println!("\n[{}] {title}", self.step);
-        }
-    }
-
-    /// Reports one outcome of the current step.
-    pub fn say(&self, ok: bool, text: &str, detail: serde_json::Value) {
-        if self.json {
-            println!(
-                "{}",
-                json!({"step": self.step, "ok": ok, "message": text, "detail": detail})
-            );
-        } else {
-            let mark = if ok { "  ✔" } else { "  ✘" };
-            println!("{mark} {text}");
-            if let serde_json::Value::Object(map) = &detail {
-                for (k, v) in map {
-                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                    println!("      {k}: {v}");
-                }
-            }
-        }
-    }
-}
 
 fn random_token() -> String {
     let bytes: [u8; 18] = rand::random();
@@ -106,7 +73,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         },
         listeners: Default::default(),
     };
-    let mut out = Narrator { json, step: 0 };
+    let mut out = Narrator::new(json);
     let running = app::start(config)
         .await
         .context("starting the controller")?;

@@ -10,6 +10,7 @@
 mod dataplane;
 mod demo;
 mod local;
+mod narrator;
 mod observe;
 mod policy;
 
