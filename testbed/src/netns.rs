@@ -82,7 +82,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::io::{Read, Write};
 //! use std::net::{TcpListener, TcpStream};
-//! use membrane_tests::netns::{Netns, Testbed};
+//! use membrane_testbed::netns::{Netns, Testbed};
 //!
 //! let mut testbed = Testbed::new()?;
 //! testbed.add_node("node-a")?;

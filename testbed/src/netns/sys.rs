@@ -91,7 +91,7 @@ pub(crate) fn netns_del(name: &str) -> Result<()> {
 ///
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use membrane_tests::netns::run_in_netns;
+/// use membrane_testbed::netns::run_in_netns;
 /// let bind = || std::net::TcpListener::bind("0.0.0.0:8080");
 /// let listener = run_in_netns("/run/netns/my-pod", bind)??;
 /// # drop(listener); Ok(()) }
