@@ -65,10 +65,10 @@ impl AuthzMetrics {
 }
 
 /// What an access record says about authorization.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DecisionSummary {
-    /// `allow` or `deny`.
-    pub verdict: &'static str,
+    /// Allow or deny.
+    pub verdict: Verdict,
     /// `namespace/name` of the deciding policy.
     pub policy: Option<String>,
     /// Index of the deciding rule.
@@ -79,10 +79,25 @@ pub struct DecisionSummary {
     pub dry_run: Vec<String>,
 }
 
+impl DecisionSummary {
+    /// Whether the connection is admitted.
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+/// The verdict as records and metric labels spell it: `allow` or `deny`.
+fn verdict_label(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+    }
+}
+
 impl From<DecisionSummary> for membrane_api::access::Authorization {
     fn from(d: DecisionSummary) -> Self {
         Self {
-            verdict: d.verdict.into(),
+            verdict: verdict_label(d.verdict).into(),
             policy: d.policy,
             rule: d.rule,
             audit: d.audit,
@@ -100,10 +115,7 @@ pub struct Authorizer {
 
 fn summarize(d: &Decision) -> DecisionSummary {
     DecisionSummary {
-        verdict: match d.verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-        },
+        verdict: d.verdict,
         policy: d
             .policy
             .as_ref()
@@ -167,7 +179,7 @@ impl Authorizer {
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels {
-                verdict: summary.verdict,
+                verdict: verdict_label(summary.verdict),
                 policy: summary.policy.clone().unwrap_or_else(|| "none".into()),
             })
             .inc();

@@ -5,18 +5,18 @@
 //! ztunnel port: see [`crate::guard`]), the source address for policy is the TCP peer (never
 //! the `forwarded` claim), and only then does the ztunnel connect to the application (from
 //! inside the pod, with its mark). Connections register for policy re-checks before they are
-//! decided, so a policy change never misses one being admitted. Plaintext sources have no
-//! identity: refused unless the pod's namespace is `membrane.dev/plaintext: permit` (policy
-//! evaluation comes with the policy engine; until then permit means accept).
+//! decided, so a policy change never misses one being admitted. An admitted tunnel's record
+//! is opened at admission and travels with it (the [`hbone::ConnectHandler`]'s admission), so
+//! its duration is the tunnel's and the drain waits for it. Plaintext sources have no
+//! identity: refused unless the pod's namespace permits plaintext, then decided by policy
+//! like any other source (only rules that need no identity can admit them).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::authz::DecisionSummary;
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{
-    self, Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult, ResetOnError,
+    self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult,
+    ResetOnError,
 };
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use membrane_identity::WorkloadIdentity;
@@ -75,17 +75,17 @@ struct InboundHandler {
     proxy: Arc<Proxy>,
 }
 
-/// What an admitted tunnel keeps until its relay ends.
-struct Admitted {
-    decision: DecisionSummary,
+/// What an admitted tunnel keeps until its relay ends: its record, opened at admission (so
+/// its duration is the tunnel's and the drain counts it), and its policy registration.
+struct InboundTunnel {
+    log: ConnectionLog,
     _registration: ConnGuard,
 }
 
 impl ConnectHandler for InboundHandler {
-    fn connect(
-        &self,
-        req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
+    type Admission = InboundTunnel;
+
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, InboundTunnel> {
         Box::pin(async move {
             // The authority must be an application port of this pod: never loopback, another
             // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
@@ -137,7 +137,7 @@ impl ConnectHandler for InboundHandler {
             // connection, so none is admitted on a policy already replaced.
             let (cancel, registration) = self.proxy.open.register(attrs.clone());
             let decision = self.proxy.authorizer.authorize(&attrs);
-            if decision.verdict != "allow" {
+            if !decision.allowed() {
                 let reason = match &decision.policy {
                     Some(p) => format!("denied by policy {p}"),
                     None => "no ALLOW policy matches".to_owned(),
@@ -163,30 +163,25 @@ impl ConnectHandler for InboundHandler {
                 log.refused(reason.clone());
                 return Err(ConnectRefusal::Denied(reason));
             }
+            let mut log = self.log(&req);
+            log.authorized(decision);
+            log.opened();
             Ok(Accepted {
                 app,
-                keep: Some(Box::new(Admitted {
-                    decision,
+                admission: InboundTunnel {
+                    log,
                     _registration: registration,
-                })),
+                },
                 cancel: Some(cancel),
             })
         })
     }
 
-    fn finished(
-        &self,
-        req: &ConnectRequest,
-        result: &RelayResult,
-        keep: Option<&(dyn std::any::Any + Send)>,
-    ) {
+    fn finished(&self, _req: &ConnectRequest, result: &RelayResult, tunnel: InboundTunnel) {
         let (kind, reason) = result.summary();
-        let mut log = self.log(req);
-        if let Some(admitted) = keep.and_then(|k| k.downcast_ref::<Admitted>()) {
-            log.authorized(admitted.decision.clone());
-        }
-        log.opened();
-        log.closed(result.b_to_a, result.a_to_b, kind, reason);
+        tunnel
+            .log
+            .closed(result.b_to_a, result.a_to_b, kind, reason);
     }
 }
 
@@ -280,7 +275,7 @@ async fn plaintext_connection(
     // Registered before the decision, as for HBONE: no policy change can slip in between.
     let (revoked, _registration) = proxy.open.register(attrs.clone());
     let decision = proxy.authorizer.authorize(&attrs);
-    let allowed = decision.verdict == "allow";
+    let allowed = decision.allowed();
     let policy = decision.policy.clone();
     log.authorized(decision);
     if !allowed {

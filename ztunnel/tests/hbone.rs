@@ -19,9 +19,9 @@ use membrane_identity::{
 };
 use membrane_testbed::OfflineCa;
 use membrane_ztunnel::hbone::{
-    ALPN_H2, Accepted, ConnectHandler, ConnectHeaders, ConnectRefusal, ConnectRequest, Dial,
-    H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd, RelayResult, Side,
-    serve_connection,
+    ALPN_H2, Accepted, ConnectFuture, ConnectHandler, ConnectHeaders, ConnectRefusal,
+    ConnectRequest, Dial, H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd,
+    RelayResult, Side, serve_connection,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -103,10 +103,9 @@ struct TestHandler {
 }
 
 impl ConnectHandler for TestHandler {
-    fn connect(
-        &self,
-        req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
+    type Admission = ();
+
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, ()> {
         self.calls.lock().expect("lock").push(req);
         Box::pin(async move {
             match &self.mode {
@@ -119,12 +118,7 @@ impl ConnectHandler for TestHandler {
         })
     }
 
-    fn finished(
-        &self,
-        req: &ConnectRequest,
-        result: &RelayResult,
-        _keep: Option<&(dyn std::any::Any + Send)>,
-    ) {
+    fn finished(&self, req: &ConnectRequest, result: &RelayResult, (): ()) {
         let end = match &result.end {
             RelayEnd::Closed => "closed".to_string(),
             RelayEnd::Reset(Side::A) => "reset by app".to_string(),
@@ -164,7 +158,7 @@ impl Server {
             calls: Mutex::new(Vec::new()),
             finished: finished_tx,
         });
-        let dyn_handler: Arc<dyn ConnectHandler> = handler.clone();
+        let dyn_handler: Arc<dyn ConnectHandler<Admission = ()>> = handler.clone();
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -827,7 +821,7 @@ async fn connections_closed_by_the_peer_leave_the_pool() {
         // A fresh server on the same address is dialled anew.
         let listener = TcpListener::bind(addr).await.expect("rebind");
         let tls_server = ca.server_tls(&ca.svid(SERVER_ID));
-        let handler: Arc<dyn ConnectHandler> = Arc::new(TestHandler {
+        let handler: Arc<dyn ConnectHandler<Admission = ()>> = Arc::new(TestHandler {
             mode: Mode::Forward(app_addr),
             calls: Mutex::new(Vec::new()),
             finished: mpsc::unbounded_channel().0,

@@ -131,6 +131,15 @@ impl Mesh {
         let token_file = dir.join(format!("{node}.token"));
         std::fs::write(&token_file, crate::node_token(node))?;
         let enroll_socket = dir.join(format!("{node}.sock"));
+        // A short drain unless the spec sets its own: tests stop ztunnels often.
+        let own_grace = (self.spec.ztunnel_args.iter().map(String::as_str))
+            .chain(extra_args.iter().copied())
+            .any(|a| a == "--drain-grace");
+        let drain_grace: &[&str] = if own_grace {
+            &[]
+        } else {
+            &["--drain-grace", "2s"]
+        };
         let mut command = Command::new(ztunnel_binary()?);
         command.args(["--node", node]);
         if let Some(ttl) = self.spec.cert_ttl {
@@ -162,7 +171,7 @@ impl Mesh {
                 "127.0.0.1:0",
             ])
             .args(["--readiness-addr", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--drain-grace", "2s"])
+            .args(drain_grace)
             .args(&self.spec.ztunnel_args)
             .args(extra_args)
             .env("RUST_LOG", "info")

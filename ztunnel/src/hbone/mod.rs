@@ -44,8 +44,8 @@ pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay, relay_until};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{
-    Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, HandshakeLimits, parse_authority,
-    serve_connection, set_handshake_limits,
+    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, HandshakeLimits,
+    parse_authority, serve_connection, set_handshake_limits,
 };
 pub use stream::H2Stream;
 

@@ -16,7 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::hbone::{Accepted, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult};
+use crate::hbone::{
+    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult,
+};
 
 const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
 const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
@@ -79,10 +81,9 @@ impl Ca {
 struct Forward(SocketAddr);
 
 impl ConnectHandler for Forward {
-    fn connect(
-        &self,
-        _req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>> {
+    type Admission = ();
+
+    fn connect(&self, _req: ConnectRequest) -> ConnectFuture<'_, ()> {
         Box::pin(async move {
             TcpStream::connect(self.0)
                 .await
@@ -91,13 +92,7 @@ impl ConnectHandler for Forward {
         })
     }
 
-    fn finished(
-        &self,
-        _req: &ConnectRequest,
-        _result: &RelayResult,
-        _keep: Option<&(dyn std::any::Any + Send)>,
-    ) {
-    }
+    fn finished(&self, _req: &ConnectRequest, _result: &RelayResult, (): ()) {}
 }
 
 /// An echo application and an HBONE server presenting whatever `server_svid` holds when a
@@ -131,7 +126,7 @@ async fn serve(
                 crypto_provider(),
             )
             .expect("server config");
-            let handler: Arc<dyn ConnectHandler> = Arc::new(Forward(app_addr));
+            let handler: Arc<dyn ConnectHandler<Admission = ()>> = Arc::new(Forward(app_addr));
             tokio::spawn(crate::hbone::serve_connection(tcp, Arc::new(tls), handler));
         }
     });

@@ -182,14 +182,15 @@ impl ConnectRefusal {
     }
 }
 
-/// An accepted CONNECT: the connection to the destination, and whatever the handler wants
-/// kept until the relay ends (a registration guard, the authorization decision…). `keep` is
-/// handed to [`ConnectHandler::finished`] and dropped after it.
-pub struct Accepted {
+/// An accepted CONNECT: the connection to the destination, and the handler's admission — what
+/// it keeps for the life of the tunnel (a registration, the connection's record…). The
+/// admission is handed back to [`ConnectHandler::finished`] when the relay ends, or dropped
+/// with the tunnel if the connection is torn down first.
+pub struct Accepted<A = ()> {
     /// The connection to the destination.
     pub app: TcpStream,
     /// Handler state for the life of the tunnel.
-    pub keep: Option<Box<dyn std::any::Any + Send>>,
+    pub admission: A,
     /// Cancelling it ends the tunnel at once: both sides are reset (for example when a policy
     /// change no longer allows the connection).
     pub cancel: Option<tokio_util::sync::CancellationToken>,
@@ -199,29 +200,29 @@ impl From<TcpStream> for Accepted {
     fn from(app: TcpStream) -> Self {
         Self {
             app,
-            keep: None,
+            admission: (),
             cancel: None,
         }
     }
 }
 
+/// What [`ConnectHandler::connect`] returns: the admission decided, asynchronously.
+pub type ConnectFuture<'a, A> =
+    Pin<Box<dyn Future<Output = Result<Accepted<A>, ConnectRefusal>> + Send + 'a>>;
+
 /// Decides what an authenticated CONNECT gets: a connection to the destination, or a refusal.
-pub trait ConnectHandler: Send + Sync {
+pub trait ConnectHandler: Send + Sync + 'static {
+    /// What an admitted tunnel keeps until its relay ends.
+    type Admission: Send + 'static;
+
     /// Authorizes `req` and connects to its destination. Called once per well-formed CONNECT;
     /// the future is dropped if the peer resets the stream meanwhile.
-    fn connect(
-        &self,
-        req: ConnectRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Accepted, ConnectRefusal>> + Send + '_>>;
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Self::Admission>;
 
-    /// Called once the relay of an accepted request ended, with the `keep` it returned.
-    fn finished(
-        &self,
-        req: &ConnectRequest,
-        result: &RelayResult,
-        keep: Option<&(dyn std::any::Any + Send)>,
-    ) {
-        let _ = (req, result, keep);
+    /// Called once the relay of an accepted request ended, with the admission `connect`
+    /// returned.
+    fn finished(&self, req: &ConnectRequest, result: &RelayResult, admission: Self::Admission) {
+        let _ = (req, result, admission);
     }
 }
 
@@ -235,10 +236,10 @@ pub trait ConnectHandler: Send + Sync {
 ///
 /// Each CONNECT stream runs in its own task, in a `hbone_stream` span. They are joined before
 /// this returns, and aborted if this future is dropped.
-pub async fn serve_connection(
+pub async fn serve_connection<H: ConnectHandler + ?Sized>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
-    handler: Arc<dyn ConnectHandler>,
+    handler: Arc<H>,
 ) -> Result<(), HboneError> {
     let span = tracing::info_span!(
         "hbone_conn",
@@ -252,11 +253,11 @@ pub async fn serve_connection(
     serve(tcp, peer_addr, tls, handler).instrument(span).await
 }
 
-async fn serve(
+async fn serve<H: ConnectHandler + ?Sized>(
     tcp: TcpStream,
     peer_addr: Option<SocketAddr>,
     tls: Arc<rustls::ServerConfig>,
-    handler: Arc<dyn ConnectHandler>,
+    handler: Arc<H>,
 ) -> Result<(), HboneError> {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
@@ -355,12 +356,12 @@ async fn serve(
     result
 }
 
-async fn handle_stream(
+async fn handle_stream<H: ConnectHandler + ?Sized>(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Option<SpiffeId>,
     peer_addr: Option<SocketAddr>,
-    handler: Arc<dyn ConnectHandler>,
+    handler: Arc<H>,
 ) {
     let req = match parse_request(&request, peer, peer_addr) {
         Ok(req) => req,
@@ -382,7 +383,11 @@ async fn handle_stream(
             return;
         }
     };
-    let Accepted { app, keep, cancel } = match decision {
+    let Accepted {
+        app,
+        admission,
+        cancel,
+    } = match decision {
         Ok(accepted) => accepted,
         Err(refusal) => {
             tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
@@ -409,8 +414,7 @@ async fn handle_stream(
         from_app = result.a_to_b,
         "HBONE tunnel ended"
     );
-    handler.finished(&req, &result, keep.as_deref());
-    drop(keep);
+    handler.finished(&req, &result, admission);
 }
 
 /// Sends a final status with END_STREAM (no body).
