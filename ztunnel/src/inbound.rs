@@ -14,11 +14,9 @@
 use std::sync::Arc;
 
 use crate::conntrack::{ConnAttrs, ConnGuard};
-use crate::hbone::{
-    self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult,
-    ResetOnError,
-};
+use crate::hbone::{self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
+use crate::relay::{RelayResult, ResetOnError, Side};
 use membrane_identity::WorkloadIdentity;
 
 /// Accepts HBONE connections for one pod until it is removed.
@@ -178,10 +176,8 @@ impl ConnectHandler for InboundHandler {
     }
 
     fn finished(&self, _req: &ConnectRequest, result: &RelayResult, tunnel: InboundTunnel) {
-        let (kind, reason) = result.summary();
-        tunnel
-            .log
-            .closed(result.b_to_a, result.a_to_b, kind, reason);
+        // The HBONE server relays (application, tunnel): the source is the tunnel, side B.
+        tunnel.log.relayed(result, Side::B);
     }
 }
 
@@ -297,8 +293,5 @@ async fn plaintext_connection(
             "policy changed while connecting; no longer allowed".to_owned(),
         );
     }
-    log.opened();
-    let result = hbone::relay_until(tcp, app, revoked).await;
-    let (kind, reason) = result.summary();
-    log.closed(result.a_to_b, result.b_to_a, kind, reason);
+    log.relay(tcp, app, Some(revoked)).await;
 }

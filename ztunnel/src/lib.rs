@@ -5,14 +5,18 @@
 //! [`pods`] (enrolled pods), [`netns`] (working inside a pod's network namespace),
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
-//! here, SVIDs from the controller), [`outbound`], [`inbound`], [`hbone`] (the tunnel
-//! protocol and connection pool), [`proxy`] (what handlers share), [`guard`] (destinations
+//! here, SVIDs from the controller, the TLS configurations built from them), [`outbound`]
+//! (the captured connection) → [`route`] (where it goes: a pure decision) → [`hbone`] (the
+//! tunnel protocol and connection pool) → [`inbound`] (the tunnel's end, and plaintext);
+//! [`relay`] (the byte copy every path ends in), [`proxy`] (what handlers share, and each
+//! connection's record), [`guard`] (destinations
 //! and sources never trusted), [`authz`] (policy decisions), [`conntrack`] (open connections
 //! re-checked on policy change), [`telemetry`] (metrics and access records), [`udp`]
 //! (counting the plaintext UDP dropped in pods), [`admin`] (HTTP endpoints), [`memory`]
 //! (freed memory returned after floods).
 //!
-//! It depends on `membrane-proto` and `membrane-identity`, never on the controller crate.
+//! It depends on `membrane-api`, `membrane-proto`, `membrane-identity`, `membrane-policy` and
+//! `membrane-runtime`, never on the controller crate.
 
 pub mod admin;
 pub mod app;
@@ -30,6 +34,8 @@ pub mod outbound;
 pub mod pods;
 pub mod proxy;
 pub mod redirect;
+pub mod relay;
+pub mod route;
 pub mod state;
 pub mod telemetry;
 pub mod udp;

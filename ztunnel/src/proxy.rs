@@ -8,12 +8,14 @@ use std::time::{Instant, SystemTime};
 
 use membrane_identity::TrustDomain;
 use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::CertificateManager;
 use crate::hbone::HbonePool;
 use crate::netns::PodNetns;
+use crate::relay::{RelayResult, ResetOnError, Side, relay, relay_until};
 use crate::state::{MeshState, Workload};
 use crate::telemetry::{AccessLog, AccessRecord, TcpLabels, TcpMetrics};
 
@@ -217,11 +219,38 @@ impl ConnectionLog {
         self.open = true;
     }
 
-    /// The connection ended after carrying bytes.
-    pub fn closed(mut self, sent: u64, received: u64, result: &str, reason: Option<String>) {
+    /// Opens the record, relays `source` (the side that made the connection) and
+    /// `destination` until both directions end — or until `revoked` fires, resetting both —
+    /// and closes the record with what happened. The epilogue of every path but inbound HBONE
+    /// (whose relay the HBONE server runs: it closes its record with [`Self::relayed`]).
+    pub async fn relay<S, D>(
+        mut self,
+        source: S,
+        destination: D,
+        revoked: Option<tokio_util::sync::CancellationToken>,
+    ) where
+        S: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+        D: AsyncRead + AsyncWrite + ResetOnError + Unpin,
+    {
+        self.opened();
+        let result = match revoked {
+            None => relay(source, destination).await,
+            Some(revoked) => relay_until(source, destination, revoked).await,
+        };
+        self.relayed(&result, Side::A);
+    }
+
+    /// The connection ended after carrying bytes: `result` is its relay's, in which the
+    /// source was side `source` (bytes sent are those from the source).
+    pub fn relayed(mut self, result: &RelayResult, source: Side) {
+        let (sent, received) = match source {
+            Side::A => (result.a_to_b, result.b_to_a),
+            Side::B => (result.b_to_a, result.a_to_b),
+        };
+        let (kind, reason) = result.summary();
         self.record.bytes_sent = sent;
         self.record.bytes_received = received;
-        self.record.result = result.into();
+        self.record.result = kind.into();
         self.record.reason = reason;
         self.finish();
     }

@@ -20,9 +20,9 @@ use membrane_identity::{
 use membrane_testbed::OfflineCa;
 use membrane_ztunnel::hbone::{
     ALPN_H2, Accepted, ConnectFuture, ConnectHandler, ConnectHeaders, ConnectRefusal,
-    ConnectRequest, Dial, H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, RelayEnd,
-    RelayResult, Side, serve_connection,
+    ConnectRequest, Dial, H2Stream, HboneError, HbonePool, PoolConfig, PoolKey, serve_connection,
 };
+use membrane_ztunnel::relay::{RelayEnd, RelayResult, Side};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -6,14 +6,15 @@
 //!   TCP semantics: shutdown is a half-close (empty DATA frame with END_STREAM), dropping it
 //!   without a clean close or an I/O error resets it (RST_STREAM CANCEL), a received reset
 //!   reads as [`std::io::ErrorKind::ConnectionReset`].
-//! - [`relay`]: the bidirectional byte copy between two connections, honouring half-close in
-//!   each direction and turning an error on one side into a reset of the other.
 //! - [`serve_connection`]: the listening side (TLS 1.3 with ALPN `h2`, verified peer SPIFFE ID,
 //!   one task per CONNECT stream); what to do with a request is the caller's
 //!   [`ConnectHandler`]'s decision.
 //! - [`HbonePool`]: the dialling side, pooling and multiplexing connections per
 //!   [`PoolKey`] (source address and identity, destination identity and address) — never
 //!   mixing identities on one connection.
+//!
+//! The byte copy between a tunnel and a socket is [`crate::relay`]'s, shared with the paths
+//! that use no tunnel.
 //!
 //! What it must not do: decide policy (the handler does), choose identities or build TLS
 //! configurations (callers pass configs made by `crate::certs::TlsConfigs`), or create sockets
@@ -33,14 +34,12 @@ use std::time::Duration;
 use membrane_identity::{SpiffeId, SvidError};
 
 mod client;
-mod copy;
 mod headers;
 mod pool;
 mod server;
 mod stream;
 
 pub use client::{ConnectHeaders, Dial};
-pub use copy::{RelayEnd, RelayResult, ResetOnError, Side, relay, relay_until};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{

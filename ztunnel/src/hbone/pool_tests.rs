@@ -16,9 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::hbone::{
-    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, RelayResult,
-};
+use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 
 const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
 const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
@@ -92,7 +90,7 @@ impl ConnectHandler for Forward {
         })
     }
 
-    fn finished(&self, _req: &ConnectRequest, _result: &RelayResult, (): ()) {}
+    fn finished(&self, _req: &ConnectRequest, _result: &crate::relay::RelayResult, (): ()) {}
 }
 
 /// An echo application and an HBONE server presenting whatever `server_svid` holds when a

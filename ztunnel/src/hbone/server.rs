@@ -20,13 +20,13 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::copy::{RelayResult, ResetOnError, relay};
 use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, parse_forwarded_for};
 use super::stream::H2Stream;
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER,
     SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER, require_h2, server_tls_with_h2,
 };
+use crate::relay::{RelayResult, ResetOnError, relay};
 
 /// Bounds on the server's handshakes, for the whole process: how long the TLS and HTTP/2
 /// handshakes of one connection may take, and how many run at once. A connection waits for its
@@ -404,7 +404,7 @@ async fn handle_stream<H: ConnectHandler + ?Sized>(
     let tunnel = H2Stream::new(send, request.into_body());
     let result = match cancel {
         None => relay(app, tunnel).await,
-        Some(cancel) => super::relay_until(app, tunnel, cancel).await,
+        Some(cancel) => crate::relay::relay_until(app, tunnel, cancel).await,
     };
     let (kind, reason) = result.summary();
     tracing::debug!(

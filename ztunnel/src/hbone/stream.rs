@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::copy::ResetOnError;
+use crate::relay::ResetOnError;
 
 /// An open HBONE tunnel: the DATA frames of one HTTP/2 stream, both ways.
 ///

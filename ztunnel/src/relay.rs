@@ -1,4 +1,5 @@
-//! [`relay`]: the bidirectional byte copy between two connections, with TCP semantics.
+//! [`relay`]: the bidirectional byte copy between two connections, with TCP semantics. Every
+//! path uses it: outbound through a tunnel or passed through, inbound HBONE and plaintext.
 //!
 //! Each direction runs independently: end-of-stream on one side becomes a write shutdown
 //! (half-close) on the other, and the opposite direction keeps flowing until it ends too. An
@@ -30,7 +31,7 @@ const ROUNDS_PER_POLL: usize = 64;
 ///
 /// [`relay`] calls it on both sides when either side fails. Implemented for
 /// [`tokio::net::TcpStream`] (zero linger, then close: the peer gets an RST) and for
-/// [`super::H2Stream`] (RST_STREAM CANCEL).
+/// [`crate::hbone::H2Stream`] (RST_STREAM CANCEL).
 pub trait ResetOnError {
     /// Aborts the connection.
     fn reset(self);
