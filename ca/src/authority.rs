@@ -16,7 +16,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
-use crate::fsutil;
+use crate::fsutil::{self, FileError};
 
 /// File names of a self-managed root in the state directory.
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
@@ -32,14 +32,8 @@ pub const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
 #[non_exhaustive]
 pub enum AuthorityError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A file does not hold what it should.
     #[error("{path}: {reason}")]
     BadFile {
@@ -92,10 +86,7 @@ impl std::fmt::Debug for SigningAuthority {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AuthorityError> {
-    std::fs::read(path).map_err(|source| AuthorityError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(std::fs::read(path).map_err(FileError::at(path))?)
 }
 
 fn bad(path: &Path, reason: impl ToString) -> AuthorityError {
@@ -200,10 +191,7 @@ impl SigningAuthority {
         trust_domain: &TrustDomain,
         root_ttl: Duration,
     ) -> Result<Self, AuthorityError> {
-        fsutil::ensure_private_dir(state_dir).map_err(|source| AuthorityError::Io {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        fsutil::ensure_private_dir(state_dir).map_err(FileError::at(state_dir))?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
@@ -227,19 +215,11 @@ impl SigningAuthority {
         // Key first: a crash between the two writes leaves a key without a certificate, which
         // load_or_create reports instead of silently minting a second root.
         let key_path = state_dir.join(key_file);
-        fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(
-            |source| AuthorityError::Io {
-                path: key_path.clone(),
-                source,
-            },
-        )?;
+        fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+            .map_err(FileError::at(&key_path))?;
         let cert_path = state_dir.join(cert_file);
-        fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(|source| {
-            AuthorityError::Io {
-                path: cert_path.clone(),
-                source,
-            }
-        })?;
+        fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)
+            .map_err(FileError::at(&cert_path))?;
         tracing::info!(dir = %state_dir.display(), file = cert_file, not_after = %params.not_after, "created a new root CA");
         let bundle = TrustBundle::new(trust_domain.clone(), [cert.der().clone()])
             .map_err(|e| bad(&cert_path, e))?;

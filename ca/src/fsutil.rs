@@ -3,7 +3,28 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A state file that could not be read or written, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct FileError {
+    /// The file.
+    pub path: PathBuf,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl FileError {
+    /// Wraps an I/O error on `path` (for `map_err`).
+    pub fn at(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+        move |source| FileError {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
 
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, created with
 /// `mode` (so a key is never readable by others, not even for a moment), synced, renamed over

@@ -44,4 +44,5 @@ pub mod status;
 pub mod tokenreview;
 
 pub use authority::SigningAuthority;
+pub use fsutil::FileError;
 pub use signer::{Signer, SignerConfig};

@@ -43,7 +43,7 @@ use crate::authority::{
     SigningAuthority,
 };
 use crate::discovery::AckBook;
-use crate::fsutil;
+use crate::fsutil::{self, FileError};
 use crate::signer::{BACKDATE, Signer};
 
 /// The rotation state file in the state directory.
@@ -106,14 +106,8 @@ pub enum RotationError {
     #[error(transparent)]
     Authority(#[from] AuthorityError),
     /// A state file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// The rotation state file is not understood.
     #[error("{path}: {reason}")]
     State {
@@ -133,10 +127,7 @@ pub enum RotationError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RotationError + '_ {
-    move |source| RotationError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| RotationError::Io(FileError::at(path)(source))
 }
 
 /// The phase recorded in `dir`. Next-root files without a state file (a crash right after

@@ -69,35 +69,55 @@ fn valid_name(value: &Option<String>) -> bool {
         .is_none_or(|v| !v.is_empty() && v.len() <= MAX_NAME && !v.chars().any(char::is_control))
 }
 
-/// Parses one request line. Never panics.
-pub fn parse_request(line: &str) -> Result<Request, String> {
-    let request: Request =
-        serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
-    match &request {
+/// The pod an `add` request describes; any other request is handed back.
+fn added_pod(request: Request) -> Result<PodInfo, Request> {
+    match request {
         Request::Add {
             uid,
             netns,
             namespace,
             name,
             ips,
-        } => {
-            if uid.is_empty() || uid.len() > 256 {
-                return Err("uid must be 1 to 256 characters".into());
-            }
-            if !netns.is_absolute() {
-                return Err("netns must be an absolute path".into());
-            }
-            if !valid_name(namespace) || !valid_name(name) {
-                return Err(format!(
-                    "namespace and name must be 1 to {MAX_NAME} printable characters"
-                ));
-            }
-            if ips.len() > MAX_IPS {
-                return Err(format!("at most {MAX_IPS} ips"));
-            }
+        } => Ok(PodInfo {
+            uid,
+            netns,
+            namespace,
+            name,
+            ips,
+        }),
+        other => Err(other),
+    }
+}
+
+/// Checks what a node-side caller says about a pod.
+fn check_pod(pod: &PodInfo) -> Result<(), String> {
+    if pod.uid.is_empty() || pod.uid.len() > 256 {
+        return Err("uid must be 1 to 256 characters".into());
+    }
+    if !pod.netns.is_absolute() {
+        return Err("netns must be an absolute path".into());
+    }
+    if !valid_name(&pod.namespace) || !valid_name(&pod.name) {
+        return Err(format!(
+            "namespace and name must be 1 to {MAX_NAME} printable characters"
+        ));
+    }
+    if pod.ips.len() > MAX_IPS {
+        return Err(format!("at most {MAX_IPS} ips"));
+    }
+    Ok(())
+}
+
+/// Parses one request line. Never panics.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let request: Request =
+        serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+    match added_pod(request.clone()) {
+        Ok(pod) => check_pod(&pod)?,
+        Err(Request::Remove { uid }) if uid.is_empty() => {
+            return Err("uid must not be empty".into());
         }
-        Request::Remove { uid } if uid.is_empty() => return Err("uid must not be empty".into()),
-        _ => {}
+        Err(_) => {}
     }
     Ok(request)
 }
@@ -170,21 +190,8 @@ async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Resp
         Ok(r) => r,
         Err(e) => return Response::error(e),
     };
-    match request {
-        Request::Add {
-            uid,
-            netns,
-            namespace,
-            name,
-            ips,
-        } => {
-            let pod = PodInfo {
-                uid,
-                netns,
-                namespace,
-                name,
-                ips,
-            };
+    match added_pod(request) {
+        Ok(pod) => {
             let (uid, netns) = (pod.uid.clone(), pod.netns.clone());
             match pods.add(pod).await {
                 Ok(enrolled) => Response {
@@ -206,7 +213,7 @@ async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Resp
                 }
             }
         }
-        Request::Remove { uid } => match pods.remove(&uid).await {
+        Err(Request::Remove { uid }) => match pods.remove(&uid).await {
             Ok(removed) => Response {
                 ok: true,
                 removed: Some(removed),
@@ -214,11 +221,12 @@ async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Resp
             },
             Err(e) => Response::error(e),
         },
-        Request::List => Response {
+        Err(Request::List) => Response {
             ok: true,
             pods: Some(pods.list().await),
             ..Response::default()
         },
+        Err(Request::Add { .. }) => Response::error("add request not recognised as a pod"),
     }
 }
 

@@ -31,15 +31,16 @@ async fn hbone_connection(
     proxy: Arc<Proxy>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let svid = match proxy.certs.svid(&pod.workload.identity).await {
+    let identity = &pod.workload.identity;
+    let svid = match proxy
+        .certs
+        .svid_for_connection(identity, "destination")
+        .await
+    {
         Ok(svid) => svid,
         Err(e) => {
             // Never an expired certificate: the connection is refused (the peer sees the TCP
             // connection close before any TLS) and counted.
-            proxy
-                .certs
-                .metrics()
-                .refused("destination", pod.workload.identity.to_string());
             tracing::warn!(
                 identity = %pod.workload.identity,
                 error = %e,

@@ -109,13 +109,10 @@ async fn tunnel(
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
     // Never an expired certificate: a renewal failed until expiry is refused here, with the
     // reason, until the controller answers again.
-    let svid = match proxy.certs.svid(&pod.workload.identity).await {
+    let identity = &pod.workload.identity;
+    let svid = match proxy.certs.svid_for_connection(identity, "source").await {
         Ok(svid) => svid,
         Err(e) => {
-            proxy
-                .certs
-                .metrics()
-                .refused("source", pod.workload.identity.to_string());
             log.refused(format!("no valid certificate for the source: {e}"));
             return None;
         }

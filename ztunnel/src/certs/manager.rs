@@ -226,6 +226,20 @@ impl CertificateManager {
         lock(&self.slots).values().cloned().collect()
     }
 
+    /// [`Self::svid`] for a connection on the `reporter` side (`source` or `destination`):
+    /// when there is no valid SVID, the connection refused for want of one is counted.
+    pub async fn svid_for_connection(
+        &self,
+        identity: &WorkloadIdentity,
+        reporter: &'static str,
+    ) -> Result<WorkloadSvid, CertError> {
+        let svid = self.svid(identity).await;
+        if svid.is_err() {
+            self.metrics.refused(reporter, identity.to_string());
+        }
+        svid
+    }
+
     /// The valid SVID for `identity`. Returns the cached one at once while it is valid (the
     /// scheduler renews it ahead of expiry); asks the controller only when there is none or it
     /// expired. Never returns an expired SVID: [`CertError::Expired`] says when it expired and

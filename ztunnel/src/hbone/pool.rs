@@ -182,10 +182,44 @@ impl HbonePool {
             %authority,
         );
         let presenting = presented_certificate(&tls);
-        self.inner
-            .connect(key, tls, dial, authority, headers, presenting)
-            .instrument(span)
-            .await
+        let inner = &self.inner;
+        async move {
+            let entry = inner.entry(&key);
+            let mut retried = false;
+            loop {
+                let reserved = entry.try_reserve(inner.max_streams(), inner.spread(), &presenting);
+                let lease = match reserved {
+                    Some(lease) => lease,
+                    None => {
+                        inner.reserve_or_dial(&entry, &key, &tls, &*dial, &presenting)
+                            .await?
+                    }
+                };
+                let opened = client::open_tunnel(
+                    &lease.conn.sender,
+                    authority,
+                    &headers,
+                    inner.config.connect_timeout,
+                )
+                .await;
+                match opened {
+                    Ok((send, recv)) => {
+                        tracing::debug!(conn = lease.conn.id, "HBONE tunnel open");
+                        return Ok(H2Stream::new(send, recv).holding(Box::new(lease)));
+                    }
+                    Err(ConnectFailure::ConnectionUnusable(e)) if !retried => {
+                        tracing::debug!(conn = lease.conn.id, error = %e, "pooled connection unusable; retrying");
+                        lease.conn.closed.store(true, Ordering::Release);
+                        retried = true;
+                    }
+                    Err(ConnectFailure::ConnectionUnusable(e) | ConnectFailure::Final(e)) => {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
     }
 
     /// Live pooled connections, all keys together.
@@ -253,50 +287,6 @@ impl PoolInner {
 
     fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
         lock(&self.keys).entry(key.clone()).or_default().clone()
-    }
-
-    async fn connect(
-        &self,
-        key: PoolKey,
-        tls: Arc<rustls::ClientConfig>,
-        dial: Arc<dyn Dial>,
-        authority: SocketAddr,
-        headers: ConnectHeaders,
-        presenting: Presenting,
-    ) -> Result<H2Stream, HboneError> {
-        let entry = self.entry(&key);
-        let mut retried = false;
-        loop {
-            let reserved = entry.try_reserve(self.max_streams(), self.spread(), &presenting);
-            let lease = match reserved {
-                Some(lease) => lease,
-                None => {
-                    self.reserve_or_dial(&entry, &key, &tls, &*dial, &presenting)
-                        .await?
-                }
-            };
-            let opened = client::open_tunnel(
-                &lease.conn.sender,
-                authority,
-                &headers,
-                self.config.connect_timeout,
-            )
-            .await;
-            match opened {
-                Ok((send, recv)) => {
-                    tracing::debug!(conn = lease.conn.id, "HBONE tunnel open");
-                    return Ok(H2Stream::new(send, recv).holding(Box::new(lease)));
-                }
-                Err(ConnectFailure::ConnectionUnusable(e)) if !retried => {
-                    tracing::debug!(conn = lease.conn.id, error = %e, "pooled connection unusable; retrying");
-                    lease.conn.closed.store(true, Ordering::Release);
-                    retried = true;
-                }
-                Err(ConnectFailure::ConnectionUnusable(e) | ConnectFailure::Final(e)) => {
-                    return Err(e);
-                }
-            }
-        }
     }
 
     /// Waits for the key's dial slot; then either a connection dialled meanwhile has room, a
