@@ -8,8 +8,8 @@
 //! type — and the CNI install script run against a fake node's directories.
 //!
 //! helm is found as `$MEMBRANE_HELM`, on `PATH`, or where `scripts/lib/helm.sh` caches it; when
-//! it is missing these tests run `membrane_install_helm`. Without root and without helm they
-//! are skipped with a note on stderr; as root a missing helm is a failure.
+//! it is missing these tests run `membrane_install_helm`. If helm still cannot be found they
+//! fail, saying how to install it — never a silent pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

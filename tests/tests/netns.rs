@@ -1,7 +1,8 @@
 //! The network-namespace testbed against real namespaces: pod connectivity, cleanup (also
 //! after a panic), stale sweeps, packet capture on the fabric, and concurrent testbeds.
 //!
-//! These tests need root and iproute2; without root they are skipped (with a note on stderr).
+//! These tests need root and iproute2: they are `#[ignore = "needs root"]`, run by
+//! `scripts/test.sh` as root, and reported ignored (never passed) otherwise.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
