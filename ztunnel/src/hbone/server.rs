@@ -26,7 +26,7 @@ use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER,
     SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER, require_h2, server_tls_with_h2,
 };
-use crate::relay::{RelayResult, ResetOnError, relay};
+use crate::relay::{RelayEnd, RelayResult, ResetOnError, Side, relay};
 
 /// Bounds on the server's handshakes, for the whole process: how long the TLS and HTTP/2
 /// handshakes of one connection may take, and how many run at once. A connection waits for its
@@ -219,8 +219,10 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// the future is dropped if the peer resets the stream meanwhile.
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Self::Admission>;
 
-    /// Called once the relay of an accepted request ended, with the admission `connect`
-    /// returned.
+    /// Called once for every accepted request — when its relay ended, or when the tunnel could
+    /// not be opened after all (an error on side B, nothing relayed) — with the admission
+    /// `connect` returned. Only if the connection task is dropped (pod removed, drain grace
+    /// over) is the admission dropped without it.
     fn finished(&self, req: &ConnectRequest, result: &RelayResult, admission: Self::Admission) {
         let _ = (req, result, admission);
     }
@@ -398,7 +400,18 @@ async fn handle_stream<H: ConnectHandler + ?Sized>(
         Ok(send) => send,
         Err(e) => {
             tracing::debug!(error = %e, "could not open the tunnel; resetting the application side");
-            return app.reset();
+            app.reset();
+            // Nothing was relayed; the handler still finishes what it admitted, so its record
+            // says what happened.
+            let result = RelayResult {
+                a_to_b: 0,
+                b_to_a: 0,
+                end: RelayEnd::Error {
+                    side: Side::B,
+                    error: std::io::Error::other(format!("could not open the tunnel: {e}")),
+                },
+            };
+            return handler.finished(&req, &result, admission);
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
