@@ -73,8 +73,10 @@ async fn an_inbound_tunnel_is_recorded_for_as_long_as_it_lived() -> anyhow::Resu
             && r["result"] != "refused"
     };
     let opened = "membrane_tcp_connections_opened_total";
+    let closed = "membrane_tcp_connections_closed_total";
     let destination = ["reporter=\"destination\""];
     let opened_before = metric(&mesh, "node-b", opened, &destination).await?;
+    let closed_before = metric(&mesh, "node-b", closed, &destination).await?;
 
     let mut s = mesh.connect_from("client", server).await?;
     ping(&mut s).await?;
@@ -87,6 +89,11 @@ async fn an_inbound_tunnel_is_recorded_for_as_long_as_it_lived() -> anyhow::Resu
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(
+        metric(&mesh, "node-b", closed, &destination).await?,
+        closed_before,
+        "an open tunnel is not counted as closed"
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     ping(&mut s).await?;
     close(s).await?;
@@ -104,6 +111,9 @@ async fn an_inbound_tunnel_is_recorded_for_as_long_as_it_lived() -> anyhow::Resu
         assert_eq!(record["result"], "closed", "{record}");
         assert_eq!(record["bytes_sent"], 8, "two pings echoed: {record}");
         assert_eq!(record["bytes_received"], 8, "two pings sent: {record}");
+        if direction == "inbound" {
+            assert_eq!(record["authorization"]["verdict"], "allow", "{record}");
+        }
     }
     let inbound = mesh.ztunnels["node-b"]
         .access_records()
