@@ -180,32 +180,43 @@ fn local_mesh_from_manifests_up_status_observe_down() {
         "trainer no longer allowed"
     );
 
-    // observe: the records name both identities and the deciding policy.
-    let observed = membrane(&[
-        "observe",
-        "--no-follow",
-        "--json",
-        "--namespace",
-        "lt-data",
-        "--state-dir",
-        &state_dir,
-    ]);
-    assert!(observed.status.success(), "{}", text(&observed));
-    let records: Vec<serde_json::Value> = observed
-        .stdout
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).expect("json line"))
-        .collect();
-    assert!(records.iter().any(|r| r["direction"] == "inbound"
-        && r["src_identity"] == "spiffe://cluster.local/ns/lt-train/sa/etl"
-        && r["authorization"]["verdict"] == "deny"));
-    assert!(
-        records
-            .iter()
-            .any(|r| r["authorization"]["verdict"] == "allow"
-                && r["authorization"]["policy"] == "lt-data/store-readers")
-    );
+    // observe: the records name both identities and the deciding policy. Records reach the
+    // state directory in batches, through `membrane local`: a busy machine may need a moment.
+    let denied = |r: &serde_json::Value| {
+        r["direction"] == "inbound"
+            && r["src_identity"] == "spiffe://cluster.local/ns/lt-train/sa/etl"
+            && r["authorization"]["verdict"] == "deny"
+    };
+    let allowed = |r: &serde_json::Value| {
+        r["authorization"]["verdict"] == "allow"
+            && r["authorization"]["policy"] == "lt-data/store-readers"
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let observed = membrane(&[
+            "observe",
+            "--no-follow",
+            "--json",
+            "--namespace",
+            "lt-data",
+            "--state-dir",
+            &state_dir,
+        ]);
+        assert!(observed.status.success(), "{}", text(&observed));
+        let records: Vec<serde_json::Value> = observed
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("json line"))
+            .collect();
+        let complete = records.iter().any(denied) && records.iter().any(allowed);
+        if complete || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(records.iter().any(denied), "{records:?}");
+    assert!(records.iter().any(allowed), "{records:?}");
 
     // A second `up` is refused with the fix named.
     let again = membrane(&[
