@@ -69,6 +69,16 @@ impl OfflineCa {
         spiffe_id: &str,
         chain: &[CertificateDer<'static>],
     ) -> anyhow::Result<WorkloadSvid> {
+        self.svid_valid_for(spiffe_id, chain, std::time::Duration::from_secs(3600))
+    }
+
+    /// [`Self::svid`] valid for `lifetime` from now (and from a minute ago).
+    pub fn svid_valid_for(
+        &self,
+        spiffe_id: &str,
+        chain: &[CertificateDer<'static>],
+        lifetime: std::time::Duration,
+    ) -> anyhow::Result<WorkloadSvid> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -80,7 +90,7 @@ impl OfflineCa {
         ];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::hours(1);
+        params.not_after = now + lifetime;
         let leaf = params.signed_by(&key, &self.issuer)?;
         let mut certs = vec![leaf.der().clone()];
         certs.extend(chain.iter().cloned());

@@ -135,15 +135,9 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
+    use membrane_identity::TrustBundle;
     use membrane_identity::spiffe_id::parse_trust_domain;
-    use membrane_identity::{TrustBundle, crypto_provider};
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose, SanType,
-    };
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use membrane_testbed::OfflineCa;
 
     use super::*;
 
@@ -151,47 +145,22 @@ mod tests {
     const STORE: &str = "spiffe://cluster.local/ns/data/sa/store";
     const CACHE: &str = "spiffe://cluster.local/ns/data/sa/cache";
 
-    struct Ca {
-        root: CertificateDer<'static>,
-        issuer: Issuer<'static, KeyPair>,
-    }
+    /// A test CA: configs trusting it, and fresh SVIDs (each call: a new key and serial).
+    struct Ca(OfflineCa);
 
     impl Ca {
         fn new() -> Self {
-            let key = KeyPair::generate().expect("keygen");
-            let mut params = CertificateParams::default();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-            let root = params.self_signed(&key).expect("root");
-            Self {
-                root: root.der().clone(),
-                issuer: Issuer::new(params, key),
-            }
+            Self(OfflineCa::root("test root").expect("root"))
         }
 
         fn configs(&self) -> TlsConfigs {
             let td = parse_trust_domain("cluster.local").expect("td");
-            let bundle = TrustBundle::new(td.clone(), [self.root.clone()]).expect("bundle");
+            let bundle = TrustBundle::new(td.clone(), [self.0.der().clone()]).expect("bundle");
             TlsConfigs::new(SharedTrustBundle::new(bundle), td)
         }
 
-        /// A fresh SVID for `uri` (each call: a new key and a new serial).
         fn svid(&self, uri: &str) -> WorkloadSvid {
-            let key = KeyPair::generate().expect("keygen");
-            let mut params = CertificateParams::default();
-            params.distinguished_name = rcgen::DistinguishedName::new();
-            params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let now = time::OffsetDateTime::now_utc();
-            params.not_before = now - time::Duration::seconds(5);
-            params.not_after = now + Duration::from_secs(3600);
-            let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            WorkloadSvid::new(vec![cert.der().clone()], key, &crypto_provider()).expect("svid")
+            self.0.svid(uri, &[]).expect("svid")
         }
     }
 

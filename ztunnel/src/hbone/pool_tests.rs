@@ -6,11 +6,7 @@ use std::pin::Pin;
 use membrane_identity::spiffe_id::parse_trust_domain;
 use membrane_identity::verify::{mtls_client_config, mtls_server_config};
 use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use membrane_testbed::OfflineCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -21,45 +17,21 @@ use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, Conn
 const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
 const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
 
-struct Ca {
-    root: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
+/// A test CA: its bundle, SVIDs of a chosen lifetime, and client configs trusting it.
+struct Ca(OfflineCa);
 
 impl Ca {
     fn new() -> Self {
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let root = params.self_signed(&key).expect("root");
-        Self {
-            root: root.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
+        Self(OfflineCa::root("test root").expect("root"))
     }
 
     fn bundle(&self) -> SharedTrustBundle {
         let td = parse_trust_domain("cluster.local").expect("td");
-        SharedTrustBundle::new(TrustBundle::new(td, [self.root.clone()]).expect("bundle"))
+        SharedTrustBundle::new(TrustBundle::new(td, [self.0.der().clone()]).expect("bundle"))
     }
 
     fn svid(&self, uri: &str, lifetime: Duration) -> WorkloadSvid {
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::seconds(5);
-        params.not_after = now + lifetime;
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadSvid::new(vec![cert.der().clone()], key, &crypto_provider()).expect("svid")
+        self.0.svid_valid_for(uri, &[], lifetime).expect("svid")
     }
 
     fn client_tls(&self, svid: &WorkloadSvid) -> Arc<rustls::ClientConfig> {
