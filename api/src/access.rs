@@ -50,6 +50,31 @@ pub struct AccessRecord {
     /// the verified TCP peer in `src_addr` (never used for policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded_for: Option<IpAddr>,
+    /// Outbound to a destination outside the mesh: the name the source pod resolved to the
+    /// address, and the TLS server name it asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// The host [`Egress::host`] holds when the source pod never resolved the address (a
+/// literal IP, or a pin that expired).
+pub const UNRESOLVED: &str = "unresolved";
+
+/// What an access record says about a connection leaving the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Egress {
+    /// The name the source pod resolved to the destination address through its DNS capture
+    /// (the most recent one), or [`UNRESOLVED`].
+    pub host: String,
+    /// The CNAME chain of that answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cnames: Vec<String>,
+    /// Other names the pod resolved the same address under (a shared address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_hosts: Vec<String>,
+    /// The server name of the connection's TLS ClientHello, when it began with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 /// What an access record says about authorization.
@@ -90,6 +115,7 @@ mod tests {
             reason: None,
             authorization: None,
             forwarded_for: None,
+            egress: None,
         }
     }
 
@@ -125,7 +151,23 @@ mod tests {
             forwarded_for: Some("192.0.2.7".parse().expect("ip")),
             ..outbound()
         };
-        for record in [outbound(), inbound] {
+        let egress = AccessRecord {
+            egress: Some(Egress {
+                host: "cdn.hf.co".into(),
+                cnames: vec!["cdn-lb.hf.co".into()],
+                other_hosts: Vec::new(),
+                sni: Some("cdn.hf.co".into()),
+            }),
+            ..outbound()
+        };
+        let text = serde_json::to_string(&egress).expect("serializes");
+        assert!(
+            text.ends_with(
+                r#""egress":{"host":"cdn.hf.co","cnames":["cdn-lb.hf.co"],"sni":"cdn.hf.co"}}"#
+            ),
+            "{text}"
+        );
+        for record in [outbound(), inbound, egress] {
             let text = serde_json::to_string(&record).expect("serializes");
             let parsed: AccessRecord = serde_json::from_str(&text).expect("parses");
             assert_eq!(parsed, record);

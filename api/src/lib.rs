@@ -6,6 +6,8 @@
 //!   and the tests talk to the ztunnel with them);
 //! - [`access`]: the access record the ztunnel writes for each connection and
 //!   `membrane observe` reads;
+//! - [`dns`]: the DNS record the ztunnel writes for each query a pod makes (same stream as
+//!   the access records);
 //! - [`ports`]: the ports the ztunnel owns in every enrolled pod's network namespace.
 //!
 //! It must not do I/O, validate beyond what the types express, or know any mesh logic (state,
@@ -13,5 +15,6 @@
 //! depends on `serde` only, so that the small synchronous CNI plugin can link it.
 
 pub mod access;
+pub mod dns;
 pub mod enrollment;
 pub mod ports;

@@ -26,6 +26,8 @@ use crate::authz::{self, Authorizer, AuthzMetrics};
 use crate::certs::{CaConfig, CertificateManager, TlsConfigs};
 use crate::conntrack::OpenConnections;
 use crate::discovery::{self, DiscoveryMetrics};
+use crate::dns::pins::{self, PinMetrics, PinTable};
+use crate::dns::{Dns, DnsConfig, metrics::DnsMetrics};
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::pods::PodRegistry;
 use crate::pods::reconcile::Reconciler;
@@ -70,7 +72,33 @@ pub struct ZtunnelConfig {
     pub listeners: ListenerConfig,
     /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
     pub pool_idle_timeout: Duration,
+    /// The DNS capture and its pins.
+    pub dns: DnsSettings,
 }
+
+/// The DNS capture's settings and its pins' bounds.
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Upstream, timeout, cluster domain.
+    pub capture: DnsConfig,
+    /// How long a pin outlives its answer's TTL (at least [`pins::MIN_GRACE`]).
+    pub pin_grace: Duration,
+    /// Addresses pinned per pod.
+    pub max_pins_per_pod: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            capture: DnsConfig::default(),
+            pin_grace: pins::MIN_GRACE,
+            max_pins_per_pod: 10_000,
+        }
+    }
+}
+
+/// The pins, saved in the state directory.
+pub const PINS_FILE: &str = "pins.json";
 
 /// Caps and timeouts of the ztunnel's listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +228,16 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let guard_metrics = crate::guard::GuardMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
     let memory_metrics = crate::memory::MemoryMetrics::register(&mut registry);
+    let pin_metrics = PinMetrics::register(&mut registry);
+    let dns_metrics = DnsMetrics::register(&mut registry);
+    let pin_table = Arc::new(PinTable::new(
+        config.dns.max_pins_per_pod,
+        config.dns.pin_grace,
+        config.state_dir.as_ref().map(|d| d.join(PINS_FILE)),
+        pin_metrics,
+    ));
+    pin_table.restore(std::time::SystemTime::now());
+    tracing::info!(upstream = ?config.dns.capture.upstream, "DNS capture upstream");
     let limits = config.listeners;
     if !crate::hbone::set_handshake_limits(crate::hbone::HandshakeLimits {
         timeout: limits.hbone_handshake_timeout,
@@ -246,6 +284,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             max_per_peer: limits.pod_max_connections_per_peer,
         },
         listener_metrics: listener_metrics.clone(),
+        dns: Arc::new(Dns::new(
+            config.dns.capture.clone(),
+            pin_table.clone(),
+            dns_metrics,
+        )),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -380,7 +423,13 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             limits.http,
             cancel.clone(),
         )),
-        tokio::spawn(crate::udp::run(pods.clone(), udp_metrics, cancel.clone())),
+        tokio::spawn(crate::udp::run(
+            pods.clone(),
+            proxy.clone(),
+            udp_metrics,
+            cancel.clone(),
+        )),
+        tokio::spawn(pins::maintain(pin_table, cancel.clone())),
         tokio::spawn(pool.run_reaper(cancel.clone())),
         tokio::spawn(crate::memory::run_trimmer(memory_metrics, cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),

@@ -6,13 +6,15 @@
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller, the TLS configurations built from them), [`outbound`]
-//! (the captured connection) → [`route`] (where it goes: a pure decision) → [`hbone`] (the
+//! (the captured connection) → [`route`] (where it goes: a pure decision; outside the mesh,
+//! the pod's DNS [pins](dns::pins) and the [`sni`] it asked for are recorded) → [`hbone`] (the
 //! tunnel protocol and connection pool) → [`inbound`] (the tunnel's end, and plaintext);
 //! [`relay`] (the byte copy every path ends in), [`proxy`] (what handlers share, and each
 //! connection's record), [`guard`] (destinations
 //! and sources never trusted), [`authz`] (policy decisions), [`conntrack`] (open connections
-//! re-checked on policy change), [`telemetry`] (metrics and access records), [`udp`]
-//! (counting the plaintext UDP dropped in pods), [`admin`] (HTTP endpoints), [`memory`]
+//! re-checked on policy change), [`telemetry`] (metrics and access records), [`dns`] (the
+//! DNS capture on 15053: answers, DNS records, pins), [`udp`] (counting UDP dropped in and
+//! leaving pods, recording UDP flows), [`admin`] (HTTP endpoints), [`memory`]
 //! (freed memory returned after floods).
 //!
 //! It depends on `membrane-api`, `membrane-proto`, `membrane-identity`, `membrane-policy` and
@@ -24,6 +26,7 @@ pub mod authz;
 pub mod certs;
 pub mod conntrack;
 pub mod discovery;
+pub mod dns;
 pub mod enroll;
 pub mod guard;
 pub mod hbone;
@@ -36,6 +39,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod relay;
 pub mod route;
+pub mod sni;
 pub mod state;
 pub mod telemetry;
 pub mod udp;

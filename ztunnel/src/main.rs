@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use membrane_runtime::cli::{HttpArgs, LogFormat, init_tracing};
-use membrane_ztunnel::app::{self, ListenerConfig, ZtunnelConfig};
+use membrane_ztunnel::app::{self, DnsSettings, ListenerConfig, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
+use membrane_ztunnel::dns::DnsConfig;
 
 /// Membrane's node agent: captures enrolled pods' traffic and tunnels it over mutual TLS.
 #[derive(Debug, Parser)]
@@ -89,6 +90,23 @@ struct Args {
     /// A pooled outbound HBONE connection that carried no tunnel for this long is closed.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pool_idle_timeout: Duration,
+    /// Upstream resolver of the DNS capture (`IP` or `IP:PORT`, port 53 by default); default:
+    /// the first `nameserver` of /etc/resolv.conf. Queries are sent from the pod's network
+    /// namespace, so it must be reachable from pods (kube-dns is).
+    #[arg(long, env = "MEMBRANE_DNS_UPSTREAM", value_parser = parse_upstream)]
+    dns_upstream: Option<SocketAddr>,
+    /// How long the upstream resolver may take before the pod is answered SERVFAIL.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    dns_upstream_timeout: Duration,
+    /// How long a DNS pin outlives its answer's TTL (at least 30s).
+    #[arg(long, default_value = "30s", value_parser = parse_pin_grace)]
+    dns_pin_grace: Duration,
+    /// Addresses pinned per pod; the oldest pin is evicted beyond it.
+    #[arg(long, default_value_t = 10_000)]
+    dns_max_pins_per_pod: usize,
+    /// Cluster domain of the mesh Service names the DNS capture answers itself.
+    #[arg(long, default_value = "cluster.local")]
+    dns_cluster_domain: String,
     /// On shutdown, also remove every pod's capture rules (default: keep them so a restarted
     /// ztunnel resumes, and traffic fails closed meanwhile).
     #[arg(long)]
@@ -100,6 +118,23 @@ struct Args {
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{text:?} is not an IP address or IP:PORT"))
+}
+
+fn parse_pin_grace(text: &str) -> Result<Duration, String> {
+    let grace = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if grace < membrane_ztunnel::dns::pins::MIN_GRACE {
+        return Err("the pin grace period is at least 30s".into());
+    }
+    Ok(grace)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,6 +168,22 @@ fn main() -> anyhow::Result<()> {
         readiness_addr: args.readiness_addr,
         drain_grace: args.drain_grace,
         pool_idle_timeout: args.pool_idle_timeout,
+        dns: DnsSettings {
+            capture: DnsConfig {
+                upstream: args.dns_upstream.or_else(|| {
+                    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                    membrane_ztunnel::dns::upstream::from_resolv_conf(&text)
+                }),
+                upstream_timeout: args.dns_upstream_timeout,
+                cluster_domain: args
+                    .dns_cluster_domain
+                    .trim_matches('.')
+                    .to_ascii_lowercase(),
+                ..DnsConfig::default()
+            },
+            pin_grace: args.dns_pin_grace,
+            max_pins_per_pod: args.dns_max_pins_per_pod,
+        },
         listeners: ListenerConfig {
             pod_max_connections: args.pod_max_connections,
             pod_max_connections_per_peer: args.pod_max_connections_per_peer,

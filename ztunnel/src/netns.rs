@@ -159,6 +159,9 @@ impl PodNetns {
     ) -> Result<tokio::net::TcpListener, std::io::Error> {
         let socket = self.enter(|| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
             socket.set_reuse_address(true)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
@@ -166,6 +169,31 @@ impl PodNetns {
             Ok(socket)
         })?;
         tokio::net::TcpListener::from_std(socket.into())
+    }
+
+    /// Binds a non-blocking UDP socket on `addr` inside the namespace, with the ztunnel's mark.
+    pub fn bind_udp(&self, addr: SocketAddr) -> Result<tokio::net::UdpSocket, std::io::Error> {
+        let socket = self.enter(|| {
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.set_mark(ZTUNNEL_MARK)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            Ok(socket)
+        })?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
+    /// A UDP socket inside the namespace, with the ztunnel's mark and an ephemeral port, for
+    /// talking to `peer` (its address family).
+    pub fn udp_socket(&self, peer: SocketAddr) -> Result<tokio::net::UdpSocket, std::io::Error> {
+        let any: SocketAddr = match peer {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        self.bind_udp(any)
     }
 
     /// Connects to `addr` from inside the namespace with the ztunnel's socket mark, so the

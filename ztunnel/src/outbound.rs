@@ -3,18 +3,25 @@
 //! The original destination comes from `SO_ORIGINAL_DST`; [`crate::route`] decides where it
 //! goes (a Service's virtual IP resolved to an endpoint; a mesh workload through HBONE; a
 //! destination that is the ztunnel itself refused; anything else passed through — egress
-//! rules come later), and this module does what the route says. A tunnel presents the source
+//! rules come later), and this module does what the route says. A connection passed through
+//! leaves the mesh: its record names the host the pod resolved the address under (its DNS
+//! pin, or `unresolved`) and the TLS server name of its ClientHello ([`crate::sni`], peeked,
+//! never consumed). A tunnel presents the source
 //! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008`. Every
 //! socket the ztunnel opens is created in the source pod's namespace with the ztunnel mark,
 //! so it leaves with the pod's address and is not captured again.
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use membrane_api::access::{Egress, UNRESOLVED};
 
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
 use crate::route::{Route, route};
+use crate::sni;
 use crate::state::Workload;
 
 /// Dials from inside a pod's namespace, with the ztunnel mark.
@@ -88,12 +95,50 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             log.relay(tcp, stream, None).await;
         }
         Route::Passthrough { .. } => {
-            let log = log(None);
-            match pod.netns.connect(dst).await {
+            let mut log = log(None);
+            let (connected, hello) = if sni::TLS_PORTS.contains(&dst.port()) {
+                // The wait for the ClientHello overlaps the connect.
+                tokio::join!(pod.netns.connect(dst), sni::peek(&tcp, sni::TLS_WAIT))
+            } else {
+                let connected = pod.netns.connect(dst).await;
+                (connected, sni::peek(&tcp, Duration::ZERO).await)
+            };
+            log.egress(egress(pod, proxy, dst, hello));
+            match connected {
                 Ok(upstream) => log.relay(tcp, upstream, None).await,
                 Err(e) => log.refused(format!("connect {dst}: {e}")),
             }
         }
+    }
+}
+
+/// What the record says about a connection leaving the mesh: the pod's pin for the address
+/// and the ClientHello's server name.
+fn egress(pod: &PodContext, proxy: &Proxy, dst: SocketAddr, hello: sni::Hello) -> Egress {
+    let sni = match hello {
+        sni::Hello::Sni(name) => Some(name),
+        _ => None,
+    };
+    let pinned = proxy
+        .dns
+        .pins
+        .lookup(&pod.workload.uid, dst.ip(), SystemTime::now());
+    match pinned {
+        Some(names) => {
+            let mut names = names.into_iter();
+            let first = names.next().unwrap_or_default();
+            Egress {
+                host: first.name,
+                cnames: first.cnames,
+                other_hosts: names.map(|n| n.name).collect(),
+                sni,
+            }
+        }
+        None => Egress {
+            host: UNRESOLVED.into(),
+            sni,
+            ..Egress::default()
+        },
     }
 }
 

@@ -3,9 +3,9 @@
 //! A pod becomes *known* when the node side tells the ztunnel about it (`add` on the
 //! enrollment socket: the CNI plugin does it for every new pod) or when the ztunnel finds it
 //! by itself ([`scan`]). A known pod that the mesh state says is a mesh workload of this node
-//! is *enrolled*: 15001/15006/15008 are bound inside its network namespace *before* the
-//! redirect rules are installed (so captured traffic never meets a closed port), then the
-//! accept loops start. Removal cancels the pod's token (listeners close, open connections
+//! is *enrolled*: 15001/15006/15008 and the DNS capture's 15053 are bound inside its network
+//! namespace ([`listeners`]) *before* the redirect rules are installed (so captured traffic
+//! never meets a closed port), then the accept loops start. Removal cancels the pod's token (listeners close, open connections
 //! end), deletes the rules and stops the namespace worker: nothing is left behind.
 //!
 //! Known pods outside the mesh are remembered, not refused: when the mesh state changes (a
@@ -16,18 +16,18 @@
 //! whose namespace is gone is forgotten by itself.
 
 mod error;
+pub mod listeners;
 pub mod reconcile;
 pub mod scan;
 
 pub use error::EnrollError;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use membrane_api::ports;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,6 @@ use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
 use crate::redirect;
 use crate::state::{MeshState, Protocol, UdpInbound, Workload};
-use crate::{inbound, outbound};
 
 /// How long an enrollment waits for the first mesh state.
 pub const ENROLL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -303,18 +302,7 @@ impl PodRegistry {
         }
         self.unenroll(pods, uid).await;
         let pod_netns = Arc::new(PodNetns::open(&netns)?);
-        let bind = |port: u16| {
-            let netns = pod_netns.clone();
-            async move {
-                netns
-                    .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-                    .await
-                    .map_err(|source| EnrollError::Listen { port, source })
-            }
-        };
-        let outbound_l = bind(ports::OUTBOUND).await?;
-        let plaintext_l = bind(ports::INBOUND_PLAINTEXT).await?;
-        let hbone_l = bind(ports::HBONE).await?;
+        let bound = listeners::bind(&pod_netns).await?;
         redirect::install(&pod_netns, &udp).await?;
         let context = Arc::new(PodContext {
             workload: workload.clone(),
@@ -323,15 +311,7 @@ impl PodRegistry {
             cancel: self.shutdown.child_token(),
         });
         let proxy = self.proxy.clone();
-        let tasks = vec![
-            tokio::spawn(outbound::run(outbound_l, context.clone(), proxy.clone())),
-            tokio::spawn(inbound::run_plaintext(
-                plaintext_l,
-                context.clone(),
-                proxy.clone(),
-            )),
-            tokio::spawn(inbound::run_hbone(hbone_l, context.clone(), proxy.clone())),
-        ];
+        let tasks = listeners::spawn(bound, &context, &proxy);
         // Fetch the certificate now so the first connection does not wait for it.
         let (certs, identity) = (proxy.certs.clone(), workload.identity.clone());
         tokio::spawn(async move {
@@ -376,6 +356,7 @@ impl PodRegistry {
             self.proxy.tls.forget(identity.spiffe_id());
         }
         crate::lock(&self.names).remove(uid);
+        self.proxy.dns.pins.forget(uid);
         true
     }
 
@@ -429,20 +410,12 @@ impl PodRegistry {
             .collect()
     }
 
-    /// Each enrolled pod's UID, `namespace/name` and network namespace (for reading its
-    /// counters).
-    pub async fn enrolled_netns(&self) -> Vec<(String, String, Arc<PodNetns>)> {
+    /// Each enrolled pod's UID and context (for reading its counters).
+    pub async fn enrolled_pods(&self) -> Vec<(String, Arc<PodContext>)> {
         let pods = self.pods.lock().await;
         pods.enrolled
             .iter()
-            .map(|(uid, e)| {
-                let w = &e.context.workload;
-                (
-                    uid.clone(),
-                    format!("{}/{}", w.namespace, w.name),
-                    e.context.netns.clone(),
-                )
-            })
+            .map(|(uid, e)| (uid.clone(), e.context.clone()))
             .collect()
     }
 

@@ -51,6 +51,8 @@ pub struct Proxy {
     pub listener_caps: ConnectionCaps,
     /// Listener metrics (refusals, accept errors).
     pub listener_metrics: ListenerMetrics,
+    /// The DNS capture (answers, pins).
+    pub dns: Arc<crate::dns::Dns>,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -86,8 +88,8 @@ pub async fn serve_listener<F, Fut>(
 {
     use tracing::Instrument;
     let mut caps = proxy.listener_caps;
-    if kind == OUTBOUND {
-        // Every connection on the outbound listener comes from the pod itself.
+    if kind == OUTBOUND || kind == crate::dns::server::KIND_TCP {
+        // Every connection on these listeners comes from the pod itself.
         caps.max_per_peer = 0;
     }
     let mut listener = GuardedListener::new(listener, kind, caps, proxy.listener_metrics.clone());
@@ -112,8 +114,23 @@ pub async fn serve_listener<F, Fut>(
     }
 }
 
-/// The original destination of a redirected connection (`SO_ORIGINAL_DST`).
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST`, or
+/// `IP6T_SO_ORIGINAL_DST` for IPv6).
 pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    if stream.local_addr()?.is_ipv6() {
+        let sa = nix::sys::socket::getsockopt(
+            &stream.as_fd(),
+            nix::sys::socket::sockopt::Ip6tOriginalDst,
+        )
+        .map_err(std::io::Error::from)?;
+        let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        return Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+            ip,
+            u16::from_be(sa.sin6_port),
+            0,
+            0,
+        )));
+    }
     let sa = nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::OriginalDst)
         .map_err(std::io::Error::from)?;
     let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
@@ -177,6 +194,7 @@ impl ConnectionLog {
                 reason: None,
                 authorization: None,
                 forwarded_for: None,
+                egress: None,
             },
             metrics: proxy.metrics.clone(),
             access: proxy.access.clone(),
@@ -205,6 +223,11 @@ impl ConnectionLog {
     /// one in `src_addr`; it is kept for the record, never used for policy.
     pub fn claimed_source(&mut self, ip: std::net::IpAddr) {
         self.record.forwarded_for = Some(ip);
+    }
+
+    /// Records what is known about a connection leaving the mesh (pinned name, SNI).
+    pub fn egress(&mut self, egress: membrane_api::access::Egress) {
+        self.record.egress = Some(egress);
     }
 
     /// Records the authorization decision.

@@ -4,9 +4,17 @@
 //! one atomic transaction and removed with one command, so a pod is never half-captured and
 //! removal leaves nothing behind; it coexists with whatever other tables the CNI installs.
 //!
-//! In the pod's namespace:
+//! In the pod's namespace (the `inet` family: IPv4 and IPv6 alike):
+//! - locally generated UDP and TCP to port 53, whatever the resolver's address (loopback
+//!   included), is redirected to the DNS capture on 15053, except sockets carrying the
+//!   ztunnel's mark (its own upstream queries);
 //! - locally generated TCP (the application's outbound connections) is redirected to 15001,
 //!   except loopback traffic and sockets carrying the ztunnel's mark;
+//! - locally generated UDP that leaves the pod (not DNS, not loopback, not the ztunnel's) is
+//!   counted ([`UDP_EGRESS`]) and each new flow's destination and port is added to the sets
+//!   [`UDP_FLOWS4`] / [`UDP_FLOWS6`] (entries expire after [`UDP_FLOW_TIMEOUT_S`]), which
+//!   [`crate::udp`] reads into metrics and one record per new flow. It is not blocked here:
+//!   egress decisions belong to EgressPolicy;
 //! - incoming TCP is redirected to 15006 (plaintext capture), except HBONE (15008),
 //!   loopback, and kubelet probes: TCP from [`PROBE_SOURCE`] (169.254.7.127) goes to the
 //!   application uncaptured. Only the node can send from that address: the CNI plugin SNATs
@@ -33,6 +41,16 @@ pub const TABLE: &str = "membrane";
 
 /// The named nft counter of inbound UDP dropped in the pod.
 pub const UDP_DROPPED_INBOUND: &str = "udp_dropped_inbound";
+/// The named nft counter of UDP packets leaving the pod (DNS excepted).
+pub const UDP_EGRESS: &str = "udp_egress";
+/// The set of IPv4 UDP flows (destination . port) leaving the pod.
+pub const UDP_FLOWS4: &str = "udp_flows4";
+/// The set of IPv6 UDP flows (destination . port) leaving the pod.
+pub const UDP_FLOWS6: &str = "udp_flows6";
+/// Seconds a UDP flow stays in its set after its last new conntrack entry.
+pub const UDP_FLOW_TIMEOUT_S: u32 = 600;
+/// Most flows each set holds (further new flows are still counted, not recorded).
+pub const UDP_FLOW_SET_SIZE: u32 = 4096;
 
 /// The source address of kubelet probes after the node's SNAT (Istio's choice, link-local so
 /// no pod can route from it); exempt from capture.
@@ -87,16 +105,37 @@ fn udp_chain(udp: &UdpInbound) -> String {
 pub fn ruleset(udp: &UdpInbound) -> String {
     let udp_chain = udp_chain(udp);
     let (outbound, plaintext, hbone) = (ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE);
+    let dns = ports::DNS;
+    let flows = |name: &str, family: &str| {
+        format!(
+            "  set {name} {{ type {family} . inet_service; flags dynamic,timeout; timeout {UDP_FLOW_TIMEOUT_S}s; size {UDP_FLOW_SET_SIZE}; }}\n"
+        )
+    };
+    let (flows4, flows6) = (
+        flows(UDP_FLOWS4, "ipv4_addr"),
+        flows(UDP_FLOWS6, "ipv6_addr"),
+    );
     format!(
         "add table inet {TABLE}
 delete table inet {TABLE}
 table inet {TABLE} {{
   counter {UDP_DROPPED_INBOUND} {{ }}
-{udp_chain}  chain output {{
+  counter {UDP_EGRESS} {{ }}
+{flows4}{flows6}{udp_chain}  chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {ZTUNNEL_MARK:#x} accept
+    udp dport 53 redirect to :{dns}
+    tcp dport 53 redirect to :{dns}
     oifname \"lo\" accept
     meta l4proto tcp redirect to :{outbound}
+  }}
+  chain egress {{
+    type filter hook output priority 0; policy accept;
+    meta mark {ZTUNNEL_MARK:#x} accept
+    oifname \"lo\" accept
+    meta l4proto udp counter name \"{UDP_EGRESS}\"
+    meta nfproto ipv4 meta l4proto udp ct state new update @{UDP_FLOWS4} {{ ip daddr . udp dport }}
+    meta nfproto ipv6 meta l4proto udp ct state new update @{UDP_FLOWS6} {{ ip6 daddr . udp dport }}
   }}
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
@@ -140,11 +179,22 @@ pub async fn install(pod: &PodNetns, udp: &UdpInbound) -> Result<(), RedirectErr
     pod.run(move || nft(rules)).await?
 }
 
-/// Reads the packets counted by [`UDP_DROPPED_INBOUND`] in the pod's namespace.
-pub async fn udp_dropped(pod: &PodNetns) -> Result<u64, RedirectError> {
-    pod.run(|| -> Result<u64, RedirectError> {
+/// What the pod's table has counted and collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UdpObserved {
+    /// Packets counted by [`UDP_DROPPED_INBOUND`].
+    pub dropped_inbound: u64,
+    /// Packets counted by [`UDP_EGRESS`].
+    pub egress: u64,
+    /// The flows in [`UDP_FLOWS4`] and [`UDP_FLOWS6`] (destination and port).
+    pub flows: Vec<std::net::SocketAddr>,
+}
+
+/// Reads the pod's UDP counters and flow sets (one `nft -j list table`).
+pub async fn udp_observed(pod: &PodNetns) -> Result<UdpObserved, RedirectError> {
+    pod.run(|| -> Result<UdpObserved, RedirectError> {
         let out = Command::new("nft")
-            .args(["list", "counter", "inet", TABLE, UDP_DROPPED_INBOUND])
+            .args(["-j", "list", "table", "inet", TABLE])
             .stdin(Stdio::null())
             .output()
             .map_err(RedirectError::Spawn)?;
@@ -153,21 +203,61 @@ pub async fn udp_dropped(pod: &PodNetns) -> Result<u64, RedirectError> {
                 String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             ));
         }
-        parse_packets(&String::from_utf8_lossy(&out.stdout))
+        parse_table(&String::from_utf8_lossy(&out.stdout))
     })
     .await?
 }
 
-/// The `packets N` of an `nft list counter` output.
-fn parse_packets(text: &str) -> Result<u64, RedirectError> {
-    text.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| RedirectError::Counter {
-            counter: UDP_DROPPED_INBOUND,
-            output: text.chars().take(200).collect(),
-        })
+/// Reads counters and flow sets out of `nft -j list table` output.
+fn parse_table(text: &str) -> Result<UdpObserved, RedirectError> {
+    let unreadable = |counter| RedirectError::Counter {
+        counter,
+        output: text.chars().take(200).collect(),
+    };
+    let doc: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| unreadable(UDP_DROPPED_INBOUND))?;
+    let items = doc["nftables"]
+        .as_array()
+        .ok_or_else(|| unreadable(UDP_DROPPED_INBOUND))?;
+    let counter = |name: &'static str| {
+        items
+            .iter()
+            .find(|i| i["counter"]["name"] == name)
+            .and_then(|i| i["counter"]["packets"].as_u64())
+            .ok_or_else(|| unreadable(name))
+    };
+    let mut observed = UdpObserved {
+        dropped_inbound: counter(UDP_DROPPED_INBOUND)?,
+        egress: counter(UDP_EGRESS)?,
+        flows: Vec::new(),
+    };
+    for set in [UDP_FLOWS4, UDP_FLOWS6] {
+        let elems = items
+            .iter()
+            .find(|i| i["set"]["name"] == set)
+            .and_then(|i| i["set"]["elem"].as_array());
+        for elem in elems.into_iter().flatten() {
+            // Elements with a timeout are wrapped: {"elem": {"val": {"concat": [..]}, ..}}.
+            let val = if elem["elem"].is_object() {
+                &elem["elem"]["val"]
+            } else {
+                elem
+            };
+            let parts = val["concat"].as_array();
+            let ip = parts
+                .and_then(|p| p.first())
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse().ok());
+            let port = parts
+                .and_then(|p| p.get(1))
+                .and_then(|v| v.as_u64())
+                .and_then(|p| u16::try_from(p).ok());
+            if let (Some(ip), Some(port)) = (ip, port) {
+                observed.flows.push(std::net::SocketAddr::new(ip, port));
+            }
+        }
+    }
+    Ok(observed)
 }
 
 /// Removes the capture rules; a missing table is not an error.
@@ -220,7 +310,9 @@ mod tests {
         assert!(at("counter udp_dropped_inbound { }") < input);
         // Nothing opened: no empty set (nft refuses one).
         let closed = ruleset(&UdpInbound::default());
-        assert!(!closed.contains("udp dport"), "{closed}");
+        let input_chain = &closed[closed.find("chain input").expect("input")..];
+        let input_chain = &input_chain[..input_chain.find("  }").expect("end")];
+        assert!(!input_chain.contains("udp dport"), "{closed}");
         assert!(closed.contains("counter name \"udp_dropped_inbound\" drop"));
         // A namespace that permits plaintext keeps its UDP; the counter still exists.
         let open = ruleset(&UdpInbound::Accept);
@@ -228,10 +320,52 @@ mod tests {
     }
 
     #[test]
-    fn counters_are_read_from_nft_output() {
-        let text = "table inet membrane {\n\tcounter udp_dropped_inbound {\n\t\tpackets 12 bytes 480\n\t}\n}\n";
-        assert_eq!(parse_packets(text).expect("packets"), 12);
-        assert!(parse_packets("table inet membrane {}").is_err());
-        assert!(parse_packets("packets lots").is_err());
+    fn dns_to_any_resolver_is_captured_before_loopback_but_never_the_ztunnels_own() {
+        let rules = ruleset(&UdpInbound::default());
+        let at = |needle: &str| {
+            rules
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle}: {rules}"))
+        };
+        let output = at("chain output");
+        let mark = at("meta mark 0x539 accept\n    udp dport 53");
+        let udp = at("udp dport 53 redirect to :15053");
+        let tcp = at("tcp dport 53 redirect to :15053");
+        let lo = at("oifname \"lo\" accept\n    meta l4proto tcp redirect to :15001");
+        assert!(
+            output < mark && mark < udp && udp < tcp && tcp < lo,
+            "{rules}"
+        );
+        // Non-DNS UDP leaving the pod is counted and its flows collected, not dropped.
+        let egress = at("chain egress");
+        assert!(egress < at("counter name \"udp_egress\""));
+        assert!(rules.contains("update @udp_flows4 { ip daddr . udp dport }"));
+        assert!(rules.contains("update @udp_flows6 { ip6 daddr . udp dport }"));
+        assert!(!rules[egress..].contains("drop"), "{rules}");
+    }
+
+    #[test]
+    fn counters_and_flows_are_read_from_nft_json() {
+        let text = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "inet", "name": "membrane"}},
+            {"counter": {"name": "udp_dropped_inbound", "packets": 12, "bytes": 480}},
+            {"counter": {"name": "udp_egress", "packets": 3, "bytes": 90}},
+            {"set": {"name": "udp_flows4", "elem": [{"elem": {"val": {"concat": ["198.51.100.10", 443]}, "expires": 599}}]}},
+            {"set": {"name": "udp_flows6", "elem": [{"concat": ["2001:db8::1", 4433]}]}}]}"#;
+        let seen = parse_table(text).expect("parses");
+        assert_eq!((seen.dropped_inbound, seen.egress), (12, 3));
+        assert_eq!(
+            seen.flows,
+            vec![
+                "198.51.100.10:443".parse().expect("addr"),
+                "[2001:db8::1]:4433".parse().expect("addr")
+            ]
+        );
+        // Empty sets have no "elem"; a missing counter or garbage is an error.
+        let empty = r#"{"nftables": [{"counter": {"name": "udp_dropped_inbound", "packets": 0}},
+            {"counter": {"name": "udp_egress", "packets": 0}}, {"set": {"name": "udp_flows4"}}]}"#;
+        assert!(parse_table(empty).expect("parses").flows.is_empty());
+        assert!(parse_table(r#"{"nftables": []}"#).is_err());
+        assert!(parse_table("packets lots").is_err());
     }
 }

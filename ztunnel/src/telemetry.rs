@@ -164,8 +164,8 @@ impl AccessLog {
         Ok(Self { tx, dropped })
     }
 
-    /// Emits one record.
-    pub fn record(&self, record: &AccessRecord) {
+    /// Emits one record (an access record, a DNS record: any JSON line of the stream).
+    pub fn record<R: serde::Serialize>(&self, record: &R) {
         let Ok(line) = serde_json::to_string(record) else {
             return;
         };
@@ -280,6 +280,7 @@ mod tests {
             reason: None,
             authorization: None,
             forwarded_for: None,
+            egress: None,
         }
     }
 
