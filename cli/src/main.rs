@@ -93,8 +93,9 @@ enum Command {
     /// A real mesh on this host from a directory of manifests.
     #[command(subcommand)]
     Local(LocalCommand),
-    /// Watch the connection records of the local mesh: source and destination identity,
-    /// verdict and deciding policy, bytes.
+    /// Watch the connection and DNS records of the local mesh: source and destination
+    /// identity, verdict and deciding policy, bytes; each pod's DNS queries and answers, and
+    /// the name and SNI of connections leaving the mesh.
     Observe {
         /// Only connections from or to these namespaces (repeatable).
         #[arg(long = "namespace", short = 'n')]
@@ -102,6 +103,9 @@ enum Command {
         /// Only connections from or to this SPIFFE ID.
         #[arg(long)]
         identity: Option<String>,
+        /// Only DNS queries for this name (or names under it) and connections to it.
+        #[arg(long)]
+        name: Option<String>,
         /// Print what was recorded so far and exit instead of following.
         #[arg(long)]
         no_follow: bool,
@@ -159,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         Command::Observe {
             namespaces,
             identity,
+            name,
             no_follow,
             json,
             state_dir,
@@ -167,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             &observe::Filter {
                 namespaces,
                 identity,
+                name,
             },
             !no_follow,
             json,

@@ -1,11 +1,14 @@
-//! `membrane observe`: a live view of the connection records of a local mesh.
+//! `membrane observe`: a live view of the connection and DNS records of a local mesh.
 //!
 //! Every ztunnel writes one JSON record per connection (both SPIFFE IDs, addresses, bytes,
-//! duration, result, and on the destination side the authorization verdict with the deciding
-//! policy); `membrane local` appends them to `<state-dir>/access.log`. This command prints
-//! them as they arrive, optionally only those touching a namespace or an identity. Records
-//! are parsed as `membrane_api::access::AccessRecord`, the type the ztunnel writes; a line
-//! that is not one is skipped, and the skipped lines are counted in a warning.
+//! duration, result, on the destination side the authorization verdict with the deciding
+//! policy, and for connections leaving the mesh the name the pod resolved and the SNI) and
+//! one per DNS query of an enrolled pod (its identity, the name, the answer);
+//! `membrane local` appends them to `<state-dir>/access.log`. This command prints them as
+//! they arrive, optionally only those touching a namespace, an identity or a name. Records
+//! are parsed as `membrane_api::access::AccessRecord` and `membrane_api::dns::DnsRecord`,
+//! the types the ztunnel writes; a line that is neither is skipped, and the skipped lines
+//! are counted in a warning.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
@@ -13,6 +16,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use membrane_api::access::{AccessRecord, KIND};
+use membrane_api::dns::DnsRecord;
+
+/// One line of the log.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A connection.
+    Access(AccessRecord),
+    /// A DNS query.
+    Dns(DnsRecord),
+}
 
 /// What to show.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +34,15 @@ pub struct Filter {
     pub namespaces: Vec<String>,
     /// Only records whose source or destination is this SPIFFE ID.
     pub identity: Option<String>,
+    /// Only DNS records for this name (or a name under it) and connections to it (the name
+    /// the pod resolved, or the SNI it sent).
+    pub name: Option<String>,
+}
+
+/// Whether `candidate` is `want` or a name under it (`cdn.hf.co` is under `hf.co`).
+fn name_matches(want: &str, candidate: &str) -> bool {
+    let want = want.trim_end_matches('.').to_ascii_lowercase();
+    candidate == want || candidate.ends_with(&format!(".{want}"))
 }
 
 fn namespace_of(id: &str) -> Option<&str> {
@@ -30,11 +52,27 @@ fn namespace_of(id: &str) -> Option<&str> {
 
 impl Filter {
     /// Whether `record` passes.
-    pub fn matches(&self, record: &AccessRecord) -> bool {
-        let ids = [
-            record.src_identity.as_deref(),
-            record.dst_identity.as_deref(),
-        ];
+    pub fn matches(&self, record: &Record) -> bool {
+        let (ids, names): ([Option<&str>; 2], Vec<&str>) = match record {
+            Record::Access(r) => (
+                [r.src_identity.as_deref(), r.dst_identity.as_deref()],
+                r.egress
+                    .iter()
+                    .flat_map(|e| std::iter::once(e.host.as_str()).chain(e.sni.as_deref()))
+                    .collect(),
+            ),
+            Record::Dns(r) => (
+                [r.src_identity.as_deref(), None],
+                std::iter::once(r.qname.as_str())
+                    .chain(r.cnames.iter().map(String::as_str))
+                    .collect(),
+            ),
+        };
+        if let Some(want) = &self.name
+            && !names.iter().any(|n| name_matches(want, n))
+        {
+            return false;
+        }
         if let Some(want) = &self.identity
             && !ids.iter().flatten().any(|id| id == want)
         {
@@ -65,7 +103,42 @@ fn short(id: Option<&str>) -> String {
 }
 
 /// One line of text for a record.
-pub fn render(r: &AccessRecord) -> String {
+pub fn render(record: &Record) -> String {
+    match record {
+        Record::Access(r) => render_access(r),
+        Record::Dns(r) => render_dns(r),
+    }
+}
+
+fn render_dns(r: &DnsRecord) -> String {
+    let mut answer: Vec<String> = r.cnames.iter().map(|c| format!("→ {c}")).collect();
+    answer.extend(r.answers.iter().map(ToString::to_string));
+    let ttl = r.ttl.map(|t| format!(" ttl {t}s")).unwrap_or_default();
+    let from = if r.local {
+        " (mesh)".to_owned()
+    } else {
+        r.upstream_us
+            .map(|us| format!(" ({:.1} ms upstream)", us as f64 / 1000.0))
+            .unwrap_or_default()
+    };
+    let reason = r
+        .reason
+        .as_deref()
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
+    format!(
+        "{} {:<8} {:<28} ? {} {} {} {}{ttl}{from}{reason}",
+        r.start,
+        "dns",
+        short(r.src_identity.as_deref()),
+        r.qname,
+        r.qtype,
+        r.rcode,
+        answer.join(" ")
+    )
+}
+
+fn render_access(r: &AccessRecord) -> String {
     let verdict = match &r.authorization {
         Some(a) => match &a.policy {
             Some(p) => format!("{} by {p}", a.verdict),
@@ -78,12 +151,19 @@ pub fn render(r: &AccessRecord) -> String {
         .as_deref()
         .map(|s| format!(" ({s})"))
         .unwrap_or_default();
+    let destination = match &r.egress {
+        Some(e) => match &e.sni {
+            Some(sni) => format!("{} (sni {sni})", e.host),
+            None => e.host.clone(),
+        },
+        None => short(r.dst_identity.as_deref()),
+    };
     format!(
         "{} {:<8} {:<28} → {:<28} {:<6} {:<10} {:>8} B ↑ {:>8} B ↓ {:>6} ms  {}{}",
         r.start,
         r.direction,
         short(r.src_identity.as_deref()),
-        short(r.dst_identity.as_deref()),
+        destination,
         r.transport,
         r.result,
         r.bytes_sent,
@@ -94,16 +174,30 @@ pub fn render(r: &AccessRecord) -> String {
     )
 }
 
-/// Lines of the log that are not access records, counted for one warning at the end.
+/// Lines of the log that are not records, counted for one warning at the end.
 #[derive(Debug, Default)]
 struct Skipped {
     lines: u64,
 }
 
+/// Parses one line as the record its `kind` names.
+fn parse_line(line: &str) -> Result<Record, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Kind<'a> {
+        kind: &'a str,
+    }
+    let kind: Kind<'_> = serde_json::from_str(line)?;
+    if kind.kind == membrane_api::dns::KIND {
+        serde_json::from_str(line).map(Record::Dns)
+    } else {
+        serde_json::from_str(line).map(Record::Access)
+    }
+}
+
 impl Skipped {
-    /// Parses one line; `None` (and counted) if it is not an access record.
-    fn parse(&mut self, line: &str) -> Option<AccessRecord> {
-        match serde_json::from_str::<AccessRecord>(line) {
+    /// Parses one line; `None` (and counted) if it is not a record.
+    fn parse(&mut self, line: &str) -> Option<Record> {
+        match parse_line(line) {
             Ok(record) => Some(record),
             Err(e) => {
                 self.lines += 1;
@@ -174,7 +268,11 @@ async fn follow_log(
         let Some(record) = skipped.parse(text) else {
             continue;
         };
-        if record.kind != KIND || !filter.matches(&record) {
+        let known = match &record {
+            Record::Access(r) => r.kind == KIND,
+            Record::Dns(_) => true,
+        };
+        if !known || !filter.matches(&record) {
             continue;
         }
         if json {
@@ -202,8 +300,43 @@ mod tests {
         r#""audit":[],"dry_run":[]}}"#
     );
 
-    fn record() -> AccessRecord {
+    /// A DNS record, as the ztunnel writes it.
+    const DNS: &str = concat!(
+        r#"{"kind":"dns","start":"2026-12-04T12:00:00.000Z","pod":"training/trainer-0","#,
+        r#""src_addr":"10.77.1.2:53211","src_identity":"spiffe://cluster.local/ns/training/sa/trainer","#,
+        r#""resolver":"192.0.2.53:53","protocol":"udp","qname":"cdn.hf.co","qtype":"A","#,
+        r#""rcode":"NOERROR","answers":["198.51.100.11"],"cnames":["cdn-lb.hf.co"],"ttl":60,"#,
+        r#""upstream_us":412,"local":false,"truncated":false,"pinned":1}"#
+    );
+
+    fn record() -> Record {
         Skipped::default().parse(INBOUND).expect("an access record")
+    }
+
+    #[test]
+    fn dns_records_show_beside_connections_and_filter_by_name() {
+        let dns = Skipped::default().parse(DNS).expect("a DNS record");
+        let text = render(&dns);
+        assert!(text.contains("training/trainer "), "{text}");
+        assert!(
+            text.contains("? cdn.hf.co A NOERROR → cdn-lb.hf.co 198.51.100.11 ttl 60s"),
+            "{text}"
+        );
+        let by = |name: &str| Filter {
+            name: Some(name.into()),
+            ..Filter::default()
+        };
+        assert!(by("hf.co").matches(&dns) && by("cdn-lb.hf.co").matches(&dns));
+        assert!(!by("huggingface.co").matches(&dns));
+        assert!(
+            !by("hf.co").matches(&record()),
+            "a connection with no egress name"
+        );
+        let training = Filter {
+            namespaces: vec!["training".into()],
+            ..Filter::default()
+        };
+        assert!(training.matches(&dns));
     }
 
     #[test]
@@ -212,18 +345,18 @@ mod tests {
         assert!(Filter::default().matches(&r));
         let ns = |n: &str| Filter {
             namespaces: vec![n.into()],
-            identity: None,
+            ..Filter::default()
         };
         assert!(ns("inference").matches(&r) && ns("untrusted").matches(&r));
         assert!(!ns("data").matches(&r));
         let id = Filter {
-            namespaces: vec![],
             identity: Some("spiffe://cluster.local/ns/untrusted/sa/scraper".into()),
+            ..Filter::default()
         };
         assert!(id.matches(&r));
         let other = Filter {
-            namespaces: vec![],
             identity: Some("spiffe://cluster.local/ns/a/sa/x".into()),
+            ..Filter::default()
         };
         assert!(!other.matches(&r));
         let text = render(&r);

@@ -7,6 +7,7 @@
 //! in `membrane-testbed`).
 
 pub mod cni;
+pub mod dns;
 pub mod hbone;
 
 pub use membrane_testbed::*;

@@ -212,12 +212,16 @@ impl LocalState {
     /// The state plus what the ztunnels say now (certificates, policies, readiness).
     pub async fn live_view(&self) -> Value {
         let mut certs: BTreeMap<String, Value> = BTreeMap::new();
+        let mut pins: BTreeMap<String, u64> = BTreeMap::new();
         let mut nodes = serde_json::Map::new();
         for (node, z) in &self.ztunnels {
             let dump = match membrane_testbed::http_get(z.admin, "/config_dump").await {
                 Ok((200, body)) => serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
                 _ => Value::Null,
             };
+            for (uid, count) in dump["dns"]["pins"].as_object().into_iter().flatten() {
+                pins.insert(uid.clone(), count.as_u64().unwrap_or(0));
+            }
             for c in dump["certificates"].as_array().into_iter().flatten() {
                 if let Some(id) = c["identity"].as_str() {
                     certs.insert(id.to_owned(), c.clone());
@@ -242,6 +246,11 @@ impl LocalState {
             .iter()
             .map(|p| {
                 let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+                if p.enrolled {
+                    // The local mesh's pod UIDs are `<namespace>-<name>`.
+                    let uid = format!("{}-{}", p.namespace, p.name);
+                    v["dnsPins"] = json!(pins.get(&uid).copied().unwrap_or(0));
+                }
                 if let Some(c) = certs.get(&p.identity).filter(|_| p.enrolled) {
                     v["certificate"] = json!({
                         "serial": c["serial"],
@@ -296,8 +305,8 @@ pub fn print_live(live: &Value) {
         }
     }
     println!(
-        "\n  {:<32} {:<14} {:<8} {:<52} cert expires in",
-        "pod (netns)", "ip", "node", "identity"
+        "\n  {:<32} {:<14} {:<8} {:<52} {:<6} cert expires in",
+        "pod (netns)", "ip", "node", "identity", "pins"
     );
     for p in live["pods"].as_array().into_iter().flatten() {
         let expiry = p["certificate"]["expiresInSeconds"]
@@ -308,8 +317,11 @@ pub fn print_live(live: &Value) {
         } else {
             "(not in the mesh)"
         };
+        let pins = p["dnsPins"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |n| n.to_string());
         println!(
-            "  {:<32} {:<14} {:<8} {:<52} {expiry}",
+            "  {:<32} {:<14} {:<8} {:<52} {pins:<6} {expiry}",
             p["netns"].as_str().unwrap_or("?"),
             p["ip"].as_str().unwrap_or("?"),
             p["node"].as_str().unwrap_or("?"),
