@@ -1113,6 +1113,12 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     assert_eq!(flag1(zt, "http-header-timeout")?, "10s");
     assert_eq!(flag1(zt, "hbone-handshake-timeout")?, "10s");
     assert_eq!(flag1(zt, "pool-idle-timeout")?, "60s");
+    // DNS capture: the pod's resolv.conf upstream unless one is set, the chart's bounds.
+    assert!(flag(zt, "dns-upstream").is_empty());
+    assert_eq!(flag1(zt, "dns-upstream-timeout")?, "2s");
+    assert_eq!(flag1(zt, "dns-pin-grace")?, "30s");
+    assert_eq!(flag1(zt, "dns-max-pins-per-pod")?, "10000");
+    assert_eq!(flag1(zt, "dns-cluster-domain")?, "cluster.local");
     // Plug-in CA: the operator's Secret, mounted read-only into the controller only.
     assert_eq!(flag1(ca, "plugin-ca-dir")?, "/etc/membrane/cacerts");
     assert!(
