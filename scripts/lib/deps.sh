@@ -15,6 +15,8 @@ membrane_install_deps() {
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # dig: querying from a pod of the demo / local mesh through the DNS capture.
+    command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
     [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
     if ((${#missing[@]})); then
         membrane_need_root_for "${missing[*]}"
