@@ -37,9 +37,9 @@ pub fn admin_routes(proxy: Arc<Proxy>, pods: Arc<PodRegistry>) -> Route {
                 "trustBundleRoots": proxy.certs.bundle().load().roots().len(),
                 "hbonePoolConnections": proxy.pool.connection_count(),
                 "dns": {
-                    "upstream": proxy.dns.config.upstream,
-                    "maxPinsPerPod": proxy.dns.pins.max_per_pod(),
-                    "pins": proxy.dns.pins.counts(),
+                    "upstream": pods.dns().config.upstream,
+                    "maxPinsPerPod": proxy.pins.max_per_pod(),
+                    "pins": proxy.pins.counts(),
                 },
             });
             match serde_json::to_string_pretty(&dump) {

@@ -284,11 +284,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             max_per_peer: limits.pod_max_connections_per_peer,
         },
         listener_metrics: listener_metrics.clone(),
-        dns: Arc::new(Dns::new(
-            config.dns.capture.clone(),
-            pin_table.clone(),
-            dns_metrics,
-        )),
+        pins: pin_table.clone(),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -303,8 +299,18 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     // Local mode reads its whole view from files: always current.
     let (current_tx, current_rx) = tokio::sync::watch::channel(config.workloads_file.is_some());
     let pods = Arc::new(
-        PodRegistry::new(proxy.clone(), persist, cancel.clone(), pods_cancel.clone())
-            .with_current_view(current_rx),
+        PodRegistry::new(
+            proxy.clone(),
+            Arc::new(Dns::new(
+                config.dns.capture.clone(),
+                pin_table.clone(),
+                dns_metrics,
+            )),
+            persist,
+            cancel.clone(),
+            pods_cancel.clone(),
+        )
+        .with_current_view(current_rx),
     );
 
     let bind_tcp = |addr: SocketAddr, what: &str| {

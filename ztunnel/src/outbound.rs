@@ -120,7 +120,6 @@ fn egress(pod: &PodContext, proxy: &Proxy, dst: SocketAddr, hello: sni::Hello) -
         _ => None,
     };
     let pinned = proxy
-        .dns
         .pins
         .lookup(&pod.workload.uid, dst.ip(), SystemTime::now());
     match pinned {

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::Dns;
 use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
 use crate::redirect;
@@ -117,6 +118,7 @@ struct Pods {
 /// The node's pods.
 pub struct PodRegistry {
     proxy: Arc<Proxy>,
+    dns: Arc<Dns>,
     pods: tokio::sync::Mutex<Pods>,
     persist: Option<PathBuf>,
     shutdown: CancellationToken,
@@ -155,16 +157,18 @@ fn local_mesh_workload(state: &MeshState, node: &str, uid: &str) -> Option<Arc<W
 // === impl PodRegistry ===
 
 impl PodRegistry {
-    /// A registry persisting to `persist` (if set). Pod listeners close when `draining` fires;
-    /// open connections stop when `shutdown` fires.
+    /// A registry persisting to `persist` (if set), answering its pods' DNS with `dns`. Pod
+    /// listeners close when `draining` fires; open connections stop when `shutdown` fires.
     pub fn new(
         proxy: Arc<Proxy>,
+        dns: Arc<Dns>,
         persist: Option<PathBuf>,
         draining: CancellationToken,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             proxy,
+            dns,
             pods: tokio::sync::Mutex::new(Pods::default()),
             persist,
             shutdown,
@@ -311,7 +315,7 @@ impl PodRegistry {
             cancel: self.shutdown.child_token(),
         });
         let proxy = self.proxy.clone();
-        let tasks = listeners::spawn(bound, &context, &proxy);
+        let tasks = listeners::spawn(bound, &self.dns, &context, &proxy);
         // Fetch the certificate now so the first connection does not wait for it.
         let (certs, identity) = (proxy.certs.clone(), workload.identity.clone());
         tokio::spawn(async move {
@@ -356,7 +360,7 @@ impl PodRegistry {
             self.proxy.tls.forget(identity.spiffe_id());
         }
         crate::lock(&self.names).remove(uid);
-        self.proxy.dns.pins.forget(uid);
+        self.proxy.pins.forget(uid);
         true
     }
 
@@ -417,6 +421,11 @@ impl PodRegistry {
             .iter()
             .map(|(uid, e)| (uid.clone(), e.context.clone()))
             .collect()
+    }
+
+    /// The DNS capture of the node's pods.
+    pub fn dns(&self) -> &Dns {
+        &self.dns
     }
 
     /// `namespace/name` of each enrolled pod by UID (for the config dump; never blocks).

@@ -51,8 +51,9 @@ pub struct Proxy {
     pub listener_caps: ConnectionCaps,
     /// Listener metrics (refusals, accept errors).
     pub listener_metrics: ListenerMetrics,
-    /// The DNS capture (answers, pins).
-    pub dns: Arc<crate::dns::Dns>,
+    /// What each enrolled pod resolved through the DNS capture (read for connections leaving
+    /// the mesh).
+    pub pins: Arc<crate::dns::pins::PinTable>,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -70,6 +71,8 @@ pub struct PodContext {
 
 /// The `kind` of the outbound listener (15001).
 pub const OUTBOUND: &str = "outbound";
+/// The `kind` of the DNS capture's TCP listener (15053).
+pub const DNS_TCP: &str = "dns";
 
 /// Accepts on one of a pod's listeners until the pod stops accepting. Each connection runs
 /// `handle` in its own task, in a span named after the listener (`kind`), and is dropped when
@@ -88,7 +91,7 @@ pub async fn serve_listener<F, Fut>(
 {
     use tracing::Instrument;
     let mut caps = proxy.listener_caps;
-    if kind == OUTBOUND || kind == crate::dns::server::KIND_TCP {
+    if kind == OUTBOUND || kind == DNS_TCP {
         // Every connection on these listeners comes from the pod itself.
         caps.max_per_peer = 0;
     }

@@ -16,17 +16,15 @@ use membrane_api::ports;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UdpSocket};
 
-use super::Asked;
 use super::upstream::{MAX_MESSAGE, read_framed};
+use super::{Asked, Dns};
 use crate::netns::PodNetns;
-use crate::proxy::{PodContext, Proxy, original_dst, serve_listener};
+use crate::proxy::{DNS_TCP, PodContext, Proxy, original_dst, serve_listener};
 
 /// A TCP connection without a query for this long is closed.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries answered on one TCP connection before it is closed.
 pub const TCP_MAX_QUERIES: usize = 1000;
-/// The `kind` of the TCP listener (metrics, spans).
-pub const KIND_TCP: &str = "dns";
 
 /// One pod's bound DNS sockets.
 #[derive(Debug)]
@@ -58,6 +56,7 @@ pub async fn bind(netns: &PodNetns) -> std::io::Result<DnsSockets> {
 /// Spawns the accept loops of `sockets`; they end when the pod stops accepting.
 pub fn spawn(
     sockets: DnsSockets,
+    dns: &Arc<Dns>,
     pod: &Arc<PodContext>,
     proxy: &Arc<Proxy>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -65,25 +64,30 @@ pub fn spawn(
     for udp in sockets.udp {
         tasks.push(tokio::spawn(run_udp(
             Arc::new(udp),
+            dns.clone(),
             pod.clone(),
             proxy.clone(),
         )));
     }
     for tcp in sockets.tcp {
+        let dns = dns.clone();
         tasks.push(tokio::spawn(serve_listener(
             tcp,
             pod.clone(),
             proxy.clone(),
-            KIND_TCP,
-            |stream, peer, pod, proxy| async move { serve_tcp(stream, peer, &pod, &proxy).await },
+            DNS_TCP,
+            move |stream, peer, pod, proxy| {
+                let dns = dns.clone();
+                async move { serve_tcp(stream, peer, &dns, &pod, &proxy).await }
+            },
         )));
     }
     tasks
 }
 
-async fn run_udp(socket: Arc<UdpSocket>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+async fn run_udp(socket: Arc<UdpSocket>, dns: Arc<Dns>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(
-        proxy.dns.config.max_in_flight_per_pod.max(1),
+        dns.config.max_in_flight_per_pod.max(1),
     ));
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
@@ -99,11 +103,11 @@ async fn run_udp(socket: Arc<UdpSocket>, pod: Arc<PodContext>, proxy: Arc<Proxy>
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            proxy.dns.dropped();
+            dns.dropped();
             continue;
         };
         let query = buf[..n].to_vec();
-        let (socket, pod, proxy) = (socket.clone(), pod.clone(), proxy.clone());
+        let (socket, dns, pod, proxy) = (socket.clone(), dns.clone(), pod.clone(), proxy.clone());
         let cancel = pod.cancel.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -114,7 +118,7 @@ async fn run_udp(socket: Arc<UdpSocket>, pod: Arc<PodContext>, proxy: Arc<Proxy>
             };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                reply = proxy.dns.answer(&pod, &proxy, &query, asked) => {
+                reply = dns.answer(&pod, &proxy, &query, asked) => {
                     if let Some(reply) = reply
                         && let Err(e) = socket.send_to(&reply, src).await
                     {
@@ -129,6 +133,7 @@ async fn run_udp(socket: Arc<UdpSocket>, pod: Arc<PodContext>, proxy: Arc<Proxy>
 async fn serve_tcp(
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    dns: &Dns,
     pod: &PodContext,
     proxy: &Proxy,
 ) {
@@ -142,7 +147,7 @@ async fn serve_tcp(
             Ok(Ok(query)) => query,
             Ok(Err(_)) | Err(_) => return,
         };
-        let Some(reply) = proxy.dns.answer(pod, proxy, &query, asked).await else {
+        let Some(reply) = dns.answer(pod, proxy, &query, asked).await else {
             return;
         };
         let Ok(len) = u16::try_from(reply.len()) else {

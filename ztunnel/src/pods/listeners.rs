@@ -10,6 +10,7 @@ use membrane_api::ports;
 use tokio::net::TcpListener;
 
 use super::EnrollError;
+use crate::dns::Dns;
 use crate::dns::server::{self as dns, DnsSockets};
 use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
@@ -72,6 +73,7 @@ pub async fn bind(netns: &PodNetns) -> Result<PodListeners, EnrollError> {
 /// Starts the accept loops of `bound` for `pod`.
 pub fn spawn(
     bound: PodListeners,
+    dns_capture: &Arc<Dns>,
     pod: &Arc<PodContext>,
     proxy: &Arc<Proxy>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -93,6 +95,6 @@ pub fn spawn(
             proxy.clone(),
         )));
     }
-    tasks.extend(dns::spawn(bound.dns, pod, proxy));
+    tasks.extend(dns::spawn(bound.dns, dns_capture, pod, proxy));
     tasks
 }
