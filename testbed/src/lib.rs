@@ -4,8 +4,9 @@
 //! Owns: the simulated cluster ([`netns`]: nodes and pods as network namespaces, packet
 //! capture on the fabric), the controller it runs ([`TestCa`]: the real `membrane_ca::app` on
 //! a loopback port with its own temporary state, manifest directory and token file) and the
-//! mesh of real `ztunnel` processes ([`mesh`]). Dropping a testbed removes every namespace,
-//! process and directory it created.
+//! mesh of real `ztunnel` processes ([`mesh`]), and the simulated outside world the mesh's
+//! pods reach ([`world`]: a resolver and servers for a few names). Dropping a testbed removes
+//! every namespace, process and directory it created.
 //!
 //! Must not: touch the host's own network namespace or any namespace it did not create, send
 //! traffic anywhere but loopback and its own namespaces, or carry test assertions and
@@ -15,6 +16,7 @@ mod controller;
 pub mod mesh;
 pub mod netns;
 pub mod pki;
+pub mod world;
 
 pub use controller::{TestCa, TestCaBuilder};
 pub use pki::{OfflineCa, impostor_svid};

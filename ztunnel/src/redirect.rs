@@ -10,7 +10,8 @@
 //!   ztunnel's mark (its own upstream queries);
 //! - locally generated TCP (the application's outbound connections) is redirected to 15001,
 //!   except loopback traffic and sockets carrying the ztunnel's mark;
-//! - locally generated UDP that leaves the pod (not DNS, not loopback, not the ztunnel's) is
+//! - locally generated UDP that leaves the pod (not DNS — redirected to a local address —,
+//!   not to any local address, not the ztunnel's) is
 //!   counted ([`UDP_EGRESS`]) and each new flow's destination and port is added to the sets
 //!   [`UDP_FLOWS4`] / [`UDP_FLOWS6`] (entries expire after [`UDP_FLOW_TIMEOUT_S`]), which
 //!   [`crate::udp`] reads into metrics and one record per new flow. It is not blocked here:
@@ -133,6 +134,7 @@ table inet {TABLE} {{
     type filter hook output priority 0; policy accept;
     meta mark {ZTUNNEL_MARK:#x} accept
     oifname \"lo\" accept
+    fib daddr type local accept
     meta l4proto udp counter name \"{UDP_EGRESS}\"
     meta nfproto ipv4 meta l4proto udp ct state new update @{UDP_FLOWS4} {{ ip daddr . udp dport }}
     meta nfproto ipv6 meta l4proto udp ct state new update @{UDP_FLOWS6} {{ ip6 daddr . udp dport }}

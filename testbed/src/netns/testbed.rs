@@ -303,6 +303,37 @@ impl Testbed {
             .ok_or_else(|| Error::Exhausted(format!("pod addresses of node {}", node.name)))
     }
 
+    /// Creates `<id>-<suffix>`: a host outside the cluster (the simulated internet, for
+    /// one), attached to the fabric bridge on its `eth0` with `fabric_ip` in the fabric
+    /// subnet. It is deleted with the testbed, like every namespace it created. Routes to and
+    /// from it are the caller's.
+    pub fn add_external(&mut self, suffix: &str, fabric_ip: Ipv4Addr) -> Result<String> {
+        naming::validate(suffix)?;
+        let netns = format!("{}-{suffix}", self.id);
+        naming::validate(&netns)?;
+        if !FABRIC_SUBNET.contains(fabric_ip) || self.nodes.iter().any(|n| n.fabric_ip == fabric_ip)
+        {
+            return Err(Error::InvalidAddress {
+                ip: fabric_ip,
+                reason: format!("not a free address of the fabric {FABRIC_SUBNET}"),
+            });
+        }
+        self.create_netns(&netns)?;
+        let fabric = self.fabric.netns.as_str();
+        let port = format!("veth-x{}", fabric_ip.octets()[3]);
+        sys::ip_in(
+            fabric,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", IFNAME, "netns", &netns,
+            ],
+        )?;
+        sys::ip_in(fabric, &["link", "set", &port, "master", BRIDGE_NAME, "up"])?;
+        let address = format!("{fabric_ip}/{}", FABRIC_SUBNET.prefix_len());
+        sys::ip_in(&netns, &["addr", "add", &address, "dev", IFNAME])?;
+        sys::ip_in(&netns, &["link", "set", IFNAME, "up"])?;
+        Ok(netns)
+    }
+
     /// Runs `args[0] args[1..]` inside `ns` (`ip netns exec`) and collects its output; a
     /// non-zero exit is not an error.
     pub fn exec(&self, ns: &(impl Netns + ?Sized), args: &[&str]) -> Result<Output> {
