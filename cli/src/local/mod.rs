@@ -4,7 +4,9 @@
 //! terminal's Ctrl-C does not reach it) that builds the mesh with the same testbed the end-to-end
 //! tests use ([`membrane_testbed::mesh`]): simulated nodes and pods as network namespaces, the
 //! controller, one `ztunnel` process per node, every mesh pod enrolled and its identity
-//! issued. `up` returns once the daemon reports the mesh ready in the state file
+//! issued, and the simulated outside world ([`membrane_testbed::world`]: a resolver for a few
+//! names such as `huggingface.co`, and servers at their addresses) that every pod's DNS
+//! reaches through its ztunnel. `up` returns once the daemon reports the mesh ready in the state file
 //! (`<state-dir>/local.json`). The daemon keeps the controller's view of the user's Services
 //! and policies in step with the directory, appends every access record to
 //! `<state-dir>/access.log` (read by `membrane observe`), and tears everything down on
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use membrane_testbed::mesh::Mesh;
 use membrane_testbed::netns::Testbed;
+use membrane_testbed::world::{self, World};
 use state::LocalState;
 
 /// Where `membrane local` keeps its state unless told otherwise.
@@ -111,9 +114,13 @@ pub async fn daemon(
 ) -> anyhow::Result<()> {
     let access_log = state_dir.join("access.log");
     std::fs::write(&access_log, b"")?;
-    let spec = manifests::spec(manifests_dir, cert_ttl, Some(access_log))?;
+    let mut spec = manifests::spec(manifests_dir, cert_ttl, Some(access_log))?;
+    // Pods' DNS goes to the simulated outside world's resolver (through their ztunnel).
+    spec.ztunnel_args
+        .extend(["--dns-upstream".to_owned(), world::RESOLVER.to_string()]);
     let testbed = Testbed::with_prefix(prefix)?;
-    let mesh = Mesh::start_on(testbed, spec).await?;
+    let mut mesh = Mesh::start_on(testbed, spec).await?;
+    let world = World::start(&mut mesh.testbed).context("starting the simulated outside world")?;
     let mut state = LocalState::from_mesh(&mesh, manifests_dir, false);
     state.write(&state_file(state_dir))?;
     for pod in mesh.pods() {
@@ -139,6 +146,7 @@ pub async fn daemon(
         }
     }
     tracing::info!("stopping the local mesh");
+    drop(world);
     drop(mesh);
     let _ = std::fs::remove_file(state_file(state_dir));
     Ok(())

@@ -205,7 +205,15 @@ impl LocalState {
             "\nrun a program in a pod:   ip netns exec {} <command>",
             self.pods.first().map_or("<netns>", |p| p.netns.as_str())
         );
-        println!("watch connections:        membrane observe");
+        println!(
+            "resolve a name:           ip netns exec {} dig huggingface.co   (the outside world's resolver: {})",
+            self.pods
+                .iter()
+                .find(|p| p.enrolled)
+                .map_or("<netns>", |p| p.netns.as_str()),
+            membrane_testbed::world::RESOLVER
+        );
+        println!("watch connections and DNS: membrane observe");
         println!("status / stop:            membrane local status | membrane local down");
     }
 
