@@ -96,11 +96,21 @@ pub struct MeshSpec {
     pub root_namespace: Option<String>,
 }
 
-/// An unconnected TCP socket created inside the network namespace at `path`, as an
+/// An unconnected IPv4 TCP socket created inside the network namespace at `path`, as an
 /// application there would create it (no ztunnel mark: it is captured).
 pub fn socket_in_netns(path: PathBuf) -> anyhow::Result<tokio::net::TcpSocket> {
-    let stream = crate::netns::run_in_netns(path, || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket_in_netns_for(path, false)
+}
+
+/// As [`socket_in_netns`], IPv6 when `v6`.
+pub fn socket_in_netns_for(path: PathBuf, v6: bool) -> anyhow::Result<tokio::net::TcpSocket> {
+    let domain = if v6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let stream = crate::netns::run_in_netns(path, move || {
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         s.set_nonblocking(true)?;
         Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
     })??;
@@ -241,23 +251,26 @@ impl Mesh {
             let labels = serde_json::to_string(&def.labels)?;
             writeln!(
                 manifests,
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {labels}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}",
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {labels}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}",
                 def.name,
                 def.namespace,
                 uid(def),
                 def.service_account,
                 def.node,
-                pod.ip()
+                pod.ip(),
+                pod.ip(),
+                pod.ip6()
             )?;
             writeln!(
                 workloads,
-                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}], protocol: {}, labels: {labels}}}",
+                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}, \"{}\"], protocol: {}, labels: {labels}}}",
                 uid(def),
                 def.name,
                 def.namespace,
                 def.service_account,
                 def.node,
                 pod.ip(),
+                pod.ip6(),
                 if mesh { "HBONE" } else { "TCP" }
             )?;
         }
@@ -310,7 +323,7 @@ impl Mesh {
         name: &str,
         dst: SocketAddr,
     ) -> anyhow::Result<tokio::net::TcpStream> {
-        let socket = self.socket_in(name)?;
+        let socket = socket_in_netns_for(self.netns_path(name), dst.is_ipv6())?;
         Ok(tokio::time::timeout(Duration::from_secs(10), socket.connect(dst)).await??)
     }
 
@@ -367,6 +380,11 @@ impl Mesh {
     /// The pod's IP.
     pub fn ip(&self, name: &str) -> IpAddr {
         IpAddr::V4(self.pod(name).ip())
+    }
+
+    /// Pod `name`'s IPv6 address.
+    pub fn ip6(&self, name: &str) -> IpAddr {
+        IpAddr::V6(self.pod(name).ip6())
     }
 
     /// The pod's SPIFFE ID.

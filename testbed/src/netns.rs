@@ -115,9 +115,10 @@ pub use capture::{Capture, Captured, MAX_CAPTURE_BYTES};
 pub use error::{Error, Result};
 pub use naming::GENERATED_PREFIX;
 pub use sys::{NETNS_RUN_DIR, command_in, exec_in, run_in_netns, spawn_in};
-pub use testbed::Testbed;
+pub use testbed::{Testbed, external_ip6};
 pub use topology::{
-    BRIDGE_NAME, Cidr, FABRIC_SUBNET, Fabric, IFNAME, MAX_NODES, Node, POD_SUPERNET, Pod, PodSpec,
+    BRIDGE_NAME, Cidr, FABRIC_SUBNET, FABRIC_SUBNET6, Fabric, IFNAME, MAX_NODES, Node,
+    POD_SUPERNET, POD_SUPERNET6, Pod, PodSpec,
 };
 
 /// Something that names a network namespace: the fabric, a node, a pod, or a plain name

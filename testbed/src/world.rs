@@ -33,6 +33,8 @@ pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 pub const INTERNET_FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 254);
 /// The addresses the world owns.
 pub const SERVED: &str = "198.51.100.0/24";
+/// The IPv6 addresses the world owns (huggingface.co's AAAA among them).
+pub const SERVED6: &str = "2001:db8:100::/64";
 
 /// Each served address and the names its TLS certificate carries (the first greets).
 const HOSTS: [(Ipv4Addr, &[&str]); 5] = [
@@ -148,26 +150,24 @@ impl World {
         let netns = testbed.add_external("internet", INTERNET_FABRIC_IP)?;
         // The whole /24 is local here: every address answers, served or not.
         ip(&netns, &["addr", "add", SERVED, "dev", "lo"])?;
+        ip(
+            &netns,
+            &["-6", "addr", "add", SERVED6, "dev", "lo", "nodad"],
+        )?;
+        let internet = INTERNET_FABRIC_IP.to_string();
+        let internet6 = crate::netns::external_ip6(INTERNET_FABRIC_IP).to_string();
         for node in testbed.nodes() {
+            let (cidr, via) = (node.pod_cidr().to_string(), node.fabric_ip().to_string());
+            ip(&netns, &["route", "add", &cidr, "via", &via])?;
+            let (cidr6, via6) = (node.pod_cidr6(), node.fabric_ip6().to_string());
+            ip(&netns, &["-6", "route", "add", &cidr6, "via", &via6])?;
             ip(
-                &netns,
-                &[
-                    "route",
-                    "add",
-                    &node.pod_cidr().to_string(),
-                    "via",
-                    &node.fabric_ip().to_string(),
-                ],
+                node.netns_name(),
+                &["route", "add", SERVED, "via", &internet],
             )?;
             ip(
                 node.netns_name(),
-                &[
-                    "route",
-                    "add",
-                    SERVED,
-                    "via",
-                    &INTERNET_FABRIC_IP.to_string(),
-                ],
+                &["-6", "route", "add", SERVED6, "via", &internet6],
             )?;
         }
         let sockets = bind(&netns)?;

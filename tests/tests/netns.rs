@@ -55,7 +55,8 @@ struct EchoServer {
 }
 
 impl EchoServer {
-    fn start(ns: &impl Netns, ip: Ipv4Addr, connections: usize) -> anyhow::Result<Self> {
+    fn start(ns: &impl Netns, ip: impl Into<IpAddr>, connections: usize) -> anyhow::Result<Self> {
+        let ip: IpAddr = ip.into();
         let listener = ns.run(|| TcpListener::bind((ip, 0)))??;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -535,4 +536,39 @@ fn caller_chosen_names() -> anyhow::Result<()> {
     server.peers()?;
     tb.teardown()?;
     assert_gone(&names)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn pods_reach_each_other_over_ipv6_across_and_within_nodes() -> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let mut tb = Testbed::new()?;
+    tb.add_node("node-a")?;
+    tb.add_node("node-b")?;
+    let a1 = tb.add_pod("node-a", "a1")?;
+    let a2 = tb.add_pod("node-a", "a2")?;
+    let b1 = tb.add_pod("node-b", "b1")?;
+    assert_eq!(a1.ip6().to_string(), "fd00:77:1::2");
+    assert_eq!(b1.ip6().to_string(), "fd00:77:2::2");
+    // Larger than one packet, so a path that passes only small packets fails.
+    let message = vec![b'6'; 64 * 1024];
+    let capture = tb.capture_fabric()?;
+    for (from, to) in [(&a1, &b1), (&a1, &a2), (&b1, &a2)] {
+        let server = EchoServer::start(to, to.ip6(), 1)?;
+        assert_eq!(
+            echo(from, server.addr, &message)?,
+            message,
+            "{} → {}",
+            from.name(),
+            to.name()
+        );
+        assert_eq!(server.peers()?, vec![IpAddr::V6(from.ip6())], "no NAT");
+    }
+    let captured = capture.stop();
+    assert!(
+        captured.contains(b"666666666666"),
+        "the cross-node IPv6 payload crossed the fabric"
+    );
+    tb.teardown()?;
+    Ok(())
 }

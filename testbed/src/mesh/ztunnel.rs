@@ -174,7 +174,11 @@ impl Mesh {
             .args(drain_grace)
             .args(&self.spec.ztunnel_args)
             .args(extra_args)
-            .env("RUST_LOG", "info")
+            // `MEMBRANE_TESTBED_ZTUNNEL_LOG` (e.g. `debug`) to see more while debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("MEMBRANE_TESTBED_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

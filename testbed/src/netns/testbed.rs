@@ -6,7 +6,8 @@ use std::process::{Child, Command, Output};
 use super::capture::Capture;
 use super::error::{Error, Result};
 use super::topology::{
-    BRIDGE_NAME, Cidr, FABRIC_SUBNET, Fabric, IFNAME, MAX_NODES, Node, POD_SUPERNET, Pod, PodSpec,
+    BRIDGE_NAME, Cidr, FABRIC_SUBNET, FABRIC_SUBNET6, Fabric, IFNAME, MAX_NODES, Node,
+    POD_SUPERNET, Pod, PodSpec,
 };
 use super::{Netns, naming, sys};
 
@@ -97,6 +98,12 @@ impl Testbed {
         }
         sys::netns_add(name)?;
         self.created.push(name.to_owned());
+        // IPv6 without duplicate address detection: addresses are usable at once (the
+        // testbed assigns them; nothing else can claim them).
+        let path = sys::netns_path(name);
+        sys::write_sysctl(&path, "net/ipv6/conf/all/disable_ipv6", "0")?;
+        sys::write_sysctl(&path, "net/ipv6/conf/default/accept_dad", "0")?;
+        sys::write_sysctl(&path, "net/ipv6/conf/all/accept_dad", "0")?;
         sys::ip_in(name, &["link", "set", "lo", "up"])
     }
 
@@ -183,8 +190,14 @@ impl Testbed {
         sys::ip_in(fabric, &["link", "set", port, "master", BRIDGE_NAME, "up"])?;
         let address = format!("{}/{}", node.fabric_ip, FABRIC_SUBNET.prefix_len());
         sys::ip_in(&netns, &["addr", "add", &address, "dev", IFNAME])?;
+        let address6 = format!("{}/64", node.fabric_ip6());
+        sys::ip_in(
+            &netns,
+            &["-6", "addr", "add", &address6, "dev", IFNAME, "nodad"],
+        )?;
         sys::ip_in(&netns, &["link", "set", IFNAME, "up"])?;
         sys::write_sysctl(&node.netns_path(), "net/ipv4/ip_forward", "1")?;
+        sys::write_sysctl(&node.netns_path(), "net/ipv6/conf/all/forwarding", "1")?;
         for other in &self.nodes {
             route_pods_via(&node, other)?;
             route_pods_via(other, &node)?;
@@ -274,6 +287,41 @@ impl Testbed {
                 &gw,
             ],
         )?;
+        // The same plan for IPv6: `/128`s and the node's pod gateway on each veth.
+        let (gw6, pod_ip6) = (node.pod_gateway6().to_string(), pod.ip6().to_string());
+        sys::ip_in(
+            node_ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/128"),
+                "dev",
+                host,
+                "nodad",
+            ],
+        )?;
+        sys::ip_in(
+            &netns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{pod_ip6}/128"),
+                "dev",
+                IFNAME,
+                "nodad",
+            ],
+        )?;
+        sys::ip_in(&netns, &["-6", "route", "add", &gw6, "dev", IFNAME])?;
+        sys::ip_in(
+            &netns,
+            &["-6", "route", "add", "default", "via", &gw6, "dev", IFNAME],
+        )?;
+        sys::ip_in(
+            node_ns,
+            &["-6", "route", "add", &format!("{pod_ip6}/128"), "dev", host],
+        )?;
         self.pods.push(pod.clone());
         Ok(pod)
     }
@@ -305,7 +353,8 @@ impl Testbed {
 
     /// Creates `<id>-<suffix>`: a host outside the cluster (the simulated internet, for
     /// one), attached to the fabric bridge on its `eth0` with `fabric_ip` in the fabric
-    /// subnet. It is deleted with the testbed, like every namespace it created. Routes to and
+    /// subnet and, in the IPv6 fabric subnet, the address whose last group is `fabric_ip`'s
+    /// last octet. It is deleted with the testbed, like every namespace it created. Routes to and
     /// from it are the caller's.
     pub fn add_external(&mut self, suffix: &str, fabric_ip: Ipv4Addr) -> Result<String> {
         naming::validate(suffix)?;
@@ -330,6 +379,11 @@ impl Testbed {
         sys::ip_in(fabric, &["link", "set", &port, "master", BRIDGE_NAME, "up"])?;
         let address = format!("{fabric_ip}/{}", FABRIC_SUBNET.prefix_len());
         sys::ip_in(&netns, &["addr", "add", &address, "dev", IFNAME])?;
+        let address6 = format!("{}/64", external_ip6(fabric_ip));
+        sys::ip_in(
+            &netns,
+            &["-6", "addr", "add", &address6, "dev", IFNAME, "nodad"],
+        )?;
         sys::ip_in(&netns, &["link", "set", IFNAME, "up"])?;
         Ok(netns)
     }
@@ -410,7 +464,26 @@ impl Drop for Testbed {
 }
 
 /// In `from`'s namespace: `to`'s pod CIDR via `to`'s fabric address.
+/// The IPv6 fabric address of an external host at `fabric_ip`.
+pub fn external_ip6(fabric_ip: Ipv4Addr) -> std::net::Ipv6Addr {
+    let s = FABRIC_SUBNET6.segments();
+    std::net::Ipv6Addr::new(s[0], s[1], 0, 0, 0, 0, 0, u16::from(fabric_ip.octets()[3]))
+}
+
 fn route_pods_via(from: &Node, to: &Node) -> Result<()> {
+    sys::ip_in(
+        &from.netns,
+        &[
+            "-6",
+            "route",
+            "add",
+            &to.pod_cidr6(),
+            "via",
+            &to.fabric_ip6().to_string(),
+            "dev",
+            IFNAME,
+        ],
+    )?;
     sys::ip_in(
         &from.netns,
         &[

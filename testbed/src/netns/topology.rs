@@ -1,7 +1,7 @@
 //! The cluster's parts (fabric, nodes, pods), their addressing plan and names.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use super::{Netns, sys};
@@ -11,6 +11,20 @@ pub const FABRIC_SUBNET: Cidr = Cidr::new(Ipv4Addr::new(172, 31, 0, 0), 24);
 
 /// The pod supernet: node `i` owns `10.77.i.0/24`.
 pub const POD_SUPERNET: Cidr = Cidr::new(Ipv4Addr::new(10, 77, 0, 0), 16);
+
+/// The IPv6 fabric subnet (`/64`): node `i` is `fd00:31::<i>` on it, beside its IPv4 address.
+pub const FABRIC_SUBNET6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 0);
+
+/// The IPv6 pod supernet: node `i` owns `fd00:77:<i>::/64` (`i` as a decimal-looking hex
+/// group: node 1 owns `fd00:77:1::/64`, node 12 `fd00:77:c::/64`), and the pod whose IPv4
+/// address ends in `.o` has `fd00:77:<i>::<o>` (`o` likewise: `.10` is `::a`).
+pub const POD_SUPERNET6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0);
+
+/// The IPv6 address with `node` in the pod supernet's third group and `host` in the last.
+pub(super) fn pod_v6(node: u16, host: u16) -> Ipv6Addr {
+    let s = POD_SUPERNET6.segments();
+    Ipv6Addr::new(s[0], s[1], node, 0, 0, 0, 0, host)
+}
 
 /// Most nodes one testbed can hold.
 pub const MAX_NODES: usize = 250;
@@ -156,6 +170,26 @@ impl Node {
         gateway(self.pod_cidr)
     }
 
+    /// The node's IPv6 address on the fabric (`fd00:31::<index>`).
+    pub fn fabric_ip6(&self) -> Ipv6Addr {
+        let s = FABRIC_SUBNET6.segments();
+        Ipv6Addr::new(s[0], s[1], 0, 0, 0, 0, 0, self.index_u16())
+    }
+
+    /// The node's IPv6 pod prefix, `fd00:77:<index>::/64`.
+    pub fn pod_cidr6(&self) -> String {
+        format!("{}/64", pod_v6(self.index_u16(), 0))
+    }
+
+    /// The node's IPv6 pod gateway (`fd00:77:<index>::1`), on each of its pod veths.
+    pub fn pod_gateway6(&self) -> Ipv6Addr {
+        pod_v6(self.index_u16(), 1)
+    }
+
+    fn index_u16(&self) -> u16 {
+        u16::try_from(self.index).unwrap_or(u16::MAX)
+    }
+
     /// The node's fabric-facing interface inside its namespace ([`IFNAME`]).
     pub fn ifname(&self) -> &str {
         IFNAME
@@ -208,6 +242,13 @@ impl Pod {
     /// The pod's address (a `/32` on its [`IFNAME`]).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address (a `/128` on its [`IFNAME`]): `fd00:77:<node>::<last octet>`,
+    /// the node and host taken from its IPv4 address `10.77.<node>.<last octet>`.
+    pub fn ip6(&self) -> Ipv6Addr {
+        let [_, _, node, host] = self.ip.octets();
+        pod_v6(u16::from(node), u16::from(host))
     }
 
     /// The pod's interface inside its namespace ([`IFNAME`]).
