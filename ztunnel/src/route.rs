@@ -117,6 +117,24 @@ mod tests {
         state
     }
 
+    #[test]
+    fn a_service_address_goes_to_endpoints_of_its_own_family() {
+        let mut state = state();
+        let dual = ServiceTarget {
+            service: "data/dual".to_owned(),
+            endpoints: vec![addr("10.0.1.1:8080"), addr("[fd00::1]:8080")],
+        };
+        state.add_service(addr("10.96.0.4:80"), dual.clone());
+        state.add_service(addr("[fd00:96::4]:80"), dual);
+        for _ in 0..50 {
+            assert_eq!(state.resolve(addr("10.96.0.4:80")).0, addr("10.0.1.1:8080"));
+            assert_eq!(
+                state.resolve(addr("[fd00:96::4]:80")).0,
+                addr("[fd00::1]:8080")
+            );
+        }
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("socket address")
     }

@@ -320,8 +320,9 @@ impl MeshState {
     }
 
     /// Where a connection to `dst` goes: a workload's own address, or, for a Service's
-    /// virtual IP, one of its ready endpoints (mesh workloads first, picked at random). Any
-    /// other destination is returned unchanged with no workload.
+    /// virtual IP, one of its ready endpoints of the virtual IP's address family (as a
+    /// Kubernetes Service of one family routes to endpoints of that family; mesh workloads
+    /// first, picked at random). Any other destination is returned unchanged with no workload.
     pub fn resolve(&self, dst: SocketAddr) -> (SocketAddr, Option<Arc<Workload>>) {
         if let Some(w) = self.by_ip.get(&dst.ip()) {
             return (dst, Some(w.clone()));
@@ -329,16 +330,17 @@ impl MeshState {
         let Some(svc) = self.services.get(&dst) else {
             return (dst, None);
         };
-        let meshed: Vec<&SocketAddr> = svc
+        let family: Vec<&SocketAddr> = svc
             .endpoints
             .iter()
+            .filter(|e| e.is_ipv4() == dst.is_ipv4())
+            .collect();
+        let meshed: Vec<&SocketAddr> = family
+            .iter()
+            .copied()
             .filter(|e| self.by_ip.contains_key(&e.ip()))
             .collect();
-        let pool: Vec<&SocketAddr> = if meshed.is_empty() {
-            svc.endpoints.iter().collect()
-        } else {
-            meshed
-        };
+        let pool: Vec<&SocketAddr> = if meshed.is_empty() { family } else { meshed };
         if pool.is_empty() {
             return (dst, None);
         }
