@@ -44,6 +44,16 @@ pub fn check(files: &[PathBuf], root_namespace: &str) -> anyhow::Result<bool> {
     for file in files {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let egress = match membrane_policy::egress::parse_egress_policies(&text) {
+            Ok(egress) => Some(egress.len()),
+            Err(errors) => {
+                ok = false;
+                for e in &errors {
+                    println!("{}: error: EgressPolicy {e}", file.display());
+                }
+                None
+            }
+        };
         match parse_policies(&text) {
             Ok(checked) => {
                 for c in &checked {
@@ -54,7 +64,13 @@ pub fn check(files: &[PathBuf], root_namespace: &str) -> anyhow::Result<bool> {
                         println!("{}: warning: {w}", file.display());
                     }
                 }
-                println!("{}: ok ({} policies)", file.display(), checked.len());
+                if let Some(egress) = egress {
+                    println!(
+                        "{}: ok ({} policies, {egress} egress policies)",
+                        file.display(),
+                        checked.len()
+                    );
+                }
             }
             Err(errors) => {
                 ok = false;

@@ -36,6 +36,32 @@ fn check_reports_errors_with_paths_and_fails() {
 }
 
 #[test]
+fn check_validates_egress_policies_with_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("egress.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: security.membrane.dev/v1\nkind: EgressPolicy\nmetadata: {name: model-hub, namespace: training}\nspec:\n  rules: [{to: [{hosts: [huggingface.co, \"*.hf.co\"], ports: [443]}]}]\n  budget: {sentBytes: 1Gi, per: 1h}\n",
+    )
+    .expect("write");
+    let (code, out, _) = membrane(&["policy", "check", good.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok (0 policies, 1 egress policies)"), "{out}");
+    let bad = dir.path().join("bad-egress.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: security.membrane.dev/v1\nkind: EgressPolicy\nmetadata: {name: up, namespace: training}\nspec:\n  rules: [{to: [{hosts: [\"exa mple\"]}]}]\n",
+    )
+    .expect("write");
+    let (code, out, _) = membrane(&["policy", "check", bad.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("training/up: spec.rules[0].to[0].hosts[0]"),
+        "{out}"
+    );
+}
+
+#[test]
 fn explain_gives_verdict_and_deciding_policy() {
     let base = [
         "policy",

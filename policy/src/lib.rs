@@ -14,11 +14,14 @@
 //! flattened encoding `decide` walks), `gate` (per-rule source-namespace filters) and `hash`
 //! (the Fx hash both use).
 //!
+//! [`egress`] holds EgressPolicy (model, validation, the decision at the source) beside it.
+//!
 //! This crate never does I/O (no files, network, clock or logging) and never panics on input:
 //! its callers (controller, ztunnel, CLI) read, log and measure.
 
 pub mod compile;
 pub mod diagnostics;
+pub mod egress;
 pub mod eval;
 mod gate;
 mod hash;

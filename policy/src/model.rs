@@ -361,7 +361,7 @@ pub struct Condition {
 
 /// A list of strings; `null` is the empty list and integers are taken as their decimal
 /// spelling (YAML turns an unquoted `8080` into a number where Istio's schema wants a string).
-fn strings<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+pub(crate) fn strings<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     struct ListVisitor;
 
     impl<'de> Visitor<'de> for ListVisitor {

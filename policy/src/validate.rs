@@ -300,7 +300,7 @@ fn check_at(
 }
 
 /// A Kubernetes object name: a DNS-1123 subdomain.
-fn object_name(name: &str) -> Result<(), String> {
+pub(crate) fn object_name(name: &str) -> Result<(), String> {
     membrane_identity::spiffe_id::validate_service_account(name).map_err(|_| {
         "object names are at most 253 characters: dot-separated lower-case letters, digits \
          and '-', each part starting and ending with a letter or digit"
