@@ -4,9 +4,9 @@
 //!
 //! Flow: text → [`validate::parse_egress_policies`] (or a typed [`model::EgressPolicyDoc`] →
 //! [`validate::check_egress`]) → [`EgressPolicy`] values → [`decide_egress`] per connection,
-//! given the policies that select the source. Like the rest of this crate it does no I/O and
-//! never panics on input; which policies select a pod (scope, as for AuthorizationPolicy) and
-//! budget accounting are the caller's.
+//! given the policies that select the source ([`EgressIndex::selecting`]: scope as for
+//! AuthorizationPolicy). Like the rest of this crate it does no I/O and never panics on
+//! input; budget accounting is the caller's.
 //!
 //! Semantics: a matching DENY denies; if an ALLOW selects the source, only destinations one
 //! of its rules matches pass (default deny for that source); without an ALLOW the connection
@@ -19,6 +19,7 @@
 //! `allowMissingSni`. A DENY host rule matches the pinned names *or* the SNI (a lie about the
 //! name cannot dodge a deny). AUDIT and dry-run policies are reported, never enforced.
 
+pub mod index;
 pub mod model;
 pub mod validate;
 
@@ -29,6 +30,7 @@ use std::time::Duration;
 use crate::Source;
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch};
 
+pub use index::EgressIndex;
 pub use validate::{EgressError, check_egress, parse_egress_policies};
 
 /// What a matching rule does.
