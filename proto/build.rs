@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/membrane/v1/certificates.proto",
         "proto/membrane/v1/authorization.proto",
+        "proto/membrane/v1/egress.proto",
         "proto/membrane/v1/discovery.proto",
     ];
     for f in files {

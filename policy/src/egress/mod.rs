@@ -5,7 +5,8 @@
 //! Flow: text → [`validate::parse_egress_policies`] (or a typed [`model::EgressPolicyDoc`] →
 //! [`validate::check_egress`]) → [`EgressPolicy`] values → [`decide_egress`] per connection,
 //! given the policies that select the source ([`EgressIndex::selecting`]: scope as for
-//! AuthorizationPolicy). Like the rest of this crate it does no I/O and never panics on
+//! AuthorizationPolicy); [`wire`] converts to and from `membrane.v1.EgressPolicy`,
+//! re-validating on receipt. Like the rest of this crate it does no I/O and never panics on
 //! input; budget accounting is the caller's.
 //!
 //! Semantics: a matching DENY denies; if an ALLOW selects the source, only destinations one
@@ -22,6 +23,7 @@
 pub mod index;
 pub mod model;
 pub mod validate;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
