@@ -11,3 +11,19 @@ pub mod dns;
 pub mod hbone;
 
 pub use membrane_testbed::*;
+
+/// The sum of the samples of ztunnel metric `name` on `node` whose line contains every one of
+/// `labels` (e.g. `rcode="SERVFAIL"`).
+pub async fn ztunnel_metric(
+    mesh: &mesh::Mesh,
+    node: &str,
+    name: &str,
+    labels: &[&str],
+) -> anyhow::Result<f64> {
+    let (_, body) = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}

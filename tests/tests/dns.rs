@@ -13,7 +13,7 @@ use hickory_proto::rr::RecordType;
 use membrane_tests::dns::{addresses, query, resolve, tcp_exchange, udp_exchange};
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::world::World;
-use membrane_tests::{http_get, require_root};
+use membrane_tests::{require_root, ztunnel_metric};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -73,15 +73,6 @@ async fn wait_dns(mesh: &Mesh, pred: impl Fn(&Value) -> bool) -> anyhow::Result<
                 dns_records(mesh, "node-a")
             )
         })
-}
-
-async fn metric(mesh: &Mesh, node: &str, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-    let (_, body) = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 #[tokio::test]
@@ -166,7 +157,7 @@ async fn every_query_of_a_mesh_pod_is_captured_answered_and_recorded_by_identity
     assert_eq!(local["local"], true);
     assert!(local["upstream_us"].is_null());
     assert!(
-        metric(
+        ztunnel_metric(
             &mesh,
             "node-a",
             "membrane_dns_requests_total",
@@ -387,9 +378,11 @@ async fn malformed_queries_get_formerr_and_a_dead_upstream_servfail_without_harm
     })
     .await?;
     wait_dns(&mesh, |r| r["rcode"] == "FORMERR").await?;
-    assert!(metric(&mesh, "node-a", "membrane_dns_upstream_failures_total", &[]).await? >= 1.0);
     assert!(
-        metric(
+        ztunnel_metric(&mesh, "node-a", "membrane_dns_upstream_failures_total", &[]).await? >= 1.0
+    );
+    assert!(
+        ztunnel_metric(
             &mesh,
             "node-a",
             "membrane_dns_requests_total",
@@ -429,7 +422,7 @@ async fn udp_leaving_a_mesh_pod_is_counted_and_recorded_per_flow() -> anyhow::Re
         .ok_or_else(|| anyhow::anyhow!("no UDP flow record"))?;
     assert_eq!(record["src_identity"], mesh.spiffe_id("trainer"));
     assert_eq!(record["result"], "observed");
-    let packets = metric(
+    let packets = ztunnel_metric(
         &mesh,
         "node-a",
         "membrane_udp_egress_packets_total",
@@ -518,7 +511,7 @@ async fn a_flood_of_names_stays_within_the_pin_bound() -> anyhow::Result<()> {
         dump["dns"]["pins"]["training-trainer"], BOUND,
         "exactly the bound"
     );
-    let evicted = metric(&mesh, "node-a", "membrane_dns_pins_evicted_total", &[]).await?;
+    let evicted = ztunnel_metric(&mesh, "node-a", "membrane_dns_pins_evicted_total", &[]).await?;
     assert!(
         evicted >= f64::from(answered) - BOUND as f64,
         "evictions counted: {evicted}"

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use membrane_tests::http_get;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef, ping};
+use membrane_tests::ztunnel_metric;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -33,16 +33,6 @@ async fn start(ztunnel_args: &[&str]) -> anyhow::Result<(Mesh, SocketAddr)> {
     mesh.echo_app("server", APP_PORT)?;
     let server = SocketAddr::new(mesh.ip("server"), APP_PORT);
     Ok((mesh, server))
-}
-
-/// The sum of a metric's samples whose line contains every one of `labels`.
-async fn metric(mesh: &Mesh, node: &str, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-    let (_, body) = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 /// Whether process `pid` is still running (not exited, not a zombie waiting to be reaped).
@@ -75,14 +65,14 @@ async fn an_inbound_tunnel_is_recorded_for_as_long_as_it_lived() -> anyhow::Resu
     let opened = "membrane_tcp_connections_opened_total";
     let closed = "membrane_tcp_connections_closed_total";
     let destination = ["reporter=\"destination\""];
-    let opened_before = metric(&mesh, "node-b", opened, &destination).await?;
-    let closed_before = metric(&mesh, "node-b", closed, &destination).await?;
+    let opened_before = ztunnel_metric(&mesh, "node-b", opened, &destination).await?;
+    let closed_before = ztunnel_metric(&mesh, "node-b", closed, &destination).await?;
 
     let mut s = mesh.connect_from("client", server).await?;
     ping(&mut s).await?;
     // Counted as opened while it is open, not when it closes.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&mesh, "node-b", opened, &destination).await? <= opened_before {
+    while ztunnel_metric(&mesh, "node-b", opened, &destination).await? <= opened_before {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the destination's opened counter did not move while the tunnel was open"
@@ -90,7 +80,7 @@ async fn an_inbound_tunnel_is_recorded_for_as_long_as_it_lived() -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        metric(&mesh, "node-b", closed, &destination).await?,
+        ztunnel_metric(&mesh, "node-b", closed, &destination).await?,
         closed_before,
         "an open tunnel is not counted as closed"
     );

@@ -71,6 +71,15 @@ pub async fn udp(
             }
         }
     };
+    bounded(addr, timeout, exchange).await
+}
+
+/// Runs `exchange` for at most `timeout`.
+async fn bounded(
+    addr: SocketAddr,
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<Vec<u8>, UpstreamError>>,
+) -> Result<Vec<u8>, UpstreamError> {
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| UpstreamError::Timeout { addr, timeout })?
@@ -94,9 +103,7 @@ pub async fn tcp(
         stream.write_all(&framed).await.map_err(io)?;
         read_framed(&mut stream).await.map_err(io)
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| UpstreamError::Timeout { addr, timeout })?
+    bounded(addr, timeout, exchange).await
 }
 
 /// Reads one length-prefixed DNS message (RFC 1035 §4.2.2).
