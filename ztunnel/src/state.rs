@@ -348,6 +348,20 @@ impl MeshState {
         (chosen, self.by_ip.get(&chosen.ip()).cloned())
     }
 
+    /// The virtual IPs of Service `namespace/name` (sorted, each once); empty if the mesh has
+    /// no such Service. Reads the index in place (the DNS capture asks per query).
+    pub fn service_ips(&self, service: &str) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .services
+            .iter()
+            .filter(|(_, target)| target.service == service)
+            .map(|(vip, _)| vip.ip())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    }
+
     /// Every Service port, by virtual address.
     pub fn services(&self) -> BTreeMap<String, ServiceTarget> {
         self.services

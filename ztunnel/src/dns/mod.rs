@@ -18,7 +18,7 @@ pub mod pins;
 pub mod server;
 pub mod upstream;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -162,16 +162,7 @@ impl Dns {
     /// A mesh Service's name answered from the state.
     fn local(&self, proxy: &Proxy, question: &Question) -> Option<(Vec<u8>, AnswerSummary)> {
         let (ns, svc) = message::service_name(&question.name, &self.config.cluster_domain)?;
-        let wanted = format!("{ns}/{svc}");
-        let state = proxy.state.borrow().clone();
-        let mut vips: Vec<IpAddr> = state
-            .services()
-            .iter()
-            .filter(|(_, target)| target.service == wanted)
-            .filter_map(|(vip, _)| vip.parse::<SocketAddr>().ok().map(|a| a.ip()))
-            .collect();
-        vips.sort_unstable();
-        vips.dedup();
+        let vips = proxy.state.borrow().service_ips(&format!("{ns}/{svc}"));
         if vips.is_empty() {
             // Not a mesh Service: the upstream (kube-dns) may know it.
             return None;

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_api::ports;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UdpSocket};
 
-use super::upstream::{MAX_MESSAGE, read_framed};
+use super::upstream::{MAX_MESSAGE, read_framed, write_framed};
 use super::{Asked, Dns};
 use crate::netns::PodNetns;
 use crate::proxy::{DNS_TCP, PodContext, Proxy, original_dst, serve_listener};
@@ -150,13 +149,7 @@ async fn serve_tcp(
         let Some(reply) = dns.answer(pod, proxy, &query, asked).await else {
             return;
         };
-        let Ok(len) = u16::try_from(reply.len()) else {
-            return;
-        };
-        let mut framed = Vec::with_capacity(reply.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
+        if write_framed(&mut stream, &reply).await.is_err() {
             return;
         }
     }

@@ -95,12 +95,7 @@ pub async fn tcp(
     let io = |source| UpstreamError::Io { addr, source };
     let exchange = async {
         let mut stream = netns.connect(addr).await.map_err(io)?;
-        let len = u16::try_from(query.len())
-            .map_err(|_| io(std::io::Error::other("query longer than 65535 bytes")))?;
-        let mut framed = Vec::with_capacity(query.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(query);
-        stream.write_all(&framed).await.map_err(io)?;
+        write_framed(&mut stream, query).await.map_err(io)?;
         read_framed(&mut stream).await.map_err(io)
     };
     bounded(addr, timeout, exchange).await
@@ -112,6 +107,20 @@ pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io:
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     Ok(buf)
+}
+
+/// Writes one length-prefixed DNS message in a single write; a message over 65,535 bytes is an
+/// error.
+pub async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    message: &[u8],
+) -> std::io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::other("DNS message longer than 65535 bytes"))?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    w.write_all(&framed).await
 }
 
 /// The first `nameserver` of a resolv.conf text, on port 53.
