@@ -53,7 +53,7 @@ pub struct AccessRecord {
     /// Outbound to a destination outside the mesh: the name the source pod resolved to the
     /// address, and the TLS server name it asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Egress>,
+    pub egress: Option<Box<Egress>>,
 }
 
 /// The host [`Egress::host`] holds when the source pod never resolved the address (a
@@ -75,6 +75,29 @@ pub struct Egress {
     /// The server name of the connection's TLS ClientHello, when it began with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
+    /// The EgressPolicy verdict: `passthrough` (no policy selects the source), `allow` or
+    /// `deny`.
+    #[serde(default)]
+    pub verdict: String,
+    /// Why: `no_policy`, `matched`, `not_allowed`, `sni_mismatch`, `sni_missing`,
+    /// `budget_exhausted`, `policy_changed`.
+    #[serde(default)]
+    pub reason: String,
+    /// `namespace/name` of the deciding EgressPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Index of its deciding rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// The name the deciding rule matched (a pinned name, or the SNI for a DENY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
+    /// AUDIT EgressPolicies that matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<String>,
+    /// Dry-run EgressPolicies that would have matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<String>,
 }
 
 /// What an access record says about authorization.
@@ -152,18 +175,25 @@ mod tests {
             ..outbound()
         };
         let egress = AccessRecord {
-            egress: Some(Egress {
+            egress: Some(Box::new(Egress {
                 host: "cdn.hf.co".into(),
                 cnames: vec!["cdn-lb.hf.co".into()],
                 other_hosts: Vec::new(),
                 sni: Some("cdn.hf.co".into()),
-            }),
+                verdict: "allow".into(),
+                reason: "matched".into(),
+                policy: Some("training/hub".into()),
+                rule: Some(0),
+                matched: Some("cdn.hf.co".into()),
+                audit: Vec::new(),
+                dry_run: Vec::new(),
+            })),
             ..outbound()
         };
         let text = serde_json::to_string(&egress).expect("serializes");
         assert!(
             text.ends_with(
-                r#""egress":{"host":"cdn.hf.co","cnames":["cdn-lb.hf.co"],"sni":"cdn.hf.co"}}"#
+                r#""egress":{"host":"cdn.hf.co","cnames":["cdn-lb.hf.co"],"sni":"cdn.hf.co","verdict":"allow","reason":"matched","policy":"training/hub","rule":0,"matched":"cdn.hf.co"}}"#
             ),
             "{text}"
         );

@@ -1,5 +1,5 @@
-//! The `AuthorizationPolicy` custom resource (`security.membrane.dev/v1`) as the Kubernetes
-//! source reads it and the status writer updates it.
+//! The `AuthorizationPolicy` and `EgressPolicy` custom resources (`security.membrane.dev/v1`)
+//! as the Kubernetes source reads them and the status writer updates them.
 //!
 //! The schema below `spec` is deliberately open (`x-kubernetes-preserve-unknown-fields`):
 //!
@@ -94,7 +94,65 @@ impl JsonSchema for AuthorizationPolicySpec {
     }
 }
 
-/// `status` of an `AuthorizationPolicy`, written by the controller.
+/// Where the generated EgressPolicy manifest lives, relative to the workspace root.
+pub const EGRESS_CRD_PATH: &str = "charts/membrane/crds/egresspolicies.yaml";
+
+/// `spec` of an `EgressPolicy`: any JSON object, kept verbatim and judged by
+/// `membrane_policy::egress` (open for the same reasons as [`AuthorizationPolicySpec`]).
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "security.membrane.dev",
+    version = "v1",
+    kind = "EgressPolicy",
+    plural = "egresspolicies",
+    singular = "egresspolicy",
+    namespaced,
+    status = "AuthorizationPolicyStatus",
+    category = "membrane",
+    derive = "PartialEq",
+    doc = "Which destinations outside the mesh a workload identity may reach, by DNS name, address and port, with byte budgets.",
+    printcolumn(
+        name = "Action",
+        type_ = "string",
+        json_path = ".spec.action",
+        description = "ALLOW (default), DENY or AUDIT"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status",
+        description = "Whether the controller accepted and distributes the policy"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct EgressPolicySpec {
+    /// The fields of `spec`, as written.
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl JsonSchema for EgressPolicySpec {
+    fn schema_name() -> Cow<'static, str> {
+        "EgressPolicySpec".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "EgressPolicy spec (selector, action, rules of hosts/ports/ipBlocks, \
+                budget). Validated by the controller, which reports problems in \
+                status.conditions.",
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true
+        })
+    }
+}
+
+/// `status` of an `AuthorizationPolicy` or `EgressPolicy`, written by the controller.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicyStatus {
@@ -131,10 +189,23 @@ pub struct Condition {
 /// The CustomResourceDefinition as YAML, with the header comment of the committed file.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    let body = serde_saphyr::to_string(&AuthorizationPolicy::crd())
-        .unwrap_or_else(|e| format!("# serialization failed: {e}\n"));
+    generated_yaml("AuthorizationPolicy", &AuthorizationPolicy::crd())
+}
+
+/// The EgressPolicy CustomResourceDefinition as YAML, with the committed file's header.
+pub fn egress_crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    generated_yaml("EgressPolicy", &EgressPolicy::crd())
+}
+
+fn generated_yaml(
+    kind: &str,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> String {
+    let body =
+        serde_saphyr::to_string(crd).unwrap_or_else(|e| format!("# serialization failed: {e}\n"));
     format!(
-        "# Generated from ca/src/crd.rs (membrane_ca::crd::AuthorizationPolicy); do not edit.\n\
+        "# Generated from ca/src/crd.rs (membrane_ca::crd::{kind}); do not edit.\n\
          # Regenerate: MEMBRANE_REGENERATE_CRD=1 cargo test -p membrane-ca --lib crd::\n\
          # The test committed_crd_matches_the_rust_type fails when this file drifts.\n\
          ---\n{body}"
@@ -157,8 +228,16 @@ mod tests {
 
     #[test]
     fn committed_crd_matches_the_rust_type() {
-        let path = committed_path();
-        let generated = crd_yaml();
+        check_committed(committed_path(), crd_yaml());
+        check_committed(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(EGRESS_CRD_PATH),
+            egress_crd_yaml(),
+        );
+    }
+
+    fn check_committed(path: PathBuf, generated: String) {
         if std::env::var_os("MEMBRANE_REGENERATE_CRD").is_some() {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).expect("create the chart's crds directory");
@@ -175,6 +254,20 @@ mod tests {
              MEMBRANE_REGENERATE_CRD=1 cargo test -p membrane-ca --lib crd::",
             path.display()
         );
+    }
+
+    #[test]
+    fn egress_crd_is_namespaced_with_status_and_an_open_spec() {
+        let crd = serde_json::to_value(EgressPolicy::crd()).expect("json");
+        assert_eq!(
+            crd["metadata"]["name"],
+            "egresspolicies.security.membrane.dev"
+        );
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert!(version["subresources"]["status"].is_object());
+        let schema = &version["schema"]["openAPIV3Schema"]["properties"];
+        assert_eq!(schema["spec"]["x-kubernetes-preserve-unknown-fields"], true);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Policy status write-back: every `AuthorizationPolicy` object gets `status.conditions`
-//! saying whether the controller accepted it, and why not.
+//! Policy status write-back: every `AuthorizationPolicy` and `EgressPolicy` object gets
+//! `status.conditions` saying whether the controller accepted it, and why not.
 //!
 //! Conditions written (shaped like `metav1.Condition`, `observedGeneration` = the object's
 //! `metadata.generation`):
@@ -33,9 +33,11 @@ use kube::{Api, Client};
 use membrane_policy::{Warning, WarningKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{AuthorizationPolicy, Condition};
+use crate::crd::{AuthorizationPolicy, Condition, EgressPolicy};
 use crate::metrics::StatusMetrics;
-use crate::source::kube::{Fallback, PolicyReport, PolicyReports, PolicyVerdict, ReportReceiver};
+use crate::source::kube::{
+    Fallback, PolicyKind, PolicyReport, PolicyReports, PolicyVerdict, ReportReceiver,
+};
 
 pub use lease::LeaseLock;
 
@@ -276,7 +278,7 @@ type Written = (Option<String>, Option<String>, Vec<Condition>);
 struct Writer {
     client: Client,
     metrics: StatusMetrics,
-    written: BTreeMap<(String, String), Written>,
+    written: BTreeMap<(PolicyKind, (String, String)), Written>,
 }
 
 impl Writer {
@@ -318,23 +320,32 @@ impl Writer {
     }
 
     async fn patch(&self, report: &PolicyReport, conditions: &[Condition]) -> bool {
-        let api: Api<AuthorizationPolicy> = Api::namespaced(self.client.clone(), &report.namespace);
         let body = serde_json::json!({"status": {"conditions": conditions}});
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..Default::default()
         };
+        let patch = Patch::Merge(&body);
+        let (client, ns, name) = (self.client.clone(), &report.namespace, &report.name);
+        let result = match report.kind {
+            PolicyKind::Authorization => Api::<AuthorizationPolicy>::namespaced(client, ns)
+                .patch_status(name, &params, &patch)
+                .await
+                .map(drop),
+            PolicyKind::Egress => Api::<EgressPolicy>::namespaced(client, ns)
+                .patch_status(name, &params, &patch)
+                .await
+                .map(drop),
+        };
         let accepted = conditions
             .iter()
             .find(|c| c.type_ == ACCEPTED)
             .map_or("", |c| c.status.as_str());
-        match api
-            .patch_status(&report.name, &params, &Patch::Merge(&body))
-            .await
-        {
-            Ok(_) => {
+        match result {
+            Ok(()) => {
                 self.metrics.write(true);
                 tracing::info!(
+                    kind = report.kind.as_str(),
                     policy = %format!("{}/{}", report.namespace, report.name),
                     accepted,
                     generation = report.generation,
@@ -345,6 +356,7 @@ impl Writer {
             Err(e) => {
                 self.metrics.write(false);
                 tracing::warn!(
+                    kind = report.kind.as_str(),
                     policy = %format!("{}/{}", report.namespace, report.name),
                     error = %e,
                     "cannot write policy status; retrying at the next renewal"
@@ -363,6 +375,7 @@ mod tests {
 
     fn report(verdict: PolicyVerdict, conditions: Vec<Condition>) -> PolicyReport {
         PolicyReport {
+            kind: PolicyKind::Authorization,
             namespace: "ns".into(),
             name: "p".into(),
             uid: Some("u".into()),

@@ -97,7 +97,10 @@ async fn report_where(
     h: &mut Harness,
     pred: impl Fn(&ksource::PolicyReport) -> bool,
 ) -> ksource::PolicyReport {
-    let key = ("training".to_owned(), "only-trainer".to_owned());
+    let key = (
+        ksource::PolicyKind::Authorization,
+        ("training".to_owned(), "only-trainer".to_owned()),
+    );
     let reports = tokio::time::timeout(
         WAIT,
         h.reports

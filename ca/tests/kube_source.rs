@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use membrane_ca::metrics::{ResourceLabels, StatusMetrics, TokenReviewMetrics};
 use membrane_ca::source::ClusterState;
-use membrane_ca::source::kube::PolicyVerdict;
+use membrane_ca::source::kube::{PolicyKind, PolicyVerdict};
 use membrane_ca::status::{self, StatusConfig};
 use membrane_ca::tokenreview::{
     NodeAuthFailure, NodeAuthenticator, TokenReviewConfig, TokenReviewError, TokenReviewer,
@@ -256,6 +256,7 @@ async fn policy_created_updated_and_deleted() {
     let mut src = start_source(base_setup());
     state_where(&mut src.state, "synced", |_| true).await;
     let key = ("training".to_owned(), "deny-evil".to_owned());
+    let rkey = (PolicyKind::Authorization, key.clone());
     let spec =
         json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]});
     src.api.events(
@@ -280,7 +281,7 @@ async fn policy_created_updated_and_deleted() {
         WAIT,
         src.reports.wait_for(|r| {
             r.as_ref().is_some_and(|r| {
-                r.get(&key)
+                r.get(&rkey)
                     .is_some_and(|p| matches!(p.verdict, PolicyVerdict::Invalid { .. }))
             })
         }),
@@ -290,7 +291,7 @@ async fn policy_created_updated_and_deleted() {
     .expect("open")
     .clone()
     .expect("some");
-    assert_eq!(reports[&key].generation, Some(2));
+    assert_eq!(reports[&rkey].generation, Some(2));
     assert_eq!(src.metrics.invalid_policies.get(), 1);
     let kept = src.state.borrow().clone().expect("published");
     assert_eq!(kept.policies[&key].policy.name(), "deny-evil");
@@ -843,4 +844,60 @@ async fn controller_in_kubernetes_mode_signs_for_the_reviewed_node() {
         }
     }
     running.shutdown().await;
+}
+
+#[tokio::test]
+async fn egress_policies_are_read_validated_and_kept_at_their_last_valid_version() {
+    let mut src = start_source(base_setup());
+    state_where(&mut src.state, "synced", |_| true).await;
+    let key = ("training".to_owned(), "hub".to_owned());
+    let object = |generation: i64, spec: Value| {
+        json!({"apiVersion": "security.membrane.dev/v1", "kind": "EgressPolicy",
+               "metadata": {"name": "hub", "namespace": "training", "uid": "uid-hub",
+                            "generation": generation},
+               "spec": spec})
+    };
+    let valid = json!({"rules": [{"to": [{"hosts": ["huggingface.co"], "ports": [443]}]}]});
+    src.api
+        .events("egresspolicies", vec![("ADDED", object(1, valid))]);
+    let state = state_where(&mut src.state, "egress policy enforced", |s| {
+        s.egress_policies.contains_key(&key)
+    })
+    .await;
+    assert_eq!(
+        state.egress_policies[&key].rules[0].to[0].hosts[0].to_string(),
+        "huggingface.co"
+    );
+    // A broken edit: reported with its field path; the last valid version stays.
+    let broken = json!({"rules": [{"to": [{"hosts": ["*"]}]}]});
+    src.api
+        .events("egresspolicies", vec![("MODIFIED", object(2, broken))]);
+    let rkey = (PolicyKind::Egress, key.clone());
+    let reports = tokio::time::timeout(
+        WAIT,
+        src.reports.wait_for(|r| {
+            r.as_ref().is_some_and(|r| {
+                r.get(&rkey)
+                    .is_some_and(|p| matches!(p.verdict, PolicyVerdict::Invalid { .. }))
+            })
+        }),
+    )
+    .await
+    .expect("report in time")
+    .expect("open")
+    .clone()
+    .expect("some");
+    let PolicyVerdict::Invalid { errors, .. } = &reports[&rkey].verdict else {
+        panic!("invalid expected");
+    };
+    assert_eq!(errors[0].path, "spec.rules[0].to[0].hosts[0]");
+    let kept = src.state.borrow().clone().expect("published");
+    assert_eq!(kept.egress_policies[&key].rules[0].to[0].ports, [443]);
+    // Deleted: gone from the state.
+    src.api
+        .events("egresspolicies", vec![("DELETED", object(2, json!({})))]);
+    state_where(&mut src.state, "egress policy removed", |s| {
+        !s.egress_policies.contains_key(&key)
+    })
+    .await;
 }

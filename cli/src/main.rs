@@ -9,6 +9,7 @@
 
 mod dataplane;
 mod demo;
+mod egress_explain;
 mod local;
 mod narrator;
 mod observe;
@@ -116,7 +117,7 @@ enum Command {
         #[arg(long, default_value = local::DEFAULT_STATE_DIR)]
         state_dir: std::path::PathBuf,
     },
-    /// Check and explain AuthorizationPolicy.
+    /// Check and explain AuthorizationPolicy and EgressPolicy.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Run a guided demo: identities issued and refused, then (as root) a two-node mesh in

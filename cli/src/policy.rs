@@ -1,10 +1,12 @@
 //! `membrane policy check` and `membrane policy explain`.
 //!
-//! `check` validates AuthorizationPolicy files and prints every error and warning with its
-//! field path (exit 1 on errors). `explain` answers "would this source reach that workload on
-//! that port, and which policy decides?" from a directory of manifests, with the ztunnel's own
-//! decision function: verdict on the first line, then the deciding policy and rule, AUDIT and
-//! dry-run matches. It exits 0 whatever the verdict, non-zero only for bad input.
+//! `check` validates AuthorizationPolicy and EgressPolicy files and prints every error and
+//! warning with its field path (exit 1 on errors). `explain` answers "would this source reach
+//! that workload on that port, and which policy decides?" from a directory of manifests, with
+//! the ztunnel's own decision function: verdict on the first line, then the deciding policy
+//! and rule, AUDIT and dry-run matches; with `--to-host`/`--to-ip` the question is about a
+//! destination outside the mesh and EgressPolicy decides ([`crate::egress_explain`]). It
+//! exits 0 whatever the verdict, non-zero only for bad input.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -104,15 +106,30 @@ fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 /// What `explain` was asked (the command line of `membrane policy explain`).
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
-    /// Directory of manifests (Namespaces, Pods with labels, AuthorizationPolicies).
+    /// Directory of manifests (Namespaces, Pods with labels, AuthorizationPolicies,
+    /// EgressPolicies).
     #[arg(long)]
     pub manifests: PathBuf,
     /// Source SPIFFE ID, or `none` for a plaintext source without identity.
     #[arg(long)]
     pub from: String,
-    /// Destination as NAMESPACE/POD.
+    /// The source pod (NAMESPACE/POD), for egress questions when pods of the `--from`
+    /// identity carry different labels.
     #[arg(long)]
-    pub to: String,
+    pub from_pod: Option<String>,
+    /// Destination as NAMESPACE/POD (a mesh workload: AuthorizationPolicy decides).
+    #[arg(long, required_unless_present_any = ["to_host", "to_ip"], conflicts_with_all = ["to_host", "to_ip", "sni"])]
+    pub to: Option<String>,
+    /// Destination outside the mesh by name, as the source pod resolved it (EgressPolicy
+    /// decides).
+    #[arg(long)]
+    pub to_host: Option<String>,
+    /// Destination outside the mesh by address (EgressPolicy `ipBlocks`).
+    #[arg(long)]
+    pub to_ip: Option<IpAddr>,
+    /// The TLS server name the source sends (with `--to-host`/`--to-ip`).
+    #[arg(long)]
+    pub sni: Option<String>,
     /// Destination port.
     #[arg(long)]
     pub port: u16,
@@ -135,6 +152,9 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         bail!("{e}");
     }
     let state = source_dir.state();
+    let Some(to) = &args.to else {
+        return crate::egress_explain::explain(args, &state);
+    };
     let mut files = Vec::new();
     manifest_files(&args.manifests, &mut files)?;
     files.sort();
@@ -152,10 +172,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     }
     let index = PolicyIndex::build(policies, &args.root_namespace);
 
-    let (namespace, pod_name) = args
-        .to
-        .split_once('/')
-        .context("--to must be NAMESPACE/POD")?;
+    let (namespace, pod_name) = to.split_once('/').context("--to must be NAMESPACE/POD")?;
     let pod = state
         .pods
         .get(&(namespace.to_owned(), pod_name.to_owned()))

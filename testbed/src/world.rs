@@ -4,12 +4,14 @@
 //!
 //! - an authoritative DNS server at [`RESOLVER`]:53 (UDP and TCP) for the names of
 //!   [`zone::ZONE`] — `huggingface.co` (A, AAAA, TXT), `cdn.hf.co` (a CNAME to
-//!   `cdn-lb.hf.co`), `paste.example`, `s3.example` (two A records, TTL 5 s) —, `big.example`
+//!   `cdn-lb.hf.co`), `paste.example`, `s3.example` (two A records, TTL 5 s),
+//!   `models.shared.example` and `uploads.shared.example` (one shared address) —, `big.example`
 //!   (40 A records: truncated over UDP without EDNS) and `n<i>.flood.example` (100.64.0.0 + i);
 //!   other names of its zones are NXDOMAIN, names outside them REFUSED;
 //! - at each A address of the zone, `hello from <name>` and an echo on TCP 80 and on TLS 443
 //!   (certificates from the world's own CA, [`World::ca_pem`]; the TLS greeting adds the SNI
-//!   it received), and a UDP echo on 443 of huggingface.co's address.
+//!   it received), a UDP echo on 443 of huggingface.co's addresses (IPv4 and [`HF6`]), and an upload sink on
+//!   paste.example's address, port [`SINK_PORT`] ([`World::sunk`]).
 //!
 //! Every other address of the /24 is local to the namespace and unserved (198.51.100.99 is a
 //! resolver that refuses at once). The servers run on a thread of their own with their own
@@ -37,7 +39,7 @@ pub const SERVED: &str = "198.51.100.0/24";
 pub const SERVED6: &str = "2001:db8:100::/64";
 
 /// Each served address and the names its TLS certificate carries (the first greets).
-const HOSTS: [(Ipv4Addr, &[&str]); 5] = [
+const HOSTS: [(Ipv4Addr, &[&str]); 6] = [
     (Ipv4Addr::new(198, 51, 100, 10), &["huggingface.co"]),
     (
         Ipv4Addr::new(198, 51, 100, 11),
@@ -46,13 +48,24 @@ const HOSTS: [(Ipv4Addr, &[&str]); 5] = [
     (Ipv4Addr::new(198, 51, 100, 20), &["paste.example"]),
     (Ipv4Addr::new(198, 51, 100, 30), &["s3.example"]),
     (Ipv4Addr::new(198, 51, 100, 31), &["s3.example"]),
+    (
+        Ipv4Addr::new(198, 51, 100, 40),
+        &["models.shared.example", "uploads.shared.example"],
+    ),
 ];
+
+/// huggingface.co's IPv6 address (a UDP echo listens on its port 443 too).
+pub const HF6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+
+/// The upload sink: paste.example's address, this port ([`World::sunk`] counts its bytes).
+pub const SINK_PORT: u16 = 9000;
 
 /// The running world.
 pub struct World {
     netns: String,
     ca_pem: String,
     queries: Arc<AtomicU64>,
+    sunk: Arc<AtomicU64>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -84,6 +97,8 @@ struct Sockets {
     dns_tcp: std::net::TcpListener,
     hosts: Vec<(&'static str, std::net::TcpListener, std::net::TcpListener)>,
     quic: std::net::UdpSocket,
+    quic6: std::net::UdpSocket,
+    sink: std::net::TcpListener,
 }
 
 fn bind(netns: &str) -> anyhow::Result<Sockets> {
@@ -110,6 +125,13 @@ fn bind(netns: &str) -> anyhow::Result<Sockets> {
             dns_tcp: tcp(RESOLVER, 53)?,
             hosts,
             quic: udp(HOSTS[0].0, 443)?,
+            quic6: {
+                let addr = SocketAddr::new(IpAddr::V6(HF6), 443);
+                let s = std::net::UdpSocket::bind(addr).with_context(|| addr.to_string())?;
+                s.set_nonblocking(true)?;
+                s
+            },
+            sink: tcp(HOSTS[2].0, SINK_PORT)?,
         })
     })?
 }
@@ -154,6 +176,19 @@ impl World {
             &netns,
             &["-6", "addr", "add", SERVED6, "dev", "lo", "nodad"],
         )?;
+        // A /64 on lo is not local as a whole (unlike IPv4's /24): the served address is.
+        ip(
+            &netns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{HF6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ],
+        )?;
         let internet = INTERNET_FABRIC_IP.to_string();
         let internet6 = crate::netns::external_ip6(INTERNET_FABRIC_IP).to_string();
         for node in testbed.nodes() {
@@ -175,6 +210,8 @@ impl World {
         let queries = Arc::new(AtomicU64::new(0));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let counter = queries.clone();
+        let sunk = Arc::new(AtomicU64::new(0));
+        let sunk_counter = sunk.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("world".into())
@@ -204,6 +241,15 @@ impl World {
                             )),
                             tokio::spawn(servers::udp_echo(
                                 tokio::net::UdpSocket::from_std(sockets.quic)?,
+                                stop_rx.clone(),
+                            )),
+                            tokio::spawn(servers::udp_echo(
+                                tokio::net::UdpSocket::from_std(sockets.quic6)?,
+                                stop_rx.clone(),
+                            )),
+                            tokio::spawn(servers::sink(
+                                tokio::net::TcpListener::from_std(sockets.sink)?,
+                                sunk_counter,
                                 stop_rx.clone(),
                             )),
                         ];
@@ -242,6 +288,7 @@ impl World {
             netns,
             ca_pem,
             queries,
+            sunk,
             stop,
             thread: Some(thread),
         })
@@ -255,6 +302,11 @@ impl World {
     /// PEM of the CA that signed the TLS servers' certificates.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// Bytes the upload sink received so far (all connections).
+    pub fn sunk(&self) -> u64 {
+        self.sunk.load(Ordering::Relaxed)
     }
 
     /// DNS queries answered so far (UDP and TCP).

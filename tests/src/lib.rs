@@ -9,6 +9,7 @@
 pub mod cni;
 pub mod dns;
 pub mod hbone;
+pub mod outside;
 
 pub use membrane_testbed::*;
 

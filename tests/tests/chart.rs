@@ -503,6 +503,7 @@ fn controller_rbac_is_exactly_what_it_calls() -> anyhow::Result<()> {
             ("", "services"),
             ("discovery.k8s.io", "endpointslices"),
             ("security.membrane.dev", "authorizationpolicies"),
+            ("security.membrane.dev", "egresspolicies"),
         ] {
             want.insert(grant(group, resource, "list", &[]));
             want.insert(grant(group, resource, "watch", &[]));
@@ -510,6 +511,12 @@ fn controller_rbac_is_exactly_what_it_calls() -> anyhow::Result<()> {
         want.insert(grant(
             "security.membrane.dev",
             "authorizationpolicies/status",
+            "patch",
+            &[],
+        ));
+        want.insert(grant(
+            "security.membrane.dev",
+            "egresspolicies/status",
             "patch",
             &[],
         ));
@@ -1221,17 +1228,24 @@ fn chart_crd_is_the_rust_type() -> anyhow::Result<()> {
     let helm = need_helm!();
     let r = template(&helm, &["--include-crds"])?;
     let crds = r.all("CustomResourceDefinition");
-    ensure!(crds.len() == 1, "expected one CRD, found {}", crds.len());
-    let generated: Value = serde_saphyr::from_str(&membrane_ca::crd::crd_yaml())?;
-    assert_eq!(
-        crds[0], &generated,
-        "the chart's CRD differs from ca/src/crd.rs"
-    );
-    let committed: Value = serde_saphyr::from_str(&std::fs::read_to_string(
-        repo_root().join(membrane_ca::crd::CRD_PATH),
-    )?)?;
-    assert_eq!(crds[0], &committed);
-    // Without --include-crds the CRD is not templated (Helm installs crds/ itself).
+    ensure!(crds.len() == 2, "expected two CRDs, found {}", crds.len());
+    for (yaml, path) in [
+        (membrane_ca::crd::crd_yaml(), membrane_ca::crd::CRD_PATH),
+        (
+            membrane_ca::crd::egress_crd_yaml(),
+            membrane_ca::crd::EGRESS_CRD_PATH,
+        ),
+    ] {
+        let generated: Value = serde_saphyr::from_str(&yaml)?;
+        ensure!(
+            crds.contains(&&generated),
+            "the chart's CRDs do not include {path} as ca/src/crd.rs generates it"
+        );
+        let committed: Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join(path))?)?;
+        assert_eq!(generated, committed, "{path} is out of date");
+    }
+    // Without --include-crds the CRDs are not templated (Helm installs crds/ itself).
     assert!(defaults(&helm)?.all("CustomResourceDefinition").is_empty());
     Ok(())
 }

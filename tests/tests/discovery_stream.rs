@@ -19,6 +19,7 @@ fn names(update: &pb::Update) -> Vec<String> {
             Kind::Service(s) => Some(format!("service {}/{}", s.namespace, s.name)),
             Kind::Authorization(a) => Some(format!("policy {}/{}", a.namespace, a.name)),
             Kind::TrustBundle(b) => Some(format!("bundle {} roots", b.roots_der.len())),
+            Kind::Egress(e) => Some(format!("egress {}/{}", e.namespace, e.name)),
         })
         .collect();
     out.sort();

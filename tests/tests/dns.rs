@@ -5,17 +5,16 @@
 //! carry the pinned name and SNI in their records.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use membrane_tests::dns::{addresses, query, resolve, tcp_exchange, udp_exchange};
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::outside::{plain_hello, tls_hello};
 use membrane_tests::world::World;
 use membrane_tests::{require_root, ztunnel_metric};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A resolver address nothing serves: only the capture can answer it.
 const UNSERVED: &str = "192.0.2.53:53";
@@ -185,79 +184,8 @@ async fn every_query_of_a_mesh_pod_is_captured_answered_and_recorded_by_identity
     Ok(())
 }
 
-/// Reads the hello line a world server writes first.
-async fn hello(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> anyhow::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 200 {
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut byte)).await??;
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-    }
-    Ok(String::from_utf8(line)?)
-}
-
-async fn tls_hello(
-    mesh: &Mesh,
-    pod: &str,
-    world: &World,
-    dst: SocketAddr,
-    sni: &str,
-) -> anyhow::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(world.ca_pem().as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = mesh.connect_from(pod, dst).await?;
-    let name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    let line = hello(&mut tls).await?;
-    tls.shutdown().await?;
-    Ok(line)
-}
-
-async fn plain_hello(mesh: &Mesh, pod: &str, dst: SocketAddr) -> anyhow::Result<String> {
-    let mut tcp = mesh.connect_from(pod, dst).await?;
-    let line = hello(&mut tcp).await?;
-    tcp.shutdown().await?;
-    Ok(line)
-}
-
 async fn egress_record(mesh: &Mesh, pod: &str, dst: SocketAddr, n: usize) -> anyhow::Result<Value> {
-    let src = mesh.ip(pod).to_string();
-    let dst = dst.to_string();
-    let z = &mesh.ztunnels["node-a"];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let found: Vec<Value> = z
-            .access_records()
-            .into_iter()
-            .filter(|r| {
-                r["kind"] == "access"
-                    && r["dst_addr"] == dst.as_str()
-                    && r["src_addr"]
-                        .as_str()
-                        .is_some_and(|s| s.starts_with(&format!("{src}:")))
-            })
-            .collect();
-        if found.len() >= n {
-            return Ok(found[n - 1].clone());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no record {n} from {pod} to {dst}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    membrane_tests::outside::egress_record(mesh, "node-a", pod, dst, n).await
 }
 
 #[tokio::test]

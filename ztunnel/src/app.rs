@@ -237,6 +237,20 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         pin_metrics,
     ));
     pin_table.restore(std::time::SystemTime::now());
+    let egress_metrics = crate::egress::EgressMetrics::register(&mut registry);
+    let ledger = Arc::new(crate::egress::budget::Ledger::new(
+        config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join(crate::egress::BUDGETS_FILE)),
+        egress_metrics.budget.clone(),
+    ));
+    ledger.restore(std::time::SystemTime::now());
+    let egress = Arc::new(crate::egress::EgressControl {
+        open: Arc::new(crate::egress::open::OpenEgress::default()),
+        ledger: ledger.clone(),
+        metrics: egress_metrics,
+    });
     tracing::info!(upstream = ?config.dns.capture.upstream, "DNS capture upstream");
     let limits = config.listeners;
     if !crate::hbone::set_handshake_limits(crate::hbone::HandshakeLimits {
@@ -285,6 +299,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         },
         listener_metrics: listener_metrics.clone(),
         pins: pin_table.clone(),
+        egress: egress.clone(),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -379,6 +394,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                     bundle,
                     authorizer,
                     open,
+                    egress_open: egress.open.clone(),
                     loaded: loaded_tx,
                     current: current_tx,
                     bundle_file,
@@ -436,6 +452,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             cancel.clone(),
         )),
         tokio::spawn(pins::maintain(pin_table, cancel.clone())),
+        tokio::spawn(crate::egress::budget::maintain(ledger, cancel.clone())),
         tokio::spawn(pool.run_reaper(cancel.clone())),
         tokio::spawn(crate::memory::run_trimmer(memory_metrics, cancel.clone())),
         tokio::spawn(certs.run_renewals(cancel.clone())),

@@ -130,6 +130,7 @@ fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
             format!("{}/{}", a.namespace, a.name),
         ),
         ResourceKind::TrustBundle(_) => (Kind::TrustBundle as i32, String::new()),
+        ResourceKind::Egress(e) => (Kind::Egress as i32, format!("{}/{}", e.namespace, e.name)),
     })
 }
 
@@ -239,6 +240,7 @@ fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {
 pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     let mut state = MeshState::empty_loaded();
     let mut policies = Vec::new();
+    let mut egress = Vec::new();
     let mut bundle = None;
     // The controller streams its `--root-namespace` with the trust bundle; until it names one,
     // the default applies.
@@ -269,6 +271,12 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                     .map_err(|e| invalid("authorization", &name, e))?;
                 policies.push(policy);
             }
+            Some(ResourceKind::Egress(e)) => {
+                let name = format!("{}/{}", e.namespace, e.name);
+                let policy = membrane_policy::egress::EgressPolicy::try_from(e.clone())
+                    .map_err(|e| invalid("egress policy", &name, e))?;
+                egress.push(policy);
+            }
             Some(ResourceKind::TrustBundle(b)) => {
                 if b.trust_domain != td.to_string() {
                     return Err(invalid(
@@ -288,6 +296,10 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
             None => return Err(invalid("resource", "", "empty resource")),
         }
     }
+    state.set_egress(membrane_policy::egress::EgressIndex::build(
+        egress,
+        root_namespace,
+    ));
     Ok(Built {
         state,
         policy: PolicyIndex::build(policies, root_namespace),
@@ -308,6 +320,8 @@ pub struct Sinks {
     pub authorizer: Authorizer,
     /// Open connections.
     pub open: Arc<OpenConnections>,
+    /// Open egress connections, decided again after a change.
+    pub egress_open: Arc<crate::egress::open::OpenEgress>,
     /// Turns true when the first snapshot is applied.
     pub loaded: watch::Sender<bool>,
     /// True while the node's view is current: a stream is open and its snapshot (and every
@@ -518,11 +532,16 @@ impl Client {
             }
             sinks.bundle.store(bundle);
         }
-        sinks.state.send_replace(Arc::new(built.state));
+        let state = Arc::new(built.state);
+        sinks.state.send_replace(state.clone());
         sinks.policy.send_replace(Arc::new(built.policy));
         let closed = sinks.authorizer.recheck(&sinks.open);
         if closed > 0 {
             tracing::info!(closed, "connections closed after a discovery update");
+        }
+        let closed = sinks.egress_open.recheck(&state);
+        if closed > 0 {
+            tracing::info!(closed, "egress connections closed after a discovery update");
         }
         sinks.loaded.send_replace(true);
     }

@@ -27,6 +27,7 @@ pub mod certs;
 pub mod conntrack;
 pub mod discovery;
 pub mod dns;
+pub mod egress;
 pub mod enroll;
 pub mod guard;
 pub mod hbone;

@@ -15,11 +15,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use membrane_api::access::{Egress, UNRESOLVED};
+use membrane_policy::egress::EgressVerdict;
+use tokio_util::sync::CancellationToken;
 
+use crate::egress::{
+    self,
+    budget::{BudgetKey, Metered},
+};
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
+use crate::relay::{ResetOnError, Side, relay_until};
 use crate::route::{Route, route};
 use crate::sni;
 use crate::state::Workload;
@@ -94,51 +100,127 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             };
             log.relay(tcp, stream, None).await;
         }
-        Route::Passthrough { .. } => {
-            let mut log = log(None);
-            let (connected, hello) = if sni::TLS_PORTS.contains(&dst.port()) {
-                // The wait for the ClientHello overlaps the connect.
-                tokio::join!(pod.netns.connect(dst), sni::peek(&tcp, sni::TLS_WAIT))
-            } else {
-                let connected = pod.netns.connect(dst).await;
-                (connected, sni::peek(&tcp, Duration::ZERO).await)
-            };
-            log.egress(egress(pod, proxy, dst, hello));
-            match connected {
-                Ok(upstream) => log.relay(tcp, upstream, None).await,
-                Err(e) => log.refused(format!("connect {dst}: {e}")),
-            }
-        }
+        Route::Passthrough { .. } => passthrough(tcp, dst, pod, proxy, log(None)).await,
     }
 }
 
-/// What the record says about a connection leaving the mesh: the pod's pin for the address
-/// and the ClientHello's server name.
-fn egress(pod: &PodContext, proxy: &Proxy, dst: SocketAddr, hello: sni::Hello) -> Egress {
-    let sni = match hello {
-        sni::Hello::Sni(name) => Some(name),
-        _ => None,
+/// How long a connection on a port that is not a TLS port may take to send its first bytes
+/// when an EgressPolicy selects its source (the decision reads the SNI if it is TLS; a
+/// server-speaks-first protocol waits this long once).
+pub const ENFORCED_PEEK: Duration = Duration::from_millis(50);
+
+/// A connection to a destination outside the mesh. Without an EgressPolicy selecting the
+/// source it passes through (the connect overlaps the wait for a ClientHello); otherwise it
+/// is decided *before* the destination is dialled, and a denied connection is reset without
+/// a byte leaving.
+async fn passthrough(
+    tcp: tokio::net::TcpStream,
+    dst: SocketAddr,
+    pod: &PodContext,
+    proxy: &Proxy,
+    mut log: ConnectionLog,
+) {
+    let state = proxy.state.borrow().clone();
+    let source = &pod.workload;
+    let selected = !state
+        .egress()
+        .selecting(&source.namespace, &source.labels)
+        .is_empty();
+    let tls_port = sni::TLS_PORTS.contains(&dst.port());
+    if !selected {
+        let (connected, hello) = if tls_port {
+            // The wait for the ClientHello overlaps the connect.
+            tokio::join!(pod.netns.connect(dst), sni::peek(&tcp, sni::TLS_WAIT))
+        } else {
+            let connected = pod.netns.connect(dst).await;
+            (connected, sni::peek(&tcp, Duration::ZERO).await)
+        };
+        let admission = egress::decide(&state, &proxy.pins, source, dst, &hello, SystemTime::now());
+        proxy.egress.metrics.decided(&admission.decision);
+        log.egress(admission.record);
+        match connected {
+            Ok(upstream) => log.relay(tcp, upstream, None).await,
+            Err(e) => log.refused(format!("connect {dst}: {e}")),
+        }
+        return;
+    }
+    let wait = if tls_port {
+        sni::TLS_WAIT
+    } else {
+        ENFORCED_PEEK
     };
-    let pinned = proxy
-        .pins
-        .lookup(&pod.workload.uid, dst.ip(), SystemTime::now());
-    match pinned {
-        Some(names) => {
-            let mut names = names.into_iter();
-            let first = names.next().unwrap_or_default();
-            Egress {
-                host: first.name,
-                cnames: first.cnames,
-                other_hosts: names.map(|n| n.name).collect(),
-                sni,
+    let hello = sni::peek(&tcp, wait).await;
+    let admission = egress::decide(&state, &proxy.pins, source, dst, &hello, SystemTime::now());
+    drop(state);
+    let control = &proxy.egress;
+    control.metrics.decided(&admission.decision);
+    let decision = admission.decision;
+    log.egress(admission.record);
+    if decision.verdict == EgressVerdict::Deny {
+        tracing::info!(
+            src = %source.identity,
+            dst = %dst,
+            host = admission.attrs.pinned.first().map(String::as_str),
+            sni = admission.attrs.sni.as_deref(),
+            policy = decision.policy.as_deref(),
+            reason = decision.reason.as_str(),
+            "egress denied"
+        );
+        tcp.reset();
+        log.refused(format!("egress denied: {}", decision.reason.as_str()));
+        return;
+    }
+    let meter = match decision.budget.as_ref().zip(decision.policy.as_ref()) {
+        None => None,
+        Some((budget, policy)) => {
+            let key = BudgetKey {
+                identity: source.identity.to_string(),
+                host: decision
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| dst.ip().to_string()),
+                policy: policy.clone(),
+            };
+            match control.ledger.admit(key, budget, SystemTime::now()) {
+                Ok(meter) => Some(meter),
+                Err(e) => {
+                    control.metrics.budget_refused();
+                    tracing::info!(src = %source.identity, dst = %dst, error = %e, "egress refused: budget spent");
+                    log.egress_closed("budget_exhausted", None);
+                    tcp.reset();
+                    log.refused(e.to_string());
+                    return;
+                }
             }
         }
-        None => Egress {
-            host: UNRESOLVED.into(),
-            sni,
-            ..Egress::default()
-        },
+    };
+    let upstream = match pod.netns.connect(dst).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            log.refused(format!("connect {dst}: {e}"));
+            return;
+        }
+    };
+    let cancel = meter
+        .as_ref()
+        .map_or_else(CancellationToken::new, |m| m.spent().child_token());
+    let handle = control
+        .open
+        .register(source.clone(), admission.attrs, cancel.clone());
+    log.opened();
+    let result = match meter.clone() {
+        Some(meter) => relay_until(tcp, Metered::new(upstream, meter), cancel).await,
+        None => relay_until(tcp, upstream, cancel).await,
+    };
+    if let Some(revoked) = handle.revoked.get() {
+        control.metrics.closed("policy_changed");
+        log.egress_closed("policy_changed", revoked.policy.clone());
+    } else if meter.is_some_and(|m| m.spent().is_cancelled()) {
+        control.metrics.closed("budget_exhausted");
+        log.egress_closed("budget_exhausted", None);
     }
+    drop(handle);
+    log.relayed(&result, Side::A);
 }
 
 /// Opens an HBONE stream from `pod` to `workload` for the application at `dst`; on failure the

@@ -35,7 +35,8 @@ use crate::dns::Dns;
 use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
 use crate::redirect;
-use crate::state::{MeshState, Protocol, UdpInbound, Workload};
+use crate::redirect::PodRules;
+use crate::state::{MeshState, Protocol, Workload};
 
 /// How long an enrollment waits for the first mesh state.
 pub const ENROLL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -103,8 +104,8 @@ struct Known {
 struct Enrolled {
     netns_path: PathBuf,
     context: Arc<PodContext>,
-    /// The inbound UDP rule installed.
-    udp: UdpInbound,
+    /// The rule set's variable part, as installed.
+    rules: PodRules,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -296,18 +297,18 @@ impl PodRegistry {
         let Some(netns) = pods.known.get(uid).map(|k| k.netns.clone()) else {
             return Ok(());
         };
-        let udp = self.proxy.state.borrow().udp_inbound(&workload.namespace);
+        let rules = self.proxy.state.borrow().pod_rules(&workload);
         if let Some(existing) = pods.enrolled.get_mut(uid)
             && same_netns(&existing.netns_path, &netns)
         {
-            redirect::install(&existing.context.netns, &udp).await?;
-            existing.udp = udp;
+            redirect::install(&existing.context.netns, &rules).await?;
+            existing.rules = rules;
             return Ok(());
         }
         self.unenroll(pods, uid).await;
         let pod_netns = Arc::new(PodNetns::open(&netns)?);
         let bound = listeners::bind(&pod_netns).await?;
-        redirect::install(&pod_netns, &udp).await?;
+        redirect::install(&pod_netns, &rules).await?;
         let context = Arc::new(PodContext {
             workload: workload.clone(),
             netns: pod_netns,
@@ -333,7 +334,7 @@ impl PodRegistry {
             Enrolled {
                 netns_path: netns,
                 context,
-                udp,
+                rules,
                 tasks,
             },
         );

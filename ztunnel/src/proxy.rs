@@ -54,6 +54,8 @@ pub struct Proxy {
     /// What each enrolled pod resolved through the DNS capture (read for connections leaving
     /// the mesh).
     pub pins: Arc<crate::dns::pins::PinTable>,
+    /// EgressPolicy enforcement: open egress connections, budgets, metrics.
+    pub egress: Arc<crate::egress::EgressControl>,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
@@ -230,7 +232,19 @@ impl ConnectionLog {
 
     /// Records what is known about a connection leaving the mesh (pinned name, SNI).
     pub fn egress(&mut self, egress: membrane_api::access::Egress) {
-        self.record.egress = Some(egress);
+        self.record.egress = Some(Box::new(egress));
+    }
+
+    /// The ztunnel closed this egress connection: `reason` (`budget_exhausted`,
+    /// `policy_changed`) and, when known, the deciding policy replace the admission's.
+    pub fn egress_closed(&mut self, reason: &str, policy: Option<String>) {
+        if let Some(egress) = self.record.egress.as_mut() {
+            egress.verdict = "deny".into();
+            egress.reason = reason.into();
+            if policy.is_some() {
+                egress.policy = policy;
+            }
+        }
     }
 
     /// Records the authorization decision.

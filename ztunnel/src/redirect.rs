@@ -35,6 +35,7 @@ use std::process::{Command, Stdio};
 use membrane_api::ports;
 
 use crate::netns::{NetnsError, PodNetns, ZTUNNEL_MARK};
+pub use crate::state::PodRules;
 use crate::state::UdpInbound;
 
 /// The table Membrane owns in each pod namespace.
@@ -44,6 +45,10 @@ pub const TABLE: &str = "membrane";
 pub const UDP_DROPPED_INBOUND: &str = "udp_dropped_inbound";
 /// The named nft counter of UDP packets leaving the pod (DNS excepted).
 pub const UDP_EGRESS: &str = "udp_egress";
+/// The named nft counter of packets dropped leaving a pod whose egress is locked (an ALLOW
+/// EgressPolicy selects it): UDP other than DNS, and anything else that is neither TCP (which
+/// is captured) nor IPv6 neighbour discovery.
+pub const EGRESS_DROPPED: &str = "egress_dropped";
 /// The set of IPv4 UDP flows (destination . port) leaving the pod.
 pub const UDP_FLOWS4: &str = "udp_flows4";
 /// The set of IPv6 UDP flows (destination . port) leaving the pod.
@@ -102,9 +107,27 @@ fn udp_chain(udp: &UdpInbound) -> String {
     )
 }
 
+/// The rules of the `egress` chain that drop what a locked pod may not send uncaptured:
+/// replies of flows the pod accepted stay allowed, as does IPv6 neighbour discovery (without
+/// which no IPv6 works on the link) and TCP (every new TCP connection was redirected to the
+/// capture before this chain sees it).
+fn egress_lock(locked: bool) -> String {
+    if !locked {
+        return String::new();
+    }
+    format!(
+        "    ct direction reply accept
+    meta l4proto tcp accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
+    counter name \"{EGRESS_DROPPED}\" drop
+"
+    )
+}
+
 /// The rule set, replacing any previous version of the table atomically.
-pub fn ruleset(udp: &UdpInbound) -> String {
-    let udp_chain = udp_chain(udp);
+pub fn ruleset(rules: &PodRules) -> String {
+    let udp_chain = udp_chain(&rules.udp);
+    let egress_lock = egress_lock(rules.egress_locked);
     let (outbound, plaintext, hbone) = (ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE);
     let dns = ports::DNS;
     let flows = |name: &str, family: &str| {
@@ -122,6 +145,7 @@ delete table inet {TABLE}
 table inet {TABLE} {{
   counter {UDP_DROPPED_INBOUND} {{ }}
   counter {UDP_EGRESS} {{ }}
+  counter {EGRESS_DROPPED} {{ }}
 {flows4}{flows6}{udp_chain}  chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {ZTUNNEL_MARK:#x} accept
@@ -135,7 +159,7 @@ table inet {TABLE} {{
     meta mark {ZTUNNEL_MARK:#x} accept
     oifname \"lo\" accept
     fib daddr type local accept
-    meta l4proto udp counter name \"{UDP_EGRESS}\"
+{egress_lock}    meta l4proto udp counter name \"{UDP_EGRESS}\"
     meta nfproto ipv4 meta l4proto udp ct state new update @{UDP_FLOWS4} {{ ip daddr . udp dport }}
     meta nfproto ipv6 meta l4proto udp ct state new update @{UDP_FLOWS6} {{ ip6 daddr . udp dport }}
   }}
@@ -174,10 +198,10 @@ fn nft(input: String) -> Result<(), RedirectError> {
     }
 }
 
-/// Installs (or replaces) the capture rules in the pod's namespace, with `udp` for inbound
-/// UDP. Replacing the table resets its counters.
-pub async fn install(pod: &PodNetns, udp: &UdpInbound) -> Result<(), RedirectError> {
-    let rules = ruleset(udp);
+/// Installs (or replaces) the capture rules in the pod's namespace. Replacing the table
+/// resets its counters.
+pub async fn install(pod: &PodNetns, rules: &PodRules) -> Result<(), RedirectError> {
+    let rules = ruleset(rules);
     pod.run(move || nft(rules)).await?
 }
 
@@ -188,6 +212,8 @@ pub struct UdpObserved {
     pub dropped_inbound: u64,
     /// Packets counted by [`UDP_EGRESS`].
     pub egress: u64,
+    /// Packets counted by [`EGRESS_DROPPED`].
+    pub egress_dropped: u64,
     /// The flows in [`UDP_FLOWS4`] and [`UDP_FLOWS6`] (destination and port).
     pub flows: Vec<std::net::SocketAddr>,
 }
@@ -231,6 +257,9 @@ fn parse_table(text: &str) -> Result<UdpObserved, RedirectError> {
     let mut observed = UdpObserved {
         dropped_inbound: counter(UDP_DROPPED_INBOUND)?,
         egress: counter(UDP_EGRESS)?,
+        // Tables installed before the counter existed lack it until the pod's rules are
+        // installed again.
+        egress_dropped: counter(EGRESS_DROPPED).unwrap_or(0),
         flows: Vec::new(),
     };
     for set in [UDP_FLOWS4, UDP_FLOWS6] {
@@ -278,7 +307,10 @@ mod tests {
 
     #[test]
     fn probes_are_exempted_before_the_plaintext_capture() {
-        let rules = ruleset(&UdpInbound::default());
+        let rules = ruleset(&PodRules {
+            udp: UdpInbound::default(),
+            ..PodRules::default()
+        });
         let exempt = rules
             .find("ip saddr 169.254.7.127 meta l4proto tcp accept")
             .expect("probe exemption");
@@ -292,8 +324,11 @@ mod tests {
 
     #[test]
     fn inbound_udp_is_dropped_after_replies_loopback_and_open_ports() {
-        let rules = ruleset(&UdpInbound::Drop {
-            except: vec![53, 9999],
+        let rules = ruleset(&PodRules {
+            udp: UdpInbound::Drop {
+                except: vec![53, 9999],
+            },
+            ..PodRules::default()
         });
         let at = |needle: &str| {
             rules
@@ -311,19 +346,28 @@ mod tests {
         );
         assert!(at("counter udp_dropped_inbound { }") < input);
         // Nothing opened: no empty set (nft refuses one).
-        let closed = ruleset(&UdpInbound::default());
+        let closed = ruleset(&PodRules {
+            udp: UdpInbound::default(),
+            ..PodRules::default()
+        });
         let input_chain = &closed[closed.find("chain input").expect("input")..];
         let input_chain = &input_chain[..input_chain.find("  }").expect("end")];
         assert!(!input_chain.contains("udp dport"), "{closed}");
         assert!(closed.contains("counter name \"udp_dropped_inbound\" drop"));
         // A namespace that permits plaintext keeps its UDP; the counter still exists.
-        let open = ruleset(&UdpInbound::Accept);
+        let open = ruleset(&PodRules {
+            udp: UdpInbound::Accept,
+            ..PodRules::default()
+        });
         assert!(!open.contains("chain input") && open.contains("counter udp_dropped_inbound"));
     }
 
     #[test]
     fn dns_to_any_resolver_is_captured_before_loopback_but_never_the_ztunnels_own() {
-        let rules = ruleset(&UdpInbound::default());
+        let rules = ruleset(&PodRules {
+            udp: UdpInbound::default(),
+            ..PodRules::default()
+        });
         let at = |needle: &str| {
             rules
                 .find(needle)
@@ -347,15 +391,56 @@ mod tests {
     }
 
     #[test]
+    fn a_locked_pod_drops_what_the_capture_cannot_decide_after_counting_nothing_else() {
+        let open = ruleset(&PodRules::default());
+        assert!(
+            !open.contains("counter name \"egress_dropped\" drop"),
+            "{open}"
+        );
+        let rules = ruleset(&PodRules {
+            egress_locked: true,
+            ..PodRules::default()
+        });
+        let at = |needle: &str| {
+            rules
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle}: {rules}"))
+        };
+        let chain = at("chain egress");
+        let mark = rules[chain..].find("meta mark").expect("mark") + chain;
+        let local = at("fib daddr type local accept");
+        let replies = at("ct direction reply accept");
+        let tcp = at("meta l4proto tcp accept");
+        let nd = at("icmpv6 type { nd-neighbor-solicit");
+        let drop = at("counter name \"egress_dropped\" drop");
+        assert!(
+            chain < mark
+                && mark < local
+                && local < replies
+                && replies < tcp
+                && tcp < nd
+                && nd < drop,
+            "{rules}"
+        );
+        // DNS was redirected to the local capture in the nat chain, before this one.
+        assert!(at("udp dport 53 redirect") < chain);
+        assert!(at("counter egress_dropped { }") < chain);
+    }
+
+    #[test]
     fn counters_and_flows_are_read_from_nft_json() {
         let text = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "inet", "name": "membrane"}},
             {"counter": {"name": "udp_dropped_inbound", "packets": 12, "bytes": 480}},
             {"counter": {"name": "udp_egress", "packets": 3, "bytes": 90}},
+            {"counter": {"name": "egress_dropped", "packets": 7, "bytes": 90}},
             {"set": {"name": "udp_flows4", "elem": [{"elem": {"val": {"concat": ["198.51.100.10", 443]}, "expires": 599}}]}},
             {"set": {"name": "udp_flows6", "elem": [{"concat": ["2001:db8::1", 4433]}]}}]}"#;
         let seen = parse_table(text).expect("parses");
-        assert_eq!((seen.dropped_inbound, seen.egress), (12, 3));
+        assert_eq!(
+            (seen.dropped_inbound, seen.egress, seen.egress_dropped),
+            (12, 3, 7)
+        );
         assert_eq!(
             seen.flows,
             vec![

@@ -175,6 +175,16 @@ pub struct ServiceTarget {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// What a pod's rule set depends on besides the fixed capture.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRules {
+    /// Inbound UDP.
+    pub udp: UdpInbound,
+    /// An ALLOW EgressPolicy selects the pod: what the mesh cannot decide (UDP other than
+    /// DNS, protocols other than TCP, whichever family) is dropped on the way out.
+    pub egress_locked: bool,
+}
+
 /// An immutable view of the mesh; replaced whole on every change.
 #[derive(Debug, Clone, Default)]
 pub struct MeshState {
@@ -183,6 +193,8 @@ pub struct MeshState {
     plaintext: BTreeMap<String, PlaintextMode>,
     udp_ports: BTreeMap<String, Vec<u16>>,
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// The EgressPolicies selecting this node's pods.
+    egress: membrane_policy::egress::EgressIndex,
     /// Whether this state came from a source (false: the empty state before the first
     /// discovery snapshot).
     loaded: bool,
@@ -288,6 +300,32 @@ impl MeshState {
     /// Sets a namespace's plaintext mode.
     pub fn set_plaintext(&mut self, namespace: &str, mode: PlaintextMode) {
         self.plaintext.insert(namespace.to_owned(), mode);
+    }
+
+    /// Replaces the EgressPolicies.
+    pub fn set_egress(&mut self, egress: membrane_policy::egress::EgressIndex) {
+        self.egress = egress;
+    }
+
+    /// The variable part of `workload`'s capture rules: its namespace's inbound UDP, and
+    /// whether an enforced ALLOW EgressPolicy selects it (then what the capture cannot decide
+    /// is dropped on the way out).
+    pub fn pod_rules(&self, workload: &Workload) -> PodRules {
+        use membrane_policy::egress::EgressAction;
+        let egress_locked = self
+            .egress
+            .selecting(&workload.namespace, &workload.labels)
+            .iter()
+            .any(|p| p.action == EgressAction::Allow && !p.dry_run);
+        PodRules {
+            udp: self.udp_inbound(&workload.namespace),
+            egress_locked,
+        }
+    }
+
+    /// The EgressPolicies the controller sent (those selecting this node's pods).
+    pub fn egress(&self) -> &membrane_policy::egress::EgressIndex {
+        &self.egress
     }
 
     /// Sets the UDP ports of `namespace` that stay open to plaintext (sorted and

@@ -51,6 +51,7 @@ pub struct PodLabels {
 pub struct UdpMetrics {
     dropped: Family<DropLabels, Counter>,
     egress: Family<PodLabels, Counter>,
+    egress_dropped: Family<PodLabels, Counter>,
     flows: Counter,
     read_failures: Counter,
 }
@@ -68,6 +69,11 @@ impl UdpMetrics {
             "udp_egress_packets",
             "UDP packets leaving captured pods other than DNS (not tunnelled, not decided), by pod",
             m.egress.clone(),
+        );
+        registry.register(
+            "egress_dropped_packets",
+            "Packets dropped leaving captured pods an ALLOW EgressPolicy selects (UDP other than DNS, protocols other than TCP), by pod",
+            m.egress_dropped.clone(),
         );
         registry.register(
             "udp_egress_flows",
@@ -89,6 +95,7 @@ pub struct Last {
     pod: String,
     dropped: u64,
     egress: u64,
+    egress_dropped: u64,
     flows: HashSet<SocketAddr>,
 }
 
@@ -116,6 +123,9 @@ pub async fn read_once(
                 direction: "inbound",
             });
             metrics.egress.remove(&PodLabels {
+                pod: seen.pod.clone(),
+            });
+            metrics.egress_dropped.remove(&PodLabels {
                 pod: seen.pod.clone(),
             });
         }
@@ -156,6 +166,19 @@ pub async fn read_once(
                 .get_or_create(&PodLabels { pod: name.clone() })
                 .inc_by(egress);
         }
+        let egress_dropped = grown(seen.egress_dropped, now.egress_dropped);
+        if egress_dropped > 0 {
+            metrics
+                .egress_dropped
+                .get_or_create(&PodLabels { pod: name.clone() })
+                .inc_by(egress_dropped);
+            tracing::info!(
+                uid,
+                pod = name,
+                dropped = egress_dropped,
+                "egress the mesh cannot decide dropped (an ALLOW EgressPolicy selects the pod)"
+            );
+        }
         let current: HashSet<SocketAddr> = now.flows.into_iter().collect();
         for flow in current.difference(&seen.flows) {
             metrics.flows.inc();
@@ -164,6 +187,7 @@ pub async fn read_once(
         }
         seen.dropped = now.dropped_inbound;
         seen.egress = now.egress;
+        seen.egress_dropped = now.egress_dropped;
         seen.flows = current;
     }
 }

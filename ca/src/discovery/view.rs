@@ -2,8 +2,8 @@
 //! two views.
 //!
 //! The part every node shares (workloads, services, the trust bundle, the compiled policy
-//! index) is built once per source state ([`MeshView::build`]); a node's view adds the
-//! policies that select its own workloads ([`MeshView::node_view`]). Views are maps from
+//! index, the EgressPolicy index) is built once per source state ([`MeshView::build`]); a
+//! node's view adds the AuthorizationPolicies and EgressPolicies that select its own workloads ([`MeshView::node_view`]). Views are maps from
 //! [`Key`] to the wire resource, so a delta is a plain map difference.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use membrane_identity::TrustBundle;
 use membrane_policy::PolicyIndex;
+use membrane_policy::egress::EgressIndex;
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
@@ -33,6 +34,7 @@ pub struct MeshView {
     shared: View,
     bundle: Arc<TrustBundle>,
     index: PolicyIndex,
+    egress: EgressIndex,
     /// Local workloads per node: (namespace, labels).
     by_node: BTreeMap<String, Vec<LocalWorkload>>,
 }
@@ -161,10 +163,12 @@ impl MeshView {
             state.policies.values().map(|e| e.policy.clone()),
             root_namespace,
         );
+        let egress = EgressIndex::build(state.egress_policies.values().cloned(), root_namespace);
         Self {
             shared,
             bundle: bundle.clone(),
             index,
+            egress,
             by_node,
         }
     }
@@ -183,6 +187,11 @@ impl MeshView {
                         resource(pb::resource::Kind::Authorization(policy.into())),
                     );
                 }
+            }
+            for policy in self.egress.selecting(namespace, labels) {
+                let key = (Kind::Egress as i32, policy.key());
+                view.entry(key)
+                    .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
             }
         }
         view

@@ -1,5 +1,5 @@
 //! The source-independent model of the objects Membrane reads: Namespaces, Pods,
-//! ServiceAccounts, Services (with their endpoints) and AuthorizationPolicies.
+//! ServiceAccounts, Services (with their endpoints), AuthorizationPolicies and EgressPolicies.
 //!
 //! Both sources (the manifest directory and the Kubernetes API) fill the same
 //! [`ClusterState`]; everything downstream (node authorization, the discovery stream, policy
@@ -160,6 +160,8 @@ pub struct ClusterState {
     /// Valid AuthorizationPolicies by (namespace, name); invalid ones are left out (their
     /// errors are reported by the source).
     pub policies: BTreeMap<(String, String), PolicyEntry>,
+    /// Valid EgressPolicies by (namespace, name); invalid ones are left out, as above.
+    pub egress_policies: BTreeMap<(String, String), membrane_policy::egress::EgressPolicy>,
 }
 
 impl ClusterState {

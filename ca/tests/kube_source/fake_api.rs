@@ -67,6 +67,7 @@ fn resource_of(path: &str) -> Option<&'static str> {
         "/api/v1/services" => "services",
         "/apis/discovery.k8s.io/v1/endpointslices" => "endpointslices",
         "/apis/security.membrane.dev/v1/authorizationpolicies" => "authorizationpolicies",
+        "/apis/security.membrane.dev/v1/egresspolicies" => "egresspolicies",
         _ => return None,
     })
 }

@@ -33,7 +33,7 @@ use crate::Source;
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch};
 
 pub use index::EgressIndex;
-pub use validate::{EgressError, check_egress, parse_egress_policies};
+pub use validate::{EgressError, check_egress, check_egress_value, parse_egress_policies};
 
 /// What a matching rule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -137,6 +137,26 @@ pub fn parse_quantity(value: &Value) -> Result<u64, String> {
     }
 }
 
+/// Validates one document given as a JSON/YAML value (as a Kubernetes watch or a manifest
+/// reader holds it); a shape error names its field path.
+pub fn check_egress_value(value: Value) -> Result<EgressPolicy, Vec<EgressError>> {
+    let label = match (
+        value.pointer("/metadata/namespace").and_then(Value::as_str),
+        value.pointer("/metadata/name").and_then(Value::as_str),
+    ) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        _ => "document".to_owned(),
+    };
+    match serde_path_to_error::deserialize::<_, EgressPolicyDoc>(value) {
+        Ok(doc) => check_egress(doc),
+        Err(e) => Err(vec![EgressError {
+            policy: label,
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        }]),
+    }
+}
+
 /// Validates one document.
 pub fn check_egress(doc: EgressPolicyDoc) -> Result<EgressPolicy, Vec<EgressError>> {
     let name = doc.metadata.name.clone();

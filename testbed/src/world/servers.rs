@@ -175,3 +175,21 @@ pub async fn udp_echo(socket: UdpSocket, mut stop: watch::Receiver<bool>) {
         let _ = socket.send_to(&buf[..n], from).await;
     }
 }
+
+/// Reads and discards everything sent to it, adding the byte count to `sunk` (an upload
+/// target whose count survives a reset connection).
+pub async fn sink(listener: TcpListener, sunk: Arc<AtomicU64>, stop: watch::Receiver<bool>) {
+    serve(listener, stop, move |mut s| {
+        let sunk = sunk.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Ok(n)) = tokio::time::timeout(IDLE, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                sunk.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+}

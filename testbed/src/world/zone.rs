@@ -69,6 +69,16 @@ pub const ZONE: &[Entry] = &[
         data: v4(198, 51, 100, 20),
     },
     Entry {
+        name: "models.shared.example",
+        ttl: 300,
+        data: v4(198, 51, 100, 40),
+    },
+    Entry {
+        name: "uploads.shared.example",
+        ttl: 300,
+        data: v4(198, 51, 100, 40),
+    },
+    Entry {
         name: "s3.example",
         ttl: 5,
         data: v4(198, 51, 100, 30),

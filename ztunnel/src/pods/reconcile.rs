@@ -117,19 +117,20 @@ impl PodRegistry {
                 changed = true;
                 continue;
             };
-            // Its namespace's UDP rule changed (plaintext mode, open ports): install anew.
-            let udp = state.udp_inbound(&workload.namespace);
+            // Its namespace's UDP rule changed (plaintext mode, open ports), or an ALLOW
+            // EgressPolicy began or ceased to select it: install anew.
+            let rules = state.pod_rules(&workload);
             let Some(e) = pods.enrolled.get_mut(&uid) else {
                 continue;
             };
-            if e.udp != udp {
-                match redirect::install(&e.context.netns, &udp).await {
+            if e.rules != rules {
+                match redirect::install(&e.context.netns, &rules).await {
                     Ok(()) => {
-                        tracing::info!(uid, ?udp, "inbound UDP rule of the pod updated");
-                        e.udp = udp;
+                        tracing::info!(uid, udp = ?rules.udp, egress_locked = rules.egress_locked, "rules of the pod updated");
+                        e.rules = rules;
                     }
                     Err(error) => {
-                        tracing::warn!(uid, error = %error, "could not update the pod's inbound UDP rule; will retry");
+                        tracing::warn!(uid, error = %error, "could not update the pod's rules; will retry");
                         pass.retry = true;
                     }
                 }

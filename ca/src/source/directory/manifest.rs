@@ -1,8 +1,8 @@
 //! Reading manifests: YAML text → validated [`Object`]s of the cluster model.
 //!
 //! A file may hold several documents, and `kind: List` is unpacked. `Namespace`, `Pod`,
-//! `ServiceAccount`, `Service` and `AuthorizationPolicy` (Membrane's and Istio's API groups)
-//! are understood; other kinds are ignored. Every error names the document and the field.
+//! `ServiceAccount`, `Service`, `AuthorizationPolicy` (Membrane's and Istio's API groups) and
+//! `EgressPolicy` are understood; other kinds are ignored. Every error names the document and the field.
 //! Pure: this module must not touch the filesystem, the clock or any channel (that is
 //! [`super::watch`]).
 
@@ -59,6 +59,8 @@ pub enum Object {
     Service(DirService),
     /// A valid AuthorizationPolicy.
     Policy(PolicyEntry),
+    /// A valid EgressPolicy.
+    Egress(membrane_policy::egress::EgressPolicy),
 }
 
 /// A Service as written in a manifest: endpoints come from its selector.
@@ -286,6 +288,21 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
             out.push(Object::Policy(
                 policy_from(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?,
             ));
+            Ok(())
+        }
+        (_, membrane_policy::egress::model::KIND) => {
+            let policy = membrane_policy::egress::check_egress_value(Value::Object(map)).map_err(
+                |errors| {
+                    let field = errors.first().map_or_else(String::new, |e| e.path.clone());
+                    let message = errors
+                        .iter()
+                        .map(|e| e.message.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    field_err(field, message)
+                },
+            )?;
+            out.push(Object::Egress(policy));
             Ok(())
         }
         (_, "Namespace" | "Pod" | "ServiceAccount" | "Service") => Err(field_err(

@@ -270,6 +270,15 @@ impl DirectorySource {
                         state.policies.entry(key).or_insert_with(|| entry.clone());
                         dup.then(|| format!("AuthorizationPolicy {}/{}", p.namespace(), p.name()))
                     }
+                    Object::Egress(policy) => {
+                        let key = (policy.namespace.clone(), policy.name.clone());
+                        let dup = state.egress_policies.contains_key(&key);
+                        state
+                            .egress_policies
+                            .entry(key)
+                            .or_insert_with(|| policy.clone());
+                        dup.then(|| format!("EgressPolicy {}", policy.key()))
+                    }
                 };
                 if let Some(object) = duplicate {
                     tracing::warn!(file = %path.display(), object, "object defined twice; the first definition wins");
@@ -327,6 +336,7 @@ pub async fn run(
                                 pods = state.pods.len(),
                                 services = state.services.len(),
                                 policies = state.policies.len(),
+                                egress_policies = state.egress_policies.len(),
                                 broken_files = errors.len(),
                                 "workload source loaded"
                             );

@@ -3,7 +3,8 @@
 //!
 //! Watched (cluster-wide, list + watch with the watcher's default backoff): Namespaces, Pods,
 //! ServiceAccounts, Services, `discovery.k8s.io/v1` EndpointSlices and Membrane's
-//! `security.membrane.dev/v1` AuthorizationPolicy ([`crate::crd`]). Istio's
+//! `security.membrane.dev/v1` AuthorizationPolicy and EgressPolicy ([`crate::crd`];
+//! [`policy`], [`egress`]). Istio's
 //! `security.istio.io` AuthorizationPolicies are *not* read from the API (the directory source
 //! and `membrane policy check` accept them as files): watching a second group would need its
 //! CRD installed and would race istiod for their status.
@@ -20,8 +21,8 @@
 //! - only when it differs from the one published (a status-only change of a policy publishes
 //!   nothing new).
 //!
-//! Alongside the state, a [`PolicyReports`] map (every AuthorizationPolicy object with its
-//! verdict, valid or not) is published for the status writer ([`crate::status`]).
+//! Alongside the state, a [`PolicyReports`] map (every AuthorizationPolicy and EgressPolicy
+//! object with its verdict, valid or not) is published for the status writer ([`crate::status`]).
 //!
 //! A watch error is logged with the resource and the error, counted in
 //! `membrane_ca_source_watch_errors_total{resource}`, and retried with backoff; the last
@@ -30,6 +31,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod egress;
 pub mod policy;
 mod run;
 
@@ -38,7 +40,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use policy::{Fallback, PolicyReport, PolicyReports, PolicyVerdict};
+pub use policy::{Fallback, PolicyKind, PolicyReport, PolicyReports, PolicyVerdict};
 pub use run::run;
 
 use super::ClusterState;
@@ -66,11 +68,12 @@ impl Default for KubeSourceConfig {
 }
 
 /// The resources watched, as named in logs and in the `resource` metric label.
-pub const RESOURCES: [&str; 6] = [
+pub const RESOURCES: [&str; 7] = [
     "namespaces",
     "pods",
     "serviceaccounts",
     "services",
     "endpointslices",
     "authorizationpolicies",
+    "egresspolicies",
 ];

@@ -55,9 +55,30 @@ pub enum Fallback {
     },
 }
 
-/// One AuthorizationPolicy object as last seen, and the verdict on it.
+/// Which policy resource a report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyKind {
+    /// `AuthorizationPolicy`.
+    Authorization,
+    /// `EgressPolicy`.
+    Egress,
+}
+
+impl PolicyKind {
+    /// The resource's kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Authorization => "AuthorizationPolicy",
+            PolicyKind::Egress => "EgressPolicy",
+        }
+    }
+}
+
+/// One policy object as last seen, and the verdict on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyReport {
+    /// Which resource.
+    pub kind: PolicyKind,
     /// Namespace.
     pub namespace: String,
     /// Name.
@@ -74,19 +95,23 @@ pub struct PolicyReport {
     pub verdict: PolicyVerdict,
 }
 
-/// Every AuthorizationPolicy object by `(namespace, name)`, valid or not.
-pub type PolicyReports = BTreeMap<Key, PolicyReport>;
+/// Every policy object by kind and `(namespace, name)`, valid or not.
+pub type PolicyReports = BTreeMap<(PolicyKind, Key), PolicyReport>;
+
+/// The object's dry-run annotations (Membrane's and Istio's), the only ones validation reads.
+pub(super) fn dry_run_annotations(obj: &impl ResourceExt) -> BTreeMap<String, String> {
+    obj.annotations()
+        .iter()
+        .filter(|(k, _)| *k == DRY_RUN_ANNOTATION || *k == ISTIO_DRY_RUN_ANNOTATION)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
 
 /// Validates one object: the report, and the entry for the state when it is valid.
 pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<PolicyEntry>))> {
     let namespace = obj.namespace()?;
     let name = obj.metadata.name.clone()?;
-    let annotations: BTreeMap<String, String> = obj
-        .annotations()
-        .iter()
-        .filter(|(k, _)| *k == DRY_RUN_ANNOTATION || *k == ISTIO_DRY_RUN_ANNOTATION)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let annotations = dry_run_annotations(&obj);
     let selector = obj.spec.fields.get("selector").cloned();
     let document = json!({
         "apiVersion": MEMBRANE_API_VERSION,
@@ -121,6 +146,7 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
         );
     }
     let report = PolicyReport {
+        kind: PolicyKind::Authorization,
         namespace: namespace.clone(),
         name: name.clone(),
         uid: obj.metadata.uid.clone(),
@@ -160,10 +186,10 @@ fn stand_in(namespace: &str, name: &str, selector: Option<Value>) -> (Option<Pol
 /// Applies the last-valid rule to a freshly validated object: when `new` is invalid and
 /// `previous` (the same object as last seen) enforced a valid version, that version stays
 /// enforced and the verdict says so; otherwise `new` is returned unchanged.
-pub fn keep_last_valid(
-    previous: Option<&(PolicyReport, Option<PolicyEntry>)>,
-    new: (PolicyReport, Option<PolicyEntry>),
-) -> (PolicyReport, Option<PolicyEntry>) {
+pub fn keep_last_valid<E: Clone>(
+    previous: Option<&(PolicyReport, Option<E>)>,
+    new: (PolicyReport, Option<E>),
+) -> (PolicyReport, Option<E>) {
     let (mut report, entry) = new;
     let PolicyVerdict::Invalid { fallback, .. } = &mut report.verdict else {
         return (report, entry);
@@ -184,8 +210,9 @@ pub fn keep_last_valid(
             *fallback = Fallback::LastValid { generation };
             tracing::warn!(
                 policy = %format_args!("{}/{}", report.namespace, report.name),
+                kind = report.kind.as_str(),
                 enforced_generation = ?generation,
-                "invalid AuthorizationPolicy edit; the last valid version stays enforced"
+                "invalid policy edit; the last valid version stays enforced"
             );
             (report, Some(kept))
         }
@@ -193,8 +220,9 @@ pub fn keep_last_valid(
             if let Fallback::DenyAll { selector } = fallback {
                 tracing::warn!(
                     policy = %format_args!("{}/{}", report.namespace, report.name),
+                    kind = report.kind.as_str(),
                     scope = if *selector { "selector" } else { "namespace" },
-                    "invalid AuthorizationPolicy with no valid version seen; a deny-all stand-in is enforced for its scope"
+                    "invalid policy with no valid version seen; a deny-all stand-in is enforced for its scope"
                 );
             }
             (report, entry)

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Change};
 use super::convert::{self, Key, Slice};
-use super::policy::{self, Fallback, PolicyReport, PolicyReports, PolicyVerdict};
+use super::egress::{self, EgressValue};
+use super::policy::{self, Fallback, PolicyKind, PolicyReport, PolicyReports, PolicyVerdict};
 use super::{KubeSourceConfig, ReportSender, StateSender};
 use crate::crd::AuthorizationPolicy;
 use crate::metrics::SourceMetrics;
@@ -39,6 +40,7 @@ enum Update {
     Service(Change<Key, Service>),
     Slice(Change<Key, Slice>),
     Policy(Change<Key, PolicyValue>),
+    Egress(Change<Key, EgressValue>),
     Error(&'static str, watcher::Error),
     /// An object without name or namespace (never sent by an API server).
     Skip,
@@ -128,6 +130,13 @@ fn streams(client: &Client) -> SelectAll<BoxStream<'static, Update>> {
             policy::policy,
             Update::Policy,
         ),
+        watch::<crate::crd::EgressPolicy, _, _>(
+            Api::all(client.clone()),
+            "egresspolicies",
+            convert::key,
+            egress::egress,
+            Update::Egress,
+        ),
     ])
 }
 
@@ -139,6 +148,7 @@ struct Caches {
     services: Cache<Key, Service>,
     slices: Cache<Key, Slice>,
     policies: Cache<Key, PolicyValue>,
+    egress: Cache<Key, EgressValue>,
 }
 
 impl Caches {
@@ -165,6 +175,21 @@ impl Caches {
                 };
                 self.policies.apply(c)
             }
+            Update::Egress(c) => {
+                // As above: an invalid edit keeps the last valid version enforced.
+                let c = match c {
+                    Change::Apply(k, Some(v)) => {
+                        let v = policy::keep_last_valid(self.egress.items().get(&k), v);
+                        Change::Apply(k, Some(v))
+                    }
+                    Change::InitApply(k, Some(v)) => {
+                        let v = policy::keep_last_valid(self.egress.items().get(&k), v);
+                        Change::InitApply(k, Some(v))
+                    }
+                    other => other,
+                };
+                self.egress.apply(c)
+            }
             Update::Error(..) | Update::Skip => false,
         }
     }
@@ -178,6 +203,7 @@ impl Caches {
             self.services.ready(),
             self.slices.ready(),
             self.policies.ready(),
+            self.egress.ready(),
         ];
         super::RESOURCES
             .into_iter()
@@ -198,15 +224,27 @@ impl Caches {
                 .iter()
                 .filter_map(|(k, (_, entry))| Some((k.clone(), entry.clone()?)))
                 .collect(),
+            egress_policies: self
+                .egress
+                .items()
+                .iter()
+                .filter_map(|(k, (_, policy))| Some((k.clone(), policy.clone()?)))
+                .collect(),
         }
     }
 
     fn reports(&self) -> PolicyReports {
-        self.policies
+        let authorization = self
+            .policies
             .items()
             .iter()
-            .map(|(k, (report, _))| (k.clone(), report.clone()))
-            .collect()
+            .map(|(k, (report, _))| ((PolicyKind::Authorization, k.clone()), report.clone()));
+        let egress = self
+            .egress
+            .items()
+            .iter()
+            .map(|(k, (report, _))| ((PolicyKind::Egress, k.clone()), report.clone()));
+        authorization.chain(egress).collect()
     }
 }
 
@@ -267,6 +305,7 @@ pub async fn run(
                         service_accounts = state.service_accounts.len(),
                         services = state.services.len(),
                         policies = state.policies.len(),
+                        egress_policies = state.egress_policies.len(),
                         "Kubernetes source synced"
                     );
                     due = Some(Instant::now());
@@ -294,6 +333,9 @@ fn watch_error(resource: &'static str, e: &watcher::Error, metrics: &SourceMetri
         | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => match s.code {
             404 if resource == "authorizationpolicies" => {
                 "is the AuthorizationPolicy CRD (security.membrane.dev) installed?"
+            }
+            404 if resource == "egresspolicies" => {
+                "is the EgressPolicy CRD (security.membrane.dev) installed? (charts/membrane/crds)"
             }
             401 | 403 => "check the controller's RBAC",
             _ => "",
