@@ -81,6 +81,13 @@ pub fn explain(args: &ExplainArgs, state: &ClusterState) -> anyhow::Result<()> {
         },
         None => None,
     };
+    // A TLS client normally names the host it resolved.
+    let tls = sni.is_some() || args.no_sni || args.port == 443;
+    let sni = match sni {
+        Some(s) => Some(s),
+        None if tls && !args.no_sni => host.clone(),
+        None => None,
+    };
     let ip = args.to_ip.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let namespace = identity.namespace().to_owned();
     let service_account = identity.service_account().to_owned();
@@ -93,7 +100,6 @@ pub fn explain(args: &ExplainArgs, state: &ClusterState) -> anyhow::Result<()> {
     let mut principal = String::new();
     let source = Source::from_identity(&identity, &mut principal);
     let pinned: Vec<&str> = host.as_deref().into_iter().collect();
-    let tls = sni.is_some() || args.port == 443;
     let decision = decide_egress(
         &selecting,
         &EgressRequest {

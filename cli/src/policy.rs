@@ -118,7 +118,7 @@ pub struct ExplainArgs {
     #[arg(long)]
     pub from_pod: Option<String>,
     /// Destination as NAMESPACE/POD (a mesh workload: AuthorizationPolicy decides).
-    #[arg(long, required_unless_present_any = ["to_host", "to_ip"], conflicts_with_all = ["to_host", "to_ip", "sni"])]
+    #[arg(long, required_unless_present_any = ["to_host", "to_ip"], conflicts_with_all = ["to_host", "to_ip", "sni", "no_sni"])]
     pub to: Option<String>,
     /// Destination outside the mesh by name, as the source pod resolved it (EgressPolicy
     /// decides).
@@ -127,9 +127,13 @@ pub struct ExplainArgs {
     /// Destination outside the mesh by address (EgressPolicy `ipBlocks`).
     #[arg(long)]
     pub to_ip: Option<IpAddr>,
-    /// The TLS server name the source sends (with `--to-host`/`--to-ip`).
+    /// The TLS server name the source sends (with `--to-host`/`--to-ip`; default on port
+    /// 443: the `--to-host` name).
     #[arg(long)]
     pub sni: Option<String>,
+    /// The connection is TLS without a server name (with `--to-host`/`--to-ip`).
+    #[arg(long, conflicts_with = "sni")]
+    pub no_sni: bool,
     /// Destination port.
     #[arg(long)]
     pub port: u16,

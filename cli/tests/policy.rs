@@ -174,3 +174,85 @@ fn explain_honours_the_root_namespace() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.lines().next(), Some("DENY"), "{out}");
 }
+
+#[test]
+fn explain_answers_egress_questions_with_the_deciding_egress_policy() {
+    let run = |from: &str, extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--manifests",
+            "examples/genai",
+            "--from",
+            from,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = membrane(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")
+    };
+    let trainer = "spiffe://cluster.local/ns/training/sa/trainer";
+    let v = run(trainer, &["--to-host", "cdn.hf.co", "--port", "443"]);
+    assert_eq!(v["verdict"], "ALLOW", "{v}");
+    assert_eq!(v["policy"], "training/model-hub");
+    assert_eq!(v["matched"], "cdn.hf.co");
+    // Selected by an ALLOW: anything else is denied; the root namespace's DENY wins.
+    let v = run(trainer, &["--to-host", "s3.example", "--port", "443"]);
+    assert_eq!(
+        (&v["verdict"], &v["reason"]),
+        (&"DENY".into(), &"not_allowed".into())
+    );
+    let v = run(trainer, &["--to-host", "paste.example", "--port", "443"]);
+    assert_eq!(v["policy"], "membrane-system/no-paste-sites", "{v}");
+    // The server name decides on a shared address; none at all is refused.
+    let v = run(
+        trainer,
+        &[
+            "--to-host",
+            "huggingface.co",
+            "--port",
+            "443",
+            "--sni",
+            "evil.example",
+        ],
+    );
+    assert_eq!(v["reason"], "sni_mismatch", "{v}");
+    let v = run(
+        trainer,
+        &["--to-host", "huggingface.co", "--port", "443", "--no-sni"],
+    );
+    assert_eq!(v["reason"], "sni_missing", "{v}");
+    // A literal address matches no host rule.
+    let v = run(trainer, &["--to-ip", "198.51.100.10", "--port", "443"]);
+    assert_eq!(v["verdict"], "DENY", "{v}");
+    // The budget of the deciding policy is shown; a pod no ALLOW selects passes through.
+    let v = run(
+        "spiffe://cluster.local/ns/inference/sa/model-server",
+        &["--to-host", "s3.example", "--port", "443"],
+    );
+    assert_eq!(v["budget"]["sent_bytes"], 1u64 << 30, "{v}");
+    let v = run(
+        "spiffe://cluster.local/ns/untrusted/sa/scraper",
+        &["--to-host", "s3.example", "--port", "443"],
+    );
+    assert_eq!(
+        (&v["verdict"], &v["reason"]),
+        (&"PASSTHROUGH".into(), &"no_policy".into())
+    );
+    // Bad input is an error, not a verdict.
+    let (code, _, err) = membrane(&[
+        "policy",
+        "explain",
+        "--manifests",
+        "examples/genai",
+        "--from",
+        trainer,
+        "--to-host",
+        "*.hf.co",
+        "--port",
+        "443",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--to-host"), "{err}");
+}

@@ -107,7 +107,7 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
 /// How long a connection on a port that is not a TLS port may take to send its first bytes
 /// when an EgressPolicy selects its source (the decision reads the SNI if it is TLS; a
 /// server-speaks-first protocol waits this long once).
-pub const ENFORCED_PEEK: Duration = Duration::from_millis(50);
+pub const ENFORCED_PEEK: Duration = Duration::from_millis(5);
 
 /// A connection to a destination outside the mesh. Without an EgressPolicy selecting the
 /// source it passes through (the connect overlaps the wait for a ClientHello); otherwise it

@@ -11,14 +11,48 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::EgressPolicy;
 
+/// Policies with a selector, found from a workload's labels without testing each: every
+/// selector is filed under its first `(key, value)` pair, so a lookup visits only the
+/// selectors that pair of the workload's labels could satisfy.
+#[derive(Debug, Clone, Default)]
+struct Selectors {
+    by_first: HashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl Selectors {
+    fn insert(&mut self, i: usize, selector: &BTreeMap<String, String>) {
+        if let Some((k, v)) = selector.iter().next() {
+            self.by_first
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+
+    fn matching<'a>(
+        &'a self,
+        policies: &'a [EgressPolicy],
+        labels: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = usize> + 'a {
+        labels
+            .iter()
+            .filter_map(|(k, v)| self.by_first.get(k)?.get(v))
+            .flatten()
+            .copied()
+            .filter(move |i| selects(&policies[*i].selector, labels))
+    }
+}
+
 /// EgressPolicies grouped by scope.
 #[derive(Debug, Clone, Default)]
 pub struct EgressIndex {
     policies: Vec<EgressPolicy>,
     root_namespace: String,
     mesh: Vec<usize>,
-    mesh_selectors: Vec<usize>,
-    namespaces: HashMap<String, (Vec<usize>, Vec<usize>)>,
+    mesh_selectors: Selectors,
+    namespaces: HashMap<String, (Vec<usize>, Selectors)>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -50,7 +84,7 @@ impl EgressIndex {
             let root = p.namespace == root_namespace;
             match (root, p.selector.is_empty()) {
                 (true, true) => index.mesh.push(i),
-                (true, false) => index.mesh_selectors.push(i),
+                (true, false) => index.mesh_selectors.insert(i, &p.selector),
                 (false, true) => index
                     .namespaces
                     .entry(p.namespace.clone())
@@ -62,7 +96,7 @@ impl EgressIndex {
                     .entry(p.namespace.clone())
                     .or_default()
                     .1
-                    .push(i),
+                    .insert(i, &p.selector),
             }
         }
         index.policies = policies;
@@ -82,19 +116,11 @@ impl EgressIndex {
             self.namespaces.get(namespace)
         };
         let all = scope.map(|s| s.0.as_slice()).unwrap_or_default();
-        let selectors = scope.map(|s| s.1.as_slice()).unwrap_or_default();
-        let mut chosen: Vec<usize> = self
-            .mesh
-            .iter()
-            .chain(all)
-            .chain(
-                self.mesh_selectors
-                    .iter()
-                    .chain(selectors)
-                    .filter(|i| selects(&self.policies[**i].selector, labels)),
-            )
-            .copied()
-            .collect();
+        let mut chosen: Vec<usize> = self.mesh.iter().chain(all).copied().collect();
+        chosen.extend(self.mesh_selectors.matching(&self.policies, labels));
+        if let Some((_, selectors)) = scope {
+            chosen.extend(selectors.matching(&self.policies, labels));
+        }
         // Positions in `policies`, which is sorted: (namespace, name) order.
         chosen.sort_unstable();
         chosen.into_iter().map(|i| &self.policies[i]).collect()
