@@ -6,8 +6,9 @@
 //! `membrane local`). The tour: trainer → feature store allowed and encrypted on the wire (a
 //! capture of the inter-node link never shows the data), the same data in the clear between
 //! two pods outside the mesh, the untrusted scraper denied by identity with the deciding
-//! policy, a plaintext caller refused, a policy edit cutting a live connection, and
-//! certificates rotating under a running transfer. Every claim is checked against what
+//! policy, a plaintext caller refused, a policy edit cutting a live connection,
+//! certificates rotating under a running transfer, and egress decided by identity and name
+//! against a simulated outside world ([`crate::dataplane_egress`]). Every claim is checked against what
 //! happened and carried in the step's `detail` for `--json`. Everything is removed on drop,
 //! also when the demo is interrupted.
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use membrane_testbed::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_testbed::netns::{Capture, run_in_netns};
+use membrane_testbed::world::World;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -37,10 +39,13 @@ fn spec() -> MeshSpec {
     feature_store
         .labels
         .insert("app".into(), "feature-store".into());
+    // The trainer carries the example's label (examples/genai/egress.yaml selects it).
+    let mut trainer = PodDef::new("trainer-0", "training", "trainer", "node-a");
+    trainer.labels.insert("app".into(), "trainer".into());
     MeshSpec {
         nodes: vec!["node-a".into(), "node-b".into()],
         pods: vec![
-            PodDef::new("trainer-0", "training", "trainer", "node-a"),
+            trainer,
             PodDef::new("scraper-0", "untrusted", "scraper", "node-a"),
             PodDef::new("legacy-etl-0", "legacy", "etl", "node-a"),
             feature_store,
@@ -55,6 +60,11 @@ fn spec() -> MeshSpec {
         ],
         policies: POLICIES.to_owned(),
         cert_ttl: Some(CERT_TTL),
+        // Pods resolve through their ztunnel's capture against the simulated outside world.
+        ztunnel_args: vec![
+            "--dns-upstream".into(),
+            membrane_testbed::world::RESOLVER.to_string(),
+        ],
         ..MeshSpec::default()
     }
 }
@@ -112,9 +122,10 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
     out.step(
         "A GenAI cluster on this host: two nodes, pods as network namespaces, one ztunnel per node",
     );
-    let mesh = Mesh::start(spec())
+    let mut mesh = Mesh::start(spec())
         .await
         .context("building the mesh (needs root, iproute2 and nftables)")?;
+    let world = World::start(&mut mesh.testbed).context("starting the simulated outside world")?;
     let in_mesh = [
         "trainer-0",
         "scraper-0",
@@ -289,7 +300,7 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
             "root rotation": "membrane-ca rotate-root --state-dir DIR (see the README)",
         }),
     );
-    Ok(())
+    crate::dataplane_egress::tour(out, &mesh, &world).await
 }
 
 /// Streams pattern bytes through `stream` (an echo) for `duration`, checking every byte that

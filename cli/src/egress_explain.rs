@@ -15,18 +15,41 @@ use membrane_policy::egress::{
 };
 use serde_json::json;
 
-use crate::policy::ExplainArgs;
+/// The egress question, as `membrane policy explain` was asked it.
+#[derive(Debug)]
+pub struct Question<'a> {
+    /// The manifest directory (for messages).
+    pub manifests: &'a std::path::Path,
+    /// The source's SPIFFE ID.
+    pub from: &'a str,
+    /// The source pod, `NAMESPACE/POD`.
+    pub from_pod: Option<&'a str>,
+    /// The destination name, as the pod resolved it.
+    pub to_host: Option<&'a str>,
+    /// The destination address.
+    pub to_ip: Option<IpAddr>,
+    /// The TLS server name sent.
+    pub sni: Option<&'a str>,
+    /// TLS without a server name.
+    pub no_sni: bool,
+    /// Destination port.
+    pub port: u16,
+    /// One JSON object.
+    pub json: bool,
+    /// The controller's root namespace.
+    pub root_namespace: &'a str,
+}
 
 /// The source pod's labels: `--from-pod` when given, else those of the pods running as the
 /// `--from` identity (they must agree; none: an empty set, so only namespace-wide policies
 /// select it).
 fn source_labels(
-    args: &ExplainArgs,
+    args: &Question<'_>,
     state: &ClusterState,
     namespace: &str,
     service_account: &str,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    if let Some(pod) = &args.from_pod {
+    if let Some(pod) = args.from_pod {
         let (ns, name) = pod
             .split_once('/')
             .context("--from-pod must be NAMESPACE/POD")?;
@@ -60,12 +83,12 @@ fn source_labels(
 }
 
 /// Answers an egress question; errors only for bad input.
-pub fn explain(args: &ExplainArgs, state: &ClusterState) -> anyhow::Result<()> {
+pub fn explain(args: &Question<'_>, state: &ClusterState) -> anyhow::Result<()> {
     let identity: membrane_identity::WorkloadIdentity = args
         .from
         .parse()
         .with_context(|| format!("--from {} is not a workload SPIFFE ID", args.from))?;
-    let host = match &args.to_host {
+    let host = match args.to_host {
         Some(h) => Some(parse_host(h).map_err(|e| anyhow::anyhow!("--to-host: {e}"))?),
         None => None,
     };
@@ -74,7 +97,7 @@ pub fn explain(args: &ExplainArgs, state: &ClusterState) -> anyhow::Result<()> {
         Some(_) => bail!("--to-host takes a name, not a pattern"),
         None => None,
     };
-    let sni = match &args.sni {
+    let sni = match args.sni {
         Some(s) => match parse_host(s) {
             Ok(membrane_policy::egress::HostPattern::Exact(h)) => Some(h),
             _ => bail!("--sni {s:?} is not a server name"),
@@ -92,10 +115,7 @@ pub fn explain(args: &ExplainArgs, state: &ClusterState) -> anyhow::Result<()> {
     let namespace = identity.namespace().to_owned();
     let service_account = identity.service_account().to_owned();
     let labels = source_labels(args, state, &namespace, &service_account)?;
-    let index = EgressIndex::build(
-        state.egress_policies.values().cloned(),
-        &args.root_namespace,
-    );
+    let index = EgressIndex::build(state.egress_policies.values().cloned(), args.root_namespace);
     let selecting = index.selecting(&namespace, &labels);
     let mut principal = String::new();
     let source = Source::from_identity(&identity, &mut principal);

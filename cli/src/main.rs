@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod dataplane;
+mod dataplane_egress;
 mod demo;
 mod egress_explain;
 mod local;

@@ -139,12 +139,17 @@ fn render_dns(r: &DnsRecord) -> String {
 }
 
 fn render_access(r: &AccessRecord) -> String {
-    let verdict = match &r.authorization {
-        Some(a) => match &a.policy {
+    let verdict = match (&r.authorization, &r.egress) {
+        (Some(a), _) => match &a.policy {
             Some(p) => format!("{} by {p}", a.verdict),
             None => a.verdict.clone().into_owned(),
         },
-        None => String::new(),
+        // A connection leaving the mesh: the EgressPolicy decision.
+        (None, Some(e)) if !e.verdict.is_empty() => match &e.policy {
+            Some(p) => format!("egress {} ({}) by {p}", e.verdict, e.reason),
+            None => format!("egress {} ({})", e.verdict, e.reason),
+        },
+        (None, _) => String::new(),
     };
     let reason = r
         .reason
@@ -311,6 +316,26 @@ mod tests {
 
     fn record() -> Record {
         Skipped::default().parse(INBOUND).expect("an access record")
+    }
+
+    #[test]
+    fn egress_decisions_show_with_their_policy() {
+        let line = concat!(
+            r#"{"kind":"access","start":"2026-12-04T12:00:01.000Z","direction":"outbound","#,
+            r#""src_addr":"10.77.1.10:40000","dst_addr":"198.51.100.20:443","#,
+            r#""src_identity":"spiffe://cluster.local/ns/training/sa/trainer","dst_identity":null,"#,
+            r#""transport":"passthrough","bytes_sent":0,"bytes_received":0,"duration_ms":0,"#,
+            r#""result":"refused","reason":"egress denied: matched","#,
+            r#""egress":{"host":"paste.example","sni":"paste.example","verdict":"deny","#,
+            r#""reason":"matched","policy":"membrane-system/no-paste-sites","rule":0}}"#
+        );
+        let r = Skipped::default().parse(line).expect("an access record");
+        let text = render(&r);
+        assert!(text.contains("paste.example (sni paste.example)"), "{text}");
+        assert!(
+            text.contains("egress deny (matched) by membrane-system/no-paste-sites"),
+            "{text}"
+        );
     }
 
     #[test]

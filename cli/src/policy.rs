@@ -157,7 +157,19 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     }
     let state = source_dir.state();
     let Some(to) = &args.to else {
-        return crate::egress_explain::explain(args, &state);
+        let question = crate::egress_explain::Question {
+            manifests: &args.manifests,
+            from: &args.from,
+            from_pod: args.from_pod.as_deref(),
+            to_host: args.to_host.as_deref(),
+            to_ip: args.to_ip,
+            sni: args.sni.as_deref(),
+            no_sni: args.no_sni,
+            port: args.port,
+            json: args.json,
+            root_namespace: &args.root_namespace,
+        };
+        return crate::egress_explain::explain(&question, &state);
     };
     let mut files = Vec::new();
     manifest_files(&args.manifests, &mut files)?;

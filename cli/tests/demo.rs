@@ -89,6 +89,13 @@ fn demo_data_plane_steps_hold() {
     );
     assert!(rotation["renewals"]["feature-store"].as_u64() >= Some(2));
     assert_eq!(rotation["bytesIntact"], true);
+    // Egress decided by identity and name, and a budget cutting an upload.
+    let paste = find(&steps, "by literal IP");
+    assert_eq!(paste["by literal IP"]["verdict"], "deny", "{paste}");
+    assert_eq!(paste["by name"]["policy"], "membrane-system/no-paste-sites");
+    let budget = find(&steps, "bytesArrived");
+    assert!(budget["bytesArrived"].as_u64() <= Some(1 << 20), "{budget}");
+    assert_eq!(budget["record"]["reason"], "budget_exhausted");
 }
 
 fn netns_list() -> String {

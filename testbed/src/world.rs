@@ -11,13 +11,15 @@
 //! - at each A address of the zone, `hello from <name>` and an echo on TCP 80 and on TLS 443
 //!   (certificates from the world's own CA, [`World::ca_pem`]; the TLS greeting adds the SNI
 //!   it received), a UDP echo on 443 of huggingface.co's addresses (IPv4 and [`HF6`]), and an upload sink on
-//!   paste.example's address, port [`SINK_PORT`] ([`World::sunk`]).
+//!   s3.example's first address (198.51.100.30), port [`SINK_PORT`] ([`World::sunk`]).
 //!
 //! Every other address of the /24 is local to the namespace and unserved (198.51.100.99 is a
 //! resolver that refuses at once). The servers run on a thread of their own with their own
 //! runtime, so sync and async callers alike can use the world; dropping it stops them (its
 //! namespace goes with the testbed).
 
+pub mod client;
+pub mod dns_client;
 mod servers;
 pub mod zone;
 
@@ -57,7 +59,7 @@ const HOSTS: [(Ipv4Addr, &[&str]); 6] = [
 /// huggingface.co's IPv6 address (a UDP echo listens on its port 443 too).
 pub const HF6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 
-/// The upload sink: paste.example's address, this port ([`World::sunk`] counts its bytes).
+/// The upload sink: s3.example's first address, this port ([`World::sunk`] counts its bytes).
 pub const SINK_PORT: u16 = 9000;
 
 /// The running world.
@@ -131,7 +133,7 @@ fn bind(netns: &str) -> anyhow::Result<Sockets> {
                 s.set_nonblocking(true)?;
                 s
             },
-            sink: tcp(HOSTS[2].0, SINK_PORT)?,
+            sink: tcp(HOSTS[3].0, SINK_PORT)?,
         })
     })?
 }

@@ -7,9 +7,12 @@
 //! in `membrane-testbed`).
 
 pub mod cni;
-pub mod dns;
 pub mod hbone;
-pub mod outside;
+
+/// Clients of the simulated world run from inside pods.
+pub use membrane_testbed::world::client as outside;
+/// The DNS client of the simulated world (kept under its old name for the tests).
+pub use membrane_testbed::world::dns_client as dns;
 
 pub use membrane_testbed::*;
 

@@ -49,7 +49,7 @@ kind: EgressPolicy
 metadata: {name: model-api, namespace: inference}
 spec:
   rules:
-  - to: [{hosts: [paste.example], ports: [9000]}]
+  - to: [{hosts: [s3.example], ports: [9000]}]
   budget: {sentBytes: 1Mi, per: 20s}
 ";
 
@@ -422,8 +422,8 @@ async fn an_expired_pin_no_longer_allows() -> anyhow::Result<()> {
 async fn a_budget_cuts_an_upload_near_its_limit_and_holds_across_a_restart() -> anyhow::Result<()> {
     require_root()?;
     let (mut mesh, world) = start().await?;
-    lookup(&mesh, "infer", "paste.example", RecordType::A)?;
-    let sink = addr(&format!("198.51.100.20:{SINK_PORT}"));
+    lookup(&mesh, "infer", "s3.example", RecordType::A)?;
+    let sink = addr(&format!("198.51.100.30:{SINK_PORT}"));
     let started = tokio::time::Instant::now();
     let mut tcp = mesh.connect_from("infer", sink).await?;
     let chunk = vec![0x5a; 64 * 1024];

@@ -1,5 +1,5 @@
-//! Clients of the simulated outside world ([`crate::world::World`]) run from inside mesh
-//! pods, and the access records their connections leave.
+//! Clients of the simulated outside world ([`World`]) run from inside mesh pods, and the
+//! access records their connections leave (tests and `membrane demo` use them).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::World;
 use crate::mesh::Mesh;
-use crate::world::World;
 
 /// Reads the hello line a world server writes first (5 s bound per byte).
 pub async fn hello(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> anyhow::Result<String> {

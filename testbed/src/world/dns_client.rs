@@ -1,4 +1,4 @@
-//! A DNS client for tests: queries sent from inside a pod's network namespace exactly as an
+//! A DNS client for tests and the demo: queries sent from inside a pod's network namespace exactly as an
 //! application there would send them (no ztunnel mark: they are captured), over UDP or TCP,
 //! with `hickory-proto` messages.
 
