@@ -190,7 +190,11 @@ pub fn desired_conditions(report: &PolicyReport, now: &str) -> Vec<Condition> {
                 Fallback::DenyAll { selector } => (
                     "DenyAllStandIn",
                     format!(
-                        "no valid version seen; every request to the workloads {} is denied until the policy is fixed",
+                        "no valid version seen; {} the workloads {} is denied until the policy is fixed",
+                        match report.kind {
+                            PolicyKind::Authorization => "every request to",
+                            PolicyKind::Egress => "every connection leaving the mesh from",
+                        },
                         if *selector {
                             "its selector matches"
                         } else {

@@ -461,6 +461,24 @@ async fn a_budget_cuts_an_upload_near_its_limit_and_holds_across_a_restart() -> 
     )
     .await?;
     assert_eq!(exhausted, 1.0);
+    // The node's admin dump shows the policies it holds and the spent window.
+    let dump = mesh.config_dump("node-a").await?;
+    let held = dump["egress"]["policies"].to_string();
+    assert!(
+        held.contains("inference/model-api") && held.contains("training/hub"),
+        "{held}"
+    );
+    let windows = dump["egress"]["budgetWindows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        windows.iter().any(|w| w["policy"] == "inference/model-api"
+            && w["host"] == "s3.example"
+            && w["spent"] == true
+            && w["sent"] == 1 << 20),
+        "{windows:#?}"
+    );
 
     // Refused until the window rolls, even after the ztunnel restarts.
     refused_plain(&mesh, "infer", &sink.to_string()).await.ok();

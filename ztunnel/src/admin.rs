@@ -1,8 +1,9 @@
 //! The ztunnel's HTTP endpoints: admin (127.0.0.1:15000), metrics (15020), readiness (15021).
 //!
 //! - `GET /config_dump` on the admin port: mesh workloads, Services, policies in force,
-//!   enrolled pods, certificates (serial, expiry, next planned renewal, renewal failures), the
-//!   DNS capture (upstream, pin counts by pod UID), as JSON.
+//!   enrolled pods, certificates (serial, expiry, next planned renewal, renewal failures),
+//!   egress (EgressPolicies held, open decided connections, budget windows), the DNS capture
+//!   (upstream, pin counts by pod UID), as JSON.
 //! - `GET /metrics` on the metrics port: Prometheus text format.
 //! - `GET /healthz/ready` on the readiness port: 200 once the mesh state is loaded and the
 //!   enrollment socket is listening.
@@ -36,6 +37,16 @@ pub fn admin_routes(proxy: Arc<Proxy>, pods: Arc<PodRegistry>) -> Route {
                 "certificates": proxy.certs.status(),
                 "trustBundleRoots": proxy.certs.bundle().load().roots().len(),
                 "hbonePoolConnections": proxy.pool.connection_count(),
+                "egress": {
+                    "policies": state
+                        .egress()
+                        .policies()
+                        .iter()
+                        .map(membrane_policy::egress::EgressPolicy::key)
+                        .collect::<Vec<_>>(),
+                    "openConnections": proxy.egress.open.len(),
+                    "budgetWindows": proxy.egress.ledger.windows(),
+                },
                 "dns": {
                     "upstream": pods.dns().config.upstream,
                     "maxPinsPerPod": proxy.pins.max_per_pod(),

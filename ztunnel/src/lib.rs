@@ -7,7 +7,8 @@
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller, the TLS configurations built from them), [`outbound`]
 //! (the captured connection) → [`route`] (where it goes: a pure decision; outside the mesh,
-//! the pod's DNS [pins](dns::pins) and the [`sni`] it asked for are recorded) → [`hbone`] (the
+//! the pod's DNS [pins](dns::pins) and the [`sni`] it asked for are recorded, and [`egress`]
+//! decides by EgressPolicy, with budgets and open connections re-decided) → [`hbone`] (the
 //! tunnel protocol and connection pool) → [`inbound`] (the tunnel's end, and plaintext);
 //! [`relay`] (the byte copy every path ends in), [`proxy`] (what handlers share, and each
 //! connection's record), [`guard`] (destinations

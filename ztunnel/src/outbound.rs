@@ -2,11 +2,12 @@
 //!
 //! The original destination comes from `SO_ORIGINAL_DST`; [`crate::route`] decides where it
 //! goes (a Service's virtual IP resolved to an endpoint; a mesh workload through HBONE; a
-//! destination that is the ztunnel itself refused; anything else passed through — egress
-//! rules come later), and this module does what the route says. A connection passed through
-//! leaves the mesh: its record names the host the pod resolved the address under (its DNS
-//! pin, or `unresolved`) and the TLS server name of its ClientHello ([`crate::sni`], peeked,
-//! never consumed). A tunnel presents the source
+//! destination that is the ztunnel itself refused; anything else leaves the mesh), and this
+//! module does what the route says. A connection leaving the mesh is decided by EgressPolicy
+//! ([`crate::egress`]) when one selects the source pod — before the destination is dialled;
+//! a denied one is reset — and passes through otherwise; its record names the host the pod
+//! resolved the address under (its DNS pin, or `unresolved`), the TLS server name of its
+//! ClientHello ([`crate::sni`], peeked, never consumed) and the decision. A tunnel presents the source
 //! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008`. Every
 //! socket the ztunnel opens is created in the source pod's namespace with the ztunnel mark,
 //! so it leaves with the pod's address and is not captured again.

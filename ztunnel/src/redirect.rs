@@ -14,8 +14,10 @@
 //!   not to any local address, not the ztunnel's) is
 //!   counted ([`UDP_EGRESS`]) and each new flow's destination and port is added to the sets
 //!   [`UDP_FLOWS4`] / [`UDP_FLOWS6`] (entries expire after [`UDP_FLOW_TIMEOUT_S`]), which
-//!   [`crate::udp`] reads into metrics and one record per new flow. It is not blocked here:
-//!   egress decisions belong to EgressPolicy;
+//!   [`crate::udp`] reads into metrics and one record per new flow. In a pod an ALLOW
+//!   EgressPolicy selects ([`PodRules::egress_locked`]) everything the capture cannot decide
+//!   — UDP other than DNS, any protocol but TCP, either family — is dropped first and counted
+//!   ([`EGRESS_DROPPED`]); replies of accepted flows and IPv6 neighbour discovery pass;
 //! - incoming TCP is redirected to 15006 (plaintext capture), except HBONE (15008),
 //!   loopback, and kubelet probes: TCP from [`PROBE_SOURCE`] (169.254.7.127) goes to the
 //!   application uncaptured. Only the node can send from that address: the CNI plugin SNATs

@@ -307,6 +307,25 @@ impl Ledger {
         );
     }
 
+    /// Every window, for the admin dump: key, start, length, counts, limits, whether spent.
+    pub fn windows(&self) -> Vec<serde_json::Value> {
+        let mut out: Vec<(BudgetKey, Window)> = crate::lock(&self.windows)
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter()
+            .map(|(k, w)| {
+                serde_json::json!({
+                    "identity": k.identity, "host": k.host, "policy": k.policy,
+                    "start": w.start, "perSeconds": w.per, "sent": w.sent, "received": w.received,
+                    "sentLimit": w.sent_limit, "receivedLimit": w.received_limit,
+                    "spent": w.exhausted,
+                })
+            })
+            .collect()
+    }
+
     /// Drops windows that ended before `now`.
     pub fn expire(&self, now: SystemTime) {
         let now = unix(now);

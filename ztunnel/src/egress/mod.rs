@@ -65,17 +65,12 @@ fn is_tls(hello: &Hello, port: u16) -> bool {
 /// Decides `attrs` for `source` against `state`'s EgressPolicies.
 pub fn decide_attrs(state: &MeshState, source: &Workload, attrs: &EgressAttrs) -> EgressDecision {
     let policies = state.egress().selecting(&source.namespace, &source.labels);
-    let principal = source.identity.spiffe_id().to_string();
-    let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
+    let mut principal = String::new();
     let pinned: Vec<&str> = attrs.pinned.iter().map(String::as_str).collect();
     decide_egress(
         &policies,
         &EgressRequest {
-            source: Source {
-                principal,
-                namespace: &source.namespace,
-                service_account: &source.service_account,
-            },
+            source: Source::from_identity(&source.identity, &mut principal),
             ip: attrs.dst.ip(),
             port: attrs.dst.port(),
             pinned: &pinned,
