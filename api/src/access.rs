@@ -80,7 +80,7 @@ pub struct Egress {
     #[serde(default)]
     pub verdict: String,
     /// Why: `no_policy`, `matched`, `not_allowed`, `sni_mismatch`, `sni_missing`,
-    /// `budget_exhausted`, `policy_changed`.
+    /// `budget_exhausted`, `policy_changed`, `gateway_unavailable`.
     #[serde(default)]
     pub reason: String,
     /// `namespace/name` of the deciding EgressPolicy.
@@ -92,6 +92,9 @@ pub struct Egress {
     /// The name the deciding rule matched (a pinned name, or the SNI for a DENY).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched: Option<String>,
+    /// `namespace/name` of the egress gateway the deciding rule sends the connection through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// AUDIT EgressPolicies that matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audit: Vec<String>,
@@ -185,6 +188,7 @@ mod tests {
                 policy: Some("training/hub".into()),
                 rule: Some(0),
                 matched: Some("cdn.hf.co".into()),
+                via: None,
                 audit: Vec::new(),
                 dry_run: Vec::new(),
             })),

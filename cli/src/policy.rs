@@ -56,6 +56,16 @@ pub fn check(files: &[PathBuf], root_namespace: &str) -> anyhow::Result<bool> {
                 None
             }
         };
+        let gateway = match membrane_policy::gateway::parse_gateway_config(&text) {
+            Ok(config) => Some(config.gateways.len() + config.routes.len()),
+            Err(errors) => {
+                ok = false;
+                for e in &errors {
+                    println!("{}: error: {e}", file.display());
+                }
+                None
+            }
+        };
         match parse_policies(&text) {
             Ok(checked) => {
                 for c in &checked {
@@ -66,9 +76,9 @@ pub fn check(files: &[PathBuf], root_namespace: &str) -> anyhow::Result<bool> {
                         println!("{}: warning: {w}", file.display());
                     }
                 }
-                if let Some(egress) = egress {
+                if let (Some(egress), Some(gateway)) = (egress, gateway) {
                     println!(
-                        "{}: ok ({} policies, {egress} egress policies)",
+                        "{}: ok ({} policies, {egress} egress policies, {gateway} gateways and routes)",
                         file.display(),
                         checked.len()
                     );

@@ -46,7 +46,10 @@ fn check_validates_egress_policies_with_paths() {
     .expect("write");
     let (code, out, _) = membrane(&["policy", "check", good.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("ok (0 policies, 1 egress policies)"), "{out}");
+    assert!(
+        out.contains("ok (0 policies, 1 egress policies, 0 gateways and routes)"),
+        "{out}"
+    );
     let bad = dir.path().join("bad-egress.yaml");
     std::fs::write(
         &bad,
@@ -255,4 +258,30 @@ fn explain_answers_egress_questions_with_the_deciding_egress_policy() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("--to-host"), "{err}");
+}
+
+#[test]
+fn check_validates_gateway_api_documents_with_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ingress.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: membrane-system}\nspec:\n  gatewayClassName: membrane\n  listeners: [{name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}}]\n---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: model-api, namespace: membrane-system}\nspec:\n  parentRefs: [{name: ingress}]\n  hostnames: [api.models.example]\n  rules: [{backendRefs: [{name: model-server, port: 8443}]}]\n",
+    )
+    .expect("write");
+    let (code, out, _) = membrane(&["policy", "check", file.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 gateways and routes"), "{out}");
+    let bad = dir.path().join("bad-ingress.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: membrane-system}\nspec:\n  gatewayClassName: membrane\n  listeners: [{name: web, port: 80, protocol: HTTP}]\n",
+    )
+    .expect("write");
+    let (code, out, _) = membrane(&["policy", "check", bad.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("Gateway membrane-system/ingress: spec.listeners[0].protocol"),
+        "{out}"
+    );
 }

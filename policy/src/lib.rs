@@ -14,7 +14,8 @@
 //! flattened encoding `decide` walks), `gate` (per-rule source-namespace filters) and `hash`
 //! (the Fx hash both use).
 //!
-//! [`egress`] holds EgressPolicy (model, validation, the decision at the source) beside it.
+//! [`egress`] holds EgressPolicy (model, validation, the decision at the source) beside it,
+//! and [`gateway`] the ingress routes in the Gateway API's shape.
 //!
 //! This crate never does I/O (no files, network, clock or logging) and never panics on input:
 //! its callers (controller, ztunnel, CLI) read, log and measure.
@@ -24,6 +25,7 @@ pub mod diagnostics;
 pub mod egress;
 pub mod eval;
 mod gate;
+pub mod gateway;
 mod hash;
 pub mod matcher;
 pub mod model;

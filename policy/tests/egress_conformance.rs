@@ -756,3 +756,73 @@ fn hosts_quantities_and_windows_are_normalised() {
         parse_window("0s").is_err() && parse_window("32d").is_err() && parse_window("h").is_err()
     );
 }
+
+#[test]
+fn a_rule_through_a_gateway_says_so_and_only_allow_may_name_one() {
+    let text = r#"
+apiVersion: security.membrane.dev/v1
+kind: EgressPolicy
+metadata: {name: hub-via-gateway, namespace: training}
+spec:
+  rules:
+  - to: [{hosts: [huggingface.co], ports: [443]}]
+    via: {gateway: egress}
+  - to: [{hosts: [cdn.hf.co], ports: [443]}]
+    via: {gateway: shared-egress, namespace: membrane-system}
+  - to: [{hosts: [s3.example], ports: [443]}]
+"#;
+    let policies = parse_egress_policies(text).expect("valid");
+    let refs: Vec<&EgressPolicy> = policies.iter().collect();
+    let source = Source {
+        principal: "cluster.local/ns/training/sa/trainer",
+        namespace: "training",
+        service_account: "trainer",
+    };
+    let decide = |pinned: &'static [&'static str], sni: &'static str| {
+        decide_egress(
+            &refs,
+            &EgressRequest {
+                source,
+                ip: "198.51.100.10".parse().expect("ip"),
+                port: 443,
+                pinned,
+                sni: Some(sni),
+                tls: true,
+            },
+        )
+    };
+    let d = decide(&["huggingface.co"], "huggingface.co");
+    assert_eq!(d.verdict, EgressVerdict::Allow);
+    assert_eq!(
+        d.via.map(|g| g.to_string()).as_deref(),
+        Some("training/egress"),
+        "the policy's namespace by default"
+    );
+    let d = decide(&["cdn.hf.co"], "cdn.hf.co");
+    assert_eq!(
+        d.via.map(|g| g.to_string()).as_deref(),
+        Some("membrane-system/shared-egress")
+    );
+    assert_eq!(decide(&["s3.example"], "s3.example").via, None);
+
+    let bad = r#"
+apiVersion: security.membrane.dev/v1
+kind: EgressPolicy
+metadata: {name: no-gateway-deny, namespace: training}
+spec:
+  action: DENY
+  rules:
+  - to: [{hosts: [paste.example]}]
+    via: {gateway: egress}
+  - to: [{hosts: [paste.example]}]
+    via: {gateway: Bad_Name, namespace: "-x"}
+"#;
+    let errors = parse_egress_policies(bad).expect_err("refused");
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.contains(&"spec.rules[0].via"), "{errors:?}");
+    assert!(paths.contains(&"spec.rules[1].via.gateway"), "{errors:?}");
+    assert!(paths.contains(&"spec.rules[1].via.namespace"), "{errors:?}");
+    let unknown = bad.replace("namespace: \"-x\"", "port: 1");
+    let errors = parse_egress_policies(&unknown).expect_err("refused");
+    assert_eq!(errors[0].path, "spec.rules[1].via.port", "{errors:?}");
+}

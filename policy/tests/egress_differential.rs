@@ -55,6 +55,7 @@ fn policy(seq: &mut Seq, i: usize) -> EgressPolicy {
                 ip_blocks: Vec::new(),
                 allow_missing_sni: seq.take(2) == 0,
             }],
+            via: None,
         }],
         budget: None,
         dry_run: seq.take(10) == 0,

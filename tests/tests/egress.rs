@@ -34,6 +34,8 @@ spec:
       ports: [80]
   - from: [{principals: [\"cluster.local/ns/training/sa/trainer\"]}]
     to: [{ipBlocks: [198.51.100.30/32], ports: [80]}]
+  - to: [{hosts: [s3.example], ports: [443]}]
+    via: {gateway: egress}
 ---
 apiVersion: security.membrane.dev/v1
 kind: EgressPolicy
@@ -292,6 +294,19 @@ async fn each_rule_form_decides_by_the_pods_own_names() -> anyhow::Result<()> {
     )
     .await?;
     assert!(r["egress"]["sni"].is_null());
+    // A rule that names an egress gateway never lets the node connect directly.
+    lookup(&mesh, "trainer", "s3.example", RecordType::A)?;
+    refused_tls(&mesh, &world, "trainer", "198.51.100.30:443", "s3.example").await?;
+    let r = expect(
+        &mesh,
+        "trainer",
+        "198.51.100.30:443",
+        1,
+        "deny",
+        "gateway_unavailable",
+    )
+    .await?;
+    assert_eq!(r["egress"]["via"], "training/egress", "{r:#}");
     // No policy selects the free pod: it passes through, recorded as such.
     assert!(
         plain_hello(&mesh, "free", addr("198.51.100.20:80"))

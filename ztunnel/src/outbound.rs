@@ -171,6 +171,16 @@ async fn passthrough(
         log.refused(format!("egress denied: {}", decision.reason.as_str()));
         return;
     }
+    if let Some(gateway) = &decision.via {
+        // The rule sends these connections through an egress gateway, which this ztunnel
+        // cannot reach yet: never connect directly instead (fail closed).
+        control.metrics.gateway_unavailable();
+        tracing::info!(src = %source.identity, dst = %dst, gateway = %gateway, "egress refused: its rule names a gateway this node cannot use");
+        log.egress_closed("gateway_unavailable", None);
+        tcp.reset();
+        log.refused(format!("egress through gateway {gateway} is not available"));
+        return;
+    }
     let meter = match decision.budget.as_ref().zip(decision.policy.as_ref()) {
         None => None,
         Some((budget, policy)) => {

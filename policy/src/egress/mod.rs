@@ -18,7 +18,9 @@
 //! also needs the ClientHello's SNI to be the pinned name or to match the host pattern
 //! (`sni_mismatch`); no SNI where a host rule decides → `sni_missing`, unless the entry says
 //! `allowMissingSni`. A DENY host rule matches the pinned names *or* the SNI (a lie about the
-//! name cannot dodge a deny). AUDIT and dry-run policies are reported, never enforced.
+//! name cannot dodge a deny). AUDIT and dry-run policies are reported, never enforced. An
+//! ALLOW rule may name an egress gateway (`via`): the decision carries it, and the connection
+//! must leave through that gateway, never directly.
 
 pub mod index;
 pub mod model;
@@ -96,6 +98,21 @@ pub struct EgressTo {
     pub allow_missing_sni: bool,
 }
 
+/// An egress gateway, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for GatewayRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRule {
@@ -103,6 +120,9 @@ pub struct EgressRule {
     pub from: Vec<EgressFrom>,
     /// Destinations (any); empty: none (a rule must say where).
     pub to: Vec<EgressTo>,
+    /// The egress gateway its connections must leave through (ALLOW only); `None`: from the
+    /// source's node.
+    pub via: Option<GatewayRef>,
 }
 
 /// A byte budget per (source identity, host, window).
@@ -214,6 +234,8 @@ pub struct EgressDecision {
     pub host: Option<String>,
     /// The budget of the deciding ALLOW policy.
     pub budget: Option<Budget>,
+    /// The egress gateway the deciding ALLOW rule sends the connection through.
+    pub via: Option<GatewayRef>,
     /// AUDIT policies that matched.
     pub audit: Vec<String>,
     /// Dry-run policies that would have matched.
@@ -314,6 +336,7 @@ pub fn decide_egress(policies: &[&EgressPolicy], req: &EgressRequest<'_>) -> Egr
         rule: None,
         host: None,
         budget: None,
+        via: None,
         audit: Vec::new(),
         dry_run: Vec::new(),
     };
@@ -354,6 +377,7 @@ pub fn decide_egress(policies: &[&EgressPolicy], req: &EgressRequest<'_>) -> Egr
             decision.rule = Some(rule);
             decision.host = host;
             decision.budget = p.budget;
+            decision.via = p.rules.get(rule).and_then(|r| r.via.clone());
             return decision;
         }
     }

@@ -57,6 +57,20 @@ pub struct EgressRuleDoc {
     /// Destinations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<EgressToDoc>,
+    /// Leave through this egress gateway instead of from the source's node (ALLOW only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<ViaDoc>,
+}
+
+/// `via`: the egress gateway a rule's connections leave through.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ViaDoc {
+    /// The gateway's name.
+    pub gateway: String,
+    /// Its namespace; absent: the policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// A source condition: its principals or service accounts (either matches).

@@ -210,7 +210,14 @@ pub fn check_egress(doc: EgressPolicyDoc) -> Result<EgressPolicy, Vec<EgressErro
         .unwrap_or_default();
     let mut rules = Vec::new();
     for (r, rule) in doc.spec.rules.into_iter().enumerate() {
-        rules.push(check_rule(rule, &format!("spec.rules[{r}]"), &mut err));
+        let at = format!("spec.rules[{r}]");
+        let via = rule
+            .via
+            .clone()
+            .and_then(|v| check_via(v, &namespace, action, &format!("{at}.via"), &mut err));
+        let mut rule = check_rule(rule, &at, &mut err);
+        rule.via = via;
+        rules.push(rule);
     }
     let budget = doc
         .spec
@@ -302,7 +309,48 @@ fn check_rule(rule: EgressRuleDoc, at: &str, err: &mut impl FnMut(String, String
             allow_missing_sni: doc.allow_missing_sni,
         });
     }
-    EgressRule { from, to }
+    EgressRule {
+        from,
+        to,
+        via: None,
+    }
+}
+
+/// A rule's `via`: an object name and a namespace (the policy's by default), on ALLOW only.
+fn check_via(
+    via: super::model::ViaDoc,
+    policy_namespace: &str,
+    action: EgressAction,
+    at: &str,
+    err: &mut impl FnMut(String, String),
+) -> Option<super::GatewayRef> {
+    let mut ok = true;
+    if action != EgressAction::Allow {
+        err(
+            at.to_owned(),
+            "only an ALLOW rule can send connections through a gateway".into(),
+        );
+        ok = false;
+    }
+    if let Err(e) = crate::validate::object_name(&via.gateway) {
+        err(
+            format!("{at}.gateway"),
+            format!("invalid gateway name {:?}: {e}", via.gateway),
+        );
+        ok = false;
+    }
+    let namespace = via.namespace.unwrap_or_else(|| policy_namespace.to_owned());
+    if let Err(e) = membrane_identity::spiffe_id::validate_namespace(&namespace) {
+        err(
+            format!("{at}.namespace"),
+            format!("invalid namespace {namespace:?}: {e}"),
+        );
+        ok = false;
+    }
+    ok.then_some(super::GatewayRef {
+        namespace,
+        name: via.gateway,
+    })
 }
 
 fn check_budget(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use membrane_proto::v1::{self as pb, egress_policy};
 
 use super::validate::{MAX_WINDOW, parse_host};
-use super::{Budget, EgressAction, EgressFrom, EgressPolicy, EgressRule, EgressTo};
+use super::{Budget, EgressAction, EgressFrom, EgressPolicy, EgressRule, EgressTo, GatewayRef};
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch};
 
 /// Why a wire message is not a valid EgressPolicy.
@@ -61,6 +61,10 @@ impl From<&EgressPolicy> for pb::EgressPolicy {
                             allow_missing_sni: t.allow_missing_sni,
                         })
                         .collect(),
+                    via: r.via.as_ref().map(|v| pb::GatewayRef {
+                        namespace: v.namespace.clone(),
+                        name: v.name.clone(),
+                    }),
                 })
                 .collect(),
             budget: p.budget.map(|b| pb::EgressBudget {
@@ -175,7 +179,24 @@ impl TryFrom<pb::EgressPolicy> for EgressPolicy {
                     allow_missing_sni: dst.allow_missing_sni,
                 });
             }
-            rules.push(EgressRule { from, to });
+            let via = match rule.via {
+                None => None,
+                Some(v) => {
+                    let at = format!("rules[{r}].via");
+                    if action != EgressAction::Allow {
+                        return Err(err(at, "only an ALLOW rule can name a gateway".into()));
+                    }
+                    crate::validate::object_name(&v.name)
+                        .map_err(|e| err(format!("{at}.name"), e))?;
+                    membrane_identity::spiffe_id::validate_namespace(&v.namespace)
+                        .map_err(|e| err(format!("{at}.namespace"), e.to_string()))?;
+                    Some(GatewayRef {
+                        namespace: v.namespace,
+                        name: v.name,
+                    })
+                }
+            };
+            rules.push(EgressRule { from, to, via });
         }
         let budget = match m.budget {
             None => None,
@@ -233,6 +254,7 @@ spec:
     to:
     - {hosts: [HuggingFace.co., "*.hf.co", "bücher.example"], ports: [443], allowMissingSni: true}
     - {ipBlocks: [192.0.2.0/24, "2001:db8::/32"], ports: [8443]}
+    via: {gateway: egress, namespace: membrane-system}
   budget: {sentBytes: 1Gi, receivedBytes: 10G, per: 1h}
 "#;
 
@@ -271,6 +293,14 @@ spec:
         assert_eq!(
             EgressPolicy::try_from(m).expect_err("principal").path,
             "rules[0].from[0].principals[0]"
+        );
+        let mut m = good.clone();
+        if let Some(via) = m.rules[0].via.as_mut() {
+            via.name = "Not_A_Name".into();
+        }
+        assert_eq!(
+            EgressPolicy::try_from(m).expect_err("gateway").path,
+            "rules[0].via.name"
         );
         let mut m = good.clone();
         m.action = 9;

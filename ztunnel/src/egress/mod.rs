@@ -115,6 +115,7 @@ pub fn decide(
         policy: decision.policy.clone(),
         rule: decision.rule,
         matched: decision.host.clone(),
+        via: decision.via.as_ref().map(ToString::to_string),
         audit: decision.audit.clone(),
         dry_run: decision.dry_run.clone(),
     };
@@ -190,6 +191,16 @@ impl EgressMetrics {
             .get_or_create(&DecisionLabels {
                 verdict: "deny",
                 reason: "budget_exhausted",
+            })
+            .inc();
+    }
+
+    /// Counts a refusal of a connection whose rule names a gateway.
+    pub fn gateway_unavailable(&self) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                verdict: "deny",
+                reason: "gateway_unavailable",
             })
             .inc();
     }

@@ -1,0 +1,117 @@
+//! Ingress in the Kubernetes Gateway API's shape (`gateway.networking.k8s.io`, DESIGN.md §10):
+//! a `Gateway` whose listeners take TCP by port or TLS by server name (passthrough only — the
+//! mesh never terminates a client's TLS), and `TCPRoute` / `TLSRoute` objects that attach mesh
+//! Services to those listeners. The same YAML serves the directory source and, in Kubernetes,
+//! the Gateway API CRDs.
+//!
+//! Flow: text → [`validate::parse_gateway_config`] ([`Gateway`]s and [`Route`]s, every error
+//! with its field path, all or nothing) → [`IngressTable::build`] for one gateway, checking
+//! every backend against the Services that exist (an unknown one is an error naming the
+//! route's field, and nothing is built) → [`IngressTable::route`] per accepted connection:
+//! the backend for (listener port, SNI), or why there is none. Pure, like the rest of the
+//! crate: no I/O, no panics on input.
+
+pub mod table;
+pub mod validate;
+
+pub use table::{IngressTable, Miss, Target};
+pub use validate::{GatewayError, parse_gateway_config};
+
+use crate::egress::HostPattern;
+
+/// What a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// Any TCP on the port; one route takes it.
+    Tcp,
+    /// TLS, routed by the ClientHello's server name and passed through unopened.
+    TlsPassthrough,
+}
+
+/// One listener of a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Its name (routes attach to it by `sectionName`).
+    pub name: String,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: ListenerProtocol,
+    /// Server names it takes (TLS only); `None`: any.
+    pub hostname: Option<HostPattern>,
+    /// Routes of every namespace may attach (`allowedRoutes.namespaces.from: All`); else
+    /// only the gateway's own namespace's.
+    pub routes_from_all_namespaces: bool,
+}
+
+/// A validated `Gateway`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `gatewayClassName`.
+    pub class: String,
+    /// Listeners, distinct by name and by port.
+    pub listeners: Vec<Listener>,
+}
+
+/// Which route kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// `TCPRoute`.
+    Tcp,
+    /// `TLSRoute`.
+    Tls,
+}
+
+/// A route's attachment to a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// The gateway's namespace (the route's own by default).
+    pub namespace: String,
+    /// The gateway's name.
+    pub name: String,
+    /// A listener by name; `None`: every listener of the route's kind.
+    pub section: Option<String>,
+    /// A listener by port; `None`: any.
+    pub port: Option<u16>,
+}
+
+/// A backend: a mesh Service and its port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// The Service's namespace (the route's own by default).
+    pub namespace: String,
+    /// The Service's name.
+    pub service: String,
+    /// The Service port.
+    pub port: u16,
+}
+
+/// A validated `TCPRoute` or `TLSRoute`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Kind.
+    pub kind: RouteKind,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Gateways it attaches to.
+    pub parents: Vec<ParentRef>,
+    /// Server names (TLS routes; at least one).
+    pub hostnames: Vec<HostPattern>,
+    /// Backends, in order (the first ready one is used; more than one spreads nothing yet).
+    pub backends: Vec<Backend>,
+    /// Each backend's field path in the document (`spec.rules[0].backendRefs[1]`).
+    pub backend_paths: Vec<String>,
+}
+
+impl Route {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
