@@ -901,3 +901,59 @@ async fn egress_policies_are_read_validated_and_kept_at_their_last_valid_version
     })
     .await;
 }
+
+#[tokio::test]
+async fn egress_policy_status_is_written_to_its_own_resource() {
+    let mut setup = base_setup();
+    let object = |name: &str, spec: Value| {
+        json!({"apiVersion": "security.membrane.dev/v1", "kind": "EgressPolicy",
+               "metadata": {"name": name, "namespace": "training", "uid": format!("uid-{name}"),
+                            "generation": 2},
+               "spec": spec})
+    };
+    setup.lists.insert(
+        "egresspolicies",
+        vec![
+            object(
+                "hub",
+                json!({"rules": [{"to": [{"hosts": ["huggingface.co"]}]}]}),
+            ),
+            object("broken", json!({"rules": [{"to": [{"ports": [70000]}]}]})),
+        ],
+    );
+    let mut src = start_source(setup);
+    start_status(&src, status_config(15_000));
+    let mut patches = Vec::new();
+    while patches.len() < 2 {
+        patches.push(src.api.next_seen(is_patch).await);
+    }
+    let find = |name: &str| {
+        patches
+            .iter()
+            .find(|p| p.path.ends_with(&format!("/egresspolicies/{name}/status")))
+            .unwrap_or_else(|| panic!("no status patch for {name}: {patches:?}"))
+    };
+    let hub = find("hub");
+    assert!(hub.path.contains("/namespaces/training/"), "{}", hub.path);
+    assert_eq!(
+        condition(hub, "Accepted").expect("Accepted")["status"],
+        "True"
+    );
+    let broken = find("broken");
+    let accepted = condition(broken, "Accepted").expect("Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.rules[0].to[0].ports[0]")),
+        "{accepted}"
+    );
+    let enforced = condition(broken, "Enforced").expect("Enforced");
+    assert_eq!(enforced["reason"], "DenyAllStandIn");
+    assert!(
+        enforced["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("leaving the mesh")),
+        "{enforced}"
+    );
+}
