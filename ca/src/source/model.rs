@@ -162,6 +162,10 @@ pub struct ClusterState {
     pub policies: BTreeMap<(String, String), PolicyEntry>,
     /// Valid EgressPolicies by (namespace, name); invalid ones are left out, as above.
     pub egress_policies: BTreeMap<(String, String), membrane_policy::egress::EgressPolicy>,
+    /// Valid Gateway API `Gateway`s by (namespace, name).
+    pub gateways: BTreeMap<(String, String), membrane_policy::gateway::Gateway>,
+    /// Valid `TCPRoute`s and `TLSRoute`s by (namespace, name, kind).
+    pub routes: BTreeMap<(String, String, &'static str), membrane_policy::gateway::Route>,
 }
 
 impl ClusterState {
@@ -173,6 +177,32 @@ impl ClusterState {
             .is_some_and(Namespace::mesh_enabled);
         let opted_out = pod.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled");
         ns_enabled && !opted_out
+    }
+
+    /// Each gateway's routing table, built against this state's Services, or every error
+    /// that keeps it from being built (a route to an unknown Service or port, competing
+    /// routes), each with the route's field path. A gateway's table is built whole or not.
+    pub fn ingress_tables(
+        &self,
+    ) -> BTreeMap<
+        (String, String),
+        Result<membrane_policy::gateway::IngressTable, Vec<membrane_policy::gateway::GatewayError>>,
+    > {
+        let routes: Vec<membrane_policy::gateway::Route> = self.routes.values().cloned().collect();
+        let service_ports = |namespace: &str, name: &str| {
+            self.services
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .map(|s| s.ports.iter().map(|p| p.port).collect())
+        };
+        self.gateways
+            .iter()
+            .map(|(key, gateway)| {
+                (
+                    key.clone(),
+                    membrane_policy::gateway::IngressTable::build(gateway, &routes, service_ports),
+                )
+            })
+            .collect()
     }
 
     /// Active mesh pods scheduled on `node`.

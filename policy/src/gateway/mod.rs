@@ -15,7 +15,7 @@ pub mod table;
 pub mod validate;
 
 pub use table::{IngressTable, Miss, Target};
-pub use validate::{GatewayError, parse_gateway_config};
+pub use validate::{GatewayError, GatewayObject, check_gateway_value, parse_gateway_config};
 
 use crate::egress::HostPattern;
 

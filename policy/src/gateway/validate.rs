@@ -463,6 +463,90 @@ fn check_route(
     })
 }
 
+/// One Gateway API object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayObject {
+    /// A `Gateway`.
+    Gateway(Gateway),
+    /// A `TCPRoute` or `TLSRoute`.
+    Route(Route),
+}
+
+/// Validates one document (document number `n`, 1-based, for messages): `Ok(None)` when it is
+/// not a `Gateway`, `TCPRoute` or `TLSRoute` of the Gateway API group.
+pub fn check_gateway_value(
+    n: usize,
+    doc: Value,
+) -> Result<Option<GatewayObject>, Vec<GatewayError>> {
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let api = doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(version) = api.strip_prefix(GROUP).and_then(|v| v.strip_prefix('/')) else {
+        return Ok(None);
+    };
+    let supported = match kind.as_str() {
+        "Gateway" => ["v1", "v1beta1"].contains(&version),
+        "TCPRoute" => version == "v1alpha2",
+        "TLSRoute" => ["v1alpha2", "v1alpha3"].contains(&version),
+        _ => return Ok(None),
+    };
+    let object = match (
+        doc.pointer("/metadata/namespace").and_then(Value::as_str),
+        doc.pointer("/metadata/name").and_then(Value::as_str),
+    ) {
+        (ns, Some(name)) => format!("{kind} {}/{name}", ns.unwrap_or("default")),
+        _ => format!("document {n}"),
+    };
+    let mut errors = Vec::new();
+    let mut err = |path: String, message: String| {
+        errors.push(GatewayError {
+            object: object.clone(),
+            path,
+            message,
+        });
+    };
+    let checked = if !supported {
+        err(
+            "apiVersion".into(),
+            format!("{api} is not a supported version of {kind}"),
+        );
+        None
+    } else if kind == "Gateway" {
+        match serde_path_to_error::deserialize::<_, GatewayDoc>(doc) {
+            Ok(doc) => check_gateway(doc, &mut err).map(GatewayObject::Gateway),
+            Err(e) => {
+                err(e.path().to_string(), e.inner().to_string());
+                None
+            }
+        }
+    } else {
+        let route_kind = if kind == "TCPRoute" {
+            RouteKind::Tcp
+        } else {
+            RouteKind::Tls
+        };
+        match serde_path_to_error::deserialize::<_, RouteDoc>(doc) {
+            Ok(doc) => check_route(route_kind, doc, &mut err).map(GatewayObject::Route),
+            Err(e) => {
+                err(e.path().to_string(), e.inner().to_string());
+                None
+            }
+        }
+    };
+    if errors.is_empty() {
+        Ok(checked)
+    } else {
+        Err(errors)
+    }
+}
+
 /// Reads every `Gateway`, `TCPRoute` and `TLSRoute` of `text` (other kinds are skipped); all
 /// or nothing.
 pub fn parse_gateway_config(text: &str) -> Result<GatewayConfig, Vec<GatewayError>> {
@@ -476,57 +560,11 @@ pub fn parse_gateway_config(text: &str) -> Result<GatewayConfig, Vec<GatewayErro
     let mut config = GatewayConfig::default();
     let mut errors = Vec::new();
     for (i, doc) in docs.into_iter().enumerate() {
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-        let api = doc
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let Some(version) = api.strip_prefix(GROUP).and_then(|v| v.strip_prefix('/')) else {
-            continue;
-        };
-        let object = match (
-            doc.pointer("/metadata/namespace").and_then(Value::as_str),
-            doc.pointer("/metadata/name").and_then(Value::as_str),
-        ) {
-            (ns, Some(name)) => format!("{kind} {}/{name}", ns.unwrap_or("default")),
-            _ => format!("document {}", i + 1),
-        };
-        let mut err = |path: String, message: String| {
-            errors.push(GatewayError {
-                object: object.clone(),
-                path,
-                message,
-            });
-        };
-        let supported = match kind {
-            "Gateway" => ["v1", "v1beta1"].contains(&version),
-            "TCPRoute" => version == "v1alpha2",
-            "TLSRoute" => ["v1alpha2", "v1alpha3"].contains(&version),
-            _ => continue,
-        };
-        if !supported {
-            err(
-                "apiVersion".into(),
-                format!("{api} is not a supported version of {kind}"),
-            );
-            continue;
-        }
-        match kind {
-            "Gateway" => match serde_path_to_error::deserialize::<_, GatewayDoc>(doc) {
-                Ok(doc) => config.gateways.extend(check_gateway(doc, &mut err)),
-                Err(e) => err(e.path().to_string(), e.inner().to_string()),
-            },
-            _ => {
-                let route_kind = if kind == "TCPRoute" {
-                    RouteKind::Tcp
-                } else {
-                    RouteKind::Tls
-                };
-                match serde_path_to_error::deserialize::<_, RouteDoc>(doc) {
-                    Ok(doc) => config.routes.extend(check_route(route_kind, doc, &mut err)),
-                    Err(e) => err(e.path().to_string(), e.inner().to_string()),
-                }
-            }
+        match check_gateway_value(i + 1, doc) {
+            Ok(Some(GatewayObject::Gateway(g))) => config.gateways.push(g),
+            Ok(Some(GatewayObject::Route(r))) => config.routes.push(r),
+            Ok(None) => {}
+            Err(mut e) => errors.append(&mut e),
         }
     }
     if errors.is_empty() {

@@ -1,8 +1,8 @@
 //! Reading manifests: YAML text → validated [`Object`]s of the cluster model.
 //!
 //! A file may hold several documents, and `kind: List` is unpacked. `Namespace`, `Pod`,
-//! `ServiceAccount`, `Service`, `AuthorizationPolicy` (Membrane's and Istio's API groups) and
-//! `EgressPolicy` are understood; other kinds are ignored. Every error names the document and the field.
+//! `ServiceAccount`, `Service`, `AuthorizationPolicy` (Membrane's and Istio's API groups),
+//! `EgressPolicy` and the Gateway API's `Gateway`, `TCPRoute` and `TLSRoute` are understood; other kinds are ignored. Every error names the document and the field.
 //! Pure: this module must not touch the filesystem, the clock or any channel (that is
 //! [`super::watch`]).
 
@@ -61,6 +61,10 @@ pub enum Object {
     Policy(PolicyEntry),
     /// A valid EgressPolicy.
     Egress(membrane_policy::egress::EgressPolicy),
+    /// A valid Gateway API `Gateway`.
+    Gateway(membrane_policy::gateway::Gateway),
+    /// A valid `TCPRoute` or `TLSRoute`.
+    Route(membrane_policy::gateway::Route),
 }
 
 /// A Service as written in a manifest: endpoints come from its selector.
@@ -288,6 +292,26 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
             out.push(Object::Policy(
                 policy_from(Value::Object(map)).map_err(|(f, m)| field_err(f, m))?,
             ));
+            Ok(())
+        }
+        (v, "Gateway" | "TCPRoute" | "TLSRoute")
+            if v.starts_with(membrane_policy::gateway::validate::GROUP) =>
+        {
+            use membrane_policy::gateway::{GatewayObject, check_gateway_value};
+            match check_gateway_value(document, Value::Object(map)) {
+                Ok(Some(GatewayObject::Gateway(g))) => out.push(Object::Gateway(g)),
+                Ok(Some(GatewayObject::Route(r))) => out.push(Object::Route(r)),
+                Ok(None) => {}
+                Err(errors) => {
+                    let field = errors.first().map_or_else(String::new, |e| e.path.clone());
+                    let message = errors
+                        .iter()
+                        .map(|e| e.message.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(field_err(field, message));
+                }
+            }
             Ok(())
         }
         (_, membrane_policy::egress::model::KIND) => {

@@ -3,7 +3,8 @@
 //! Every `*.yaml` / `*.yml` file below the directory is read (hidden files and directories are
 //! skipped); a file may hold several documents, and `kind: List` is unpacked. `Namespace`,
 //! `Pod`, `ServiceAccount`, `Service`, `AuthorizationPolicy` (Membrane's and Istio's API
-//! groups) and `EgressPolicy` are understood; other kinds are ignored. A Service's endpoints are the pods its
+//! groups), `EgressPolicy` and the Gateway API's `Gateway`, `TCPRoute` and `TLSRoute` are
+//! understood; other kinds are ignored. A Service's endpoints are the pods its
 //! selector matches (there is no endpoints controller without Kubernetes).
 //!
 //! A file is applied whole or not at all: when an edit breaks it, the error names the file,

@@ -246,3 +246,72 @@ fn unreadable_directory_is_an_error() {
     let mut source = DirectorySource::new("/nonexistent/membrane/manifests");
     assert!(matches!(source.rescan(), Err(SourceError::Io { .. })));
 }
+
+const INGRESS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: model-server, namespace: inference}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: model-server}
+  ports: [{name: tls, port: 8443, targetPort: 8443}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: inference}
+spec:
+  gatewayClassName: membrane
+  listeners: [{name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: model-api, namespace: inference}
+spec:
+  parentRefs: [{name: ingress}]
+  hostnames: [api.models.example]
+  rules: [{backendRefs: [{name: model-server, port: 8443}]}]
+"#;
+
+#[test]
+fn gateways_and_routes_are_read_and_a_route_to_nothing_builds_no_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ingress.yaml");
+    std::fs::write(&file, INGRESS).expect("write");
+    let mut source = DirectorySource::new(dir.path());
+    assert!(source.rescan().expect("scan"));
+    let state = source.state();
+    assert_eq!((state.gateways.len(), state.routes.len()), (1, 1));
+    let tables = state.ingress_tables();
+    let table = tables[&("inference".to_owned(), "ingress".to_owned())]
+        .as_ref()
+        .expect("built");
+    let target = table
+        .route(443, Some("api.models.example"))
+        .expect("routed");
+    assert_eq!(target.backends[0].service, "model-server");
+
+    // A route to a Service that does not exist: the gateway's table is refused whole, with
+    // the route's field path.
+    std::fs::write(
+        &file,
+        INGRESS.replace("name: model-server, port", "name: nothing, port"),
+    )
+    .expect("write");
+    assert!(source.rescan().expect("scan"));
+    let errors = source.state().ingress_tables()[&("inference".to_owned(), "ingress".to_owned())]
+        .clone()
+        .expect_err("refused");
+    assert_eq!(errors[0].path, "spec.rules[0].backendRefs[0].name");
+
+    // An invalid Gateway breaks its file, whose last good version stays.
+    std::fs::write(&file, INGRESS.replace("protocol: TLS,", "protocol: HTTP,")).expect("write");
+    assert!(!source.rescan().expect("scan"));
+    assert!(
+        source.errors()[0]
+            .to_string()
+            .contains("spec.listeners[0].protocol"),
+        "{}",
+        source.errors()[0]
+    );
+    assert_eq!(source.state().gateways.len(), 1);
+}

@@ -270,6 +270,22 @@ impl DirectorySource {
                         state.policies.entry(key).or_insert_with(|| entry.clone());
                         dup.then(|| format!("AuthorizationPolicy {}/{}", p.namespace(), p.name()))
                     }
+                    Object::Gateway(gateway) => {
+                        let key = (gateway.namespace.clone(), gateway.name.clone());
+                        let dup = state.gateways.contains_key(&key);
+                        state.gateways.entry(key).or_insert_with(|| gateway.clone());
+                        dup.then(|| format!("Gateway {}/{}", gateway.namespace, gateway.name))
+                    }
+                    Object::Route(route) => {
+                        let kind = match route.kind {
+                            membrane_policy::gateway::RouteKind::Tcp => "TCPRoute",
+                            membrane_policy::gateway::RouteKind::Tls => "TLSRoute",
+                        };
+                        let key = (route.namespace.clone(), route.name.clone(), kind);
+                        let dup = state.routes.contains_key(&key);
+                        state.routes.entry(key).or_insert_with(|| route.clone());
+                        dup.then(|| format!("{kind} {}", route.key()))
+                    }
                     Object::Egress(policy) => {
                         let key = (policy.namespace.clone(), policy.name.clone());
                         let dup = state.egress_policies.contains_key(&key);
@@ -337,9 +353,22 @@ pub async fn run(
                                 services = state.services.len(),
                                 policies = state.policies.len(),
                                 egress_policies = state.egress_policies.len(),
+                                gateways = state.gateways.len(),
+                                routes = state.routes.len(),
                                 broken_files = errors.len(),
                                 "workload source loaded"
                             );
+                            for ((ns, name), table) in state.ingress_tables() {
+                                for e in table.err().into_iter().flatten() {
+                                    tracing::warn!(
+                                        gateway = %format_args!("{ns}/{name}"),
+                                        object = %e.object,
+                                        field = %e.path,
+                                        error = %e.message,
+                                        "gateway routes refused; none of this gateway's routes are built"
+                                    );
+                                }
+                            }
                         }
                     }
                 }

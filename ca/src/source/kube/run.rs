@@ -230,6 +230,10 @@ impl Caches {
                 .iter()
                 .filter_map(|(k, (_, policy))| Some((k.clone(), policy.clone()?)))
                 .collect(),
+            // Gateway API objects come from the directory source only so far (docs/design.md,
+            // "Gateways, part 1").
+            gateways: Default::default(),
+            routes: Default::default(),
         }
     }
 
