@@ -11,6 +11,7 @@ mod dataplane;
 mod dataplane_egress;
 mod demo;
 mod egress_explain;
+mod ingress;
 mod local;
 mod narrator;
 mod observe;
@@ -28,7 +29,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
-    /// Validate AuthorizationPolicy files: every error and warning with its field path.
+    /// Validate AuthorizationPolicy, EgressPolicy and Gateway API files: every error and
+    /// warning with its field path.
     Check {
         /// Files to check.
         #[arg(required = true)]
@@ -39,6 +41,8 @@ enum PolicyCommand {
     },
     /// Would this source reach that workload on that port, and which policy decides?
     Explain(policy::ExplainArgs),
+    /// Where would an ingress gateway send a connection on this port with this server name?
+    Ingress(ingress::IngressArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,5 +194,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Policy(PolicyCommand::Explain(args)) => policy::explain(&args),
+        Command::Policy(PolicyCommand::Ingress(args)) => {
+            if ingress::ingress(&args)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
     }
 }

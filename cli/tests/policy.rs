@@ -285,3 +285,62 @@ fn check_validates_gateway_api_documents_with_paths() {
         "{out}"
     );
 }
+
+#[test]
+fn ingress_shows_where_a_gateway_would_send_a_connection() {
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            "policy",
+            "ingress",
+            "--manifests",
+            "examples/genai",
+            "--gateway",
+            "inference/ingress",
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let (code, out, err) = membrane(&all);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")
+    };
+    let v = run(&["--port", "443", "--sni", "API.models.example"]);
+    assert_eq!(v["route"], "inference/model-api", "{v}");
+    assert_eq!(v["backends"][0], "inference/model-server:80");
+    assert_eq!(
+        run(&["--port", "443", "--sni", "x.models.example"])["reason"],
+        "unknown_sni"
+    );
+    assert_eq!(run(&["--port", "443"])["reason"], "no_sni");
+    assert_eq!(run(&["--port", "8080"])["route"], "inference/model-raw");
+    assert_eq!(run(&["--port", "1"])["reason"], "unknown_port");
+
+    // Routes that cannot be built: every error with its field path, exit 1.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/genai"));
+    std::fs::copy(example.join("mesh.yaml"), dir.path().join("mesh.yaml")).expect("copy");
+    let ingress = std::fs::read_to_string(example.join("ingress.yaml")).expect("read");
+    std::fs::write(
+        dir.path().join("ingress.yaml"),
+        ingress.replacen(
+            "{name: model-server, port: 80}",
+            "{name: model-server, port: 81}",
+            1,
+        ),
+    )
+    .expect("write");
+    let (code, out, _) = membrane(&[
+        "policy",
+        "ingress",
+        "--manifests",
+        dir.path().to_str().expect("utf8"),
+        "--gateway",
+        "inference/ingress",
+        "--port",
+        "443",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("TLSRoute inference/model-api: spec.rules[0].backendRefs[0].port"),
+        "{out}"
+    );
+}
