@@ -957,3 +957,48 @@ async fn egress_policy_status_is_written_to_its_own_resource() {
         "{enforced}"
     );
 }
+
+#[tokio::test]
+async fn gateway_api_objects_are_read_when_installed_and_absent_crds_block_nothing() {
+    // Without the CRDs (404 on their paths) the source still syncs: every other test runs so.
+    let mut src = start_source(base_setup());
+    let state = state_where(&mut src.state, "synced without Gateway API", |_| true).await;
+    assert!(state.gateways.is_empty() && state.routes.is_empty());
+
+    let mut setup = base_setup();
+    setup.gateway_api = true;
+    setup.lists.insert(
+        "gateways",
+        vec![
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "ingress", "namespace": "inference"},
+                   "spec": {"gatewayClassName": "membrane",
+                            "listeners": [{"name": "tls", "port": 443, "protocol": "TLS",
+                                           "tls": {"mode": "Passthrough"}}]}}),
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "http", "namespace": "inference"},
+                   "spec": {"gatewayClassName": "membrane",
+                            "listeners": [{"name": "web", "port": 80, "protocol": "HTTP"}]}}),
+        ],
+    );
+    setup.lists.insert(
+        "tlsroutes",
+        vec![json!({"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TLSRoute",
+                    "metadata": {"name": "model-api", "namespace": "inference"},
+                    "spec": {"parentRefs": [{"name": "ingress"}],
+                             "hostnames": ["api.models.example"],
+                             "rules": [{"backendRefs": [{"name": "model-server", "port": 8443}]}]}})],
+    );
+    let mut src = start_source(setup);
+    let state = state_where(&mut src.state, "gateways read", |s| !s.gateways.is_empty()).await;
+    assert_eq!(
+        state.gateways.keys().cloned().collect::<Vec<_>>(),
+        [("inference".to_owned(), "ingress".to_owned())],
+        "the HTTP gateway is refused"
+    );
+    assert!(state.routes.contains_key(&(
+        "inference".to_owned(),
+        "model-api".to_owned(),
+        "TLSRoute"
+    )));
+}

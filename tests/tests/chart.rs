@@ -504,6 +504,9 @@ fn controller_rbac_is_exactly_what_it_calls() -> anyhow::Result<()> {
             ("discovery.k8s.io", "endpointslices"),
             ("security.membrane.dev", "authorizationpolicies"),
             ("security.membrane.dev", "egresspolicies"),
+            ("gateway.networking.k8s.io", "gateways"),
+            ("gateway.networking.k8s.io", "tcproutes"),
+            ("gateway.networking.k8s.io", "tlsroutes"),
         ] {
             want.insert(grant(group, resource, "list", &[]));
             want.insert(grant(group, resource, "watch", &[]));

@@ -49,6 +49,8 @@ pub struct Setup {
     /// Resources whose LIST is held until [`FakeApi::release_list`].
     pub held: Vec<&'static str>,
     pub lease: Option<Value>,
+    /// Whether the Gateway API's CRDs are installed (else their paths are 404).
+    pub gateway_api: bool,
     /// TokenReview `status` by token; an unknown token is not authenticated. The token
     /// `"fail"` gets HTTP 500.
     pub reviews: HashMap<String, Value>,
@@ -68,6 +70,9 @@ fn resource_of(path: &str) -> Option<&'static str> {
         "/apis/discovery.k8s.io/v1/endpointslices" => "endpointslices",
         "/apis/security.membrane.dev/v1/authorizationpolicies" => "authorizationpolicies",
         "/apis/security.membrane.dev/v1/egresspolicies" => "egresspolicies",
+        "/apis/gateway.networking.k8s.io/v1/gateways" => "gateways",
+        "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes" => "tcproutes",
+        "/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes" => "tlsroutes",
         _ => return None,
     })
 }
@@ -154,7 +159,10 @@ impl Router {
         let method = req.method().as_str().to_owned();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or_default().to_owned();
-        if let Some(resource) = resource_of(&path) {
+        let served = |r: &&'static str| {
+            self.setup.gateway_api || !["gateways", "tcproutes", "tlsroutes"].contains(r)
+        };
+        if let Some(resource) = resource_of(&path).filter(served) {
             if query.split('&').any(|q| q == "watch=true") {
                 self.watches.insert(resource, reply);
                 self.flush(resource);

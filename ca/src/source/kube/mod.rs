@@ -4,7 +4,8 @@
 //! Watched (cluster-wide, list + watch with the watcher's default backoff): Namespaces, Pods,
 //! ServiceAccounts, Services, `discovery.k8s.io/v1` EndpointSlices and Membrane's
 //! `security.membrane.dev/v1` AuthorizationPolicy and EgressPolicy ([`crate::crd`];
-//! [`policy`], [`egress`]). Istio's
+//! [`policy`], [`egress`]), and, when their CRDs are installed, the Gateway API's `Gateway`,
+//! `TCPRoute` and `TLSRoute` ([`gateway_api`]; absent CRDs count as no objects). Istio's
 //! `security.istio.io` AuthorizationPolicies are *not* read from the API (the directory source
 //! and `membrane policy check` accept them as files): watching a second group would need its
 //! CRD installed and would race istiod for their status.
@@ -32,6 +33,7 @@
 pub mod cache;
 pub mod convert;
 pub mod egress;
+pub mod gateway_api;
 pub mod policy;
 mod run;
 
@@ -68,7 +70,7 @@ impl Default for KubeSourceConfig {
 }
 
 /// The resources watched, as named in logs and in the `resource` metric label.
-pub const RESOURCES: [&str; 7] = [
+pub const RESOURCES: [&str; 10] = [
     "namespaces",
     "pods",
     "serviceaccounts",
@@ -76,4 +78,7 @@ pub const RESOURCES: [&str; 7] = [
     "endpointslices",
     "authorizationpolicies",
     "egresspolicies",
+    gateway_api::GATEWAYS,
+    gateway_api::TCP_ROUTES,
+    gateway_api::TLS_ROUTES,
 ];

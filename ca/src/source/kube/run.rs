@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures_util::stream::{BoxStream, SelectAll, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use kube::api::DynamicObject;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{Cache, Change};
 use super::convert::{self, Key, Slice};
 use super::egress::{self, EgressValue};
+use super::gateway_api;
 use super::policy::{self, Fallback, PolicyKind, PolicyReport, PolicyReports, PolicyVerdict};
 use super::{KubeSourceConfig, ReportSender, StateSender};
 use crate::crd::AuthorizationPolicy;
@@ -41,6 +43,9 @@ enum Update {
     Slice(Change<Key, Slice>),
     Policy(Change<Key, PolicyValue>),
     Egress(Change<Key, EgressValue>),
+    Gateway(Change<Key, membrane_policy::gateway::Gateway>),
+    TcpRoute(Change<Key, membrane_policy::gateway::Route>),
+    TlsRoute(Change<Key, membrane_policy::gateway::Route>),
     Error(&'static str, watcher::Error),
     /// An object without name or namespace (never sent by an API server).
     Skip,
@@ -137,6 +142,36 @@ fn streams(client: &Client) -> SelectAll<BoxStream<'static, Update>> {
             egress::egress,
             Update::Egress,
         ),
+        watch::<DynamicObject, _, _>(
+            Api::all_with(
+                client.clone(),
+                &gateway_api::api_resource(gateway_api::GATEWAYS),
+            ),
+            gateway_api::GATEWAYS,
+            gateway_api::key,
+            gateway_api::gateway,
+            Update::Gateway,
+        ),
+        watch::<DynamicObject, _, _>(
+            Api::all_with(
+                client.clone(),
+                &gateway_api::api_resource(gateway_api::TCP_ROUTES),
+            ),
+            gateway_api::TCP_ROUTES,
+            gateway_api::key,
+            gateway_api::route,
+            Update::TcpRoute,
+        ),
+        watch::<DynamicObject, _, _>(
+            Api::all_with(
+                client.clone(),
+                &gateway_api::api_resource(gateway_api::TLS_ROUTES),
+            ),
+            gateway_api::TLS_ROUTES,
+            gateway_api::key,
+            gateway_api::route,
+            Update::TlsRoute,
+        ),
     ])
 }
 
@@ -149,6 +184,9 @@ struct Caches {
     slices: Cache<Key, Slice>,
     policies: Cache<Key, PolicyValue>,
     egress: Cache<Key, EgressValue>,
+    gateways: Cache<Key, membrane_policy::gateway::Gateway>,
+    tcp_routes: Cache<Key, membrane_policy::gateway::Route>,
+    tls_routes: Cache<Key, membrane_policy::gateway::Route>,
 }
 
 impl Caches {
@@ -190,7 +228,25 @@ impl Caches {
                 };
                 self.egress.apply(c)
             }
+            Update::Gateway(c) => self.gateways.apply(c),
+            Update::TcpRoute(c) => self.tcp_routes.apply(c),
+            Update::TlsRoute(c) => self.tls_routes.apply(c),
             Update::Error(..) | Update::Skip => false,
+        }
+    }
+
+    /// An optional resource's API is not served (its CRD is not installed): it counts as
+    /// listed and empty. `true` when that changed something.
+    fn absent(&mut self, resource: &str) -> bool {
+        fn empty<V: PartialEq>(cache: &mut Cache<Key, V>) -> bool {
+            cache.apply(Change::Init);
+            cache.apply(Change::InitDone)
+        }
+        match resource {
+            gateway_api::GATEWAYS => empty(&mut self.gateways),
+            gateway_api::TCP_ROUTES => empty(&mut self.tcp_routes),
+            gateway_api::TLS_ROUTES => empty(&mut self.tls_routes),
+            _ => false,
         }
     }
 
@@ -204,6 +260,9 @@ impl Caches {
             self.slices.ready(),
             self.policies.ready(),
             self.egress.ready(),
+            self.gateways.ready(),
+            self.tcp_routes.ready(),
+            self.tls_routes.ready(),
         ];
         super::RESOURCES
             .into_iter()
@@ -230,10 +289,14 @@ impl Caches {
                 .iter()
                 .filter_map(|(k, (_, policy))| Some((k.clone(), policy.clone()?)))
                 .collect(),
-            // Gateway API objects come from the directory source only so far (docs/design.md,
-            // "Gateways, part 1").
-            gateways: Default::default(),
-            routes: Default::default(),
+            gateways: self.gateways.items().clone(),
+            routes: self
+                .tcp_routes
+                .items()
+                .iter()
+                .chain(self.tls_routes.items())
+                .map(|(k, r)| (gateway_api::route_key(k, r), r.clone()))
+                .collect(),
         }
     }
 
@@ -294,10 +357,18 @@ pub async fn run(
                     return;
                 };
                 if let Update::Error(resource, e) = &update {
-                    watch_error(resource, e, &metrics);
-                    continue;
-                }
-                if !caches.apply(update) {
+                    if gateway_api::OPTIONAL.contains(resource) && not_served(e) {
+                        // No Gateway API CRDs: no gateways, and the rest is published.
+                        if caches.absent(resource) {
+                            tracing::info!(resource, "Gateway API resource not served (CRDs not installed); treated as empty, still watched");
+                        } else {
+                            continue;
+                        }
+                    } else {
+                        watch_error(resource, e, &metrics);
+                        continue;
+                    }
+                } else if !caches.apply(update) {
                     continue;
                 }
                 if !synced && caches.waiting().is_empty() {
@@ -328,6 +399,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Whether a watch failed because the API server does not serve the resource (404).
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 404
+    )
 }
 
 fn watch_error(resource: &'static str, e: &watcher::Error, metrics: &SourceMetrics) {
