@@ -137,6 +137,8 @@ async fn passthrough(
             (connected, sni::peek(&tcp, Duration::ZERO).await)
         };
         let admission = egress::decide(&state, &proxy.pins, source, dst, &hello, SystemTime::now());
+        // A long-lived connection must not keep this version of the mesh state alive.
+        drop(state);
         proxy.egress.metrics.decided(&admission.decision);
         log.egress(admission.record);
         match connected {
