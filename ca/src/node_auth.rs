@@ -6,7 +6,8 @@
 //! presented token is compared by digest.
 //!
 //! A node may obtain an SVID for `ns/N/sa/S` only if an active pod with that namespace and
-//! service account, in a namespace that opted into the mesh, is scheduled on that node.
+//! service account, in a namespace that opted into the mesh (or labelled a gateway pod, in any
+//! namespace), is scheduled on that node.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -267,5 +268,24 @@ mod tests {
             authorize(&state, "node-a", &trainer),
             Err(NodeAuthError::NotInMesh { .. })
         ));
+        // A gateway pod needs no mesh namespace, but still its node.
+        let gateway = Pod {
+            namespace: "egress".into(),
+            name: "gw-0".into(),
+            service_account: "egress-gateway".into(),
+            node_name: Some("gw-node".into()),
+            labels: std::collections::BTreeMap::from([
+                ("membrane.dev/gateway".to_owned(), "egress".to_owned()),
+                (
+                    "gateway.networking.k8s.io/gateway-name".to_owned(),
+                    "egress".to_owned(),
+                ),
+            ]),
+            ..Default::default()
+        };
+        state.pods.insert(("egress".into(), "gw-0".into()), gateway);
+        let gw = WorkloadIdentity::new(&td, "egress", "egress-gateway").expect("id");
+        assert!(authorize(&state, "gw-node", &gw).is_ok());
+        assert!(authorize(&state, "node-a", &gw).is_err());
     }
 }

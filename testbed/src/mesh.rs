@@ -40,6 +40,9 @@ pub struct PodDef {
     pub netns: Option<String>,
     /// The pod's IP (default: the lowest free one of its node's range).
     pub ip: Option<std::net::Ipv4Addr>,
+    /// A gateway pod's kind (`egress`, `ingress`): its node's ztunnel runs in gateway mode
+    /// for it (see [`PodDef::gateway`]).
+    pub gateway: Option<String>,
 }
 
 impl PodDef {
@@ -53,7 +56,30 @@ impl PodDef {
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
             netns: None,
             ip: None,
+            gateway: None,
         }
+    }
+
+    /// Gateway pod `name` of gateway `gateway` (`kind` `egress` or `ingress`) in `namespace`
+    /// with service account `sa`, alone on `node`: that node's ztunnel serves it in gateway
+    /// mode instead of capturing pods.
+    pub fn gateway(
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        node: &str,
+        kind: &str,
+        gateway: &str,
+    ) -> Self {
+        let mut def = Self::new(name, namespace, sa, node);
+        def.labels
+            .insert("membrane.dev/gateway".to_owned(), kind.to_owned());
+        def.labels.insert(
+            "gateway.networking.k8s.io/gateway-name".to_owned(),
+            gateway.to_owned(),
+        );
+        def.gateway = Some(kind.to_owned());
+        def
     }
 
     /// The key [`Mesh`]'s methods take: the namespace name when set, otherwise the name.

@@ -8,9 +8,9 @@
 //!   `models.shared.example` and `uploads.shared.example` (one shared address) —, `big.example`
 //!   (40 A records: truncated over UDP without EDNS) and `n<i>.flood.example` (100.64.0.0 + i);
 //!   other names of its zones are NXDOMAIN, names outside them REFUSED;
-//! - at each A address of the zone, `hello from <name>` and an echo on TCP 80 and on TLS 443
-//!   (certificates from the world's own CA, [`World::ca_pem`]; the TLS greeting adds the SNI
-//!   it received), a UDP echo on 443 of huggingface.co's addresses (IPv4 and [`HF6`]), and an upload sink on
+//! - at each A address of the zone, `hello from <name> client=<ip>` (the address the
+//!   connection came from) and an echo on TCP 80 and on TLS 443 (certificates from the
+//!   world's own CA, [`World::ca_pem`]; the TLS greeting adds the SNI it received), a UDP echo on 443 of huggingface.co's addresses (IPv4 and [`HF6`]), and an upload sink on
 //!   s3.example's first address (198.51.100.30), port [`SINK_PORT`] ([`World::sunk`]).
 //!
 //! Every other address of the /24 is local to the namespace and unserved (198.51.100.99 is a

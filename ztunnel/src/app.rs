@@ -74,6 +74,9 @@ pub struct ZtunnelConfig {
     pub pool_idle_timeout: Duration,
     /// The DNS capture and its pins.
     pub dns: DnsSettings,
+    /// Gateway mode: serve this gateway pod instead of capturing the node's pods (no
+    /// enrollment socket).
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 /// The DNS capture's settings and its pins' bounds.
@@ -192,6 +195,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             "a policy file is only read in local mode (with a workloads file); with the discovery stream, policy comes from the controller".into(),
         ));
     }
+    if config.gateway.is_some() && config.workloads_file.is_some() {
+        return Err(StartError::Policy(
+            "gateway mode reads its pod, routes and policies from the controller's discovery stream, not from a workloads file".into(),
+        ));
+    }
     let mesh = match &config.workloads_file {
         Some(path) => MeshState::load(path, &config.trust_domain)?,
         None => MeshState::default(),
@@ -238,6 +246,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     ));
     pin_table.restore(std::time::SystemTime::now());
     let egress_metrics = crate::egress::EgressMetrics::register(&mut registry);
+    let gateway_metrics = crate::gateway::metrics::GatewayMetrics::register(&mut registry);
     let ledger = Arc::new(crate::egress::budget::Ledger::new(
         config
             .state_dir
@@ -352,10 +361,15 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         guard(metrics_l, "metrics"),
         guard(ready_l, "readiness"),
     );
-    let enroll_l = enroll::bind(&config.enroll_socket).map_err(|source| StartError::Bind {
-        what: config.enroll_socket.display().to_string(),
-        source,
-    })?;
+    let enroll_l = match &config.gateway {
+        Some(_) => None,
+        None => Some(
+            enroll::bind(&config.enroll_socket).map_err(|source| StartError::Bind {
+                what: config.enroll_socket.display().to_string(),
+                source,
+            })?,
+        ),
+    };
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -402,6 +416,19 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                 metrics: discovery_metrics,
             };
             tasks.push(tokio::spawn(client.run(cancel.clone())));
+            if let Some(gateway) = config.gateway.clone() {
+                // A gateway is ready once its pod is published, its identity issued and its
+                // listeners bound.
+                tasks.push(tokio::spawn(crate::gateway::run(
+                    gateway,
+                    proxy.clone(),
+                    gateway_metrics.clone(),
+                    ready_tx.clone(),
+                    cancel.clone(),
+                    pods_cancel.clone(),
+                )));
+            }
+            let gateway_mode = config.gateway.is_some();
             // Pods of a previous run are re-enrolled once the first snapshot says who they
             // are (their rules stayed in place meanwhile, so their traffic failed closed);
             // only then is the ztunnel ready. From then on the reconciler follows the state.
@@ -414,19 +441,23 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                 };
                 if loaded {
                     reconciler.pass().await;
-                    ready.send_replace(true);
+                    if !gateway_mode {
+                        ready.send_replace(true);
+                    }
                     reconciler.run(stop).await;
                 }
             }));
         }
     }
-    tasks.extend([
-        tokio::spawn(enroll::serve(
+    if let Some(enroll_l) = enroll_l {
+        tasks.push(tokio::spawn(enroll::serve(
             enroll_l,
             pods.clone(),
             enroll_metrics,
             cancel.clone(),
-        )),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(membrane_runtime::serve_http(
             admin_l,
             admin::admin_routes(proxy.clone(), pods.clone()),

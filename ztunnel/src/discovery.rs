@@ -196,7 +196,27 @@ fn workload(w: &pb::Workload, td: &TrustDomain) -> Result<Workload, UpdateError>
         protocol,
         labels: w.labels.clone().into_iter().collect(),
         identity,
+        gateway: gateway_role(w)?,
     })
+}
+
+fn gateway_role(w: &pb::Workload) -> Result<Option<crate::state::GatewayRole>, UpdateError> {
+    use crate::state::{GatewayKind, GatewayRole};
+    let Some(role) = &w.gateway else {
+        return Ok(None);
+    };
+    let kind = match pb::gateway_role::Kind::try_from(role.kind) {
+        Ok(pb::gateway_role::Kind::Unspecified) => return Ok(None),
+        Ok(pb::gateway_role::Kind::Egress) => GatewayKind::Egress,
+        Ok(pb::gateway_role::Kind::Ingress) => GatewayKind::Ingress,
+        Err(_) => return Err(invalid("workload", &w.uid, "unknown gateway kind")),
+    };
+    membrane_identity::spiffe_id::validate_namespace(&role.name)
+        .map_err(|e| invalid("workload", &w.uid, format!("gateway name: {e}")))?;
+    Ok(Some(GatewayRole {
+        kind,
+        name: role.name.clone(),
+    }))
 }
 
 fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {

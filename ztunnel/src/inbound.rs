@@ -83,9 +83,16 @@ struct InboundTunnel {
 
 impl ConnectHandler for InboundHandler {
     type Admission = InboundTunnel;
+    type App = tokio::net::TcpStream;
 
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, InboundTunnel> {
         Box::pin(async move {
+            // A `name:port` authority is for egress gateways: a pod is reached by address.
+            if let Some(host) = &req.host {
+                let reason = format!("authority names host {host:?}; a pod takes ip:port");
+                self.log(&req).refused(reason.clone());
+                return Err(ConnectRefusal::BadRequest(reason));
+            }
             // The authority must be an application port of this pod: never loopback, another
             // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
             if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {

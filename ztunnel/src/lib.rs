@@ -16,7 +16,8 @@
 //! re-checked on policy change), [`telemetry`] (metrics and access records), [`dns`] (the
 //! DNS capture on 15053: answers, DNS records, pins), [`udp`] (counting UDP dropped in and
 //! leaving pods, recording UDP flows), [`admin`] (HTTP endpoints), [`memory`]
-//! (freed memory returned after floods).
+//! (freed memory returned after floods), [`gateway`] (gateway mode: one gateway pod served
+//! instead of a node's pods; the egress gateway).
 //!
 //! It depends on `membrane-api`, `membrane-proto`, `membrane-identity`, `membrane-policy` and
 //! `membrane-runtime`, never on the controller crate.
@@ -30,6 +31,7 @@ pub mod discovery;
 pub mod dns;
 pub mod egress;
 pub mod enroll;
+pub mod gateway;
 pub mod guard;
 pub mod hbone;
 pub mod inbound;

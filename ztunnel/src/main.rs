@@ -10,6 +10,9 @@ use membrane_runtime::cli::{HttpArgs, LogFormat, init_tracing};
 use membrane_ztunnel::app::{self, DnsSettings, ListenerConfig, ZtunnelConfig};
 use membrane_ztunnel::certs::CaConfig;
 use membrane_ztunnel::dns::DnsConfig;
+use membrane_ztunnel::gateway::GatewayConfig;
+use membrane_ztunnel::gateway::resolve::Resolver;
+use membrane_ztunnel::state::GatewayKind;
 
 /// Membrane's node agent: captures enrolled pods' traffic and tunnels it over mutual TLS.
 #[derive(Debug, Parser)]
@@ -118,6 +121,24 @@ struct Args {
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Gateway mode: serve one gateway pod (`egress` or `ingress`) instead of capturing this
+    /// node's pods; needs --gateway-pod.
+    #[arg(long, value_enum, requires = "gateway_pod", env = "MEMBRANE_GATEWAY")]
+    gateway: Option<GatewayKindArg>,
+    /// The gateway pod, `<namespace>/<name>` (in Kubernetes: from the downward API).
+    #[arg(long, value_parser = membrane_ztunnel::gateway::parse_pod, requires = "gateway", env = "MEMBRANE_GATEWAY_POD")]
+    gateway_pod: Option<(String, String)>,
+    /// The gateway pod's network namespace (default: this process's own, as in a gateway
+    /// container).
+    #[arg(long, requires = "gateway")]
+    gateway_netns: Option<PathBuf>,
+}
+
+/// `--gateway`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GatewayKindArg {
+    Egress,
+    Ingress,
 }
 
 fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
@@ -147,6 +168,28 @@ fn main() -> anyhow::Result<()> {
         .to_owned();
     let root_pem = std::fs::read(&args.ca_root)
         .with_context(|| format!("reading the CA root {}", args.ca_root.display()))?;
+    let dns_upstream = args.dns_upstream.or_else(|| {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        membrane_ztunnel::dns::upstream::from_resolv_conf(&text)
+    });
+    let gateway = match (args.gateway, args.gateway_pod) {
+        (Some(kind), Some((namespace, pod))) => Some(GatewayConfig {
+            kind: match kind {
+                GatewayKindArg::Egress => GatewayKind::Egress,
+                GatewayKindArg::Ingress => GatewayKind::Ingress,
+            },
+            namespace,
+            pod,
+            netns: args.gateway_netns,
+            resolver: Resolver {
+                upstream: dns_upstream.context(
+                    "a gateway resolves names itself: give --dns-upstream or a nameserver in /etc/resolv.conf",
+                )?,
+                timeout: args.dns_upstream_timeout,
+            },
+        }),
+        _ => None,
+    };
     let config = ZtunnelConfig {
         node: args.node,
         trust_domain: membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?,
@@ -170,10 +213,7 @@ fn main() -> anyhow::Result<()> {
         pool_idle_timeout: args.pool_idle_timeout,
         dns: DnsSettings {
             capture: DnsConfig {
-                upstream: args.dns_upstream.or_else(|| {
-                    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                    membrane_ztunnel::dns::upstream::from_resolv_conf(&text)
-                }),
+                upstream: dns_upstream,
                 upstream_timeout: args.dns_upstream_timeout,
                 cluster_domain: args
                     .dns_cluster_domain
@@ -193,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             hbone_handshake_timeout: args.hbone_handshake_timeout,
             hbone_max_pending_handshakes: args.hbone_max_pending_handshakes,
         },
+        gateway,
     };
     let unenroll = args.unenroll_on_exit;
     let workers = match args.worker_threads {

@@ -16,13 +16,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use membrane_policy::egress::EgressVerdict;
+use membrane_policy::egress::{EgressDecision, EgressVerdict, GatewayRef};
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{
-    self,
-    budget::{BudgetKey, Metered},
-};
+use crate::egress::{self, budget::Metered};
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
@@ -173,38 +170,35 @@ async fn passthrough(
         log.refused(format!("egress denied: {}", decision.reason.as_str()));
         return;
     }
-    if let Some(gateway) = &decision.via {
-        // The rule sends these connections through an egress gateway, which this ztunnel
-        // cannot reach yet: never connect directly instead (fail closed).
-        control.metrics.gateway_unavailable();
-        tracing::info!(src = %source.identity, dst = %dst, gateway = %gateway, "egress refused: its rule names a gateway this node cannot use");
-        log.egress_closed("gateway_unavailable", None);
-        tcp.reset();
-        log.refused(format!("egress through gateway {gateway} is not available"));
-        return;
+    if let Some(gateway) = decision.via.clone() {
+        // Never directly: through the gateway, or not at all (fail closed).
+        return via_gateway(
+            tcp,
+            dst,
+            &gateway,
+            &decision,
+            admission.attrs,
+            pod,
+            proxy,
+            log,
+        )
+        .await;
     }
-    let meter = match decision.budget.as_ref().zip(decision.policy.as_ref()) {
-        None => None,
-        Some((budget, policy)) => {
-            let key = BudgetKey {
-                identity: source.identity.to_string(),
-                host: decision
-                    .host
-                    .clone()
-                    .unwrap_or_else(|| dst.ip().to_string()),
-                policy: policy.clone(),
-            };
-            match control.ledger.admit(key, budget, SystemTime::now()) {
-                Ok(meter) => Some(meter),
-                Err(e) => {
-                    control.metrics.budget_refused();
-                    tracing::info!(src = %source.identity, dst = %dst, error = %e, "egress refused: budget spent");
-                    log.egress_closed("budget_exhausted", None);
-                    tcp.reset();
-                    log.refused(e.to_string());
-                    return;
-                }
-            }
+    let identity = source.identity.to_string();
+    let meter = match egress::admit_budget(
+        control,
+        &decision,
+        &identity,
+        dst.ip(),
+        SystemTime::now(),
+    ) {
+        Ok(meter) => meter,
+        Err(e) => {
+            tracing::info!(src = %source.identity, dst = %dst, error = %e, "egress refused: budget spent");
+            log.egress_closed("budget_exhausted", None);
+            tcp.reset();
+            log.refused(e.to_string());
+            return;
         }
     };
     let upstream = match pod.netns.connect(dst).await {
@@ -236,6 +230,119 @@ async fn passthrough(
     log.relayed(&result, Side::A);
 }
 
+/// Carries an allowed egress connection whose rule names `gateway` through an HBONE tunnel
+/// to one of its pods, presenting the source pod's SVID, with the name the rule matched (or
+/// the address) and the port as the CONNECT authority. The gateway decides again, resolves
+/// the name itself and connects out from its own address; budgets are counted there. No
+/// published gateway pod, or a tunnel it refuses, resets the connection: it never leaves
+/// from this node.
+#[allow(clippy::too_many_arguments)]
+async fn via_gateway(
+    tcp: tokio::net::TcpStream,
+    dst: SocketAddr,
+    gateway: &GatewayRef,
+    decision: &EgressDecision,
+    attrs: egress::EgressAttrs,
+    pod: &PodContext,
+    proxy: &Proxy,
+    log: ConnectionLog,
+) {
+    let source = &pod.workload;
+    let control = &proxy.egress;
+    let Some(target) = pick_gateway(&proxy.state.borrow(), gateway, source) else {
+        control.metrics.gateway_unavailable();
+        tracing::warn!(src = %source.identity, dst = %dst, gateway = %gateway, "egress refused: no pod of its gateway is published");
+        let mut log = log;
+        log.egress_closed("gateway_unavailable", None);
+        tcp.reset();
+        log.refused(format!("egress gateway {gateway} has no pod"));
+        return;
+    };
+    let Some(gw_ip) = target
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or(target.ips.first())
+        .copied()
+    else {
+        tcp.reset();
+        log.refused(format!("egress gateway {gateway} has no address"));
+        return;
+    };
+    // The name the pod resolved and the rule matched; an address rule sends the address.
+    let host = decision
+        .host
+        .clone()
+        .filter(|h| crate::hbone::parse_named_authority(&format!("{h}:1")).is_some());
+    let headers = ConnectHeaders {
+        forwarded_for: Some(pod_ip(source, dst)),
+        host,
+        ..ConnectHeaders::default()
+    };
+    let Some((stream, mut log)) = tunnel_to(
+        dst,
+        &target,
+        SocketAddr::new(gw_ip, hbone::HBONE_PORT),
+        headers,
+        pod,
+        proxy,
+        log,
+    )
+    .await
+    else {
+        return;
+    };
+    let cancel = CancellationToken::new();
+    let handle = control.open.register(source.clone(), attrs, cancel.clone());
+    log.opened();
+    let result = relay_until(tcp, stream, cancel).await;
+    if let Some(revoked) = handle.revoked.get() {
+        control.metrics.closed("policy_changed");
+        log.egress_closed("policy_changed", revoked.policy.clone());
+    }
+    drop(handle);
+    log.relayed(&result, Side::A);
+}
+
+/// One published pod of `gateway` (egress role), the same one for a given source pod while
+/// the set does not change.
+fn pick_gateway(
+    state: &crate::state::MeshState,
+    gateway: &GatewayRef,
+    source: &Workload,
+) -> Option<Arc<Workload>> {
+    let mut pods: Vec<Arc<Workload>> = state
+        .workloads()
+        .into_iter()
+        .filter(|w| {
+            w.namespace == gateway.namespace
+                && w.gateway.as_ref().is_some_and(|r| {
+                    r.kind == crate::state::GatewayKind::Egress && r.name == gateway.name
+                })
+                && !w.ips.is_empty()
+        })
+        .collect();
+    if pods.is_empty() {
+        return None;
+    }
+    pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let spread = source.uid.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    Some(pods.swap_remove(spread % pods.len()))
+}
+
+/// The source pod's address of `dst`'s family (what its tunnel comes from).
+fn pod_ip(source: &Workload, dst: SocketAddr) -> std::net::IpAddr {
+    source
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or(source.ips.first())
+        .copied()
+        .unwrap_or(dst.ip())
+}
+
 /// Opens an HBONE stream from `pod` to `workload` for the application at `dst`; on failure the
 /// record is closed as refused, with the reason, and `None` returned.
 async fn tunnel(
@@ -246,6 +353,26 @@ async fn tunnel(
     proxy: &Proxy,
     log: ConnectionLog,
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
+    let headers = ConnectHeaders {
+        forwarded_for: Some(src_ip),
+        ..ConnectHeaders::default()
+    };
+    let peer = SocketAddr::new(dst.ip(), hbone::HBONE_PORT);
+    tunnel_to(dst, workload, peer, headers, pod, proxy, log).await
+}
+
+/// Opens an HBONE stream from `pod` to `workload` at `peer` (its HBONE address) for `dst`,
+/// with `headers`; on failure the record is closed as refused and `None` returned.
+async fn tunnel_to(
+    dst: SocketAddr,
+    workload: &Workload,
+    peer: SocketAddr,
+    headers: ConnectHeaders,
+    pod: &PodContext,
+    proxy: &Proxy,
+    log: ConnectionLog,
+) -> Option<(hbone::H2Stream, ConnectionLog)> {
+    let src_ip = headers.forwarded_for.unwrap_or(peer.ip());
     // Never an expired certificate: a renewal failed until expiry is refused here, with the
     // reason, until the controller answers again.
     let identity = &pod.workload.identity;
@@ -273,11 +400,7 @@ async fn tunnel(
         src_ip,
         src: pod.workload.identity.spiffe_id().clone(),
         dst: workload.identity.spiffe_id().clone(),
-        dst_addr: SocketAddr::new(dst.ip(), hbone::HBONE_PORT),
-    };
-    let headers = ConnectHeaders {
-        forwarded_for: Some(src_ip),
-        ..ConnectHeaders::default()
+        dst_addr: peer,
     };
     let dial = Arc::new(PodDial(pod.netns.clone()));
     match proxy.pool.connect(key, tls, dial, dst, headers).await {

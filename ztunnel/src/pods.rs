@@ -151,7 +151,7 @@ fn same_netns(a: &Path, b: &Path) -> bool {
 fn local_mesh_workload(state: &MeshState, node: &str, uid: &str) -> Option<Arc<Workload>> {
     state
         .by_uid(uid)
-        .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+        .filter(|w| w.node == node && w.captured())
         .cloned()
 }
 
@@ -266,7 +266,7 @@ impl PodRegistry {
         }
         pods.remember(&pod);
         let current = *self.current.borrow();
-        let result = match workload.filter(|w| w.protocol == Protocol::Hbone) {
+        let result = match workload.filter(|w| w.captured()) {
             Some(w) => self.enroll(&mut pods, &uid, w).await.map(|()| true),
             None if !current && state.by_uid(&uid).is_none() => {
                 tracing::warn!(uid, namespace = ?pod.namespace, name = ?pod.name, "pod unknown while the node's view is not current; refused until the controller is reachable");

@@ -170,10 +170,10 @@ impl ConnectionLog {
         src_identity: Option<String>,
         dst_identity: Option<String>,
     ) -> Self {
-        let reporter = if direction == "outbound" {
-            "source"
-        } else {
-            "destination"
+        let reporter = match direction {
+            "outbound" => "source",
+            "egress_gateway" | "ingress_gateway" => "gateway",
+            _ => "destination",
         };
         let labels = TcpLabels {
             reporter,
@@ -222,6 +222,11 @@ impl ConnectionLog {
         self.record.result = "refused".into();
         self.record.reason = Some(reason);
         self.finish();
+    }
+
+    /// Sets the destination once it is known (a gateway resolves it after the record began).
+    pub fn destination(&mut self, addr: SocketAddr) {
+        self.record.dst_addr = addr;
     }
 
     /// Records a source address the peer claimed (`forwarded`) that differs from the verified

@@ -84,25 +84,26 @@ pub async fn peek(stream: &TcpStream, wait: Duration) -> Hello {
     }
 }
 
+/// A real ClientHello for `name`, as rustls' client writes it (for tests).
+#[cfg(test)]
+pub(crate) fn hello_for(name: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), server).expect("client");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("hello");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A real ClientHello, as rustls' client writes it.
-    fn hello_for(name: &str) -> Vec<u8> {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name");
-        let mut conn =
-            rustls::ClientConnection::new(std::sync::Arc::new(config), server).expect("client");
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).expect("hello");
-        out
-    }
 
     #[test]
     fn the_server_name_is_read_from_a_real_client_hello() {

@@ -63,6 +63,26 @@ pub struct Workload {
     /// Its SPIFFE identity.
     #[serde(serialize_with = "display")]
     pub identity: WorkloadIdentity,
+    /// Set for a gateway pod: it accepts HBONE itself and is never captured.
+    #[serde(serialize_with = "role", skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayRole>,
+}
+
+fn role<S: serde::Serializer>(v: &Option<GatewayRole>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(r) => s.collect_str(&format_args!("{} {}", r.kind, r.name)),
+        None => s.serialize_none(),
+    }
+}
+
+pub use membrane_policy::gateway::{GatewayKind, GatewayRole};
+
+impl Workload {
+    /// Whether its node's ztunnel captures it: a mesh pod, not a gateway pod (a gateway
+    /// tunnels for itself).
+    pub fn captured(&self) -> bool {
+        self.protocol == Protocol::Hbone && self.gateway.is_none()
+    }
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -242,6 +262,7 @@ impl MeshState {
                     protocol: w.protocol,
                     labels: w.labels,
                     identity,
+                    gateway: None,
                 })
                 .map_err(invalid)?;
         }

@@ -104,6 +104,7 @@ struct TestHandler {
 
 impl ConnectHandler for TestHandler {
     type Admission = ();
+    type App = tokio::net::TcpStream;
 
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, ()> {
         self.calls.lock().expect("lock").push(req);
@@ -158,7 +159,8 @@ impl Server {
             calls: Mutex::new(Vec::new()),
             finished: finished_tx,
         });
-        let dyn_handler: Arc<dyn ConnectHandler<Admission = ()>> = handler.clone();
+        let dyn_handler: Arc<dyn ConnectHandler<Admission = (), App = tokio::net::TcpStream>> =
+            handler.clone();
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -344,6 +346,7 @@ async fn tunnels_20_mb_each_way_intact() {
             forwarded_for: Some("fd00::42".parse().expect("ip")),
             baggage: Some("k8s.namespace.name=frontend".into()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            host: None,
         };
         let stream = pool
             .connect(
@@ -821,11 +824,12 @@ async fn connections_closed_by_the_peer_leave_the_pool() {
         // A fresh server on the same address is dialled anew.
         let listener = TcpListener::bind(addr).await.expect("rebind");
         let tls_server = ca.server_tls(&ca.svid(SERVER_ID));
-        let handler: Arc<dyn ConnectHandler<Admission = ()>> = Arc::new(TestHandler {
-            mode: Mode::Forward(app_addr),
-            calls: Mutex::new(Vec::new()),
-            finished: mpsc::unbounded_channel().0,
-        });
+        let handler: Arc<dyn ConnectHandler<Admission = (), App = tokio::net::TcpStream>> =
+            Arc::new(TestHandler {
+                mode: Mode::Forward(app_addr),
+                calls: Mutex::new(Vec::new()),
+                finished: mpsc::unbounded_channel().0,
+            });
         let serving = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.expect("accept");
             serve_connection(tcp, tls_server, handler).await
@@ -875,7 +879,8 @@ async fn wrong_server_identity_is_refused() {
     .await;
 }
 
-/// (g) Malformed requests (authority not ip:port, method not CONNECT) get 400.
+/// (g) Malformed requests (authority neither ip:port nor a DNS name and port, method not
+/// CONNECT) get 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400() {
     bounded(async {
@@ -894,7 +899,8 @@ async fn malformed_requests_get_400() {
         let driver = tokio::spawn(connection);
 
         let requests = [
-            (http::Method::CONNECT, "example.com:80"),
+            (http::Method::CONNECT, "bad_name.example:80"),
+            (http::Method::CONNECT, "example.com:0"),
             (http::Method::CONNECT, "10.0.0.1:0"),
             (http::Method::GET, "https://10.0.0.1:80/"),
         ];

@@ -3,8 +3,10 @@
 //!
 //! The part every node shares (workloads, services, the trust bundle, the compiled policy
 //! index, the EgressPolicy index) is built once per source state ([`MeshView::build`]); a
-//! node's view adds the AuthorizationPolicies and EgressPolicies that select its own workloads ([`MeshView::node_view`]). Views are maps from
-//! [`Key`] to the wire resource, so a delta is a plain map difference.
+//! node's view adds the AuthorizationPolicies and EgressPolicies that select its own workloads
+//! ([`MeshView::node_view`]; every EgressPolicy for a node running an egress gateway pod, which
+//! decides for sources anywhere). Views are maps from [`Key`] to the wire resource, so a delta
+//! is a plain map difference.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use membrane_identity::TrustBundle;
 use membrane_policy::PolicyIndex;
 use membrane_policy::egress::EgressIndex;
+use membrane_policy::gateway::{GatewayKind, GatewayRole};
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
@@ -37,6 +40,8 @@ pub struct MeshView {
     egress: EgressIndex,
     /// Local workloads per node: (namespace, labels).
     by_node: BTreeMap<String, Vec<LocalWorkload>>,
+    /// Nodes running an egress gateway pod: they re-decide every source's EgressPolicies.
+    egress_gateway_nodes: BTreeSet<String>,
 }
 
 fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
@@ -69,6 +74,13 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
         labels: pod.labels.clone().into_iter().collect(),
         plaintext_permitted: plaintext,
         plaintext_udp_ports: udp_ports.into_iter().map(u32::from).collect(),
+        gateway: GatewayRole::from_labels(&pod.labels).map(|role| pb::GatewayRole {
+            kind: match role.kind {
+                GatewayKind::Egress => pb::gateway_role::Kind::Egress,
+                GatewayKind::Ingress => pb::gateway_role::Kind::Ingress,
+            } as i32,
+            name: role.name,
+        }),
     }
 }
 
@@ -130,6 +142,7 @@ impl MeshView {
     pub fn build_in(state: &ClusterState, bundle: &Arc<TrustBundle>, root_namespace: &str) -> Self {
         let mut shared = View::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        let mut egress_gateway_nodes = BTreeSet::new();
         for pod in state.pods.values() {
             if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
                 continue;
@@ -137,6 +150,10 @@ impl MeshView {
             let Some(node) = &pod.node_name else {
                 continue;
             };
+            if GatewayRole::from_labels(&pod.labels).is_some_and(|r| r.kind == GatewayKind::Egress)
+            {
+                egress_gateway_nodes.insert(node.clone());
+            }
             by_node
                 .entry(node.clone())
                 .or_default()
@@ -170,6 +187,7 @@ impl MeshView {
             index,
             egress,
             by_node,
+            egress_gateway_nodes,
         }
     }
 
@@ -189,6 +207,14 @@ impl MeshView {
                 }
             }
             for policy in self.egress.selecting(namespace, labels) {
+                let key = (Kind::Egress as i32, policy.key());
+                view.entry(key)
+                    .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
+            }
+        }
+        if self.egress_gateway_nodes.contains(node) {
+            // An egress gateway decides for sources anywhere in the mesh.
+            for policy in self.egress.policies() {
                 let key = (Kind::Egress as i32, policy.key());
                 view.entry(key)
                     .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
@@ -304,6 +330,65 @@ mod tests {
         let n2 = mesh.node_view("n2");
         assert_eq!(names(&n2, Kind::Authorization), ["b/p"]);
         assert!(names(&mesh.node_view("n3"), Kind::Authorization).is_empty());
+    }
+
+    #[test]
+    fn a_gateway_pod_is_published_anywhere_and_its_node_gets_every_egress_policy() {
+        let mut s = state();
+        let egress = |ns: &str| {
+            let text = format!(
+                "apiVersion: security.membrane.dev/v1\nkind: EgressPolicy\nmetadata: {{name: e, namespace: {ns}}}\nspec:\n  rules:\n  - to: [{{hosts: [huggingface.co]}}]\n    via: {{gateway: egress, namespace: \"off\"}}\n"
+            );
+            membrane_policy::egress::parse_egress_policies(&text)
+                .expect("valid")
+                .remove(0)
+        };
+        for ns in ["a", "b"] {
+            s.egress_policies
+                .insert((ns.into(), "e".into()), egress(ns));
+        }
+        let gateway = Pod {
+            namespace: "off".into(),
+            name: "gw".into(),
+            uid: "uid-gw".into(),
+            service_account: "egress-gateway".into(),
+            node_name: Some("n3".into()),
+            ips: vec!["10.0.0.9".parse().expect("ip")],
+            labels: BTreeMap::from([
+                ("membrane.dev/gateway".to_owned(), "egress".to_owned()),
+                (
+                    "gateway.networking.k8s.io/gateway-name".to_owned(),
+                    "egress".to_owned(),
+                ),
+            ]),
+            ..Default::default()
+        };
+        s.pods.insert(("off".into(), "gw".into()), gateway);
+        let mesh = MeshView::build(&s, &bundle());
+        let n3 = mesh.node_view("n3");
+        // In a namespace outside the mesh, yet published, with its role.
+        let role = n3.values().find_map(|r| match &r.kind {
+            Some(pb::resource::Kind::Workload(w)) if w.uid == "uid-gw" => w.gateway.clone(),
+            _ => None,
+        });
+        assert_eq!(
+            role,
+            Some(pb::GatewayRole {
+                kind: pb::gateway_role::Kind::Egress as i32,
+                name: "egress".into()
+            })
+        );
+        assert!(!names(&n3, Kind::Workload).contains(&"uid-p3".to_owned()));
+        // The gateway's node decides for sources anywhere; a pod's node only for its own.
+        assert_eq!(names(&n3, Kind::Egress), ["a/e", "b/e"]);
+        assert_eq!(names(&mesh.node_view("n1"), Kind::Egress), ["a/e"]);
+        // Without the name label it is an ordinary pod of a namespace outside the mesh.
+        if let Some(p) = s.pods.get_mut(&("off".to_owned(), "gw".to_owned())) {
+            p.labels.remove("gateway.networking.k8s.io/gateway-name");
+        }
+        let n3 = MeshView::build(&s, &bundle()).node_view("n3");
+        assert!(names(&n3, Kind::Egress).is_empty());
+        assert!(!names(&n3, Kind::Workload).contains(&"uid-gw".to_owned()));
     }
 
     #[test]

@@ -169,8 +169,13 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Whether `pod` is part of the mesh: its namespace opted in and it did not opt out.
+    /// Whether `pod` is part of the mesh: its namespace opted in and it did not opt out, or it
+    /// is a gateway pod (`membrane.dev/gateway`, in any namespace: it tunnels for itself and
+    /// needs its identity; it is never captured).
     pub fn is_mesh_pod(&self, pod: &Pod) -> bool {
+        if membrane_policy::gateway::GatewayRole::from_labels(&pod.labels).is_some() {
+            return true;
+        }
         let ns_enabled = self
             .namespaces
             .get(&pod.namespace)

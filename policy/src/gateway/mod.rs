@@ -19,6 +19,72 @@ pub use validate::{GatewayError, GatewayObject, check_gateway_value, parse_gatew
 
 use crate::egress::HostPattern;
 
+/// The pod label that makes a pod a gateway (`egress` or `ingress`). A gateway pod is a mesh
+/// workload wherever its namespace is (it has an identity and accepts HBONE) but is never
+/// captured: the gateway process does its own tunnelling.
+pub const ROLE_LABEL: &str = "membrane.dev/gateway";
+/// The pod label naming the gateway a pod serves (the Gateway API's own label): an egress
+/// gateway's name as EgressPolicy `via.gateway` says it, an ingress gateway's `Gateway`.
+pub const NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What a gateway pod does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GatewayKind {
+    /// Carries selected egress out of the mesh from its own address.
+    Egress,
+    /// Carries external connections into the mesh.
+    Ingress,
+}
+
+impl GatewayKind {
+    /// Parses the [`ROLE_LABEL`] value.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "egress" => Some(Self::Egress),
+            "ingress" => Some(Self::Ingress),
+            _ => None,
+        }
+    }
+
+    /// As the label says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        }
+    }
+}
+
+impl std::fmt::Display for GatewayKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A gateway pod's role: its kind and the gateway it serves (in its own namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayRole {
+    /// Egress or ingress.
+    pub kind: GatewayKind,
+    /// The gateway's name ([`NAME_LABEL`]; the pod's namespace is the gateway's).
+    pub name: String,
+}
+
+impl GatewayRole {
+    /// The role pod labels give: [`ROLE_LABEL`] `egress`/`ingress` and a [`NAME_LABEL`] that
+    /// is a DNS label. `None` when the pod is not a gateway; an unusable value is not a
+    /// gateway either (the pod is then treated as any other pod).
+    pub fn from_labels(labels: &std::collections::BTreeMap<String, String>) -> Option<Self> {
+        let kind = GatewayKind::parse(labels.get(ROLE_LABEL)?)?;
+        let name = labels.get(NAME_LABEL)?;
+        membrane_identity::spiffe_id::validate_namespace(name).ok()?;
+        Some(Self {
+            kind,
+            name: name.clone(),
+        })
+    }
+}
+
 /// What a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerProtocol {

@@ -142,6 +142,20 @@ impl Mesh {
         };
         let mut command = Command::new(ztunnel_binary()?);
         command.args(["--node", node]);
+        // A node that runs a gateway pod runs the ztunnel in gateway mode for it.
+        if let Some(def) = self
+            .spec
+            .pods
+            .iter()
+            .find(|p| p.node == node && p.gateway.is_some())
+        {
+            command
+                .args(["--gateway", def.gateway.as_deref().unwrap_or("egress")])
+                .arg("--gateway-pod")
+                .arg(format!("{}/{}", def.namespace, def.name))
+                .arg("--gateway-netns")
+                .arg(self.netns_path(def.key()));
+        }
         if let Some(ttl) = self.spec.cert_ttl {
             command
                 .arg("--cert-ttl")

@@ -132,10 +132,17 @@ async fn greet_and_echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, greeting: S
     }
 }
 
+/// The address a connection came from, as the greeting tells it (`?` if unknown).
+fn client_ip(s: &tokio::net::TcpStream) -> String {
+    s.peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.ip().to_string())
+}
+
 /// The plain TCP server of `name`.
 pub async fn tcp_hello(listener: TcpListener, name: &'static str, stop: watch::Receiver<bool>) {
     serve(listener, stop, move |s| {
-        greet_and_echo(s, format!("hello from {name}\n"))
+        let client = client_ip(&s);
+        greet_and_echo(s, format!("hello from {name} client={client}\n"))
     })
     .await;
 }
@@ -151,11 +158,16 @@ pub async fn tls_hello(
     serve(listener, stop, move |s| {
         let acceptor = acceptor.clone();
         async move {
+            let client = client_ip(&s);
             let Ok(Ok(tls)) = tokio::time::timeout(IDLE, acceptor.accept(s)).await else {
                 return;
             };
             let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
-            greet_and_echo(tls, format!("hello from {name} sni={sni}\n")).await;
+            greet_and_echo(
+                tls,
+                format!("hello from {name} sni={sni} client={client}\n"),
+            )
+            .await;
         }
     })
     .await;

@@ -54,7 +54,7 @@ pub struct Admission {
 
 /// Whether the connection is TLS, as the decision counts it: it began with a ClientHello, or
 /// it is on a TLS port and sent nothing recognisable in time.
-fn is_tls(hello: &Hello, port: u16) -> bool {
+pub fn is_tls(hello: &Hello, port: u16) -> bool {
     match hello {
         Hello::Sni(_) | Hello::NoSni => true,
         Hello::NotTls => false,
@@ -104,11 +104,24 @@ pub fn decide(
     let mut names = names.into_iter();
     let first = names.next();
     let record = Egress {
-        host: first
-            .as_ref()
-            .map_or_else(|| UNRESOLVED.to_owned(), |n| n.name.clone()),
-        cnames: first.map(|n| n.cnames).unwrap_or_default(),
+        cnames: first.as_ref().map(|n| n.cnames.clone()).unwrap_or_default(),
         other_hosts: names.map(|n| n.name).collect(),
+        ..record(&decision, first.map(|n| n.name), sni)
+    };
+    Admission {
+        decision,
+        record,
+        attrs,
+    }
+}
+
+/// The access record's `egress` part for `decision` of a connection to `host` (the name it
+/// was resolved under, if any) that sent `sni`.
+pub fn record(decision: &EgressDecision, host: Option<String>, sni: Option<String>) -> Egress {
+    Egress {
+        host: host.unwrap_or_else(|| UNRESOLVED.to_owned()),
+        cnames: Vec::new(),
+        other_hosts: Vec::new(),
         sni,
         verdict: verdict_str(decision.verdict).into(),
         reason: decision.reason.as_str().into(),
@@ -118,11 +131,32 @@ pub fn decide(
         via: decision.via.as_ref().map(ToString::to_string),
         audit: decision.audit.clone(),
         dry_run: decision.dry_run.clone(),
+    }
+}
+
+/// The budget meter of an allowed connection of `identity` to `ip` under `decision`: `None`
+/// when its policy has no budget, an error when the window is spent (counted).
+pub fn admit_budget(
+    control: &EgressControl,
+    decision: &EgressDecision,
+    identity: &str,
+    ip: std::net::IpAddr,
+    now: SystemTime,
+) -> Result<Option<budget::Meter>, budget::Exhausted> {
+    let Some((budget, policy)) = decision.budget.as_ref().zip(decision.policy.as_ref()) else {
+        return Ok(None);
     };
-    Admission {
-        decision,
-        record,
-        attrs,
+    let key = budget::BudgetKey {
+        identity: identity.to_owned(),
+        host: decision.host.clone().unwrap_or_else(|| ip.to_string()),
+        policy: policy.clone(),
+    };
+    match control.ledger.admit(key, budget, now) {
+        Ok(meter) => Ok(Some(meter)),
+        Err(e) => {
+            control.metrics.budget_refused();
+            Err(e)
+        }
     }
 }
 

@@ -43,6 +43,9 @@ pub struct ConnectHeaders {
     pub baggage: Option<String>,
     /// W3C `traceparent`, passed through.
     pub traceparent: Option<String>,
+    /// Sent as the `:authority` host in place of the destination's address (`name:port`):
+    /// the name an egress gateway resolves and pins itself.
+    pub host: Option<String>,
 }
 
 /// The TLS stream HBONE connections run over.
@@ -124,8 +127,11 @@ fn connect_request(
     authority: SocketAddr,
     headers: &ConnectHeaders,
 ) -> Result<Request<()>, HboneError> {
-    let uri = Uri::try_from(authority.to_string())
-        .map_err(|_| HboneError::InvalidHeader { name: ":authority" })?;
+    let text = match &headers.host {
+        Some(host) => format!("{host}:{}", authority.port()),
+        None => authority.to_string(),
+    };
+    let uri = Uri::try_from(text).map_err(|_| HboneError::InvalidHeader { name: ":authority" })?;
     let mut request = Request::new(());
     *request.method_mut() = Method::CONNECT;
     *request.uri_mut() = uri;
@@ -191,6 +197,7 @@ mod tests {
             forwarded_for: Some("fd00::7".parse().expect("ip")),
             baggage: Some("k8s.namespace.name=ml".into()),
             traceparent: None,
+            host: None,
         };
         let req =
             connect_request("[fd00::1]:8080".parse().expect("addr"), &headers).expect("request");

@@ -44,7 +44,7 @@ pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{
     Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, HandshakeLimits,
-    parse_authority, serve_connection, set_handshake_limits,
+    parse_authority, parse_named_authority, serve_connection, set_handshake_limits,
 };
 pub use stream::H2Stream;
 

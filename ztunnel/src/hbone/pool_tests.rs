@@ -52,6 +52,7 @@ struct Forward(SocketAddr);
 
 impl ConnectHandler for Forward {
     type Admission = ();
+    type App = tokio::net::TcpStream;
 
     fn connect(&self, _req: ConnectRequest) -> ConnectFuture<'_, ()> {
         Box::pin(async move {
@@ -96,7 +97,8 @@ async fn serve(
                 crypto_provider(),
             )
             .expect("server config");
-            let handler: Arc<dyn ConnectHandler<Admission = ()>> = Arc::new(Forward(app_addr));
+            let handler: Arc<dyn ConnectHandler<Admission = (), App = tokio::net::TcpStream>> =
+                Arc::new(Forward(app_addr));
             tokio::spawn(crate::hbone::serve_connection(tcp, Arc::new(tls), handler));
         }
     });

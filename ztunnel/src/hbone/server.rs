@@ -130,8 +130,13 @@ fn handshakes() -> &'static Handshakes {
 pub struct ConnectRequest {
     /// The peer's SPIFFE ID, from its verified certificate.
     pub peer: SpiffeId,
-    /// The original destination (`:authority`).
+    /// The original destination (`:authority`). When the authority names a host
+    /// ([`ConnectRequest::host`]) its address is unspecified (`0.0.0.0`) and only the port
+    /// counts.
     pub authority: SocketAddr,
+    /// The host of a `name:port` authority (lowercase): what an egress gateway resolves
+    /// itself. Every other handler refuses such a request.
+    pub host: Option<String>,
     /// The original source address, as the peer states it in `forwarded: for=` (a claim).
     pub forwarded_for: Option<IpAddr>,
     /// The TCP peer of the HBONE connection (what the destination can verify), if known.
@@ -186,9 +191,9 @@ impl ConnectRefusal {
 /// it keeps for the life of the tunnel (a registration, the connection's record…). The
 /// admission is handed back to [`ConnectHandler::finished`] when the relay ends, or dropped
 /// with the tunnel if the connection is torn down first.
-pub struct Accepted<A = ()> {
+pub struct Accepted<A = (), S = TcpStream> {
     /// The connection to the destination.
-    pub app: TcpStream,
+    pub app: S,
     /// Handler state for the life of the tunnel.
     pub admission: A,
     /// Cancelling it ends the tunnel at once: both sides are reset (for example when a policy
@@ -207,17 +212,19 @@ impl From<TcpStream> for Accepted {
 }
 
 /// What [`ConnectHandler::connect`] returns: the admission decided, asynchronously.
-pub type ConnectFuture<'a, A> =
-    Pin<Box<dyn Future<Output = Result<Accepted<A>, ConnectRefusal>> + Send + 'a>>;
+pub type ConnectFuture<'a, A, S = TcpStream> =
+    Pin<Box<dyn Future<Output = Result<Accepted<A, S>, ConnectRefusal>> + Send + 'a>>;
 
 /// Decides what an authenticated CONNECT gets: a connection to the destination, or a refusal.
 pub trait ConnectHandler: Send + Sync + 'static {
     /// What an admitted tunnel keeps until its relay ends.
     type Admission: Send + 'static;
+    /// The connection to the destination ([`TcpStream`], or a wrapper that meters it).
+    type App: tokio::io::AsyncRead + tokio::io::AsyncWrite + ResetOnError + Unpin + Send + 'static;
 
     /// Authorizes `req` and connects to its destination. Called once per well-formed CONNECT;
     /// the future is dropped if the peer resets the stream meanwhile.
-    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Self::Admission>;
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Self::Admission, Self::App>;
 
     /// Called once for every accepted request — when its relay ended, or when the tunnel could
     /// not be opened after all (an error on side B, nothing relayed) — with the admission
@@ -455,7 +462,17 @@ fn parse_request(
             request.method()
         )));
     }
-    let authority = parse_authority(request.uri().authority().map(|a| a.as_str()))?;
+    let text = request.uri().authority().map(|a| a.as_str());
+    let (authority, host) = match parse_authority(text) {
+        Ok(addr) => (addr, None),
+        Err(refusal) => match text.and_then(parse_named_authority) {
+            Some((host, port)) => (
+                SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
+                Some(host),
+            ),
+            None => return Err(refusal),
+        },
+    };
     let headers = request.headers();
     let text = |name: &str| {
         headers
@@ -466,6 +483,7 @@ fn parse_request(
     Ok(ConnectRequest {
         peer,
         authority,
+        host,
         forwarded_for: headers
             .get(FORWARDED)
             .and_then(|v| v.to_str().ok())
@@ -496,9 +514,60 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, ConnectRef
     Ok(addr)
 }
 
+/// Longest host name of a `name:port` authority.
+const MAX_HOST: usize = 253;
+
+/// Parses a `name:port` CONNECT authority: a DNS name (letters, digits, `-` inside labels of
+/// at most 63 characters, dots between; case folded, no trailing dot) and a port 1-65535.
+/// `None` for anything else, an IP address included. Never panics.
+pub fn parse_named_authority(authority: &str) -> Option<(String, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    if host.is_empty() || host.len() > MAX_HOST || host.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !host.split('.').all(label_ok) {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_authorities_are_dns_names_with_a_port() {
+        assert_eq!(
+            parse_named_authority("HuggingFace.co:443"),
+            Some(("huggingface.co".to_owned(), 443))
+        );
+        for bad in [
+            "huggingface.co",
+            "huggingface.co:0",
+            "huggingface.co:70000",
+            ":443",
+            "10.0.0.1:443",
+            "a..b:443",
+            "-a.b:443",
+            "a_b.c:443",
+            "huggingface.co.:443",
+            "[::1]:443",
+        ] {
+            assert_eq!(parse_named_authority(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_named_authority(&format!("{}:1", "a".repeat(64))),
+            None
+        );
+    }
 
     #[test]
     fn one_peer_gets_only_its_share_of_pending_handshakes() {

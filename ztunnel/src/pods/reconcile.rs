@@ -29,7 +29,7 @@ use super::scan::{Located, NetnsScanner};
 use super::{Known, PodRegistry, local_mesh_workload};
 use crate::netns::PodNetns;
 use crate::redirect;
-use crate::state::{MeshState, Protocol};
+use crate::state::MeshState;
 
 /// Delay before an unfinished pass is retried.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(3);
@@ -179,11 +179,7 @@ impl PodRegistry {
             let untold: Vec<_> = state
                 .workloads()
                 .into_iter()
-                .filter(|w| {
-                    w.node == node
-                        && w.protocol == Protocol::Hbone
-                        && !pods.known.contains_key(&w.uid)
-                })
+                .filter(|w| w.node == node && w.captured() && !pods.known.contains_key(&w.uid))
                 .collect();
             for workload in untold {
                 let netns = match scanner.locate(&workload.ips).await {

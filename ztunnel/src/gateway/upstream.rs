@@ -1,0 +1,290 @@
+//! The egress gateway's connection to the outside: metered when the deciding policy has a
+//! budget, and gated on the client's first flight.
+//!
+//! The CONNECT request names a host and a port, not the TLS server name the client will ask
+//! for; the gateway admits the tunnel on the name and port, then holds the first bytes coming
+//! through it until they are a whole ClientHello (or plainly not TLS, or [`sni::MAX_PEEK`]
+//! bytes), and asks the gate — the EgressPolicy decision again, now with the server name. A
+//! refused first flight is never written: the write fails, and the relay resets both sides.
+//! Reads (a server that speaks first) are never held.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::egress::budget::Metered;
+use crate::relay::ResetOnError;
+use crate::sni::{self, Hello};
+
+/// Decides the first flight: `Err(reason)` refuses the connection.
+pub type HelloCheck = Box<dyn FnOnce(&Hello) -> Result<(), String> + Send>;
+
+enum Inner {
+    Plain(TcpStream),
+    Metered(Metered<TcpStream>),
+}
+
+enum Gate {
+    /// Collecting the first flight.
+    Holding { buf: Vec<u8>, check: HelloCheck },
+    /// Admitted; writing out the held bytes from `at`.
+    Draining { buf: Vec<u8>, at: usize },
+    /// Everything held was written.
+    Open,
+    /// The first flight was refused.
+    Refused(String),
+}
+
+/// The gateway's upstream connection.
+pub struct GatewayUpstream {
+    inner: Inner,
+    gate: Gate,
+}
+
+impl std::fmt::Debug for GatewayUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayUpstream").finish_non_exhaustive()
+    }
+}
+
+impl GatewayUpstream {
+    /// Wraps `tcp`, metered when `meter` is given; the first flight is held for `check`.
+    pub fn new(
+        tcp: TcpStream,
+        meter: Option<crate::egress::budget::Meter>,
+        check: HelloCheck,
+    ) -> Self {
+        let inner = match meter {
+            Some(meter) => Inner::Metered(Metered::new(tcp, meter)),
+            None => Inner::Plain(tcp),
+        };
+        Self {
+            inner,
+            gate: Gate::Holding {
+                buf: Vec::new(),
+                check,
+            },
+        }
+    }
+
+    /// Runs the check on the held first flight: held for writing out, or refused.
+    fn decide(&mut self, buf: Vec<u8>, check: HelloCheck, hello: &Hello) -> io::Result<()> {
+        match check(hello) {
+            Ok(()) => {
+                self.gate = Gate::Draining { buf, at: 0 };
+                Ok(())
+            }
+            Err(reason) => {
+                let e = refused(&reason);
+                self.gate = Gate::Refused(reason);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes out held bytes; ready once none are left.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Self { inner, gate } = self;
+        let Gate::Draining { buf, at } = gate else {
+            return Poll::Ready(Ok(()));
+        };
+        while *at < buf.len() {
+            let n = ready!(pin(inner).poll_write(cx, &buf[*at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+        }
+        *gate = Gate::Open;
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn pin(inner: &mut Inner) -> Pin<&mut (dyn AsyncReadWrite + Send + Unpin)> {
+    match inner {
+        Inner::Plain(s) => Pin::new(s),
+        Inner::Metered(s) => Pin::new(s),
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite {}
+impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
+
+fn refused(reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("egress denied at the gateway: {reason}"),
+    )
+}
+
+impl AsyncRead for GatewayUpstream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        pin(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GatewayUpstream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match std::mem::replace(&mut this.gate, Gate::Open) {
+            Gate::Refused(reason) => {
+                let e = refused(&reason);
+                this.gate = Gate::Refused(reason);
+                return Poll::Ready(Err(e));
+            }
+            Gate::Holding { mut buf, check } => {
+                let take = data.len().min(sni::MAX_PEEK.saturating_sub(buf.len()));
+                buf.extend_from_slice(&data[..take]);
+                let hello = sni::client_hello(&buf);
+                if hello == Hello::Incomplete && buf.len() < sni::MAX_PEEK {
+                    this.gate = Gate::Holding { buf, check };
+                    return Poll::Ready(Ok(take));
+                }
+                this.decide(buf, check, &hello)?;
+                // The bytes are held: they go out now, or on the next write or flush.
+                if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Ok(take));
+            }
+            other => this.gate = other,
+        }
+        ready!(this.poll_drain(cx))?;
+        pin(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        pin(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match std::mem::replace(&mut this.gate, Gate::Open) {
+            // The client ended before a whole first flight: decide on what came.
+            Gate::Holding { buf, check } => {
+                let hello = sni::client_hello(&buf);
+                this.decide(buf, check, &hello)?;
+            }
+            Gate::Refused(reason) => {
+                let e = refused(&reason);
+                this.gate = Gate::Refused(reason);
+                return Poll::Ready(Err(e));
+            }
+            other => this.gate = other,
+        }
+        ready!(this.poll_drain(cx))?;
+        pin(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl ResetOnError for GatewayUpstream {
+    fn reset(self) {
+        match self.inner {
+            Inner::Plain(s) => s.reset(),
+            Inner::Metered(s) => s.reset(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream over loopback whose gate records the hello it was asked about and answers
+    /// `verdict`; returns it and the far end.
+    async fn pair(
+        verdict: Result<(), String>,
+    ) -> (GatewayUpstream, TcpStream, Arc<Mutex<Option<Hello>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let asked = Arc::new(Mutex::new(None));
+        let seen = asked.clone();
+        let check: HelloCheck = Box::new(move |hello: &Hello| {
+            *seen.lock().expect("lock") = Some(hello.clone());
+            verdict
+        });
+        let upstream = GatewayUpstream::new(near.expect("connect"), None, check);
+        (upstream, far.expect("accept").0, asked)
+    }
+
+    async fn nothing_arrives(far: &mut TcpStream) {
+        let mut buf = [0u8; 1];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_millis(100), far.read(&mut buf)).await;
+        assert!(
+            !matches!(read, Ok(Ok(n)) if n > 0),
+            "bytes went out before the gate decided"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_flight_waits_for_a_whole_client_hello() {
+        let (mut up, mut far, asked) = pair(Ok(())).await;
+        let hello = crate::sni::hello_for("huggingface.co");
+        up.write_all(&hello[..20]).await.expect("write");
+        nothing_arrives(&mut far).await;
+        assert!(asked.lock().expect("lock").is_none());
+        up.write_all(&hello[20..]).await.expect("write");
+        up.write_all(b"more").await.expect("write");
+        up.flush().await.expect("flush");
+        let mut got = vec![0u8; hello.len() + 4];
+        far.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got[..hello.len()], &hello[..]);
+        assert_eq!(&got[hello.len()..], b"more");
+        assert_eq!(
+            *asked.lock().expect("lock"),
+            Some(Hello::Sni("huggingface.co".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_first_flight_never_leaves() {
+        let (mut up, mut far, asked) = pair(Err("sni_mismatch".into())).await;
+        let hello = crate::sni::hello_for("paste.example");
+        let err = up.write_all(&hello).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(up.write_all(b"again").await.is_err(), "stays refused");
+        assert_eq!(
+            *asked.lock().expect("lock"),
+            Some(Hello::Sni("paste.example".into()))
+        );
+        up.reset();
+        let mut rest = Vec::new();
+        let _ = far.read_to_end(&mut rest).await;
+        assert!(
+            rest.is_empty(),
+            "{} bytes reached the destination",
+            rest.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn plain_protocols_are_decided_on_their_first_bytes() {
+        let (mut up, mut far, asked) = pair(Ok(())).await;
+        up.write_all(b"PUT /upload HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        up.flush().await.expect("flush");
+        let mut got = [0u8; 3];
+        far.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"PUT");
+        assert_eq!(*asked.lock().expect("lock"), Some(Hello::NotTls));
+    }
+}
