@@ -67,6 +67,7 @@ fn verdict(state: &ClusterState, service_account: &str, app: &str) -> Verdict {
     let req = Request {
         source: Source::from_principal(&principal),
         source_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+        remote_ip: None,
         destination_namespace: "training",
         destination_labels: &labels,
         destination_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),

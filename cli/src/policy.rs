@@ -150,6 +150,10 @@ pub struct ExplainArgs {
     /// Source IP (for ipBlocks and source.ip conditions).
     #[arg(long, default_value = "0.0.0.0")]
     pub source_ip: IpAddr,
+    /// The original client's address an ingress gateway reports (for remoteIpBlocks; default:
+    /// the source IP).
+    #[arg(long)]
+    pub remote_ip: Option<IpAddr>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -257,6 +261,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         &Request {
             source,
             source_ip: args.source_ip,
+            remote_ip: args.remote_ip,
             destination_namespace: namespace,
             destination_labels: &pod.labels,
             destination_ip,

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             &Request {
                 source: None,
                 source_ip: [10, 0, 0, 1].into(),
+                remote_ip: Some([192, 0, 2, 1].into()),
                 destination_namespace: "default",
                 destination_labels: &labels,
                 destination_ip: [10, 0, 0, 2].into(),

@@ -216,6 +216,7 @@ fn request<'a>(caller: &'a Caller, labels: &'a BTreeMap<String, String>) -> Requ
             service_account: caller.service_account,
         }),
         source_ip: IpAddr::from([192, 168, 3, 4]),
+        remote_ip: None,
         destination_namespace: DEST_NS,
         destination_labels: labels,
         destination_ip: IpAddr::from([10, 200, 0, 7]),

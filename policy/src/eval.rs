@@ -96,6 +96,9 @@ pub struct Request<'a> {
     pub source: Option<Source<'a>>,
     /// The peer's address.
     pub source_ip: IpAddr,
+    /// The original client's address, when a trusted gateway carried the connection and
+    /// reported it (`remoteIpBlocks`); `None`: the peer's address.
+    pub remote_ip: Option<IpAddr>,
     /// Namespace of the destination workload.
     pub destination_namespace: &'a str,
     /// Labels of the destination workload.
@@ -230,6 +233,7 @@ pub fn decide(index: &PolicyIndex, req: &Request<'_>) -> Decision {
         namespace: req.source.map(|s| s.namespace),
         service_account: req.source.map(|s| (s.namespace, s.service_account)),
         source_ip: Addr::new(req.source_ip),
+        remote_ip: Addr::new(req.remote_ip.unwrap_or(req.source_ip)),
         destination_ip: Addr::new(req.destination_ip),
         port: req.destination_port,
     };
@@ -371,6 +375,7 @@ struct Attrs<'a> {
     namespace: Option<&'a str>,
     service_account: Option<(&'a str, &'a str)>,
     source_ip: Addr,
+    remote_ip: Addr,
     destination_ip: Addr,
     port: u16,
 }
@@ -457,6 +462,7 @@ fn rule_matches(prog: &Program, rule: &RuleCode, a: &Attrs<'_>) -> bool {
 #[inline(always)]
 fn source_matches(prog: &Program, s: &SourceCode, a: &Attrs<'_>) -> bool {
     check(&prog.nets, s.ip_blocks, Some(a.source_ip), in_net)
+        && check(&prog.nets, s.remote_ip_blocks, Some(a.remote_ip), in_net)
         && check(&prog.patterns, s.principals, a.principal, Pattern::matches)
         && check(&prog.patterns, s.namespaces, a.namespace, Pattern::matches)
         && check(
@@ -562,6 +568,7 @@ mod tests {
         let req = Request {
             source: None,
             source_ip: IpAddr::from([10, 0, 0, 1]),
+            remote_ip: None,
             destination_namespace: "ns",
             destination_labels: &labels,
             destination_ip: IpAddr::from([10, 0, 0, 2]),

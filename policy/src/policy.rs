@@ -180,8 +180,11 @@ pub struct SourceMatch {
     pub namespaces: Constraint<StringMatch>,
     /// `serviceAccounts` / `notServiceAccounts`.
     pub service_accounts: Constraint<ServiceAccountRef>,
-    /// `ipBlocks` / `notIpBlocks`.
+    /// `ipBlocks` / `notIpBlocks`: the peer's address.
     pub ip_blocks: Constraint<IpNet>,
+    /// `remoteIpBlocks` / `notRemoteIpBlocks`: the original client's address
+    /// ([`crate::Request::remote_ip`]).
+    pub remote_ip_blocks: Constraint<IpNet>,
 }
 
 /// One `to[].operation` at L4; empty → any operation.

@@ -68,6 +68,8 @@ pub(crate) struct SourceCode {
     pub(crate) service_accounts: List,
     /// Into `nets`.
     pub(crate) ip_blocks: List,
+    /// Into `nets`.
+    pub(crate) remote_ip_blocks: List,
 }
 
 /// The attribute a condition tests; its list points into the array of that value type.
@@ -252,6 +254,7 @@ impl Program {
                         namespaces: p.strings(&s.namespaces),
                         service_accounts: p.accounts(&s.service_accounts),
                         ip_blocks: p.nets(&s.ip_blocks),
+                        remote_ip_blocks: p.nets(&s.remote_ip_blocks),
                     };
                     p.sources.push(code);
                 }

@@ -429,8 +429,6 @@ impl Checker<'_> {
         for (field, list) in [
             ("requestPrincipals", &s.request_principals),
             ("notRequestPrincipals", &s.not_request_principals),
-            ("remoteIpBlocks", &s.remote_ip_blocks),
-            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ] {
             if !list.is_empty() {
                 self.l7(format!("{path}.{field}"), field.to_owned(), has_l7);
@@ -456,6 +454,10 @@ impl Checker<'_> {
             ip_blocks: Constraint {
                 values: self.nets(&path, "ipBlocks", &s.ip_blocks),
                 not_values: self.nets(&path, "notIpBlocks", &s.not_ip_blocks),
+            },
+            remote_ip_blocks: Constraint {
+                values: self.nets(&path, "remoteIpBlocks", &s.remote_ip_blocks),
+                not_values: self.nets(&path, "notRemoteIpBlocks", &s.not_remote_ip_blocks),
             },
         }
     }

@@ -322,9 +322,43 @@ fn every_l4_when_key_is_known() {
 }
 
 #[test]
+fn remote_ip_blocks_are_l4_and_match_the_reported_client() {
+    use crate::{PolicyIndex, Request, Verdict, decide};
+    let c = ok(&doc(
+        r#"{action: DENY, rules: [{from: [{source: {remoteIpBlocks: ["203.0.113.0/24"]}}]}]}"#,
+    ));
+    assert!(
+        c.warnings.is_empty() && !c.policy.rules[0].has_l7,
+        "{:?}",
+        c.warnings
+    );
+    let index = PolicyIndex::build([c.policy], "membrane-system");
+    let labels = std::collections::BTreeMap::new();
+    let verdict = |remote: Option<[u8; 4]>| {
+        decide(
+            &index,
+            &Request {
+                source: None,
+                source_ip: [10, 0, 0, 9].into(),
+                remote_ip: remote.map(Into::into),
+                destination_namespace: "ns",
+                destination_labels: &labels,
+                destination_ip: [10, 0, 0, 2].into(),
+                destination_port: 80,
+            },
+        )
+        .verdict
+    };
+    assert_eq!(verdict(Some([203, 0, 113, 7])), Verdict::Deny);
+    assert_eq!(verdict(Some([198, 51, 100, 7])), Verdict::Allow);
+    // Without a reported client the peer's address is the remote one.
+    assert_eq!(verdict(None), Verdict::Allow);
+}
+
+#[test]
 fn l7_fields_are_warnings() {
     let c = ok(&doc(
-        r#"{rules: [{from: [{source: {requestPrincipals: ["*"], notRemoteIpBlocks: ["1.2.3.4"]}}],
+        r#"{rules: [{from: [{source: {requestPrincipals: ["*"]}}],
                      to: [{operation: {methods: [GET], notPaths: ["/admin"], hosts: [a], ports: ["80"]}}],
                      when: [{key: "request.headers[x-user]", values: ["a"]},
                             {key: "request.auth.claims[iss]", values: ["a"]},
@@ -337,7 +371,6 @@ fn l7_fields_are_warnings() {
         paths,
         [
             "spec.rules[0].from[0].source.requestPrincipals",
-            "spec.rules[0].from[0].source.notRemoteIpBlocks",
             "spec.rules[0].to[0].operation.hosts",
             "spec.rules[0].to[0].operation.methods",
             "spec.rules[0].to[0].operation.notPaths",

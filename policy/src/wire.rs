@@ -61,6 +61,7 @@ fn rule_to_wire(r: &Rule) -> pb::Rule {
                 namespaces: Some(values(&s.namespaces)),
                 service_accounts: Some(values(&s.service_accounts)),
                 ip_blocks: Some(values(&s.ip_blocks)),
+                remote_ip_blocks: Some(values(&s.remote_ip_blocks)),
             })
             .collect(),
         to: r
@@ -175,6 +176,11 @@ impl TryFrom<pb::Authorization> for Policy {
                     ip_blocks: ctx.constraint(
                         &at(format!("from[{j}].ip_blocks")),
                         s.ip_blocks.as_ref(),
+                        net,
+                    )?,
+                    remote_ip_blocks: ctx.constraint(
+                        &at(format!("from[{j}].remote_ip_blocks")),
+                        s.remote_ip_blocks.as_ref(),
                         net,
                     )?,
                 });

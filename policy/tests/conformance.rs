@@ -154,6 +154,7 @@ fn run(index: &PolicyIndex, c: &Conn) -> Decision {
             service_account,
         }),
         source_ip: c.source_ip.parse::<IpAddr>().expect("source ip"),
+        remote_ip: None,
         destination_namespace: c.namespace,
         destination_labels: &labels,
         destination_ip: c.destination_ip.parse::<IpAddr>().expect("destination ip"),

@@ -299,6 +299,7 @@ fn index_agrees_with_a_full_scan() {
                     service_account: sa,
                 }),
                 source_ip: ip,
+                remote_ip: None,
                 destination_namespace: ns,
                 destination_labels: &dest_labels,
                 destination_ip: "10.9.9.9".parse().expect("ip"),

@@ -89,6 +89,47 @@ fn connections_are_routed_by_port_and_server_name() {
 }
 
 #[test]
+fn the_wire_form_builds_the_same_table_and_refuses_garbage_with_its_path() {
+    use membrane_policy::gateway::wire::{from_wire, to_wire};
+    let config = parse_gateway_config(GATEWAY).expect("valid");
+    let gateway = &config.gateways[0];
+    let routes: Vec<_> = config.routes.iter().collect();
+    let wire = to_wire(gateway, &routes);
+    let (back, back_routes) = from_wire(&wire).expect("reads back");
+    assert_eq!(back.listeners, gateway.listeners);
+    let direct = IngressTable::build(gateway, &config.routes, services).expect("built");
+    let rebuilt = IngressTable::build(&back, &back_routes, services).expect("rebuilt");
+    for (port, sni) in [
+        (443, Some("api.models.example")),
+        (443, Some("llama.models.example")),
+        (443, Some("evil.example")),
+        (443, None),
+        (9000, None),
+        (9100, None),
+        (80, None),
+    ] {
+        assert_eq!(
+            direct.route(port, sni),
+            rebuilt.route(port, sni),
+            "{port} {sni:?}"
+        );
+    }
+    let mut bad = wire.clone();
+    bad.routes[2].backends[0].port = 70_000;
+    let e = from_wire(&bad).expect_err("port");
+    assert_eq!(e.path, "routes[2].backends[0].port");
+    let mut bad = wire.clone();
+    bad.listeners[0].hostname = "*.*.example".into();
+    assert_eq!(
+        from_wire(&bad).expect_err("host").path,
+        "listeners[0].hostname"
+    );
+    let mut bad = wire;
+    bad.listeners[1].port = bad.listeners[0].port;
+    assert!(from_wire(&bad).is_err());
+}
+
+#[test]
 fn a_route_to_a_service_that_does_not_exist_builds_nothing_and_names_the_field() {
     let config = parse_gateway_config(GATEWAY).expect("valid");
     let missing = |namespace: &str, name: &str| {

@@ -20,6 +20,7 @@ fn names(update: &pb::Update) -> Vec<String> {
             Kind::Authorization(a) => Some(format!("policy {}/{}", a.namespace, a.name)),
             Kind::TrustBundle(b) => Some(format!("bundle {} roots", b.roots_der.len())),
             Kind::Egress(e) => Some(format!("egress {}/{}", e.namespace, e.name)),
+            Kind::Ingress(i) => Some(format!("ingress {}/{}", i.namespace, i.name)),
         })
         .collect();
     out.sort();

@@ -155,6 +155,7 @@ impl Authorizer {
         let request = Request {
             source,
             source_ip: attrs.source_ip,
+            remote_ip: attrs.remote_ip,
             destination_namespace: &attrs.destination.namespace,
             destination_labels: &attrs.destination.labels,
             destination_ip: attrs.destination_ip,

@@ -20,6 +20,9 @@ pub struct ConnAttrs {
     pub source: Option<membrane_identity::WorkloadIdentity>,
     /// Source address.
     pub source_ip: IpAddr,
+    /// The original client's address an ingress gateway of the mesh reported (`forwarded`
+    /// from a verified gateway pod), for `remoteIpBlocks`; `None`: the source address.
+    pub remote_ip: Option<IpAddr>,
     /// Destination workload.
     pub destination: Arc<Workload>,
     /// Destination address and port.

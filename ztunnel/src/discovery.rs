@@ -131,6 +131,7 @@ fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
         ),
         ResourceKind::TrustBundle(_) => (Kind::TrustBundle as i32, String::new()),
         ResourceKind::Egress(e) => (Kind::Egress as i32, format!("{}/{}", e.namespace, e.name)),
+        ResourceKind::Ingress(i) => (Kind::Ingress as i32, format!("{}/{}", i.namespace, i.name)),
     })
 }
 
@@ -243,6 +244,14 @@ fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {
             };
             endpoints.push(SocketAddr::new(ip, target));
         }
+        state.add_service_port(
+            &name,
+            service_port,
+            ServiceTarget {
+                service: name.clone(),
+                endpoints: endpoints.clone(),
+            },
+        );
         for vip in &vips {
             state.add_service(
                 SocketAddr::new(*vip, service_port),
@@ -261,6 +270,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     let mut state = MeshState::empty_loaded();
     let mut policies = Vec::new();
     let mut egress = Vec::new();
+    let mut ingress = Vec::new();
     let mut bundle = None;
     // The controller streams its `--root-namespace` with the trust bundle; until it names one,
     // the default applies.
@@ -297,6 +307,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                     .map_err(|e| invalid("egress policy", &name, e))?;
                 egress.push(policy);
             }
+            Some(ResourceKind::Ingress(i)) => ingress.push(i),
             Some(ResourceKind::TrustBundle(b)) => {
                 if b.trust_domain != td.to_string() {
                     return Err(invalid(
@@ -320,6 +331,23 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
         egress,
         root_namespace,
     ));
+    // After every Service: a table is built against the same update's Services, whole or
+    // the update is refused.
+    for i in ingress {
+        let name = format!("{}/{}", i.namespace, i.name);
+        let (gateway, routes) = membrane_policy::gateway::wire::from_wire(i)
+            .map_err(|e| invalid("ingress", &name, e))?;
+        let table = membrane_policy::gateway::IngressTable::build(&gateway, &routes, |ns, svc| {
+            state.service_port_numbers(ns, svc)
+        })
+        .map_err(|errors| {
+            let first = errors
+                .first()
+                .map(|e| format!("{} {}: {}", e.object, e.path, e.message));
+            invalid("ingress", &name, first.unwrap_or_default())
+        })?;
+        state.set_ingress(name, table);
+    }
     Ok(Built {
         state,
         policy: PolicyIndex::build(policies, root_namespace),

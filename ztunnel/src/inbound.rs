@@ -121,9 +121,12 @@ impl ConnectHandler for InboundHandler {
                 }
             };
             // Policy sees the verified TCP peer (the source ztunnel dials from inside the
-            // source pod), never the peer's `forwarded` claim.
+            // source pod), never the peer's `forwarded` claim — except as the remote address
+            // (`remoteIpBlocks`) when the peer is an ingress gateway of the mesh: its
+            // certificate's identity is the gateway pod's at that address.
             let (source_ip, claim) = crate::guard::hbone_source(peer_addr.ip(), req.forwarded_for);
-            if let Some(claim) = claim {
+            let remote_ip = claim.filter(|_| self.is_ingress_gateway(&source, source_ip));
+            if let (Some(claim), None) = (claim, remote_ip) {
                 self.proxy.guard.forwarded_ignored();
                 tracing::warn!(
                     peer = %req.peer,
@@ -135,6 +138,7 @@ impl ConnectHandler for InboundHandler {
             let attrs = ConnAttrs {
                 source: Some(source),
                 source_ip,
+                remote_ip,
                 destination: self.pod.workload.clone(),
                 destination_ip: req.authority.ip(),
                 destination_port: req.authority.port(),
@@ -190,6 +194,16 @@ impl ConnectHandler for InboundHandler {
 }
 
 impl InboundHandler {
+    /// Whether `ip` is an ingress gateway pod of the mesh whose identity is `source`.
+    fn is_ingress_gateway(&self, source: &WorkloadIdentity, ip: std::net::IpAddr) -> bool {
+        self.proxy.state.borrow().by_ip(ip).is_some_and(|w| {
+            w.identity == *source
+                && w.gateway
+                    .as_ref()
+                    .is_some_and(|r| r.kind == crate::state::GatewayKind::Ingress)
+        })
+    }
+
     fn log(&self, req: &ConnectRequest) -> ConnectionLog {
         let unknown = std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
         let (ip, claim) = match req.peer_addr {
@@ -272,6 +286,7 @@ async fn plaintext_connection(
     let attrs = ConnAttrs {
         source: None,
         source_ip: peer.ip(),
+        remote_ip: None,
         destination: pod.workload.clone(),
         destination_ip: dst.ip(),
         destination_port: dst.port(),

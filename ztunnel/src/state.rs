@@ -215,6 +215,10 @@ pub struct MeshState {
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
     /// The EgressPolicies selecting this node's pods.
     egress: membrane_policy::egress::EgressIndex,
+    /// Service ports by (`namespace/name`, port), headless Services included.
+    service_ports: HashMap<(String, u16), Arc<ServiceTarget>>,
+    /// Ingress gateways' tables, by `namespace/name` (only a node running one gets any).
+    ingress: BTreeMap<String, Arc<membrane_policy::gateway::IngressTable>>,
     /// Whether this state came from a source (false: the empty state before the first
     /// discovery snapshot).
     loaded: bool,
@@ -326,6 +330,39 @@ impl MeshState {
     /// Replaces the EgressPolicies.
     pub fn set_egress(&mut self, egress: membrane_policy::egress::EgressIndex) {
         self.egress = egress;
+    }
+
+    /// Records port `port` of Service `service` (`namespace/name`), whatever its addresses.
+    pub fn add_service_port(&mut self, service: &str, port: u16, target: ServiceTarget) {
+        self.service_ports
+            .insert((service.to_owned(), port), Arc::new(target));
+    }
+
+    /// Port `port` of Service `service` (`namespace/name`): its ready endpoints.
+    pub fn service_port(&self, service: &str, port: u16) -> Option<&Arc<ServiceTarget>> {
+        self.service_ports.get(&(service.to_owned(), port))
+    }
+
+    /// The ports of Service `namespace/name`, `None` when the mesh has no such Service.
+    pub fn service_port_numbers(&self, namespace: &str, name: &str) -> Option<Vec<u16>> {
+        let service = format!("{namespace}/{name}");
+        let ports: Vec<u16> = self
+            .service_ports
+            .keys()
+            .filter(|(s, _)| *s == service)
+            .map(|(_, p)| *p)
+            .collect();
+        (!ports.is_empty()).then_some(ports)
+    }
+
+    /// Sets ingress gateway `gateway`'s (`namespace/name`) table.
+    pub fn set_ingress(&mut self, gateway: String, table: membrane_policy::gateway::IngressTable) {
+        self.ingress.insert(gateway, Arc::new(table));
+    }
+
+    /// Ingress gateway `gateway`'s (`namespace/name`) table.
+    pub fn ingress(&self, gateway: &str) -> Option<&Arc<membrane_policy::gateway::IngressTable>> {
+        self.ingress.get(gateway)
     }
 
     /// The variable part of `workload`'s capture rules: its namespace's inbound UDP, and

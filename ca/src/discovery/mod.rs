@@ -9,7 +9,7 @@
 
 mod view;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +56,7 @@ pub struct DiscoveryMetrics {
     streams: Gauge,
     updates: Family<UpdateLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    ingress_refused: Counter,
 }
 
 impl DiscoveryMetrics {
@@ -76,6 +77,11 @@ impl DiscoveryMetrics {
             "discovery_refused",
             "Discovery streams refused, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "discovery_ingress_refused",
+            "Views built while a gateway's routes could not be built (its last good routes were sent)",
+            m.ingress_refused.clone(),
         );
         m
     }
@@ -163,6 +169,8 @@ pub struct DiscoveryService {
     state: StateReceiver,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     cache: Arc<Mutex<Option<Cached>>>,
+    /// Each ingress gateway's last wire form whose routes built.
+    ingress: Arc<Mutex<BTreeMap<(String, String), pb::Ingress>>>,
     version: Arc<AtomicU64>,
     acks: AckBook,
     metrics: DiscoveryMetrics,
@@ -198,6 +206,7 @@ impl DiscoveryService {
             state,
             bundle,
             cache: Arc::default(),
+            ingress: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
             acks: AckBook::default(),
             metrics,
@@ -237,9 +246,39 @@ impl DiscoveryService {
         {
             return Some(view.clone());
         }
-        let view = Arc::new(MeshView::build_in(&state, &bundle, &self.root_namespace));
+        let mut view = MeshView::build_in(&state, &bundle, &self.root_namespace);
+        view.set_ingress(self.ingress_of(&state));
+        let view = Arc::new(view);
         *cache = Some((state, bundle, view.clone()));
         Some(view)
+    }
+
+    /// Each gateway's wire form: this state's when its routes build, else the last one that
+    /// did (never half a table); a deleted gateway is forgotten.
+    fn ingress_of(&self, state: &ClusterState) -> BTreeMap<(String, String), pb::Ingress> {
+        let mut last = self.ingress.lock().unwrap_or_else(|e| e.into_inner());
+        last.retain(|key, _| state.gateways.contains_key(key));
+        for (key, result) in view::ingress_wire(state) {
+            match result {
+                Ok(wire) => {
+                    last.insert(key, wire);
+                }
+                Err(errors) => {
+                    self.metrics.ingress_refused.inc();
+                    for e in errors {
+                        tracing::warn!(
+                            gateway = %format_args!("{}/{}", key.0, key.1),
+                            object = %e.object,
+                            field = %e.path,
+                            error = %e.message,
+                            kept = last.contains_key(&key),
+                            "gateway routes refused; its gateways keep the last routes that built (none if never)"
+                        );
+                    }
+                }
+            }
+        }
+        last.clone()
     }
 
     fn next_version(&self) -> u64 {

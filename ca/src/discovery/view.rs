@@ -42,6 +42,37 @@ pub struct MeshView {
     by_node: BTreeMap<String, Vec<LocalWorkload>>,
     /// Nodes running an egress gateway pod: they re-decide every source's EgressPolicies.
     egress_gateway_nodes: BTreeSet<String>,
+    /// The ingress gateways (`namespace`, `name`) whose pods run on each node.
+    ingress_gateway_nodes: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// Each ingress gateway's wire form (set by [`MeshView::set_ingress`]).
+    ingress: BTreeMap<(String, String), pb::Ingress>,
+}
+
+/// Each gateway's wire form with the routes attached to it, when its routes build into a
+/// table against `state`'s Services; otherwise every error, with its field path.
+pub fn ingress_wire(
+    state: &ClusterState,
+) -> BTreeMap<(String, String), Result<pb::Ingress, Vec<membrane_policy::gateway::GatewayError>>> {
+    state
+        .ingress_tables()
+        .into_iter()
+        .filter_map(|(key, table)| {
+            let gateway = state.gateways.get(&key)?;
+            let result = table.map(|_| {
+                let attached: Vec<&membrane_policy::gateway::Route> = state
+                    .routes
+                    .values()
+                    .filter(|r| {
+                        r.parents
+                            .iter()
+                            .any(|p| p.namespace == key.0 && p.name == key.1)
+                    })
+                    .collect();
+                membrane_policy::gateway::wire::to_wire(gateway, &attached)
+            });
+            Some((key, result))
+        })
+        .collect()
 }
 
 fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
@@ -143,6 +174,7 @@ impl MeshView {
         let mut shared = View::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         let mut egress_gateway_nodes = BTreeSet::new();
+        let mut ingress_gateway_nodes: BTreeMap<String, BTreeSet<_>> = BTreeMap::new();
         for pod in state.pods.values() {
             if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
                 continue;
@@ -150,9 +182,17 @@ impl MeshView {
             let Some(node) = &pod.node_name else {
                 continue;
             };
-            if GatewayRole::from_labels(&pod.labels).is_some_and(|r| r.kind == GatewayKind::Egress)
-            {
-                egress_gateway_nodes.insert(node.clone());
+            match GatewayRole::from_labels(&pod.labels) {
+                Some(r) if r.kind == GatewayKind::Egress => {
+                    egress_gateway_nodes.insert(node.clone());
+                }
+                Some(r) => {
+                    ingress_gateway_nodes
+                        .entry(node.clone())
+                        .or_insert_with(BTreeSet::new)
+                        .insert((pod.namespace.clone(), r.name));
+                }
+                None => {}
             }
             by_node
                 .entry(node.clone())
@@ -188,7 +228,14 @@ impl MeshView {
             egress,
             by_node,
             egress_gateway_nodes,
+            ingress_gateway_nodes,
+            ingress: BTreeMap::new(),
         }
+    }
+
+    /// Sets the ingress gateways' wire forms (each the last version whose routes built).
+    pub fn set_ingress(&mut self, ingress: BTreeMap<(String, String), pb::Ingress>) {
+        self.ingress = ingress;
     }
 
     /// Node `node`'s complete view: the shared part plus the policies selecting its
@@ -210,6 +257,15 @@ impl MeshView {
                 let key = (Kind::Egress as i32, policy.key());
                 view.entry(key)
                     .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
+            }
+        }
+        for (namespace, name) in self.ingress_gateway_nodes.get(node).into_iter().flatten() {
+            let key = (namespace.clone(), name.clone());
+            if let Some(ingress) = self.ingress.get(&key) {
+                view.insert(
+                    (Kind::Ingress as i32, format!("{namespace}/{name}")),
+                    resource(pb::resource::Kind::Ingress(ingress.clone())),
+                );
             }
         }
         if self.egress_gateway_nodes.contains(node) {

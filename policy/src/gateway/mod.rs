@@ -13,6 +13,7 @@
 
 pub mod table;
 pub mod validate;
+pub mod wire;
 
 pub use table::{IngressTable, Miss, Target};
 pub use validate::{GatewayError, GatewayObject, check_gateway_value, parse_gateway_config};

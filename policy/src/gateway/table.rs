@@ -255,4 +255,11 @@ impl IngressTable {
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.ports.keys().copied()
     }
+
+    /// Whether the listener on `port` routes TLS by server name (`None`: no such listener).
+    pub fn is_tls(&self, port: u16) -> Option<bool> {
+        self.ports
+            .get(&port)
+            .map(|r| matches!(r, Routes::Tls { .. }))
+    }
 }

@@ -13,8 +13,11 @@
 //!
 //! - [`egress`]: HBONE on 15008 from source ztunnels whose EgressPolicy rule says `via` this
 //!   gateway; decided again here and carried out from the gateway's address.
+//! - [`ingress`]: the `Gateway` the pod's label names (in its namespace), streamed with its
+//!   routes; external TCP/TLS on its listener ports carried over HBONE to mesh pods.
 
 pub mod egress;
+pub mod ingress;
 pub mod metrics;
 pub mod resolve;
 pub mod upstream;
@@ -148,8 +151,19 @@ pub async fn run(
             }
         }
         GatewayKind::Ingress => {
-            tracing::error!("ingress gateways are not served by this build");
-            return;
+            let role = workload.gateway.clone();
+            let gateway = Arc::new(ingress::IngressGateway {
+                pod: pod.clone(),
+                proxy: proxy.clone(),
+                gateway: format!(
+                    "{}/{}",
+                    workload.namespace,
+                    role.map(|r| r.name).unwrap_or_default()
+                ),
+                metrics,
+            });
+            // Ready (and logged as serving) once its table is known and bound.
+            return ingress::run(gateway, ready).await;
         }
     }
     tracing::info!(

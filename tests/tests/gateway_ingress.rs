@@ -1,0 +1,311 @@
+//! The ingress gateway end to end: clients in the simulated internet reach the model server
+//! only through the gateway (TLS passthrough by SNI, TCP by port), bytes intact, the hop to
+//! the model server's node encrypted; the model server's record names the gateway and the
+//! client; `remoteIpBlocks` refuses one client and admits another; unknown server names and
+//! direct plaintext are refused; a route to an unknown Service is refused whole while the
+//! routes that built keep working.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::netns::{Capture, NETNS_RUN_DIR, run_in_netns};
+use membrane_tests::world::World;
+use membrane_tests::{http_get, require_root, ztunnel_metric};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GW_NODE: &str = "gw-ingress";
+const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 78);
+
+const MANIFESTS: &str = "apiVersion: v1
+kind: Service
+metadata: {name: model-server, namespace: inference}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: model-server}
+  ports: [{name: tls, port: 8443, targetPort: 8443}, {name: raw, port: 8080, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: inference}
+spec:
+  gatewayClassName: membrane
+  listeners:
+  - {name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}}
+  - {name: raw, port: 8080, protocol: TCP}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: model-api, namespace: inference}
+spec:
+  parentRefs: [{name: ingress, sectionName: tls}]
+  hostnames: [api.models.example]
+  rules: [{backendRefs: [{name: model-server, port: 8443}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: model-raw, namespace: inference}
+spec:
+  parentRefs: [{name: ingress, sectionName: raw}]
+  rules: [{backendRefs: [{name: model-server, port: 8080}]}]
+";
+
+const POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: through-the-gateway, namespace: inference}
+spec:
+  selector: {matchLabels: {app: model-server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/inference/sa/ingress-gateway]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: block-one-client, namespace: inference}
+spec:
+  action: DENY
+  rules: [{from: [{source: {remoteIpBlocks: [198.51.100.78/32]}}]}]
+";
+
+const BROKEN_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: new-model, namespace: inference}
+spec:
+  parentRefs: [{name: ingress, sectionName: tls}]
+  hostnames: [new.models.example]
+  rules: [{backendRefs: [{name: no-such-service, port: 8443}]}]
+";
+
+fn spec() -> MeshSpec {
+    let mut spec = MeshSpec::two_nodes(
+        vec![
+            PodDef::new("model-server", "inference", "model-server", "node-b"),
+            PodDef::gateway(
+                "ingress-gw",
+                "inference",
+                "ingress-gateway",
+                GW_NODE,
+                "ingress",
+                "ingress",
+            ),
+        ],
+        &["inference"],
+    );
+    spec.nodes.push(GW_NODE.to_owned());
+    spec.policies = POLICIES.to_owned();
+    spec.extra_manifests = vec![("ingress.yaml".into(), MANIFESTS.into())];
+    spec
+}
+
+async fn start() -> anyhow::Result<(Mesh, World)> {
+    let mut mesh = Mesh::start(spec()).await?;
+    let world = World::start(&mut mesh.testbed)?;
+    mesh.enroll("model-server").await?;
+    mesh.echo_app("model-server", 8443)?;
+    mesh.echo_app("model-server", 8080)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        http_get(mesh.ztunnels[GW_NODE].readiness, "/healthz/ready").await,
+        Ok((200, _))
+    ) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the ingress gateway never turned ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((mesh, world))
+}
+
+/// Connects from the internet namespace, from `source`, to `dst`.
+async fn connect_from_internet(
+    world: &World,
+    source: Ipv4Addr,
+    dst: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let path = std::path::Path::new(NETNS_RUN_DIR).join(world.netns_name());
+    let socket = run_in_netns(path, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::from((source, 0)).into())?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
+    })??;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket);
+    Ok(tokio::time::timeout(Duration::from_secs(5), socket.connect(dst)).await??)
+}
+
+/// A real ClientHello for `name`.
+fn client_hello(name: &str) -> anyhow::Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server)?;
+    let mut out = Vec::new();
+    conn.write_tls(&mut out)?;
+    Ok(out)
+}
+
+/// Sends `bytes` from `source` to `dst` and expects them echoed intact (5 s bound).
+async fn echoed(
+    world: &World,
+    source: Ipv4Addr,
+    dst: SocketAddr,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let mut s = connect_from_internet(world, source, dst).await?;
+    s.write_all(bytes).await?;
+    let mut got = vec![0u8; bytes.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+    anyhow::ensure!(got == bytes, "the bytes came back changed");
+    Ok(())
+}
+
+/// Expects the connection from `source` to `dst` to carry nothing back.
+async fn refused(world: &World, source: Ipv4Addr, dst: SocketAddr, bytes: &[u8]) {
+    assert!(
+        echoed(world, source, dst, bytes).await.is_err(),
+        "{source} → {dst} was carried"
+    );
+}
+
+async fn record(mesh: &Mesh, node: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    mesh.ztunnels[node]
+        .wait_for_record(pred, Duration::from_secs(5))
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no such record on {node}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn external_clients_reach_the_model_server_only_through_the_gateway() -> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, world) = start().await?;
+    let gw = mesh.ip("ingress-gw");
+    let model = mesh.ip("model-server");
+    let node_b = mesh.testbed.node("node-b").expect("node-b").clone();
+    let gw_node = mesh.testbed.node(GW_NODE).expect("gateway node").clone();
+    let to_b = Capture::start(node_b.netns_path(), node_b.ifname())?;
+    let at_gw = Capture::start(gw_node.netns_path(), gw_node.ifname())?;
+
+    // TLS passthrough by server name: the ClientHello and what follows arrive unopened.
+    let marker = b"INGRESS-PLAINTEXT-MARKER-0451";
+    let mut hello = client_hello("api.models.example")?;
+    hello.extend_from_slice(marker);
+    echoed(&world, ALLOWED, SocketAddr::new(gw, 443), &hello).await?;
+    // TCP by port.
+    echoed(&world, ALLOWED, SocketAddr::new(gw, 8080), marker).await?;
+    let (to_b, at_gw) = (to_b.stop(), at_gw.stop());
+    assert!(
+        at_gw.contains(marker),
+        "the capture at the gateway saw no client bytes"
+    );
+    assert!(
+        !to_b.contains(marker),
+        "plaintext crossed to the model server's node"
+    );
+
+    let gateway_id = mesh.spiffe_id("ingress-gw");
+    let r = record(&mesh, "node-b", |r| {
+        r["direction"] == "inbound" && r["dst_addr"] == format!("{model}:8443")
+    })
+    .await?;
+    assert_eq!(r["src_identity"], gateway_id.as_str(), "{r:#}");
+    assert_eq!(r["forwarded_for"], ALLOWED.to_string(), "{r:#}");
+    let r = record(&mesh, GW_NODE, |r| {
+        r["direction"] == "ingress_gateway" && r["dst_addr"] == format!("{model}:8443")
+    })
+    .await?;
+    assert_eq!(
+        r["src_addr"]
+            .as_str()
+            .map(|a| a.starts_with(&ALLOWED.to_string())),
+        Some(true),
+        "{r:#}"
+    );
+
+    // remoteIpBlocks at the destination: the blocked client is refused, the other admitted.
+    refused(&world, BLOCKED, SocketAddr::new(gw, 8080), marker).await;
+    let r = record(&mesh, "node-b", |r| {
+        r["direction"] == "inbound"
+            && r["result"] == "refused"
+            && r["forwarded_for"] == BLOCKED.to_string()
+    })
+    .await?;
+    assert_eq!(
+        r["authorization"]["policy"], "inference/block-one-client",
+        "{r:#}"
+    );
+    echoed(&world, ALLOWED, SocketAddr::new(gw, 8080), marker).await?;
+
+    // Unknown server name, unknown port: refused at the gateway, recorded.
+    refused(
+        &world,
+        ALLOWED,
+        SocketAddr::new(gw, 443),
+        &client_hello("evil.example")?,
+    )
+    .await;
+    record(&mesh, GW_NODE, |r| {
+        r["direction"] == "ingress_gateway" && r["reason"] == "ingress unknown_sni"
+    })
+    .await?;
+    assert!(
+        connect_from_internet(&world, ALLOWED, SocketAddr::new(gw, 9999))
+            .await
+            .is_err()
+    );
+    // Straight to the pod, in plaintext: refused as before.
+    refused(&world, ALLOWED, SocketAddr::new(model, 8080), marker).await;
+    assert!(
+        ztunnel_metric(
+            &mesh,
+            GW_NODE,
+            "membrane_gateway_connections_total",
+            &["reason=\"unknown_sni\""]
+        )
+        .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay()
+-> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, world) = start().await?;
+    let gw = mesh.ip("ingress-gw");
+    mesh.write_manifest("broken-route.yaml", BROKEN_ROUTE)?;
+    // The controller refuses the gateway's new routes (counted) and keeps sending the last
+    // ones that built.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = mesh.ca.metrics().await?;
+        if metrics.lines().any(|l| {
+            l.starts_with("membrane_ca_discovery_ingress_refused_total") && !l.ends_with(" 0")
+        }) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the broken route was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut hello = client_hello("api.models.example")?;
+    hello.extend_from_slice(b"still-routed");
+    echoed(&world, ALLOWED, SocketAddr::new(gw, 443), &hello).await?;
+    refused(
+        &world,
+        ALLOWED,
+        SocketAddr::new(gw, 443),
+        &client_hello("new.models.example")?,
+    )
+    .await;
+    Ok(())
+}
