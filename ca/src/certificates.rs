@@ -60,14 +60,15 @@ impl CertificateService {
 impl Certificates for CertificateService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let peer = request.remote_addr();
-        let node = match self.authenticator.authenticate(request.metadata()).await {
-            Ok(node) => node,
+        let caller = match self.authenticator.authenticate(request.metadata()).await {
+            Ok(caller) => caller,
             Err(failure) => {
                 let reason = failure.refusal();
                 tracing::warn!(peer = ?peer, reason = reason.as_str(), error = %failure, "refused certificate request: unauthenticated");
                 return Err(self.refuse(reason, failure.status()));
             }
         };
+        let node = caller.node.clone();
         let request = request.into_inner();
         let csr = match ValidatedCsr::parse(&request.csr_der, &self.trust_domain()) {
             Ok(csr) => csr,
@@ -87,7 +88,11 @@ impl Certificates for CertificateService {
                 Status::unavailable("the controller has not loaded its workload source yet"),
             ));
         };
-        if let Err(e) = node_auth::authorize(&state, &node, identity) {
+        let authorized = match &caller.gateway {
+            None => node_auth::authorize(&state, &node, identity),
+            Some(only) => node_auth::authorize_gateway(&state, &node, only, identity),
+        };
+        if let Err(e) = authorized {
             let reason = match e {
                 node_auth::NodeAuthError::NotInMesh { .. } => RefusalReason::NotInMesh,
                 _ => RefusalReason::NotOnNode,

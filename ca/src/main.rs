@@ -116,6 +116,11 @@ struct ServeArgs {
         value_parser = membrane_ca::tokenreview::parse_account
     )]
     ztunnel_service_accounts: Vec<(String, String)>,
+    /// Service account (`namespace/name`) of gateway pods; repeatable (`--source
+    /// kubernetes`). Its tokens authenticate a gateway pod's ztunnel in gateway mode, which may
+    /// obtain only that account's identity, for a gateway pod on the token's node.
+    #[arg(long = "gateway-service-account", value_parser = membrane_ca::tokenreview::parse_account)]
+    gateway_service_accounts: Vec<(String, String)>,
     /// Namespace of the Lease that elects the replica writing policy status
     /// (`--source kubernetes`).
     #[arg(
@@ -255,6 +260,7 @@ fn main() -> anyhow::Result<()> {
                     token_review: TokenReviewConfig {
                         audience: args.token_audience,
                         ztunnel_accounts: args.ztunnel_service_accounts,
+                        gateway_accounts: args.gateway_service_accounts,
                         ..TokenReviewConfig::default()
                     },
                     status: StatusConfig::new(args.status_lease_namespace),

@@ -80,6 +80,18 @@ pub enum NodeAuthError {
         /// Requested service account.
         service_account: String,
     },
+    /// A gateway pod's credential asked for another identity than its own.
+    #[error(
+        "a gateway's credential ({account}) may obtain only its own identity, not {namespace}/{service_account}"
+    )]
+    NotOwnIdentity {
+        /// Requested namespace.
+        namespace: String,
+        /// Requested service account.
+        service_account: String,
+        /// The credential's account.
+        account: String,
+    },
 }
 
 type Digest = [u8; 32];
@@ -157,6 +169,41 @@ impl BootstrapTokens {
     /// The node a presented token belongs to, if any.
     pub fn node_for(&self, token: &str) -> Option<&str> {
         self.nodes.get(&sha256(token)).map(String::as_str)
+    }
+}
+
+/// Checks a gateway pod's own credential: it may obtain only `only` (its service account's
+/// identity), and only while a gateway pod of that account is scheduled on `node`.
+pub fn authorize_gateway(
+    state: &ClusterState,
+    node: &str,
+    only: &(String, String),
+    identity: &WorkloadIdentity,
+) -> Result<(), NodeAuthError> {
+    let (namespace, service_account) = (
+        identity.namespace().to_owned(),
+        identity.service_account().to_owned(),
+    );
+    if (&namespace, &service_account) != (&only.0, &only.1) {
+        return Err(NodeAuthError::NotOwnIdentity {
+            namespace,
+            service_account,
+            account: format!("{}/{}", only.0, only.1),
+        });
+    }
+    let gateway_here = state.mesh_pods_on(node).any(|pod| {
+        pod.namespace == namespace
+            && pod.service_account == service_account
+            && membrane_policy::gateway::GatewayRole::from_labels(&pod.labels).is_some()
+    });
+    if gateway_here {
+        Ok(())
+    } else {
+        Err(NodeAuthError::NotOnNode {
+            node: node.to_owned(),
+            namespace,
+            service_account,
+        })
     }
 }
 

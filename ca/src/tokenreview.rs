@@ -15,7 +15,11 @@
 //!    token not bound to a pod — is refused: it says nothing about where it runs.
 //!
 //! The node name is the same result the bootstrap token gives, and node authorization
-//! ([`crate::node_auth::authorize`]) follows unchanged. Positive results are cached for
+//! ([`crate::node_auth::authorize`]) follows unchanged. A token of a configured *gateway*
+//! account (`--gateway-service-account`) names its pod's node too, but its [`Caller`] may
+//! obtain only that account's identity, for a gateway pod on that node
+//! ([`crate::node_auth::authorize_gateway`]), and its discovery acknowledgements are booked
+//! apart from the node's ztunnel. Positive results are cached for
 //! [`TokenReviewConfig::cache_ttl`] (30 s) by SHA-256 of the token, so a node renewing many
 //! certificates costs one review; a revoked token may therefore be honoured for up to that
 //! long. Negative results are never cached. An API server that cannot be reached (or refuses
@@ -53,6 +57,9 @@ pub struct TokenReviewConfig {
     pub audience: String,
     /// Service accounts (`namespace`, `name`) whose tokens identify nodes.
     pub ztunnel_accounts: Vec<(String, String)>,
+    /// Service accounts of gateway pods: a token of one identifies its pod's node but may
+    /// obtain only that account's own identity, for a gateway pod ([`Caller::gateway`]).
+    pub gateway_accounts: Vec<(String, String)>,
     /// How long a positive result is reused.
     pub cache_ttl: Duration,
     /// Deadline of one TokenReview call.
@@ -64,6 +71,7 @@ impl Default for TokenReviewConfig {
         Self {
             audience: DEFAULT_AUDIENCE.to_owned(),
             ztunnel_accounts: vec![("membrane-system".to_owned(), "ztunnel".to_owned())],
+            gateway_accounts: Vec::new(),
             cache_ttl: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
         }
@@ -128,12 +136,33 @@ fn sha256(token: &str) -> Digest {
     out
 }
 
+/// Who called: the node its credential names and, for a gateway pod's token, the only
+/// identity (`namespace`, `service account`) it may obtain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The node.
+    pub node: String,
+    /// `Some` for a gateway account's token: only this identity, and only for a gateway pod.
+    pub gateway: Option<(String, String)>,
+}
+
+impl Caller {
+    /// A node agent's credential (a bootstrap token, a ztunnel account's token).
+    pub fn node(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            gateway: None,
+        }
+    }
+}
+
 /// Checks ztunnel tokens with TokenReview.
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     config: TokenReviewConfig,
     usernames: BTreeSet<String>,
-    cache: Mutex<HashMap<Digest, (String, Instant)>>,
+    gateway_usernames: HashMap<String, (String, String)>,
+    cache: Mutex<HashMap<Digest, (Caller, Instant)>>,
     metrics: TokenReviewMetrics,
 }
 
@@ -154,17 +183,28 @@ impl TokenReviewer {
             .iter()
             .map(|(ns, sa)| format!("system:serviceaccount:{ns}:{sa}"))
             .collect();
+        let gateway_usernames = config
+            .gateway_accounts
+            .iter()
+            .map(|(ns, sa)| {
+                (
+                    format!("system:serviceaccount:{ns}:{sa}"),
+                    (ns.clone(), sa.clone()),
+                )
+            })
+            .collect();
         Self {
             api: Api::all(client),
             config,
             usernames,
+            gateway_usernames,
             cache: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    /// The node `token` belongs to.
-    pub async fn node_for(&self, token: &str) -> Result<String, TokenReviewError> {
+    /// The caller `token` belongs to.
+    pub async fn node_for(&self, token: &str) -> Result<Caller, TokenReviewError> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             self.metrics.result("unauthenticated");
             return Err(TokenReviewError::Unauthenticated(
@@ -192,13 +232,13 @@ impl TokenReviewer {
         }
     }
 
-    fn cached(&self, digest: &Digest) -> Option<String> {
+    fn cached(&self, digest: &Digest) -> Option<Caller> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let (node, expires) = cache.get(digest)?;
         (Instant::now() < *expires).then(|| node.clone())
     }
 
-    fn remember(&self, digest: Digest, node: &str) {
+    fn remember(&self, digest: Digest, node: &Caller) {
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_CAPACITY {
@@ -207,10 +247,10 @@ impl TokenReviewer {
                 cache.clear();
             }
         }
-        cache.insert(digest, (node.to_owned(), now + self.config.cache_ttl));
+        cache.insert(digest, (node.clone(), now + self.config.cache_ttl));
     }
 
-    async fn review(&self, token: &str) -> Result<String, TokenReviewError> {
+    async fn review(&self, token: &str) -> Result<Caller, TokenReviewError> {
         let request = TokenReview {
             spec: TokenReviewSpec {
                 audiences: Some(vec![self.config.audience.clone()]),
@@ -247,7 +287,8 @@ impl TokenReviewer {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if !self.usernames.contains(&username) {
+        let gateway = self.gateway_usernames.get(&username).cloned();
+        if gateway.is_none() && !self.usernames.contains(&username) {
             return Err(TokenReviewError::WrongAccount { username });
         }
         let nodes = user
@@ -256,7 +297,10 @@ impl TokenReviewer {
             .remove(NODE_NAME_EXTRA)
             .unwrap_or_default();
         match nodes.as_slice() {
-            [node] if !node.is_empty() => Ok(node.clone()),
+            [node] if !node.is_empty() => Ok(Caller {
+                node: node.clone(),
+                gateway,
+            }),
             _ => Err(TokenReviewError::NoNodeBinding { username }),
         }
     }
@@ -337,17 +381,17 @@ impl NodeAuthenticator {
     pub async fn authenticate(
         &self,
         metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<String, NodeAuthFailure> {
+    ) -> Result<Caller, NodeAuthFailure> {
         let token = bearer_token(metadata).map_err(NodeAuthFailure::Credential)?;
         self.node_for(token).await
     }
 
-    /// The node a bare token belongs to.
-    pub async fn node_for(&self, token: &str) -> Result<String, NodeAuthFailure> {
+    /// The caller a bare token belongs to.
+    pub async fn node_for(&self, token: &str) -> Result<Caller, NodeAuthFailure> {
         match self {
             Self::Bootstrap(tokens) => tokens
                 .node_for(token)
-                .map(str::to_owned)
+                .map(Caller::node)
                 .ok_or(NodeAuthFailure::UnknownToken),
             Self::Kubernetes(reviewer) => Ok(reviewer.node_for(token).await?),
         }

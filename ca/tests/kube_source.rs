@@ -13,7 +13,7 @@ use membrane_ca::source::ClusterState;
 use membrane_ca::source::kube::{PolicyKind, PolicyVerdict};
 use membrane_ca::status::{self, StatusConfig};
 use membrane_ca::tokenreview::{
-    NodeAuthFailure, NodeAuthenticator, TokenReviewConfig, TokenReviewError, TokenReviewer,
+    Caller, NodeAuthFailure, NodeAuthenticator, TokenReviewConfig, TokenReviewError, TokenReviewer,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -628,6 +628,13 @@ fn reviewer_setup() -> Setup {
     setup
         .reviews
         .insert("unbound".into(), review_ok(ztunnel, None));
+    setup.reviews.insert(
+        "gateway".into(),
+        review_ok(
+            "system:serviceaccount:membrane-system:membrane-egress-gateway",
+            Some("node-b"),
+        ),
+    );
     let mut other_audience = review_ok(ztunnel, Some("node-a"));
     other_audience["audiences"] = json!(["https://kubernetes.default.svc"]);
     setup
@@ -657,14 +664,14 @@ async fn tokenreview_accepts_a_bound_ztunnel_token_and_caches_it() {
     let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good")))
         .await
         .expect("in time");
-    assert_eq!(node, Ok("node-a".to_owned()));
+    assert_eq!(node, Ok(Caller::node("node-a")));
     let review = api.next_seen(|s| s.path.ends_with("/tokenreviews")).await;
     assert_eq!(review.method, "POST");
     assert_eq!(review.body["spec"]["token"], "good");
     assert_eq!(review.body["spec"]["audiences"], json!(["membrane-ca"]));
     // Served from the cache: no second review.
     let node = auth.authenticate(&bearer("good")).await;
-    assert_eq!(node, Ok("node-a".to_owned()));
+    assert_eq!(node, Ok(Caller::node("node-a")));
     let more = api
         .seen_within(Duration::from_millis(200), |s| {
             s.path.ends_with("/tokenreviews")
@@ -678,6 +685,42 @@ async fn tokenreview_accepts_a_bound_ztunnel_token_and_caches_it() {
             .get()
     };
     assert_eq!((count("authenticated"), count("cached")), (1, 1));
+}
+
+#[tokio::test]
+async fn a_gateway_accounts_token_names_its_node_and_only_its_own_identity() {
+    let (client, _api) = FakeApi::start(reviewer_setup());
+    let config = TokenReviewConfig {
+        gateway_accounts: vec![(
+            "membrane-system".to_owned(),
+            "membrane-egress-gateway".to_owned(),
+        )],
+        ..TokenReviewConfig::default()
+    };
+    let auth = NodeAuthenticator::from(TokenReviewer::new(
+        client,
+        config,
+        TokenReviewMetrics::default(),
+    ));
+    let caller = tokio::time::timeout(WAIT, auth.authenticate(&bearer("gateway")))
+        .await
+        .expect("in time")
+        .expect("accepted");
+    assert_eq!(
+        caller,
+        Caller {
+            node: "node-b".to_owned(),
+            gateway: Some((
+                "membrane-system".to_owned(),
+                "membrane-egress-gateway".to_owned()
+            )),
+        }
+    );
+    // The ztunnel account is still a node.
+    let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good")))
+        .await
+        .expect("in time");
+    assert_eq!(node, Ok(Caller::node("node-a")));
 }
 
 #[tokio::test]
@@ -696,6 +739,13 @@ async fn tokenreview_refusals_are_typed() {
                 .expect("in time")
         }
     };
+    // A gateway account's token is refused unless the account is configured as one.
+    assert!(matches!(
+        check("gateway").await,
+        Err(NodeAuthFailure::TokenReview(
+            TokenReviewError::WrongAccount { .. }
+        ))
+    ));
     let refused = check("forged").await;
     assert!(
         matches!(&refused, Err(NodeAuthFailure::TokenReview(TokenReviewError::Unauthenticated(m))) if m.contains("invalid bearer token")),

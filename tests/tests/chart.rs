@@ -132,8 +132,31 @@ impl Rendered {
             .with_context(|| format!("no {kind} named {name}"))
     }
 
+    /// The controller's Deployment (gateways, when enabled, are Deployments too).
     fn deployment(&self) -> anyhow::Result<&Value> {
-        self.one("Deployment")
+        let found: Vec<&Value> = self
+            .all("Deployment")
+            .into_iter()
+            .filter(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+            .collect();
+        ensure!(
+            found.len() == 1,
+            "expected one controller Deployment, found {}",
+            found.len()
+        );
+        Ok(found[0])
+    }
+
+    /// The gateway Deployments, by kind (`egress`, `ingress`).
+    fn gateways(&self) -> BTreeMap<String, &Value> {
+        self.all("Deployment")
+            .into_iter()
+            .filter_map(|d| {
+                let component = str_of(&d["metadata"]["labels"]["app.kubernetes.io/component"]);
+                let kind = component.strip_suffix("-gateway")?;
+                Some((kind.to_owned(), d))
+            })
+            .collect()
     }
 
     fn daemonset(&self) -> anyhow::Result<&Value> {
@@ -1294,6 +1317,157 @@ fn rendered_flags_are_accepted_by_the_binaries() -> anyhow::Result<()> {
             ensure!(zt_flags.contains(&name(&arg)), "ztunnel has no {arg}");
         }
     }
+    let with_gateways = gateways_enabled(&helm)?;
+    for arg in args(container(with_gateways.deployment()?, "membrane-ca")?)
+        .iter()
+        .skip(1)
+    {
+        ensure!(
+            ca_flags.contains(&name(arg)),
+            "membrane-ca serve has no {arg}"
+        );
+    }
+    for (kind, deployment) in with_gateways.gateways() {
+        for arg in args(container(deployment, "gateway")?) {
+            ensure!(
+                zt_flags.contains(&name(&arg)),
+                "ztunnel ({kind} gateway) has no {arg}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Both gateways enabled.
+fn gateways_enabled(helm: &Path) -> anyhow::Result<Rendered> {
+    template(
+        helm,
+        &[
+            "--set",
+            "gateways.egress.enabled=true",
+            "--set",
+            "gateways.ingress.enabled=true",
+        ],
+    )
+}
+
+/// Gateways are rendered only when enabled; each has its own ServiceAccount (no API access),
+/// the controller accepts exactly their accounts, their pods carry the gateway labels, run
+/// without capability, host path or API token, and present a token for the controller.
+#[test]
+fn gateways_are_optional_least_privileged_and_known_to_the_controller() -> anyhow::Result<()> {
+    let helm = need_helm!();
+    for r in [defaults(&helm)?, custom(&helm)?] {
+        ensure!(
+            r.gateways().is_empty(),
+            "a gateway rendered without being enabled"
+        );
+        let ca = container(r.deployment()?, "membrane-ca")?;
+        ensure!(flag(ca, "gateway-service-account").is_empty());
+    }
+    let r = gateways_enabled(&helm)?;
+    let gateways = r.gateways();
+    assert_eq!(
+        gateways.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["egress", "ingress"]
+    );
+    let ca = container(r.deployment()?, "membrane-ca")?;
+    let mut accepted = Vec::new();
+    for (kind, deployment) in &gateways {
+        let spec = pod_spec(deployment);
+        let account = str_of(&spec["serviceAccountName"]).to_owned();
+        let sa = r.named("ServiceAccount", &account)?;
+        assert_eq!(sa["automountServiceAccountToken"], false, "{kind}");
+        assert_eq!(spec["automountServiceAccountToken"], false, "{kind}");
+        accepted.push(format!("{NAMESPACE}/{account}"));
+        for binding in r
+            .all("ClusterRoleBinding")
+            .into_iter()
+            .chain(r.all("RoleBinding"))
+        {
+            for subject in binding["subjects"].as_array().into_iter().flatten() {
+                ensure!(
+                    subject["name"] != account.as_str(),
+                    "{account} is bound to a role"
+                );
+            }
+        }
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["membrane.dev/gateway"], kind.as_str());
+        assert_eq!(
+            labels["gateway.networking.k8s.io/gateway-name"],
+            kind.as_str()
+        );
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{kind}");
+        let gw = container(deployment, "gateway")?;
+        assert_eq!(flag1(gw, "gateway")?, kind.as_str());
+        assert_eq!(
+            flag1(gw, "gateway-pod")?,
+            "$(MEMBRANE_POD_NAMESPACE)/$(MEMBRANE_POD_NAME)"
+        );
+        assert_eq!(
+            gw["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"])
+        );
+        ensure!(
+            gw["securityContext"]["capabilities"]["add"].is_null(),
+            "{kind} adds capabilities"
+        );
+        assert_eq!(gw["securityContext"]["readOnlyRootFilesystem"], true);
+        for volume in spec["volumes"].as_array().into_iter().flatten() {
+            ensure!(
+                volume["hostPath"].is_null(),
+                "{kind} mounts a host path: {volume}"
+            );
+            ensure!(
+                volume["secret"].is_null(),
+                "{kind} mounts a Secret: {volume}"
+            );
+        }
+        let token = volume(deployment, "token")?;
+        assert_eq!(
+            token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            flag1(ca, "token-audience")?.as_str()
+        );
+        let service = r.named("Service", str_of(&deployment["metadata"]["name"]))?;
+        let port = &service["spec"]["ports"][0];
+        match kind.as_str() {
+            "egress" => assert_eq!(
+                (port["port"].as_u64(), service["spec"]["type"].as_str()),
+                (Some(15008), Some("ClusterIP"))
+            ),
+            _ => assert_eq!(
+                (port["port"].as_u64(), service["spec"]["type"].as_str()),
+                (Some(443), Some("LoadBalancer"))
+            ),
+        }
+        let pdb = r.named(
+            "PodDisruptionBudget",
+            str_of(&deployment["metadata"]["name"]),
+        )?;
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"],
+            deployment["spec"]["selector"]["matchLabels"]
+        );
+    }
+    assert_eq!(flag(ca, "gateway-service-account"), accepted);
+    // One replica: no disruption budget.
+    let single = template(
+        &helm,
+        &[
+            "--set",
+            "gateways.egress.enabled=true",
+            "--set",
+            "gateways.egress.replicas=1",
+        ],
+    )?;
+    ensure!(
+        !single
+            .all("PodDisruptionBudget")
+            .iter()
+            .any(|p| str_of(&p["metadata"]["name"]).ends_with("egress-gateway")),
+        "a single gateway replica got a disruption budget"
+    );
     Ok(())
 }
 

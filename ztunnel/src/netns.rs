@@ -55,6 +55,8 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct PodNetns {
     path: PathBuf,
+    /// The process's own namespace ([`PodNetns::own`]): nothing to enter, no mark needed.
+    own: bool,
     file: File,
     jobs: mpsc::Sender<Job>,
 }
@@ -108,6 +110,7 @@ impl PodNetns {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 path: path.to_owned(),
+                own: false,
                 file,
                 jobs,
             }),
@@ -117,6 +120,32 @@ impl PodNetns {
             }),
             Err(_) => Err(NetnsError::Stopped(shown)),
         }
+    }
+
+    /// The process's own network namespace (a gateway container's): sockets are created as
+    /// usual, without entering anything or marking them (nothing captures there), so no
+    /// privilege is needed.
+    pub fn own() -> Result<Self, NetnsError> {
+        let path = PathBuf::from("/proc/self/ns/net");
+        let file = File::open(&path).map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(NetnsError::Spawn)?;
+        Ok(Self {
+            path,
+            own: true,
+            file,
+            jobs,
+        })
     }
 
     /// The namespace path.
@@ -142,6 +171,9 @@ impl PodNetns {
     /// Runs `f` on the calling thread inside the pod's namespace, then returns to the node's.
     /// `f` must not block or await.
     fn enter<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        if self.own {
+            return f();
+        }
         let host = host_netns()?;
         setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
         let out = f();
@@ -178,7 +210,9 @@ impl PodNetns {
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
             }
-            socket.set_mark(ZTUNNEL_MARK)?;
+            if !self.own {
+                socket.set_mark(ZTUNNEL_MARK)?;
+            }
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
             Ok(socket)
@@ -201,7 +235,9 @@ impl PodNetns {
     pub async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, std::io::Error> {
         let socket = self
             .enter(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
-        socket.set_mark(ZTUNNEL_MARK)?;
+        if !self.own {
+            socket.set_mark(ZTUNNEL_MARK)?;
+        }
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());

@@ -285,14 +285,22 @@ impl DiscoveryService {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    async fn stream(self, node: String, tx: mpsc::Sender<Result<pb::Update, Status>>) {
+    /// Streams `node`'s view; acknowledgements are booked under `book` (the node, or for a
+    /// gateway pod's credential a key of its own, so a gateway never confirms for its node's
+    /// ztunnel).
+    async fn stream(
+        self,
+        node: String,
+        book: String,
+        tx: mpsc::Sender<Result<pb::Update, Status>>,
+    ) {
         let _guard = {
             self.metrics.streams.inc();
-            self.acks.opened(&node);
+            self.acks.opened(&book);
             StreamGuard {
                 gauge: self.metrics.streams.clone(),
                 acks: self.acks.clone(),
-                node: node.clone(),
+                node: book.clone(),
             }
         };
         let mut state_rx = self.state.clone();
@@ -314,7 +322,7 @@ impl DiscoveryService {
         if tx.send(Ok(snapshot)).await.is_err() {
             return;
         }
-        self.acks.sent(&node, snapshot_version);
+        self.acks.sent(&book, snapshot_version);
         self.acks
             .sent_bundle(&node, mesh.bundle().clone(), snapshot_version);
         self.metrics
@@ -363,9 +371,9 @@ impl DiscoveryService {
             if tx.send(Ok(update)).await.is_err() {
                 break;
             }
-            self.acks.sent(&node, version);
+            self.acks.sent(&book, version);
             if carries_bundle {
-                self.acks.sent_bundle(&node, mesh.bundle().clone(), version);
+                self.acks.sent_bundle(&book, mesh.bundle().clone(), version);
             }
             self.metrics
                 .updates
@@ -374,6 +382,14 @@ impl DiscoveryService {
             sent = view;
         }
         tracing::info!(node, "discovery stream closed");
+    }
+}
+
+/// Where a caller's acknowledgements are booked: its node, or a gateway pod's own key.
+fn ack_book_key(caller: &crate::tokenreview::Caller) -> String {
+    match &caller.gateway {
+        None => caller.node.clone(),
+        Some((ns, sa)) => format!("{}#gateway:{ns}/{sa}", caller.node),
     }
 }
 
@@ -386,14 +402,16 @@ impl Discovery for DiscoveryService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr();
-        let node = match self.auth.authenticate(request.metadata()).await {
-            Ok(node) => node,
+        let caller = match self.auth.authenticate(request.metadata()).await {
+            Ok(caller) => caller,
             Err(failure) => {
                 let reason = failure.refusal().as_str();
                 tracing::warn!(peer = ?peer, reason, error = %failure, "refused discovery stream: unauthenticated");
                 return Err(self.refuse(reason, failure.status()));
             }
         };
+        let book = ack_book_key(&caller);
+        let node = caller.node;
         let asked = request.into_inner().node;
         if asked != node {
             tracing::warn!(
@@ -415,7 +433,7 @@ impl Discovery for DiscoveryService {
             ));
         }
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().stream(node, tx));
+        tokio::spawn(self.clone().stream(node, book, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -423,12 +441,14 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let node = match self.auth.authenticate(request.metadata()).await {
-            Ok(node) => node,
+        let caller = match self.auth.authenticate(request.metadata()).await {
+            Ok(caller) => caller,
             Err(failure) => {
                 return Err(self.refuse(failure.refusal().as_str(), failure.status()));
             }
         };
+        let book = ack_book_key(&caller);
+        let node = caller.node;
         let ack = request.into_inner();
         if ack.node != node {
             return Err(self.refuse(
@@ -440,7 +460,7 @@ impl Discovery for DiscoveryService {
             ));
         }
         tracing::debug!(node, version = ack.version, "discovery update acknowledged");
-        self.acks.acked(&node, ack.version);
+        self.acks.acked(&book, ack.version);
         Ok(Response::new(pb::AckResponse {}))
     }
 }

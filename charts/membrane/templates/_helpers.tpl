@@ -25,6 +25,8 @@
 {{- define "membrane.controller.name" -}}{{ include "membrane.fullname" . }}-ca{{- end -}}
 {{- define "membrane.ztunnel.name" -}}{{ include "membrane.fullname" . }}-ztunnel{{- end -}}
 {{- define "membrane.cni.name" -}}{{ include "membrane.fullname" . }}-cni{{- end -}}
+{{/* A gateway's objects. Call with (dict "ctx" $ "kind" "egress"). */}}
+{{- define "membrane.gateway.name" -}}{{ include "membrane.fullname" .ctx }}-{{ .kind }}-gateway{{- end -}}
 {{- define "membrane.trustRoot.name" -}}
 {{- default (printf "%s-ca-root" (include "membrane.fullname" .)) .Values.trustRoot.configMap -}}
 {{- end -}}

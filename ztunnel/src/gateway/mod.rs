@@ -88,14 +88,14 @@ pub async fn run(
     let Some(workload) = wait_for_pod(&config, &proxy, &accepting).await else {
         return;
     };
-    let path = config
-        .netns
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
-    let netns = match PodNetns::open(&path) {
+    let netns = match &config.netns {
+        Some(path) => PodNetns::open(path),
+        None => PodNetns::own(),
+    };
+    let netns = match netns {
         Ok(n) => Arc::new(n),
         Err(e) => {
-            tracing::error!(netns = %path.display(), error = %e, "cannot enter the gateway pod's network namespace; not serving");
+            tracing::error!(error = %e, "cannot use the gateway pod's network namespace; not serving");
             return;
         }
     };
