@@ -8,7 +8,9 @@
 //! two pods outside the mesh, the untrusted scraper denied by identity with the deciding
 //! policy, a plaintext caller refused, a policy edit cutting a live connection,
 //! certificates rotating under a running transfer, and egress decided by identity and name
-//! against a simulated outside world ([`crate::dataplane_egress`]). Every claim is checked against what
+//! against a simulated outside world ([`crate::dataplane_egress`], the model hub through the
+//! egress gateway) and external clients through the ingress gateway
+//! ([`crate::dataplane_ingress`]). Every claim is checked against what
 //! happened and carried in the step's `detail` for `--json`. Everything is removed on drop,
 //! also when the demo is interrupted.
 
@@ -43,7 +45,12 @@ fn spec() -> MeshSpec {
     let mut trainer = PodDef::new("trainer-0", "training", "trainer", "node-a");
     trainer.labels.insert("app".into(), "trainer".into());
     MeshSpec {
-        nodes: vec!["node-a".into(), "node-b".into()],
+        nodes: vec![
+            "node-a".into(),
+            "node-b".into(),
+            "node-egress-gw".into(),
+            "node-ingress-gw".into(),
+        ],
         pods: vec![
             trainer,
             PodDef::new("scraper-0", "untrusted", "scraper", "node-a"),
@@ -51,6 +58,23 @@ fn spec() -> MeshSpec {
             feature_store,
             PodDef::new("model-server-0", "inference", "model-server", "node-b"),
             PodDef::new("legacy-db-0", "legacy", "db", "node-b"),
+            // The gateways of examples/genai/gateways.yaml, each alone on its node.
+            PodDef::gateway(
+                "egress-gateway-0",
+                "membrane-system",
+                "egress-gateway",
+                "node-egress-gw",
+                "egress",
+                "egress",
+            ),
+            PodDef::gateway(
+                "ingress-gateway-0",
+                "inference",
+                "ingress-gateway",
+                "node-ingress-gw",
+                "ingress",
+                "ingress",
+            ),
         ],
         mesh_namespaces: vec![
             "training".into(),
@@ -141,6 +165,8 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
         .map(|p| {
             let identity = if in_mesh.contains(&p.name.as_str()) {
                 mesh.spiffe_id(&p.name)
+            } else if let Some(kind) = &p.gateway {
+                format!("{kind} gateway, {}", mesh.spiffe_id(&p.name))
             } else {
                 "not in the mesh".into()
             };
@@ -300,7 +326,8 @@ pub async fn tour(out: &mut Narrator) -> anyhow::Result<()> {
             "root rotation": "membrane-ca rotate-root --state-dir DIR (see the README)",
         }),
     );
-    crate::dataplane_egress::tour(out, &mesh, &world).await
+    crate::dataplane_egress::tour(out, &mesh, &world).await?;
+    crate::dataplane_ingress::tour(out, &mesh, &world).await
 }
 
 /// Streams pattern bytes through `stream` (an echo) for `duration`, checking every byte that

@@ -1,6 +1,6 @@
 //! The egress steps of `membrane demo`: the pods resolve names through their ztunnel's DNS
 //! capture against the simulated outside world, and `examples/genai/egress.yaml` decides
-//! what leaves — a model download allowed, an upload to a paste site denied by name, the same
+//! what leaves — a model download allowed and carried out through the egress gateway, an upload to a paste site denied by name, the same
 //! address by literal IP denied, a ClientHello lying about its server name denied, and a bulk
 //! upload cut by a byte budget. Every `ok` is computed from what happened: the bytes that
 //! arrived (or not) and the access records the ztunnels wrote.
@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hickory_proto::rr::RecordType;
 use membrane_testbed::mesh::Mesh;
+use membrane_testbed::netns::Capture;
 use membrane_testbed::world::client::{egress_record, tls_hello};
 use membrane_testbed::world::dns_client::{addresses, resolve};
 use membrane_testbed::world::{SINK_PORT, World};
@@ -50,19 +51,43 @@ fn verdict(r: &Value) -> Value {
 
 /// The egress part of the tour; `world` serves the outside.
 pub async fn tour(out: &mut Narrator, mesh: &Mesh, world: &World) -> anyhow::Result<()> {
-    out.step("egress by identity and name: the trainer downloads from the model hub");
+    out.step("egress by identity and name: the trainer downloads from the model hub, through the egress gateway");
     mesh.write_manifest("egress.yaml", EGRESS)?;
     mesh.write_manifest("egress-budget.yaml", BUDGET)?;
     // The controller reloads manifests within a fraction of a second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let hub = lookup(mesh, world, "trainer-0", "huggingface.co")?;
     let hub: SocketAddr = format!("{hub}:443").parse()?;
+    let gateway = mesh.ip("egress-gateway-0");
+    let node_a = mesh.testbed.node("node-a").context("node-a")?.clone();
+    let uplink = Capture::start(node_a.netns_path(), node_a.ifname())?;
     let line = tls_hello(mesh, "trainer-0", world, hub, "huggingface.co").await;
+    let seen = uplink.stop();
+    let hub_octets = match hub.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => [0; 4],
+    };
+    let direct = seen.contains(&hub_octets);
     let r = egress_record(mesh, "node-a", "trainer-0", hub, 1).await?;
+    let at_gateway = mesh.ztunnels["node-egress-gw"]
+        .wait_for_record(
+            |r| r["direction"] == "egress_gateway" && r["result"] != "refused",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_default();
+    let from_gateway = line
+        .as_ref()
+        .is_ok_and(|l| l.contains(&format!("client={gateway}")));
     out.say(
-        line.is_ok() && r["egress"]["verdict"] == "allow",
-        "allowed: huggingface.co is a name the trainer resolved itself, on 443, with a matching server name",
-        json!({"reply": line.as_ref().ok(), "record": verdict(&r)}),
+        from_gateway
+            && !direct
+            && r["egress"]["verdict"] == "allow"
+            && at_gateway["src_identity"] == mesh.spiffe_id("trainer-0").as_str(),
+        "allowed: huggingface.co is a name the trainer resolved itself, on 443, with a matching server name — and it left from the egress gateway's address, decided there again for the trainer's identity; node-a's uplink never carried a packet to the hub",
+        json!({"reply": line.as_ref().ok(), "record": verdict(&r), "via": r["egress"]["via"],
+               "gateway saw": at_gateway["src_identity"], "gateway address": gateway.to_string(),
+               "packet to the hub on node-a's uplink": direct}),
     );
 
     out.step("the same trainer tries the paste site: by literal address, then by name");

@@ -9,6 +9,7 @@
 
 mod dataplane;
 mod dataplane_egress;
+mod dataplane_ingress;
 mod demo;
 mod egress_explain;
 mod ingress;

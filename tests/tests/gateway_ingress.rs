@@ -9,11 +9,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use membrane_tests::netns::{Capture, NETNS_RUN_DIR, run_in_netns};
+use membrane_tests::netns::Capture;
+use membrane_tests::outside::{client_hello, connect_from_internet, echo_from_internet};
 use membrane_tests::world::World;
 use membrane_tests::{http_get, require_root, ztunnel_metric};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GW_NODE: &str = "gw-ingress";
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
@@ -118,37 +118,6 @@ async fn start() -> anyhow::Result<(Mesh, World)> {
     Ok((mesh, world))
 }
 
-/// Connects from the internet namespace, from `source`, to `dst`.
-async fn connect_from_internet(
-    world: &World,
-    source: Ipv4Addr,
-    dst: SocketAddr,
-) -> anyhow::Result<tokio::net::TcpStream> {
-    let path = std::path::Path::new(NETNS_RUN_DIR).join(world.netns_name());
-    let socket = run_in_netns(path, move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.bind(&SocketAddr::from((source, 0)).into())?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
-    })??;
-    let socket = tokio::net::TcpSocket::from_std_stream(socket);
-    Ok(tokio::time::timeout(Duration::from_secs(5), socket.connect(dst)).await??)
-}
-
-/// A real ClientHello for `name`.
-fn client_hello(name: &str) -> anyhow::Result<Vec<u8>> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let server = rustls_pki_types::ServerName::try_from(name.to_owned())?;
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server)?;
-    let mut out = Vec::new();
-    conn.write_tls(&mut out)?;
-    Ok(out)
-}
-
 /// Sends `bytes` from `source` to `dst` and expects them echoed intact (5 s bound).
 async fn echoed(
     world: &World,
@@ -156,10 +125,7 @@ async fn echoed(
     dst: SocketAddr,
     bytes: &[u8],
 ) -> anyhow::Result<()> {
-    let mut s = connect_from_internet(world, source, dst).await?;
-    s.write_all(bytes).await?;
-    let mut got = vec![0u8; bytes.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+    let got = echo_from_internet(world, source, dst, bytes).await?;
     anyhow::ensure!(got == bytes, "the bytes came back changed");
     Ok(())
 }

@@ -80,7 +80,26 @@ pub fn spec(
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
         });
+        // A gateway pod runs as its own simulated node: that node's ztunnel serves it in
+        // gateway mode.
+        def.gateway = membrane_policy::gateway::GatewayRole::from_labels(&pod.labels)
+            .map(|role| role.kind.as_str().to_owned());
         pods.push(def);
+    }
+    for gateway in pods.iter().filter(|p| p.gateway.is_some()) {
+        if let Some(other) = pods
+            .iter()
+            .find(|p| p.node == gateway.node && p.name != gateway.name)
+        {
+            bail!(
+                "gateway pod {}/{} shares node {} with {}/{}: in a local mesh a gateway runs alone on its node",
+                gateway.namespace,
+                gateway.name,
+                gateway.node,
+                other.namespace,
+                other.name
+            );
+        }
     }
     if nodes.len() > membrane_testbed::netns::MAX_NODES {
         bail!(
@@ -134,9 +153,11 @@ pub fn spec(
     })
 }
 
-/// Whether `pod` should be enrolled: its namespace is in the mesh and it did not opt out.
+/// Whether `pod` should be enrolled: its namespace is in the mesh, it did not opt out, and it
+/// is not a gateway pod (a gateway tunnels for itself).
 pub fn enrolled(spec: &MeshSpec, pod: &PodDef) -> bool {
-    spec.mesh_namespaces.contains(&pod.namespace)
+    pod.gateway.is_none()
+        && spec.mesh_namespaces.contains(&pod.namespace)
         && pod.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
 }
 
@@ -218,6 +239,10 @@ mod tests {
         assert!(spec.nodes.len() >= 2);
         assert!(spec.pods.iter().all(|p| p.netns.is_some()));
         assert!(spec.mesh_namespaces.contains(&"training".to_owned()));
+        // The example's gateways run alone on their nodes and are not enrolled.
+        let gateways: Vec<_> = spec.pods.iter().filter(|p| p.gateway.is_some()).collect();
+        assert_eq!(gateways.len(), 2);
+        assert!(gateways.iter().all(|g| !enrolled(&spec, g)));
         let policies = spec
             .extra_manifests
             .iter()

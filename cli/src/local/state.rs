@@ -26,6 +26,10 @@ pub struct PodState {
     pub identity: String,
     /// Whether it is in the mesh (captured, with an identity).
     pub enrolled: bool,
+    /// A gateway pod's kind (`egress`, `ingress`): served by its node's ztunnel in gateway
+    /// mode, with an identity, never captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// One node's ztunnel.
@@ -76,6 +80,7 @@ impl LocalState {
                 node: def.node.clone(),
                 identity: mesh.spiffe_id(def.key()),
                 enrolled: super::manifests::enrolled(mesh.spec(), def),
+                gateway: def.gateway.clone(),
             })
             .collect();
         Self {
@@ -188,17 +193,22 @@ impl LocalState {
             self.controller
         );
         println!(
-            "\n  {:<32} {:<14} {:<8} {:<8} identity",
+            "\n  {:<32} {:<14} {:<15} {:<14} identity",
             "pod (netns)", "ip", "node", "mesh"
         );
         for p in &self.pods {
+            let (mesh, identity) = match (&p.gateway, p.enrolled) {
+                (Some(kind), _) => (format!("{kind} gateway"), p.identity.as_str()),
+                (None, true) => ("yes".to_owned(), p.identity.as_str()),
+                (None, false) => ("no".to_owned(), "-"),
+            };
             println!(
-                "  {:<32} {:<14} {:<8} {:<8} {}",
+                "  {:<32} {:<14} {:<15} {:<14} {}",
                 p.netns,
                 p.ip.to_string(),
                 p.node,
-                if p.enrolled { "yes" } else { "no" },
-                if p.enrolled { p.identity.as_str() } else { "-" }
+                mesh,
+                identity
             );
         }
         println!(
@@ -259,7 +269,10 @@ impl LocalState {
                     let uid = format!("{}-{}", p.namespace, p.name);
                     v["dnsPins"] = json!(pins.get(&uid).copied().unwrap_or(0));
                 }
-                if let Some(c) = certs.get(&p.identity).filter(|_| p.enrolled) {
+                if let Some(c) = certs
+                    .get(&p.identity)
+                    .filter(|_| p.enrolled || p.gateway.is_some())
+                {
                     v["certificate"] = json!({
                         "serial": c["serial"],
                         "expiresInSeconds": c["expires_in_seconds"],
@@ -313,23 +326,25 @@ pub fn print_live(live: &Value) {
         }
     }
     println!(
-        "\n  {:<32} {:<14} {:<8} {:<52} {:<6} cert expires in",
+        "\n  {:<32} {:<14} {:<15} {:<66} {:<6} cert expires in",
         "pod (netns)", "ip", "node", "identity", "pins"
     );
     for p in live["pods"].as_array().into_iter().flatten() {
         let expiry = p["certificate"]["expiresInSeconds"]
             .as_u64()
             .map_or_else(|| "-".to_owned(), |s| format!("{s} s"));
-        let identity = if p["enrolled"] == true {
-            p["identity"].as_str().unwrap_or("?")
-        } else {
-            "(not in the mesh)"
+        let identity = match (p["gateway"].as_str(), p["enrolled"] == true) {
+            (Some(kind), _) => {
+                format!("{} ({kind} gateway)", p["identity"].as_str().unwrap_or("?"))
+            }
+            (None, true) => p["identity"].as_str().unwrap_or("?").to_owned(),
+            (None, false) => "(not in the mesh)".to_owned(),
         };
         let pins = p["dnsPins"]
             .as_u64()
             .map_or_else(|| "-".to_owned(), |n| n.to_string());
         println!(
-            "  {:<32} {:<14} {:<8} {:<52} {pins:<6} {expiry}",
+            "  {:<32} {:<14} {:<15} {:<66} {pins:<6} {expiry}",
             p["netns"].as_str().unwrap_or("?"),
             p["ip"].as_str().unwrap_or("?"),
             p["node"].as_str().unwrap_or("?"),

@@ -1,5 +1,6 @@
-//! Clients of the simulated outside world ([`World`]) run from inside mesh pods, and the
-//! access records their connections leave (tests and `membrane demo` use them).
+//! Clients of the simulated outside world ([`World`]) run from inside mesh pods, clients *in*
+//! the outside world (external callers of an ingress gateway), and the access records their
+//! connections leave (tests and `membrane demo` use them).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +24,53 @@ pub async fn hello(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> anyhow::
         line.push(byte[0]);
     }
     Ok(String::from_utf8(line)?)
+}
+
+/// A connection from the internet namespace, from its address `source` (any address of the
+/// world's range, e.g. 198.51.100.77), to `dst` (5 s bound): an external client.
+pub async fn connect_from_internet(
+    world: &World,
+    source: std::net::Ipv4Addr,
+    dst: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let path = std::path::Path::new(crate::netns::NETNS_RUN_DIR).join(world.netns_name());
+    let socket = crate::netns::run_in_netns(path, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::from((source, 0)).into())?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
+    })??;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket);
+    Ok(tokio::time::timeout(Duration::from_secs(5), socket.connect(dst)).await??)
+}
+
+/// The first flight of a real TLS client asking for server `name` (a ClientHello).
+pub fn client_hello(name: &str) -> anyhow::Result<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server)?;
+    let mut out = Vec::new();
+    conn.write_tls(&mut out)?;
+    Ok(out)
+}
+
+/// Sends `bytes` from the internet address `source` to `dst` and returns what comes back, as
+/// many bytes (5 s bound); an error when the connection is refused, reset or closed first.
+pub async fn echo_from_internet(
+    world: &World,
+    source: std::net::Ipv4Addr,
+    dst: SocketAddr,
+    bytes: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let mut s = connect_from_internet(world, source, dst).await?;
+    s.write_all(bytes).await?;
+    let mut got = vec![0u8; bytes.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+    Ok(got)
 }
 
 /// A TLS client trusting the world's CA.
