@@ -1,9 +1,11 @@
 //! Gateway API documents (operator input): parse and validate, build every gateway's routing
 //! table against a fixed set of Services, and route a few connections. Never panics; a built
-//! table routes only to Services that exist, on their ports.
+//! table routes only to Services that exist, on their ports, and the gateway's wire form reads
+//! back into a table that routes the same.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use membrane_policy::gateway::wire::{from_wire, to_wire};
 use membrane_policy::gateway::{IngressTable, parse_gateway_config};
 
 fn services(namespace: &str, name: &str) -> Option<Vec<u16>> {
@@ -25,8 +27,14 @@ fuzz_target!(|data: &[u8]| {
         let Ok(table) = IngressTable::build(gateway, &config.routes, services) else {
             continue;
         };
+        // What the controller streams reads back, on the gateway's side, into the same table.
+        let attached: Vec<_> = config.routes.iter().collect();
+        let (back, back_routes) =
+            from_wire(&to_wire(gateway, &attached)).expect("a valid gateway's wire form reads back");
+        let rebuilt = IngressTable::build(&back, &back_routes, services).expect("rebuilds");
         for port in [443, 9000, 80] {
             for sni in [None, Some("api.models.example"), Some("x.y.example")] {
+                assert_eq!(table.route(port, sni), rebuilt.route(port, sni));
                 if let Ok(target) = table.route(port, sni) {
                     for b in &target.backends {
                         let ports = services(&b.namespace, &b.service).expect("a known Service");

@@ -218,7 +218,7 @@ apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
 metadata: {name: r, namespace: inference}
 spec:
-  parentRefs: [{name: ingress, namespace: membrane-system}]
+  parentRefs: [{name: ingress, namespace: membrane-system}, {name: other, namespace: "bad%ns", sectionName: "Not_A_Name"}]
   rules: [{backendRefs: [{name: model-server, namespace: data, port: 8443}, {name: svc-x, kind: Pod, port: 1}, {name: svc-y}]}]
 ---
 apiVersion: gateway.networking.k8s.io/v9
@@ -238,6 +238,8 @@ spec: {}
         "Gateway membrane-system/ingress spec.listeners[4].allowedRoutes.namespaces.selector",
         "Gateway membrane-system/ingress spec.listeners[5].port",
         "TLSRoute inference/r spec.hostnames",
+        "TLSRoute inference/r spec.parentRefs[1].namespace",
+        "TLSRoute inference/r spec.parentRefs[1].sectionName",
         "TLSRoute inference/r spec.rules[0].backendRefs[0].namespace",
         "TLSRoute inference/r spec.rules[0].backendRefs[1]",
         "TLSRoute inference/r spec.rules[0].backendRefs[2].port",

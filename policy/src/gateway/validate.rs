@@ -364,6 +364,19 @@ fn check_route(
                 None
             }
         };
+        if let Err(e) = crate::validate::object_name(&p.name) {
+            count(format!("{at}.name"), format!("{:?}: {e}", p.name));
+        }
+        if let Some(ns) = &p.namespace
+            && let Err(e) = membrane_identity::spiffe_id::validate_namespace(ns)
+        {
+            count(format!("{at}.namespace"), format!("{ns:?}: {e}"));
+        }
+        if let Some(section) = &p.section_name
+            && let Err(e) = crate::validate::object_name(section)
+        {
+            count(format!("{at}.sectionName"), format!("{section:?}: {e}"));
+        }
         parents.push(ParentRef {
             namespace: p.namespace.unwrap_or_else(|| namespace.clone()),
             name: p.name,

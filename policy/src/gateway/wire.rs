@@ -142,11 +142,9 @@ pub fn from_wire(msg: &pb::Ingress) -> Result<(Gateway, Vec<Route>), IngressWire
             parents.push(ParentRef {
                 namespace: k8s_namespace(at("namespace"), &p.namespace)?,
                 name: k8s_name(at("name"), &p.name)?,
-                // Names a listener; one that names none attaches nowhere.
                 section: match p.section.as_str() {
                     "" => None,
-                    s if s.len() <= 253 => Some(s.to_owned()),
-                    _ => return Err(err(at("section"), "longer than 253 characters".into())),
+                    s => Some(k8s_name(at("section"), s)?),
                 },
                 port: match p.port {
                     0 => None,
