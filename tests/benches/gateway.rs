@@ -15,7 +15,10 @@
 //! connections per second from `MEMBRANE_BENCH_GATEWAY_CLIENTS` (4) clients (connect, send a
 //! line, read the greeting, close) for as long; and the CPU (utime + stime) of the gateway's
 //! process over the connection runs. The report gives medians over rounds as gateway/direct
-//! ratios, a Markdown table and one JSON line. Clients' namespaces reuse TIME_WAIT ports.
+//! ratios, a Markdown table and one JSON line. Every namespace that dials (clients, pods,
+//! gateways) reuses TIME_WAIT ports (`tcp_tw_reuse`): without it, after some thousands of
+//! connections to one destination the kernel's search for a free port, not the mesh,
+//! dominates (it was 25 % of the egress gateway's CPU in a profile).
 //!
 //! Run as root after `cargo build --release -p membrane-ztunnel`:
 //! `cargo bench -p membrane-tests --bench gateway`. Environment: `MEMBRANE_BENCH_ROUNDS` (3),
@@ -244,6 +247,10 @@ fn main() -> anyhow::Result<()> {
     for pod in ["trainer", "free", "model"] {
         tw_reuse(&mesh.netns_path(pod))?;
         rt.block_on(mesh.enroll(pod))?;
+    }
+    // The gateways dial too (the egress gateway a new connection out per tunnel).
+    for pod in ["egress-gw", "ingress-gw", "plain"] {
+        tw_reuse(&mesh.netns_path(pod))?;
     }
     for pod in ["trainer", "free"] {
         for name in ["paste.example", "s3.example"] {

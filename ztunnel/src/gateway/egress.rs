@@ -9,7 +9,8 @@
 //! 1. the source is the verified certificate's identity, and the tunnel's TCP peer must be an
 //!    address of a mesh workload with that identity (the source ztunnel dials from inside the
 //!    source pod) — its namespace and labels select the EgressPolicies;
-//! 2. the name is resolved here ([`super::resolve`]), never taken from the source;
+//! 2. the name is resolved here ([`super::resolve`], answers kept for their TTL), never taken
+//!    from the source;
 //! 3. the gateway decides the same EgressPolicies for that source again: only an ALLOW whose
 //!    rule names this gateway in `via` admits the tunnel (no policy, a DENY, or a rule that
 //!    leaves directly or through another gateway refuses it), and the budget of the deciding
@@ -31,7 +32,7 @@ use membrane_policy::egress::{EgressDecision, EgressVerdict, GatewayRef};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::GatewayMetrics;
-use super::resolve::Resolver;
+use super::resolve::CachingResolver;
 use super::upstream::{GatewayUpstream, HelloCheck};
 use crate::egress::{self, EgressAttrs, open::OpenHandle};
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
@@ -55,8 +56,8 @@ pub struct EgressGateway {
     pub proxy: Arc<Proxy>,
     /// The gateway this pod serves (what `via` must name).
     pub me: GatewayRef,
-    /// Where names are resolved.
-    pub resolver: Resolver,
+    /// Where names are resolved (answers kept for their TTL).
+    pub resolver: CachingResolver,
     /// Admissions and refusals.
     pub metrics: GatewayMetrics,
 }

@@ -136,7 +136,7 @@ pub async fn run(
                     namespace: workload.namespace.clone(),
                     name: role.map(|r| r.name).unwrap_or_default(),
                 },
-                resolver: config.resolver,
+                resolver: resolve::CachingResolver::new(config.resolver),
                 metrics,
             });
             for listener in listeners {

@@ -2,7 +2,8 @@
 //! the gateway's upstream resolver from the gateway pod's network namespace (UDP, again over
 //! TCP when truncated), answers read with the DNS capture's parser (only records on the CNAME
 //! chain from the asked name count). The source's resolution is never used: the gateway pins
-//! the name itself.
+//! the name itself. [`CachingResolver`] keeps each answer for its TTL (at most an hour,
+//! [`MAX_CACHED`] names), so a burst of connections to one name costs one resolution.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -120,6 +121,52 @@ impl Resolver {
         }
         let answer = upstream::tcp(netns, self.upstream, &bytes, self.timeout).await?;
         message::summarize_answer(&question, &answer).map_err(bad)
+    }
+}
+
+/// Names a [`CachingResolver`] keeps at most.
+pub const MAX_CACHED: usize = 10_000;
+/// Longest time an answer is kept, whatever its TTL.
+pub const MAX_CACHE_TTL: u32 = 3600;
+
+/// A [`Resolver`] that keeps answers for their TTL.
+#[derive(Debug)]
+pub struct CachingResolver {
+    resolver: Resolver,
+    cache: std::sync::Mutex<std::collections::HashMap<String, (Resolved, std::time::Instant)>>,
+}
+
+impl CachingResolver {
+    /// Caches `resolver`'s answers.
+    pub fn new(resolver: Resolver) -> Self {
+        Self {
+            resolver,
+            cache: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `name`'s addresses: a live cached answer, else a fresh one (kept for its TTL).
+    pub async fn resolve(&self, netns: &PodNetns, name: &str) -> Result<Resolved, ResolveError> {
+        let now = std::time::Instant::now();
+        if let Some((hit, _)) = crate::lock(&self.cache)
+            .get(name)
+            .filter(|(_, expires)| *expires > now)
+        {
+            return Ok(hit.clone());
+        }
+        let fresh = self.resolver.resolve(netns, name).await?;
+        if fresh.ttl > 0 {
+            let expires = now + Duration::from_secs(u64::from(fresh.ttl.min(MAX_CACHE_TTL)));
+            let mut cache = crate::lock(&self.cache);
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, (_, e)| *e > now);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            cache.insert(name.to_owned(), (fresh.clone(), expires));
+        }
+        Ok(fresh)
     }
 }
 
