@@ -196,3 +196,71 @@ mod tests {
         assert_eq!(q.qtype, RecordType::AAAA);
     }
 }
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::{RData, Record, rdata};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A resolver on loopback answering every A query with 203.0.113.7 (TTL `ttl`), AAAA with
+    /// nothing; counts the queries.
+    async fn upstream(ttl: u32) -> (SocketAddr, Arc<AtomicUsize>) {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let asked = Arc::new(AtomicUsize::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut answer =
+                    Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+                answer.metadata.response_code = ResponseCode::NoError;
+                for q in &query.queries {
+                    answer.add_query(q.clone());
+                    if q.query_type == RecordType::A {
+                        answer.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            ttl,
+                            RData::A(rdata::A::new(203, 0, 113, 7)),
+                        ));
+                    }
+                }
+                let _ = socket
+                    .send_to(&answer.to_vec().expect("encode"), from)
+                    .await;
+            }
+        });
+        (addr, asked)
+    }
+
+    #[tokio::test]
+    async fn answers_are_kept_for_their_ttl_only() {
+        let netns = PodNetns::own().expect("own namespace");
+        for (ttl, queries_after_two) in [(300, 2), (0, 4)] {
+            let (addr, asked) = upstream(ttl).await;
+            let resolver = CachingResolver::new(Resolver {
+                upstream: addr,
+                timeout: Duration::from_secs(2),
+            });
+            for _ in 0..2 {
+                let r = resolver
+                    .resolve(&netns, "models.example")
+                    .await
+                    .expect("resolved");
+                assert_eq!(r.addresses, [IpAddr::from([203, 0, 113, 7])]);
+                assert_eq!(r.ttl, ttl);
+            }
+            // A and AAAA once when cached; again on every resolution with a zero TTL.
+            assert_eq!(asked.load(Ordering::SeqCst), queries_after_two, "ttl {ttl}");
+        }
+    }
+}
