@@ -23,7 +23,7 @@ use membrane_identity::WorkloadIdentity;
 use membrane_identity::spiffe_id::parse_trust_domain;
 use membrane_policy::egress::{EgressIndex, parse_egress_policies};
 use membrane_ztunnel::dns::pins::{MIN_GRACE, PinMetrics, PinTable};
-use membrane_ztunnel::egress::decide;
+use membrane_ztunnel::egress::{Admission, decide};
 use membrane_ztunnel::sni::Hello;
 use membrane_ztunnel::state::{MeshState, Protocol, Workload};
 
@@ -122,6 +122,19 @@ fn pins() -> PinTable {
     t
 }
 
+/// The outbound path's whole decision: the policies selecting the source, then the rest.
+fn decide_whole(
+    state: &MeshState,
+    pins: &PinTable,
+    source: &Workload,
+    dst: SocketAddr,
+    hello: &Hello,
+    now: SystemTime,
+) -> Admission {
+    let policies = state.egress().selecting(&source.namespace, &source.labels);
+    decide(&policies, pins, source, dst, hello, now)
+}
+
 fn percentiles(label: &str, state: &MeshState, pins: &PinTable, source: &Workload) {
     let now = SystemTime::now();
     let mut samples = Vec::with_capacity(100_000);
@@ -131,7 +144,7 @@ fn percentiles(label: &str, state: &MeshState, pins: &PinTable, source: &Workloa
         let dst = SocketAddr::new(addr(n), 443);
         let hello = Hello::Sni(format!("n{n}.example"));
         let start = Instant::now();
-        let admission = black_box(decide(state, pins, source, dst, &hello, now));
+        let admission = black_box(decide_whole(state, pins, source, dst, &hello, now));
         samples.push(start.elapsed());
         allowed += usize::from(admission.record.verdict == "allow");
     }
@@ -170,10 +183,10 @@ fn benches() {
     let hello = Hello::Sni("n4242.example".into());
     let now = SystemTime::now();
     c.bench_function("egress decision (spread, 10k/10k)", |b| {
-        b.iter(|| decide(&spread, &pins, &trainer, black_box(dst), &hello, now));
+        b.iter(|| decide_whole(&spread, &pins, &trainer, black_box(dst), &hello, now));
     });
     c.bench_function("egress decision (one namespace, 10k/10k)", |b| {
-        b.iter(|| decide(&crowded, &pins, &svc, black_box(dst), &hello, now));
+        b.iter(|| decide_whole(&crowded, &pins, &svc, black_box(dst), &hello, now));
     });
     c.final_summary();
 }

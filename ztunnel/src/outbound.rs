@@ -120,10 +120,8 @@ async fn passthrough(
 ) {
     let state = proxy.state.borrow().clone();
     let source = &pod.workload;
-    let selected = !state
-        .egress()
-        .selecting(&source.namespace, &source.labels)
-        .is_empty();
+    let policies = state.egress().selecting(&source.namespace, &source.labels);
+    let selected = !policies.is_empty();
     let tls_port = sni::TLS_PORTS.contains(&dst.port());
     if !selected {
         let (connected, hello) = if tls_port {
@@ -133,8 +131,16 @@ async fn passthrough(
             let connected = pod.netns.connect(dst).await;
             (connected, sni::peek(&tcp, Duration::ZERO).await)
         };
-        let admission = egress::decide(&state, &proxy.pins, source, dst, &hello, SystemTime::now());
+        let admission = egress::decide(
+            &policies,
+            &proxy.pins,
+            source,
+            dst,
+            &hello,
+            SystemTime::now(),
+        );
         // A long-lived connection must not keep this version of the mesh state alive.
+        drop(policies);
         drop(state);
         proxy.egress.metrics.decided(&admission.decision);
         log.egress(admission.record);
@@ -150,7 +156,15 @@ async fn passthrough(
         ENFORCED_PEEK
     };
     let hello = sni::peek(&tcp, wait).await;
-    let admission = egress::decide(&state, &proxy.pins, source, dst, &hello, SystemTime::now());
+    let admission = egress::decide(
+        &policies,
+        &proxy.pins,
+        source,
+        dst,
+        &hello,
+        SystemTime::now(),
+    );
+    drop(policies);
     drop(state);
     let control = &proxy.egress;
     control.metrics.decided(&admission.decision);

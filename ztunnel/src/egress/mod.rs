@@ -65,10 +65,19 @@ pub fn is_tls(hello: &Hello, port: u16) -> bool {
 /// Decides `attrs` for `source` against `state`'s EgressPolicies.
 pub fn decide_attrs(state: &MeshState, source: &Workload, attrs: &EgressAttrs) -> EgressDecision {
     let policies = state.egress().selecting(&source.namespace, &source.labels);
+    decide_selected(&policies, source, attrs)
+}
+
+/// Decides `attrs` for `source` against `policies`, the EgressPolicies selecting it.
+pub fn decide_selected(
+    policies: &[&membrane_policy::egress::EgressPolicy],
+    source: &Workload,
+    attrs: &EgressAttrs,
+) -> EgressDecision {
     let mut principal = String::new();
     let pinned: Vec<&str> = attrs.pinned.iter().map(String::as_str).collect();
     decide_egress(
-        &policies,
+        policies,
         &EgressRequest {
             source: Source::from_identity(&source.identity, &mut principal),
             ip: attrs.dst.ip(),
@@ -80,9 +89,10 @@ pub fn decide_attrs(state: &MeshState, source: &Workload, attrs: &EgressAttrs) -
     )
 }
 
-/// Decides a new connection of `source` to `dst` that began with `hello`, at `now`.
+/// Decides a new connection of `source` to `dst` that began with `hello`, at `now`, against
+/// `policies` (the EgressPolicies selecting `source`, found once by the caller).
 pub fn decide(
-    state: &MeshState,
+    policies: &[&membrane_policy::egress::EgressPolicy],
     pins: &PinTable,
     source: &Workload,
     dst: SocketAddr,
@@ -100,7 +110,7 @@ pub fn decide(
         sni: sni.clone(),
         tls: is_tls(hello, dst.port()),
     };
-    let decision = decide_attrs(state, source, &attrs);
+    let decision = decide_selected(policies, source, &attrs);
     let mut names = names.into_iter();
     let first = names.next();
     let record = Egress {

@@ -77,17 +77,10 @@ pub fn egress(obj: crd::EgressPolicy) -> Option<(Key, EgressValue)> {
             (PolicyVerdict::Invalid { errors, fallback }, stand_in)
         }
     };
-    let report = PolicyReport {
-        kind: PolicyKind::Egress,
-        namespace: namespace.clone(),
-        name: name.clone(),
-        uid: obj.metadata.uid.clone(),
-        generation: obj.metadata.generation,
-        resource_version: obj.metadata.resource_version.clone(),
-        conditions: obj.status.map(|s| s.conditions).unwrap_or_default(),
-        verdict,
-    };
-    Some(((namespace, name), (report, policy)))
+    let key = (namespace, name);
+    let conditions = obj.status.map(|s| s.conditions).unwrap_or_default();
+    let report = PolicyReport::new(PolicyKind::Egress, &key, &obj.metadata, conditions, verdict);
+    Some((key, (report, policy)))
 }
 
 #[cfg(test)]

@@ -95,6 +95,29 @@ pub struct PolicyReport {
     pub verdict: PolicyVerdict,
 }
 
+impl PolicyReport {
+    /// The report on the object of `kind` at `key` with `meta`, its stored `conditions`, and
+    /// the verdict.
+    pub fn new(
+        kind: PolicyKind,
+        (namespace, name): &Key,
+        meta: &kube::api::ObjectMeta,
+        conditions: Vec<Condition>,
+        verdict: PolicyVerdict,
+    ) -> Self {
+        Self {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: meta.uid.clone(),
+            generation: meta.generation,
+            resource_version: meta.resource_version.clone(),
+            conditions,
+            verdict,
+        }
+    }
+}
+
 /// Every policy object by kind and `(namespace, name)`, valid or not.
 pub type PolicyReports = BTreeMap<(PolicyKind, Key), PolicyReport>;
 
@@ -145,17 +168,16 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
             "AuthorizationPolicy refused"
         );
     }
-    let report = PolicyReport {
-        kind: PolicyKind::Authorization,
-        namespace: namespace.clone(),
-        name: name.clone(),
-        uid: obj.metadata.uid.clone(),
-        generation: obj.metadata.generation,
-        resource_version: obj.metadata.resource_version.clone(),
-        conditions: obj.status.map(|s| s.conditions).unwrap_or_default(),
+    let key = (namespace, name);
+    let conditions = obj.status.map(|s| s.conditions).unwrap_or_default();
+    let report = PolicyReport::new(
+        PolicyKind::Authorization,
+        &key,
+        &obj.metadata,
+        conditions,
         verdict,
-    };
-    Some(((namespace, name), (report, entry)))
+    );
+    Some((key, (report, entry)))
 }
 
 /// A deny-all stand-in for an invalid object: an ALLOW policy without rules under the same
