@@ -14,6 +14,7 @@ use membrane_tests::outside::{client_hello, connect_from_internet, echo_from_int
 use membrane_tests::world::World;
 use membrane_tests::{http_get, require_root, ztunnel_metric};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GW_NODE: &str = "gw-ingress";
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
@@ -81,6 +82,7 @@ fn spec() -> MeshSpec {
     let mut spec = MeshSpec::two_nodes(
         vec![
             PodDef::new("model-server", "inference", "model-server", "node-b"),
+            PodDef::new("client", "apps", "client", "node-a"),
             PodDef::gateway(
                 "ingress-gw",
                 "inference",
@@ -90,7 +92,7 @@ fn spec() -> MeshSpec {
                 "ingress",
             ),
         ],
-        &["inference"],
+        &["inference", "apps"],
     );
     spec.nodes.push(GW_NODE.to_owned());
     spec.policies = POLICIES.to_owned();
@@ -102,6 +104,7 @@ async fn start() -> anyhow::Result<(Mesh, World)> {
     let mut mesh = Mesh::start(spec()).await?;
     let world = World::start(&mut mesh.testbed)?;
     mesh.enroll("model-server").await?;
+    mesh.enroll("client").await?;
     mesh.echo_app("model-server", 8443)?;
     mesh.echo_app("model-server", 8080)?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -236,6 +239,68 @@ async fn external_clients_reach_the_model_server_only_through_the_gateway() -> a
         .await?
             >= 1.0
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn mesh_pods_reach_tcp_routes_over_hbone_and_are_told_why_not_tls_ones() -> anyhow::Result<()>
+{
+    require_root()?;
+    let (mesh, _world) = start().await?;
+    let gw = mesh.ip("ingress-gw");
+    let client = mesh.ip("client");
+    let node_a = mesh.testbed.node("node-a").expect("node-a").clone();
+    let uplink = Capture::start(node_a.netns_path(), node_a.ifname())?;
+    let marker = b"IN-MESH-CLIENT-MARKER-7731";
+    let mut s = mesh
+        .connect_from("client", SocketAddr::new(gw, 8080))
+        .await?;
+    s.write_all(marker).await?;
+    let mut got = vec![0u8; marker.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+    assert_eq!(&got, marker);
+    drop(s);
+    assert!(
+        !uplink.stop().contains(marker),
+        "plaintext left the client's node"
+    );
+    let r = record(&mesh, "node-b", |r| {
+        r["direction"] == "inbound" && r["forwarded_for"] == client.to_string()
+    })
+    .await?;
+    assert_eq!(
+        r["src_identity"],
+        mesh.spiffe_id("ingress-gw").as_str(),
+        "{r:#}"
+    );
+    let r = record(&mesh, GW_NODE, |r| {
+        r["direction"] == "ingress_gateway"
+            && r["src_identity"] == mesh.spiffe_id("client").as_str()
+    })
+    .await?;
+    assert_ne!(r["result"], "refused", "{r:#}");
+    // A TLS listener cannot route a tunnel by server name: refused, with the reason recorded.
+    let tls = async {
+        let mut s = mesh
+            .connect_from("client", SocketAddr::new(gw, 443))
+            .await?;
+        s.write_all(&client_hello("api.models.example")?).await?;
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        anyhow::Ok(n)
+    };
+    assert!(
+        !matches!(tls.await, Ok(n) if n > 0),
+        "a TLS route answered a tunnel"
+    );
+    record(&mesh, GW_NODE, |r| {
+        r["result"] == "refused"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("ingress tls_from_mesh"))
+    })
+    .await?;
     Ok(())
 }
 

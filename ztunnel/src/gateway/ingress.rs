@@ -15,6 +15,12 @@
 //!    SVID, requiring the pod's SPIFFE ID, with `forwarded: for=<client>`; the destination
 //!    believes that address for `remoteIpBlocks` because the peer is an ingress gateway pod
 //!    (its policy sees `source.principal` = the gateway).
+//!
+//! Mesh pods that dial the gateway's address are tunnelled to its 15008 by their ztunnel
+//! ([`IngressHbone`]): a CONNECT to one of the gateway's addresses on a TCP listener's port is
+//! routed the same way, with the source pod's address as the client's; a TLS listener's
+//! port is refused (400: routing by server name needs the ClientHello, which comes only after
+//! the tunnel is accepted — in-mesh clients call the backend Service instead).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,9 +29,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::GatewayMetrics;
-use crate::hbone::{ConnectHeaders, PoolKey};
+use crate::hbone::{
+    Accepted, ConnectFuture, ConnectHandler, ConnectHeaders, ConnectRefusal, ConnectRequest,
+    PoolKey,
+};
 use crate::outbound::PodDial;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, serve_listener};
+use crate::relay::{RelayResult, Side};
 use crate::sni::{self, Hello};
 use crate::state::{MeshState, Workload};
 
@@ -180,7 +190,7 @@ impl IngressGateway {
             None,
             Some(workload.identity.to_string()),
         );
-        let Some(stream) = self.tunnel(peer, endpoint, &workload).await else {
+        let Some(stream) = self.tunnel(peer.ip(), endpoint, &workload).await else {
             self.metrics.refused(KIND, "tunnel_failed");
             let _ = tcp.set_zero_linger();
             return log.refused(format!("tunnel to {endpoint} failed"));
@@ -192,7 +202,7 @@ impl IngressGateway {
 
     async fn tunnel(
         &self,
-        client: SocketAddr,
+        client: std::net::IpAddr,
         endpoint: SocketAddr,
         workload: &Workload,
     ) -> Option<crate::hbone::H2Stream> {
@@ -232,7 +242,7 @@ impl IngressGateway {
             dst_addr: SocketAddr::new(endpoint.ip(), crate::hbone::HBONE_PORT),
         };
         let headers = ConnectHeaders {
-            forwarded_for: Some(client.ip()),
+            forwarded_for: Some(client),
             ..ConnectHeaders::default()
         };
         let dial = Arc::new(PodDial(self.pod.netns.clone()));
@@ -283,4 +293,114 @@ fn pick_endpoint(
         }
     }
     None
+}
+
+/// The ingress gateway's HBONE entrance (15008), for mesh pods whose ztunnel tunnels to it.
+pub struct IngressHbone(pub Arc<IngressGateway>);
+
+/// What an admitted in-mesh tunnel keeps: its record.
+pub struct IngressTunnel(ConnectionLog);
+
+impl ConnectHandler for IngressHbone {
+    type Admission = IngressTunnel;
+    type App = crate::hbone::H2Stream;
+
+    fn connect(
+        &self,
+        req: ConnectRequest,
+    ) -> ConnectFuture<'_, IngressTunnel, crate::hbone::H2Stream> {
+        Box::pin(async move {
+            let gw = &self.0;
+            let client = req
+                .peer_addr
+                .map_or(std::net::IpAddr::from(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+            let refuse = |reason: &str, refusal: ConnectRefusal| {
+                gw.metrics.refused(KIND, reason);
+                let log = ConnectionLog::start(
+                    &gw.proxy,
+                    "ingress_gateway",
+                    "hbone",
+                    SocketAddr::new(client, 0),
+                    req.authority,
+                    Some(req.peer.to_string()),
+                    None,
+                );
+                log.refused(format!("ingress {reason}: {}", refusal.reason()));
+                Err(refusal)
+            };
+            if req.host.is_some() || !gw.pod.workload.ips.contains(&req.authority.ip()) {
+                return refuse(
+                    "bad_authority",
+                    ConnectRefusal::BadRequest(format!(
+                        "{} is not this gateway's address",
+                        req.authority
+                    )),
+                );
+            }
+            let state = gw.proxy.state.borrow().clone();
+            let Some(table) = state.ingress(&gw.gateway).cloned() else {
+                return refuse("no_table", ConnectRefusal::Unreachable("no routes".into()));
+            };
+            let port = req.authority.port();
+            let target = match table.is_tls(port) {
+                None => {
+                    return refuse(
+                        "unknown_port",
+                        ConnectRefusal::BadRequest(format!("no listener on {port}")),
+                    );
+                }
+                Some(true) => {
+                    return refuse(
+                        "tls_from_mesh",
+                        ConnectRefusal::BadRequest(
+                            "a TLS listener routes by the ClientHello, which a tunnel brings only once accepted: call the backend Service".into(),
+                        ),
+                    );
+                }
+                Some(false) => match table.route(port, None) {
+                    Ok(t) => t.clone(),
+                    Err(miss) => {
+                        return refuse(
+                            miss.as_str(),
+                            ConnectRefusal::Unreachable(miss.as_str().into()),
+                        );
+                    }
+                },
+            };
+            let Some((endpoint, workload)) = pick_endpoint(&state, &target.backends) else {
+                return refuse(
+                    "no_endpoint",
+                    ConnectRefusal::Unreachable("no ready mesh endpoint".into()),
+                );
+            };
+            drop(state);
+            let Some(app) = gw.tunnel(client, endpoint, &workload).await else {
+                return refuse(
+                    "tunnel_failed",
+                    ConnectRefusal::Unreachable(format!("tunnel to {endpoint} failed")),
+                );
+            };
+            gw.metrics.admitted(KIND);
+            let mut log = ConnectionLog::start(
+                &gw.proxy,
+                "ingress_gateway",
+                "hbone",
+                SocketAddr::new(client, 0),
+                endpoint,
+                Some(req.peer.to_string()),
+                Some(workload.identity.to_string()),
+            );
+            log.opened();
+            Ok(Accepted {
+                app,
+                admission: IngressTunnel(log),
+                cancel: None,
+            })
+        })
+    }
+
+    fn finished(&self, _req: &ConnectRequest, result: &RelayResult, tunnel: IngressTunnel) {
+        // The HBONE server relays (backend, tunnel): the client is the tunnel, side B.
+        tunnel.0.relayed(result, Side::B);
+    }
 }

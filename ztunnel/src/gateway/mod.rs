@@ -162,8 +162,32 @@ pub async fn run(
                 ),
                 metrics,
             });
+            // Mesh pods reach the gateway through their ztunnels, over HBONE.
+            match bind_hbone(&netns).await {
+                Ok(listeners) => {
+                    let handler = Arc::new(ingress::IngressHbone(gateway.clone()));
+                    for listener in listeners {
+                        let handler = handler.clone();
+                        tasks.push(tokio::spawn(serve_listener(
+                            listener,
+                            pod.clone(),
+                            proxy.clone(),
+                            "ingress_gateway_hbone",
+                            move |tcp, _peer, pod, proxy| hbone(tcp, pod, proxy, handler.clone()),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen on the gateway's HBONE port; not serving");
+                    return;
+                }
+            }
             // Ready (and logged as serving) once its table is known and bound.
-            return ingress::run(gateway, ready).await;
+            ingress::run(gateway, ready).await;
+            for task in tasks {
+                task.abort();
+            }
+            return;
         }
     }
     tracing::info!(
