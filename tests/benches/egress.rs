@@ -24,10 +24,7 @@
 #[allow(dead_code)]
 mod measure;
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use hickory_proto::rr::RecordType;
@@ -49,40 +46,6 @@ fn env(name: &str, default: u64) -> anyhow::Result<u64> {
         Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
         Err(_) => Ok(default),
     }
-}
-
-/// `clients` threads in `netns`, each opening connections for `secs`; connections made.
-fn connections(netns: PathBuf, clients: u64, secs: u64) -> anyhow::Result<u64> {
-    let server: SocketAddr = SERVER.parse()?;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut threads = Vec::new();
-    for _ in 0..clients {
-        let netns = netns.clone();
-        threads.push(std::thread::spawn(move || -> anyhow::Result<u64> {
-            membrane_tests::netns::run_in_netns(netns, move || -> anyhow::Result<u64> {
-                let mut made = 0;
-                let mut buf = [0u8; 64];
-                // Bounded by time and by count.
-                while Instant::now() < deadline && made < 1_000_000 {
-                    let mut s =
-                        std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"x\n")?;
-                    let n = s.read(&mut buf)?;
-                    anyhow::ensure!(n > 0, "no greeting");
-                    made += 1;
-                }
-                Ok(made)
-            })?
-        }));
-    }
-    let mut total = 0;
-    for t in threads {
-        total += t
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    }
-    Ok(total)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -145,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         for (mode, pod) in order {
             let before = measure::cpu_ticks(pid)?;
             let started = Instant::now();
-            let made = connections(mesh.netns_path(pod), clients, secs)?;
+            let made = measure::connections(mesh.netns_path(pod), SERVER.parse()?, clients, secs)?;
             let elapsed = started.elapsed().as_secs_f64();
             let used = (measure::cpu_ticks(pid)? - before) as f64 / ticks;
             let per_conn_us = used / made as f64 * 1e6;

@@ -113,38 +113,6 @@ fn throughput(netns: PathBuf, dst: SocketAddr, secs: u64) -> anyhow::Result<f64>
     })?
 }
 
-/// `clients` threads in `netns`, each opening connections to `dst` for `secs`; connections
-/// made.
-fn connections(netns: PathBuf, dst: SocketAddr, clients: u64, secs: u64) -> anyhow::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut threads = Vec::new();
-    for _ in 0..clients {
-        let netns = netns.clone();
-        threads.push(std::thread::spawn(move || -> anyhow::Result<u64> {
-            run_in_netns(netns, move || -> anyhow::Result<u64> {
-                let mut made = 0;
-                let mut buf = [0u8; 64];
-                while Instant::now() < deadline && made < 1_000_000 {
-                    let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"x\n")?;
-                    let n = s.read(&mut buf)?;
-                    anyhow::ensure!(n > 0, "no greeting from {dst}");
-                    made += 1;
-                }
-                Ok(made)
-            })?
-        }));
-    }
-    let mut total = 0;
-    for t in threads {
-        total += t
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    }
-    Ok(total)
-}
-
 /// A sink and a greeter in pod `pod` (plain threads, inside its namespace).
 fn pod_servers(path: PathBuf) -> anyhow::Result<()> {
     let (sink, greeter) = run_in_netns(path, || -> std::io::Result<_> {
@@ -331,7 +299,7 @@ fn main() -> anyhow::Result<()> {
                 let bytes = throughput(mode.client.clone(), mode.sink, secs)?;
                 let before = measure::cpu_ticks(pid)?;
                 let started = Instant::now();
-                let made = connections(mode.client.clone(), mode.greeter, clients, secs)?;
+                let made = measure::connections(mode.client.clone(), mode.greeter, clients, secs)?;
                 let per_s = made as f64 / started.elapsed().as_secs_f64();
                 if m == 1 {
                     let used = (measure::cpu_ticks(pid)? - before) as f64 / ticks;

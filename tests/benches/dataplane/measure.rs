@@ -1,5 +1,6 @@
-//! What the benchmark reads from `/proc` (CPU time, resident memory, load) and the statistics
-//! it reports (medians, latency quantiles).
+//! What the benchmark reads from `/proc` (CPU time, resident memory, load), the statistics
+//! it reports (medians, latency quantiles), and the connection-rate load the egress and
+//! gateway benchmarks share.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -80,4 +81,44 @@ pub fn quantile_us(sorted_ns: &[u32], q: f64) -> f64 {
 
 pub fn nanos(d: Duration) -> u32 {
     u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+}
+
+/// `clients` threads inside the network namespace at `netns`, each opening connections to
+/// `dst` for `secs` (connect, send a line, read the greeting, close; bounded by time and by
+/// count); the connections made. (Not every benchmark including this module uses it.)
+#[allow(dead_code)]
+pub fn connections(
+    netns: std::path::PathBuf,
+    dst: std::net::SocketAddr,
+    clients: u64,
+    secs: u64,
+) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let netns = netns.clone();
+        threads.push(std::thread::spawn(move || -> anyhow::Result<u64> {
+            membrane_tests::netns::run_in_netns(netns, move || -> anyhow::Result<u64> {
+                let mut made = 0;
+                let mut buf = [0u8; 64];
+                while std::time::Instant::now() < deadline && made < 1_000_000 {
+                    let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"x\n")?;
+                    let n = s.read(&mut buf)?;
+                    anyhow::ensure!(n > 0, "no greeting from {dst}");
+                    made += 1;
+                }
+                Ok(made)
+            })?
+        }));
+    }
+    let mut total = 0;
+    for t in threads {
+        total += t
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    Ok(total)
 }

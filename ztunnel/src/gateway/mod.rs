@@ -118,89 +118,79 @@ pub async fn run(
         accepting: accepting.clone(),
         cancel,
     });
-    let mut tasks = Vec::new();
+    // Both kinds serve HBONE on 15008: source ztunnels (egress), mesh pods (ingress).
+    let listeners = match bind_hbone(&netns).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on the gateway's HBONE port; not serving");
+            return;
+        }
+    };
+    let name = workload.gateway.clone().map(|r| r.name).unwrap_or_default();
     match config.kind {
         GatewayKind::Egress => {
-            let listeners = match bind_hbone(&netns).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen on the gateway's HBONE port; not serving");
-                    return;
-                }
-            };
-            let role = workload.gateway.clone();
             let handler = Arc::new(egress::EgressGateway {
                 pod: pod.clone(),
                 proxy: proxy.clone(),
                 me: GatewayRef {
                     namespace: workload.namespace.clone(),
-                    name: role.map(|r| r.name).unwrap_or_default(),
+                    name,
                 },
                 resolver: resolve::CachingResolver::new(config.resolver),
                 metrics,
             });
-            for listener in listeners {
-                let handler = handler.clone();
-                tasks.push(tokio::spawn(serve_listener(
-                    listener,
-                    pod.clone(),
-                    proxy.clone(),
-                    "egress_gateway",
-                    move |tcp, _peer, pod, proxy| hbone(tcp, pod, proxy, handler.clone()),
-                )));
+            let tasks = serve_hbone(listeners, &pod, &proxy, handler, "egress_gateway");
+            tracing::info!(
+                kind = %config.kind,
+                pod = %format_args!("{}/{}", workload.namespace, workload.name),
+                identity = %workload.identity,
+                ips = ?workload.ips,
+                "gateway serving"
+            );
+            ready.send_replace(true);
+            for task in tasks {
+                let _ = task.await;
             }
         }
         GatewayKind::Ingress => {
-            let role = workload.gateway.clone();
             let gateway = Arc::new(ingress::IngressGateway {
                 pod: pod.clone(),
                 proxy: proxy.clone(),
-                gateway: format!(
-                    "{}/{}",
-                    workload.namespace,
-                    role.map(|r| r.name).unwrap_or_default()
-                ),
+                gateway: format!("{}/{name}", workload.namespace),
                 metrics,
             });
-            // Mesh pods reach the gateway through their ztunnels, over HBONE.
-            match bind_hbone(&netns).await {
-                Ok(listeners) => {
-                    let handler = Arc::new(ingress::IngressHbone(gateway.clone()));
-                    for listener in listeners {
-                        let handler = handler.clone();
-                        tasks.push(tokio::spawn(serve_listener(
-                            listener,
-                            pod.clone(),
-                            proxy.clone(),
-                            "ingress_gateway_hbone",
-                            move |tcp, _peer, pod, proxy| hbone(tcp, pod, proxy, handler.clone()),
-                        )));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen on the gateway's HBONE port; not serving");
-                    return;
-                }
-            }
+            let handler = Arc::new(ingress::IngressHbone(gateway.clone()));
+            let tasks = serve_hbone(listeners, &pod, &proxy, handler, "ingress_gateway_hbone");
             // Ready (and logged as serving) once its table is known and bound.
             ingress::run(gateway, ready).await;
             for task in tasks {
                 task.abort();
             }
-            return;
         }
     }
-    tracing::info!(
-        kind = %config.kind,
-        pod = %format_args!("{}/{}", workload.namespace, workload.name),
-        identity = %workload.identity,
-        ips = ?workload.ips,
-        "gateway serving"
-    );
-    ready.send_replace(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+}
+
+/// Serves each of `listeners` (15008) with `handler`, the gateway pod's SVID presented.
+fn serve_hbone<H: crate::hbone::ConnectHandler>(
+    listeners: Vec<tokio::net::TcpListener>,
+    pod: &Arc<PodContext>,
+    proxy: &Arc<Proxy>,
+    handler: Arc<H>,
+    kind: &'static str,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    listeners
+        .into_iter()
+        .map(|listener| {
+            let handler = handler.clone();
+            tokio::spawn(serve_listener(
+                listener,
+                pod.clone(),
+                proxy.clone(),
+                kind,
+                move |tcp, _peer, pod, proxy| hbone(tcp, pod, proxy, handler.clone()),
+            ))
+        })
+        .collect()
 }
 
 async fn wait_for_pod(
