@@ -36,7 +36,7 @@ use crate::netns::PodNetns;
 use crate::proxy::{PodContext, Proxy};
 use crate::redirect;
 use crate::redirect::PodRules;
-use crate::state::{MeshState, Protocol, Workload};
+use crate::state::{MeshState, Workload};
 
 /// How long an enrollment waits for the first mesh state.
 pub const ENROLL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -200,7 +200,8 @@ impl PodRegistry {
 
     /// Waits for the state to know pod `uid`: a pod can reach the CNI plugin before the
     /// controller announced it, so an unknown pod is waited for ([`UNKNOWN_POD_WAIT`]) —
-    /// unless its namespace has no mesh workload at all. The state cannot say "this
+    /// unless its namespace has no captured mesh workload at all (gateway pods do not count:
+    /// they run in namespaces outside the mesh too). The state cannot say "this
     /// namespace is not in the mesh" (it holds only mesh workloads); a namespace without any
     /// is the closest it comes, and such a pod is answered at once. If it is the first pod of
     /// a namespace that just joined the mesh, the reconciler enrolls it as soon as the
@@ -213,7 +214,7 @@ impl PodRegistry {
             && !state
                 .workloads()
                 .iter()
-                .any(|w| w.namespace == ns && w.protocol == Protocol::Hbone)
+                .any(|w| w.namespace == ns && w.captured())
         {
             return;
         }
