@@ -131,19 +131,10 @@ async fn passthrough(
             let connected = pod.netns.connect(dst).await;
             (connected, sni::peek(&tcp, Duration::ZERO).await)
         };
-        let admission = egress::decide(
-            &policies,
-            &proxy.pins,
-            source,
-            dst,
-            &hello,
-            SystemTime::now(),
-        );
+        admit(&policies, proxy, source, dst, &hello, &mut log);
         // A long-lived connection must not keep this version of the mesh state alive.
         drop(policies);
         drop(state);
-        proxy.egress.metrics.decided(&admission.decision);
-        log.egress(admission.record);
         match connected {
             Ok(upstream) => log.relay(tcp, upstream, None).await,
             Err(e) => log.refused(format!("connect {dst}: {e}")),
@@ -156,26 +147,16 @@ async fn passthrough(
         ENFORCED_PEEK
     };
     let hello = sni::peek(&tcp, wait).await;
-    let admission = egress::decide(
-        &policies,
-        &proxy.pins,
-        source,
-        dst,
-        &hello,
-        SystemTime::now(),
-    );
+    let (decision, attrs) = admit(&policies, proxy, source, dst, &hello, &mut log);
     drop(policies);
     drop(state);
     let control = &proxy.egress;
-    control.metrics.decided(&admission.decision);
-    let decision = admission.decision;
-    log.egress(admission.record);
     if decision.verdict == EgressVerdict::Deny {
         tracing::info!(
             src = %source.identity,
             dst = %dst,
-            host = admission.attrs.pinned.first().map(String::as_str),
-            sni = admission.attrs.sni.as_deref(),
+            host = attrs.pinned.first().map(String::as_str),
+            sni = attrs.sni.as_deref(),
             policy = decision.policy.as_deref(),
             reason = decision.reason.as_str(),
             "egress denied"
@@ -186,17 +167,7 @@ async fn passthrough(
     }
     if let Some(gateway) = decision.via.clone() {
         // Never directly: through the gateway, or not at all (fail closed).
-        return via_gateway(
-            tcp,
-            dst,
-            &gateway,
-            &decision,
-            admission.attrs,
-            pod,
-            proxy,
-            log,
-        )
-        .await;
+        return via_gateway(tcp, dst, &gateway, &decision, attrs, pod, proxy, log).await;
     }
     let identity = source.identity.to_string();
     let meter = match egress::admit_budget(
@@ -225,9 +196,7 @@ async fn passthrough(
     let cancel = meter
         .as_ref()
         .map_or_else(CancellationToken::new, |m| m.spent().child_token());
-    let handle = control
-        .open
-        .register(source.clone(), admission.attrs, cancel.clone());
+    let handle = control.open.register(source.clone(), attrs, cancel.clone());
     log.opened();
     let result = match meter.clone() {
         Some(meter) => relay_until(tcp, Metered::new(upstream, meter), cancel).await,
@@ -242,6 +211,23 @@ async fn passthrough(
     }
     drop(handle);
     log.relayed(&result, Side::A);
+}
+
+/// Decides a connection of `source` to `dst` that began with `hello` against `policies` (the
+/// EgressPolicies selecting it), counts the decision and puts it in the record; returns it
+/// and what it was decided on.
+fn admit(
+    policies: &[&membrane_policy::egress::EgressPolicy],
+    proxy: &Proxy,
+    source: &Workload,
+    dst: SocketAddr,
+    hello: &sni::Hello,
+    log: &mut ConnectionLog,
+) -> (EgressDecision, egress::EgressAttrs) {
+    let admission = egress::decide(policies, &proxy.pins, source, dst, hello, SystemTime::now());
+    proxy.egress.metrics.decided(&admission.decision);
+    log.egress(admission.record);
+    (admission.decision, admission.attrs)
 }
 
 /// Carries an allowed egress connection whose rule names `gateway` through an HBONE tunnel

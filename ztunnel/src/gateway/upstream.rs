@@ -92,7 +92,7 @@ impl GatewayUpstream {
             return Poll::Ready(Ok(()));
         };
         while *at < buf.len() {
-            let n = ready!(pin(inner).poll_write(cx, &buf[*at..]))?;
+            let n = ready!(Pin::new(&mut *inner).poll_write(cx, &buf[*at..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -103,15 +103,46 @@ impl GatewayUpstream {
     }
 }
 
-fn pin(inner: &mut Inner) -> Pin<&mut (dyn AsyncReadWrite + Send + Unpin)> {
-    match inner {
-        Inner::Plain(s) => Pin::new(s),
-        Inner::Metered(s) => Pin::new(s),
+// Static dispatch to the one concrete stream (the relay's hot path).
+impl AsyncRead for Inner {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Metered(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
-trait AsyncReadWrite: AsyncRead + AsyncWrite {}
-impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
+impl AsyncWrite for Inner {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Inner::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Inner::Metered(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Metered(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Metered(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 fn refused(reason: &str) -> io::Error {
     io::Error::new(
@@ -126,7 +157,7 @@ impl AsyncRead for GatewayUpstream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        pin(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -161,12 +192,12 @@ impl AsyncWrite for GatewayUpstream {
             other => this.gate = other,
         }
         ready!(this.poll_drain(cx))?;
-        pin(&mut this.inner).poll_write(cx, data)
+        Pin::new(&mut this.inner).poll_write(cx, data)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_drain(cx))?;
-        pin(&mut self.inner).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -185,7 +216,7 @@ impl AsyncWrite for GatewayUpstream {
             other => this.gate = other,
         }
         ready!(this.poll_drain(cx))?;
-        pin(&mut this.inner).poll_shutdown(cx)
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
