@@ -35,9 +35,13 @@ membrane_install_deps() {
     fi
 }
 
-# The test suite also needs helm (chart lint/template tests) and jq (the chart's CNI script).
+# The test suite also needs helm (chart lint/template tests), jq (the chart's CNI script) and a
+# Kubernetes control plane (kube-apiserver, etcd, kubectl) for the real-API-server tests.
 membrane_install_test_deps() {
     membrane_install_deps
     source "$(dirname "${BASH_SOURCE[0]}")/helm.sh"
     membrane_install_helm
+    # kube-apiserver, etcd and kubectl: the tests against a real Kubernetes API server.
+    source "$(dirname "${BASH_SOURCE[0]}")/kube.sh"
+    membrane_install_kube
 }

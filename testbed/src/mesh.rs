@@ -120,6 +120,20 @@ pub struct MeshSpec {
     pub ztunnel_args: Vec<String>,
     /// The controller's `--root-namespace` (`None`: its default, `membrane-system`).
     pub root_namespace: Option<String>,
+    /// A controller the caller runs (e.g. against a real Kubernetes API server): the ztunnels
+    /// talk to it and no in-process controller starts ([`Mesh::ca`] is then absent).
+    pub external_controller: Option<ExternalController>,
+}
+
+/// A controller outside the mesh harness: where it listens, its root and each node's token.
+#[derive(Debug, Clone, Default)]
+pub struct ExternalController {
+    /// `https://host:port` of its gRPC listener.
+    pub endpoint: String,
+    /// Its root certificate (PEM).
+    pub root_pem: String,
+    /// Each node's ztunnel token (node name → token).
+    pub tokens: BTreeMap<String, String>,
 }
 
 /// An unconnected IPv4 TCP socket created inside the network namespace at `path`, as an
@@ -160,8 +174,8 @@ impl MeshSpec {
 pub struct Mesh {
     /// Per-node ztunnels, by node name (dropped first: processes before namespaces).
     pub ztunnels: BTreeMap<String, Ztunnel>,
-    /// The controller.
-    pub ca: TestCa,
+    /// The in-process controller (`None` with [`MeshSpec::external_controller`]).
+    ca: Option<TestCa>,
     /// Nodes and pods.
     pub testbed: Testbed,
     /// Working directory: manifests, tokens, workloads file, sockets.
@@ -208,24 +222,31 @@ impl Mesh {
         for (name, content) in &spec.extra_manifests {
             files.push((name.as_str(), content.as_str()));
         }
-        let mut ca = TestCa::builder()
-            .nodes(&spec.nodes)
-            .listeners(spec.ca_listeners);
-        for (name, content) in files {
-            ca = ca.manifest(name, content);
-        }
-        if let Some(ttl) = spec.cert_ttl {
-            ca = ca.cert_ttl(ttl);
-        }
-        if let Some(ns) = &spec.root_namespace {
-            ca = ca.root_namespace(ns);
-        }
-        let ca = ca.start().await?;
+        let (ca, root_pem) = match &spec.external_controller {
+            Some(external) => (None, external.root_pem.clone()),
+            None => {
+                let mut ca = TestCa::builder()
+                    .nodes(&spec.nodes)
+                    .listeners(spec.ca_listeners);
+                for (name, content) in files {
+                    ca = ca.manifest(name, content);
+                }
+                if let Some(ttl) = spec.cert_ttl {
+                    ca = ca.cert_ttl(ttl);
+                }
+                if let Some(ns) = &spec.root_namespace {
+                    ca = ca.root_namespace(ns);
+                }
+                let ca = ca.start().await?;
+                let root_pem = ca.root_pem();
+                (Some(ca), root_pem)
+            }
+        };
         let workloads_file = dir.path().join("workloads.yaml");
         std::fs::write(&workloads_file, workloads)?;
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
         let root = dir.path().join("root.pem");
-        std::fs::write(&root, ca.root_pem())?;
+        std::fs::write(&root, root_pem)?;
         let mut mesh = Self {
             ztunnels: BTreeMap::new(),
             ca,
@@ -307,7 +328,7 @@ impl Mesh {
     /// in the controller's manifest directory, or, in local mode, the ztunnels' policy file.
     pub fn set_policies(&self, text: &str) -> anyhow::Result<()> {
         if !self.spec.local_files {
-            return self.ca.write_manifest("policies.yaml", text);
+            return self.ca().write_manifest("policies.yaml", text);
         }
         let tmp = self.dir.path().join(".policies.yaml.tmp");
         std::fs::write(&tmp, text)?;
@@ -317,7 +338,22 @@ impl Mesh {
 
     /// Writes manifest file `name` in the controller's directory (atomically).
     pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
-        self.ca.write_manifest(name, content)
+        self.ca().write_manifest(name, content)
+    }
+
+    /// The in-process controller. Panics for a mesh built with
+    /// [`MeshSpec::external_controller`] (a test bug, not a runtime condition).
+    pub fn ca(&self) -> &TestCa {
+        self.ca
+            .as_ref()
+            .expect("this mesh runs an external controller")
+    }
+
+    /// As [`Mesh::ca`], mutable (pause, resume).
+    pub fn ca_mut(&mut self) -> &mut TestCa {
+        self.ca
+            .as_mut()
+            .expect("this mesh runs an external controller")
     }
 
     /// The pod definitions.

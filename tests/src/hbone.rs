@@ -35,6 +35,6 @@ impl Dial for FromPod {
 pub fn mesh_bundle(mesh: &Mesh) -> anyhow::Result<SharedTrustBundle> {
     Ok(SharedTrustBundle::new(TrustBundle::from_pem(
         trust_domain(),
-        mesh.ca.root_pem().as_bytes(),
+        mesh.ca().root_pem().as_bytes(),
     )?))
 }

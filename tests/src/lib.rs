@@ -8,6 +8,8 @@
 
 pub mod cni;
 pub mod hbone;
+pub mod helm;
+pub mod kube;
 
 /// Clients of the simulated world run from inside pods.
 pub use membrane_testbed::world::client as outside;

@@ -329,7 +329,7 @@ async fn outage_shorter_than_the_lifetime_is_invisible() -> anyhow::Result<()> {
         renewals(&mesh, STORE_NODE, "success").await?,
     ];
     let paused_at = Instant::now();
-    mesh.ca.pause().await.context("pause")?;
+    mesh.ca_mut().pause().await.context("pause")?;
     let mut probes = 0;
     while paused_at.elapsed() + Duration::from_millis(300) < outage {
         probe(&mesh)
@@ -350,7 +350,7 @@ async fn outage_shorter_than_the_lifetime_is_invisible() -> anyhow::Result<()> {
         failures >= 1,
         "a renewal was due during the {outage:?} outage"
     );
-    mesh.ca.resume().await?;
+    mesh.ca_mut().resume().await?;
     // Renewals resume on both nodes; traffic never noticed.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -400,7 +400,7 @@ async fn outage_past_expiry_refuses_then_recovers() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
     let mut mesh = start(Duration::from_secs(3)).await?;
     probe(&mesh).await.context("first connection")?;
-    mesh.ca.pause().await.context("pause")?;
+    mesh.ca_mut().pause().await.context("pause")?;
     // Both certificates expire (bounded: the lifetime is 3 s).
     let deadline = Instant::now() + Duration::from_secs(8);
     loop {
@@ -469,7 +469,7 @@ async fn outage_past_expiry_refuses_then_recovers() -> anyhow::Result<()> {
     assert!(logged, "a log line says why the connection was refused");
 
     // The controller is back: the next connections succeed, no restart.
-    mesh.ca.resume().await?;
+    mesh.ca_mut().resume().await?;
     let resumed = Instant::now();
     let deadline = resumed + Duration::from_secs(10);
     let mut attempts = 0;

@@ -12,7 +12,6 @@
 //! fail, saying how to install it — never a silent pass.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,83 +26,7 @@ const FIXTURE: &str = "tests/fixtures/chart-values.yaml";
 // ---------------------------------------------------------------------------------------------
 // helm and rendering
 
-fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
-}
-
-fn chart_dir() -> PathBuf {
-    repo_root().join("charts/membrane")
-}
-
-fn runs(helm: &Path) -> bool {
-    Command::new(helm)
-        .args(["version", "--short"])
-        .output()
-        .is_ok_and(|out| out.status.success())
-}
-
-/// Where `scripts/lib/helm.sh` puts helm (`membrane_helm_path`).
-fn cached_helm() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("MEMBRANE_HELM_DIR") {
-        return Some(PathBuf::from(dir).join("helm"));
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    Some(PathBuf::from(home).join(".cache/membrane/bin/helm"))
-}
-
-fn find_helm() -> Option<PathBuf> {
-    let explicit = std::env::var_os("MEMBRANE_HELM").map(PathBuf::from);
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join("helm"));
-    explicit
-        .into_iter()
-        .chain(on_path)
-        .chain(cached_helm())
-        .find(|candidate| candidate.is_file() && runs(candidate))
-}
-
-/// The helm binary, installed by `scripts/lib/helm.sh` if needed; `None` (skip) only when not
-/// root and it cannot be had.
-fn helm() -> anyhow::Result<PathBuf> {
-    if let Some(helm) = find_helm() {
-        return Ok(helm);
-    }
-    // One installer at a time: nextest runs every test in its own process.
-    let lock = File::create(std::env::temp_dir().join("membrane-helm-install.lock"))?;
-    lock.lock()?;
-    if let Some(helm) = find_helm() {
-        return Ok(helm);
-    }
-    let out = Command::new("bash")
-        .args([
-            "-c",
-            "set -euo pipefail; source scripts/lib/helm.sh; membrane_install_helm",
-        ])
-        .current_dir(repo_root())
-        .output()
-        .context("run bash to install helm")?;
-    if let Some(helm) = find_helm() {
-        return Ok(helm);
-    }
-    // Never a silent pass: without helm these tests fail, saying how to get it.
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    bail!(
-        "helm is not installed and scripts/lib/helm.sh could not install it \
-         (as root: source scripts/lib/helm.sh && membrane_install_helm):\n{stderr}"
-    );
-}
-
-/// Runs helm in the repository root.
-fn run_helm(helm: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Command::new(helm)
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .with_context(|| format!("run helm {args:?}"))
-}
+use membrane_tests::helm::{chart_dir, helm, repo_root, run_helm};
 
 /// The documents `helm template` renders, parsed.
 struct Rendered {

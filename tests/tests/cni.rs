@@ -288,7 +288,7 @@ async fn kubelet_probes_from_the_node_reach_a_captured_pod_other_plaintext_does_
 
 /// Rewrites the Namespace `ns` in the controller's `mesh.yaml` with or without the mesh label.
 fn label_namespace(mesh: &Mesh, ns: &str, in_mesh: bool) -> anyhow::Result<()> {
-    let path = mesh.ca.manifests_dir().join("mesh.yaml");
+    let path = mesh.ca().manifests_dir().join("mesh.yaml");
     let text = std::fs::read_to_string(&path)?;
     let plain = format!("kind: Namespace\nmetadata:\n  name: {ns}\n");
     let labelled = format!(
@@ -303,7 +303,7 @@ fn label_namespace(mesh: &Mesh, ns: &str, in_mesh: bool) -> anyhow::Result<()> {
         text.contains(&from),
         "namespace {ns} not found as expected in:\n{text}"
     );
-    mesh.ca
+    mesh.ca()
         .write_manifest("mesh.yaml", &text.replacen(&from, &to, 1))
 }
 

@@ -105,7 +105,7 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
 
     // 3. A valid SVID, but an authority that is not a workload of that pod.
     let (svid, _) = mesh
-        .ca
+        .ca()
         .client(&node_token("node-a"))
         .await?
         .request_svid(&trainer, Duration::ZERO)

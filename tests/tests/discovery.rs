@@ -116,14 +116,14 @@ async fn manifest_edits_reach_every_ztunnel_and_broken_files_change_nothing() ->
     assert!(took < Duration::from_secs(1), "policy took {took:?}");
 
     // A pod manifest deleted: its workload disappears from every ztunnel.
-    let mesh_yaml = mesh.ca.manifests_dir().join("mesh.yaml");
+    let mesh_yaml = mesh.ca().manifests_dir().join("mesh.yaml");
     let text = std::fs::read_to_string(&mesh_yaml)?;
     let kept: Vec<&str> = text
         .split("---\n")
         .filter(|doc| !doc.contains("name: etl,"))
         .collect();
     assert_eq!(kept.len() + 1, text.split("---\n").count(), "etl pod found");
-    mesh.ca.write_manifest("mesh.yaml", &kept.join("---\n"))?;
+    mesh.ca().write_manifest("mesh.yaml", &kept.join("---\n"))?;
     let took = until_dumps(&mesh, Duration::from_secs(5), |_, d| {
         let uids = workload_uids(d);
         uids.len() == 2 && !uids.contains(&"data-etl".to_owned())
@@ -139,7 +139,7 @@ async fn manifest_edits_reach_every_ztunnel_and_broken_files_change_nothing() ->
     mesh.set_policies(&store_allows(&["training/sa/trainer"]).replace("\"8080\"", "\"99999\""))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !mesh
-        .ca
+        .ca()
         .metrics()
         .await?
         .contains("membrane_ca_source_file_errors 1")
@@ -147,7 +147,8 @@ async fn manifest_edits_reach_every_ztunnel_and_broken_files_change_nothing() ->
         anyhow::ensure!(Instant::now() < deadline, "broken file not reported");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut source = membrane_ca::source::directory::DirectorySource::new(mesh.ca.manifests_dir());
+    let mut source =
+        membrane_ca::source::directory::DirectorySource::new(mesh.ca().manifests_dir());
     source.rescan()?;
     let errors: Vec<String> = source.errors().iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -182,7 +183,7 @@ async fn ztunnels_enforce_their_last_state_while_the_controller_is_away() -> any
     );
 
     // Controller gone: tunnelled traffic, new connections and enforcement go on.
-    mesh.ca.pause().await;
+    mesh.ca_mut().pause().await;
     ping(&mut long)
         .await
         .context("long connection while away")?;
@@ -204,7 +205,7 @@ async fn ztunnels_enforce_their_last_state_while_the_controller_is_away() -> any
     );
 
     // … applies once it is back: the streams resume.
-    mesh.ca.resume().await?;
+    mesh.ca_mut().resume().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while reach(&mesh, "etl", dst).await.is_err() {
         anyhow::ensure!(
@@ -218,13 +219,13 @@ async fn ztunnels_enforce_their_last_state_while_the_controller_is_away() -> any
 
     // A ztunnel that starts while the controller is away is not ready until its first
     // snapshot, and becomes ready when the controller returns.
-    mesh.ca.pause().await;
+    mesh.ca_mut().pause().await;
     mesh.restart_ztunnel("node-a")?;
     let readiness = mesh.ztunnels["node-a"].readiness;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, _) = membrane_tests::http_get(readiness, "/healthz/ready").await?;
     assert_eq!(status, 503);
-    mesh.ca.resume().await?;
+    mesh.ca_mut().resume().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while membrane_tests::http_get(readiness, "/healthz/ready")
         .await?
@@ -247,7 +248,7 @@ async fn a_service_address_reaches_its_endpoint_through_the_tunnel() -> anyhow::
     for pod in ["trainer", "store"] {
         mesh.enroll(pod).await?;
     }
-    mesh.ca.write_manifest(
+    mesh.ca().write_manifest(
         "service.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: store, namespace: data}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: store}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
     )?;

@@ -213,7 +213,7 @@ async fn forged(
     let source = identity("training", sa);
     let gateway = identity("egress", "egress-gateway");
     let (svid, _) = mesh
-        .ca
+        .ca()
         .client(&node_token("node-a"))
         .await?
         .request_svid(&source, Duration::ZERO)

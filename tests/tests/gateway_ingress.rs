@@ -316,7 +316,7 @@ async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay(
     // ones that built.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = mesh.ca.metrics().await?;
+        let metrics = mesh.ca().metrics().await?;
         if metrics.lines().any(|l| {
             l.starts_with("membrane_ca_discovery_ingress_refused_total") && !l.ends_with(" 0")
         }) {

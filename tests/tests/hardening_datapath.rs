@@ -107,7 +107,7 @@ impl Attacker {
         let trainer = identity("training", "trainer");
         let store = identity("data", "feature-store");
         let (svid, _) = mesh
-            .ca
+            .ca()
             .client(&node_token("node-a"))
             .await?
             .request_svid(&trainer, Duration::ZERO)

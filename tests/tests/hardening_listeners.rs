@@ -314,14 +314,18 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     }
     let _app = mesh.echo_app("server", APP_PORT)?;
     traffic_flows(&mesh, "client").await?;
-    let grpc: SocketAddr = mesh.ca.endpoint().trim_start_matches("https://").parse()?;
+    let grpc: SocketAddr = mesh
+        .ca()
+        .endpoint()
+        .trim_start_matches("https://")
+        .parse()?;
 
     // 1,000 TCP connections that never start TLS (127.0.0.2), and 20 that finish TLS and
     // never send the HTTP/2 preface (127.0.0.3).
     let raw = connect_all(sockets_from(Ipv4Addr::new(127, 0, 0, 2), FLOOD)?, grpc).await?;
     let bundle = membrane_identity::TrustBundle::from_pem(
         membrane_tests::trust_domain(),
-        mesh.ca.root_pem().as_bytes(),
+        mesh.ca().root_pem().as_bytes(),
     )?;
     let mut roots = rustls::RootCertStore::empty();
     for root in bundle.roots() {
@@ -341,7 +345,7 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     // While they are held: a Sign succeeds, and a pod enrolled now gets its certificate
     // (its traffic flows).
     let mut client = mesh
-        .ca
+        .ca()
         .client(&membrane_tests::node_token("node-a"))
         .await?;
     let identity = membrane_tests::identity("training", "late");
@@ -379,11 +383,11 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     // The metrics port: 1,000 idle connections from 127.0.0.2; a scrape from 127.0.0.1 works.
     let held = connect_all(
         sockets_from(Ipv4Addr::new(127, 0, 0, 2), FLOOD)?,
-        mesh.ca.metrics_addr(),
+        mesh.ca().metrics_addr(),
     )
     .await?;
     let n = held.len();
-    let text = mesh.ca.metrics().await?;
+    let text = mesh.ca().metrics().await?;
     assert_eq!(closed_within(held, Duration::from_secs(6)).await?, n);
     let refused = |listener: &str| {
         metric(
@@ -402,7 +406,7 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
         "metrics refusals: {}",
         refused("metrics")
     );
-    let text = mesh.ca.metrics().await?;
+    let text = mesh.ca().metrics().await?;
     let timeouts = |stage: &str| {
         metric(
             &text,

@@ -94,7 +94,7 @@ async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh(
     .await?;
 
     // `late` is not created yet as far as the controller knows: its manifest comes later.
-    let manifest: PathBuf = mesh.ca.manifests_dir().join("mesh.yaml");
+    let manifest: PathBuf = mesh.ca().manifests_dir().join("mesh.yaml");
     let full = std::fs::read_to_string(&manifest)?;
     let without_late: String = full
         .split("---\n")
@@ -121,7 +121,7 @@ async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh(
     ensure!(!captured(&mesh, "outsider")?, "outsider captured");
 
     // The controller goes away; the pod is created meanwhile.
-    mesh.ca
+    mesh.ca_mut()
         .pause()
         .await
         .context("controller was not running")?;
@@ -181,7 +181,7 @@ async fn a_pod_added_while_the_controller_is_away_never_starts_outside_the_mesh(
     ensure!(del.ok(), "DEL: {del:?}");
 
     // The controller returns: the runtime's retried ADD captures the pod.
-    mesh.ca.resume().await?;
+    mesh.ca_mut().resume().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let run = loop {
         let run = cni(&mesh, "ADD", "late", true).await?;
@@ -301,7 +301,7 @@ async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Resul
     );
 
     // The shop namespace opens two UDP ports to plaintext.
-    let manifest = mesh.ca.manifests_dir().join("mesh.yaml");
+    let manifest = mesh.ca().manifests_dir().join("mesh.yaml");
     let text = std::fs::read_to_string(&manifest)?;
     let shop = "  name: shop\n  labels: {membrane.dev/mesh: enabled}";
     ensure!(text.contains(shop), "shop namespace not found: {text}");

@@ -220,7 +220,7 @@ async fn a_long_transfer_survives_renewals_and_a_root_rotation() -> anyhow::Resu
 
     // Rotate the root while the transfer runs; open a new connection every 500 ms.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let state = mesh.ca.dir.path().join("state");
+    let state = mesh.ca().dir.path().join("state");
     rotation::request(&state, &trust_domain(), Duration::from_secs(3600))?;
     let (mut saw_signing, mut new_connections) = (false, 0);
     let deadline = Instant::now() + Duration::from_secs(90);

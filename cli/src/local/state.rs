@@ -87,8 +87,8 @@ impl LocalState {
             pid: std::process::id(),
             manifests: manifests.to_owned(),
             ready,
-            controller: mesh.ca.endpoint(),
-            controller_metrics: mesh.ca.metrics_addr(),
+            controller: mesh.ca().endpoint(),
+            controller_metrics: mesh.ca().metrics_addr(),
             ztunnels: mesh
                 .ztunnels
                 .iter()

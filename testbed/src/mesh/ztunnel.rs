@@ -129,7 +129,16 @@ impl Mesh {
     pub(super) fn spawn_ztunnel(&self, node: &str, extra_args: &[&str]) -> anyhow::Result<Ztunnel> {
         let dir = self.dir.path();
         let token_file = dir.join(format!("{node}.token"));
-        std::fs::write(&token_file, crate::node_token(node))?;
+        let (endpoint, token) = match &self.spec.external_controller {
+            Some(external) => (
+                external.endpoint.clone(),
+                (external.tokens.get(node))
+                    .with_context(|| format!("no token for node {node}"))?
+                    .clone(),
+            ),
+            None => (self.ca().endpoint(), crate::node_token(node)),
+        };
+        std::fs::write(&token_file, token)?;
         let enroll_socket = dir.join(format!("{node}.sock"));
         // A short drain unless the spec sets its own: tests stop ztunnels often.
         let own_grace = (self.spec.ztunnel_args.iter().map(String::as_str))
@@ -169,7 +178,7 @@ impl Mesh {
                 .arg(dir.join("policies.yaml"));
         }
         let mut child = command
-            .args(["--ca-address", &self.ca.endpoint()])
+            .args(["--ca-address", &endpoint])
             .arg("--ca-root")
             .arg(dir.join("root.pem"))
             .arg("--token-file")
