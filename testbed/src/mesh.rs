@@ -476,9 +476,15 @@ impl Mesh {
 
     /// Enrolls pod `name` with its node's ztunnel.
     pub async fn enroll(&self, name: &str) -> anyhow::Result<()> {
+        self.enroll_as(name, &uid(self.def(name))).await
+    }
+
+    /// Enrolls pod `name` under the Pod UID `pod_uid` (the one an API server assigned), as
+    /// the CNI plugin would.
+    pub async fn enroll_as(&self, name: &str, pod_uid: &str) -> anyhow::Result<()> {
         let def = self.def(name);
         let request = serde_json::json!({
-            "op": "add", "uid": uid(def), "netns": self.pod(name).netns_path(),
+            "op": "add", "uid": pod_uid, "netns": self.pod(name).netns_path(),
         });
         let reply = self.enroll_request(&def.node, &request).await?;
         if reply["ok"] != true {

@@ -395,7 +395,7 @@ pub async fn ztunnel_token(api: &KubeApi, chart: &Chart, node: &str) -> anyhow::
 
 /// Creates Pod `namespace/name` (service account `sa`, on `node`, with `labels`) and reports
 /// it running at `ip` (the status a kubelet writes). The namespace's ServiceAccount is created
-/// when missing.
+/// when missing. Returns the UID the API server assigned.
 pub async fn create_pod(
     api: &KubeApi,
     namespace: &str,
@@ -404,7 +404,7 @@ pub async fn create_pod(
     node: &str,
     ip: &str,
     labels: &Value,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let client = api.client.clone();
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(client.clone(), namespace);
@@ -421,7 +421,7 @@ pub async fn create_pod(
             "containers": [{"name": "app", "image": "app"}],
         },
     }))?;
-    pods.create(&PostParams::default(), &pod).await?;
+    let created = pods.create(&PostParams::default(), &pod).await?;
     let status = json!({"status": {
         "phase": "Running",
         "podIP": ip,
@@ -430,7 +430,7 @@ pub async fn create_pod(
     }});
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
-    Ok(())
+    created.metadata.uid.context("created pod without uid")
 }
 
 /// Polls `check` every 100 ms until it returns `Ok(true)` (bounded by `timeout`); the last
