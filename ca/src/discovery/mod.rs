@@ -7,6 +7,7 @@
 //! the view every node shares is built once per state and cached; each stream adds the
 //! policies that select its node's workloads.
 
+mod delta;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +28,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-pub use view::{Key, MeshView, PLAINTEXT_ANNOTATION, View, bundle_resource, diff};
+pub use delta::{Key, View, diff, diff_with};
+pub use view::{MeshView, PLAINTEXT_ANNOTATION, bundle_resource};
 
 use crate::source::{ClusterState, StateReceiver};
 use crate::tokenreview::NodeAuthenticator;
@@ -247,6 +249,9 @@ impl DiscoveryService {
             return Some(view.clone());
         }
         let mut view = MeshView::build_in(&state, &bundle, &self.root_namespace);
+        if let Some((_, _, previous)) = cache.as_ref() {
+            view.intern(previous);
+        }
         view.set_ingress(self.ingress_of(&state));
         let view = Arc::new(view);
         *cache = Some((state, bundle, view.clone()));
@@ -314,7 +319,7 @@ impl DiscoveryService {
         let snapshot = pb::Update {
             version: self.next_version(),
             snapshot: true,
-            upserts: sent.values().cloned().collect(),
+            upserts: sent.to_wire(),
             removals: Vec::new(),
         };
         let resources = snapshot.upserts.len();
@@ -347,7 +352,7 @@ impl DiscoveryService {
                 continue;
             };
             let view = mesh.node_view(&node);
-            let (upserts, removals) = diff(&sent, &view);
+            let (upserts, removals) = diff_with(&sent, &view, mesh.shared_delta());
             if upserts.is_empty() && removals.is_empty() {
                 continue;
             }

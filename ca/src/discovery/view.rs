@@ -5,8 +5,9 @@
 //! index, the EgressPolicy index) is built once per source state ([`MeshView::build`]); a
 //! node's view adds the AuthorizationPolicies and EgressPolicies that select its own workloads
 //! ([`MeshView::node_view`]; every EgressPolicy for a node running an egress gateway pod, which
-//! decides for sources anywhere). Views are maps from [`Key`] to the wire resource, so a delta
-//! is a plain map difference.
+//! decides for sources anywhere). A node's view shares the workloads, Services and bundle with
+//! every other node's (one map, [`super::delta`]), and a new version reuses the previous one's
+//! unchanged resources ([`MeshView::intern`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,11 +23,8 @@ use crate::source::{ClusterState, Pod, Service};
 
 pub use membrane_policy::PLAINTEXT_ANNOTATION;
 
-/// A resource's key: kind and name (pod UID, `namespace/name`, or empty for the bundle).
-pub type Key = (i32, String);
-
-/// Wire resources by key.
-pub type View = BTreeMap<Key, pb::Resource>;
+pub use super::delta::View;
+use super::delta::{Interned, Resources, SharedDelta};
 
 /// A workload's namespace and labels (what policy selection reads).
 type LocalWorkload = (String, BTreeMap<String, String>);
@@ -34,7 +32,8 @@ type LocalWorkload = (String, BTreeMap<String, String>);
 /// The part of every node's view that does not depend on the node.
 #[derive(Debug)]
 pub struct MeshView {
-    shared: View,
+    /// The shared resources and the delta from the version before (see [`MeshView::intern`]).
+    shared: Interned,
     bundle: Arc<TrustBundle>,
     index: PolicyIndex,
     egress: EgressIndex,
@@ -171,7 +170,7 @@ impl MeshView {
     /// Builds the shared part; selector-less policies in `root_namespace` apply mesh-wide
     /// (and the ztunnels are told so with the trust bundle).
     pub fn build_in(state: &ClusterState, bundle: &Arc<TrustBundle>, root_namespace: &str) -> Self {
-        let mut shared = View::new();
+        let mut shared = Resources::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         let mut egress_gateway_nodes = BTreeSet::new();
         let mut ingress_gateway_nodes: BTreeMap<String, BTreeSet<_>> = BTreeMap::new();
@@ -200,7 +199,7 @@ impl MeshView {
                 .push((pod.namespace.clone(), pod.labels.clone()));
             shared.insert(
                 (Kind::Workload as i32, pod.uid.clone()),
-                resource(pb::resource::Kind::Workload(workload(state, pod))),
+                Arc::new(resource(pb::resource::Kind::Workload(workload(state, pod)))),
             );
         }
         for svc in state.services.values() {
@@ -209,12 +208,12 @@ impl MeshView {
                     Kind::Service as i32,
                     format!("{}/{}", svc.namespace, svc.name),
                 ),
-                resource(pb::resource::Kind::Service(service(svc))),
+                Arc::new(resource(pb::resource::Kind::Service(service(svc)))),
             );
         }
         shared.insert(
             (Kind::TrustBundle as i32, String::new()),
-            bundle_resource(bundle, root_namespace),
+            Arc::new(bundle_resource(bundle, root_namespace)),
         );
         let index = PolicyIndex::build(
             state.policies.values().map(|e| e.policy.clone()),
@@ -222,7 +221,7 @@ impl MeshView {
         );
         let egress = EgressIndex::build(state.egress_policies.values().cloned(), root_namespace);
         Self {
-            shared,
+            shared: super::delta::intern(shared, None),
             bundle: bundle.clone(),
             index,
             egress,
@@ -233,6 +232,19 @@ impl MeshView {
         }
     }
 
+    /// Reuses `previous`'s resources wherever this version's are equal (and its whole shared
+    /// part when nothing changed), recording the shared delta from it once for every stream.
+    pub fn intern(&mut self, previous: &MeshView) {
+        let fresh = std::mem::take(&mut self.shared).shared;
+        let fresh = Arc::try_unwrap(fresh).unwrap_or_else(|shared| shared.as_ref().clone());
+        self.shared = super::delta::intern(fresh, Some(&previous.shared.shared));
+    }
+
+    /// The shared part's delta from the version this one was interned against.
+    pub fn shared_delta(&self) -> Option<&SharedDelta> {
+        self.shared.delta.as_ref()
+    }
+
     /// Sets the ingress gateways' wire forms (each the last version whose routes built).
     pub fn set_ingress(&mut self, ingress: BTreeMap<(String, String), pb::Ingress>) {
         self.ingress = ingress;
@@ -241,7 +253,7 @@ impl MeshView {
     /// Node `node`'s complete view: the shared part plus the policies selecting its
     /// workloads.
     pub fn node_view(&self, node: &str) -> View {
-        let mut view = self.shared.clone();
+        let mut view = Resources::new();
         let mut seen = BTreeSet::new();
         for (namespace, labels) in self.by_node.get(node).into_iter().flatten() {
             for policy in self.index.policies_for(namespace, labels) {
@@ -249,14 +261,15 @@ impl MeshView {
                 if seen.insert(name.clone()) {
                     view.insert(
                         (Kind::Authorization as i32, name),
-                        resource(pb::resource::Kind::Authorization(policy.into())),
+                        Arc::new(resource(pb::resource::Kind::Authorization(policy.into()))),
                     );
                 }
             }
             for policy in self.egress.selecting(namespace, labels) {
                 let key = (Kind::Egress as i32, policy.key());
-                view.entry(key)
-                    .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
+                view.entry(key).or_insert_with(|| {
+                    Arc::new(resource(pb::resource::Kind::Egress(policy.into())))
+                });
             }
         }
         for (namespace, name) in self.ingress_gateway_nodes.get(node).into_iter().flatten() {
@@ -264,7 +277,7 @@ impl MeshView {
             if let Some(ingress) = self.ingress.get(&key) {
                 view.insert(
                     (Kind::Ingress as i32, format!("{namespace}/{name}")),
-                    resource(pb::resource::Kind::Ingress(ingress.clone())),
+                    Arc::new(resource(pb::resource::Kind::Ingress(ingress.clone()))),
                 );
             }
         }
@@ -272,11 +285,12 @@ impl MeshView {
             // An egress gateway decides for sources anywhere in the mesh.
             for policy in self.egress.policies() {
                 let key = (Kind::Egress as i32, policy.key());
-                view.entry(key)
-                    .or_insert_with(|| resource(pb::resource::Kind::Egress(policy.into())));
+                view.entry(key).or_insert_with(|| {
+                    Arc::new(resource(pb::resource::Kind::Egress(policy.into())))
+                });
             }
         }
-        view
+        View::new(self.shared.shared.clone(), view)
     }
 
     /// The trust bundle this view carries.
@@ -287,33 +301,17 @@ impl MeshView {
     /// Number of mesh workloads.
     pub fn workloads(&self) -> usize {
         self.shared
+            .shared
             .keys()
             .filter(|(k, _)| *k == Kind::Workload as i32)
             .count()
     }
 }
 
-/// The delta from `old` to `new`: resources added or changed, and keys removed.
-pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>) {
-    let upserts = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(_, v)| v.clone())
-        .collect();
-    let removals = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .map(|(kind, name)| pb::ResourceKey {
-            kind: *kind,
-            name: name.clone(),
-        })
-        .collect();
-    (upserts, removals)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::diff;
     use crate::source::{MESH_LABEL, Namespace, PolicyEntry};
 
     fn state() -> ClusterState {

@@ -43,23 +43,44 @@ pub struct KubeController {
 impl KubeController {
     /// Starts `membrane-ca serve --source=kubernetes` with `KUBECONFIG=kubeconfig`, state in
     /// `state_dir`, loopback listeners and `args` (the chart's other flags), and waits for its
-    /// "membrane-ca serving" line (20 s bound).
-    /// `env` adds environment variables (`POD_NAME` names a replica).
+    /// "membrane-ca serving" line (20 s bound). `env` adds environment variables (`POD_NAME`
+    /// names a replica).
     pub fn spawn_with_env(
         kubeconfig: &Path,
         state_dir: &Path,
         args: &[String],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut env: Vec<(&str, &std::ffi::OsStr)> = env
+            .iter()
+            .map(|(k, v)| (*k, std::ffi::OsStr::new(*v)))
+            .collect();
+        env.push(("KUBECONFIG", kubeconfig.as_os_str()));
+        Self::launch("kubernetes", state_dir, args, &env)
+    }
+
+    /// As [`KubeController::spawn_with_env`] for another `--source` (`directory`: `args`
+    /// carry `--source-dir` and `--tokens-file`), for comparisons.
+    pub fn spawn_source(state_dir: &Path, args: &[String], source: &str) -> anyhow::Result<Self> {
+        Self::launch(source, state_dir, args, &[])
+    }
+
+    fn launch(
+        source: &str,
+        state_dir: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(controller_binary()?);
         command
-            .args(["serve", "--source=kubernetes", "--log-format=json"])
+            .arg("serve")
+            .arg(format!("--source={source}"))
+            .arg("--log-format=json")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--state-dir")
             .arg(state_dir)
             .args(args)
             .envs(env.iter().copied())
-            .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",
                 std::env::var("MEMBRANE_TESTBED_CA_LOG").unwrap_or_else(|_| "info".into()),
@@ -119,6 +140,11 @@ impl KubeController {
             logs,
             child,
         })
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
     }
 
     /// The controller's gRPC endpoint URL.
