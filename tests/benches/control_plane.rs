@@ -417,7 +417,13 @@ impl DirectorySource {
         let pods: Vec<String> = (0..scale.workloads)
             .map(|i| pod_yaml(&scale, &format!("pod-{i}"), i))
             .collect();
-        std::fs::write(manifests.join("pods.yaml"), pods.join("---\n"))?;
+        // A manifest file holds at most 1,024 documents: 1,000 pods per file.
+        for (n, chunk) in pods.chunks(1000).enumerate() {
+            std::fs::write(
+                manifests.join(format!("pods-{n}.yaml")),
+                chunk.join("---\n"),
+            )?;
+        }
         for (n, chunk) in (0..scale.policies)
             .collect::<Vec<_>>()
             .chunks(500)
@@ -686,6 +692,8 @@ fn main() -> anyhow::Result<()> {
                 _ = term.recv() => bail!("terminated"),
             }
         })?;
+        // Shown at once, so a later source's failure loses nothing.
+        eprintln!("{source}: {}", serde_json::to_string(&report)?);
         reports.push(report);
     }
     let mut out = format!(
