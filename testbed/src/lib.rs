@@ -96,24 +96,16 @@ pub fn identity(ns: &str, sa: &str) -> WorkloadIdentity {
 
 /// A plain HTTP/1.1 GET on loopback: the response body, or an error for a non-2xx status.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {out:?}"))?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    Ok((status, body))
+    read_response(&mut s).await
 }
 
 /// A plain HTTP/1.1 POST of a JSON `body` on loopback: the status and the response body.
 pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -121,6 +113,12 @@ pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> anyhow::Resu
     );
     s.write_all(head.as_bytes()).await?;
     s.write_all(body.as_bytes()).await?;
+    read_response(&mut s).await
+}
+
+/// Reads a whole HTTP/1.1 response (the server closes): its status and body.
+async fn read_response(s: &mut tokio::net::TcpStream) -> anyhow::Result<(u16, String)> {
+    use tokio::io::AsyncReadExt;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     let status = out

@@ -50,11 +50,9 @@ spec:
   listeners: [{name: api, port: 8443, protocol: TLS, tls: {mode: Passthrough}}]
 "#;
 
-/// Runs everything the controller's permissions exist for: its reflectors start, both policy
-/// kinds get status, a ztunnel's bound token is reviewed and an identity issued, the status
-/// Lease is created and renewed. Returns the controller (still running).
-async fn exercise(api: &KubeApi, chart: &Chart) -> anyhow::Result<KubeController> {
-    apply(api, OBJECTS)?;
+/// The trainer's Pod on node-a, running.
+async fn trainer_pod(api: &KubeApi) -> anyhow::Result<String> {
+    let labels = json!({"app": "trainer"});
     create_pod(
         api,
         "training",
@@ -62,24 +60,37 @@ async fn exercise(api: &KubeApi, chart: &Chart) -> anyhow::Result<KubeController
         "trainer",
         "node-a",
         "10.244.1.10",
-        &json!({"app": "trainer"}),
+        &labels,
     )
-    .await?;
-    let controller = start_controller(api, chart, "membrane-ca-0").await?;
-    let token = ztunnel_token(api, chart, "node-a").await?;
+    .await
+}
+
+/// Waits until `token` obtains the trainer's identity (the controller's view catches up).
+async fn trainer_identity_issued(controller: &KubeController, token: &str) -> anyhow::Result<()> {
     let trainer = identity("training", "trainer");
     until(
         "the trainer's identity is issued",
         Duration::from_secs(20),
         || {
-            let (token, trainer, controller) = (&token, &trainer, &controller);
+            let trainer = &trainer;
             async move {
                 let mut client = ca_client(controller, token).await?;
                 Ok(client.request_svid(trainer, Duration::ZERO).await.is_ok())
             }
         },
     )
-    .await?;
+    .await
+}
+
+/// Runs everything the controller's permissions exist for: its reflectors start, both policy
+/// kinds get status, a ztunnel's bound token is reviewed and an identity issued, the status
+/// Lease is created and renewed. Returns the controller (still running).
+async fn exercise(api: &KubeApi, chart: &Chart) -> anyhow::Result<KubeController> {
+    apply(api, OBJECTS)?;
+    trainer_pod(api).await?;
+    let controller = start_controller(api, chart, "membrane-ca-0").await?;
+    let token = ztunnel_token(api, chart, "node-a").await?;
+    trainer_identity_issued(&controller, &token).await?;
     for (plural, ns, name) in [
         ("authorizationpolicies", "inference", "trainer-only"),
         ("egresspolicies", "training", "model-hub"),
@@ -155,16 +166,7 @@ async fn a_token_of_another_account_or_audience_gets_no_identity() -> anyhow::Re
     let chart = Chart::render(&[])?;
     install(&api, &chart)?;
     apply(&api, OBJECTS)?;
-    create_pod(
-        &api,
-        "training",
-        "trainer",
-        "trainer",
-        "node-a",
-        "10.244.1.10",
-        &json!({"app": "trainer"}),
-    )
-    .await?;
+    trainer_pod(&api).await?;
     let controller = start_controller(&api, &chart, "membrane-ca-0").await?;
     let trainer = identity("training", "trainer");
     // The ztunnel's account, bound to a pod on node-a, but for the API server's audience.
@@ -178,18 +180,7 @@ async fn a_token_of_another_account_or_audience_gets_no_identity() -> anyhow::Re
         .token(NAMESPACE, &chart.controller_account()?, &audience, None)
         .await?;
     let good = ztunnel_token(&api, &chart, "node-a").await?;
-    until(
-        "the good token gets the identity",
-        Duration::from_secs(20),
-        || {
-            let (good, trainer, controller) = (&good, &trainer, &controller);
-            async move {
-                let mut client = ca_client(controller, good).await?;
-                Ok(client.request_svid(trainer, Duration::ZERO).await.is_ok())
-            }
-        },
-    )
-    .await?;
+    trainer_identity_issued(&controller, &good).await?;
     for (what, token) in [
         ("another audience", &wrong_audience),
         ("another account", &wrong_account),

@@ -327,35 +327,10 @@ async fn restarts_compaction_and_revoked_rbac_keep_the_mesh() -> anyhow::Result<
     let revision = w.api.compact_etcd().await?;
     let lists_before = lists(&w)?;
     w.api.restart_apiserver(Duration::from_secs(2)).await?;
-    ensure!(
-        reaches(&w.mesh, "trainer").await,
-        "traffic stopped across the restart"
-    );
-    ensure!(
-        !reaches(&w.mesh, "scraper").await,
-        "enforcement stopped across the restart"
-    );
-    ping(&mut long).await.context("the long stream broke")?;
-    create_pod(
-        &w.api,
-        "inference",
-        "evaluator",
-        "evaluator",
-        "node-b",
-        "10.250.0.9",
-        &json!({}),
-    )
-    .await?;
-    until(
-        "a pod created after the restart arrives",
-        Duration::from_secs(30),
-        || async {
-            Ok(workload_names(&w.mesh, "node-a")
-                .await?
-                .contains(&"inference/evaluator".to_owned()))
-        },
-    )
-    .await?;
+    mesh_runs(&w, &mut long, "across the restart").await?;
+    plain_pod(&w, "evaluator", "10.250.0.9").await?;
+    let what = "a pod created after the restart arrives";
+    arrives(&w, "evaluator", what, Duration::from_secs(30)).await?;
     let relisted = lists(&w)?;
     ensure!(
         relisted > lists_before,
@@ -385,42 +360,44 @@ async fn restarts_compaction_and_revoked_rbac_keep_the_mesh() -> anyhow::Result<
         })
         .await
         .context("no controller error naming the refusal")?;
-    create_pod(
-        &w.api,
-        "inference",
-        "late",
-        "late",
-        "node-b",
-        "10.250.0.10",
-        &json!({}),
-    )
-    .await?;
-    ensure!(
-        reaches(&w.mesh, "trainer").await,
-        "traffic stopped after RBAC was revoked"
-    );
-    ensure!(
-        !reaches(&w.mesh, "scraper").await,
-        "enforcement stopped after RBAC was revoked"
-    );
-    ping(&mut long).await.context("the long stream broke")?;
+    plain_pod(&w, "late", "10.250.0.10").await?;
+    mesh_runs(&w, &mut long, "after RBAC was revoked").await?;
     let held = workload_names(&w.mesh, "node-a").await?;
     ensure!(held == names, "state changed without RBAC: {held:?}");
 
     // RBAC restored (the chart applied again): the controller resumes on its own.
     install_rest(&w)?;
-    until(
-        "the controller resumes after RBAC returns",
-        Duration::from_secs(60),
-        || async {
-            Ok(workload_names(&w.mesh, "node-a")
-                .await?
-                .contains(&"inference/late".to_owned()))
-        },
-    )
-    .await?;
-    ping(&mut long).await.context("the long stream broke")?;
+    let what = "the controller resumes after RBAC returns";
+    arrives(&w, "late", what, Duration::from_secs(60)).await?;
+    mesh_runs(&w, &mut long, "after RBAC returned").await?;
     Ok(())
+}
+
+/// Creates a plain pod `inference/<name>` on node-b (no network namespace: only its
+/// identity and workload matter).
+async fn plain_pod(w: &World, name: &str, ip: &str) -> anyhow::Result<String> {
+    create_pod(&w.api, "inference", name, name, "node-b", ip, &json!({})).await
+}
+
+/// Waits until node-a's ztunnel holds `inference/<name>`.
+async fn arrives(w: &World, name: &str, what: &str, within: Duration) -> anyhow::Result<()> {
+    let expected = format!("inference/{name}");
+    until(what, within, || async {
+        Ok(workload_names(&w.mesh, "node-a").await?.contains(&expected))
+    })
+    .await
+}
+
+/// Traffic and enforcement both still work, and the long stream still echoes.
+async fn mesh_runs(w: &World, long: &mut tokio::net::TcpStream, when: &str) -> anyhow::Result<()> {
+    ensure!(reaches(&w.mesh, "trainer").await, "traffic stopped {when}");
+    ensure!(
+        !reaches(&w.mesh, "scraper").await,
+        "enforcement stopped {when}"
+    );
+    ping(long)
+        .await
+        .with_context(|| format!("the long stream broke {when}"))
 }
 
 /// How many `list` requests the controller has made so far (relists show as more).
