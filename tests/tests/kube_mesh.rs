@@ -140,8 +140,10 @@ endpoints:
         tokens,
         uids,
     };
+    // The whole initial state, policy included: later checks then test that it persists,
+    // not how fast it first arrives.
     until(
-        "both ztunnels know the mesh pods",
+        "both ztunnels know the mesh pods and node-b enforces the policy",
         Duration::from_secs(30),
         || async {
             for node in ["node-a", "node-b"] {
@@ -149,7 +151,11 @@ endpoints:
                     return Ok(false);
                 }
             }
-            Ok(true)
+            let dump = world.mesh.config_dump("node-b").await?;
+            let policies = dump["policies"].as_array().into_iter().flatten();
+            Ok(policies
+                .filter_map(|p| p.as_str())
+                .any(|p| p == "inference/trainer-only"))
         },
     )
     .await?;
@@ -211,13 +217,17 @@ async fn workloads_identities_and_policy_follow_the_api_server() -> anyhow::Resu
             "{node} holds {names:?}, expected exactly the mesh pods {expected:?}"
         );
     }
-    // The Service's VIP, allocated by the API server, reached the ztunnels.
-    let dump = w.mesh.config_dump("node-a").await?;
-    ensure!(
-        dump["services"].to_string().contains("model-server"),
-        "no model-server Service on node-a: {}",
-        dump["services"]
-    );
+    // The Service's VIP, allocated by the API server, reaches the ztunnels (its Service and
+    // EndpointSlice are watch events of their own, after the Pods').
+    until(
+        "the model-server Service reaches node-a",
+        Duration::from_secs(20),
+        || async {
+            let dump = w.mesh.config_dump("node-a").await?;
+            Ok(dump["services"].to_string().contains("model-server"))
+        },
+    )
+    .await?;
 
     // Traffic and the policy through the CRD.
     until(
@@ -237,9 +247,17 @@ async fn workloads_identities_and_policy_follow_the_api_server() -> anyhow::Resu
         record["src_identity"] == "spiffe://cluster.local/ns/training/sa/trainer",
         "inbound record: {record}"
     );
+    // The CRD policy is a watch event of its own too: denied within the bound, and then
+    // for good.
+    until(
+        "the scraper is denied by the CRD policy",
+        Duration::from_secs(20),
+        || async { Ok(!reaches(&w.mesh, "scraper").await) },
+    )
+    .await?;
     ensure!(
         !reaches(&w.mesh, "scraper").await,
-        "the scraper is not denied"
+        "the scraper was denied once, then reached the model server"
     );
 
     // Identities follow the Pods' nodes.
@@ -321,6 +339,7 @@ async fn restarts_compaction_and_revoked_rbac_keep_the_mesh() -> anyhow::Result<
     let dst = SocketAddr::new(w.mesh.ip("model-server"), 8080);
     let mut long = w.mesh.connect_from("trainer", dst).await?;
     ping(&mut long).await?;
+    mesh_runs(&w, &mut long, "before the restart").await?;
 
     // etcd compacted, the API server restarted: every watch resumes from a compacted
     // resource version (410 Gone) and relists. Meanwhile the mesh runs on.
