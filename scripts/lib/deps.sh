@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Installs what Membrane's scripts need on a fresh Debian/Ubuntu machine, and checks the rest.
 # Sourced by scripts/demo.sh, scripts/test.sh and .ci/run; safe to run repeatedly.
 
@@ -32,6 +33,26 @@ membrane_install_deps() {
             echo "membrane: a Rust toolchain (1.89 or newer, with cargo) is required: https://rustup.rs" >&2
             exit 1
         fi
+    fi
+}
+
+# What scripts/build-images.sh puts into the ztunnel image besides Membrane's binaries (nft,
+# jq, a static busybox for /bin/sh), what it builds and checks them with (python3, ldd), and
+# scripts/verify-images.sh's tools (unshare, chroot and jq on this machine).
+membrane_install_image_deps() {
+    local missing=()
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    command -v jq >/dev/null 2>&1 || missing+=(jq)
+    [ -x /bin/busybox ] || missing+=(busybox-static)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    command -v ldd >/dev/null 2>&1 || missing+=(libc-bin)
+    command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+    if ((${#missing[@]})); then
+        membrane_need_root_for "${missing[*]}"
+        echo "membrane: installing system packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
 
