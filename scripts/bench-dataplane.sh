@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the data-plane benchmark (tests/benches/dataplane.rs): builds the release ztunnel,
-# installs iperf3 if it is missing, then runs direct, mesh and plain-relay rounds and prints a
-# Markdown table and one JSON line. Needs root (network namespaces). Takes about 2 minutes per
+# installs iperf3 if it is missing, then runs direct, mesh and plain-relay rounds (and Istio
+# ztunnel rounds when ISTIO_ZTUNNEL_BIN points at an Istio ztunnel built by hand with its
+# `testing` feature; the project never builds one) and prints a Markdown table and one JSON
+# line. Needs root (network namespaces). Takes about 2 minutes per
 # round (3 rounds by default); MEMBRANE_BENCH_* variables (see the bench's header) change
 # modes, rounds and durations.
 set -euo pipefail

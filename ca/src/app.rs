@@ -71,6 +71,28 @@ pub struct AppConfig {
     pub signer: SignerConfig,
     /// Caps and timeouts of the gRPC and metrics listeners.
     pub listeners: ListenerConfig,
+    /// SPIFFE Federation: the bundle endpoint.
+    pub federation: FederationConfig,
+}
+
+/// The bundle endpoint's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// Where the SPIFFE bundle endpoint listens (none: not served).
+    pub bundle_endpoint: Option<SocketAddr>,
+    /// `spiffe_refresh_hint` served to federated peers. A root rotation distributes the new
+    /// root for at least twice this long when the endpoint is served, so peers fetch it
+    /// before anything is signed with it.
+    pub refresh_hint: Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            bundle_endpoint: None,
+            refresh_hint: crate::federation::DEFAULT_REFRESH,
+        }
+    }
 }
 
 /// Why the controller could not start.
@@ -113,6 +135,7 @@ pub enum StartError {
 /// A started controller.
 #[derive(Debug)]
 pub struct Running {
+    bundle_endpoint_addr: Option<SocketAddr>,
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     bundle: TrustBundle,
@@ -224,6 +247,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         (SourceMode::Directory, tokens) => tokens.unwrap_or_default().into(),
     };
     let status_metrics = metrics::StatusMetrics::register(&mut registry);
+    let federation_metrics = crate::federation::FederationMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
     let registry = Arc::new(registry);
 
@@ -234,12 +258,20 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     };
     let listener = bind(config.listen).await?;
     let metrics_listener = bind(config.metrics_listen).await?;
+    let bundle_listener = match config.federation.bundle_endpoint {
+        Some(addr) => Some((bind(addr).await?, addr)),
+        None => None,
+    };
     let local = |l: &tokio::net::TcpListener, addr| {
         l.local_addr()
             .map_err(|source| StartError::Bind { addr, source })
     };
     let grpc_addr = local(&listener, config.listen)?;
     let metrics_addr = local(&metrics_listener, config.metrics_listen)?;
+    let bundle_endpoint_addr = match &bundle_listener {
+        Some((l, addr)) => Some(local(l, *addr)?),
+        None => None,
+    };
 
     let cancel = CancellationToken::new();
     let (state_tx, state_rx) = tokio::sync::watch::channel(None);
@@ -305,7 +337,46 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         cancel.clone(),
     )
     .with_root_namespace(&config.root_namespace);
+    let (federated_tx, federated_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let discovery = discovery.with_federated(federated_rx);
     let mut others = vec![source, metrics];
+    others.push(tokio::spawn(crate::federation::run(
+        config.trust_domain.clone(),
+        state_rx.clone(),
+        federated_tx,
+        federation_metrics,
+        cancel.clone(),
+    )));
+    if let Some((listener, _)) = bundle_listener {
+        let listener = GuardedListener::new(
+            listener,
+            crate::federation::endpoint::LISTENER,
+            ConnectionCaps {
+                max: limits.http_max_connections,
+                max_per_peer: limits.http_max_connections_per_peer,
+            },
+            listener_metrics.clone(),
+        );
+        others.push(tokio::spawn(crate::federation::endpoint::serve(
+            listener,
+            serving.clone(),
+            bundle_tx.subscribe(),
+            crate::federation::endpoint::EndpointConfig {
+                refresh_hint: config.federation.refresh_hint,
+                handshake_timeout: limits.tls_handshake_timeout,
+                http: limits.http,
+            },
+            cancel.clone(),
+        )));
+    }
+    // Federated peers fetch the new root at their refresh hint: it is distributed at least
+    // twice that long before anything is signed with it.
+    let rotation_grace = match config.federation.bundle_endpoint {
+        Some(_) => config
+            .rotation_grace
+            .max(config.federation.refresh_hint * 2),
+        None => config.rotation_grace,
+    };
     let renew = serving.clone();
     let on_switch: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         if let Err(e) = renew.renew() {
@@ -330,7 +401,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             bundle_tx: bundle_tx.clone(),
             acks: discovery.acks(),
             max_ttl: config.signer.max_ttl,
-            grace: config.rotation_grace,
+            grace: rotation_grace,
             ack_timeout: config.rotation_ack_timeout,
             on_switch,
             metrics: rotation_metrics,
@@ -350,6 +421,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     tracing::info!(
         listen = %grpc_addr,
         metrics = %metrics_addr,
+        bundle_endpoint = ?bundle_endpoint_addr,
         source = %match &mode {
             SourceMode::Directory => config.source_dir.display().to_string(),
             SourceMode::Kubernetes(_) => "kubernetes".to_owned(),
@@ -359,6 +431,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     Ok(Running {
         grpc_addr,
         metrics_addr,
+        bundle_endpoint_addr,
         bundle,
         bundle_tx,
         state: state_rx,
@@ -374,6 +447,11 @@ impl Running {
     /// The gRPC address actually bound.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The bundle endpoint's address actually bound, when served.
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
     }
 
     /// The metrics address actually bound.

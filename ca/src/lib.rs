@@ -19,6 +19,8 @@
 //!   Kubernetes mode adds [`crd`] (the AuthorizationPolicy custom resource) and [`status`]
 //!   (policy status write-back under a Lease).
 //! - [`metrics`] (metric definitions) and [`endpoint`] (`/metrics` and `/ready` over HTTP).
+//! - [`federation`]: SPIFFE Federation — the bundle endpoint serving this trust domain's
+//!   roots, and the fetchers that follow each `TrustFederation` for the ztunnels.
 //! - [`client`]: a typed client for tools and tests.
 //!
 //! This crate must never depend on the ztunnel crate: both sides meet only in `membrane-proto`.
@@ -30,6 +32,7 @@ pub mod client;
 pub mod crd;
 pub mod discovery;
 pub mod endpoint;
+pub mod federation;
 mod fsutil;
 mod leaf;
 pub mod metrics;

@@ -166,6 +166,13 @@ struct ServeArgs {
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
+    /// Serve this trust domain's SPIFFE bundle endpoint (federation, `https_spiffe`
+    /// profile) on this address; not served when unset.
+    #[arg(long, env = "MEMBRANE_BUNDLE_ENDPOINT_LISTEN")]
+    bundle_endpoint_listen: Option<SocketAddr>,
+    /// `spiffe_refresh_hint` the bundle endpoint gives federated peers.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    bundle_refresh_hint: Duration,
     /// Lifetime of the controller's own serving certificate (re-issued at every start).
     #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
     serving_cert_ttl: Duration,
@@ -188,6 +195,10 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Key exchange of the controller's TLS: `pq-preferred` (X25519MLKEM768, then X25519 for
+    /// clients without it), `pq-only` or `classical`.
+    #[arg(long, env = "MEMBRANE_TLS_KX", default_value = "pq-preferred")]
+    tls_kx: membrane_identity::KeyExchange,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -216,6 +227,8 @@ fn main() -> anyhow::Result<()> {
         (dir, tokens) => (dir.unwrap_or_default(), tokens.unwrap_or_default()),
     };
     init_tracing(args.log_format);
+    membrane_identity::set_key_exchange(args.tls_kx);
+    tracing::info!(tls_kx = %args.tls_kx, "TLS key exchange");
     let config = AppConfig {
         trust_domain: membrane_identity::spiffe_id::parse_trust_domain(&args.trust_domain)?,
         state_dir: args.state_dir,
@@ -231,6 +244,10 @@ fn main() -> anyhow::Result<()> {
         rotation_grace: args.rotation_grace,
         rotation_ack_timeout: args.rotation_ack_timeout,
         root_namespace: args.root_namespace,
+        federation: membrane_ca::app::FederationConfig {
+            bundle_endpoint: args.bundle_endpoint_listen,
+            refresh_hint: args.bundle_refresh_hint,
+        },
         signer: SignerConfig {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,

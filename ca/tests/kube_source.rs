@@ -812,6 +812,7 @@ async fn controller_in_kubernetes_mode_signs_for_the_reviewed_node() {
         rotation_grace: Duration::from_secs(30),
         rotation_ack_timeout: Duration::from_secs(600),
         root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
+        federation: Default::default(),
         signer: membrane_ca::SignerConfig::default(),
         listeners: Default::default(),
     };

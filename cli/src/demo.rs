@@ -66,6 +66,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         rotation_grace: Duration::from_secs(1),
         rotation_ack_timeout: Duration::from_secs(600),
         root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
+        federation: Default::default(),
         signer: membrane_ca::SignerConfig {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(24 * 3600),

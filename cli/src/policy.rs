@@ -4,7 +4,10 @@
 //! warning with its field path (exit 1 on errors). `explain` answers "would this source reach
 //! that workload on that port, and which policy decides?" from a directory of manifests, with
 //! the ztunnel's own decision function: verdict on the first line, then the deciding policy
-//! and rule, AUDIT and dry-run matches; with `--to-host`/`--to-ip` the question is about a
+//! and rule, AUDIT and dry-run matches. Policies are evaluated as in the cluster of
+//! `--trust-domain` (unqualified namespaces and service accounts are that trust domain's); a
+//! `--from` of another trust domain is a federated source, named as such in the
+//! explanation. With `--to-host`/`--to-ip` the question is about a
 //! destination outside the mesh and EgressPolicy decides ([`crate::egress_explain`]). It
 //! exits 0 whatever the verdict, non-zero only for bad input.
 
@@ -14,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use membrane_ca::source::directory::DirectorySource;
+use membrane_identity::spiffe_id::parse_trust_domain;
 use membrane_policy::eval::{Decision, DecisionReason, Request, Source, decide};
 use membrane_policy::{PLAINTEXT_ANNOTATION, PlaintextMode, PolicyIndex, parse_policies};
 use serde_json::json;
@@ -120,7 +124,8 @@ pub struct ExplainArgs {
     /// EgressPolicies).
     #[arg(long)]
     pub manifests: PathBuf,
-    /// Source SPIFFE ID, or `none` for a plaintext source without identity.
+    /// Source SPIFFE ID, or `none` for a plaintext source without identity. It may be of a
+    /// federated trust domain (not `--trust-domain`).
     #[arg(long)]
     pub from: String,
     /// The source pod (NAMESPACE/POD), for egress questions when pods of the `--from`
@@ -160,6 +165,10 @@ pub struct ExplainArgs {
     /// The controller's --root-namespace
     #[arg(long, value_name = "NS", default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
+    /// The trust domain of the cluster the manifests describe (the controller's
+    /// --trust-domain): unqualified namespaces in policies are this trust domain's.
+    #[arg(long, value_name = "TD", default_value = membrane_identity::spiffe_id::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// Answers the question; errors only for bad input.
@@ -200,7 +209,8 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         })?;
         policies.extend(checked.into_iter().map(|c| c.policy));
     }
-    let index = PolicyIndex::build(policies, &args.root_namespace);
+    let trust_domain = parse_trust_domain(&args.trust_domain).context("--trust-domain")?;
+    let index = PolicyIndex::build_for(policies, &args.root_namespace, &trust_domain);
 
     let (namespace, pod_name) = to.split_once('/').context("--to must be NAMESPACE/POD")?;
     let pod = state
@@ -287,12 +297,15 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             "ALLOW policies apply to the destination but none matches: denied".to_owned()
         }
     };
-    let reason = if identity.is_none() {
-        format!(
+    let reason = match &identity {
+        None => format!(
             "{reason} (plaintext source admitted to evaluation: namespace {namespace} permits plaintext)"
-        )
-    } else {
-        reason
+        ),
+        Some(id) if id.trust_domain() != &trust_domain => format!(
+            "{reason} (source from federated trust domain {}, not the local {trust_domain}: unqualified namespaces and service accounts in policies do not match it)",
+            id.trust_domain()
+        ),
+        Some(_) => reason,
     };
     let audit: Vec<String> = decision
         .audit

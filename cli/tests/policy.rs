@@ -344,3 +344,95 @@ fn ingress_shows_where_a_gateway_would_send_a_connection() {
         "{out}"
     );
 }
+
+/// A source of a federated trust domain: no local pods, so only its SPIFFE ID counts;
+/// unqualified namespaces in policies are the local trust domain's, qualified ones name it.
+#[test]
+fn explain_answers_for_a_source_of_a_federated_trust_domain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/genai"));
+    for entry in std::fs::read_dir(src).expect("example") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::write(
+        dir.path().join("federated.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: remote-trainers, namespace: data}\n\
+         spec: {selector: {matchLabels: {app: feature-store}}, rules: [{from: [{source: {namespaces: [cluster-b.example/training]}}]}]}\n",
+    )
+    .expect("write");
+    let manifests = dir.path().to_str().expect("utf8");
+    let run = |from: &str, to: &str, extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--manifests",
+            manifests,
+            "--port",
+            "8080",
+            "--from",
+            from,
+            "--to",
+            to,
+        ];
+        args.extend_from_slice(extra);
+        membrane(&args)
+    };
+    const REMOTE_SCRAPER: &str = "spiffe://cluster-b.example/ns/untrusted/sa/scraper";
+
+    // `deny-untrusted` names the local `untrusted`: the remote one is not in it.
+    let (code, out, err) = run(REMOTE_SCRAPER, "inference/model-server-0", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().next(), Some("ALLOW"), "{out}");
+    assert!(
+        out.contains("federated trust domain cluster-b.example"),
+        "{out}"
+    );
+    // Evaluated in cluster-b.example, the same source is local and denied.
+    let (code, out, err) = run(
+        REMOTE_SCRAPER,
+        "inference/model-server-0",
+        &["--trust-domain", "cluster-b.example", "--json"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["verdict"], "DENY");
+    assert_eq!(v["policy"], "inference/deny-untrusted");
+    assert!(
+        !v["explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains("federated")),
+        "{out}"
+    );
+
+    // A qualified namespace admits the remote trainer, and only it.
+    let (_, out, _) = run(
+        "spiffe://cluster-b.example/ns/training/sa/trainer",
+        "data/feature-store-0",
+        &["--json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["verdict"], "ALLOW", "{out}");
+    assert_eq!(v["policy"], "data/remote-trainers");
+    let (_, out, _) = run(
+        "spiffe://cluster-c.example/ns/training/sa/trainer",
+        "data/feature-store-0",
+        &[],
+    );
+    assert_eq!(out.lines().next(), Some("DENY"), "{out}");
+    assert!(
+        out.contains("federated trust domain cluster-c.example"),
+        "{out}"
+    );
+
+    let (code, _, err) = run(
+        REMOTE_SCRAPER,
+        "inference/model-server-0",
+        &["--trust-domain", "Cluster.Local"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--trust-domain"), "{err}");
+}

@@ -3,7 +3,12 @@
 //! A bundle holds *several* roots at once. That is what makes a root rotation hitless: the new
 //! root is added, distributed, used for signing, and the old one removed only once every leaf it
 //! signed has expired. Verification accepts a chain ending at any root of the bundle.
+//!
+//! [`SharedTrustBundle`] also holds the bundles of federated trust domains (SPIFFE
+//! Federation): a peer's chain is verified against the bundle of the trust domain in its own
+//! SPIFFE ID and no other, so one trust domain's root never vouches for another's identity.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use rustls_pki_types::pem::PemObject;
@@ -25,6 +30,12 @@ pub enum BundleError {
     /// A bundle must hold at least one root.
     #[error("a trust bundle needs at least one root")]
     Empty,
+    /// A federated bundle named the local trust domain.
+    #[error("trust domain {0} is the local one; it cannot be federated")]
+    FederatedLocal(String),
+    /// Two federated bundles named the same trust domain.
+    #[error("two federated bundles for trust domain {0}")]
+    FederatedTwice(String),
 }
 
 /// The roots one trust domain accepts. Cheap to clone behind an `Arc`.
@@ -121,34 +132,96 @@ impl TrustBundle {
     }
 }
 
-/// A trust bundle that can be replaced while verifiers hold on to it (root rotation).
+/// The bundles a verifier trusts: the local trust domain's, and one per federated trust
+/// domain. Each speaks only for its own trust domain.
+#[derive(Debug)]
+struct BundleSet {
+    local: Arc<TrustBundle>,
+    federated: BTreeMap<TrustDomain, Arc<TrustBundle>>,
+}
+
+/// The trust bundles verifiers use, replaceable while they hold on to it (root rotation, a
+/// federated peer's new roots): the local trust domain's bundle and the federated ones.
 #[derive(Debug, Clone)]
-pub struct SharedTrustBundle(Arc<RwLock<Arc<TrustBundle>>>);
+pub struct SharedTrustBundle(Arc<RwLock<Arc<BundleSet>>>);
 
 // === impl SharedTrustBundle ===
 
 impl SharedTrustBundle {
-    /// Wraps a bundle.
+    /// Wraps the local bundle; no trust domain is federated yet.
     pub fn new(bundle: TrustBundle) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(bundle))))
+        Self(Arc::new(RwLock::new(Arc::new(BundleSet {
+            local: Arc::new(bundle),
+            federated: BTreeMap::new(),
+        }))))
     }
 
-    /// The current bundle.
-    pub fn load(&self) -> Arc<TrustBundle> {
+    fn set(&self) -> Arc<BundleSet> {
         // A poisoned lock only means a writer panicked between two whole-Arc stores; the
-        // value inside is still a complete bundle.
+        // value inside is still a complete set.
         match self.0.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Replaces the bundle; handshakes that start afterwards use the new one.
-    pub fn store(&self, bundle: TrustBundle) {
+    fn replace(&self, change: impl FnOnce(&BundleSet) -> BundleSet) {
         let mut guard = match self.0.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        *guard = Arc::new(bundle);
+        *guard = Arc::new(change(&guard));
+    }
+
+    /// The local trust domain's bundle.
+    pub fn load(&self) -> Arc<TrustBundle> {
+        self.set().local.clone()
+    }
+
+    /// Replaces the local bundle; handshakes that start afterwards use the new one.
+    pub fn store(&self, bundle: TrustBundle) {
+        self.replace(|set| BundleSet {
+            local: Arc::new(bundle),
+            federated: set.federated.clone(),
+        });
+    }
+
+    /// The bundle that speaks for `trust_domain`: the local one or a federated one.
+    pub fn for_trust_domain(&self, trust_domain: &TrustDomain) -> Option<Arc<TrustBundle>> {
+        let set = self.set();
+        if set.local.trust_domain() == trust_domain {
+            return Some(set.local.clone());
+        }
+        set.federated.get(trust_domain).cloned()
+    }
+
+    /// The federated bundles, by trust domain.
+    pub fn federated(&self) -> Vec<Arc<TrustBundle>> {
+        self.set().federated.values().cloned().collect()
+    }
+
+    /// Replaces the whole set of federated bundles (a trust domain left out is no longer
+    /// trusted). A bundle for the local trust domain, or two for one trust domain, is refused
+    /// and nothing changes: only the local controller speaks for the local trust domain.
+    pub fn store_federated(
+        &self,
+        bundles: impl IntoIterator<Item = TrustBundle>,
+    ) -> Result<(), BundleError> {
+        let local = self.load();
+        let mut federated = BTreeMap::new();
+        for bundle in bundles {
+            let td = bundle.trust_domain().clone();
+            if &td == local.trust_domain() {
+                return Err(BundleError::FederatedLocal(td.to_string()));
+            }
+            if federated.insert(td.clone(), Arc::new(bundle)).is_some() {
+                return Err(BundleError::FederatedTwice(td.to_string()));
+            }
+        }
+        self.replace(|set| BundleSet {
+            local: set.local.clone(),
+            federated,
+        });
+        Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! rustls verifiers that authenticate peers by SPIFFE ID.
 //!
-//! A peer is accepted only if its chain verifies against the current [`SharedTrustBundle`] *and*
-//! its SPIFFE ID passes the caller's [`PeerCheck`]. DNS names play no part: the server name a
+//! A peer is accepted only if its chain verifies against the current [`SharedTrustBundle`] of
+//! the trust domain in its own SPIFFE ID (the local one or a federated one; a trust domain
+//! with no bundle is refused by name) *and* its SPIFFE ID passes the caller's [`PeerCheck`]. DNS names play no part: the server name a
 //! client dials is ignored in favour of the expected SPIFFE ID. After the handshake,
 //! [`peer_spiffe_id`] hands the verified ID back for authorization.
 
@@ -27,6 +28,19 @@ pub enum PeerCheck {
     Exact(SpiffeId),
     /// Any ID in this trust domain (an inbound listener; policy decides later).
     TrustDomain(TrustDomain),
+    /// Any ID whose chain verified: one of the local trust domain or of a federated one
+    /// (an inbound listener of a federated mesh; policy decides later).
+    AnyTrusted,
+}
+
+/// Why a peer was refused before its chain was looked at: nothing speaks for its trust domain.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "peer SPIFFE ID {presented}: trust domain {trust_domain} is not federated with this mesh (no trust bundle for it)"
+)]
+pub struct NotFederated {
+    presented: String,
+    trust_domain: String,
 }
 
 /// Why a peer's SPIFFE ID was refused after its chain verified.
@@ -44,6 +58,7 @@ impl PeerCheck {
         let ok = match self {
             PeerCheck::Exact(expected) => expected == id,
             PeerCheck::TrustDomain(td) => id.trust_domain() == td,
+            PeerCheck::AnyTrusted => true,
         };
         if ok {
             return Ok(());
@@ -53,6 +68,7 @@ impl PeerCheck {
             expected: match self {
                 PeerCheck::Exact(e) => e.to_string(),
                 PeerCheck::TrustDomain(td) => format!("any ID in {td}"),
+                PeerCheck::AnyTrusted => "any trusted ID".to_owned(),
             },
         })
     }
@@ -64,6 +80,10 @@ fn to_rustls(e: SvidError) -> rustls::Error {
         other => CertificateError::Other(OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(cert_error)
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 /// Shared core of the client and server verifiers.
@@ -85,13 +105,25 @@ impl SpiffeVerifier {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        let bundle = self.bundle.load();
-        let id = bundle
-            .verify_svid_chain(&chain, now, usage)
-            .map_err(to_rustls)?;
-        self.check.check(&id).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })
+        // The local bundle first (the common case: one parse of the leaf). A chain of another
+        // trust domain is verified against that trust domain's bundle only.
+        let id = match self.bundle.load().verify_svid_chain(&chain, now, usage) {
+            Err(SvidError::WrongTrustDomain { .. }) => {
+                let claimed = svid::parse_leaf(end_entity).map_err(to_rustls)?.spiffe_id;
+                let td = claimed.trust_domain();
+                let Some(bundle) = self.bundle.for_trust_domain(td) else {
+                    return Err(other(NotFederated {
+                        presented: claimed.to_string(),
+                        trust_domain: td.to_string(),
+                    }));
+                };
+                bundle
+                    .verify_svid_chain(&chain, now, usage)
+                    .map_err(to_rustls)?
+            }
+            verified => verified.map_err(to_rustls)?,
+        };
+        self.check.check(&id).map_err(other)
     }
 
     fn tls12(

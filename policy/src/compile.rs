@@ -11,12 +11,18 @@
 //! policies split by kind (DENY, ALLOW, AUDIT, dry run), and the index carries the policies'
 //! flattened encoding (`program`) that `eval` walks.
 //!
+//! An index is built for one trust domain, the one whose workloads it protects: unqualified
+//! namespaces and service accounts in its policies name that trust domain's (see
+//! [`crate::namespace`]).
+//!
 //! This module owns where a policy applies and a stable order between policies (by
 //! namespace, then name); it must not match rules (that is `eval`) nor validate (policies
 //! arrive validated).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
+
+use membrane_identity::spiffe_id::{DEFAULT_TRUST_DOMAIN, TrustDomain};
 
 use crate::hash::{FxBuildHasher, FxHasher};
 use crate::policy::{Action, Policy};
@@ -207,10 +213,30 @@ impl SelectorIndex {
 }
 
 impl PolicyIndex {
-    /// Indexes `policies`. `root_namespace` (normally `membrane-system`) holds the
-    /// mesh-wide policies. When two policies share a namespace and name, the one given last
-    /// is kept (an update replaces).
+    /// Indexes `policies` for the default trust domain (`cluster.local`); see
+    /// [`PolicyIndex::build_for`].
     pub fn build(policies: impl IntoIterator<Item = Policy>, root_namespace: &str) -> Self {
+        Self::build_in(policies, root_namespace, DEFAULT_TRUST_DOMAIN)
+    }
+
+    /// Indexes `policies` as evaluated in `trust_domain`, the local trust domain: the one
+    /// unqualified `namespaces`, `notNamespaces`, `source.namespace` and service accounts
+    /// refer to. `root_namespace` (normally `membrane-system`) holds the mesh-wide policies.
+    /// When two policies share a namespace and name, the one given last is kept (an update
+    /// replaces).
+    pub fn build_for(
+        policies: impl IntoIterator<Item = Policy>,
+        root_namespace: &str,
+        trust_domain: &TrustDomain,
+    ) -> Self {
+        Self::build_in(policies, root_namespace, trust_domain.as_str())
+    }
+
+    fn build_in(
+        policies: impl IntoIterator<Item = Policy>,
+        root_namespace: &str,
+        trust_domain: &str,
+    ) -> Self {
         // Stable sort, then keep the last of equal ids.
         let mut all: Vec<Policy> = policies.into_iter().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
@@ -252,7 +278,7 @@ impl PolicyIndex {
         Self {
             mesh: Lists::new(&mesh, &policies),
             mesh_selectors: SelectorIndex::build(mesh_selected, &policies),
-            program: Program::build(&policies),
+            program: Program::build(&policies, trust_domain),
             policies,
             namespaces,
             root_namespace: root_namespace.to_owned(),
@@ -291,6 +317,11 @@ impl PolicyIndex {
     /// The namespace whose unselective policies are mesh-wide.
     pub fn root_namespace(&self) -> &str {
         &self.root_namespace
+    }
+
+    /// The local trust domain the index was built for.
+    pub fn trust_domain(&self) -> &str {
+        self.program.local_trust_domain()
     }
 
     /// Number of policies.

@@ -10,7 +10,9 @@
 //! AUDIT rules were compiled to their L4 part (see [`crate::policy`]).
 //!
 //! This module owns the meaning of an absent attribute (a plaintext source has no
-//! principal, namespace or service account: positive fields fail, `not` fields hold) and
+//! principal, namespace or service account: positive fields fail, `not` fields hold; a
+//! source of a federated trust domain has no *local* service account, and its namespace
+//! matches only entries qualified with its trust domain — see [`crate::namespace`]) and
 //! must stay pure and cheap: no I/O, no locks, and no allocation unless an AUDIT or dry-run
 //! policy applies (or more than [`INLINE_PARTS`] selectors select the destination).
 
@@ -21,7 +23,10 @@ use std::net::IpAddr;
 use crate::compile::{Lists, PolicyIndex};
 use crate::gate;
 use crate::policy::{Action, Policy, PolicyRef};
-use crate::program::{Addr, CondCode, CondKey, Net, Pattern, Program, RuleCode, SourceCode, check};
+use crate::program::{
+    Addr, CondCode, CondKey, NamespaceCode, Net, Pattern, Program, RuleCode, SourceCode,
+    TrustDomainId, check,
+};
 
 /// The authenticated source of a connection.
 ///
@@ -30,7 +35,8 @@ use crate::program::{Addr, CondCode, CondKey, Net, Pattern, Program, RuleCode, S
 /// to skip rules that name other namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Source<'a> {
-    /// SPIFFE ID without the scheme: `cluster.local/ns/training/sa/trainer`.
+    /// SPIFFE ID without the scheme: `cluster.local/ns/training/sa/trainer`. Its first
+    /// segment is the source's trust domain.
     pub principal: &'a str,
     /// Namespace from the SPIFFE ID.
     pub namespace: &'a str,
@@ -39,6 +45,13 @@ pub struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
+    /// The trust domain: the principal up to its first `/`.
+    #[inline]
+    pub fn trust_domain(&self) -> &'a str {
+        let principal: &'a str = self.principal;
+        principal.split_once('/').map_or(principal, |(td, _)| td)
+    }
+
     /// The source of a verified workload identity. Its principal (the SPIFFE ID without the
     /// scheme) is written into `principal`, which the source borrows; namespace and service
     /// account are the identity's own, so they always agree with the principal.
@@ -227,17 +240,23 @@ pub fn decide(index: &PolicyIndex, req: &Request<'_>) -> Decision {
         "Source::namespace and service_account must be those of the principal: {:?}",
         req.source
     );
+    let prog = &index.program;
+    // The source's trust domain, numbered once; entries compare numbers.
+    let td = req.source.map(|s| prog.trust_domain_id(s.trust_domain()));
+    let local = td == Some(TrustDomainId::LOCAL);
     let attrs = Attrs {
         namespace_bits: req.source.map_or(0, |s| gate::bits(s.namespace)),
         principal: req.source.map(|s| s.principal),
-        namespace: req.source.map(|s| s.namespace),
-        service_account: req.source.map(|s| (s.namespace, s.service_account)),
+        namespace: req.source.zip(td).map(|(s, td)| (td, s.namespace)),
+        service_account: req
+            .source
+            .filter(|_| local)
+            .map(|s| (s.namespace, s.service_account)),
         source_ip: Addr::new(req.source_ip),
         remote_ip: Addr::new(req.remote_ip.unwrap_or(req.source_ip)),
         destination_ip: Addr::new(req.destination_ip),
         port: req.destination_port,
     };
-    let prog = &index.program;
 
     // The parts of the index that apply, in rank order.
     let mut parts = Parts::new();
@@ -372,7 +391,9 @@ struct Attrs<'a> {
     /// Bloom bits of the source namespace (see `gate`); 0 without a source identity.
     namespace_bits: u64,
     principal: Option<&'a str>,
-    namespace: Option<&'a str>,
+    /// The source's trust domain and namespace.
+    namespace: Option<(TrustDomainId, &'a str)>,
+    /// Only for a source of the local trust domain: service accounts name local ones.
     service_account: Option<(&'a str, &'a str)>,
     source_ip: Addr,
     remote_ip: Addr,
@@ -464,7 +485,12 @@ fn source_matches(prog: &Program, s: &SourceCode, a: &Attrs<'_>) -> bool {
     check(&prog.nets, s.ip_blocks, Some(a.source_ip), in_net)
         && check(&prog.nets, s.remote_ip_blocks, Some(a.remote_ip), in_net)
         && check(&prog.patterns, s.principals, a.principal, Pattern::matches)
-        && check(&prog.patterns, s.namespaces, a.namespace, Pattern::matches)
+        && check(
+            &prog.namespaces,
+            s.namespaces,
+            a.namespace,
+            NamespaceCode::matches,
+        )
         && check(
             &prog.accounts,
             s.service_accounts,
@@ -477,7 +503,7 @@ fn condition_matches(prog: &Program, c: &CondCode, a: &Attrs<'_>) -> bool {
     let l = c.list;
     match c.key {
         CondKey::SourcePrincipal => check(&prog.patterns, l, a.principal, Pattern::matches),
-        CondKey::SourceNamespace => check(&prog.patterns, l, a.namespace, Pattern::matches),
+        CondKey::SourceNamespace => check(&prog.namespaces, l, a.namespace, NamespaceCode::matches),
         CondKey::SourceServiceAccount => check(&prog.accounts, l, a.service_account, account),
         CondKey::SourceIp => check(&prog.nets, l, Some(a.source_ip), in_net),
         CondKey::DestinationIp => check(&prog.nets, l, Some(a.destination_ip), in_net),
@@ -496,112 +522,5 @@ fn account(sa: &(Pattern, Pattern), (ns, name): (&str, &str)) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Rule;
-
-    #[test]
-    fn source_from_principal() {
-        let s = Source::from_principal("spiffe://cluster.local/ns/a/sa/b").expect("valid");
-        assert_eq!(
-            (s.principal, s.namespace, s.service_account),
-            ("cluster.local/ns/a/sa/b", "a", "b")
-        );
-        assert_eq!(
-            Source::from_principal("td/ns/x/sa/y").map(|s| s.namespace),
-            Some("x")
-        );
-        for bad in [
-            "",
-            "td/ns/x",
-            "td/ns//sa/y",
-            "td/ns/x/sa/y/z",
-            "td/sa/x/ns/y",
-            "/ns/x/sa/y",
-        ] {
-            assert_eq!(Source::from_principal(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn names() {
-        assert_eq!(Verdict::Deny.to_string(), "DENY");
-        assert_eq!(
-            DecisionReason::NoAllowMatched.to_string(),
-            "no_allow_matched"
-        );
-        assert_eq!(DecisionReason::DeniedBy.as_str(), "denied_by_policy");
-        assert_eq!(DecisionReason::AllowedBy.as_str(), "allowed_by_policy");
-    }
-
-    /// More selector groups apply than `Parts` holds inline: the spill path gives the same
-    /// answer.
-    #[test]
-    fn many_selectors_select_one_workload() {
-        let keys = ["a", "b", "c", "d", "e"];
-        let labels: BTreeMap<String, String> =
-            keys.iter().map(|k| ((*k).into(), "1".into())).collect();
-        // Every non-empty subset of the labels is a distinct selector: 31 groups.
-        let mut policies = Vec::new();
-        for mask in 1u32..32 {
-            let selector = keys
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0)
-                .map(|(_, k)| ((*k).into(), "1".into()))
-                .collect();
-            let action = match mask {
-                31 => Action::Deny,
-                7 => Action::Audit,
-                _ => Action::Allow,
-            };
-            policies.push(Policy {
-                id: PolicyRef::new("ns", &format!("p{mask:02}")),
-                selector,
-                action,
-                rules: vec![Rule::default()],
-                dry_run: mask == 3,
-            });
-        }
-        let index = PolicyIndex::build(policies, "membrane-system");
-        assert_eq!(index.policies_for("ns", &labels).count(), 31);
-        let req = Request {
-            source: None,
-            source_ip: IpAddr::from([10, 0, 0, 1]),
-            remote_ip: None,
-            destination_namespace: "ns",
-            destination_labels: &labels,
-            destination_ip: IpAddr::from([10, 0, 0, 2]),
-            destination_port: 80,
-        };
-        let d = decide(&index, &req);
-        assert_eq!(d.verdict, Verdict::Deny);
-        assert_eq!(d.policy.map(|p| p.to_string()).as_deref(), Some("ns/p31"));
-        assert_eq!(d.audit.len(), 1);
-        assert_eq!(d.dry_run.len(), 1);
-        assert!(d.dry_run[0].would_match);
-        assert_eq!(d.dry_run[0].action, Action::Allow);
-    }
-
-    #[test]
-    fn a_verified_identity_is_the_source_its_principal_names() {
-        let identity: membrane_identity::WorkloadIdentity =
-            "spiffe://cluster.local/ns/training/sa/trainer"
-                .parse()
-                .expect("identity");
-        let mut principal = String::from("left over");
-        let source = Source::from_identity(&identity, &mut principal);
-        assert_eq!(
-            source,
-            Source {
-                principal: "cluster.local/ns/training/sa/trainer",
-                namespace: "training",
-                service_account: "trainer",
-            }
-        );
-        assert_eq!(
-            Source::from_principal("spiffe://cluster.local/ns/training/sa/trainer"),
-            Some(source)
-        );
-    }
-}
+#[path = "eval_tests.rs"]
+mod tests;

@@ -18,6 +18,7 @@ use std::hash::Hasher;
 
 use crate::hash::FxHasher;
 use crate::matcher::{ServiceAccountRef, StringMatch};
+use crate::namespace::NamespaceMatch;
 use crate::policy::{Condition, Constraint, Rule, SourceMatch};
 
 /// The Bloom bits of one namespace (two bits, from the well-mixed high bits; never zero).
@@ -107,8 +108,9 @@ fn principals(c: &Constraint<StringMatch>) -> u64 {
     set(&c.values, principal_namespace)
 }
 
-fn namespaces(c: &Constraint<StringMatch>) -> u64 {
-    set(&c.values, |m| match m {
+/// A namespace entry pins its namespace part, whatever trust domain it names.
+fn namespaces(c: &Constraint<NamespaceMatch>) -> u64 {
+    set(&c.values, |m| match &m.namespace {
         StringMatch::Exact(ns) => Some(ns),
         _ => None,
     })
@@ -197,7 +199,7 @@ mod tests {
                     not_values: vec![],
                 }),
                 Condition::SourceNamespace(Constraint {
-                    values: vec![StringMatch::Exact("c".into())],
+                    values: vec![NamespaceMatch::local(StringMatch::Exact("c".into()))],
                     not_values: vec![],
                 }),
             ],

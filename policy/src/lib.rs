@@ -8,7 +8,8 @@
 //! controller ships compiled policy and the ztunnel never parses YAML.
 //!
 //! Modules: `model` (document shape), `validate` and `diagnostics` (errors and warnings with
-//! field paths), `matcher` (one value's syntax and matching), `policy` (the validated form),
+//! field paths), `matcher` (one value's syntax and matching), `namespace` (source
+//! namespaces across trust domains), `policy` (the validated form),
 //! `compile` (the index by scope), `eval` (the decision), `wire` (proto conversions),
 //! `plaintext` (which identity-less sources a namespace admits); private: `program` (the
 //! flattened encoding `decide` walks), `gate` (per-rule source-namespace filters) and `hash`
@@ -29,6 +30,7 @@ pub mod gateway;
 mod hash;
 pub mod matcher;
 pub mod model;
+pub mod namespace;
 pub mod plaintext;
 pub mod policy;
 mod program;
@@ -41,6 +43,7 @@ pub use eval::{
     Decision, DecisionReason, DryRunMatch, Request, RuleMatch, Source, Verdict, decide,
 };
 pub use matcher::{IpNet, ServiceAccountRef, StringMatch};
+pub use namespace::{NamespaceMatch, TrustDomainMatch};
 pub use plaintext::{PLAINTEXT_ANNOTATION, PlaintextMode};
 pub use policy::{
     Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,

@@ -16,6 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch};
+use crate::namespace::NamespaceMatch;
 
 /// Names a policy: namespace and name. Cheap to clone (two reference counts).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -176,9 +177,10 @@ impl<T> Constraint<T> {
 pub struct SourceMatch {
     /// `principals` / `notPrincipals`, without the `spiffe://` scheme.
     pub principals: Constraint<StringMatch>,
-    /// `namespaces` / `notNamespaces`.
-    pub namespaces: Constraint<StringMatch>,
-    /// `serviceAccounts` / `notServiceAccounts`.
+    /// `namespaces` / `notNamespaces`: unqualified entries name the local trust domain's
+    /// namespaces (see [`crate::namespace`]).
+    pub namespaces: Constraint<NamespaceMatch>,
+    /// `serviceAccounts` / `notServiceAccounts`: accounts of the local trust domain.
     pub service_accounts: Constraint<ServiceAccountRef>,
     /// `ipBlocks` / `notIpBlocks`: the peer's address.
     pub ip_blocks: Constraint<IpNet>,
@@ -199,9 +201,9 @@ pub struct OperationMatch {
 pub enum Condition {
     /// `source.principal` (principal patterns, no scheme).
     SourcePrincipal(Constraint<StringMatch>),
-    /// `source.namespace`.
-    SourceNamespace(Constraint<StringMatch>),
-    /// `source.serviceAccount` (`ns/sa`).
+    /// `source.namespace` (as `namespaces`).
+    SourceNamespace(Constraint<NamespaceMatch>),
+    /// `source.serviceAccount` (`ns/sa`, local trust domain).
     SourceServiceAccount(Constraint<ServiceAccountRef>),
     /// `source.ip` (CIDR or address).
     SourceIp(Constraint<IpNet>),

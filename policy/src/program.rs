@@ -12,6 +12,7 @@ use std::net::IpAddr;
 
 use crate::gate;
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch};
+use crate::namespace::{NamespaceMatch, TrustDomainMatch};
 use crate::policy::{Action, Condition, Constraint, Policy};
 
 /// `start..end` in one of the [`Program`] arrays.
@@ -62,7 +63,7 @@ pub(crate) struct RuleCode {
 pub(crate) struct SourceCode {
     /// Into `patterns`.
     pub(crate) principals: List,
-    /// Into `patterns`.
+    /// Into `namespaces`.
     pub(crate) namespaces: List,
     /// Into `accounts`.
     pub(crate) service_accounts: List,
@@ -146,6 +147,48 @@ impl Pattern {
     }
 }
 
+/// A trust domain as the program numbers it: [`TrustDomainId::LOCAL`] for the index's own,
+/// one number per trust domain a qualified namespace entry names, [`TrustDomainId::OTHER`]
+/// for a source from any other, [`TrustDomainId::ANY`] for an entry that covers them all.
+/// A source's trust domain is looked up once per decision; entries then compare integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TrustDomainId(u32);
+
+impl TrustDomainId {
+    pub(crate) const LOCAL: Self = Self(0);
+    /// A source trust domain no entry names (and not the local one).
+    pub(crate) const OTHER: Self = Self(u32::MAX - 1);
+    /// An entry's `*/…`: never a source's.
+    const ANY: Self = Self(u32::MAX);
+    /// An entry whose trust domain could not be numbered: matches no source.
+    const NEVER: Self = Self(u32::MAX - 2);
+
+    /// The id at position `i` of [`Program::trust_domains`], or `beyond` if it has none.
+    fn at(i: usize, beyond: Self) -> Self {
+        u32::try_from(i)
+            .ok()
+            .filter(|&i| i < Self::NEVER.0)
+            .map_or(beyond, Self)
+    }
+}
+
+/// A [`NamespaceMatch`] encoded: the trust domain as a number, the namespace as a pattern.
+#[derive(Debug, Clone)]
+pub(crate) struct NamespaceCode {
+    trust_domain: TrustDomainId,
+    namespace: Pattern,
+}
+
+impl NamespaceCode {
+    /// Whether a source from `namespace` of trust domain `td` (from
+    /// [`Program::trust_domain_id`]) matches.
+    #[inline(always)]
+    pub(crate) fn matches(&self, (td, namespace): (TrustDomainId, &str)) -> bool {
+        (self.trust_domain == td || self.trust_domain == TrustDomainId::ANY)
+            && self.namespace.matches(namespace)
+    }
+}
+
 /// An address as one integer: IPv4 in the low 32 bits, with the family alongside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Addr {
@@ -215,6 +258,11 @@ pub(crate) struct Program {
     pub(crate) operations: Vec<List>,
     pub(crate) conditions: Vec<CondCode>,
     pub(crate) patterns: Vec<Pattern>,
+    /// Source-namespace entries (`namespaces`, `source.namespace`).
+    pub(crate) namespaces: Vec<NamespaceCode>,
+    /// Trust domains by [`TrustDomainId`]: the local one first, then those that qualified
+    /// namespace entries name.
+    trust_domains: Vec<Box<str>>,
     /// (namespace, service account), both exact.
     pub(crate) accounts: Vec<(Pattern, Pattern)>,
     pub(crate) nets: Vec<Net>,
@@ -237,9 +285,12 @@ fn push_all<T, U>(out: &mut Vec<U>, items: &[T], f: impl Fn(&T) -> U) -> Span {
 }
 
 impl Program {
-    /// Encodes `policies`, in order.
-    pub(crate) fn build(policies: &[Policy]) -> Self {
-        let mut p = Program::default();
+    /// Encodes `policies`, in order, as evaluated in `trust_domain`.
+    pub(crate) fn build(policies: &[Policy], trust_domain: &str) -> Self {
+        let mut p = Program {
+            trust_domains: vec![trust_domain.into()],
+            ..Program::default()
+        };
         for policy in policies {
             let start = bound(p.rules.len());
             let mut gates = Vec::with_capacity(policy.rules.len());
@@ -251,7 +302,7 @@ impl Program {
                 for s in &rule.from {
                     let code = SourceCode {
                         principals: p.strings(&s.principals),
-                        namespaces: p.strings(&s.namespaces),
+                        namespaces: p.namespaces(&s.namespaces),
                         service_accounts: p.accounts(&s.service_accounts),
                         ip_blocks: p.nets(&s.ip_blocks),
                         remote_ip_blocks: p.nets(&s.remote_ip_blocks),
@@ -273,7 +324,9 @@ impl Program {
                 for c in &rule.when {
                     let code = match c {
                         Condition::SourcePrincipal(m) => (CondKey::SourcePrincipal, p.strings(m)),
-                        Condition::SourceNamespace(m) => (CondKey::SourceNamespace, p.strings(m)),
+                        Condition::SourceNamespace(m) => {
+                            (CondKey::SourceNamespace, p.namespaces(m))
+                        }
                         Condition::SourceServiceAccount(m) => {
                             (CondKey::SourceServiceAccount, p.accounts(m))
                         }
@@ -313,6 +366,61 @@ impl Program {
             values: push_all(&mut self.patterns, &c.values, Pattern::new),
             not_values: push_all(&mut self.patterns, &c.not_values, Pattern::new),
         }
+    }
+
+    fn namespaces(&mut self, c: &Constraint<NamespaceMatch>) -> List {
+        List {
+            values: self.push_namespaces(&c.values),
+            not_values: self.push_namespaces(&c.not_values),
+        }
+    }
+
+    fn push_namespaces(&mut self, items: &[NamespaceMatch]) -> Span {
+        let start = bound(self.namespaces.len());
+        for m in items {
+            let trust_domain = match &m.trust_domain {
+                TrustDomainMatch::Local => TrustDomainId::LOCAL,
+                TrustDomainMatch::Any => TrustDomainId::ANY,
+                TrustDomainMatch::Named(td) => self.intern(td),
+            };
+            self.namespaces.push(NamespaceCode {
+                trust_domain,
+                namespace: Pattern::new(&m.namespace),
+            });
+        }
+        Span {
+            start,
+            end: bound(self.namespaces.len()),
+        }
+    }
+
+    /// The number of a trust domain a qualified entry names (the local one is 0).
+    fn intern(&mut self, td: &str) -> TrustDomainId {
+        let i = match self.trust_domains.iter().position(|t| **t == *td) {
+            Some(i) => i,
+            None => {
+                self.trust_domains.push(td.into());
+                self.trust_domains.len() - 1
+            }
+        };
+        TrustDomainId::at(i, TrustDomainId::NEVER)
+    }
+
+    /// The number of a source's trust domain: one comparison per trust domain the policies
+    /// name (usually one or two), once per decision.
+    #[inline]
+    pub(crate) fn trust_domain_id(&self, td: &str) -> TrustDomainId {
+        match self.trust_domains.iter().position(|t| **t == *td) {
+            Some(i) => TrustDomainId::at(i, TrustDomainId::OTHER),
+            None => TrustDomainId::OTHER,
+        }
+    }
+
+    /// The trust domain the program was built for.
+    pub(crate) fn local_trust_domain(&self) -> &str {
+        self.trust_domains
+            .first()
+            .map_or(membrane_identity::spiffe_id::DEFAULT_TRUST_DOMAIN, |t| t)
     }
 
     fn accounts(&mut self, c: &Constraint<ServiceAccountRef>) -> List {

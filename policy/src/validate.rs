@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::diagnostics::{PolicyError, Problem, Warning, WarningKind};
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch, parse_port};
 use crate::model::{self, API_VERSIONS, AuthorizationPolicy, KIND};
+use crate::namespace::NamespaceMatch;
 use crate::policy::{
     Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,
 };
@@ -583,9 +584,9 @@ impl Checker<'_> {
         })
     }
 
-    fn namespaces(&mut self, path: &str, field: &str, items: &[String]) -> Vec<StringMatch> {
+    fn namespaces(&mut self, path: &str, field: &str, items: &[String]) -> Vec<NamespaceMatch> {
         self.each(path, field, items, |_, _, raw| {
-            StringMatch::namespace(raw).map_err(|reason| Problem::BadNamespace {
+            NamespaceMatch::parse(raw).map_err(|reason| Problem::BadNamespace {
                 value: raw.to_owned(),
                 reason,
             })

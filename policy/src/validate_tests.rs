@@ -67,7 +67,9 @@ fn full_policy_compiles() {
     );
     assert_eq!(
         src.namespaces.not_values,
-        [StringMatch::Exact("kube-system".into())]
+        [NamespaceMatch::local(StringMatch::Exact(
+            "kube-system".into()
+        ))]
     );
     assert_eq!(src.service_accounts.values[0].to_string(), "a/b");
     assert_eq!(src.ip_blocks.values.len(), 2);

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use membrane_proto::v1::{self as pb, authorization, condition};
 
 use crate::matcher::{IpNet, ServiceAccountRef, StringMatch, parse_port};
+use crate::namespace::NamespaceMatch;
 use crate::policy::{
     Action, Condition, Constraint, OperationMatch, Policy, PolicyRef, Rule, SourceMatch,
 };
@@ -166,7 +167,7 @@ impl TryFrom<pb::Authorization> for Policy {
                     namespaces: ctx.constraint(
                         &at(format!("from[{j}].namespaces")),
                         s.namespaces.as_ref(),
-                        StringMatch::namespace,
+                        NamespaceMatch::parse,
                     )?,
                     service_accounts: ctx.constraint(
                         &at(format!("from[{j}].service_accounts")),
@@ -202,7 +203,7 @@ impl TryFrom<pb::Authorization> for Policy {
                 let p = format!("{path}.values");
                 when.push(match condition::Key::try_from(c.key) {
                     Ok(condition::Key::SourcePrincipal) => Condition::SourcePrincipal(ctx.constraint(&p, v, StringMatch::principal)?),
-                    Ok(condition::Key::SourceNamespace) => Condition::SourceNamespace(ctx.constraint(&p, v, StringMatch::namespace)?),
+                    Ok(condition::Key::SourceNamespace) => Condition::SourceNamespace(ctx.constraint(&p, v, NamespaceMatch::parse)?),
                     Ok(condition::Key::SourceServiceAccount) => Condition::SourceServiceAccount(ctx.constraint(&p, v, sa)?),
                     Ok(condition::Key::SourceIp) => Condition::SourceIp(ctx.constraint(&p, v, net)?),
                     Ok(condition::Key::DestinationIp) => Condition::DestinationIp(ctx.constraint(&p, v, net)?),
@@ -243,14 +244,15 @@ spec:
   - from:
     - source:
         principals: ["cluster.local/ns/training/sa/trainer", "cluster.local/ns/data/*", "*"]
-        notNamespaces: ["untrusted", "dev-*"]
+        namespaces: ["training", "cluster-b.example/*", "*/data"]
+        notNamespaces: ["untrusted", "dev-*", "cluster-b.example/kube-system"]
         serviceAccounts: ["training/trainer"]
         ipBlocks: ["10.0.0.0/8", "2001:db8::/32"]
     to: [{operation: {ports: ["8080"], notPorts: ["9090"]}}]
     when:
     - {key: source.ip, values: ["192.168.0.0/16"]}
     - {key: destination.port, notValues: ["22"]}
-    - {key: source.namespace, values: ["*-prod"]}
+    - {key: source.namespace, values: ["*-prod", "cluster-b.example/*-prod"]}
   - to: [{operation: {methods: ["GET"]}}]
 ---
 apiVersion: security.membrane.dev/v1

@@ -9,15 +9,17 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use membrane_policy::{
-    Action, Condition, Constraint, Decision, DecisionReason, IpNet, OperationMatch, Policy,
-    PolicyIndex, PolicyRef, Request, Rule, ServiceAccountRef, Source, SourceMatch, StringMatch,
-    Verdict, decide,
+    Action, Condition, Constraint, Decision, DecisionReason, IpNet, NamespaceMatch, OperationMatch,
+    Policy, PolicyIndex, PolicyRef, Request, Rule, ServiceAccountRef, Source, SourceMatch,
+    StringMatch, Verdict, decide,
 };
 
 const ROOT: &str = "membrane-system";
 const NAMESPACES: [&str; 4] = [ROOT, "a", "b", "c"];
 const LABEL_KEYS: [&str; 3] = ["app", "tier", "v"];
 const LABEL_VALUES: [&str; 3] = ["x", "y", "z"];
+/// Trust domains of sources; rounds alternate which one is local.
+const TRUST_DOMAINS: [&str; 3] = ["cluster.local", "cluster-b.example", "cluster-c.example"];
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
@@ -51,8 +53,18 @@ fn labels(rng: &mut Rng, max: usize) -> BTreeMap<String, String> {
     out
 }
 
-fn principal(ns: &str, sa: &str) -> String {
-    format!("cluster.local/ns/{ns}/sa/{sa}")
+fn principal(td: &str, ns: &str, sa: &str) -> String {
+    format!("{td}/ns/{ns}/sa/{sa}")
+}
+
+/// A namespace entry for `ns`: unqualified, or qualified by a trust domain or by `*`.
+fn namespace(rng: &mut Rng, ns: &str) -> NamespaceMatch {
+    let raw = match rng.below(4) {
+        0 | 1 => ns.to_owned(),
+        2 => format!("{}/{ns}", rng.pick(&TRUST_DOMAINS[..2])),
+        _ => format!("*/{ns}"),
+    };
+    NamespaceMatch::parse(&raw).expect("namespace")
 }
 
 fn rule(rng: &mut Rng) -> Rule {
@@ -62,14 +74,16 @@ fn rule(rng: &mut Rng) -> Rule {
         let ns = rng.pick(&NAMESPACES[1..]);
         for _ in 0..=rng.below(2) {
             match rng.below(8) {
-                0 => s
-                    .principals
-                    .values
-                    .push(StringMatch::Exact(principal(ns, "s1").into())),
+                0 => {
+                    let td = rng.pick(&TRUST_DOMAINS[..2]);
+                    s.principals
+                        .values
+                        .push(StringMatch::Exact(principal(td, ns, "s1").into()))
+                }
                 1 => s.principals.not_values.push(StringMatch::Any),
-                2 => s.namespaces.values.push(StringMatch::Exact(ns.into())),
+                2 => s.namespaces.values.push(namespace(rng, ns)),
                 3 => s.principals.values.push(StringMatch::Prefix(
-                    format!("cluster.local/ns/{ns}/").into(),
+                    format!("{}/ns/{ns}/", rng.pick(&TRUST_DOMAINS[..2])).into(),
                 )),
                 4 => s
                     .principals
@@ -79,7 +93,7 @@ fn rule(rng: &mut Rng) -> Rule {
                     .service_accounts
                     .values
                     .push(format!("{ns}/s1").parse().expect("account")),
-                6 => s.namespaces.not_values.push(StringMatch::Exact(ns.into())),
+                6 => s.namespaces.not_values.push(namespace(rng, ns)),
                 _ => s
                     .ip_blocks
                     .values
@@ -97,7 +111,7 @@ fn rule(rng: &mut Rng) -> Rule {
         let ns = rng.pick(&NAMESPACES[1..]);
         r.when.push(if rng.chance(50) {
             Condition::SourceNamespace(Constraint {
-                values: vec![StringMatch::Exact(ns.into())],
+                values: vec![namespace(rng, ns)],
                 not_values: vec![],
             })
         } else {
@@ -147,21 +161,24 @@ fn list_ok<T>(c: &Constraint<T>, attr: Option<&dyn Fn(&T) -> bool>) -> bool {
     pos && neg
 }
 
-fn reference_rule(p: &Policy, r: &Rule, req: &Request<'_>) -> bool {
+fn reference_rule(p: &Policy, r: &Rule, req: &Request<'_>, local: &str) -> bool {
     if p.action == Action::Allow && r.has_l7 {
         return false;
     }
     let src = req.source;
     let principal = src.map(|s| s.principal);
-    let ns = src.map(|s| s.namespace);
-    let account = src.map(|s| (s.namespace, s.service_account));
+    let ns = src.map(|s| (s.trust_domain(), s.namespace));
+    // Service accounts name the local trust domain's.
+    let account = src
+        .filter(|s| s.trust_domain() == local)
+        .map(|s| (s.namespace, s.service_account));
     let ip = req.source_ip.to_canonical();
     let by_principal = |m: &StringMatch| principal.is_some_and(|v| m.matches(v));
-    let by_ns = |m: &StringMatch| ns.is_some_and(|v| m.matches(v));
+    let by_ns = |m: &NamespaceMatch| ns.is_some_and(|(td, n)| m.matches(local, td, n));
     let by_account = |sa: &ServiceAccountRef| account.is_some_and(|(n, a)| sa.matches(n, a));
     let by_ip = |n: &IpNet| n.contains(ip);
     let principal_f = principal.map(|_| &by_principal as &dyn Fn(&StringMatch) -> bool);
-    let ns_f = ns.map(|_| &by_ns as &dyn Fn(&StringMatch) -> bool);
+    let ns_f = ns.map(|_| &by_ns as &dyn Fn(&NamespaceMatch) -> bool);
     let account_f = account.map(|_| &by_account as &dyn Fn(&ServiceAccountRef) -> bool);
     let from_ok = r.from.is_empty()
         || r.from.iter().any(|s| {
@@ -183,6 +200,7 @@ fn reference_rule(p: &Policy, r: &Rule, req: &Request<'_>) -> bool {
 fn reference(
     policies: &[Policy],
     req: &Request<'_>,
+    local: &str,
 ) -> (
     Verdict,
     DecisionReason,
@@ -198,7 +216,11 @@ fn reference(
         })
         .collect();
     applicable.sort_by_key(|(r, i, _)| (*r, *i));
-    let first = |p: &Policy| p.rules.iter().position(|r| reference_rule(p, r, req));
+    let first = |p: &Policy| {
+        p.rules
+            .iter()
+            .position(|r| reference_rule(p, r, req, local))
+    };
     let enforced = || applicable.iter().filter(|(_, _, p)| !p.dry_run);
     let find = |action| {
         enforced()
@@ -278,12 +300,14 @@ fn index_agrees_with_a_full_scan() {
     let mut compared = 0;
     for round in 0..60 {
         let policies: Vec<Policy> = (0..rng.below(80)).map(|i| policy(&mut rng, i)).collect();
-        let index = PolicyIndex::build(policies, ROOT);
+        let local = TRUST_DOMAINS[round % 2];
+        let td = membrane_identity::spiffe_id::parse_trust_domain(local).expect("td");
+        let index = PolicyIndex::build_for(policies, ROOT, &td);
         for _ in 0..200 {
             let ns = rng.pick(&NAMESPACES);
             let dest_labels = labels(&mut rng, 3);
             let src_ns = rng.pick(&NAMESPACES[1..]);
-            let p = principal(src_ns, ["s1", "s2"][rng.below(2)]);
+            let p = principal(rng.pick(&TRUST_DOMAINS), src_ns, ["s1", "s2"][rng.below(2)]);
             let sa = if p.ends_with("s1") { "s1" } else { "s2" };
             let ip: IpAddr = if rng.chance(50) {
                 "10.1.2.3"
@@ -306,7 +330,7 @@ fn index_agrees_with_a_full_scan() {
                 destination_port: [80, 8080, 9090][rng.below(3)],
             };
             let got = summary(&decide(&index, &req));
-            let want = reference(index.policies(), &req);
+            let want = reference(index.policies(), &req, local);
             assert_eq!(got, want, "round {round}: {ns} {dest_labels:?}");
             // `policies_for` yields exactly the applicable policies.
             let mut via_index: Vec<String> = index

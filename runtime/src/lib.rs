@@ -80,42 +80,77 @@ pub async fn serve_http(
     cancel: CancellationToken,
 ) {
     let name = listener.name();
-    let metrics = listener.metrics().clone();
-    let idle_expired = metrics.timeout_counter(name, listener::TimeoutStage::Idle);
     loop {
         let (stream, peer, admission) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let route = route.clone();
-        let conn_cancel = cancel.clone();
-        let metrics = metrics.clone();
-        let stream = idle::IdleTimeout::new(stream, timeouts.idle, true, idle_expired.clone());
+        let conn = HttpConnection {
+            listener: name,
+            peer,
+            metrics: listener.metrics().clone(),
+        };
+        let (route, cancel) = (route.clone(), cancel.clone());
         tokio::spawn(async move {
             let _admission = admission;
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let reply = if req.method() == http::Method::GET {
-                        route(req.uri().path())
-                    } else {
-                        Reply::text(http::StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
-                    };
-                    async move { Ok::<_, std::convert::Infallible>(to_response(reply)) }
-                });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeouts.header)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn_cancel.cancelled() => {}
-                result = conn => if let Err(e) = result {
-                    if e.is_timeout() {
-                        metrics.timed_out(name, listener::TimeoutStage::Header);
-                    }
-                    tracing::debug!(listener = name, %peer, error = %e, "HTTP connection ended with an error");
-                },
-            }
+            conn.serve(stream, route, timeouts, cancel).await;
         });
+    }
+}
+
+/// One accepted connection of an HTTP listener, for servers that do more than
+/// [`serve_http`] before HTTP starts (a TLS handshake).
+#[derive(Debug, Clone)]
+pub struct HttpConnection {
+    /// The listener's name in metrics and logs.
+    pub listener: &'static str,
+    /// The peer's address.
+    pub peer: std::net::SocketAddr,
+    /// The listener's metrics.
+    pub metrics: listener::ListenerMetrics,
+}
+
+impl HttpConnection {
+    /// Serves `route` (GET only, HTTP/1.1) on `io` until the peer closes, a timeout of
+    /// `timeouts` expires or `cancel` fires.
+    pub async fn serve<IO>(
+        self,
+        io: IO,
+        route: Route,
+        timeouts: HttpTimeouts,
+        cancel: CancellationToken,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            listener: name,
+            peer,
+            metrics,
+        } = self;
+        let idle_expired = metrics.timeout_counter(name, listener::TimeoutStage::Idle);
+        let stream = idle::IdleTimeout::new(io, timeouts.idle, true, idle_expired);
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let reply = if req.method() == http::Method::GET {
+                    route(req.uri().path())
+                } else {
+                    Reply::text(http::StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
+                };
+                async move { Ok::<_, std::convert::Infallible>(to_response(reply)) }
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(timeouts.header)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            result = conn => if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.timed_out(name, listener::TimeoutStage::Header);
+                }
+                tracing::debug!(listener = name, %peer, error = %e, "HTTP connection ended with an error");
+            },
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub struct TestCa {
     pub dir: tempfile::TempDir,
     running: Option<Running>,
     paused: Option<(SocketAddr, SocketAddr)>,
+    /// While paused: sockets bound (not listening) to its addresses, so no other test's
+    /// listener takes a freed port before [`TestCa::resume`] binds it again.
+    held: Vec<socket2::Socket>,
     signer: SignerConfig,
     listeners: ListenerConfig,
     rotation_ack_timeout: Duration,
@@ -62,6 +65,7 @@ impl TestCa {
             dir,
             running: Some(running),
             paused: None,
+            held: Vec::new(),
             signer: config_signer,
             listeners,
             rotation_ack_timeout,
@@ -88,6 +92,7 @@ impl TestCa {
             root_namespace: "membrane-system".to_owned(),
             signer: SignerConfig::default(),
             listeners: Default::default(),
+            federation: Default::default(),
         }
     }
 
@@ -101,6 +106,11 @@ impl TestCa {
             (None, Some((grpc, _))) => format!("https://{grpc}"),
             _ => format!("https://{}", self.running().grpc_addr()),
         }
+    }
+
+    /// The SPIFFE bundle endpoint's address, when it is served.
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.running().bundle_endpoint_addr()
     }
 
     /// The metrics/readiness address.
@@ -187,6 +197,10 @@ impl TestCa {
         let addrs = (running.grpc_addr(), running.metrics_addr());
         running.shutdown().await;
         self.paused = Some(addrs);
+        self.held = [addrs.0, addrs.1]
+            .into_iter()
+            .filter_map(|addr| hold(addr).ok())
+            .collect();
         Some(addrs)
     }
 
@@ -214,6 +228,7 @@ impl TestCa {
                 Err(e) => return Err(e.into()),
             }
         };
+        self.held.clear();
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         self.running = Some(running);
         Ok(())
@@ -252,6 +267,9 @@ pub struct TestCaBuilder {
     listeners: Option<ListenerConfig>,
     rotation_ack_timeout: Option<Duration>,
     root_namespace: Option<String>,
+    plugin_ca: Option<PathBuf>,
+    trust_domain: Option<String>,
+    bundle_endpoint: Option<Duration>,
 }
 
 impl TestCaBuilder {
@@ -298,6 +316,24 @@ impl TestCaBuilder {
         self
     }
 
+    /// Signs with the operator CA in `dir` (plug-in layout) instead of a generated root.
+    pub fn plugin_ca(mut self, dir: PathBuf) -> Self {
+        self.plugin_ca = Some(dir);
+        self
+    }
+
+    /// Issues identities of `trust_domain` instead of `cluster.local`.
+    pub fn trust_domain(mut self, trust_domain: &str) -> Self {
+        self.trust_domain = Some(trust_domain.to_owned());
+        self
+    }
+
+    /// Serves the SPIFFE bundle endpoint on a free loopback port with `refresh_hint`.
+    pub fn bundle_endpoint(mut self, refresh_hint: Duration) -> Self {
+        self.bundle_endpoint = Some(refresh_hint);
+        self
+    }
+
     /// Writes the files and starts the controller; returns once it is ready.
     pub async fn start(self) -> anyhow::Result<TestCa> {
         let dir = tempfile::tempdir()?;
@@ -313,7 +349,7 @@ impl TestCaBuilder {
             None => format!("node-a {NODE_A_TOKEN}\nnode-b {NODE_B_TOKEN}\n"),
         };
         std::fs::write(dir.path().join("tokens"), tokens)?;
-        let mut config = TestCa::config(dir.path(), None);
+        let mut config = TestCa::config(dir.path(), self.plugin_ca);
         config.signer = self.signer;
         if let Some(listeners) = self.listeners {
             config.listeners = listeners;
@@ -324,6 +360,37 @@ impl TestCaBuilder {
         if let Some(namespace) = self.root_namespace {
             config.root_namespace = namespace;
         }
+        if let Some(td) = &self.trust_domain {
+            config.trust_domain = membrane_identity::spiffe_id::parse_trust_domain(td)?;
+        }
+        if let Some(refresh_hint) = self.bundle_endpoint {
+            config.federation = membrane_ca::app::FederationConfig {
+                bundle_endpoint: Some("127.0.0.1:0".parse()?),
+                refresh_hint,
+            };
+        }
         TestCa::run_config(dir, config).await
     }
+}
+
+/// A socket bound to `addr` with `SO_REUSEADDR` and never listening: the kernel gives the
+/// port to no one else, and a listener with `SO_REUSEADDR` (tokio's default) may still bind it.
+fn hold(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    // The old listener's port may linger a moment after shutdown.
+    for _ in 0..50 {
+        match socket.bind(&addr.into()) {
+            Ok(()) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    socket.bind(&addr.into()).map(|()| socket)
 }

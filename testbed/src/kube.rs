@@ -421,6 +421,8 @@ pub async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
         &KubeConfigOptions::default(),
     )
     .await?;
+    // Fixes the TLS provider (and rustls' process default) before the client builds its TLS.
+    membrane_identity::key_exchange();
     Ok(kube::Client::try_from(config)?)
 }
 

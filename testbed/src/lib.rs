@@ -5,14 +5,16 @@
 //! capture on the fabric), the controller it runs ([`TestCa`]: the real `membrane_ca::app` on
 //! a loopback port with its own temporary state, manifest directory and token file) and the
 //! mesh of real `ztunnel` processes ([`mesh`]), and the simulated outside world the mesh's
-//! pods reach ([`world`]: a resolver and servers for a few names). Dropping a testbed removes
-//! every namespace, process and directory it created.
+//! pods reach ([`world`]: a resolver and servers for a few names), and Istio's ztunnel beside
+//! them when the user supplies one ([`istio`]). Dropping a testbed removes every namespace,
+//! process and directory it created.
 //!
 //! Must not: touch the host's own network namespace or any namespace it did not create, send
 //! traffic anywhere but loopback and its own namespaces, or carry test assertions and
 //! test-only helpers (those live in the `membrane-tests` harness, which builds on this crate).
 
 mod controller;
+pub mod istio;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
@@ -145,4 +147,17 @@ impl Pattern {
             chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
         }
     }
+}
+
+/// Waits for a child this process started to exit within `grace`, then kills and reaps it.
+pub fn reap(mut child: std::process::Child, grace: std::time::Duration) {
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -98,6 +98,9 @@ pub struct MeshSpec {
     /// Kubernetes namespaces in the mesh (labelled `membrane.dev/mesh=enabled`); pods of other
     /// namespaces are plain, non-mesh workloads.
     pub mesh_namespaces: Vec<String>,
+    /// Namespaces of another data plane's pods that speak HBONE themselves (labelled
+    /// `membrane.dev/mesh=hbone-peer`): mesh pods tunnel to them; nothing enrolls them.
+    pub hbone_peer_namespaces: Vec<String>,
     /// Namespaces annotated `membrane.dev/plaintext: permit`.
     pub plaintext_permit: Vec<String>,
     /// AuthorizationPolicy documents every ztunnel enforces (written to `policies.yaml` in
@@ -123,6 +126,9 @@ pub struct MeshSpec {
     /// A controller the caller runs (e.g. against a real Kubernetes API server): the ztunnels
     /// talk to it and no in-process controller starts ([`Mesh::ca`] is then absent).
     pub external_controller: Option<ExternalController>,
+    /// The in-process controller signs with this operator-supplied CA (a plug-in directory:
+    /// `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`) instead of its own root.
+    pub plugin_ca: Option<PathBuf>,
 }
 
 /// A controller outside the mesh harness: where it listens, its root and each node's token.
@@ -237,6 +243,9 @@ impl Mesh {
                 if let Some(ns) = &spec.root_namespace {
                     ca = ca.root_namespace(ns);
                 }
+                if let Some(dir) = &spec.plugin_ca {
+                    ca = ca.plugin_ca(dir.clone());
+                }
                 let ca = ca.start().await?;
                 let root_pem = ca.root_pem();
                 (Some(ca), root_pem)
@@ -269,8 +278,11 @@ impl Mesh {
         let mut workloads = String::from("namespaces:\n");
         for ns in &namespaces {
             let mesh = spec.mesh_namespaces.iter().any(|m| m == ns);
+            let peer = spec.hbone_peer_namespaces.iter().any(|m| m == ns);
             let label = if mesh {
                 "\n  labels: {membrane.dev/mesh: enabled}"
+            } else if peer {
+                "\n  labels: {membrane.dev/mesh: hbone-peer}"
             } else {
                 ""
             };
@@ -294,6 +306,10 @@ impl Mesh {
         for def in &spec.pods {
             let pod = testbed.pod(def.key()).context("pod missing from testbed")?;
             let mesh = spec.mesh_namespaces.iter().any(|m| m == &def.namespace);
+            let peer = spec
+                .hbone_peer_namespaces
+                .iter()
+                .any(|m| m == &def.namespace);
             // JSON is YAML: a flow mapping that quotes every key and value.
             let labels = serde_json::to_string(&def.labels)?;
             writeln!(
@@ -310,7 +326,7 @@ impl Mesh {
             )?;
             writeln!(
                 workloads,
-                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}, \"{}\"], protocol: {}, labels: {labels}}}",
+                "- {{uid: {}, name: {}, namespace: {}, serviceAccount: {}, node: {}, ips: [{}, \"{}\"], protocol: {}, foreign: {peer}, labels: {labels}}}",
                 uid(def),
                 def.name,
                 def.namespace,
@@ -318,7 +334,7 @@ impl Mesh {
                 def.node,
                 pod.ip(),
                 pod.ip6(),
-                if mesh { "HBONE" } else { "TCP" }
+                if mesh || peer { "HBONE" } else { "TCP" }
             )?;
         }
         Ok((manifests, workloads))

@@ -114,7 +114,7 @@ use std::process::{Child, Command, Output};
 pub use capture::{Capture, Captured, MAX_CAPTURE_BYTES};
 pub use error::{Error, Result};
 pub use naming::GENERATED_PREFIX;
-pub use sys::{NETNS_RUN_DIR, command_in, exec_in, run_in_netns, spawn_in};
+pub use sys::{NETNS_RUN_DIR, command_in, exec_in, run_in_netns, spawn_in, wait_listening};
 pub use testbed::{Testbed, external_ip6};
 pub use topology::{
     BRIDGE_NAME, Cidr, FABRIC_SUBNET, FABRIC_SUBNET6, Fabric, IFNAME, MAX_NODES, Node,

@@ -3,10 +3,11 @@
 //! each with the real ztunnel of its node. Every round measures the same workloads "direct"
 //! (pods not enrolled: no capture), "mesh" (both pods enrolled: captured, carried over HBONE
 //! mutual TLS) and "relay" (not enrolled; two plain TCP relays, no TLS and no HTTP/2, placed
-//! where the ztunnels sit — the ceiling of the topology itself, see `dataplane/relay.rs`), in
-//! an order reversed every other round, and the report gives medians over rounds, the
-//! mesh/direct ratios with each target's PASS/FAIL and the relay/direct ratios as a Markdown
-//! table, then one JSON line.
+//! where the ztunnels sit — the ceiling of the topology itself, see `dataplane/relay.rs`) and,
+//! when `ISTIO_ZTUNNEL_BIN` names an Istio ztunnel binary, "istio" (not enrolled; one Istio
+//! ztunnel per node in in-pod mode, see `dataplane/istio.rs`), in an order reversed every
+//! other round. The report gives medians over rounds, mesh/direct, mesh/relay and mesh/istio
+//! ratios and each target's PASS/FAIL as a Markdown table, then one JSON line.
 //!
 //! Workloads: TCP throughput with one and four streams (`iperf3 --json`, both ends started
 //! with `ip netns exec` in the pods); 1-byte request/response over one connection (rate, p50,
@@ -20,8 +21,9 @@
 //! `cargo bench -p membrane-tests --bench dataplane`, or `scripts/bench-dataplane.sh`.
 //! Environment: `MEMBRANE_BENCH_ROUNDS` (3), `MEMBRANE_BENCH_BULK_SECS` (10),
 //! `MEMBRANE_BENCH_RR_SECS` (5), `MEMBRANE_BENCH_CONN_SECS` (5), `MEMBRANE_BENCH_INFLIGHT` (8),
-//! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`), `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), and
-//! the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with both ztunnel pids (to attach a
+//! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`, plus `istio` when `ISTIO_ZTUNNEL_BIN` is set),
+//! `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), `ISTIO_ZTUNNEL_WORKER_THREADS` (the Istio
+//! ztunnel's own default unless set), and the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with both ztunnel pids (to attach a
 //! profiler), goes to stderr; the report to stdout.
 //!
 //! The client pod gets `tcp_tw_reuse=1` and a wide ephemeral port range (both pods, so the
@@ -44,17 +46,23 @@ use measure::{
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use membrane_tests::istio;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use membrane_tests::netns::{command_in, exec_in, run_in_netns};
+use membrane_tests::netns::{command_in, run_in_netns, wait_listening};
+use membrane_tests::reap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: &str = "client";
 const SERVER: &str = "server";
+/// The istio mode's pods: same nodes, a namespace outside Membrane's mesh, so no state of
+/// Membrane's rounds (sockets in TIME_WAIT on 15008, rules) is in their way.
+const ISTIO_CLIENT: &str = "istio-client";
+const ISTIO_SERVER: &str = "istio-server";
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7001;
 const CONN_PORT: u16 = 7002;
@@ -72,6 +80,8 @@ enum Mode {
     Mesh,
     /// Two plain TCP relays where the ztunnels sit (the topology's ceiling; see `relay`).
     Relay,
+    /// Two Istio ztunnels where Membrane's sit (`ISTIO_ZTUNNEL_BIN`; see `istio`).
+    Istio,
 }
 
 impl Mode {
@@ -80,11 +90,14 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Mesh => "mesh",
             Mode::Relay => "relay",
+            Mode::Istio => "istio",
         }
     }
 }
 
 struct Config {
+    /// An Istio ztunnel for the `istio` mode.
+    istio_bin: Option<PathBuf>,
     rounds: usize,
     bulk: Duration,
     rr: Duration,
@@ -112,14 +125,29 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 
 impl Config {
     fn from_env() -> anyhow::Result<Self> {
+        let istio_bin = std::env::var_os("ISTIO_ZTUNNEL_BIN").map(PathBuf::from);
+        let default_modes = if istio_bin.is_some() {
+            "direct,mesh,relay,istio"
+        } else {
+            "direct,mesh,relay"
+        };
         let mut modes = Vec::new();
-        for m in env_list("MEMBRANE_BENCH_MODES", "direct,mesh,relay") {
+        for m in env_list("MEMBRANE_BENCH_MODES", default_modes) {
             modes.push(match m.as_str() {
                 "direct" => Mode::Direct,
                 "mesh" => Mode::Mesh,
                 "relay" => Mode::Relay,
+                "istio" if istio_bin.is_some() => Mode::Istio,
+                "istio" => bail!(
+                    "MEMBRANE_BENCH_MODES: istio needs ISTIO_ZTUNNEL_BIN (an Istio ztunnel built with its testing feature)"
+                ),
                 other => bail!("MEMBRANE_BENCH_MODES: unknown mode {other}"),
             });
+        }
+        if let Some(bin) = &istio_bin
+            && !bin.is_file()
+        {
+            bail!("ISTIO_ZTUNNEL_BIN={}: no such file", bin.display());
         }
         let tests = env_list("MEMBRANE_BENCH_TESTS", "tcp1,tcp4,rr,conn");
         if let Some(t) = tests
@@ -129,6 +157,7 @@ impl Config {
             bail!("MEMBRANE_BENCH_TESTS: unknown test {t}");
         }
         Ok(Self {
+            istio_bin,
             rounds: usize::try_from(env_u64("MEMBRANE_BENCH_ROUNDS", 3)?.max(1))?,
             bulk: Duration::from_secs(env_u64("MEMBRANE_BENCH_BULK_SECS", 10)?.max(1)),
             rr: Duration::from_secs(env_u64("MEMBRANE_BENCH_RR_SECS", 5)?.max(1)),
@@ -150,6 +179,9 @@ struct Bench<'a> {
     mesh: &'a Mesh,
     rt: &'a tokio::runtime::Runtime,
     cfg: &'a Config,
+    /// The pods the workloads run between (the istio mode's own pair during its rounds).
+    client: &'static str,
+    server: &'static str,
     client_ns: String,
     server_ns: String,
     server_ip: Ipv4Addr,
@@ -164,19 +196,6 @@ struct Bench<'a> {
 struct Iperf {
     bits_per_second: f64,
     bytes: f64,
-}
-
-/// Kills and reaps a child this program started, if it is still running.
-fn reap(mut child: Child, grace: Duration) {
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl Bench<'_> {
@@ -271,7 +290,7 @@ impl Bench<'_> {
     /// 1-byte ping-pong over one connection for the configured time: (transactions/s, sorted
     /// latencies in ns). Blocking sockets on both ends, `TCP_NODELAY`.
     fn request_response(&self) -> anyhow::Result<(f64, Vec<u32>)> {
-        let listener = run_in_netns(self.path(SERVER), || {
+        let listener = run_in_netns(self.path(self.server), || {
             TcpListener::bind((Ipv4Addr::UNSPECIFIED, RR_PORT))
         })??;
         let server = std::thread::spawn(move || -> io::Result<()> {
@@ -286,7 +305,7 @@ impl Bench<'_> {
         });
         let dst = SocketAddr::from((self.server_ip, RR_PORT));
         let duration = self.cfg.rr;
-        let client = run_in_netns(self.path(CLIENT), move || -> io::Result<_> {
+        let client = run_in_netns(self.path(self.client), move || -> io::Result<_> {
             let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -322,13 +341,13 @@ impl Bench<'_> {
     /// Connect + 1-byte request/response + close, `inflight` blocking clients in the client
     /// pod against a tokio server: (successes/s, sorted latencies in ns, errors).
     fn connection_rate(&self) -> anyhow::Result<(f64, Vec<u32>, usize)> {
-        let listener = run_in_netns(self.path(SERVER), || {
+        let listener = run_in_netns(self.path(self.server), || {
             TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONN_PORT))
         })??;
         listener.set_nonblocking(true)?;
         let server = self.rt.spawn(conn_server(listener));
         let dst = SocketAddr::from((self.server_ip, CONN_PORT));
-        let client_path = self.path(CLIENT);
+        let client_path = self.path(self.client);
         let start = Instant::now();
         let deadline = start + self.cfg.conn;
         let outcomes: Vec<_> = std::thread::scope(|s| {
@@ -362,26 +381,76 @@ impl Bench<'_> {
 
     /// One mode of one round: every selected workload, pushing its figures into `out`.
     fn run_mode(&mut self, mode: Mode, round: usize, out: &mut Samples) -> anyhow::Result<()> {
-        if mode != Mode::Relay {
-            return self.run_workloads(mode, round, out);
+        match mode {
+            Mode::Direct | Mode::Mesh => self.run_workloads(mode, round, out),
+            Mode::Relay => {
+                let relays = relay::Relays::start(
+                    &self.client_ns,
+                    &self.server_ns,
+                    self.server_ip,
+                    &[IPERF_PORT, RR_PORT, CONN_PORT],
+                )?;
+                let ztunnels = std::mem::replace(&mut self.pids, relays.pids());
+                let result = self.run_workloads(mode, round, out);
+                self.pids = ztunnels;
+                drop(relays);
+                result
+            }
+            Mode::Istio => {
+                let bin = self.cfg.istio_bin.clone().context("ISTIO_ZTUNNEL_BIN")?;
+                let pods: Vec<istio::PodRef> = [ISTIO_CLIENT, ISTIO_SERVER]
+                    .iter()
+                    .map(|name| istio::PodRef::of(self.mesh, name))
+                    .collect();
+                let env: Vec<(String, String)> = std::env::var("ISTIO_ZTUNNEL_WORKER_THREADS")
+                    .map(|t| vec![("ZTUNNEL_WORKER_THREADS".to_owned(), t)])
+                    .unwrap_or_default();
+                let istio = istio::IstioZtunnels::start(&bin, &pods, &[], &env)?;
+                let ztunnels = std::mem::replace(&mut self.pids, istio.pids());
+                eprintln!("[round {round} istio] Istio ztunnel pids: {:?}", self.pids);
+                let saved = (
+                    self.client,
+                    self.server,
+                    self.client_ns.clone(),
+                    self.server_ns.clone(),
+                    self.server_ip,
+                );
+                self.client = ISTIO_CLIENT;
+                self.server = ISTIO_SERVER;
+                self.client_ns = pods[0].netns.clone();
+                self.server_ns = pods[1].netns.clone();
+                self.server_ip = pods[1].ip;
+                let result = self.run_workloads(mode, round, out);
+                (
+                    self.client,
+                    self.server,
+                    self.client_ns,
+                    self.server_ns,
+                    self.server_ip,
+                ) = saved;
+                self.pids = ztunnels;
+                match istio.connections_opened() {
+                    Ok(n) if n > 0.0 => {}
+                    Ok(_) => self.note(format!(
+                        "[round {round} istio] the Istio ztunnels opened no connection: traffic not captured?"
+                    )),
+                    Err(e) => self.note(format!("[round {round} istio] Istio metrics: {e:#}")),
+                }
+                drop(istio);
+                result
+            }
         }
-        let relays = relay::Relays::start(
-            &self.client_ns,
-            &self.server_ns,
-            self.server_ip,
-            &[IPERF_PORT, RR_PORT, CONN_PORT],
-        )?;
-        let ztunnels = std::mem::replace(&mut self.pids, relays.pids());
-        let result = self.run_workloads(mode, round, out);
-        self.pids = ztunnels;
-        drop(relays);
-        result
     }
 
     fn run_workloads(&mut self, mode: Mode, round: usize, out: &mut Samples) -> anyhow::Result<()> {
         let tag = format!("round {round} {}", mode.name());
         let mesh = mode == Mode::Mesh;
         let proxied = mode != Mode::Direct;
+        if mode == Mode::Istio {
+            // Started for this round: as fresh as Membrane's ztunnels before their first load.
+            std::thread::sleep(Duration::from_millis(500));
+            push(out, "zt_rss_idle_mb", self.ztunnel_rss_mib()?);
+        }
         if mesh {
             self.rt.block_on(self.mesh.enroll(CLIENT))?;
             self.rt.block_on(self.mesh.enroll(SERVER))?;
@@ -513,20 +582,6 @@ impl Bench<'_> {
     }
 }
 
-/// Waits (at most [`IO_TIMEOUT`]) until something listens on TCP `port` in namespace `ns`.
-fn wait_listening(ns: &str, port: u16) -> anyhow::Result<()> {
-    let filter = format!("sport = :{port}");
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while Instant::now() < deadline {
-        let out = exec_in(ns, &["ss", "-Htln", &filter])?;
-        if !out.stdout.is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("nothing listens on {port} in {ns}")
-}
-
 fn push(out: &mut Samples, key: &'static str, value: f64) {
     out.entry(key).or_default().push(value);
 }
@@ -587,6 +642,8 @@ fn spec() -> MeshSpec {
         pods: vec![
             PodDef::new(CLIENT, "bench", "client", "node-1"),
             PodDef::new(SERVER, "bench", "server", "node-2"),
+            PodDef::new(ISTIO_CLIENT, "bench-istio", "client", "node-1"),
+            PodDef::new(ISTIO_SERVER, "bench-istio", "server", "node-2"),
         ],
         mesh_namespaces: vec!["bench".into()],
         ..MeshSpec::default()
@@ -617,8 +674,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let load_start = load_average();
     let mesh = rt.block_on(Mesh::start(spec()))?;
-    tune_pod(&mesh, CLIENT)?;
-    tune_pod(&mesh, SERVER)?;
+    for pod in [CLIENT, SERVER, ISTIO_CLIENT, ISTIO_SERVER] {
+        tune_pod(&mesh, pod)?;
+    }
     let pids: Vec<u32> = mesh.ztunnels.values().map(|z| z.pid()).collect();
     eprintln!(
         "ztunnel pids: {}",
@@ -632,6 +690,8 @@ fn main() -> anyhow::Result<()> {
         mesh: &mesh,
         rt: &rt,
         cfg: &cfg,
+        client: CLIENT,
+        server: SERVER,
         client_ns: mesh.pod(CLIENT).netns_name().to_owned(),
         server_ns: mesh.pod(SERVER).netns_name().to_owned(),
         server_ip: mesh.pod(SERVER).ip(),
@@ -640,7 +700,12 @@ fn main() -> anyhow::Result<()> {
         errors: Vec::new(),
         carried_traffic: false,
     };
-    let (mut direct, mut meshed, mut relayed) = (Samples::new(), Samples::new(), Samples::new());
+    let (mut direct, mut meshed, mut relayed, mut istioed) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+    );
     for round in 1..=cfg.rounds {
         // The listed order, reversed every other round, so drift hits every mode alike.
         let mut order = cfg.modes.clone();
@@ -652,6 +717,7 @@ fn main() -> anyhow::Result<()> {
                 Mode::Direct => &mut direct,
                 Mode::Mesh => &mut meshed,
                 Mode::Relay => &mut relayed,
+                Mode::Istio => &mut istioed,
             };
             bench.run_mode(mode, round, out)?;
         }
@@ -659,7 +725,7 @@ fn main() -> anyhow::Result<()> {
     let errors = std::mem::take(&mut bench.errors);
     report::report(
         &cfg,
-        [&direct, &meshed, &relayed],
+        [&direct, &meshed, &relayed, &istioed],
         (&load_start, &load_average()),
         &errors,
     );

@@ -38,3 +38,44 @@ pub fn mesh_bundle(mesh: &Mesh) -> anyhow::Result<SharedTrustBundle> {
         mesh.ca().root_pem().as_bytes(),
     )?))
 }
+
+/// Opens an HBONE tunnel from inside pod `from`: presents `svid`, requires exactly `peer` at
+/// `peer_ip`:15008 (verified against `bundle`), negotiates with `provider`'s key exchange, and
+/// asks for `dst` with `headers`.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_as(
+    mesh: &Mesh,
+    from: &str,
+    svid: &membrane_identity::WorkloadSvid,
+    bundle: SharedTrustBundle,
+    peer: &membrane_identity::SpiffeId,
+    peer_ip: std::net::IpAddr,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    dst: SocketAddr,
+    headers: membrane_ztunnel::hbone::ConnectHeaders,
+) -> Result<membrane_ztunnel::hbone::H2Stream, membrane_ztunnel::hbone::HboneError> {
+    use membrane_ztunnel::hbone::{self, HbonePool, PoolConfig, PoolKey};
+    let mut cfg = membrane_identity::verify::mtls_client_config(
+        svid,
+        bundle,
+        membrane_identity::PeerCheck::Exact(peer.clone()),
+        provider,
+    )
+    .expect("a client configuration from a valid SVID");
+    cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+    let key = PoolKey {
+        src_ip: mesh.ip(from),
+        src: svid.identity().spiffe_id().clone(),
+        dst: peer.clone(),
+        dst_addr: SocketAddr::new(peer_ip, hbone::HBONE_PORT),
+    };
+    HbonePool::new(PoolConfig::default())
+        .connect(
+            key,
+            std::sync::Arc::new(cfg),
+            std::sync::Arc::new(FromPod(mesh.netns_path(from))),
+            dst,
+            headers,
+        )
+        .await
+}

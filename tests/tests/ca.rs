@@ -513,3 +513,36 @@ async fn half_written_root_is_refused_not_replaced() -> anyhow::Result<()> {
     assert!(err.to_string().contains("root-cert.pem"), "{err}");
     Ok(())
 }
+
+/// The controller's TLS offers the hybrid post-quantum group first: a client that has it
+/// agrees on X25519MLKEM768, a classical client still gets X25519 (this process keeps the
+/// default, `pq-preferred`).
+#[tokio::test]
+async fn the_controller_tls_prefers_post_quantum_key_exchange() -> anyhow::Result<()> {
+    use membrane_identity::KeyExchange;
+    let ca = TestCa::start(MESH_MANIFESTS).await?;
+    let addr = ca.endpoint().trim_start_matches("https://").to_owned();
+    let roots = TrustBundle::from_pem(trust_domain(), ca.root_pem().as_bytes())?;
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots.roots() {
+        store.add(root.clone())?;
+    }
+    let mut agreed = Vec::new();
+    for kx in [KeyExchange::PqPreferred, KeyExchange::Classical] {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(kx.provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(store.clone())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("membrane-ca")?, tcp)
+            .await?;
+        agreed.push(membrane_identity::kx::negotiated_group(tls.get_ref().1));
+    }
+    assert_eq!(
+        agreed,
+        [Some("X25519MLKEM768".to_owned()), Some("X25519".to_owned())]
+    );
+    Ok(())
+}

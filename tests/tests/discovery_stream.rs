@@ -21,6 +21,7 @@ fn names(update: &pb::Update) -> Vec<String> {
             Kind::TrustBundle(b) => Some(format!("bundle {} roots", b.roots_der.len())),
             Kind::Egress(e) => Some(format!("egress {}/{}", e.namespace, e.name)),
             Kind::Ingress(i) => Some(format!("ingress {}/{}", i.namespace, i.name)),
+            Kind::FederatedBundle(b) => Some(format!("federated bundle {}", b.trust_domain)),
         })
         .collect();
     out.sort();

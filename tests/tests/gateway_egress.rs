@@ -6,20 +6,17 @@
 //! counted at the gateway, and a gateway restart fails open tunnels cleanly.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
-use membrane_identity::verify::mtls_client_config;
-use membrane_identity::{PeerCheck, crypto_provider};
+use membrane_identity::crypto_provider;
 use membrane_tests::dns::resolve;
-use membrane_tests::hbone::{FromPod, mesh_bundle};
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::Capture;
 use membrane_tests::outside::{hello, tls_hello, tls_open};
 use membrane_tests::world::{SINK_PORT, World};
 use membrane_tests::{http_get, identity, node_token, require_root, ztunnel_metric};
-use membrane_ztunnel::hbone::{self, ConnectHeaders, HboneError, HbonePool, PoolConfig, PoolKey};
+use membrane_ztunnel::hbone::{self, ConnectHeaders, HboneError};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -218,35 +215,24 @@ async fn forged(
         .await?
         .request_svid(&source, Duration::ZERO)
         .await?;
-    let mut cfg = mtls_client_config(
-        &svid,
-        mesh_bundle(mesh)?,
-        PeerCheck::Exact(gateway.spiffe_id().clone()),
-        crypto_provider(),
-    )?;
-    cfg.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-    let pool = HbonePool::new(PoolConfig::default());
-    let key = PoolKey {
-        src_ip: mesh.ip(from),
-        src: source.spiffe_id().clone(),
-        dst: gateway.spiffe_id().clone(),
-        dst_addr: SocketAddr::new(mesh.ip("egress-gw"), hbone::HBONE_PORT),
-    };
     let (host, port) = authority.rsplit_once(':').expect("host:port");
     let headers = ConnectHeaders {
         host: Some(host.to_owned()),
         ..headers
     };
     let dst = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port.parse()?);
-    Ok(pool
-        .connect(
-            key,
-            Arc::new(cfg),
-            Arc::new(FromPod(mesh.netns_path(from))),
-            dst,
-            headers,
-        )
-        .await?)
+    Ok(membrane_tests::hbone::connect_as(
+        mesh,
+        from,
+        &svid,
+        membrane_tests::hbone::mesh_bundle(mesh)?,
+        gateway.spiffe_id(),
+        mesh.ip("egress-gw"),
+        crypto_provider(),
+        dst,
+        headers,
+    )
+    .await?)
 }
 
 fn refused_403(result: anyhow::Result<hbone::H2Stream>) {

@@ -110,6 +110,7 @@ fn source(app: &str) -> Workload {
         labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
         identity: WorkloadIdentity::new(&td, "ns-0", "trainer").expect("identity"),
         gateway: None,
+        foreign: false,
     }
 }
 

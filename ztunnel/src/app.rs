@@ -77,6 +77,8 @@ pub struct ZtunnelConfig {
     /// Gateway mode: serve this gateway pod instead of capturing the node's pods (no
     /// enrollment socket).
     pub gateway: Option<crate::gateway::GatewayConfig>,
+    /// Denial status and `baggage` (where HBONE dialects differ).
+    pub wire: crate::dialect::WireDialect,
 }
 
 /// The DNS capture's settings and its pins' bounds.
@@ -273,7 +275,9 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let certs = Arc::new(CertificateManager::new(config.ca.clone(), bundle.clone()));
     certs.register_metrics(&mut registry);
     let index = match &config.policy_file {
-        Some(path) => authz::load_policies(path).map_err(StartError::Policy)?,
+        Some(path) => {
+            authz::load_policies(path, &config.trust_domain).map_err(StartError::Policy)?
+        }
         None => authz::empty_index(),
     };
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(index));
@@ -295,7 +299,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         state: state_rx,
         certs: certs.clone(),
         pool: pool.clone(),
-        tls: TlsConfigs::new(certs.bundle(), config.trust_domain.clone()),
+        tls: TlsConfigs::new(certs.bundle()),
         metrics,
         access,
         active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -309,6 +313,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         listener_metrics: listener_metrics.clone(),
         pins: pin_table.clone(),
         egress: egress.clone(),
+        wire: config.wire.clone(),
     });
     let persist = match &config.state_dir {
         Some(dir) => {
@@ -387,6 +392,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
             if let Some(path) = policy_file {
                 tasks.push(tokio::spawn(authz::watch_policy_file(
                     path.clone(),
+                    config.trust_domain.clone(),
                     policy_tx,
                     authorizer,
                     open,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use membrane_identity::TrustDomain;
 use membrane_policy::compile::PolicyIndex;
 use membrane_policy::eval::{Decision, Request, Source, Verdict, decide};
 use membrane_policy::policy::Action;
@@ -213,8 +214,9 @@ impl Authorizer {
     }
 }
 
-/// Loads a policy file: every AuthorizationPolicy document in it, compiled.
-pub fn load_policies(path: &Path) -> Result<PolicyIndex, String> {
+/// Loads a policy file: every AuthorizationPolicy document in it, compiled for the local
+/// `trust_domain`.
+pub fn load_policies(path: &Path, trust_domain: &TrustDomain) -> Result<PolicyIndex, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let checked = membrane_policy::validate::parse_policies(&text).map_err(|errors| {
         errors
@@ -228,9 +230,10 @@ pub fn load_policies(path: &Path) -> Result<PolicyIndex, String> {
             tracing::warn!(file = %path.display(), warning = %w, "policy warning");
         }
     }
-    Ok(PolicyIndex::build(
+    Ok(PolicyIndex::build_for(
         checked.into_iter().map(|c| c.policy),
         membrane_policy::DEFAULT_ROOT_NAMESPACE,
+        trust_domain,
     ))
 }
 
@@ -238,6 +241,7 @@ pub fn load_policies(path: &Path) -> Result<PolicyIndex, String> {
 /// version; after each publication, open connections are re-checked.
 pub async fn watch_policy_file(
     path: PathBuf,
+    trust_domain: TrustDomain,
     tx: watch::Sender<Arc<PolicyIndex>>,
     authorizer: Authorizer,
     open: Arc<OpenConnections>,
@@ -260,7 +264,7 @@ pub async fn watch_policy_file(
             continue;
         }
         last = now;
-        match load_policies(&path) {
+        match load_policies(&path, &trust_domain) {
             Ok(index) => {
                 tx.send_replace(Arc::new(index));
                 let closed = authorizer.recheck(&open);

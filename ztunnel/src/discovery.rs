@@ -118,6 +118,8 @@ pub struct Built {
     pub policy: PolicyIndex,
     /// The trust bundle, when one was sent.
     pub bundle: Option<TrustBundle>,
+    /// The federated trust domains' bundles (none: no trust domain is federated).
+    pub federated: Vec<TrustBundle>,
 }
 
 fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
@@ -130,6 +132,7 @@ fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
             format!("{}/{}", a.namespace, a.name),
         ),
         ResourceKind::TrustBundle(_) => (Kind::TrustBundle as i32, String::new()),
+        ResourceKind::FederatedBundle(b) => (Kind::FederatedBundle as i32, b.trust_domain.clone()),
         ResourceKind::Egress(e) => (Kind::Egress as i32, format!("{}/{}", e.namespace, e.name)),
         ResourceKind::Ingress(i) => (Kind::Ingress as i32, format!("{}/{}", i.namespace, i.name)),
     })
@@ -187,6 +190,14 @@ fn workload(w: &pb::Workload, td: &TrustDomain) -> Result<Workload, UpdateError>
         Ok(pb::workload::Protocol::Tcp) => Protocol::Tcp,
         Err(_) => return Err(invalid("workload", &w.uid, "unknown protocol")),
     };
+    let gateway = gateway_role(w)?;
+    if w.foreign && (protocol != Protocol::Hbone || gateway.is_some()) {
+        return Err(invalid(
+            "workload",
+            &w.uid,
+            "a foreign HBONE peer is neither plain TCP nor a gateway",
+        ));
+    }
     Ok(Workload {
         uid: w.uid.clone(),
         name: w.name.clone(),
@@ -197,7 +208,8 @@ fn workload(w: &pb::Workload, td: &TrustDomain) -> Result<Workload, UpdateError>
         protocol,
         labels: w.labels.clone().into_iter().collect(),
         identity,
-        gateway: gateway_role(w)?,
+        gateway,
+        foreign: w.foreign,
     })
 }
 
@@ -272,6 +284,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     let mut egress = Vec::new();
     let mut ingress = Vec::new();
     let mut bundle = None;
+    let mut federated = Vec::new();
     // The controller streams its `--root-namespace` with the trust bundle; until it names one,
     // the default applies.
     let mut root_namespace = membrane_policy::DEFAULT_ROOT_NAMESPACE;
@@ -324,6 +337,7 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
                     root_namespace = &b.root_namespace;
                 }
             }
+            Some(ResourceKind::FederatedBundle(b)) => federated.push(federated_bundle(b, td)?),
             None => return Err(invalid("resource", "", "empty resource")),
         }
     }
@@ -350,9 +364,25 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     }
     Ok(Built {
         state,
-        policy: PolicyIndex::build(policies, root_namespace),
+        policy: PolicyIndex::build_for(policies, root_namespace, td),
         bundle,
+        federated,
     })
+}
+
+/// A federated trust domain's roots: never the local trust domain's.
+fn federated_bundle(
+    b: &pb::FederatedBundle,
+    local: &TrustDomain,
+) -> Result<TrustBundle, UpdateError> {
+    let what = "federated trust bundle";
+    let td = membrane_identity::spiffe_id::parse_trust_domain(&b.trust_domain)
+        .map_err(|e| invalid(what, &b.trust_domain, e))?;
+    if &td == local {
+        return Err(invalid(what, &b.trust_domain, "is the local trust domain"));
+    }
+    let roots = b.roots_der.iter().cloned().map(CertificateDer::from);
+    TrustBundle::new(td, roots).map_err(|e| invalid(what, &b.trust_domain, e))
 }
 
 /// Where the client publishes what it receives.
@@ -579,6 +609,20 @@ impl Client {
                 }
             }
             sinks.bundle.store(bundle);
+        }
+        let held: Vec<TrustBundle> = (sinks.bundle.federated().iter())
+            .map(|b| b.as_ref().clone())
+            .collect();
+        if held != built.federated {
+            let trust_domains: Vec<String> = (built.federated.iter())
+                .map(|b| b.trust_domain().to_string())
+                .collect();
+            match sinks.bundle.store_federated(built.federated) {
+                Ok(()) => tracing::info!(?trust_domains, "federated trust bundles updated"),
+                // `build` refused the local trust domain and the keys are unique per trust
+                // domain, so this is not reached; were it, the last set stays.
+                Err(e) => tracing::warn!(error = %e, "federated trust bundles refused"),
+            }
         }
         let state = Arc::new(built.state);
         sinks.state.send_replace(state.clone());

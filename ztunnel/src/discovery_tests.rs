@@ -155,3 +155,79 @@ fn services_resolve_to_ready_endpoints() {
     let other: SocketAddr = "10.96.0.10:81".parse().expect("addr");
     assert_eq!(built.state.resolve(other), (other, None));
 }
+
+fn federated(td: &str, roots: Vec<Vec<u8>>) -> pb::Resource {
+    pb::Resource {
+        kind: Some(ResourceKind::FederatedBundle(pb::FederatedBundle {
+            trust_domain: td.into(),
+            roots_der: roots,
+        })),
+    }
+}
+
+#[test]
+fn federated_bundles_are_built_per_trust_domain_and_never_for_the_local_one() {
+    let root = membrane_testbed::OfflineCa::root("cluster B").expect("root");
+    let der = root.der().to_vec();
+    let held = apply(
+        None,
+        &update(
+            true,
+            vec![federated("cluster-b.example", vec![der.clone()])],
+            &[],
+        ),
+    )
+    .expect("applies");
+    let built = build(&held, &td()).expect("valid");
+    let [b] = built.federated.as_slice() else {
+        panic!("one federated bundle: {:?}", built.federated);
+    };
+    assert_eq!(b.trust_domain().to_string(), "cluster-b.example");
+    assert_eq!(b.roots().len(), 1);
+    // The local trust domain, a bad trust domain, no roots, a root that is not a CA: the whole
+    // update is refused (the last good bundles stay in force).
+    for bad in [
+        federated("cluster.local", vec![der.clone()]),
+        federated("Not A Domain", vec![der.clone()]),
+        federated("cluster-c.example", vec![]),
+        federated("cluster-c.example", vec![b"garbage".to_vec()]),
+    ] {
+        let result = apply(None, &update(true, vec![bad], &[])).and_then(|h| build(&h, &td()));
+        assert!(result.is_err(), "accepted a bad federated bundle");
+    }
+}
+
+/// The index is built for the ztunnel's own trust domain: unqualified namespaces in streamed
+/// policies are its namespaces, not a federated cluster's.
+#[test]
+fn policies_are_indexed_for_the_local_trust_domain() {
+    let doc = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+               metadata: {name: p, namespace: ns}\n\
+               spec: {rules: [{from: [{source: {namespaces: [training]}}]}]}\n";
+    let checked = membrane_policy::parse_policies(doc).expect("valid");
+    let resource = pb::Resource {
+        kind: Some(ResourceKind::Authorization(pb::Authorization::from(
+            &checked[0].policy,
+        ))),
+    };
+    let held = apply(None, &update(true, vec![resource], &[])).expect("applies");
+    let local = membrane_identity::spiffe_id::parse_trust_domain("cluster-a.example").expect("td");
+    let built = build(&held, &local).expect("valid");
+    assert_eq!(built.policy.trust_domain(), "cluster-a.example");
+    let labels = BTreeMap::new();
+    let verdict = |from: &str| {
+        let req = membrane_policy::Request {
+            source: membrane_policy::Source::from_principal(from),
+            source_ip: IpAddr::from([10, 0, 0, 1]),
+            remote_ip: None,
+            destination_namespace: "ns",
+            destination_labels: &labels,
+            destination_ip: IpAddr::from([10, 0, 0, 2]),
+            destination_port: 80,
+        };
+        membrane_policy::decide(&built.policy, &req).verdict
+    };
+    use membrane_policy::Verdict::{Allow, Deny};
+    assert_eq!(verdict("cluster-a.example/ns/training/sa/x"), Allow);
+    assert_eq!(verdict("cluster-b.example/ns/training/sa/x"), Deny);
+}

@@ -85,6 +85,10 @@ impl ConnectHandler for InboundHandler {
     type Admission = InboundTunnel;
     type App = tokio::net::TcpStream;
 
+    fn denial_status(&self) -> hbone::DenialStatus {
+        self.proxy.wire.denial
+    }
+
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, InboundTunnel> {
         Box::pin(async move {
             // A `name:port` authority is for egress gateways: a pod is reached by address.

@@ -27,6 +27,7 @@ pub mod app;
 pub mod authz;
 pub mod certs;
 pub mod conntrack;
+pub mod dialect;
 pub mod discovery;
 pub mod dns;
 pub mod egress;

@@ -121,6 +121,17 @@ struct Args {
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Key exchange of every TLS session (tunnels and the controller): `pq-preferred`
+    /// (X25519MLKEM768, then X25519 for peers without it), `pq-only` or `classical`.
+    #[arg(long, env = "MEMBRANE_TLS_KX", default_value = "pq-preferred")]
+    tls_kx: membrane_identity::KeyExchange,
+    /// Status a policy denial is answered with: 403 (Membrane) or 401 (as Istio's ztunnel).
+    #[arg(long, env = "MEMBRANE_DENY_STATUS", default_value = "403")]
+    deny_status: membrane_ztunnel::hbone::DenialStatus,
+    /// This cluster's name, sent in `baggage` (`k8s.cluster.name`) for the destination's
+    /// telemetry.
+    #[arg(long, env = "MEMBRANE_CLUSTER_NAME", default_value = membrane_ztunnel::dialect::DEFAULT_CLUSTER, value_parser = membrane_ztunnel::dialect::parse_cluster_name)]
+    cluster_name: String,
     /// Gateway mode: serve one gateway pod (`egress` or `ingress`) instead of capturing this
     /// node's pods; needs --gateway-pod.
     #[arg(long, value_enum, requires = "gateway_pod", env = "MEMBRANE_GATEWAY")]
@@ -161,6 +172,9 @@ fn parse_pin_grace(text: &str) -> Result<Duration, String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
+    membrane_ztunnel::memory::tune_allocator();
+    membrane_identity::set_key_exchange(args.tls_kx);
+    tracing::info!(tls_kx = %args.tls_kx, deny_status = %args.deny_status.status(), cluster = %args.cluster_name, "wire settings");
     raise_fd_limit();
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading the token file {}", args.token_file.display()))?
@@ -234,6 +248,10 @@ fn main() -> anyhow::Result<()> {
             hbone_max_pending_handshakes: args.hbone_max_pending_handshakes,
         },
         gateway,
+        wire: membrane_ztunnel::dialect::WireDialect {
+            denial: args.deny_status,
+            cluster: args.cluster_name,
+        },
     };
     let unenroll = args.unenroll_on_exit;
     let workers = match args.worker_threads {

@@ -372,6 +372,8 @@ async fn tunnel_to(
     proxy: &Proxy,
     log: ConnectionLog,
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
+    let mut headers = headers;
+    headers.baggage = Some(proxy.wire.baggage(&pod.workload));
     let src_ip = headers.forwarded_for.unwrap_or(peer.ip());
     // Never an expired certificate: a renewal failed until expiry is refused here, with the
     // reason, until the controller answers again.

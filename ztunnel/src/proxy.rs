@@ -56,6 +56,8 @@ pub struct Proxy {
     pub pins: Arc<crate::dns::pins::PinTable>,
     /// EgressPolicy enforcement: open egress connections, budgets, metrics.
     pub egress: Arc<crate::egress::EgressControl>,
+    /// Denial status and `baggage`: where HBONE dialects differ.
+    pub wire: crate::dialect::WireDialect,
 }
 
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.

@@ -10,6 +10,11 @@
 //! Both directions are polled by one future (no extra task per connection). Buffers start at
 //! 16 KiB and grow to 256 KiB once a read fills them: idle connections stay small, bulk
 //! transfers make few large writes, which is what the tunnel's cost depends on.
+//!
+//! A side that holds its bytes in owned chunks ([`Chunks`]: an HBONE stream's DATA frames)
+//! trades chunks with the relay instead of copying through its buffer: a tunnel's received
+//! DATA is written to the other side as it is, and bytes read for a tunnel are handed to
+//! HTTP/2 as the chunk they were read into. That is one copy less per byte each way.
 
 use std::future::Future;
 use std::future::poll_fn;
@@ -17,6 +22,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -32,10 +38,41 @@ const ROUNDS_PER_POLL: usize = 64;
 /// [`relay`] calls it on both sides when either side fails. Implemented for
 /// [`tokio::net::TcpStream`] (zero linger, then close: the peer gets an RST) and for
 /// [`crate::hbone::H2Stream`] (RST_STREAM CANCEL).
-pub trait ResetOnError {
+pub trait ResetOnError: Chunks {
     /// Aborts the connection.
     fn reset(self);
 }
+
+/// A side that can trade owned chunks with the relay instead of bytes copied through the
+/// relay's buffer. The defaults say it cannot (a socket: the relay reads into and writes from
+/// its own buffer).
+pub trait Chunks {
+    /// [`Chunks::poll_read_chunk`] works.
+    const READS_CHUNKS: bool = false;
+    /// [`Chunks::poll_write_chunk`] works.
+    const WRITES_CHUNKS: bool = false;
+
+    /// The next received chunk; empty at end-of-stream. Only called if
+    /// [`Chunks::READS_CHUNKS`].
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        let _ = cx;
+        Poll::Ready(Err(io::Error::other("this stream does not read chunks")))
+    }
+
+    /// Takes a prefix of `chunk` (at least one byte once ready) to send, as
+    /// `AsyncWrite::poll_write` would take a prefix of a slice. Only called if
+    /// [`Chunks::WRITES_CHUNKS`].
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let _ = (cx, chunk);
+        Poll::Ready(Err(io::Error::other("this stream does not write chunks")))
+    }
+}
+
+impl Chunks for TcpStream {}
 
 impl ResetOnError for TcpStream {
     fn reset(self) {
@@ -228,6 +265,13 @@ struct Pipe {
     /// Bytes `buf[start..end]` are read and not yet written.
     start: usize,
     end: usize,
+    /// Chunk paths: read (or received) and not yet written.
+    chunk: Bytes,
+    /// Chunk path to a chunk writer: what the reader reads into (its allocation comes back
+    /// once the writer has sent and dropped the earlier chunks).
+    staging: BytesMut,
+    /// Size of the next read into `staging` (grows like `buf`).
+    staging_size: usize,
     /// The last read filled the buffer: grow it before the next read.
     grow: bool,
     /// The reader reached end-of-stream.
@@ -242,9 +286,12 @@ struct Pipe {
 impl Pipe {
     fn new() -> Self {
         Self {
-            buf: vec![0; INITIAL_BUFFER],
+            buf: Vec::new(),
             start: 0,
             end: 0,
+            chunk: Bytes::new(),
+            staging: BytesMut::new(),
+            staging_size: INITIAL_BUFFER,
             grow: false,
             eof: false,
             need_flush: false,
@@ -260,22 +307,12 @@ impl Pipe {
         writer: &mut W,
     ) -> Poll<Result<(), PipeError>>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: AsyncRead + Chunks + Unpin,
+        W: AsyncWrite + Chunks + Unpin,
     {
         let mut rounds = 0;
         loop {
-            while self.start < self.end {
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
-                        .map_err(PipeError::Write)?;
-                if n == 0 {
-                    return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
-                }
-                self.start += n;
-                self.copied += n as u64;
-                self.need_flush = true;
-            }
+            ready!(self.poll_write_pending(cx, writer))?;
             if self.eof {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(PipeError::Write)?;
@@ -287,13 +324,7 @@ impl Pipe {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            if self.grow {
-                self.grow = false;
-                let size = (self.buf.len() * 4).min(MAX_BUFFER);
-                self.buf = vec![0; size];
-            }
-            let mut read = ReadBuf::new(&mut self.buf);
-            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+            match self.poll_read_next(cx, reader, W::WRITES_CHUNKS) {
                 Poll::Pending => {
                     if self.need_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
@@ -302,18 +333,97 @@ impl Pipe {
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    if n == 0 {
-                        self.eof = true;
-                    } else {
-                        self.grow = n == self.buf.len() && self.buf.len() < MAX_BUFFER;
-                        self.start = 0;
-                        self.end = n;
-                    }
-                }
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => {}
             }
         }
+    }
+
+    /// Writes everything read and not yet written: the buffer's `start..end`, or the chunk
+    /// (as a slice, or handed whole to a chunk writer).
+    fn poll_write_pending<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<Result<(), PipeError>>
+    where
+        W: AsyncWrite + Chunks + Unpin,
+    {
+        loop {
+            let n = if !self.chunk.is_empty() {
+                if W::WRITES_CHUNKS {
+                    // The writer takes `self.chunk[..n]` by splitting it off.
+                    ready!(writer.poll_write_chunk(cx, &mut self.chunk))
+                        .map_err(PipeError::Write)?
+                } else {
+                    let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.chunk))
+                        .map_err(PipeError::Write)?;
+                    self.chunk.advance(n.min(self.chunk.len()));
+                    n
+                }
+            } else if self.start < self.end {
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
+                        .map_err(PipeError::Write)?;
+                self.start += n;
+                n
+            } else {
+                return Poll::Ready(Ok(()));
+            };
+            if n == 0 {
+                return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+            }
+            self.copied += n as u64;
+            self.need_flush = true;
+        }
+    }
+
+    /// Reads the next bytes: a chunk from a chunk reader, into `staging` (as a chunk) for a
+    /// chunk writer, else into the buffer (grown once a read fills it). `Ok(0)` is
+    /// end-of-stream.
+    fn poll_read_next<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        to_chunks: bool,
+    ) -> Poll<io::Result<usize>>
+    where
+        R: AsyncRead + Chunks + Unpin,
+    {
+        if R::READS_CHUNKS {
+            return reader.poll_read_chunk(cx).map_ok(|chunk| {
+                self.chunk = chunk;
+                self.chunk.len()
+            });
+        }
+        if to_chunks {
+            if self.staging.capacity() < self.staging_size {
+                // Reclaims the allocation if every earlier chunk was sent and dropped.
+                self.staging.reserve(self.staging_size);
+            }
+            return tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.staging)
+                .map_ok(|n| {
+                    if n == self.staging_size && self.staging_size < MAX_BUFFER {
+                        self.staging_size = (self.staging_size * 4).min(MAX_BUFFER);
+                    }
+                    self.chunk = self.staging.split().freeze();
+                    n
+                });
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0; INITIAL_BUFFER];
+        } else if self.grow {
+            self.grow = false;
+            let size = (self.buf.len() * 4).min(MAX_BUFFER);
+            self.buf = vec![0; size];
+        }
+        let mut read = ReadBuf::new(&mut self.buf);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.grow = n == self.buf.len() && self.buf.len() < MAX_BUFFER;
+        self.start = 0;
+        self.end = n;
+        Poll::Ready(Ok(n))
     }
 }
 

@@ -66,6 +66,10 @@ pub struct Workload {
     /// Set for a gateway pod: it accepts HBONE itself and is never captured.
     #[serde(serialize_with = "role", skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayRole>,
+    /// A pod outside Membrane that speaks HBONE itself (another data plane): tunnelled to,
+    /// never captured here.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub foreign: bool,
 }
 
 fn role<S: serde::Serializer>(v: &Option<GatewayRole>, s: S) -> Result<S::Ok, S::Error> {
@@ -79,9 +83,9 @@ pub use membrane_policy::gateway::{GatewayKind, GatewayRole};
 
 impl Workload {
     /// Whether its node's ztunnel captures it: a mesh pod, not a gateway pod (a gateway
-    /// tunnels for itself).
+    /// tunnels for itself) nor a foreign HBONE peer (another data plane captures it).
     pub fn captured(&self) -> bool {
-        self.protocol == Protocol::Hbone && self.gateway.is_none()
+        self.protocol == Protocol::Hbone && self.gateway.is_none() && !self.foreign
     }
 }
 
@@ -127,6 +131,9 @@ struct WorkloadDoc {
     protocol: Protocol,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// A pod of another data plane that speaks HBONE (`protocol` must be HBONE).
+    #[serde(default)]
+    foreign: bool,
 }
 
 fn default_sa() -> String {
@@ -255,6 +262,12 @@ impl MeshState {
             };
             let identity = WorkloadIdentity::new(trust_domain, &w.namespace, &w.service_account)
                 .map_err(|e| invalid(e.to_string()))?;
+            if w.foreign && w.protocol != Protocol::Hbone {
+                return Err(invalid(
+                    "a foreign workload speaks HBONE: protocol TCP contradicts foreign: true"
+                        .into(),
+                ));
+            }
             state
                 .insert(Workload {
                     uid: w.uid.clone(),
@@ -267,6 +280,7 @@ impl MeshState {
                     labels: w.labels,
                     identity,
                     gateway: None,
+                    foreign: w.foreign,
                 })
                 .map_err(invalid)?;
         }

@@ -89,7 +89,12 @@ impl DiscoveryMetrics {
     }
 }
 
-type Cached = (Arc<ClusterState>, Arc<TrustBundle>, Arc<MeshView>);
+type Cached = (
+    Arc<ClusterState>,
+    Arc<TrustBundle>,
+    Arc<Vec<TrustBundle>>,
+    Arc<MeshView>,
+);
 
 /// What each node was sent and has confirmed (`Discovery.Ack`).
 #[derive(Debug, Default)]
@@ -170,6 +175,11 @@ pub struct DiscoveryService {
     auth: NodeAuthenticator,
     state: StateReceiver,
     bundle: watch::Receiver<Arc<TrustBundle>>,
+    /// The federated trust domains' bundles.
+    federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
+    /// Keeps the default (empty, never changing) federation channel open: a stream ends
+    /// when a channel it watches closes.
+    _no_federation: Arc<watch::Sender<Arc<Vec<TrustBundle>>>>,
     cache: Arc<Mutex<Option<Cached>>>,
     /// Each ingress gateway's last wire form whose routes built.
     ingress: Arc<Mutex<BTreeMap<(String, String), pb::Ingress>>>,
@@ -203,10 +213,13 @@ impl DiscoveryService {
         metrics: DiscoveryMetrics,
         cancel: CancellationToken,
     ) -> Self {
+        let (no_federation, federated) = watch::channel(Arc::new(Vec::new()));
         Self {
             auth,
             state,
             bundle,
+            federated,
+            _no_federation: Arc::new(no_federation),
             cache: Arc::default(),
             ingress: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
@@ -221,6 +234,12 @@ impl DiscoveryService {
     /// mesh-wide, and it is streamed to the ztunnels with the trust bundle.
     pub fn with_root_namespace(mut self, root_namespace: &str) -> Self {
         self.root_namespace = Arc::from(root_namespace);
+        self
+    }
+
+    /// Streams the bundles of `federated` trust domains with the view (none by default).
+    pub fn with_federated(mut self, federated: watch::Receiver<Arc<Vec<TrustBundle>>>) -> Self {
+        self.federated = federated;
         self
     }
 
@@ -241,20 +260,22 @@ impl DiscoveryService {
     fn mesh_view(&self) -> Option<Arc<MeshView>> {
         let state = self.state.borrow().clone()?;
         let bundle = self.bundle.borrow().clone();
+        let federated = self.federated.borrow().clone();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, b, view)) = cache.as_ref()
+        if let Some((s, b, f, view)) = cache.as_ref()
             && Arc::ptr_eq(s, &state)
             && Arc::ptr_eq(b, &bundle)
+            && Arc::ptr_eq(f, &federated)
         {
             return Some(view.clone());
         }
-        let mut view = MeshView::build_in(&state, &bundle, &self.root_namespace);
-        if let Some((_, _, previous)) = cache.as_ref() {
+        let mut view = MeshView::build_federated(&state, &bundle, &federated, &self.root_namespace);
+        if let Some((_, _, _, previous)) = cache.as_ref() {
             view.intern(previous);
         }
         view.set_ingress(self.ingress_of(&state));
         let view = Arc::new(view);
-        *cache = Some((state, bundle, view.clone()));
+        *cache = Some((state, bundle, federated, view.clone()));
         Some(view)
     }
 
@@ -310,8 +331,10 @@ impl DiscoveryService {
         };
         let mut state_rx = self.state.clone();
         let mut bundle_rx = self.bundle.clone();
+        let mut federated_rx = self.federated.clone();
         state_rx.borrow_and_update();
         bundle_rx.borrow_and_update();
+        federated_rx.borrow_and_update();
         let Some(mesh) = self.mesh_view() else {
             return;
         };
@@ -341,6 +364,7 @@ impl DiscoveryService {
                 _ = tx.closed() => break,
                 r = state_rx.changed() => if r.is_err() { break },
                 r = bundle_rx.changed() => if r.is_err() { break },
+                r = federated_rx.changed() => if r.is_err() { break },
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -348,6 +372,7 @@ impl DiscoveryService {
             }
             state_rx.borrow_and_update();
             bundle_rx.borrow_and_update();
+            federated_rx.borrow_and_update();
             let Some(mesh) = self.mesh_view() else {
                 continue;
             };

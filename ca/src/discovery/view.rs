@@ -111,6 +111,7 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
             } as i32,
             name: role.name,
         }),
+        foreign: false,
     }
 }
 
@@ -170,12 +171,38 @@ impl MeshView {
     /// Builds the shared part; selector-less policies in `root_namespace` apply mesh-wide
     /// (and the ztunnels are told so with the trust bundle).
     pub fn build_in(state: &ClusterState, bundle: &Arc<TrustBundle>, root_namespace: &str) -> Self {
+        Self::build_federated(state, bundle, &[], root_namespace)
+    }
+
+    /// Builds the shared part with the federated trust domains' bundles (streamed to every
+    /// node as `FederatedBundle` resources).
+    pub fn build_federated(
+        state: &ClusterState,
+        bundle: &Arc<TrustBundle>,
+        federated: &[TrustBundle],
+        root_namespace: &str,
+    ) -> Self {
         let mut shared = Resources::new();
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         let mut egress_gateway_nodes = BTreeSet::new();
         let mut ingress_gateway_nodes: BTreeMap<String, BTreeSet<_>> = BTreeMap::new();
         for pod in state.pods.values() {
-            if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
+            if !pod.phase.is_active() {
+                continue;
+            }
+            if state.is_hbone_peer(pod) {
+                // Reached through HBONE, never captured here: no node, policy or gateway
+                // bookkeeping.
+                let mut peer = workload(state, pod);
+                peer.foreign = true;
+                peer.gateway = None;
+                shared.insert(
+                    (Kind::Workload as i32, pod.uid.clone()),
+                    Arc::new(resource(pb::resource::Kind::Workload(peer))),
+                );
+                continue;
+            }
+            if !state.is_mesh_pod(pod) {
                 continue;
             }
             let Some(node) = &pod.node_name else {
@@ -215,6 +242,18 @@ impl MeshView {
             (Kind::TrustBundle as i32, String::new()),
             Arc::new(bundle_resource(bundle, root_namespace)),
         );
+        for federated in federated {
+            let td = federated.trust_domain().to_string();
+            shared.insert(
+                (Kind::FederatedBundle as i32, td.clone()),
+                Arc::new(resource(pb::resource::Kind::FederatedBundle(
+                    pb::FederatedBundle {
+                        trust_domain: td,
+                        roots_der: federated.roots().map(|r| r.to_vec()).collect(),
+                    },
+                ))),
+            );
+        }
         let index = PolicyIndex::build(
             state.policies.values().map(|e| e.policy.clone()),
             root_namespace,

@@ -8,8 +8,15 @@
 use std::collections::BTreeMap;
 
 /// The namespace label that opts a namespace into the mesh (`enabled`), or a pod out of it
-/// (`disabled`).
+/// (`disabled`); [`HBONE_PEER`] on a namespace or a pod declares pods of another data plane.
 pub const MESH_LABEL: &str = "membrane.dev/mesh";
+
+/// [`MESH_LABEL`] value declaring pods that speak HBONE themselves, outside Membrane (another
+/// data plane such as Istio ambient): mesh pods reach them through HBONE on 15008 with the
+/// identity their namespace and service account name, and Membrane never captures them or
+/// issues them an identity. An undeclared pod outside the mesh is reached in plaintext, or
+/// refused where policy requires a tunnel.
+pub const HBONE_PEER: &str = "hbone-peer";
 
 /// A namespace and the labels and annotations Membrane reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -166,6 +173,8 @@ pub struct ClusterState {
     pub gateways: BTreeMap<(String, String), membrane_policy::gateway::Gateway>,
     /// Valid `TCPRoute`s and `TLSRoute`s by (namespace, name, kind).
     pub routes: BTreeMap<(String, String, &'static str), membrane_policy::gateway::Route>,
+    /// Valid `TrustFederation`s by name (cluster-scoped).
+    pub federations: BTreeMap<String, crate::federation::TrustFederation>,
 }
 
 impl ClusterState {
@@ -208,6 +217,23 @@ impl ClusterState {
                 )
             })
             .collect()
+    }
+
+    /// Whether `pod` was declared a foreign HBONE peer ([`HBONE_PEER`] on itself, or on its
+    /// namespace without the pod opting out) and is not a mesh pod.
+    pub fn is_hbone_peer(&self, pod: &Pod) -> bool {
+        if self.is_mesh_pod(pod) {
+            return false;
+        }
+        match pod.labels.get(MESH_LABEL).map(String::as_str) {
+            Some(HBONE_PEER) => true,
+            Some(_) => false,
+            None => self
+                .namespaces
+                .get(&pod.namespace)
+                .and_then(|ns| ns.labels.get(MESH_LABEL))
+                .is_some_and(|v| v == HBONE_PEER),
+        }
     }
 
     /// Active mesh pods scheduled on `node`.
@@ -267,5 +293,41 @@ mod tests {
         }
         let names: Vec<_> = state.mesh_pods_on("n1").map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn hbone_peers_are_declared_and_never_mesh_pods() {
+        let mut state = ClusterState::default();
+        state.namespaces.insert("in".into(), ns("in", true));
+        let mut ambient = ns("ambient", false);
+        ambient.labels.insert(MESH_LABEL.into(), HBONE_PEER.into());
+        state.namespaces.insert("ambient".into(), ambient);
+        state.namespaces.insert("out".into(), ns("out", false));
+        let mut declared_pod = pod("out", "p", "n1");
+        declared_pod
+            .labels
+            .insert(MESH_LABEL.into(), HBONE_PEER.into());
+        let mut opted_out = pod("ambient", "o", "n1");
+        opted_out
+            .labels
+            .insert(MESH_LABEL.into(), "disabled".into());
+        let mut in_mesh_label = pod("in", "m", "n1");
+        in_mesh_label
+            .labels
+            .insert(MESH_LABEL.into(), HBONE_PEER.into());
+        let cases = [
+            (pod("ambient", "a", "n1"), true),
+            (declared_pod, true),
+            (opted_out, false),
+            (pod("out", "plain", "n1"), false),
+            // A mesh namespace's pod stays a mesh pod whatever it claims.
+            (in_mesh_label, false),
+        ];
+        for (p, peer) in cases {
+            assert_eq!(state.is_hbone_peer(&p), peer, "{}/{}", p.namespace, p.name);
+            if peer {
+                assert!(!state.is_mesh_pod(&p));
+            }
+        }
     }
 }

@@ -75,3 +75,5 @@ impl TestCa {
         self.issue(&Self::params(uri))
     }
 }
+
+pub mod handshake;

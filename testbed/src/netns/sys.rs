@@ -264,3 +264,17 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Error {
     Error::Panicked(panic_message(payload))
 }
+
+/// Waits (5 s at most) until something listens on TCP `port` in namespace `ns`.
+pub fn wait_listening(ns: &str, port: u16) -> anyhow::Result<()> {
+    let filter = format!("sport = :{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let out = exec_in(ns, &["ss", "-Htln", &filter])?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    anyhow::bail!("nothing listens on {port} in {ns}")
+}

@@ -1,38 +1,46 @@
-//! The benchmark's report: one Markdown table (medians per mode, ratios to direct, each
-//! target's verdict) and one JSON line with every sample.
+//! The benchmark's report: one Markdown table (medians per mode; mesh against direct, against
+//! the plain relay and against Istio's ztunnel; each target's verdict) and one JSON line with
+//! every sample.
 
 use serde_json::json;
 
 use super::Config;
 use super::measure::{Samples, median};
 
-/// What a row is held to: nothing, a minimum mesh/direct ratio, or a maximum mesh figure.
+/// What a row is held to: a minimum or maximum ratio of mesh to another mode, or a maximum
+/// mesh figure.
+#[derive(Clone, Copy)]
 enum Target {
-    Info,
-    Ratio(f64),
+    /// mesh/istio at least this.
+    AboveIstio(f64),
+    /// mesh/istio at most this.
+    BelowIstio(f64),
+    /// mesh/relay at least this.
+    AboveRelay(f64),
+    /// The mesh figure at most this.
     Max(f64),
 }
 
-use self::Target::{Info, Max, Ratio};
+use self::Target::{AboveIstio, AboveRelay, BelowIstio, Max};
 
 #[rustfmt::skip]
-const ROWS: &[(&str, &str, Target)] = &[
-    ("TCP throughput, 1 stream (Gbit/s)", "tcp1_gbps", Ratio(0.6)),
-    ("TCP throughput, 4 streams (Gbit/s)", "tcp4_gbps", Ratio(0.3)),
-    ("1-byte request/response, one connection (/s)", "rr_per_s", Ratio(0.7)),
-    ("request/response p50 (µs)", "rr_p50_us", Info),
-    ("request/response p99 (µs)", "rr_p99_us", Info),
-    ("connect + request/response + close (/s)", "conn_per_s", Ratio(0.35)),
-    ("new connection p50 (µs)", "conn_p50_us", Info),
-    ("new connection p99 (µs)", "conn_p99_us", Info),
-    ("new-connection errors (per run)", "conn_errors", Info),
-    ("ztunnel CPU per new connection, both (µs)", "zt_cpu_us_per_conn", Max(200.0)),
-    ("ztunnel CPU per request/response, both (µs)", "zt_cpu_us_per_rr", Info),
-    ("ztunnel CPU per GB, 1 stream, both (CPU-s)", "zt_cpu_s_per_gb_1", Info),
-    ("ztunnel CPU per GB, 4 streams, both (CPU-s)", "zt_cpu_s_per_gb_4", Info),
-    ("ztunnel RSS idle, fresh, larger of the two (MiB)", "zt_rss_idle_mb", Max(10.0)),
-    ("ztunnel RSS idle after earlier rounds (MiB)", "zt_rss_idle_after_load_mb", Max(10.0)),
-    ("ztunnel RSS peak, 4 streams (MiB)", "zt_rss_bulk_mb", Max(30.0)),
+const ROWS: &[(&str, &str, &[Target])] = &[
+    ("TCP throughput, 1 stream (Gbit/s)", "tcp1_gbps", &[AboveIstio(1.4), AboveRelay(0.85)]),
+    ("TCP throughput, 4 streams (Gbit/s)", "tcp4_gbps", &[AboveIstio(1.5)]),
+    ("1-byte request/response, one connection (/s)", "rr_per_s", &[AboveIstio(1.2)]),
+    ("request/response p50 (µs)", "rr_p50_us", &[]),
+    ("request/response p99 (µs)", "rr_p99_us", &[BelowIstio(0.8)]),
+    ("connect + request/response + close (/s)", "conn_per_s", &[AboveIstio(1.5)]),
+    ("new connection p50 (µs)", "conn_p50_us", &[]),
+    ("new connection p99 (µs)", "conn_p99_us", &[]),
+    ("new-connection errors (per run)", "conn_errors", &[]),
+    ("proxy CPU per new connection, both (µs)", "zt_cpu_us_per_conn", &[]),
+    ("proxy CPU per request/response, both (µs)", "zt_cpu_us_per_rr", &[]),
+    ("proxy CPU per GB, 1 stream, both (CPU-s)", "zt_cpu_s_per_gb_1", &[BelowIstio(0.75), Max(1.5)]),
+    ("proxy CPU per GB, 4 streams, both (CPU-s)", "zt_cpu_s_per_gb_4", &[BelowIstio(0.75), Max(1.5)]),
+    ("proxy RSS idle, fresh, larger of the two (MiB)", "zt_rss_idle_mb", &[Max(10.0)]),
+    ("proxy RSS idle after earlier rounds (MiB)", "zt_rss_idle_after_load_mb", &[Max(10.0)]),
+    ("proxy RSS peak, 4 streams (MiB)", "zt_rss_bulk_mb", &[Max(30.0)]),
 ];
 
 fn fmt(v: Option<f64>) -> String {
@@ -45,79 +53,96 @@ fn fmt(v: Option<f64>) -> String {
     }
 }
 
-/// The report: for each row the direct, mesh and plain-relay medians, mesh/direct against the
-/// target, and relay/direct (what the topology alone allows). In relay mode the "ztunnel"
-/// rows measure the two relays.
-pub fn report(cfg: &Config, samples: [&Samples; 3], load: (&str, &str), errors: &[String]) {
-    let [direct, mesh, relayed] = samples;
+fn times(r: Option<f64>) -> String {
+    r.map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
+}
+
+fn over(x: Option<f64>, base: Option<f64>) -> Option<f64> {
+    match (x, base) {
+        (Some(x), Some(b)) if b > 0.0 && !x.is_nan() => Some(x / b),
+        _ => None,
+    }
+}
+
+/// One target's statement and verdict (`None`: the modes it compares did not run).
+fn judge(
+    target: Target,
+    mesh: Option<f64>,
+    vs_relay: Option<f64>,
+    vs_istio: Option<f64>,
+) -> (String, Option<bool>) {
+    match target {
+        AboveIstio(x) => (format!("≥ {x}× istio"), vs_istio.map(|r| r >= x)),
+        BelowIstio(x) => (format!("≤ {x}× istio"), vs_istio.map(|r| r <= x)),
+        AboveRelay(x) => (format!("≥ {x}× relay"), vs_relay.map(|r| r >= x)),
+        Max(x) => (
+            format!("≤ {x}"),
+            mesh.filter(|m| !m.is_nan()).map(|m| m <= x),
+        ),
+    }
+}
+
+/// The report: for each row the direct, mesh, plain-relay and Istio medians, mesh/direct,
+/// mesh/relay and mesh/istio, and each target with PASS/FAIL (n/a when its modes did not
+/// run). In the relay and istio modes the "proxy" rows measure the two relays or the two
+/// Istio ztunnels.
+pub fn report(cfg: &Config, samples: [&Samples; 4], load: (&str, &str), errors: &[String]) {
+    let [direct, mesh, relayed, istio] = samples;
     println!(
         "\nMembrane data plane, medians of {} rounds (load average at start {}, at end {})\n",
         cfg.rounds, load.0, load.1
     );
     println!(
-        "| measurement | direct | mesh | mesh/direct | target | result | plain relay | relay/direct |"
+        "| measurement | direct | mesh | plain relay | Istio ztunnel | mesh/direct | mesh/relay | mesh/istio | targets |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut medians = (
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-    );
-    let mut ratios = serde_json::Map::new();
-    let mut relay_ratios = serde_json::Map::new();
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut medians: [serde_json::Map<String, serde_json::Value>; 4] = Default::default();
+    let mut ratios: [serde_json::Map<String, serde_json::Value>; 3] = Default::default();
     let mut verdicts = serde_json::Map::new();
-    let over = |x: Option<f64>, base: Option<f64>| match (x, base) {
-        (Some(x), Some(b)) if b > 0.0 => Some(x / b),
-        _ => None,
-    };
-    for (label, key, target) in ROWS {
-        let d = direct.get(key).and_then(|v| median(v));
-        let m = mesh.get(key).and_then(|v| median(v));
-        let r = relayed.get(key).and_then(|v| median(v));
-        let ratio = over(m, d);
-        let relay_ratio = over(r, d);
-        let (goal, pass) = match target {
-            Info => (String::new(), None),
-            Ratio(x) => (format!("≥ {x}×"), ratio.map(|r| r >= *x)),
-            Max(x) => (format!("≤ {x}"), m.map(|m| m <= *x)),
-        };
-        let verdict = match pass {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None if goal.is_empty() => "",
-            None => "n/a",
-        };
-        let times = |r: Option<f64>| r.map_or_else(|| "–".into(), |r| format!("{r:.2}×"));
+    for (label, key, targets) in ROWS {
+        let m: [Option<f64>; 4] =
+            [direct, mesh, relayed, istio].map(|s| s.get(key).and_then(|v| median(v)));
+        let r = [over(m[1], m[0]), over(m[1], m[2]), over(m[1], m[3])];
+        let mut stated = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let (goal, pass) = judge(*t, m[1], r[1], r[2]);
+            let verdict = match pass {
+                Some(true) => "PASS",
+                Some(false) => "FAIL",
+                None => "n/a",
+            };
+            stated.push(format!("{goal} {verdict}"));
+            if let Some(p) = pass {
+                verdicts.insert(format!("{key}#{i}"), json!(p));
+            }
+        }
         println!(
-            "| {label} | {} | {} | {} | {goal} | {verdict} | {} | {} |",
-            fmt(d),
-            fmt(m),
-            times(ratio),
-            fmt(r),
-            times(relay_ratio),
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt(m[0]),
+            fmt(m[1]),
+            fmt(m[2]),
+            fmt(m[3]),
+            times(r[0]),
+            times(r[1]),
+            times(r[2]),
+            stated.join("; "),
         );
-        if let Some(d) = d {
-            medians.0.insert((*key).into(), json!(d));
+        for (map, v) in medians.iter_mut().zip(m) {
+            if let Some(v) = v.filter(|v| !v.is_nan()) {
+                map.insert((*key).into(), json!(v));
+            }
         }
-        if let Some(m) = m {
-            medians.1.insert((*key).into(), json!(m));
-        }
-        if let Some(r) = r {
-            medians.2.insert((*key).into(), json!(r));
-        }
-        if let Some(r) = ratio {
-            ratios.insert((*key).into(), json!(r));
-        }
-        if let Some(r) = relay_ratio {
-            relay_ratios.insert((*key).into(), json!(r));
-        }
-        if let Some(p) = pass {
-            verdicts.insert((*key).into(), json!(p));
+        for (map, v) in ratios.iter_mut().zip(r) {
+            if let Some(v) = v {
+                map.insert((*key).into(), json!(v));
+            }
         }
     }
     for e in errors {
         println!("\nerror: {e}");
     }
+    let [md, mm, mr, mi] = medians;
+    let [rd, rr, ri] = ratios;
     let line = json!({
         "bench": "membrane-dataplane",
         "rounds": cfg.rounds,
@@ -127,13 +152,15 @@ pub fn report(cfg: &Config, samples: [&Samples; 3], load: (&str, &str), errors: 
         "inflight": cfg.inflight,
         "load_start": load.0,
         "load_end": load.1,
-        "direct": medians.0,
-        "mesh": medians.1,
-        "relay": medians.2,
-        "ratio": ratios,
-        "relay_ratio": relay_ratios,
+        "direct": md,
+        "mesh": mm,
+        "relay": mr,
+        "istio": mi,
+        "ratio": rd,
+        "relay_ratio": rr,
+        "istio_ratio": ri,
         "pass": verdicts,
-        "samples": {"direct": direct, "mesh": mesh, "relay": relayed},
+        "samples": {"direct": direct, "mesh": mesh, "relay": relayed, "istio": istio},
         "errors": errors,
     });
     println!("\n{line}");

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use membrane_identity::verify::{mtls_client_config, mtls_server_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustDomain, WorkloadSvid};
+use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, WorkloadSvid};
 
 /// The only ALPN protocol HBONE speaks (the value `crate::hbone::ALPN_H2` checks for).
 const ALPN_H2: &[u8] = b"h2";
@@ -37,7 +37,6 @@ pub struct TlsConfigError {
 #[derive(Debug)]
 pub struct TlsConfigs {
     bundle: SharedTrustBundle,
-    trust_domain: TrustDomain,
     /// (source, expected peer) → (SVID serial, configuration).
     clients: Mutex<HashMap<(SpiffeId, SpiffeId), Cached<rustls::ClientConfig>>>,
     /// Presented identity → (SVID serial, configuration).
@@ -47,12 +46,11 @@ pub struct TlsConfigs {
 type Cached<T> = (String, Arc<T>);
 
 impl TlsConfigs {
-    /// An empty cache. Peers are verified against `bundle`; a server accepts clients of
-    /// `trust_domain`.
-    pub fn new(bundle: SharedTrustBundle, trust_domain: TrustDomain) -> Self {
+    /// An empty cache. Peers are verified against `bundle` (the local trust domain's roots
+    /// and the federated ones, each for its own trust domain).
+    pub fn new(bundle: SharedTrustBundle) -> Self {
         Self {
             bundle,
-            trust_domain,
             clients: Mutex::default(),
             servers: Mutex::default(),
         }
@@ -78,8 +76,9 @@ impl TlsConfigs {
         })
     }
 
-    /// The server configuration presenting `svid` and accepting any client of the mesh's
-    /// trust domain (which client may do what is policy's decision, after the handshake).
+    /// The server configuration presenting `svid` and accepting any client whose chain
+    /// verifies against the bundle of its own trust domain: the mesh's, or a federated one
+    /// (which client may do what is policy's decision, after the handshake).
     pub fn server_config(
         &self,
         svid: &WorkloadSvid,
@@ -89,7 +88,7 @@ impl TlsConfigs {
             let mut cfg = mtls_server_config(
                 svid,
                 self.bundle.clone(),
-                PeerCheck::TrustDomain(self.trust_domain.clone()),
+                PeerCheck::AnyTrusted,
                 membrane_identity::crypto_provider(),
             )?;
             cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -155,8 +154,8 @@ mod tests {
 
         fn configs(&self) -> TlsConfigs {
             let td = parse_trust_domain("cluster.local").expect("td");
-            let bundle = TrustBundle::new(td.clone(), [self.0.der().clone()]).expect("bundle");
-            TlsConfigs::new(SharedTrustBundle::new(bundle), td)
+            let bundle = TrustBundle::new(td, [self.0.der().clone()]).expect("bundle");
+            TlsConfigs::new(SharedTrustBundle::new(bundle))
         }
 
         fn svid(&self, uri: &str) -> WorkloadSvid {

@@ -484,6 +484,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
+/// Metered bytes are counted as they pass `poll_read` and `poll_write`: no chunk paths.
+impl<S> crate::relay::Chunks for Metered<S> {}
+
 impl<S: ResetOnError> ResetOnError for Metered<S> {
     fn reset(self) {
         self.inner.reset();

@@ -90,6 +90,10 @@ impl ConnectHandler for EgressGateway {
     type Admission = EgressTunnel;
     type App = GatewayUpstream;
 
+    fn denial_status(&self) -> crate::hbone::DenialStatus {
+        self.proxy.wire.denial
+    }
+
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, EgressTunnel, GatewayUpstream> {
         Box::pin(async move {
             let peer_ip = req

@@ -243,6 +243,7 @@ impl IngressGateway {
         };
         let headers = ConnectHeaders {
             forwarded_for: Some(client),
+            baggage: Some(self.proxy.wire.baggage(own)),
             ..ConnectHeaders::default()
         };
         let dial = Arc::new(PodDial(self.pod.netns.clone()));
@@ -304,6 +305,10 @@ pub struct IngressTunnel(ConnectionLog);
 impl ConnectHandler for IngressHbone {
     type Admission = IngressTunnel;
     type App = crate::hbone::H2Stream;
+
+    fn denial_status(&self) -> crate::hbone::DenialStatus {
+        self.0.proxy.wire.denial
+    }
 
     fn connect(
         &self,

@@ -220,6 +220,8 @@ impl AsyncWrite for GatewayUpstream {
     }
 }
 
+impl crate::relay::Chunks for GatewayUpstream {}
+
 impl ResetOnError for GatewayUpstream {
     fn reset(self) {
         match self.inner {

@@ -25,7 +25,8 @@
 //! Wire contract: `:method CONNECT`, `:authority` = original destination `ip:port`, headers
 //! `forwarded: for="<source ip>"` (IPv6 in brackets, RFC 7239), optional `baggage` and
 //! `traceparent`. Responses: 200 tunnel open, 400 malformed request, 401 no/invalid identity,
-//! 403 denied by policy, 503 destination unreachable.
+//! 403 denied by policy (401 when the handler speaks Istio's dialect, [`DenialStatus`]), 503
+//! destination unreachable.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -43,8 +44,9 @@ pub use client::{ConnectHeaders, Dial};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{
-    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, HandshakeLimits,
-    parse_authority, parse_named_authority, serve_connection, set_handshake_limits,
+    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, DenialStatus,
+    HandshakeLimits, parse_authority, parse_named_authority, serve_connection,
+    set_handshake_limits,
 };
 pub use stream::H2Stream;
 

@@ -166,12 +166,17 @@ pub enum ConnectRefusal {
 }
 
 impl ConnectRefusal {
-    /// The status the peer receives.
+    /// The status the peer receives from a handler answering denials with 403.
     pub fn status(&self) -> StatusCode {
+        self.status_given(DenialStatus::Forbidden)
+    }
+
+    /// The status the peer receives when policy denials are answered with `denial`.
+    pub fn status_given(&self, denial: DenialStatus) -> StatusCode {
         match self {
             ConnectRefusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             ConnectRefusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            ConnectRefusal::Denied(_) => StatusCode::FORBIDDEN,
+            ConnectRefusal::Denied(_) => denial.status(),
             ConnectRefusal::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -183,6 +188,41 @@ impl ConnectRefusal {
             | ConnectRefusal::Unauthenticated(r)
             | ConnectRefusal::Denied(r)
             | ConnectRefusal::Unreachable(r) => r,
+        }
+    }
+}
+
+/// The status a policy denial is answered with. Both dialects are refusals to any HBONE
+/// client (every status but 200 is); they differ only in what a peer's logs and metrics show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenialStatus {
+    /// 403 Forbidden: Membrane's answer (RFC 9110: authenticated, and not allowed).
+    #[default]
+    Forbidden,
+    /// 401 Unauthorized: what Istio's ztunnel answers for an authorization-policy denial.
+    Unauthorized,
+}
+
+impl DenialStatus {
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+impl std::str::FromStr for DenialStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "403" => Ok(Self::Forbidden),
+            "401" => Ok(Self::Unauthorized),
+            other => Err(format!(
+                "{other:?} is not a denial status: 403 (Membrane) or 401 (Istio's ztunnel)"
+            )),
         }
     }
 }
@@ -225,6 +265,12 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// Authorizes `req` and connects to its destination. Called once per well-formed CONNECT;
     /// the future is dropped if the peer resets the stream meanwhile.
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Self::Admission, Self::App>;
+
+    /// The status a [`ConnectRefusal::Denied`] is answered with: 403 unless the handler
+    /// speaks Istio's dialect ([`DenialStatus`]).
+    fn denial_status(&self) -> DenialStatus {
+        DenialStatus::default()
+    }
 
     /// Called once for every accepted request — when its relay ended, or when the tunnel could
     /// not be opened after all (an error on side B, nothing relayed) — with the admission
@@ -399,8 +445,9 @@ async fn handle_stream<H: ConnectHandler + ?Sized>(
     } = match decision {
         Ok(accepted) => accepted,
         Err(refusal) => {
-            tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
-            return answer(&mut respond, refusal.status());
+            let status = refusal.status_given(handler.denial_status());
+            tracing::info!(%status, reason = refusal.reason(), "CONNECT refused");
+            return answer(&mut respond, status);
         }
     };
     let send = match respond.send_response(Response::new(()), false) {
@@ -626,6 +673,13 @@ mod tests {
             ConnectRefusal::Denied("x".into()).status(),
             StatusCode::FORBIDDEN
         );
+        assert_eq!(
+            ConnectRefusal::Denied("x".into()).status_given(DenialStatus::Unauthorized),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!("401".parse(), Ok(DenialStatus::Unauthorized));
+        assert_eq!("403".parse(), Ok(DenialStatus::Forbidden));
+        assert!("200".parse::<DenialStatus>().is_err());
         let unreachable = ConnectRefusal::Unreachable("app down".into());
         assert_eq!(unreachable.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(unreachable.reason(), "app down");

@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::relay::ResetOnError;
+use crate::relay::{Chunks, ResetOnError};
 
 /// An open HBONE tunnel: the DATA frames of one HTTP/2 stream, both ways.
 ///
@@ -145,51 +145,110 @@ impl AsyncRead for H2Stream {
     }
 }
 
+impl H2Stream {
+    /// Sends a prefix of `len` bytes as one DATA frame once h2 grants capacity; `take(n)`
+    /// produces the first `n` bytes as a chunk.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        take: impl FnOnce(&mut Self, usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if self.failed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "HBONE stream was reset",
+            )));
+        }
+        if self.send_done {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of the HBONE stream",
+            )));
+        }
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        // Ask for room for the whole buffer; h2 grants what the windows and its send buffer
+        // allow, possibly in several steps.
+        self.send.reserve_capacity(len);
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                let n = capacity.min(len);
+                let chunk = take(self, n);
+                if let Err(e) = self.send.send_data(chunk, false) {
+                    return Poll::Ready(Err(self.fail(e)));
+                }
+                return Poll::Ready(Ok(n));
+            }
+            // `poll_capacity` is ready only when capacity grew since it was last ready, so this
+            // loop polls again (registering the waker) at most once per growth.
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(self.fail(e))),
+                None => return Poll::Ready(Err(self.send_closed_error(cx))),
+            }
+        }
+    }
+}
+
+/// The relay trades DATA frames with a tunnel as they are: received frames go to the other
+/// side without a copy into the relay's buffer, and what the relay read for the tunnel is sent
+/// as the chunk it was read into.
+impl Chunks for H2Stream {
+    const READS_CHUNKS: bool = true;
+    const WRITES_CHUNKS: bool = true;
+
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        loop {
+            if self.failed {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "HBONE stream was reset",
+                )));
+            }
+            if !self.pending.is_empty() {
+                let chunk = std::mem::take(&mut self.pending);
+                // The relay writes this chunk before it asks for the next one: what the peer
+                // may send stays bounded by the stream window plus one chunk.
+                if let Err(e) = self.recv.flow_control().release_capacity(chunk.len()) {
+                    return Poll::Ready(Err(self.fail(e)));
+                }
+                return Poll::Ready(Ok(chunk));
+            }
+            if self.recv_done {
+                return Poll::Ready(Ok(Bytes::new()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                None => self.recv_done = true,
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(self.fail(e))),
+            }
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let len = chunk.len();
+        self.poll_send(cx, len, |_, n| chunk.split_to(n))
+    }
+}
+
 impl AsyncWrite for H2Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.failed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "HBONE stream was reset",
-            )));
-        }
-        if this.send_done {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown of the HBONE stream",
-            )));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        // Ask for room for the whole buffer; h2 grants what the windows and its send buffer
-        // allow, possibly in several steps.
-        this.send.reserve_capacity(buf.len());
-        loop {
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len());
-                this.out.reserve(n);
-                this.out.extend_from_slice(&buf[..n]);
-                let chunk = this.out.split().freeze();
-                if let Err(e) = this.send.send_data(chunk, false) {
-                    return Poll::Ready(Err(this.fail(e)));
-                }
-                return Poll::Ready(Ok(n));
-            }
-            // `poll_capacity` is ready only when capacity grew since it was last ready, so this
-            // loop polls again (registering the waker) at most once per growth.
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(this.fail(e))),
-                None => return Poll::Ready(Err(this.send_closed_error(cx))),
-            }
-        }
+        self.get_mut().poll_send(cx, buf.len(), |this, n| {
+            this.out.reserve(n);
+            this.out.extend_from_slice(&buf[..n]);
+            this.out.split().freeze()
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

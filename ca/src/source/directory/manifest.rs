@@ -2,7 +2,7 @@
 //!
 //! A file may hold several documents, and `kind: List` is unpacked. `Namespace`, `Pod`,
 //! `ServiceAccount`, `Service`, `AuthorizationPolicy` (Membrane's and Istio's API groups),
-//! `EgressPolicy` and the Gateway API's `Gateway`, `TCPRoute` and `TLSRoute` are understood; other kinds are ignored. Every error names the document and the field.
+//! `EgressPolicy`, `TrustFederation` and the Gateway API's `Gateway`, `TCPRoute` and `TLSRoute` are understood; other kinds are ignored. Every error names the document and the field.
 //! Pure: this module must not touch the filesystem, the clock or any channel (that is
 //! [`super::watch`]).
 
@@ -65,6 +65,8 @@ pub enum Object {
     Gateway(membrane_policy::gateway::Gateway),
     /// A valid `TCPRoute` or `TLSRoute`.
     Route(membrane_policy::gateway::Route),
+    /// A valid `TrustFederation`.
+    Federation(crate::federation::TrustFederation),
 }
 
 /// A Service as written in a manifest: endpoints come from its selector.
@@ -327,6 +329,12 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
                 },
             )?;
             out.push(Object::Egress(policy));
+            Ok(())
+        }
+        (v, crate::federation::spec::KIND) if v.starts_with(crate::federation::spec::GROUP) => {
+            let federation = crate::federation::spec::parse(Value::Object(map))
+                .map_err(|(f, m)| field_err(f, m))?;
+            out.push(Object::Federation(federation));
             Ok(())
         }
         (_, "Namespace" | "Pod" | "ServiceAccount" | "Service") => Err(field_err(

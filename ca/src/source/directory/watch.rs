@@ -295,6 +295,15 @@ impl DirectorySource {
                             .or_insert_with(|| policy.clone());
                         dup.then(|| format!("EgressPolicy {}", policy.key()))
                     }
+                    Object::Federation(federation) => {
+                        let key = federation.name.clone();
+                        let dup = state.federations.contains_key(&key);
+                        state
+                            .federations
+                            .entry(key)
+                            .or_insert_with(|| federation.clone());
+                        dup.then(|| format!("TrustFederation {}", federation.name))
+                    }
                 };
                 if let Some(object) = duplicate {
                     tracing::warn!(file = %path.display(), object, "object defined twice; the first definition wins");

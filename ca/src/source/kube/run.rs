@@ -297,6 +297,9 @@ impl Caches {
                 .chain(self.tls_routes.items())
                 .map(|(k, r)| (gateway_api::route_key(k, r), r.clone()))
                 .collect(),
+            // TrustFederation is read from manifests only so far (`membrane local`, or a
+            // controller with a manifest directory); no custom resource is watched yet.
+            federations: std::collections::BTreeMap::new(),
         }
     }
 

@@ -1,0 +1,298 @@
+//! SPIFFE Federation: the controller serves its own trust bundle at a bundle endpoint
+//! ([`endpoint`]) and follows each `TrustFederation` ([`spec`]) by fetching that trust
+//! domain's bundle ([`fetch`]) at the refresh hint the peer gives. The bundles held are
+//! streamed to the ztunnels as `FederatedBundle` resources, where a peer's chain is verified
+//! against the bundle of its own trust domain only.
+//!
+//! Until its first fetch a federation's bootstrap bundle is in force (it vouches for the
+//! endpoint and for the trust domain's identities alike). A failed fetch keeps the last good
+//! bundle, says so in a log line and `membrane_ca_federated_bundle_fetches_total{result}`, and
+//! `membrane_ca_federated_bundle_age_seconds` keeps growing. A `TrustFederation` removed
+//! stops being trusted at the next discovery update. A federation naming the local trust
+//! domain, or a second one naming a trust domain already federated, is refused with an error
+//! log and changes nothing.
+
+pub mod endpoint;
+pub mod fetch;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use membrane_identity::{TrustBundle, TrustDomain};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::source::StateReceiver;
+pub use spec::TrustFederation;
+
+/// Refresh interval when a peer gives no hint.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+/// Bounds on a peer's hint (a hint of 0 must not become a busy loop, nor one of a year a
+/// bundle that never changes).
+pub const REFRESH_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+/// Retry delays after a failed fetch (doubling).
+pub const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// The federated bundles streamed to the ztunnels.
+pub type FederatedBundles = watch::Receiver<Arc<Vec<TrustBundle>>>;
+
+/// Labels naming a federated trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TrustDomainLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+}
+
+/// Labels of `membrane_ca_federated_bundle_fetches_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// `ok`, or why it failed (`connect`, `tls`, `http`, `document`, `rollback`, `timeout`).
+    pub result: &'static str,
+}
+
+/// Federation metrics.
+#[derive(Debug, Clone, Default)]
+pub struct FederationMetrics {
+    age: Family<TrustDomainLabels, Gauge<f64, AtomicU64>>,
+    fetches: Family<FetchLabels, Counter>,
+    sequence: Family<TrustDomainLabels, Gauge>,
+}
+
+impl FederationMetrics {
+    /// Registers the federation metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "federated_bundle_age_seconds",
+            "Seconds since the bundle in force for a federated trust domain was fetched (or since its bootstrap bundle took effect)",
+            m.age.clone(),
+        );
+        registry.register(
+            "federated_bundle_fetches",
+            "Fetches of federated trust domains' bundles, by result",
+            m.fetches.clone(),
+        );
+        registry.register(
+            "federated_bundle_sequence",
+            "spiffe_sequence of the bundle in force for a federated trust domain",
+            m.sequence.clone(),
+        );
+        m
+    }
+}
+
+/// What is held for one federated trust domain.
+#[derive(Debug, Clone)]
+struct Held {
+    bundle: TrustBundle,
+    sequence: Option<u64>,
+    /// When the bundle in force took effect (bootstrap or fetch).
+    since: Instant,
+}
+
+type HeldMap = Arc<Mutex<BTreeMap<TrustDomain, Held>>>;
+
+/// Follows the `TrustFederation`s of the source state and publishes the bundles held to
+/// `out` until `cancel` fires.
+pub async fn run(
+    local: TrustDomain,
+    mut state: StateReceiver,
+    out: watch::Sender<Arc<Vec<TrustBundle>>>,
+    metrics: FederationMetrics,
+    cancel: CancellationToken,
+) {
+    let held: HeldMap = Arc::default();
+    let mut tasks: BTreeMap<String, (TrustFederation, JoinHandle<()>)> = BTreeMap::new();
+    let mut ager = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let wanted = state
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|s| s.federations.clone())
+                    .unwrap_or_default();
+                reconcile(&local, wanted, &mut tasks, &held, &out, &metrics);
+            }
+            _ = ager.tick() => {
+                for (td, h) in membrane_runtime::lock(&held).iter() {
+                    let labels = TrustDomainLabels { trust_domain: td.to_string() };
+                    metrics.age.get_or_create(&labels).set(h.since.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+    for (_, (_, task)) in tasks {
+        task.abort();
+    }
+}
+
+/// Starts, restarts and stops fetchers so they follow `wanted`.
+fn reconcile(
+    local: &TrustDomain,
+    wanted: BTreeMap<String, TrustFederation>,
+    tasks: &mut BTreeMap<String, (TrustFederation, JoinHandle<()>)>,
+    held: &HeldMap,
+    out: &watch::Sender<Arc<Vec<TrustBundle>>>,
+    metrics: &FederationMetrics,
+) {
+    let stale: Vec<String> = (tasks.iter())
+        .filter(|(name, (fed, _))| wanted.get(*name) != Some(fed))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        if let Some((fed, task)) = tasks.remove(&name) {
+            task.abort();
+            membrane_runtime::lock(held).remove(&fed.trust_domain);
+            let labels = TrustDomainLabels {
+                trust_domain: fed.trust_domain.to_string(),
+            };
+            metrics.age.remove(&labels);
+            metrics.sequence.remove(&labels);
+            tracing::info!(federation = %name, trust_domain = %fed.trust_domain, "federation removed or changed; its bundle is no longer trusted");
+        }
+    }
+    for (name, fed) in wanted {
+        if tasks.contains_key(&name) {
+            continue;
+        }
+        if &fed.trust_domain == local {
+            tracing::error!(federation = %name, trust_domain = %fed.trust_domain, "a TrustFederation cannot name the local trust domain; ignored");
+            continue;
+        }
+        if let Some((other, _)) = tasks
+            .iter()
+            .find(|(_, (f, _))| f.trust_domain == fed.trust_domain)
+        {
+            tracing::error!(federation = %name, other = %other, trust_domain = %fed.trust_domain, "trust domain already federated by another TrustFederation; ignored");
+            continue;
+        }
+        membrane_runtime::lock(held).insert(
+            fed.trust_domain.clone(),
+            Held {
+                bundle: fed.bootstrap.clone(),
+                sequence: None,
+                since: Instant::now(),
+            },
+        );
+        tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, "federation added; its bootstrap bundle is in force until the first fetch");
+        let task = tokio::spawn(follow(
+            fed.clone(),
+            held.clone(),
+            out.clone(),
+            metrics.clone(),
+        ));
+        tasks.insert(name, (fed, task));
+    }
+    publish(held, out);
+}
+
+/// Publishes the bundles held, if they changed.
+fn publish(held: &HeldMap, out: &watch::Sender<Arc<Vec<TrustBundle>>>) {
+    let bundles: Vec<TrustBundle> = membrane_runtime::lock(held)
+        .values()
+        .map(|h| h.bundle.clone())
+        .collect();
+    out.send_if_modified(|current| {
+        if **current == bundles {
+            return false;
+        }
+        *current = Arc::new(bundles);
+        true
+    });
+}
+
+/// Fetches one federation's bundle at its refresh hint, forever (the task is aborted when the
+/// federation goes away).
+async fn follow(
+    fed: TrustFederation,
+    held: HeldMap,
+    out: watch::Sender<Arc<Vec<TrustBundle>>>,
+    metrics: FederationMetrics,
+) {
+    let td = fed.trust_domain.to_string();
+    let mut retry = RETRY_BOUNDS.0;
+    loop {
+        let Some(current) = membrane_runtime::lock(&held)
+            .get(&fed.trust_domain)
+            .cloned()
+        else {
+            return;
+        };
+        let wait = match fetch::fetch(&fed, &current.bundle, current.sequence).await {
+            Ok(fetched) => {
+                metrics
+                    .fetches
+                    .get_or_create(&FetchLabels {
+                        trust_domain: td.clone(),
+                        result: "ok",
+                    })
+                    .inc();
+                if let Some(seq) = fetched.sequence {
+                    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                    metrics
+                        .sequence
+                        .get_or_create(&TrustDomainLabels {
+                            trust_domain: td.clone(),
+                        })
+                        .set(seq);
+                }
+                if fetched.bundle != current.bundle {
+                    tracing::info!(trust_domain = %td, roots = fetched.bundle.roots().len(), sequence = ?fetched.sequence, "federated trust bundle changed");
+                }
+                membrane_runtime::lock(&held).insert(
+                    fed.trust_domain.clone(),
+                    Held {
+                        bundle: fetched.bundle,
+                        sequence: fetched.sequence.or(current.sequence),
+                        since: Instant::now(),
+                    },
+                );
+                publish(&held, &out);
+                retry = RETRY_BOUNDS.0;
+                fetched
+                    .refresh_hint
+                    .unwrap_or(DEFAULT_REFRESH)
+                    .clamp(REFRESH_BOUNDS.0, REFRESH_BOUNDS.1)
+            }
+            Err(e) => {
+                let result = match &e {
+                    fetch::FetchError::Connect { .. } => "connect",
+                    fetch::FetchError::Tls { .. } => "tls",
+                    fetch::FetchError::Http { .. } => "http",
+                    fetch::FetchError::Document { .. } => "document",
+                    fetch::FetchError::Rollback { .. } => "rollback",
+                    fetch::FetchError::Timeout { .. } => "timeout",
+                };
+                metrics
+                    .fetches
+                    .get_or_create(&FetchLabels {
+                        trust_domain: td.clone(),
+                        result,
+                    })
+                    .inc();
+                tracing::warn!(trust_domain = %td, error = %e, age_s = current.since.elapsed().as_secs(), "federated bundle fetch failed; the last good bundle stays in force");
+                let wait = retry;
+                retry = (retry * 2).min(RETRY_BOUNDS.1);
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}

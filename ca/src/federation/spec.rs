@@ -1,0 +1,130 @@
+//! The `TrustFederation` resource: which foreign trust domain this controller trusts, where
+//! its SPIFFE bundle endpoint is, and what vouches for that endpoint on the first fetch.
+//!
+//! ```yaml
+//! apiVersion: security.membrane.dev/v1
+//! kind: TrustFederation
+//! metadata: {name: cluster-b}
+//! spec:
+//!   trustDomain: cluster-b.example
+//!   bundleEndpoint:
+//!     url: https://192.0.2.10:15015/
+//!     spiffeId: spiffe://cluster-b.example/ns/membrane-system/sa/membrane-ca
+//!   bootstrapBundle: |   # PEM roots, or a SPIFFE bundle document (JSON)
+//!     -----BEGIN CERTIFICATE-----
+//!     ...
+//! ```
+//!
+//! Cluster-scoped (a namespace is refused). Only the `https_spiffe` profile exists: the
+//! endpoint's certificate must be an X.509-SVID of `spiffeId`, verified against the peer's
+//! bundle (the bootstrap one until the first fetch, then the last fetched one).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use membrane_identity::{SpiffeId, TrustBundle, TrustDomain};
+
+/// The resource's kind.
+pub const KIND: &str = "TrustFederation";
+/// Its API group (any version of it: `security.membrane.dev/v1`).
+pub const GROUP: &str = "security.membrane.dev/";
+
+/// A validated `TrustFederation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustFederation {
+    /// `metadata.name`.
+    pub name: String,
+    /// The federated trust domain.
+    pub trust_domain: TrustDomain,
+    /// The bundle endpoint (`https`).
+    pub url: http::Uri,
+    /// The SPIFFE ID the endpoint's certificate must carry (in `trust_domain`).
+    pub endpoint_id: SpiffeId,
+    /// The roots that vouch for the endpoint until the first fetch.
+    pub bootstrap: TrustBundle,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: Metadata,
+    spec: Spec,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    trust_domain: String,
+    bundle_endpoint: Endpoint,
+    bootstrap_bundle: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Endpoint {
+    url: String,
+    spiffe_id: String,
+}
+
+/// Parses and validates one `TrustFederation` object; an error names the field.
+pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
+    let doc: Doc = serde_path_to_error::deserialize(value)
+        .map_err(|e| (e.path().to_string(), e.inner().to_string()))?;
+    let err = |field: &str, message: String| (field.to_owned(), message);
+    if doc.metadata.namespace.is_some() {
+        return Err(err(
+            "metadata.namespace",
+            "a TrustFederation is cluster-scoped".into(),
+        ));
+    }
+    membrane_identity::spiffe_id::validate_service_account(&doc.metadata.name)
+        .map_err(|e| err("metadata.name", e.to_string()))?;
+    let trust_domain = membrane_identity::spiffe_id::parse_trust_domain(&doc.spec.trust_domain)
+        .map_err(|e| err("spec.trustDomain", e.to_string()))?;
+    let url: http::Uri = (doc.spec.bundle_endpoint.url.parse())
+        .map_err(|e: http::uri::InvalidUri| err("spec.bundleEndpoint.url", e.to_string()))?;
+    if url.scheme_str() != Some("https") || url.host().is_none() {
+        return Err(err(
+            "spec.bundleEndpoint.url",
+            "must be an https:// URL with a host (the https_spiffe profile)".into(),
+        ));
+    }
+    let endpoint_id = SpiffeId::new(&doc.spec.bundle_endpoint.spiffe_id)
+        .map_err(|e| err("spec.bundleEndpoint.spiffeId", e.to_string()))?;
+    if endpoint_id.trust_domain() != &trust_domain {
+        return Err(err(
+            "spec.bundleEndpoint.spiffeId",
+            format!("must be in trust domain {trust_domain}"),
+        ));
+    }
+    let bootstrap = bootstrap_bundle(&trust_domain, &doc.spec.bootstrap_bundle)
+        .map_err(|m| err("spec.bootstrapBundle", m))?;
+    Ok(TrustFederation {
+        name: doc.metadata.name,
+        trust_domain,
+        url,
+        endpoint_id,
+        bootstrap,
+    })
+}
+
+/// A bootstrap bundle: PEM roots, or a SPIFFE bundle document.
+fn bootstrap_bundle(td: &TrustDomain, text: &str) -> Result<TrustBundle, String> {
+    if text.trim_start().starts_with('{') {
+        let doc = membrane_identity::federation::BundleDocument::parse(td, text.as_bytes())
+            .map_err(|e| e.to_string())?;
+        return doc.to_trust_bundle().map_err(|e| e.to_string());
+    }
+    TrustBundle::from_pem(td.clone(), text.as_bytes()).map_err(|e| e.to_string())
+}

@@ -1,0 +1,340 @@
+//! SPIFFE Federation between controllers over real TLS on loopback: a controller serves its
+//! bundle at its bundle endpoint, another follows it through a `TrustFederation` manifest and
+//! streams the roots to its nodes; a failing, lying or replaying endpoint leaves the last
+//! good bundle in force, and its age is reported.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use membrane_proto::v1 as pb;
+use membrane_tests::{MESH_MANIFESTS, OfflineCa, TestCa, node_token};
+
+const B: &str = "cluster-b.example";
+const C: &str = "cluster-c.example";
+
+fn federation(name: &str, td: &str, url: &str, bootstrap_pem: &str) -> String {
+    let indented: String = bootstrap_pem
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    format!(
+        "---\napiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  bundleEndpoint:\n    url: {url}\n    spiffeId: spiffe://{td}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}"
+    )
+}
+
+/// The roots (DER) node-a is told to trust for `td`, once its stream carries them.
+async fn federated_roots(
+    stream: &mut tonic::Streaming<pb::Update>,
+    held: &mut std::collections::BTreeMap<String, Vec<Vec<u8>>>,
+    td: &str,
+    want: impl Fn(Option<&Vec<Vec<u8>>>) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !want(held.get(td)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        ensure!(
+            !left.is_zero(),
+            "node-a's stream never carried the expected roots of {td}"
+        );
+        let update = tokio::time::timeout(left, stream.message())
+            .await
+            .context("no update in time")??
+            .context("stream ended")?;
+        if update.snapshot {
+            held.clear();
+        }
+        for r in &update.upserts {
+            if let Some(pb::resource::Kind::FederatedBundle(b)) = &r.kind {
+                held.insert(b.trust_domain.clone(), b.roots_der.clone());
+            }
+        }
+        for k in &update.removals {
+            if k.kind == pb::resource_key::Kind::FederatedBundle as i32 {
+                held.remove(&k.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the controller's metrics hold a line containing every part of `parts`.
+async fn metric(ca: &TestCa, parts: &[&str]) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = ca.metrics().await?;
+        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return Ok(line.to_owned());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no metric line with {parts:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_bundle_is_fetched_from_its_endpoint_and_streamed_to_the_nodes() -> anyhow::Result<()>
+{
+    let b = TestCa::builder()
+        .trust_domain(B)
+        .bundle_endpoint(Duration::from_secs(1))
+        .start()
+        .await?;
+    let endpoint = b.bundle_endpoint_addr().context("B serves its bundle")?;
+    let a = TestCa::builder()
+        .trust_domain("cluster-a.example")
+        .nodes(&["node-a".to_owned()])
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .manifest(
+            "federation.yaml",
+            &federation(
+                "cluster-b",
+                B,
+                &format!("https://{endpoint}/"),
+                &b.root_pem(),
+            ),
+        )
+        .start()
+        .await?;
+    let mut client = a.client(&node_token("node-a")).await?;
+    let mut stream = client.watch("node-a").await?;
+    let mut held = Default::default();
+    let b_roots: Vec<Vec<u8>> = pem_roots(&b.root_pem());
+    federated_roots(&mut stream, &mut held, B, |r| r == Some(&b_roots)).await?;
+    metric(&a, &["federated_bundle_fetches_total", B, "result=\"ok\""]).await?;
+    metric(&a, &["federated_bundle_sequence", B]).await?;
+
+    // B goes away: A keeps B's bundle, says why, and its age grows.
+    drop(b.stop().await);
+    metric(
+        &a,
+        &["federated_bundle_fetches_total", B, "result=\"connect\""],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let age = metric(&a, &["federated_bundle_age_seconds", B]).await?;
+    let secs: f64 = age.rsplit(' ').next().unwrap_or("0").parse()?;
+    ensure!(secs >= 2.0, "the bundle's age is not growing: {age}");
+    let roots = a_federated_now(&a).await?;
+    ensure!(
+        roots.get(B) == Some(&b_roots),
+        "B's last good bundle was dropped"
+    );
+
+    // The federation removed: B is no longer trusted.
+    std::fs::remove_file(a.manifests_dir().join("federation.yaml"))?;
+    federated_roots(&mut stream, &mut held, B, |r| r.is_none()).await?;
+    Ok(())
+}
+
+/// A fresh stream's view of the federated bundles.
+async fn a_federated_now(
+    a: &TestCa,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<Vec<u8>>>> {
+    let mut client = a.client(&node_token("node-a")).await?;
+    let mut stream = client.watch("node-a").await?;
+    let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await??
+        .context("stream ended")?;
+    Ok(snapshot
+        .upserts
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Some(pb::resource::Kind::FederatedBundle(b)) => {
+                Some((b.trust_domain.clone(), b.roots_der.clone()))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+fn pem_roots(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    roots.sort();
+    roots
+}
+
+/// A bundle endpoint run by the test, with an SVID of `spiffe://cluster-c.example/...` from
+/// `ca`, serving whatever document the test sets.
+struct FakeEndpoint {
+    addr: std::net::SocketAddr,
+    document: Arc<Mutex<String>>,
+    certificate: Arc<Fixed>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl FakeEndpoint {
+    async fn start(ca: &OfflineCa) -> anyhow::Result<Self> {
+        let certificate = Arc::new(Fixed(Mutex::new(endpoint_key(ca)?)));
+        let mut tls =
+            rustls::ServerConfig::builder_with_provider(membrane_identity::crypto_provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(certificate.clone());
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let document = Arc::new(Mutex::new(String::new()));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (doc, stop) = (document.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => return,
+                    },
+                };
+                let (acceptor, doc, stop) = (acceptor.clone(), doc.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let route: membrane_runtime::Route = Arc::new(move |_: &str| {
+                        membrane_runtime::Reply::ok(
+                            "application/json",
+                            membrane_runtime::lock(&doc).clone(),
+                        )
+                    });
+                    let conn = membrane_runtime::HttpConnection {
+                        listener: "fake-bundle-endpoint",
+                        peer,
+                        metrics: membrane_runtime::listener::ListenerMetrics::default(),
+                    };
+                    conn.serve(tls, route, Default::default(), stop).await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            document,
+            certificate,
+            cancel,
+        })
+    }
+
+    fn serve(&self, document: String) {
+        *membrane_runtime::lock(&self.document) = document;
+    }
+
+    /// Presents an SVID issued by `ca` from now on.
+    fn reissue(&self, ca: &OfflineCa) -> anyhow::Result<()> {
+        *membrane_runtime::lock(&self.certificate.0) = endpoint_key(ca)?;
+        Ok(())
+    }
+}
+
+fn endpoint_key(ca: &OfflineCa) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+    let svid = ca.svid(
+        &format!("spiffe://{C}/ns/membrane-system/sa/membrane-ca"),
+        &[],
+    )?;
+    Ok(svid.certified_key())
+}
+
+impl Drop for FakeEndpoint {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Mutex<Arc<rustls::sign::CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(membrane_runtime::lock(&self.0).clone())
+    }
+}
+
+fn document(roots: &[&OfflineCa], sequence: u64) -> anyhow::Result<String> {
+    let td = membrane_identity::spiffe_id::parse_trust_domain(C)?;
+    let bundle = membrane_identity::TrustBundle::new(td, roots.iter().map(|r| r.der().clone()))?;
+    let (json, skipped) =
+        membrane_identity::federation::bundle_document(&bundle, sequence, Duration::from_secs(1));
+    ensure!(skipped.is_empty(), "{skipped:?}");
+    Ok(json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -> anyhow::Result<()>
+{
+    let (root_c, next_c) = (OfflineCa::root("C root")?, OfflineCa::root("C next root")?);
+    let fake = FakeEndpoint::start(&root_c).await?;
+    fake.serve(document(&[&root_c, &next_c], 10)?);
+    let a = TestCa::builder()
+        .trust_domain("cluster-a.example")
+        .nodes(&["node-a".to_owned()])
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .manifest(
+            "federation.yaml",
+            &federation(
+                "cluster-c",
+                C,
+                &format!("https://{}/", fake.addr),
+                &root_c.pem(),
+            ),
+        )
+        .start()
+        .await?;
+    let mut client = a.client(&node_token("node-a")).await?;
+    let mut stream = client.watch("node-a").await?;
+    let mut held = Default::default();
+    let both = {
+        let mut r = vec![root_c.der().to_vec(), next_c.der().to_vec()];
+        r.sort();
+        r
+    };
+    // The fetched two-root bundle replaces the one-root bootstrap.
+    federated_roots(&mut stream, &mut held, C, |r| r == Some(&both)).await?;
+
+    // Garbage, a root that is not a CA, a replayed older sequence: each refused whole.
+    fake.serve("{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"not base64!\"]}]}".into());
+    metric(
+        &a,
+        &["federated_bundle_fetches_total", C, "result=\"document\""],
+    )
+    .await?;
+    fake.serve(document(&[&root_c], 5)?);
+    metric(
+        &a,
+        &["federated_bundle_fetches_total", C, "result=\"rollback\""],
+    )
+    .await?;
+    let now = a_federated_now(&a).await?;
+    ensure!(
+        now.get(C) == Some(&both),
+        "a rejected document changed the bundle: {now:?}"
+    );
+
+    // The peer rotates its root: the endpoint's certificate now comes from the next root
+    // only, and so does the bundle. A verifies the endpoint with the bundle it last fetched
+    // (which holds the next root), not the bootstrap one, and follows.
+    fake.reissue(&next_c)?;
+    fake.serve(document(&[&next_c], 11)?);
+    let only_next = vec![next_c.der().to_vec()];
+    federated_roots(&mut stream, &mut held, C, |r| r == Some(&only_next)).await?;
+
+    // An endpoint vouched for by a root A does not hold is refused by TLS; the bundle stays.
+    let stranger = OfflineCa::root("stranger")?;
+    fake.reissue(&stranger)?;
+    fake.serve(document(&[&stranger], 12)?);
+    metric(&a, &["federated_bundle_fetches_total", C, "result=\"tls\""]).await?;
+    let now = a_federated_now(&a).await?;
+    ensure!(
+        now.get(C) == Some(&only_next),
+        "an unverified endpoint changed the bundle: {now:?}"
+    );
+    Ok(())
+}
