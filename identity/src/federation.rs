@@ -6,8 +6,10 @@
 //! Parsing is strict and total: a document over [`MAX_DOCUMENT`], not a JSON object, with a
 //! malformed X.509 key (bad base64, not exactly one `x5c`, not a CA certificate, JWK
 //! parameters that are not the certificate's key) or with no X.509 root at all is rejected
-//! *whole* — the caller keeps the bundle it had. Keys of another `use` (`jwt-svid`) are
-//! counted and ignored, as the spec asks of unknown uses; a key with no `use` is an error.
+//! *whole* — the caller keeps the bundle it had. Keys of another `use` (`jwt-svid`, as SPIRE
+//! serves beside its X.509 roots), of a `use` this version does not know, or with no `use` at
+//! all are counted and ignored, as the SPIFFE bundle format asks of consumers: ignoring a key
+//! can only ever trust less.
 
 use std::time::Duration;
 
@@ -71,6 +73,8 @@ pub struct BundleDocument {
     pub x509_roots: Vec<CertificateDer<'static>>,
     /// `jwt-svid` keys seen (Membrane does not use JWT-SVIDs).
     pub jwt_keys: usize,
+    /// Keys with an unknown `use`, or none, ignored.
+    pub ignored_keys: usize,
 }
 
 impl BundleDocument {
@@ -115,14 +119,14 @@ impl BundleDocument {
             }
         };
         let mut x509_roots: Vec<CertificateDer<'static>> = Vec::new();
-        let mut jwt_keys = 0;
+        let (mut jwt_keys, mut ignored_keys) = (0, 0);
         for (index, key) in keys.iter().enumerate() {
             let err = |message: String| BundleDocError::Key { index, message };
             let Value::Object(key) = key else {
                 return Err(err("not a JSON object".into()));
             };
             match key.get("use").map(Value::as_str) {
-                None => return Err(err("no `use`".into())),
+                None => ignored_keys += 1,
                 Some(None) => return Err(err("`use` is not a string".into())),
                 Some(Some("x509-svid")) => {
                     let root = x509_root(key).map_err(err)?;
@@ -131,7 +135,7 @@ impl BundleDocument {
                     }
                 }
                 Some(Some("jwt-svid")) => jwt_keys += 1,
-                Some(Some(_)) => {}
+                Some(Some(_)) => ignored_keys += 1,
             }
         }
         if x509_roots.is_empty() {
@@ -143,6 +147,7 @@ impl BundleDocument {
             refresh_hint,
             x509_roots,
             jwt_keys,
+            ignored_keys,
         })
     }
 

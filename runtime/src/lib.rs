@@ -79,42 +79,50 @@ pub async fn serve_http(
     timeouts: HttpTimeouts,
     cancel: CancellationToken,
 ) {
-    let name = listener.name();
+    let server = HttpServer::new(listener.name(), listener.metrics().clone());
     loop {
         let (stream, peer, admission) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let conn = HttpConnection {
-            listener: name,
-            peer,
-            metrics: listener.metrics().clone(),
-        };
-        let (route, cancel) = (route.clone(), cancel.clone());
+        let (server, route, cancel) = (server.clone(), route.clone(), cancel.clone());
         tokio::spawn(async move {
             let _admission = admission;
-            conn.serve(stream, route, timeouts, cancel).await;
+            server.serve(peer, stream, route, timeouts, cancel).await;
         });
     }
 }
 
-/// One accepted connection of an HTTP listener, for servers that do more than
-/// [`serve_http`] before HTTP starts (a TLS handshake).
+/// The HTTP side of a listener, for servers that do more than [`serve_http`] before HTTP
+/// starts on a connection (a TLS handshake). Cheap to clone: one per connection.
 #[derive(Debug, Clone)]
-pub struct HttpConnection {
-    /// The listener's name in metrics and logs.
-    pub listener: &'static str,
-    /// The peer's address.
-    pub peer: std::net::SocketAddr,
-    /// The listener's metrics.
-    pub metrics: listener::ListenerMetrics,
+pub struct HttpServer {
+    listener: &'static str,
+    metrics: listener::ListenerMetrics,
+    idle_expired: prometheus_client::metrics::counter::Counter,
 }
 
-impl HttpConnection {
-    /// Serves `route` (GET only, HTTP/1.1) on `io` until the peer closes, a timeout of
-    /// `timeouts` expires or `cancel` fires.
+impl HttpServer {
+    /// The HTTP side of the listener `name`, counting into `metrics`.
+    pub fn new(name: &'static str, metrics: listener::ListenerMetrics) -> Self {
+        let idle_expired = metrics.timeout_counter(name, listener::TimeoutStage::Idle);
+        Self {
+            listener: name,
+            metrics,
+            idle_expired,
+        }
+    }
+
+    /// The listener's metrics.
+    pub fn metrics(&self) -> &listener::ListenerMetrics {
+        &self.metrics
+    }
+
+    /// Serves `route` (GET only, HTTP/1.1) on `io`, accepted from `peer`, until the peer
+    /// closes, a timeout of `timeouts` expires or `cancel` fires.
     pub async fn serve<IO>(
         self,
+        peer: std::net::SocketAddr,
         io: IO,
         route: Route,
         timeouts: HttpTimeouts,
@@ -124,10 +132,9 @@ impl HttpConnection {
     {
         let Self {
             listener: name,
-            peer,
             metrics,
+            idle_expired,
         } = self;
-        let idle_expired = metrics.timeout_counter(name, listener::TimeoutStage::Idle);
         let stream = idle::IdleTimeout::new(io, timeouts.idle, true, idle_expired);
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

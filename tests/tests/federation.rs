@@ -23,6 +23,23 @@ fn federation(name: &str, td: &str, url: &str, bootstrap_pem: &str) -> String {
     )
 }
 
+/// Controller A (trust domain `cluster-a.example`) with the mesh manifests and the
+/// `TrustFederation` document `federation`, and node-a's discovery stream from it.
+async fn federated_controller(
+    federation: &str,
+) -> anyhow::Result<(TestCa, tonic::Streaming<pb::Update>)> {
+    let a = TestCa::builder()
+        .trust_domain("cluster-a.example")
+        .nodes(&["node-a".to_owned()])
+        .manifest("mesh.yaml", MESH_MANIFESTS)
+        .manifest("federation.yaml", federation)
+        .start()
+        .await?;
+    let mut client = a.client(&node_token("node-a")).await?;
+    let stream = client.watch("node-a").await?;
+    Ok((a, stream))
+}
+
 /// The roots (DER) node-a is told to trust for `td`, once its stream carries them.
 async fn federated_roots(
     stream: &mut tonic::Streaming<pb::Update>,
@@ -83,23 +100,13 @@ async fn a_peer_bundle_is_fetched_from_its_endpoint_and_streamed_to_the_nodes() 
         .start()
         .await?;
     let endpoint = b.bundle_endpoint_addr().context("B serves its bundle")?;
-    let a = TestCa::builder()
-        .trust_domain("cluster-a.example")
-        .nodes(&["node-a".to_owned()])
-        .manifest("mesh.yaml", MESH_MANIFESTS)
-        .manifest(
-            "federation.yaml",
-            &federation(
-                "cluster-b",
-                B,
-                &format!("https://{endpoint}/"),
-                &b.root_pem(),
-            ),
-        )
-        .start()
-        .await?;
-    let mut client = a.client(&node_token("node-a")).await?;
-    let mut stream = client.watch("node-a").await?;
+    let (a, mut stream) = federated_controller(&federation(
+        "cluster-b",
+        B,
+        &format!("https://{endpoint}/"),
+        &b.root_pem(),
+    ))
+    .await?;
     let mut held = Default::default();
     let b_roots: Vec<Vec<u8>> = pem_roots(&b.root_pem());
     federated_roots(&mut stream, &mut held, B, |r| r == Some(&b_roots)).await?;
@@ -204,12 +211,13 @@ impl FakeEndpoint {
                             membrane_runtime::lock(&doc).clone(),
                         )
                     });
-                    let conn = membrane_runtime::HttpConnection {
-                        listener: "fake-bundle-endpoint",
-                        peer,
-                        metrics: membrane_runtime::listener::ListenerMetrics::default(),
-                    };
-                    conn.serve(tls, route, Default::default(), stop).await;
+                    let server = membrane_runtime::HttpServer::new(
+                        "fake-bundle-endpoint",
+                        membrane_runtime::listener::ListenerMetrics::default(),
+                    );
+                    server
+                        .serve(peer, tls, route, Default::default(), stop)
+                        .await;
                 });
             }
         });
@@ -273,23 +281,13 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
     let (root_c, next_c) = (OfflineCa::root("C root")?, OfflineCa::root("C next root")?);
     let fake = FakeEndpoint::start(&root_c).await?;
     fake.serve(document(&[&root_c, &next_c], 10)?);
-    let a = TestCa::builder()
-        .trust_domain("cluster-a.example")
-        .nodes(&["node-a".to_owned()])
-        .manifest("mesh.yaml", MESH_MANIFESTS)
-        .manifest(
-            "federation.yaml",
-            &federation(
-                "cluster-c",
-                C,
-                &format!("https://{}/", fake.addr),
-                &root_c.pem(),
-            ),
-        )
-        .start()
-        .await?;
-    let mut client = a.client(&node_token("node-a")).await?;
-    let mut stream = client.watch("node-a").await?;
+    let (a, mut stream) = federated_controller(&federation(
+        "cluster-c",
+        C,
+        &format!("https://{}/", fake.addr),
+        &root_c.pem(),
+    ))
+    .await?;
     let mut held = Default::default();
     let both = {
         let mut r = vec![root_c.der().to_vec(), next_c.der().to_vec()];
@@ -336,5 +334,34 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
         now.get(C) == Some(&only_next),
         "an unverified endpoint changed the bundle: {now:?}"
     );
+
+    // A document in the shape SPIRE's bundle endpoint serves (EC and RSA roots, a JWT key
+    // beside them) is accepted: its X.509 roots become C's bundle, the JWT key is ignored.
+    fake.reissue(&next_c)?;
+    let (spire, mut spire_roots) = spire_document(&next_c)?;
+    fake.serve(spire);
+    spire_roots.sort();
+    federated_roots(&mut stream, &mut held, C, |r| r == Some(&spire_roots)).await?;
     Ok(())
+}
+
+/// SPIRE's bundle format (identity/tests/fixtures/spire-bundle.json: sequence 42) with
+/// `root` added as one more X.509 key; and every X.509 root it holds (DER).
+fn spire_document(root: &OfflineCa) -> anyhow::Result<(String, Vec<Vec<u8>>)> {
+    use base64::Engine;
+    let mut doc: serde_json::Value = serde_json::from_str(include_str!(
+        "../../identity/tests/fixtures/spire-bundle.json"
+    ))?;
+    let ours: serde_json::Value = serde_json::from_str(&document(&[root], 0)?)?;
+    let keys = doc["keys"].as_array_mut().context("fixture keys")?;
+    keys.push(ours["keys"][0].clone());
+    let roots = keys
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .map(|k| {
+            let b64 = k["x5c"][0].as_str().context("x5c")?;
+            Ok(base64::engine::general_purpose::STANDARD.decode(b64)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((doc.to_string(), roots))
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 use membrane_identity::TrustBundle;
 use membrane_runtime::listener::{GuardedListener, TimeoutStage};
-use membrane_runtime::{HttpConnection, HttpTimeouts, Reply};
+use membrane_runtime::{HttpServer, HttpTimeouts, Reply};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +96,7 @@ pub async fn serve(
         ),
         _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
     });
-    let metrics = listener.metrics().clone();
+    let server = HttpServer::new(LISTENER, listener.metrics().clone());
     loop {
         let (tcp, peer, admission) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -110,20 +110,18 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         let (acceptor, route, cancel) = (acceptor.clone(), route.clone(), cancel.clone());
-        let conn = HttpConnection {
-            listener: LISTENER,
-            peer,
-            metrics: metrics.clone(),
-        };
+        let server = server.clone();
         tokio::spawn(async move {
             let _admission = admission;
             match tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => conn.serve(tls, route, config.http, cancel).await,
+                Ok(Ok(tls)) => server.serve(peer, tls, route, config.http, cancel).await,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "bundle endpoint: TLS handshake failed")
                 }
                 Err(_) => {
-                    conn.metrics.timed_out(LISTENER, TimeoutStage::Handshake);
+                    server
+                        .metrics()
+                        .timed_out(LISTENER, TimeoutStage::Handshake);
                     tracing::debug!(%peer, "bundle endpoint: TLS handshake timed out");
                 }
             }
