@@ -413,6 +413,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
                     policy: policy_tx,
                     bundle,
                     authorizer,
+                    pool: pool.clone(),
                     open,
                     egress_open: egress.open.clone(),
                     loaded: loaded_tx,

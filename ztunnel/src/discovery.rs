@@ -396,6 +396,9 @@ pub struct Sinks {
     pub bundle: SharedTrustBundle,
     /// Re-decides open connections after a change.
     pub authorizer: Authorizer,
+    /// Outbound HBONE connections (retired when their peer's trust domain leaves the
+    /// federation).
+    pub pool: crate::hbone::HbonePool,
     /// Open connections.
     pub open: Arc<OpenConnections>,
     /// Open egress connections, decided again after a change.
@@ -594,6 +597,32 @@ impl Client {
         }
     }
 
+    /// After the federated set changed: no pooled connection to a trust domain no longer
+    /// trusted takes a new tunnel (the next one dials, and its handshake is refused by name),
+    /// and open inbound connections from such a trust domain are closed.
+    fn forget_untrusted(&self) {
+        let bundle = &self.sinks.bundle;
+        let trusted = |td: &TrustDomain| bundle.for_trust_domain(td).is_some();
+        let retired = self
+            .sinks
+            .pool
+            .retire(|key| !trusted(key.dst.trust_domain()));
+        let closed = self.sinks.open.recheck(|attrs| match &attrs.source {
+            Some(src) if !trusted(src.trust_domain()) => Err(format!(
+                "trust domain {} is no longer federated",
+                src.trust_domain()
+            )),
+            _ => Ok(()),
+        });
+        if retired + closed > 0 {
+            tracing::info!(
+                retired,
+                closed,
+                "connections of trust domains no longer federated retired and closed"
+            );
+        }
+    }
+
     fn publish(&self, built: Built) {
         let sinks = &self.sinks;
         if let Some(bundle) = built.bundle
@@ -610,15 +639,20 @@ impl Client {
             }
             sinks.bundle.store(bundle);
         }
-        let held: Vec<TrustBundle> = (sinks.bundle.federated().iter())
-            .map(|b| b.as_ref().clone())
-            .collect();
-        if held != built.federated {
-            let trust_domains: Vec<String> = (built.federated.iter())
+        let mut federated = built.federated;
+        federated.sort_by(|a, b| a.trust_domain().cmp(b.trust_domain()));
+        let held = sinks.bundle.federated();
+        let unchanged =
+            held.len() == federated.len() && held.iter().zip(&federated).all(|(h, b)| **h == *b);
+        if !unchanged {
+            let trust_domains: Vec<String> = (federated.iter())
                 .map(|b| b.trust_domain().to_string())
                 .collect();
-            match sinks.bundle.store_federated(built.federated) {
-                Ok(()) => tracing::info!(?trust_domains, "federated trust bundles updated"),
+            match sinks.bundle.store_federated(federated) {
+                Ok(()) => {
+                    tracing::info!(?trust_domains, "federated trust bundles updated");
+                    self.forget_untrusted();
+                }
                 // `build` refused the local trust domain and the keys are unique per trust
                 // domain, so this is not reached; were it, the last set stays.
                 Err(e) => tracing::warn!(error = %e, "federated trust bundles refused"),

@@ -124,6 +124,19 @@ impl ConnectHandler for InboundHandler {
                     return Err(ConnectRefusal::Unauthenticated(reason));
                 }
             };
+            // The handshake verified the peer against its trust domain's roots; a connection
+            // made before that trust domain left the federation carries no new tunnel.
+            if (self.proxy.certs.bundle())
+                .for_trust_domain(source.trust_domain())
+                .is_none()
+            {
+                let reason = format!(
+                    "trust domain {} is not federated with this cluster",
+                    source.trust_domain()
+                );
+                self.log(&req).refused(reason.clone());
+                return Err(ConnectRefusal::Unauthenticated(reason));
+            }
             // Policy sees the verified TCP peer (the source ztunnel dials from inside the
             // source pod), never the peer's `forwarded` claim — except as the remote address
             // (`remoteIpBlocks`) when the peer is an ingress gateway of the mesh: its

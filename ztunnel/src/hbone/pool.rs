@@ -236,6 +236,26 @@ impl HbonePool {
         self.inner.idle_sweep()
     }
 
+    /// Takes every connection of the keys `retired` selects out of the pool (for example
+    /// those whose destination's trust domain is no longer trusted): no new tunnel rides
+    /// them, so the next one dials and is verified afresh; tunnels already open on them run
+    /// on until they end. Returns how many connections were retired.
+    pub fn retire(&self, retired: impl Fn(&PoolKey) -> bool) -> usize {
+        let mut removed = Vec::new();
+        lock(&self.inner.keys).retain(|key, entry| {
+            if !retired(key) {
+                return true;
+            }
+            for conn in lock(&entry.conns).drain(..) {
+                conn.closed.store(true, Ordering::Release);
+                removed.push(conn);
+            }
+            false
+        });
+        // Dropped outside the lock, as in `idle_sweep`.
+        removed.len()
+    }
+
     /// A future that calls [`idle_sweep`](Self::idle_sweep) every quarter of `idle_timeout`
     /// (between 10 ms and 15 s) until `shutdown` is cancelled or the pool is dropped. The
     /// caller spawns it: `tokio::spawn(pool.run_reaper(token))`. It does not keep the pool

@@ -229,3 +229,37 @@ async fn an_expired_peer_certificate_is_not_reused() {
     );
     assert_eq!(pool.connection_count(), 1);
 }
+
+/// A retired key's connection takes no new tunnel (the next one dials); its open tunnel runs
+/// on; keys the predicate does not select keep theirs.
+#[tokio::test]
+async fn retired_connections_take_no_new_tunnel_and_open_ones_stay() {
+    let ca = Ca::new();
+    let server_svid = Arc::new(Mutex::new(ca.svid(SERVER, Duration::from_secs(3600))));
+    let (addr, app, _tasks) = serve(&ca, server_svid).await;
+    let pool = HbonePool::new(PoolConfig {
+        spread_connections: 1,
+        ..PoolConfig::default()
+    });
+    let dial = Arc::new(CountingDial::default());
+    let tls = ca.client_tls(&ca.svid(CLIENT, Duration::from_secs(3600)));
+    let open = || {
+        pool.connect(
+            key(addr),
+            tls.clone(),
+            dial.clone(),
+            app,
+            ConnectHeaders::default(),
+        )
+    };
+    let mut first = open().await.expect("tunnel");
+    assert_eq!(pool.retire(|k| k.dst_addr != addr), 0, "other keys only");
+    let _shared = open().await.expect("tunnel");
+    assert_eq!(dial.0.load(Ordering::SeqCst), 1, "not retired: shared");
+    assert_eq!(pool.retire(|k| k.dst_addr == addr), 1);
+    assert_eq!(pool.connection_count(), 0);
+    let mut after = open().await.expect("tunnel");
+    assert_eq!(dial.0.load(Ordering::SeqCst), 2, "retired: a new dial");
+    echoes(&mut first, b"the retired connection's tunnel runs on").await;
+    echoes(&mut after, b"the new connection works").await;
+}
