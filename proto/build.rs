@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/membrane/v1/authorization.proto",
         "proto/membrane/v1/egress.proto",
         "proto/membrane/v1/discovery.proto",
+        "proto/membrane/v1/federation.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -71,11 +71,11 @@ pub struct AppConfig {
     pub signer: SignerConfig,
     /// Caps and timeouts of the gRPC and metrics listeners.
     pub listeners: ListenerConfig,
-    /// SPIFFE Federation: the bundle endpoint.
+    /// SPIFFE Federation: the bundle endpoint and the federation listener.
     pub federation: FederationConfig,
 }
 
-/// The bundle endpoint's settings.
+/// The federation listeners' settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FederationConfig {
     /// Where the SPIFFE bundle endpoint listens (none: not served).
@@ -84,12 +84,16 @@ pub struct FederationConfig {
     /// root for at least twice this long when the endpoint is served, so peers fetch it
     /// before anything is signed with it.
     pub refresh_hint: Duration,
+    /// Where federated controllers watch this cluster's exported Services (gRPC, mutual
+    /// TLS; none: not served).
+    pub exports_listen: Option<SocketAddr>,
 }
 
 impl Default for FederationConfig {
     fn default() -> Self {
         Self {
             bundle_endpoint: None,
+            exports_listen: None,
             refresh_hint: crate::federation::DEFAULT_REFRESH,
         }
     }
@@ -121,6 +125,9 @@ pub enum StartError {
     /// The serving certificate could not be issued.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The federation listener's TLS could not be configured.
+    #[error("federation listener TLS: {0}")]
+    FederationTls(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -136,6 +143,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Running {
     bundle_endpoint_addr: Option<SocketAddr>,
+    exports_addr: Option<SocketAddr>,
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     bundle: TrustBundle,
@@ -272,6 +280,14 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         Some((l, addr)) => Some(local(l, *addr)?),
         None => None,
     };
+    let exports_listener = match config.federation.exports_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let exports_addr = match (&exports_listener, config.federation.exports_listen) {
+        (Some(l), Some(addr)) => Some(local(l, addr)?),
+        _ => None,
+    };
 
     let cancel = CancellationToken::new();
     let (state_tx, state_rx) = tokio::sync::watch::channel(None);
@@ -338,15 +354,65 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     )
     .with_root_namespace(&config.root_namespace);
     let (federated_tx, federated_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
-    let discovery = discovery.with_federated(federated_rx);
+    let (imports_tx, imports_rx) = tokio::sync::watch::channel(Arc::default());
+    let discovery = discovery
+        .with_federated(federated_rx.clone())
+        .with_imports(imports_rx);
     let mut others = vec![source, metrics];
     others.push(tokio::spawn(crate::federation::run(
         config.trust_domain.clone(),
         state_rx.clone(),
-        federated_tx,
+        crate::federation::Outputs {
+            bundles: federated_tx,
+            imports: imports_tx,
+            serving: serving.clone(),
+        },
         federation_metrics,
         cancel.clone(),
     )));
+    if let Some(listener) = exports_listener {
+        use crate::federation::services;
+        let trust = membrane_identity::SharedTrustBundle::new(bundle.clone());
+        others.push(tokio::spawn(services::follow_trust(
+            trust.clone(),
+            bundle_tx.subscribe(),
+            federated_rx,
+            cancel.clone(),
+        )));
+        let tls = services::server_tls(serving.clone(), trust)
+            .map_err(|e| StartError::FederationTls(e.to_string()))?;
+        let incoming = crate::serving::incoming_on(
+            services::LISTENER,
+            listener,
+            Arc::new(tls),
+            limits,
+            listener_metrics.clone(),
+            cancel.clone(),
+        );
+        let exports = services::ExportService::new(
+            config.trust_domain.clone(),
+            state_rx.clone(),
+            cancel.clone(),
+        );
+        let stop = cancel.clone();
+        others.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .timeout(Duration::from_secs(30))
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                .concurrency_limit_per_connection(16)
+                .add_service(
+                    membrane_proto::v1::service_exports_server::ServiceExportsServer::new(exports)
+                        .max_decoding_message_size(1024)
+                        .max_encoding_message_size(services::MAX_MESSAGE_LEN),
+                )
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "federation listener failed");
+            }
+        }));
+    }
     if let Some((listener, _)) = bundle_listener {
         let listener = GuardedListener::new(
             listener,
@@ -422,6 +488,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         listen = %grpc_addr,
         metrics = %metrics_addr,
         bundle_endpoint = ?bundle_endpoint_addr,
+        federation = ?exports_addr,
         source = %match &mode {
             SourceMode::Directory => config.source_dir.display().to_string(),
             SourceMode::Kubernetes(_) => "kubernetes".to_owned(),
@@ -432,6 +499,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         grpc_addr,
         metrics_addr,
         bundle_endpoint_addr,
+        exports_addr,
         bundle,
         bundle_tx,
         state: state_rx,
@@ -447,6 +515,11 @@ impl Running {
     /// The gRPC address actually bound.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The federation listener's address actually bound, when served.
+    pub fn exports_addr(&self) -> Option<SocketAddr> {
+        self.exports_addr
     }
 
     /// The bundle endpoint's address actually bound, when served.

@@ -170,6 +170,11 @@ struct ServeArgs {
     /// profile) on this address; not served when unset.
     #[arg(long, env = "MEMBRANE_BUNDLE_ENDPOINT_LISTEN")]
     bundle_endpoint_listen: Option<SocketAddr>,
+    /// Serve this cluster's exported Services (label `membrane.dev/export=true`) to
+    /// federated controllers on this address (gRPC, mutual TLS with the controllers' SVIDs);
+    /// not served when unset.
+    #[arg(long, env = "MEMBRANE_FEDERATION_LISTEN")]
+    federation_listen: Option<SocketAddr>,
     /// `spiffe_refresh_hint` the bundle endpoint gives federated peers.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     bundle_refresh_hint: Duration,
@@ -246,6 +251,7 @@ fn main() -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         federation: membrane_ca::app::FederationConfig {
             bundle_endpoint: args.bundle_endpoint_listen,
+            exports_listen: args.federation_listen,
             refresh_hint: args.bundle_refresh_hint,
         },
         signer: SignerConfig {

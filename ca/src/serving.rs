@@ -183,6 +183,31 @@ impl ServingCert {
     }
 }
 
+impl ServingCert {
+    /// The certificate in use.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(g) => g.0.clone(),
+            Err(p) => p.into_inner().0.clone(),
+        }
+    }
+}
+
+/// The controller presents the same SVID as a client (to a federated controller).
+impl rustls::client::ResolvesClientCert for ServingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(match self.current.read() {
@@ -303,12 +328,24 @@ pub fn incoming(
     metrics: ListenerMetrics,
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<ServedConnection, std::io::Error>> {
+    incoming_on(GRPC_LISTENER, listener, config, limits, metrics, cancel)
+}
+
+/// As [`incoming`], for the gRPC listener `name` (its name in metrics and logs).
+pub fn incoming_on(
+    name: &'static str,
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    limits: ListenerConfig,
+    metrics: ListenerMetrics,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<ServedConnection, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let idle_expired = metrics.timeout_counter(GRPC_LISTENER, TimeoutStage::Idle);
+    let idle_expired = metrics.timeout_counter(name, TimeoutStage::Idle);
     let mut listener = GuardedListener::new(
         listener,
-        GRPC_LISTENER,
+        name,
         ConnectionCaps {
             max: limits.grpc_max_connections,
             max_per_peer: limits.grpc_max_connections_per_peer,
@@ -338,7 +375,7 @@ pub fn incoming(
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => {
-                        metrics.timed_out(GRPC_LISTENER, TimeoutStage::Handshake);
+                        metrics.timed_out(name, TimeoutStage::Handshake);
                         tracing::debug!(%peer, timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), "TLS handshake timed out");
                     }
                 }

@@ -113,6 +113,11 @@ impl TestCa {
         self.running().bundle_endpoint_addr()
     }
 
+    /// The federation listener's address (service exports), when served.
+    pub fn exports_addr(&self) -> Option<SocketAddr> {
+        self.running().exports_addr()
+    }
+
     /// The metrics/readiness address.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.running().metrics_addr()
@@ -270,6 +275,7 @@ pub struct TestCaBuilder {
     plugin_ca: Option<PathBuf>,
     trust_domain: Option<String>,
     bundle_endpoint: Option<Duration>,
+    exports: bool,
 }
 
 impl TestCaBuilder {
@@ -328,6 +334,12 @@ impl TestCaBuilder {
         self
     }
 
+    /// Serves the federation listener (service exports) on a free loopback port.
+    pub fn exports(mut self) -> Self {
+        self.exports = true;
+        self
+    }
+
     /// Serves the SPIFFE bundle endpoint on a free loopback port with `refresh_hint`.
     pub fn bundle_endpoint(mut self, refresh_hint: Duration) -> Self {
         self.bundle_endpoint = Some(refresh_hint);
@@ -364,10 +376,11 @@ impl TestCaBuilder {
             config.trust_domain = membrane_identity::spiffe_id::parse_trust_domain(td)?;
         }
         if let Some(refresh_hint) = self.bundle_endpoint {
-            config.federation = membrane_ca::app::FederationConfig {
-                bundle_endpoint: Some("127.0.0.1:0".parse()?),
-                refresh_hint,
-            };
+            config.federation.bundle_endpoint = Some("127.0.0.1:0".parse()?);
+            config.federation.refresh_hint = refresh_hint;
+        }
+        if self.exports {
+            config.federation.exports_listen = Some("127.0.0.1:0".parse()?);
         }
         TestCa::run_config(dir, config).await
     }

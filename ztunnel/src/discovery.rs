@@ -126,7 +126,7 @@ fn key_of(resource: &pb::Resource) -> Option<(i32, String)> {
     use pb::resource_key::Kind;
     Some(match resource.kind.as_ref()? {
         ResourceKind::Workload(w) => (Kind::Workload as i32, w.uid.clone()),
-        ResourceKind::Service(s) => (Kind::Service as i32, format!("{}/{}", s.namespace, s.name)),
+        ResourceKind::Service(s) => (Kind::Service as i32, service_key(s)),
         ResourceKind::Authorization(a) => (
             Kind::Authorization as i32,
             format!("{}/{}", a.namespace, a.name),
@@ -174,7 +174,25 @@ fn port(kind: &'static str, name: &str, value: u32) -> Result<u16, UpdateError> 
         .ok_or_else(|| invalid(kind, name, format!("port {value} is not 1-65535")))
 }
 
-fn workload(w: &pb::Workload, td: &TrustDomain) -> Result<Workload, UpdateError> {
+fn workload(w: &pb::Workload, local: &TrustDomain) -> Result<Workload, UpdateError> {
+    // A pod of another trust domain (imported from a federated cluster) is only ever a
+    // destination: its own cluster's ztunnel captures it and holds its identity.
+    let foreign_td = match w.trust_domain.as_str() {
+        "" => None,
+        td => Some(
+            membrane_identity::spiffe_id::parse_trust_domain(td)
+                .map_err(|e| invalid("workload", &w.uid, format!("trust domain: {e}")))?,
+        )
+        .filter(|td| td != local),
+    };
+    if foreign_td.is_some() && !w.foreign {
+        return Err(invalid(
+            "workload",
+            &w.uid,
+            "a workload of another trust domain must be foreign (captured by its own cluster)",
+        ));
+    }
+    let td = foreign_td.as_ref().unwrap_or(local);
     let identity = WorkloadIdentity::new(td, &w.namespace, &w.service_account)
         .map_err(|e| invalid("workload", &w.uid, e))?;
     let ips = w
@@ -232,8 +250,21 @@ fn gateway_role(w: &pb::Workload) -> Result<Option<crate::state::GatewayRole>, U
     }))
 }
 
+/// A Service's key and its name in the mesh state: `namespace/name`, or
+/// `clusterset:namespace/name` for one imported from federated clusters.
+pub fn service_key(s: &pb::Service) -> String {
+    if s.clusterset {
+        format!("{CLUSTERSET_PREFIX}{}/{}", s.namespace, s.name)
+    } else {
+        format!("{}/{}", s.namespace, s.name)
+    }
+}
+
+/// The prefix of an imported (clusterset) Service's name in the mesh state.
+pub const CLUSTERSET_PREFIX: &str = "clusterset:";
+
 fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {
-    let name = format!("{}/{}", s.namespace, s.name);
+    let name = service_key(s);
     let vips = s
         .vips
         .iter()

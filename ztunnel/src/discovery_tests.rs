@@ -95,6 +95,7 @@ fn invalid_resources_reject_the_whole_update() {
                     target_port: 80,
                 }],
                 endpoints: vec![],
+                clusterset: false,
             })),
         },
     ] {
@@ -142,6 +143,7 @@ fn services_resolve_to_ready_endpoints() {
                     ..Default::default()
                 },
             ],
+            clusterset: false,
         })),
     };
     let held = apply(None, &update(true, vec![wl("a", "10.0.0.1"), svc], &[])).expect("ok");
@@ -230,4 +232,50 @@ fn policies_are_indexed_for_the_local_trust_domain() {
     use membrane_policy::Verdict::{Allow, Deny};
     assert_eq!(verdict("cluster-a.example/ns/training/sa/x"), Allow);
     assert_eq!(verdict("cluster-b.example/ns/training/sa/x"), Deny);
+}
+
+/// A pod imported from a federated cluster carries that cluster's identity and is a foreign
+/// HBONE destination; one that claims another trust domain but would be captured here is
+/// refused, as is a bad trust domain.
+#[test]
+fn imported_workloads_carry_their_own_trust_domain() {
+    let imported = |td: &str, foreign: bool| pb::Resource {
+        kind: Some(ResourceKind::Workload(pb::Workload {
+            uid: "imported/cluster-b/inference/model-server-0".into(),
+            name: "model-server-0".into(),
+            namespace: "inference".into(),
+            service_account: "model-server".into(),
+            ips: vec!["10.20.1.5".into()],
+            foreign,
+            trust_domain: td.into(),
+            ..Default::default()
+        })),
+    };
+    let held = apply(
+        None,
+        &update(true, vec![imported("cluster-b.example", true)], &[]),
+    )
+    .expect("applies");
+    let built = build(&held, &td()).expect("valid");
+    let (_, w) = built.state.resolve("10.20.1.5:8080".parse().expect("addr"));
+    let w = w.expect("the imported pod is known");
+    assert_eq!(
+        w.identity.to_string(),
+        "spiffe://cluster-b.example/ns/inference/sa/model-server"
+    );
+    assert!(w.foreign && !w.captured());
+    // The local trust domain named explicitly is the local one.
+    let held = apply(
+        None,
+        &update(true, vec![imported("cluster.local", false)], &[]),
+    )
+    .expect("applies");
+    assert!(build(&held, &td()).is_ok());
+    for bad in [
+        imported("cluster-b.example", false),
+        imported("Not A Domain", true),
+    ] {
+        let result = apply(None, &update(true, vec![bad], &[])).and_then(|h| build(&h, &td()));
+        assert!(result.is_err(), "accepted a bad imported workload");
+    }
 }

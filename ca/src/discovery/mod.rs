@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status};
 pub use delta::{Key, View, diff, diff_with};
 pub use view::{MeshView, PLAINTEXT_ANNOTATION, bundle_resource};
 
+use crate::federation::services::Imports;
 use crate::source::{ClusterState, StateReceiver};
 use crate::tokenreview::NodeAuthenticator;
 
@@ -93,6 +94,7 @@ type Cached = (
     Arc<ClusterState>,
     Arc<TrustBundle>,
     Arc<Vec<TrustBundle>>,
+    Imports,
     Arc<MeshView>,
 );
 
@@ -180,6 +182,10 @@ pub struct DiscoveryService {
     /// Keeps the default (empty, never changing) federation channel open: a stream ends
     /// when a channel it watches closes.
     _no_federation: Arc<watch::Sender<Arc<Vec<TrustBundle>>>>,
+    /// The Services imported from federated clusters.
+    imports: watch::Receiver<Imports>,
+    /// Keeps the default (empty) imports channel open.
+    _no_imports: Arc<watch::Sender<Imports>>,
     cache: Arc<Mutex<Option<Cached>>>,
     /// Each ingress gateway's last wire form whose routes built.
     ingress: Arc<Mutex<BTreeMap<(String, String), pb::Ingress>>>,
@@ -214,12 +220,15 @@ impl DiscoveryService {
         cancel: CancellationToken,
     ) -> Self {
         let (no_federation, federated) = watch::channel(Arc::new(Vec::new()));
+        let (no_imports, imports) = watch::channel(Imports::default());
         Self {
             auth,
             state,
             bundle,
             federated,
             _no_federation: Arc::new(no_federation),
+            imports,
+            _no_imports: Arc::new(no_imports),
             cache: Arc::default(),
             ingress: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
@@ -243,6 +252,13 @@ impl DiscoveryService {
         self
     }
 
+    /// Streams the Services `imports` from federated clusters with the view (none by
+    /// default).
+    pub fn with_imports(mut self, imports: watch::Receiver<Imports>) -> Self {
+        self.imports = imports;
+        self
+    }
+
     /// What the nodes have confirmed.
     pub fn acks(&self) -> AckBook {
         self.acks.clone()
@@ -261,21 +277,31 @@ impl DiscoveryService {
         let state = self.state.borrow().clone()?;
         let bundle = self.bundle.borrow().clone();
         let federated = self.federated.borrow().clone();
+        let imports = self.imports.borrow().clone();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, b, f, view)) = cache.as_ref()
+        if let Some((s, b, f, i, view)) = cache.as_ref()
             && Arc::ptr_eq(s, &state)
             && Arc::ptr_eq(b, &bundle)
             && Arc::ptr_eq(f, &federated)
+            && Arc::ptr_eq(i, &imports)
         {
             return Some(view.clone());
         }
-        let mut view = MeshView::build_federated(&state, &bundle, &federated, &self.root_namespace);
-        if let Some((_, _, _, previous)) = cache.as_ref() {
+        let mut view = MeshView::build_federated(
+            &state,
+            &bundle,
+            &view::Federated {
+                bundles: &federated,
+                imports: &imports,
+            },
+            &self.root_namespace,
+        );
+        if let Some((_, _, _, _, previous)) = cache.as_ref() {
             view.intern(previous);
         }
         view.set_ingress(self.ingress_of(&state));
         let view = Arc::new(view);
-        *cache = Some((state, bundle, federated, view.clone()));
+        *cache = Some((state, bundle, federated, imports, view.clone()));
         Some(view)
     }
 
@@ -332,9 +358,11 @@ impl DiscoveryService {
         let mut state_rx = self.state.clone();
         let mut bundle_rx = self.bundle.clone();
         let mut federated_rx = self.federated.clone();
+        let mut imports_rx = self.imports.clone();
         state_rx.borrow_and_update();
         bundle_rx.borrow_and_update();
         federated_rx.borrow_and_update();
+        imports_rx.borrow_and_update();
         let Some(mesh) = self.mesh_view() else {
             return;
         };
@@ -365,6 +393,7 @@ impl DiscoveryService {
                 r = state_rx.changed() => if r.is_err() { break },
                 r = bundle_rx.changed() => if r.is_err() { break },
                 r = federated_rx.changed() => if r.is_err() { break },
+                r = imports_rx.changed() => if r.is_err() { break },
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -373,6 +402,7 @@ impl DiscoveryService {
             state_rx.borrow_and_update();
             bundle_rx.borrow_and_update();
             federated_rx.borrow_and_update();
+            imports_rx.borrow_and_update();
             let Some(mesh) = self.mesh_view() else {
                 continue;
             };

@@ -19,6 +19,7 @@ use membrane_policy::gateway::{GatewayKind, GatewayRole};
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
+use crate::federation::services::{Imports, clusterset_vips};
 use crate::source::{ClusterState, Pod, Service};
 
 pub use membrane_policy::PLAINTEXT_ANNOTATION;
@@ -112,6 +113,7 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
             name: role.name,
         }),
         foreign: false,
+        trust_domain: String::new(),
     }
 }
 
@@ -143,7 +145,78 @@ fn service(svc: &Service) -> pb::Service {
                     .collect(),
             })
             .collect(),
+        clusterset: false,
     }
+}
+
+/// What the federation adds to every node's view.
+#[derive(Debug, Clone, Copy)]
+pub struct Federated<'a> {
+    /// The federated trust domains' bundles.
+    pub bundles: &'a [TrustBundle],
+    /// The Services imported from them.
+    pub imports: &'a Imports,
+}
+
+/// The imported workloads and `clusterset` Services, keyed as on the wire.
+fn imported(imports: &Imports) -> Vec<((i32, String), pb::Resource)> {
+    let mut out = Vec::new();
+    // One clusterset Service per namespace/name, the union of every exporter's endpoints.
+    let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
+    for (td, exports) in imports.iter() {
+        for svc in &exports.services {
+            let key = format!("{}/{}", svc.namespace, svc.name);
+            let merged = services.entry(key).or_insert_with(|| pb::Service {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                clusterset: true,
+                ..Default::default()
+            });
+            for port in &svc.ports {
+                if !merged.ports.iter().any(|p| p.port == port.port) {
+                    merged.ports.push(port.clone());
+                }
+            }
+            for e in &svc.endpoints {
+                let uid = format!("imported/{td}/{}/{}", svc.namespace, e.pod);
+                out.push((
+                    (Kind::Workload as i32, uid.clone()),
+                    resource(pb::resource::Kind::Workload(pb::Workload {
+                        uid,
+                        name: e.pod.clone(),
+                        namespace: svc.namespace.clone(),
+                        service_account: e.service_account.clone(),
+                        ips: e.ips.clone(),
+                        protocol: pb::workload::Protocol::Hbone as i32,
+                        foreign: true,
+                        trust_domain: td.to_string(),
+                        ..Default::default()
+                    })),
+                ));
+                for ip in &e.ips {
+                    merged.endpoints.push(pb::Endpoint {
+                        ip: ip.clone(),
+                        pod: String::new(),
+                        ready: true,
+                        ports: e.ports.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let vips = clusterset_vips(services.keys().map(String::as_str));
+    for (key, mut svc) in services {
+        svc.vips = vips
+            .get(&key)
+            .map(ToString::to_string)
+            .into_iter()
+            .collect();
+        out.push((
+            (Kind::Service as i32, format!("clusterset:{key}")),
+            resource(pb::resource::Kind::Service(svc)),
+        ));
+    }
+    out
 }
 
 fn resource(kind: pb::resource::Kind) -> pb::Resource {
@@ -171,15 +244,21 @@ impl MeshView {
     /// Builds the shared part; selector-less policies in `root_namespace` apply mesh-wide
     /// (and the ztunnels are told so with the trust bundle).
     pub fn build_in(state: &ClusterState, bundle: &Arc<TrustBundle>, root_namespace: &str) -> Self {
-        Self::build_federated(state, bundle, &[], root_namespace)
+        let imports = Imports::default();
+        let none = Federated {
+            bundles: &[],
+            imports: &imports,
+        };
+        Self::build_federated(state, bundle, &none, root_namespace)
     }
 
     /// Builds the shared part with the federated trust domains' bundles (streamed to every
-    /// node as `FederatedBundle` resources).
+    /// node as `FederatedBundle` resources) and the Services imported from them (foreign
+    /// workloads of their trust domains and `clusterset` Services).
     pub fn build_federated(
         state: &ClusterState,
         bundle: &Arc<TrustBundle>,
-        federated: &[TrustBundle],
+        federation: &Federated<'_>,
         root_namespace: &str,
     ) -> Self {
         let mut shared = Resources::new();
@@ -242,7 +321,10 @@ impl MeshView {
             (Kind::TrustBundle as i32, String::new()),
             Arc::new(bundle_resource(bundle, root_namespace)),
         );
-        for federated in federated {
+        for (key, resource) in imported(federation.imports) {
+            shared.insert(key, Arc::new(resource));
+        }
+        for federated in federation.bundles {
             let td = federated.trust_domain().to_string();
             shared.insert(
                 (Kind::FederatedBundle as i32, td.clone()),

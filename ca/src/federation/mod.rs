@@ -1,6 +1,8 @@
 //! SPIFFE Federation: the controller serves its own trust bundle at a bundle endpoint
 //! ([`endpoint`]) and follows each `TrustFederation` ([`spec`]) by fetching that trust
-//! domain's bundle ([`fetch`]) at the refresh hint the peer gives. The bundles held are
+//! domain's bundle ([`fetch`]) at the refresh hint the peer gives, and — where the federation
+//! names the peer's federation listener — by importing the Services it exports
+//! ([`services`], which also serves this cluster's exports). The bundles held are
 //! streamed to the ztunnels as `FederatedBundle` resources, where a peer's chain is verified
 //! against the bundle of its own trust domain only.
 //!
@@ -14,6 +16,7 @@
 
 pub mod endpoint;
 pub mod fetch;
+pub mod services;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -104,17 +107,31 @@ struct Held {
 
 type HeldMap = Arc<Mutex<BTreeMap<TrustDomain, Held>>>;
 
-/// Follows the `TrustFederation`s of the source state and publishes the bundles held to
-/// `out` until `cancel` fires.
+/// What the federation tasks publish to, and present.
+#[derive(Clone)]
+pub struct Outputs {
+    /// The bundles held, for the ztunnels and the federation listener.
+    pub bundles: watch::Sender<Arc<Vec<TrustBundle>>>,
+    /// The Services imported from federated peers.
+    pub imports: watch::Sender<services::Imports>,
+    /// The controller's serving SVID (the client certificate of an import stream).
+    pub serving: Arc<crate::serving::ServingCert>,
+}
+
+/// A running federation: its fetcher, and its importer when it imports.
+type Tasks = BTreeMap<String, (TrustFederation, JoinHandle<()>, Option<JoinHandle<()>>)>;
+
+/// Follows the `TrustFederation`s of the source state and publishes the bundles held and
+/// the Services imported to `out` until `cancel` fires.
 pub async fn run(
     local: TrustDomain,
     mut state: StateReceiver,
-    out: watch::Sender<Arc<Vec<TrustBundle>>>,
+    out: Outputs,
     metrics: FederationMetrics,
     cancel: CancellationToken,
 ) {
     let held: HeldMap = Arc::default();
-    let mut tasks: BTreeMap<String, (TrustFederation, JoinHandle<()>)> = BTreeMap::new();
+    let mut tasks: Tasks = BTreeMap::new();
     let mut ager = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -138,8 +155,11 @@ pub async fn run(
             }
         }
     }
-    for (_, (_, task)) in tasks {
+    for (_, (_, task, importer)) in tasks {
         task.abort();
+        if let Some(importer) = importer {
+            importer.abort();
+        }
     }
 }
 
@@ -147,18 +167,30 @@ pub async fn run(
 fn reconcile(
     local: &TrustDomain,
     wanted: BTreeMap<String, TrustFederation>,
-    tasks: &mut BTreeMap<String, (TrustFederation, JoinHandle<()>)>,
+    tasks: &mut Tasks,
     held: &HeldMap,
-    out: &watch::Sender<Arc<Vec<TrustBundle>>>,
+    out: &Outputs,
     metrics: &FederationMetrics,
 ) {
     let stale: Vec<String> = (tasks.iter())
-        .filter(|(name, (fed, _))| wanted.get(*name) != Some(fed))
+        .filter(|(name, (fed, _, _))| wanted.get(*name) != Some(fed))
         .map(|(name, _)| name.clone())
         .collect();
     for name in stale {
-        if let Some((fed, task)) = tasks.remove(&name) {
+        if let Some((fed, task, importer)) = tasks.remove(&name) {
             task.abort();
+            if let Some(importer) = importer {
+                importer.abort();
+            }
+            out.imports.send_if_modified(|imports| {
+                if !imports.contains_key(&fed.trust_domain) {
+                    return false;
+                }
+                let mut next = imports.as_ref().clone();
+                next.remove(&fed.trust_domain);
+                *imports = Arc::new(next);
+                true
+            });
             membrane_runtime::lock(held).remove(&fed.trust_domain);
             let labels = TrustDomainLabels {
                 trust_domain: fed.trust_domain.to_string(),
@@ -178,7 +210,7 @@ fn reconcile(
         }
         if let Some((other, _)) = tasks
             .iter()
-            .find(|(_, (f, _))| f.trust_domain == fed.trust_domain)
+            .find(|(_, (f, _, _))| f.trust_domain == fed.trust_domain)
         {
             tracing::error!(federation = %name, other = %other, trust_domain = %fed.trust_domain, "trust domain already federated by another TrustFederation; ignored");
             continue;
@@ -195,12 +227,25 @@ fn reconcile(
         let task = tokio::spawn(follow(
             fed.clone(),
             held.clone(),
-            out.clone(),
+            out.bundles.clone(),
             metrics.clone(),
         ));
-        tasks.insert(name, (fed, task));
+        let importer = fed.exports_url.clone().map(|url| {
+            tokio::spawn(
+                services::Importer {
+                    trust_domain: fed.trust_domain.clone(),
+                    url,
+                    peer_id: fed.endpoint_id.clone(),
+                    serving: out.serving.clone(),
+                    federated: out.bundles.subscribe(),
+                    out: out.imports.clone(),
+                }
+                .run(),
+            )
+        });
+        tasks.insert(name, (fed, task, importer));
     }
-    publish(held, out);
+    publish(held, &out.bundles);
 }
 
 /// Publishes the bundles held, if they changed.

@@ -13,6 +13,8 @@
 //!   bootstrapBundle: |   # PEM roots, or a SPIFFE bundle document (JSON)
 //!     -----BEGIN CERTIFICATE-----
 //!     ...
+//!   serviceExports:      # optional: import the Services the peer exports
+//!     url: https://192.0.2.10:15016
 //! ```
 //!
 //! Cluster-scoped (a namespace is refused). Only the `https_spiffe` profile exists: the
@@ -42,6 +44,10 @@ pub struct TrustFederation {
     pub endpoint_id: SpiffeId,
     /// The roots that vouch for the endpoint until the first fetch.
     pub bootstrap: TrustBundle,
+    /// The peer controller's federation listener (`https://host:port`, gRPC
+    /// `ServiceExports`; its certificate must carry [`Self::endpoint_id`]), when this cluster
+    /// imports the Services the peer exports.
+    pub exports_url: Option<http::Uri>,
 }
 
 #[derive(Deserialize)]
@@ -68,6 +74,14 @@ struct Spec {
     trust_domain: String,
     bundle_endpoint: Endpoint,
     bootstrap_bundle: String,
+    #[serde(default)]
+    service_exports: Option<ExportsEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportsEndpoint {
+    url: String,
 }
 
 #[derive(Deserialize)]
@@ -92,14 +106,12 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         .map_err(|e| err("metadata.name", e.to_string()))?;
     let trust_domain = membrane_identity::spiffe_id::parse_trust_domain(&doc.spec.trust_domain)
         .map_err(|e| err("spec.trustDomain", e.to_string()))?;
-    let url: http::Uri = (doc.spec.bundle_endpoint.url.parse())
-        .map_err(|e: http::uri::InvalidUri| err("spec.bundleEndpoint.url", e.to_string()))?;
-    if url.scheme_str() != Some("https") || url.host().is_none() {
-        return Err(err(
-            "spec.bundleEndpoint.url",
-            "must be an https:// URL with a host (the https_spiffe profile)".into(),
-        ));
-    }
+    let url =
+        https_url(&doc.spec.bundle_endpoint.url).map_err(|m| err("spec.bundleEndpoint.url", m))?;
+    let exports_url = match &doc.spec.service_exports {
+        Some(e) => Some(https_url(&e.url).map_err(|m| err("spec.serviceExports.url", m))?),
+        None => None,
+    };
     let endpoint_id = SpiffeId::new(&doc.spec.bundle_endpoint.spiffe_id)
         .map_err(|e| err("spec.bundleEndpoint.spiffeId", e.to_string()))?;
     if endpoint_id.trust_domain() != &trust_domain {
@@ -116,7 +128,19 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         url,
         endpoint_id,
         bootstrap,
+        exports_url,
     })
+}
+
+/// An `https://host[:port]/...` URL.
+fn https_url(text: &str) -> Result<http::Uri, String> {
+    let url: http::Uri = text
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    if url.scheme_str() != Some("https") || url.host().is_none() {
+        return Err("must be an https:// URL with a host".into());
+    }
+    Ok(url)
 }
 
 /// A bootstrap bundle: PEM roots, or a SPIFFE bundle document.

@@ -16,8 +16,8 @@ pub use annotations::{
     parse_plaintext_udp_ports,
 };
 pub use model::{
-    ClusterState, Endpoint, MESH_LABEL, Namespace, Pod, PodPhase, PolicyEntry, Service,
-    ServiceAccount, ServicePort,
+    ClusterState, EXPORT_LABEL, Endpoint, MESH_LABEL, Namespace, Pod, PodPhase, PolicyEntry,
+    Service, ServiceAccount, ServicePort,
 };
 
 /// The receiving end of a source: always holds the latest complete snapshot, or `None` until

@@ -18,6 +18,11 @@ pub const MESH_LABEL: &str = "membrane.dev/mesh";
 /// refused where policy requires a tunnel.
 pub const HBONE_PEER: &str = "hbone-peer";
 
+/// The Service label that offers a Service to federated clusters (`"true"`): its ready mesh
+/// endpoints, with their identities, are served to every federated controller that watches
+/// this cluster's exports.
+pub const EXPORT_LABEL: &str = "membrane.dev/export";
+
 /// A namespace and the labels and annotations Membrane reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Namespace {
@@ -142,6 +147,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Endpoints (from EndpointSlices in Kubernetes; from the selector in a directory).
     pub endpoints: Vec<Endpoint>,
+    /// Labelled [`EXPORT_LABEL`]`: "true"`: offered to federated clusters.
+    pub exported: bool,
 }
 
 /// A validated AuthorizationPolicy and what its author should know about it.

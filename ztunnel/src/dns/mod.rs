@@ -3,7 +3,8 @@
 //! ([`crate::redirect`]).
 //!
 //! Each query is answered in one of three ways: a mesh Service's name
-//! (`<svc>.<ns>.svc.<cluster domain>`) from the mesh state; anything else by the upstream
+//! (`<svc>.<ns>.svc.<cluster domain>`, or `<svc>.<ns>.svc.clusterset.local` for one imported
+//! from federated clusters) from the mesh state; anything else by the upstream
 //! resolver ([`upstream`], asked from the pod's namespace); an error the ztunnel makes itself
 //! (FORMERR for a malformed query, SERVFAIL when the upstream fails or is not configured).
 //! Before an answer with addresses is released to the pod, each address is pinned to the
@@ -29,6 +30,9 @@ use crate::proxy::{PodContext, Proxy};
 use message::{AnswerSummary, Question};
 use metrics::{DnsMetrics, FailureLabels, RequestLabels, rcode_label};
 use pins::PinTable;
+
+/// The domain of Services imported from federated clusters (`<svc>.<ns>.svc.clusterset.local`).
+pub const CLUSTERSET_DOMAIN: &str = "clusterset.local";
 
 /// The capture's settings.
 #[derive(Debug, Clone)]
@@ -159,10 +163,17 @@ impl Dns {
         Some(reply)
     }
 
-    /// A mesh Service's name answered from the state.
+    /// A mesh Service's name answered from the state: `<svc>.<ns>.svc.<cluster domain>`, or
+    /// `<svc>.<ns>.svc.clusterset.local` for a Service imported from federated clusters.
     fn local(&self, proxy: &Proxy, question: &Question) -> Option<(Vec<u8>, AnswerSummary)> {
-        let (ns, svc) = message::service_name(&question.name, &self.config.cluster_domain)?;
-        let vips = proxy.state.borrow().service_ips(&format!("{ns}/{svc}"));
+        let service = match message::service_name(&question.name, &self.config.cluster_domain) {
+            Some((ns, svc)) => format!("{ns}/{svc}"),
+            None => {
+                let (ns, svc) = message::service_name(&question.name, CLUSTERSET_DOMAIN)?;
+                format!("{}{ns}/{svc}", crate::discovery::CLUSTERSET_PREFIX)
+            }
+        };
+        let vips = proxy.state.borrow().service_ips(&service);
         if vips.is_empty() {
             // Not a mesh Service: the upstream (kube-dns) may know it.
             return None;

@@ -82,6 +82,8 @@ pub struct DirService {
     pub ports: Vec<(ServicePort, TargetPort)>,
     /// `spec.selector`; `None` selects nothing.
     pub selector: Option<BTreeMap<String, String>>,
+    /// Labelled `membrane.dev/export: "true"`.
+    pub exported: bool,
 }
 
 /// A Service port's `targetPort`.
@@ -467,7 +469,13 @@ fn service_from(doc: ServiceDoc) -> FieldResult<DirService> {
             target,
         ));
     }
+    let exported = doc
+        .metadata
+        .labels
+        .get(crate::source::EXPORT_LABEL)
+        .is_some_and(|v| v == "true");
     Ok(DirService {
+        exported,
         namespace,
         name: doc.metadata.name,
         vips,
@@ -532,6 +540,7 @@ pub(super) fn resolve_service(
         vips: svc.vips.clone(),
         ports: svc.ports.iter().map(|(p, _)| p.clone()).collect(),
         endpoints,
+        exported: svc.exported,
     }
 }
 

@@ -143,6 +143,9 @@ pub fn service_account(sa: core::ServiceAccount) -> Option<(Key, ServiceAccount)
 /// `targetPort` has target port 0 (it resolves per endpoint, as in the directory source).
 pub fn service(svc: core::Service) -> Option<(Key, Service)> {
     let (namespace, name) = key_of(&svc.metadata)?;
+    let exported = (svc.metadata.labels.as_ref())
+        .and_then(|l| l.get(crate::source::EXPORT_LABEL))
+        .is_some_and(|v| v == "true");
     let spec = svc.spec.unwrap_or_default();
     let mut vips = Vec::new();
     let listed = spec.cluster_ips.unwrap_or_default();
@@ -180,6 +183,7 @@ pub fn service(svc: core::Service) -> Option<(Key, Service)> {
             vips,
             ports,
             endpoints: Vec::new(),
+            exported,
         },
     ))
 }

@@ -1,0 +1,502 @@
+//! Service export and import across a federation.
+//!
+//! **Export.** Services labelled `membrane.dev/export=true` are offered on the federation
+//! listener (`--federation-listen`): gRPC `ServiceExports.Watch` over mutual TLS. The caller
+//! must present an X.509-SVID of a *federated* trust domain's controller
+//! (`spiffe://<td>/ns/membrane-system/sa/membrane-ca`), verified against that trust domain's
+//! bundle; anything else is refused in the handshake or with PERMISSION_DENIED. Each message
+//! is the whole export set: every exported Service's ports and its ready endpoints that are
+//! mesh pods, each with its pod's IPs and service account (with the namespace and this trust
+//! domain, its SPIFFE ID). Endpoints of pods outside the mesh are not exported: a federated
+//! peer could only reach them in plaintext.
+//!
+//! **Import.** A `TrustFederation` with `spec.serviceExports.url` makes the controller follow
+//! that peer's stream, presenting its own serving SVID and requiring the peer controller's
+//! SPIFFE ID (`spec.bundleEndpoint.spiffeId`) verified against the peer's federated bundle.
+//! A message is validated whole ([`validate`]); a bad one is refused and the last good set
+//! stays, as it does while the peer is unreachable (retried after 1–30 s). Removing the
+//! federation drops its imports. The discovery view turns imports into `Workload`s of the
+//! peer's trust domain (foreign: the peer's ztunnels capture them) and one `clusterset`
+//! Service per imported name, on a virtual IP from [`CLUSTERSET_VIPS`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain};
+use membrane_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::serving::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, ServingCert};
+use crate::source::{ClusterState, StateReceiver};
+
+/// The federation listener's name in metrics and logs.
+pub const LISTENER: &str = "federation";
+/// Most Services one peer may export to us.
+pub const MAX_SERVICES: usize = 4096;
+/// Most endpoints one exported Service may carry.
+pub const MAX_ENDPOINTS: usize = 4096;
+/// Largest export message decoded.
+pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
+/// Where imported Services get their virtual IPs (never routed: the ztunnel captures every
+/// connection to them), `240.240.0.0/16`.
+pub const CLUSTERSET_VIPS: (Ipv4Addr, u8) = (Ipv4Addr::new(240, 240, 0, 0), 16);
+/// Retry delays after a failed or ended import stream (doubling).
+pub const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// What is imported, by exporting trust domain (each validated whole).
+pub type Imports = Arc<BTreeMap<TrustDomain, pb::Exports>>;
+
+/// The controller SVID path every federated controller presents.
+fn controller_path() -> String {
+    format!("/ns/{CONTROLLER_NAMESPACE}/sa/{CONTROLLER_SERVICE_ACCOUNT}")
+}
+
+/// The export set of `state`: exported Services and their ready mesh endpoints.
+pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
+    let mut services = Vec::new();
+    for svc in state.services.values().filter(|s| s.exported) {
+        let mut endpoints: BTreeMap<String, pb::ExportedEndpoint> = BTreeMap::new();
+        for e in svc.endpoints.iter().filter(|e| e.ready) {
+            let Some(pod_name) = &e.pod else { continue };
+            let Some(pod) = state.pods.get(&(svc.namespace.clone(), pod_name.clone())) else {
+                continue;
+            };
+            if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
+                continue;
+            }
+            let entry = endpoints
+                .entry(pod_name.clone())
+                .or_insert_with(|| pb::ExportedEndpoint {
+                    pod: pod_name.clone(),
+                    ips: Vec::new(),
+                    service_account: pod.service_account.clone(),
+                    ports: e
+                        .ports
+                        .iter()
+                        .map(|(k, v)| (k.clone(), u32::from(*v)))
+                        .collect(),
+                });
+            let ip = e.ip.to_string();
+            if !entry.ips.contains(&ip) {
+                entry.ips.push(ip);
+            }
+        }
+        services.push(pb::ExportedService {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    target_port: u32::from(p.target_port),
+                })
+                .collect(),
+            endpoints: endpoints.into_values().collect(),
+        });
+    }
+    pb::Exports {
+        trust_domain: local.to_string(),
+        services,
+    }
+}
+
+/// Checks a peer's export message whole: its trust domain is the one it was fetched from,
+/// names and service accounts are valid, every IP parses and is unicast, every port is
+/// 1–65535, no Service or endpoint appears twice, and the sizes are bounded.
+pub fn validate(exports: &pb::Exports, expected: &TrustDomain) -> Result<(), String> {
+    if exports.trust_domain != expected.to_string() {
+        return Err(format!(
+            "exports claim trust domain {:?}, expected {expected}",
+            exports.trust_domain
+        ));
+    }
+    if exports.services.len() > MAX_SERVICES {
+        return Err(format!(
+            "{} services, over the limit of {MAX_SERVICES}",
+            exports.services.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for svc in &exports.services {
+        let name = format!("{}/{}", svc.namespace, svc.name);
+        let fail = |m: String| format!("service {name}: {m}");
+        membrane_identity::spiffe_id::validate_namespace(&svc.namespace)
+            .map_err(|e| fail(format!("namespace: {e}")))?;
+        membrane_identity::spiffe_id::validate_namespace(&svc.name)
+            .map_err(|e| fail(format!("name: {e}")))?;
+        if !seen.insert(name.clone()) {
+            return Err(fail("exported twice".into()));
+        }
+        let port = |p: u32, zero_ok: bool| {
+            (u16::try_from(p).is_ok_and(|p| p > 0) || (zero_ok && p == 0))
+                .then_some(())
+                .ok_or_else(|| fail(format!("port {p} is not 1-65535")))
+        };
+        for p in &svc.ports {
+            port(p.port, false)?;
+            port(p.target_port, true)?;
+        }
+        if svc.endpoints.len() > MAX_ENDPOINTS {
+            return Err(fail(format!(
+                "{} endpoints, over the limit of {MAX_ENDPOINTS}",
+                svc.endpoints.len()
+            )));
+        }
+        let mut pods = BTreeSet::new();
+        for e in &svc.endpoints {
+            membrane_identity::spiffe_id::validate_namespace(&e.pod)
+                .map_err(|err| fail(format!("endpoint pod name: {err}")))?;
+            if !pods.insert(e.pod.as_str()) {
+                return Err(fail(format!("endpoint {} twice", e.pod)));
+            }
+            membrane_identity::WorkloadIdentity::new(expected, &svc.namespace, &e.service_account)
+                .map_err(|err| fail(format!("endpoint {}: {err}", e.pod)))?;
+            if e.ips.is_empty() || e.ips.len() > 2 {
+                return Err(fail(format!("endpoint {} needs one or two IPs", e.pod)));
+            }
+            for ip in &e.ips {
+                let parsed: IpAddr = ip
+                    .parse()
+                    .map_err(|_| fail(format!("endpoint {}: {ip:?} is not an IP", e.pod)))?;
+                if parsed.is_unspecified() || parsed.is_loopback() || parsed.is_multicast() {
+                    return Err(fail(format!("endpoint {}: {ip} is not a pod IP", e.pod)));
+                }
+            }
+            for p in e.ports.values() {
+                port(*p, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The virtual IP of every imported Service name (`namespace/name`), stable for a given set:
+/// a hash of the name picks the address in [`CLUSTERSET_VIPS`], the next free one on a
+/// collision (names in sorted order).
+pub fn clusterset_vips<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, IpAddr> {
+    let (base, prefix) = CLUSTERSET_VIPS;
+    let size = 1u32 << (32 - prefix);
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    let sorted: BTreeSet<&str> = names.into_iter().collect();
+    for name in sorted {
+        // FNV-1a: stable across processes and versions.
+        let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        // Skip the network and broadcast addresses.
+        let mut offset = 1 + hash % (size - 2);
+        while !taken.insert(offset) {
+            offset = 1 + offset % (size - 2);
+        }
+        out.insert(
+            name.to_owned(),
+            IpAddr::V4(Ipv4Addr::from(u32::from(base) + offset)),
+        );
+    }
+    out
+}
+
+// === the export server ===
+
+/// `ServiceExports` for federated controllers.
+#[derive(Clone)]
+pub struct ExportService {
+    local: TrustDomain,
+    state: StateReceiver,
+    cancel: CancellationToken,
+}
+
+impl ExportService {
+    /// Serves the exports of `state`, until `cancel` fires.
+    pub fn new(local: TrustDomain, state: StateReceiver, cancel: CancellationToken) -> Self {
+        Self {
+            local,
+            state,
+            cancel,
+        }
+    }
+
+    /// The federated controller presenting the peer certificates of `request`, or why not.
+    fn caller<T>(&self, request: &tonic::Request<T>) -> Result<SpiffeId, tonic::Status> {
+        let certs = request.peer_certs();
+        let id = membrane_identity::peer_spiffe_id(certs.as_ref().map(|c| c.as_slice()))
+            .map_err(|e| tonic::Status::unauthenticated(format!("no controller SVID: {e}")))?;
+        if id.trust_domain() == &self.local {
+            return Err(tonic::Status::permission_denied(
+                "exports are for federated trust domains, not the local one",
+            ));
+        }
+        if id.path() != controller_path() {
+            return Err(tonic::Status::permission_denied(format!(
+                "{id} is not a controller (expected the path {})",
+                controller_path()
+            )));
+        }
+        Ok(id)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::service_exports_server::ServiceExports for ExportService {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Exports, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<pb::ExportsRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let caller = self.caller(&request).inspect_err(|e| {
+            tracing::warn!(error = %e.message(), "service exports refused");
+        })?;
+        tracing::info!(peer = %caller, "a federated controller watches the service exports");
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (mut state, local, cancel) =
+            (self.state.clone(), self.local.clone(), self.cancel.clone());
+        tokio::spawn(async move {
+            let mut last: Option<pb::Exports> = None;
+            loop {
+                let current = state
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|s| exports(s, &local));
+                if let Some(current) = current
+                    && last.as_ref() != Some(&current)
+                {
+                    let services = current.services.len();
+                    if tx.send(Ok(current.clone())).await.is_err() {
+                        break;
+                    }
+                    tracing::debug!(peer = %caller, services, "service exports sent");
+                    last = Some(current);
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tx.closed() => break,
+                    changed = state.changed() => if changed.is_err() { break },
+                }
+            }
+            tracing::info!(peer = %caller, "service exports stream ended");
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+/// The federation listener's TLS: the serving SVID, and a client SVID required and verified
+/// against the bundle of its own trust domain (`trust`: the local bundle and every federated
+/// one).
+pub fn server_tls(
+    serving: Arc<ServingCert>,
+    trust: SharedTrustBundle,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = membrane_identity::crypto_provider();
+    let verifier = membrane_identity::verify::SpiffeClientVerifier::new(
+        trust,
+        PeerCheck::AnyTrusted,
+        provider.clone(),
+    );
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(serving);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Keeps `trust` equal to the local bundle and the federated ones, until `cancel` fires.
+pub async fn follow_trust(
+    trust: SharedTrustBundle,
+    mut local: watch::Receiver<Arc<TrustBundle>>,
+    mut federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let bundle = local.borrow_and_update().as_ref().clone();
+        trust.store(bundle);
+        let bundles = federated.borrow_and_update().as_ref().clone();
+        if let Err(e) = trust.store_federated(bundles) {
+            tracing::error!(error = %e, "federation listener: federated bundles refused");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = local.changed() => if r.is_err() { return },
+            r = federated.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+// === the importer ===
+
+/// Why one import stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// No bundle is held for the peer's trust domain.
+    #[error("no bundle for trust domain {0}")]
+    NoBundle(String),
+    /// Connecting, TLS or gRPC failed.
+    #[error("connecting to {url}: {message}")]
+    Connect {
+        /// The peer's federation listener.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The peer refused or ended the stream.
+    #[error("stream from {url}: {status}")]
+    Stream {
+        /// The peer's federation listener.
+        url: String,
+        /// The gRPC status.
+        status: String,
+    },
+}
+
+/// One federation's import: where, whom to expect, and who we are.
+#[derive(Clone)]
+pub struct Importer {
+    /// The peer's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its federation listener.
+    pub url: http::Uri,
+    /// Its controller's SPIFFE ID.
+    pub peer_id: SpiffeId,
+    /// Our serving SVID, presented as the client certificate.
+    pub serving: Arc<ServingCert>,
+    /// The federated bundles (the peer's is looked up at every connect).
+    pub federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
+    /// Where validated imports go.
+    pub out: watch::Sender<Imports>,
+}
+
+impl Importer {
+    /// Follows the peer's exports forever (the task is aborted when the federation goes).
+    pub async fn run(self) {
+        let mut retry = RETRY_BOUNDS.0;
+        loop {
+            match self.stream(&mut retry).await {
+                Ok(()) => {
+                    tracing::info!(trust_domain = %self.trust_domain, "service exports stream ended; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service import failed; the last imported set stays")
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_BOUNDS.1);
+        }
+    }
+
+    async fn stream(&self, retry: &mut Duration) -> Result<(), ImportError> {
+        let url = self.url.to_string();
+        let connect = |message: String| ImportError::Connect {
+            url: url.clone(),
+            message,
+        };
+        let bundle = (self.federated.borrow().iter())
+            .find(|b| b.trust_domain() == &self.trust_domain)
+            .cloned()
+            .ok_or_else(|| ImportError::NoBundle(self.trust_domain.to_string()))?;
+        let provider = membrane_identity::crypto_provider();
+        let verifier = membrane_identity::verify::SpiffeServerVerifier::new(
+            SharedTrustBundle::new(bundle),
+            PeerCheck::Exact(self.peer_id.clone()),
+            provider.clone(),
+        );
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| connect(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.serving.clone());
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let channel = grpc_channel(&self.url, Arc::new(tls))
+            .await
+            .map_err(connect)?;
+        let mut client = pb::service_exports_client::ServiceExportsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_LEN);
+        let stream_err = |status: tonic::Status| ImportError::Stream {
+            url: url.clone(),
+            status: format!("{}: {}", status.code(), status.message()),
+        };
+        let mut stream = client
+            .watch(pb::ExportsRequest {})
+            .await
+            .map_err(stream_err)?
+            .into_inner();
+        tracing::info!(trust_domain = %self.trust_domain, url = %url, "following the peer's service exports");
+        while let Some(exports) = stream.message().await.map_err(stream_err)? {
+            *retry = RETRY_BOUNDS.0;
+            if let Err(e) = validate(&exports, &self.trust_domain) {
+                tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service exports refused whole; the last imported set stays");
+                continue;
+            }
+            let services = exports.services.len();
+            let td = self.trust_domain.clone();
+            self.out.send_if_modified(|current| {
+                if current.get(&td) == Some(&exports) {
+                    return false;
+                }
+                let mut next = current.as_ref().clone();
+                next.insert(td.clone(), exports);
+                *current = Arc::new(next);
+                true
+            });
+            tracing::info!(trust_domain = %self.trust_domain, services, "service imports updated");
+        }
+        Ok(())
+    }
+}
+
+/// A gRPC channel to `url` over TLS with `tls` (which verifies the server by SPIFFE ID).
+async fn grpc_channel(
+    url: &http::Uri,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let host = url
+        .host()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_owned();
+    let port = url.port_u16().unwrap_or(443);
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    // The connector dials and does TLS itself; the endpoint's own scheme is only a label.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (host, name, tls) = (host.clone(), name.clone(), tls.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("{e}: {}", source_chain(&e)))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push(s.to_string());
+        next = s.source();
+    }
+    out.join(": ")
+}
+
+#[cfg(test)]
+#[path = "services_tests.rs"]
+mod tests;

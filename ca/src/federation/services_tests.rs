@@ -1,0 +1,183 @@
+//! What a cluster exports, what an importer accepts, and the clusterset VIPs.
+
+use super::*;
+use crate::source::{Endpoint, MESH_LABEL, Namespace, Pod, Service, ServicePort};
+
+fn td(name: &str) -> TrustDomain {
+    membrane_identity::spiffe_id::parse_trust_domain(name).expect("td")
+}
+
+/// Namespace `inference` in the mesh and `plain` outside it; `model-server` (exported) with
+/// a ready mesh pod, a not-ready one and a plain pod behind it, and `internal` (not
+/// exported).
+fn state() -> ClusterState {
+    let mut s = ClusterState::default();
+    for (name, mesh) in [("inference", true), ("plain", false)] {
+        let mut ns = Namespace {
+            name: name.into(),
+            ..Default::default()
+        };
+        if mesh {
+            ns.labels.insert(MESH_LABEL.into(), "enabled".into());
+        }
+        s.namespaces.insert(name.into(), ns);
+    }
+    for (ns, pod, ip) in [
+        ("inference", "ms-0", "10.20.1.5"),
+        ("inference", "ms-1", "10.20.1.6"),
+        ("plain", "web-0", "10.20.1.7"),
+    ] {
+        s.pods.insert(
+            (ns.into(), pod.into()),
+            Pod {
+                namespace: ns.into(),
+                name: pod.into(),
+                uid: format!("uid-{pod}"),
+                service_account: "model-server".into(),
+                node_name: Some("node-b".into()),
+                ips: vec![ip.parse().expect("ip")],
+                ..Default::default()
+            },
+        );
+    }
+    let endpoint = |ip: &str, pod: &str, ready: bool| Endpoint {
+        ip: ip.parse().expect("ip"),
+        pod: Some(pod.into()),
+        ready,
+        ports: BTreeMap::new(),
+    };
+    for (name, exported) in [("model-server", true), ("internal", false)] {
+        s.services.insert(
+            ("inference".into(), name.into()),
+            Service {
+                namespace: "inference".into(),
+                name: name.into(),
+                vips: vec!["10.96.0.20".parse().expect("ip")],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 8080,
+                    target_port: 8080,
+                }],
+                endpoints: vec![
+                    endpoint("10.20.1.5", "ms-0", true),
+                    endpoint("10.20.1.6", "ms-1", false),
+                ],
+                exported,
+            },
+        );
+    }
+    s.services.insert(
+        ("plain".into(), "web".into()),
+        Service {
+            namespace: "plain".into(),
+            name: "web".into(),
+            endpoints: vec![endpoint("10.20.1.7", "web-0", true)],
+            exported: true,
+            ..Default::default()
+        },
+    );
+    s
+}
+
+#[test]
+fn only_exported_services_and_their_ready_mesh_pods_are_offered() {
+    let out = exports(&state(), &td("cluster-b.example"));
+    assert_eq!(out.trust_domain, "cluster-b.example");
+    let names: Vec<String> = (out.services.iter())
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
+    assert_eq!(names, ["inference/model-server", "plain/web"]);
+    let ms = &out.services[0];
+    assert_eq!(ms.ports.len(), 1);
+    let [only] = ms.endpoints.as_slice() else {
+        panic!("only the ready mesh pod: {:?}", ms.endpoints);
+    };
+    assert_eq!(only.pod, "ms-0");
+    assert_eq!(only.ips, ["10.20.1.5"]);
+    assert_eq!(only.service_account, "model-server");
+    assert!(
+        out.services[1].endpoints.is_empty(),
+        "a pod outside the mesh is never exported"
+    );
+    validate(&out, &td("cluster-b.example")).expect("its own exports validate");
+}
+
+#[test]
+fn a_bad_export_message_is_refused_whole() {
+    let good = exports(&state(), &td("cluster-b.example"));
+    let b = td("cluster-b.example");
+    let spoil = |f: &dyn Fn(&mut pb::Exports)| {
+        let mut bad = good.clone();
+        f(&mut bad);
+        bad
+    };
+    let cases: Vec<(pb::Exports, &str)> = vec![
+        (
+            spoil(&|e| e.trust_domain = "cluster-a.example".into()),
+            "claim",
+        ),
+        (
+            spoil(&|e| e.services[0].namespace = "Bad_NS".into()),
+            "namespace",
+        ),
+        (
+            spoil(&|e| {
+                let again = e.services[0].clone();
+                e.services.push(again);
+            }),
+            "twice",
+        ),
+        (
+            spoil(&|e| e.services[0].endpoints[0].ips = vec!["nope".into()]),
+            "not an IP",
+        ),
+        (
+            spoil(&|e| e.services[0].endpoints[0].ips = vec!["127.0.0.1".into()]),
+            "not a pod IP",
+        ),
+        (spoil(&|e| e.services[0].endpoints[0].ips.clear()), "IPs"),
+        (
+            spoil(&|e| e.services[0].endpoints[0].service_account = "Bad SA".into()),
+            "endpoint ms-0",
+        ),
+        (spoil(&|e| e.services[0].ports[0].port = 70000), "port"),
+        (
+            spoil(&|e| {
+                let again = e.services[0].endpoints[0].clone();
+                e.services[0].endpoints.push(again);
+            }),
+            "twice",
+        ),
+    ];
+    for (bad, want) in cases {
+        let err = validate(&bad, &b).expect_err(want);
+        assert!(err.contains(want), "{err} does not say {want}");
+    }
+    let many = pb::Exports {
+        trust_domain: b.to_string(),
+        services: vec![pb::ExportedService::default(); MAX_SERVICES + 1],
+    };
+    assert!(validate(&many, &b).is_err());
+}
+
+#[test]
+fn clusterset_vips_are_stable_distinct_and_in_range() {
+    let names = ["inference/model-server", "training/store", "a/b"];
+    let first = clusterset_vips(names);
+    let again = clusterset_vips(names.iter().rev().copied());
+    assert_eq!(first, again, "independent of order");
+    let distinct: BTreeSet<_> = first.values().collect();
+    assert_eq!(distinct.len(), names.len());
+    for ip in first.values() {
+        let IpAddr::V4(v4) = ip else {
+            panic!("{ip} is not IPv4")
+        };
+        assert_eq!(v4.octets()[..2], [240, 240], "{ip}");
+        assert!(v4.octets()[2..] != [0, 0] && v4.octets()[2..] != [255, 255]);
+    }
+    // Many names: every one gets its own address.
+    let many: Vec<String> = (0..3000).map(|i| format!("ns/svc-{i}")).collect();
+    let vips = clusterset_vips(many.iter().map(String::as_str));
+    let distinct: BTreeSet<_> = vips.values().collect();
+    assert_eq!(distinct.len(), many.len());
+}
