@@ -8,13 +8,16 @@
 //!   `membrane observe` reads;
 //! - [`dns`]: the DNS record the ztunnel writes for each query a pod makes (same stream as
 //!   the access records);
-//! - [`ports`]: the ports the ztunnel owns in every enrolled pod's network namespace.
+//! - [`ports`]: the ports the ztunnel owns in every enrolled pod's network namespace;
+//! - [`clusterset`]: the addresses and DNS domain of Services imported from federated
+//!   clusters (the controller allocates them, the ztunnel routes them).
 //!
 //! It must not do I/O, validate beyond what the types express, or know any mesh logic (state,
 //! policy, identities): those belong to the crates that produce and consume these shapes. It
 //! depends on `serde` only, so that the small synchronous CNI plugin can link it.
 
 pub mod access;
+pub mod clusterset;
 pub mod dns;
 pub mod enrollment;
 pub mod ports;

@@ -129,6 +129,29 @@ pub struct MeshSpec {
     /// The in-process controller signs with this operator-supplied CA (a plug-in directory:
     /// `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`) instead of its own root.
     pub plugin_ca: Option<PathBuf>,
+    /// The in-process controller's trust domain, and its ztunnels' (`None`: `cluster.local`).
+    pub trust_domain: Option<String>,
+    /// The in-process controller serves its SPIFFE bundle endpoint with this refresh hint.
+    pub bundle_endpoint: Option<Duration>,
+    /// The in-process controller serves its exported Services (federation listener).
+    pub exports: bool,
+    /// Nodes of another cluster on the same fabric (flat pod networks): their ztunnels talk
+    /// to that cluster's controller, and their pods are left out of the in-process
+    /// controller's manifests (the caller writes them into the other controller's).
+    pub node_controllers: BTreeMap<String, NodeController>,
+}
+
+/// The controller of a node that belongs to another cluster.
+#[derive(Debug, Clone)]
+pub struct NodeController {
+    /// `https://host:port` of its gRPC listener.
+    pub endpoint: String,
+    /// Its root certificate (PEM).
+    pub root_pem: String,
+    /// The node's token for it.
+    pub token: String,
+    /// Its trust domain.
+    pub trust_domain: String,
 }
 
 /// A controller outside the mesh harness: where it listens, its root and each node's token.
@@ -246,6 +269,15 @@ impl Mesh {
                 if let Some(dir) = &spec.plugin_ca {
                     ca = ca.plugin_ca(dir.clone());
                 }
+                if let Some(td) = &spec.trust_domain {
+                    ca = ca.trust_domain(td);
+                }
+                if let Some(hint) = spec.bundle_endpoint {
+                    ca = ca.bundle_endpoint(hint);
+                }
+                if spec.exports {
+                    ca = ca.exports();
+                }
                 let ca = ca.start().await?;
                 let root_pem = ca.root_pem();
                 (Some(ca), root_pem)
@@ -256,6 +288,9 @@ impl Mesh {
         std::fs::write(dir.path().join("policies.yaml"), &spec.policies)?;
         let root = dir.path().join("root.pem");
         std::fs::write(&root, root_pem)?;
+        for (node, other) in &spec.node_controllers {
+            std::fs::write(dir.path().join(format!("{node}-root.pem")), &other.root_pem)?;
+        }
         let mut mesh = Self {
             ztunnels: BTreeMap::new(),
             ca,
@@ -272,7 +307,11 @@ impl Mesh {
 
     fn documents(spec: &MeshSpec, testbed: &Testbed) -> anyhow::Result<(String, String)> {
         let mut manifests = String::new();
-        let mut namespaces: Vec<&str> = spec.pods.iter().map(|p| p.namespace.as_str()).collect();
+        // Pods of another cluster's nodes are that cluster's controller's business.
+        let own = |p: &&PodDef| !spec.node_controllers.contains_key(&p.node);
+        let mut namespaces: Vec<&str> = (spec.pods.iter().filter(own))
+            .map(|p| p.namespace.as_str())
+            .collect();
         namespaces.sort_unstable();
         namespaces.dedup();
         let mut workloads = String::from("namespaces:\n");
@@ -303,7 +342,7 @@ impl Mesh {
             )?;
         }
         workloads.push_str("workloads:\n");
-        for def in &spec.pods {
+        for def in spec.pods.iter().filter(own) {
             let pod = testbed.pod(def.key()).context("pod missing from testbed")?;
             let mesh = spec.mesh_namespaces.iter().any(|m| m == &def.namespace);
             let peer = spec

@@ -98,6 +98,12 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             };
             log.relay(tcp, stream, None).await;
         }
+        Route::Passthrough { .. } if membrane_api::clusterset::contains(dst.ip()) => {
+            tracing::info!(dst = %dst, "clusterset address with no imported Service; refused");
+            log(None).refused(format!(
+                "clusterset address {dst}: no imported Service holds it (no federated cluster exports it, or its federation was removed)"
+            ));
+        }
         Route::Passthrough { .. } => passthrough(tcp, dst, pod, proxy, log(None)).await,
     }
 }

@@ -42,7 +42,10 @@ pub const MAX_ENDPOINTS: usize = 4096;
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 /// Where imported Services get their virtual IPs (never routed: the ztunnel captures every
 /// connection to them), `240.240.0.0/16`.
-pub const CLUSTERSET_VIPS: (Ipv4Addr, u8) = (Ipv4Addr::new(240, 240, 0, 0), 16);
+pub const CLUSTERSET_VIPS: (Ipv4Addr, u8) = (
+    membrane_api::clusterset::NETWORK,
+    membrane_api::clusterset::PREFIX_LEN,
+);
 /// Retry delays after a failed or ended import stream (doubling).
 pub const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 

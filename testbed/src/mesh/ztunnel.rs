@@ -129,14 +129,27 @@ impl Mesh {
     pub(super) fn spawn_ztunnel(&self, node: &str, extra_args: &[&str]) -> anyhow::Result<Ztunnel> {
         let dir = self.dir.path();
         let token_file = dir.join(format!("{node}.token"));
-        let (endpoint, token) = match &self.spec.external_controller {
-            Some(external) => (
+        let other = self.spec.node_controllers.get(node);
+        let (endpoint, token) = match (other, &self.spec.external_controller) {
+            (Some(other), _) => (other.endpoint.clone(), other.token.clone()),
+            (None, Some(external)) => (
                 external.endpoint.clone(),
                 (external.tokens.get(node))
                     .with_context(|| format!("no token for node {node}"))?
                     .clone(),
             ),
-            None => (self.ca().endpoint(), crate::node_token(node)),
+            (None, None) => (self.ca().endpoint(), crate::node_token(node)),
+        };
+        let (root, trust_domain) = match other {
+            Some(other) => (
+                dir.join(format!("{node}-root.pem")),
+                Some(other.trust_domain.as_str()),
+            ),
+            None => (dir.join("root.pem"), self.spec.trust_domain.as_deref()),
+        };
+        let trust_args: Vec<&str> = match trust_domain {
+            Some(td) => vec!["--trust-domain", td],
+            None => Vec::new(),
         };
         std::fs::write(&token_file, token)?;
         let enroll_socket = dir.join(format!("{node}.sock"));
@@ -180,7 +193,8 @@ impl Mesh {
         let mut child = command
             .args(["--ca-address", &endpoint])
             .arg("--ca-root")
-            .arg(dir.join("root.pem"))
+            .arg(&root)
+            .args(&trust_args)
             .arg("--token-file")
             .arg(&token_file)
             .arg("--enroll-socket")

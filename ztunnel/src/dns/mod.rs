@@ -32,7 +32,7 @@ use metrics::{DnsMetrics, FailureLabels, RequestLabels, rcode_label};
 use pins::PinTable;
 
 /// The domain of Services imported from federated clusters (`<svc>.<ns>.svc.clusterset.local`).
-pub const CLUSTERSET_DOMAIN: &str = "clusterset.local";
+pub const CLUSTERSET_DOMAIN: &str = membrane_api::clusterset::DOMAIN;
 
 /// The capture's settings.
 #[derive(Debug, Clone)]
