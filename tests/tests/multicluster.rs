@@ -106,13 +106,18 @@ where
     }
 }
 
-#[tokio::test]
-#[ignore = "needs root"]
-async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> anyhow::Result<()> {
-    require_root()?;
+/// Clusters A (the mesh's controller: node-a with trainer, scraper and store) and B (its own
+/// controller: node-b with the exported model server), federated both ways, every pod
+/// enrolled, echo servers on model-server:8080 and store:9000; and the model server's
+/// clusterset address as resolved by the trainer. `cert_ttl` is both clusters' workload
+/// certificate lifetime.
+async fn two_clusters(cert_ttl: Option<Duration>) -> anyhow::Result<(Mesh, TestCa, SocketAddr)> {
     // Cluster B: its own controller, root and trust domain; node-b only.
-    let b = TestCa::builder()
-        .trust_domain(B)
+    let mut b = TestCa::builder().trust_domain(B);
+    if let Some(ttl) = cert_ttl {
+        b = b.cert_ttl(ttl);
+    }
+    let b = b
         .nodes(&["node-b".to_owned()])
         .bundle_endpoint(Duration::from_secs(1))
         .exports()
@@ -123,6 +128,7 @@ async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> an
     // Cluster A: the mesh's own controller, federated with B and importing its Services;
     // node-b's ztunnel belongs to B.
     let spec = MeshSpec {
+        cert_ttl,
         trust_domain: Some(A.into()),
         bundle_endpoint: Some(Duration::from_secs(1)),
         node_controllers: BTreeMap::from([(
@@ -207,7 +213,14 @@ async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> an
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    let dst = SocketAddr::new(vip, 8080);
+    Ok((mesh, b, SocketAddr::new(vip, 8080)))
+}
+
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, b, dst) = two_clusters(None).await?;
 
     // The trainer reaches it; nothing on the WAN is plaintext; B records A's identity.
     let capture = mesh.testbed.capture_fabric()?;
@@ -307,4 +320,118 @@ async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> an
     drop(mesh);
     drop(b);
     Ok(())
+}
+
+/// Cluster B rotates its root (`rotate-root`) while A's trainer talks to B's model server: a
+/// long stream pinged every 100 ms and a new connection every 500 ms all succeed, through the
+/// new root's distribution (A fetches it from B's bundle endpoint before B signs with it),
+/// B's switch to signing with it (B's pods renew under it) and the old root's removal.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_root()
+-> anyhow::Result<()> {
+    use membrane_ca::rotation::{self, Phase};
+    require_root()?;
+    let (mesh, b, dst) = two_clusters(Some(Duration::from_secs(3))).await?;
+    until(
+        "the trainer reaches the model server",
+        Duration::from_secs(20),
+        || async { Ok(echo(&mesh, "trainer", dst, b"before").await.is_ok()) },
+    )
+    .await?;
+    let mut long = mesh.connect_from("trainer", dst).await?;
+    ping(&mut long).await?;
+    let pinger = tokio::spawn(async move {
+        let mut pings = 0u32;
+        loop {
+            ping(&mut long).await.context("the long stream")?;
+            pings += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if pings >= 10_000 {
+                return anyhow::Ok(pings);
+            }
+        }
+    });
+
+    let state = b.dir.path().join("state");
+    let td = membrane_identity::spiffe_id::parse_trust_domain(B)?;
+    rotation::request(&state, &td, Duration::from_secs(3600))?;
+    let renewed_before = mesh.ztunnels["node-b"].renewals(None).len();
+    let (mut saw_signing, mut connections) = (false, 0u32);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let phase = rotation::read_phase(&state)?;
+        echo(&mesh, "trainer", dst, b"during")
+            .await
+            .with_context(|| format!("new connection {connections} in phase {phase:?}"))?;
+        ensure!(
+            !pinger.is_finished(),
+            "the long stream ended: {:?}",
+            pinger.await
+        );
+        connections += 1;
+        saw_signing |= matches!(phase, Phase::Signing { .. });
+        // Done once the rotation is over and B's model server has renewed under the new root.
+        let renewed = mesh.ztunnels["node-b"].renewals(None).len() > renewed_before + 2;
+        if saw_signing && phase == Phase::Idle && renewed {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "rotation not done: phase {phase:?}, {connections} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        connections >= 4,
+        "only {connections} connections during the rotation"
+    );
+    // A's ztunnels follow B's bundle down to the new root alone, and traffic still flows.
+    let b_roots = pem_roots(&b.root_pem());
+    ensure!(b_roots.len() == 1, "B still holds {} roots", b_roots.len());
+    until(
+        "A trusts B's new root only",
+        Duration::from_secs(15),
+        || async { Ok(federated_roots(mesh.ca(), B).await? == b_roots) },
+    )
+    .await?;
+    echo(&mesh, "trainer", dst, b"after")
+        .await
+        .context("after the rotation")?;
+    pinger.abort();
+    drop(mesh);
+    drop(b);
+    Ok(())
+}
+
+/// The roots (DER, sorted) a fresh discovery stream of `ca` gives node-a for `td`.
+async fn federated_roots(ca: &TestCa, td: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    use membrane_proto::v1 as pb;
+    let mut client = ca.client(&node_token("node-a")).await?;
+    let mut stream = client.watch("node-a").await?;
+    let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await??
+        .context("stream ended")?;
+    let mut roots = snapshot
+        .upserts
+        .iter()
+        .find_map(|r| match &r.kind {
+            Some(pb::resource::Kind::FederatedBundle(b)) if b.trust_domain == td => {
+                Some(b.roots_der.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
+    roots.sort();
+    Ok(roots)
+}
+
+fn pem_roots(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    roots.sort();
+    roots
 }
