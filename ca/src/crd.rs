@@ -1,5 +1,6 @@
-//! The `AuthorizationPolicy` and `EgressPolicy` custom resources (`security.membrane.dev/v1`)
-//! as the Kubernetes source reads them and the status writer updates them.
+//! The `AuthorizationPolicy`, `EgressPolicy` and `TrustFederation` custom resources
+//! (`security.membrane.dev/v1`) as the Kubernetes source reads them and the status writer
+//! updates them (the policies' status; a TrustFederation has none).
 //!
 //! The schema below `spec` is deliberately open (`x-kubernetes-preserve-unknown-fields`):
 //!
@@ -152,6 +153,62 @@ impl JsonSchema for EgressPolicySpec {
     }
 }
 
+/// Where the generated TrustFederation manifest lives, relative to the workspace root.
+pub const FEDERATION_CRD_PATH: &str = "charts/membrane/crds/trustfederations.yaml";
+
+/// `spec` of a `TrustFederation` (cluster-scoped): any JSON object, kept verbatim and judged
+/// by `federation::spec` (the same code as the manifest directory's), so an invalid edit is
+/// stored, logged and ignored — the last valid version stays in force.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "security.membrane.dev",
+    version = "v1",
+    kind = "TrustFederation",
+    plural = "trustfederations",
+    singular = "trustfederation",
+    category = "membrane",
+    derive = "PartialEq",
+    doc = "A federated trust domain: its SPIFFE bundle endpoint, the bundle that vouches for the first fetch, and optionally the controller whose exported Services are imported.",
+    printcolumn(
+        name = "TrustDomain",
+        type_ = "string",
+        json_path = ".spec.trustDomain",
+        description = "The federated trust domain"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct TrustFederationSpec {
+    /// The fields of `spec`, as written.
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl JsonSchema for TrustFederationSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "TrustFederationSpec".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "TrustFederation spec (trustDomain, bundleEndpoint.url and \
+                .spiffeId, bootstrapBundle, serviceExports.url). Validated by the controller; \
+                an invalid version is logged and the last valid one stays in force.",
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true
+        })
+    }
+}
+
+/// The TrustFederation CustomResourceDefinition as YAML, with the committed file's header.
+pub fn federation_crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    generated_yaml("TrustFederation", &TrustFederation::crd())
+}
+
 /// `status` of an `AuthorizationPolicy` or `EgressPolicy`, written by the controller.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -229,6 +286,12 @@ mod tests {
     #[test]
     fn committed_crd_matches_the_rust_type() {
         check_committed(committed_path(), crd_yaml());
+        check_committed(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(FEDERATION_CRD_PATH),
+            federation_crd_yaml(),
+        );
         check_committed(
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("..")

@@ -450,6 +450,7 @@ fn controller_rbac_is_exactly_what_it_calls() -> anyhow::Result<()> {
             ("discovery.k8s.io", "endpointslices"),
             ("security.membrane.dev", "authorizationpolicies"),
             ("security.membrane.dev", "egresspolicies"),
+            ("security.membrane.dev", "trustfederations"),
             ("gateway.networking.k8s.io", "gateways"),
             ("gateway.networking.k8s.io", "tcproutes"),
             ("gateway.networking.k8s.io", "tlsroutes"),
@@ -1177,12 +1178,16 @@ fn chart_crd_is_the_rust_type() -> anyhow::Result<()> {
     let helm = need_helm!();
     let r = template(&helm, &["--include-crds"])?;
     let crds = r.all("CustomResourceDefinition");
-    ensure!(crds.len() == 2, "expected two CRDs, found {}", crds.len());
+    ensure!(crds.len() == 3, "expected three CRDs, found {}", crds.len());
     for (yaml, path) in [
         (membrane_ca::crd::crd_yaml(), membrane_ca::crd::CRD_PATH),
         (
             membrane_ca::crd::egress_crd_yaml(),
             membrane_ca::crd::EGRESS_CRD_PATH,
+        ),
+        (
+            membrane_ca::crd::federation_crd_yaml(),
+            membrane_ca::crd::FEDERATION_CRD_PATH,
         ),
     ] {
         let generated: Value = serde_saphyr::from_str(&yaml)?;

@@ -5,7 +5,9 @@
 //! ServiceAccounts, Services, `discovery.k8s.io/v1` EndpointSlices and Membrane's
 //! `security.membrane.dev/v1` AuthorizationPolicy and EgressPolicy ([`crate::crd`];
 //! [`policy`], [`egress`]), and, when their CRDs are installed, the Gateway API's `Gateway`,
-//! `TCPRoute` and `TLSRoute` ([`gateway_api`]; absent CRDs count as no objects). Istio's
+//! `TCPRoute` and `TLSRoute` ([`gateway_api`]; absent CRDs count as no objects), and
+//! `TrustFederation` ([`federation`]; cluster-scoped; an absent CRD counts as no federation,
+//! an invalid version keeps the last valid one in force). Istio's
 //! `security.istio.io` AuthorizationPolicies are *not* read from the API (the directory source
 //! and `membrane policy check` accept them as files): watching a second group would need its
 //! CRD installed and would race istiod for their status.
@@ -33,6 +35,7 @@
 pub mod cache;
 pub mod convert;
 pub mod egress;
+pub mod federation;
 pub mod gateway_api;
 pub mod policy;
 mod run;
@@ -70,7 +73,7 @@ impl Default for KubeSourceConfig {
 }
 
 /// The resources watched, as named in logs and in the `resource` metric label.
-pub const RESOURCES: [&str; 10] = [
+pub const RESOURCES: [&str; 11] = [
     "namespaces",
     "pods",
     "serviceaccounts",
@@ -81,4 +84,5 @@ pub const RESOURCES: [&str; 10] = [
     gateway_api::GATEWAYS,
     gateway_api::TCP_ROUTES,
     gateway_api::TLS_ROUTES,
+    "trustfederations",
 ];

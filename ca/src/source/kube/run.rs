@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{Cache, Change};
 use super::convert::{self, Key, Slice};
 use super::egress::{self, EgressValue};
+use super::federation::{self, FederationValue};
 use super::gateway_api;
 use super::policy::{self, Fallback, PolicyKind, PolicyReport, PolicyReports, PolicyVerdict};
 use super::{KubeSourceConfig, ReportSender, StateSender};
@@ -46,6 +47,7 @@ enum Update {
     Gateway(Change<Key, membrane_policy::gateway::Gateway>),
     TcpRoute(Change<Key, membrane_policy::gateway::Route>),
     TlsRoute(Change<Key, membrane_policy::gateway::Route>),
+    Federation(Change<String, FederationValue>),
     Error(&'static str, watcher::Error),
     /// An object without name or namespace (never sent by an API server).
     Skip,
@@ -142,6 +144,13 @@ fn streams(client: &Client) -> SelectAll<BoxStream<'static, Update>> {
             egress::egress,
             Update::Egress,
         ),
+        watch::<crate::crd::TrustFederation, _, _>(
+            Api::all(client.clone()),
+            "trustfederations",
+            federation::key,
+            federation::federation,
+            Update::Federation,
+        ),
         watch::<DynamicObject, _, _>(
             Api::all_with(
                 client.clone(),
@@ -187,6 +196,7 @@ struct Caches {
     gateways: Cache<Key, membrane_policy::gateway::Gateway>,
     tcp_routes: Cache<Key, membrane_policy::gateway::Route>,
     tls_routes: Cache<Key, membrane_policy::gateway::Route>,
+    federations: Cache<String, FederationValue>,
 }
 
 impl Caches {
@@ -231,6 +241,21 @@ impl Caches {
             Update::Gateway(c) => self.gateways.apply(c),
             Update::TcpRoute(c) => self.tcp_routes.apply(c),
             Update::TlsRoute(c) => self.tls_routes.apply(c),
+            Update::Federation(c) => {
+                // An invalid edit keeps the last valid version in force.
+                let c = match c {
+                    Change::Apply(k, Some(v)) => {
+                        let v = federation::keep_last_valid(self.federations.items().get(&k), v);
+                        Change::Apply(k, Some(v))
+                    }
+                    Change::InitApply(k, Some(v)) => {
+                        let v = federation::keep_last_valid(self.federations.items().get(&k), v);
+                        Change::InitApply(k, Some(v))
+                    }
+                    other => other,
+                };
+                self.federations.apply(c)
+            }
             Update::Error(..) | Update::Skip => false,
         }
     }
@@ -246,6 +271,10 @@ impl Caches {
             gateway_api::GATEWAYS => empty(&mut self.gateways),
             gateway_api::TCP_ROUTES => empty(&mut self.tcp_routes),
             gateway_api::TLS_ROUTES => empty(&mut self.tls_routes),
+            "trustfederations" => {
+                self.federations.apply(Change::Init);
+                self.federations.apply(Change::InitDone)
+            }
             _ => false,
         }
     }
@@ -263,6 +292,7 @@ impl Caches {
             self.gateways.ready(),
             self.tcp_routes.ready(),
             self.tls_routes.ready(),
+            self.federations.ready(),
         ];
         super::RESOURCES
             .into_iter()
@@ -297,9 +327,12 @@ impl Caches {
                 .chain(self.tls_routes.items())
                 .map(|(k, r)| (gateway_api::route_key(k, r), r.clone()))
                 .collect(),
-            // TrustFederation is read from manifests only so far (`membrane local`, or a
-            // controller with a manifest directory); no custom resource is watched yet.
-            federations: std::collections::BTreeMap::new(),
+            federations: self
+                .federations
+                .items()
+                .iter()
+                .filter_map(|(k, f)| Some((k.clone(), f.clone()?)))
+                .collect(),
         }
     }
 
@@ -360,10 +393,13 @@ pub async fn run(
                     return;
                 };
                 if let Update::Error(resource, e) = &update {
-                    if gateway_api::OPTIONAL.contains(resource) && not_served(e) {
-                        // No Gateway API CRDs: no gateways, and the rest is published.
+                    let optional = gateway_api::OPTIONAL.contains(resource)
+                        || *resource == "trustfederations";
+                    if optional && not_served(e) {
+                        // No Gateway API or TrustFederation CRD: none of them, and the rest
+                        // is published.
                         if caches.absent(resource) {
-                            tracing::info!(resource, "Gateway API resource not served (CRDs not installed); treated as empty, still watched");
+                            tracing::info!(resource, "optional resource not served (CRD not installed); treated as empty, still watched");
                         } else {
                             continue;
                         }
@@ -424,6 +460,9 @@ fn watch_error(resource: &'static str, e: &watcher::Error, metrics: &SourceMetri
             }
             404 if resource == "egresspolicies" => {
                 "is the EgressPolicy CRD (security.membrane.dev) installed? (charts/membrane/crds)"
+            }
+            404 if resource == "trustfederations" => {
+                "the TrustFederation CRD (charts/membrane/crds) is not installed: no federation"
             }
             401 | 403 => "check the controller's RBAC",
             _ => "",
