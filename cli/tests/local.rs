@@ -302,3 +302,90 @@ fn every_command_has_complete_help() {
     assert!(!out.status.success());
     assert!(text(&out).contains("membrane local up"), "{}", text(&out));
 }
+
+/// `membrane local up` of a directory with `clusters.yaml` (examples/multicluster): two
+/// clusters with their own controllers and trust domains, federated; A's trainer reaches B's
+/// exported model server by its clusterset name, A's scraper is refused by B's policy.
+#[test]
+#[ignore = "needs root"]
+fn local_clusters_federate_and_import_each_others_services() {
+    use hickory_proto::rr::RecordType;
+    use membrane_testbed::world::dns_client::{addresses, resolve};
+    membrane_testbed::require_root().expect("needs root");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multicluster");
+    let state = tempfile::tempdir().expect("state");
+    let state_dir = state.path().to_str().expect("utf-8").to_owned();
+    let prefix = format!("mlc{}", std::process::id());
+    let up = membrane(&[
+        "local",
+        "up",
+        example.to_str().expect("utf-8"),
+        "--state-dir",
+        &state_dir,
+        "--prefix",
+        &prefix,
+    ]);
+    let _down = Down(state_dir.clone());
+    assert!(up.status.success(), "up failed: {}", text(&up));
+
+    let status = membrane(&["local", "status", "--json", "--state-dir", &state_dir]);
+    assert!(status.status.success(), "{}", text(&status));
+    let live: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let identity = |name: &str| {
+        live["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["identity"].clone())
+    };
+    assert_eq!(
+        identity("trainer-0").expect("trainer"),
+        "spiffe://cluster-a.example/ns/training/sa/trainer"
+    );
+    assert_eq!(
+        identity("model-server-0").expect("model server"),
+        "spiffe://cluster-b.example/ns/inference/sa/model-server"
+    );
+
+    echo_in("inference-model-server-0");
+    // The clusterset name, answered by the trainer's DNS capture (no resolver serves
+    // 192.0.2.53).
+    let trainer = Path::new("/run/netns").join("training-trainer-0");
+    let server: SocketAddr = "192.0.2.53:53".parse().expect("addr");
+    let name = "model-server.inference.svc.clusterset.local";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vip: std::net::IpAddr = loop {
+        let found = resolve(&trainer, server, name, RecordType::A).map(|m| addresses(&m));
+        if let Ok([one]) = found.as_deref()
+            && one.starts_with("240.240.")
+        {
+            break one.parse().expect("ip");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never resolved: {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let dst = SocketAddr::new(vip, PORT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reach("training-trainer-0", dst) {
+        assert!(
+            Instant::now() < deadline,
+            "the trainer never reached the model server"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        !reach("monitoring-scraper-0", dst),
+        "cluster B's policy must refuse A's scraper"
+    );
+    let down = membrane(&["local", "down", "--state-dir", &state_dir]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(
+        text(&down).contains("nothing left behind"),
+        "{}",
+        text(&down)
+    );
+}

@@ -507,10 +507,25 @@ impl Mesh {
     /// The pod's SPIFFE ID.
     pub fn spiffe_id(&self, name: &str) -> String {
         let d = self.def(name);
-        format!(
-            "spiffe://cluster.local/ns/{}/sa/{}",
-            d.namespace, d.service_account
-        )
+        let td = match self.spec.node_controllers.get(&d.node) {
+            Some(other) => other.trust_domain.as_str(),
+            None => self.spec.trust_domain.as_deref().unwrap_or("cluster.local"),
+        };
+        format!("spiffe://{td}/ns/{}/sa/{}", d.namespace, d.service_account)
+    }
+
+    /// The Namespace and Pod manifests of the pods on `nodes` (what another cluster's
+    /// controller, per [`MeshSpec::node_controllers`], must be told about its own pods).
+    pub fn cluster_manifests(&self, nodes: &[String]) -> anyhow::Result<String> {
+        let spec = MeshSpec {
+            pods: (self.spec.pods.iter())
+                .filter(|p| nodes.contains(&p.node))
+                .cloned()
+                .collect(),
+            node_controllers: BTreeMap::new(),
+            ..self.spec.clone()
+        };
+        Ok(Self::documents(&spec, &self.testbed)?.0)
     }
 
     /// Sends an enrollment request to the ztunnel of the pod's node.

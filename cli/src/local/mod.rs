@@ -11,7 +11,11 @@
 //! and policies in step with the directory, appends every access record to
 //! `<state-dir>/access.log` (read by `membrane observe`), and tears everything down on
 //! SIGTERM, which `down` sends; `down` then removes whatever a killed daemon left behind.
+//!
+//! A directory with `clusters.yaml` describes several federated clusters, one subdirectory
+//! each ([`clusters`]): each gets its own controller and trust domain in the same daemon.
 
+pub mod clusters;
 pub mod manifests;
 pub mod state;
 
@@ -47,7 +51,9 @@ pub fn up(
         bail!("membrane local needs root (network namespaces, nftables): run it with sudo");
     }
     // Validate before starting anything, so errors show here and not in a log file.
-    manifests::spec(manifests, cert_ttl, None)?;
+    if clusters::read(manifests, cert_ttl)?.is_none() {
+        manifests::spec(manifests, cert_ttl, None)?;
+    }
     if let Ok(existing) = LocalState::read(&state_file(state_dir))
         && existing.daemon_alive()
     {
@@ -114,6 +120,9 @@ pub async fn daemon(
 ) -> anyhow::Result<()> {
     let access_log = state_dir.join("access.log");
     std::fs::write(&access_log, b"")?;
+    if let Some(clusters) = clusters::read(manifests_dir, cert_ttl)? {
+        return daemon_clusters(clusters, manifests_dir, state_dir, access_log, prefix).await;
+    }
     let mut spec = manifests::spec(manifests_dir, cert_ttl, Some(access_log))?;
     // Pods' DNS goes to the simulated outside world's resolver (through their ztunnel).
     spec.ztunnel_args
@@ -142,12 +151,149 @@ pub async fn daemon(
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = ticker.tick() => sync.run(&mesh),
+            _ = ticker.tick() => sync.run(&|name, content| mesh.write_manifest(name, content)),
         }
     }
     tracing::info!("stopping the local mesh");
     drop(world);
     drop(mesh);
+    let _ = std::fs::remove_file(state_file(state_dir));
+    Ok(())
+}
+
+/// The daemon of several federated clusters (see [`clusters`]).
+async fn daemon_clusters(
+    clusters: Vec<clusters::Cluster>,
+    manifests_dir: &Path,
+    state_dir: &Path,
+    access_log: PathBuf,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    use membrane_testbed::TestCa;
+    use membrane_testbed::mesh::NodeController;
+    let (first, others) = clusters.split_first().context("no cluster")?;
+    // The other clusters' controllers first: their nodes' ztunnels need their addresses.
+    let mut cas = Vec::new();
+    for c in others {
+        let mut ca = TestCa::builder()
+            .trust_domain(&c.trust_domain)
+            .nodes(&c.spec.nodes)
+            .bundle_endpoint(clusters::REFRESH_HINT)
+            .exports();
+        if let Some(ttl) = c.spec.cert_ttl {
+            ca = ca.cert_ttl(ttl);
+        }
+        for (name, content) in manifests::other_documents(&c.dir)? {
+            ca = ca.manifest(&name, &content);
+        }
+        cas.push(
+            ca.start()
+                .await
+                .with_context(|| format!("starting cluster {}'s controller", c.name))?,
+        );
+    }
+    let controllers: Vec<NodeController> = (others.iter().zip(&cas))
+        .map(|(c, ca)| NodeController {
+            endpoint: ca.endpoint(),
+            root_pem: ca.root_pem(),
+            token: String::new(),
+            trust_domain: c.trust_domain.clone(),
+        })
+        .collect();
+    let mut spec = clusters::combined(&clusters, &controllers, Some(access_log))?;
+    spec.ztunnel_args
+        .extend(["--dns-upstream".to_owned(), world::RESOLVER.to_string()]);
+    // Every cluster follows every other: (name, trust domain, bundle endpoint, exports, root).
+    let mut peers = Vec::new();
+    for (c, ca) in others.iter().zip(&cas) {
+        peers.push((
+            c.name.clone(),
+            c.trust_domain.clone(),
+            ca.bundle_endpoint_addr().context("bundle endpoint")?,
+            ca.exports_addr().context("federation listener")?,
+            ca.root_pem(),
+        ));
+    }
+    for (name, td, bundle, exports, root) in &peers {
+        spec.extra_manifests.push((
+            format!("federation-{name}.yaml"),
+            clusters::federation(name, td, *bundle, *exports, root),
+        ));
+    }
+    let testbed = Testbed::with_prefix(prefix)?;
+    let mut mesh = Mesh::start_on(testbed, spec).await?;
+    let world = World::start(&mut mesh.testbed).context("starting the simulated outside world")?;
+    let a = mesh.ca();
+    peers.insert(
+        0,
+        (
+            first.name.clone(),
+            first.trust_domain.clone(),
+            a.bundle_endpoint_addr().context("bundle endpoint")?,
+            a.exports_addr().context("federation listener")?,
+            a.root_pem(),
+        ),
+    );
+    for (c, ca) in others.iter().zip(&cas) {
+        ca.write_manifest("mesh.yaml", &mesh.cluster_manifests(&c.spec.nodes)?)?;
+        for (name, td, bundle, exports, root) in peers.iter().filter(|p| p.0 != c.name) {
+            ca.write_manifest(
+                &format!("federation-{name}.yaml"),
+                &clusters::federation(name, td, *bundle, *exports, root),
+            )?;
+        }
+    }
+    let mut state = LocalState::from_mesh(&mesh, manifests_dir, false);
+    state.write(&state_file(state_dir))?;
+    // A cluster's controller learns its pods from the file just written: enroll until it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for pod in mesh.pods() {
+        if !manifests::enrolled(mesh_spec(&mesh), pod) {
+            continue;
+        }
+        loop {
+            match mesh.enroll(pod.key()).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(pod = pod.key(), error = %e, "enrollment not yet accepted; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("enrolling {}/{}", pod.namespace, pod.name));
+                }
+            }
+        }
+    }
+    wait_for_identities(&mesh, &state).await?;
+    state.ready = true;
+    state.write(&state_file(state_dir))?;
+    tracing::info!(
+        pods = state.pods.len(),
+        clusters = clusters.len(),
+        "local clusters ready"
+    );
+
+    let mut syncs: Vec<Sync> = clusters.iter().map(|c| Sync::new(&c.dir)).collect();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = ticker.tick() => {
+                let (own, rest) = syncs.split_first_mut().context("no cluster")?;
+                own.run(&|name, content| mesh.write_manifest(name, content));
+                for (sync, ca) in rest.iter_mut().zip(&cas) {
+                    sync.run(&|name, content| ca.write_manifest(name, content));
+                }
+            }
+        }
+    }
+    tracing::info!("stopping the local clusters");
+    drop(world);
+    drop(mesh);
+    drop(cas);
     let _ = std::fs::remove_file(state_file(state_dir));
     Ok(())
 }
@@ -194,7 +340,7 @@ impl Sync {
         }
     }
 
-    fn run(&mut self, mesh: &Mesh) {
+    fn run(&mut self, write: &dyn Fn(&str, &str) -> anyhow::Result<()>) {
         let Ok(now) = manifests::other_documents(&self.dir) else {
             return;
         };
@@ -203,14 +349,14 @@ impl Sync {
         }
         for (name, content) in &now {
             if !self.last.contains(&(name.clone(), content.clone()))
-                && let Err(e) = mesh.write_manifest(name, content)
+                && let Err(e) = write(name, content)
             {
                 tracing::warn!(file = name, error = %e, "cannot pass a changed manifest on");
             }
         }
         for (name, _) in &self.last {
             if !now.iter().any(|(n, _)| n == name)
-                && let Err(e) = mesh.write_manifest(name, "")
+                && let Err(e) = write(name, "")
             {
                 tracing::warn!(file = name, error = %e, "cannot pass a removed manifest on");
             }

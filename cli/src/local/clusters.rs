@@ -1,0 +1,227 @@
+//! Several federated clusters in one `membrane local`: a manifest directory holding
+//! `clusters.yaml` and one subdirectory of manifests per cluster.
+//!
+//! ```yaml
+//! clusters:
+//!   - name: cluster-a              # the subdirectory cluster-a/
+//!     trustDomain: cluster-a.example
+//!   - name: cluster-b
+//!     trustDomain: cluster-b.example
+//! ```
+//!
+//! Each cluster gets its own controller, root and trust domain; its pods' nodes belong to it
+//! (node names must differ between clusters). Every pair of clusters is federated both ways:
+//! each controller serves its bundle endpoint and its exported Services (`membrane.dev/export:
+//! "true"`), and follows every other's. The clusters' pod networks are flat (one simulated
+//! fabric); there is no east-west gateway yet. The first cluster's controller is the mesh's own;
+//! the others run beside it in the same daemon.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use membrane_testbed::mesh::{MeshSpec, NodeController};
+use serde::Deserialize;
+
+use super::manifests;
+
+/// The file that makes a manifest directory a set of clusters.
+pub const FILE: &str = "clusters.yaml";
+/// `spiffe_refresh_hint` of the local controllers' bundle endpoints.
+pub const REFRESH_HINT: Duration = Duration::from_secs(2);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    clusters: Vec<ClusterDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClusterDoc {
+    name: String,
+    trust_domain: String,
+}
+
+/// One cluster: its name, trust domain, manifest directory and the mesh its manifests alone
+/// describe.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Its name (and subdirectory).
+    pub name: String,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// Its manifest directory.
+    pub dir: PathBuf,
+    /// What its manifests describe on their own.
+    pub spec: MeshSpec,
+}
+
+/// The clusters of `dir`, or `None` when it has no [`FILE`] (one cluster).
+pub fn read(dir: &Path, cert_ttl: Option<Duration>) -> anyhow::Result<Option<Vec<Cluster>>> {
+    let path = dir.join(FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let doc: Doc =
+        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if doc.clusters.len() < 2 {
+        bail!("{}: name at least two clusters", path.display());
+    }
+    let mut clusters = Vec::new();
+    let (mut names, mut domains, mut nodes) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for c in doc.clusters {
+        membrane_identity::spiffe_id::validate_namespace(&c.name)
+            .with_context(|| format!("{}: cluster name {:?}", path.display(), c.name))?;
+        membrane_identity::spiffe_id::parse_trust_domain(&c.trust_domain)
+            .with_context(|| format!("{}: cluster {}: trustDomain", path.display(), c.name))?;
+        if !names.insert(c.name.clone()) || !domains.insert(c.trust_domain.clone()) {
+            bail!(
+                "{}: cluster {} repeats a name or a trust domain",
+                path.display(),
+                c.name
+            );
+        }
+        let cluster_dir = dir.join(&c.name);
+        let spec = manifests::spec(&cluster_dir, cert_ttl, None)
+            .with_context(|| format!("cluster {}", c.name))?;
+        for node in &spec.nodes {
+            if !nodes.insert(node.clone()) {
+                bail!("node {node} appears in two clusters: every cluster needs nodes of its own");
+            }
+        }
+        clusters.push(Cluster {
+            name: c.name,
+            trust_domain: c.trust_domain,
+            dir: cluster_dir,
+            spec,
+        });
+    }
+    Ok(Some(clusters))
+}
+
+/// The one mesh of every cluster: the first cluster's controller is the mesh's own, every
+/// other cluster's nodes talk to `controllers[i]` (the others', in order).
+pub fn combined(
+    clusters: &[Cluster],
+    controllers: &[NodeController],
+    access_log: Option<PathBuf>,
+) -> anyhow::Result<MeshSpec> {
+    let (first, others) = clusters.split_first().context("no cluster")?;
+    let mut spec = first.spec.clone();
+    spec.trust_domain = Some(first.trust_domain.clone());
+    spec.bundle_endpoint = Some(REFRESH_HINT);
+    spec.exports = true;
+    spec.access_log = access_log;
+    for (cluster, controller) in others.iter().zip(controllers) {
+        for node in &cluster.spec.nodes {
+            let mut own = controller.clone();
+            own.token = membrane_testbed::node_token(node);
+            spec.node_controllers.insert(node.clone(), own);
+        }
+        spec.nodes.extend(cluster.spec.nodes.iter().cloned());
+        spec.pods.extend(cluster.spec.pods.iter().cloned());
+        for ns in &cluster.spec.mesh_namespaces {
+            if !spec.mesh_namespaces.contains(ns) {
+                spec.mesh_namespaces.push(ns.clone());
+            }
+        }
+        for ns in &cluster.spec.plaintext_permit {
+            if !spec.plaintext_permit.contains(ns) {
+                spec.plaintext_permit.push(ns.clone());
+            }
+        }
+    }
+    // Node numbers (and so pod ranges) follow the order of all nodes: an address a cluster
+    // pinned is checked again against it.
+    spec.nodes.sort();
+    for pod in &spec.pods {
+        if let Some(ip) = pod.ip {
+            let index = spec.nodes.iter().position(|n| *n == pod.node).unwrap_or(0) + 1;
+            if usize::from(ip.octets()[2]) != index {
+                bail!(
+                    "pod {}/{}: status.podIP {ip} is outside node {}'s range 10.77.{index}.0/24 once every cluster's nodes are numbered; remove it to have one assigned",
+                    pod.namespace,
+                    pod.name,
+                    pod.node
+                );
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// A `TrustFederation` naming `trust_domain`'s bundle endpoint and federation listener.
+pub fn federation(
+    name: &str,
+    trust_domain: &str,
+    bundle_endpoint: std::net::SocketAddr,
+    exports: std::net::SocketAddr,
+    root_pem: &str,
+) -> String {
+    let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {trust_domain}\n  bundleEndpoint:\n    url: https://{bundle_endpoint}/\n    spiffeId: spiffe://{trust_domain}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}  serviceExports:\n    url: https://{exports}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_names_two_clusters_with_nodes_of_their_own() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multicluster");
+        let clusters = read(&dir, None).expect("valid").expect("clusters.yaml");
+        assert_eq!(clusters.len(), 2);
+        assert_ne!(clusters[0].trust_domain, clusters[1].trust_domain);
+        let controller = NodeController {
+            endpoint: "https://127.0.0.1:1".into(),
+            root_pem: String::new(),
+            token: String::new(),
+            trust_domain: clusters[1].trust_domain.clone(),
+        };
+        let spec = combined(&clusters, &[controller], None).expect("combined");
+        assert_eq!(
+            spec.node_controllers.len(),
+            clusters[1].spec.nodes.len(),
+            "the second cluster's nodes talk to its controller"
+        );
+        assert_eq!(
+            spec.pods.len(),
+            clusters[0].spec.pods.len() + clusters[1].spec.pods.len()
+        );
+    }
+
+    #[test]
+    fn shared_nodes_or_domains_and_single_clusters_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pod = |node: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: a}}\nspec: {{nodeName: {node}}}\n"
+            )
+        };
+        for (name, node) in [("one", "n1"), ("two", "n1")] {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+            std::fs::write(dir.path().join(name).join("m.yaml"), pod(node)).expect("write");
+        }
+        let write = |text: &str| std::fs::write(dir.path().join(FILE), text).expect("write");
+        write(
+            "clusters:\n- {name: one, trustDomain: one.example}\n- {name: two, trustDomain: two.example}\n",
+        );
+        let err = format!("{:#}", read(dir.path(), None).expect_err("shared node"));
+        assert!(err.contains("node n1 appears in two clusters"), "{err}");
+        write(
+            "clusters:\n- {name: one, trustDomain: same.example}\n- {name: two, trustDomain: same.example}\n",
+        );
+        let err = format!("{:#}", read(dir.path(), None).expect_err("shared domain"));
+        assert!(err.contains("repeats"), "{err}");
+        write("clusters:\n- {name: one, trustDomain: one.example}\n");
+        assert!(read(dir.path(), None).is_err(), "one cluster");
+        std::fs::remove_file(dir.path().join(FILE)).expect("rm");
+        assert!(read(dir.path(), None).expect("no file").is_none());
+    }
+}
