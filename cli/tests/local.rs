@@ -119,6 +119,24 @@ impl Drop for Down {
     }
 }
 
+/// `membrane local up DIR` with its own state directory and a node prefix unique to this
+/// process; the output, and a guard that brings the mesh down.
+fn up(dir: &Path, state_dir: &str, prefix: &str) -> (std::process::Output, Down) {
+    let prefix = format!("{prefix}{}", std::process::id());
+    let out = membrane(&[
+        "local",
+        "up",
+        dir.to_str().expect("utf-8"),
+        "--state-dir",
+        state_dir,
+        "--prefix",
+        &prefix,
+    ]);
+    let down = Down(state_dir.to_owned());
+    assert!(out.status.success(), "up failed: {}", text(&out));
+    (out, down)
+}
+
 #[test]
 #[ignore = "needs root"]
 fn local_mesh_from_manifests_up_status_observe_down() {
@@ -127,18 +145,8 @@ fn local_mesh_from_manifests_up_status_observe_down() {
     let state = tempfile::tempdir().expect("state");
     let state_dir = state.path().to_str().expect("utf-8").to_owned();
     std::fs::write(dir.path().join("mesh.yaml"), manifests("trainer")).expect("write");
+    let (up, _down) = up(dir.path(), &state_dir, "mlt");
     let prefix = format!("mlt{}", std::process::id());
-    let up = membrane(&[
-        "local",
-        "up",
-        dir.path().to_str().expect("utf-8"),
-        "--state-dir",
-        &state_dir,
-        "--prefix",
-        &prefix,
-    ]);
-    let _down = Down(state_dir.clone());
-    assert!(up.status.success(), "up failed: {}", text(&up));
     assert!(text(&up).contains("lt-train-trainer-0"), "{}", text(&up));
 
     // Status: every pod with its namespace name, IP, node and identity; mesh pods certified.
@@ -315,18 +323,7 @@ fn local_clusters_federate_and_import_each_others_services() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multicluster");
     let state = tempfile::tempdir().expect("state");
     let state_dir = state.path().to_str().expect("utf-8").to_owned();
-    let prefix = format!("mlc{}", std::process::id());
-    let up = membrane(&[
-        "local",
-        "up",
-        example.to_str().expect("utf-8"),
-        "--state-dir",
-        &state_dir,
-        "--prefix",
-        &prefix,
-    ]);
-    let _down = Down(state_dir.clone());
-    assert!(up.status.success(), "up failed: {}", text(&up));
+    let (_, _down) = up(&example, &state_dir, "mlc");
 
     let status = membrane(&["local", "status", "--json", "--state-dir", &state_dir]);
     assert!(status.status.success(), "{}", text(&status));

@@ -168,6 +168,27 @@ impl TestCa {
         .await?)
     }
 
+    /// The roots (DER, sorted) a fresh discovery snapshot for `node` holds for federated
+    /// trust domain `td` (empty: not federated).
+    pub async fn federated_roots(&self, node: &str, td: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+        use membrane_proto::v1 as pb;
+        let mut client = self.client(&node_token(node)).await?;
+        let mut stream = client.watch(node).await?;
+        let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("{node}'s stream ended before its snapshot"))?;
+        let mut roots = (snapshot.upserts.iter())
+            .find_map(|r| match &r.kind {
+                Some(pb::resource::Kind::FederatedBundle(b)) if b.trust_domain == td => {
+                    Some(b.roots_der.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        roots.sort();
+        Ok(roots)
+    }
+
     /// Starts another controller replica over the same directory (same root, same manifests,
     /// same tokens) on fresh loopback ports; the caller shuts it down.
     pub async fn replica(&self) -> anyhow::Result<Running> {

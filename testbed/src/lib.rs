@@ -149,6 +149,17 @@ impl Pattern {
     }
 }
 
+/// The certificates of a PEM bundle, DER, sorted (unparseable blocks are left out).
+pub fn pem_certificates(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut ders: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    ders.sort();
+    ders
+}
+
 /// Waits for a child this process started to exit within `grace`, then kills and reaps it.
 pub fn reap(mut child: std::process::Child, grace: std::time::Duration) {
     let deadline = std::time::Instant::now() + grace;

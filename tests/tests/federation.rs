@@ -108,7 +108,7 @@ async fn a_peer_bundle_is_fetched_from_its_endpoint_and_streamed_to_the_nodes() 
     ))
     .await?;
     let mut held = Default::default();
-    let b_roots: Vec<Vec<u8>> = pem_roots(&b.root_pem());
+    let b_roots: Vec<Vec<u8>> = membrane_tests::pem_certificates(&b.root_pem());
     federated_roots(&mut stream, &mut held, B, |r| r == Some(&b_roots)).await?;
     metric(&a, &["federated_bundle_fetches_total", B, "result=\"ok\""]).await?;
     metric(&a, &["federated_bundle_sequence", B]).await?;
@@ -124,47 +124,13 @@ async fn a_peer_bundle_is_fetched_from_its_endpoint_and_streamed_to_the_nodes() 
     let age = metric(&a, &["federated_bundle_age_seconds", B]).await?;
     let secs: f64 = age.rsplit(' ').next().unwrap_or("0").parse()?;
     ensure!(secs >= 2.0, "the bundle's age is not growing: {age}");
-    let roots = a_federated_now(&a).await?;
-    ensure!(
-        roots.get(B) == Some(&b_roots),
-        "B's last good bundle was dropped"
-    );
+    let roots = a.federated_roots("node-a", B).await?;
+    ensure!(roots == b_roots, "B's last good bundle was dropped");
 
     // The federation removed: B is no longer trusted.
     std::fs::remove_file(a.manifests_dir().join("federation.yaml"))?;
     federated_roots(&mut stream, &mut held, B, |r| r.is_none()).await?;
     Ok(())
-}
-
-/// A fresh stream's view of the federated bundles.
-async fn a_federated_now(
-    a: &TestCa,
-) -> anyhow::Result<std::collections::BTreeMap<String, Vec<Vec<u8>>>> {
-    let mut client = a.client(&node_token("node-a")).await?;
-    let mut stream = client.watch("node-a").await?;
-    let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await??
-        .context("stream ended")?;
-    Ok(snapshot
-        .upserts
-        .iter()
-        .filter_map(|r| match &r.kind {
-            Some(pb::resource::Kind::FederatedBundle(b)) => {
-                Some((b.trust_domain.clone(), b.roots_der.clone()))
-            }
-            _ => None,
-        })
-        .collect())
-}
-
-fn pem_roots(pem: &str) -> Vec<Vec<u8>> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .filter_map(Result::ok)
-        .map(|c| c.to_vec())
-        .collect();
-    roots.sort();
-    roots
 }
 
 /// A bundle endpoint run by the test, with an SVID of `spiffe://cluster-c.example/...` from
@@ -310,9 +276,9 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
         &["federated_bundle_fetches_total", C, "result=\"rollback\""],
     )
     .await?;
-    let now = a_federated_now(&a).await?;
+    let now = a.federated_roots("node-a", C).await?;
     ensure!(
-        now.get(C) == Some(&both),
+        now == both,
         "a rejected document changed the bundle: {now:?}"
     );
 
@@ -329,9 +295,9 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
     fake.reissue(&stranger)?;
     fake.serve(document(&[&stranger], 12)?);
     metric(&a, &["federated_bundle_fetches_total", C, "result=\"tls\""]).await?;
-    let now = a_federated_now(&a).await?;
+    let now = a.federated_roots("node-a", C).await?;
     ensure!(
-        now.get(C) == Some(&only_next),
+        now == only_next,
         "an unverified endpoint changed the bundle: {now:?}"
     );
 
@@ -580,7 +546,7 @@ async fn watch_exports(
     id: &str,
 ) -> anyhow::Result<pb::Exports> {
     let svid = ca.svid(id, &[])?;
-    let roots = pem_roots(root_pem);
+    let roots = membrane_tests::pem_certificates(root_pem);
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(rustls_pki_types::CertificateDer::from(r))?;

@@ -387,12 +387,12 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
         "only {connections} connections during the rotation"
     );
     // A's ztunnels follow B's bundle down to the new root alone, and traffic still flows.
-    let b_roots = pem_roots(&b.root_pem());
+    let b_roots = membrane_tests::pem_certificates(&b.root_pem());
     ensure!(b_roots.len() == 1, "B still holds {} roots", b_roots.len());
     until(
         "A trusts B's new root only",
         Duration::from_secs(15),
-        || async { Ok(federated_roots(mesh.ca(), B).await? == b_roots) },
+        || async { Ok(mesh.ca().federated_roots("node-a", B).await? == b_roots) },
     )
     .await?;
     echo(&mesh, "trainer", dst, b"after")
@@ -402,36 +402,4 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
     drop(mesh);
     drop(b);
     Ok(())
-}
-
-/// The roots (DER, sorted) a fresh discovery stream of `ca` gives node-a for `td`.
-async fn federated_roots(ca: &TestCa, td: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    use membrane_proto::v1 as pb;
-    let mut client = ca.client(&node_token("node-a")).await?;
-    let mut stream = client.watch("node-a").await?;
-    let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await??
-        .context("stream ended")?;
-    let mut roots = snapshot
-        .upserts
-        .iter()
-        .find_map(|r| match &r.kind {
-            Some(pb::resource::Kind::FederatedBundle(b)) if b.trust_domain == td => {
-                Some(b.roots_der.clone())
-            }
-            _ => None,
-        })
-        .unwrap_or_default();
-    roots.sort();
-    Ok(roots)
-}
-
-fn pem_roots(pem: &str) -> Vec<Vec<u8>> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .filter_map(Result::ok)
-        .map(|c| c.to_vec())
-        .collect();
-    roots.sort();
-    roots
 }

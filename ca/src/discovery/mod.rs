@@ -8,7 +8,7 @@
 //! policies that select its node's workloads.
 
 mod delta;
-mod view;
+pub(crate) mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

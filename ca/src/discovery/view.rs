@@ -117,20 +117,24 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
     }
 }
 
+/// The wire form of a Service's ports.
+pub(crate) fn ports_wire(svc: &Service) -> Vec<pb::ServicePort> {
+    svc.ports
+        .iter()
+        .map(|p| pb::ServicePort {
+            name: p.name.clone(),
+            port: u32::from(p.port),
+            target_port: u32::from(p.target_port),
+        })
+        .collect()
+}
+
 fn service(svc: &Service) -> pb::Service {
     pb::Service {
         namespace: svc.namespace.clone(),
         name: svc.name.clone(),
         vips: svc.vips.iter().map(ToString::to_string).collect(),
-        ports: svc
-            .ports
-            .iter()
-            .map(|p| pb::ServicePort {
-                name: p.name.clone(),
-                port: u32::from(p.port),
-                target_port: u32::from(p.target_port),
-            })
-            .collect(),
+        ports: ports_wire(svc),
         endpoints: svc
             .endpoints
             .iter()

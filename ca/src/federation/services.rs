@@ -90,15 +90,7 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
         services.push(pb::ExportedService {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
-            ports: svc
-                .ports
-                .iter()
-                .map(|p| pb::ServicePort {
-                    name: p.name.clone(),
-                    port: u32::from(p.port),
-                    target_port: u32::from(p.target_port),
-                })
-                .collect(),
+            ports: crate::discovery::view::ports_wire(svc),
             endpoints: endpoints.into_values().collect(),
         });
     }

@@ -145,15 +145,7 @@ pub async fn daemon(
     tracing::info!(pods = state.pods.len(), "local mesh ready");
 
     let mut sync = Sync::new(manifests_dir);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = ticker.tick() => sync.run(&|name, content| mesh.write_manifest(name, content)),
-        }
-    }
+    until_stopped(|| sync.run(&|name, content| mesh.write_manifest(name, content))).await?;
     tracing::info!("stopping the local mesh");
     drop(world);
     drop(mesh);
@@ -274,28 +266,34 @@ async fn daemon_clusters(
         "local clusters ready"
     );
 
-    let mut syncs: Vec<Sync> = clusters.iter().map(|c| Sync::new(&c.dir)).collect();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = ticker.tick() => {
-                let (own, rest) = syncs.split_first_mut().context("no cluster")?;
-                own.run(&|name, content| mesh.write_manifest(name, content));
-                for (sync, ca) in rest.iter_mut().zip(&cas) {
-                    sync.run(&|name, content| ca.write_manifest(name, content));
-                }
-            }
+    let mut own = Sync::new(&first.dir);
+    let mut rest: Vec<Sync> = others.iter().map(|c| Sync::new(&c.dir)).collect();
+    until_stopped(|| {
+        own.run(&|name, content| mesh.write_manifest(name, content));
+        for (sync, ca) in rest.iter_mut().zip(&cas) {
+            sync.run(&|name, content| ca.write_manifest(name, content));
         }
-    }
+    })
+    .await?;
     tracing::info!("stopping the local clusters");
     drop(world);
     drop(mesh);
     drop(cas);
     let _ = std::fs::remove_file(state_file(state_dir));
     Ok(())
+}
+
+/// Calls `tick` every 500 ms until SIGTERM or Ctrl-C.
+async fn until_stopped(mut tick: impl FnMut()) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = ticker.tick() => tick(),
+        }
+    }
 }
 
 fn mesh_spec(mesh: &Mesh) -> &membrane_testbed::mesh::MeshSpec {
