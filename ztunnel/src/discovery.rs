@@ -319,8 +319,17 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
     // The controller streams its `--root-namespace` with the trust bundle; until it names one,
     // the default applies.
     let mut root_namespace = membrane_policy::DEFAULT_ROOT_NAMESPACE;
+    // Pods of federated clusters come after every local one: a local pod keeps its address
+    // whatever a peer exports, and a peer's namespace settings never touch the local namespace
+    // of the same name.
+    let mut imported = Vec::new();
     for resource in held.values() {
         match &resource.kind {
+            Some(ResourceKind::Workload(w))
+                if !w.trust_domain.is_empty() && w.trust_domain != td.to_string() =>
+            {
+                imported.push(w);
+            }
             Some(ResourceKind::Workload(w)) => {
                 let mode = if w.plaintext_permitted {
                     PlaintextMode::Permit
@@ -371,6 +380,11 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
             Some(ResourceKind::FederatedBundle(b)) => federated.push(federated_bundle(b, td)?),
             None => return Err(invalid("resource", "", "empty resource")),
         }
+    }
+    for w in imported {
+        state
+            .insert_lenient(workload(w, td)?)
+            .map_err(|m| invalid("workload", &w.uid, m))?;
     }
     state.set_egress(membrane_policy::egress::EgressIndex::build(
         egress,

@@ -279,3 +279,39 @@ fn imported_workloads_carry_their_own_trust_domain() {
         assert!(result.is_err(), "accepted a bad imported workload");
     }
 }
+
+/// A federated peer cannot take a local pod's address, nor change the plaintext settings of
+/// the local namespace that shares its namespace's name.
+#[test]
+fn imported_workloads_never_displace_local_ones() {
+    let mut local = wl("zz-local", "10.20.1.5");
+    if let Some(ResourceKind::Workload(w)) = &mut local.kind {
+        w.namespace = "inference".into();
+        w.plaintext_permitted = true;
+        w.plaintext_udp_ports = vec![5353];
+    }
+    // Its uid sorts before the local one's: the order of the held map does not decide.
+    let peer = pb::Resource {
+        kind: Some(ResourceKind::Workload(pb::Workload {
+            uid: "imported/cluster-b.example/inference/ms-0".into(),
+            name: "ms-0".into(),
+            namespace: "inference".into(),
+            service_account: "model-server".into(),
+            ips: vec!["10.20.1.5".into(), "10.20.1.6".into()],
+            foreign: true,
+            trust_domain: "cluster-b.example".into(),
+            ..Default::default()
+        })),
+    };
+    let held = apply(None, &update(true, vec![peer, local], &[])).expect("applies");
+    let built = build(&held, &td()).expect("valid");
+    let (_, owner) = built.state.resolve("10.20.1.5:80".parse().expect("addr"));
+    assert_eq!(owner.expect("owned").uid, "zz-local");
+    let (_, peer) = built.state.resolve("10.20.1.6:80".parse().expect("addr"));
+    assert!(peer.expect("the peer keeps its other address").foreign);
+    assert_eq!(
+        built.state.udp_inbound("inference"),
+        crate::state::UdpInbound::Accept,
+        "the local namespace still permits plaintext"
+    );
+}
