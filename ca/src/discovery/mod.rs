@@ -8,6 +8,7 @@
 //! policies that select its node's workloads.
 
 mod delta;
+mod imported;
 pub(crate) mod view;
 
 use std::collections::{BTreeMap, HashMap};

@@ -19,7 +19,7 @@ use membrane_policy::gateway::{GatewayKind, GatewayRole};
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
-use crate::federation::services::{Imports, clusterset_vips};
+use crate::federation::services::Imports;
 use crate::source::{ClusterState, Pod, Service};
 
 pub use membrane_policy::PLAINTEXT_ANNOTATION;
@@ -162,86 +162,7 @@ pub struct Federated<'a> {
     pub imports: &'a Imports,
 }
 
-/// The imported workloads and `clusterset` Services, keyed as on the wire. An exported
-/// address that a local pod (or a peer earlier in trust-domain order) already holds is left
-/// out, with a log line: a peer can never redirect traffic to a pod that is not its own.
-fn imported(state: &ClusterState, imports: &Imports) -> Vec<((i32, String), pb::Resource)> {
-    let mut out = Vec::new();
-    // Address → who holds it: a local pod, or an imported one (the same pod may back several
-    // exported Services).
-    let mut owners: BTreeMap<String, String> = (state.pods.values())
-        .flat_map(|p| p.ips.iter().map(|ip| (ip.to_string(), p.uid.clone())))
-        .collect();
-    // One clusterset Service per namespace/name, the union of every exporter's endpoints.
-    let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
-    for (td, exports) in imports.iter() {
-        for svc in &exports.services {
-            let key = format!("{}/{}", svc.namespace, svc.name);
-            let merged = services.entry(key).or_insert_with(|| pb::Service {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-                clusterset: true,
-                ..Default::default()
-            });
-            for port in &svc.ports {
-                if !merged.ports.iter().any(|p| p.port == port.port) {
-                    merged.ports.push(port.clone());
-                }
-            }
-            for e in &svc.endpoints {
-                let uid = format!("imported/{td}/{}/{}", svc.namespace, e.pod);
-                let (ips, clashing): (Vec<String>, Vec<String>) = (e.ips.iter().cloned())
-                    .partition(|ip| owners.get(ip).is_none_or(|owner| *owner == uid));
-                if !clashing.is_empty() {
-                    tracing::warn!(trust_domain = %td, service = %format!("{}/{}", svc.namespace, svc.name), pod = %e.pod, addresses = ?clashing, "imported endpoint address already in use here; left out");
-                }
-                if ips.is_empty() {
-                    continue;
-                }
-                for ip in &ips {
-                    owners.insert(ip.clone(), uid.clone());
-                }
-                out.push((
-                    (Kind::Workload as i32, uid.clone()),
-                    resource(pb::resource::Kind::Workload(pb::Workload {
-                        uid,
-                        name: e.pod.clone(),
-                        namespace: svc.namespace.clone(),
-                        service_account: e.service_account.clone(),
-                        ips: ips.clone(),
-                        protocol: pb::workload::Protocol::Hbone as i32,
-                        foreign: true,
-                        trust_domain: td.to_string(),
-                        ..Default::default()
-                    })),
-                ));
-                for ip in &ips {
-                    merged.endpoints.push(pb::Endpoint {
-                        ip: ip.clone(),
-                        pod: String::new(),
-                        ready: true,
-                        ports: e.ports.clone(),
-                    });
-                }
-            }
-        }
-    }
-    let vips = clusterset_vips(services.keys().map(String::as_str));
-    for (key, mut svc) in services {
-        svc.vips = vips
-            .get(&key)
-            .map(ToString::to_string)
-            .into_iter()
-            .collect();
-        out.push((
-            (Kind::Service as i32, format!("clusterset:{key}")),
-            resource(pb::resource::Kind::Service(svc)),
-        ));
-    }
-    out
-}
-
-fn resource(kind: pb::resource::Kind) -> pb::Resource {
+pub(super) fn resource(kind: pb::resource::Kind) -> pb::Resource {
     pb::Resource { kind: Some(kind) }
 }
 
@@ -343,7 +264,7 @@ impl MeshView {
             (Kind::TrustBundle as i32, String::new()),
             Arc::new(bundle_resource(bundle, root_namespace)),
         );
-        for (key, resource) in imported(state, federation.imports) {
+        for (key, resource) in super::imported::resources(state, federation.imports) {
             shared.insert(key, Arc::new(resource));
         }
         for federated in federation.bundles {
@@ -640,71 +561,5 @@ mod tests {
         );
         let (u, r) = diff(&after, &after);
         assert!(u.is_empty() && r.is_empty());
-    }
-}
-
-#[cfg(test)]
-mod import_tests {
-    use super::*;
-
-    fn endpoint(pod: &str, ip: &str) -> pb::ExportedEndpoint {
-        pb::ExportedEndpoint {
-            pod: pod.into(),
-            ips: vec![ip.into()],
-            service_account: "sa".into(),
-            ports: Default::default(),
-        }
-    }
-
-    /// A peer's endpoint on a local pod's address is left out; a pod behind two exported
-    /// Services is one workload and an endpoint of both.
-    #[test]
-    fn imports_never_take_a_local_address() {
-        let mut state = ClusterState::default();
-        state.pods.insert(
-            ("a".into(), "local".into()),
-            Pod {
-                namespace: "a".into(),
-                name: "local".into(),
-                uid: "uid-local".into(),
-                ips: vec!["10.0.0.7".parse().expect("ip")],
-                ..Default::default()
-            },
-        );
-        let service = |name: &str, endpoints| pb::ExportedService {
-            namespace: "a".into(),
-            name: name.into(),
-            ports: vec![],
-            endpoints,
-        };
-        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster-b.example").expect("td");
-        let exports = pb::Exports {
-            trust_domain: td.to_string(),
-            services: vec![
-                service(
-                    "svc",
-                    vec![endpoint("x", "10.0.0.7"), endpoint("y", "10.9.0.1")],
-                ),
-                service("svc2", vec![endpoint("y", "10.9.0.1")]),
-            ],
-        };
-        let imports: Imports = Arc::new(BTreeMap::from([(td, exports)]));
-        let out = imported(&state, &imports);
-        let workloads: Vec<&str> = (out.iter())
-            .filter(|((kind, _), _)| *kind == Kind::Workload as i32)
-            .map(|((_, uid), _)| uid.as_str())
-            .collect();
-        assert_eq!(workloads, ["imported/cluster-b.example/a/y"; 2]);
-        for ((kind, key), resource) in &out {
-            if *kind != Kind::Service as i32 {
-                continue;
-            }
-            let Some(pb::resource::Kind::Service(s)) = &resource.kind else {
-                panic!("{key}: not a service");
-            };
-            let ips: Vec<&str> = s.endpoints.iter().map(|e| e.ip.as_str()).collect();
-            assert_eq!(ips, ["10.9.0.1"], "{key}");
-            assert!(s.clusterset && key.starts_with("clusterset:a/"));
-        }
     }
 }
