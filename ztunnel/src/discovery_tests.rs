@@ -1,7 +1,11 @@
 //! Tests of the discovery client: snapshots replace and deltas patch the mesh state, an invalid
 //! resource rejects its whole update, and Services resolve to their ready endpoints.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
 use super::*;
+use pb::resource::Kind as ResourceKind;
 use pb::resource_key::Kind;
 
 fn td() -> TrustDomain {
