@@ -7,9 +7,12 @@ use std::collections::BTreeMap;
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
-use super::view::resource;
 use crate::federation::services::{Imports, clusterset_vips};
 use crate::source::ClusterState;
+
+fn resource(kind: pb::resource::Kind) -> pb::Resource {
+    pb::Resource { kind: Some(kind) }
+}
 
 /// The imported workloads and `clusterset` Services, keyed as on the wire. An exported
 /// address that a local pod (or a peer earlier in trust-domain order) already holds is left

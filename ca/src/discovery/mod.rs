@@ -9,7 +9,7 @@
 
 mod delta;
 mod imported;
-pub(crate) mod view;
+mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -117,24 +117,12 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
     }
 }
 
-/// The wire form of a Service's ports.
-pub(crate) fn ports_wire(svc: &Service) -> Vec<pb::ServicePort> {
-    svc.ports
-        .iter()
-        .map(|p| pb::ServicePort {
-            name: p.name.clone(),
-            port: u32::from(p.port),
-            target_port: u32::from(p.target_port),
-        })
-        .collect()
-}
-
 fn service(svc: &Service) -> pb::Service {
     pb::Service {
         namespace: svc.namespace.clone(),
         name: svc.name.clone(),
         vips: svc.vips.iter().map(ToString::to_string).collect(),
-        ports: ports_wire(svc),
+        ports: crate::federation::services::ports_wire(svc),
         endpoints: svc
             .endpoints
             .iter()
@@ -162,7 +150,7 @@ pub struct Federated<'a> {
     pub imports: &'a Imports,
 }
 
-pub(super) fn resource(kind: pb::resource::Kind) -> pb::Resource {
+fn resource(kind: pb::resource::Kind) -> pb::Resource {
     pb::Resource { kind: Some(kind) }
 }
 

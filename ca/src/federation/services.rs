@@ -90,7 +90,7 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
         services.push(pb::ExportedService {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
-            ports: crate::discovery::view::ports_wire(svc),
+            ports: ports_wire(svc),
             endpoints: endpoints.into_values().collect(),
         });
     }
@@ -195,6 +195,18 @@ pub fn clusterset_vips<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap
         );
     }
     out
+}
+
+/// The wire form of a Service's ports (the discovery stream's and the exports').
+pub fn ports_wire(svc: &crate::source::Service) -> Vec<pb::ServicePort> {
+    svc.ports
+        .iter()
+        .map(|p| pb::ServicePort {
+            name: p.name.clone(),
+            port: u32::from(p.port),
+            target_port: u32::from(p.target_port),
+        })
+        .collect()
 }
 
 // === the export server ===
