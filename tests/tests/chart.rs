@@ -1231,7 +1231,7 @@ fn rendered_flags_are_accepted_by_the_binaries() -> anyhow::Result<()> {
     let ca_flags = help("membrane-ca", &["serve", "--help"])?;
     let zt_flags = help("ztunnel", &["--help"])?;
     let name = |arg: &str| arg.split('=').next().unwrap_or(arg).to_owned();
-    for r in [defaults(&helm)?, custom(&helm)?] {
+    for r in [defaults(&helm)?, custom(&helm)?, federation_enabled(&helm)?] {
         let ca = container(r.deployment()?, "membrane-ca")?;
         let ca_args = args(ca);
         assert_eq!(ca_args.first().map(String::as_str), Some("serve"));
@@ -1263,6 +1263,67 @@ fn rendered_flags_are_accepted_by_the_binaries() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Both federation listeners enabled.
+fn federation_enabled(helm: &Path) -> anyhow::Result<Rendered> {
+    template(
+        helm,
+        &[
+            "--set",
+            "federation.bundleEndpoint.enabled=true",
+            "--set",
+            "federation.serviceExports.enabled=true",
+        ],
+    )
+}
+
+/// The federation listeners are off by default; enabled, the controller listens on their
+/// ports and its Service and container expose them by name.
+#[test]
+fn federation_listeners_are_optional_and_exposed() -> anyhow::Result<()> {
+    let helm = need_helm!();
+    // `name=number` of each port of `list`, the number read from `key`.
+    let ports = |list: &Value, key: &str| -> Vec<String> {
+        (list.as_array().into_iter().flatten())
+            .filter_map(|p| Some(format!("{}={}", p["name"].as_str()?, p[key])))
+            .collect()
+    };
+    let r = defaults(&helm)?;
+    let ca = container(r.deployment()?, "membrane-ca")?;
+    ensure!(
+        flag(ca, "bundle-endpoint-listen").is_empty() && flag(ca, "federation-listen").is_empty()
+    );
+    let service = r.one("Service")?;
+    assert_eq!(
+        ports(&service["spec"]["ports"], "port"),
+        ["grpc-tls=15012", "http-metrics=15014"]
+    );
+    let r = federation_enabled(&helm)?;
+    let ca = container(r.deployment()?, "membrane-ca")?;
+    assert_eq!(flag1(ca, "bundle-endpoint-listen")?, "0.0.0.0:15015");
+    assert_eq!(flag1(ca, "bundle-refresh-hint")?, "5m");
+    assert_eq!(flag1(ca, "federation-listen")?, "0.0.0.0:15016");
+    let service = r.one("Service")?;
+    assert_eq!(
+        ports(&service["spec"]["ports"], "port"),
+        [
+            "grpc-tls=15012",
+            "http-metrics=15014",
+            "https-bundle=15015",
+            "grpc-exports=15016"
+        ]
+    );
+    assert_eq!(
+        ports(&ca["ports"], "containerPort"),
+        [
+            "grpc-tls=15012",
+            "http-metrics=15014",
+            "https-bundle=15015",
+            "grpc-exports=15016"
+        ]
+    );
     Ok(())
 }
 
