@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let td = membrane_identity::spiffe_id::parse_trust_domain("cluster-b.example").expect("td");
-    if validate(&exports, &td).is_ok() {
+    if validate(&exports, &td, &[]).is_ok() {
         let names: Vec<String> = (exports.services.iter())
             .map(|s| format!("{}/{}", s.namespace, s.name))
             .collect();

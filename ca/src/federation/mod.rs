@@ -237,6 +237,7 @@ fn reconcile(
                     url,
                     peer_id: fed.endpoint_id.clone(),
                     serving: out.serving.clone(),
+                    allowed: fed.exports_addresses.clone(),
                     federated: out.bundles.subscribe(),
                     out: out.imports.clone(),
                 }

@@ -100,10 +100,35 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
     }
 }
 
+/// Whether `ip` may be a pod address imported from a peer: unicast, not loopback, link-local
+/// (a cloud metadata service lives there) or a clusterset address, and inside `allowed` when
+/// that names any network.
+fn importable(ip: IpAddr, allowed: &[membrane_policy::IpNet]) -> Result<(), &'static str> {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local {
+        return Err("is not a pod IP");
+    }
+    if membrane_api::clusterset::contains(ip) {
+        return Err("is a clusterset address");
+    }
+    if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(ip)) {
+        return Err("is outside the federation's serviceExports.addresses");
+    }
+    Ok(())
+}
+
 /// Checks a peer's export message whole: its trust domain is the one it was fetched from,
-/// names and service accounts are valid, every IP parses and is unicast, every port is
-/// 1–65535, no Service or endpoint appears twice, and the sizes are bounded.
-pub fn validate(exports: &pb::Exports, expected: &TrustDomain) -> Result<(), String> {
+/// names and service accounts are valid, every IP is an importable pod address (see
+/// [`importable`]; within `allowed` when it names networks), every port is 1–65535, no
+/// Service or endpoint appears twice, and the sizes are bounded.
+pub fn validate(
+    exports: &pb::Exports,
+    expected: &TrustDomain,
+    allowed: &[membrane_policy::IpNet],
+) -> Result<(), String> {
     if exports.trust_domain != expected.to_string() {
         return Err(format!(
             "exports claim trust domain {:?}, expected {expected}",
@@ -158,9 +183,8 @@ pub fn validate(exports: &pb::Exports, expected: &TrustDomain) -> Result<(), Str
                 let parsed: IpAddr = ip
                     .parse()
                     .map_err(|_| fail(format!("endpoint {}: {ip:?} is not an IP", e.pod)))?;
-                if parsed.is_unspecified() || parsed.is_loopback() || parsed.is_multicast() {
-                    return Err(fail(format!("endpoint {}: {ip} is not a pod IP", e.pod)));
-                }
+                importable(parsed, allowed)
+                    .map_err(|why| fail(format!("endpoint {}: {ip} {why}", e.pod)))?;
             }
             for p in e.ports.values() {
                 port(*p, false)?;
@@ -375,6 +399,8 @@ pub struct Importer {
     pub peer_id: SpiffeId,
     /// Our serving SVID, presented as the client certificate.
     pub serving: Arc<ServingCert>,
+    /// The networks its endpoints must lie in (empty: any importable address).
+    pub allowed: Vec<membrane_policy::IpNet>,
     /// The federated bundles (the peer's is looked up at every connect).
     pub federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
     /// Where validated imports go.
@@ -439,7 +465,7 @@ impl Importer {
         tracing::info!(trust_domain = %self.trust_domain, url = %url, "following the peer's service exports");
         while let Some(exports) = stream.message().await.map_err(stream_err)? {
             *retry = RETRY_BOUNDS.0;
-            if let Err(e) = validate(&exports, &self.trust_domain) {
+            if let Err(e) = validate(&exports, &self.trust_domain, &self.allowed) {
                 tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service exports refused whole; the last imported set stays");
                 continue;
             }

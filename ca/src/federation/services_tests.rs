@@ -99,7 +99,7 @@ fn only_exported_services_and_their_ready_mesh_pods_are_offered() {
         out.services[1].endpoints.is_empty(),
         "a pod outside the mesh is never exported"
     );
-    validate(&out, &td("cluster-b.example")).expect("its own exports validate");
+    validate(&out, &td("cluster-b.example"), &[]).expect("its own exports validate");
 }
 
 #[test]
@@ -150,14 +150,34 @@ fn a_bad_export_message_is_refused_whole() {
         ),
     ];
     for (bad, want) in cases {
-        let err = validate(&bad, &b).expect_err(want);
+        let err = validate(&bad, &b, &[]).expect_err(want);
         assert!(err.contains(want), "{err} does not say {want}");
     }
     let many = pb::Exports {
         trust_domain: b.to_string(),
         services: vec![pb::ExportedService::default(); MAX_SERVICES + 1],
     };
-    assert!(validate(&many, &b).is_err());
+    assert!(validate(&many, &b, &[]).is_err());
+    // Link-local (a metadata service), broadcast and clusterset addresses are never pods; a
+    // federation's address list narrows what it may export.
+    for ip in [
+        "169.254.169.254",
+        "255.255.255.255",
+        "fe80::1",
+        "240.240.0.9",
+    ] {
+        let bad = spoil(&|e| e.services[0].endpoints[0].ips = vec![ip.into()]);
+        assert!(validate(&bad, &b, &[]).is_err(), "{ip} accepted");
+    }
+    let pods = membrane_policy::IpNet::parse("10.20.0.0/16")
+        .expect("net")
+        .net;
+    assert!(validate(&good, &b, std::slice::from_ref(&pods)).is_ok());
+    let elsewhere = membrane_policy::IpNet::parse("10.30.0.0/16")
+        .expect("net")
+        .net;
+    let err = validate(&good, &b, &[elsewhere]).expect_err("outside the list");
+    assert!(err.contains("serviceExports.addresses"), "{err}");
 }
 
 #[test]

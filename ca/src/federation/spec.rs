@@ -15,6 +15,7 @@
 //!     ...
 //!   serviceExports:      # optional: import the Services the peer exports
 //!     url: https://192.0.2.10:15016
+//!     addresses: [10.20.0.0/16]  # optional: the only pod addresses accepted from it
 //! ```
 //!
 //! Cluster-scoped (a namespace is refused). Only the `https_spiffe` profile exists: the
@@ -48,6 +49,9 @@ pub struct TrustFederation {
     /// `ServiceExports`; its certificate must carry [`Self::endpoint_id`]), when this cluster
     /// imports the Services the peer exports.
     pub exports_url: Option<http::Uri>,
+    /// The networks imported endpoints must lie in (the peer's pod networks); empty: any
+    /// unicast address that is not loopback, link-local or a clusterset address.
+    pub exports_addresses: Vec<membrane_policy::IpNet>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +86,8 @@ struct Spec {
 #[serde(deny_unknown_fields)]
 struct ExportsEndpoint {
     url: String,
+    #[serde(default)]
+    addresses: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +118,13 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         Some(e) => Some(https_url(&e.url).map_err(|m| err("spec.serviceExports.url", m))?),
         None => None,
     };
+    let mut exports_addresses = Vec::new();
+    let listed = doc.spec.service_exports.iter().flat_map(|e| &e.addresses);
+    for (i, text) in listed.enumerate() {
+        let parsed = membrane_policy::IpNet::parse(text)
+            .map_err(|m| err(&format!("spec.serviceExports.addresses[{i}]"), m))?;
+        exports_addresses.push(parsed.net);
+    }
     let endpoint_id = SpiffeId::new(&doc.spec.bundle_endpoint.spiffe_id)
         .map_err(|e| err("spec.bundleEndpoint.spiffeId", e.to_string()))?;
     if endpoint_id.trust_domain() != &trust_domain {
@@ -129,6 +142,7 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         endpoint_id,
         bootstrap,
         exports_url,
+        exports_addresses,
     })
 }
 
@@ -151,4 +165,92 @@ fn bootstrap_bundle(td: &TrustDomain, text: &str) -> Result<TrustBundle, String>
         return doc.to_trust_bundle().map_err(|e| e.to_string());
     }
     TrustBundle::from_pem(td.clone(), text.as_bytes()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_pem() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params.self_signed(&key).expect("root").pem()
+    }
+
+    fn doc(spec_extra: serde_json::Value) -> Value {
+        let mut spec = serde_json::json!({
+            "trustDomain": "cluster-b.example",
+            "bundleEndpoint": {
+                "url": "https://192.0.2.10:15015/",
+                "spiffeId": "spiffe://cluster-b.example/ns/membrane-system/sa/membrane-ca",
+            },
+            "bootstrapBundle": root_pem(),
+        });
+        if let (Value::Object(spec), Value::Object(extra)) = (&mut spec, spec_extra) {
+            spec.extend(extra);
+        }
+        serde_json::json!({
+            "apiVersion": "security.membrane.dev/v1",
+            "kind": "TrustFederation",
+            "metadata": {"name": "cluster-b"},
+            "spec": spec,
+        })
+    }
+
+    #[test]
+    fn a_federation_with_service_exports_parses() {
+        let fed = parse(doc(serde_json::json!({
+            "serviceExports": {"url": "https://192.0.2.10:15016", "addresses": ["10.20.0.0/16"]}
+        })))
+        .expect("valid");
+        assert_eq!(fed.trust_domain.to_string(), "cluster-b.example");
+        assert_eq!(
+            fed.exports_url.map(|u| u.to_string()).as_deref(),
+            Some("https://192.0.2.10:15016/")
+        );
+        assert_eq!(fed.exports_addresses.len(), 1);
+        assert!(fed.exports_addresses[0].contains("10.20.3.4".parse().expect("ip")));
+    }
+
+    #[test]
+    fn every_refusal_names_its_field() {
+        let cases = [
+            (
+                serde_json::json!({"serviceExports": {"url": "http://192.0.2.10:15016"}}),
+                "spec.serviceExports.url",
+            ),
+            (
+                serde_json::json!({"serviceExports": {"url": "https://h:1", "addresses": ["nope"]}}),
+                "spec.serviceExports.addresses[0]",
+            ),
+            (
+                serde_json::json!({"trustDomain": "Not A Domain"}),
+                "spec.trustDomain",
+            ),
+            (
+                serde_json::json!({"bundleEndpoint": {"url": "https://h/", "spiffeId": "spiffe://other.example/x"}}),
+                "spec.bundleEndpoint.spiffeId",
+            ),
+            (
+                serde_json::json!({"bootstrapBundle": "not a certificate"}),
+                "spec.bootstrapBundle",
+            ),
+            (serde_json::json!({"unknown": 1}), "spec"),
+        ];
+        for (extra, field) in cases {
+            let (got, message) = parse(doc(extra)).expect_err(field);
+            assert!(
+                got.starts_with(field),
+                "{got}: {message} (expected {field})"
+            );
+        }
+        let mut namespaced = doc(serde_json::json!({}));
+        namespaced["metadata"]["namespace"] = "default".into();
+        assert_eq!(
+            parse(namespaced).expect_err("namespaced").0,
+            "metadata.namespace"
+        );
+    }
 }
