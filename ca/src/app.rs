@@ -379,7 +379,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             federated_rx,
             cancel.clone(),
         )));
-        let tls = services::server_tls(serving.clone(), trust)
+        let tls = services::server_tls(serving.clone(), trust.clone())
             .map_err(|e| StartError::FederationTls(e.to_string()))?;
         let incoming = crate::serving::incoming_on(
             services::LISTENER,
@@ -392,6 +392,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         let exports = services::ExportService::new(
             config.trust_domain.clone(),
             state_rx.clone(),
+            trust,
             cancel.clone(),
         );
         let stop = cancel.clone();

@@ -423,7 +423,7 @@ async fn exported_services_are_imported_with_their_identities_and_only_by_federa
     let endpoint = b.bundle_endpoint_addr().context("B serves its bundle")?;
     let exports = b.exports_addr().context("B serves its exports")?;
     let fed = format!(
-        "{}  serviceExports:\n    url: https://{exports}\n",
+        "{}  serviceExports:\n    url: https://{exports}\n    addresses: [10.20.0.0/16]\n",
         federation(
             "cluster-b",
             B,

@@ -31,7 +31,10 @@ fn federation(
 ) -> String {
     let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
     let exports = exports
-        .map(|url| format!("  serviceExports:\n    url: {url}\n"))
+        .map(|url| {
+            // The testbed's pod supernet: the only addresses imported from the peer.
+            format!("  serviceExports:\n    url: {url}\n    addresses: [10.77.0.0/16]\n")
+        })
         .unwrap_or_default();
     format!(
         "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  bundleEndpoint:\n    url: {bundle_endpoint}\n    spiffeId: spiffe://{td}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}{exports}"

@@ -307,9 +307,19 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
             None => return Err(invalid("resource", "", "empty resource")),
         }
     }
+    // Nor a Service's virtual IP.
+    let vips = state.virtual_ips();
     for w in imported {
+        let mut workload = workload(w, td)?;
+        workload.ips.retain(|ip| {
+            let free = !vips.contains(ip);
+            if !free {
+                tracing::warn!(uid = %w.uid, %ip, "imported workload on a Service address; not routing it there");
+            }
+            free
+        });
         state
-            .insert_lenient(workload(w, td)?)
+            .insert_lenient(workload)
             .map_err(|m| invalid("workload", &w.uid, m))?;
     }
     state.set_egress(membrane_policy::egress::EgressIndex::build(

@@ -424,6 +424,11 @@ impl MeshState {
         self.services.insert(vip, Arc::new(target));
     }
 
+    /// Every Service virtual IP.
+    pub fn virtual_ips(&self) -> std::collections::HashSet<IpAddr> {
+        self.services.keys().map(SocketAddr::ip).collect()
+    }
+
     /// Whether this state came from a source (the file, or a discovery snapshot).
     pub fn is_loaded(&self) -> bool {
         self.loaded

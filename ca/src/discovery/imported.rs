@@ -24,6 +24,15 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
     let mut owners: BTreeMap<String, String> = (state.pods.values())
         .flat_map(|p| p.ips.iter().map(|ip| (ip.to_string(), p.uid.clone())))
         .collect();
+    // Local Services' cluster IPs are never a peer's either.
+    for svc in state.services.values() {
+        for vip in &svc.vips {
+            owners.insert(
+                vip.to_string(),
+                format!("service {}/{}", svc.namespace, svc.name),
+            );
+        }
+    }
     // One clusterset Service per namespace/name, the union of every exporter's endpoints.
     let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
     for (td, exports) in imports.iter() {

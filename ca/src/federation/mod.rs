@@ -118,8 +118,12 @@ pub struct Outputs {
     pub serving: Arc<crate::serving::ServingCert>,
 }
 
+/// A running importer, and the flag that stops it publishing once its federation is gone
+/// (aborting a task is not immediate).
+type ImporterTask = (JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>);
+
 /// A running federation: its fetcher, and its importer when it imports.
-type Tasks = BTreeMap<String, (TrustFederation, JoinHandle<()>, Option<JoinHandle<()>>)>;
+type Tasks = BTreeMap<String, (TrustFederation, JoinHandle<()>, Option<ImporterTask>)>;
 
 /// Follows the `TrustFederation`s of the source state and publishes the bundles held and
 /// the Services imported to `out` until `cancel` fires.
@@ -157,7 +161,8 @@ pub async fn run(
     }
     for (_, (_, task, importer)) in tasks {
         task.abort();
-        if let Some(importer) = importer {
+        if let Some((importer, alive)) = importer {
+            alive.store(false, std::sync::atomic::Ordering::Release);
             importer.abort();
         }
     }
@@ -179,7 +184,8 @@ fn reconcile(
     for name in stale {
         if let Some((fed, task, importer)) = tasks.remove(&name) {
             task.abort();
-            if let Some(importer) = importer {
+            if let Some((importer, alive)) = importer {
+                alive.store(false, std::sync::atomic::Ordering::Release);
                 importer.abort();
             }
             out.imports.send_if_modified(|imports| {
@@ -230,8 +236,11 @@ fn reconcile(
             out.bundles.clone(),
             metrics.clone(),
         ));
+        // The importer looks the peer's bundle up when it connects: publish it first.
+        publish(held, &out.bundles);
         let importer = fed.exports_url.clone().map(|url| {
-            tokio::spawn(
+            let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let task = tokio::spawn(
                 services::Importer {
                     trust_domain: fed.trust_domain.clone(),
                     url,
@@ -240,9 +249,11 @@ fn reconcile(
                     allowed: fed.exports_addresses.clone(),
                     federated: out.bundles.subscribe(),
                     out: out.imports.clone(),
+                    alive: alive.clone(),
                 }
                 .run(),
-            )
+            );
+            (task, alive)
         });
         tasks.insert(name, (fed, task, importer));
     }

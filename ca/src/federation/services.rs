@@ -38,6 +38,10 @@ pub const LISTENER: &str = "federation";
 pub const MAX_SERVICES: usize = 4096;
 /// Most endpoints one exported Service may carry.
 pub const MAX_ENDPOINTS: usize = 4096;
+/// Most ports one exported Service may carry.
+pub const MAX_PORTS: usize = 64;
+/// Most endpoints one peer may export in all (what every local ztunnel holds for it).
+pub const MAX_TOTAL_ENDPOINTS: usize = 10_000;
 /// Largest export message decoded.
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 /// Where imported Services get their virtual IPs (never routed: the ztunnel captures every
@@ -141,6 +145,12 @@ pub fn validate(
             exports.services.len()
         ));
     }
+    let total: usize = exports.services.iter().map(|s| s.endpoints.len()).sum();
+    if total > MAX_TOTAL_ENDPOINTS {
+        return Err(format!(
+            "{total} endpoints in all, over the limit of {MAX_TOTAL_ENDPOINTS}"
+        ));
+    }
     let mut seen = BTreeSet::new();
     for svc in &exports.services {
         let name = format!("{}/{}", svc.namespace, svc.name);
@@ -157,6 +167,12 @@ pub fn validate(
                 .then_some(())
                 .ok_or_else(|| fail(format!("port {p} is not 1-65535")))
         };
+        if svc.ports.len() > MAX_PORTS {
+            return Err(fail(format!(
+                "{} ports, over the limit of {MAX_PORTS}",
+                svc.ports.len()
+            )));
+        }
         for p in &svc.ports {
             port(p.port, false)?;
             port(p.target_port, true)?;
@@ -208,6 +224,13 @@ pub fn clusterset_vips<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap
         let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
+        if taken.len() >= (size - 2) as usize {
+            tracing::error!(
+                service = name,
+                "no clusterset address left; the Service gets none"
+            );
+            continue;
+        }
         // Skip the network and broadcast addresses.
         let mut offset = 1 + hash % (size - 2);
         while !taken.insert(offset) {
@@ -240,16 +263,38 @@ pub fn ports_wire(svc: &crate::source::Service) -> Vec<pb::ServicePort> {
 pub struct ExportService {
     local: TrustDomain,
     state: StateReceiver,
+    /// The trust domains federated now: a caller whose trust domain leaves is refused, and
+    /// its open streams end.
+    trust: SharedTrustBundle,
     cancel: CancellationToken,
 }
 
+/// How often an open exports stream checks that its caller is still federated.
+const RECHECK: Duration = Duration::from_secs(2);
+
 impl ExportService {
-    /// Serves the exports of `state`, until `cancel` fires.
-    pub fn new(local: TrustDomain, state: StateReceiver, cancel: CancellationToken) -> Self {
+    /// Serves the exports of `state` to the trust domains `trust` holds, until `cancel` fires.
+    pub fn new(
+        local: TrustDomain,
+        state: StateReceiver,
+        trust: SharedTrustBundle,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             local,
             state,
+            trust,
             cancel,
+        }
+    }
+
+    fn federated(trust: &SharedTrustBundle, id: &SpiffeId) -> Result<(), tonic::Status> {
+        match trust.for_trust_domain(id.trust_domain()) {
+            Some(_) => Ok(()),
+            None => Err(tonic::Status::permission_denied(format!(
+                "trust domain {} is not federated with this cluster",
+                id.trust_domain()
+            ))),
         }
     }
 
@@ -269,6 +314,8 @@ impl ExportService {
                 controller_path()
             )));
         }
+        // The handshake verified it, but a connection outlives a federation.
+        Self::federated(&self.trust, &id)?;
         Ok(id)
     }
 }
@@ -288,9 +335,16 @@ impl pb::service_exports_server::ServiceExports for ExportService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let (mut state, local, cancel) =
             (self.state.clone(), self.local.clone(), self.cancel.clone());
+        let trust = self.trust.clone();
         tokio::spawn(async move {
             let mut last: Option<pb::Exports> = None;
+            let mut recheck = tokio::time::interval(RECHECK);
             loop {
+                if let Err(status) = Self::federated(&trust, &caller) {
+                    tracing::info!(peer = %caller, "caller no longer federated; ending its exports stream");
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
                 let current = state
                     .borrow_and_update()
                     .as_ref()
@@ -308,6 +362,7 @@ impl pb::service_exports_server::ServiceExports for ExportService {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tx.closed() => break,
+                    _ = recheck.tick() => {}
                     changed = state.changed() => if changed.is_err() { break },
                 }
             }
@@ -405,6 +460,8 @@ pub struct Importer {
     pub federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
     /// Where validated imports go.
     pub out: watch::Sender<Imports>,
+    /// Cleared when the federation goes: nothing is published after that.
+    pub alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Importer {
@@ -471,8 +528,12 @@ impl Importer {
             }
             let services = exports.services.len();
             let td = self.trust_domain.clone();
+            let alive = &self.alive;
             self.out.send_if_modified(|current| {
-                if current.get(&td) == Some(&exports) {
+                // Checked under the channel's lock, which the removal also takes.
+                if !alive.load(std::sync::atomic::Ordering::Acquire)
+                    || current.get(&td) == Some(&exports)
+                {
                     return false;
                 }
                 let mut next = current.as_ref().clone();
@@ -499,7 +560,12 @@ async fn grpc_channel(
     let port = url.port_u16().unwrap_or(443);
     let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
     // The connector dials and does TLS itself; the endpoint's own scheme is only a label.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
+    // An IPv6 literal keeps its brackets in the URI.
+    let authority = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -15,7 +15,7 @@
 //!     ...
 //!   serviceExports:      # optional: import the Services the peer exports
 //!     url: https://192.0.2.10:15016
-//!     addresses: [10.20.0.0/16]  # optional: the only pod addresses accepted from it
+//!     addresses: [10.20.0.0/16]  # required: the only pod addresses accepted from it
 //! ```
 //!
 //! Cluster-scoped (a namespace is refused). Only the `https_spiffe` profile exists: the
@@ -49,8 +49,8 @@ pub struct TrustFederation {
     /// `ServiceExports`; its certificate must carry [`Self::endpoint_id`]), when this cluster
     /// imports the Services the peer exports.
     pub exports_url: Option<http::Uri>,
-    /// The networks imported endpoints must lie in (the peer's pod networks); empty: any
-    /// unicast address that is not loopback, link-local or a clusterset address.
+    /// The networks imported endpoints must lie in (the peer's pod networks; at least one
+    /// when `exports_url` is set).
     pub exports_addresses: Vec<membrane_policy::IpNet>,
 }
 
@@ -119,6 +119,17 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         None => None,
     };
     let mut exports_addresses = Vec::new();
+    if doc
+        .spec
+        .service_exports
+        .as_ref()
+        .is_some_and(|e| e.addresses.is_empty())
+    {
+        return Err(err(
+            "spec.serviceExports.addresses",
+            "name the peer's pod networks (CIDRs): only addresses there are imported".into(),
+        ));
+    }
     let listed = doc.spec.service_exports.iter().flat_map(|e| &e.addresses);
     for (i, text) in listed.enumerate() {
         let parsed = membrane_policy::IpNet::parse(text)
@@ -239,7 +250,11 @@ mod tests {
             ),
             (serde_json::json!({"unknown": 1}), "spec"),
         ];
-        for (extra, field) in cases {
+        let missing = (
+            serde_json::json!({"serviceExports": {"url": "https://h:1"}}),
+            "spec.serviceExports.addresses",
+        );
+        for (extra, field) in cases.into_iter().chain([missing]) {
             let (got, message) = parse(doc(extra)).expect_err(field);
             assert!(
                 got.starts_with(field),

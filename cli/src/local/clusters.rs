@@ -164,7 +164,7 @@ pub fn federation(
 ) -> String {
     let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
     format!(
-        "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {trust_domain}\n  bundleEndpoint:\n    url: https://{bundle_endpoint}/\n    spiffeId: spiffe://{trust_domain}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}  serviceExports:\n    url: https://{exports}\n"
+        "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {trust_domain}\n  bundleEndpoint:\n    url: https://{bundle_endpoint}/\n    spiffeId: spiffe://{trust_domain}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}  serviceExports:\n    url: https://{exports}\n    addresses: [10.77.0.0/16, \"fd00:77::/32\"]\n"
     )
 }
 
