@@ -195,7 +195,8 @@ impl JsonSchema for TrustFederationSpec {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "description": "TrustFederation spec (trustDomain, bundleEndpoint.url and \
-                .spiffeId, bootstrapBundle, serviceExports.url). Validated by the controller; \
+                .spiffeId, bootstrapBundle, serviceExports.url and .addresses, \
+                eastWestGateway.address and .spiffeId). Validated by the controller; \
                 an invalid version is logged and the last valid one stays in force.",
             "type": "object",
             "x-kubernetes-preserve-unknown-fields": true

@@ -5,10 +5,9 @@
 //! TLS).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 
 use membrane_identity::{SharedTrustBundle, TrustBundle};
-use membrane_ztunnel::hbone::Dial;
+use membrane_ztunnel::hbone::{Carrier, Dial, DialFuture};
 
 use crate::mesh::{Mesh, socket_in_netns};
 use crate::trust_domain;
@@ -18,15 +17,10 @@ use crate::trust_domain;
 pub struct FromPod(pub std::path::PathBuf);
 
 impl Dial for FromPod {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
+    fn dial(&self, addr: SocketAddr) -> DialFuture<'_> {
         Box::pin(async move {
             let socket = socket_in_netns(self.0.clone()).map_err(std::io::Error::other)?;
-            socket.connect(addr).await
+            socket.connect(addr).await.map(Carrier::tcp)
         })
     }
 }
@@ -68,6 +62,7 @@ pub async fn connect_as(
         src: svid.identity().spiffe_id().clone(),
         dst: peer.clone(),
         dst_addr: SocketAddr::new(peer_ip, hbone::HBONE_PORT),
+        via: None,
     };
     HbonePool::new(PoolConfig::default())
         .connect(

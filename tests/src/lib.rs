@@ -6,6 +6,7 @@
 //! Must not: hold anything `membrane local` or `membrane demo` needs at run time (that belongs
 //! in `membrane-testbed`).
 
+pub mod clusters;
 pub mod cni;
 pub mod hbone;
 pub mod helm;

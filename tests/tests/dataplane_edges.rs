@@ -52,6 +52,7 @@ async fn port_15008_refuses_strangers_and_misaddressed_tunnels() -> anyhow::Resu
         src: src.parse().expect("id"),
         dst: store_id.spiffe_id().clone(),
         dst_addr: SocketAddr::new(store_ip, hbone::HBONE_PORT),
+        via: None,
     };
     let app_addr = SocketAddr::new(store_ip, APP_PORT);
     let trainer = identity("training", "trainer");

@@ -128,6 +128,7 @@ impl Attacker {
                 src: trainer.spiffe_id().clone(),
                 dst: store.spiffe_id().clone(),
                 dst_addr: SocketAddr::new(mesh.ip("store"), hbone::HBONE_PORT),
+                via: None,
             },
         })
     }

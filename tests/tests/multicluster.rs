@@ -5,225 +5,19 @@
 //! decides on A's real identity. Removing the federation stops new cross-cluster tunnels and
 //! leaves A's own traffic alone.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use hickory_proto::rr::RecordType;
-use membrane_tests::dns::{addresses, resolve};
-use membrane_tests::mesh::{Mesh, MeshSpec, NodeController, PodDef, ping};
-use membrane_tests::{TestCa, node_token, require_root};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const A: &str = "cluster-a.example";
-const B: &str = "cluster-b.example";
-/// A resolver address nothing serves: only the DNS capture answers it.
-const UNSERVED: &str = "192.0.2.53:53";
-const MODEL_SERVER: &str = "model-server.inference.svc.clusterset.local";
-
-fn federation(
-    name: &str,
-    td: &str,
-    bundle_endpoint: &str,
-    root_pem: &str,
-    exports: Option<&str>,
-) -> String {
-    let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
-    let exports = exports
-        .map(|url| {
-            // The testbed's pod supernet: the only addresses imported from the peer.
-            format!("  serviceExports:\n    url: {url}\n    addresses: [10.77.0.0/16]\n")
-        })
-        .unwrap_or_default();
-    format!(
-        "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  bundleEndpoint:\n    url: {bundle_endpoint}\n    spiffeId: spiffe://{td}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}{exports}"
-    )
-}
-
-/// Cluster B's manifests: its mesh namespace, the model server pod (at its testbed address)
-/// behind an exported Service, and B's policy: only A's trainer may call it.
-fn b_manifests(ip: IpAddr) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: inference, labels: {{membrane.dev/mesh: enabled}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: model-server, namespace: inference, uid: inference-model-server, labels: {{app: model-server}}}}
-spec: {{serviceAccountName: model-server, nodeName: node-b}}
-status: {{phase: Running, podIP: {ip}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: model-server, namespace: inference, labels: {{membrane.dev/export: "true"}}}}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {{app: model-server}}
-  ports: [{{name: http, port: 8080}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: trainer-only, namespace: inference}}
-spec:
-  action: ALLOW
-  rules:
-  - from:
-    - source: {{principals: ["{A}/ns/training/sa/trainer"]}}
-"#
-    )
-}
-
-/// Connects from pod `from` to `dst` and echoes one line; the time-bounded result.
-async fn echo(mesh: &Mesh, from: &str, dst: SocketAddr, line: &[u8]) -> anyhow::Result<()> {
-    let attempt = async {
-        let mut s = mesh.connect_from(from, dst).await?;
-        s.write_all(line).await?;
-        let mut back = vec![0; line.len()];
-        s.read_exact(&mut back).await?;
-        ensure!(back == line, "echo differs");
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
-        .await
-        .context("timed out")?
-}
-
-async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = check().await;
-        if matches!(last, Ok(true)) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: not within {limit:?} (last: {last:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Clusters A (the mesh's controller: node-a with trainer, scraper and store) and B (its own
-/// controller: node-b with the exported model server), federated both ways, every pod
-/// enrolled, echo servers on model-server:8080 and store:9000; and the model server's
-/// clusterset address as resolved by the trainer. `cert_ttl` is both clusters' workload
-/// certificate lifetime.
-async fn two_clusters(cert_ttl: Option<Duration>) -> anyhow::Result<(Mesh, TestCa, SocketAddr)> {
-    // Cluster B: its own controller, root and trust domain; node-b only.
-    let mut b = TestCa::builder().trust_domain(B);
-    if let Some(ttl) = cert_ttl {
-        b = b.cert_ttl(ttl);
-    }
-    let b = b
-        .nodes(&["node-b".to_owned()])
-        .bundle_endpoint(Duration::from_secs(1))
-        .exports()
-        .start()
-        .await?;
-    let b_bundle = b.bundle_endpoint_addr().context("B's bundle endpoint")?;
-    let b_exports = b.exports_addr().context("B's federation listener")?;
-    // Cluster A: the mesh's own controller, federated with B and importing its Services;
-    // node-b's ztunnel belongs to B.
-    let spec = MeshSpec {
-        cert_ttl,
-        trust_domain: Some(A.into()),
-        bundle_endpoint: Some(Duration::from_secs(1)),
-        node_controllers: BTreeMap::from([(
-            "node-b".to_owned(),
-            NodeController {
-                endpoint: b.endpoint(),
-                root_pem: b.root_pem(),
-                token: node_token("node-b"),
-                trust_domain: B.into(),
-            },
-        )]),
-        extra_manifests: vec![(
-            "federation-b.yaml".into(),
-            federation(
-                "cluster-b",
-                B,
-                &format!("https://{b_bundle}/"),
-                &b.root_pem(),
-                Some(&format!("https://{b_exports}")),
-            ),
-        )],
-        ..MeshSpec::two_nodes(
-            vec![
-                PodDef::new("trainer", "training", "trainer", "node-a"),
-                PodDef::new("scraper", "monitoring", "scraper", "node-a"),
-                PodDef::new("store", "training", "feature-store", "node-a"),
-                PodDef::new("model-server", "inference", "model-server", "node-b"),
-            ],
-            &["training", "monitoring", "inference"],
-        )
-    };
-    let mesh = Mesh::start(spec).await?;
-    let a_bundle = mesh
-        .ca()
-        .bundle_endpoint_addr()
-        .context("A's bundle endpoint")?;
-    // B federates with A (mutual), and learns its pods.
-    std::fs::write(
-        b.manifests_dir().join("federation-a.yaml"),
-        federation(
-            "cluster-a",
-            A,
-            &format!("https://{a_bundle}/"),
-            &mesh.ca().root_pem(),
-            None,
-        ),
-    )?;
-    std::fs::write(
-        b.manifests_dir().join("inference.yaml"),
-        b_manifests(mesh.ip("model-server")),
-    )?;
-    for pod in ["trainer", "scraper", "store", "model-server"] {
-        until(
-            &format!("{pod} enrolled"),
-            Duration::from_secs(20),
-            || async { Ok(mesh.enroll(pod).await.is_ok()) },
-        )
-        .await?;
-    }
-    mesh.echo_app("model-server", 8080)?;
-    mesh.echo_app("store", 9000)?;
-
-    // The clusterset name resolves, through A's DNS capture, to the imported Service's VIP.
-    let unserved: SocketAddr = UNSERVED.parse()?;
-    let trainer_ns = mesh.netns_path("trainer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let vip: IpAddr = loop {
-        let ns = trainer_ns.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            resolve(&ns, unserved, MODEL_SERVER, RecordType::A)
-        })
-        .await?;
-        let got = answer.as_ref().map(addresses);
-        if let Ok([one]) = got.as_deref()
-            && one.starts_with("240.240.")
-        {
-            break one.parse()?;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{MODEL_SERVER} never resolved to a clusterset address: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    Ok((mesh, b, SocketAddr::new(vip, 8080)))
-}
+use membrane_tests::clusters::{A, B, Options, TwoClusters, echo, two_clusters, until};
+use membrane_tests::mesh::ping;
+use membrane_tests::require_root;
 
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> anyhow::Result<()> {
     require_root()?;
-    let (mesh, b, dst) = two_clusters(None).await?;
+    let TwoClusters { mesh, b, dst } = two_clusters(Options::default()).await?;
 
     // The trainer reaches it; nothing on the WAN is plaintext; B records A's identity.
     let capture = mesh.testbed.capture_fabric()?;
@@ -335,7 +129,11 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
 -> anyhow::Result<()> {
     use membrane_ca::rotation::{self, Phase};
     require_root()?;
-    let (mesh, b, dst) = two_clusters(Some(Duration::from_secs(3))).await?;
+    let TwoClusters { mesh, b, dst } = two_clusters(Options {
+        cert_ttl: Some(Duration::from_secs(3)),
+        ..Options::default()
+    })
+    .await?;
     until(
         "the trainer reaches the model server",
         Duration::from_secs(20),
@@ -402,6 +200,105 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
         .await
         .context("after the rotation")?;
     pinger.abort();
+    drop(mesh);
+    drop(b);
+    Ok(())
+}
+
+/// Pod networks that are not flat: A's pods have no route to B's, and B's east-west gateway
+/// (node-c) is the only way in. The trainer still reaches the model server by name — double
+/// HBONE: an outer tunnel to the gateway, the end-to-end tunnel inside it — and B decides on
+/// the trainer's own identity, not the gateway's; B's policy still denies A's scraper. On the
+/// WAN nothing is plaintext and every packet A exchanges with B has B's gateway at its other
+/// end; the gateway counts the tunnel it relayed.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow::Result<()> {
+    require_root()?;
+    let TwoClusters { mesh, b, dst } = two_clusters(Options {
+        east_west: true,
+        ..Options::default()
+    })
+    .await?;
+    let capture = mesh.testbed.capture_fabric()?;
+    let marker = format!("THROUGH-THE-GATEWAY-{}", mesh.testbed.id());
+    until(
+        "the trainer reaches the model server through B's gateway",
+        Duration::from_secs(20),
+        || async { Ok(echo(&mesh, "trainer", dst, marker.as_bytes()).await.is_ok()) },
+    )
+    .await?;
+    let captured = capture.stop();
+    ensure!(
+        !captured.contains(marker.as_bytes()),
+        "the payload crossed the WAN in plaintext"
+    );
+    let node_a = mesh.testbed.node("node-a").context("node-a")?;
+    let a_side: Vec<std::net::IpAddr> = ["trainer", "scraper", "store"]
+        .iter()
+        .flat_map(|p| [mesh.ip(p), mesh.ip6(p)])
+        .chain([node_a.fabric_ip().into(), node_a.fabric_ip6().into()])
+        .collect();
+    let gateway = [mesh.ip("ew-gateway"), mesh.ip6("ew-gateway")];
+    let crossing: Vec<_> = (captured.ip_pairs.iter())
+        .filter(|(s, d)| a_side.contains(s) != a_side.contains(d))
+        .collect();
+    ensure!(!crossing.is_empty(), "no packet of A's crossed the WAN");
+    for (s, d) in &crossing {
+        let other = if a_side.contains(s) { d } else { s };
+        ensure!(
+            gateway.contains(other),
+            "A exchanged packets with {other}, not B's gateway ({s} -> {d})"
+        );
+    }
+
+    let trainer = format!("spiffe://{A}/ns/training/sa/trainer");
+    let record = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
+            Duration::from_secs(5),
+        )
+        .await
+        .context("no inbound record in cluster B")?;
+    ensure!(
+        record["src_identity"] == trainer.as_str(),
+        "B's record names {}: {record}",
+        record["src_identity"]
+    );
+    // The gateway admitted the outer tunnel (its record is written when the pooled tunnel
+    // ends; the counter moves at admission).
+    let admitted = membrane_tests::ztunnel_metric(
+        &mesh,
+        "node-c",
+        "membrane_gateway_connections_total",
+        &[r#"kind="east-west""#, r#"result="admitted""#],
+    )
+    .await?;
+    ensure!(admitted >= 1.0, "B's gateway admitted no tunnel");
+
+    // B's policy admits only A's trainer, through the gateway as directly.
+    ensure!(
+        echo(&mesh, "scraper", dst, b"scrape").await.is_err(),
+        "cluster B's policy let A's scraper through"
+    );
+    let scraper = format!("spiffe://{A}/ns/monitoring/sa/scraper");
+    let denied = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["direction"] == "inbound"
+                    && r["src_identity"] == scraper.as_str()
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|why| why.contains("no ALLOW policy"))
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    ensure!(
+        denied.is_some(),
+        "B did not deny A's scraper by its policy: {:#?}",
+        mesh.ztunnels["node-b"].access_records()
+    );
     drop(mesh);
     drop(b);
     Ok(())

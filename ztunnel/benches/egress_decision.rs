@@ -111,6 +111,7 @@ fn source(app: &str) -> Workload {
         identity: WorkloadIdentity::new(&td, "ns-0", "trainer").expect("identity"),
         gateway: None,
         foreign: false,
+        network_gateway: None,
     }
 }
 

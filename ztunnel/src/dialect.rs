@@ -134,6 +134,7 @@ mod tests {
             .expect("identity"),
             gateway: None,
             foreign: false,
+            network_gateway: None,
         }
     }
 

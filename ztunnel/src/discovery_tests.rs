@@ -319,3 +319,50 @@ fn imported_workloads_never_displace_local_ones() {
         "the local namespace still permits plaintext"
     );
 }
+
+/// An imported workload behind its cluster's east-west gateway keeps the gateway; a gateway
+/// on a local workload, one that is not `ip:port` or not dialable, or whose identity is not of
+/// the workload's own trust domain is refused.
+#[test]
+fn an_east_west_gateway_is_only_a_federated_workloads_and_of_its_trust_domain() {
+    let with_gateway = |td: &str, foreign: bool, address: &str, id: &str| pb::Resource {
+        kind: Some(ResourceKind::Workload(pb::Workload {
+            uid: "imported/cluster-b/inference/ms-0".into(),
+            name: "ms-0".into(),
+            namespace: "inference".into(),
+            service_account: "model-server".into(),
+            ips: vec!["10.20.1.5".into()],
+            foreign,
+            trust_domain: td.into(),
+            network_gateway: Some(pb::NetworkGateway {
+                address: address.into(),
+                spiffe_id: id.into(),
+            }),
+            ..Default::default()
+        })),
+    };
+    const GW: &str = "spiffe://cluster-b.example/ns/gw/sa/east-west";
+    let good = with_gateway("cluster-b.example", true, "192.0.2.20:15008", GW);
+    let held = apply(None, &update(true, vec![good], &[])).expect("applies");
+    let built = build(&held, &td()).expect("valid");
+    let (_, w) = built.state.resolve("10.20.1.5:8080".parse().expect("addr"));
+    let gw = w.expect("known").network_gateway.clone().expect("gateway");
+    assert_eq!(gw.addr.to_string(), "192.0.2.20:15008");
+    assert_eq!(gw.identity.to_string(), GW);
+    for bad in [
+        with_gateway("", false, "192.0.2.20:15008", GW),
+        with_gateway("cluster-b.example", true, "192.0.2.20", GW),
+        with_gateway("cluster-b.example", true, "127.0.0.1:15008", GW),
+        with_gateway("cluster-b.example", true, "192.0.2.20:0", GW),
+        with_gateway(
+            "cluster-b.example",
+            true,
+            "192.0.2.20:15008",
+            "spiffe://cluster.local/ns/gw/sa/east-west",
+        ),
+        with_gateway("cluster-b.example", true, "192.0.2.20:15008", "not an id"),
+    ] {
+        let result = apply(None, &update(true, vec![bad], &[])).and_then(|h| build(&h, &td()));
+        assert!(result.is_err(), "accepted a bad east-west gateway");
+    }
+}

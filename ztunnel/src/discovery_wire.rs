@@ -154,7 +154,42 @@ fn workload(w: &pb::Workload, local: &TrustDomain) -> Result<Workload, UpdateErr
         identity,
         gateway,
         foreign: w.foreign,
+        network_gateway: network_gateway(w, foreign_td.as_ref())?,
     })
+}
+
+/// An imported workload's east-west gateway: an `ip:port` that is a usable unicast address
+/// and an identity of the workload's own (federated) trust domain.
+fn network_gateway(
+    w: &pb::Workload,
+    foreign_td: Option<&TrustDomain>,
+) -> Result<Option<crate::state::NetworkGateway>, UpdateError> {
+    let Some(gw) = &w.network_gateway else {
+        return Ok(None);
+    };
+    let bad = |why: String| invalid("workload", &w.uid, format!("network gateway: {why}"));
+    let Some(td) = foreign_td else {
+        return Err(bad(
+            "only a federated cluster's workload is behind one".into()
+        ));
+    };
+    let addr: std::net::SocketAddr = gw
+        .address
+        .parse()
+        .map_err(|_| bad(format!("{:?} is not ip:port", gw.address)))?;
+    if addr.port() == 0
+        || addr.ip().is_unspecified()
+        || addr.ip().is_loopback()
+        || addr.ip().is_multicast()
+    {
+        return Err(bad(format!("{addr} is not a usable address")));
+    }
+    let identity =
+        membrane_identity::SpiffeId::new(&gw.spiffe_id).map_err(|e| bad(e.to_string()))?;
+    if identity.trust_domain() != td {
+        return Err(bad(format!("{identity} is not in trust domain {td}")));
+    }
+    Ok(Some(crate::state::NetworkGateway { addr, identity }))
 }
 
 fn gateway_role(w: &pb::Workload) -> Result<Option<crate::state::GatewayRole>, UpdateError> {
@@ -166,6 +201,7 @@ fn gateway_role(w: &pb::Workload) -> Result<Option<crate::state::GatewayRole>, U
         Ok(pb::gateway_role::Kind::Unspecified) => return Ok(None),
         Ok(pb::gateway_role::Kind::Egress) => GatewayKind::Egress,
         Ok(pb::gateway_role::Kind::Ingress) => GatewayKind::Ingress,
+        Ok(pb::gateway_role::Kind::EastWest) => GatewayKind::EastWest,
         Err(_) => return Err(invalid("workload", &w.uid, "unknown gateway kind")),
     };
     membrane_identity::spiffe_id::validate_namespace(&role.name)

@@ -143,7 +143,11 @@ impl ConnectHandler for InboundHandler {
             // certificate's identity is the gateway pod's at that address.
             let (source_ip, claim) = crate::guard::hbone_source(peer_addr.ip(), req.forwarded_for);
             let remote_ip = claim.filter(|_| self.is_ingress_gateway(&source, source_ip));
-            if let (Some(claim), None) = (claim, remote_ip) {
+            // Through this cluster's east-west gateway the TCP peer is the gateway, and the
+            // claim a federated cluster's pod address: expected, recorded, not believed.
+            let relayed = self.is_east_west_gateway(source_ip)
+                && source.trust_domain() != &self.proxy.trust_domain;
+            if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
                 self.proxy.guard.forwarded_ignored();
                 tracing::warn!(
                     peer = %req.peer,
@@ -218,6 +222,16 @@ impl InboundHandler {
                 && w.gateway
                     .as_ref()
                     .is_some_and(|r| r.kind == crate::state::GatewayKind::Ingress)
+        })
+    }
+
+    /// Whether `ip` is an east-west gateway pod of this cluster.
+    fn is_east_west_gateway(&self, ip: std::net::IpAddr) -> bool {
+        self.proxy.state.borrow().by_ip(ip).is_some_and(|w| {
+            !w.foreign
+                && w.gateway
+                    .as_ref()
+                    .is_some_and(|r| r.kind == crate::state::GatewayKind::EastWest)
         })
     }
 

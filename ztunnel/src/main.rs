@@ -132,7 +132,7 @@ struct Args {
     /// telemetry.
     #[arg(long, env = "MEMBRANE_CLUSTER_NAME", default_value = membrane_ztunnel::dialect::DEFAULT_CLUSTER, value_parser = membrane_ztunnel::dialect::parse_cluster_name)]
     cluster_name: String,
-    /// Gateway mode: serve one gateway pod (`egress` or `ingress`) instead of capturing this
+    /// Gateway mode: serve one gateway pod (`egress`, `ingress` or `east-west`) instead of capturing this
     /// node's pods; needs --gateway-pod.
     #[arg(long, value_enum, requires = "gateway_pod", env = "MEMBRANE_GATEWAY")]
     gateway: Option<GatewayKindArg>,
@@ -150,6 +150,7 @@ struct Args {
 enum GatewayKindArg {
     Egress,
     Ingress,
+    EastWest,
 }
 
 fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
@@ -191,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             kind: match kind {
                 GatewayKindArg::Egress => GatewayKind::Egress,
                 GatewayKindArg::Ingress => GatewayKind::Ingress,
+                GatewayKindArg::EastWest => GatewayKind::EastWest,
             },
             namespace,
             pod,

@@ -8,11 +8,12 @@
 //! a denied one is reset — and passes through otherwise; its record names the host the pod
 //! resolved the address under (its DNS pin, or `unresolved`), the TLS server name of its
 //! ClientHello ([`crate::sni`], peeked, never consumed) and the decision. A tunnel presents the source
-//! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008`. Every
+//! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008` — for a
+//! federated cluster's pod behind an east-west gateway, inside an outer tunnel to that gateway
+//! (double HBONE, [`GatewayDial`]). Every
 //! socket the ztunnel opens is created in the source pod's namespace with the ztunnel mark,
 //! so it leaves with the pod's address and is not captured again.
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,13 +34,43 @@ use crate::state::Workload;
 pub struct PodDial(pub Arc<PodNetns>);
 
 impl Dial for PodDial {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
-    > {
-        Box::pin(self.0.connect(addr))
+    fn dial(&self, addr: SocketAddr) -> hbone::DialFuture<'_> {
+        Box::pin(async move { self.0.connect(addr).await.map(hbone::Carrier::tcp) })
+    }
+}
+
+/// Double HBONE: each connection to the destination's ztunnel runs inside an outer tunnel,
+/// from the same source pod with the same SVID, to a federated cluster's east-west gateway,
+/// whose `:authority` is the destination's HBONE address. The gateway relays the inner TLS
+/// unopened; outer connections are pooled like any other.
+struct GatewayDial {
+    pool: hbone::HbonePool,
+    /// The outer tunnel's key (its destination: the gateway).
+    key: PoolKey,
+    /// Presents the source's SVID, requires the gateway's identity.
+    tls: Arc<rustls::ClientConfig>,
+    dial: Arc<dyn Dial>,
+    headers: ConnectHeaders,
+}
+
+impl Dial for GatewayDial {
+    fn dial(&self, addr: SocketAddr) -> hbone::DialFuture<'_> {
+        Box::pin(async move {
+            let outer = self.pool.connect(
+                self.key.clone(),
+                self.tls.clone(),
+                self.dial.clone(),
+                addr,
+                self.headers.clone(),
+            );
+            match outer.await {
+                Ok(stream) => Ok(hbone::Carrier::Tunnel(stream)),
+                Err(e) => Err(std::io::Error::other(format!(
+                    "through the east-west gateway {} ({}): {e}",
+                    self.key.dst_addr, self.key.dst
+                ))),
+            }
+        })
     }
 }
 
@@ -404,13 +435,44 @@ async fn tunnel_to(
     // The pool reuses a connection only while it presents this SVID (the one in `tls`) and
     // neither end's certificate has expired; after a renewal new tunnels get a new connection
     // and open ones stay where they are.
+    let direct: Arc<dyn Dial> = Arc::new(PodDial(pod.netns.clone()));
+    let (dial, via) = match &workload.network_gateway {
+        None => (direct, None),
+        Some(gw) => {
+            let outer_tls = match proxy.tls.client_config(&svid, &gw.identity) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    log.refused(format!("TLS configuration for the east-west gateway: {e}"));
+                    return None;
+                }
+            };
+            let outer = GatewayDial {
+                pool: proxy.pool.clone(),
+                key: PoolKey {
+                    src_ip,
+                    src: pod.workload.identity.spiffe_id().clone(),
+                    dst: gw.identity.clone(),
+                    dst_addr: gw.addr,
+                    via: None,
+                },
+                tls: outer_tls,
+                dial: direct,
+                headers: ConnectHeaders {
+                    forwarded_for: Some(src_ip),
+                    baggage: headers.baggage.clone(),
+                    ..ConnectHeaders::default()
+                },
+            };
+            (Arc::new(outer) as Arc<dyn Dial>, Some(gw.addr))
+        }
+    };
     let key = PoolKey {
         src_ip,
         src: pod.workload.identity.spiffe_id().clone(),
         dst: workload.identity.spiffe_id().clone(),
         dst_addr: peer,
+        via,
     };
-    let dial = Arc::new(PodDial(pod.netns.clone()));
     match proxy.pool.connect(key, tls, dial, dst, headers).await {
         Ok(stream) => Some((stream, log)),
         Err(e) => {

@@ -174,7 +174,7 @@ impl ConnectionLog {
     ) -> Self {
         let reporter = match direction {
             "outbound" => "source",
-            "egress_gateway" | "ingress_gateway" => "gateway",
+            "egress_gateway" | "ingress_gateway" | "east_west_gateway" => "gateway",
             _ => "destination",
         };
         let labels = TcpLabels {

@@ -70,6 +70,22 @@ pub struct Workload {
     /// never captured here.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub foreign: bool,
+    /// For a workload of a federated cluster whose pod network is not reachable from here:
+    /// the east-west gateway its tunnels go through (double HBONE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_gateway: Option<NetworkGateway>,
+}
+
+/// A federated cluster's east-west gateway: the outer tunnel of a double-HBONE connection
+/// goes to `addr` and must meet `identity`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetworkGateway {
+    /// Its HBONE listener.
+    #[serde(serialize_with = "display")]
+    pub addr: std::net::SocketAddr,
+    /// The SPIFFE ID its certificate must carry.
+    #[serde(serialize_with = "display")]
+    pub identity: membrane_identity::SpiffeId,
 }
 
 fn role<S: serde::Serializer>(v: &Option<GatewayRole>, s: S) -> Result<S::Ok, S::Error> {
@@ -281,6 +297,7 @@ impl MeshState {
                     identity,
                     gateway: None,
                     foreign: w.foreign,
+                    network_gateway: None,
                 })
                 .map_err(invalid)?;
         }

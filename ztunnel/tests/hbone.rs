@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -203,12 +202,13 @@ struct TestDial {
 }
 
 impl Dial for TestDial {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + '_>> {
+    fn dial(&self, addr: SocketAddr) -> membrane_ztunnel::hbone::DialFuture<'_> {
         self.dials.fetch_add(1, Ordering::SeqCst);
-        Box::pin(TcpStream::connect(addr))
+        Box::pin(async move {
+            TcpStream::connect(addr)
+                .await
+                .map(membrane_ztunnel::hbone::Carrier::tcp)
+        })
     }
 }
 
@@ -218,6 +218,7 @@ fn key(src_ip: &str, src: &str, server: &Server) -> PoolKey {
         src: id(src),
         dst: id(SERVER_ID),
         dst_addr: server.addr,
+        via: None,
     }
 }
 

@@ -35,8 +35,8 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
     }
     // One clusterset Service per namespace/name, the union of every exporter's endpoints.
     let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
-    for (td, exports) in imports.iter() {
-        for svc in &exports.services {
+    for (td, imported) in imports.iter() {
+        for svc in &imported.exports.services {
             let key = format!("{}/{}", svc.namespace, svc.name);
             let merged = services.entry(key).or_insert_with(|| pb::Service {
                 namespace: svc.namespace.clone(),
@@ -73,6 +73,7 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
                         protocol: pb::workload::Protocol::Hbone as i32,
                         foreign: true,
                         trust_domain: td.to_string(),
+                        network_gateway: imported.gateway.clone(),
                         ..Default::default()
                     })),
                 ));
@@ -150,7 +151,11 @@ mod tests {
                 service("svc2", vec![endpoint("y", "10.9.0.1")]),
             ],
         };
-        let imports: Imports = Arc::new(BTreeMap::from([(td, exports)]));
+        let imported = crate::federation::services::Imported {
+            exports,
+            gateway: None,
+        };
+        let imports: Imports = Arc::new(BTreeMap::from([(td, imported)]));
         let out = resources(&state, &imports);
         let workloads: Vec<&str> = (out.iter())
             .filter(|((kind, _), _)| *kind == Kind::Workload as i32)

@@ -109,11 +109,13 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
             kind: match role.kind {
                 GatewayKind::Egress => pb::gateway_role::Kind::Egress,
                 GatewayKind::Ingress => pb::gateway_role::Kind::Ingress,
+                GatewayKind::EastWest => pb::gateway_role::Kind::EastWest,
             } as i32,
             name: role.name,
         }),
         foreign: false,
         trust_domain: String::new(),
+        network_gateway: None,
     }
 }
 
@@ -222,13 +224,14 @@ impl MeshView {
                 Some(r) if r.kind == GatewayKind::Egress => {
                     egress_gateway_nodes.insert(node.clone());
                 }
-                Some(r) => {
+                Some(r) if r.kind == GatewayKind::Ingress => {
                     ingress_gateway_nodes
                         .entry(node.clone())
                         .or_insert_with(BTreeSet::new)
                         .insert((pod.namespace.clone(), r.name));
                 }
-                None => {}
+                // An east-west gateway needs only the workloads every node sees.
+                Some(_) | None => {}
             }
             by_node
                 .entry(node.clone())

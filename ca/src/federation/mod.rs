@@ -247,6 +247,12 @@ fn reconcile(
                     peer_id: fed.endpoint_id.clone(),
                     serving: out.serving.clone(),
                     allowed: fed.exports_addresses.clone(),
+                    gateway: fed.east_west_gateway.as_ref().map(|gw| {
+                        membrane_proto::v1::NetworkGateway {
+                            address: gw.addr.to_string(),
+                            spiffe_id: gw.identity.to_string(),
+                        }
+                    }),
                     federated: out.bundles.subscribe(),
                     out: out.imports.clone(),
                     alive: alive.clone(),

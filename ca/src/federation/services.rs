@@ -54,7 +54,17 @@ pub const CLUSTERSET_VIPS: (Ipv4Addr, u8) = (
 pub const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// What is imported, by exporting trust domain (each validated whole).
-pub type Imports = Arc<BTreeMap<TrustDomain, pb::Exports>>;
+pub type Imports = Arc<BTreeMap<TrustDomain, Imported>>;
+
+/// What one federated cluster offers: its last valid exports, and the east-west gateway its
+/// pods are reached through (from its `TrustFederation`; none: flat pod networks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Imported {
+    /// The peer's exports, validated.
+    pub exports: pb::Exports,
+    /// `spec.eastWestGateway`, as it goes to the ztunnels.
+    pub gateway: Option<pb::NetworkGateway>,
+}
 
 /// The controller SVID path every federated controller presents.
 fn controller_path() -> String {
@@ -458,6 +468,8 @@ pub struct Importer {
     pub allowed: Vec<membrane_policy::IpNet>,
     /// The federated bundles (the peer's is looked up at every connect).
     pub federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
+    /// The peer's east-west gateway, set on every imported workload.
+    pub gateway: Option<pb::NetworkGateway>,
     /// Where validated imports go.
     pub out: watch::Sender<Imports>,
     /// Cleared when the federation goes: nothing is published after that.
@@ -529,15 +541,19 @@ impl Importer {
             let services = exports.services.len();
             let td = self.trust_domain.clone();
             let alive = &self.alive;
+            let imported = Imported {
+                exports,
+                gateway: self.gateway.clone(),
+            };
             self.out.send_if_modified(|current| {
                 // Checked under the channel's lock, which the removal also takes.
                 if !alive.load(std::sync::atomic::Ordering::Acquire)
-                    || current.get(&td) == Some(&exports)
+                    || current.get(&td) == Some(&imported)
                 {
                     return false;
                 }
                 let mut next = current.as_ref().clone();
-                next.insert(td.clone(), exports);
+                next.insert(td.clone(), imported);
                 *current = Arc::new(next);
                 true
             });

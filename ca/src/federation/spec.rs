@@ -16,7 +16,14 @@
 //!   serviceExports:      # optional: import the Services the peer exports
 //!     url: https://192.0.2.10:15016
 //!     addresses: [10.20.0.0/16]  # required: the only pod addresses accepted from it
+//!   eastWestGateway:     # optional: the peer's pods are not routable from here
+//!     address: 192.0.2.20:15008   # ip[:port], port 15008 when left out
+//!     spiffeId: spiffe://cluster-b.example/ns/istio-gateways/sa/east-west
 //! ```
+//!
+//! Without `eastWestGateway` the pod networks are flat: ztunnels tunnel straight to the peer's
+//! pods. With it, every tunnel to an imported pod runs inside an outer tunnel to that gateway
+//! (double HBONE), which must present `spiffeId`.
 //!
 //! Cluster-scoped (a namespace is refused). Only the `https_spiffe` profile exists: the
 //! endpoint's certificate must be an X.509-SVID of `spiffeId`, verified against the peer's
@@ -52,6 +59,17 @@ pub struct TrustFederation {
     /// The networks imported endpoints must lie in (the peer's pod networks; at least one
     /// when `exports_url` is set).
     pub exports_addresses: Vec<membrane_policy::IpNet>,
+    /// The peer's east-west gateway, when its pods are reached through it.
+    pub east_west_gateway: Option<EastWestGateway>,
+}
+
+/// A peer's east-west gateway: its HBONE address and the identity it must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EastWestGateway {
+    /// `ip:port`.
+    pub addr: std::net::SocketAddr,
+    /// In the peer's trust domain.
+    pub identity: SpiffeId,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +98,15 @@ struct Spec {
     bootstrap_bundle: String,
     #[serde(default)]
     service_exports: Option<ExportsEndpoint>,
+    #[serde(default)]
+    east_west_gateway: Option<GatewayEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GatewayEndpoint {
+    address: String,
+    spiffe_id: String,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +171,23 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
             format!("must be in trust domain {trust_domain}"),
         ));
     }
+    let east_west_gateway = match &doc.spec.east_west_gateway {
+        Some(gw) => Some(EastWestGateway {
+            addr: gateway_address(&gw.address)
+                .map_err(|m| err("spec.eastWestGateway.address", m))?,
+            identity: SpiffeId::new(&gw.spiffe_id)
+                .map_err(|e| e.to_string())
+                .and_then(|id| {
+                    if id.trust_domain() == &trust_domain {
+                        Ok(id)
+                    } else {
+                        Err(format!("must be in trust domain {trust_domain}"))
+                    }
+                })
+                .map_err(|m| err("spec.eastWestGateway.spiffeId", m))?,
+        }),
+        None => None,
+    };
     let bootstrap = bootstrap_bundle(&trust_domain, &doc.spec.bootstrap_bundle)
         .map_err(|m| err("spec.bootstrapBundle", m))?;
     Ok(TrustFederation {
@@ -154,7 +198,25 @@ pub fn parse(value: Value) -> Result<TrustFederation, (String, String)> {
         bootstrap,
         exports_url,
         exports_addresses,
+        east_west_gateway,
     })
+}
+
+/// `ip:port` or `ip` (HBONE's port): a unicast address a ztunnel can dial.
+fn gateway_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    let addr = match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => std::net::SocketAddr::new(
+            text.parse()
+                .map_err(|_| format!("{text:?} is neither ip:port nor an IP address"))?,
+            membrane_api::ports::HBONE,
+        ),
+    };
+    let ip = addr.ip();
+    if addr.port() == 0 || ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err(format!("{addr} is not an address a ztunnel can dial"));
+    }
+    Ok(addr)
 }
 
 /// An `https://host[:port]/...` URL.
@@ -223,6 +285,29 @@ mod tests {
         );
         assert_eq!(fed.exports_addresses.len(), 1);
         assert!(fed.exports_addresses[0].contains("10.20.3.4".parse().expect("ip")));
+        assert_eq!(
+            fed.east_west_gateway, None,
+            "flat unless a gateway is named"
+        );
+    }
+
+    #[test]
+    fn an_east_west_gateway_takes_the_hbone_port_by_default() {
+        let gateway = |address: &str| {
+            parse(doc(serde_json::json!({"eastWestGateway": {
+                "address": address,
+                "spiffeId": "spiffe://cluster-b.example/ns/gw/sa/east-west",
+            }})))
+            .expect("valid")
+            .east_west_gateway
+            .expect("gateway")
+        };
+        assert_eq!(gateway("192.0.2.20").addr.to_string(), "192.0.2.20:15008");
+        assert_eq!(gateway("[fd00::20]:443").addr.to_string(), "[fd00::20]:443");
+        assert_eq!(
+            gateway("192.0.2.20").identity.to_string(),
+            "spiffe://cluster-b.example/ns/gw/sa/east-west"
+        );
     }
 
     #[test]
@@ -249,6 +334,18 @@ mod tests {
                 "spec.bootstrapBundle",
             ),
             (serde_json::json!({"unknown": 1}), "spec"),
+            (
+                serde_json::json!({"eastWestGateway": {"address": "gw.example:15008", "spiffeId": "spiffe://cluster-b.example/gw"}}),
+                "spec.eastWestGateway.address",
+            ),
+            (
+                serde_json::json!({"eastWestGateway": {"address": "127.0.0.1", "spiffeId": "spiffe://cluster-b.example/gw"}}),
+                "spec.eastWestGateway.address",
+            ),
+            (
+                serde_json::json!({"eastWestGateway": {"address": "192.0.2.20", "spiffeId": "spiffe://cluster-a.example/gw"}}),
+                "spec.eastWestGateway.spiffeId",
+            ),
         ];
         let missing = (
             serde_json::json!({"serviceExports": {"url": "https://h:1"}}),

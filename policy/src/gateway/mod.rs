@@ -35,6 +35,9 @@ pub enum GatewayKind {
     Egress,
     /// Carries external connections into the mesh.
     Ingress,
+    /// Carries HBONE from federated clusters' ztunnels to this cluster's pods (double HBONE:
+    /// it relays the inner, end-to-end tunnel without decrypting it).
+    EastWest,
 }
 
 impl GatewayKind {
@@ -43,6 +46,7 @@ impl GatewayKind {
         match text {
             "egress" => Some(Self::Egress),
             "ingress" => Some(Self::Ingress),
+            "east-west" => Some(Self::EastWest),
             _ => None,
         }
     }
@@ -52,6 +56,7 @@ impl GatewayKind {
         match self {
             Self::Egress => "egress",
             Self::Ingress => "ingress",
+            Self::EastWest => "east-west",
         }
     }
 }

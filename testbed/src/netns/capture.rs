@@ -57,6 +57,9 @@ pub struct Captured {
     pub truncated_packets: usize,
     /// The error that ended the capture early, if any (timeouts are not errors).
     pub error: Option<std::io::Error>,
+    /// The (source, destination) addresses of every Ethernet frame carrying IPv4 or IPv6,
+    /// overflowing ones included.
+    pub ip_pairs: std::collections::BTreeSet<(std::net::IpAddr, std::net::IpAddr)>,
 }
 
 impl Captured {
@@ -255,7 +258,29 @@ fn read_loop(socket: &Socket, ifindex: Option<usize>, stop: &AtomicBool) -> Capt
     captured
 }
 
+/// The source and destination of an Ethernet frame carrying IPv4 or IPv6.
+fn ip_pair(frame: &[u8]) -> Option<(std::net::IpAddr, std::net::IpAddr)> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let at = |from: usize, len: usize| frame.get(from..from + len);
+    match at(12, 2)? {
+        [0x08, 0x00] => {
+            let src: [u8; 4] = at(26, 4)?.try_into().ok()?;
+            let dst: [u8; 4] = at(30, 4)?.try_into().ok()?;
+            Some((Ipv4Addr::from(src).into(), Ipv4Addr::from(dst).into()))
+        }
+        [0x86, 0xdd] => {
+            let src: [u8; 16] = at(22, 16)?.try_into().ok()?;
+            let dst: [u8; 16] = at(38, 16)?.try_into().ok()?;
+            Some((Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into()))
+        }
+        _ => None,
+    }
+}
+
 fn record(captured: &mut Captured, frame: &[u8], truncated: bool) {
+    if let Some(pair) = ip_pair(frame) {
+        captured.ip_pairs.insert(pair);
+    }
     if captured.bytes.len() + frame.len() > MAX_CAPTURE_BYTES {
         captured.overflow_packets += 1;
         captured.overflow_bytes += frame.len();

@@ -206,6 +206,22 @@ impl Testbed {
         Ok(node)
     }
 
+    /// Removes the routes between the pod networks of nodes `a` and `b`, both ways and both
+    /// families: their pods can no longer reach each other (pod networks that are not flat,
+    /// as between two clusters joined only through gateways). Node addresses stay reachable.
+    pub fn unroute_pods(&self, a: &str, b: &str) -> Result<()> {
+        let find = |name: &str| {
+            self.node(name)
+                .ok_or_else(|| Error::UnknownNode(name.to_owned()))
+        };
+        let (a, b) = (find(a)?, find(b)?);
+        for (from, to) in [(a, b), (b, a)] {
+            sys::ip_in(&from.netns, &["-6", "route", "del", &to.pod_cidr6()])?;
+            sys::ip_in(&from.netns, &["route", "del", &to.pod_cidr.to_string()])?;
+        }
+        Ok(())
+    }
+
     /// Adds pod `name` on node `node` with the next free address and namespace
     /// `<prefix>-<name>`. See [`Testbed::add_pod_with`].
     pub fn add_pod(&mut self, node: &str, name: &str) -> Result<Pod> {

@@ -240,6 +240,7 @@ impl IngressGateway {
             src: own.identity.spiffe_id().clone(),
             dst: workload.identity.spiffe_id().clone(),
             dst_addr: SocketAddr::new(endpoint.ip(), crate::hbone::HBONE_PORT),
+            via: None,
         };
         let headers = ConnectHeaders {
             forwarded_for: Some(client),

@@ -24,7 +24,7 @@ impl GatewayMetrics {
         let m = Self::default();
         registry.register(
             "gateway_connections",
-            "Connections a gateway admitted or refused (kind egress|ingress; reason of a refusal)",
+            "Connections a gateway admitted or refused (kind egress|ingress|east-west; reason of a refusal)",
             m.connections.clone(),
         );
         m

@@ -1,7 +1,7 @@
 //! Gateway mode (DESIGN.md §10): the ztunnel binary serving one gateway pod instead of
 //! capturing a node's pods.
 //!
-//! A gateway pod carries the labels `membrane.dev/gateway: egress|ingress` and
+//! A gateway pod carries the labels `membrane.dev/gateway: egress|ingress|east-west` and
 //! `gateway.networking.k8s.io/gateway-name: <name>`. The controller publishes it as a mesh
 //! workload (in any namespace) that its node's ztunnel never captures, and issues its identity
 //! under node authorization like any pod's. The gateway process (`ztunnel --gateway egress
@@ -15,7 +15,10 @@
 //!   gateway; decided again here and carried out from the gateway's address.
 //! - [`ingress`]: the `Gateway` the pod's label names (in its namespace), streamed with its
 //!   routes; external TCP/TLS on its listener ports carried over HBONE to mesh pods.
+//! - [`east_west`]: HBONE on 15008 from federated clusters' ztunnels, each tunnel relayed,
+//!   still encrypted end to end, to a local pod's HBONE port (double HBONE).
 
+pub mod east_west;
 pub mod egress;
 pub mod ingress;
 pub mod metrics;
@@ -40,7 +43,7 @@ use resolve::Resolver;
 /// Which gateway pod this process serves.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Egress or ingress.
+    /// Egress, ingress or east-west.
     pub kind: GatewayKind,
     /// The gateway pod's namespace.
     pub namespace: String,
@@ -140,17 +143,16 @@ pub async fn run(
                 metrics,
             });
             let tasks = serve_hbone(listeners, &pod, &proxy, handler, "egress_gateway");
-            tracing::info!(
-                kind = %config.kind,
-                pod = %format_args!("{}/{}", workload.namespace, workload.name),
-                identity = %workload.identity,
-                ips = ?workload.ips,
-                "gateway serving"
-            );
-            ready.send_replace(true);
-            for task in tasks {
-                let _ = task.await;
-            }
+            serving(config.kind, &workload, &ready, tasks).await;
+        }
+        GatewayKind::EastWest => {
+            let handler = Arc::new(east_west::EastWestGateway {
+                pod: pod.clone(),
+                proxy: proxy.clone(),
+                metrics,
+            });
+            let tasks = serve_hbone(listeners, &pod, &proxy, handler, "east_west_gateway");
+            serving(config.kind, &workload, &ready, tasks).await;
         }
         GatewayKind::Ingress => {
             let gateway = Arc::new(ingress::IngressGateway {
@@ -167,6 +169,26 @@ pub async fn run(
                 task.abort();
             }
         }
+    }
+}
+
+/// Logs the gateway as serving, turns it ready and runs its listener tasks to their end.
+async fn serving(
+    kind: GatewayKind,
+    workload: &Workload,
+    ready: &tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
+    tracing::info!(
+        %kind,
+        pod = %format_args!("{}/{}", workload.namespace, workload.name),
+        identity = %workload.identity,
+        ips = ?workload.ips,
+        "gateway serving"
+    );
+    ready.send_replace(true);
+    for task in tasks {
+        let _ = task.await;
     }
 }
 

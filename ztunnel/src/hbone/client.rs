@@ -8,30 +8,30 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::carrier::Carrier;
+use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
+use super::{
+    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
+    TLS_SEND_BUFFER, client_tls_with_h2, require_h2,
+};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use membrane_identity::{SpiffeId, peer_spiffe_id};
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 
-use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
-use super::{
-    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
-    TLS_SEND_BUFFER, client_tls_with_h2, require_h2,
-};
+/// What [`Dial::dial`] returns.
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Carrier>> + Send + 'a>>;
 
-/// Creates the TCP connections the pool runs HBONE over.
+/// Creates the connections the pool runs HBONE over.
 ///
 /// The pool never creates sockets itself: the caller's implementation creates them where they
-/// must live (inside the source pod's network namespace, with the ztunnel's socket mark).
+/// must live (inside the source pod's network namespace, with the ztunnel's socket mark), or
+/// opens an outer tunnel through a gateway for double HBONE ([`Carrier::Tunnel`]).
 pub trait Dial: Send + Sync {
     /// Connects to `addr` (a peer's HBONE address).
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + '_>>;
+    fn dial(&self, addr: SocketAddr) -> DialFuture<'_>;
 }
 
 /// The optional headers of a CONNECT request.
@@ -49,7 +49,7 @@ pub struct ConnectHeaders {
 }
 
 /// The TLS stream HBONE connections run over.
-pub(crate) type ClientIo = tokio_rustls::client::TlsStream<tokio::io::BufReader<TcpStream>>;
+pub(crate) type ClientIo = tokio_rustls::client::TlsStream<Carrier>;
 
 /// An established HBONE connection: the sender, the connection (which must be polled —
 /// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
@@ -67,18 +67,15 @@ pub(crate) async fn establish(
     tls: Arc<rustls::ClientConfig>,
     dial: &dyn Dial,
 ) -> Result<Established, HboneError> {
-    let tcp = dial.dial(addr).await.map_err(|e| HboneError::Dial {
+    let carrier = dial.dial(addr).await.map_err(|e| HboneError::Dial {
         addr,
         source: Arc::new(e),
     })?;
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
-    }
     let connector = tokio_rustls::TlsConnector::from(client_tls_with_h2(tls));
     // The verifier ignores names (it checks the SPIFFE ID); an IP name also sends no SNI.
     let name = ServerName::IpAddress(addr.ip().into());
     let mut tls = connector
-        .connect(name, super::buffered(tcp))
+        .connect(name, carrier)
         .await
         .map_err(|e| HboneError::Tls(Arc::new(e)))?;
     let (_, session) = tls.get_mut();

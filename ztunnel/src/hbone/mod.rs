@@ -10,8 +10,9 @@
 //!   one task per CONNECT stream); what to do with a request is the caller's
 //!   [`ConnectHandler`]'s decision.
 //! - [`HbonePool`]: the dialling side, pooling and multiplexing connections per
-//!   [`PoolKey`] (source address and identity, destination identity and address) — never
-//!   mixing identities on one connection.
+//!   [`PoolKey`] (source address and identity, destination identity and address, gateway) —
+//!   never mixing identities on one connection. A connection runs over a [`Carrier`]: TCP, or
+//!   a stream of an outer tunnel (double HBONE through an east-west gateway).
 //!
 //! The byte copy between a tunnel and a socket is [`crate::relay`]'s, shared with the paths
 //! that use no tunnel.
@@ -34,13 +35,15 @@ use std::time::Duration;
 
 use membrane_identity::{SpiffeId, SvidError};
 
+mod carrier;
 mod client;
 mod headers;
 mod pool;
 mod server;
 mod stream;
 
-pub use client::{ConnectHeaders, Dial};
+pub use carrier::Carrier;
+pub use client::{ConnectHeaders, Dial, DialFuture};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{

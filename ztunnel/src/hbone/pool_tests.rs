@@ -1,8 +1,6 @@
 //! Tests of the pool against a real HBONE server on loopback: certificate renewal and
 //! expiry decide which connection a new tunnel rides.
 
-use std::pin::Pin;
-
 use membrane_identity::spiffe_id::parse_trust_domain;
 use membrane_identity::verify::{mtls_client_config, mtls_server_config};
 use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
@@ -109,12 +107,13 @@ async fn serve(
 struct CountingDial(AtomicU64);
 
 impl Dial for CountingDial {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
+    fn dial(&self, addr: SocketAddr) -> super::client::DialFuture<'_> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        Box::pin(TcpStream::connect(addr))
+        Box::pin(async move {
+            TcpStream::connect(addr)
+                .await
+                .map(crate::hbone::Carrier::tcp)
+        })
     }
 }
 
@@ -124,6 +123,7 @@ fn key(addr: SocketAddr) -> PoolKey {
         src: SpiffeId::new(CLIENT).expect("id"),
         dst: SpiffeId::new(SERVER).expect("id"),
         dst_addr: addr,
+        via: None,
     }
 }
 

@@ -66,7 +66,7 @@ pub enum Object {
     /// A valid `TCPRoute` or `TLSRoute`.
     Route(membrane_policy::gateway::Route),
     /// A valid `TrustFederation`.
-    Federation(crate::federation::TrustFederation),
+    Federation(Box<crate::federation::TrustFederation>),
 }
 
 /// A Service as written in a manifest: endpoints come from its selector.
@@ -336,7 +336,7 @@ fn parse_document(document: usize, doc: Value, out: &mut Vec<Object>) -> Result<
         (v, crate::federation::spec::KIND) if v.starts_with(crate::federation::spec::GROUP) => {
             let federation = crate::federation::spec::parse(Value::Object(map))
                 .map_err(|(f, m)| field_err(f, m))?;
-            out.push(Object::Federation(federation));
+            out.push(Object::Federation(Box::new(federation)));
             Ok(())
         }
         (_, "Namespace" | "Pod" | "ServiceAccount" | "Service") => Err(field_err(

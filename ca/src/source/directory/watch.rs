@@ -301,7 +301,7 @@ impl DirectorySource {
                         state
                             .federations
                             .entry(key)
-                            .or_insert_with(|| federation.clone());
+                            .or_insert_with(|| federation.as_ref().clone());
                         dup.then(|| format!("TrustFederation {}", federation.name))
                     }
                 };
