@@ -312,8 +312,9 @@ fn every_command_has_complete_help() {
 }
 
 /// `membrane local up` of a directory with `clusters.yaml` (examples/multicluster): two
-/// clusters with their own controllers and trust domains, federated; A's trainer reaches B's
-/// exported model server by its clusterset name, A's scraper is refused by B's policy.
+/// clusters with their own controllers and trust domains, federated, each with an east-west
+/// gateway and no route between their pod networks; A's trainer reaches B's exported model
+/// server by its clusterset name (through B's gateway), A's scraper is refused by B's policy.
 #[test]
 #[ignore = "needs root"]
 fn local_clusters_federate_and_import_each_others_services() {
@@ -344,6 +345,12 @@ fn local_clusters_federate_and_import_each_others_services() {
         identity("model-server-0").expect("model server"),
         "spiffe://cluster-b.example/ns/inference/sa/model-server"
     );
+    for cluster in ["cluster-a", "cluster-b"] {
+        assert!(
+            identity(&format!("east-west-{cluster}")).is_some(),
+            "{cluster} has no east-west gateway: {live}"
+        );
+    }
 
     echo_in("inference-model-server-0");
     // The clusterset name, answered by the trainer's DNS capture (no resolver serves

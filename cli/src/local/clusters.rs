@@ -12,16 +12,19 @@
 //! Each cluster gets its own controller, root and trust domain; its pods' nodes belong to it
 //! (node names must differ between clusters). Every pair of clusters is federated both ways:
 //! each controller serves its bundle endpoint and its exported Services (`membrane.dev/export:
-//! "true"`), and follows every other's. The clusters' pod networks are flat (one simulated
-//! fabric); there is no east-west gateway yet. The first cluster's controller is the mesh's own;
-//! the others run beside it in the same daemon.
+//! "true"`), and follows every other's. Each cluster also gets an east-west gateway — the pod
+//! `east-west-<cluster>` of namespace [`GATEWAY_NAMESPACE`] alone on node `<cluster>-gw` — and
+//! the pod networks of different clusters are not routed to each other: a pod reaches another
+//! cluster's pods only through that cluster's gateway (double HBONE), as between real clusters
+//! joined over a WAN. The first cluster's controller is the mesh's own; the others run beside
+//! it in the same daemon.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use membrane_testbed::mesh::{MeshSpec, NodeController};
+use membrane_testbed::mesh::{MeshSpec, NodeController, PodDef};
 use serde::Deserialize;
 
 use super::manifests;
@@ -30,6 +33,9 @@ use super::manifests;
 pub const FILE: &str = "clusters.yaml";
 /// `spiffe_refresh_hint` of the local controllers' bundle endpoints.
 pub const REFRESH_HINT: Duration = Duration::from_secs(2);
+/// The namespace (and service account) of every cluster's east-west gateway pod.
+pub const GATEWAY_NAMESPACE: &str = "mesh-gateways";
+const GATEWAY_SA: &str = "east-west";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,8 +92,18 @@ pub fn read(dir: &Path, cert_ttl: Option<Duration>) -> anyhow::Result<Option<Vec
             );
         }
         let cluster_dir = dir.join(&c.name);
-        let spec = manifests::spec(&cluster_dir, cert_ttl, None)
+        let mut spec = manifests::spec(&cluster_dir, cert_ttl, None)
             .with_context(|| format!("cluster {}", c.name))?;
+        let node = gateway_node(&c.name);
+        spec.nodes.push(node.clone());
+        spec.pods.push(PodDef::gateway(
+            &gateway_pod(&c.name),
+            GATEWAY_NAMESPACE,
+            GATEWAY_SA,
+            &node,
+            "east-west",
+            "east-west",
+        ));
         for node in &spec.nodes {
             if !nodes.insert(node.clone()) {
                 bail!("node {node} appears in two clusters: every cluster needs nodes of its own");
@@ -154,18 +170,74 @@ pub fn combined(
     Ok(spec)
 }
 
-/// A `TrustFederation` naming `trust_domain`'s bundle endpoint and federation listener.
-pub fn federation(
-    name: &str,
-    trust_domain: &str,
-    bundle_endpoint: std::net::SocketAddr,
-    exports: std::net::SocketAddr,
-    root_pem: &str,
-) -> String {
-    let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
-    format!(
-        "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {trust_domain}\n  bundleEndpoint:\n    url: https://{bundle_endpoint}/\n    spiffeId: spiffe://{trust_domain}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}  serviceExports:\n    url: https://{exports}\n    addresses: [10.77.0.0/16, \"fd00:77::/32\"]\n"
-    )
+/// The node of cluster `name`'s east-west gateway.
+pub fn gateway_node(cluster: &str) -> String {
+    format!("{cluster}-gw")
+}
+
+/// The east-west gateway pod of cluster `name`.
+pub fn gateway_pod(cluster: &str) -> String {
+    format!("east-west-{cluster}")
+}
+
+/// Takes the routes between the pod networks of every two clusters away (gateway nodes keep
+/// theirs: they are each cluster's way in).
+pub fn separate(
+    testbed: &membrane_testbed::netns::Testbed,
+    clusters: &[Cluster],
+) -> anyhow::Result<()> {
+    let pods = |c: &Cluster| -> Vec<String> {
+        let gw = gateway_node(&c.name);
+        c.spec.nodes.iter().filter(|n| **n != gw).cloned().collect()
+    };
+    for (i, a) in clusters.iter().enumerate() {
+        for b in &clusters[i + 1..] {
+            for x in pods(a) {
+                for y in pods(b) {
+                    testbed
+                        .unroute_pods(&x, &y)
+                        .with_context(|| format!("separating {x} from {y}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one cluster's peers need to federate with it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The cluster's name.
+    pub name: String,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// Its bundle endpoint.
+    pub bundle_endpoint: std::net::SocketAddr,
+    /// Its federation listener (exported Services).
+    pub exports: std::net::SocketAddr,
+    /// Its root (PEM).
+    pub root_pem: String,
+    /// Its east-west gateway pod's address.
+    pub gateway: std::net::IpAddr,
+}
+
+impl Peer {
+    /// The `TrustFederation` that follows this cluster: its bundle endpoint, its exports (any
+    /// testbed pod address) and its east-west gateway.
+    pub fn federation(&self) -> String {
+        let Peer {
+            name,
+            trust_domain,
+            bundle_endpoint,
+            exports,
+            root_pem,
+            gateway,
+        } = self;
+        let indented: String = root_pem.lines().map(|l| format!("    {l}\n")).collect();
+        format!(
+            "apiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {trust_domain}\n  bundleEndpoint:\n    url: https://{bundle_endpoint}/\n    spiffeId: spiffe://{trust_domain}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}  serviceExports:\n    url: https://{exports}\n    addresses: [10.77.0.0/16, \"fd00:77::/32\"]\n  eastWestGateway:\n    address: {gateway}\n    spiffeId: spiffe://{trust_domain}/ns/{GATEWAY_NAMESPACE}/sa/{GATEWAY_SA}\n"
+        )
+    }
 }
 
 #[cfg(test)]

@@ -195,43 +195,43 @@ async fn daemon_clusters(
     let mut spec = clusters::combined(&clusters, &controllers, Some(access_log))?;
     spec.ztunnel_args
         .extend(["--dns-upstream".to_owned(), world::RESOLVER.to_string()]);
-    // Every cluster follows every other: (name, trust domain, bundle endpoint, exports, root).
-    let mut peers = Vec::new();
-    for (c, ca) in others.iter().zip(&cas) {
-        peers.push((
-            c.name.clone(),
-            c.trust_domain.clone(),
-            ca.bundle_endpoint_addr().context("bundle endpoint")?,
-            ca.exports_addr().context("federation listener")?,
-            ca.root_pem(),
-        ));
-    }
-    for (name, td, bundle, exports, root) in &peers {
-        spec.extra_manifests.push((
-            format!("federation-{name}.yaml"),
-            clusters::federation(name, td, *bundle, *exports, root),
-        ));
-    }
     let testbed = Testbed::with_prefix(prefix)?;
     let mut mesh = Mesh::start_on(testbed, spec).await?;
+    // Clusters meet only at their east-west gateways.
+    clusters::separate(&mesh.testbed, &clusters)?;
     let world = World::start(&mut mesh.testbed).context("starting the simulated outside world")?;
+    // Every cluster follows every other.
     let a = mesh.ca();
-    peers.insert(
-        0,
-        (
-            first.name.clone(),
-            first.trust_domain.clone(),
-            a.bundle_endpoint_addr().context("bundle endpoint")?,
-            a.exports_addr().context("federation listener")?,
-            a.root_pem(),
-        ),
-    );
+    let mut peers = vec![clusters::Peer {
+        name: first.name.clone(),
+        trust_domain: first.trust_domain.clone(),
+        bundle_endpoint: a.bundle_endpoint_addr().context("bundle endpoint")?,
+        exports: a.exports_addr().context("federation listener")?,
+        root_pem: a.root_pem(),
+        gateway: mesh.ip(&clusters::gateway_pod(&first.name)),
+    }];
+    for (c, ca) in others.iter().zip(&cas) {
+        peers.push(clusters::Peer {
+            name: c.name.clone(),
+            trust_domain: c.trust_domain.clone(),
+            bundle_endpoint: ca.bundle_endpoint_addr().context("bundle endpoint")?,
+            exports: ca.exports_addr().context("federation listener")?,
+            root_pem: ca.root_pem(),
+            gateway: mesh.ip(&clusters::gateway_pod(&c.name)),
+        });
+    }
+    for peer in peers.iter().filter(|p| p.name != first.name) {
+        mesh.write_manifest(
+            &format!("federation-{}.yaml", peer.name),
+            &peer.federation(),
+        )?;
+    }
     for (c, ca) in others.iter().zip(&cas) {
         ca.write_manifest("mesh.yaml", &mesh.cluster_manifests(&c.spec.nodes)?)?;
-        for (name, td, bundle, exports, root) in peers.iter().filter(|p| p.0 != c.name) {
+        for peer in peers.iter().filter(|p| p.name != c.name) {
             ca.write_manifest(
-                &format!("federation-{name}.yaml"),
-                &clusters::federation(name, td, *bundle, *exports, root),
+                &format!("federation-{}.yaml", peer.name),
+                &peer.federation(),
             )?;
         }
     }

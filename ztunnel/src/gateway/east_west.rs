@@ -27,6 +27,7 @@ use super::metrics::GatewayMetrics;
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, PodContext, Proxy};
 use crate::relay::{RelayResult, Side};
+use crate::state::MeshState;
 
 /// How long connecting to the destination pod's HBONE port may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,50 @@ pub struct EastWestGateway {
 
 /// Why a tunnel was refused: the metric's label and the peer's status.
 type Refusal = (&'static str, ConnectRefusal);
+
+/// Whether `req` may pass a gateway of trust domain `local` whose own addresses are `own`:
+/// the destination pod's HBONE address, or why not.
+fn admit(
+    req: &ConnectRequest,
+    local: &membrane_identity::TrustDomain,
+    state: &MeshState,
+    own: &[IpAddr],
+) -> Result<SocketAddr, Refusal> {
+    if req.peer.trust_domain() == local {
+        return Err((
+            "local_source",
+            ConnectRefusal::Denied(format!(
+                "{} is of this cluster: its pods are reached directly",
+                req.peer
+            )),
+        ));
+    }
+    if let Some(host) = &req.host {
+        return Err((
+            "not_an_address",
+            ConnectRefusal::BadRequest(format!(
+                "{host}: an east-west gateway takes a pod's address, never a name"
+            )),
+        ));
+    }
+    let dst = req.authority;
+    if dst.port() != ports::HBONE {
+        return Err((
+            "not_hbone",
+            ConnectRefusal::BadRequest(format!(
+                "{dst}: only a pod's HBONE port ({}) is reachable through an east-west gateway",
+                ports::HBONE
+            )),
+        ));
+    }
+    match state.by_ip(dst.ip()) {
+        Some(w) if w.captured() && !own.contains(&dst.ip()) => Ok(dst),
+        _ => Err((
+            "unknown_destination",
+            ConnectRefusal::BadRequest(format!("{} is not a mesh pod of this cluster", dst.ip())),
+        )),
+    }
+}
 
 impl ConnectHandler for EastWestGateway {
     type Admission = ConnectionLog;
@@ -107,45 +152,13 @@ impl ConnectHandler for EastWestGateway {
 impl EastWestGateway {
     /// The destination pod's HBONE address, if this tunnel may go there.
     fn check(&self, req: &ConnectRequest) -> Result<SocketAddr, Refusal> {
-        if req.peer.trust_domain() == &self.proxy.trust_domain {
-            return Err((
-                "local_source",
-                ConnectRefusal::Denied(format!(
-                    "{} is of this cluster: its pods are reached directly",
-                    req.peer
-                )),
-            ));
-        }
-        if let Some(host) = &req.host {
-            return Err((
-                "not_an_address",
-                ConnectRefusal::BadRequest(format!(
-                    "{host}: an east-west gateway takes a pod's address, never a name"
-                )),
-            ));
-        }
-        let dst = req.authority;
-        if dst.port() != ports::HBONE {
-            return Err((
-                "not_hbone",
-                ConnectRefusal::BadRequest(format!(
-                    "{dst}: only a pod's HBONE port ({}) is reachable through an east-west gateway",
-                    ports::HBONE
-                )),
-            ));
-        }
         let state = self.proxy.state.borrow().clone();
-        let own = self.pod.workload.ips.contains(&dst.ip());
-        match state.by_ip(dst.ip()) {
-            Some(w) if w.captured() && !own => Ok(dst),
-            _ => Err((
-                "unknown_destination",
-                ConnectRefusal::BadRequest(format!(
-                    "{} is not a mesh pod of this cluster",
-                    dst.ip()
-                )),
-            )),
-        }
+        admit(
+            req,
+            &self.proxy.trust_domain,
+            &state,
+            &self.pod.workload.ips,
+        )
     }
 
     async fn connect_to(&self, dst: SocketAddr) -> Result<tokio::net::TcpStream, Refusal> {
@@ -159,6 +172,96 @@ impl EastWestGateway {
             Err(_) => Err(unreachable(format!(
                 "connect {dst}: no answer within {CONNECT_TIMEOUT:?}"
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td(name: &str) -> membrane_identity::TrustDomain {
+        membrane_identity::spiffe_id::parse_trust_domain(name).expect("td")
+    }
+
+    /// Cluster B: a mesh pod, a plain (non-mesh) pod, a foreign HBONE peer and the gateway.
+    fn state() -> MeshState {
+        let text = "workloads:\n\
+            - {uid: m, name: model, namespace: inference, node: n1, ips: [10.20.0.5]}\n\
+            - {uid: p, name: plain, namespace: web, node: n1, ips: [10.20.0.6], protocol: TCP}\n\
+            - {uid: f, name: other, namespace: ambient, node: n1, ips: [10.20.0.7], foreign: true}\n\
+            - {uid: g, name: gw, namespace: gw, node: n2, ips: [10.20.0.9]}\n";
+        MeshState::parse("f", text, &td("cluster-b.example")).expect("valid")
+    }
+
+    fn request(peer: &str, authority: &str, host: Option<&str>) -> ConnectRequest {
+        ConnectRequest {
+            peer: peer.parse().expect("id"),
+            authority: authority.parse().expect("authority"),
+            host: host.map(str::to_owned),
+            forwarded_for: None,
+            peer_addr: Some("10.10.0.3:40000".parse().expect("addr")),
+            baggage: None,
+            traceparent: None,
+        }
+    }
+
+    const TRAINER: &str = "spiffe://cluster-a.example/ns/training/sa/trainer";
+
+    /// Only a federated identity, to a mesh pod's HBONE port by address, passes; the gateway
+    /// is never a way to anything else.
+    #[test]
+    fn only_federated_sources_to_a_mesh_pods_hbone_port() {
+        let (local, state) = (td("cluster-b.example"), state());
+        let own: Vec<IpAddr> = vec!["10.20.0.9".parse().expect("ip")];
+        let admitted = admit(
+            &request(TRAINER, "10.20.0.5:15008", None),
+            &local,
+            &state,
+            &own,
+        );
+        assert_eq!(
+            admitted.ok(),
+            Some("10.20.0.5:15008".parse().expect("addr"))
+        );
+        let cases = [
+            (
+                request(
+                    "spiffe://cluster-b.example/ns/web/sa/default",
+                    "10.20.0.5:15008",
+                    None,
+                ),
+                "local_source",
+            ),
+            (
+                request(TRAINER, "0.0.0.0:15008", Some("model.inference")),
+                "not_an_address",
+            ),
+            (request(TRAINER, "10.20.0.5:8080", None), "not_hbone"),
+            (
+                request(TRAINER, "10.20.0.6:15008", None),
+                "unknown_destination",
+            ),
+            (
+                request(TRAINER, "10.20.0.7:15008", None),
+                "unknown_destination",
+            ),
+            (
+                request(TRAINER, "10.20.0.9:15008", None),
+                "unknown_destination",
+            ),
+            (
+                request(TRAINER, "10.99.0.1:15008", None),
+                "unknown_destination",
+            ),
+            (
+                request(TRAINER, "127.0.0.1:15008", None),
+                "unknown_destination",
+            ),
+        ];
+        for (req, label) in cases {
+            let got = admit(&req, &local, &state, &own);
+            assert_eq!(got.err().map(|(l, _)| l), Some(label), "{req:?}");
         }
     }
 }
