@@ -1327,7 +1327,7 @@ fn federation_listeners_are_optional_and_exposed() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Both gateways enabled.
+/// Every gateway enabled.
 fn gateways_enabled(helm: &Path) -> anyhow::Result<Rendered> {
     template(
         helm,
@@ -1336,6 +1336,8 @@ fn gateways_enabled(helm: &Path) -> anyhow::Result<Rendered> {
             "gateways.egress.enabled=true",
             "--set",
             "gateways.ingress.enabled=true",
+            "--set",
+            "gateways.eastWest.enabled=true",
         ],
     )
 }
@@ -1358,7 +1360,7 @@ fn gateways_are_optional_least_privileged_and_known_to_the_controller() -> anyho
     let gateways = r.gateways();
     assert_eq!(
         gateways.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["egress", "ingress"]
+        ["east-west", "egress", "ingress"]
     );
     let ca = container(r.deployment()?, "membrane-ca")?;
     let mut accepted = Vec::new();
@@ -1425,6 +1427,11 @@ fn gateways_are_optional_least_privileged_and_known_to_the_controller() -> anyho
                 (port["port"].as_u64(), service["spec"]["type"].as_str()),
                 (Some(15008), Some("ClusterIP"))
             ),
+            // Federated clusters' ztunnels dial it from outside the cluster.
+            "east-west" => assert_eq!(
+                (port["port"].as_u64(), service["spec"]["type"].as_str()),
+                (Some(15008), Some("LoadBalancer"))
+            ),
             _ => assert_eq!(
                 (port["port"].as_u64(), service["spec"]["type"].as_str()),
                 (Some(443), Some("LoadBalancer"))
@@ -1439,7 +1446,9 @@ fn gateways_are_optional_least_privileged_and_known_to_the_controller() -> anyho
             deployment["spec"]["selector"]["matchLabels"]
         );
     }
-    assert_eq!(flag(ca, "gateway-service-account"), accepted);
+    let mut flags = flag(ca, "gateway-service-account");
+    flags.sort();
+    assert_eq!(flags, accepted);
     // One replica: no disruption budget.
     let single = template(
         &helm,

@@ -25,6 +25,12 @@
 {{- define "membrane.controller.name" -}}{{ include "membrane.fullname" . }}-ca{{- end -}}
 {{- define "membrane.ztunnel.name" -}}{{ include "membrane.fullname" . }}-ztunnel{{- end -}}
 {{- define "membrane.cni.name" -}}{{ include "membrane.fullname" . }}-cni{{- end -}}
+{{/* The gateway kinds (the `membrane.dev/gateway` label values). */}}
+{{- define "membrane.gateway.kinds" -}}egress ingress east-west{{- end -}}
+
+{{/* A gateway kind's key under `gateways` in the values (east-west: eastWest). */}}
+{{- define "membrane.gateway.key" -}}{{ if eq . "east-west" }}eastWest{{ else }}{{ . }}{{ end }}{{- end -}}
+
 {{/* A gateway's objects. Call with (dict "ctx" $ "kind" "egress"). */}}
 {{- define "membrane.gateway.name" -}}{{ include "membrane.fullname" .ctx }}-{{ .kind }}-gateway{{- end -}}
 {{- define "membrane.trustRoot.name" -}}
