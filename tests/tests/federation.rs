@@ -12,6 +12,7 @@ use membrane_tests::{MESH_MANIFESTS, OfflineCa, TestCa, node_token};
 
 const B: &str = "cluster-b.example";
 const C: &str = "cluster-c.example";
+const D: &str = "cluster-d.example";
 
 fn federation(name: &str, td: &str, url: &str, bootstrap_pem: &str) -> String {
     let indented: String = bootstrap_pem
@@ -299,6 +300,27 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
     ensure!(
         now == only_next,
         "an unverified endpoint changed the bundle: {now:?}"
+    );
+
+    // An edit that changes only what is imported (here an east-west gateway) keeps the
+    // bundle fetched last — not the bootstrap one — although the endpoint cannot be verified
+    // now. A second federation (D) in the same edit shows when the controller has applied it.
+    let root_d = OfflineCa::root("D root")?;
+    let gateway = "  eastWestGateway:\n    address: 192.0.2.20\n    spiffeId: spiffe://cluster-c.example/ns/gw/sa/east-west\n";
+    let edited = federation(
+        "cluster-c",
+        C,
+        &format!("https://{}/", fake.addr),
+        &root_c.pem(),
+    ) + gateway
+        + &federation("cluster-d", D, "https://192.0.2.1:9/", &root_d.pem());
+    a.write_manifest("federation.yaml", &edited)?;
+    let only_d = vec![root_d.der().to_vec()];
+    federated_roots(&mut stream, &mut held, D, |r| r == Some(&only_d)).await?;
+    let now = a.federated_roots("node-a", C).await?;
+    ensure!(
+        now == only_next,
+        "editing the import settings reset the bundle: {now:?}"
     );
 
     // A document in the shape SPIRE's bundle endpoint serves (EC and RSA roots, a JWT key

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
+use membrane_identity::TrustDomain;
+
 use crate::federation::services::{Imports, clusterset_vips};
 use crate::source::ClusterState;
 
@@ -15,8 +17,10 @@ fn resource(kind: pb::resource::Kind) -> pb::Resource {
 }
 
 /// The imported workloads and `clusterset` Services, keyed as on the wire. An exported
-/// address that a local pod (or a peer earlier in trust-domain order) already holds is left
-/// out, with a log line: a peer can never redirect traffic to a pod that is not its own.
+/// address that a local pod or Service already holds, or that two peers both claim, is left
+/// out (from both peers), with a log line: a peer can never redirect traffic to a pod that is
+/// not its own, and no peer wins a contested address by the order of names. Addresses are
+/// compared canonically (`FD00::7` is `fd00::7`, `::ffff:10.0.0.7` is `10.0.0.7`).
 pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String), pb::Resource)> {
     let mut out = Vec::new();
     // Address → who holds it: a local pod, or an imported one (the same pod may back several
@@ -31,6 +35,23 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
                 vip.to_string(),
                 format!("service {}/{}", svc.namespace, svc.name),
             );
+        }
+    }
+    // Addresses more than one peer claims belong to none of them.
+    let mut claimed: BTreeMap<String, &TrustDomain> = BTreeMap::new();
+    let mut contested: std::collections::BTreeSet<String> = Default::default();
+    for (td, imported) in imports.iter() {
+        let ips = (imported.exports.services.iter())
+            .flat_map(|s| &s.endpoints)
+            .flat_map(|e| &e.ips);
+        for ip in ips {
+            let ip = canonical(ip);
+            if claimed
+                .insert(ip.clone(), td)
+                .is_some_and(|other| other != td)
+            {
+                contested.insert(ip);
+            }
         }
     }
     // One clusterset Service per namespace/name, the union of every exporter's endpoints.
@@ -51,8 +72,10 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
             }
             for e in &svc.endpoints {
                 let uid = format!("imported/{td}/{}/{}", svc.namespace, e.pod);
-                let (ips, clashing): (Vec<String>, Vec<String>) = (e.ips.iter().cloned())
-                    .partition(|ip| owners.get(ip).is_none_or(|owner| *owner == uid));
+                let (ips, clashing): (Vec<String>, Vec<String>) =
+                    (e.ips.iter().map(|ip| canonical(ip))).partition(|ip| {
+                        !contested.contains(ip) && owners.get(ip).is_none_or(|owner| *owner == uid)
+                    });
                 if !clashing.is_empty() {
                     tracing::warn!(trust_domain = %td, service = %format!("{}/{}", svc.namespace, svc.name), pod = %e.pod, addresses = ?clashing, "imported endpoint address already in use here; left out");
                 }
@@ -101,6 +124,12 @@ pub fn resources(state: &ClusterState, imports: &Imports) -> Vec<((i32, String),
         ));
     }
     out
+}
+
+/// An address as the local side writes it (validated exports hold only IPs).
+fn canonical(ip: &str) -> String {
+    ip.parse::<std::net::IpAddr>()
+        .map_or_else(|_| ip.to_owned(), |ip| ip.to_canonical().to_string())
 }
 
 #[cfg(test)]
@@ -173,5 +202,82 @@ mod tests {
             assert_eq!(ips, ["10.9.0.1"], "{key}");
             assert!(s.clusterset && key.starts_with("clusterset:a/"));
         }
+    }
+
+    /// An address two peers both claim goes to neither; an IPv4-mapped spelling of a local
+    /// pod's address is that address; a peer's east-west gateway is stamped on its workloads.
+    #[test]
+    fn contested_and_disguised_addresses_are_left_out() {
+        let mut state = ClusterState::default();
+        state.pods.insert(
+            ("a".into(), "local".into()),
+            Pod {
+                namespace: "a".into(),
+                name: "local".into(),
+                uid: "uid-local".into(),
+                ips: vec!["10.0.0.7".parse().expect("ip")],
+                ..Default::default()
+            },
+        );
+        let peer = |td: &str, endpoints: Vec<pb::ExportedEndpoint>, gateway| {
+            let td = membrane_identity::spiffe_id::parse_trust_domain(td).expect("td");
+            let exports = pb::Exports {
+                trust_domain: td.to_string(),
+                services: vec![pb::ExportedService {
+                    namespace: "a".into(),
+                    name: "svc".into(),
+                    ports: vec![],
+                    endpoints,
+                }],
+            };
+            (
+                td,
+                crate::federation::services::Imported { exports, gateway },
+            )
+        };
+        let gateway = pb::NetworkGateway {
+            address: "192.0.2.20:15008".into(),
+            spiffe_id: "spiffe://cluster-c.example/ns/gw/sa/east-west".into(),
+        };
+        let imports: Imports = Arc::new(BTreeMap::from([
+            peer(
+                "cluster-b.example",
+                vec![
+                    endpoint("shared", "10.9.0.1"),
+                    endpoint("b-own", "10.9.0.2"),
+                ],
+                None,
+            ),
+            peer(
+                "cluster-c.example",
+                vec![
+                    endpoint("shared", "10.9.0.1"),
+                    endpoint("mapped", "::ffff:10.0.0.7"),
+                    endpoint("c-own", "FD00::3"),
+                ],
+                Some(gateway.clone()),
+            ),
+        ]));
+        let out = resources(&state, &imports);
+        let workloads: BTreeMap<&str, &pb::Workload> = (out.iter())
+            .filter_map(|((_, uid), r)| match &r.kind {
+                Some(pb::resource::Kind::Workload(w)) => Some((uid.as_str(), w)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            workloads.keys().copied().collect::<Vec<_>>(),
+            [
+                "imported/cluster-b.example/a/b-own",
+                "imported/cluster-c.example/a/c-own"
+            ]
+        );
+        let c = workloads["imported/cluster-c.example/a/c-own"];
+        assert_eq!(c.ips, ["fd00::3"]);
+        assert_eq!(c.network_gateway.as_ref(), Some(&gateway));
+        assert_eq!(
+            workloads["imported/cluster-b.example/a/b-own"].network_gateway,
+            None
+        );
     }
 }

@@ -177,6 +177,46 @@ fn reconcile(
     out: &Outputs,
     metrics: &FederationMetrics,
 ) {
+    // An edit that leaves the trust settings alone (service exports, east-west gateway)
+    // restarts only the importer: the bundle held — possibly fetched long after the
+    // bootstrap one — stays in force.
+    for (name, (fed, _, importer)) in tasks.iter_mut() {
+        let Some(new) = wanted.get(name) else {
+            continue;
+        };
+        if new == fed || !same_trust(fed, new) {
+            continue;
+        }
+        if let Some((task, alive)) = importer.take() {
+            alive.store(false, std::sync::atomic::Ordering::Release);
+            task.abort();
+        }
+        if new.exports_url == fed.exports_url && new.exports_addresses == fed.exports_addresses {
+            // The same exports, validated the same way: only the gateway changes, in place
+            // (no gap in which the imported Services vanish).
+            let gateway = wire_gateway(new);
+            out.imports.send_if_modified(|imports| {
+                let Some(held) = imports.get(&new.trust_domain) else {
+                    return false;
+                };
+                let mut next = imports.as_ref().clone();
+                next.insert(
+                    new.trust_domain.clone(),
+                    services::Imported {
+                        exports: held.exports.clone(),
+                        gateway: gateway.clone(),
+                    },
+                );
+                *imports = Arc::new(next);
+                true
+            });
+        } else {
+            drop_imports(&out.imports, &fed.trust_domain);
+        }
+        *fed = new.clone();
+        *importer = spawn_importer(fed, out);
+        tracing::info!(federation = %name, trust_domain = %fed.trust_domain, "federation's service import changed; its bundle stays");
+    }
     let stale: Vec<String> = (tasks.iter())
         .filter(|(name, (fed, _, _))| wanted.get(*name) != Some(fed))
         .map(|(name, _)| name.clone())
@@ -188,15 +228,7 @@ fn reconcile(
                 alive.store(false, std::sync::atomic::Ordering::Release);
                 importer.abort();
             }
-            out.imports.send_if_modified(|imports| {
-                if !imports.contains_key(&fed.trust_domain) {
-                    return false;
-                }
-                let mut next = imports.as_ref().clone();
-                next.remove(&fed.trust_domain);
-                *imports = Arc::new(next);
-                true
-            });
+            drop_imports(&out.imports, &fed.trust_domain);
             membrane_runtime::lock(held).remove(&fed.trust_domain);
             let labels = TrustDomainLabels {
                 trust_domain: fed.trust_domain.to_string(),
@@ -238,32 +270,63 @@ fn reconcile(
         ));
         // The importer looks the peer's bundle up when it connects: publish it first.
         publish(held, &out.bundles);
-        let importer = fed.exports_url.clone().map(|url| {
-            let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            let task = tokio::spawn(
-                services::Importer {
-                    trust_domain: fed.trust_domain.clone(),
-                    url,
-                    peer_id: fed.endpoint_id.clone(),
-                    serving: out.serving.clone(),
-                    allowed: fed.exports_addresses.clone(),
-                    gateway: fed.east_west_gateway.as_ref().map(|gw| {
-                        membrane_proto::v1::NetworkGateway {
-                            address: gw.addr.to_string(),
-                            spiffe_id: gw.identity.to_string(),
-                        }
-                    }),
-                    federated: out.bundles.subscribe(),
-                    out: out.imports.clone(),
-                    alive: alive.clone(),
-                }
-                .run(),
-            );
-            (task, alive)
-        });
+        let importer = spawn_importer(&fed, out);
         tasks.insert(name, (fed, task, importer));
     }
     publish(held, &out.bundles);
+}
+
+/// Whether two versions of a federation trust the same way (trust domain, bundle endpoint,
+/// its identity, bootstrap bundle): they may differ only in what is imported.
+fn same_trust(a: &TrustFederation, b: &TrustFederation) -> bool {
+    a.name == b.name
+        && a.trust_domain == b.trust_domain
+        && a.url == b.url
+        && a.endpoint_id == b.endpoint_id
+        && a.bootstrap == b.bootstrap
+}
+
+/// Withdraws what was imported from `td`.
+fn drop_imports(imports: &watch::Sender<services::Imports>, td: &TrustDomain) {
+    imports.send_if_modified(|imports| {
+        if !imports.contains_key(td) {
+            return false;
+        }
+        let mut next = imports.as_ref().clone();
+        next.remove(td);
+        *imports = Arc::new(next);
+        true
+    });
+}
+
+/// `spec.eastWestGateway` as the ztunnels receive it.
+fn wire_gateway(fed: &TrustFederation) -> Option<membrane_proto::v1::NetworkGateway> {
+    let gw = fed.east_west_gateway.as_ref()?;
+    Some(membrane_proto::v1::NetworkGateway {
+        address: gw.addr.to_string(),
+        spiffe_id: gw.identity.to_string(),
+    })
+}
+
+/// Starts `fed`'s importer, when it imports the peer's Services.
+fn spawn_importer(fed: &TrustFederation, out: &Outputs) -> Option<ImporterTask> {
+    let url = fed.exports_url.clone()?;
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let task = tokio::spawn(
+        services::Importer {
+            trust_domain: fed.trust_domain.clone(),
+            url,
+            peer_id: fed.endpoint_id.clone(),
+            serving: out.serving.clone(),
+            allowed: fed.exports_addresses.clone(),
+            gateway: wire_gateway(fed),
+            federated: out.bundles.subscribe(),
+            out: out.imports.clone(),
+            alive: alive.clone(),
+        }
+        .run(),
+    );
+    Some((task, alive))
 }
 
 /// Publishes the bundles held, if they changed.
