@@ -16,6 +16,7 @@
 
 pub mod endpoint;
 pub mod fetch;
+pub mod importer;
 pub mod services;
 pub mod spec;
 
@@ -313,7 +314,7 @@ fn spawn_importer(fed: &TrustFederation, out: &Outputs) -> Option<ImporterTask> 
     let url = fed.exports_url.clone()?;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let task = tokio::spawn(
-        services::Importer {
+        importer::Importer {
             trust_domain: fed.trust_domain.clone(),
             url,
             peer_id: fed.endpoint_id.clone(),

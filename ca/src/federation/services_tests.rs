@@ -201,3 +201,24 @@ fn clusterset_vips_are_stable_distinct_and_in_range() {
     let distinct: BTreeSet<_> = vips.values().collect();
     assert_eq!(distinct.len(), many.len());
 }
+
+/// A trust domain holds at most `MAX_STREAMS_PER_PEER` exports streams; a closed one frees
+/// its slot; other trust domains are counted apart.
+#[test]
+fn exports_streams_are_capped_per_trust_domain() {
+    let open = Arc::default();
+    let (b, c) = (td("cluster-b.example"), td("cluster-c.example"));
+    let mut held: Vec<StreamSlot> = (0..MAX_STREAMS_PER_PEER)
+        .map(|_| StreamSlot::take(&open, &b).expect("under the cap"))
+        .collect();
+    let refused = StreamSlot::take(&open, &b).err().expect("over the cap");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(StreamSlot::take(&open, &c).is_ok(), "another trust domain");
+    held.pop();
+    held.push(StreamSlot::take(&open, &b).expect("a slot was freed"));
+    drop(held);
+    assert!(
+        membrane_runtime::lock(&open).is_empty(),
+        "every slot returned"
+    );
+}

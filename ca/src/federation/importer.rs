@@ -1,0 +1,200 @@
+//! The importing side of service federation: one task per `TrustFederation` with
+//! `spec.serviceExports`, following the peer controller's `ServiceExports.Watch` over mutual
+//! TLS (this controller's serving SVID presented, the peer controller's identity required and
+//! verified against the peer's federated bundle), validating each message whole
+//! ([`super::services::validate`]) and publishing it, with the peer's east-west gateway, to the
+//! imports every node's view is built from. A bad message, a broken stream or an unreachable
+//! peer keeps the last good set; reconnects back off within [`RETRY_BOUNDS`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain};
+use membrane_proto::v1 as pb;
+use tokio::sync::watch;
+
+use super::services::{Imported, Imports, MAX_MESSAGE_LEN, RETRY_BOUNDS, validate};
+use crate::serving::ServingCert;
+
+/// Why one import stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// No bundle is held for the peer's trust domain.
+    #[error("no bundle for trust domain {0}")]
+    NoBundle(String),
+    /// Connecting, TLS or gRPC failed.
+    #[error("connecting to {url}: {message}")]
+    Connect {
+        /// The peer's federation listener.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The peer refused or ended the stream.
+    #[error("stream from {url}: {status}")]
+    Stream {
+        /// The peer's federation listener.
+        url: String,
+        /// The gRPC status.
+        status: String,
+    },
+}
+
+/// One federation's import: where, whom to expect, and who we are.
+#[derive(Clone)]
+pub struct Importer {
+    /// The peer's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its federation listener.
+    pub url: http::Uri,
+    /// Its controller's SPIFFE ID.
+    pub peer_id: SpiffeId,
+    /// Our serving SVID, presented as the client certificate.
+    pub serving: Arc<ServingCert>,
+    /// The networks its endpoints must lie in (empty: any importable address).
+    pub allowed: Vec<membrane_policy::IpNet>,
+    /// The federated bundles (the peer's is looked up at every connect).
+    pub federated: watch::Receiver<Arc<Vec<TrustBundle>>>,
+    /// The peer's east-west gateway, set on every imported workload.
+    pub gateway: Option<pb::NetworkGateway>,
+    /// Where validated imports go.
+    pub out: watch::Sender<Imports>,
+    /// Cleared when the federation goes: nothing is published after that.
+    pub alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Importer {
+    /// Follows the peer's exports forever (the task is aborted when the federation goes).
+    pub async fn run(self) {
+        let mut retry = RETRY_BOUNDS.0;
+        loop {
+            match self.stream(&mut retry).await {
+                Ok(()) => {
+                    tracing::info!(trust_domain = %self.trust_domain, "service exports stream ended; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service import failed; the last imported set stays")
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_BOUNDS.1);
+        }
+    }
+
+    async fn stream(&self, retry: &mut Duration) -> Result<(), ImportError> {
+        let url = self.url.to_string();
+        let connect = |message: String| ImportError::Connect {
+            url: url.clone(),
+            message,
+        };
+        let bundle = (self.federated.borrow().iter())
+            .find(|b| b.trust_domain() == &self.trust_domain)
+            .cloned()
+            .ok_or_else(|| ImportError::NoBundle(self.trust_domain.to_string()))?;
+        let provider = membrane_identity::crypto_provider();
+        let verifier = membrane_identity::verify::SpiffeServerVerifier::new(
+            SharedTrustBundle::new(bundle),
+            PeerCheck::Exact(self.peer_id.clone()),
+            provider.clone(),
+        );
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| connect(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.serving.clone());
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let channel = grpc_channel(&self.url, Arc::new(tls))
+            .await
+            .map_err(connect)?;
+        let mut client = pb::service_exports_client::ServiceExportsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_LEN);
+        let stream_err = |status: tonic::Status| ImportError::Stream {
+            url: url.clone(),
+            status: format!("{}: {}", status.code(), status.message()),
+        };
+        let mut stream = client
+            .watch(pb::ExportsRequest {})
+            .await
+            .map_err(stream_err)?
+            .into_inner();
+        tracing::info!(trust_domain = %self.trust_domain, url = %url, "following the peer's service exports");
+        while let Some(exports) = stream.message().await.map_err(stream_err)? {
+            *retry = RETRY_BOUNDS.0;
+            if let Err(e) = validate(&exports, &self.trust_domain, &self.allowed) {
+                tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service exports refused whole; the last imported set stays");
+                continue;
+            }
+            let services = exports.services.len();
+            let td = self.trust_domain.clone();
+            let alive = &self.alive;
+            let imported = Imported {
+                exports,
+                gateway: self.gateway.clone(),
+            };
+            self.out.send_if_modified(|current| {
+                // Checked under the channel's lock, which the removal also takes.
+                if !alive.load(std::sync::atomic::Ordering::Acquire)
+                    || current.get(&td) == Some(&imported)
+                {
+                    return false;
+                }
+                let mut next = current.as_ref().clone();
+                next.insert(td.clone(), imported);
+                *current = Arc::new(next);
+                true
+            });
+            tracing::info!(trust_domain = %self.trust_domain, services, "service imports updated");
+        }
+        Ok(())
+    }
+}
+
+/// A gRPC channel to `url` over TLS with `tls` (which verifies the server by SPIFFE ID).
+async fn grpc_channel(
+    url: &http::Uri,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let host = url
+        .host()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_owned();
+    let port = url.port_u16().unwrap_or(443);
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    // The connector dials and does TLS itself; the endpoint's own scheme is only a label.
+    // An IPv6 literal keeps its brackets in the URI.
+    let authority = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (host, name, tls) = (host.clone(), name.clone(), tls.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("{e}: {}", source_chain(&e)))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push(s.to_string());
+        next = s.source();
+    }
+    out.join(": ")
+}
