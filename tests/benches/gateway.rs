@@ -30,7 +30,6 @@
 #[allow(dead_code)]
 mod measure;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,7 +38,7 @@ use anyhow::Context;
 use hickory_proto::rr::RecordType;
 use membrane_tests::dns::resolve;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
-use membrane_tests::netns::{NETNS_RUN_DIR, exec_in, run_in_netns};
+use membrane_tests::netns::NETNS_RUN_DIR;
 use membrane_tests::world::{RESOLVER, SINK_PORT, World};
 
 const GREETER: &str = "198.51.100.20:80";
@@ -93,64 +92,6 @@ fn env(name: &str, default: u64) -> anyhow::Result<u64> {
         Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
         Err(_) => Ok(default),
     }
-}
-
-/// One stream from `netns` to `dst` for `secs`: bytes written per second.
-fn throughput(netns: PathBuf, dst: SocketAddr, secs: u64) -> anyhow::Result<f64> {
-    run_in_netns(netns, move || -> anyhow::Result<f64> {
-        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let chunk = vec![0x5au8; 256 * 1024];
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(secs);
-        let mut sent = 0u64;
-        // Bounded by time and by count.
-        while Instant::now() < deadline && sent < 1 << 40 {
-            s.write_all(&chunk)?;
-            sent += chunk.len() as u64;
-        }
-        Ok(sent as f64 / started.elapsed().as_secs_f64())
-    })?
-}
-
-/// A sink and a greeter in pod `pod` (plain threads, inside its namespace).
-fn pod_servers(path: PathBuf) -> anyhow::Result<()> {
-    let (sink, greeter) = run_in_netns(path, || -> std::io::Result<_> {
-        Ok((
-            std::net::TcpListener::bind(("0.0.0.0", POD_SINK))?,
-            std::net::TcpListener::bind(("0.0.0.0", POD_GREETER))?,
-        ))
-    })??;
-    std::thread::spawn(move || {
-        for mut s in sink.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 * 1024];
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-            });
-        }
-    });
-    std::thread::spawn(move || {
-        for mut s in greeter.incoming().flatten() {
-            let mut buf = [0u8; 64];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"hello\n");
-        }
-    });
-    Ok(())
-}
-
-fn tw_reuse(netns: &Path) -> anyhow::Result<()> {
-    let name = netns
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("netns name")?;
-    let out = exec_in(name, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
-    anyhow::ensure!(
-        out.status.success(),
-        "sysctl in {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// One mode: where its clients run, and where they connect.
@@ -211,22 +152,22 @@ fn main() -> anyhow::Result<()> {
     let mut mesh = rt.block_on(Mesh::start(spec))?;
     let world = World::start(&mut mesh.testbed)?;
     let internet = Path::new(NETNS_RUN_DIR).join(world.netns_name());
-    tw_reuse(&internet)?;
+    measure::tw_reuse(&internet)?;
     for pod in ["trainer", "free", "model"] {
-        tw_reuse(&mesh.netns_path(pod))?;
+        measure::tw_reuse(&mesh.netns_path(pod))?;
         rt.block_on(mesh.enroll(pod))?;
     }
     // The gateways dial too (the egress gateway a new connection out per tunnel).
     for pod in ["egress-gw", "ingress-gw", "plain"] {
-        tw_reuse(&mesh.netns_path(pod))?;
+        measure::tw_reuse(&mesh.netns_path(pod))?;
     }
     for pod in ["trainer", "free"] {
         for name in ["paste.example", "s3.example"] {
             resolve(&mesh.netns_path(pod), world.resolver(), name, RecordType::A)?;
         }
     }
-    pod_servers(mesh.netns_path("model"))?;
-    pod_servers(mesh.netns_path("plain"))?;
+    measure::pod_servers(mesh.netns_path("model"), POD_SINK, POD_GREETER)?;
+    measure::pod_servers(mesh.netns_path("plain"), POD_SINK, POD_GREETER)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in ["gw-egress", "gw-ingress"] {
         while !matches!(
@@ -296,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             }
             for m in order {
                 let mode = &modes[m];
-                let bytes = throughput(mode.client.clone(), mode.sink, secs)?;
+                let bytes = measure::throughput(mode.client.clone(), mode.sink, secs)?;
                 let before = measure::cpu_ticks(pid)?;
                 let started = Instant::now();
                 let made = measure::connections(mode.client.clone(), mode.greeter, clients, secs)?;

@@ -35,6 +35,9 @@ pub struct Options {
     /// B's pod network is unreachable from A's (routes removed both ways) and A reaches B's
     /// pods through B's east-west gateway on node-c (double HBONE).
     pub east_west: bool,
+    /// With `east_west`: keep the routes between the pod networks, so the gateway can be
+    /// switched off again ([`TwoClusters::use_gateway`]) and both paths compared.
+    pub keep_routes: bool,
 }
 
 /// The running clusters: A's mesh (every node, B's included), B's controller, and the model
@@ -46,6 +49,43 @@ pub struct TwoClusters {
     pub b: TestCa,
     /// `<clusterset VIP>:8080`.
     pub dst: SocketAddr,
+    /// A's `TrustFederation` for B without and (when set up) with B's east-west gateway.
+    federation_b: (String, Option<String>),
+}
+
+impl TwoClusters {
+    /// Makes A reach B's pods through B's east-west gateway (`true`) or directly, and waits
+    /// until node-a's ztunnel holds the change. Needs [`Options::east_west`].
+    pub async fn use_gateway(&self, on: bool) -> anyhow::Result<()> {
+        let manifest = match (on, &self.federation_b) {
+            (false, (flat, _)) => flat,
+            (true, (_, Some(gateway))) => gateway,
+            (true, (_, None)) => anyhow::bail!("these clusters have no east-west gateway"),
+        };
+        self.mesh.write_manifest("federation-b.yaml", manifest)?;
+        let model_server = self.mesh.ip("model-server").to_string();
+        let seen = std::sync::Mutex::new(serde_json::Value::Null);
+        let result = until(
+            "node-a follows the gateway setting",
+            Duration::from_secs(20),
+            || async {
+                let dump = self.mesh.config_dump("node-a").await?;
+                let found = (dump["workloads"].as_array().into_iter().flatten()).find(|w| {
+                    w["ips"].as_array().is_some_and(|ips| {
+                        ips.iter()
+                            .any(|ip| ip.as_str() == Some(model_server.as_str()))
+                    })
+                });
+                let held = found.is_some_and(|w| w["networkGateway"].is_null() != on);
+                if let (Some(w), Ok(mut seen)) = (found, seen.lock()) {
+                    *seen = w.clone();
+                }
+                Ok(held)
+            },
+        )
+        .await;
+        result.with_context(|| format!("node-a holds the model server as {:?}", seen.lock()))
+    }
 }
 
 /// A `TrustFederation` manifest for peer `td`.
@@ -222,23 +262,28 @@ pub async fn two_clusters(options: Options) -> anyhow::Result<TwoClusters> {
     }
     let mesh = Mesh::start(spec).await?;
     let gateway_ip = options.east_west.then(|| mesh.ip("ew-gateway"));
-    if options.east_west {
+    if options.east_west && !options.keep_routes {
         // Not flat: A's pods and B's model server cannot reach each other; only B's gateway
         // (node-c) is reachable from A.
         mesh.testbed.unroute_pods("node-a", "node-b")?;
     }
     let gateway_id = format!("spiffe://{B}/ns/{}/sa/{}", GATEWAY.0, GATEWAY.1);
-    mesh.write_manifest(
-        "federation-b.yaml",
-        &federation(
+    let federation_b = |gateway: Option<IpAddr>| {
+        federation(
             "cluster-b",
             B,
             &format!("https://{b_bundle}/"),
             &b.root_pem(),
             Some(&format!("https://{b_exports}")),
-            gateway_ip.map(|ip| (ip, gateway_id.as_str())),
-        ),
-    )?;
+            gateway.map(|ip| (ip, gateway_id.as_str())),
+        )
+    };
+    let federation_b = (
+        federation_b(None),
+        gateway_ip.map(|ip| federation_b(Some(ip))),
+    );
+    let first = federation_b.1.as_ref().unwrap_or(&federation_b.0);
+    mesh.write_manifest("federation-b.yaml", first)?;
     let a_bundle = mesh
         .ca()
         .bundle_endpoint_addr()
@@ -296,5 +341,6 @@ pub async fn two_clusters(options: Options) -> anyhow::Result<TwoClusters> {
         mesh,
         b,
         dst: SocketAddr::new(vip, 8080),
+        federation_b,
     })
 }

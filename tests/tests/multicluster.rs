@@ -17,7 +17,7 @@ use membrane_tests::require_root;
 #[ignore = "needs root"]
 async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> anyhow::Result<()> {
     require_root()?;
-    let TwoClusters { mesh, b, dst } = two_clusters(Options::default()).await?;
+    let TwoClusters { mesh, b, dst, .. } = two_clusters(Options::default()).await?;
 
     // The trainer reaches it; nothing on the WAN is plaintext; B records A's identity.
     let capture = mesh.testbed.capture_fabric()?;
@@ -129,7 +129,7 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
 -> anyhow::Result<()> {
     use membrane_ca::rotation::{self, Phase};
     require_root()?;
-    let TwoClusters { mesh, b, dst } = two_clusters(Options {
+    let TwoClusters { mesh, b, dst, .. } = two_clusters(Options {
         cert_ttl: Some(Duration::from_secs(3)),
         ..Options::default()
     })
@@ -215,7 +215,7 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
 #[ignore = "needs root"]
 async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow::Result<()> {
     require_root()?;
-    let TwoClusters { mesh, b, dst } = two_clusters(Options {
+    let TwoClusters { mesh, b, dst, .. } = two_clusters(Options {
         east_west: true,
         ..Options::default()
     })

@@ -1,9 +1,12 @@
 //! What the benchmark reads from `/proc` (CPU time, resident memory, load), the statistics
-//! it reports (medians, latency quantiles), and the connection-rate load the egress and
-//! gateway benchmarks share.
+//! it reports (medians, latency quantiles), and the loads the egress and gateway benchmarks
+//! share (connection rate, one stream's throughput, in-pod servers, TIME_WAIT reuse).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -121,4 +124,66 @@ pub fn connections(
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
     Ok(total)
+}
+
+/// One stream from `netns` to `dst` for `secs`: bytes written per second.
+#[allow(dead_code)]
+pub fn throughput(netns: PathBuf, dst: SocketAddr, secs: u64) -> anyhow::Result<f64> {
+    membrane_tests::netns::run_in_netns(netns, move || -> anyhow::Result<f64> {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let chunk = vec![0x5au8; 256 * 1024];
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(secs);
+        let mut sent = 0u64;
+        // Bounded by time and by count.
+        while Instant::now() < deadline && sent < 1 << 40 {
+            s.write_all(&chunk)?;
+            sent += chunk.len() as u64;
+        }
+        Ok(sent as f64 / started.elapsed().as_secs_f64())
+    })?
+}
+
+/// A sink on `sink` and a greeter on `greeter` in the pod at `path` (plain threads, inside
+/// its namespace).
+#[allow(dead_code)]
+pub fn pod_servers(path: PathBuf, sink: u16, greeter: u16) -> anyhow::Result<()> {
+    let (sink, greeter) = membrane_tests::netns::run_in_netns(path, || -> std::io::Result<_> {
+        Ok((
+            std::net::TcpListener::bind(("0.0.0.0", sink))?,
+            std::net::TcpListener::bind(("0.0.0.0", greeter))?,
+        ))
+    })??;
+    std::thread::spawn(move || {
+        for mut s in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for mut s in greeter.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"hello\n");
+        }
+    });
+    Ok(())
+}
+
+#[allow(dead_code)]
+pub fn tw_reuse(netns: &Path) -> anyhow::Result<()> {
+    let name = netns
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("netns name")?;
+    let out = membrane_tests::netns::exec_in(name, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sysctl in {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
