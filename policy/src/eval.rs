@@ -24,7 +24,7 @@ use crate::compile::{Lists, PolicyIndex};
 use crate::gate;
 use crate::policy::{Action, Policy, PolicyRef};
 use crate::program::{
-    Addr, CondCode, CondKey, NamespaceCode, Net, Pattern, Program, RuleCode, SourceCode,
+    Addr, CondCode, CondKey, List, NamespaceCode, Net, Pattern, Program, RuleCode, SourceCode,
     TrustDomainId, check,
 };
 
@@ -102,12 +102,19 @@ impl<'a> Source<'a> {
     }
 }
 
+/// The source address of a connection whose source address is unknown (`::`, which no TCP
+/// peer has). Address conditions then fail closed: an ALLOW rule with `ipBlocks`,
+/// `notIpBlocks`, `remoteIpBlocks` (when no remote address was reported either) or a
+/// `source.ip` condition never matches, and a DENY or AUDIT rule with one always does.
+pub const UNKNOWN_SOURCE_IP: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
 /// What the destination ztunnel knows about one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     /// The peer's identity; `None` for a plaintext source (no identity).
     pub source: Option<Source<'a>>,
-    /// The peer's address.
+    /// The peer's address; [`UNKNOWN_SOURCE_IP`] when the destination cannot know it (a
+    /// federated cluster's pod relayed by this cluster's east-west gateway).
     pub source_ip: IpAddr,
     /// The original client's address, when a trusted gateway carried the connection and
     /// reported it (`remoteIpBlocks`); `None`: the peer's address.
@@ -252,8 +259,12 @@ pub fn decide(index: &PolicyIndex, req: &Request<'_>) -> Decision {
             .source
             .filter(|_| local)
             .map(|s| (s.namespace, s.service_account)),
-        source_ip: Addr::new(req.source_ip),
-        remote_ip: Addr::new(req.remote_ip.unwrap_or(req.source_ip)),
+        source_ip: Some(req.source_ip)
+            .filter(|ip| *ip != UNKNOWN_SOURCE_IP)
+            .map(Addr::new),
+        remote_ip: (req.remote_ip.or(Some(req.source_ip)))
+            .filter(|ip| *ip != UNKNOWN_SOURCE_IP)
+            .map(Addr::new),
         destination_ip: Addr::new(req.destination_ip),
         port: req.destination_port,
     };
@@ -395,8 +406,9 @@ struct Attrs<'a> {
     namespace: Option<(TrustDomainId, &'a str)>,
     /// Only for a source of the local trust domain: service accounts name local ones.
     service_account: Option<(&'a str, &'a str)>,
-    source_ip: Addr,
-    remote_ip: Addr,
+    /// `None`: unknown ([`UNKNOWN_SOURCE_IP`]).
+    source_ip: Option<Addr>,
+    remote_ip: Option<Addr>,
     destination_ip: Addr,
     port: u16,
 }
@@ -460,12 +472,12 @@ fn first_match(prog: &Program, idx: u32, action: Action, a: &Attrs<'_>) -> Optio
     rules.iter().position(|rule| {
         !(allow && rule.has_l7)
             && gate::passes(rule.gate, a.namespace_bits)
-            && rule_matches(prog, rule, a)
+            && rule_matches(prog, rule, a, allow)
     })
 }
 
 #[inline(always)]
-fn rule_matches(prog: &Program, rule: &RuleCode, a: &Attrs<'_>) -> bool {
+fn rule_matches(prog: &Program, rule: &RuleCode, a: &Attrs<'_>, allow: bool) -> bool {
     let port = |p: &u16, port: u16| *p == port;
     (rule.to.is_empty()
         || prog.operations[rule.to.range()]
@@ -474,16 +486,26 @@ fn rule_matches(prog: &Program, rule: &RuleCode, a: &Attrs<'_>) -> bool {
         && (rule.from.is_empty()
             || prog.sources[rule.from.range()]
                 .iter()
-                .any(|s| source_matches(prog, s, a)))
+                .any(|s| source_matches(prog, s, a, allow)))
         && prog.conditions[rule.when.range()]
             .iter()
-            .all(|c| condition_matches(prog, c, a))
+            .all(|c| condition_matches(prog, c, a, allow))
+}
+
+/// An address list against an address that may be unknown: an unknown one fails an ALLOW's
+/// list and satisfies any other's (fail closed), whatever the list says.
+#[inline(always)]
+fn ip_check(prog: &Program, list: List, ip: Option<Addr>, allow: bool) -> bool {
+    match ip {
+        Some(ip) => check(&prog.nets, list, Some(ip), in_net),
+        None => (list.values.is_empty() && list.not_values.is_empty()) || !allow,
+    }
 }
 
 #[inline(always)]
-fn source_matches(prog: &Program, s: &SourceCode, a: &Attrs<'_>) -> bool {
-    check(&prog.nets, s.ip_blocks, Some(a.source_ip), in_net)
-        && check(&prog.nets, s.remote_ip_blocks, Some(a.remote_ip), in_net)
+fn source_matches(prog: &Program, s: &SourceCode, a: &Attrs<'_>, allow: bool) -> bool {
+    ip_check(prog, s.ip_blocks, a.source_ip, allow)
+        && ip_check(prog, s.remote_ip_blocks, a.remote_ip, allow)
         && check(&prog.patterns, s.principals, a.principal, Pattern::matches)
         && check(
             &prog.namespaces,
@@ -499,13 +521,13 @@ fn source_matches(prog: &Program, s: &SourceCode, a: &Attrs<'_>) -> bool {
         )
 }
 
-fn condition_matches(prog: &Program, c: &CondCode, a: &Attrs<'_>) -> bool {
+fn condition_matches(prog: &Program, c: &CondCode, a: &Attrs<'_>, allow: bool) -> bool {
     let l = c.list;
     match c.key {
         CondKey::SourcePrincipal => check(&prog.patterns, l, a.principal, Pattern::matches),
         CondKey::SourceNamespace => check(&prog.namespaces, l, a.namespace, NamespaceCode::matches),
         CondKey::SourceServiceAccount => check(&prog.accounts, l, a.service_account, account),
-        CondKey::SourceIp => check(&prog.nets, l, Some(a.source_ip), in_net),
+        CondKey::SourceIp => ip_check(prog, l, a.source_ip, allow),
         CondKey::DestinationIp => check(&prog.nets, l, Some(a.destination_ip), in_net),
         CondKey::DestinationPort => check(&prog.ports, l, Some(a.port), |p: &u16, port| *p == port),
     }

@@ -40,7 +40,8 @@ pub mod wire;
 pub use compile::PolicyIndex;
 pub use diagnostics::{PolicyError, Problem, Warning, WarningKind};
 pub use eval::{
-    Decision, DecisionReason, DryRunMatch, Request, RuleMatch, Source, Verdict, decide,
+    Decision, DecisionReason, DryRunMatch, Request, RuleMatch, Source, UNKNOWN_SOURCE_IP, Verdict,
+    decide,
 };
 pub use matcher::{IpNet, ServiceAccountRef, StringMatch};
 pub use namespace::{NamespaceMatch, TrustDomainMatch};

@@ -257,3 +257,59 @@ fn malformed_qualified_namespaces_are_refused_with_their_path() {
         text[3]
     );
 }
+
+/// A federated source relayed by an east-west gateway has no address the destination can
+/// know (`UNKNOWN_SOURCE_IP`): address conditions fail closed — an ALLOW that needs an
+/// address (listed or excluded) never admits it, a DENY that names addresses always refuses
+/// it — and policies that name identities only decide as usual.
+#[test]
+fn an_unknown_source_address_fails_address_conditions_closed() {
+    let labels: BTreeMap<String, String> = [("app".to_owned(), "model".to_owned())].into();
+    let decide_from = |spec: &str, source_ip: IpAddr| {
+        let index = index(spec, B);
+        let req = Request {
+            source: Some(Source::from_principal(A_TRAINER).expect("principal")),
+            source_ip,
+            remote_ip: None,
+            destination_namespace: "inference",
+            destination_labels: &labels,
+            destination_ip: IpAddr::from([10, 0, 2, 7]),
+            destination_port: 8080,
+        };
+        decide(&index, &req).verdict
+    };
+    let unknown = membrane_policy::UNKNOWN_SOURCE_IP;
+    let known = IpAddr::from([10, 0, 1, 5]);
+    let cases = [
+        // (spec, verdict for a known 10.0.1.5, verdict for an unknown address)
+        (
+            "action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]",
+            Verdict::Allow,
+            Verdict::Deny,
+        ),
+        (
+            "action: ALLOW, rules: [{from: [{source: {notIpBlocks: [192.168.0.0/16]}}]}]",
+            Verdict::Allow,
+            Verdict::Deny,
+        ),
+        (
+            "action: ALLOW, rules: [{when: [{key: source.ip, values: [10.0.0.0/8]}]}]",
+            Verdict::Allow,
+            Verdict::Deny,
+        ),
+        (
+            "action: DENY, rules: [{from: [{source: {ipBlocks: [192.168.0.0/16]}}]}]",
+            Verdict::Allow,
+            Verdict::Deny,
+        ),
+        (
+            "action: ALLOW, rules: [{from: [{source: {principals: [\"cluster-a.example/ns/training/sa/trainer\"]}}]}]",
+            Verdict::Allow,
+            Verdict::Allow,
+        ),
+    ];
+    for (spec, with_known, with_unknown) in cases {
+        assert_eq!(decide_from(spec, known), with_known, "{spec} (known)");
+        assert_eq!(decide_from(spec, unknown), with_unknown, "{spec} (unknown)");
+    }
+}

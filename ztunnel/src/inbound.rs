@@ -145,6 +145,9 @@ impl ConnectHandler for InboundHandler {
             let remote_ip = claim.filter(|_| self.is_ingress_gateway(&source, source_ip));
             // Through this cluster's east-west gateway the TCP peer is the gateway, and the
             // claim a federated cluster's pod address: expected, recorded, not believed.
+            // Policy gets neither: the source address is unknown, so address conditions
+            // fail closed (`membrane_policy::UNKNOWN_SOURCE_IP`) instead of seeing every
+            // federated source as the gateway's local address.
             let relayed = self.is_east_west_gateway(source_ip)
                 && source.trust_domain() != &self.proxy.trust_domain;
             if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
@@ -158,7 +161,11 @@ impl ConnectHandler for InboundHandler {
             }
             let attrs = ConnAttrs {
                 source: Some(source),
-                source_ip,
+                source_ip: if relayed {
+                    membrane_policy::UNKNOWN_SOURCE_IP
+                } else {
+                    source_ip
+                },
                 remote_ip,
                 destination: self.pod.workload.clone(),
                 destination_ip: req.authority.ip(),

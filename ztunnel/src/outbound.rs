@@ -463,7 +463,10 @@ async fn tunnel_to(
                     ..ConnectHeaders::default()
                 },
             };
-            (Arc::new(outer) as Arc<dyn Dial>, Some(gw.addr))
+            (
+                Arc::new(outer) as Arc<dyn Dial>,
+                Some((gw.addr, gw.identity.clone())),
+            )
         }
     };
     let key = PoolKey {

@@ -116,10 +116,14 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
     }
 }
 
-/// Whether `ip` may be a pod address imported from a peer: unicast, not loopback, link-local
+/// Whether `ip` may be a pod address imported from a peer: not IPv4-mapped (it would be
+/// imported as its IPv4 address, around the checks below), unicast, not loopback, link-local
 /// (a cloud metadata service lives there) or a clusterset address, and inside `allowed` when
 /// that names any network.
 fn importable(ip: IpAddr, allowed: &[membrane_policy::IpNet]) -> Result<(), &'static str> {
+    if ip.to_canonical() != ip {
+        return Err("is an IPv4-mapped IPv6 address (export the IPv4 address)");
+    }
     let link_local = match ip {
         IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
         IpAddr::V6(v6) => v6.is_unicast_link_local(),

@@ -165,6 +165,9 @@ fn a_bad_export_message_is_refused_whole() {
         "255.255.255.255",
         "fe80::1",
         "240.240.0.9",
+        // IPv4-mapped: would be imported as 169.254.169.254, around the checks.
+        "::ffff:169.254.169.254",
+        "::ffff:10.20.0.5",
     ] {
         let bad = spoil(&|e| e.services[0].endpoints[0].ips = vec![ip.into()]);
         assert!(validate(&bad, &b, &[]).is_err(), "{ip} accepted");
@@ -178,6 +181,10 @@ fn a_bad_export_message_is_refused_whole() {
         .net;
     let err = validate(&good, &b, &[elsewhere]).expect_err("outside the list");
     assert!(err.contains("serviceExports.addresses"), "{err}");
+    // Even a list that covers the mapped range (here every IPv6 address) refuses them.
+    let everything = membrane_policy::IpNet::parse("::/0").expect("net").net;
+    let mapped = spoil(&|e| e.services[0].endpoints[0].ips = vec!["::ffff:127.0.0.1".into()]);
+    assert!(validate(&mapped, &b, &[everything]).is_err());
 }
 
 #[test]

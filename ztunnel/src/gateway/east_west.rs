@@ -8,8 +8,9 @@
 //! so this gateway relays ciphertext only and the destination authorizes the real source
 //! identity. The gateway is never an open relay:
 //!
-//! 1. the peer must be of a federated trust domain — this cluster's own workloads reach its
-//!    pods directly;
+//! 1. the peer must be of a trust domain federated now (checked at every CONNECT: a
+//!    connection outlives a federation) and not this cluster's own — its workloads reach its
+//!    pods directly; one source identity holds at most [`MAX_TUNNELS_PER_SOURCE`] tunnels;
 //! 2. the authority must be an address, never a name, on port 15008, of a mesh pod this
 //!    cluster captures (not a gateway, not an imported or foreign workload, not this pod);
 //! 3. the connection leaves from the gateway pod, bounded by [`CONNECT_TIMEOUT`].
@@ -17,11 +18,13 @@
 //! Every tunnel has a record (direction `east_west_gateway`) naming the source identity and
 //! the pod's HBONE address; refusals are counted by reason.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_api::ports;
+use membrane_identity::SpiffeId;
 
 use super::metrics::GatewayMetrics;
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
@@ -31,6 +34,12 @@ use crate::state::MeshState;
 
 /// How long connecting to the destination pod's HBONE port may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tunnels one source identity may hold through the gateway at once. Each carries one
+/// multiplexed HBONE connection of a source pod to a destination pod, so a workload needs a
+/// few per destination; the cap keeps one federated workload from holding the gateway's (and
+/// the destinations') connection budget.
+pub const MAX_TUNNELS_PER_SOURCE: usize = 256;
 
 const KIND: &str = "east-west";
 
@@ -42,19 +51,80 @@ pub struct EastWestGateway {
     pub proxy: Arc<Proxy>,
     /// Admissions and refusals.
     pub metrics: GatewayMetrics,
+    /// Open tunnels per source identity.
+    pub open: SourceSlots,
+}
+
+/// Open tunnels per source identity (at most [`MAX_TUNNELS_PER_SOURCE`] each).
+#[derive(Clone, Default)]
+pub struct SourceSlots(Arc<std::sync::Mutex<HashMap<SpiffeId, usize>>>);
+
+/// One open tunnel of a source identity, counted until dropped.
+pub struct SourceSlot {
+    slots: SourceSlots,
+    source: SpiffeId,
+}
+
+impl SourceSlots {
+    fn take(&self, source: &SpiffeId) -> Result<SourceSlot, Refusal> {
+        let mut open = membrane_runtime::lock(&self.0);
+        let count = open.entry(source.clone()).or_default();
+        if *count >= MAX_TUNNELS_PER_SOURCE {
+            return Err((
+                "source_limit",
+                ConnectRefusal::Unreachable(format!(
+                    "{source} already holds {MAX_TUNNELS_PER_SOURCE} tunnels through this gateway"
+                )),
+            ));
+        }
+        *count += 1;
+        Ok(SourceSlot {
+            slots: self.clone(),
+            source: source.clone(),
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = membrane_runtime::lock(&self.slots.0);
+        if let Some(count) = open.get_mut(&self.source) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What an admitted tunnel keeps until it ends.
+pub struct Tunnel {
+    log: ConnectionLog,
+    _slot: SourceSlot,
 }
 
 /// Why a tunnel was refused: the metric's label and the peer's status.
 type Refusal = (&'static str, ConnectRefusal);
 
-/// Whether `req` may pass a gateway of trust domain `local` whose own addresses are `own`:
-/// the destination pod's HBONE address, or why not.
+/// Whether `req` may pass a gateway of trust domain `local` whose own addresses are `own`,
+/// its peer's trust domain being `federated` now or not: the destination pod's HBONE address,
+/// or why not.
 fn admit(
     req: &ConnectRequest,
     local: &membrane_identity::TrustDomain,
+    federated: bool,
     state: &MeshState,
     own: &[IpAddr],
 ) -> Result<SocketAddr, Refusal> {
+    if !federated {
+        return Err((
+            "not_federated",
+            ConnectRefusal::Unauthenticated(format!(
+                "trust domain {} is not federated with this cluster",
+                req.peer.trust_domain()
+            )),
+        ));
+    }
     if req.peer.trust_domain() == local {
         return Err((
             "local_source",
@@ -92,14 +162,14 @@ fn admit(
 }
 
 impl ConnectHandler for EastWestGateway {
-    type Admission = ConnectionLog;
+    type Admission = Tunnel;
     type App = tokio::net::TcpStream;
 
     fn denial_status(&self) -> crate::hbone::DenialStatus {
         self.proxy.wire.denial
     }
 
-    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, ConnectionLog, Self::App> {
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Tunnel, Self::App> {
         Box::pin(async move {
             let peer_ip = req
                 .peer_addr
@@ -114,16 +184,19 @@ impl ConnectHandler for EastWestGateway {
                 Some(self.pod.workload.identity.to_string()),
             );
             let admitted = match self.check(&req) {
-                Ok(dst) => self.connect_to(dst).await,
+                Ok(dst) => match self.open.take(&req.peer) {
+                    Ok(slot) => self.connect_to(dst).await.map(|tcp| (tcp, slot)),
+                    Err(refusal) => Err(refusal),
+                },
                 Err(refusal) => Err(refusal),
             };
             match admitted {
-                Ok(tcp) => {
+                Ok((tcp, slot)) => {
                     self.metrics.admitted(KIND);
                     log.opened();
                     Ok(Accepted {
                         app: tcp,
-                        admission: log,
+                        admission: Tunnel { log, _slot: slot },
                         cancel: None,
                     })
                 }
@@ -143,9 +216,9 @@ impl ConnectHandler for EastWestGateway {
         })
     }
 
-    fn finished(&self, _req: &ConnectRequest, result: &RelayResult, log: ConnectionLog) {
+    fn finished(&self, _req: &ConnectRequest, result: &RelayResult, tunnel: Tunnel) {
         // The HBONE server relays (destination, tunnel): the source is the tunnel, side B.
-        log.relayed(result, Side::B);
+        tunnel.log.relayed(result, Side::B);
     }
 }
 
@@ -153,9 +226,13 @@ impl EastWestGateway {
     /// The destination pod's HBONE address, if this tunnel may go there.
     fn check(&self, req: &ConnectRequest) -> Result<SocketAddr, Refusal> {
         let state = self.proxy.state.borrow().clone();
+        let federated = (self.proxy.certs.bundle())
+            .for_trust_domain(req.peer.trust_domain())
+            .is_some();
         admit(
             req,
             &self.proxy.trust_domain,
+            federated,
             &state,
             &self.pod.workload.ips,
         )
@@ -217,6 +294,7 @@ mod tests {
         let admitted = admit(
             &request(TRAINER, "10.20.0.5:15008", None),
             &local,
+            true,
             &state,
             &own,
         );
@@ -260,8 +338,38 @@ mod tests {
             ),
         ];
         for (req, label) in cases {
-            let got = admit(&req, &local, &state, &own);
+            let got = admit(&req, &local, true, &state, &own);
             assert_eq!(got.err().map(|(l, _)| l), Some(label), "{req:?}");
         }
+        // A trust domain no longer federated passes nothing (its connection outlived it).
+        let gone = admit(
+            &request(TRAINER, "10.20.0.5:15008", None),
+            &local,
+            false,
+            &state,
+            &own,
+        );
+        assert_eq!(gone.err().map(|(l, _)| l), Some("not_federated"));
+    }
+
+    /// One source identity holds at most `MAX_TUNNELS_PER_SOURCE` tunnels; an ended one
+    /// frees its slot; other identities are counted apart.
+    #[test]
+    fn tunnels_are_capped_per_source_identity() {
+        let slots = SourceSlots::default();
+        let trainer: SpiffeId = TRAINER.parse().expect("id");
+        let other: SpiffeId = "spiffe://cluster-a.example/ns/x/sa/y".parse().expect("id");
+        let mut held: Vec<SourceSlot> = (0..MAX_TUNNELS_PER_SOURCE)
+            .map(|_| slots.take(&trainer).expect("under the cap"))
+            .collect();
+        assert_eq!(
+            slots.take(&trainer).err().map(|(l, _)| l),
+            Some("source_limit")
+        );
+        assert!(slots.take(&other).is_ok(), "another identity");
+        held.pop();
+        held.push(slots.take(&trainer).expect("a slot was freed"));
+        drop(held);
+        assert!(membrane_runtime::lock(&slots.0).is_empty());
     }
 }

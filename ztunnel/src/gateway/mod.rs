@@ -150,6 +150,7 @@ pub async fn run(
                 pod: pod.clone(),
                 proxy: proxy.clone(),
                 metrics,
+                open: east_west::SourceSlots::default(),
             });
             let tasks = serve_hbone(listeners, &pod, &proxy, handler, "east_west_gateway");
             serving(config.kind, &workload, &ready, tasks).await;

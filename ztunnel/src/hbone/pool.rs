@@ -55,8 +55,9 @@ pub struct PoolKey {
     pub dst: SpiffeId,
     /// The destination's HBONE address (`<pod ip>:15008`).
     pub dst_addr: SocketAddr,
-    /// The east-west gateway the connection goes through (double HBONE), if any.
-    pub via: Option<SocketAddr>,
+    /// The east-west gateway the connection goes through (double HBONE), if any: its
+    /// address and the identity it must present.
+    pub via: Option<(SocketAddr, SpiffeId)>,
 }
 
 /// Pool tuning.
