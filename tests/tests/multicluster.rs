@@ -210,7 +210,8 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
 /// HBONE: an outer tunnel to the gateway, the end-to-end tunnel inside it — and B decides on
 /// the trainer's own identity, not the gateway's; B's policy still denies A's scraper. On the
 /// WAN nothing is plaintext and every packet A exchanges with B has B's gateway at its other
-/// end; the gateway counts the tunnel it relayed.
+/// end; the gateway counts the tunnel it relayed; B's address rules fail closed for the
+/// relayed source, whose address B cannot know.
 #[tokio::test]
 #[ignore = "needs root"]
 async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow::Result<()> {
@@ -299,6 +300,31 @@ async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow
         "B did not deny A's scraper by its policy: {:#?}",
         mesh.ztunnels["node-b"].access_records()
     );
+
+    // Behind the gateway the source address is unknown to B: an address rule fails closed.
+    // A DENY on a range no pod uses refuses the trainer, as it would not on flat networks.
+    b.write_manifest(
+        "deny-by-address.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-doc-range, namespace: inference}\nspec:\n  action: DENY\n  rules: [{from: [{source: {ipBlocks: [192.0.2.0/24]}}]}]\n",
+    )?;
+    until(
+        "B's address rule refuses the relayed trainer",
+        Duration::from_secs(20),
+        || async { Ok(echo(&mesh, "trainer", dst, b"by address").await.is_err()) },
+    )
+    .await?;
+    let refused = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["src_identity"] == trainer.as_str()
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|why| why.contains("no-doc-range"))
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    ensure!(refused.is_some(), "no record of the address rule's refusal");
     drop(mesh);
     drop(b);
     Ok(())
