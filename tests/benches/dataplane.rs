@@ -107,13 +107,6 @@ struct Config {
     tests: Vec<String>,
 }
 
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v}")),
-        Err(_) => Ok(default),
-    }
-}
-
 fn env_list(name: &str, default: &str) -> Vec<String> {
     std::env::var(name)
         .unwrap_or_else(|_| default.into())
@@ -158,11 +151,13 @@ impl Config {
         }
         Ok(Self {
             istio_bin,
-            rounds: usize::try_from(env_u64("MEMBRANE_BENCH_ROUNDS", 3)?.max(1))?,
-            bulk: Duration::from_secs(env_u64("MEMBRANE_BENCH_BULK_SECS", 10)?.max(1)),
-            rr: Duration::from_secs(env_u64("MEMBRANE_BENCH_RR_SECS", 5)?.max(1)),
-            conn: Duration::from_secs(env_u64("MEMBRANE_BENCH_CONN_SECS", 5)?.max(1)),
-            inflight: usize::try_from(env_u64("MEMBRANE_BENCH_INFLIGHT", 8)?.clamp(1, 64))?,
+            rounds: usize::try_from(measure::env_u64("MEMBRANE_BENCH_ROUNDS", 3)?.max(1))?,
+            bulk: Duration::from_secs(measure::env_u64("MEMBRANE_BENCH_BULK_SECS", 10)?.max(1)),
+            rr: Duration::from_secs(measure::env_u64("MEMBRANE_BENCH_RR_SECS", 5)?.max(1)),
+            conn: Duration::from_secs(measure::env_u64("MEMBRANE_BENCH_CONN_SECS", 5)?.max(1)),
+            inflight: usize::try_from(
+                measure::env_u64("MEMBRANE_BENCH_INFLIGHT", 8)?.clamp(1, 64),
+            )?,
             modes,
             tests,
         })

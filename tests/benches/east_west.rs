@@ -31,28 +31,20 @@ mod measure;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use membrane_tests::clusters::{Options, two_clusters};
 
 /// Ports of the in-pod servers in the model server's pod.
 const POD_SINK: u16 = 9000;
 const POD_GREETER: u16 = 9001;
 
-fn env(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
-        Err(_) => Ok(default),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     if !membrane_tests::is_root() {
         eprintln!("skipped: the east-west benchmark needs root (network namespaces)");
         return Ok(());
     }
-    let rounds = env("MEMBRANE_BENCH_ROUNDS", 3)?;
-    let clients = env("MEMBRANE_BENCH_GATEWAY_CLIENTS", 4)?;
-    let secs = env("MEMBRANE_BENCH_GATEWAY_SECS", 3)?;
+    let rounds = measure::env_u64("MEMBRANE_BENCH_ROUNDS", 3)?;
+    let clients = measure::env_u64("MEMBRANE_BENCH_GATEWAY_CLIENTS", 4)?;
+    let secs = measure::env_u64("MEMBRANE_BENCH_GATEWAY_SECS", 3)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

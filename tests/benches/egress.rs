@@ -41,21 +41,14 @@ spec:
   - to: [{hosts: [paste.example], ports: [80]}]
 ";
 
-fn env(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
-        Err(_) => Ok(default),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     if !membrane_tests::is_root() {
         eprintln!("skipped: the egress benchmark needs root (network namespaces)");
         return Ok(());
     }
-    let rounds = env("MEMBRANE_BENCH_ROUNDS", 3)?;
-    let clients = env("MEMBRANE_BENCH_EGRESS_CLIENTS", 4)?;
-    let secs = env("MEMBRANE_BENCH_EGRESS_SECS", 2)?;
+    let rounds = measure::env_u64("MEMBRANE_BENCH_ROUNDS", 3)?;
+    let clients = measure::env_u64("MEMBRANE_BENCH_EGRESS_CLIENTS", 4)?;
+    let secs = measure::env_u64("MEMBRANE_BENCH_EGRESS_SECS", 2)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -34,7 +34,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use hickory_proto::rr::RecordType;
 use membrane_tests::dns::resolve;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
@@ -87,13 +86,6 @@ spec:
   rules: [{backendRefs: [{name: model, port: 8080}]}]
 ";
 
-fn env(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
-        Err(_) => Ok(default),
-    }
-}
-
 /// One mode: where its clients run, and where they connect.
 struct Mode {
     client: PathBuf,
@@ -106,9 +98,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("skipped: the gateway benchmark needs root (network namespaces)");
         return Ok(());
     }
-    let rounds = env("MEMBRANE_BENCH_ROUNDS", 3)?;
-    let clients = env("MEMBRANE_BENCH_GATEWAY_CLIENTS", 4)?;
-    let secs = env("MEMBRANE_BENCH_GATEWAY_SECS", 3)?;
+    let rounds = measure::env_u64("MEMBRANE_BENCH_ROUNDS", 3)?;
+    let clients = measure::env_u64("MEMBRANE_BENCH_GATEWAY_CLIENTS", 4)?;
+    let secs = measure::env_u64("MEMBRANE_BENCH_GATEWAY_SECS", 3)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

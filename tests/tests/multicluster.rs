@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use membrane_tests::clusters::{A, B, Options, TwoClusters, echo, two_clusters, until};
-use membrane_tests::mesh::ping;
+use membrane_tests::mesh::{Mesh, ping};
 use membrane_tests::require_root;
 
 #[tokio::test]
@@ -33,42 +33,7 @@ async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> an
         !captured.contains(marker.as_bytes()),
         "the payload crossed the WAN in plaintext"
     );
-    let record = mesh.ztunnels["node-b"]
-        .wait_for_record(
-            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
-            Duration::from_secs(5),
-        )
-        .await
-        .context("no inbound record in cluster B")?;
-    ensure!(
-        record["src_identity"] == format!("spiffe://{A}/ns/training/sa/trainer"),
-        "B's record names {}: {record}",
-        record["src_identity"]
-    );
-
-    // B's policy admits only A's trainer: A's scraper is refused by B.
-    ensure!(
-        echo(&mesh, "scraper", dst, b"scrape").await.is_err(),
-        "cluster B's policy let A's scraper through"
-    );
-    let scraper = format!("spiffe://{A}/ns/monitoring/sa/scraper");
-    let denied = mesh.ztunnels["node-b"]
-        .wait_for_record(
-            |r| {
-                r["direction"] == "inbound"
-                    && r["src_identity"] == scraper.as_str()
-                    && r["reason"]
-                        .as_str()
-                        .is_some_and(|why| why.contains("no ALLOW policy"))
-            },
-            Duration::from_secs(5),
-        )
-        .await;
-    ensure!(
-        denied.is_some(),
-        "B did not deny A's scraper by its policy: {:#?}",
-        mesh.ztunnels["node-b"].access_records()
-    );
+    b_records_the_trainer_and_denies_the_scraper(&mesh, dst).await?;
 
     // The federation goes away: its imports go with it, so a new connection to the
     // clusterset address is refused with the reason; the tunnel already open runs on
@@ -253,19 +218,8 @@ async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow
         );
     }
 
-    let trainer = format!("spiffe://{A}/ns/training/sa/trainer");
-    let record = mesh.ztunnels["node-b"]
-        .wait_for_record(
-            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
-            Duration::from_secs(5),
-        )
-        .await
-        .context("no inbound record in cluster B")?;
-    ensure!(
-        record["src_identity"] == trainer.as_str(),
-        "B's record names {}: {record}",
-        record["src_identity"]
-    );
+    // B decides on A's real identity through the gateway as directly.
+    b_records_the_trainer_and_denies_the_scraper(&mesh, dst).await?;
     // The gateway admitted the outer tunnel (its record is written when the pooled tunnel
     // ends; the counter moves at admission).
     let admitted = membrane_tests::ztunnel_metric(
@@ -277,30 +231,7 @@ async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow
     .await?;
     ensure!(admitted >= 1.0, "B's gateway admitted no tunnel");
 
-    // B's policy admits only A's trainer, through the gateway as directly.
-    ensure!(
-        echo(&mesh, "scraper", dst, b"scrape").await.is_err(),
-        "cluster B's policy let A's scraper through"
-    );
-    let scraper = format!("spiffe://{A}/ns/monitoring/sa/scraper");
-    let denied = mesh.ztunnels["node-b"]
-        .wait_for_record(
-            |r| {
-                r["direction"] == "inbound"
-                    && r["src_identity"] == scraper.as_str()
-                    && r["reason"]
-                        .as_str()
-                        .is_some_and(|why| why.contains("no ALLOW policy"))
-            },
-            Duration::from_secs(5),
-        )
-        .await;
-    ensure!(
-        denied.is_some(),
-        "B did not deny A's scraper by its policy: {:#?}",
-        mesh.ztunnels["node-b"].access_records()
-    );
-
+    let trainer = format!("spiffe://{A}/ns/training/sa/trainer");
     // Behind the gateway the source address is unknown to B: an address rule fails closed.
     // A DENY on a range no pod uses refuses the trainer, as it would not on flat networks.
     b.write_manifest(
@@ -327,5 +258,50 @@ async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow
     ensure!(refused.is_some(), "no record of the address rule's refusal");
     drop(mesh);
     drop(b);
+    Ok(())
+}
+
+/// B's inbound record of the trainer's tunnel names A's trainer (B decides on the real source
+/// identity), and B's policy, which admits only that trainer, refuses A's scraper with its
+/// reason recorded.
+async fn b_records_the_trainer_and_denies_the_scraper(
+    mesh: &Mesh,
+    dst: SocketAddr,
+) -> anyhow::Result<()> {
+    let trainer = format!("spiffe://{A}/ns/training/sa/trainer");
+    let record = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| r["direction"] == "inbound" && r["transport"] == "hbone",
+            Duration::from_secs(5),
+        )
+        .await
+        .context("no inbound record in cluster B")?;
+    ensure!(
+        record["src_identity"] == trainer.as_str(),
+        "B's record names {}: {record}",
+        record["src_identity"]
+    );
+    ensure!(
+        echo(mesh, "scraper", dst, b"scrape").await.is_err(),
+        "cluster B's policy let A's scraper through"
+    );
+    let scraper = format!("spiffe://{A}/ns/monitoring/sa/scraper");
+    let denied = mesh.ztunnels["node-b"]
+        .wait_for_record(
+            |r| {
+                r["direction"] == "inbound"
+                    && r["src_identity"] == scraper.as_str()
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|why| why.contains("no ALLOW policy"))
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    ensure!(
+        denied.is_some(),
+        "B did not deny A's scraper by its policy: {:#?}",
+        mesh.ztunnels["node-b"].access_records()
+    );
     Ok(())
 }

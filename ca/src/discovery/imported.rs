@@ -139,6 +139,22 @@ mod tests {
     use super::*;
     use crate::source::Pod;
 
+    /// A cluster with one local pod, `a/local` at 10.0.0.7.
+    fn with_local_pod() -> ClusterState {
+        let mut state = ClusterState::default();
+        state.pods.insert(
+            ("a".into(), "local".into()),
+            Pod {
+                namespace: "a".into(),
+                name: "local".into(),
+                uid: "uid-local".into(),
+                ips: vec!["10.0.0.7".parse().expect("ip")],
+                ..Default::default()
+            },
+        );
+        state
+    }
+
     fn endpoint(pod: &str, ip: &str) -> pb::ExportedEndpoint {
         pb::ExportedEndpoint {
             pod: pod.into(),
@@ -152,17 +168,7 @@ mod tests {
     /// Services is one workload and an endpoint of both.
     #[test]
     fn imports_never_take_a_local_address() {
-        let mut state = ClusterState::default();
-        state.pods.insert(
-            ("a".into(), "local".into()),
-            Pod {
-                namespace: "a".into(),
-                name: "local".into(),
-                uid: "uid-local".into(),
-                ips: vec!["10.0.0.7".parse().expect("ip")],
-                ..Default::default()
-            },
-        );
+        let state = with_local_pod();
         let service = |name: &str, endpoints| pb::ExportedService {
             namespace: "a".into(),
             name: name.into(),
@@ -208,17 +214,7 @@ mod tests {
     /// pod's address is that address; a peer's east-west gateway is stamped on its workloads.
     #[test]
     fn contested_and_disguised_addresses_are_left_out() {
-        let mut state = ClusterState::default();
-        state.pods.insert(
-            ("a".into(), "local".into()),
-            Pod {
-                namespace: "a".into(),
-                name: "local".into(),
-                uid: "uid-local".into(),
-                ips: vec!["10.0.0.7".parse().expect("ip")],
-                ..Default::default()
-            },
-        );
+        let state = with_local_pod();
         let peer = |td: &str, endpoints: Vec<pb::ExportedEndpoint>, gateway| {
             let td = membrane_identity::spiffe_id::parse_trust_domain(td).expect("td");
             let exports = pb::Exports {

@@ -187,3 +187,12 @@ pub fn tw_reuse(netns: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The number in environment variable `name`, or `default` when it is unset.
+#[allow(dead_code)]
+pub fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v}")),
+        Err(_) => Ok(default),
+    }
+}
