@@ -100,6 +100,7 @@ fn invalid_resources_reject_the_whole_update() {
                 }],
                 endpoints: vec![],
                 clusterset: false,
+                exported: false,
             })),
         },
     ] {
@@ -124,7 +125,7 @@ fn invalid_resources_reject_the_whole_update() {
 }
 
 #[test]
-fn services_resolve_to_ready_endpoints() {
+fn services_resolve_to_ready_endpoints_and_mark_exported_ones() {
     let svc = pb::Resource {
         kind: Some(ResourceKind::Service(pb::Service {
             namespace: "ns".into(),
@@ -148,10 +149,14 @@ fn services_resolve_to_ready_endpoints() {
                 },
             ],
             clusterset: false,
+            exported: true,
         })),
     };
     let held = apply(None, &update(true, vec![wl("a", "10.0.0.1"), svc], &[])).expect("ok");
     let built = build(&held, &td()).expect("valid");
+    // Exported: its ready endpoint is what an east-west gateway may relay to, not the other.
+    assert!(built.state.is_exported("10.0.0.1".parse().expect("ip")));
+    assert!(!built.state.is_exported("10.0.0.2".parse().expect("ip")));
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
     for _ in 0..20 {
         let (dst, w) = built.state.resolve(vip);

@@ -235,6 +235,14 @@ fn service(s: &pb::Service, state: &mut MeshState) -> Result<(), UpdateError> {
                 .map_err(|_| invalid("service", &name, format!("{ip:?} is not an IP")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if s.exported && !s.clusterset {
+        for e in s.endpoints.iter().filter(|e| e.ready) {
+            let ip: IpAddr =
+                e.ip.parse()
+                    .map_err(|_| invalid("service", &name, format!("{:?} is not an IP", e.ip)))?;
+            state.add_exported(ip);
+        }
+    }
     for p in &s.ports {
         let service_port = port("service", &name, p.port)?;
         let mut endpoints = Vec::new();

@@ -236,6 +236,8 @@ pub struct MeshState {
     plaintext: BTreeMap<String, PlaintextMode>,
     udp_ports: BTreeMap<String, Vec<u16>>,
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// Ready endpoint addresses of the local Services offered to federated clusters.
+    exported: std::collections::HashSet<IpAddr>,
     /// The EgressPolicies selecting this node's pods.
     egress: membrane_policy::egress::EgressIndex,
     /// Service ports by (`namespace/name`, port), headless Services included.
@@ -434,6 +436,17 @@ impl MeshState {
                 except: self.udp_ports.get(namespace).cloned().unwrap_or_default(),
             },
         }
+    }
+
+    /// Records `ip` as a ready endpoint of a local Service offered to federated clusters.
+    pub fn add_exported(&mut self, ip: IpAddr) {
+        self.exported.insert(ip);
+    }
+
+    /// Whether `ip` is a ready endpoint of a local Service offered to federated clusters
+    /// (what an east-west gateway may relay to).
+    pub fn is_exported(&self, ip: IpAddr) -> bool {
+        self.exported.contains(&ip)
     }
 
     /// Routes connections to `vip` (a Service's virtual IP and port) to `target`.

@@ -140,6 +140,7 @@ fn service(svc: &Service) -> pb::Service {
             })
             .collect(),
         clusterset: false,
+        exported: svc.exported,
     }
 }
 

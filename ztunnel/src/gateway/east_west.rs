@@ -12,7 +12,9 @@
 //!    connection outlives a federation) and not this cluster's own — its workloads reach its
 //!    pods directly; one source identity holds at most [`MAX_TUNNELS_PER_SOURCE`] tunnels;
 //! 2. the authority must be an address, never a name, on port 15008, of a mesh pod this
-//!    cluster captures (not a gateway, not an imported or foreign workload, not this pod);
+//!    cluster captures (not a gateway, not an imported or foreign workload, not this pod)
+//!    that is a ready endpoint of a Service offered to federated clusters
+//!    (`membrane.dev/export=true`): what this cluster does not export stays out of reach;
 //! 3. the connection leaves from the gateway pod, bounded by [`CONNECT_TIMEOUT`].
 //!
 //! Every tunnel has a record (direction `east_west_gateway`) naming the source identity and
@@ -153,12 +155,27 @@ fn admit(
         ));
     }
     match state.by_ip(dst.ip()) {
-        Some(w) if w.captured() && !own.contains(&dst.ip()) => Ok(dst),
-        _ => Err((
-            "unknown_destination",
-            ConnectRefusal::BadRequest(format!("{} is not a mesh pod of this cluster", dst.ip())),
-        )),
+        Some(w) if w.captured() && !own.contains(&dst.ip()) => {}
+        _ => {
+            return Err((
+                "unknown_destination",
+                ConnectRefusal::BadRequest(format!(
+                    "{} is not a mesh pod of this cluster",
+                    dst.ip()
+                )),
+            ));
+        }
     }
+    if !state.is_exported(dst.ip()) {
+        return Err((
+            "not_exported",
+            ConnectRefusal::Denied(format!(
+                "{} backs no Service this cluster exports",
+                dst.ip()
+            )),
+        ));
+    }
+    Ok(dst)
 }
 
 impl ConnectHandler for EastWestGateway {
@@ -261,14 +278,30 @@ mod tests {
         membrane_identity::spiffe_id::parse_trust_domain(name).expect("td")
     }
 
-    /// Cluster B: a mesh pod, a plain (non-mesh) pod, a foreign HBONE peer and the gateway.
+    /// Cluster B: an exported mesh pod, an unexported one, a plain (non-mesh) pod, a foreign
+    /// HBONE peer, an egress gateway pod and this gateway.
     fn state() -> MeshState {
         let text = "workloads:\n\
             - {uid: m, name: model, namespace: inference, node: n1, ips: [10.20.0.5]}\n\
             - {uid: p, name: plain, namespace: web, node: n1, ips: [10.20.0.6], protocol: TCP}\n\
             - {uid: f, name: other, namespace: ambient, node: n1, ips: [10.20.0.7], foreign: true}\n\
-            - {uid: g, name: gw, namespace: gw, node: n2, ips: [10.20.0.9]}\n";
-        MeshState::parse("f", text, &td("cluster-b.example")).expect("valid")
+            - {uid: g, name: gw, namespace: gw, node: n2, ips: [10.20.0.9]}\n\
+            - {uid: i, name: internal, namespace: inference, node: n1, ips: [10.20.0.8]}\n";
+        let mut state = MeshState::parse("f", text, &td("cluster-b.example")).expect("valid");
+        // An egress gateway pod (never captured), even if a Service selected it.
+        let mut egress = (**state.by_uid("m").expect("model")).clone();
+        egress.uid = "e".into();
+        egress.ips = vec!["10.20.0.10".parse().expect("ip")];
+        egress.gateway = Some(crate::state::GatewayRole {
+            kind: crate::state::GatewayKind::Egress,
+            name: "egress".into(),
+        });
+        state.insert(egress).expect("insert");
+        // Exported: the model server and the egress gateway pod; `internal` is not.
+        for ip in ["10.20.0.5", "10.20.0.10"] {
+            state.add_exported(ip.parse().expect("ip"));
+        }
+        state
     }
 
     fn request(peer: &str, authority: &str, host: Option<&str>) -> ConnectRequest {
@@ -336,6 +369,11 @@ mod tests {
                 request(TRAINER, "127.0.0.1:15008", None),
                 "unknown_destination",
             ),
+            (
+                request(TRAINER, "10.20.0.10:15008", None),
+                "unknown_destination",
+            ),
+            (request(TRAINER, "10.20.0.8:15008", None), "not_exported"),
         ];
         for (req, label) in cases {
             let got = admit(&req, &local, true, &state, &own);
