@@ -1429,8 +1429,12 @@ fn gateways_are_optional_least_privileged_and_known_to_the_controller() -> anyho
             ),
             // Federated clusters' ztunnels dial it from outside the cluster.
             "east-west" => assert_eq!(
-                (port["port"].as_u64(), service["spec"]["type"].as_str()),
-                (Some(15008), Some("LoadBalancer"))
+                (
+                    port["port"].as_u64(),
+                    service["spec"]["type"].as_str(),
+                    service["spec"]["externalTrafficPolicy"].as_str()
+                ),
+                (Some(15008), Some("LoadBalancer"), Some("Local"))
             ),
             _ => assert_eq!(
                 (port["port"].as_u64(), service["spec"]["type"].as_str()),
