@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod idle;
 pub mod listener;
+pub mod slots;
 pub mod sync;
 
 pub use sync::lock;

@@ -284,7 +284,7 @@ pub struct ExportService {
     trust: SharedTrustBundle,
     cancel: CancellationToken,
     /// Open streams per caller trust domain (at most [`MAX_STREAMS_PER_PEER`]).
-    open: Arc<std::sync::Mutex<BTreeMap<TrustDomain, usize>>>,
+    open: StreamSlots,
 }
 
 /// How often an open exports stream checks that its caller is still federated.
@@ -296,42 +296,19 @@ const RECHECK: Duration = Duration::from_secs(2);
 /// many streams.
 pub const MAX_STREAMS_PER_PEER: usize = 4;
 
-/// One open stream of a trust domain, counted until dropped.
-struct StreamSlot {
-    open: Arc<std::sync::Mutex<BTreeMap<TrustDomain, usize>>>,
-    td: TrustDomain,
-}
+/// Open exports streams per caller trust domain.
+type StreamSlots = membrane_runtime::slots::KeyedSlots<TrustDomain>;
 
-impl StreamSlot {
-    fn take(
-        open: &Arc<std::sync::Mutex<BTreeMap<TrustDomain, usize>>>,
-        td: &TrustDomain,
-    ) -> Result<Self, tonic::Status> {
-        let mut counts = membrane_runtime::lock(open);
-        let count = counts.entry(td.clone()).or_default();
-        if *count >= MAX_STREAMS_PER_PEER {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "trust domain {td} already holds {MAX_STREAMS_PER_PEER} exports streams"
-            )));
-        }
-        *count += 1;
-        Ok(Self {
-            open: open.clone(),
-            td: td.clone(),
-        })
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut counts = membrane_runtime::lock(&self.open);
-        if let Some(count) = counts.get_mut(&self.td) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.td);
-            }
-        }
-    }
+/// A place for one more exports stream of `td`, or RESOURCE_EXHAUSTED.
+fn take_stream(
+    open: &StreamSlots,
+    td: &TrustDomain,
+) -> Result<membrane_runtime::slots::Slot<TrustDomain>, tonic::Status> {
+    open.take(td, MAX_STREAMS_PER_PEER).ok_or_else(|| {
+        tonic::Status::resource_exhausted(format!(
+            "trust domain {td} already holds {MAX_STREAMS_PER_PEER} exports streams"
+        ))
+    })
 }
 
 impl ExportService {
@@ -347,7 +324,7 @@ impl ExportService {
             state,
             trust,
             cancel,
-            open: Arc::default(),
+            open: StreamSlots::default(),
         }
     }
 
@@ -394,7 +371,7 @@ impl pb::service_exports_server::ServiceExports for ExportService {
         let caller = self.caller(&request).inspect_err(|e| {
             tracing::warn!(error = %e.message(), "service exports refused");
         })?;
-        let slot = StreamSlot::take(&self.open, caller.trust_domain()).inspect_err(|e| {
+        let slot = take_stream(&self.open, caller.trust_domain()).inspect_err(|e| {
             tracing::warn!(peer = %caller, error = %e.message(), "service exports refused");
         })?;
         tracing::info!(peer = %caller, "a federated controller watches the service exports");

@@ -213,19 +213,16 @@ fn clusterset_vips_are_stable_distinct_and_in_range() {
 /// its slot; other trust domains are counted apart.
 #[test]
 fn exports_streams_are_capped_per_trust_domain() {
-    let open = Arc::default();
+    let open = StreamSlots::default();
     let (b, c) = (td("cluster-b.example"), td("cluster-c.example"));
-    let mut held: Vec<StreamSlot> = (0..MAX_STREAMS_PER_PEER)
-        .map(|_| StreamSlot::take(&open, &b).expect("under the cap"))
+    let mut held: Vec<_> = (0..MAX_STREAMS_PER_PEER)
+        .map(|_| take_stream(&open, &b).expect("under the cap"))
         .collect();
-    let refused = StreamSlot::take(&open, &b).err().expect("over the cap");
+    let refused = take_stream(&open, &b).expect_err("over the cap");
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    assert!(StreamSlot::take(&open, &c).is_ok(), "another trust domain");
+    assert!(take_stream(&open, &c).is_ok(), "another trust domain");
     held.pop();
-    held.push(StreamSlot::take(&open, &b).expect("a slot was freed"));
+    held.push(take_stream(&open, &b).expect("a slot was freed"));
     drop(held);
-    assert!(
-        membrane_runtime::lock(&open).is_empty(),
-        "every slot returned"
-    );
+    assert!(open.is_empty(), "every slot returned");
 }

@@ -20,13 +20,13 @@
 //! Every tunnel has a record (direction `east_west_gateway`) naming the source identity and
 //! the pod's HBONE address; refusals are counted by reason.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_api::ports;
 use membrane_identity::SpiffeId;
+use membrane_runtime::slots::{KeyedSlots, Slot};
 
 use super::metrics::GatewayMetrics;
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
@@ -58,51 +58,24 @@ pub struct EastWestGateway {
 }
 
 /// Open tunnels per source identity (at most [`MAX_TUNNELS_PER_SOURCE`] each).
-#[derive(Clone, Default)]
-pub struct SourceSlots(Arc<std::sync::Mutex<HashMap<SpiffeId, usize>>>);
+pub type SourceSlots = KeyedSlots<SpiffeId>;
 
-/// One open tunnel of a source identity, counted until dropped.
-pub struct SourceSlot {
-    slots: SourceSlots,
-    source: SpiffeId,
-}
-
-impl SourceSlots {
-    fn take(&self, source: &SpiffeId) -> Result<SourceSlot, Refusal> {
-        let mut open = membrane_runtime::lock(&self.0);
-        let count = open.entry(source.clone()).or_default();
-        if *count >= MAX_TUNNELS_PER_SOURCE {
-            return Err((
-                "source_limit",
-                ConnectRefusal::Unreachable(format!(
-                    "{source} already holds {MAX_TUNNELS_PER_SOURCE} tunnels through this gateway"
-                )),
-            ));
-        }
-        *count += 1;
-        Ok(SourceSlot {
-            slots: self.clone(),
-            source: source.clone(),
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = membrane_runtime::lock(&self.slots.0);
-        if let Some(count) = open.get_mut(&self.source) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.source);
-            }
-        }
-    }
+/// A place for one more tunnel of `source`, or the `source_limit` refusal.
+fn take_tunnel(slots: &SourceSlots, source: &SpiffeId) -> Result<Slot<SpiffeId>, Refusal> {
+    slots.take(source, MAX_TUNNELS_PER_SOURCE).ok_or_else(|| {
+        (
+            "source_limit",
+            ConnectRefusal::Unreachable(format!(
+                "{source} already holds {MAX_TUNNELS_PER_SOURCE} tunnels through this gateway"
+            )),
+        )
+    })
 }
 
 /// What an admitted tunnel keeps until it ends.
 pub struct Tunnel {
     log: ConnectionLog,
-    _slot: SourceSlot,
+    _slot: Slot<SpiffeId>,
 }
 
 /// Why a tunnel was refused: the metric's label and the peer's status.
@@ -201,7 +174,7 @@ impl ConnectHandler for EastWestGateway {
                 Some(self.pod.workload.identity.to_string()),
             );
             let admitted = match self.check(&req) {
-                Ok(dst) => match self.open.take(&req.peer) {
+                Ok(dst) => match take_tunnel(&self.open, &req.peer) {
                     Ok(slot) => self.connect_to(dst).await.map(|tcp| (tcp, slot)),
                     Err(refusal) => Err(refusal),
                 },
@@ -397,17 +370,17 @@ mod tests {
         let slots = SourceSlots::default();
         let trainer: SpiffeId = TRAINER.parse().expect("id");
         let other: SpiffeId = "spiffe://cluster-a.example/ns/x/sa/y".parse().expect("id");
-        let mut held: Vec<SourceSlot> = (0..MAX_TUNNELS_PER_SOURCE)
-            .map(|_| slots.take(&trainer).expect("under the cap"))
+        let mut held: Vec<_> = (0..MAX_TUNNELS_PER_SOURCE)
+            .map(|_| take_tunnel(&slots, &trainer).expect("under the cap"))
             .collect();
         assert_eq!(
-            slots.take(&trainer).err().map(|(l, _)| l),
+            take_tunnel(&slots, &trainer).err().map(|(l, _)| l),
             Some("source_limit")
         );
-        assert!(slots.take(&other).is_ok(), "another identity");
+        assert!(take_tunnel(&slots, &other).is_ok(), "another identity");
         held.pop();
-        held.push(slots.take(&trainer).expect("a slot was freed"));
+        held.push(take_tunnel(&slots, &trainer).expect("a slot was freed"));
         drop(held);
-        assert!(membrane_runtime::lock(&slots.0).is_empty());
+        assert!(slots.is_empty());
     }
 }
