@@ -72,6 +72,8 @@ impl TlsConfigs {
                 membrane_identity::crypto_provider(),
             )?;
             cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+            // HBONE takes over the traffic secrets once the handshake is done (hbone::tls).
+            cfg.enable_secret_extraction = true;
             Ok(cfg)
         })
     }
@@ -92,6 +94,8 @@ impl TlsConfigs {
                 membrane_identity::crypto_provider(),
             )?;
             cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+            // HBONE takes over the traffic secrets once the handshake is done (hbone::tls).
+            cfg.enable_secret_extraction = true;
             Ok(cfg)
         })
     }

@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::stream::H2Stream;
@@ -14,19 +14,19 @@ use super::stream::H2Stream;
 /// The transport under an outbound HBONE connection's TLS.
 #[derive(Debug)]
 pub enum Carrier {
-    /// Straight to the peer, with a large read buffer under TLS ([`super::buffered`]).
-    Tcp(BufReader<TcpStream>),
+    /// Straight to the peer.
+    Tcp(TcpStream),
     /// A stream of an outer HBONE tunnel (to an east-west gateway that relays it to the peer).
     Tunnel(H2Stream),
 }
 
 impl Carrier {
-    /// A TCP connection to the peer (`TCP_NODELAY` set, read-buffered).
+    /// A TCP connection to the peer (`TCP_NODELAY` set).
     pub fn tcp(tcp: TcpStream) -> Self {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        Self::Tcp(super::buffered(tcp))
+        Self::Tcp(tcp)
     }
 }
 

@@ -12,7 +12,7 @@ use super::carrier::Carrier;
 use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
-    TLS_SEND_BUFFER, client_tls_with_h2, require_h2,
+    client_tls_with_h2, handshake, require_h2, tls,
 };
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -49,7 +49,7 @@ pub struct ConnectHeaders {
 }
 
 /// The TLS stream HBONE connections run over.
-pub(crate) type ClientIo = tokio_rustls::client::TlsStream<Carrier>;
+pub(crate) type ClientIo = tls::TlsStream<Carrier>;
 
 /// An established HBONE connection: the sender, the connection (which must be polled —
 /// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
@@ -71,15 +71,13 @@ pub(crate) async fn establish(
         addr,
         source: Arc::new(e),
     })?;
-    let connector = tokio_rustls::TlsConnector::from(client_tls_with_h2(tls));
     // The verifier ignores names (it checks the SPIFFE ID); an IP name also sends no SNI.
     let name = ServerName::IpAddress(addr.ip().into());
-    let mut tls = connector
-        .connect(name, carrier)
+    let tls = handshake::connect(carrier, client_tls_with_h2(tls), name)
         .await
         .map_err(|e| HboneError::Tls(Arc::new(e)))?;
-    let (_, session) = tls.get_mut();
-    require_h2(session.alpn_protocol())?;
+    let session = tls.session();
+    require_h2(session.alpn.as_deref())?;
     // The verifier already required `expected`; checking again here keeps a misbuilt config
     // (or a resumed session) from ever carrying one identity's traffic to another.
     let presented =
@@ -96,7 +94,6 @@ pub(crate) async fn establish(
         .and_then(<[_]>::first)
         .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
         .map(|info| info.not_after);
-    session.set_buffer_limit(Some(TLS_SEND_BUFFER));
     let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -13,6 +13,9 @@
 //!   [`PoolKey`] (source address and identity, destination identity and address, gateway) —
 //!   never mixing identities on one connection. A connection runs over a [`Carrier`]: TCP, or
 //!   a stream of an outer tunnel (double HBONE through an east-west gateway).
+//! - The TLS under both: rustls runs the handshake (`handshake`); the TLS 1.3 records after it
+//!   are opened and sealed here (`tls`, `record`) with the traffic secrets rustls hands over,
+//!   in the buffers the socket is read into and written from.
 //!
 //! The byte copy between a tunnel and a socket is [`crate::relay`]'s, shared with the paths
 //! that use no tunnel.
@@ -37,10 +40,13 @@ use membrane_identity::{SpiffeId, SvidError};
 
 mod carrier;
 mod client;
+mod handshake;
 mod headers;
 mod pool;
+mod record;
 mod server;
 mod stream;
+mod tls;
 
 pub use carrier::Carrier;
 pub use client::{ConnectHeaders, Dial, DialFuture};
@@ -66,8 +72,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 // stream window no larger than that needs: it bounds what a stream buffers before the
 // application reads it (with 4 MiB the four-stream peak RSS was 24-29 MiB, with 1 MiB 16-17,
 // at the same throughput). Frames are large so a 256 KiB read from the application becomes
-// one DATA frame; rustls may batch 256 KiB of records, and [`buffered`] puts a 256 KiB read
-// buffer under it (one `recvfrom` where rustls alone made ~16). Measured on the two-node
+// one DATA frame; up to 256 KiB of records leave in one write, and a 256 KiB read buffer sits
+// under TLS (one `recvfrom` where rustls alone made ~16; see `tls`). Measured on the two-node
 // benchmark (docs/design.md, "Data-plane performance decisions"): 1 MiB frames beat 16 KiB
 // frames by ~10%; 256 KiB, 512 KiB and 1 MiB of per-stream send buffer made no measurable
 // difference.
@@ -85,7 +91,7 @@ const MAX_SEND_BUFFER: usize = 512 * 1024;
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Streams a server accepts at once on one connection (the pool opens 100 by default).
 const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
-/// Limit of rustls' outgoing record buffer (default 64 KiB): how much one socket write carries.
+/// Records queued for one socket write (see `tls`).
 const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// Why an HBONE connection or tunnel could not be established.
@@ -163,34 +169,54 @@ impl HboneError {
     }
 }
 
-/// A rustls configuration with an ALPN list (client or server).
-trait AlpnConfig: Clone {
+/// A rustls configuration HBONE runs over (client or server): its ALPN list, and whether the
+/// traffic secrets may be taken over after the handshake (`tls` opens and seals the records).
+trait HboneConfig: Clone {
     fn alpn(&self) -> &[Vec<u8>];
     fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>>;
+    fn extraction(&self) -> bool;
+    fn extraction_mut(&mut self) -> &mut bool;
 }
 
-impl AlpnConfig for rustls::ServerConfig {
+impl HboneConfig for rustls::ServerConfig {
     fn alpn(&self) -> &[Vec<u8>] {
         &self.alpn_protocols
+    }
+    fn extraction(&self) -> bool {
+        self.enable_secret_extraction
     }
     fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>> {
         &mut self.alpn_protocols
     }
+    fn extraction_mut(&mut self) -> &mut bool {
+        &mut self.enable_secret_extraction
+    }
 }
 
-impl AlpnConfig for rustls::ClientConfig {
+impl HboneConfig for rustls::ClientConfig {
     fn alpn(&self) -> &[Vec<u8>] {
         &self.alpn_protocols
+    }
+    fn extraction(&self) -> bool {
+        self.enable_secret_extraction
     }
     fn alpn_mut(&mut self) -> &mut Vec<Vec<u8>> {
         &mut self.alpn_protocols
     }
+    fn extraction_mut(&mut self) -> &mut bool {
+        &mut self.enable_secret_extraction
+    }
 }
 
-/// The caller's config if it already offers exactly `h2`, else a copy that does.
-fn with_h2<C: AlpnConfig>(mut cfg: Arc<C>) -> Arc<C> {
+/// The caller's config if it already offers exactly `h2` and allows secret extraction, else a
+/// copy that does (the ztunnel's own configurations are built that way, so nothing is copied
+/// per connection).
+fn with_h2<C: HboneConfig>(mut cfg: Arc<C>) -> Arc<C> {
     if !offers_only_h2(cfg.alpn()) {
         *Arc::make_mut(&mut cfg).alpn_mut() = vec![ALPN_H2.to_vec()];
+    }
+    if !cfg.extraction() {
+        *Arc::make_mut(&mut cfg).extraction_mut() = true;
     }
     cfg
 }
@@ -219,16 +245,45 @@ fn require_h2(negotiated: Option<&[u8]>) -> Result<(), HboneError> {
     }
 }
 
-/// Read buffer under TLS, in bytes (see [`buffered`]).
+/// Read buffer under TLS, in bytes: one `read` takes everything the kernel holds (up to this),
+/// and records are decrypted in place in it (see `tls`).
 pub const SOCKET_BUFFER: usize = 256 * 1024;
 
-/// The tunnel's TCP socket with a large read buffer under TLS: rustls reads one record (at
-/// most ~16 KiB) per call, so without it a gigabyte costs ~16 `recvfrom` per `sendto` of the
-/// peer; with it, one `recvfrom` takes everything the kernel has. Writes pass straight
-/// through: rustls already hands up to [`TLS_SEND_BUFFER`] of records to one `writev`, and a
-/// write buffer would only add a copy (measured: no gain, 256 KiB more per connection).
-pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
-    tokio::io::BufReader::with_capacity(SOCKET_BUFFER, tcp)
+/// For the TLS record fuzz target: a client and a server complete a handshake in memory with
+/// these configurations, the server sends `records` (inner type, content) sealed under its
+/// real traffic key and then `raw` bytes as they are, and the client reads until its stream
+/// ends or fails. Returns how many bytes of content the client read. Never panics on any input.
+#[doc(hidden)]
+pub async fn fuzz_tls_records(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    records: &[(u8, &[u8])],
+    raw: &[u8],
+) -> std::io::Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, mut b) = tokio::io::duplex(1 << 20);
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let (client, server) = tokio::join!(
+        handshake::connect(a, client_tls_with_h2(client), name),
+        async {
+            let (mut rx, tx) = tokio::io::split(&mut b);
+            // The server side's handshake over half of the pipe; records are written by hand.
+            let io = tokio::io::join(&mut rx, tx);
+            let mut server = handshake::accept(io, server_tls_with_h2(server)).await?;
+            for (typ, content) in records {
+                server.queue_any_record(*typ, content)?;
+            }
+            server.flush().await?;
+            drop(server);
+            b.write_all(raw).await?;
+            b.shutdown().await
+        }
+    );
+    let (mut client, ()) = (client?, server?);
+    let mut sink = Vec::new();
+    match client.read_to_end(&mut sink).await {
+        Ok(_) | Err(_) => Ok(sink.len()),
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, parse_forwarded_for};
 use super::stream::H2Stream;
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER,
-    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER, require_h2, server_tls_with_h2,
+    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, require_h2, server_tls_with_h2,
 };
 use crate::relay::{RelayEnd, RelayResult, ResetOnError, Side, relay};
 
@@ -317,7 +317,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_with_h2(tls));
+    let tls = server_tls_with_h2(tls);
     let limits = handshakes();
     // A peer over its share is refused before it waits for a turn or costs a buffer.
     let _peer_turn = match peer_addr {
@@ -328,14 +328,12 @@ async fn serve<H: ConnectHandler + ?Sized>(
         // The turn is taken before the read buffer is allocated. The semaphore is never
         // closed, so the error arm cannot happen.
         let _turn = limits.pending.clone().acquire_owned().await.ok();
-        let mut tls = acceptor
-            .accept(super::buffered(tcp))
+        let tls = super::handshake::accept(tcp, tls)
             .await
             .map_err(|e| HboneError::Tls(Arc::new(e)))?;
-        let (_, session) = tls.get_mut();
-        require_h2(session.alpn_protocol())?;
+        let session = tls.session();
+        require_h2(session.alpn.as_deref())?;
         let peer = peer_spiffe_id(session.peer_certificates());
-        session.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -1,0 +1,614 @@
+//! HBONE's TLS connection: rustls runs the handshake (`super::handshake`), then its TLS 1.3 traffic secrets are taken over and records are
+//! opened and sealed here ([`super::record`]), so bytes are not copied through rustls' buffers:
+//!
+//! - receive: one `read` fills [`SOCKET_BUFFER`](super::SOCKET_BUFFER) with whatever the
+//!   kernel holds, each record is decrypted in place there, and its content is copied once,
+//!   into HTTP/2's read buffer (rustls' buffered API copies it three times: into its deframer,
+//!   into its plaintext queue, out to the reader);
+//! - send: plaintext is encrypted straight from HTTP/2's frames into the buffer the socket is
+//!   written from (small writes are gathered into one record first), and up to
+//!   [`TLS_SEND_BUFFER`](super::TLS_SEND_BUFFER) of records leave in one `write`.
+//!
+//! rustls stays the authority for what is negotiated and verified (certificates, ALPN, key
+//! exchange) and computes the next secrets on a KeyUpdate (`rustls::kernel`). What this module
+//! enforces after the handshake: only protected records (outer type application_data), at
+//! most 2^14 + 256 bytes each, authenticated with the next sequence number; inner types
+//! application data, handshake (KeyUpdate both ways, NewSessionTicket to a client; anything
+//! else ends the connection) and alert (close_notify is end of stream, any other alert an
+//! error); the end of the TCP stream without close_notify is an error (truncation), as in
+//! rustls. A KeyUpdate is sent before the cipher's confidentiality limit is near and whenever
+//! the peer asks for one. An error is final for the direction it occurred in; unlike rustls,
+//! no alert is sent back on a malformed record (the connection is simply closed).
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::CertificateDer;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::TLS_SEND_BUFFER;
+use super::record::{Content, HEADER_LEN, MAX_PLAINTEXT, RecordError, RecordKey, body_len};
+
+/// Handshake message types handled after the handshake.
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+/// A post-handshake message larger than this ends the connection.
+const MAX_POST_HANDSHAKE_MESSAGE: usize = 64 * 1024;
+/// Alert description of a clean close.
+const CLOSE_NOTIFY: u8 = 0;
+
+/// What the handshake settled.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    /// The negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+    /// The peer's certificate chain, leaf first.
+    pub peer_certificates: Vec<CertificateDer<'static>>,
+    /// The negotiated key exchange group.
+    pub kx_group: Option<rustls::NamedGroup>,
+}
+
+impl Session {
+    /// The peer's chain, as rustls reports it (`None` if it sent none).
+    pub(crate) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        (!self.peer_certificates.is_empty()).then_some(self.peer_certificates.as_slice())
+    }
+}
+
+/// rustls' state after the handshake: computes the next secrets on a KeyUpdate.
+pub(super) enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        // Only TLS 1.3 reaches here (checked after the handshake).
+        suite
+            .tls13()
+            .map_or(u64::MAX, |s| s.common.confidentiality_limit)
+    }
+}
+
+#[derive(Debug)]
+enum ReadState {
+    Open,
+    /// close_notify received: end of stream.
+    Closed,
+    /// The receive side failed; every later read repeats it.
+    Failed(io::ErrorKind, String),
+}
+
+/// An established TLS 1.3 connection over `T` (see the module docs).
+pub(crate) struct TlsStream<T> {
+    io: T,
+    session: Session,
+    kernel: Kernel,
+    rx: RecordKey,
+    tx: RecordKey,
+    /// A KeyUpdate is sent before the sequence number reaches this.
+    tx_limit: u64,
+    /// Received ciphertext: `inbuf[in_start..in_end]`.
+    inbuf: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    /// Decrypted content in `inbuf` not yet read.
+    plain: Range<usize>,
+    /// Content that arrived with the handshake, from `early_pos`.
+    early: Vec<u8>,
+    early_pos: usize,
+    /// An incomplete post-handshake message.
+    post_handshake: Vec<u8>,
+    read: ReadState,
+    /// Records to send: `out[out_pos..]` (up to `staged`, if set).
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Start of a record still gathering plaintext (header space reserved) at the end of `out`.
+    staged: Option<usize>,
+    write_error: Option<(io::ErrorKind, String)>,
+}
+
+impl<T> TlsStream<T> {
+    /// The connection a completed handshake left: `incoming[..filled]` is ciphertext that
+    /// followed the handshake, `early` content that came with it.
+    pub(super) fn established(
+        io: T,
+        session: Session,
+        kernel: Kernel,
+        secrets: ExtractedSecrets,
+        incoming: Box<[u8]>,
+        filled: usize,
+        early: Vec<u8>,
+    ) -> io::Result<Self> {
+        let rx = RecordKey::new(secrets.rx.0, secrets.rx.1).map_err(record_error)?;
+        let tx = RecordKey::new(secrets.tx.0, secrets.tx.1).map_err(record_error)?;
+        let tx_limit = kernel
+            .confidentiality_limit()
+            .saturating_sub(1 << 10)
+            .max(1);
+        Ok(Self {
+            io,
+            session,
+            kernel,
+            rx,
+            tx,
+            tx_limit,
+            inbuf: incoming,
+            in_start: 0,
+            in_end: filled,
+            plain: 0..0,
+            early,
+            early_pos: 0,
+            post_handshake: Vec::new(),
+            read: ReadState::Open,
+            out: Vec::with_capacity(TLS_SEND_BUFFER + MAX_PLAINTEXT + 64),
+            out_pos: 0,
+            staged: None,
+            write_error: None,
+        })
+    }
+}
+
+impl<T> std::fmt::Debug for TlsStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("session", &self.session)
+            .field("rx", &self.rx)
+            .field("tx", &self.tx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> TlsStream<T> {
+    /// What the handshake settled.
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Lowers the point at which a KeyUpdate is sent (tests exercise key updates with it).
+    #[cfg(test)]
+    pub(crate) fn set_key_update_after(&mut self, records: u64) {
+        self.tx_limit = self.tx.seq() + records;
+    }
+
+    /// Records received under the current key (tests observe key updates with it).
+    #[cfg(test)]
+    pub(crate) fn rx_seq(&self) -> u64 {
+        self.rx.seq()
+    }
+
+    /// Records sent under the current key.
+    #[cfg(test)]
+    pub(crate) fn tx_seq(&self) -> u64 {
+        self.tx.seq()
+    }
+
+    /// Content that arrived with the handshake and was not read yet.
+    #[cfg(test)]
+    pub(crate) fn early_len(&self) -> usize {
+        self.early.len() - self.early_pos
+    }
+
+    /// Sends KeyUpdate(update_requested) and switches keys; the peer must answer with its own.
+    #[cfg(test)]
+    pub(crate) fn request_key_update(&mut self) -> Result<(), io::Error> {
+        self.seal_staged_record()?;
+        self.send_key_update(true)
+    }
+
+    /// Seals `content` (at most 2^14 bytes) as one record of inner type `typ`, whatever it
+    /// is, after anything already written: a peer's worst, for the fuzz target.
+    pub(crate) fn queue_any_record(&mut self, typ: u8, content: &[u8]) -> io::Result<()> {
+        self.seal_staged_record()?;
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0; HEADER_LEN]);
+        self.out
+            .extend_from_slice(&content[..content.len().min(MAX_PLAINTEXT)]);
+        self.tx
+            .seal_staged_as(typ, &mut self.out, start)
+            .map_err(record_error)
+    }
+
+    // === receive ===
+
+    /// Decrypts the next complete record in `inbuf`, if there is one. Content lands in
+    /// `plain`; post-handshake messages and alerts are handled here.
+    fn open_next(&mut self) -> Result<bool, io::Error> {
+        let available = self.in_end - self.in_start;
+        if available < HEADER_LEN {
+            return Ok(false);
+        }
+        let header: [u8; HEADER_LEN] = self.inbuf[self.in_start..self.in_start + HEADER_LEN]
+            .try_into()
+            .map_err(|_| record_error(RecordError::BadMac))?;
+        let len = body_len(&header).map_err(record_error)?;
+        if available < HEADER_LEN + len {
+            return Ok(false);
+        }
+        let body = self.in_start + HEADER_LEN..self.in_start + HEADER_LEN + len;
+        self.in_start = body.end;
+        let (content, n) = self
+            .rx
+            .open_in_place(&header, &mut self.inbuf[body.clone()])
+            .map_err(record_error)?;
+        let content_range = body.start..body.start + n;
+        match content {
+            Content::ApplicationData => {
+                if !self.post_handshake.is_empty() {
+                    return Err(unexpected("application data inside a handshake message"));
+                }
+                self.plain = content_range;
+            }
+            Content::Handshake => {
+                if n == 0 {
+                    return Err(unexpected("empty handshake record"));
+                }
+                let bytes = self.inbuf[content_range].to_vec();
+                self.post_handshake_bytes(&bytes)?;
+            }
+            Content::Alert => {
+                let alert = &self.inbuf[content_range];
+                match alert {
+                    [_, CLOSE_NOTIFY] => self.read = ReadState::Closed,
+                    [level, description] => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!("peer sent TLS alert {description} (level {level})"),
+                        ));
+                    }
+                    _ => return Err(unexpected("malformed TLS alert")),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn post_handshake_bytes(&mut self, bytes: &[u8]) -> Result<(), io::Error> {
+        self.post_handshake.extend_from_slice(bytes);
+        loop {
+            let Some(&[typ, a, b, c]) = self.post_handshake.get(..4) else {
+                return Ok(());
+            };
+            let len = u32::from_be_bytes([0, a, b, c]) as usize;
+            if len > MAX_POST_HANDSHAKE_MESSAGE {
+                return Err(unexpected("post-handshake message too large"));
+            }
+            if self.post_handshake.len() < 4 + len {
+                return Ok(());
+            }
+            let message: Vec<u8> = self.post_handshake.drain(..4 + len).collect();
+            let body = &message[4..];
+            match (typ, &self.kernel) {
+                (KEY_UPDATE, _) => {
+                    let request = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(unexpected("malformed KeyUpdate")),
+                    };
+                    // The new key starts at the next record: nothing may follow in this one
+                    // (records are opened one at a time, so anything after it is still here).
+                    if !self.post_handshake.is_empty() {
+                        return Err(unexpected("KeyUpdate not at the end of its record"));
+                    }
+                    let (seq, secrets) = self.kernel.next_rx().map_err(tls_error)?;
+                    self.rx = RecordKey::new(seq, secrets).map_err(record_error)?;
+                    if request {
+                        self.seal_staged_record()?;
+                        self.send_key_update(false)?;
+                    }
+                }
+                (NEW_SESSION_TICKET, Kernel::Client(_)) => {
+                    if let Kernel::Client(k) = &mut self.kernel {
+                        k.handle_new_session_ticket(body).map_err(tls_error)?;
+                    }
+                }
+                _ => return Err(unexpected("unexpected post-handshake message")),
+            }
+        }
+    }
+
+    /// Copies decrypted content into `buf`; returns how much.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) -> usize {
+        let mut copied = 0;
+        if self.early_pos < self.early.len() {
+            let n = buf.remaining().min(self.early.len() - self.early_pos);
+            buf.put_slice(&self.early[self.early_pos..self.early_pos + n]);
+            self.early_pos += n;
+            copied += n;
+            if self.early_pos == self.early.len() {
+                self.early = Vec::new();
+                self.early_pos = 0;
+            }
+        }
+        if !self.plain.is_empty() && buf.remaining() > 0 {
+            let n = buf.remaining().min(self.plain.len());
+            buf.put_slice(&self.inbuf[self.plain.start..self.plain.start + n]);
+            self.plain.start += n;
+            copied += n;
+        }
+        copied
+    }
+
+    // === send ===
+
+    fn pending_out(&self) -> usize {
+        self.staged.unwrap_or(self.out.len()) - self.out_pos
+    }
+
+    /// Seals the record still gathering plaintext, if any.
+    fn seal_staged_record(&mut self) -> Result<(), io::Error> {
+        if let Some(start) = self.staged.take() {
+            self.tx
+                .seal_staged(Content::ApplicationData, &mut self.out, start)
+                .map_err(record_error)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a KeyUpdate under the current key (asking the peer to update too if `request`)
+    /// and switches to the next key.
+    fn send_key_update(&mut self, request: bool) -> Result<(), io::Error> {
+        debug_assert!(self.staged.is_none());
+        self.tx
+            .seal(
+                Content::Handshake,
+                &[KEY_UPDATE, 0, 0, 1, u8::from(request)],
+                &mut self.out,
+            )
+            .map_err(record_error)?;
+        let (seq, secrets) = self.kernel.next_tx().map_err(tls_error)?;
+        self.tx = RecordKey::new(seq, secrets).map_err(record_error)?;
+        Ok(())
+    }
+
+    /// Encrypts as much of `data` as `room` allows into `out`; returns how much.
+    fn encrypt(&mut self, mut data: &[u8], mut room: usize) -> Result<usize, io::Error> {
+        let mut taken = 0;
+        while !data.is_empty() && room > 0 {
+            if let Some(start) = self.staged {
+                let have = self.out.len() - start - HEADER_LEN;
+                let n = (MAX_PLAINTEXT - have).min(data.len()).min(room);
+                self.out.extend_from_slice(&data[..n]);
+                (data, taken, room) = (&data[n..], taken + n, room - n);
+                if have + n == MAX_PLAINTEXT {
+                    self.seal_staged_record()?;
+                }
+                continue;
+            }
+            if self.tx.seq() >= self.tx_limit {
+                self.send_key_update(false)?;
+            }
+            if data.len() >= MAX_PLAINTEXT && room >= MAX_PLAINTEXT {
+                self.tx
+                    .seal(
+                        Content::ApplicationData,
+                        &data[..MAX_PLAINTEXT],
+                        &mut self.out,
+                    )
+                    .map_err(record_error)?;
+                (data, taken, room) = (
+                    &data[MAX_PLAINTEXT..],
+                    taken + MAX_PLAINTEXT,
+                    room - MAX_PLAINTEXT,
+                );
+            } else {
+                self.staged = Some(self.out.len());
+                self.out.extend_from_slice(&[0; HEADER_LEN]);
+            }
+        }
+        Ok(taken)
+    }
+
+    fn fail_write(&mut self, e: io::Error) -> io::Error {
+        self.write_error = Some((e.kind(), e.to_string()));
+        e
+    }
+}
+
+pub(super) fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn record_error(e: RecordError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn unexpected(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Writes sealed records until none are pending or the socket would block.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let end = self.staged.unwrap_or(self.out.len());
+            if self.out_pos == end {
+                // Everything sealed is out: keep only a record still gathering plaintext.
+                let start = self.staged.map_or(self.out.len(), |s| s);
+                self.out.copy_within(start.., 0);
+                self.out.truncate(self.out.len() - start);
+                self.staged = self.staged.map(|_| 0);
+                self.out_pos = 0;
+                return Poll::Ready(Ok(()));
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.out_pos..end]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_pos += n;
+        }
+    }
+
+    fn write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some((kind, msg)) = &self.write_error {
+            return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
+        }
+        if self.pending_out() >= TLS_SEND_BUFFER
+            && let Err(e) = ready!(self.poll_write_out(cx))
+        {
+            return Poll::Ready(Err(self.fail_write(e)));
+        }
+        let mut room = TLS_SEND_BUFFER.saturating_sub(self.pending_out());
+        let mut taken = 0;
+        for buf in bufs {
+            if room == 0 {
+                break;
+            }
+            let n = match self.encrypt(buf, room) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.fail_write(e))),
+            };
+            taken += n;
+            room -= n;
+            if n < buf.len() {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut delivered = 0;
+        loop {
+            delivered += this.take_plain(buf);
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match &this.read {
+                ReadState::Open => {}
+                ReadState::Closed => return Poll::Ready(Ok(())),
+                ReadState::Failed(kind, msg) => {
+                    return Poll::Ready(if delivered > 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::new(*kind, msg.clone()))
+                    });
+                }
+            }
+            match this.open_next() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    this.read = ReadState::Failed(e.kind(), e.to_string());
+                    continue;
+                }
+            }
+            if delivered > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Need more ciphertext: move the partial record to the front, then read.
+            if this.in_start > 0 {
+                this.inbuf.copy_within(this.in_start..this.in_end, 0);
+                this.in_end -= this.in_start;
+                this.in_start = 0;
+            }
+            let mut space = ReadBuf::new(&mut this.inbuf[this.in_end..]);
+            match Pin::new(&mut this.io).poll_read(cx, &mut space) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = space.filled().len();
+                    if n == 0 {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed the TLS connection without close_notify",
+                        );
+                        this.read = ReadState::Failed(e.kind(), e.to_string());
+                        return Poll::Ready(Err(e));
+                    }
+                    this.in_end += n;
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.seal_staged_record() {
+            return Poll::Ready(Err(this.fail_write(e)));
+        }
+        if let Err(e) = ready!(this.poll_write_out(cx)) {
+            return Poll::Ready(Err(this.fail_write(e)));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_error.is_none() {
+            let sealed = this.seal_staged_record().and_then(|()| {
+                this.tx
+                    .seal(Content::Alert, &[1, CLOSE_NOTIFY], &mut this.out)
+                    .map_err(record_error)
+            });
+            if let Err(e) = sealed {
+                return Poll::Ready(Err(this.fail_write(e)));
+            }
+            // Sent once: later calls only finish writing and shut the socket down.
+            this.write_error = Some((io::ErrorKind::BrokenPipe, "TLS connection closed".into()));
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;

@@ -1,0 +1,318 @@
+//! The record layer against rustls itself (each side against the other) and against itself:
+//! data both ways across key updates, close_notify, truncation, tampering, and content that
+//! arrives with the handshake's last flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_identity::spiffe_id::parse_trust_domain;
+use membrane_identity::verify::{mtls_client_config, mtls_server_config};
+use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, crypto_provider};
+use membrane_testbed::OfflineCa;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+use super::*;
+use crate::hbone::handshake::{accept, connect};
+
+const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
+const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
+
+struct Pki {
+    ca: OfflineCa,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self {
+            ca: OfflineCa::root("tls test root").expect("root"),
+        }
+    }
+
+    fn bundle(&self) -> SharedTrustBundle {
+        let td = parse_trust_domain("cluster.local").expect("td");
+        SharedTrustBundle::new(TrustBundle::new(td, [self.ca.der().clone()]).expect("bundle"))
+    }
+
+    fn server(&self, extract: bool) -> Arc<rustls::ServerConfig> {
+        let svid = self.ca.svid(SERVER, &[]).expect("svid");
+        let td = parse_trust_domain("cluster.local").expect("td");
+        let mut cfg = mtls_server_config(
+            &svid,
+            self.bundle(),
+            PeerCheck::TrustDomain(td),
+            crypto_provider(),
+        )
+        .expect("server config");
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.enable_secret_extraction = extract;
+        Arc::new(cfg)
+    }
+
+    fn client(&self, extract: bool) -> Arc<rustls::ClientConfig> {
+        let svid = self.ca.svid(CLIENT, &[]).expect("svid");
+        let expected = PeerCheck::Exact(SpiffeId::new(SERVER).expect("id"));
+        let mut cfg = mtls_client_config(&svid, self.bundle(), expected, crypto_provider())
+            .expect("client config");
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.enable_secret_extraction = extract;
+        Arc::new(cfg)
+    }
+}
+
+fn name() -> ServerName<'static> {
+    ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// Both sides on the record layer, over an in-memory pipe.
+async fn pair(pki: &Pki) -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
+    let (a, b) = duplex(1 << 20);
+    let (client, server) = tokio::join!(
+        connect(a, pki.client(true), name()),
+        accept(b, pki.server(true))
+    );
+    (client.expect("client"), server.expect("server"))
+}
+
+/// A payload whose every byte depends on its position.
+fn payload(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Writes `data` in uneven pieces (small ones gathered into records, large ones sealed
+/// straight from the caller's buffer) and flushes.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) {
+    let mut at = 0;
+    for piece in [1, 9, 100, 16_384, 40_000, 3].iter().cycle() {
+        if at == data.len() {
+            break;
+        }
+        let end = (at + piece).min(data.len());
+        w.write_all(&data[at..end]).await.expect("write");
+        at = end;
+    }
+    w.flush().await.expect("flush");
+}
+
+async fn receive<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Vec<u8> {
+    let mut got = vec![0; len];
+    r.read_exact(&mut got).await.expect("read");
+    got
+}
+
+#[tokio::test]
+async fn negotiates_hybrid_post_quantum_key_exchange_and_carries_data_both_ways() {
+    let pki = Pki::new();
+    let (client, server) = pair(&pki).await;
+    assert_eq!(
+        client.session().kx_group,
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    assert_eq!(client.session().alpn.as_deref(), Some(&b"h2"[..]));
+    let presented = membrane_identity::peer_spiffe_id(server.session().peer_certificates())
+        .expect("client identity");
+    assert_eq!(presented.to_string(), CLIENT);
+
+    let up = payload(1 << 20, 1);
+    let down = payload(300_000, 2);
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
+    let (_, got_up, _, got_down) = tokio::join!(
+        send(&mut client_tx, &up),
+        receive(&mut server_rx, up.len()),
+        send(&mut server_tx, &down),
+        receive(&mut client_rx, down.len()),
+    );
+    assert!(got_up == up, "client to server intact");
+    assert!(got_down == down, "server to client intact");
+}
+
+#[tokio::test]
+async fn against_rustls_both_ways_across_key_updates() {
+    let pki = Pki::new();
+    // Membrane client, rustls server.
+    let (a, b) = duplex(1 << 20);
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(false));
+    let (client, server) = tokio::join!(connect(a, pki.client(true), name()), acceptor.accept(b));
+    let (mut client, mut server) = (client.expect("client"), server.expect("rustls server"));
+    // A KeyUpdate every 3 records from here, and one asked of rustls.
+    client.set_key_update_after(3);
+    let data = payload(200_000, 3);
+    let (_, got) = tokio::join!(send(&mut client, &data), receive(&mut server, data.len()));
+    assert!(got == data);
+    assert!(client.tx_seq() <= 3, "rekeyed: {}", client.tx_seq());
+    client.request_key_update().expect("request");
+    client.flush().await.expect("flush");
+    // rustls answers with its own KeyUpdate before its next data.
+    let (_, got) = tokio::join!(
+        async {
+            server.write_all(b"after the update").await.expect("write");
+            server.flush().await.expect("flush");
+        },
+        receive(&mut client, 16)
+    );
+    assert_eq!(&got, b"after the update");
+    assert_eq!(client.rx_seq(), 1, "one record under rustls' next key");
+    // rustls updates its sending key on its own too.
+    server.get_mut().1.refresh_traffic_keys().expect("refresh");
+    let (_, got) = tokio::join!(send(&mut server, &data), receive(&mut client, data.len()));
+    assert!(got == data);
+    // close_notify from rustls is a clean end of stream here.
+    server.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.expect("clean end");
+    assert!(rest.is_empty());
+
+    // rustls client, Membrane server.
+    let (a, b) = duplex(1 << 20);
+    let connector = tokio_rustls::TlsConnector::from(pki.client(false));
+    let (client, server) = tokio::join!(connector.connect(name(), a), accept(b, pki.server(true)));
+    let (mut client, mut server) = (client.expect("rustls client"), server.expect("server"));
+    server.set_key_update_after(2);
+    let (_, got) = tokio::join!(send(&mut server, &data), receive(&mut client, data.len()));
+    assert!(got == data);
+    client.get_mut().1.refresh_traffic_keys().expect("refresh");
+    let (_, got) = tokio::join!(send(&mut client, &data), receive(&mut server, data.len()));
+    assert!(got == data);
+    server.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    client
+        .read_to_end(&mut rest)
+        .await
+        .expect("rustls sees close_notify");
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn answers_a_requested_key_update_from_its_own_kind() {
+    let pki = Pki::new();
+    let (mut client, mut server) = pair(&pki).await;
+    client.request_key_update().expect("request");
+    send(&mut client, b"ping").await;
+    assert_eq!(receive(&mut server, 4).await, b"ping");
+    // The server answered (its KeyUpdate leaves with its next write).
+    send(&mut server, b"pong").await;
+    assert_eq!(receive(&mut client, 4).await, b"pong");
+    assert_eq!(client.rx_seq(), 1, "pong came under the server's next key");
+}
+
+#[tokio::test]
+async fn the_end_of_the_stream_without_close_notify_is_an_error() {
+    let pki = Pki::new();
+    let (mut client, server) = pair(&pki).await;
+    drop(server);
+    let err = client.read(&mut [0; 16]).await.expect_err("truncated");
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    // Final: asking again gives the same answer.
+    let again = client
+        .read(&mut [0; 16])
+        .await
+        .expect_err("still truncated");
+    assert_eq!(again.kind(), io::ErrorKind::UnexpectedEof);
+}
+
+/// A server's side of the pipe that can flip one bit of what it reads (once armed) and delay
+/// each read (so the client's Finished and first data arrive together).
+struct Peer {
+    inner: DuplexStream,
+    tamper: bool,
+    delay: Option<Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Peer {
+    fn new(inner: DuplexStream) -> Self {
+        Self {
+            inner,
+            tamper: false,
+            delay: None,
+            sleep: None,
+        }
+    }
+}
+
+impl AsyncRead for Peer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(delay) = self.delay {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            ready!(std::future::Future::poll(sleep.as_mut(), cx));
+            self.sleep = None;
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if self.tamper && buf.filled().len() > before {
+            let last = buf.filled().len() - 1;
+            buf.filled_mut()[last] ^= 0x10;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Peer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_record_ends_the_connection() {
+    let pki = Pki::new();
+    let (a, b) = duplex(1 << 20);
+    let (client, server) = tokio::join!(
+        connect(a, pki.client(true), name()),
+        accept(Peer::new(b), pki.server(true))
+    );
+    let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+    server.io.tamper = true;
+    send(&mut client, b"will be changed on the way").await;
+    let err = server.read(&mut [0; 64]).await.expect_err("tampered");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("bad_record_mac"), "{err}");
+    server.io.tamper = false;
+    send(&mut client, b"anything after").await;
+    assert!(
+        server.read(&mut [0; 64]).await.is_err(),
+        "the error is final"
+    );
+}
+
+#[tokio::test]
+async fn content_that_arrives_with_the_last_handshake_flight_is_kept() {
+    let pki = Pki::new();
+    let (a, b) = duplex(1 << 20);
+    let late = Peer {
+        delay: Some(Duration::from_millis(50)),
+        ..Peer::new(b)
+    };
+    let greeting = payload(40_000, 5);
+    let client = async {
+        let mut client = connect(a, pki.client(true), name()).await.expect("client");
+        send(&mut client, &greeting).await;
+        client
+    };
+    let (_client, server) = tokio::join!(client, accept(late, pki.server(true)));
+    let mut server = server.expect("server");
+    assert!(
+        server.early_len() > 0,
+        "data came with the client's Finished"
+    );
+    assert!(receive(&mut server, greeting.len()).await == greeting);
+}
