@@ -58,6 +58,7 @@ pub use server::{
     set_handshake_limits,
 };
 pub use stream::H2Stream;
+pub use tls::records_refused;
 
 /// The port inbound HBONE listens on, in every enrolled pod's network namespace.
 pub use membrane_api::ports::HBONE as HBONE_PORT;

@@ -23,7 +23,10 @@
 use std::io;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
+
+use prometheus_client::metrics::counter::Counter;
 
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
@@ -42,6 +45,14 @@ const KEY_UPDATE: u8 = 24;
 const MAX_POST_HANDSHAKE_MESSAGE: usize = 64 * 1024;
 /// Alert description of a clean close.
 const CLOSE_NOTIFY: u8 = 0;
+
+/// Connections closed because the peer sent a record refused after the handshake (failed
+/// authentication, over the size limit, an unexpected type or post-handshake message), for
+/// the whole process; the app registers it as `hbone_tls_records_refused`.
+pub fn records_refused() -> &'static Counter {
+    static REFUSED: OnceLock<Counter> = OnceLock::new();
+    REFUSED.get_or_init(Counter::default)
+}
 
 /// What the handshake settled.
 #[derive(Debug, Clone)]
@@ -524,6 +535,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        records_refused().inc();
+                        tracing::warn!(error = %e, "refused a TLS record from the HBONE peer; closing the connection");
+                    } else {
+                        tracing::debug!(error = %e, "HBONE peer ended the TLS connection");
+                    }
                     this.read = ReadState::Failed(e.kind(), e.to_string());
                     continue;
                 }

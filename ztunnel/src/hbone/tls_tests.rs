@@ -282,10 +282,12 @@ async fn a_tampered_record_ends_the_connection() {
     );
     let (mut client, mut server) = (client.expect("client"), server.expect("server"));
     server.io.tamper = true;
+    let refused = records_refused().get();
     send(&mut client, b"will be changed on the way").await;
     let err = server.read(&mut [0; 64]).await.expect_err("tampered");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     assert!(err.to_string().contains("bad_record_mac"), "{err}");
+    assert!(records_refused().get() > refused, "counted");
     server.io.tamper = false;
     send(&mut client, b"anything after").await;
     assert!(
