@@ -17,8 +17,9 @@
 //! else ends the connection) and alert (close_notify is end of stream, any other alert an
 //! error); the end of the TCP stream without close_notify is an error (truncation), as in
 //! rustls. A KeyUpdate is sent before the cipher's confidentiality limit is near and whenever
-//! the peer asks for one. An error is final for the direction it occurred in; unlike rustls,
-//! no alert is sent back on a malformed record (the connection is simply closed).
+//! the peer asks for one. A refused record is answered with the fatal alert RFC 8446 names
+//! for it (bad_record_mac, record_overflow, unexpected_message, decode_error), then both
+//! directions are closed; the error is final.
 
 use std::io;
 use std::ops::Range;
@@ -291,7 +292,7 @@ impl<T> TlsStream<T> {
                             format!("peer sent TLS alert {description} (level {level})"),
                         ));
                     }
-                    _ => return Err(unexpected("malformed TLS alert")),
+                    _ => return Err(refused(DECODE_ERROR, "malformed TLS alert")),
                 }
             }
         }
@@ -318,14 +319,17 @@ impl<T> TlsStream<T> {
                     let request = match body {
                         [0] => false,
                         [1] => true,
-                        _ => return Err(unexpected("malformed KeyUpdate")),
+                        _ => return Err(refused(DECODE_ERROR, "malformed KeyUpdate")),
                     };
                     // The new key starts at the next record: nothing may follow in this one
                     // (records are opened one at a time, so anything after it is still here).
                     if !self.post_handshake.is_empty() {
                         return Err(unexpected("KeyUpdate not at the end of its record"));
                     }
-                    let (seq, secrets) = self.kernel.next_rx().map_err(tls_error)?;
+                    let (seq, secrets) = self
+                        .kernel
+                        .next_rx()
+                        .map_err(|e| refused(INTERNAL_ERROR, e))?;
                     self.rx = RecordKey::new(seq, secrets).map_err(record_error)?;
                     if request {
                         self.seal_staged_record()?;
@@ -334,7 +338,8 @@ impl<T> TlsStream<T> {
                 }
                 (NEW_SESSION_TICKET, Kernel::Client(_)) => {
                     if let Kernel::Client(k) = &mut self.kernel {
-                        k.handle_new_session_ticket(body).map_err(tls_error)?;
+                        k.handle_new_session_ticket(body)
+                            .map_err(|e| refused(DECODE_ERROR, e))?;
                     }
                 }
                 _ => return Err(unexpected("unexpected post-handshake message")),
@@ -444,12 +449,57 @@ pub(super) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+// Alerts sent before closing on a refused record (RFC 8446 §6).
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const DECODE_ERROR: u8 = 50;
+const INTERNAL_ERROR: u8 = 80;
+
+/// Why a record from the peer was refused, and the alert that says so.
+#[derive(Debug)]
+struct Refusal {
+    alert: u8,
+    reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refused(alert: u8, reason: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Refusal {
+            alert,
+            reason: reason.to_string(),
+        },
+    )
+}
+
+/// The alert an error carries, if it refused a record.
+fn alert_of(e: &io::Error) -> Option<u8> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Refusal>())
+        .map(|r| r.alert)
+}
+
 fn record_error(e: RecordError) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+    let alert = match e {
+        RecordError::BadMac => BAD_RECORD_MAC,
+        RecordError::Overflow(_) => RECORD_OVERFLOW,
+        RecordError::OuterType(_) | RecordError::InnerType => UNEXPECTED_MESSAGE,
+        RecordError::SequenceExhausted | RecordError::UnsupportedSuite => INTERNAL_ERROR,
+    };
+    refused(alert, e)
 }
 
 fn unexpected(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
+    refused(UNEXPECTED_MESSAGE, what)
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
@@ -472,6 +522,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             }
             self.out_pos += n;
         }
+    }
+
+    /// Queues a fatal alert and closes the sending side; the alert is written now if the
+    /// socket takes it, else with the next flush.
+    fn send_fatal_alert(&mut self, description: u8, cx: &mut Context<'_>) {
+        if self.write_error.is_some() {
+            return;
+        }
+        let sealed = self.seal_staged_record().and_then(|()| {
+            self.tx
+                .seal(Content::Alert, &[2, description], &mut self.out)
+                .map_err(record_error)
+        });
+        if sealed.is_ok() {
+            // Best effort: the connection is ending either way.
+            let _ = self.poll_write_out(cx);
+        }
+        self.write_error = Some((
+            io::ErrorKind::ConnectionAborted,
+            format!("TLS connection closed after sending alert {description}"),
+        ));
     }
 
     fn write_slices(
@@ -535,9 +606,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
-                    if e.kind() == io::ErrorKind::InvalidData {
+                    if let Some(alert) = alert_of(&e) {
                         records_refused().inc();
-                        tracing::warn!(error = %e, "refused a TLS record from the HBONE peer; closing the connection");
+                        tracing::warn!(error = %e, alert, "refused a TLS record from the HBONE peer; closing the connection");
+                        this.send_fatal_alert(alert, cx);
                     } else {
                         tracing::debug!(error = %e, "HBONE peer ended the TLS connection");
                     }

@@ -288,11 +288,18 @@ async fn a_tampered_record_ends_the_connection() {
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     assert!(err.to_string().contains("bad_record_mac"), "{err}");
     assert!(records_refused().get() > refused, "counted");
+    // The sender is told why (bad_record_mac) before the connection closes.
+    let told = client.read(&mut [0; 64]).await.expect_err("alert");
+    assert_eq!(told.kind(), io::ErrorKind::ConnectionAborted);
+    assert!(told.to_string().contains("alert 20"), "{told}");
     server.io.tamper = false;
-    send(&mut client, b"anything after").await;
     assert!(
         server.read(&mut [0; 64]).await.is_err(),
         "the error is final"
+    );
+    assert!(
+        server.write(b"x").await.is_err(),
+        "and nothing more is sent"
     );
 }
 
@@ -317,4 +324,35 @@ async fn content_that_arrives_with_the_last_handshake_flight_is_kept() {
         "data came with the client's Finished"
     );
     assert!(receive(&mut server, greeting.len()).await == greeting);
+}
+
+#[tokio::test]
+async fn rustls_hears_why_its_record_was_refused() {
+    let pki = Pki::new();
+    let (a, b) = duplex(1 << 20);
+    let connector = tokio_rustls::TlsConnector::from(pki.client(false));
+    let (client, server) = tokio::join!(
+        connector.connect(name(), a),
+        accept(Peer::new(b), pki.server(true))
+    );
+    let (mut client, mut server) = (client.expect("rustls client"), server.expect("server"));
+    server.io.tamper = true;
+    send(&mut client, b"changed on the way").await;
+    // rustls sends each write as its own record: what arrived intact is read first.
+    let mut intact = 0;
+    loop {
+        match server.read(&mut [0; 64]).await {
+            Ok(n) => {
+                assert!(n > 0, "no clean end");
+                intact += n;
+                assert!(intact < 18, "a tampered record was delivered");
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("bad_record_mac"), "{e}");
+                break;
+            }
+        }
+    }
+    let told = client.read(&mut [0; 64]).await.expect_err("alert");
+    assert!(told.to_string().contains("BadRecordMac"), "{told}");
 }
