@@ -46,6 +46,8 @@ mod pool;
 mod record;
 mod server;
 mod stream;
+#[cfg(test)]
+mod test_pki;
 mod tls;
 
 pub use carrier::Carrier;

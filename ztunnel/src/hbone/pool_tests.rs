@@ -1,49 +1,14 @@
 //! Tests of the pool against a real HBONE server on loopback: certificate renewal and
 //! expiry decide which connection a new tunnel rides.
 
-use membrane_identity::spiffe_id::parse_trust_domain;
-use membrane_identity::verify::{mtls_client_config, mtls_server_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, TrustBundle, WorkloadSvid, crypto_provider};
-use membrane_testbed::OfflineCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::*;
+use crate::hbone::test_pki::{CLIENT, SERVER, TestCa};
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
-
-const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
-const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
-
-/// A test CA: its bundle, SVIDs of a chosen lifetime, and client configs trusting it.
-struct Ca(OfflineCa);
-
-impl Ca {
-    fn new() -> Self {
-        Self(OfflineCa::root("test root").expect("root"))
-    }
-
-    fn bundle(&self) -> SharedTrustBundle {
-        let td = parse_trust_domain("cluster.local").expect("td");
-        SharedTrustBundle::new(TrustBundle::new(td, [self.0.der().clone()]).expect("bundle"))
-    }
-
-    fn svid(&self, uri: &str, lifetime: Duration) -> WorkloadSvid {
-        self.0.svid_valid_for(uri, &[], lifetime).expect("svid")
-    }
-
-    fn client_tls(&self, svid: &WorkloadSvid) -> Arc<rustls::ClientConfig> {
-        let mut cfg = mtls_client_config(
-            svid,
-            self.bundle(),
-            PeerCheck::Exact(SpiffeId::new(SERVER).expect("id")),
-            crypto_provider(),
-        )
-        .expect("client config");
-        cfg.alpn_protocols = vec![crate::hbone::ALPN_H2.to_vec()];
-        Arc::new(cfg)
-    }
-}
+use membrane_identity::WorkloadSvid;
 
 /// Forwards every tunnel to the echo application.
 struct Forward(SocketAddr);
@@ -67,7 +32,7 @@ impl ConnectHandler for Forward {
 /// An echo application and an HBONE server presenting whatever `server_svid` holds when a
 /// connection arrives (as the inbound side does). Tasks end with the returned set.
 async fn serve(
-    ca: &Ca,
+    ca: &TestCa,
     server_svid: Arc<Mutex<WorkloadSvid>>,
 ) -> (SocketAddr, SocketAddr, JoinSet<()>) {
     let mut tasks = JoinSet::new();
@@ -87,14 +52,7 @@ async fn serve(
     tasks.spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let svid = lock(&server_svid).clone();
-            let td = parse_trust_domain("cluster.local").expect("td");
-            let tls = mtls_server_config(
-                &svid,
-                bundle.clone(),
-                PeerCheck::TrustDomain(td),
-                crypto_provider(),
-            )
-            .expect("server config");
+            let tls = TestCa::server_config(&svid, bundle.clone());
             let handler: Arc<dyn ConnectHandler<Admission = (), App = tokio::net::TcpStream>> =
                 Arc::new(Forward(app_addr));
             tokio::spawn(crate::hbone::serve_connection(tcp, Arc::new(tls), handler));
@@ -141,7 +99,7 @@ async fn echoes(stream: &mut H2Stream, text: &[u8]) {
 /// tunnel on the old connection keeps working; the old connection leaves once idle.
 #[tokio::test]
 async fn a_renewed_certificate_gets_a_new_connection_and_old_tunnels_stay() {
-    let ca = Ca::new();
+    let ca = TestCa::new();
     let server_svid = Arc::new(Mutex::new(ca.svid(SERVER, Duration::from_secs(3600))));
     let (addr, app, _tasks) = serve(&ca, server_svid).await;
     let pool = HbonePool::new(PoolConfig {
@@ -187,7 +145,7 @@ async fn a_renewed_certificate_gets_a_new_connection_and_old_tunnels_stay() {
 /// carries keeps working.
 #[tokio::test]
 async fn an_expired_peer_certificate_is_not_reused() {
-    let ca = Ca::new();
+    let ca = TestCa::new();
     // X.509 times are whole seconds: this one expires within 1–2 s.
     let short = ca.svid(SERVER, Duration::from_secs(2));
     let expiry = short.info().not_after;
@@ -234,7 +192,7 @@ async fn an_expired_peer_certificate_is_not_reused() {
 /// on; keys the predicate does not select keep theirs.
 #[tokio::test]
 async fn retired_connections_take_no_new_tunnel_and_open_ones_stay() {
-    let ca = Ca::new();
+    let ca = TestCa::new();
     let server_svid = Arc::new(Mutex::new(ca.svid(SERVER, Duration::from_secs(3600))));
     let (addr, app, _tasks) = serve(&ca, server_svid).await;
     let pool = HbonePool::new(PoolConfig {

@@ -5,56 +5,33 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use membrane_identity::spiffe_id::parse_trust_domain;
-use membrane_identity::verify::{mtls_client_config, mtls_server_config};
-use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, crypto_provider};
-use membrane_testbed::OfflineCa;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
 use super::*;
 use crate::hbone::handshake::{accept, connect};
-
-const SERVER: &str = "spiffe://cluster.local/ns/data/sa/store";
-const CLIENT: &str = "spiffe://cluster.local/ns/ml/sa/trainer";
+use crate::hbone::test_pki::{CLIENT, SERVER, TestCa};
 
 struct Pki {
-    ca: OfflineCa,
+    ca: TestCa,
 }
 
 impl Pki {
     fn new() -> Self {
-        Self {
-            ca: OfflineCa::root("tls test root").expect("root"),
-        }
-    }
-
-    fn bundle(&self) -> SharedTrustBundle {
-        let td = parse_trust_domain("cluster.local").expect("td");
-        SharedTrustBundle::new(TrustBundle::new(td, [self.ca.der().clone()]).expect("bundle"))
+        Self { ca: TestCa::new() }
     }
 
     fn server(&self, extract: bool) -> Arc<rustls::ServerConfig> {
-        let svid = self.ca.svid(SERVER, &[]).expect("svid");
-        let td = parse_trust_domain("cluster.local").expect("td");
-        let mut cfg = mtls_server_config(
-            &svid,
-            self.bundle(),
-            PeerCheck::TrustDomain(td),
-            crypto_provider(),
-        )
-        .expect("server config");
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let svid = self.ca.svid(SERVER, Duration::from_secs(3600));
+        let mut cfg = TestCa::server_config(&svid, self.ca.bundle());
         cfg.enable_secret_extraction = extract;
         Arc::new(cfg)
     }
 
     fn client(&self, extract: bool) -> Arc<rustls::ClientConfig> {
-        let svid = self.ca.svid(CLIENT, &[]).expect("svid");
-        let expected = PeerCheck::Exact(SpiffeId::new(SERVER).expect("id"));
-        let mut cfg = mtls_client_config(&svid, self.bundle(), expected, crypto_provider())
-            .expect("client config");
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let mut cfg = self
+            .ca
+            .client_config(&self.ca.svid(CLIENT, Duration::from_secs(3600)));
         cfg.enable_secret_extraction = extract;
         Arc::new(cfg)
     }
