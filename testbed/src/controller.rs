@@ -30,6 +30,8 @@ pub struct TestCa {
     listeners: ListenerConfig,
     rotation_ack_timeout: Duration,
     root_namespace: String,
+    trust_domain: membrane_identity::TrustDomain,
+    federation: membrane_ca::app::FederationConfig,
 }
 
 impl TestCa {
@@ -59,6 +61,8 @@ impl TestCa {
         let (config_signer, listeners) = (config.signer, config.listeners);
         let rotation_ack_timeout = config.rotation_ack_timeout;
         let root_namespace = config.root_namespace.clone();
+        let trust_domain = config.trust_domain.clone();
+        let federation = config.federation;
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(Self {
@@ -70,6 +74,8 @@ impl TestCa {
             listeners,
             rotation_ack_timeout,
             root_namespace,
+            trust_domain,
+            federation,
         })
     }
 
@@ -94,6 +100,19 @@ impl TestCa {
             listeners: Default::default(),
             federation: Default::default(),
         }
+    }
+
+    /// This controller's configuration again, over its directory (fresh loopback ports for
+    /// its listeners).
+    fn same_config(&self) -> AppConfig {
+        let mut config = Self::config(self.dir.path(), None);
+        config.signer = self.signer;
+        config.listeners = self.listeners;
+        config.rotation_ack_timeout = self.rotation_ack_timeout;
+        config.root_namespace = self.root_namespace.clone();
+        config.trust_domain = self.trust_domain.clone();
+        config.federation = self.federation;
+        config
     }
 
     fn running(&self) -> &Running {
@@ -192,11 +211,7 @@ impl TestCa {
     /// Starts another controller replica over the same directory (same root, same manifests,
     /// same tokens) on fresh loopback ports; the caller shuts it down.
     pub async fn replica(&self) -> anyhow::Result<Running> {
-        let mut config = Self::config(self.dir.path(), None);
-        config.signer = self.signer;
-        config.listeners = self.listeners;
-        config.rotation_ack_timeout = self.rotation_ack_timeout;
-        config.root_namespace = self.root_namespace.clone();
+        let config = self.same_config();
         let running = app::start(config).await?;
         tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
         Ok(running)
@@ -236,11 +251,7 @@ impl TestCa {
             .paused
             .take()
             .ok_or_else(|| anyhow::anyhow!("controller not paused"))?;
-        let mut config = Self::config(self.dir.path(), None);
-        config.signer = self.signer;
-        config.listeners = self.listeners;
-        config.rotation_ack_timeout = self.rotation_ack_timeout;
-        config.root_namespace = self.root_namespace.clone();
+        let mut config = self.same_config();
         config.listen = grpc;
         config.metrics_listen = metrics;
         // The old listener's port may linger a moment after shutdown.

@@ -1,45 +1,23 @@
 //! SPIFFE Federation between controllers over real TLS on loopback: a controller serves its
 //! bundle at its bundle endpoint, another follows it through a `TrustFederation` manifest and
 //! streams the roots to its nodes; a failing, lying or replaying endpoint leaves the last
-//! good bundle in force, and its age is reported.
+//! good bundle in force, and its age is reported; a restarted controller resumes with the
+//! bundle it fetched last.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use membrane_proto::v1 as pb;
-use membrane_tests::{MESH_MANIFESTS, OfflineCa, TestCa, node_token};
+use membrane_tests::{OfflineCa, TestCa};
+
+#[path = "federation/common.rs"]
+mod common;
+use common::{federated_controller, federation};
 
 const B: &str = "cluster-b.example";
 const C: &str = "cluster-c.example";
 const D: &str = "cluster-d.example";
-
-fn federation(name: &str, td: &str, url: &str, bootstrap_pem: &str) -> String {
-    let indented: String = bootstrap_pem
-        .lines()
-        .map(|l| format!("    {l}\n"))
-        .collect();
-    format!(
-        "---\napiVersion: security.membrane.dev/v1\nkind: TrustFederation\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  bundleEndpoint:\n    url: {url}\n    spiffeId: spiffe://{td}/ns/membrane-system/sa/membrane-ca\n  bootstrapBundle: |\n{indented}"
-    )
-}
-
-/// Controller A (trust domain `cluster-a.example`) with the mesh manifests and the
-/// `TrustFederation` document `federation`, and node-a's discovery stream from it.
-async fn federated_controller(
-    federation: &str,
-) -> anyhow::Result<(TestCa, tonic::Streaming<pb::Update>)> {
-    let a = TestCa::builder()
-        .trust_domain("cluster-a.example")
-        .nodes(&["node-a".to_owned()])
-        .manifest("mesh.yaml", MESH_MANIFESTS)
-        .manifest("federation.yaml", federation)
-        .start()
-        .await?;
-    let mut client = a.client(&node_token("node-a")).await?;
-    let stream = client.watch("node-a").await?;
-    Ok((a, stream))
-}
 
 /// The roots (DER) node-a is told to trust for `td`, once its stream carries them.
 async fn federated_roots(
@@ -333,6 +311,92 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
     Ok(())
 }
 
+/// The roots a fresh snapshot for node-a holds for `td`, once it holds any.
+async fn roots_once_federated(a: &TestCa, td: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let roots = a.federated_roots("node-a", td).await?;
+        if !roots.is_empty() {
+            return Ok(roots);
+        }
+        ensure!(Instant::now() < deadline, "{td} never federated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_resumes_with_the_bundle_it_last_fetched() -> anyhow::Result<()> {
+    let (root_c, next_c) = (OfflineCa::root("C root")?, OfflineCa::root("C next root")?);
+    let fake = FakeEndpoint::start(&root_c).await?;
+    fake.serve(document(&[&root_c, &next_c], 10)?);
+    let url = format!("https://{}/", fake.addr);
+    let (mut a, mut stream) =
+        federated_controller(&federation("cluster-c", C, &url, &root_c.pem())).await?;
+    let mut held = Default::default();
+    // C rotates to its next root (bundle and endpoint certificate); A follows.
+    fake.reissue(&next_c)?;
+    fake.serve(document(&[&next_c], 11)?);
+    let only_next = vec![next_c.der().to_vec()];
+    federated_roots(&mut stream, &mut held, C, |r| r == Some(&only_next)).await?;
+    let saved = a.dir.path().join(format!("state/federation/{C}.json"));
+    ensure!(saved.exists(), "no saved bundle at {}", saved.display());
+
+    // C's endpoint becomes unverifiable, and A restarts meanwhile: it resumes with the bundle
+    // it fetched last (the bootstrap root alone would no longer verify C's identities).
+    let stranger = OfflineCa::root("stranger")?;
+    fake.reissue(&stranger)?;
+    drop(stream);
+    a.pause().await.context("A was running")?;
+    a.resume().await?;
+    let now = roots_once_federated(&a, C).await?;
+    ensure!(
+        now == only_next,
+        "the restart fell back to the bootstrap bundle: {now:?}"
+    );
+    metric(&a, &["federated_bundle_fetches_total", C, "result=\"tls\""]).await?;
+    let sequence = metric(&a, &["federated_bundle_sequence", C]).await?;
+    ensure!(sequence.ends_with(" 11"), "{sequence}");
+
+    // The saved sequence still refuses a replayed older bundle after the restart.
+    fake.reissue(&next_c)?;
+    fake.serve(document(&[&root_c], 5)?);
+    metric(
+        &a,
+        &["federated_bundle_fetches_total", C, "result=\"rollback\""],
+    )
+    .await?;
+    let now = a.federated_roots("node-a", C).await?;
+    ensure!(now == only_next, "a replayed bundle was taken: {now:?}");
+
+    // The operator re-bootstraps the federation while A is down: the saved bundle belongs to
+    // other trust settings and is not used.
+    let other = OfflineCa::root("C re-bootstrapped")?;
+    a.pause().await.context("A was running")?;
+    a.write_manifest(
+        "federation.yaml",
+        &federation("cluster-c", C, &url, &other.pem()),
+    )?;
+    a.resume().await?;
+    let now = roots_once_federated(&a, C).await?;
+    ensure!(
+        now == vec![other.der().to_vec()],
+        "a bundle saved under other trust settings was used: {now:?}"
+    );
+
+    // The federation removed: its saved bundle goes too.
+    std::fs::remove_file(a.manifests_dir().join("federation.yaml"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while saved.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the saved bundle outlived its federation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(a.federated_roots("node-a", C).await?.is_empty());
+    Ok(())
+}
+
 /// SPIRE's bundle format (identity/tests/fixtures/spire-bundle.json: sequence 42) with
 /// `root` added as one more X.509 key; and every X.509 root it holds (DER).
 fn spire_document(root: &OfflineCa) -> anyhow::Result<(String, Vec<Vec<u8>>)> {
@@ -352,270 +416,4 @@ fn spire_document(root: &OfflineCa) -> anyhow::Result<(String, Vec<Vec<u8>>)> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((doc.to_string(), roots))
-}
-
-/// Cluster B's inference namespace: the model server (exported) and a pod outside the mesh.
-const B_SERVICES: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: inference, labels: {membrane.dev/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: model-server-0, namespace: inference, labels: {app: model-server}}
-spec: {serviceAccountName: model-server, nodeName: node-b}
-status: {phase: Running, podIP: 10.20.1.5}
----
-apiVersion: v1
-kind: Service
-metadata: {name: model-server, namespace: inference, labels: {membrane.dev/export: "true"}}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {app: model-server}
-  ports: [{name: http, port: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: internal, namespace: inference}
-spec:
-  clusterIP: 10.96.0.21
-  selector: {app: model-server}
-  ports: [{name: http, port: 9090}]
-"#;
-
-/// Node-a's imported workloads and clusterset Services, once its stream carries `want`.
-async fn imported(
-    stream: &mut tonic::Streaming<pb::Update>,
-    held: &mut std::collections::BTreeMap<(i32, String), pb::Resource>,
-    want: impl Fn(&std::collections::BTreeMap<(i32, String), pb::Resource>) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let imports: std::collections::BTreeMap<_, _> = held
-            .iter()
-            .filter(|((_, name), _)| {
-                name.starts_with("imported/") || name.starts_with("clusterset:")
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if want(&imports) {
-            return Ok(());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        ensure!(
-            !left.is_zero(),
-            "node-a's stream never carried the expected imports: {imports:?}"
-        );
-        let update = tokio::time::timeout(left, stream.message())
-            .await
-            .context("no update in time")??
-            .context("stream ended")?;
-        if update.snapshot {
-            held.clear();
-        }
-        for k in &update.removals {
-            held.remove(&(k.kind, k.name.clone()));
-        }
-        for r in update.upserts {
-            let key = match &r.kind {
-                Some(pb::resource::Kind::Workload(w)) => {
-                    (pb::resource_key::Kind::Workload as i32, w.uid.clone())
-                }
-                Some(pb::resource::Kind::Service(s)) if s.clusterset => (
-                    pb::resource_key::Kind::Service as i32,
-                    format!("clusterset:{}/{}", s.namespace, s.name),
-                ),
-                _ => continue,
-            };
-            held.insert(key, r);
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exported_services_are_imported_with_their_identities_and_only_by_federated_controllers()
--> anyhow::Result<()> {
-    let b = TestCa::builder()
-        .trust_domain(B)
-        .bundle_endpoint(Duration::from_secs(1))
-        .exports()
-        .manifest("inference.yaml", B_SERVICES)
-        .start()
-        .await?;
-    let endpoint = b.bundle_endpoint_addr().context("B serves its bundle")?;
-    let exports = b.exports_addr().context("B serves its exports")?;
-    let fed = format!(
-        "{}  serviceExports:\n    url: https://{exports}\n    addresses: [10.20.0.0/16]\n",
-        federation(
-            "cluster-b",
-            B,
-            &format!("https://{endpoint}/"),
-            &b.root_pem()
-        )
-    );
-    let (a, mut stream) = federated_controller(&fed).await?;
-    // Federation is mutual: B trusts A's controller (A serves no bundle endpoint here, so
-    // its root stays B's bootstrap bundle for A).
-    std::fs::write(
-        b.manifests_dir().join("federation-a.yaml"),
-        federation(
-            "cluster-a",
-            "cluster-a.example",
-            "https://127.0.0.1:9/",
-            &a.root_pem(),
-        ),
-    )?;
-    let mut held = Default::default();
-    // B's exported model server arrives: its pod as a foreign workload of B's trust domain,
-    // the Service as a clusterset Service on an address of 240.240.0.0/16; B's unexported
-    // Service does not.
-    imported(&mut stream, &mut held, |imports| {
-        let workload = imports.values().find_map(|r| match &r.kind {
-            Some(pb::resource::Kind::Workload(w)) => Some(w),
-            _ => None,
-        });
-        let service = imports.values().find_map(|r| match &r.kind {
-            Some(pb::resource::Kind::Service(s)) => Some(s),
-            _ => None,
-        });
-        let (Some(w), Some(s)) = (workload, service) else {
-            return false;
-        };
-        imports.len() == 2
-            && w.uid == format!("imported/{B}/inference/model-server-0")
-            && w.trust_domain == B
-            && w.foreign
-            && w.service_account == "model-server"
-            && w.ips == ["10.20.1.5"]
-            && s.name == "model-server"
-            && s.vips.len() == 1
-            && s.vips[0].starts_with("240.240.")
-            && s.ports.iter().map(|p| p.port).collect::<Vec<_>>() == [8080]
-            && s.endpoints
-                .iter()
-                .map(|e| e.ip.as_str())
-                .collect::<Vec<_>>()
-                == ["10.20.1.5"]
-    })
-    .await?;
-
-    // B stops exporting the Service: A withdraws it.
-    std::fs::write(
-        b.manifests_dir().join("inference.yaml"),
-        B_SERVICES.replace("labels: {membrane.dev/export: \"true\"}", "labels: {}"),
-    )?;
-    imported(&mut stream, &mut held, |imports| imports.is_empty()).await?;
-
-    // Only a federated trust domain's controller may watch B's exports. B federates with X
-    // (its endpoint unreachable: the bootstrap bundle stays in force).
-    let x = OfflineCa::root("cluster X")?;
-    const X: &str = "cluster-x.example";
-    std::fs::write(
-        b.manifests_dir().join("federation-x.yaml"),
-        federation("cluster-x", X, "https://127.0.0.1:9/", &x.pem()),
-    )?;
-    let controller = format!("spiffe://{X}/ns/membrane-system/sa/membrane-ca");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let first = loop {
-        match watch_exports(exports, &b.root_pem(), &x, &controller).await {
-            Ok(first) => break first,
-            Err(e) if Instant::now() < deadline => {
-                tracing_hint(&e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e.context("X's controller never got B's exports")),
-        }
-    };
-    ensure!(first.trust_domain == B, "exports of {}", first.trust_domain);
-    // X's workloads are trusted by the handshake but are not controllers.
-    let workload = format!("spiffe://{X}/ns/default/sa/app");
-    let refused = watch_exports(exports, &b.root_pem(), &x, &workload).await;
-    let message = format!(
-        "{:?}",
-        refused
-            .err()
-            .context("a workload of X watched B's exports")?
-    );
-    ensure!(message.contains("not a controller"), "{message}");
-    // An unfederated trust domain's controller is refused in the handshake.
-    let stranger = OfflineCa::root("stranger")?;
-    let refused = watch_exports(
-        exports,
-        &b.root_pem(),
-        &stranger,
-        "spiffe://cluster-y.example/ns/membrane-system/sa/membrane-ca",
-    )
-    .await;
-    ensure!(
-        refused.is_err(),
-        "a controller of an unfederated trust domain watched B's exports"
-    );
-    drop(a);
-    Ok(())
-}
-
-/// Keeps the last error of a retried step visible when the test fails elsewhere.
-fn tracing_hint(e: &anyhow::Error) {
-    eprintln!("retrying: {e:#}");
-}
-
-/// Watches the exports at `addr` presenting an SVID of `id` issued by `ca`,
-/// verifying the server against `root_pem`; the first message, or why there was none.
-async fn watch_exports(
-    addr: std::net::SocketAddr,
-    root_pem: &str,
-    ca: &OfflineCa,
-    id: &str,
-) -> anyhow::Result<pb::Exports> {
-    let svid = ca.svid(id, &[])?;
-    let roots = membrane_tests::pem_certificates(root_pem);
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(rustls_pki_types::CertificateDer::from(r))?;
-    }
-    // The test checks only the client side's refusal; the server is verified by its root.
-    let mut tls = rustls::ClientConfig::builder_with_provider(membrane_identity::crypto_provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(store)
-        .with_client_cert_resolver(Arc::new(Client(svid.certified_key())));
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = Arc::new(tls);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
-                    .map_err(std::io::Error::other)?;
-                let s = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await?;
-    let mut client = pb::service_exports_client::ServiceExportsClient::new(channel);
-    let mut stream = client.watch(pb::ExportsRequest {}).await?.into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await??
-        .context("no exports")?;
-    Ok(first)
-}
-
-#[derive(Debug)]
-struct Client(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for Client {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
 }

@@ -12,11 +12,15 @@
 //! `membrane_ca_federated_bundle_age_seconds` keeps growing. A `TrustFederation` removed
 //! stops being trusted at the next discovery update. A federation naming the local trust
 //! domain, or a second one naming a trust domain already federated, is refused with an error
-//! log and changes nothing.
+//! log and changes nothing. The last good bundle of each federation is also kept in the state
+//! directory ([`persist`]): a restarted controller starts from it (and from its sequence)
+//! rather than from the bootstrap bundle, as long as the federation's trust settings are the
+//! ones it was fetched under.
 
 pub mod endpoint;
 pub mod fetch;
 pub mod importer;
+pub mod persist;
 pub mod services;
 pub mod spec;
 
@@ -44,6 +48,8 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 /// bundle that never changes).
 pub const REFRESH_BOUNDS: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// How often an unchanged fetched bundle is saved again (its fetch time on disk).
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(60);
 /// Retry delays after a failed fetch (doubling).
 pub const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -117,6 +123,8 @@ pub struct Outputs {
     pub imports: watch::Sender<services::Imports>,
     /// The controller's serving SVID (the client certificate of an import stream).
     pub serving: Arc<crate::serving::ServingCert>,
+    /// Where the last good bundles are kept across restarts.
+    pub store: persist::Store,
 }
 
 /// A running importer, and the flag that stops it publishing once its federation is gone
@@ -148,9 +156,13 @@ pub async fn run(
                 let wanted = state
                     .borrow_and_update()
                     .as_ref()
-                    .map(|s| s.federations.clone())
-                    .unwrap_or_default();
-                reconcile(&local, wanted, &mut tasks, &held, &out, &metrics);
+                    .map(|s| s.federations.clone());
+                if let Some(wanted) = &wanted {
+                    // Only a loaded state says which federations are gone.
+                    let named: Vec<&TrustDomain> = wanted.values().map(|f| &f.trust_domain).collect();
+                    out.store.retain(&named);
+                }
+                reconcile(&local, wanted.unwrap_or_default(), &mut tasks, &held, &out, &metrics);
             }
             _ = ager.tick() => {
                 for (td, h) in membrane_runtime::lock(&held).iter() {
@@ -231,6 +243,7 @@ fn reconcile(
             }
             drop_imports(&out.imports, &fed.trust_domain);
             membrane_runtime::lock(held).remove(&fed.trust_domain);
+            out.store.remove(&fed.trust_domain);
             let labels = TrustDomainLabels {
                 trust_domain: fed.trust_domain.to_string(),
             };
@@ -254,19 +267,21 @@ fn reconcile(
             tracing::error!(federation = %name, other = %other, trust_domain = %fed.trust_domain, "trust domain already federated by another TrustFederation; ignored");
             continue;
         }
-        membrane_runtime::lock(held).insert(
-            fed.trust_domain.clone(),
-            Held {
-                bundle: fed.bootstrap.clone(),
-                sequence: None,
-                since: Instant::now(),
-            },
-        );
-        tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, "federation added; its bootstrap bundle is in force until the first fetch");
+        let start = initial(&name, &fed, out);
+        if let Some(seq) = start.sequence {
+            metrics
+                .sequence
+                .get_or_create(&TrustDomainLabels {
+                    trust_domain: fed.trust_domain.to_string(),
+                })
+                .set(i64::try_from(seq).unwrap_or(i64::MAX));
+        }
+        membrane_runtime::lock(held).insert(fed.trust_domain.clone(), start);
         let task = tokio::spawn(follow(
             fed.clone(),
             held.clone(),
             out.bundles.clone(),
+            out.store.clone(),
             metrics.clone(),
         ));
         // The importer looks the peer's bundle up when it connects: publish it first.
@@ -275,6 +290,34 @@ fn reconcile(
         tasks.insert(name, (fed, task, importer));
     }
     publish(held, &out.bundles);
+}
+
+/// What a federation starts with: the bundle saved by an earlier run under the same trust
+/// settings, else its bootstrap bundle.
+fn initial(name: &str, fed: &TrustFederation, out: &Outputs) -> Held {
+    match out.store.load(fed) {
+        Ok(Some(saved)) => {
+            tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, age_s = saved.age.as_secs(), sequence = ?saved.sequence, "federation added; the bundle it last fetched is in force until the next fetch");
+            return Held {
+                since: Instant::now()
+                    .checked_sub(saved.age)
+                    .unwrap_or_else(Instant::now),
+                bundle: saved.bundle,
+                sequence: saved.sequence,
+            };
+        }
+        Ok(None) => {
+            tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, "federation added; its bootstrap bundle is in force until the first fetch");
+        }
+        Err(e) => {
+            tracing::warn!(federation = %name, trust_domain = %fed.trust_domain, error = %e, "the saved federated bundle cannot be used; the bootstrap bundle is in force until the first fetch");
+        }
+    }
+    Held {
+        bundle: fed.bootstrap.clone(),
+        sequence: None,
+        since: Instant::now(),
+    }
 }
 
 /// Whether two versions of a federation trust the same way (trust domain, bundle endpoint,
@@ -351,10 +394,12 @@ async fn follow(
     fed: TrustFederation,
     held: HeldMap,
     out: watch::Sender<Arc<Vec<TrustBundle>>>,
+    store: persist::Store,
     metrics: FederationMetrics,
 ) {
     let td = fed.trust_domain.to_string();
     let mut retry = RETRY_BOUNDS.0;
+    let mut saved_at: Option<Instant> = None;
     loop {
         let Some(current) = membrane_runtime::lock(&held)
             .get(&fed.trust_domain)
@@ -380,14 +425,29 @@ async fn follow(
                         })
                         .set(seq);
                 }
-                if fetched.bundle != current.bundle {
+                let changed = fetched.bundle != current.bundle;
+                if changed {
                     tracing::info!(trust_domain = %td, roots = fetched.bundle.roots().len(), sequence = ?fetched.sequence, "federated trust bundle changed");
+                }
+                let sequence = fetched.sequence.or(current.sequence);
+                // Saved when it changed, else at most once a minute (the age a restart
+                // resumes with is that fresh).
+                if changed
+                    || sequence != current.sequence
+                    || saved_at.is_none_or(|at| at.elapsed() >= SAVE_INTERVAL)
+                {
+                    match store.save(&fed, &fetched.bundle, sequence) {
+                        Ok(()) => saved_at = Some(Instant::now()),
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %td, error = %e, "cannot save the federated bundle; a restart would start from an older one")
+                        }
+                    }
                 }
                 membrane_runtime::lock(&held).insert(
                     fed.trust_domain.clone(),
                     Held {
                         bundle: fetched.bundle,
-                        sequence: fetched.sequence.or(current.sequence),
+                        sequence,
                         since: Instant::now(),
                     },
                 );
