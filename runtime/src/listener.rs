@@ -258,6 +258,19 @@ pub struct ConnectionCaps {
 /// Connections each peer IP holds on one listener.
 type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
+/// Says whether a peer address is exempt from the per-peer cap (a relay that speaks for many
+/// sources and enforces their shares itself); the listener-wide cap still applies to it.
+pub type PeerExemption = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// A [`PeerExemption`] held by a listener.
+struct Exempt(PeerExemption);
+
+impl std::fmt::Debug for Exempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerExemption")
+    }
+}
+
 /// A TCP listener with a back-off after accept errors and connection caps.
 #[derive(Debug)]
 pub struct GuardedListener {
@@ -266,6 +279,7 @@ pub struct GuardedListener {
     caps: ConnectionCaps,
     permits: Arc<Semaphore>,
     peers: PeerCounts,
+    exempt: Option<Exempt>,
     metrics: ListenerMetrics,
     backoff: AcceptBackoff,
     error_log: LogLimiter,
@@ -313,11 +327,19 @@ impl GuardedListener {
             caps,
             permits: Arc::new(Semaphore::new(caps.max.max(1))),
             peers: Arc::default(),
+            exempt: None,
             metrics,
             backoff: AcceptBackoff::default(),
             error_log: LogLimiter::default(),
             refusal_log: LogLimiter::default(),
         }
+    }
+
+    /// Lifts the per-peer cap for the addresses `exempt` names (asked at every accept).
+    #[must_use]
+    pub fn with_peer_exemption(mut self, exempt: PeerExemption) -> Self {
+        self.exempt = Some(Exempt(exempt));
+        self
     }
 
     /// The listener's name.
@@ -398,7 +420,8 @@ impl GuardedListener {
             .clone()
             .try_acquire_owned()
             .map_err(|_| RefusalReason::ListenerLimit)?;
-        let peer = if self.caps.max_per_peer > 0 {
+        let exempt = self.exempt.as_ref().is_some_and(|f| (f.0)(ip));
+        let peer = if self.caps.max_per_peer > 0 && !exempt {
             let mut peers = match self.peers.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
@@ -493,5 +516,39 @@ mod tests {
         let (_s3, _, _a3) = tokio::time::timeout(Duration::from_secs(2), l.accept())
             .await
             .expect("admitted once the first left");
+    }
+
+    #[tokio::test]
+    async fn an_exempt_peer_is_held_only_to_the_listener_cap() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let mut l = GuardedListener::new(
+            tcp,
+            "test",
+            ConnectionCaps {
+                max: 3,
+                max_per_peer: 1,
+            },
+            ListenerMetrics::default(),
+        )
+        .with_peer_exemption(Arc::new(|ip: IpAddr| ip.is_loopback()));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let c = TcpStream::connect(addr).await.expect("connect");
+            let (s, _, a) = tokio::time::timeout(Duration::from_secs(2), l.accept())
+                .await
+                .expect("an exempt peer passes its per-peer cap");
+            held.push((c, s, a));
+        }
+        // The listener-wide cap still holds.
+        let mut over = TcpStream::connect(addr).await.expect("c4");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), l.accept())
+                .await
+                .is_err(),
+            "over the listener cap"
+        );
+        let mut byte = [0u8; 1];
+        assert_eq!(over.read(&mut byte).await.unwrap_or(0), 0, "closed");
     }
 }

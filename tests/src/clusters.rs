@@ -28,7 +28,7 @@ pub const MODEL_SERVER: &str = "model-server.inference.svc.clusterset.local";
 pub const GATEWAY: (&str, &str) = ("mesh-gateways", "east-west");
 
 /// How the two clusters are joined.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Both clusters' workload certificate lifetime (`None`: the default).
     pub cert_ttl: Option<Duration>,
@@ -38,6 +38,8 @@ pub struct Options {
     /// With `east_west`: keep the routes between the pod networks, so the gateway can be
     /// switched off again ([`TwoClusters::use_gateway`]) and both paths compared.
     pub keep_routes: bool,
+    /// Arguments added to every ztunnel's command line.
+    pub ztunnel_args: Vec<String>,
 }
 
 /// The running clusters: A's mesh (every node, B's included), B's controller, and the model
@@ -255,6 +257,7 @@ pub async fn two_clusters(options: Options) -> anyhow::Result<TwoClusters> {
         trust_domain: Some(A.into()),
         bundle_endpoint: Some(Duration::from_secs(1)),
         node_controllers,
+        ztunnel_args: options.ztunnel_args,
         ..MeshSpec::two_nodes(pods, &["training", "monitoring", "inference"])
     };
     if options.east_west {

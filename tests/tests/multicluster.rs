@@ -181,8 +181,13 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
 #[ignore = "needs root"]
 async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow::Result<()> {
     require_root()?;
+    // One connection per peer address on every pod's HBONE listener: behind B's gateway all
+    // of A's sources share the gateway's address, which B's ztunnel exempts from that cap (the
+    // gateway limits each source identity itself) — the trainer's pooled tunnel connection
+    // and the scraper's below are both admitted.
     let TwoClusters { mesh, b, dst, .. } = two_clusters(Options {
         east_west: true,
+        ztunnel_args: vec!["--pod-max-connections-per-peer=1".into()],
         ..Options::default()
     })
     .await?;

@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
-use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
+use crate::proxy::{ConnectionLog, INBOUND_HBONE, PodContext, Proxy, original_dst, serve_listener};
 use crate::relay::{RelayResult, ResetOnError, Side};
 use membrane_identity::WorkloadIdentity;
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    serve_listener(listener, pod, proxy, "inbound", hbone_connection).await;
+    serve_listener(listener, pod, proxy, INBOUND_HBONE, hbone_connection).await;
 }
 
 async fn hbone_connection(
@@ -87,6 +87,10 @@ impl ConnectHandler for InboundHandler {
 
     fn denial_status(&self) -> hbone::DenialStatus {
         self.proxy.wire.denial
+    }
+
+    fn handshake_share_exempt(&self, peer: std::net::IpAddr) -> bool {
+        self.is_east_west_gateway(peer)
     }
 
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, InboundTunnel> {
@@ -234,12 +238,7 @@ impl InboundHandler {
 
     /// Whether `ip` is an east-west gateway pod of this cluster.
     fn is_east_west_gateway(&self, ip: std::net::IpAddr) -> bool {
-        self.proxy.state.borrow().by_ip(ip).is_some_and(|w| {
-            !w.foreign
-                && w.gateway
-                    .as_ref()
-                    .is_some_and(|r| r.kind == crate::state::GatewayKind::EastWest)
-        })
+        self.proxy.state.borrow().is_local_east_west_gateway(ip)
     }
 
     fn log(&self, req: &ConnectRequest) -> ConnectionLog {

@@ -77,6 +77,8 @@ pub struct PodContext {
 pub const OUTBOUND: &str = "outbound";
 /// The `kind` of the DNS capture's TCP listener (15053).
 pub const DNS_TCP: &str = "dns";
+/// The `kind` of the inbound HBONE listener (15008).
+pub const INBOUND_HBONE: &str = "inbound";
 
 /// Accepts on one of a pod's listeners until the pod stops accepting. Each connection runs
 /// `handle` in its own task, in a span named after the listener (`kind`), and is dropped when
@@ -100,6 +102,14 @@ pub async fn serve_listener<F, Fut>(
         caps.max_per_peer = 0;
     }
     let mut listener = GuardedListener::new(listener, kind, caps, proxy.listener_metrics.clone());
+    if kind == INBOUND_HBONE {
+        // Through this cluster's east-west gateway every federated source arrives from the
+        // gateway's address; the gateway limits each source identity itself.
+        let state = proxy.state.clone();
+        listener = listener.with_peer_exemption(Arc::new(move |ip| {
+            state.borrow().is_local_east_west_gateway(ip)
+        }));
+    }
     loop {
         let (tcp, peer, admission) = tokio::select! {
             _ = pod.accepting.cancelled() => return,

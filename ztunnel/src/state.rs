@@ -535,6 +535,16 @@ impl MeshState {
         self.by_ip.get(&ip)
     }
 
+    /// Whether `ip` is an east-west gateway pod of this cluster (not an imported workload).
+    pub fn is_local_east_west_gateway(&self, ip: IpAddr) -> bool {
+        self.by_ip(ip).is_some_and(|w| {
+            !w.foreign
+                && w.gateway
+                    .as_ref()
+                    .is_some_and(|r| r.kind == GatewayKind::EastWest)
+        })
+    }
+
     /// Whether plaintext sources may reach workloads of `namespace`.
     pub fn plaintext(&self, namespace: &str) -> PlaintextMode {
         self.plaintext.get(namespace).copied().unwrap_or_default()

@@ -81,6 +81,19 @@ impl Handshakes {
         }
     }
 
+    /// [`Handshakes::enter`], unless `peer` is `exempt` from the per-address share (then
+    /// only the process-wide bound applies).
+    fn share(
+        &'static self,
+        peer: IpAddr,
+        exempt: bool,
+    ) -> Result<Option<PeerHandshake>, HboneError> {
+        if exempt {
+            return Ok(None);
+        }
+        self.enter(peer).map(Some)
+    }
+
     /// Counts a handshake for `peer`, or refuses it when that address has its share.
     fn enter(&'static self, peer: IpAddr) -> Result<PeerHandshake, HboneError> {
         let limit = self.limits.max_pending_per_peer();
@@ -272,6 +285,14 @@ pub trait ConnectHandler: Send + Sync + 'static {
         DenialStatus::default()
     }
 
+    /// Whether `peer` is exempt from one address's share of the pending handshakes (a relay
+    /// of this cluster that carries many sources' tunnels and limits each source itself).
+    /// The process-wide bound still applies. None is, unless the handler says so.
+    fn handshake_share_exempt(&self, peer: IpAddr) -> bool {
+        let _ = peer;
+        false
+    }
+
     /// Called once for every accepted request — when its relay ended, or when the tunnel could
     /// not be opened after all (an error on side B, nothing relayed) — with the admission
     /// `connect` returned. Only if the connection task is dropped (pod removed, drain grace
@@ -321,7 +342,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
     let limits = handshakes();
     // A peer over its share is refused before it waits for a turn or costs a buffer.
     let _peer_turn = match peer_addr {
-        Some(addr) => Some(limits.enter(addr.ip())?),
+        Some(addr) => limits.share(addr.ip(), handler.handshake_share_exempt(addr.ip()))?,
         None => None,
     };
     let handshake = async {
@@ -635,6 +656,9 @@ mod tests {
         let _other = handshakes.enter(other).expect("other peer");
         drop(first);
         let _third = handshakes.enter(attacker).expect("slot freed");
+        // An exempt address (this cluster's east-west gateway) is not held to the share.
+        assert!(handshakes.share(attacker, false).is_err());
+        assert!(matches!(handshakes.share(attacker, true), Ok(None)));
     }
 
     #[test]
