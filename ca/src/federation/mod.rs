@@ -436,10 +436,18 @@ async fn follow(
                     || sequence != current.sequence
                     || saved_at.is_none_or(|at| at.elapsed() >= SAVE_INTERVAL)
                 {
-                    match store.save(&fed, &fetched.bundle, sequence) {
-                        Ok(()) => saved_at = Some(Instant::now()),
-                        Err(e) => {
+                    // Off the runtime's threads: the write is synced to disk.
+                    let (store, fed, bundle) = (store.clone(), fed.clone(), fetched.bundle.clone());
+                    let saved =
+                        tokio::task::spawn_blocking(move || store.save(&fed, &bundle, sequence))
+                            .await;
+                    match saved {
+                        Ok(Ok(())) => saved_at = Some(Instant::now()),
+                        Ok(Err(e)) => {
                             tracing::warn!(trust_domain = %td, error = %e, "cannot save the federated bundle; a restart would start from an older one")
+                        }
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %td, error = %e, "saving the federated bundle failed")
                         }
                     }
                 }
