@@ -23,8 +23,9 @@
 //! `MEMBRANE_BENCH_RR_SECS` (5), `MEMBRANE_BENCH_CONN_SECS` (5), `MEMBRANE_BENCH_INFLIGHT` (8),
 //! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`, plus `istio` when `ISTIO_ZTUNNEL_BIN` is set),
 //! `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), `ISTIO_ZTUNNEL_WORKER_THREADS` (the Istio
-//! ztunnel's own default unless set), and the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with both ztunnel pids (to attach a
-//! profiler), goes to stderr; the report to stdout.
+//! ztunnel's own default unless set), and the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with
+//! both ztunnel pids (to attach a profiler) and each proxy's share of a core during every bulk
+//! run (which one bounds it), goes to stderr; the report to stdout.
 //!
 //! The client pod gets `tcp_tw_reuse=1` and a wide ephemeral port range (both pods, so the
 //! ztunnel's connections to the application have the same room): a few seconds of
@@ -200,11 +201,15 @@ impl Bench<'_> {
 
     /// Both ztunnels' CPU time so far, in seconds.
     fn ztunnel_cpu(&self) -> anyhow::Result<f64> {
-        let mut ticks = 0;
-        for &pid in &self.pids {
-            ticks += cpu_ticks(pid)?;
-        }
-        Ok(ticks as f64 / self.ticks)
+        Ok(self.proxy_cpu()?.iter().sum())
+    }
+
+    /// Each proxy's CPU time so far, in seconds (in the order of `pids`).
+    fn proxy_cpu(&self) -> anyhow::Result<Vec<f64>> {
+        self.pids
+            .iter()
+            .map(|&pid| Ok(cpu_ticks(pid)? as f64 / self.ticks))
+            .collect()
     }
 
     /// The larger ztunnel's resident memory, in MiB.
@@ -503,16 +508,29 @@ impl Bench<'_> {
     ) -> anyhow::Result<()> {
         let test = if streams == 1 { "tcp1" } else { "tcp4" };
         eprintln!("[{tag}] {test} start ({} s)", self.cfg.bulk.as_secs());
-        let cpu0 = self.ztunnel_cpu()?;
+        let cpu0 = self.proxy_cpu()?;
+        let started = std::time::Instant::now();
         let (run, peak) = if streams == 4 {
             self.iperf_sampling_rss(streams)
         } else {
             (self.iperf(streams), f64::NAN)
         };
-        let cpu = self.ztunnel_cpu()? - cpu0;
+        let elapsed = started.elapsed().as_secs_f64();
+        let per_proxy: Vec<f64> = (self.proxy_cpu()?.iter().zip(&cpu0))
+            .map(|(now, before)| now - before)
+            .collect();
+        let cpu: f64 = per_proxy.iter().sum();
         let r = run?;
         let gbps = r.bits_per_second / 1e9;
-        eprintln!("[{tag}] {test}: {gbps:.2} Gbit/s, ztunnels {cpu:.2} CPU-s");
+        // Each proxy's share of a core shows which one bounds the transfer (one thread each
+        // by default).
+        let cores: Vec<String> = (per_proxy.iter())
+            .map(|c| format!("{:.2}", c / elapsed))
+            .collect();
+        eprintln!(
+            "[{tag}] {test}: {gbps:.2} Gbit/s, ztunnels {cpu:.2} CPU-s (cores per proxy, pid order: {})",
+            cores.join(" / ")
+        );
         push(
             out,
             if streams == 1 {
