@@ -368,6 +368,21 @@ async fn a_restarted_controller_resumes_with_the_bundle_it_last_fetched() -> any
     let now = a.federated_roots("node-a", C).await?;
     ensure!(now == only_next, "a replayed bundle was taken: {now:?}");
 
+    // A damaged record is refused whole: the bootstrap bundle is in force, and it is counted.
+    a.pause().await.context("A was running")?;
+    std::fs::write(&saved, "{\"format\": 1, \"roots_pem\": \"garbage\"}")?;
+    a.resume().await?;
+    let now = roots_once_federated(&a, C).await?;
+    ensure!(
+        now == vec![root_c.der().to_vec()],
+        "a damaged record changed the bundle: {now:?}"
+    );
+    metric(
+        &a,
+        &["federated_bundle_store_errors_total", C, "op=\"load\""],
+    )
+    .await?;
+
     // The operator re-bootstraps the federation while A is down: the saved bundle belongs to
     // other trust settings and is not used.
     let other = OfflineCa::root("C re-bootstrapped")?;

@@ -72,12 +72,33 @@ pub struct FetchLabels {
     pub result: &'static str,
 }
 
+/// Labels of `membrane_ca_federated_bundle_store_errors_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// `save` or `load`.
+    pub op: &'static str,
+}
+
 /// Federation metrics.
 #[derive(Debug, Clone, Default)]
 pub struct FederationMetrics {
     age: Family<TrustDomainLabels, Gauge<f64, AtomicU64>>,
     fetches: Family<FetchLabels, Counter>,
     sequence: Family<TrustDomainLabels, Gauge>,
+    store_errors: Family<StoreLabels, Counter>,
+}
+
+impl FederationMetrics {
+    fn store_error(&self, td: &TrustDomain, op: &'static str) {
+        self.store_errors
+            .get_or_create(&StoreLabels {
+                trust_domain: td.to_string(),
+                op,
+            })
+            .inc();
+    }
 }
 
 impl FederationMetrics {
@@ -98,6 +119,11 @@ impl FederationMetrics {
             "federated_bundle_sequence",
             "spiffe_sequence of the bundle in force for a federated trust domain",
             m.sequence.clone(),
+        );
+        registry.register(
+            "federated_bundle_store_errors",
+            "Federated bundles that could not be saved to or restored from the state directory",
+            m.store_errors.clone(),
         );
         m
     }
@@ -267,7 +293,7 @@ fn reconcile(
             tracing::error!(federation = %name, other = %other, trust_domain = %fed.trust_domain, "trust domain already federated by another TrustFederation; ignored");
             continue;
         }
-        let start = initial(&name, &fed, out);
+        let start = initial(&name, &fed, out, metrics);
         if let Some(seq) = start.sequence {
             metrics
                 .sequence
@@ -294,7 +320,7 @@ fn reconcile(
 
 /// What a federation starts with: the bundle saved by an earlier run under the same trust
 /// settings, else its bootstrap bundle.
-fn initial(name: &str, fed: &TrustFederation, out: &Outputs) -> Held {
+fn initial(name: &str, fed: &TrustFederation, out: &Outputs, metrics: &FederationMetrics) -> Held {
     match out.store.load(fed) {
         Ok(Some(saved)) => {
             tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, age_s = saved.age.as_secs(), sequence = ?saved.sequence, "federation added; the bundle it last fetched is in force until the next fetch");
@@ -310,6 +336,7 @@ fn initial(name: &str, fed: &TrustFederation, out: &Outputs) -> Held {
             tracing::info!(federation = %name, trust_domain = %fed.trust_domain, url = %fed.url, "federation added; its bootstrap bundle is in force until the first fetch");
         }
         Err(e) => {
+            metrics.store_error(&fed.trust_domain, "load");
             tracing::warn!(federation = %name, trust_domain = %fed.trust_domain, error = %e, "the saved federated bundle cannot be used; the bootstrap bundle is in force until the first fetch");
         }
     }
@@ -437,16 +464,19 @@ async fn follow(
                     || saved_at.is_none_or(|at| at.elapsed() >= SAVE_INTERVAL)
                 {
                     // Off the runtime's threads: the write is synced to disk.
-                    let (store, fed, bundle) = (store.clone(), fed.clone(), fetched.bundle.clone());
+                    let (store, saving, bundle) =
+                        (store.clone(), fed.clone(), fetched.bundle.clone());
                     let saved =
-                        tokio::task::spawn_blocking(move || store.save(&fed, &bundle, sequence))
+                        tokio::task::spawn_blocking(move || store.save(&saving, &bundle, sequence))
                             .await;
                     match saved {
                         Ok(Ok(())) => saved_at = Some(Instant::now()),
                         Ok(Err(e)) => {
+                            metrics.store_error(&fed.trust_domain, "save");
                             tracing::warn!(trust_domain = %td, error = %e, "cannot save the federated bundle; a restart would start from an older one")
                         }
                         Err(e) => {
+                            metrics.store_error(&fed.trust_domain, "save");
                             tracing::warn!(trust_domain = %td, error = %e, "saving the federated bundle failed")
                         }
                     }
