@@ -227,37 +227,57 @@ pub fn validate(
 }
 
 /// The virtual IP of every imported Service name (`namespace/name`), stable for a given set:
-/// a hash of the name picks the address in [`CLUSTERSET_VIPS`], the next free one on a
-/// collision (names in sorted order).
+/// a hash of the name picks its home address in [`CLUSTERSET_VIPS`]. Every home address
+/// goes to the first name (sorted) that hashes to it; the names that lost their home then
+/// take the next address that is nobody's, in sorted order. So a name keeps its address
+/// whatever else is imported unless another name that sorts before it hashes to the same
+/// home — names added or removed elsewhere never push it along.
 pub fn clusterset_vips<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, IpAddr> {
     let (base, prefix) = CLUSTERSET_VIPS;
-    let size = 1u32 << (32 - prefix);
-    let mut taken = BTreeSet::new();
-    let mut out = BTreeMap::new();
+    // Usable offsets: 1 ..= size - 2 (not the network or broadcast address).
+    let usable = (1u32 << (32 - prefix)) - 2;
     let sorted: BTreeSet<&str> = names.into_iter().collect();
-    for name in sorted {
+    let home = |name: &str| {
         // FNV-1a: stable across processes and versions.
         let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
-        if taken.len() >= (size - 2) as usize {
+        1 + hash % usable
+    };
+    let mut taken = BTreeSet::new();
+    let mut offsets: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut homeless = Vec::new();
+    for name in &sorted {
+        let offset = home(name);
+        if taken.insert(offset) {
+            offsets.insert(name, offset);
+        } else {
+            homeless.push(*name);
+        }
+    }
+    for name in homeless {
+        if taken.len() >= usable as usize {
             tracing::error!(
                 service = name,
                 "no clusterset address left; the Service gets none"
             );
             continue;
         }
-        // Skip the network and broadcast addresses.
-        let mut offset = 1 + hash % (size - 2);
+        let mut offset = home(name);
         while !taken.insert(offset) {
-            offset = 1 + offset % (size - 2);
+            offset = 1 + offset % usable;
         }
-        out.insert(
-            name.to_owned(),
-            IpAddr::V4(Ipv4Addr::from(u32::from(base) + offset)),
-        );
+        offsets.insert(name, offset);
     }
-    out
+    offsets
+        .into_iter()
+        .map(|(name, offset)| {
+            (
+                name.to_owned(),
+                IpAddr::V4(Ipv4Addr::from(u32::from(base) + offset)),
+            )
+        })
+        .collect()
 }
 
 /// The wire form of a Service's ports (the discovery stream's and the exports').

@@ -209,6 +209,71 @@ fn clusterset_vips_are_stable_distinct_and_in_range() {
     assert_eq!(distinct.len(), many.len());
 }
 
+/// Two names share a home address; the one that loses it must not take the home of a third
+/// name that sorts after it.
+#[test]
+fn a_collision_does_not_push_a_third_name_off_its_home() {
+    let home = |n: &str| clusterset_vips([n])[n];
+    let next = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) + 1)),
+        IpAddr::V6(_) => unreachable!("clusterset addresses are IPv4"),
+    };
+    // Two names with one home (bounded search; collisions in a /16 come within a few
+    // hundred names)...
+    let mut seen: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let (first, second) = (0..100_000)
+        .map(|i| format!("ns/a-{i}"))
+        .find_map(|n| {
+            let other = seen.insert(home(&n), n.clone())?;
+            Some(if other < n { (other, n) } else { (n, other) })
+        })
+        .expect("a collision");
+    // ...and a third, sorting after both, whose home is the next address.
+    let target = next(home(&first));
+    let third = (0..1_000_000)
+        .map(|i| format!("ns/z-{i}"))
+        .find(|n| home(n) == target)
+        .expect("a name at the next address");
+    let vips = clusterset_vips([first.as_str(), second.as_str(), third.as_str()]);
+    assert_eq!(vips[&first], home(&first));
+    assert_eq!(vips[&third], target, "{third} was pushed off its home");
+    assert_ne!(vips[&second], vips[&first]);
+    assert_ne!(vips[&second], vips[&third]);
+}
+
+/// A name whose home address no other name shares keeps it when names that collide
+/// elsewhere come and go (with 3,000 names in a /16, collisions are certain).
+#[test]
+fn clusterset_vips_do_not_move_when_other_names_collide() {
+    let many: Vec<String> = (0..3000).map(|i| format!("ns/svc-{i}")).collect();
+    let all = clusterset_vips(many.iter().map(String::as_str));
+    let homes: BTreeMap<&str, IpAddr> = many
+        .iter()
+        .map(|n| (n.as_str(), clusterset_vips([n.as_str()])[n.as_str()]))
+        .collect();
+    let mut shared: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for ip in homes.values() {
+        *shared.entry(*ip).or_default() += 1;
+    }
+    let (alone, colliding): (Vec<&str>, Vec<&str>) =
+        (homes.keys()).partition(|n| shared[&homes[**n]] == 1);
+    assert!(!colliding.is_empty(), "the test needs collisions");
+    // Every name alone at its home address holds it in the full set...
+    for n in &alone {
+        assert_eq!(all[*n], homes[*n], "{n} was pushed off its home address");
+    }
+    // ...and still does with every colliding name removed, or half of them.
+    for keep in [0, colliding.len() / 2] {
+        let subset = alone.iter().chain(colliding.iter().take(keep)).copied();
+        let vips = clusterset_vips(subset);
+        for n in &alone {
+            assert_eq!(vips[*n], all[*n], "{n} moved when other names changed");
+        }
+        let distinct: BTreeSet<_> = vips.values().collect();
+        assert_eq!(distinct.len(), vips.len());
+    }
+}
+
 /// A trust domain holds at most `MAX_STREAMS_PER_PEER` exports streams; a closed one frees
 /// its slot; other trust domains are counted apart.
 #[test]
