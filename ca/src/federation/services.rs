@@ -229,9 +229,9 @@ pub fn validate(
 /// The virtual IP of every imported Service name (`namespace/name`), stable for a given set:
 /// a hash of the name picks its home address in [`CLUSTERSET_VIPS`]. Every home address
 /// goes to the first name (sorted) that hashes to it; the names that lost their home then
-/// take the next address that is nobody's, in sorted order. So a name keeps its address
-/// whatever else is imported unless another name that sorts before it hashes to the same
-/// home — names added or removed elsewhere never push it along.
+/// take the next address that is nobody's, in sorted order. So a name at its home keeps its
+/// address whatever else is imported unless a name that sorts before it hashes to the same
+/// home; only a name that lost its home may move when the set changes.
 pub fn clusterset_vips<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, IpAddr> {
     let (base, prefix) = CLUSTERSET_VIPS;
     // Usable offsets: 1 ..= size - 2 (not the network or broadcast address).
