@@ -515,14 +515,20 @@ impl Mesh {
     }
 
     /// The Namespace and Pod manifests of the pods on `nodes` (what another cluster's
-    /// controller, per [`MeshSpec::node_controllers`], must be told about its own pods).
-    pub fn cluster_manifests(&self, nodes: &[String]) -> anyhow::Result<String> {
+    /// controller, per [`MeshSpec::node_controllers`], must be told about its own pods), with
+    /// that cluster's own plaintext permits.
+    pub fn cluster_manifests(
+        &self,
+        nodes: &[String],
+        plaintext_permit: &[String],
+    ) -> anyhow::Result<String> {
         let spec = MeshSpec {
             pods: (self.spec.pods.iter())
                 .filter(|p| nodes.contains(&p.node))
                 .cloned()
                 .collect(),
             node_controllers: BTreeMap::new(),
+            plaintext_permit: plaintext_permit.to_vec(),
             ..self.spec.clone()
         };
         Ok(Self::documents(&spec, &self.testbed)?.0)

@@ -145,11 +145,10 @@ pub fn combined(
                 spec.mesh_namespaces.push(ns.clone());
             }
         }
-        for ns in &cluster.spec.plaintext_permit {
-            if !spec.plaintext_permit.contains(ns) {
-                spec.plaintext_permit.push(ns.clone());
-            }
-        }
+        // Plaintext permits stay per cluster: the combined spec's are the first cluster's
+        // (its controller's manifests), and each other cluster's controller gets its own
+        // (`Mesh::cluster_manifests`) — a namespace another cluster opens to plaintext must
+        // not open a namespace of the same name here.
     }
     // Node numbers (and so pod ranges) follow the order of all nodes: an address a cluster
     // pinned is checked again against it.
@@ -266,6 +265,46 @@ mod tests {
             spec.pods.len(),
             clusters[0].spec.pods.len() + clusters[1].spec.pods.len()
         );
+    }
+
+    #[test]
+    fn a_plaintext_permit_stays_in_its_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let docs = |node: &str, permit: bool| {
+            let annotation = if permit {
+                "\n  annotations: {membrane.dev/plaintext: permit}"
+            } else {
+                ""
+            };
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shared\n  labels: {{membrane.dev/mesh: enabled}}{annotation}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: shared}}\nspec: {{nodeName: {node}}}\n"
+            )
+        };
+        for (name, node, permit) in [("one", "n1", false), ("two", "n2", true)] {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+            std::fs::write(dir.path().join(name).join("m.yaml"), docs(node, permit))
+                .expect("write");
+        }
+        std::fs::write(
+            dir.path().join(FILE),
+            "clusters:\n- {name: one, trustDomain: one.example}\n- {name: two, trustDomain: two.example}\n",
+        )
+        .expect("write");
+        let clusters = read(dir.path(), None).expect("valid").expect("clusters");
+        assert_eq!(clusters[1].spec.plaintext_permit, vec!["shared".to_owned()]);
+        let controller = NodeController {
+            endpoint: "https://127.0.0.1:1".into(),
+            root_pem: String::new(),
+            token: String::new(),
+            trust_domain: clusters[1].trust_domain.clone(),
+        };
+        let spec = combined(&clusters, &[controller], None).expect("combined");
+        assert!(
+            spec.plaintext_permit.is_empty(),
+            "cluster two's permit opened cluster one's namespace: {:?}",
+            spec.plaintext_permit
+        );
+        assert!(spec.mesh_namespaces.contains(&"shared".to_owned()));
     }
 
     #[test]

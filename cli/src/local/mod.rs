@@ -227,7 +227,10 @@ async fn daemon_clusters(
         )?;
     }
     for (c, ca) in others.iter().zip(&cas) {
-        ca.write_manifest("mesh.yaml", &mesh.cluster_manifests(&c.spec.nodes)?)?;
+        ca.write_manifest(
+            "mesh.yaml",
+            &mesh.cluster_manifests(&c.spec.nodes, &c.spec.plaintext_permit)?,
+        )?;
         for peer in peers.iter().filter(|p| p.name != c.name) {
             ca.write_manifest(
                 &format!("federation-{}.yaml", peer.name),
