@@ -243,19 +243,24 @@ impl Peer {
 mod tests {
     use super::*;
 
+    /// A controller for `cluster`'s nodes that is never dialled (`combined` only records it).
+    fn unreachable_controller(cluster: &Cluster) -> NodeController {
+        NodeController {
+            endpoint: "https://127.0.0.1:1".into(),
+            root_pem: String::new(),
+            token: String::new(),
+            trust_domain: cluster.trust_domain.clone(),
+        }
+    }
+
     #[test]
     fn the_example_names_two_clusters_with_nodes_of_their_own() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multicluster");
         let clusters = read(&dir, None).expect("valid").expect("clusters.yaml");
         assert_eq!(clusters.len(), 2);
         assert_ne!(clusters[0].trust_domain, clusters[1].trust_domain);
-        let controller = NodeController {
-            endpoint: "https://127.0.0.1:1".into(),
-            root_pem: String::new(),
-            token: String::new(),
-            trust_domain: clusters[1].trust_domain.clone(),
-        };
-        let spec = combined(&clusters, &[controller], None).expect("combined");
+        let spec =
+            combined(&clusters, &[unreachable_controller(&clusters[1])], None).expect("combined");
         assert_eq!(
             spec.node_controllers.len(),
             clusters[1].spec.nodes.len(),
@@ -292,13 +297,8 @@ mod tests {
         .expect("write");
         let clusters = read(dir.path(), None).expect("valid").expect("clusters");
         assert_eq!(clusters[1].spec.plaintext_permit, vec!["shared".to_owned()]);
-        let controller = NodeController {
-            endpoint: "https://127.0.0.1:1".into(),
-            root_pem: String::new(),
-            token: String::new(),
-            trust_domain: clusters[1].trust_domain.clone(),
-        };
-        let spec = combined(&clusters, &[controller], None).expect("combined");
+        let spec =
+            combined(&clusters, &[unreachable_controller(&clusters[1])], None).expect("combined");
         assert!(
             spec.plaintext_permit.is_empty(),
             "cluster two's permit opened cluster one's namespace: {:?}",
