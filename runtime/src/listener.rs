@@ -2,8 +2,10 @@
 //!
 //! Owns what every TCP listener of Membrane's binaries shares: a back-off after accept errors
 //! (at the descriptor limit `accept` fails at once, and retrying at once burns a core), a cap on
-//! the connections a listener holds (globally and per peer IP; a connection over a cap is
-//! accepted and closed at once, counted and logged at a bounded rate); [`crate::idle`] adds an
+//! the connections a listener holds (globally and per peer IP — a caller may exempt addresses
+//! from the per-peer part, e.g. a relay of its own that speaks for many sources; a connection
+//! over a cap is accepted and closed at once, counted and logged at a bounded rate);
+//! [`crate::idle`] adds an
 //! idle timeout to an accepted stream. The counts are `*_listener_*` Prometheus metrics labelled by
 //! listener. It must not know what a listener serves: protocol timeouts (HTTP headers, TLS
 //! handshakes) belong to the servers that use it.
