@@ -1090,6 +1090,13 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
         mount(ca, "cacerts").context("cacerts mount")?["readOnly"],
         true
     );
+    // The root file system is read-only: the state directory (federated peers' last good
+    // bundles) is a writable emptyDir even without a self-managed root.
+    assert!(volume(deployment, "state")?["emptyDir"].is_object());
+    assert_eq!(
+        mount(ca, "state").context("state mount")?["mountPath"],
+        "/var/lib/membrane-ca"
+    );
     // Log level and format.
     assert_eq!(
         env_value(ca, "RUST_LOG")?,
