@@ -24,7 +24,7 @@ use crate::egress::{self, budget::Metered};
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
-use crate::relay::{ResetOnError, Side, relay_until};
+use crate::relay::{RelayResult, ResetOnError, Side, relay_until};
 use crate::route::{Route, route};
 use crate::sni;
 use crate::state::Workload;
@@ -123,11 +123,24 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
         }
         Route::Hbone { workload, .. } => {
             let log = log(Some(workload.identity.to_string()));
-            let Some((stream, log)) = tunnel(peer.ip(), dst, workload, pod, proxy, log).await
-            else {
+            // What the application already sent rides with the CONNECT (no wait for the 200).
+            let mut early = hbone::EarlyData::from_socket(&tcp);
+            let tunnelled = tunnel(peer.ip(), dst, workload, pod, proxy, log, &mut early).await;
+            let (sent_early, failed) = (early.len(), early.take_error());
+            let Some((stream, mut log)) = tunnelled else {
                 return;
             };
-            log.relay(tcp, stream, None).await;
+            log.sent_early(sent_early);
+            match failed {
+                None => log.relay(tcp, stream, None).await,
+                // The read that took the early data consumed the socket's error: end the
+                // connection as the relay would have (dropping the stream resets it).
+                Some(error) => {
+                    log.opened();
+                    let result = RelayResult::failed_before(Side::A, error);
+                    log.relayed(&result, Side::A);
+                }
+            }
         }
         Route::Passthrough { .. } if membrane_api::clusterset::contains(dst.ip()) => {
             tracing::info!(dst = %dst, "clusterset address with no imported Service; refused");
@@ -324,6 +337,7 @@ async fn via_gateway(
         pod,
         proxy,
         log,
+        &mut hbone::EarlyData::none(),
     )
     .await
     else {
@@ -389,17 +403,20 @@ async fn tunnel(
     pod: &PodContext,
     proxy: &Proxy,
     log: ConnectionLog,
+    early: &mut hbone::EarlyData<'_>,
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
     let headers = ConnectHeaders {
         forwarded_for: Some(src_ip),
         ..ConnectHeaders::default()
     };
     let peer = SocketAddr::new(dst.ip(), hbone::HBONE_PORT);
-    tunnel_to(dst, workload, peer, headers, pod, proxy, log).await
+    tunnel_to(dst, workload, peer, headers, pod, proxy, log, early).await
 }
 
 /// Opens an HBONE stream from `pod` to `workload` at `peer` (its HBONE address) for `dst`,
-/// with `headers`; on failure the record is closed as refused and `None` returned.
+/// with `headers` and `early` data; on failure the record is closed as refused and `None`
+/// returned.
+#[allow(clippy::too_many_arguments)]
 async fn tunnel_to(
     dst: SocketAddr,
     workload: &Workload,
@@ -408,6 +425,7 @@ async fn tunnel_to(
     pod: &PodContext,
     proxy: &Proxy,
     log: ConnectionLog,
+    early: &mut hbone::EarlyData<'_>,
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
     let mut headers = headers;
     headers.baggage = Some(proxy.wire.baggage(&pod.workload));
@@ -476,7 +494,11 @@ async fn tunnel_to(
         dst_addr: peer,
         via,
     };
-    match proxy.pool.connect(key, tls, dial, dst, headers).await {
+    match proxy
+        .pool
+        .connect_with_early(key, tls, dial, dst, headers, early)
+        .await
+    {
         Ok(stream) => Some((stream, log)),
         Err(e) => {
             log.refused(format!("tunnel to {dst}: {e}"));

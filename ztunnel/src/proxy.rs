@@ -167,6 +167,8 @@ pub struct ConnectionLog {
     metrics: TcpMetrics,
     access: AccessLog,
     active: Arc<AtomicUsize>,
+    /// The source's bytes sent with the tunnel's request, before the relay ran.
+    sent_early: u64,
     open: bool,
     done: bool,
 }
@@ -216,6 +218,7 @@ impl ConnectionLog {
             metrics: proxy.metrics.clone(),
             access: proxy.access.clone(),
             active: proxy.active.clone(),
+            sent_early: 0,
             open: false,
             done: false,
         }
@@ -269,6 +272,12 @@ impl ConnectionLog {
         self.record.authorization = Some(decision.into());
     }
 
+    /// `n` bytes of the source's went out with the tunnel's request
+    /// ([`crate::hbone::EarlyData`]); they count as sent once the relay has run.
+    pub fn sent_early(&mut self, n: usize) {
+        self.sent_early = u64::try_from(n).unwrap_or(u64::MAX);
+    }
+
     /// The connection was opened (counted once, before bytes flow).
     pub fn opened(&mut self) {
         self.metrics.opened(&self.labels);
@@ -305,7 +314,7 @@ impl ConnectionLog {
             Side::B => (result.b_to_a, result.a_to_b),
         };
         let (kind, reason) = result.summary();
-        self.record.bytes_sent = sent;
+        self.record.bytes_sent = sent.saturating_add(self.sent_early);
         self.record.bytes_received = received;
         self.record.result = kind.into();
         self.record.reason = reason;

@@ -134,6 +134,20 @@ pub struct RelayResult {
 // === impl RelayResult ===
 
 impl RelayResult {
+    /// A relay that never ran: `side` failed with `error` before it started (nothing copied).
+    pub fn failed_before(side: Side, error: io::Error) -> Self {
+        let end = if is_abort(&error) {
+            RelayEnd::Reset(side)
+        } else {
+            RelayEnd::Error { side, error }
+        };
+        Self {
+            a_to_b: 0,
+            b_to_a: 0,
+            end,
+        }
+    }
+
     /// Whether both directions closed in order.
     pub fn is_clean(&self) -> bool {
         matches!(self.end, RelayEnd::Closed)

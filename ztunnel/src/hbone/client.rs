@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::carrier::Carrier;
+use super::early::EarlyData;
 use super::headers::{BAGGAGE, FORWARDED, TRACEPARENT, format_forwarded_for};
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
@@ -108,6 +109,7 @@ pub(crate) async fn establish(
 }
 
 /// Why a CONNECT on an established connection failed.
+#[derive(Debug)]
 pub(crate) enum ConnectFailure {
     /// The connection could not take a new stream (closed, GOAWAY); nothing reached the peer,
     /// so another connection may be tried.
@@ -148,18 +150,25 @@ fn connect_request(
     Ok(request)
 }
 
-/// Opens a CONNECT stream on `sender` and waits (at most `timeout`) for a 200.
+/// Opens a CONNECT stream on `sender` and waits (at most `timeout`) for a 200. The stream's
+/// first DATA frame, queued right behind the request's headers (one write), is `early`'s
+/// bytes if the application already sent some (see [`EarlyData`]).
 pub(crate) async fn open_tunnel(
     sender: &SendRequest<Bytes>,
     authority: SocketAddr,
     headers: &ConnectHeaders,
+    early: &mut EarlyData<'_>,
     timeout: Duration,
 ) -> Result<(SendStream<Bytes>, RecvStream), ConnectFailure> {
     let request = connect_request(authority, headers).map_err(ConnectFailure::Final)?;
     let unusable = |e| ConnectFailure::ConnectionUnusable(HboneError::h2(e));
     let exchange = async {
         let mut sender = sender.clone().ready().await.map_err(unusable)?;
-        let (response, send) = sender.send_request(request, false).map_err(unusable)?;
+        let (response, mut send) = sender.send_request(request, false).map_err(unusable)?;
+        let first = early.take();
+        if !first.is_empty() {
+            send.send_data(first, false).map_err(unusable)?;
+        }
         let response = response
             .await
             .map_err(|e| ConnectFailure::Final(HboneError::h2(e)))?;
@@ -203,6 +212,54 @@ mod tests {
         assert_eq!(req.headers()[FORWARDED], r#"for="[fd00::7]""#);
         assert_eq!(req.headers()[BAGGAGE], "k8s.namespace.name=ml");
         assert!(req.headers().get(TRACEPARENT).is_none());
+    }
+
+    /// The application's first bytes ride with the request: a peer that reads them before it
+    /// answers gets them (with a wait for the 200 first, neither side would move).
+    #[tokio::test]
+    async fn early_data_arrives_before_the_response() {
+        use tokio::io::AsyncWriteExt;
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let peer = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(tcp).await.expect("h2 server");
+            let (request, mut respond) = conn.accept().await.expect("a request").expect("h2");
+            // The connection runs on (until the test's runtime ends) to deliver the 200.
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let first = body.data().await.expect("early data").expect("data");
+            let response = http::Response::builder().status(200).body(()).expect("200");
+            respond.send_response(response, false).expect("respond");
+            first
+        });
+        let (sender, conn) = h2::client::handshake(TcpStream::connect(addr).await.expect("dial"))
+            .await
+            .expect("h2 client");
+        tokio::spawn(conn);
+        // The application's socket, holding its request.
+        let app = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(app.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = app.accept().await.expect("accept");
+        client.write_all(b"PING").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut early = EarlyData::from_socket(&accepted);
+        let opened = open_tunnel(
+            &sender,
+            "10.0.0.1:80".parse().expect("addr"),
+            &ConnectHeaders::default(),
+            &mut early,
+            Duration::from_secs(5),
+        )
+        .await;
+        if let Err(e) = opened {
+            panic!("the tunnel did not open: {e:?}");
+        }
+        assert_eq!(early.len(), 4);
+        assert_eq!(&peer.await.expect("peer")[..], b"PING");
     }
 
     #[test]

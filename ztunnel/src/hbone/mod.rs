@@ -30,7 +30,9 @@
 //! `forwarded: for="<source ip>"` (IPv6 in brackets, RFC 7239), optional `baggage` and
 //! `traceparent`. Responses: 200 tunnel open, 400 malformed request, 401 no/invalid identity,
 //! 403 denied by policy (401 when the handler speaks Istio's dialect, [`DenialStatus`]), 503
-//! destination unreachable.
+//! destination unreachable. The dialling side may send the stream's first DATA frame with the
+//! request, before the response ([`EarlyData`]); the listening side reads a stream only once
+//! it has answered 200.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,6 +42,7 @@ use membrane_identity::{SpiffeId, SvidError};
 
 mod carrier;
 mod client;
+mod early;
 mod handshake;
 mod headers;
 mod pool;
@@ -52,6 +55,7 @@ mod tls;
 
 pub use carrier::Carrier;
 pub use client::{ConnectHeaders, Dial, DialFuture};
+pub use early::{EARLY_DATA_MAX, EarlyData};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use server::{

@@ -42,6 +42,7 @@ use tracing::Instrument;
 
 use super::HboneError;
 use super::client::{self, ConnectFailure, ConnectHeaders, Dial};
+use super::early::EarlyData;
 use super::stream::H2Stream;
 
 /// What must be equal for two tunnels to share one connection.
@@ -177,6 +178,23 @@ impl HbonePool {
         authority: SocketAddr,
         headers: ConnectHeaders,
     ) -> Result<H2Stream, HboneError> {
+        self.connect_with_early(key, tls, dial, authority, headers, &mut EarlyData::none())
+            .await
+    }
+
+    /// [`connect`](Self::connect), the tunnel's request carrying what the application already
+    /// sent (`early`, taken right before the request goes out; sent again on a retry) so its
+    /// first bytes do not wait for the 200. After an `Ok`, `early.len()` bytes of the
+    /// application's were sent.
+    pub async fn connect_with_early(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: Arc<dyn Dial>,
+        authority: SocketAddr,
+        headers: ConnectHeaders,
+        early: &mut EarlyData<'_>,
+    ) -> Result<H2Stream, HboneError> {
         let span = tracing::debug_span!(
             "hbone_connect",
             src = %key.src,
@@ -202,6 +220,7 @@ impl HbonePool {
                     &lease.conn.sender,
                     authority,
                     &headers,
+                    early,
                     inner.config.connect_timeout,
                 )
                 .await;
