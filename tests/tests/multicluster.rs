@@ -3,7 +3,8 @@
 //! the fabric that stands for the WAN between them. Cluster B exports its model server; a
 //! trainer in A reaches it by its clusterset name, end to end over HBONE, and B's policy
 //! decides on A's real identity. Removing the federation stops new cross-cluster tunnels and
-//! leaves A's own traffic alone.
+//! leaves A's own traffic alone: B no longer federating A closes A's open tunnels into B and
+//! refuses A's handshakes with the reason; A no longer federating B drops B's imports.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use membrane_tests::clusters::{A, B, Options, TwoClusters, echo, two_clusters, until};
 use membrane_tests::mesh::{Mesh, ping};
-use membrane_tests::require_root;
+use membrane_tests::{TestCa, require_root};
 
 #[tokio::test]
 #[ignore = "needs root"]
@@ -34,6 +35,7 @@ async fn a_trainer_reaches_a_model_server_in_a_federated_cluster_by_name() -> an
         "the payload crossed the WAN in plaintext"
     );
     b_records_the_trainer_and_denies_the_scraper(&mesh, dst).await?;
+    b_stops_federating_a(&mesh, &b, dst).await?;
 
     // The federation goes away: its imports go with it, so a new connection to the
     // clusterset address is refused with the reason; the tunnel already open runs on
@@ -107,17 +109,19 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
     .await?;
     let mut long = mesh.connect_from("trainer", dst).await?;
     ping(&mut long).await?;
+    // The long stream is pinged every 100 ms until told to stop, then reports its count.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let pinger = tokio::spawn(async move {
         let mut pings = 0u32;
-        loop {
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) && pings < 10_000 {
             ping(&mut long).await.context("the long stream")?;
             pings += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if pings >= 10_000 {
-                return anyhow::Ok(pings);
-            }
         }
+        anyhow::Ok(pings)
     });
+    let started = Instant::now();
 
     let state = b.dir.path().join("state");
     let td = membrane_identity::spiffe_id::parse_trust_domain(B)?;
@@ -164,7 +168,17 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
     echo(&mesh, "trainer", dst, b"after")
         .await
         .context("after the rotation")?;
-    pinger.abort();
+    // The long stream lived through the whole rotation and still answers after it.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pings = pinger
+        .await?
+        .context("the long stream after the rotation")?;
+    let expected = u32::try_from(started.elapsed().as_millis() / 200).unwrap_or(u32::MAX);
+    ensure!(
+        pings >= expected,
+        "the long stream answered only {pings} pings in {:?}",
+        started.elapsed()
+    );
     drop(mesh);
     drop(b);
     Ok(())
@@ -269,6 +283,75 @@ async fn through_an_east_west_gateway_when_pod_networks_are_not_flat() -> anyhow
 /// B's inbound record of the trainer's tunnel names A's trainer (B decides on the real source
 /// identity), and B's policy, which admits only that trainer, refuses A's scraper with its
 /// reason recorded.
+/// B stops federating A (A still federates B and imports its Services): a tunnel from A
+/// already open is closed by B, a handshake from an A pod with no pooled connection to B yet
+/// (the store) fails at B with the reason in B's log; federated again, the trainer gets
+/// through.
+async fn b_stops_federating_a(mesh: &Mesh, b: &TestCa, dst: SocketAddr) -> anyhow::Result<()> {
+    let node_b = &mesh.ztunnels["node-b"];
+    let lines = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let logs = node_b.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        (logs.iter())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| pred(v))
+            .count()
+    };
+    let forgot_a = |v: &serde_json::Value| {
+        v["message"] == "federated trust bundles updated"
+            && v["trust_domains"]
+                .as_str()
+                .is_some_and(|tds| !tds.contains(A))
+    };
+    let mut held = mesh.connect_from("trainer", dst).await?;
+    ping(&mut held)
+        .await
+        .context("a tunnel before the change")?;
+    let file = b.manifests_dir().join("federation-a.yaml");
+    let manifest = std::fs::read(&file)?;
+    let before = lines(&forgot_a);
+    std::fs::remove_file(&file)?;
+    until(
+        "B's ztunnel drops A's trust domain",
+        Duration::from_secs(20),
+        || async { Ok(lines(&forgot_a) > before) },
+    )
+    .await?;
+    ensure!(
+        ping(&mut held).await.is_err(),
+        "B left a tunnel from a trust domain it no longer federates open"
+    );
+    ensure!(
+        echo(mesh, "store", dst, b"unfederated").await.is_err(),
+        "B accepted a handshake from a trust domain it no longer federates"
+    );
+    let not_federated = |v: &serde_json::Value| {
+        v["message"] == "HBONE connection refused or failed"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&format!("trust domain {A} is not federated")))
+    };
+    let said = until(
+        "B logs why it refused the handshake",
+        Duration::from_secs(5),
+        || async { Ok(lines(&not_federated) > 0) },
+    )
+    .await;
+    if said.is_err() {
+        let logs = node_b.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        let related: Vec<&String> = (logs.iter())
+            .filter(|l| l.contains("federated") || l.contains("HBONE") || l.contains("handshake"))
+            .collect();
+        anyhow::bail!("B did not log why it refused the handshake: {related:#?}");
+    }
+    std::fs::write(&file, manifest)?;
+    until(
+        "the trainer gets through once B federates A again",
+        Duration::from_secs(30),
+        || async { Ok(echo(mesh, "trainer", dst, b"again").await.is_ok()) },
+    )
+    .await
+}
+
 async fn b_records_the_trainer_and_denies_the_scraper(
     mesh: &Mesh,
     dst: SocketAddr,

@@ -445,8 +445,16 @@ impl<T> TlsStream<T> {
     }
 }
 
+/// A rustls error as an I/O error. A certificate our verifier refused says why in its own
+/// words ("trust domain … is not federated …"): rustls would print it with `Debug`.
 pub(super) fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(why)) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("invalid peer certificate: {why}"),
+        ),
+        e => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
 }
 
 // Alerts sent before closing on a refused record (RFC 8446 §6).

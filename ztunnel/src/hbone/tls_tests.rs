@@ -333,3 +333,20 @@ async fn rustls_hears_why_its_record_was_refused() {
     let told = client.read(&mut [0; 64]).await.expect_err("alert");
     assert!(told.to_string().contains("BadRecordMac"), "{told}");
 }
+
+/// A certificate our verifier refused is reported in the verifier's words, not rustls' `Debug`.
+#[test]
+fn a_refused_certificate_says_why() {
+    let why = std::io::Error::other("trust domain b.example is not federated with this mesh");
+    let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        std::sync::Arc::new(why),
+    )));
+    assert_eq!(
+        super::tls_error(e).to_string(),
+        "invalid peer certificate: trust domain b.example is not federated with this mesh"
+    );
+    let alert = super::tls_error(rustls::Error::AlertReceived(
+        rustls::AlertDescription::BadCertificate,
+    ));
+    assert_eq!(alert.to_string(), "received fatal alert: BadCertificate");
+}
