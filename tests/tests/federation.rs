@@ -211,6 +211,25 @@ impl rustls::server::ResolvesServerCert for Fixed {
     }
 }
 
+/// Waits until the counter on the metric line with `parts` is at least `n`.
+async fn counter_reaches(ca: &TestCa, parts: &[&str], n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let line = metric(ca, parts).await?;
+        let value: f64 = (line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no value in {line}"))?;
+        if value >= n as f64 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{parts:?} stayed at {value}, below {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn document(roots: &[&OfflineCa], sequence: u64) -> anyhow::Result<String> {
     let td = membrane_identity::spiffe_id::parse_trust_domain(C)?;
     let bundle = membrane_identity::TrustBundle::new(td, roots.iter().map(|r| r.der().clone()))?;
@@ -242,13 +261,26 @@ async fn a_bad_or_older_bundle_is_rejected_whole_and_the_last_good_one_stays() -
     // The fetched two-root bundle replaces the one-root bootstrap.
     federated_roots(&mut stream, &mut held, C, |r| r == Some(&both)).await?;
 
-    // Garbage, a root that is not a CA, a replayed older sequence: each refused whole.
+    // Garbage; a newer document with a new root beside a damaged key; a newer one whose root
+    // is not a CA; a replayed older sequence: each refused whole (the new root is not taken).
+    let refused = ["federated_bundle_fetches_total", C, "result=\"document\""];
     fake.serve("{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"not base64!\"]}]}".into());
-    metric(
-        &a,
-        &["federated_bundle_fetches_total", C, "result=\"document\""],
-    )
-    .await?;
+    counter_reaches(&a, &refused, 1).await?;
+    let extra = OfflineCa::root("C extra root")?;
+    let mut mixed: serde_json::Value = serde_json::from_str(&document(&[&extra], 20)?)?;
+    let damaged = serde_json::json!({"use": "x509-svid", "kty": "EC", "x5c": ["not base64!"]});
+    mixed["keys"].as_array_mut().context("keys")?.push(damaged);
+    fake.serve(mixed.to_string());
+    counter_reaches(&a, &refused, 2).await?;
+    let leaf = extra.svid(&format!("spiffe://{C}/ns/a/sa/b"), &[])?;
+    let mut not_ca: serde_json::Value = serde_json::from_str(&document(&[&extra], 21)?)?;
+    let leaf_b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&leaf.chain()[0])
+    };
+    not_ca["keys"][0]["x5c"] = serde_json::json!([leaf_b64]);
+    fake.serve(not_ca.to_string());
+    counter_reaches(&a, &refused, 3).await?;
     fake.serve(document(&[&root_c], 5)?);
     metric(
         &a,
