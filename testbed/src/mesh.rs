@@ -152,6 +152,9 @@ pub struct NodeController {
     pub token: String,
     /// Its trust domain.
     pub trust_domain: String,
+    /// The namespaces in that cluster's mesh (a namespace of the same name in another
+    /// cluster is that cluster's business).
+    pub mesh_namespaces: Vec<String>,
 }
 
 /// A controller outside the mesh harness: where it listens, its root and each node's token.
@@ -187,6 +190,16 @@ pub fn socket_in_netns_for(path: PathBuf, v6: bool) -> anyhow::Result<tokio::net
 }
 
 impl MeshSpec {
+    /// Whether `pod`'s namespace is in the mesh of its node's cluster (another cluster's
+    /// per [`MeshSpec::node_controllers`], else this one's).
+    pub fn in_mesh(&self, pod: &PodDef) -> bool {
+        let namespaces = match self.node_controllers.get(&pod.node) {
+            Some(other) => &other.mesh_namespaces,
+            None => &self.mesh_namespaces,
+        };
+        namespaces.contains(&pod.namespace)
+    }
+
     /// Two nodes, `node-a` and `node-b`, running `pods`, with `mesh_namespaces` in the mesh;
     /// everything else default.
     pub fn two_nodes(pods: Vec<PodDef>, mesh_namespaces: &[&str]) -> Self {
@@ -516,10 +529,11 @@ impl Mesh {
 
     /// The Namespace and Pod manifests of the pods on `nodes` (what another cluster's
     /// controller, per [`MeshSpec::node_controllers`], must be told about its own pods), with
-    /// that cluster's own plaintext permits.
+    /// that cluster's own mesh namespaces and plaintext permits.
     pub fn cluster_manifests(
         &self,
         nodes: &[String],
+        mesh_namespaces: &[String],
         plaintext_permit: &[String],
     ) -> anyhow::Result<String> {
         let spec = MeshSpec {
@@ -528,6 +542,7 @@ impl Mesh {
                 .cloned()
                 .collect(),
             node_controllers: BTreeMap::new(),
+            mesh_namespaces: mesh_namespaces.to_vec(),
             plaintext_permit: plaintext_permit.to_vec(),
             ..self.spec.clone()
         };

@@ -20,6 +20,8 @@ use crate::{TestCa, node_token};
 pub const A: &str = "cluster-a.example";
 /// Cluster B's trust domain.
 pub const B: &str = "cluster-b.example";
+/// The namespaces in either cluster's mesh.
+const MESH_NAMESPACES: [&str; 3] = ["training", "monitoring", "inference"];
 /// A resolver address nothing serves: only the DNS capture answers it.
 const UNSERVED: &str = "192.0.2.53:53";
 /// The name A's pods reach B's exported model server by.
@@ -248,6 +250,7 @@ pub async fn two_clusters(options: Options) -> anyhow::Result<TwoClusters> {
                 root_pem: b.root_pem(),
                 token: node_token(node),
                 trust_domain: B.into(),
+                mesh_namespaces: MESH_NAMESPACES.map(str::to_owned).to_vec(),
             };
             (node.clone(), controller)
         })
@@ -258,7 +261,7 @@ pub async fn two_clusters(options: Options) -> anyhow::Result<TwoClusters> {
         bundle_endpoint: Some(Duration::from_secs(1)),
         node_controllers,
         ztunnel_args: options.ztunnel_args,
-        ..MeshSpec::two_nodes(pods, &["training", "monitoring", "inference"])
+        ..MeshSpec::two_nodes(pods, &MESH_NAMESPACES)
     };
     if options.east_west {
         spec.nodes.push("node-c".into());

@@ -140,15 +140,10 @@ pub fn combined(
         }
         spec.nodes.extend(cluster.spec.nodes.iter().cloned());
         spec.pods.extend(cluster.spec.pods.iter().cloned());
-        for ns in &cluster.spec.mesh_namespaces {
-            if !spec.mesh_namespaces.contains(ns) {
-                spec.mesh_namespaces.push(ns.clone());
-            }
-        }
-        // Plaintext permits stay per cluster: the combined spec's are the first cluster's
-        // (its controller's manifests), and each other cluster's controller gets its own
-        // (`Mesh::cluster_manifests`) — a namespace another cluster opens to plaintext must
-        // not open a namespace of the same name here.
+        // Mesh namespaces and plaintext permits stay per cluster: the combined spec's are the
+        // first cluster's (its controller's manifests), each other cluster's controller gets
+        // its own (`NodeController::mesh_namespaces`, `Mesh::cluster_manifests`) — a namespace
+        // another cluster puts in its mesh or opens to plaintext must not do so here.
     }
     // Node numbers (and so pod ranges) follow the order of all nodes: an address a cluster
     // pinned is checked again against it.
@@ -250,6 +245,7 @@ mod tests {
             root_pem: String::new(),
             token: String::new(),
             trust_domain: cluster.trust_domain.clone(),
+            mesh_namespaces: cluster.spec.mesh_namespaces.clone(),
         }
     }
 
@@ -273,22 +269,23 @@ mod tests {
     }
 
     #[test]
-    fn a_plaintext_permit_stays_in_its_cluster() {
+    fn mesh_membership_and_plaintext_permits_stay_in_their_cluster() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let docs = |node: &str, permit: bool| {
-            let annotation = if permit {
-                "\n  annotations: {membrane.dev/plaintext: permit}"
+        // Namespace `shared` exists in both clusters: only cluster two puts it in its mesh
+        // and opens it to plaintext.
+        let docs = |node: &str, two: bool| {
+            let meta = if two {
+                "\n  labels: {membrane.dev/mesh: enabled}\n  annotations: {membrane.dev/plaintext: permit}"
             } else {
                 ""
             };
             format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shared\n  labels: {{membrane.dev/mesh: enabled}}{annotation}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: shared}}\nspec: {{nodeName: {node}}}\n"
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shared{meta}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p-{node}, namespace: shared}}\nspec: {{nodeName: {node}}}\n"
             )
         };
-        for (name, node, permit) in [("one", "n1", false), ("two", "n2", true)] {
+        for (name, node, two) in [("one", "n1", false), ("two", "n2", true)] {
             std::fs::create_dir(dir.path().join(name)).expect("mkdir");
-            std::fs::write(dir.path().join(name).join("m.yaml"), docs(node, permit))
-                .expect("write");
+            std::fs::write(dir.path().join(name).join("m.yaml"), docs(node, two)).expect("write");
         }
         std::fs::write(
             dir.path().join(FILE),
@@ -304,7 +301,17 @@ mod tests {
             "cluster two's permit opened cluster one's namespace: {:?}",
             spec.plaintext_permit
         );
-        assert!(spec.mesh_namespaces.contains(&"shared".to_owned()));
+        assert!(
+            !spec.mesh_namespaces.contains(&"shared".to_owned()),
+            "cluster two's mesh namespace joined cluster one's mesh"
+        );
+        let pod = |node: &str| {
+            (spec.pods.iter())
+                .find(|p| p.node == node)
+                .expect("pod of the node")
+        };
+        assert!(!manifests::enrolled(&spec, pod("n1")), "cluster one's pod");
+        assert!(manifests::enrolled(&spec, pod("n2")), "cluster two's pod");
     }
 
     #[test]

@@ -157,7 +157,7 @@ pub fn spec(
 /// is not a gateway pod (a gateway tunnels for itself).
 pub fn enrolled(spec: &MeshSpec, pod: &PodDef) -> bool {
     pod.gateway.is_none()
-        && spec.mesh_namespaces.contains(&pod.namespace)
+        && spec.in_mesh(pod)
         && pod.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
 }
 

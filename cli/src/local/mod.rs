@@ -190,6 +190,7 @@ async fn daemon_clusters(
             root_pem: ca.root_pem(),
             token: String::new(),
             trust_domain: c.trust_domain.clone(),
+            mesh_namespaces: c.spec.mesh_namespaces.clone(),
         })
         .collect();
     let mut spec = clusters::combined(&clusters, &controllers, Some(access_log))?;
@@ -229,7 +230,11 @@ async fn daemon_clusters(
     for (c, ca) in others.iter().zip(&cas) {
         ca.write_manifest(
             "mesh.yaml",
-            &mesh.cluster_manifests(&c.spec.nodes, &c.spec.plaintext_permit)?,
+            &mesh.cluster_manifests(
+                &c.spec.nodes,
+                &c.spec.mesh_namespaces,
+                &c.spec.plaintext_permit,
+            )?,
         )?;
         for peer in peers.iter().filter(|p| p.name != c.name) {
             ca.write_manifest(
