@@ -278,7 +278,7 @@ async fn plaintext_connection(
     pod: Arc<PodContext>,
     proxy: Arc<Proxy>,
 ) {
-    let dst = match original_dst(&tcp) {
+    let dst = match original_dst(&tcp, peer) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(error = %e, "no original destination; closing");

@@ -231,14 +231,15 @@ impl PodNetns {
     }
 
     /// Connects to `addr` from inside the namespace with the ztunnel's socket mark, so the
-    /// connection is not captured again.
+    /// connection is not captured again. The socket is created non-blocking
+    /// (`SOCK_NONBLOCK`: no `fcntl` round trip per connection).
     pub async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, std::io::Error> {
-        let socket = self
-            .enter(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
+        let stream = Type::STREAM.nonblocking();
+        let socket =
+            self.enter(|| Socket::new(Domain::for_address(addr), stream, Some(Protocol::TCP)))?;
         if !self.own {
             socket.set_mark(ZTUNNEL_MARK)?;
         }
-        socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await

@@ -90,7 +90,7 @@ pub async fn run(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy:
 
 async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {
     let _ = tcp.set_nodelay(true);
-    let original = match original_dst(&tcp) {
+    let original = match original_dst(&tcp, peer) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(error = %e, "no original destination; closing");

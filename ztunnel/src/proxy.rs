@@ -132,9 +132,14 @@ pub async fn serve_listener<F, Fut>(
 }
 
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST`, or
-/// `IP6T_SO_ORIGINAL_DST` for IPv6).
-pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
-    if stream.local_addr()?.is_ipv6() {
+/// `IP6T_SO_ORIGINAL_DST` for IPv6), accepted from `peer`: the peer's family is the
+/// connection's (IPv6 listeners are IPv6-only), so no `getsockname` is needed to pick the
+/// option.
+pub fn original_dst(
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<SocketAddr> {
+    if peer.is_ipv6() {
         let sa = nix::sys::socket::getsockopt(
             &stream.as_fd(),
             nix::sys::socket::sockopt::Ip6tOriginalDst,

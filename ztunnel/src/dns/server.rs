@@ -139,7 +139,7 @@ async fn serve_tcp(
     let asked = Asked {
         protocol: "tcp",
         src: peer,
-        resolver: original_dst(&stream).ok(),
+        resolver: original_dst(&stream, peer).ok(),
     };
     for _ in 0..TCP_MAX_QUERIES {
         let query = match tokio::time::timeout(TCP_IDLE, read_framed(&mut stream)).await {
