@@ -45,8 +45,10 @@ mod client;
 mod early;
 mod handshake;
 mod headers;
+mod limits;
 mod pool;
 mod record;
+mod request;
 mod server;
 mod stream;
 #[cfg(test)]
@@ -57,12 +59,12 @@ pub use carrier::Carrier;
 pub use client::{ConnectHeaders, Dial, DialFuture};
 pub use early::{EARLY_DATA_MAX, EarlyData};
 pub use headers::{format_forwarded_for, parse_forwarded_for};
+pub use limits::{HandshakeLimits, set_handshake_limits};
 pub use pool::{HbonePool, PoolConfig, PoolKey};
-pub use server::{
-    Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest, DenialStatus,
-    HandshakeLimits, parse_authority, parse_named_authority, serve_connection,
-    set_handshake_limits,
+pub use request::{
+    ConnectRefusal, ConnectRequest, DenialStatus, parse_authority, parse_named_authority,
 };
+pub use server::{Accepted, ConnectFuture, ConnectHandler, serve_connection};
 pub use stream::H2Stream;
 pub use tls::records_refused;
 

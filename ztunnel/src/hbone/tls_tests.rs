@@ -2,11 +2,13 @@
 //! data both ways across key updates, close_notify, truncation, tampering, and content that
 //! arrives with the handshake's last flight.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
 
 use super::*;
 use crate::hbone::handshake::{accept, connect};

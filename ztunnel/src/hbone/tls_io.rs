@@ -1,0 +1,206 @@
+//! [`super::TlsStream`] as tokio's `AsyncRead` and `AsyncWrite`: records written out in as few
+//! writes as the socket takes, fatal alerts, and the read and write halves' errors.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::*;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Writes sealed records until none are pending or the socket would block.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let end = self.staged.unwrap_or(self.out.len());
+            if self.out_pos == end {
+                // Everything sealed is out: keep only a record still gathering plaintext.
+                let start = self.staged.map_or(self.out.len(), |s| s);
+                self.out.copy_within(start.., 0);
+                self.out.truncate(self.out.len() - start);
+                self.staged = self.staged.map(|_| 0);
+                self.out_pos = 0;
+                return Poll::Ready(Ok(()));
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.out_pos..end]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_pos += n;
+        }
+    }
+
+    /// Queues a fatal alert and closes the sending side; the alert is written now if the
+    /// socket takes it, else with the next flush.
+    fn send_fatal_alert(&mut self, description: u8, cx: &mut Context<'_>) {
+        if self.write_error.is_some() {
+            return;
+        }
+        let sealed = self.seal_staged_record().and_then(|()| {
+            self.tx
+                .seal(Content::Alert, &[2, description], &mut self.out)
+                .map_err(record_error)
+        });
+        if sealed.is_ok() {
+            // Best effort: the connection is ending either way.
+            let _ = self.poll_write_out(cx);
+        }
+        self.write_error = Some((
+            io::ErrorKind::ConnectionAborted,
+            format!("TLS connection closed after sending alert {description}"),
+        ));
+    }
+
+    fn write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some((kind, msg)) = &self.write_error {
+            return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
+        }
+        if self.pending_out() >= TLS_SEND_BUFFER
+            && let Err(e) = ready!(self.poll_write_out(cx))
+        {
+            return Poll::Ready(Err(self.fail_write(e)));
+        }
+        let mut room = TLS_SEND_BUFFER.saturating_sub(self.pending_out());
+        let mut taken = 0;
+        for buf in bufs {
+            if room == 0 {
+                break;
+            }
+            let n = match self.encrypt(buf, room) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.fail_write(e))),
+            };
+            taken += n;
+            room -= n;
+            if n < buf.len() {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut delivered = 0;
+        loop {
+            delivered += this.take_plain(buf);
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match &this.read {
+                ReadState::Open => {}
+                ReadState::Closed => return Poll::Ready(Ok(())),
+                ReadState::Failed(kind, msg) => {
+                    return Poll::Ready(if delivered > 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::new(*kind, msg.clone()))
+                    });
+                }
+            }
+            match this.open_next() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    if let Some(alert) = alert_of(&e) {
+                        records_refused().inc();
+                        tracing::warn!(error = %e, alert, "refused a TLS record from the HBONE peer; closing the connection");
+                        this.send_fatal_alert(alert, cx);
+                    } else {
+                        tracing::debug!(error = %e, "HBONE peer ended the TLS connection");
+                    }
+                    this.read = ReadState::Failed(e.kind(), e.to_string());
+                    continue;
+                }
+            }
+            if delivered > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Need more ciphertext: move the partial record to the front, then read.
+            if this.in_start > 0 {
+                this.inbuf.copy_within(this.in_start..this.in_end, 0);
+                this.in_end -= this.in_start;
+                this.in_start = 0;
+            }
+            let mut space = ReadBuf::new(&mut this.inbuf[this.in_end..]);
+            match Pin::new(&mut this.io).poll_read(cx, &mut space) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = space.filled().len();
+                    if n == 0 {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed the TLS connection without close_notify",
+                        );
+                        this.read = ReadState::Failed(e.kind(), e.to_string());
+                        return Poll::Ready(Err(e));
+                    }
+                    this.in_end += n;
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.seal_staged_record() {
+            return Poll::Ready(Err(this.fail_write(e)));
+        }
+        if let Err(e) = ready!(this.poll_write_out(cx)) {
+            return Poll::Ready(Err(this.fail_write(e)));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_error.is_none() {
+            let sealed = this.seal_staged_record().and_then(|()| {
+                this.tx
+                    .seal(Content::Alert, &[1, CLOSE_NOTIFY], &mut this.out)
+                    .map_err(record_error)
+            });
+            if let Err(e) = sealed {
+                return Poll::Ready(Err(this.fail_write(e)));
+            }
+            // Sent once: later calls only finish writing and shut the socket down.
+            this.write_error = Some((io::ErrorKind::BrokenPipe, "TLS connection closed".into()));
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
