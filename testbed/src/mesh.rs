@@ -96,7 +96,8 @@ pub struct MeshSpec {
     /// Pods.
     pub pods: Vec<PodDef>,
     /// Kubernetes namespaces in the mesh (labelled `membrane.dev/mesh=enabled`); pods of other
-    /// namespaces are plain, non-mesh workloads.
+    /// namespaces are plain, non-mesh workloads. Pods on another cluster's nodes follow that
+    /// cluster's list instead ([`NodeController::mesh_namespaces`], [`MeshSpec::in_mesh`]).
     pub mesh_namespaces: Vec<String>,
     /// Namespaces of another data plane's pods that speak HBONE themselves (labelled
     /// `membrane.dev/mesh=hbone-peer`): mesh pods tunnel to them; nothing enrolls them.

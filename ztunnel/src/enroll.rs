@@ -40,7 +40,7 @@ const MAX_NAME: usize = 253;
 /// Labels of the refusal counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// Why ([`EnrollError::reason`]).
+    /// Why (`EnrollError::reason`).
     pub reason: &'static str,
 }
 

@@ -10,7 +10,7 @@
 //! ClientHello ([`crate::sni`], peeked, never consumed) and the decision. A tunnel presents the source
 //! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008` — for a
 //! federated cluster's pod behind an east-west gateway, inside an outer tunnel to that gateway
-//! (double HBONE, [`GatewayDial`]). Every
+//! (double HBONE, `GatewayDial`). Every
 //! socket the ztunnel opens is created in the source pod's namespace with the ztunnel mark,
 //! so it leaves with the pod's address and is not captured again.
 use std::net::SocketAddr;

@@ -132,9 +132,8 @@ pub async fn serve_listener<F, Fut>(
 }
 
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST`, or
-/// `IP6T_SO_ORIGINAL_DST` for IPv6), accepted from `peer`: the peer's family is the
-/// connection's (IPv6 listeners are IPv6-only), so no `getsockname` is needed to pick the
-/// option.
+/// `IP6T_SO_ORIGINAL_DST` for IPv6), accepted from `peer`: a TCP connection's two ends have
+/// one family, so no `getsockname` is needed to pick the option.
 pub fn original_dst(
     stream: &tokio::net::TcpStream,
     peer: SocketAddr,

@@ -142,7 +142,7 @@ fn importable(ip: IpAddr, allowed: &[membrane_policy::IpNet]) -> Result<(), &'st
 
 /// Checks a peer's export message whole: its trust domain is the one it was fetched from,
 /// names and service accounts are valid, every IP is an importable pod address (see
-/// [`importable`]; within `allowed` when it names networks), every port is 1–65535, no
+/// `importable`; within `allowed` when it names networks), every port is 1–65535, no
 /// Service or endpoint appears twice, and the sizes are bounded.
 pub fn validate(
     exports: &pb::Exports,

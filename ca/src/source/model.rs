@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 /// The namespace label that opts a namespace into the mesh (`enabled`), or a pod out of it
-/// (`disabled`); [`HBONE_PEER`] on a namespace or a pod declares pods of another data plane.
+/// (`disabled`); `hbone-peer` (`HBONE_PEER`) on a namespace or a pod declares pods of another data plane.
 pub const MESH_LABEL: &str = "membrane.dev/mesh";
 
 /// [`MESH_LABEL`] value declaring pods that speak HBONE themselves, outside Membrane (another
@@ -226,7 +226,7 @@ impl ClusterState {
             .collect()
     }
 
-    /// Whether `pod` was declared a foreign HBONE peer ([`HBONE_PEER`] on itself, or on its
+    /// Whether `pod` was declared a foreign HBONE peer (`hbone-peer` on itself, or on its
     /// namespace without the pod opting out) and is not a mesh pod.
     pub fn is_hbone_peer(&self, pod: &Pod) -> bool {
         if self.is_mesh_pod(pod) {

@@ -1,5 +1,5 @@
 //! The ztunnel's privileges: only the capabilities charts/README.md documents, only the host
-//! paths it needs, the projected token's audience.
+//! paths it needs.
 
 use super::*;
 

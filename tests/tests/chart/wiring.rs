@@ -1,4 +1,5 @@
-//! Identity and wiring: ports, probes and the controller's address line up, standard labels,
+//! Identity and wiring: the projected token issued for the controller's audience, ports,
+//! probes and the controller's address line up, standard labels,
 //! the disruption budget, values reaching arguments, images and resources, the CRD equal to the
 //! Rust type, rendered flags accepted by the binaries.
 

@@ -96,7 +96,8 @@ pub trait ConnectHandler: Send + Sync + 'static {
 /// offer exactly ALPN `h2`, a copy that does is used for this connection — set
 /// `alpn_protocols` to `[ALPN_H2]` once to avoid the per-connection copy. A client that does
 /// not negotiate `h2` is refused. The TLS and HTTP/2 handshakes together are bounded by
-/// [`HandshakeLimits`] (10 s and 256 at once unless [`set_handshake_limits`] said otherwise).
+/// [`HandshakeLimits`](super::HandshakeLimits) (10 s and 256 at once unless
+/// [`set_handshake_limits`](super::set_handshake_limits) said otherwise).
 ///
 /// Each CONNECT stream runs in its own task, in a `hbone_stream` span. They are joined before
 /// this returns, and aborted if this future is dropped.

@@ -7,7 +7,7 @@ use super::RecordError;
 
 /// A rustls error as an I/O error. A certificate our verifier refused says why in its own
 /// words ("trust domain … is not federated …"): rustls would print it with `Debug`.
-pub fn tls_error(e: rustls::Error) -> io::Error {
+pub(in crate::hbone) fn tls_error(e: rustls::Error) -> io::Error {
     match e {
         rustls::Error::InvalidCertificate(rustls::CertificateError::Other(why)) => io::Error::new(
             io::ErrorKind::InvalidData,
