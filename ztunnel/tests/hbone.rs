@@ -250,6 +250,14 @@ fn spawn_echo(listener: TcpListener) -> JoinHandle<()> {
     })
 }
 
+/// An echo application and an HBONE server (`SERVER_ID`'s SVID from `ca`) forwarding to it.
+async fn echo_behind_server(ca: &TestCa) -> (SocketAddr, JoinHandle<()>, Server) {
+    let (app, app_addr) = app_listener().await;
+    let echo = spawn_echo(app);
+    let server = Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+    (app_addr, echo, server)
+}
+
 // === payload with checksums ===
 
 /// Deterministic bytes (xorshift64) and an FNV-1a checksum over them.

@@ -9,10 +9,7 @@ use super::*;
 async fn pool_multiplexes_up_to_max_streams() {
     bounded(async {
         let ca = TestCa::new("root");
-        let (app, app_addr) = app_listener().await;
-        let echo = spawn_echo(app);
-        let server =
-            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let (app_addr, echo, server) = echo_behind_server(&ca).await;
         let pool = HbonePool::new(PoolConfig {
             spread_connections: 1,
             ..PoolConfig::default()
@@ -80,10 +77,7 @@ async fn pool_multiplexes_up_to_max_streams() {
 async fn identities_never_share_a_connection() {
     bounded(async {
         let ca = TestCa::new("root");
-        let (app, app_addr) = app_listener().await;
-        let echo = spawn_echo(app);
-        let server =
-            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let (app_addr, echo, server) = echo_behind_server(&ca).await;
         // No spreading: any second connection would come from the identity split alone.
         let pool = HbonePool::new(PoolConfig {
             spread_connections: 1,
@@ -128,10 +122,7 @@ async fn identities_never_share_a_connection() {
 async fn idle_connections_are_reaped() {
     bounded(async {
         let ca = TestCa::new("root");
-        let (app, app_addr) = app_listener().await;
-        let echo = spawn_echo(app);
-        let server =
-            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let (app_addr, echo, server) = echo_behind_server(&ca).await;
         let pool = HbonePool::new(PoolConfig {
             idle_timeout: Duration::from_millis(200),
             ..PoolConfig::default()
@@ -182,10 +173,7 @@ async fn idle_connections_are_reaped() {
 async fn connections_closed_by_the_peer_leave_the_pool() {
     bounded(async {
         let ca = TestCa::new("root");
-        let (app, app_addr) = app_listener().await;
-        let echo = spawn_echo(app);
-        let server =
-            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let (app_addr, echo, server) = echo_behind_server(&ca).await;
         let pool = HbonePool::new(PoolConfig::default());
         let dial = Arc::new(TestDial::default());
         let tls = ca.client_tls(&ca.svid(CLIENT_ID), SERVER_ID);
@@ -245,10 +233,7 @@ async fn connections_closed_by_the_peer_leave_the_pool() {
 async fn pool_spreads_busy_tunnels_over_connections() {
     bounded(async {
         let ca = TestCa::new("root");
-        let (app, app_addr) = app_listener().await;
-        let echo = spawn_echo(app);
-        let server =
-            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let (app_addr, echo, server) = echo_behind_server(&ca).await;
         let pool = HbonePool::new(PoolConfig {
             spread_connections: 3,
             ..PoolConfig::default()
