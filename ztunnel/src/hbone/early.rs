@@ -17,7 +17,7 @@
 
 use std::io::{self, Read};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 /// The most bytes taken from the application's socket before the tunnel is open: one TLS
 /// record's worth, well inside any peer's initial stream window (64 KiB by HTTP/2's default).
@@ -87,16 +87,15 @@ impl<'a> EarlyData<'a> {
 
 /// One `recv` on the non-blocking socket, straight through the kernel: tokio's readiness
 /// cache of a just-accepted socket says "not readable" until its driver has run, but what
-/// counts here is what the kernel holds now.
+/// counts here is what the kernel holds now. Read on the stack and kept at its own size: a
+/// socket with nothing yet costs no allocation, and a short request does not hold a whole
+/// [`EARLY_DATA_MAX`] buffer until the tunnel is open.
 fn read_now(source: &tokio::net::TcpStream) -> io::Result<Bytes> {
     let socket = socket2::SockRef::from(source);
-    let mut buf = BytesMut::zeroed(EARLY_DATA_MAX);
+    let mut buf = [0u8; EARLY_DATA_MAX];
     loop {
         match (&*socket).read(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf.freeze());
-            }
+            Ok(n) => return Ok(Bytes::copy_from_slice(&buf[..n])),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Bytes::new()),
             Err(e) => return Err(e),
