@@ -243,6 +243,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         "HBONE connections closed because the peer sent a TLS record refused after the handshake (failed authentication, oversize, unexpected type or message)",
         crate::hbone::records_refused().clone(),
     );
+    registry.register(
+        "tcp_congestion_errors",
+        "Failures to read or set a TCP congestion control (a pod's default or a network socket's); the traffic goes on with the kernel's",
+        crate::congestion::errors().clone(),
+    );
     let pin_metrics = PinMetrics::register(&mut registry);
     let dns_metrics = DnsMetrics::register(&mut registry);
     let pin_table = Arc::new(PinTable::new(

@@ -189,7 +189,7 @@ impl ConnectHandler for InboundHandler {
                 log.refused(reason.clone());
                 return Err(ConnectRefusal::Denied(reason));
             }
-            let app = match self.pod.netns.connect(req.authority).await {
+            let app = match self.pod.netns.connect_app(req.authority).await {
                 Ok(app) => app,
                 Err(e) => {
                     let reason = format!("application at {} unreachable: {e}", req.authority);
@@ -341,7 +341,7 @@ async fn plaintext_connection(
         };
         return refuse(log, tcp, reason);
     }
-    let app = match pod.netns.connect(dst).await {
+    let app = match pod.netns.connect_app(dst).await {
         Ok(app) => app,
         Err(e) => return log.refused(format!("application at {dst} unreachable: {e}")),
     };

@@ -3,6 +3,7 @@
 //!
 //! Layout: [`app`] (the one place tasks are spawned), [`enroll`] (the enrollment socket),
 //! [`pods`] (enrolled pods), [`netns`] (working inside a pod's network namespace),
+//! [`congestion`] (TCP congestion control: the pods' loopback legs, the network's),
 //! [`redirect`] (the nftables capture rules), [`state`] (mesh workloads and Services),
 //! [`discovery`] (the controller's stream of state and policy), [`certs`] (keys made
 //! here, SVIDs from the controller, the TLS configurations built from them), [`outbound`]
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod certs;
+pub mod congestion;
 pub mod conntrack;
 pub mod dialect;
 pub mod discovery;

@@ -125,6 +125,15 @@ struct Args {
     /// (X25519MLKEM768, then X25519 for peers without it), `pq-only` or `classical`.
     #[arg(long, env = "MEMBRANE_TLS_KX", default_value = "pq-preferred")]
     tls_kx: membrane_identity::KeyExchange,
+    /// Default TCP congestion control of enrolled pods, whose TCP runs only over their
+    /// loopback to the ztunnel (`cubic`: no pacing timers there), or `node` to leave pods as
+    /// they are; the ztunnel's connections across the network keep the node's.
+    #[arg(long, env = "MEMBRANE_POD_TCP_CONGESTION", default_value = membrane_ztunnel::congestion::DEFAULT_POD)]
+    pod_tcp_congestion: membrane_ztunnel::congestion::PodCongestion,
+    /// Where `/proc/sys/net` is mounted, writable: pods' sysctls are written through it from
+    /// inside their namespace (a container's own `/proc/sys` is read-only).
+    #[arg(long, env = "MEMBRANE_PROC_SYS_NET", default_value = membrane_ztunnel::congestion::DEFAULT_PROC_SYS_NET)]
+    proc_sys_net: PathBuf,
     /// Status a policy denial is answered with: 403 (Membrane) or 401 (as Istio's ztunnel).
     #[arg(long, env = "MEMBRANE_DENY_STATUS", default_value = "403")]
     deny_status: membrane_ztunnel::hbone::DenialStatus,
@@ -175,6 +184,7 @@ fn main() -> anyhow::Result<()> {
     init_tracing(args.log_format);
     membrane_ztunnel::memory::tune_allocator();
     membrane_identity::set_key_exchange(args.tls_kx);
+    membrane_ztunnel::congestion::configure(&args.pod_tcp_congestion, &args.proc_sys_net);
     tracing::info!(tls_kx = %args.tls_kx, deny_status = %args.deny_status.status(), cluster = %args.cluster_name, "wire settings");
     raise_fd_limit();
     let token = std::fs::read_to_string(&args.token_file)

@@ -51,6 +51,15 @@ pub enum NetnsError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// What a socket made inside a pod talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Facing {
+    /// The pod's own application, over its loopback.
+    App,
+    /// Something across the network: another node, a destination outside the mesh.
+    Network,
+}
+
 /// A pod's network namespace: a handle to enter it briefly, and a thread parked in it.
 #[derive(Debug)]
 pub struct PodNetns {
@@ -184,10 +193,13 @@ impl PodNetns {
         out
     }
 
-    /// Binds a non-blocking TCP listener on `addr` inside the namespace.
+    /// Binds a non-blocking TCP listener on `addr` inside the namespace; the connections it
+    /// accepts come from `facing` (a listener for the network's gives them the node's
+    /// congestion control, see [`crate::congestion`]).
     pub async fn listen(
         &self,
         addr: SocketAddr,
+        facing: Facing,
     ) -> Result<tokio::net::TcpListener, std::io::Error> {
         let socket = self.enter(|| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -200,6 +212,9 @@ impl PodNetns {
             socket.listen(1024)?;
             Ok(socket)
         })?;
+        if facing == Facing::Network {
+            crate::congestion::network_socket(&socket);
+        }
         tokio::net::TcpListener::from_std(socket.into())
     }
 
@@ -230,10 +245,30 @@ impl PodNetns {
         self.bind_udp(any)
     }
 
+    /// Connects to `addr` across the network from inside the namespace (a tunnel, a
+    /// passthrough or a gateway's upstream), with the node's congestion control and the
+    /// ztunnel's socket mark (not captured again).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, std::io::Error> {
+        self.connect_facing(addr, Facing::Network).await
+    }
+
+    /// Connects to the pod's own application at `addr` (over the pod's loopback, with the
+    /// pod's congestion control), with the ztunnel's socket mark.
+    pub async fn connect_app(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<tokio::net::TcpStream, std::io::Error> {
+        self.connect_facing(addr, Facing::App).await
+    }
+
     /// Connects to `addr` from inside the namespace with the ztunnel's socket mark, so the
     /// connection is not captured again. The socket is created non-blocking
     /// (`SOCK_NONBLOCK`: no `fcntl` round trip per connection).
-    pub async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, std::io::Error> {
+    async fn connect_facing(
+        &self,
+        addr: SocketAddr,
+        facing: Facing,
+    ) -> Result<tokio::net::TcpStream, std::io::Error> {
         let stream = Type::STREAM.nonblocking();
         let socket =
             self.enter(|| Socket::new(Domain::for_address(addr), stream, Some(Protocol::TCP)))?;
@@ -241,6 +276,9 @@ impl PodNetns {
             socket.set_mark(ZTUNNEL_MARK)?;
         }
         socket.set_tcp_nodelay(true)?;
+        if facing == Facing::Network {
+            crate::congestion::network_socket(&socket);
+        }
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
     }

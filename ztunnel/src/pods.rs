@@ -308,6 +308,8 @@ impl PodRegistry {
         }
         self.unenroll(pods, uid).await;
         let pod_netns = Arc::new(PodNetns::open(&netns)?);
+        // Before the listeners: the outbound one's connections take the pod's default.
+        pod_congestion(&pod_netns, crate::congestion::enroll_job()).await;
         let bound = listeners::bind(&pod_netns).await?;
         redirect::install(&pod_netns, &rules).await?;
         let context = Arc::new(PodContext {
@@ -388,6 +390,7 @@ impl PodRegistry {
         if let Err(e) = redirect::remove(&enrolled.context.netns).await {
             tracing::warn!(netns = %enrolled.netns_path.display(), error = %e, "could not remove redirect rules");
         }
+        pod_congestion(&enrolled.context.netns, crate::congestion::unenroll_job()).await;
     }
 
     /// Every known pod, captured or not.
@@ -526,6 +529,20 @@ impl From<&PodInfo> for Known {
             error: None,
         }
     }
+}
+
+/// Runs a change of the pod's default congestion control inside its namespace, reporting a
+/// failure (which changes nothing else).
+async fn pod_congestion(netns: &PodNetns, job: Option<crate::congestion::PodJob>) {
+    let Some(job) = job else { return };
+    let job = Arc::new(job);
+    let run = job.clone();
+    let error = match netns.run(move || run.run()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    job.report(netns.path(), error);
 }
 
 #[cfg(test)]

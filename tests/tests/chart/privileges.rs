@@ -108,6 +108,7 @@ fn host_paths_are_only_the_documented_ones_and_mounted_where_needed() -> anyhow:
             ("run", "/var/run/membrane"),
             ("state", "/var/lib/membrane/ztunnel"),
             ("netns", "/var/run/netns"),
+            ("proc-sys-net", "/proc/sys/net"),
             ("cni-bin", cni_bin),
             ("cni-conf", "/etc/cni/net.d"),
         ]
@@ -137,13 +138,13 @@ fn host_paths_are_only_the_documented_ones_and_mounted_where_needed() -> anyhow:
         for (c, mine, not_mine) in [
             (
                 ztunnel,
-                ["run", "state", "netns"].as_slice(),
+                ["run", "state", "netns", "proc-sys-net"].as_slice(),
                 ["cni-bin", "cni-conf"].as_slice(),
             ),
             (
                 container(ds, "install-cni")?,
                 ["cni-bin", "cni-conf"].as_slice(),
-                ["run", "state", "netns", "token", "ca-root"].as_slice(),
+                ["run", "state", "netns", "proc-sys-net", "token", "ca-root"].as_slice(),
             ),
         ] {
             for v in mine {
@@ -175,6 +176,11 @@ fn host_paths_are_only_the_documented_ones_and_mounted_where_needed() -> anyhow:
             flag1(ztunnel, "state-dir")?,
             str_of(&mount(ztunnel, "state").context("state")?["mountPath"])
         );
+        // Pods' sysctls are reached through the host's /proc/sys/net, where it is mounted.
+        assert_eq!(
+            env_value(ztunnel, "MEMBRANE_PROC_SYS_NET")?,
+            str_of(&mount(ztunnel, "proc-sys-net").context("proc-sys-net")?["mountPath"])
+        );
     }
     // Without the CNI step: no host CNI directory, no script, no second container.
     let r = template(&helm, &["--set", "cni.enabled=false"])?;
@@ -184,7 +190,7 @@ fn host_paths_are_only_the_documented_ones_and_mounted_where_needed() -> anyhow:
             .keys()
             .map(String::as_str)
             .collect::<Vec<_>>(),
-        ["netns", "run", "state"]
+        ["netns", "proc-sys-net", "run", "state"]
     );
     assert_eq!(containers(ds).len(), 1);
     assert!(r.all("ConfigMap").is_empty());

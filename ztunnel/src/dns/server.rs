@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::upstream::{MAX_MESSAGE, read_framed, write_framed};
 use super::{Asked, Dns};
-use crate::netns::PodNetns;
+use crate::netns::{Facing, PodNetns};
 use crate::proxy::{DNS_TCP, PodContext, Proxy, original_dst, serve_listener};
 
 /// A TCP connection without a query for this long is closed.
@@ -37,10 +37,10 @@ pub async fn bind(netns: &PodNetns) -> std::io::Result<DnsSockets> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::DNS));
     let mut sockets = DnsSockets {
         udp: vec![netns.bind_udp(v4)?],
-        tcp: vec![netns.listen(v4).await?],
+        tcp: vec![netns.listen(v4, Facing::App).await?],
     };
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, ports::DNS));
-    match (netns.bind_udp(v6), netns.listen(v6).await) {
+    match (netns.bind_udp(v6), netns.listen(v6, Facing::App).await) {
         (Ok(udp), Ok(tcp)) => {
             sockets.udp.push(udp);
             sockets.tcp.push(tcp);

@@ -118,7 +118,10 @@ async fn listen(gw: &Arc<IngressGateway>, port: u16) -> std::io::Result<Cancella
     let listener = gw
         .pod
         .netns
-        .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        .listen(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            crate::netns::Facing::Network,
+        )
         .await?;
     let token = gw.pod.accepting.child_token();
     let pod = Arc::new(PodContext {

@@ -260,11 +260,17 @@ async fn wait_for_pod(
 async fn bind_hbone(netns: &PodNetns) -> std::io::Result<Vec<tokio::net::TcpListener>> {
     let mut listeners = vec![
         netns
-            .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)))
+            .listen(
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)),
+                crate::netns::Facing::Network,
+            )
             .await?,
     ];
     match netns
-        .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)))
+        .listen(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)),
+            crate::netns::Facing::Network,
+        )
         .await
     {
         Ok(l) => listeners.push(l),

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use super::EnrollError;
 use crate::dns::Dns;
 use crate::dns::server::{self as dns, DnsSockets};
-use crate::netns::PodNetns;
+use crate::netns::{Facing, PodNetns};
 use crate::proxy::{PodContext, Proxy};
 use crate::{inbound, outbound};
 
@@ -30,8 +30,14 @@ pub struct PodListeners {
 pub async fn bind(netns: &PodNetns) -> Result<PodListeners, EnrollError> {
     let v4 = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listen = |addr: SocketAddr| async move {
+        // The outbound listener's peers are the pod's application; the others' are remote.
+        let facing = if addr.port() == ports::OUTBOUND {
+            Facing::App
+        } else {
+            Facing::Network
+        };
         netns
-            .listen(addr)
+            .listen(addr, facing)
             .await
             .map_err(|source| EnrollError::Listen {
                 port: addr.port(),

@@ -1,0 +1,197 @@
+//! TCP congestion control per leg (`ztunnel --pod-tcp-congestion`): an enrolled pod's
+//! default becomes the pod setting, so the application's sockets (which only ever talk to the
+//! ztunnel over the pod's loopback) and the ztunnel's pod-side sockets use it, while the
+//! ztunnel's sockets across the network (HBONE) keep the node's; leaving the mesh puts the
+//! node's default back; pods outside the mesh are never touched.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
+use membrane_tests::netns::run_in_netns;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP_PORT: u16 = 8080;
+const SYSCTL: &str = "net.ipv4.tcp_congestion_control";
+
+/// The node's default congestion control, and a different one for the pods: reno is always
+/// built in; if it is the node's default, cubic shows the difference.
+fn node_and_pod_setting() -> anyhow::Result<(String, &'static str)> {
+    let node = std::fs::read_to_string(format!("/proc/sys/{}", SYSCTL.replace('.', "/")))?
+        .trim()
+        .to_owned();
+    let pod = if node == "reno" { "cubic" } else { "reno" };
+    Ok((node, pod))
+}
+
+/// The pod's default congestion control.
+fn pod_default(mesh: &Mesh, pod: &str) -> anyhow::Result<String> {
+    let out = mesh
+        .testbed
+        .exec(mesh.pod(pod), &["sysctl", "-n", SYSCTL])?;
+    anyhow::ensure!(out.status.success(), "sysctl in {pod}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Each established TCP socket in the pod: (local address, peer address, congestion control).
+fn sockets(mesh: &Mesh, pod: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+    let out = mesh
+        .testbed
+        .exec(mesh.pod(pod), &["ss", "-Htni", "state", "established"])?;
+    anyhow::ensure!(out.status.success(), "ss in {pod}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        // State filter given: columns are Recv-Q, Send-Q, local, peer; the details follow
+        // on the next, indented line, the congestion control first.
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let Some(details) = lines.next() else { break };
+        if let ([_, _, local, peer, ..], Some(cc)) = (&cols[..], details.split_whitespace().next())
+        {
+            found.push(((*local).to_owned(), (*peer).to_owned(), cc.to_owned()));
+        }
+    }
+    Ok(found)
+}
+
+/// The congestion control of the one socket matching `what`, or an error listing them all.
+fn cc_of(
+    all: &[(String, String, String)],
+    what: &str,
+    matches: impl Fn(&str, &str) -> bool,
+) -> anyhow::Result<String> {
+    let hits: Vec<_> = all.iter().filter(|(l, p, _)| matches(l, p)).collect();
+    match hits.as_slice() {
+        [(_, _, cc)] => Ok(cc.clone()),
+        _ => anyhow::bail!("{} sockets for {what} in {all:?}", hits.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn pods_get_the_pod_setting_and_the_tunnel_keeps_the_nodes() -> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let (node, pod) = node_and_pod_setting()?;
+    let mut spec = MeshSpec::two_nodes(
+        vec![
+            PodDef::new("trainer", "training", "trainer", "node-a"),
+            PodDef::new("store", "data", "feature-store", "node-b"),
+            PodDef::new("legacy", "legacy", "legacy", "node-b"),
+        ],
+        &["training", "data"],
+    );
+    spec.ztunnel_args = vec!["--pod-tcp-congestion".into(), pod.into()];
+    let mesh = Mesh::start(spec).await?;
+    for p in ["trainer", "store", "legacy"] {
+        assert_eq!(pod_default(&mesh, p)?, node, "{p} before enrollment");
+    }
+    mesh.enroll("trainer").await?;
+    mesh.enroll("store").await?;
+    assert_eq!(pod_default(&mesh, "trainer")?, pod);
+    assert_eq!(pod_default(&mesh, "store")?, pod);
+    assert_eq!(pod_default(&mesh, "legacy")?, node, "not in the mesh");
+
+    // One connection trainer → store through both ztunnels, held open while the sockets
+    // are listed.
+    let listener = run_in_netns(mesh.netns_path("store"), || {
+        TcpListener::bind(("0.0.0.0", APP_PORT))
+    })??;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).await?;
+        s.write_all(&b).await?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    let mut client = mesh.connect_from("trainer", dst).await?;
+    client.write_all(b"hello").await?;
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echo)).await??;
+    assert_eq!(&echo, b"hello");
+
+    let app_port = format!(":{APP_PORT}");
+    let trainer = sockets(&mesh, "trainer")?;
+    assert_eq!(
+        cc_of(&trainer, "the application's socket", |_, p| p
+            .ends_with(&app_port))?,
+        pod
+    );
+    assert_eq!(
+        cc_of(&trainer, "the outbound capture's socket", |l, _| l
+            .ends_with(":15001"))?,
+        pod
+    );
+    assert_eq!(
+        cc_of(&trainer, "the tunnel (client side)", |_, p| p
+            .ends_with(":15008"))?,
+        node
+    );
+    let store = sockets(&mesh, "store")?;
+    assert_eq!(
+        cc_of(&store, "the tunnel (server side)", |l, _| l
+            .ends_with(":15008"))?,
+        node
+    );
+    assert_eq!(
+        cc_of(&store, "the application's accepted socket", |l, _| l
+            .ends_with(&app_port))?,
+        pod
+    );
+    assert_eq!(
+        cc_of(&store, "the ztunnel's socket to the application", |_, p| p
+            .ends_with(&app_port))?,
+        pod
+    );
+    client.shutdown().await?;
+    tokio::time::timeout(Duration::from_secs(10), app).await???;
+
+    // Leaving the mesh puts the node's default back.
+    mesh.unenroll("store").await?;
+    assert_eq!(pod_default(&mesh, "store")?, node);
+    assert_eq!(pod_default(&mesh, "trainer")?, pod, "still enrolled");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn node_leaves_pods_alone_and_an_unreachable_sysctl_only_counts() -> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let (node, pod) = node_and_pod_setting()?;
+    let missing = format!("/nonexistent-membrane-proc-sys-{}", std::process::id());
+    for (args, errors) in [
+        (vec!["--pod-tcp-congestion", "node"], false),
+        (
+            vec!["--pod-tcp-congestion", pod, "--proc-sys-net", &missing],
+            true,
+        ),
+    ] {
+        let mut spec = MeshSpec::two_nodes(
+            vec![PodDef::new("trainer", "training", "trainer", "node-a")],
+            &["training"],
+        );
+        spec.ztunnel_args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mesh = Mesh::start(spec).await?;
+        mesh.enroll("trainer").await?;
+        assert_eq!(pod_default(&mesh, "trainer")?, node, "{args:?}");
+        let (status, body) =
+            membrane_tests::http_get(mesh.ztunnels["node-a"].metrics, "/metrics").await?;
+        anyhow::ensure!(status == 200, "metrics: HTTP {status}");
+        let counted = body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("membrane_tcp_congestion_errors_total ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        assert_eq!(counted > 0.0, errors, "{args:?}: {counted}");
+    }
+    Ok(())
+}
