@@ -7,17 +7,22 @@
 //! paces every socket with its own timer, one per burst, and the sender sleeps between them.
 //! So the ztunnel sets an enrolled pod's default (`net.ipv4.tcp_congestion_control` of its
 //! network namespace) to `--pod-tcp-congestion` (`cubic` unless told otherwise; `node` leaves
-//! pods alone) before it binds the pod's listeners, and back to the node's default when the
-//! pod's capture is removed (if it still holds the value set here). The sysctl is written by
+//! pods alone, including ones an earlier run changed) once the pod is captured, and back to
+//! the node's default before its capture is removed (if it still holds the pod setting — a
+//! pod that asked for that same value itself gets the node's back too). In a pod's namespace
+//! the kernel only takes a name listed in the node's `net.ipv4.tcp_allowed_congestion_control`
+//! (cubic and reno by default). The sysctl is written by
 //! a thread inside the pod's namespace through `--proc-sys-net` (`/proc/sys/net` shows the
 //! reader's namespace; in a container whose own `/proc/sys` is read-only, the host's mounted
 //! elsewhere).
 //!
 //! The connections that do cross the network keep the node's choice: the ztunnel's sockets
 //! made inside a pod for HBONE, passthrough and gateways, and the listeners whose peers are
-//! remote (HBONE, inbound plaintext), get the node's default by `TCP_CONGESTION` (read once
-//! at start in the node's namespace). When the node's default already is the pod setting,
-//! nothing is changed anywhere.
+//! remote (HBONE, inbound plaintext), get the node's default by `TCP_CONGESTION`. "The node's
+//! default" is read once at start in the ztunnel's own namespace: the node's itself when it
+//! runs there, else (a ztunnel pod) the copy its namespace got from the node when it was
+//! created, as every pod's namespace does. When it already is the pod setting, nothing is
+//! changed anywhere.
 //!
 //! None of this decides whether traffic flows: a failure is logged, counted
 //! (`membrane_tcp_congestion_errors_total`) and the connection or enrollment goes on with whatever
@@ -88,8 +93,8 @@ pub fn errors() -> &'static Counter {
     ERRORS.get_or_init(Counter::default)
 }
 
-/// Settles the process's choice; call once at start, in the node's network namespace (later
-/// calls change nothing). `proc_sys_net` is where `/proc/sys/net` is mounted (`--proc-sys-net`:
+/// Settles the process's choice; call once at start, in the ztunnel's own network namespace
+/// (later calls change nothing). `proc_sys_net` is where `/proc/sys/net` is mounted (`--proc-sys-net`:
 /// it must be writable for pods' sysctls to be set). Returns the node's default as read.
 pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> {
     let sysctl = proc_sys_net.join(SYSCTL);

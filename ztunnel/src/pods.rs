@@ -308,10 +308,11 @@ impl PodRegistry {
         }
         self.unenroll(pods, uid).await;
         let pod_netns = Arc::new(PodNetns::open(&netns)?);
-        // Before the listeners: the outbound one's connections take the pod's default.
-        pod_congestion(&pod_netns, crate::congestion::enroll_job()).await;
         let bound = listeners::bind(&pod_netns).await?;
         redirect::install(&pod_netns, &rules).await?;
+        // Only once captured (a failed enrollment leaves the pod as it was); connections
+        // accepted on 15001 take the namespace's default at their handshake.
+        pod_congestion(&pod_netns, crate::congestion::enroll_job()).await;
         let context = Arc::new(PodContext {
             workload: workload.clone(),
             netns: pod_netns,
@@ -387,10 +388,11 @@ impl PodRegistry {
         for task in enrolled.tasks {
             let _ = task.await;
         }
+        // Restored while still captured: no connection of the pod's leaves the node with it.
+        pod_congestion(&enrolled.context.netns, crate::congestion::unenroll_job()).await;
         if let Err(e) = redirect::remove(&enrolled.context.netns).await {
             tracing::warn!(netns = %enrolled.netns_path.display(), error = %e, "could not remove redirect rules");
         }
-        pod_congestion(&enrolled.context.netns, crate::congestion::unenroll_job()).await;
     }
 
     /// Every known pod, captured or not.
@@ -533,7 +535,7 @@ impl From<&PodInfo> for Known {
 
 /// Runs a change of the pod's default congestion control inside its namespace, reporting a
 /// failure (which changes nothing else).
-async fn pod_congestion(netns: &PodNetns, job: Option<crate::congestion::PodJob>) {
+pub(super) async fn pod_congestion(netns: &PodNetns, job: Option<crate::congestion::PodJob>) {
     let Some(job) = job else { return };
     let job = Arc::new(job);
     let run = job.clone();

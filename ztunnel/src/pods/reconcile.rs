@@ -241,7 +241,11 @@ impl PodRegistry {
 /// traffic would otherwise be redirected to ports nobody listens on).
 async fn lift_rules(uid: &str, known: &Known) {
     let result = match PodNetns::open(&known.netns) {
-        Ok(netns) => redirect::remove(&netns).await.map_err(|e| e.to_string()),
+        Ok(netns) => {
+            // The congestion control the previous run set goes back first (while captured).
+            super::pod_congestion(&netns, crate::congestion::unenroll_job()).await;
+            redirect::remove(&netns).await.map_err(|e| e.to_string())
+        }
         Err(e) => Err(e.to_string()),
     };
     match result {
