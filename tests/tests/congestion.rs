@@ -2,7 +2,8 @@
 //! default becomes the pod setting, so the application's sockets (which only ever talk to the
 //! ztunnel over the pod's loopback) and the ztunnel's pod-side sockets use it, while the
 //! ztunnel's sockets across the network (HBONE) keep the node's; leaving the mesh puts the
-//! node's default back; pods outside the mesh are never touched.
+//! node's default back, also when the pod left while the ztunnel was down (the next run lifts
+//! what the last one set); pods outside the mesh are never touched.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
@@ -193,5 +194,54 @@ async fn node_leaves_pods_alone_and_an_unreachable_sysctl_only_counts() -> anyho
             .unwrap_or(0.0);
         assert_eq!(counted > 0.0, errors, "{args:?}: {counted}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn a_pod_that_left_the_mesh_while_the_ztunnel_was_down_gets_the_nodes_back()
+-> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let (node, pod) = node_and_pod_setting()?;
+    let mut spec = MeshSpec::two_nodes(
+        vec![PodDef::new("trainer", "training", "trainer", "node-a")],
+        &["training"],
+    );
+    spec.ztunnel_args = vec!["--pod-tcp-congestion".into(), pod.into()];
+    let mut mesh = Mesh::start(spec).await?;
+    mesh.enroll("trainer").await?;
+    assert_eq!(pod_default(&mesh, "trainer")?, pod);
+    // The ztunnel dies; meanwhile the namespace leaves the mesh; the next run finds the
+    // pod in its saved state, no longer a mesh workload, and lifts what the last run set.
+    mesh.stop_ztunnel("node-a");
+    let path = mesh.ca().manifests_dir().join("mesh.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let labelled = "  name: training\n  labels: {membrane.dev/mesh: enabled}\n";
+    anyhow::ensure!(text.contains(labelled), "namespace not found in:\n{text}");
+    mesh.ca().write_manifest(
+        "mesh.yaml",
+        &text.replacen(labelled, "  name: training\n", 1),
+    )?;
+    mesh.restart_ztunnel("node-a")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = pod_default(&mesh, "trainer")?;
+        if now == node {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "still {now} after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rules = mesh.testbed.exec(
+        mesh.pod("trainer"),
+        &["nft", "list", "table", "inet", "membrane"],
+    )?;
+    assert!(
+        !rules.status.success(),
+        "the previous run's rules were lifted too"
+    );
     Ok(())
 }

@@ -286,6 +286,15 @@ impl Mesh {
         self.restart_ztunnel_with(node, &[])
     }
 
+    /// Stops node `node`'s ztunnel the way a crash would (killed); [`Mesh::restart_ztunnel`]
+    /// starts it again.
+    pub fn stop_ztunnel(&mut self, node: &str) {
+        if let Some(z) = self.ztunnels.get_mut(node) {
+            let _ = z.child.kill();
+            let _ = z.child.wait();
+        }
+    }
+
     /// As [`Mesh::restart_ztunnel`], with `extra_args` appended to the ztunnel's command line
     /// (for example `--netns-dir DIR`).
     pub fn restart_ztunnel_with(&mut self, node: &str, extra_args: &[&str]) -> anyhow::Result<()> {
