@@ -150,7 +150,7 @@ pub(crate) struct PodJob {
     sysctl: PathBuf,
 }
 
-/// Setting an enrolled pod's default (run before its listeners are bound), if pods get one.
+/// Setting an enrolled pod's default (once it is captured), if pods get one.
 pub(crate) fn enroll_job() -> Option<PodJob> {
     settings().map(|s| PodJob {
         action: "set",
