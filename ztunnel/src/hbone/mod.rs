@@ -254,8 +254,9 @@ fn require_h2(negotiated: Option<&[u8]>) -> Result<(), HboneError> {
     }
 }
 
-/// Read buffer under TLS, in bytes: one `read` takes everything the kernel holds (up to this),
-/// and records are decrypted in place in it (see `tls`).
+/// Read buffer of a TLS handshake, in bytes: one `read` takes everything the kernel holds (up
+/// to this). After the handshake the same buffer holds what follows it and, from then on, only
+/// a partial record and records read for a reader with little room (see `tls`).
 pub const SOCKET_BUFFER: usize = 256 * 1024;
 
 /// For the TLS record fuzz target: a client and a server complete a handshake in memory with

@@ -1,10 +1,14 @@
 //! HBONE's TLS connection: rustls runs the handshake (`super::handshake`), then its TLS 1.3 traffic secrets are taken over and records are
 //! opened and sealed here ([`super::record`]), so bytes are not copied through rustls' buffers:
 //!
-//! - receive: one `read` fills [`SOCKET_BUFFER`](super::SOCKET_BUFFER) with whatever the
-//!   kernel holds, each record is decrypted in place there, and its content is copied once,
-//!   into HTTP/2's read buffer (rustls' buffered API copies it three times: into its deframer,
-//!   into its plaintext queue, out to the reader);
+//! - receive: when the reader (HTTP/2) has room for a whole record beyond the partial one held
+//!   here, the socket is read straight into the reader's buffer and every complete record is
+//!   decrypted there, each one's content moved back over the headers and tags before it in the
+//!   same pass (ring's AES-GCM decrypts and moves at once): the content is never copied on
+//!   its own. Only the incomplete record a read ends in is kept here, and when the reader has
+//!   less room (the end of an HTTP/2 frame) at most one record more is read here, decrypted in
+//!   place and copied out. (rustls' buffered API copies every byte three times: into its
+//!   deframer, into its plaintext queue, out to the reader.)
 //! - send: plaintext is encrypted straight from HTTP/2's frames into the buffer the socket is
 //!   written from (small writes are gathered into one record first), and up to
 //!   [`TLS_SEND_BUFFER`](super::TLS_SEND_BUFFER) of records leave in one `write`.
@@ -35,7 +39,9 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::ReadBuf;
 
 use super::TLS_SEND_BUFFER;
-use super::record::{Content, HEADER_LEN, MAX_PLAINTEXT, RecordError, RecordKey, body_len};
+use super::record::{
+    Content, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT, RecordError, RecordKey, body_len,
+};
 
 /// Handshake message types handled after the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
@@ -128,6 +134,8 @@ pub(crate) struct TlsStream<T> {
     in_end: usize,
     /// Decrypted content in `inbuf` not yet read.
     plain: Range<usize>,
+    /// Reads that went straight into the reader's buffer.
+    direct_reads: u64,
     /// Content that arrived with the handshake, from `early_pos`.
     early: Vec<u8>,
     early_pos: usize,
@@ -171,6 +179,7 @@ impl<T> TlsStream<T> {
             in_start: 0,
             in_end: filled,
             plain: 0..0,
+            direct_reads: 0,
             early,
             early_pos: 0,
             post_handshake: Vec::new(),
@@ -217,6 +226,12 @@ impl<T> TlsStream<T> {
         self.tx.seq()
     }
 
+    /// Reads whose records were opened in the reader's buffer.
+    #[cfg(test)]
+    pub(crate) fn direct_reads(&self) -> u64 {
+        self.direct_reads
+    }
+
     /// Content that arrived with the handshake and was not read yet.
     #[cfg(test)]
     pub(crate) fn early_len(&self) -> usize {
@@ -248,53 +263,72 @@ impl<T> TlsStream<T> {
     /// Decrypts the next complete record in `inbuf`, if there is one. Content lands in
     /// `plain`; post-handshake messages and alerts are handled here.
     fn open_next(&mut self) -> Result<bool, io::Error> {
-        let available = self.in_end - self.in_start;
-        if available < HEADER_LEN {
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let at = self.in_start;
+        let opened = self.open_record(&mut inbuf[..self.in_end], at, at + HEADER_LEN);
+        self.inbuf = inbuf;
+        let Some((end, n)) = opened? else {
             return Ok(false);
+        };
+        self.in_start = end;
+        self.plain = at + HEADER_LEN..at + HEADER_LEN + n;
+        Ok(true)
+    }
+
+    /// Opens the record at `region[at..]` if it is complete, writing its content to
+    /// `region[to..]` (`to` at most the body's start: in place, or moved back over headers and
+    /// tags already consumed). Returns where the record ended and how much application data
+    /// is now at `to` (none for a post-handshake message or alert, both handled here), or
+    /// `None` while the record is incomplete.
+    fn open_record(
+        &mut self,
+        region: &mut [u8],
+        at: usize,
+        to: usize,
+    ) -> Result<Option<(usize, usize)>, io::Error> {
+        let available = region.len().saturating_sub(at);
+        if available < HEADER_LEN {
+            return Ok(None);
         }
-        let header: [u8; HEADER_LEN] = self.inbuf[self.in_start..self.in_start + HEADER_LEN]
+        let header: [u8; HEADER_LEN] = region[at..at + HEADER_LEN]
             .try_into()
             .map_err(|_| record_error(RecordError::BadMac))?;
         let len = body_len(&header).map_err(record_error)?;
         if available < HEADER_LEN + len {
-            return Ok(false);
+            return Ok(None);
         }
-        let body = self.in_start + HEADER_LEN..self.in_start + HEADER_LEN + len;
-        self.in_start = body.end;
+        let end = at + HEADER_LEN + len;
         let (content, n) = self
             .rx
-            .open_in_place(&header, &mut self.inbuf[body.clone()])
+            .open_within(&header, &mut region[to..end], at + HEADER_LEN - to)
             .map_err(record_error)?;
-        let content_range = body.start..body.start + n;
+        let content_range = to..to + n;
         match content {
             Content::ApplicationData => {
                 if !self.post_handshake.is_empty() {
                     return Err(unexpected("application data inside a handshake message"));
                 }
-                self.plain = content_range;
+                return Ok(Some((end, n)));
             }
             Content::Handshake => {
                 if n == 0 {
                     return Err(unexpected("empty handshake record"));
                 }
-                let bytes = self.inbuf[content_range].to_vec();
+                let bytes = region[content_range].to_vec();
                 self.post_handshake_bytes(&bytes)?;
             }
-            Content::Alert => {
-                let alert = &self.inbuf[content_range];
-                match alert {
-                    [_, CLOSE_NOTIFY] => self.read = ReadState::Closed,
-                    [level, description] => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::ConnectionAborted,
-                            format!("peer sent TLS alert {description} (level {level})"),
-                        ));
-                    }
-                    _ => return Err(refused(DECODE_ERROR, "malformed TLS alert")),
+            Content::Alert => match &region[content_range] {
+                [_, CLOSE_NOTIFY] => self.read = ReadState::Closed,
+                [level, description] => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("peer sent TLS alert {description} (level {level})"),
+                    ));
                 }
-            }
+                _ => return Err(refused(DECODE_ERROR, "malformed TLS alert")),
+            },
         }
-        Ok(true)
+        Ok(Some((end, 0)))
     }
 
     fn post_handshake_bytes(&mut self, bytes: &[u8]) -> Result<(), io::Error> {

@@ -113,44 +113,111 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
-                    if let Some(alert) = alert_of(&e) {
-                        records_refused().inc();
-                        tracing::warn!(error = %e, alert, "refused a TLS record from the HBONE peer; closing the connection");
-                        this.send_fatal_alert(alert, cx);
-                    } else {
-                        tracing::debug!(error = %e, "HBONE peer ended the TLS connection");
-                    }
-                    this.read = ReadState::Failed(e.kind(), e.to_string());
+                    this.read_failed(e, cx);
                     continue;
                 }
             }
             if delivered > 0 {
                 return Poll::Ready(Ok(()));
             }
-            // Need more ciphertext: move the partial record to the front, then read.
+            // Need more ciphertext. A reader with room for a whole record beyond the partial
+            // one held gets the socket's bytes in its own buffer, decrypted there.
+            let pending = this.in_end - this.in_start;
+            if buf.remaining() >= pending + HEADER_LEN + MAX_CIPHERTEXT {
+                match ready!(this.poll_read_direct(cx, buf)) {
+                    Ok(n) => delivered += n,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            // Otherwise read here: move the partial record to the front, and read at most
+            // one whole record more, so the next, larger read can go to the reader directly.
             if this.in_start > 0 {
                 this.inbuf.copy_within(this.in_start..this.in_end, 0);
                 this.in_end -= this.in_start;
                 this.in_start = 0;
             }
-            let mut space = ReadBuf::new(&mut this.inbuf[this.in_end..]);
+            let limit = (HEADER_LEN + MAX_CIPHERTEXT).max(this.in_end + 1);
+            let mut space = ReadBuf::new(&mut this.inbuf[this.in_end..limit]);
             match Pin::new(&mut this.io).poll_read(cx, &mut space) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let n = space.filled().len();
                     if n == 0 {
-                        let e = io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "peer closed the TLS connection without close_notify",
-                        );
-                        this.read = ReadState::Failed(e.kind(), e.to_string());
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(this.truncated()));
                     }
                     this.in_end += n;
                 }
             }
         }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Reads the socket into `buf` after the partial record held here, then opens every
+    /// complete record where it is, each one's content moved back to follow the previous
+    /// one's (ring's AES-GCM decrypts and moves in one pass): the content reaches the reader
+    /// without a copy of its own. What is left of an incomplete record is kept here. Returns
+    /// how much content `buf` gained.
+    fn poll_read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let base = buf.filled().len();
+        buf.put_slice(&self.inbuf[self.in_start..self.in_end]);
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        let received = buf.filled().len() - before;
+        if !matches!(read, Poll::Ready(Ok(()))) || received == 0 {
+            // Nothing of it reaches the reader; the partial record is still held here.
+            buf.set_filled(base);
+            return match read {
+                Poll::Ready(Ok(())) => Poll::Ready(Err(self.truncated())),
+                other => other.map_ok(|()| 0),
+            };
+        }
+        (self.in_start, self.in_end) = (0, 0);
+        self.direct_reads += 1;
+        let region = &mut buf.filled_mut()[base..];
+        let (mut at, mut to) = (0, 0);
+        while matches!(self.read, ReadState::Open) {
+            match self.open_record(region, at, to) {
+                Ok(Some((end, n))) => (at, to) = (end, to + n),
+                Ok(None) => {
+                    let tail = region.len() - at;
+                    self.inbuf[..tail].copy_from_slice(&region[at..]);
+                    self.in_end = tail;
+                    break;
+                }
+                Err(e) => self.read_failed(e, cx),
+            }
+        }
+        buf.set_filled(base + to);
+        Poll::Ready(Ok(to))
+    }
+
+    /// The receive side's end: a refused record is answered with its alert.
+    fn read_failed(&mut self, e: io::Error, cx: &mut Context<'_>) {
+        if let Some(alert) = alert_of(&e) {
+            records_refused().inc();
+            tracing::warn!(error = %e, alert, "refused a TLS record from the HBONE peer; closing the connection");
+            self.send_fatal_alert(alert, cx);
+        } else {
+            tracing::debug!(error = %e, "HBONE peer ended the TLS connection");
+        }
+        self.read = ReadState::Failed(e.kind(), e.to_string());
+    }
+
+    /// The stream ended without close_notify (the receive side's end).
+    fn truncated(&mut self) -> io::Error {
+        let e = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed the TLS connection without close_notify",
+        );
+        self.read = ReadState::Failed(e.kind(), e.to_string());
+        e
     }
 }
 

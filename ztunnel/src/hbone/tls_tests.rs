@@ -192,13 +192,15 @@ async fn the_end_of_the_stream_without_close_notify_is_an_error() {
     assert_eq!(again.kind(), io::ErrorKind::UnexpectedEof);
 }
 
-/// A server's side of the pipe that can flip one bit of what it reads (once armed) and delay
-/// each read (so the client's Finished and first data arrive together).
+/// A server's side of the pipe that can flip one bit of what it reads (once armed), delay
+/// each read (so the client's Finished and first data arrive together) and cut reads short
+/// (so records arrive in pieces).
 struct Peer {
     inner: DuplexStream,
     tamper: bool,
     delay: Option<Duration>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    max_read: Option<usize>,
 }
 
 impl Peer {
@@ -208,6 +210,7 @@ impl Peer {
             tamper: false,
             delay: None,
             sleep: None,
+            max_read: None,
         }
     }
 }
@@ -226,7 +229,14 @@ impl AsyncRead for Peer {
             self.sleep = None;
         }
         let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if let Some(max) = self.max_read {
+            let mut piece = vec![0; max.min(buf.remaining())];
+            let mut limited = ReadBuf::new(&mut piece);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut limited))?;
+            buf.put_slice(limited.filled());
+        } else {
+            ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        }
         if self.tamper && buf.filled().len() > before {
             let last = buf.filled().len() - 1;
             buf.filled_mut()[last] ^= 0x10;
@@ -280,6 +290,84 @@ async fn a_tampered_record_ends_the_connection() {
         server.write(b"x").await.is_err(),
         "and nothing more is sent"
     );
+}
+
+/// A server whose socket hands over what the client sent in pieces of `max_read` bytes.
+async fn cut_pair(pki: &Pki, max_read: usize) -> (TlsStream<DuplexStream>, TlsStream<Peer>) {
+    let (a, b) = duplex(1 << 20);
+    let (client, server) = tokio::join!(
+        connect(a, pki.client(true), name()),
+        accept(Peer::new(b), pki.server(true))
+    );
+    let (client, mut server) = (client.expect("client"), server.expect("server"));
+    server.io.max_read = Some(max_read);
+    (client, server)
+}
+
+#[tokio::test]
+async fn records_split_across_reads_are_opened_in_the_readers_buffer() {
+    let pki = Pki::new();
+    // Pieces shorter than a record, longer than one, and a prime length, so a record's
+    // header, body and tag each end up cut somewhere.
+    for max_read in [7_001, 40_000, 100_003] {
+        let (mut client, mut server) = cut_pair(&pki, max_read).await;
+        client.set_key_update_after(3);
+        let data = payload(1 << 20, 7);
+        let (_, got) = tokio::join!(send(&mut client, &data), receive(&mut server, data.len()));
+        assert!(got == data, "intact with reads of {max_read} bytes");
+        assert!(
+            server.direct_reads() > 0,
+            "large reads go to the reader's buffer"
+        );
+        assert!(
+            server.rx_seq() <= 3,
+            "and cross key updates: {}",
+            server.rx_seq()
+        );
+        // Small reads (no room for a whole record) take the buffered path, in order.
+        send(&mut client, &data[..50_000]).await;
+        let mut small = Vec::new();
+        while small.len() < 50_000 {
+            let mut chunk = [0; 1_000];
+            let n = server.read(&mut chunk).await.expect("small read");
+            small.extend_from_slice(&chunk[..n]);
+        }
+        assert!(small == data[..50_000], "small reads intact");
+        // close_notify after data: the data, then the end of the stream.
+        send(&mut client, &data[..20_000]).await;
+        client.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.expect("clean end");
+        assert!(rest == data[..20_000], "the last data before close_notify");
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_record_read_into_the_readers_buffer_keeps_what_came_before_it() {
+    let pki = Pki::new();
+    let (a, b) = duplex(1 << 20);
+    let (client, server) = tokio::join!(
+        connect(a, pki.client(true), name()),
+        accept(Peer::new(b), pki.server(true))
+    );
+    let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+    // Two full records and a short one, written out together; the last byte read (the
+    // third record's tag) is flipped.
+    let data = payload(40_000, 9);
+    client.write_all(&data).await.expect("write");
+    client.flush().await.expect("flush");
+    server.io.tamper = true;
+    let refused = records_refused().get();
+    let mut got = vec![0; 1 << 20];
+    let n = server.read(&mut got).await.expect("the intact records");
+    assert_eq!(n, 2 * MAX_PLAINTEXT);
+    assert!(got[..n] == data[..n]);
+    assert_eq!(server.direct_reads(), 1);
+    let err = server.read(&mut got).await.expect_err("then the refusal");
+    assert!(err.to_string().contains("bad_record_mac"), "{err}");
+    assert!(records_refused().get() > refused, "counted");
+    let told = client.read(&mut [0; 64]).await.expect_err("alert");
+    assert!(told.to_string().contains("alert 20"), "{told}");
 }
 
 #[tokio::test]
