@@ -255,8 +255,7 @@ fn require_h2(negotiated: Option<&[u8]>) -> Result<(), HboneError> {
 }
 
 /// Read buffer of a TLS handshake, in bytes: one `read` takes everything the kernel holds (up
-/// to this). After the handshake the same buffer holds what follows it and, from then on, only
-/// a partial record and records read for a reader with little room (see `tls`).
+/// to this). An established connection keeps one record's worth instead (see `tls`).
 pub const SOCKET_BUFFER: usize = 256 * 1024;
 
 /// For the TLS record fuzz target: a client and a server complete a handshake in memory with

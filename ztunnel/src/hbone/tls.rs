@@ -43,6 +43,11 @@ use super::record::{
     Content, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT, RecordError, RecordKey, body_len,
 };
 
+/// What an established connection keeps for received ciphertext: one whole record, the most
+/// it holds at once (an incomplete record a read ended in, or one record read for a reader with
+/// less room than that).
+const RECEIVE_BUFFER: usize = HEADER_LEN + MAX_CIPHERTEXT;
+
 /// Handshake message types handled after the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
@@ -162,6 +167,15 @@ impl<T> TlsStream<T> {
         filled: usize,
         early: Vec<u8>,
     ) -> io::Result<Self> {
+        // After the handshake only one record's worth is ever read here (see `poll_read`):
+        // the handshake's large buffer is given back unless more than that followed it.
+        let inbuf = if filled <= RECEIVE_BUFFER {
+            let mut small = vec![0u8; RECEIVE_BUFFER].into_boxed_slice();
+            small[..filled].copy_from_slice(&incoming[..filled]);
+            small
+        } else {
+            incoming
+        };
         let rx = RecordKey::new(secrets.rx.0, secrets.rx.1).map_err(record_error)?;
         let tx = RecordKey::new(secrets.tx.0, secrets.tx.1).map_err(record_error)?;
         let tx_limit = kernel
@@ -175,7 +189,7 @@ impl<T> TlsStream<T> {
             rx,
             tx,
             tx_limit,
-            inbuf: incoming,
+            inbuf,
             in_start: 0,
             in_end: filled,
             plain: 0..0,
@@ -224,6 +238,12 @@ impl<T> TlsStream<T> {
     #[cfg(test)]
     pub(crate) fn tx_seq(&self) -> u64 {
         self.tx.seq()
+    }
+
+    /// The size of the buffer kept for received ciphertext.
+    #[cfg(test)]
+    pub(crate) fn receive_buffer_len(&self) -> usize {
+        self.inbuf.len()
     }
 
     /// Reads whose records were opened in the reader's buffer.

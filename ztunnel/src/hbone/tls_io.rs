@@ -137,7 +137,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 this.in_end -= this.in_start;
                 this.in_start = 0;
             }
-            let limit = (HEADER_LEN + MAX_CIPHERTEXT).max(this.in_end + 1);
+            // (What is held is less than a record, so there is room: a full buffer would
+            // read nothing and end as a truncated stream, not overrun.)
+            let limit = RECEIVE_BUFFER.clamp(this.in_end, this.inbuf.len());
             let mut space = ReadBuf::new(&mut this.inbuf[this.in_end..limit]);
             match Pin::new(&mut this.io).poll_read(cx, &mut space) {
                 Poll::Pending => return Poll::Pending,
