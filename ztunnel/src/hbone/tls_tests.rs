@@ -319,6 +319,11 @@ async fn records_split_across_reads_are_opened_in_the_readers_buffer() {
             server.direct_reads() > 0,
             "large reads go to the reader's buffer"
         );
+        assert_eq!(
+            server.receive_buffer_len(),
+            RECEIVE_BUFFER,
+            "one record kept"
+        );
         assert!(
             server.rx_seq() <= 3,
             "and cross key updates: {}",
