@@ -81,8 +81,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 // stream window no larger than that needs: it bounds what a stream buffers before the
 // application reads it (with 4 MiB the four-stream peak RSS was 24-29 MiB, with 1 MiB 16-17,
 // at the same throughput). Frames are large so a 256 KiB read from the application becomes
-// one DATA frame; up to 256 KiB of records leave in one write, and a 256 KiB read buffer sits
-// under TLS (one `recvfrom` where rustls alone made ~16; see `tls`). Measured on the two-node
+// one DATA frame; up to 256 KiB of records leave in one write, and reads under TLS go straight
+// into HTTP/2's buffer, as large as its frame (one `recvfrom` where rustls alone made ~16; see
+// `tls`). Measured on the two-node
 // benchmark (docs/design.md, "Data-plane performance decisions"): 1 MiB frames beat 16 KiB
 // frames by ~10%; 256 KiB, 512 KiB and 1 MiB of per-stream send buffer made no measurable
 // difference.
@@ -261,7 +262,8 @@ pub const SOCKET_BUFFER: usize = 256 * 1024;
 /// For the TLS record fuzz target: a client and a server complete a handshake in memory with
 /// these configurations, the server sends `records` (inner type, content) sealed under its
 /// real traffic key and then `raw` bytes as they are, and the client reads until its stream
-/// ends or fails. Returns how many bytes of content the client read. Never panics on any input.
+/// ends or fails, with large and small reads in turn. Returns how many bytes of content the
+/// client read. Never panics on any input.
 #[doc(hidden)]
 pub async fn fuzz_tls_records(
     client: Arc<rustls::ClientConfig>,
@@ -289,10 +291,22 @@ pub async fn fuzz_tls_records(
         }
     );
     let (mut client, ()) = (client?, server?);
-    let mut sink = Vec::new();
-    match client.read_to_end(&mut sink).await {
-        Ok(_) | Err(_) => Ok(sink.len()),
+    // Reads alternate between a reader with room for many records (opened in its buffer) and
+    // one with less than a record (opened in the TLS layer's own), so both paths see the input.
+    let mut total = 0;
+    let (mut large, mut small) = (vec![0u8; 64 * 1024], [0u8; 1000]);
+    for turn in 0usize.. {
+        let read = if turn % 2 == 0 {
+            client.read(&mut large).await
+        } else {
+            client.read(&mut small).await
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
     }
+    Ok(total)
 }
 
 #[cfg(test)]
