@@ -550,42 +550,54 @@ mod tests {
     fn a_record_opens_to_an_earlier_place_in_its_buffer() {
         // What the receive side does with a read of several records: each one's content is
         // moved back to follow the previous one's, over the headers and tags between them.
-        let secrets = || ConnectionTrafficSecrets::Aes256Gcm {
-            key: AeadKey::from([5u8; 32]),
-            iv: Iv::new([6u8; 12]),
+        let suites = || {
+            [
+                ConnectionTrafficSecrets::Aes256Gcm {
+                    key: AeadKey::from([5u8; 32]),
+                    iv: Iv::new([6u8; 12]),
+                },
+                ConnectionTrafficSecrets::Chacha20Poly1305 {
+                    key: AeadKey::from([5u8; 32]),
+                    iv: Iv::new([6u8; 12]),
+                },
+            ]
+        };
+        let head = |at: usize, wire: &[u8]| -> [u8; HEADER_LEN] {
+            wire[at..at + HEADER_LEN].try_into().expect("header")
         };
         for which in [Implementation::AwsLc, Implementation::Ring] {
-            let mut tx = RecordKey::with(which, 0, secrets()).expect("sealing key");
-            let mut rx = RecordKey::with(which, 0, secrets()).expect("opening key");
-            let first: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| i as u8).collect();
-            let second: Vec<u8> = (0..1_000).map(|i| (i * 7) as u8).collect();
-            let mut wire = Vec::new();
-            tx.seal(Content::ApplicationData, &first, &mut wire)
-                .expect("seal");
-            tx.seal(Content::ApplicationData, &second, &mut wire)
-                .expect("seal");
-            let head = |at: usize, wire: &[u8]| -> [u8; HEADER_LEN] {
-                wire[at..at + HEADER_LEN].try_into().expect("header")
-            };
-            let header = head(0, &wire);
-            let end = HEADER_LEN + body_len(&header).expect("header");
-            let (content, n) = rx
-                .open_within(&header, &mut wire[..end], HEADER_LEN)
-                .expect("first");
-            assert_eq!((content, n), (Content::ApplicationData, first.len()));
-            let header = head(end, &wire);
-            let (content, m) = rx
-                .open_within(&header, &mut wire[n..], end + HEADER_LEN - n)
-                .expect("second, moved back");
-            assert_eq!((content, m), (Content::ApplicationData, second.len()));
-            assert!(wire[..n] == first[..], "{which:?}");
-            assert!(wire[n..n + m] == second[..], "{which:?}");
-            // A wrong sequence number is refused where it lands, too.
-            let mut again = wire.clone();
-            assert_eq!(
-                key(0).open_within(&[23, 3, 3, 0, 17], &mut again[..22], 5),
-                Err(RecordError::BadMac)
-            );
+            for (tx, (rx, wrong)) in suites().into_iter().zip(suites().into_iter().zip(suites())) {
+                let mut tx = RecordKey::with(which, 0, tx).expect("sealing key");
+                let mut rx = RecordKey::with(which, 0, rx).expect("opening key");
+                let first: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| i as u8).collect();
+                let second: Vec<u8> = (0..1_000).map(|i| (i * 7) as u8).collect();
+                let mut wire = Vec::new();
+                tx.seal(Content::ApplicationData, &first, &mut wire)
+                    .expect("seal");
+                tx.seal(Content::ApplicationData, &second, &mut wire)
+                    .expect("seal");
+                let pristine = wire.clone();
+                let header = head(0, &wire);
+                let end = HEADER_LEN + body_len(&header).expect("header");
+                let (content, n) = rx
+                    .open_within(&header, &mut wire[..end], HEADER_LEN)
+                    .expect("first");
+                assert_eq!((content, n), (Content::ApplicationData, first.len()));
+                let header = head(end, &wire);
+                let (content, m) = rx
+                    .open_within(&header, &mut wire[n..], end + HEADER_LEN - n)
+                    .expect("second, moved back");
+                assert_eq!((content, m), (Content::ApplicationData, second.len()));
+                assert!(wire[..n] == first[..], "{which:?}");
+                assert!(wire[n..n + m] == second[..], "{which:?}");
+                // The first record under the wrong sequence number is refused, moved or not.
+                let mut again = pristine;
+                let mut wrong = RecordKey::with(which, 1, wrong).expect("key");
+                assert_eq!(
+                    wrong.open_within(&head(0, &again), &mut again[..end], HEADER_LEN),
+                    Err(RecordError::BadMac)
+                );
+            }
         }
     }
 

@@ -3,12 +3,14 @@
 //!
 //! - receive: when the reader (HTTP/2) has room for a whole record beyond the partial one held
 //!   here, the socket is read straight into the reader's buffer and every complete record is
-//!   decrypted there, each one's content moved back over the headers and tags before it in the
-//!   same pass (ring's AES-GCM decrypts and moves at once): the content is never copied on
-//!   its own. Only the incomplete record a read ends in is kept here, and when the reader has
-//!   less room (the end of an HTTP/2 frame) at most one record more is read here, decrypted in
-//!   place and copied out. (rustls' buffered API copies every byte three times: into its
-//!   deframer, into its plaintext queue, out to the reader.)
+//!   decrypted there, each one's content moved back over the headers and tags before it (in
+//!   the decrypting pass with ring's AES-GCM, the implementation chosen on CPUs where it is the
+//!   faster; aws-lc decrypts in place, then moves). Only the incomplete record a read ends in
+//!   is kept here. When the reader has less room (the end of an HTTP/2 frame), or a read into
+//!   its buffer completed no record (a record arriving in small pieces is then gathered here,
+//!   not carried back and forth with every read), at most one record more is read here,
+//!   decrypted in place and copied out. (rustls' buffered API copies every byte three times:
+//!   into its deframer, into its plaintext queue, out to the reader.)
 //! - send: plaintext is encrypted straight from HTTP/2's frames into the buffer the socket is
 //!   written from (small writes are gathered into one record first), and up to
 //!   [`TLS_SEND_BUFFER`](super::TLS_SEND_BUFFER) of records leave in one `write`.
@@ -141,6 +143,9 @@ pub(crate) struct TlsStream<T> {
     plain: Range<usize>,
     /// Reads that went straight into the reader's buffer.
     direct_reads: u64,
+    /// The last read into the reader's buffer completed no record: the rest of the partial one
+    /// is gathered here until it opens.
+    direct_stalled: bool,
     /// Content that arrived with the handshake, from `early_pos`.
     early: Vec<u8>,
     early_pos: usize,
@@ -194,6 +199,7 @@ impl<T> TlsStream<T> {
             in_end: filled,
             plain: 0..0,
             direct_reads: 0,
+            direct_stalled: false,
             early,
             early_pos: 0,
             post_handshake: Vec::new(),
@@ -292,6 +298,7 @@ impl<T> TlsStream<T> {
         };
         self.in_start = end;
         self.plain = at + HEADER_LEN..at + HEADER_LEN + n;
+        self.direct_stalled = false;
         Ok(true)
     }
 

@@ -121,9 +121,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 return Poll::Ready(Ok(()));
             }
             // Need more ciphertext. A reader with room for a whole record beyond the partial
-            // one held gets the socket's bytes in its own buffer, decrypted there.
+            // one held gets the socket's bytes in its own buffer, decrypted there — unless the
+            // last such read completed no record: the held part would be copied there and back
+            // with every read of a record that trickles in.
             let pending = this.in_end - this.in_start;
-            if buf.remaining() >= pending + HEADER_LEN + MAX_CIPHERTEXT {
+            if !this.direct_stalled && buf.remaining() >= pending + HEADER_LEN + MAX_CIPHERTEXT {
                 match ready!(this.poll_read_direct(cx, buf)) {
                     Ok(n) => delivered += n,
                     Err(e) => return Poll::Ready(Err(e)),
@@ -196,6 +198,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                 Err(e) => self.read_failed(e, cx),
             }
         }
+        self.direct_stalled = at == 0;
         buf.set_filled(base + to);
         Poll::Ready(Ok(to))
     }

@@ -338,13 +338,35 @@ async fn records_split_across_reads_are_opened_in_the_readers_buffer() {
             small.extend_from_slice(&chunk[..n]);
         }
         assert!(small == data[..50_000], "small reads intact");
-        // close_notify after data: the data, then the end of the stream.
+        // close_notify after data, read with room for all of it: the data, then the end of
+        // the stream.
         send(&mut client, &data[..20_000]).await;
         client.shutdown().await.expect("shutdown");
-        let mut rest = Vec::new();
+        let direct = server.direct_reads();
+        let mut rest = Vec::with_capacity(1 << 20);
         server.read_to_end(&mut rest).await.expect("clean end");
         assert!(rest == data[..20_000], "the last data before close_notify");
+        assert!(
+            server.direct_reads() > direct,
+            "read into the reader's buffer"
+        );
     }
+}
+
+#[tokio::test]
+async fn a_record_that_trickles_in_is_gathered_not_carried_through_the_readers_buffer() {
+    let pki = Pki::new();
+    let (mut client, mut server) = cut_pair(&pki, 7).await;
+    let data = payload(100_000, 11);
+    let (_, got) = tokio::join!(send(&mut client, &data), receive(&mut server, data.len()));
+    assert!(got == data, "intact, 7 bytes per read");
+    // About 14,000 reads for a handful of records: once a read into the reader's buffer
+    // completes no record, the rest of that record is gathered in the TLS layer's buffer.
+    assert!(
+        (1..50).contains(&server.direct_reads()),
+        "{} reads into the reader's buffer",
+        server.direct_reads()
+    );
 }
 
 #[tokio::test]
