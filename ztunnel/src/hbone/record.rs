@@ -505,22 +505,25 @@ mod tests {
         );
     }
 
+    /// The same key material in both AEAD suites of 256-bit keys.
+    fn suites(key: u8, iv: u8) -> [ConnectionTrafficSecrets; 2] {
+        [
+            ConnectionTrafficSecrets::Aes256Gcm {
+                key: AeadKey::from([key; 32]),
+                iv: Iv::new([iv; 12]),
+            },
+            ConnectionTrafficSecrets::Chacha20Poly1305 {
+                key: AeadKey::from([key; 32]),
+                iv: Iv::new([iv; 12]),
+            },
+        ]
+    }
+
     #[test]
     fn both_implementations_read_each_other() {
         // (rustls builds 16-byte AES-128 keys only inside itself; that suite takes the same
         // code path with the other algorithm constant.)
-        let suites = || {
-            [
-                ConnectionTrafficSecrets::Aes256Gcm {
-                    key: AeadKey::from([3u8; 32]),
-                    iv: Iv::new([4u8; 12]),
-                },
-                ConnectionTrafficSecrets::Chacha20Poly1305 {
-                    key: AeadKey::from([3u8; 32]),
-                    iv: Iv::new([4u8; 12]),
-                },
-            ]
-        };
+        let suites = || suites(3, 4);
         let message = vec![0x42u8; MAX_PLAINTEXT];
         for (a, b) in [
             (Implementation::AwsLc, Implementation::Ring),
@@ -550,18 +553,7 @@ mod tests {
     fn a_record_opens_to_an_earlier_place_in_its_buffer() {
         // What the receive side does with a read of several records: each one's content is
         // moved back to follow the previous one's, over the headers and tags between them.
-        let suites = || {
-            [
-                ConnectionTrafficSecrets::Aes256Gcm {
-                    key: AeadKey::from([5u8; 32]),
-                    iv: Iv::new([6u8; 12]),
-                },
-                ConnectionTrafficSecrets::Chacha20Poly1305 {
-                    key: AeadKey::from([5u8; 32]),
-                    iv: Iv::new([6u8; 12]),
-                },
-            ]
-        };
+        let suites = || suites(5, 6);
         let head = |at: usize, wire: &[u8]| -> [u8; HEADER_LEN] {
             wire[at..at + HEADER_LEN].try_into().expect("header")
         };

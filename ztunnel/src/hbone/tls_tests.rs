@@ -261,15 +261,20 @@ impl AsyncWrite for Peer {
     }
 }
 
-#[tokio::test]
-async fn a_tampered_record_ends_the_connection() {
-    let pki = Pki::new();
+/// Both sides on the record layer, the server's socket a [`Peer`].
+async fn peer_pair(pki: &Pki) -> (TlsStream<DuplexStream>, TlsStream<Peer>) {
     let (a, b) = duplex(1 << 20);
     let (client, server) = tokio::join!(
         connect(a, pki.client(true), name()),
         accept(Peer::new(b), pki.server(true))
     );
-    let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+    (client.expect("client"), server.expect("server"))
+}
+
+#[tokio::test]
+async fn a_tampered_record_ends_the_connection() {
+    let pki = Pki::new();
+    let (mut client, mut server) = peer_pair(&pki).await;
     server.io.tamper = true;
     let refused = records_refused().get();
     send(&mut client, b"will be changed on the way").await;
@@ -294,12 +299,7 @@ async fn a_tampered_record_ends_the_connection() {
 
 /// A server whose socket hands over what the client sent in pieces of `max_read` bytes.
 async fn cut_pair(pki: &Pki, max_read: usize) -> (TlsStream<DuplexStream>, TlsStream<Peer>) {
-    let (a, b) = duplex(1 << 20);
-    let (client, server) = tokio::join!(
-        connect(a, pki.client(true), name()),
-        accept(Peer::new(b), pki.server(true))
-    );
-    let (client, mut server) = (client.expect("client"), server.expect("server"));
+    let (client, mut server) = peer_pair(pki).await;
     server.io.max_read = Some(max_read);
     (client, server)
 }
@@ -372,12 +372,7 @@ async fn a_record_that_trickles_in_is_gathered_not_carried_through_the_readers_b
 #[tokio::test]
 async fn a_tampered_record_read_into_the_readers_buffer_keeps_what_came_before_it() {
     let pki = Pki::new();
-    let (a, b) = duplex(1 << 20);
-    let (client, server) = tokio::join!(
-        connect(a, pki.client(true), name()),
-        accept(Peer::new(b), pki.server(true))
-    );
-    let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+    let (mut client, mut server) = peer_pair(&pki).await;
     // Two full records and a short one, written out together; the last byte read (the
     // third record's tag) is flipped.
     let data = payload(40_000, 9);
