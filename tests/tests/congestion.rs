@@ -57,6 +57,14 @@ fn sockets(mesh: &Mesh, pod: &str) -> anyhow::Result<Vec<(String, String, String
 }
 
 /// The congestion control of the one socket matching `what`, or an error listing them all.
+/// Which end of a listed socket a port is matched against.
+#[derive(Clone, Copy)]
+enum End<'a> {
+    Local(&'a str),
+    Peer(&'a str),
+}
+use End::{Local, Peer};
+
 fn cc_of(
     all: &[(String, String, String)],
     what: &str,
@@ -117,38 +125,26 @@ async fn pods_get_the_pod_setting_and_the_tunnel_keeps_the_nodes() -> anyhow::Re
     assert_eq!(&echo, b"hello");
 
     let app_port = format!(":{APP_PORT}");
-    let trainer = sockets(&mesh, "trainer")?;
-    assert_eq!(
-        cc_of(&trainer, "the application's socket", |_, p| p
-            .ends_with(&app_port))?,
-        pod
-    );
-    assert_eq!(
-        cc_of(&trainer, "the outbound capture's socket", |l, _| l
-            .ends_with(":15001"))?,
-        pod
-    );
-    assert_eq!(
-        cc_of(&trainer, "the tunnel (client side)", |_, p| p
-            .ends_with(":15008"))?,
-        node
-    );
-    let store = sockets(&mesh, "store")?;
-    assert_eq!(
-        cc_of(&store, "the tunnel (server side)", |l, _| l
-            .ends_with(":15008"))?,
-        node
-    );
-    assert_eq!(
-        cc_of(&store, "the application's accepted socket", |l, _| l
-            .ends_with(&app_port))?,
-        pod
-    );
-    assert_eq!(
-        cc_of(&store, "the ztunnel's socket to the application", |_, p| p
-            .ends_with(&app_port))?,
-        pod
-    );
+    let (trainer, store) = (sockets(&mesh, "trainer")?, sockets(&mesh, "store")?);
+    // Whose sockets, which one (by the port its local or its peer address ends with), and the
+    // setting it must have.
+    let (app_end, node_cc) = (app_port.as_str(), node.as_str());
+    #[rustfmt::skip]
+    let expected = [
+        (&trainer, "the application's socket", Peer(app_end), pod),
+        (&trainer, "the outbound capture's socket", Local(":15001"), pod),
+        (&trainer, "the tunnel (client side)", Peer(":15008"), node_cc),
+        (&store, "the tunnel (server side)", Local(":15008"), node_cc),
+        (&store, "the application's accepted socket", Local(app_end), pod),
+        (&store, "the ztunnel's socket to the application", Peer(app_end), pod),
+    ];
+    for (all, what, end, want) in expected {
+        let cc = cc_of(all, what, |l, p| match end {
+            Local(port) => l.ends_with(port),
+            Peer(port) => p.ends_with(port),
+        })?;
+        assert_eq!(cc, want, "{what}");
+    }
     client.shutdown().await?;
     tokio::time::timeout(Duration::from_secs(10), app).await???;
 

@@ -161,8 +161,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
 impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
     /// Reads the socket into `buf` after the partial record held here, then opens every
     /// complete record where it is, each one's content moved back to follow the previous
-    /// one's (ring's AES-GCM decrypts and moves in one pass): the content reaches the reader
-    /// without a copy of its own. What is left of an incomplete record is kept here. Returns
+    /// one's (in the decrypting pass with ring's AES-GCM; aws-lc moves after decrypting in
+    /// place). What is left of an incomplete record is kept here. Returns
     /// how much content `buf` gained.
     fn poll_read_direct(
         &mut self,
