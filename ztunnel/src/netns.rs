@@ -201,12 +201,36 @@ impl PodNetns {
         addr: SocketAddr,
         facing: Facing,
     ) -> Result<tokio::net::TcpListener, std::io::Error> {
+        self.listen_marked(addr, facing, false)
+    }
+
+    /// Binds the pod's HBONE listener on `addr`: as [`PodNetns::listen`] for the network, with
+    /// the ztunnel's socket mark, which the connections it accepts (and the SYN-ACKs answering
+    /// them) inherit. The capture rules leave marked sockets' tunnels untracked
+    /// ([`crate::redirect`]); no other listener may carry the mark, since the connections
+    /// the capture redirects to them need connection tracking to be answered.
+    pub async fn listen_tunnel(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<tokio::net::TcpListener, std::io::Error> {
+        self.listen_marked(addr, Facing::Network, !self.own)
+    }
+
+    fn listen_marked(
+        &self,
+        addr: SocketAddr,
+        facing: Facing,
+        mark: bool,
+    ) -> Result<tokio::net::TcpListener, std::io::Error> {
         let socket = self.enter(|| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
             }
             socket.set_reuse_address(true)?;
+            if mark {
+                socket.set_mark(ZTUNNEL_MARK)?;
+            }
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
             socket.listen(1024)?;

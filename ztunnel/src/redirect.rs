@@ -24,6 +24,14 @@
 //!   the connections the node itself opens towards its pods to it (`cni/src/probes.rs`), the
 //!   same scheme as Istio's. Anything in the node's network namespace therefore reaches
 //!   captured pods in plaintext, as kubelet probes must;
+//! - the ztunnel's tunnels are not connection-tracked (raw priority, before conntrack): TCP
+//!   from a socket carrying the ztunnel's mark that does not leave on loopback (tunnels it
+//!   opened; what the HBONE listener accepts, which inherits the listener's mark), and TCP
+//!   arriving on anything but loopback either for 15008 (which `prerouting` lets through
+//!   uncaptured anyway) or for a socket carrying the mark (nft's `socket mark`: the socket the
+//!   stack will deliver to — answers on the tunnels the ztunnel opened). Only redirected
+//!   connections need conntrack; matching the receiving socket, never a source port, keeps an
+//!   untracked packet (which skips the redirect) from reaching anything but the ztunnel;
 //! - incoming UDP, which is not tunnelled, is dropped and counted (named counter
 //!   [`UDP_DROPPED_INBOUND`]) when the pod's namespace refuses plaintext ([`UdpInbound`]):
 //!   replies to the pod's own traffic (conntrack established/related, so DNS answers), loopback
@@ -148,7 +156,17 @@ table inet {TABLE} {{
   counter {UDP_DROPPED_INBOUND} {{ }}
   counter {UDP_EGRESS} {{ }}
   counter {EGRESS_DROPPED} {{ }}
-{flows4}{flows6}{udp_chain}  chain output {{
+{flows4}{flows6}{udp_chain}  chain untracked_out {{
+    type filter hook output priority raw; policy accept;
+    meta l4proto tcp meta mark {ZTUNNEL_MARK:#x} oifname != \"lo\" notrack
+  }}
+  chain untracked_in {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname \"lo\" accept
+    tcp dport {hbone} notrack accept
+    meta l4proto tcp socket mark {ZTUNNEL_MARK:#x} notrack
+  }}
+  chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {ZTUNNEL_MARK:#x} accept
     udp dport 53 redirect to :{dns}
@@ -322,6 +340,46 @@ mod tests {
             rules.find("chain prerouting").is_some_and(|p| p < exempt),
             "inbound only: {rules}"
         );
+    }
+
+    /// The body of `chain name { … }` in `rules`.
+    fn chain<'a>(rules: &'a str, name: &str) -> &'a str {
+        let start = rules
+            .find(&format!("chain {name} {{"))
+            .unwrap_or_else(|| panic!("no chain {name}: {rules}"));
+        let body = &rules[start..];
+        &body[..body.find("\n  }").expect("chain end")]
+    }
+
+    #[test]
+    fn only_the_ztunnels_own_tcp_off_loopback_is_untracked() {
+        let rules = ruleset(&PodRules::default());
+        let out = chain(&rules, "untracked_out");
+        assert!(out.contains("hook output priority raw"), "{out}");
+        let rule: Vec<&str> = out.lines().filter(|l| l.contains("notrack")).collect();
+        assert_eq!(
+            rule,
+            ["    meta l4proto tcp meta mark 0x539 oifname != \"lo\" notrack"],
+            "{out}"
+        );
+        let inbound = chain(&rules, "untracked_in");
+        assert!(
+            inbound.contains("hook prerouting priority raw"),
+            "{inbound}"
+        );
+        let rules_in: Vec<&str> = inbound.lines().skip(2).map(str::trim).collect();
+        // To the HBONE port (which `prerouting` lets through uncaptured anyway), or to a
+        // socket carrying the mark: never by a port the sender chooses.
+        assert_eq!(
+            rules_in,
+            [
+                "iifname \"lo\" accept",
+                "tcp dport 15008 notrack accept",
+                "meta l4proto tcp socket mark 0x539 notrack",
+            ],
+            "{inbound}"
+        );
+        assert_eq!(rules.matches("notrack").count(), 3, "{rules}");
     }
 
     #[test]

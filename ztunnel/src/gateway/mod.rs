@@ -256,21 +256,16 @@ async fn wait_for_pod(
     }
 }
 
-/// Binds 15008 on IPv4 and, when the namespace has it, IPv6.
+/// Binds 15008 on IPv4 and, when the namespace has it, IPv6 (marked, as a pod's: its
+/// tunnels are left untracked, see [`crate::redirect`]).
 async fn bind_hbone(netns: &PodNetns) -> std::io::Result<Vec<tokio::net::TcpListener>> {
     let mut listeners = vec![
         netns
-            .listen(
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)),
-                crate::netns::Facing::Network,
-            )
+            .listen_tunnel(SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)))
             .await?,
     ];
     match netns
-        .listen(
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)),
-            crate::netns::Facing::Network,
-        )
+        .listen_tunnel(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)))
         .await
     {
         Ok(l) => listeners.push(l),

@@ -30,19 +30,17 @@ pub struct PodListeners {
 pub async fn bind(netns: &PodNetns) -> Result<PodListeners, EnrollError> {
     let v4 = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listen = |addr: SocketAddr| async move {
-        // The outbound listener's peers are the pod's application; the others' are remote.
-        let facing = if addr.port() == ports::OUTBOUND {
-            Facing::App
-        } else {
-            Facing::Network
+        // The outbound listener's peers are the pod's application; the others' are remote,
+        // and the HBONE listener's tunnels carry the ztunnel's mark (left untracked).
+        let listening = match addr.port() {
+            ports::OUTBOUND => netns.listen(addr, Facing::App).await,
+            ports::HBONE => netns.listen_tunnel(addr).await,
+            _ => netns.listen(addr, Facing::Network).await,
         };
-        netns
-            .listen(addr, facing)
-            .await
-            .map_err(|source| EnrollError::Listen {
-                port: addr.port(),
-                source,
-            })
+        listening.map_err(|source| EnrollError::Listen {
+            port: addr.port(),
+            source,
+        })
     };
     let mut bound = PodListeners {
         outbound: vec![listen(v4(ports::OUTBOUND)).await?],
