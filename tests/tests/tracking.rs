@@ -1,6 +1,7 @@
 //! Connection tracking in an enrolled pod: the capture's redirects need it, the ztunnel's
-//! tunnels do not. A tunnel between two ztunnels (port 15008 at either end) leaves no
-//! conntrack entry in either pod — its packets skip the per-packet tracking — while the
+//! tunnels and loopback connections do not. A tunnel between two ztunnels (port 15008 at
+//! either end) leaves no conntrack entry in either pod — its packets skip the per-packet
+//! tracking —, nor does the destination ztunnel's connection to the application, while the
 //! connections the capture redirected stay tracked (their answers are translated back), and
 //! traffic from outside the mesh that only claims the tunnel's port (source port 15008 to an
 //! application) is still tracked and redirected to the plaintext capture, which refuses it.
@@ -100,6 +101,13 @@ async fn tunnels_are_untracked_and_captured_connections_stay_tracked() -> anyhow
         with_port(&store, 15008),
         Vec::<&str>::new(),
         "tunnel, server side"
+    );
+    // The destination ztunnel's connection to the application, over the store's loopback:
+    // nothing to translate, untracked.
+    assert_eq!(
+        with_port(&store, APP_PORT),
+        Vec::<&str>::new(),
+        "the ztunnel's connection to the application"
     );
     // The application's connection was redirected to the outbound capture: tracked, its
     // answer translated back from 15001.

@@ -29,9 +29,14 @@
 //!   opened; what the HBONE listener accepts, which inherits the listener's mark), and TCP
 //!   arriving on anything but loopback either for 15008 (which `prerouting` lets through
 //!   uncaptured anyway) or for a socket carrying the mark (nft's `socket mark`: the socket the
-//!   stack will deliver to — answers on the tunnels the ztunnel opened). Only redirected
-//!   connections need conntrack; matching the receiving socket, never a source port, keeps an
-//!   untracked packet (which skips the redirect) from reaching anything but the ztunnel;
+//!   stack will deliver to — answers on the tunnels the ztunnel opened). Neither is loopback
+//!   TCP, which is never redirected but to the DNS capture, except to port 53 and to or from
+//!   the captures (15001, 15006, 15053), which read each connection's original destination
+//!   from conntrack (and whose answers it translates back): so the ztunnel's connections to
+//!   the pod's application and the application's own loopback traffic are untracked. Only
+//!   redirected connections need conntrack; matching the receiving socket, never a source
+//!   port, keeps an untracked packet (which skips the redirect) from reaching anything but
+//!   the ztunnel;
 //! - incoming UDP, which is not tunnelled, is dropped and counted (named counter
 //!   [`UDP_DROPPED_INBOUND`]) when the pod's namespace refuses plaintext ([`UdpInbound`]):
 //!   replies to the pod's own traffic (conntrack established/related, so DNS answers), loopback
@@ -140,6 +145,8 @@ pub fn ruleset(rules: &PodRules) -> String {
     let egress_lock = egress_lock(rules.egress_locked);
     let (outbound, plaintext, hbone) = (ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE);
     let dns = ports::DNS;
+    // The listeners that read a connection's original destination from conntrack.
+    let captures = format!("{outbound}, {plaintext}, {dns}");
     let flows = |name: &str, family: &str| {
         format!(
             "  set {name} {{ type {family} . inet_service; flags dynamic,timeout; timeout {UDP_FLOW_TIMEOUT_S}s; size {UDP_FLOW_SET_SIZE}; }}\n"
@@ -159,6 +166,7 @@ table inet {TABLE} {{
 {flows4}{flows6}{udp_chain}  chain untracked_out {{
     type filter hook output priority raw; policy accept;
     meta l4proto tcp meta mark {ZTUNNEL_MARK:#x} oifname != \"lo\" notrack
+    oifname \"lo\" tcp dport != {{ 53, {captures} }} tcp sport != {{ {captures} }} notrack
   }}
   chain untracked_in {{
     type filter hook prerouting priority raw; policy accept;
@@ -352,16 +360,33 @@ mod tests {
     }
 
     #[test]
-    fn only_the_ztunnels_own_tcp_off_loopback_is_untracked() {
+    fn tunnels_and_loopback_outside_the_captures_are_untracked() {
         let rules = ruleset(&PodRules::default());
         let out = chain(&rules, "untracked_out");
         assert!(out.contains("hook output priority raw"), "{out}");
         let rule: Vec<&str> = out.lines().filter(|l| l.contains("notrack")).collect();
+        // Loopback TCP is never redirected but to the DNS capture (port 53); the captures
+        // (15001, 15006, 15053) read each connection's original destination from conntrack,
+        // also when a pod dials them directly over loopback (to be refused as a loop).
         assert_eq!(
             rule,
-            ["    meta l4proto tcp meta mark 0x539 oifname != \"lo\" notrack"],
+            [
+                "    meta l4proto tcp meta mark 0x539 oifname != \"lo\" notrack",
+                "    oifname \"lo\" tcp dport != { 53, 15001, 15006, 15053 } \
+                 tcp sport != { 15001, 15006, 15053 } notrack",
+            ],
             "{out}"
         );
+        // …which holds while the nat chain's redirects before its loopback exemption are
+        // port 53's only.
+        let mut loopback_exempt = false;
+        for line in chain(&rules, "output").lines().map(str::trim) {
+            loopback_exempt |= line == "oifname \"lo\" accept";
+            if line.contains("redirect") {
+                assert!(loopback_exempt || line.contains("dport 53 "), "{line}");
+            }
+        }
+        assert!(loopback_exempt, "{rules}");
         let inbound = chain(&rules, "untracked_in");
         assert!(
             inbound.contains("hook prerouting priority raw"),
@@ -379,7 +404,7 @@ mod tests {
             ],
             "{inbound}"
         );
-        assert_eq!(rules.matches("notrack").count(), 3, "{rules}");
+        assert_eq!(rules.matches("notrack").count(), 4, "{rules}");
     }
 
     #[test]
