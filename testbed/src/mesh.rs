@@ -391,11 +391,25 @@ impl Mesh {
         name: &str,
         port: u16,
     ) -> anyhow::Result<Arc<std::sync::atomic::AtomicUsize>> {
+        self.echo_app_marked(name, port, None)
+    }
+
+    /// [`Mesh::echo_app`] whose listening socket carries `mark` (`SO_MARK`), as an
+    /// application with `CAP_NET_RAW` could set.
+    pub fn echo_app_marked(
+        &self,
+        name: &str,
+        port: u16,
+        mark: Option<u32>,
+    ) -> anyhow::Result<Arc<std::sync::atomic::AtomicUsize>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = crate::netns::run_in_netns(self.netns_path(name), move || {
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             s.set_reuse_address(true)?;
+            if let Some(mark) = mark {
+                s.set_mark(mark)?;
+            }
             s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
             s.listen(4096)?;
             s.set_nonblocking(true)?;

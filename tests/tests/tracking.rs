@@ -1,10 +1,11 @@
 //! Connection tracking in an enrolled pod: the capture's redirects need it, the ztunnel's
-//! tunnels and loopback connections do not. A tunnel between two ztunnels (port 15008 at
-//! either end) leaves no conntrack entry in either pod — its packets skip the per-packet
-//! tracking —, nor does the destination ztunnel's connection to the application, while the
-//! connections the capture redirected stay tracked (their answers are translated back), and
-//! traffic from outside the mesh that only claims the tunnel's port (source port 15008 to an
-//! application) is still tracked and redirected to the plaintext capture, which refuses it.
+//! tunnels and the pod's loopback connections do not. A tunnel leaves no conntrack entry in
+//! either pod — its packets skip the per-packet tracking —, nor does the destination
+//! ztunnel's connection to the application, while the connections the capture redirected
+//! stay tracked (their answers are translated back), and traffic from outside the mesh that
+//! only claims to be a tunnel (source port 15008, or a listener carrying the ztunnel's mark,
+//! which a pod with `CAP_NET_RAW` can set) is still tracked and redirected to the plaintext
+//! capture, which refuses it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,9 +14,12 @@ use std::time::Duration;
 use anyhow::Context;
 use membrane_tests::mesh::{Mesh, MeshSpec, PodDef};
 use membrane_tests::netns::run_in_netns;
+use membrane_ztunnel::netns::ZTUNNEL_MARK;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
+/// A second application port, whose listener carries the ztunnel's mark.
+const MARKED_PORT: u16 = 8081;
 
 /// The pod's conntrack table, one line per entry.
 fn conntrack(mesh: &Mesh, pod: &str) -> anyhow::Result<Vec<String>> {
@@ -58,7 +62,8 @@ fn has_peer_port(mesh: &Mesh, pod: &str, port: u16) -> anyhow::Result<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root"]
-async fn tunnels_are_untracked_and_captured_connections_stay_tracked() -> anyhow::Result<()> {
+async fn accepted_tunnels_and_loopback_are_untracked_and_redirects_stay_tracked()
+-> anyhow::Result<()> {
     membrane_tests::require_root()?;
     let spec = MeshSpec::two_nodes(
         vec![
@@ -117,36 +122,49 @@ async fn tunnels_are_untracked_and_captured_connections_stay_tracked() -> anyhow
         "the captured connection must stay tracked: {trainer:?}"
     );
 
-    // A pod outside the mesh connecting from source port 15008: not a tunnel, so tracked and
-    // redirected to the plaintext capture (15006) like any other inbound connection, which
-    // refuses it (the store's namespace does not permit plaintext). Had it skipped the
-    // capture, the application would have answered.
-    let from_legacy = run_in_netns(mesh.netns_path("legacy"), move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::from(([0, 0, 0, 0], 15008)).into())?;
-        socket.connect_timeout(&dst.into(), Duration::from_secs(5))?;
-        Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
-    })?;
-    let store = conntrack(&mesh, "store")?;
-    let claimed = with_port(&store, 15008);
-    assert!(
-        claimed.iter().any(|l| l.contains("sport=15006 ")),
-        "a plaintext connection from port 15008 must be tracked and captured: {store:?}"
-    );
-    // The refusal may come before the connect has returned, or at the first exchange.
-    match from_legacy {
-        Ok(s) => {
-            s.set_nonblocking(true)?;
-            let refused = echo(tokio::net::TcpStream::from_std(s)?).await;
-            assert!(
-                refused.is_err(),
-                "plaintext from port 15008 reached the application"
-            );
+    // A pod outside the mesh connecting from source port 15008, and to a listener of the
+    // store's that carries the ztunnel's mark (any pod with CAP_NET_RAW can set it) while the
+    // store answers every handshake with a SYN cookie (no request socket in between): neither
+    // is a tunnel, so each is tracked and redirected to the plaintext capture (15006) like any
+    // other inbound connection, which refuses it (the store's namespace does not permit
+    // plaintext). Had one skipped the capture, the application would have answered.
+    let marked = mesh.echo_app_marked("store", MARKED_PORT, Some(ZTUNNEL_MARK))?;
+    let cookies = mesh.testbed.exec(
+        mesh.pod("store"),
+        &["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"],
+    )?;
+    anyhow::ensure!(cookies.status.success(), "syncookies: {cookies:?}");
+    let marked_dst = SocketAddr::new(mesh.ip("store"), MARKED_PORT);
+    for (what, from_port, dst) in [
+        ("from source port 15008", 15008, dst),
+        ("to a marked listener", 0, marked_dst),
+    ] {
+        let attempt = run_in_netns(mesh.netns_path("legacy"), move || {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], from_port)).into())?;
+            socket.connect_timeout(&dst.into(), Duration::from_secs(5))?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+        })?;
+        let store = conntrack(&mesh, "store")?;
+        assert!(
+            with_port(&store, dst.port())
+                .iter()
+                .any(|l| l.contains("sport=15006 ")),
+            "plaintext {what} must be tracked and captured: {store:?}"
+        );
+        // The refusal may come before the connect has returned, or at the first exchange.
+        match attempt {
+            Ok(s) => {
+                s.set_nonblocking(true)?;
+                let refused = echo(tokio::net::TcpStream::from_std(s)?).await;
+                assert!(refused.is_err(), "plaintext {what} reached the application");
+            }
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{what}: {e}"),
         }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "only the tunnelled one");
+    assert_eq!(marked.load(Ordering::SeqCst), 0, "the marked listener");
 
     meshed
         .shutdown()

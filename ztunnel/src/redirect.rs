@@ -24,19 +24,15 @@
 //!   the connections the node itself opens towards its pods to it (`cni/src/probes.rs`), the
 //!   same scheme as Istio's. Anything in the node's network namespace therefore reaches
 //!   captured pods in plaintext, as kubelet probes must;
-//! - the ztunnel's tunnels are not connection-tracked (raw priority, before conntrack): TCP
-//!   from a socket carrying the ztunnel's mark that does not leave on loopback (tunnels it
-//!   opened; what the HBONE listener accepts, which inherits the listener's mark), and TCP
-//!   arriving on anything but loopback either for 15008 (which `prerouting` lets through
-//!   uncaptured anyway) or for a socket carrying the mark (nft's `socket mark`: the socket the
-//!   stack will deliver to — answers on the tunnels the ztunnel opened). Neither is loopback
-//!   TCP, which is never redirected but to the DNS capture, except to port 53 and to or from
-//!   the captures (15001, 15006, 15053), which read each connection's original destination
-//!   from conntrack (and whose answers it translates back): so the ztunnel's connections to
-//!   the pod's application and the application's own loopback traffic are untracked. Only
-//!   redirected connections need conntrack; matching the receiving socket, never a source
-//!   port, keeps an untracked packet (which skips the redirect) from reaching anything but
-//!   the ztunnel;
+//! - what needs no connection tracking skips it (raw priority, before conntrack): the
+//!   ztunnel's own TCP leaving the pod (its mark: tunnels it opens, answers on the tunnels
+//!   the marked HBONE listener accepted, passthroughs) and what arrives for it — TCP to 15008
+//!   (which `prerouting` lets through uncaptured anyway) and TCP but a bare SYN for a socket
+//!   carrying the mark (nft's `socket mark`) —, and loopback TCP except to or from port 53 and
+//!   the captures (15001, 15006, 15053): nothing else on loopback is redirected, and only the
+//!   captures read a connection's original destination from conntrack. A bare SYN is always
+//!   tracked, so it is redirected as before even to a listener a pod marked itself (any pod
+//!   with `CAP_NET_RAW` can): a connection only ever starts untracked towards 15008;
 //! - incoming UDP, which is not tunnelled, is dropped and counted (named counter
 //!   [`UDP_DROPPED_INBOUND`]) when the pod's namespace refuses plaintext ([`UdpInbound`]):
 //!   replies to the pod's own traffic (conntrack established/related, so DNS answers), loopback
@@ -145,8 +141,9 @@ pub fn ruleset(rules: &PodRules) -> String {
     let egress_lock = egress_lock(rules.egress_locked);
     let (outbound, plaintext, hbone) = (ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE);
     let dns = ports::DNS;
-    // The listeners that read a connection's original destination from conntrack.
-    let captures = format!("{outbound}, {plaintext}, {dns}");
+    // Loopback ports whose connections need conntrack: DNS (redirected to its capture on
+    // loopback too) and the captures, which read the original destination from it.
+    let tracked = format!("53, {outbound}, {plaintext}, {dns}");
     let flows = |name: &str, family: &str| {
         format!(
             "  set {name} {{ type {family} . inet_service; flags dynamic,timeout; timeout {UDP_FLOW_TIMEOUT_S}s; size {UDP_FLOW_SET_SIZE}; }}\n"
@@ -166,13 +163,13 @@ table inet {TABLE} {{
 {flows4}{flows6}{udp_chain}  chain untracked_out {{
     type filter hook output priority raw; policy accept;
     meta l4proto tcp meta mark {ZTUNNEL_MARK:#x} oifname != \"lo\" notrack
-    oifname \"lo\" tcp dport != {{ 53, {captures} }} tcp sport != {{ {captures} }} notrack
+    oifname \"lo\" tcp dport != {{ {tracked} }} tcp sport != {{ {tracked} }} notrack
   }}
   chain untracked_in {{
     type filter hook prerouting priority raw; policy accept;
     iifname \"lo\" accept
-    tcp dport {hbone} notrack accept
-    meta l4proto tcp socket mark {ZTUNNEL_MARK:#x} notrack
+    tcp dport {hbone} notrack
+    tcp flags & (syn | ack) != syn socket mark {ZTUNNEL_MARK:#x} notrack
   }}
   chain output {{
     type nat hook output priority -100; policy accept;
@@ -360,25 +357,43 @@ mod tests {
     }
 
     #[test]
-    fn tunnels_and_loopback_outside_the_captures_are_untracked() {
+    fn the_ztunnels_own_tcp_and_loopback_outside_the_captures_are_untracked() {
         let rules = ruleset(&PodRules::default());
-        let out = chain(&rules, "untracked_out");
-        assert!(out.contains("hook output priority raw"), "{out}");
-        let rule: Vec<&str> = out.lines().filter(|l| l.contains("notrack")).collect();
+        let untracking = |name: &str| {
+            let body = chain(&rules, name);
+            assert!(body.contains("priority raw;"), "{body}");
+            body.lines()
+                .skip(2)
+                .map(|l| l.trim().to_owned())
+                .collect::<Vec<_>>()
+        };
         // Loopback TCP is never redirected but to the DNS capture (port 53); the captures
         // (15001, 15006, 15053) read each connection's original destination from conntrack,
         // also when a pod dials them directly over loopback (to be refused as a loop).
         assert_eq!(
-            rule,
+            untracking("untracked_out"),
             [
-                "    meta l4proto tcp meta mark 0x539 oifname != \"lo\" notrack",
-                "    oifname \"lo\" tcp dport != { 53, 15001, 15006, 15053 } \
-                 tcp sport != { 15001, 15006, 15053 } notrack",
-            ],
-            "{out}"
+                "meta l4proto tcp meta mark 0x539 oifname != \"lo\" notrack",
+                "oifname \"lo\" tcp dport != { 53, 15001, 15006, 15053 } \
+                 tcp sport != { 53, 15001, 15006, 15053 } notrack",
+            ]
         );
-        // …which holds while the nat chain's redirects before its loopback exemption are
-        // port 53's only.
+        // Inbound, never by a source port (a sender chooses it), and by a socket mark (a pod
+        // with CAP_NET_RAW chooses it) never for a bare SYN: no connection starts untracked
+        // but to 15008, which `prerouting` lets through uncaptured anyway.
+        assert_eq!(
+            untracking("untracked_in"),
+            [
+                "iifname \"lo\" accept",
+                "tcp dport 15008 notrack",
+                "tcp flags & (syn | ack) != syn socket mark 0x539 notrack",
+            ]
+        );
+        assert!(
+            chain(&rules, "prerouting").contains("tcp dport 15008 accept"),
+            "{rules}"
+        );
+        // …and the nat chain's redirects before its loopback exemption are port 53's only.
         let mut loopback_exempt = false;
         for line in chain(&rules, "output").lines().map(str::trim) {
             loopback_exempt |= line == "oifname \"lo\" accept";
@@ -387,23 +402,6 @@ mod tests {
             }
         }
         assert!(loopback_exempt, "{rules}");
-        let inbound = chain(&rules, "untracked_in");
-        assert!(
-            inbound.contains("hook prerouting priority raw"),
-            "{inbound}"
-        );
-        let rules_in: Vec<&str> = inbound.lines().skip(2).map(str::trim).collect();
-        // To the HBONE port (which `prerouting` lets through uncaptured anyway), or to a
-        // socket carrying the mark: never by a port the sender chooses.
-        assert_eq!(
-            rules_in,
-            [
-                "iifname \"lo\" accept",
-                "tcp dport 15008 notrack accept",
-                "meta l4proto tcp socket mark 0x539 notrack",
-            ],
-            "{inbound}"
-        );
         assert_eq!(rules.matches("notrack").count(), 4, "{rules}");
     }
 

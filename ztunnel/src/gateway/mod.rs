@@ -256,16 +256,21 @@ async fn wait_for_pod(
     }
 }
 
-/// Binds 15008 on IPv4 and, when the namespace has it, IPv6 (marked, as a pod's: its
-/// tunnels are left untracked, see [`crate::redirect`]).
+/// Binds 15008 on IPv4 and, when the namespace has it, IPv6.
 async fn bind_hbone(netns: &PodNetns) -> std::io::Result<Vec<tokio::net::TcpListener>> {
     let mut listeners = vec![
         netns
-            .listen_tunnel(SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)))
+            .listen(
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)),
+                crate::netns::Facing::Network,
+            )
             .await?,
     ];
     match netns
-        .listen_tunnel(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)))
+        .listen(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)),
+            crate::netns::Facing::Network,
+        )
         .await
     {
         Ok(l) => listeners.push(l),
