@@ -4,8 +4,8 @@
 //! ztunnel's connection to the application, while the connections the capture redirected
 //! stay tracked (their answers are translated back), and traffic from outside the mesh that
 //! only claims to be a tunnel (source port 15008, or a listener carrying the ztunnel's mark,
-//! which a pod with `CAP_NET_RAW` can set) is still tracked and redirected to the plaintext
-//! capture, which refuses it.
+//! which a pod with `CAP_NET_RAW` can set) has its SYN tracked and redirected to the
+//! plaintext capture, and never reaches the application.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -125,9 +125,10 @@ async fn accepted_tunnels_and_loopback_are_untracked_and_redirects_stay_tracked(
     // A pod outside the mesh connecting from source port 15008, and to a listener of the
     // store's that carries the ztunnel's mark (any pod with CAP_NET_RAW can set it) while the
     // store answers every handshake with a SYN cookie (no request socket in between): neither
-    // is a tunnel, so each is tracked and redirected to the plaintext capture (15006) like any
-    // other inbound connection, which refuses it (the store's namespace does not permit
-    // plaintext). Had one skipped the capture, the application would have answered.
+    // is a tunnel, so each SYN is tracked and redirected to the plaintext capture (15006)
+    // like any other inbound connection's; the capture refuses plaintext here, and what
+    // follows a refused handshake cannot open one elsewhere. Had a SYN skipped the capture,
+    // the application would have answered.
     let marked = mesh.echo_app_marked("store", MARKED_PORT, Some(ZTUNNEL_MARK))?;
     let cookies = mesh.testbed.exec(
         mesh.pod("store"),
@@ -151,7 +152,7 @@ async fn accepted_tunnels_and_loopback_are_untracked_and_redirects_stay_tracked(
             with_port(&store, dst.port())
                 .iter()
                 .any(|l| l.contains("sport=15006 ")),
-            "plaintext {what} must be tracked and captured: {store:?}"
+            "the SYN of plaintext {what} must be tracked and redirected: {store:?}"
         );
         // The refusal may come before the connect has returned, or at the first exchange.
         match attempt {

@@ -30,9 +30,12 @@
 //!   (which `prerouting` lets through uncaptured anyway) and TCP but a bare SYN for a socket
 //!   carrying the mark (nft's `socket mark`) —, and loopback TCP except to or from port 53 and
 //!   the captures (15001, 15006, 15053): nothing else on loopback is redirected, and only the
-//!   captures read a connection's original destination from conntrack. A bare SYN is always
-//!   tracked, so it is redirected as before even to a listener a pod marked itself (any pod
-//!   with `CAP_NET_RAW` can): a connection only ever starts untracked towards 15008;
+//!   captures read a connection's original destination from conntrack. A bare SYN from the
+//!   network is always tracked, so it is redirected as before even to a listener a pod marked
+//!   itself (any pod with `CAP_NET_RAW` can): no sender outside the pod opens a connection
+//!   that skips the redirect but towards 15008. (A pod with `CAP_NET_RAW` can still work
+//!   against its own capture — marked outgoing sockets, forged SYNs on its loopback — as
+//!   before; docs/design.md says how far these rules go.);
 //! - incoming UDP, which is not tunnelled, is dropped and counted (named counter
 //!   [`UDP_DROPPED_INBOUND`]) when the pod's namespace refuses plaintext ([`UdpInbound`]):
 //!   replies to the pod's own traffic (conntrack established/related, so DNS answers), loopback
@@ -379,8 +382,8 @@ mod tests {
             ]
         );
         // Inbound, never by a source port (a sender chooses it), and by a socket mark (a pod
-        // with CAP_NET_RAW chooses it) never for a bare SYN: no connection starts untracked
-        // but to 15008, which `prerouting` lets through uncaptured anyway.
+        // with CAP_NET_RAW chooses it) never for a bare SYN: no sender outside the pod starts
+        // an untracked connection but to 15008, which `prerouting` lets through anyway.
         assert_eq!(
             untracking("untracked_in"),
             [
