@@ -373,6 +373,11 @@ async fn a_revocation_closes_connections_admitted_while_it_lands() -> anyhow::Re
     mesh.enroll("store").await?;
     mesh.echo_app("store", APP_PORT)?;
     let app = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    // The tunnel between the nodes first, so its handshake is not what the connections below
+    // wait for when the revocation lands (on a loaded machine it could take all of it).
+    let mut warm = mesh.connect_from("trainer", app).await?;
+    ping(&mut warm).await?;
+    drop(warm);
     // A slow application side: half of the SYNs towards the application are dropped in the
     // destination pod, so the ztunnel's connect to the app often takes a retransmission (1 s
     // or more) and admissions are in flight when the revocation lands.
