@@ -171,7 +171,7 @@ table inet {TABLE} {{
   chain untracked_in {{
     type filter hook prerouting priority raw; policy accept;
     iifname \"lo\" accept
-    tcp dport {hbone} notrack
+    tcp dport {hbone} notrack accept
     tcp flags & (syn | ack) != syn socket mark {ZTUNNEL_MARK:#x} notrack
   }}
   chain output {{
@@ -388,7 +388,7 @@ mod tests {
             untracking("untracked_in"),
             [
                 "iifname \"lo\" accept",
-                "tcp dport 15008 notrack",
+                "tcp dport 15008 notrack accept",
                 "tcp flags & (syn | ack) != syn socket mark 0x539 notrack",
             ]
         );
