@@ -4,8 +4,9 @@
 //! rustls runs every HBONE handshake; once it is complete its traffic secrets are taken over
 //! ([`super::tls`]) so records are opened and sealed where the bytes already are: a received
 //! record is decrypted in the buffer the socket was read into (no copy through rustls'
-//! deframer and plaintext queue), and plaintext is encrypted in the buffer the socket is
-//! written from. Only TLS 1.3's AEAD suites exist here (AES-128-GCM, AES-256-GCM,
+//! deframer and plaintext queue), and plaintext is encrypted into the buffer the socket is
+//! written from — by aws-lc straight from where the caller holds it (out of place), by ring,
+//! which only seals in place, after a copy. Only TLS 1.3's AEAD suites exist here (AES-128-GCM, AES-256-GCM,
 //! ChaCha20-Poly1305), the only suites HBONE's configurations allow.
 //!
 //! The AEAD comes from aws-lc or ring, whichever seals faster on this CPU ([`implementation`],
@@ -234,6 +235,44 @@ impl Aead {
         Ok(out)
     }
 
+    /// Encrypts `plaintext` followed by the inner type byte `content` into `out` (exactly
+    /// their length plus the tag's), leaving `plaintext` as it is. aws-lc reads the plaintext
+    /// where it lies; ring, which only seals in place, copies it into `out` first (so
+    /// [`RecordKey::seal`] takes its in-place path for ring instead).
+    fn seal_into(
+        &self,
+        seq: u64,
+        header: &[u8; HEADER_LEN],
+        plaintext: &[u8],
+        content: u8,
+        out: &mut [u8],
+    ) -> Result<(), RecordError> {
+        let n = plaintext.len();
+        debug_assert_eq!(out.len(), n + 1 + TAG_LEN);
+        match self {
+            Aead::AwsLc(key, iv) => {
+                let nonce = aws_lc_rs::aead::Nonce::assume_unique_for_key(Nonce::new(iv, seq).0);
+                let (ciphertext, rest) = out.split_at_mut(n);
+                key.seal_out_of_place_scatter(
+                    nonce,
+                    aws_lc_rs::aead::Aad::from(*header),
+                    plaintext,
+                    ciphertext,
+                    &[content],
+                    rest,
+                )
+                .map_err(|_| RecordError::BadMac)
+            }
+            Aead::Ring(..) => {
+                out[..n].copy_from_slice(plaintext);
+                out[n] = content;
+                let tag = self.seal(seq, header, &mut out[..=n])?;
+                out[n + 1..].copy_from_slice(&tag);
+                Ok(())
+            }
+        }
+    }
+
     /// Decrypts the ciphertext and tag at `in_out[src..]`, writing the plaintext to the start
     /// of `in_out` (`src` = 0: in place); returns the plaintext's length. ring's AES-GCM
     /// decrypts and moves in one pass; aws-lc decrypts in place, then moves.
@@ -314,9 +353,30 @@ impl RecordKey {
     ) -> Result<(), RecordError> {
         debug_assert!(plaintext.len() <= MAX_PLAINTEXT);
         let start = out.len();
-        out.extend_from_slice(&[0; HEADER_LEN]);
-        out.extend_from_slice(plaintext);
-        self.seal_staged(content, out, start)
+        if matches!(self.aead, Aead::Ring(..)) {
+            // ring seals only in place: the plaintext is copied into the record first.
+            out.extend_from_slice(&[0; HEADER_LEN]);
+            out.extend_from_slice(plaintext);
+            return self.seal_staged(content, out, start);
+        }
+        let header = record_header(plaintext.len());
+        let seq = self.take_seq()?;
+        // aws-lc encrypts from where the plaintext lies into the record's room; zeroing that
+        // room first (safe Rust hands out no uninitialized memory) only writes it, where the
+        // copy it replaces read the plaintext too.
+        out.resize(start + HEADER_LEN + plaintext.len() + 1 + TAG_LEN, 0);
+        out[start..start + HEADER_LEN].copy_from_slice(&header);
+        let sealed = self.aead.seal_into(
+            seq,
+            &header,
+            plaintext,
+            content.byte(),
+            &mut out[start + HEADER_LEN..],
+        );
+        if sealed.is_err() {
+            out.truncate(start);
+        }
+        sealed
     }
 
     /// Seals in place a record whose plaintext was already written at
@@ -405,201 +465,5 @@ fn inner(plain: &[u8]) -> Result<(Content, usize), RecordError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rustls::crypto::cipher::AeadKey;
-
-    fn key(seq: u64) -> RecordKey {
-        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
-            key: AeadKey::from([7u8; 32]),
-            iv: Iv::new([9u8; 12]),
-        };
-        RecordKey::new(seq, secrets).expect("key")
-    }
-
-    fn split(record: &[u8]) -> ([u8; HEADER_LEN], &[u8]) {
-        let header: [u8; HEADER_LEN] = record[..HEADER_LEN].try_into().expect("header");
-        assert_eq!(body_len(&header).expect("len"), record.len() - HEADER_LEN);
-        (header, &record[HEADER_LEN..])
-    }
-
-    #[test]
-    fn sealed_records_open_both_ways() {
-        let (mut tx, mut rx) = (key(5), key(5));
-        let mut wire = Vec::new();
-        tx.seal(Content::ApplicationData, b"hello", &mut wire)
-            .expect("seal");
-        let start = wire.len();
-        wire.extend_from_slice(&[0; HEADER_LEN]);
-        wire.extend_from_slice(b"staged bytes");
-        tx.seal_staged(Content::Handshake, &mut wire, start)
-            .expect("seal staged");
-        assert_eq!(tx.seq(), 7);
-
-        let (header, body) = split(&wire[..start]);
-        let mut body = body.to_vec();
-        assert_eq!(
-            rx.open_in_place(&header, &mut body).expect("open"),
-            (Content::ApplicationData, 5)
-        );
-        assert_eq!(&body[..5], b"hello");
-        let (header, body) = split(&wire[start..]);
-        let mut body = body.to_vec();
-        let (content, len) = rx.open_in_place(&header, &mut body).expect("open");
-        assert_eq!(
-            (content, &body[..len]),
-            (Content::Handshake, &b"staged bytes"[..])
-        );
-    }
-
-    #[test]
-    fn a_flipped_bit_or_a_wrong_sequence_is_refused() {
-        let mut tx = key(0);
-        let mut wire = Vec::new();
-        tx.seal(Content::ApplicationData, b"payload", &mut wire)
-            .expect("seal");
-        for at in [0, 3, HEADER_LEN, wire.len() - 1] {
-            let mut bad = wire.clone();
-            bad[at] ^= 1;
-            let header: [u8; HEADER_LEN] = bad[..HEADER_LEN].try_into().expect("header");
-            let mut body = bad[HEADER_LEN..].to_vec();
-            // A changed type byte is refused by the header check, anything else by the tag.
-            let refused = body_len(&header)
-                .and_then(|_| key(0).open_in_place(&header, &mut body))
-                .expect_err("tampered");
-            assert!(
-                matches!(refused, RecordError::BadMac | RecordError::OuterType(_)),
-                "{refused:?}"
-            );
-        }
-        let header: [u8; HEADER_LEN] = wire[..HEADER_LEN].try_into().expect("header");
-        let mut body = wire[HEADER_LEN..].to_vec();
-        assert_eq!(
-            key(1).open_in_place(&header, &mut body),
-            Err(RecordError::BadMac),
-            "replayed under another sequence number"
-        );
-    }
-
-    #[test]
-    fn headers_and_inner_types_are_checked() {
-        assert_eq!(
-            body_len(&[22, 3, 3, 0, 40]),
-            Err(RecordError::OuterType(22))
-        );
-        assert_eq!(body_len(&[20, 3, 3, 0, 1]), Err(RecordError::OuterType(20)));
-        assert_eq!(
-            body_len(&[23, 3, 3, 0x41, 0x01]),
-            Err(RecordError::Overflow(0x4101))
-        );
-        assert_eq!(body_len(&[23, 3, 3, 0, 16]), Err(RecordError::BadMac));
-        assert_eq!(body_len(&[23, 3, 3, 0x41, 0]), Ok(MAX_CIPHERTEXT));
-        assert_eq!(inner(&[1, 2, 23, 0, 0]), Ok((Content::ApplicationData, 2)));
-        assert_eq!(inner(&[0, 0, 0]), Err(RecordError::InnerType));
-        assert_eq!(inner(&[1, 20]), Err(RecordError::InnerType));
-        let mut too_long = vec![1; MAX_PLAINTEXT + 1];
-        too_long.push(23);
-        assert_eq!(
-            inner(&too_long),
-            Err(RecordError::Overflow(MAX_PLAINTEXT + 1))
-        );
-    }
-
-    /// The same key material in both AEAD suites of 256-bit keys.
-    fn suites(key: u8, iv: u8) -> [ConnectionTrafficSecrets; 2] {
-        [
-            ConnectionTrafficSecrets::Aes256Gcm {
-                key: AeadKey::from([key; 32]),
-                iv: Iv::new([iv; 12]),
-            },
-            ConnectionTrafficSecrets::Chacha20Poly1305 {
-                key: AeadKey::from([key; 32]),
-                iv: Iv::new([iv; 12]),
-            },
-        ]
-    }
-
-    #[test]
-    fn both_implementations_read_each_other() {
-        // (rustls builds 16-byte AES-128 keys only inside itself; that suite takes the same
-        // code path with the other algorithm constant.)
-        let suites = || suites(3, 4);
-        let message = vec![0x42u8; MAX_PLAINTEXT];
-        for (a, b) in [
-            (Implementation::AwsLc, Implementation::Ring),
-            (Implementation::Ring, Implementation::AwsLc),
-        ] {
-            for (tx, rx) in suites().into_iter().zip(suites()) {
-                let mut tx = RecordKey::with(a, 11, tx).expect("sealing key");
-                let mut rx = RecordKey::with(b, 11, rx).expect("opening key");
-                let mut wire = Vec::new();
-                tx.seal(Content::ApplicationData, &message, &mut wire)
-                    .expect("seal");
-                let (header, body) = split(&wire);
-                let mut body = body.to_vec();
-                let (content, len) = rx.open_in_place(&header, &mut body).expect("open");
-                assert_eq!(content, Content::ApplicationData);
-                assert!(body[..len] == message[..], "{a:?} -> {b:?}");
-            }
-        }
-        let (aws_lc, ring) = calibrate();
-        assert!(
-            aws_lc < Duration::MAX && ring < Duration::MAX,
-            "both measured"
-        );
-    }
-
-    #[test]
-    fn a_record_opens_to_an_earlier_place_in_its_buffer() {
-        // What the receive side does with a read of several records: each one's content is
-        // moved back to follow the previous one's, over the headers and tags between them.
-        let suites = || suites(5, 6);
-        let head = |at: usize, wire: &[u8]| -> [u8; HEADER_LEN] {
-            wire[at..at + HEADER_LEN].try_into().expect("header")
-        };
-        for which in [Implementation::AwsLc, Implementation::Ring] {
-            for (tx, (rx, wrong)) in suites().into_iter().zip(suites().into_iter().zip(suites())) {
-                let mut tx = RecordKey::with(which, 0, tx).expect("sealing key");
-                let mut rx = RecordKey::with(which, 0, rx).expect("opening key");
-                let first: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| i as u8).collect();
-                let second: Vec<u8> = (0..1_000).map(|i| (i * 7) as u8).collect();
-                let mut wire = Vec::new();
-                tx.seal(Content::ApplicationData, &first, &mut wire)
-                    .expect("seal");
-                tx.seal(Content::ApplicationData, &second, &mut wire)
-                    .expect("seal");
-                let pristine = wire.clone();
-                let header = head(0, &wire);
-                let end = HEADER_LEN + body_len(&header).expect("header");
-                let (content, n) = rx
-                    .open_within(&header, &mut wire[..end], HEADER_LEN)
-                    .expect("first");
-                assert_eq!((content, n), (Content::ApplicationData, first.len()));
-                let header = head(end, &wire);
-                let (content, m) = rx
-                    .open_within(&header, &mut wire[n..], end + HEADER_LEN - n)
-                    .expect("second, moved back");
-                assert_eq!((content, m), (Content::ApplicationData, second.len()));
-                assert!(wire[..n] == first[..], "{which:?}");
-                assert!(wire[n..n + m] == second[..], "{which:?}");
-                // The first record under the wrong sequence number is refused, moved or not.
-                let mut again = pristine;
-                let mut wrong = RecordKey::with(which, 1, wrong).expect("key");
-                assert_eq!(
-                    wrong.open_within(&head(0, &again), &mut again[..end], HEADER_LEN),
-                    Err(RecordError::BadMac)
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn the_last_sequence_number_is_never_used() {
-        let mut tx = key(u64::MAX);
-        let mut wire = Vec::new();
-        assert_eq!(
-            tx.seal(Content::ApplicationData, b"x", &mut wire),
-            Err(RecordError::SequenceExhausted)
-        );
-    }
-}
+#[path = "record_tests.rs"]
+mod tests;
