@@ -6,8 +6,9 @@
 //! record is decrypted in the buffer the socket was read into (no copy through rustls'
 //! deframer and plaintext queue), and plaintext is encrypted into the buffer the socket is
 //! written from — by aws-lc straight from where the caller holds it (out of place), by ring,
-//! which only seals in place, after a copy. Only TLS 1.3's AEAD suites exist here (AES-128-GCM, AES-256-GCM,
-//! ChaCha20-Poly1305), the only suites HBONE's configurations allow.
+//! which only seals in place, after a copy. Only TLS 1.3's AEAD suites exist here
+//! (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305), the only suites HBONE's configurations
+//! allow.
 //!
 //! The AEAD comes from aws-lc or ring, whichever seals faster on this CPU ([`implementation`],
 //! measured once per process): their AES-GCM code paths differ by CPU generation (aws-lc has
