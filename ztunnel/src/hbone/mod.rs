@@ -49,6 +49,7 @@ mod limits;
 mod pool;
 mod record;
 mod request;
+mod send_buf;
 mod server;
 mod stream;
 #[cfg(test)]

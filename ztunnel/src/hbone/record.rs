@@ -5,10 +5,10 @@
 //! ([`super::tls`]) so records are opened and sealed where the bytes already are: a received
 //! record is decrypted in the buffer the socket was read into (no copy through rustls'
 //! deframer and plaintext queue), and plaintext is encrypted into the buffer the socket is
-//! written from — by aws-lc straight from where the caller holds it (out of place), by ring,
-//! which only seals in place, after a copy. Only TLS 1.3's AEAD suites exist here
-//! (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305), the only suites HBONE's configurations
-//! allow.
+//! written from ([`super::send_buf`]) — by aws-lc straight from where the caller holds it (out
+//! of place), by ring, which only seals in place, after a copy. Only TLS 1.3's AEAD suites
+//! exist here (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305), the only suites HBONE's
+//! configurations allow.
 //!
 //! The AEAD comes from aws-lc or ring, whichever seals faster on this CPU ([`implementation`],
 //! measured once per process): their AES-GCM code paths differ by CPU generation (aws-lc has
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use rustls::ConnectionTrafficSecrets;
 use rustls::crypto::cipher::{Iv, Nonce};
+
+use super::send_buf::RecordBuf;
 
 /// Record header: type (1), legacy version (2), length (2).
 pub(crate) const HEADER_LEN: usize = 5;
@@ -350,7 +352,7 @@ impl RecordKey {
         &mut self,
         content: Content,
         plaintext: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut impl RecordBuf,
     ) -> Result<(), RecordError> {
         debug_assert!(plaintext.len() <= MAX_PLAINTEXT);
         let start = out.len();
@@ -362,17 +364,16 @@ impl RecordKey {
         }
         let header = record_header(plaintext.len());
         let seq = self.take_seq()?;
-        // aws-lc encrypts from where the plaintext lies into the record's room; zeroing that
-        // room first (safe Rust hands out no uninitialized memory) only writes it, where the
-        // copy it replaces read the plaintext too.
-        out.resize(start + HEADER_LEN + plaintext.len() + 1 + TAG_LEN, 0);
-        out[start..start + HEADER_LEN].copy_from_slice(&header);
+        // aws-lc encrypts from where the plaintext lies into the record's room (a `SendBuf`
+        // hands out room it has used before without zeroing it again).
+        let record = out.grow(HEADER_LEN + plaintext.len() + 1 + TAG_LEN);
+        record[..HEADER_LEN].copy_from_slice(&header);
         let sealed = self.aead.seal_into(
             seq,
             &header,
             plaintext,
             content.byte(),
-            &mut out[start + HEADER_LEN..],
+            &mut record[HEADER_LEN..],
         );
         if sealed.is_err() {
             out.truncate(start);
@@ -385,7 +386,7 @@ impl RecordKey {
     pub(crate) fn seal_staged(
         &mut self,
         content: Content,
-        out: &mut Vec<u8>,
+        out: &mut impl RecordBuf,
         start: usize,
     ) -> Result<(), RecordError> {
         self.seal_staged_as(content.byte(), out, start)
@@ -395,7 +396,7 @@ impl RecordKey {
     pub(crate) fn seal_staged_as(
         &mut self,
         content: u8,
-        out: &mut Vec<u8>,
+        out: &mut impl RecordBuf,
         start: usize,
     ) -> Result<(), RecordError> {
         let len = out.len() - start - HEADER_LEN;

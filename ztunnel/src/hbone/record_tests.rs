@@ -1,7 +1,9 @@
 //! Records sealed and opened by both AEAD implementations: round trips, tampering, inner
-//! types, the sealing paths' equivalence, opening to an earlier place, the last sequence number.
+//! types, the sealing paths' equivalence (also over a reused send buffer), opening to an
+//! earlier place, the last sequence number.
 
 use super::*;
+use crate::hbone::send_buf::SendBuf;
 use rustls::crypto::cipher::AeadKey;
 
 fn key(seq: u64) -> RecordKey {
@@ -179,6 +181,44 @@ fn sealing_from_the_plaintext_and_in_place_give_the_same_record() {
                     c[..] == a[7 + HEADER_LEN..],
                     "{which:?}, {len} bytes, seal_into"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_send_buffer_over_earlier_bytes_gives_the_same_records() {
+    // A connection's `SendBuf` hands out room that held earlier records without zeroing
+    // it: every byte of a record must still be written, whichever path seals it.
+    let message: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| (i * 7 + 1) as u8).collect();
+    for which in [Implementation::AwsLc, Implementation::Ring] {
+        for (one, two) in suites(4, 5).into_iter().zip(suites(4, 5)) {
+            let mut fresh = RecordKey::with(which, 0, one).expect("key");
+            let mut reused = RecordKey::with(which, 0, two).expect("key");
+            let mut buf = SendBuf::default();
+            buf.extend_from_slice(&vec![0xab; 3 * MAX_PLAINTEXT]);
+            for (i, len) in [MAX_PLAINTEXT, 1_000, 0, 1, MAX_PLAINTEXT]
+                .into_iter()
+                .enumerate()
+            {
+                let kept = i * 3;
+                buf.truncate(kept);
+                let mut expected = buf.to_vec();
+                fresh
+                    .seal(Content::ApplicationData, &message[..len], &mut expected)
+                    .expect("seal");
+                if i % 2 == 0 {
+                    reused
+                        .seal(Content::ApplicationData, &message[..len], &mut buf)
+                        .expect("seal");
+                } else {
+                    buf.extend_from_slice(&[0; HEADER_LEN]);
+                    buf.extend_from_slice(&message[..len]);
+                    reused
+                        .seal_staged(Content::ApplicationData, &mut buf, kept)
+                        .expect("seal staged");
+                }
+                assert!(buf[..] == expected[..], "{which:?}, {len} bytes");
             }
         }
     }

@@ -44,6 +44,7 @@ use super::TLS_SEND_BUFFER;
 use super::record::{
     Content, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT, RecordError, RecordKey, body_len,
 };
+use super::send_buf::{RecordBuf, SendBuf};
 
 /// What an established connection keeps for received ciphertext: one whole record, the most
 /// it holds at once (an incomplete record a read ended in, or one record read for a reader with
@@ -153,7 +154,7 @@ pub(crate) struct TlsStream<T> {
     post_handshake: Vec<u8>,
     read: ReadState,
     /// Records to send: `out[out_pos..]` (up to `staged`, if set).
-    out: Vec<u8>,
+    out: SendBuf,
     out_pos: usize,
     /// Start of a record still gathering plaintext (header space reserved) at the end of `out`.
     staged: Option<usize>,
@@ -204,7 +205,7 @@ impl<T> TlsStream<T> {
             early_pos: 0,
             post_handshake: Vec::new(),
             read: ReadState::Open,
-            out: Vec::with_capacity(TLS_SEND_BUFFER + MAX_PLAINTEXT + 64),
+            out: SendBuf::with_capacity(TLS_SEND_BUFFER + MAX_PLAINTEXT + 64),
             out_pos: 0,
             staged: None,
             write_error: None,

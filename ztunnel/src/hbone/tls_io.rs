@@ -17,8 +17,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if self.out_pos == end {
                 // Everything sealed is out: keep only a record still gathering plaintext.
                 let start = self.staged.map_or(self.out.len(), |s| s);
-                self.out.copy_within(start.., 0);
-                self.out.truncate(self.out.len() - start);
+                self.out.discard_front(start);
                 self.staged = self.staged.map(|_| 0);
                 self.out_pos = 0;
                 return Poll::Ready(Ok(()));
