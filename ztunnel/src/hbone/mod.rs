@@ -80,17 +80,17 @@ pub const ALPN_H2: &[u8] = b"h2";
 // Throughput is decided by copies, syscalls and flow control, not by HTTP/2 framing. Windows
 // are large so one stream can fill a fast link without waiting for WINDOW_UPDATEs, and the
 // stream window no larger than that needs: it bounds what a stream buffers before the
-// application reads it (with 4 MiB the four-stream peak RSS was 24-29 MiB, with 1 MiB 16-17,
-// at the same throughput). Frames are large so a 256 KiB read from the application becomes
-// one DATA frame; up to 256 KiB of records leave in one write, and reads under TLS go straight
-// into HTTP/2's buffer, as large as its frame (one `recvfrom` where rustls alone made ~16; see
-// `tls`). Measured on the two-node
-// benchmark (docs/design.md, "Data-plane performance decisions"): 1 MiB frames beat 16 KiB
-// frames by ~10%; 256 KiB, 512 KiB and 1 MiB of per-stream send buffer made no measurable
-// difference.
+// application reads it. 2 MiB: with 1 MiB a single stream's sender sat idle waiting for
+// WINDOW_UPDATEs (one stream 4.5 % slower); with 4 MiB the four-stream peak RSS was 28-32 MiB
+// and one stream no faster (docs/design.md, "a 2 MiB stream window"). Frames are large so a
+// 256 KiB read from the application becomes one DATA frame; up to 256 KiB of records leave in
+// one write, and reads under TLS go straight into HTTP/2's buffer, as large as its frame (one
+// `recvfrom` where rustls alone made ~16; see `tls`). Measured on the two-node benchmark
+// (docs/design.md, "Data-plane performance decisions"): 1 MiB frames beat 16 KiB frames by
+// ~10%; 256 KiB, 512 KiB and 1 MiB of per-stream send buffer made no measurable difference.
 
 /// Per-stream receive window we advertise (SETTINGS_INITIAL_WINDOW_SIZE).
-const STREAM_WINDOW: u32 = 1024 * 1024;
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// Connection-wide receive window we advertise.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest DATA frame we accept (h2 allows 16 KiB ..= 16 MiB - 1).
