@@ -1,5 +1,6 @@
 //! TCP congestion control per leg (`ztunnel --pod-tcp-congestion`): an enrolled pod's
-//! default becomes the pod setting, so the application's sockets (which only ever talk to the
+//! default becomes the pod setting (the first listed name the node lets a pod's namespace
+//! have: by default cubic, else reno), so the application's sockets (which only ever talk to the
 //! ztunnel over the pod's loopback) and the ztunnel's pod-side sockets use it, while the
 //! ztunnel's sockets across the network (HBONE) keep the node's; leaving the mesh puts the
 //! node's default back, also when the pod left while the ztunnel was down (the next run lifts
@@ -23,6 +24,40 @@ fn node_and_pod_setting() -> anyhow::Result<(String, &'static str)> {
         .to_owned();
     let pod = if node == "reno" { "cubic" } else { "reno" };
     Ok((node, pod))
+}
+
+/// What the node lets a pod's namespace choose (`net.ipv4.tcp_allowed_congestion_control`).
+fn node_allowed() -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")?;
+    Ok(text.split_whitespace().map(str::to_owned).collect())
+}
+
+/// `membrane_tcp_congestion_errors_total` of node-a's ztunnel.
+async fn congestion_errors(mesh: &Mesh) -> anyhow::Result<f64> {
+    let (status, body) =
+        membrane_tests::http_get(mesh.ztunnels["node-a"].metrics, "/metrics").await?;
+    anyhow::ensure!(status == 200, "metrics: HTTP {status}");
+    Ok(body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("membrane_tcp_congestion_errors_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+/// A mesh whose ztunnels run with `args`, with its one pod, trainer on node-a, enrolled.
+async fn trainer_enrolled(args: &[&str]) -> anyhow::Result<Mesh> {
+    let mut spec = MeshSpec::two_nodes(
+        vec![PodDef::new("trainer", "training", "trainer", "node-a")],
+        &["training"],
+    );
+    spec.ztunnel_args = args.iter().map(|a| (*a).to_owned()).collect();
+    let mesh = Mesh::start(spec).await?;
+    mesh.enroll("trainer").await?;
+    Ok(mesh)
 }
 
 /// The pod's default congestion control.
@@ -157,37 +192,58 @@ async fn pods_get_the_pod_setting_and_the_tunnel_keeps_the_nodes() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root"]
+async fn a_pod_gets_the_first_listed_name_the_node_allows() -> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let (node, pod) = node_and_pod_setting()?;
+    let allowed = node_allowed()?;
+    // The default, cubic,reno: a kernel built with BBR as its default allows "reno bbr" in a
+    // pod's namespace, and there the pods must get reno rather than keep BBR.
+    let by_default = if node == "cubic" || allowed.iter().any(|a| a == "cubic") {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let passed_over = format!("membrane_none,{pod}");
+    for (args, want) in [
+        (vec![], by_default),
+        (vec!["--pod-tcp-congestion", passed_over.as_str()], pod),
+    ] {
+        let mesh = trainer_enrolled(&args).await?;
+        assert_eq!(
+            pod_default(&mesh, "trainer")?,
+            want,
+            "{args:?} (node {node}, allowed {allowed:?})"
+        );
+        assert_eq!(congestion_errors(&mesh).await?, 0.0, "{args:?}");
+        mesh.unenroll("trainer").await?;
+        assert_eq!(
+            pod_default(&mesh, "trainer")?,
+            node,
+            "{args:?}: after leaving"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
 async fn node_leaves_pods_alone_and_an_unreachable_sysctl_only_counts() -> anyhow::Result<()> {
     membrane_tests::require_root()?;
     let (node, pod) = node_and_pod_setting()?;
     let missing = format!("/nonexistent-membrane-proc-sys-{}", std::process::id());
+    let not_allowed = "membrane_none";
     for (args, errors) in [
         (vec!["--pod-tcp-congestion", "node"], false),
+        // Nothing listed may be a pod's: pods keep the node's, and that is counted.
+        (vec!["--pod-tcp-congestion", not_allowed], true),
         (
             vec!["--pod-tcp-congestion", pod, "--proc-sys-net", &missing],
             true,
         ),
     ] {
-        let mut spec = MeshSpec::two_nodes(
-            vec![PodDef::new("trainer", "training", "trainer", "node-a")],
-            &["training"],
-        );
-        spec.ztunnel_args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mesh = Mesh::start(spec).await?;
-        mesh.enroll("trainer").await?;
+        let mesh = trainer_enrolled(&args).await?;
         assert_eq!(pod_default(&mesh, "trainer")?, node, "{args:?}");
-        let (status, body) =
-            membrane_tests::http_get(mesh.ztunnels["node-a"].metrics, "/metrics").await?;
-        anyhow::ensure!(status == 200, "metrics: HTTP {status}");
-        let counted = body
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("membrane_tcp_congestion_errors_total ")?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0);
+        let counted = congestion_errors(&mesh).await?;
         assert_eq!(counted > 0.0, errors, "{args:?}: {counted}");
     }
     Ok(())

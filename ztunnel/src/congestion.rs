@@ -6,23 +6,28 @@
 //! control, but it still costs: with BBR and no `fq` qdisc (loopback has none) the kernel
 //! paces every socket with its own timer, one per burst, and the sender sleeps between them.
 //! So the ztunnel sets an enrolled pod's default (`net.ipv4.tcp_congestion_control` of its
-//! network namespace) to `--pod-tcp-congestion` (`cubic` unless told otherwise; `node` leaves
-//! pods alone, including ones an earlier run changed) once the pod is captured, and back to
-//! the node's default before its capture is removed (if it still holds the pod setting — a
-//! pod that asked for that same value itself gets the node's back too). In a pod's namespace
-//! the kernel only takes a name listed in the node's `net.ipv4.tcp_allowed_congestion_control`
-//! (cubic and reno by default). The sysctl is written by
-//! a thread inside the pod's namespace through `--proc-sys-net` (`/proc/sys/net` shows the
-//! reader's namespace; in a container whose own `/proc/sys` is read-only, the host's mounted
-//! elsewhere).
+//! network namespace) once the pod is captured, and back to the node's default before its
+//! capture is removed (if it still holds the pod setting — a pod that asked for that same
+//! value itself gets the node's back too).
+//!
+//! `--pod-tcp-congestion` is a list of names in order of preference (`cubic,reno` unless told
+//! otherwise; `node` leaves pods alone, including ones an earlier run changed). In a pod's
+//! namespace the kernel only takes a name listed in the node's
+//! `net.ipv4.tcp_allowed_congestion_control` — the node's default and reno, plus what the
+//! operator added: a kernel built with BBR as its default allows "reno bbr", not cubic. So
+//! the setting is the first listed name that list allows, read once at start (the list is
+//! the node's, seen from every namespace); none allowed leaves pods alone, logged and
+//! counted. The sysctl is written by a thread inside the pod's namespace through
+//! `--proc-sys-net` (`/proc/sys/net` shows the reader's namespace; in a container whose own
+//! `/proc/sys` is read-only, the host's mounted elsewhere).
 //!
 //! The connections that do cross the network keep the node's choice: the ztunnel's sockets
 //! made inside a pod for HBONE, passthrough and gateways, and the listeners whose peers are
 //! remote (HBONE, inbound plaintext), get the node's default by `TCP_CONGESTION`. "The node's
 //! default" is read once at start in the ztunnel's own namespace: the node's itself when it
 //! runs there, else (a ztunnel pod) the copy its namespace got from the node when it was
-//! created, as every pod's namespace does. When it already is the pod setting, nothing is
-//! changed anywhere.
+//! created, as every pod's namespace does. When the setting chosen already is the node's
+//! default, nothing is changed anywhere.
 //!
 //! None of this decides whether traffic flows: a failure is logged, counted
 //! (`membrane_tcp_congestion_errors_total`) and the connection or enrollment goes on with whatever
@@ -34,22 +39,27 @@ use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
 
-/// `--pod-tcp-congestion`'s default.
-pub const DEFAULT_POD: &str = "cubic";
+/// `--pod-tcp-congestion`'s default: cubic where a pod may have it, else reno (always may).
+pub const DEFAULT_POD: &str = "cubic,reno";
 /// `--proc-sys-net`'s default.
 pub const DEFAULT_PROC_SYS_NET: &str = "/proc/sys/net";
 /// The sysctl holding a network namespace's default congestion control, under `/proc/sys/net`.
 const SYSCTL: &str = "ipv4/tcp_congestion_control";
+/// The node's list of congestion controls a pod's namespace may choose, under `/proc/sys/net`.
+const ALLOWED: &str = "ipv4/tcp_allowed_congestion_control";
 /// The kernel's limit on a congestion control name (`TCP_CA_NAME_MAX` less the NUL).
 const MAX_NAME: usize = 15;
+/// The most names `--pod-tcp-congestion` takes.
+const MAX_NAMES: usize = 8;
 
-/// `--pod-tcp-congestion`: a congestion control for enrolled pods, or `node` (leave them).
+/// `--pod-tcp-congestion`: congestion controls for enrolled pods in order of preference, or
+/// `node` (leave them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodCongestion {
     /// Pods keep what they have (the node's default, unless they changed it).
     Node,
-    /// Enrolled pods' default congestion control.
-    Named(String),
+    /// Enrolled pods' default: the first of these the node lets a pod's namespace take.
+    Named(Vec<String>),
 }
 
 impl FromStr for PodCongestion {
@@ -59,20 +69,47 @@ impl FromStr for PodCongestion {
         if text == "node" {
             return Ok(Self::Node);
         }
-        let valid = !text.is_empty()
-            && text.len() <= MAX_NAME
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if valid {
-            Ok(Self::Named(text.to_owned()))
-        } else {
-            Err(format!(
-                "{text:?} is not a congestion control name (lowercase letters, digits and '_', \
-                 at most {MAX_NAME}) or \"node\""
-            ))
+        let names: Vec<&str> = text.split(',').collect();
+        if names.len() > MAX_NAMES {
+            return Err(format!(
+                "{text:?}: at most {MAX_NAMES} congestion control names"
+            ));
         }
+        let mut list: Vec<String> = Vec::with_capacity(names.len());
+        for name in names {
+            let valid = !name.is_empty()
+                && name.len() <= MAX_NAME
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                return Err(format!(
+                    "{name:?} is not a congestion control name (lowercase letters, digits and \
+                     '_', at most {MAX_NAME}; several separated by ',') or \"node\""
+                ));
+            }
+            if name == "node" {
+                return Err(format!("{text:?}: \"node\" stands alone"));
+            }
+            if !list.iter().any(|n| n == name) {
+                list.push(name.to_owned());
+            }
+        }
+        Ok(Self::Named(list))
     }
+}
+
+/// The pod setting: the first of `preferred` that a pod's namespace may take — one the node
+/// allows (`allowed`, the node's list) or the node's own default (always allowed). Without the
+/// node's list (`None`: it could not be read) the first name, and each pod's write says.
+fn choose<'a>(preferred: &'a [String], node: &str, allowed: Option<&str>) -> Option<&'a str> {
+    let Some(allowed) = allowed else {
+        return preferred.first().map(String::as_str);
+    };
+    preferred
+        .iter()
+        .map(String::as_str)
+        .find(|name| *name == node || allowed.split_whitespace().any(|a| a == *name))
 }
 
 /// What is in force, when pods get something other than the node's default.
@@ -98,30 +135,54 @@ pub fn errors() -> &'static Counter {
 /// it must be writable for pods' sysctls to be set). Returns the node's default as read.
 pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> {
     let sysctl = proc_sys_net.join(SYSCTL);
-    let node = match (choice, std::fs::read_to_string(&sysctl)) {
-        (PodCongestion::Node, _) => None,
-        (_, Ok(text)) => Some(text.trim().to_owned()),
-        (_, Err(e)) => {
+    let PodCongestion::Named(preferred) = choice else {
+        tracing::info!(
+            pods = "unchanged",
+            "TCP congestion control: --pod-tcp-congestion node"
+        );
+        let _ = SETTINGS.set(None);
+        return None;
+    };
+    let node = match std::fs::read_to_string(&sysctl) {
+        Ok(text) => text.trim().to_owned(),
+        Err(e) => {
             errors().inc();
             tracing::warn!(path = %sysctl.display(), error = %e, "cannot read the node's TCP congestion control; pods keep theirs");
+            let _ = SETTINGS.set(None);
+            return None;
+        }
+    };
+    let allowed_path = proc_sys_net.join(ALLOWED);
+    let allowed = match std::fs::read_to_string(&allowed_path) {
+        Ok(text) => Some(text.trim().to_owned()),
+        Err(e) => {
+            tracing::warn!(path = %allowed_path.display(), error = %e, "cannot read which congestion controls pods may have; trying the first listed");
             None
         }
     };
-    let settings = match (choice, &node) {
-        (PodCongestion::Named(pod), Some(node)) if pod != node => Some(Settings {
-            pod: pod.clone(),
-            node: node.clone(),
-            sysctl,
-        }),
-        _ => None,
-    };
+    let pod = choose(preferred, &node, allowed.as_deref());
+    if pod.is_none() {
+        errors().inc();
+        tracing::warn!(
+            node = %node,
+            allowed = allowed.as_deref().unwrap_or("unknown"),
+            wanted = %preferred.join(","),
+            "no congestion control of --pod-tcp-congestion may be a pod's (net.ipv4.tcp_allowed_congestion_control); pods keep the node's"
+        );
+    }
+    let settings = pod.filter(|pod| *pod != node).map(|pod| Settings {
+        pod: pod.to_owned(),
+        node: node.clone(),
+        sysctl,
+    });
     tracing::info!(
-        node = node.as_deref().unwrap_or("unknown"),
+        node = %node,
+        allowed = allowed.as_deref().unwrap_or("unknown"),
         pods = settings.as_ref().map_or("unchanged", |s| s.pod.as_str()),
         "TCP congestion control"
     );
     let _ = SETTINGS.set(settings);
-    node
+    Some(node)
 }
 
 fn settings() -> Option<&'static Settings> {
@@ -199,15 +260,17 @@ mod tests {
 
     #[test]
     fn names_and_node_parse_and_garbage_is_refused() {
+        let named = |names: &[&str]| {
+            Ok(PodCongestion::Named(
+                names.iter().map(|n| (*n).to_owned()).collect(),
+            ))
+        };
         assert_eq!("node".parse(), Ok(PodCongestion::Node));
-        assert_eq!(
-            "cubic".parse(),
-            Ok(PodCongestion::Named("cubic".to_owned()))
-        );
-        assert_eq!(
-            "bbr".parse::<PodCongestion>(),
-            Ok(PodCongestion::Named("bbr".to_owned()))
-        );
+        assert_eq!("cubic".parse(), named(&["cubic"]));
+        assert_eq!("bbr".parse::<PodCongestion>(), named(&["bbr"]));
+        assert_eq!("cubic,reno".parse(), named(&["cubic", "reno"]));
+        assert_eq!("reno,reno".parse(), named(&["reno"]));
+        assert_eq!(DEFAULT_POD.parse(), named(&["cubic", "reno"]));
         for bad in [
             "",
             "Cubic",
@@ -215,8 +278,41 @@ mod tests {
             "../../etc",
             "a-b",
             "sixteen_chars_xx",
+            "cubic,",
+            ",reno",
+            "cubic,,reno",
+            "cubic, reno",
+            "node,reno",
+            "a,b,c,d,e,f,g,h,i",
         ] {
-            assert!(bad.parse::<PodCongestion>().is_err(), "{bad:?}");
+            let parsed = bad.parse::<PodCongestion>();
+            assert!(parsed.is_err(), "{bad:?}: {parsed:?}");
         }
+    }
+
+    #[test]
+    fn the_first_name_a_pod_may_have_is_chosen() {
+        let list = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let default = list(&["cubic", "reno"]);
+        // A kernel whose default is BBR allows reno and bbr only: cubic is refused in a pod.
+        assert_eq!(choose(&default, "bbr", Some("reno bbr")), Some("reno"));
+        assert_eq!(
+            choose(&default, "bbr", Some("reno cubic bbr")),
+            Some("cubic")
+        );
+        // The node's own default is always allowed; cubic on a cubic node changes nothing.
+        assert_eq!(choose(&default, "cubic", Some("reno")), Some("cubic"));
+        assert_eq!(
+            choose(&list(&["bbr2", "htcp"]), "bbr", Some("reno bbr")),
+            None
+        );
+        assert_eq!(
+            choose(&list(&["cub"]), "bbr", Some("reno cubic")),
+            None,
+            "whole names"
+        );
+        // Unknown list: the first, and each pod's write tells.
+        assert_eq!(choose(&default, "bbr", None), Some("cubic"));
+        assert_eq!(choose(&[], "bbr", Some("reno")), None);
     }
 }

@@ -126,8 +126,10 @@ struct Args {
     #[arg(long, env = "MEMBRANE_TLS_KX", default_value = "pq-preferred")]
     tls_kx: membrane_identity::KeyExchange,
     /// Default TCP congestion control of enrolled pods, whose TCP runs only over their
-    /// loopback to the ztunnel (`cubic`: no pacing timers there), or `node` to leave pods as
-    /// they are; the ztunnel's connections across the network keep the node's.
+    /// loopback to the ztunnel: the first of these (comma-separated) that the node's
+    /// `net.ipv4.tcp_allowed_congestion_control` lets a pod have (cubic, else reno: no
+    /// pacing timers there), or `node` to leave pods as they are; the ztunnel's connections
+    /// across the network keep the node's.
     #[arg(long, env = "MEMBRANE_POD_TCP_CONGESTION", default_value = membrane_ztunnel::congestion::DEFAULT_POD)]
     pod_tcp_congestion: membrane_ztunnel::congestion::PodCongestion,
     /// Where `/proc/sys/net` is mounted, writable: pods' sysctls are written through it from
