@@ -13,11 +13,14 @@
 //! `--pod-tcp-congestion` is a list of names in order of preference (`cubic,reno` unless told
 //! otherwise; `node` leaves pods alone, including ones an earlier run changed). In a pod's
 //! namespace the kernel only takes a name listed in the node's
-//! `net.ipv4.tcp_allowed_congestion_control` — the node's default and reno, plus what the
-//! operator added: a kernel built with BBR as its default allows "reno bbr", not cubic. So
-//! the setting is the first listed name that list allows, read once at start (the list is
-//! the node's, seen from every namespace); none allowed leaves pods alone, logged and
-//! counted. The sysctl is written by a thread inside the pod's namespace through
+//! `net.ipv4.tcp_allowed_congestion_control`: by default reno and the kernel's built-in
+//! default (cubic on most distributions' kernels; a kernel built with BBR as its default
+//! allows "reno bbr"), plus any name made the node's default since; an operator who writes the
+//! list replaces it, reno included. So the setting is the first listed name that list allows,
+//! read once at start (the list is the node's, seen from every namespace; if it cannot be
+//! read, the first name, and each pod's write says); none allowed leaves pods alone, logged
+//! and counted. A pod leaving the mesh gets the node's default back if it holds any listed
+//! name. The sysctl is written by a thread inside the pod's namespace through
 //! `--proc-sys-net` (`/proc/sys/net` shows the reader's namespace; in a container whose own
 //! `/proc/sys` is read-only, the host's mounted elsewhere).
 //!
@@ -39,7 +42,7 @@ use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
 
-/// `--pod-tcp-congestion`'s default: cubic where a pod may have it, else reno (always may).
+/// `--pod-tcp-congestion`'s default: cubic where a pod may have it, else reno.
 pub const DEFAULT_POD: &str = "cubic,reno";
 /// `--proc-sys-net`'s default.
 pub const DEFAULT_PROC_SYS_NET: &str = "/proc/sys/net";
@@ -117,6 +120,9 @@ fn choose<'a>(preferred: &'a [String], node: &str, allowed: Option<&str>) -> Opt
 struct Settings {
     pod: String,
     node: String,
+    /// Every listed name but the node's: what a pod leaving the mesh may hold from this run or
+    /// from an earlier one that chose another (the node's allowed list changed in between).
+    listed: Vec<String>,
     /// The sysctl's file, as this process reaches it.
     sysctl: PathBuf,
 }
@@ -172,6 +178,7 @@ pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> 
     }
     let settings = pod.filter(|pod| *pod != node).map(|pod| Settings {
         pod: pod.to_owned(),
+        listed: preferred.iter().filter(|n| **n != node).cloned().collect(),
         node: node.clone(),
         sysctl,
     });
@@ -205,8 +212,8 @@ pub(crate) fn network_socket(socket: &socket2::Socket) {
 #[derive(Debug)]
 pub(crate) struct PodJob {
     action: &'static str,
-    /// Written when the sysctl holds something else (enroll) or exactly this (unenroll).
-    from: Option<String>,
+    /// Written when the sysctl holds something else (enroll) or one of these (unenroll).
+    from: Option<Vec<String>>,
     to: String,
     sysctl: PathBuf,
 }
@@ -221,11 +228,12 @@ pub(crate) fn enroll_job() -> Option<PodJob> {
     })
 }
 
-/// Putting the node's default back in a pod leaving the mesh, if it still holds the pods'.
+/// Putting the node's default back in a pod leaving the mesh, if it still holds a listed
+/// name (this run's choice, or another an earlier run may have made).
 pub(crate) fn unenroll_job() -> Option<PodJob> {
     settings().map(|s| PodJob {
         action: "restore",
-        from: Some(s.pod.clone()),
+        from: Some(s.listed.clone()),
         to: s.node.clone(),
         sysctl: s.sysctl.clone(),
     })
@@ -238,7 +246,7 @@ impl PodJob {
         let current = current.trim();
         let write = match &self.from {
             None => current != self.to,
-            Some(from) => current == from,
+            Some(from) => from.iter().any(|f| f == current),
         };
         if write {
             std::fs::write(&self.sysctl, &self.to)?;
@@ -288,6 +296,25 @@ mod tests {
             let parsed = bad.parse::<PodCongestion>();
             assert!(parsed.is_err(), "{bad:?}: {parsed:?}");
         }
+    }
+
+    #[test]
+    fn leaving_restores_any_listed_name_and_nothing_else() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sysctl = dir.path().join("tcp_congestion_control");
+        let job = PodJob {
+            action: "restore",
+            from: Some(vec!["cubic".to_owned(), "reno".to_owned()]),
+            to: "bbr".to_owned(),
+            sysctl: sysctl.clone(),
+        };
+        // This run chose reno, an earlier one cubic: both go back; a pod's own choice stays.
+        for (held, after) in [("reno", "bbr"), ("cubic\n", "bbr"), ("htcp", "htcp")] {
+            std::fs::write(&sysctl, held)?;
+            job.run()?;
+            assert_eq!(std::fs::read_to_string(&sysctl)?.trim(), after, "{held:?}");
+        }
+        Ok(())
     }
 
     #[test]
