@@ -276,13 +276,7 @@ async fn a_pod_that_left_the_mesh_while_the_ztunnel_was_down_gets_the_nodes_back
     let Some((node, pod)) = node_and_pod_setting()? else {
         return Ok(());
     };
-    let mut spec = MeshSpec::two_nodes(
-        vec![PodDef::new("trainer", "training", "trainer", "node-a")],
-        &["training"],
-    );
-    spec.ztunnel_args = vec!["--pod-tcp-congestion".into(), pod.clone()];
-    let mut mesh = Mesh::start(spec).await?;
-    mesh.enroll("trainer").await?;
+    let mut mesh = trainer_enrolled(&["--pod-tcp-congestion", &pod]).await?;
     assert_eq!(pod_default(&mesh, "trainer")?, pod);
     // The ztunnel dies; meanwhile the namespace leaves the mesh; the next run finds the
     // pod in its saved state, no longer a mesh workload, and lifts what the last run set.

@@ -138,15 +138,19 @@ pub fn errors() -> &'static Counter {
 
 /// Settles the process's choice; call once at start, in the ztunnel's own network namespace
 /// (later calls change nothing). `proc_sys_net` is where `/proc/sys/net` is mounted (`--proc-sys-net`:
-/// it must be writable for pods' sysctls to be set). Returns the node's default as read.
-pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> {
+/// it must be writable for pods' sysctls to be set).
+pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) {
+    let _ = SETTINGS.set(settle(choice, proc_sys_net));
+}
+
+/// What pods get under `choice` on this node, logged; `None` when they are left alone.
+fn settle(choice: &PodCongestion, proc_sys_net: &Path) -> Option<Settings> {
     let sysctl = proc_sys_net.join(SYSCTL);
     let PodCongestion::Named(preferred) = choice else {
         tracing::info!(
             pods = "unchanged",
             "TCP congestion control: --pod-tcp-congestion node"
         );
-        let _ = SETTINGS.set(None);
         return None;
     };
     let node = match std::fs::read_to_string(&sysctl) {
@@ -154,7 +158,6 @@ pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> 
         Err(e) => {
             errors().inc();
             tracing::warn!(path = %sysctl.display(), error = %e, "cannot read the node's TCP congestion control; pods keep theirs");
-            let _ = SETTINGS.set(None);
             return None;
         }
     };
@@ -188,8 +191,7 @@ pub fn configure(choice: &PodCongestion, proc_sys_net: &Path) -> Option<String> 
         pods = settings.as_ref().map_or("unchanged", |s| s.pod.as_str()),
         "TCP congestion control"
     );
-    let _ = SETTINGS.set(settings);
-    Some(node)
+    settings
 }
 
 fn settings() -> Option<&'static Settings> {
