@@ -65,6 +65,26 @@ async fn echoes(mesh: &Mesh, from: &str, dst: SocketAddr) -> anyhow::Result<bool
     )
 }
 
+/// Sends `len` bytes from pod `from` to the echo app at `dst` while reading them back (large
+/// DATA frames each way through both meshes); they must return unchanged within 30 s.
+async fn bulk_echo(mesh: &Mesh, from: &str, dst: SocketAddr, len: usize) -> anyhow::Result<()> {
+    let (mut rd, mut wr) = mesh.connect_from(from, dst).await?.into_split();
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0; len];
+    let (sent, read) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(wr.write_all(&data), rd.read_exact(&mut back))
+    })
+    .await
+    .with_context(|| format!("{len} bytes from {from} to {dst} did not come back in time"))?;
+    sent?;
+    read?;
+    anyhow::ensure!(
+        back == data,
+        "the bytes from {from} to {dst} came back changed"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root"]
 async fn membrane_and_istio_ztunnels_tunnel_to_each_other_post_quantum() -> anyhow::Result<()> {
@@ -143,6 +163,10 @@ async fn membrane_and_istio_ztunnels_tunnel_to_each_other_post_quantum() -> anyh
             .join("\n")
     );
 
+    // Bulk both ways through a tunnel Membrane opened: Istio's frames are read by a
+    // receiver that sleeps until each frame can be whole.
+    bulk_echo(&mesh, "trainer", istio_app, 16 << 20).await?;
+
     // Istio → Membrane: the Istio pod reaches the trainer; Membrane verified Istio's
     // certificate and names its identity.
     let trainer = SocketAddr::new(mesh.ip("trainer"), APP_PORT);
@@ -152,6 +176,7 @@ async fn membrane_and_istio_ztunnels_tunnel_to_each_other_post_quantum() -> anyh
         || echoes(&mesh, "istio-client", trainer),
     )
     .await?;
+    bulk_echo(&mesh, "istio-client", trainer, 16 << 20).await?;
     let inbound = mesh.ztunnels["node-a"]
         .wait_for_record(
             |r| r["direction"] == "inbound" && r["src_identity"] == ISTIO_CLIENT,

@@ -15,7 +15,9 @@
 //!   a stream of an outer tunnel (double HBONE through an east-west gateway).
 //! - The TLS under both: rustls runs the handshake (`handshake`); the TLS 1.3 records after it
 //!   are opened and sealed here (`tls`, `record`) with the traffic secrets rustls hands over,
-//!   in the buffers the socket is read into and written from.
+//!   in the buffers the socket is read into and written from; while an HTTP/2 frame is
+//!   incomplete the socket's receive low-water mark keeps the reader asleep until it can be
+//!   whole (`frame_wait`).
 //!
 //! The byte copy between a tunnel and a socket is [`crate::relay`]'s, shared with the paths
 //! that use no tunnel.
@@ -43,6 +45,7 @@ use membrane_identity::{SpiffeId, SvidError};
 mod carrier;
 mod client;
 mod early;
+mod frame_wait;
 mod handshake;
 mod headers;
 mod limits;

@@ -10,7 +10,9 @@
 //!   its buffer completed no record (a record arriving in small pieces is then gathered here,
 //!   not carried back and forth with every read), at most one record more is read here,
 //!   decrypted in place and copied out. (rustls' buffered API copies every byte three times:
-//!   into its deframer, into its plaintext queue, out to the reader.)
+//!   into its deframer, into its plaintext queue, out to the reader.) While the HTTP/2 frame
+//!   being read is incomplete, the socket's receive low-water mark asks the kernel to wake the
+//!   reader only once the frame can be whole ([`super::frame_wait`]).
 //! - send: plaintext is encrypted straight from HTTP/2's frames into the buffer the socket is
 //!   written from (small writes are gathered into one record first), and up to
 //!   [`TLS_SEND_BUFFER`](super::TLS_SEND_BUFFER) of records leave in one `write`.
@@ -41,6 +43,7 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::ReadBuf;
 
 use super::TLS_SEND_BUFFER;
+use super::frame_wait::{CLIENT_PREFACE_LEN, FrameWait, LowWater};
 use super::record::{
     Content, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT, RecordError, RecordKey, body_len,
 };
@@ -159,6 +162,8 @@ pub(crate) struct TlsStream<T> {
     /// Start of a record still gathering plaintext (header space reserved) at the end of `out`.
     staged: Option<usize>,
     write_error: Option<(io::ErrorKind, String)>,
+    /// The socket's receive low-water mark, following the frame being read.
+    frame_wait: FrameWait,
 }
 
 impl<T> TlsStream<T> {
@@ -184,6 +189,10 @@ impl<T> TlsStream<T> {
         };
         let rx = RecordKey::new(secrets.rx.0, secrets.rx.1).map_err(record_error)?;
         let tx = RecordKey::new(secrets.tx.0, secrets.tx.1).map_err(record_error)?;
+        let preface = match kernel {
+            Kernel::Server(_) => CLIENT_PREFACE_LEN,
+            Kernel::Client(_) => 0,
+        };
         let tx_limit = kernel
             .confidentiality_limit()
             .saturating_sub(1 << 10)
@@ -209,6 +218,7 @@ impl<T> TlsStream<T> {
             out_pos: 0,
             staged: None,
             write_error: None,
+            frame_wait: FrameWait::new(preface),
         })
     }
 }

@@ -84,13 +84,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
+impl<T: AsyncRead + AsyncWrite + LowWater + Unpin> AsyncRead for TlsStream<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let start = buf.filled().len();
+        let read = this.poll_read_content(cx, buf);
+        // Whether this read delivered content or is about to wait, the socket's mark follows
+        // the frame the reader is in.
+        this.frame_wait.delivered(&buf.filled()[start..]);
+        let held =
+            this.plain.len() + (this.in_end - this.in_start) + (this.early.len() - this.early_pos);
+        this.frame_wait.update(&this.io, held);
+        read
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Delivers content: what is held here, else records opened from the socket's bytes.
+    fn poll_read_content(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         let mut delivered = 0;
         loop {
             delivered += this.take_plain(buf);

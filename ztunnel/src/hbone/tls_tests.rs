@@ -203,6 +203,8 @@ struct Peer {
     max_read: Option<usize>,
 }
 
+impl crate::hbone::frame_wait::LowWater for Peer {}
+
 impl Peer {
     fn new(inner: DuplexStream) -> Self {
         Self {
