@@ -52,7 +52,8 @@ impl LowWater for Carrier {
     fn set_low_water(&self, bytes: usize) -> io::Result<bool> {
         match self {
             Carrier::Tcp(tcp) => tcp.set_low_water(bytes),
-            // The outer tunnel's frames already arrive whole.
+            // No socket of its own: the outer connection's socket carries that connection's
+            // own mark.
             Carrier::Tunnel(_) => Ok(false),
         }
     }
@@ -113,8 +114,12 @@ impl FrameWait {
         }
     }
 
-    /// Follows `content`, the next bytes delivered to the reader.
+    /// Follows `content`, the next bytes delivered to the reader (nothing to follow once the
+    /// mark is off for good).
     pub(super) fn delivered(&mut self, mut content: &[u8]) {
+        if !self.enabled {
+            return;
+        }
         while !content.is_empty() {
             if self.preface > 0 {
                 let n = self.preface.min(content.len());
