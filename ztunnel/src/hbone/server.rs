@@ -130,11 +130,14 @@ async fn serve<H: ConnectHandler + ?Sized>(
     let tls = server_tls_with_h2(tls);
     let limits = handshakes();
     // A peer over its share is refused before it waits for a turn or costs a buffer.
-    let _peer_turn = match peer_addr {
+    let peer_turn = match peer_addr {
         Some(addr) => limits.share(addr.ip(), handler.handshake_share_exempt(addr.ip()))?,
         None => None,
     };
     let handshake = async {
+        // The share counts handshakes in progress: released when this block ends (done or
+        // timed out), not held for the connection's life.
+        let _peer_turn = peer_turn;
         // The turn is taken before the read buffer is allocated. The semaphore is never
         // closed, so the error arm cannot happen.
         let _turn = limits.pending.clone().acquire_owned().await.ok();

@@ -1,5 +1,6 @@
 //! What the listening side refuses, and with which status: a handler's refusals, untrusted or
-//! anonymous clients, a server with the wrong identity, malformed requests.
+//! anonymous clients, a server with the wrong identity, malformed requests — and what a
+//! peer's handshake share does not refuse (its established connections).
 
 use super::*;
 
@@ -185,6 +186,55 @@ async fn malformed_requests_get_400() {
         );
         drop((send, response, sender));
         driver.abort();
+    })
+    .await;
+}
+
+/// The per-address share bounds handshakes in progress, not connections: one address holds
+/// more established connections than its share (an eighth of the default 256 pending
+/// handshakes: 32), each still carrying tunnels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connections_leave_the_handshake_share() {
+    bounded(async {
+        const CONNECTIONS: usize = 40;
+        let ca = TestCa::new("root");
+        let (app, app_addr) = app_listener().await;
+        let _echo = spawn_echo(app);
+        let server =
+            Server::start(ca.server_tls(&ca.svid(SERVER_ID)), Mode::Forward(app_addr)).await;
+        let connector =
+            tokio_rustls::TlsConnector::from(ca.client_tls(&ca.svid(CLIENT_ID), SERVER_ID));
+        let mut held = Vec::new();
+        for n in 0..CONNECTIONS {
+            let tcp = TcpStream::connect(server.addr).await.expect("connect");
+            let tls = connector
+                .connect(ServerName::IpAddress(server.addr.ip().into()), tcp)
+                .await
+                .unwrap_or_else(|e| panic!("connection {n}: TLS: {e}"));
+            let (sender, connection) = h2::client::handshake(tls)
+                .await
+                .unwrap_or_else(|e| panic!("connection {n}: HTTP/2: {e}"));
+            held.push((sender, tokio::spawn(connection)));
+        }
+        // Every connection, the last ones included, still opens a tunnel.
+        for (n, (sender, _)) in held.iter().enumerate() {
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(app_addr.to_string())
+                .body(())
+                .expect("request");
+            let mut ready = sender.clone().ready().await.expect("ready");
+            let (response, mut send) = ready.send_request(request, false).expect("send");
+            let response = response
+                .await
+                .unwrap_or_else(|e| panic!("connection {n}: {e}"));
+            assert_eq!(response.status(), http::StatusCode::OK, "connection {n}");
+            send.send_data(Bytes::from_static(b""), true).expect("end");
+        }
+        assert_eq!(server.calls().len(), CONNECTIONS);
+        for (_, driver) in held {
+            driver.abort();
+        }
     })
     .await;
 }
