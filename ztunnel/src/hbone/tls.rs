@@ -25,7 +25,10 @@
 //! else ends the connection) and alert (close_notify is end of stream, any other alert an
 //! error); the end of the TCP stream without close_notify is an error (truncation), as in
 //! rustls. A KeyUpdate is sent before the cipher's confidentiality limit is near and whenever
-//! the peer asks for one. A refused record is answered with the fatal alert RFC 8446 names
+//! the peer asks for one — at most 32 KeyUpdates in a row without application data, and a
+//! request is answered only while the answers queued to send stay within 16 KiB past the send
+//! buffer (a peer that asks and never reads would grow that queue without bound); past
+//! either the connection ends with unexpected_message. A refused record is answered with the fatal alert RFC 8446 names
 //! for it (bad_record_mac, record_overflow, unexpected_message, decode_error), then both
 //! directions are closed; the error is final.
 
@@ -61,6 +64,13 @@ const KEY_UPDATE: u8 = 24;
 const MAX_POST_HANDSHAKE_MESSAGE: usize = 64 * 1024;
 /// Alert description of a clean close.
 const CLOSE_NOTIFY: u8 = 0;
+/// KeyUpdates a peer may send without application data between them (each costs a key
+/// derivation; rustls' own bound for requests).
+const MAX_KEY_UPDATES_IN_A_ROW: u32 = 32;
+/// How far records queued to send may grow past [`TLS_SEND_BUFFER`] with answers to the
+/// peer's KeyUpdate requests. Writes stop at the buffer's size, but answers are queued by
+/// reads: a peer that asks and never reads would grow the queue without bound.
+const KEY_UPDATE_ANSWER_ROOM: usize = 16 * 1024;
 
 /// Connections closed because the peer sent a record refused after the handshake (failed
 /// authentication, over the size limit, an unexpected type or post-handshake message), for
@@ -155,6 +165,8 @@ pub(crate) struct TlsStream<T> {
     early_pos: usize,
     /// An incomplete post-handshake message.
     post_handshake: Vec<u8>,
+    /// KeyUpdates received since the last application data.
+    key_updates_in_a_row: u32,
     read: ReadState,
     /// Records to send: `out[out_pos..]` (up to `staged`, if set).
     out: SendBuf,
@@ -213,6 +225,7 @@ impl<T> TlsStream<T> {
             early,
             early_pos: 0,
             post_handshake: Vec::new(),
+            key_updates_in_a_row: 0,
             read: ReadState::Open,
             out: SendBuf::with_capacity(TLS_SEND_BUFFER + MAX_PLAINTEXT + 64),
             out_pos: 0,
@@ -346,6 +359,9 @@ impl<T> TlsStream<T> {
                 if !self.post_handshake.is_empty() {
                     return Err(unexpected("application data inside a handshake message"));
                 }
+                if n > 0 {
+                    self.key_updates_in_a_row = 0;
+                }
                 return Ok(Some((end, n)));
             }
             Content::Handshake => {
@@ -395,6 +411,15 @@ impl<T> TlsStream<T> {
                     // (records are opened one at a time, so anything after it is still here).
                     if !self.post_handshake.is_empty() {
                         return Err(unexpected("KeyUpdate not at the end of its record"));
+                    }
+                    self.key_updates_in_a_row += 1;
+                    if self.key_updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+                        return Err(unexpected("too many KeyUpdates without application data"));
+                    }
+                    if request && self.pending_out() > TLS_SEND_BUFFER + KEY_UPDATE_ANSWER_ROOM {
+                        return Err(unexpected(
+                            "KeyUpdate requests faster than their answers are read",
+                        ));
                     }
                     let (seq, secrets) = self
                         .kernel

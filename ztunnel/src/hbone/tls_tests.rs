@@ -177,6 +177,71 @@ async fn answers_a_requested_key_update_from_its_own_kind() {
     assert_eq!(client.rx_seq(), 1, "pong came under the server's next key");
 }
 
+/// A peer's KeyUpdates in a row are bounded: 32 without application data between them are
+/// taken, the 33rd ends the connection.
+#[tokio::test]
+async fn key_updates_without_data_between_them_are_bounded() {
+    let pki = Pki::new();
+    let (mut client, mut server) = pair(&pki).await;
+    for _ in 0..MAX_KEY_UPDATES_IN_A_ROW {
+        client.request_key_update().expect("request");
+    }
+    send(&mut client, b"ok").await;
+    assert_eq!(
+        receive(&mut server, 2).await,
+        b"ok",
+        "32 in a row are taken"
+    );
+    for _ in 0..=MAX_KEY_UPDATES_IN_A_ROW {
+        client.request_key_update().expect("request");
+    }
+    send(&mut client, b"no").await;
+    let err = server.read(&mut [0; 2]).await.expect_err("33 in a row");
+    assert!(err.to_string().contains("too many KeyUpdates"), "{err}");
+}
+
+/// A peer that asks for KeyUpdates and never reads the answers does not grow the queue of
+/// records to send without bound: the connection ends once the answers fill the room kept
+/// for them past the send buffer.
+#[tokio::test]
+async fn unread_key_update_answers_are_bounded() {
+    let pki = Pki::new();
+    let (mut client, mut server) = pair(&pki).await;
+    let answers = (TLS_SEND_BUFFER + KEY_UPDATE_ANSWER_ROOM) / 20;
+    let reader = tokio::spawn(async move {
+        let mut byte = [0; 1];
+        let mut read = 0usize;
+        loop {
+            match server.read(&mut byte).await {
+                Ok(1) => read += 1,
+                Ok(_) => return (read, None, server.pending_out()),
+                Err(e) => return (read, Some(e), server.pending_out()),
+            }
+        }
+    });
+    for _ in 0..answers {
+        client.request_key_update().expect("request");
+        if client.write_all(b"x").await.is_err() || client.flush().await.is_err() {
+            break;
+        }
+    }
+    drop(client);
+    let (read, err, pending) = reader.await.expect("reader");
+    let err = err.expect("the server refuses the requests it cannot answer");
+    assert!(
+        err.to_string().contains("faster than their answers"),
+        "{err}"
+    );
+    assert!(
+        read < answers,
+        "refused before the last request ({read} of {answers})"
+    );
+    assert!(
+        pending <= TLS_SEND_BUFFER + KEY_UPDATE_ANSWER_ROOM,
+        "queued {pending} bytes"
+    );
+}
+
 #[tokio::test]
 async fn the_end_of_the_stream_without_close_notify_is_an_error() {
     let pki = Pki::new();
