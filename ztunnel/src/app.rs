@@ -279,6 +279,8 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         max_pending: limits.hbone_max_pending_handshakes,
         timed_out: listener_metrics.timeout_counter("inbound", TimeoutStage::Handshake),
         peer_refused: listener_metrics.refused_counter("inbound", RefusalReason::PeerHandshakes),
+        idle_closed: listener_metrics.timeout_counter("inbound", TimeoutStage::Idle),
+        ..crate::hbone::HandshakeLimits::default()
     }) {
         tracing::warn!("HBONE handshake limits were already set in this process; keeping them");
     }

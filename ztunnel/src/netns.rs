@@ -12,12 +12,16 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The socket mark on every socket the ztunnel creates in a pod, exempting it from capture.
 pub const ZTUNNEL_MARK: u32 = 0x539;
+
+/// How long connecting to a pod's own application may take.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an operation in a pod's namespace failed.
 #[derive(Debug, thiserror::Error)]
@@ -277,12 +281,28 @@ impl PodNetns {
     }
 
     /// Connects to the pod's own application at `addr` (over the pod's loopback, with the
-    /// pod's congestion control), with the ztunnel's socket mark.
+    /// pod's congestion control), with the ztunnel's socket mark, within
+    /// [`APP_CONNECT_TIMEOUT`]: an application whose accept queue is full drops the SYNs, and
+    /// the kernel alone would retry for about two minutes while the tunnel waits.
     pub async fn connect_app(
         &self,
         addr: SocketAddr,
     ) -> Result<tokio::net::TcpStream, std::io::Error> {
-        self.connect_facing(addr, Facing::App).await
+        self.connect_app_within(addr, APP_CONNECT_TIMEOUT).await
+    }
+
+    async fn connect_app_within(
+        &self,
+        addr: SocketAddr,
+        within: Duration,
+    ) -> Result<tokio::net::TcpStream, std::io::Error> {
+        match tokio::time::timeout(within, self.connect_facing(addr, Facing::App)).await {
+            Ok(connected) => connected,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {within:?}"),
+            )),
+        }
     }
 
     /// Connects to `addr` from inside the namespace with the ztunnel's socket mark, so the
@@ -305,5 +325,39 @@ impl PodNetns {
         }
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An application whose accept queue is full drops the SYNs: connecting gives up within
+    /// the bound instead of the kernel's two minutes of retries.
+    #[tokio::test]
+    async fn connecting_to_an_application_that_never_accepts_is_bounded() {
+        // Backlog 0: the queue holds one connection, the next SYNs are dropped.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let socket = socket2::Socket::from(listener);
+        socket.listen(0).expect("listen");
+        let netns = PodNetns::own().expect("own namespace");
+        let mut held = Vec::new();
+        let mut timed_out = None;
+        for _ in 0..8 {
+            match netns
+                .connect_app_within(addr, Duration::from_millis(300))
+                .await
+            {
+                Ok(stream) => held.push(stream),
+                Err(e) => {
+                    timed_out = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = timed_out.expect("a connection over the full queue times out");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(held.len() <= 2, "{} connections accepted", held.len());
     }
 }

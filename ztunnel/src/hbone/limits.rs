@@ -24,6 +24,12 @@ pub struct HandshakeLimits {
     pub timed_out: prometheus_client::metrics::counter::Counter,
     /// Incremented for each connection refused because its peer address had its share.
     pub peer_refused: prometheus_client::metrics::counter::Counter,
+    /// An established connection that carried no tunnel for this long is closed (GOAWAY;
+    /// longer than any pool keeps an idle connection, so only a vanished or idling peer
+    /// meets it).
+    pub idle_timeout: Duration,
+    /// Incremented for each established connection closed for being idle.
+    pub idle_closed: prometheus_client::metrics::counter::Counter,
 }
 
 impl HandshakeLimits {
@@ -40,6 +46,8 @@ impl Default for HandshakeLimits {
             max_pending: 256,
             timed_out: Default::default(),
             peer_refused: Default::default(),
+            idle_timeout: Duration::from_secs(180),
+            idle_closed: Default::default(),
         }
     }
 }

@@ -103,8 +103,10 @@ const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 512 * 1024;
 /// Largest header list we accept (CONNECT headers are small; W3C baggage is at most 8 KiB).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
-/// Streams a server accepts at once on one connection (the pool opens 100 by default).
-const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Streams a server accepts at once on one connection: each is a socket to an application,
+/// so a peer's tunnels are bounded by this times its connections (the pool opens at most 100
+/// per connection, as Istio's does; HTTP/2 clients wait for a slot rather than exceed it).
+const SERVER_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Records queued for one socket write (see `tls`).
 const TLS_SEND_BUFFER: usize = 256 * 1024;
 

@@ -9,6 +9,7 @@ use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -17,6 +18,7 @@ use http::{Request, Response, StatusCode};
 use membrane_identity::{SpiffeId, peer_spiffe_id};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::handshakes;
@@ -127,6 +129,15 @@ async fn serve<H: ConnectHandler + ?Sized>(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
+    // A peer that vanished (its node gone, a partition) is found even while tunnels are open
+    // on the connection: a minute of silence, then three probes ten seconds apart.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
+    }
     let tls = server_tls_with_h2(tls);
     let limits = handshakes();
     // A peer over its share is refused before it waits for a turn or costs a buffer.
@@ -147,6 +158,11 @@ async fn serve<H: ConnectHandler + ?Sized>(
         let session = tls.session();
         require_h2(session.alpn.as_deref())?;
         let peer = peer_spiffe_id(session.peer_certificates());
+        let peer_not_after = session
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
+            .map(|info| info.not_after);
         let conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -157,10 +173,10 @@ async fn serve<H: ConnectHandler + ?Sized>(
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
-        Ok::<_, HboneError>((conn, peer))
+        Ok::<_, HboneError>((conn, peer, peer_not_after))
     };
     let timeout = limits.limits.timeout;
-    let (mut conn, peer) = tokio::time::timeout(timeout, handshake)
+    let (mut conn, peer, peer_not_after) = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| {
             limits.limits.timed_out.inc();
@@ -184,11 +200,33 @@ async fn serve<H: ConnectHandler + ?Sized>(
     };
 
     let mut streams = JoinSet::new();
+    let mut life = Lifetime::new(peer_not_after, limits.limits.idle_timeout);
     let result = loop {
+        let stop_at = life.next_stop(streams.is_empty());
         tokio::select! {
             joined = streams.join_next(), if !streams.is_empty() => {
                 if let Some(Err(e)) = joined {
                     tracing::error!(error = %e, "HBONE stream task failed");
+                }
+                if streams.is_empty() {
+                    life.idle_from(Instant::now());
+                }
+            }
+            () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
+                match life.stop(Instant::now()) {
+                    Stop::Expired => {
+                        tracing::info!("peer certificate expired; the connection takes no new tunnel");
+                        conn.graceful_shutdown();
+                    }
+                    Stop::Idle => {
+                        limits.limits.idle_closed.inc();
+                        tracing::debug!("HBONE connection idle; closing it");
+                        conn.graceful_shutdown();
+                    }
+                    Stop::Unanswered => {
+                        tracing::debug!("peer did not finish the GOAWAY exchange; dropping the connection");
+                        break Ok(());
+                    }
                 }
             }
             accepted = conn.accept() => match accepted {
@@ -220,6 +258,80 @@ async fn serve<H: ConnectHandler + ?Sized>(
         }
     }
     result
+}
+
+/// How long a closing connection with no tunnel left may take to finish the GOAWAY exchange
+/// before it is dropped (a vanished peer never answers).
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a served connection stops taking tunnels, or is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The peer's certificate expired: no new tunnel on it (open ones run to their end).
+    Expired,
+    /// No tunnel for the idle timeout.
+    Idle,
+    /// Closing, no tunnel left, and the peer did not end the connection within the grace.
+    Unanswered,
+}
+
+/// When a served connection stops taking tunnels: at its peer certificate's expiry (the
+/// chain was verified once, at the handshake; a connection must not outlive the identity
+/// it proved), or after the idle timeout without a tunnel.
+#[derive(Debug)]
+struct Lifetime {
+    expires: Option<Instant>,
+    idle_timeout: Duration,
+    idle_since: Instant,
+    closing_since: Option<Instant>,
+}
+
+impl Lifetime {
+    fn new(peer_not_after: Option<SystemTime>, idle_timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            expires: peer_not_after.map(|t| {
+                now + t
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            }),
+            idle_timeout,
+            idle_since: now,
+            closing_since: None,
+        }
+    }
+
+    /// The last tunnel ended at `at`.
+    fn idle_from(&mut self, at: Instant) {
+        self.idle_since = at;
+    }
+
+    /// When to call [`Lifetime::stop`] next (`quiet`: no tunnel open).
+    fn next_stop(&self, quiet: bool) -> Option<Instant> {
+        match self.closing_since {
+            Some(since) => quiet.then(|| since + CLOSE_GRACE),
+            None => {
+                let idle = quiet.then(|| self.idle_since + self.idle_timeout);
+                match (idle, self.expires) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
+    /// What to do at `now`, a time [`Lifetime::next_stop`] gave.
+    fn stop(&mut self, now: Instant) -> Stop {
+        if self.closing_since.is_some() {
+            return Stop::Unanswered;
+        }
+        self.closing_since = Some(now);
+        if self.expires.is_some_and(|at| at <= now) {
+            Stop::Expired
+        } else {
+            Stop::Idle
+        }
+    }
 }
 
 async fn handle_stream<H: ConnectHandler + ?Sized>(
