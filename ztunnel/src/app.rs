@@ -244,6 +244,16 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         crate::hbone::records_refused().clone(),
     );
     registry.register(
+        "hbone_requests_malformed",
+        "CONNECT requests refused before any handler saw them (not CONNECT, an authority that is neither ip:port nor name:port, no usable peer identity)",
+        crate::hbone::requests_malformed().clone(),
+    );
+    registry.register(
+        "hbone_handshakes_failed",
+        "Inbound HBONE connections whose TLS or HTTP/2 handshake failed (untrusted or expired certificate, no h2, garbage); timeouts and refused shares are counted as listener timeouts and refusals",
+        crate::hbone::handshakes_failed().clone(),
+    );
+    registry.register(
         "tcp_congestion_errors",
         "Failures to read or set a TCP congestion control (a pod's default or a network socket's); the traffic goes on with the kernel's",
         crate::congestion::errors().clone(),

@@ -11,13 +11,21 @@
 //! identity: refused unless the pod's namespace permits plaintext, then decided by policy
 //! like any other source (only rules that need no identity can admit them).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use membrane_runtime::listener::LogLimiter;
 
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, INBOUND_HBONE, PodContext, Proxy, original_dst, serve_listener};
 use crate::relay::{RelayResult, ResetOnError, Side};
 use membrane_identity::WorkloadIdentity;
+
+/// Lines a peer could otherwise write at its own rate: one per 5 s each, with the count left
+/// out.
+static CONNECTION_LOG: OnceLock<LogLimiter> = OnceLock::new();
+static AUTHORITY_LOG: OnceLock<LogLimiter> = OnceLock::new();
+static FORWARDED_LOG: OnceLock<LogLimiter> = OnceLock::new();
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -64,8 +72,10 @@ async fn hbone_connection(
         pod: pod.clone(),
         proxy: proxy.clone(),
     });
-    if let Err(e) = hbone::serve_connection(tcp, tls, handler).await {
-        tracing::info!(error = %e, "HBONE connection refused or failed");
+    if let Err(e) = hbone::serve_connection(tcp, tls, handler).await
+        && let Some(left_out) = hbone::log_limiter(&CONNECTION_LOG).allow()
+    {
+        tracing::info!(error = %e, left_out, "HBONE connection refused or failed");
     }
 }
 
@@ -105,12 +115,15 @@ impl ConnectHandler for InboundHandler {
             // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
             if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {
                 self.proxy.guard.refused("inbound_hbone", &e);
-                tracing::warn!(
-                    authority = %req.authority,
-                    peer = %req.peer,
-                    error = %e,
-                    "CONNECT authority refused"
-                );
+                if let Some(left_out) = hbone::log_limiter(&AUTHORITY_LOG).allow() {
+                    tracing::warn!(
+                        authority = %req.authority,
+                        peer = %req.peer,
+                        error = %e,
+                        left_out,
+                        "CONNECT authority refused"
+                    );
+                }
                 let reason = format!("authority refused: {e}");
                 self.log(&req).refused(reason.clone());
                 return Err(ConnectRefusal::BadRequest(reason));
@@ -156,12 +169,15 @@ impl ConnectHandler for InboundHandler {
                 && source.trust_domain() != &self.proxy.trust_domain;
             if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
                 self.proxy.guard.forwarded_ignored();
-                tracing::warn!(
-                    peer = %req.peer,
-                    peer_addr = %peer_addr,
-                    forwarded_for = %claim,
-                    "forwarded source differs from the TCP peer; deciding on the TCP peer"
-                );
+                if let Some(left_out) = hbone::log_limiter(&FORWARDED_LOG).allow() {
+                    tracing::warn!(
+                        peer = %req.peer,
+                        peer_addr = %peer_addr,
+                        forwarded_for = %claim,
+                        left_out,
+                        "forwarded source differs from the TCP peer; deciding on the TCP peer"
+                    );
+                }
             }
             let attrs = ConnAttrs {
                 source: Some(source),

@@ -8,7 +8,7 @@
 use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -16,6 +16,8 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use membrane_identity::{SpiffeId, peer_spiffe_id};
+use membrane_runtime::listener::LogLimiter;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -176,7 +178,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
         Ok::<_, HboneError>((conn, peer, peer_not_after))
     };
     let timeout = limits.limits.timeout;
-    let (mut conn, peer, peer_not_after) = tokio::time::timeout(timeout, handshake)
+    let established = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| {
             limits.limits.timed_out.inc();
@@ -184,7 +186,10 @@ async fn serve<H: ConnectHandler + ?Sized>(
                 stage: "HBONE server handshake",
                 after: timeout,
             }
-        })??;
+        })?;
+    let (mut conn, peer, peer_not_after) = established.inspect_err(|_| {
+        handshakes_failed().inc();
+    })?;
     // With a verifier that requires client certificates this cannot fail; if a caller's
     // config lets anonymous clients through, every request is answered 401.
     let peer = match peer {
@@ -258,6 +263,30 @@ async fn serve<H: ConnectHandler + ?Sized>(
         }
     }
     result
+}
+
+/// CONNECT requests refused before any handler saw them (not CONNECT, an authority that is
+/// neither `ip:port` nor `name:port`, no usable peer identity), for the whole process; the app
+/// registers it as `hbone_requests_malformed`.
+pub fn requests_malformed() -> &'static Counter {
+    static MALFORMED: OnceLock<Counter> = OnceLock::new();
+    MALFORMED.get_or_init(Counter::default)
+}
+
+/// Inbound connections whose TLS or HTTP/2 handshake failed (an untrusted or expired
+/// certificate, no `h2`, garbage), for the whole process; the app registers it as
+/// `hbone_handshakes_failed`. Timeouts and refused shares have their own counters.
+pub fn handshakes_failed() -> &'static Counter {
+    static FAILED: OnceLock<Counter> = OnceLock::new();
+    FAILED.get_or_init(Counter::default)
+}
+
+/// A peer controls how often these lines would be written: one per 5 s, with the count left
+/// out.
+static MALFORMED_LOG: OnceLock<LogLimiter> = OnceLock::new();
+
+pub(crate) fn log_limiter(cell: &'static OnceLock<LogLimiter>) -> &'static LogLimiter {
+    cell.get_or_init(LogLimiter::default)
 }
 
 /// How long a closing connection with no tunnel left may take to finish the GOAWAY exchange
@@ -344,7 +373,10 @@ async fn handle_stream<H: ConnectHandler + ?Sized>(
     let req = match parse_request(&request, peer, peer_addr) {
         Ok(req) => req,
         Err(refusal) => {
-            tracing::info!(status = %refusal.status(), reason = refusal.reason(), "CONNECT refused");
+            requests_malformed().inc();
+            if let Some(left_out) = log_limiter(&MALFORMED_LOG).allow() {
+                tracing::info!(status = %refusal.status(), reason = refusal.reason(), left_out, "CONNECT refused before policy");
+            }
             return answer(&mut respond, refusal.status());
         }
     };

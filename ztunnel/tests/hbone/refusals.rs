@@ -72,6 +72,7 @@ async fn untrusted_or_anonymous_clients_are_refused() {
             Arc::new(cfg)
         };
         for tls in [rogue_tls, anonymous_tls] {
+            let failed = membrane_ztunnel::hbone::handshakes_failed().get();
             let pool = HbonePool::new(PoolConfig::default());
             let result = pool
                 .connect(
@@ -94,6 +95,10 @@ async fn untrusted_or_anonymous_clients_are_refused() {
             assert!(
                 matches!(served, Err(HboneError::Tls(_))),
                 "server must fail the TLS handshake: {served:?}"
+            );
+            assert!(
+                membrane_ztunnel::hbone::handshakes_failed().get() > failed,
+                "counted"
             );
         }
         assert!(server.calls().is_empty(), "handler never called");
@@ -147,13 +152,14 @@ async fn malformed_requests_get_400() {
         let (sender, connection) = h2::client::handshake(tls).await.expect("h2");
         let driver = tokio::spawn(connection);
 
+        let malformed = membrane_ztunnel::hbone::requests_malformed().get();
         let requests = [
             (http::Method::CONNECT, "bad_name.example:80"),
             (http::Method::CONNECT, "example.com:0"),
             (http::Method::CONNECT, "10.0.0.1:0"),
             (http::Method::GET, "https://10.0.0.1:80/"),
         ];
-        for (method, uri) in requests {
+        for (method, uri) in requests.clone() {
             let request = http::Request::builder()
                 .method(method.clone())
                 .uri(uri)
@@ -168,6 +174,11 @@ async fn malformed_requests_get_400() {
                 "{method} {uri}"
             );
         }
+        assert_eq!(
+            membrane_ztunnel::hbone::requests_malformed().get() - malformed,
+            requests.len() as u64,
+            "each counted"
+        );
         // A well-formed request on the same connection still works.
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
