@@ -105,8 +105,12 @@ pub struct SourceMetrics {
     /// their narrowest meaning).
     pub invalid_annotations: Gauge,
     /// Invalid AuthorizationPolicies with no valid version seen, replaced by a deny-all
-    /// stand-in for their scope.
+    /// stand-in for their scope (directory source: every policy of a file that never parsed,
+    /// EgressPolicies included).
     pub deny_all_stand_ins: Gauge,
+    /// Manifest files that never parsed and whose documents cannot all be identified (no
+    /// stand-in can close their policies' scopes; the first state waits for them).
+    pub unidentified_files: Gauge,
 }
 
 /// Labels of `membrane_ca_source_watch_errors_total`.
@@ -152,8 +156,13 @@ impl SourceMetrics {
         );
         registry.register(
             "source_policy_deny_all_stand_ins",
-            "Invalid AuthorizationPolicies with no valid version seen, enforced as deny-all for their scope",
+            "Invalid AuthorizationPolicies with no valid version seen, enforced as deny-all for their scope (directory source: every policy of a manifest file that never parsed)",
             m.deny_all_stand_ins.clone(),
+        );
+        registry.register(
+            "source_unidentified_files",
+            "Manifest files that never parsed and whose documents cannot be identified (the first state is withheld while any exists)",
+            m.unidentified_files.clone(),
         );
         m
     }
@@ -209,8 +218,9 @@ impl StatusMetrics {
 /// Kubernetes node authentication (TokenReview).
 #[derive(Debug, Clone, Default)]
 pub struct TokenReviewMetrics {
-    /// Node credentials checked, by outcome (`authenticated`, `cached`, `unauthenticated`,
-    /// `wrong_account`, `no_node_binding`, `unavailable`).
+    /// Node credentials checked, by outcome (`authenticated`, `cached`, `cached_refusal`,
+    /// `unauthenticated`, `wrong_account`, `no_node_binding`, `unavailable`, and `busy`: not
+    /// reviewed because too many reviews were in flight).
     pub results: Family<OutcomeLabels, Counter>,
 }
 
@@ -220,7 +230,7 @@ impl TokenReviewMetrics {
         let m = Self::default();
         registry.register(
             "tokenreview_results",
-            "Node credentials checked with TokenReview, by outcome",
+            "Node credentials checked with TokenReview, by outcome (busy: refused, too many reviews in flight)",
             m.results.clone(),
         );
         m

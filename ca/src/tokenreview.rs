@@ -22,19 +22,31 @@
 //! apart from the node's ztunnel. Positive results are cached for
 //! [`TokenReviewConfig::cache_ttl`] (30 s) by SHA-256 of the token, so a node renewing many
 //! certificates costs one review; a revoked token may therefore be honoured for up to that
-//! long. Negative results are never cached. An API server that cannot be reached (or refuses
-//! the controller itself) gives [`TokenReviewError::Unavailable`] → gRPC `UNAVAILABLE`, so a
-//! ztunnel retries instead of giving up on a credential that may be fine.
+//! long. Refusals the API server decided (not authenticated, wrong account, no node binding)
+//! are cached for [`TokenReviewConfig::negative_cache_ttl`] (10 s), so repeating a bad token
+//! does not reach the API server again; a failed review (API unreachable) is never cached.
+//! An API server that cannot be reached (or refuses the controller itself) gives
+//! [`TokenReviewError::Unavailable`] → gRPC `UNAVAILABLE`, so a ztunnel retries instead of
+//! giving up on a credential that may be fine.
+//!
+//! Anyone who reaches the controller can present tokens, and each unseen one costs a review:
+//! at most [`TokenReviewConfig::max_in_flight`] (32) reviews are in flight at once, for every
+//! caller of the process (`Sign`, `Watch`, `Ack`). A call waits for a turn up to
+//! [`TokenReviewConfig::timeout`]; past that it is refused with [`TokenReviewError::Busy`] →
+//! `UNAVAILABLE` and counted (`membrane_ca_tokenreview_results_total{outcome="busy"}`).
+
+mod cache;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use ring::digest;
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
+
+use self::cache::{Expiring, sha256};
 
 use crate::metrics::{RefusalReason, TokenReviewMetrics};
 use crate::node_auth::BootstrapTokens;
@@ -49,6 +61,10 @@ pub const DEFAULT_ZTUNNEL_ACCOUNT: &str = "membrane-system/ztunnel";
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Most cached positive results.
 const CACHE_CAPACITY: usize = 4096;
+/// Most cached refusals.
+const NEGATIVE_CACHE_CAPACITY: usize = 4096;
+/// Default bound on TokenReviews in flight.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 
 /// How tokens are reviewed.
 #[derive(Debug, Clone)]
@@ -62,8 +78,12 @@ pub struct TokenReviewConfig {
     pub gateway_accounts: Vec<(String, String)>,
     /// How long a positive result is reused.
     pub cache_ttl: Duration,
-    /// Deadline of one TokenReview call.
+    /// How long a refusal decided by the API server is reused (zero: never).
+    pub negative_cache_ttl: Duration,
+    /// Deadline of one TokenReview call, and the longest a call waits for a turn.
     pub timeout: Duration,
+    /// Most TokenReviews in flight at once (at least 1).
+    pub max_in_flight: usize,
 }
 
 impl Default for TokenReviewConfig {
@@ -73,7 +93,9 @@ impl Default for TokenReviewConfig {
             ztunnel_accounts: vec![("membrane-system".to_owned(), "ztunnel".to_owned())],
             gateway_accounts: Vec::new(),
             cache_ttl: Duration::from_secs(30),
+            negative_cache_ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -114,6 +136,9 @@ pub enum TokenReviewError {
     /// The TokenReview could not be made.
     #[error("cannot review the token with the Kubernetes API: {0}")]
     Unavailable(String),
+    /// Too many reviews were in flight for the whole wait: the token was not looked at.
+    #[error("too many node credentials are being reviewed; retry")]
+    Busy,
 }
 
 impl TokenReviewError {
@@ -124,16 +149,15 @@ impl TokenReviewError {
             Self::WrongAccount { .. } => "wrong_account",
             Self::NoNodeBinding { .. } => "no_node_binding",
             Self::Unavailable(_) => "unavailable",
+            Self::Busy => "busy",
         }
     }
-}
 
-type Digest = [u8; 32];
-
-fn sha256(token: &str) -> Digest {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
-    out
+    /// Whether the API server decided it (so the same token gets the same answer again), as
+    /// opposed to a review that could not be made.
+    fn decided(&self) -> bool {
+        !matches!(self, Self::Unavailable(_) | Self::Busy)
+    }
 }
 
 /// Who called: the node its credential names and, for a gateway pod's token, the only
@@ -162,7 +186,9 @@ pub struct TokenReviewer {
     config: TokenReviewConfig,
     usernames: BTreeSet<String>,
     gateway_usernames: HashMap<String, (String, String)>,
-    cache: Mutex<HashMap<Digest, (Caller, Instant)>>,
+    cache: Expiring<Caller>,
+    refused: Expiring<TokenReviewError>,
+    in_flight: Semaphore,
     metrics: TokenReviewMetrics,
 }
 
@@ -195,10 +221,12 @@ impl TokenReviewer {
             .collect();
         Self {
             api: Api::all(client),
-            config,
             usernames,
             gateway_usernames,
-            cache: Mutex::new(HashMap::new()),
+            cache: Expiring::new(CACHE_CAPACITY),
+            refused: Expiring::new(NEGATIVE_CACHE_CAPACITY),
+            in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            config,
             metrics,
         }
     }
@@ -212,14 +240,28 @@ impl TokenReviewer {
             ));
         }
         let digest = sha256(token);
-        if let Some(node) = self.cached(&digest) {
-            self.metrics.result("cached");
-            return Ok(node);
+        if let Some(answer) = self.remembered(&digest) {
+            return answer;
+        }
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout(self.config.timeout, self.in_flight.acquire()).await
+        else {
+            self.metrics.result(TokenReviewError::Busy.outcome());
+            tracing::debug!(
+                limit = self.config.max_in_flight,
+                "node credential not reviewed: too many TokenReviews in flight"
+            );
+            return Err(TokenReviewError::Busy);
+        };
+        // Another call may have reviewed the same token while this one waited.
+        if let Some(answer) = self.remembered(&digest) {
+            return answer;
         }
         match self.review(token).await {
             Ok(node) => {
                 self.metrics.result("authenticated");
-                self.remember(digest, &node);
+                self.cache
+                    .insert(digest, node.clone(), self.config.cache_ttl);
                 Ok(node)
             }
             Err(e) => {
@@ -227,27 +269,24 @@ impl TokenReviewer {
                 if let TokenReviewError::Unavailable(reason) = &e {
                     tracing::warn!(error = %reason, "TokenReview failed; node credential not checked");
                 }
+                if e.decided() {
+                    self.refused
+                        .insert(digest, e.clone(), self.config.negative_cache_ttl);
+                }
                 Err(e)
             }
         }
     }
 
-    fn cached(&self, digest: &Digest) -> Option<Caller> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let (node, expires) = cache.get(digest)?;
-        (Instant::now() < *expires).then(|| node.clone())
-    }
-
-    fn remember(&self, digest: Digest, node: &Caller) {
-        let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_CAPACITY {
-            cache.retain(|_, (_, expires)| *expires > now);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
+    /// A remembered answer for the token with `digest` (counted), if any.
+    fn remembered(&self, digest: &cache::Digest) -> Option<Result<Caller, TokenReviewError>> {
+        if let Some(node) = self.cache.get(digest) {
+            self.metrics.result("cached");
+            return Some(Ok(node));
         }
-        cache.insert(digest, (node.clone(), now + self.config.cache_ttl));
+        let refused = self.refused.get(digest)?;
+        self.metrics.result("cached_refusal");
+        Some(Err(refused))
     }
 
     async fn review(&self, token: &str) -> Result<Caller, TokenReviewError> {
@@ -346,7 +385,9 @@ impl NodeAuthFailure {
     /// The refusal reason counted in `membrane_ca_csr_refused_total`.
     pub fn refusal(&self) -> RefusalReason {
         match self {
-            Self::TokenReview(TokenReviewError::Unavailable(_)) => RefusalReason::AuthUnavailable,
+            Self::TokenReview(TokenReviewError::Unavailable(_) | TokenReviewError::Busy) => {
+                RefusalReason::AuthUnavailable
+            }
             _ => RefusalReason::Unauthenticated,
         }
     }
@@ -358,6 +399,9 @@ impl NodeAuthFailure {
             Self::TokenReview(TokenReviewError::Unavailable(_)) => {
                 tonic::Status::unavailable("the node credential cannot be checked right now; retry")
             }
+            Self::TokenReview(TokenReviewError::Busy) => tonic::Status::unavailable(
+                "too many node credentials are being checked right now; retry",
+            ),
             other => tonic::Status::unauthenticated(format!("node credential refused: {other}")),
         }
     }
@@ -415,9 +459,13 @@ mod tests {
 
     #[test]
     fn failures_map_to_grpc_codes() {
-        let unavailable = NodeAuthFailure::from(TokenReviewError::Unavailable("down".into()));
-        assert_eq!(unavailable.status().code(), tonic::Code::Unavailable);
-        assert_eq!(unavailable.refusal(), RefusalReason::AuthUnavailable);
+        for unavailable in [
+            NodeAuthFailure::from(TokenReviewError::Unavailable("down".into())),
+            NodeAuthFailure::from(TokenReviewError::Busy),
+        ] {
+            assert_eq!(unavailable.status().code(), tonic::Code::Unavailable);
+            assert_eq!(unavailable.refusal(), RefusalReason::AuthUnavailable);
+        }
         for refused in [
             NodeAuthFailure::UnknownToken,
             NodeAuthFailure::Credential("no authorization metadata"),

@@ -6,12 +6,19 @@
 //! thousands) and sent as the difference between the node's previous and new view. The part of
 //! the view every node shares is built once per state and cached; each stream adds the
 //! policies that select its node's workloads.
+//!
+//! Each caller (a node's ztunnel credential, or a gateway pod's: its ack-book key) may hold at
+//! most [`MAX_STREAMS_PER_CALLER`] streams at once; each holds a full view of its node, so a
+//! stolen or buggy credential must not multiply them. More are refused with
+//! RESOURCE_EXHAUSTED, logged and counted
+//! (`membrane_ca_discovery_refused_total{reason="too_many_streams"}`).
 
+mod acks;
 mod delta;
 mod imported;
 mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+pub use acks::AckBook;
 pub use delta::{Key, View, diff, diff_with};
 pub use view::{MeshView, PLAINTEXT_ANNOTATION, bundle_resource};
 
@@ -38,6 +46,14 @@ use crate::tokenreview::NodeAuthenticator;
 
 /// How long changes are gathered before a delta is sent.
 pub const COALESCE: Duration = Duration::from_millis(50);
+
+/// `Discovery.Watch` streams one caller (ack-book key: a node's ztunnel credential, or one
+/// gateway account's on one node) may hold open at once. A ztunnel needs one; the rest cover
+/// a reconnect racing its old stream's teardown. More are refused with RESOURCE_EXHAUSTED.
+pub const MAX_STREAMS_PER_CALLER: usize = 4;
+
+/// Open discovery streams per ack-book key.
+type StreamSlots = membrane_runtime::slots::KeyedSlots<String>;
 
 /// Labels of the update counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -49,8 +65,8 @@ pub struct UpdateLabels {
 /// Labels of the refusal counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusedLabels {
-    /// A node-authentication refusal reason (`unauthenticated`, …), `wrong_node` or
-    /// `source_not_ready`.
+    /// A node-authentication refusal reason (`unauthenticated`, …), `wrong_node`,
+    /// `source_not_ready` or `too_many_streams`.
     pub reason: &'static str,
 }
 
@@ -99,79 +115,6 @@ type Cached = (
     Arc<MeshView>,
 );
 
-/// What each node was sent and has confirmed (`Discovery.Ack`).
-#[derive(Debug, Default)]
-struct NodeAcks {
-    /// Open streams of the node.
-    streams: usize,
-    /// The bundle last sent to the node, and the version of the update that carried it.
-    bundle_sent: Option<(Arc<TrustBundle>, u64)>,
-    /// Highest version sent to the node.
-    last_sent: u64,
-    /// Highest version the node confirmed (never above `last_sent`).
-    acked: u64,
-}
-
-/// Which nodes have applied which trust bundle: root rotation waits on it.
-#[derive(Debug, Clone, Default)]
-pub struct AckBook(Arc<Mutex<HashMap<String, NodeAcks>>>);
-
-impl AckBook {
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, NodeAcks>) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn opened(&self, node: &str) {
-        self.with(|m| m.entry(node.to_owned()).or_default().streams += 1);
-    }
-
-    fn closed(&self, node: &str) {
-        self.with(|m| {
-            if let Some(n) = m.get_mut(node) {
-                n.streams = n.streams.saturating_sub(1);
-            }
-        });
-    }
-
-    fn sent(&self, node: &str, version: u64) {
-        self.with(|m| {
-            let n = m.entry(node.to_owned()).or_default();
-            n.last_sent = n.last_sent.max(version);
-        });
-    }
-
-    fn sent_bundle(&self, node: &str, bundle: Arc<TrustBundle>, version: u64) {
-        self.with(|m| m.entry(node.to_owned()).or_default().bundle_sent = Some((bundle, version)));
-    }
-
-    /// Records a confirmation; a version never sent to the node counts only up to the last
-    /// one that was (a confused or lying node cannot confirm a bundle ahead of receiving it).
-    fn acked(&self, node: &str, version: u64) {
-        self.with(|m| {
-            let n = m.entry(node.to_owned()).or_default();
-            n.acked = n.acked.max(version.min(n.last_sent));
-        });
-    }
-
-    /// Whether every node with an open stream has confirmed an update carrying `bundle`
-    /// (trivially true with no node connected). Returns the nodes still waited for.
-    pub fn pending(&self, bundle: &TrustBundle) -> Vec<String> {
-        self.with(|m| {
-            let mut waiting: Vec<String> = m
-                .iter()
-                .filter(|(_, n)| n.streams > 0)
-                .filter(|(_, n)| match &n.bundle_sent {
-                    Some((sent, version)) => **sent != *bundle || n.acked < *version,
-                    None => true,
-                })
-                .map(|(node, _)| node.clone())
-                .collect();
-            waiting.sort();
-            waiting
-        })
-    }
-}
-
 /// The `Discovery` service.
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
@@ -192,6 +135,8 @@ pub struct DiscoveryService {
     ingress: Arc<Mutex<BTreeMap<(String, String), pb::Ingress>>>,
     version: Arc<AtomicU64>,
     acks: AckBook,
+    /// Open streams per ack-book key (at most [`MAX_STREAMS_PER_CALLER`]).
+    open: StreamSlots,
     metrics: DiscoveryMetrics,
     cancel: CancellationToken,
     root_namespace: Arc<str>,
@@ -234,6 +179,7 @@ impl DiscoveryService {
             ingress: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
             acks: AckBook::default(),
+            open: StreamSlots::default(),
             metrics,
             cancel,
             root_namespace: Arc::from(membrane_policy::DEFAULT_ROOT_NAMESPACE),
@@ -345,8 +291,10 @@ impl DiscoveryService {
         self,
         node: String,
         book: String,
+        slot: membrane_runtime::slots::Slot<String>,
         tx: mpsc::Sender<Result<pb::Update, Status>>,
     ) {
+        let _slot = slot;
         let _guard = {
             self.metrics.streams.inc();
             self.acks.opened(&book);
@@ -381,7 +329,7 @@ impl DiscoveryService {
         }
         self.acks.sent(&book, snapshot_version);
         self.acks
-            .sent_bundle(&node, mesh.bundle().clone(), snapshot_version);
+            .sent_bundle(&book, mesh.bundle().clone(), snapshot_version);
         self.metrics
             .updates
             .get_or_create(&UpdateLabels { kind: "snapshot" })
@@ -493,8 +441,23 @@ impl Discovery for DiscoveryService {
                 Status::unavailable("the controller has not loaded its workload source yet"),
             ));
         }
+        let Some(slot) = self.open.take(&book, MAX_STREAMS_PER_CALLER) else {
+            tracing::warn!(
+                node,
+                caller = book,
+                limit = MAX_STREAMS_PER_CALLER,
+                "refused discovery stream: too many open streams for this credential"
+            );
+            return Err(self.refuse(
+                "too_many_streams",
+                Status::resource_exhausted(format!(
+                    "this credential ({book}) already holds {MAX_STREAMS_PER_CALLER} discovery \
+                     streams; close one first"
+                )),
+            ));
+        };
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().stream(node, book, tx));
+        tokio::spawn(self.clone().stream(node, book, slot, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -527,32 +490,4 @@ impl Discovery for DiscoveryService {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ack_ahead_of_what_was_sent_does_not_count() {
-        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ttl = Duration::from_secs(3600);
-        let bundle = Arc::new(
-            crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
-                .expect("root")
-                .bundle()
-                .clone(),
-        );
-        let book = AckBook::default();
-        book.opened("n1");
-        assert_eq!(book.pending(&bundle), ["n1"]);
-        book.sent("n1", 3);
-        book.sent_bundle("n1", bundle.clone(), 5);
-        book.acked("n1", u64::MAX);
-        assert_eq!(book.pending(&bundle), ["n1"], "5 was never sent");
-        book.sent("n1", 5);
-        book.acked("n1", 5);
-        assert!(book.pending(&bundle).is_empty());
-        book.closed("n1");
-        book.opened("n2");
-        assert_eq!(book.pending(&bundle), ["n2"]);
-    }
-}
+mod tests;

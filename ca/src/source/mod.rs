@@ -8,6 +8,7 @@ mod annotations;
 pub mod directory;
 pub mod kube;
 mod model;
+pub mod stand_in;
 
 use std::sync::Arc;
 

@@ -2,10 +2,13 @@
 //! tests (and the source started over it, [`start_source`]): LIST with a `resourceVersion`, WATCH as newline-separated JSON events (a watch
 //! response ends after the events a test sends, as an API server's watch timeout would; the
 //! watcher then re-watches from the last version), status PATCH, Lease GET/POST/PUT (kept in
-//! memory) and TokenReview POST. Every non-watch request is recorded.
+//! memory) and TokenReview POST (answered after [`Setup::review_delay`], with the most
+//! reviews ever in flight at once kept: [`FakeApi::reviews_peak`]). Every non-watch request
+//! is recorded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -54,11 +57,21 @@ pub struct Setup {
     /// TokenReview `status` by token; an unknown token is not authenticated. The token
     /// `"fail"` gets HTTP 500.
     pub reviews: HashMap<String, Value>,
+    /// How long each TokenReview takes to answer (none: at once).
+    pub review_delay: Option<Duration>,
+}
+
+/// TokenReviews being answered now, and the most ever at once.
+#[derive(Default)]
+struct ReviewLoad {
+    now: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 pub struct FakeApi {
     cmds: mpsc::UnboundedSender<Cmd>,
     seen: mpsc::UnboundedReceiver<Seen>,
+    reviews: Arc<ReviewLoad>,
 }
 
 fn resource_of(path: &str) -> Option<&'static str> {
@@ -97,6 +110,7 @@ struct Router {
     watches: HashMap<&'static str, Reply>,
     queued: HashMap<&'static str, Vec<String>>,
     seen: mpsc::UnboundedSender<Seen>,
+    reviews: Arc<ReviewLoad>,
 }
 
 impl Router {
@@ -211,7 +225,19 @@ impl Router {
                 );
                 let mut review = body.clone();
                 review["status"] = status;
-                json_response(StatusCode::CREATED, &review)
+                let response = json_response(StatusCode::CREATED, &review);
+                if let Some(delay) = self.setup.review_delay {
+                    let load = self.reviews.clone();
+                    let now = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    load.peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        load.now.fetch_sub(1, Ordering::SeqCst);
+                        reply.send_response(response);
+                    });
+                    return;
+                }
+                response
             }
         } else {
             json_response(StatusCode::NOT_FOUND, &api_status(404, "NotFound"))
@@ -225,6 +251,7 @@ impl FakeApi {
         let (service, mut handle): (_, Handle) = mock::pair();
         let (cmds, mut cmd_rx) = mpsc::unbounded_channel();
         let (seen_tx, seen) = mpsc::unbounded_channel();
+        let reviews = Arc::new(ReviewLoad::default());
         let mut router = Router {
             setup,
             rv: 100,
@@ -232,6 +259,7 @@ impl FakeApi {
             watches: HashMap::new(),
             queued: HashMap::new(),
             seen: seen_tx,
+            reviews: reviews.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -247,7 +275,19 @@ impl FakeApi {
                 }
             }
         });
-        (Client::new(service, "default"), Self { cmds, seen })
+        (
+            Client::new(service, "default"),
+            Self {
+                cmds,
+                seen,
+                reviews,
+            },
+        )
+    }
+
+    /// The most TokenReviews ever being answered at once.
+    pub fn reviews_peak(&self) -> usize {
+        self.reviews.peak.load(Ordering::SeqCst)
     }
 
     pub fn events(&self, resource: &'static str, events: Vec<(&'static str, Value)>) {

@@ -315,3 +315,140 @@ fn gateways_and_routes_are_read_and_a_route_to_nothing_builds_no_table() {
     );
     assert_eq!(source.state().gateways.len(), 1);
 }
+
+const WORKLOAD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: training, labels: {membrane.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: trainer-0, namespace: training, labels: {app: trainer}}
+spec: {serviceAccountName: trainer, nodeName: node-a}
+status: {podIP: 10.0.0.5}
+"#;
+
+/// A valid ALLOW (only the gateway may reach the trainers) and an invalid policy, in one file.
+const POLICIES: &str = r#"
+apiVersion: security.membrane.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: trainers-from-gateway, namespace: training}
+spec:
+  selector: {matchLabels: {app: trainer}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/ingress/sa/gateway]}}]}]
+---
+apiVersion: security.membrane.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: training}
+spec:
+  rules: [{form: [{source: {namespaces: [ingress]}}]}]
+"#;
+
+struct Running {
+    rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<crate::source::ClusterState>>>,
+    metrics: crate::metrics::SourceMetrics,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn start(dir: &std::path::Path) -> Running {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let metrics = crate::metrics::SourceMetrics::default();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(run(
+        DirectorySource::new(dir),
+        std::time::Duration::from_millis(20),
+        tx,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    Running {
+        rx,
+        metrics,
+        cancel,
+    }
+}
+
+async fn published_where(
+    running: &mut Running,
+    pred: impl Fn(&crate::source::ClusterState) -> bool,
+) -> std::sync::Arc<crate::source::ClusterState> {
+    let wait = running.rx.wait_for(|s| s.as_deref().is_some_and(&pred));
+    let found = tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .ok()
+        .and_then(|r| r.ok().map(|s| s.clone()));
+    match found {
+        Some(Some(state)) => state,
+        _ => panic!("no such state published; last: {:?}", running.rx.borrow()),
+    }
+}
+
+/// A policy file with one broken document, present at startup: its policies are enforced as
+/// deny-all stand-ins for their scopes, never left out (which would allow everyone).
+#[tokio::test]
+async fn a_policy_file_that_never_parsed_closes_its_policies_scopes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("workload.yaml"), WORKLOAD).expect("write");
+    let policies = dir.path().join("policies.yaml");
+    std::fs::write(&policies, POLICIES).expect("write");
+    let mut running = start(dir.path());
+    let state = published_where(&mut running, |_| true).await;
+    assert_eq!(state.pods.len(), 1, "the valid file is applied");
+    let key = |name: &str| ("training".to_owned(), name.to_owned());
+    let allow = &state
+        .policies
+        .get(&key("trainers-from-gateway"))
+        .expect("the ALLOW policy's scope is not left open")
+        .policy;
+    assert_eq!(allow.action, membrane_policy::Action::Allow);
+    assert!(allow.rules.is_empty(), "a stand-in admits nothing");
+    assert_eq!(
+        allow.selector.get("app").map(String::as_str),
+        Some("trainer")
+    );
+    let typo = &state.policies.get(&key("typo")).expect("stand-in").policy;
+    assert!(
+        typo.rules.is_empty() && typo.selector.is_empty(),
+        "whole namespace"
+    );
+    assert_eq!(running.metrics.deny_all_stand_ins.get(), 2);
+    assert_eq!(running.metrics.file_errors.get(), 1);
+
+    // Fixed: the real policies replace the stand-ins.
+    std::fs::write(&policies, POLICIES.replace("form:", "from:")).expect("write");
+    let state = published_where(&mut running, |s| {
+        s.policies.values().all(|p| !p.policy.rules.is_empty())
+    })
+    .await;
+    assert_eq!(state.policies.len(), 2);
+    assert_eq!(running.metrics.deny_all_stand_ins.get(), 0);
+}
+
+/// A file that never parsed and whose documents cannot be told apart (not even YAML): any of
+/// them may be a policy, so the first state waits for it; once it parses, the state is out.
+#[tokio::test]
+async fn an_unidentifiable_file_withholds_the_first_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("workload.yaml"), WORKLOAD).expect("write");
+    let policies = dir.path().join("policies.yaml");
+    std::fs::write(&policies, format!("{POLICIES}\n---\nrules: [unclosed\n")).expect("write");
+    let mut running = start(dir.path());
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        running.rx.wait_for(Option::is_some),
+    )
+    .await
+    .map(|r| r.map(|s| s.clone()));
+    assert!(early.is_err(), "published without the policies: {early:?}");
+    assert_eq!(running.metrics.unidentified_files.get(), 1);
+    std::fs::write(&policies, POLICIES.replace("form:", "from:")).expect("write");
+    let state = published_where(&mut running, |_| true).await;
+    assert_eq!((state.pods.len(), state.policies.len()), (1, 2));
+    assert_eq!(running.metrics.unidentified_files.get(), 0);
+}

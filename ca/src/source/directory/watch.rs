@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::SourceMetrics;
 use crate::source::model::ClusterState;
 
+use super::fallback::{self, Unidentified};
 use super::manifest::{DirService, DocumentError, Object, parse_manifests, resolve_service};
 
 /// Files larger than this are refused (a manifest directory is not a data store).
@@ -60,8 +61,14 @@ struct Stamp {
 struct FileEntry {
     stamp: Stamp,
     hash: u64,
-    /// The last version of the file that parsed; kept while a newer version is broken.
+    /// The last version of the file that parsed; kept while a newer version is broken. For a
+    /// file that never parsed: deny-all stand-ins for its policy documents
+    /// ([`fallback::stand_ins`]).
     objects: Vec<Object>,
+    /// Whether `objects` is a version of the file that parsed.
+    parsed: bool,
+    /// A file that never parsed and whose documents cannot all be identified: why.
+    unidentified: Option<Unidentified>,
     error: Option<SourceError>,
 }
 
@@ -163,7 +170,7 @@ impl DirectorySource {
                 let h = hash(&bytes);
                 (Some(bytes), h)
             }
-            Err(e) => return self.record_error(path, stamp, 0, e),
+            Err(e) => return self.record_error(path, stamp, 0, e, None),
         };
         if let Some(entry) = self.files.get_mut(path)
             && entry.hash == h
@@ -172,8 +179,8 @@ impl DirectorySource {
             return false;
         }
         let text = String::from_utf8(bytes.unwrap_or_default());
-        let parsed = match text {
-            Ok(text) => parse_manifests(&text).map_err(|error| SourceError::Document {
+        let parsed = match &text {
+            Ok(text) => parse_manifests(text).map_err(|error| SourceError::Document {
                 path: path.to_owned(),
                 error: Box::new(error),
             }),
@@ -195,27 +202,85 @@ impl DirectorySource {
                         stamp,
                         hash: h,
                         objects,
+                        parsed: true,
+                        unidentified: None,
                         error: None,
                     },
                 );
                 true
             }
-            Err(e) => self.record_error(path, stamp, h, e),
+            Err(e) => self.record_error(path, stamp, h, e, text.as_deref().ok()),
         }
     }
 
-    fn record_error(&mut self, path: &Path, stamp: Stamp, h: u64, error: SourceError) -> bool {
-        tracing::warn!(file = %path.display(), error = %error, "manifest file rejected; keeping its last good version");
+    /// Records a rejected version (`text`: its text, when it is text). A file that parsed
+    /// before keeps its last good objects; one that never did is replaced by the deny-all
+    /// stand-ins of its policies, or marked unidentified. Returns whether its objects changed.
+    fn record_error(
+        &mut self,
+        path: &Path,
+        stamp: Stamp,
+        h: u64,
+        error: SourceError,
+        text: Option<&str>,
+    ) -> bool {
         let entry = self.files.entry(path.to_owned()).or_insert(FileEntry {
             stamp,
             hash: h,
             objects: Vec::new(),
+            parsed: false,
+            unidentified: None,
             error: None,
         });
         entry.stamp = stamp;
         entry.hash = h;
+        let changed = if entry.parsed {
+            tracing::warn!(file = %path.display(), error = %error, "manifest file rejected; keeping its last good version");
+            false
+        } else {
+            let (objects, unidentified) = match fallback::stand_ins(text) {
+                Ok(objects) => (objects, None),
+                Err(why) => (Vec::new(), Some(why)),
+            };
+            match &unidentified {
+                None => tracing::warn!(
+                    file = %path.display(),
+                    error = %error,
+                    stand_ins = objects.len(),
+                    "manifest file rejected and never valid; a deny-all stand-in is enforced for each of its policies"
+                ),
+                Some(why) => tracing::error!(
+                    file = %path.display(),
+                    error = %error,
+                    unidentified = %why,
+                    "manifest file rejected and never valid, and its documents cannot be identified: no stand-in can close its policies' scopes (no state is published until it parses, if none was yet)"
+                ),
+            }
+            let changed = entry.objects != objects;
+            entry.objects = objects;
+            entry.unidentified = unidentified;
+            changed
+        };
         entry.error = Some(error);
-        false
+        changed
+    }
+
+    /// Files that never parsed and whose documents cannot all be identified, with why: any
+    /// of them may hold a policy that no stand-in closes.
+    pub fn unidentified(&self) -> Vec<(PathBuf, Unidentified)> {
+        self.files
+            .iter()
+            .filter_map(|(path, f)| Some((path.clone(), f.unidentified.clone()?)))
+            .collect()
+    }
+
+    /// Deny-all stand-ins in force for files that never parsed.
+    pub fn stand_ins(&self) -> usize {
+        self.files
+            .values()
+            .filter(|f| !f.parsed)
+            .map(|f| f.objects.len())
+            .sum()
     }
 
     /// Files whose newest version is rejected, with the reason.
@@ -319,9 +384,17 @@ impl DirectorySource {
     }
 }
 
+/// How often a source withholding its first state says why.
+const WITHHELD_LOG_PERIOD: Duration = Duration::from_secs(10);
+
 /// Loads `dir` once, then rescans it every `interval` until `cancel` fires, publishing each
-/// changed state on `tx`. The first publication happens even if some files are broken (their
-/// objects are simply absent); an unreadable directory is retried.
+/// changed state on `tx`; an unreadable directory is retried. A broken file that parsed before
+/// keeps its last good version; one that never parsed contributes only deny-all stand-ins for
+/// its policies. The first state is withheld while a file that never parsed cannot even be
+/// told apart (its policies would vanish, and "no policy" means "allow"): the controller stays
+/// not ready, says which files every 10 s, and counts them
+/// (`membrane_ca_source_unidentified_files`). Once a state is out, such a file (new since, so
+/// nothing of it was ever enforced) contributes nothing and is logged and counted alike.
 pub async fn run(
     mut source: DirectorySource,
     interval: Duration,
@@ -331,6 +404,7 @@ pub async fn run(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut withheld_logged: Option<(Vec<PathBuf>, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -342,6 +416,17 @@ pub async fn run(
                 metrics
                     .file_errors
                     .set(i64::try_from(errors.len()).unwrap_or(i64::MAX));
+                let unidentified = source.unidentified();
+                metrics
+                    .unidentified_files
+                    .set(i64::try_from(unidentified.len()).unwrap_or(i64::MAX));
+                metrics
+                    .deny_all_stand_ins
+                    .set(i64::try_from(source.stand_ins()).unwrap_or(i64::MAX));
+                if tx.borrow().is_none() && !unidentified.is_empty() {
+                    log_withheld(&unidentified, &mut withheld_logged);
+                    continue;
+                }
                 if changed || tx.borrow().is_none() {
                     let state = source.state();
                     let new = Some(Arc::new(state));
@@ -365,6 +450,7 @@ pub async fn run(
                                 gateways = state.gateways.len(),
                                 routes = state.routes.len(),
                                 broken_files = errors.len(),
+                                deny_all_stand_ins = source.stand_ins(),
                                 "workload source loaded"
                             );
                             for ((ns, name), table) in state.ingress_tables() {
@@ -388,4 +474,28 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Says (at most every [`WITHHELD_LOG_PERIOD`], or when the files change) that the first state
+/// is withheld, and because of which files.
+fn log_withheld(
+    unidentified: &[(PathBuf, Unidentified)],
+    logged: &mut Option<(Vec<PathBuf>, tokio::time::Instant)>,
+) {
+    let files: Vec<PathBuf> = unidentified.iter().map(|(p, _)| p.clone()).collect();
+    let now = tokio::time::Instant::now();
+    if logged
+        .as_ref()
+        .is_some_and(|(last, at)| *last == files && now < *at + WITHHELD_LOG_PERIOD)
+    {
+        return;
+    }
+    for (path, why) in unidentified {
+        tracing::error!(
+            file = %path.display(),
+            unidentified = %why,
+            "workload source not loaded: this manifest file never parsed and its documents cannot be identified, so a policy in it could not be enforced or stood in for; fix or remove it"
+        );
+    }
+    *logged = Some((files, now));
 }

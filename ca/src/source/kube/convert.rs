@@ -70,10 +70,20 @@ pub fn key<K: kube::Resource<DynamicType = ()>>(obj: &K) -> Option<Key> {
     key_of(obj.meta())
 }
 
-/// A Pod. `status.phase` missing (not yet reported) counts as `Pending`; the service account
-/// defaults to `default`; the UID falls back to `<namespace>/<name>` like the directory source.
-/// A `hostNetwork` pod is left out: it shares its node's network namespace and IP, so it
-/// cannot be captured, and its IP would clash with every other host-network pod's.
+/// The annotation the kubelet puts on the API-server copy of a static pod (a *mirror pod*).
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// A Pod. `status.phase` missing (not yet reported) counts as `Pending`; the UID falls back to
+/// `<namespace>/<name>` like the directory source.
+///
+/// Left out (no workload, no identity):
+/// - a `hostNetwork` pod: it shares its node's network namespace and IP, so it cannot be
+///   captured, and its IP would clash with every other host-network pod's;
+/// - a mirror pod ([`MIRROR_POD_ANNOTATION`]) or a pod without a service account: a node
+///   creates mirror pods bound to itself at will, and only they lack a service account on a
+///   real cluster, so counting one would let a compromised node name any
+///   `ns/<ns>/sa/default` identity. (The directory source, written by the operator, still
+///   defaults the service account to `default`.)
 pub fn pod(pod: core::Pod) -> Option<(Key, Pod)> {
     let key = key_of(&pod.metadata)?;
     let meta = pod.metadata;
@@ -81,6 +91,25 @@ pub fn pod(pod: core::Pod) -> Option<(Key, Pod)> {
     if spec.host_network == Some(true) {
         return None;
     }
+    let mirror = (meta.annotations.as_ref()).is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION));
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .or_else(|| spec.service_account.clone())
+        .filter(|s| !s.is_empty());
+    let service_account = match (mirror, service_account) {
+        (false, Some(sa)) => sa,
+        (mirror, _) => {
+            tracing::debug!(
+                namespace = %key.0,
+                pod = %key.1,
+                node = spec.node_name.as_deref().unwrap_or_default(),
+                reason = if mirror { "mirror_pod" } else { "no_service_account" },
+                "pod left out of the workload state; it gets no identity"
+            );
+            return None;
+        }
+    };
     let status = pod.status.unwrap_or_default();
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
@@ -101,11 +130,6 @@ pub fn pod(pod: core::Pod) -> Option<(Key, Pod)> {
             }
         }
     }
-    let service_account = spec
-        .service_account_name
-        .or(spec.service_account)
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
     let phase = status
         .phase
         .as_deref()
@@ -302,7 +326,7 @@ mod tests {
     fn pod_fields_and_defaults() {
         let (key, p) = pod(from(serde_json::json!({
             "metadata": {"name": "a", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"}},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
+            "spec": {"nodeName": "n1", "serviceAccount": "worker", "containers": [{"name": "c", "ports": [
                 {"name": "http", "containerPort": 8080}, {"containerPort": 9090}]}]},
             "status": {"phase": "Running", "podIP": "10.0.0.1",
                        "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]}
@@ -310,7 +334,7 @@ mod tests {
         .expect("pod");
         assert_eq!(key, ("ns".into(), "a".into()));
         assert_eq!(p.uid, "u-1");
-        assert_eq!(p.service_account, "default");
+        assert_eq!(p.service_account, "worker", "the deprecated alias is read");
         assert_eq!(p.node_name.as_deref(), Some("n1"));
         assert_eq!(p.ips.len(), 2);
         assert_eq!(p.phase, PodPhase::Running);
@@ -325,6 +349,54 @@ mod tests {
         assert_eq!(p.service_account, "trainer");
         assert_eq!(p.phase, PodPhase::Pending);
         assert!(p.node_name.is_none() && p.ips.is_empty());
+    }
+
+    #[test]
+    fn mirror_pods_and_pods_without_a_service_account_are_left_out() {
+        let running = |metadata: serde_json::Value, spec: serde_json::Value| {
+            pod(from(serde_json::json!({
+                "metadata": metadata, "spec": spec,
+                "status": {"phase": "Running", "podIP": "10.0.0.9"}
+            })))
+        };
+        let meta = serde_json::json!({"name": "m", "namespace": "training"});
+        // What a node can create for itself: a mirror pod (no service account, or even one
+        // naming an account), or a pod without a service account.
+        let mirror = serde_json::json!({"name": "m", "namespace": "training",
+            "annotations": {MIRROR_POD_ANNOTATION: "a1b2c3"}});
+        for (metadata, spec) in [
+            (
+                mirror.clone(),
+                serde_json::json!({"nodeName": "node-a", "containers": []}),
+            ),
+            (
+                mirror,
+                serde_json::json!({"nodeName": "node-a", "serviceAccountName": "trainer",
+                                   "containers": []}),
+            ),
+            (
+                meta.clone(),
+                serde_json::json!({"nodeName": "node-a", "containers": []}),
+            ),
+            (
+                meta.clone(),
+                serde_json::json!({"nodeName": "node-a", "serviceAccountName": "",
+                                   "containers": []}),
+            ),
+        ] {
+            assert_eq!(
+                running(metadata.clone(), spec.clone()),
+                None,
+                "{metadata} {spec}"
+            );
+        }
+        let (_, p) = running(
+            meta,
+            serde_json::json!({"nodeName": "node-a", "serviceAccountName": "default",
+                               "containers": []}),
+        )
+        .expect("a pod naming its account is kept");
+        assert_eq!(p.service_account, "default");
     }
 
     #[test]

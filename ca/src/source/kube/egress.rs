@@ -4,9 +4,10 @@
 //! Validation is `membrane_policy::egress` (the same code as `membrane policy check`, the
 //! directory source and the ztunnels' re-validation). An invalid object never widens egress:
 //! the last valid version of it stays enforced ([`super::policy::keep_last_valid`]), and
-//! when none was seen a stand-in is enforced — an ALLOW policy without rules, which makes
-//! egress default-deny for the object's selector when that part is valid, else its whole
-//! namespace. Dropping the object instead would let its pods pass through.
+//! when none was seen a stand-in ([`crate::source::stand_in`]) is enforced — an ALLOW policy
+//! without rules, which makes egress default-deny for the object's selector when that part is
+//! valid, else its whole namespace. Dropping the object instead would let its pods pass
+//! through.
 
 use std::collections::BTreeMap;
 
@@ -57,13 +58,8 @@ pub fn egress(obj: crd::EgressPolicy) -> Option<(Key, EgressValue)> {
                     problem: Problem::Schema(e.message),
                 })
                 .collect();
-            let none = BTreeMap::new();
-            let scoped = selector
-                .and_then(|s| check_egress_value(document(json!({ "selector": s }), &none)).ok());
-            let (stand_in, by_selector) = match scoped {
-                Some(p) => (Some(p), true),
-                None => (check_egress_value(document(json!({}), &none)).ok(), false),
-            };
+            let (stand_in, by_selector) =
+                crate::source::stand_in::egress(&namespace, &name, selector);
             let first = errors.first().map(|e| e.to_string()).unwrap_or_default();
             tracing::warn!(
                 policy = %format_args!("{namespace}/{name}"),

@@ -5,9 +5,9 @@
 //! does it (same model, same field paths). An invalid policy never widens access: its report
 //! carries every error, and what is enforced in its place ([`Fallback`]) is the last valid
 //! version of the same object when one was seen ([`keep_last_valid`]), else a deny-all
-//! stand-in — an ALLOW policy without rules (`spec: {}`) scoped by the invalid object's
-//! selector when that part is valid, else its whole namespace. It must not drop an invalid
-//! object from the state: "no policy" means "allow".
+//! stand-in ([`crate::source::stand_in`]) — an ALLOW policy without rules (`spec: {}`) scoped
+//! by the invalid object's selector when that part is valid, else its whole namespace. It must
+//! not drop an invalid object from the state: "no policy" means "allow".
 
 use std::collections::BTreeMap;
 
@@ -154,7 +154,8 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
             }),
         ),
         Err(errors) => {
-            let (entry, selector) = stand_in(&namespace, &name, selector);
+            let (entry, selector) =
+                crate::source::stand_in::authorization(&namespace, &name, selector);
             let fallback = Fallback::DenyAll { selector };
             (PolicyVerdict::Invalid { errors, fallback }, entry)
         }
@@ -178,31 +179,6 @@ pub fn policy(obj: AuthorizationPolicy) -> Option<(Key, (PolicyReport, Option<Po
         verdict,
     );
     Some((key, (report, entry)))
-}
-
-/// A deny-all stand-in for an invalid object: an ALLOW policy without rules under the same
-/// name, scoped by the object's `selector` when that alone is valid (`true`), else its whole
-/// namespace (`false`). `None` only if even `spec: {}` is refused (then nothing can be built).
-fn stand_in(namespace: &str, name: &str, selector: Option<Value>) -> (Option<PolicyEntry>, bool) {
-    let build = |spec: Value| {
-        membrane_policy::check_value(json!({
-            "apiVersion": MEMBRANE_API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": spec,
-        }))
-        .ok()
-        .map(|checked| PolicyEntry {
-            policy: checked.policy,
-            warnings: Vec::new(),
-        })
-    };
-    if let Some(selector) = selector
-        && let Some(entry) = build(json!({ "selector": selector }))
-    {
-        return (Some(entry), true);
-    }
-    (build(json!({})), false)
 }
 
 /// Applies the last-valid rule to a freshly validated object: when `new` is invalid and

@@ -1,0 +1,166 @@
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+const TOKEN: &str = "node-a-token-abcdefgh";
+
+struct Fixture {
+    service: DiscoveryService,
+    bundle: Arc<TrustBundle>,
+    _state_tx: watch::Sender<Option<Arc<ClusterState>>>,
+    _bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A discovery service over an empty (loaded) state, authenticating `node-a` by [`TOKEN`].
+fn fixture() -> Fixture {
+    let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = Arc::new(
+        crate::SigningAuthority::load_or_create(dir.path(), &td, Duration::from_secs(3600))
+            .expect("root")
+            .bundle()
+            .clone(),
+    );
+    let tokens = crate::node_auth::BootstrapTokens::parse("t", &format!("node-a {TOKEN}\n"))
+        .expect("tokens");
+    let (state_tx, state_rx) = watch::channel(Some(Arc::new(ClusterState::default())));
+    let (bundle_tx, bundle_rx) = watch::channel(bundle.clone());
+    let service = DiscoveryService::new(
+        tokens.into(),
+        state_rx,
+        bundle_rx,
+        DiscoveryMetrics::default(),
+        CancellationToken::new(),
+    );
+    Fixture {
+        service,
+        bundle,
+        _state_tx: state_tx,
+        _bundle_tx: bundle_tx,
+        _dir: dir,
+    }
+}
+
+/// Opens a stream of `node`'s view booked under `book`, and returns it with its snapshot's
+/// version.
+async fn open(
+    service: &DiscoveryService,
+    node: &str,
+    book: &str,
+) -> (mpsc::Receiver<Result<pb::Update, Status>>, u64) {
+    let slot = service
+        .open
+        .take(&book.to_owned(), MAX_STREAMS_PER_CALLER)
+        .expect("a place");
+    let (tx, mut rx) = mpsc::channel(4);
+    tokio::spawn(
+        service
+            .clone()
+            .stream(node.to_owned(), book.to_owned(), slot, tx),
+    );
+    let snapshot = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("an update");
+    assert!(snapshot.snapshot);
+    (rx, snapshot.version)
+}
+
+/// A gateway pod's stream books the bundle under its own key, not its node's: once the node
+/// and the gateway both confirmed their snapshots, nobody is waited for.
+#[tokio::test]
+async fn a_gateway_stream_books_its_bundle_under_its_own_key() {
+    let f = fixture();
+    let gateway = ack_book_key(&crate::tokenreview::Caller {
+        node: "node-a".to_owned(),
+        gateway: Some(("egress".to_owned(), "egress-gateway".to_owned())),
+    });
+    let (_node_rx, node_version) = open(&f.service, "node-a", "node-a").await;
+    let (_gateway_rx, gateway_version) = open(&f.service, "node-a", &gateway).await;
+    let acks = f.service.acks();
+    // The stream books what it sent right after sending: confirm until that landed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        acks.acked("node-a", node_version);
+        acks.acked(&gateway, gateway_version);
+        let pending = acks.pending(&f.bundle);
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both confirmed their snapshots, still waited for: {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn watch_request() -> Request<pb::WatchRequest> {
+    let mut request = Request::new(pb::WatchRequest {
+        node: "node-a".to_owned(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// One credential holds at most `MAX_STREAMS_PER_CALLER` streams; the next is refused with
+/// RESOURCE_EXHAUSTED and counted; a closed stream frees its place.
+#[tokio::test]
+async fn a_credential_holds_at_most_four_watch_streams() {
+    let f = fixture();
+    let mut held = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_CALLER {
+        let stream = f
+            .service
+            .watch(watch_request())
+            .await
+            .expect("under the limit");
+        held.push(stream.into_inner());
+    }
+    let refused = f
+        .service
+        .watch(watch_request())
+        .await
+        .expect_err("one too many");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("node-a"),
+        "{}",
+        refused.message()
+    );
+    let too_many = || {
+        f.service
+            .metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                reason: "too_many_streams",
+            })
+            .get()
+    };
+    assert_eq!(too_many(), 1);
+    // Closing one frees its place (once its task noticed).
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reopened = loop {
+        match f.service.watch(watch_request()).await {
+            Ok(stream) => break stream,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a closed stream never gave its place back"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("unexpected refusal: {status:?}"),
+        }
+    };
+    held.push(reopened.into_inner());
+    assert_eq!(
+        f.service.open.held(&"node-a".to_owned()),
+        MAX_STREAMS_PER_CALLER
+    );
+}
