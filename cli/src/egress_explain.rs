@@ -129,6 +129,7 @@ pub fn explain(args: &Question<'_>, state: &ClusterState) -> anyhow::Result<()> 
             pinned: &pinned,
             sni: sni.as_deref(),
             tls,
+            sni_unreadable: false,
         },
     );
     let verdict = match decision.verdict {

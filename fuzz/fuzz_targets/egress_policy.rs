@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             pinned,
             sni,
             tls,
+            sni_unreadable: false,
         };
         let d = decide_egress(&refs, &req);
         if d.reason == EgressReason::Matched {

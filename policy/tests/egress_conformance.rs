@@ -627,6 +627,7 @@ fn the_decision_table_holds() {
             pinned: c.pinned,
             sni: c.sni,
             tls: c.tls,
+            sni_unreadable: false,
         };
         let d = decide_egress(&selected, &req);
         assert_eq!(
@@ -649,6 +650,7 @@ fn audit_and_dry_run_matches_are_reported_never_enforced() {
         pinned: &["s3.example"],
         sni: None,
         tls: false,
+        sni_unreadable: false,
     };
     let d = decide_egress(&[pick("audit-s3"), pick("try-deny-all")], &req);
     assert_eq!(d.verdict, EgressVerdict::Passthrough);
@@ -788,6 +790,7 @@ spec:
                 pinned,
                 sni: Some(sni),
                 tls: true,
+                sni_unreadable: false,
             },
         )
     };

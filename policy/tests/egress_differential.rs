@@ -96,6 +96,7 @@ fn the_index_selects_what_a_full_scan_selects_and_decides_the_same() {
                 pinned: &pinned,
                 sni,
                 tls: seq.take(2) == 0,
+                sni_unreadable: false,
             };
             let a = decide_egress(&indexed, &req);
             let b = decide_egress(&scanned, &req);

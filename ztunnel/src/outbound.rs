@@ -7,7 +7,9 @@
 //! ([`crate::egress`]) when one selects the source pod — before the destination is dialled;
 //! a denied one is reset — and passes through otherwise; its record names the host the pod
 //! resolved the address under (its DNS pin, or `unresolved`), the TLS server name of its
-//! ClientHello ([`crate::sni`], peeked, never consumed) and the decision. A tunnel presents the source
+//! ClientHello ([`crate::sni`], peeked, never consumed) and the decision; a decision the
+//! peek's deadline cut short is made again on the first flight where a name concerns it
+//! ([`crate::egress::first_flight`]). A tunnel presents the source
 //! pod's SVID and requires the destination's expected SPIFFE ID, on `<pod ip>:15008` — for a
 //! federated cluster's pod behind an east-west gateway, inside an outer tunnel to that gateway
 //! (double HBONE, `GatewayDial`). Every
@@ -20,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use membrane_policy::egress::{EgressDecision, EgressVerdict, GatewayRef};
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::first_flight::{self, FirstFlight};
 use crate::egress::{self, budget::Metered};
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
@@ -198,6 +201,13 @@ async fn passthrough(
     };
     let hello = sni::peek(&tcp, wait).await;
     let (decision, attrs) = admit(&policies, proxy, source, dst, &hello, &mut log);
+    // Decided before a whole ClientHello came: where a name concerns the connection, its
+    // first flight is decided again (no deadline), whatever it turns out to be.
+    let pending = egress::first_flight_pending(
+        &hello,
+        &decision,
+        egress::deny_by_name_applies(&policies, source, dst.port()),
+    );
     drop(policies);
     drop(state);
     let control = &proxy.egress;
@@ -246,15 +256,33 @@ async fn passthrough(
     let cancel = meter
         .as_ref()
         .map_or_else(CancellationToken::new, |m| m.spent().child_token());
+    let flight_refused = Arc::new(std::sync::OnceLock::new());
+    let check = pending.then(|| {
+        first_flight::recheck(
+            proxy.state.clone(),
+            source.clone(),
+            attrs.clone(),
+            |d| d.verdict != EgressVerdict::Deny && d.via.is_none(),
+            "node",
+            flight_refused.clone(),
+        )
+    });
     let handle = control.open.register(source.clone(), attrs, cancel.clone());
     log.opened();
-    let result = match meter.clone() {
-        Some(meter) => relay_until(tcp, Metered::new(upstream, meter), cancel).await,
-        None => relay_until(tcp, upstream, cancel).await,
+    let result = match (check, meter.clone()) {
+        (Some(check), meter) => {
+            relay_until(tcp, FirstFlight::new(upstream, meter, check), cancel).await
+        }
+        (None, Some(meter)) => relay_until(tcp, Metered::new(upstream, meter), cancel).await,
+        (None, None) => relay_until(tcp, upstream, cancel).await,
     };
     if let Some(revoked) = handle.revoked.get() {
         control.metrics.closed("policy_changed");
         log.egress_closed("policy_changed", revoked.policy.clone());
+    } else if let Some(refusal) = flight_refused.get() {
+        // Counted as the decision it is: a deny with its reason (`sni_mismatch`, ...).
+        control.metrics.decided(&refusal.decision);
+        log.egress_redecided(&refusal.decision, refusal.sni.clone());
     } else if meter.is_some_and(|m| m.spent().is_cancelled()) {
         control.metrics.closed("budget_exhausted");
         log.egress_closed("budget_exhausted", None);

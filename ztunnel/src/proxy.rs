@@ -271,6 +271,25 @@ impl ConnectionLog {
         }
     }
 
+    /// The connection's first flight was decided again (`decision`, on server name `sni`) and
+    /// refused: the record says that decision instead of the admission's.
+    pub fn egress_redecided(
+        &mut self,
+        decision: &membrane_policy::egress::EgressDecision,
+        sni: Option<String>,
+    ) {
+        if let Some(egress) = self.record.egress.as_mut() {
+            let again = crate::egress::record(decision, None, sni);
+            egress.sni = again.sni;
+            egress.verdict = again.verdict;
+            egress.reason = again.reason;
+            egress.policy = again.policy;
+            egress.rule = again.rule;
+            egress.matched = again.matched;
+            egress.via = again.via;
+        }
+    }
+
     /// Records the authorization decision.
     pub fn authorized(&mut self, decision: crate::authz::DecisionSummary) {
         self.record.authorization = Some(decision.into());

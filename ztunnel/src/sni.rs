@@ -25,7 +25,11 @@ pub enum Hello {
     Sni(String),
     /// A complete ClientHello without a server name.
     NoSni,
-    /// Not a TLS handshake (or a malformed one).
+    /// Starts like a TLS handshake record (`0x16`, version 3.x) but cannot be read as a
+    /// ClientHello: malformed, refused by rustls (a TLS 1.2 hello without
+    /// signature_algorithms), or longer than [`MAX_PEEK`]. TLS whose server name is unknown.
+    UnreadableTls,
+    /// Not a TLS handshake.
     NotTls,
     /// Could be a ClientHello; more bytes are needed.
     Incomplete,
@@ -33,16 +37,17 @@ pub enum Hello {
 
 /// Classifies `bytes`, the start of a connection.
 pub fn client_hello(bytes: &[u8]) -> Hello {
-    match bytes.first() {
-        None => return Hello::Incomplete,
-        Some(0x16) => {}
-        Some(_) => return Hello::NotTls,
+    match bytes {
+        [] | [0x16] | [0x16, 0x03] => return Hello::Incomplete,
+        // A handshake record of SSL 3.0 to TLS 1.3 (what a ClientHello's record layer says).
+        [0x16, 0x03, minor, ..] if *minor <= 0x04 => {}
+        _ => return Hello::NotTls,
     }
     let mut acceptor = rustls::server::Acceptor::default();
     let mut reader = bytes;
     while !reader.is_empty() {
         if acceptor.read_tls(&mut reader).is_err() {
-            return Hello::NotTls;
+            return Hello::UnreadableTls;
         }
     }
     match acceptor.accept() {
@@ -50,8 +55,10 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
             .client_hello()
             .server_name()
             .map_or(Hello::NoSni, |name| Hello::Sni(name.to_ascii_lowercase())),
+        // Cut off at the cap: it can never be read whole.
+        Ok(None) if bytes.len() >= MAX_PEEK => Hello::UnreadableTls,
         Ok(None) => Hello::Incomplete,
-        Err(_) => Hello::NotTls,
+        Err(_) => Hello::UnreadableTls,
     }
 }
 
@@ -101,6 +108,45 @@ pub(crate) fn hello_for(name: &str) -> Vec<u8> {
     out
 }
 
+/// A ClientHello built byte by byte (TLS 1.2, one cipher suite), with `sni` as the
+/// server_name extension's host name as given (rustls' client drops a trailing dot; a client
+/// need not), and the signature_algorithms extension when `signature_algorithms` (for tests).
+#[cfg(test)]
+pub(crate) fn raw_hello(sni: Option<&str>, signature_algorithms: bool) -> Vec<u8> {
+    fn u16be(n: usize) -> [u8; 2] {
+        u16::try_from(n).expect("u16").to_be_bytes()
+    }
+    let mut ext = Vec::new();
+    if let Some(name) = sni {
+        let mut entry = vec![0u8];
+        entry.extend_from_slice(&u16be(name.len()));
+        entry.extend_from_slice(name.as_bytes());
+        ext.extend_from_slice(&[0, 0]);
+        ext.extend_from_slice(&u16be(entry.len() + 2));
+        ext.extend_from_slice(&u16be(entry.len()));
+        ext.extend_from_slice(&entry);
+    }
+    if signature_algorithms {
+        // rsa_pkcs1_sha256, rsa_pss_rsae_sha256, ecdsa_secp256r1_sha256
+        ext.extend_from_slice(&[0x00, 0x0d, 0x00, 0x08, 0x00, 0x06, 0x04, 0x01, 0x08, 0x04]);
+        ext.extend_from_slice(&[0x04, 0x03]);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x02, 0xc0, 0x2f]); // ECDHE_RSA_AES_128_GCM_SHA256
+    body.extend_from_slice(&[0x01, 0x00]); // null compression
+    body.extend_from_slice(&u16be(ext.len()));
+    body.extend_from_slice(&ext);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&u16be(body.len()));
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&u16be(handshake.len()));
+    record.extend_from_slice(&handshake);
+    record
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,10 +166,30 @@ mod tests {
     fn other_protocols_are_not_tls() {
         assert_eq!(client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
         assert_eq!(client_hello(b"SSH-2.0-OpenSSH_9.6\r\n"), Hello::NotTls);
+        // 0x16 without a TLS version after it.
+        assert_eq!(client_hello(&[0x16, 0x20, 0x41, 0x42]), Hello::NotTls);
+        assert_eq!(client_hello(&[0x16, 0x03]), Hello::Incomplete);
+    }
+
+    #[test]
+    fn a_handshake_record_that_cannot_be_read_is_tls_of_unknown_name() {
+        // A hello rustls refuses (TLS 1.2 without signature_algorithms) still is TLS.
+        assert_eq!(
+            client_hello(&raw_hello(Some("paste.example"), false)),
+            Hello::UnreadableTls
+        );
+        // Another handshake message (a ServerHello) where a ClientHello belongs.
         assert_eq!(
             client_hello(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0, 0, 1, 0]),
-            Hello::NotTls
+            Hello::UnreadableTls
         );
+        // A record that claims a whole ClientHello is on its way, cut off at the cap.
+        let mut long = vec![
+            0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x50, 0x00, 0x03, 0x03,
+        ];
+        long.resize(MAX_PEEK, 0);
+        assert_eq!(client_hello(&long[..MAX_PEEK - 1]), Hello::Incomplete);
+        assert_eq!(client_hello(&long), Hello::UnreadableTls);
     }
 
     #[tokio::test]

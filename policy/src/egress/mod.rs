@@ -17,7 +17,9 @@
 //! ports). A literal address the pod never resolved matches no host. On TLS, a host match
 //! also needs the ClientHello's SNI to be the pinned name or to match the host pattern
 //! (`sni_mismatch`); no SNI where a host rule decides → `sni_missing`, unless the entry says
-//! `allowMissingSni`. A DENY host rule matches the pinned names *or* the SNI (a lie about the
+//! `allowMissingSni`; a TLS handshake whose ClientHello cannot be read
+//! ([`EgressRequest::sni_unreadable`]) matches no host rule (`sni_unreadable`, which
+//! `allowMissingSni` does not cover). A DENY host rule matches the pinned names *or* the SNI (a lie about the
 //! name cannot dodge a deny). AUDIT and dry-run policies are reported, never enforced. An
 //! ALLOW rule may name an egress gateway (`via`): the decision carries it, and the connection
 //! must leave through that gateway, never directly.
@@ -177,6 +179,10 @@ pub struct EgressRequest<'a> {
     pub sni: Option<&'a str>,
     /// Whether the connection is TLS (began with a ClientHello, or is on a TLS port).
     pub tls: bool,
+    /// The connection began like a TLS handshake whose ClientHello could not be read
+    /// (malformed, refused by the parser, or too long): TLS with an unknown server name. It
+    /// matches no ALLOW host rule, `allowMissingSni` or not.
+    pub sni_unreadable: bool,
 }
 
 /// The outcome.
@@ -203,6 +209,8 @@ pub enum EgressReason {
     SniMismatch,
     /// A host rule matched the pin, but the TLS connection sent no SNI.
     SniMissing,
+    /// A host rule matched the pin, but the TLS connection's ClientHello could not be read.
+    SniUnreadable,
 }
 
 impl EgressReason {
@@ -214,6 +222,7 @@ impl EgressReason {
             EgressReason::NotAllowed => "not_allowed",
             EgressReason::SniMismatch => "sni_mismatch",
             EgressReason::SniMissing => "sni_missing",
+            EgressReason::SniUnreadable => "sni_unreadable",
         }
     }
 }
@@ -284,10 +293,11 @@ fn to_outcome(to: &EgressTo, req: &EgressRequest<'_>, deny: bool) -> RuleOutcome
     let Some(name) = pinned else {
         return RuleOutcome::NoMatch;
     };
-    if req.tls {
+    if req.tls || req.sni_unreadable {
         match req.sni {
             Some(sni) if sni == *name || to.hosts.iter().any(|h| h.matches(sni)) => {}
             Some(_) => return RuleOutcome::Sni(EgressReason::SniMismatch),
+            None if req.sni_unreadable => return RuleOutcome::Sni(EgressReason::SniUnreadable),
             None if to.allow_missing_sni => {}
             None => return RuleOutcome::Sni(EgressReason::SniMissing),
         }
@@ -325,6 +335,19 @@ fn first_match(
         }
     }
     None
+}
+
+/// Whether an enforced DENY rule selecting `source` names hosts on `port`: the server name a
+/// connection on that port sends may then deny it, so a decision made before its ClientHello
+/// arrived is not final.
+pub fn deny_by_name_applies(policies: &[&EgressPolicy], source: &Source<'_>, port: u16) -> bool {
+    policies
+        .iter()
+        .filter(|p| !p.dry_run && p.action == EgressAction::Deny)
+        .flat_map(|p| &p.rules)
+        .filter(|rule| from_matches(&rule.from, source))
+        .flat_map(|rule| &rule.to)
+        .any(|to| !to.hosts.is_empty() && (to.ports.is_empty() || to.ports.contains(&port)))
 }
 
 /// Decides `req` against `policies`, the EgressPolicies that select its source.

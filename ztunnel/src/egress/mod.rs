@@ -9,8 +9,15 @@
 //! verdict says: a denied connection is reset before any byte leaves (the destination is
 //! never even dialled); an allowed one may be counted against a budget ([`budget`]) and is
 //! registered in [`open::OpenEgress`] so that a policy change decides it again.
+//!
+//! A decision made when the peek's deadline passed without a whole ClientHello is not final
+//! where a name concerns it (an ALLOW host rule matched, or a DENY by name selects the
+//! source): the connection's first flight is held and decided again with the server name it
+//! finally sends ([`first_flight`]), so waiting, or sending the ClientHello in pieces, cannot
+//! dodge the SNI check.
 
 pub mod budget;
+pub mod first_flight;
 pub mod open;
 
 use std::net::SocketAddr;
@@ -39,6 +46,8 @@ pub struct EgressAttrs {
     pub sni: Option<String>,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// It began like a TLS handshake whose ClientHello could not be read.
+    pub sni_unreadable: bool,
 }
 
 /// A decision and what the access record says about it.
@@ -52,11 +61,12 @@ pub struct Admission {
     pub attrs: EgressAttrs,
 }
 
-/// Whether the connection is TLS, as the decision counts it: it began with a ClientHello, or
-/// it is on a TLS port and sent nothing recognisable in time.
+/// Whether the connection is TLS, as the decision counts it: it began with a ClientHello (or
+/// a TLS handshake record that cannot be read), or it is on a TLS port and sent nothing
+/// recognisable in time.
 pub fn is_tls(hello: &Hello, port: u16) -> bool {
     match hello {
-        Hello::Sni(_) | Hello::NoSni => true,
+        Hello::Sni(_) | Hello::NoSni | Hello::UnreadableTls => true,
         Hello::NotTls => false,
         Hello::Incomplete => sni::TLS_PORTS.contains(&port),
     }
@@ -85,8 +95,32 @@ pub fn decide_selected(
             pinned: &pinned,
             sni: attrs.sni.as_deref(),
             tls: attrs.tls,
+            sni_unreadable: attrs.sni_unreadable,
         },
     )
+}
+
+/// Whether an enforced DENY by name selecting `source` applies on `port` (`policies`: those
+/// selecting it): then the server name a connection sends may deny it.
+pub fn deny_by_name_applies(
+    policies: &[&membrane_policy::egress::EgressPolicy],
+    source: &Workload,
+    port: u16,
+) -> bool {
+    let mut principal = String::new();
+    let source = Source::from_identity(&source.identity, &mut principal);
+    membrane_policy::egress::deny_by_name_applies(policies, &source, port)
+}
+
+/// Whether a connection decided on `hello` (a peek that may have ended at its deadline) must
+/// have its first flight decided again: the ClientHello had not arrived whole, and a name
+/// concerns the connection — the ALLOW that admitted it matched a host (by the pod's pin), or
+/// a DENY by name applies to the source on this port. Connections nothing names keep the
+/// direct path.
+pub fn first_flight_pending(hello: &Hello, decision: &EgressDecision, deny_by_name: bool) -> bool {
+    *hello == Hello::Incomplete
+        && decision.verdict != EgressVerdict::Deny
+        && (decision.host.is_some() || deny_by_name)
 }
 
 /// Decides a new connection of `source` to `dst` that began with `hello`, at `now`, against
@@ -109,6 +143,7 @@ pub fn decide(
         pinned: names.iter().map(|n| n.name.clone()).collect(),
         sni: sni.clone(),
         tls: is_tls(hello, dst.port()),
+        sni_unreadable: *hello == Hello::UnreadableTls,
     };
     let decision = decide_selected(policies, source, &attrs);
     let mut names = names.into_iter();
@@ -268,3 +303,7 @@ pub struct EgressControl {
 
 /// The budget ledger's file in the state directory.
 pub const BUDGETS_FILE: &str = "budgets.json";
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

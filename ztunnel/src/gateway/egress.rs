@@ -17,7 +17,7 @@
 //!    policy is counted here, per source identity;
 //! 4. the connection leaves from the gateway pod, to the first resolved address that answers;
 //!    the client's first flight is held until its ClientHello is whole and decided again with
-//!    its server name ([`super::upstream`]).
+//!    its server name ([`crate::egress::first_flight`]).
 //!
 //! Open tunnels are registered like the node's egress connections, so a policy change that
 //! no longer allows one closes it. Every tunnel has a record (direction `egress_gateway`)
@@ -33,12 +33,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::GatewayMetrics;
 use super::resolve::CachingResolver;
-use super::upstream::{GatewayUpstream, HelloCheck};
+use crate::egress::first_flight::{self, FirstFlight, FlightRefusal, HelloCheck};
 use crate::egress::{self, EgressAttrs, open::OpenHandle};
 use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, PodContext, Proxy};
 use crate::relay::{RelayResult, Side};
-use crate::sni::Hello;
 use crate::state::Workload;
 
 /// How long connecting to one resolved address may take.
@@ -68,7 +67,7 @@ pub struct EgressTunnel {
     open: OpenHandle,
     meter: Option<egress::budget::Meter>,
     /// Set when the first flight was refused.
-    gate_refused: Arc<OnceLock<String>>,
+    gate_refused: Arc<OnceLock<FlightRefusal>>,
 }
 
 /// A refusal: the record's reason, the metric's label, the peer's status.
@@ -88,13 +87,13 @@ impl Refusal {
 
 impl ConnectHandler for EgressGateway {
     type Admission = EgressTunnel;
-    type App = GatewayUpstream;
+    type App = FirstFlight;
 
     fn denial_status(&self) -> crate::hbone::DenialStatus {
         self.proxy.wire.denial
     }
 
-    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, EgressTunnel, GatewayUpstream> {
+    fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, EgressTunnel, FirstFlight> {
         Box::pin(async move {
             let peer_ip = req
                 .peer_addr
@@ -155,7 +154,8 @@ impl ConnectHandler for EgressGateway {
         } else if meter.is_some_and(|m| m.spent().is_cancelled()) {
             control.metrics.closed("budget_exhausted");
             log.egress_closed("budget_exhausted", None);
-        } else if let Some(reason) = gate_refused.get() {
+        } else if let Some(refusal) = gate_refused.get() {
+            let reason = refusal.decision.reason.as_str();
             self.metrics.refused(KIND, reason);
             log.egress_closed(reason, None);
         }
@@ -166,10 +166,10 @@ impl ConnectHandler for EgressGateway {
 }
 
 type Admitted = (
-    GatewayUpstream,
+    FirstFlight,
     OpenHandle,
     Option<egress::budget::Meter>,
-    Arc<OnceLock<String>>,
+    Arc<OnceLock<FlightRefusal>>,
 );
 
 impl EgressGateway {
@@ -233,6 +233,7 @@ impl EgressGateway {
             sni: None,
             // Decided on name and port here; the server name when the first flight comes.
             tls: false,
+            sni_unreadable: false,
         };
         log.destination(attrs.dst);
         let decision = egress::decide_attrs(&state, &source, &attrs);
@@ -261,7 +262,7 @@ impl EgressGateway {
         let open = control.open.register(source.clone(), attrs.clone(), cancel);
         let gate_refused = Arc::new(OnceLock::new());
         let check = self.hello_check(source, attrs, gate_refused.clone());
-        let app = GatewayUpstream::new(tcp, meter.clone(), check);
+        let app = FirstFlight::new(tcp, meter.clone(), check);
         Ok((app, open, meter, gate_refused))
     }
 
@@ -307,38 +308,23 @@ impl EgressGateway {
     }
 
     /// The decision again once the first flight shows whether it is TLS and which server
-    /// name it asks for.
+    /// name it asks for: only an ALLOW through this gateway lets it on.
     fn hello_check(
         &self,
         source: Arc<Workload>,
         attrs: EgressAttrs,
-        refused: Arc<OnceLock<String>>,
+        refused: Arc<OnceLock<FlightRefusal>>,
     ) -> HelloCheck {
-        let state = self.proxy.state.clone();
         let me = self.me.clone();
-        Box::new(move |hello: &Hello| {
-            let attrs = EgressAttrs {
-                sni: match hello {
-                    Hello::Sni(name) => Some(name.clone()),
-                    _ => None,
-                },
-                tls: egress::is_tls(hello, attrs.dst.port()),
-                ..attrs
-            };
-            let decision = egress::decide_attrs(&state.borrow(), &source, &attrs);
-            if decision.verdict == EgressVerdict::Allow && decision.via.as_ref() == Some(&me) {
-                return Ok(());
-            }
-            let reason = decision.reason.as_str().to_owned();
-            tracing::info!(
-                src = %source.identity,
-                dst = %attrs.dst,
-                sni = attrs.sni.as_deref(),
-                reason,
-                "egress gateway refused the first flight"
-            );
-            let _ = refused.set(reason.clone());
-            Err(reason)
-        })
+        first_flight::recheck(
+            self.proxy.state.clone(),
+            source,
+            attrs,
+            move |decision| {
+                decision.verdict == EgressVerdict::Allow && decision.via.as_ref() == Some(&me)
+            },
+            "gateway",
+            refused,
+        )
     }
 }

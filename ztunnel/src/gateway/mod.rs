@@ -23,7 +23,6 @@ pub mod egress;
 pub mod ingress;
 pub mod metrics;
 pub mod resolve;
-pub mod upstream;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

@@ -1,23 +1,32 @@
-//! The egress gateway's connection to the outside: metered when the deciding policy has a
-//! budget, and gated on the client's first flight.
+//! A connection to the outside gated on the client's first flight (and metered when the
+//! deciding policy has a budget): the first bytes the client sends are held until they are a
+//! whole ClientHello (or plainly not TLS, or [`sni::MAX_PEEK`] bytes, or the client ends),
+//! and the gate — the EgressPolicy decision again, now with the server name ([`recheck`]) —
+//! decides them. A refused first flight is never written: the write fails, and the relay
+//! resets both sides. Reads (a server that speaks first) are never held; there is no
+//! deadline.
 //!
-//! The CONNECT request names a host and a port, not the TLS server name the client will ask
-//! for; the gateway admits the tunnel on the name and port, then holds the first bytes coming
-//! through it until they are a whole ClientHello (or plainly not TLS, or [`sni::MAX_PEEK`]
-//! bytes), and asks the gate — the EgressPolicy decision again, now with the server name. A
-//! refused first flight is never written: the write fails, and the relay resets both sides.
-//! Reads (a server that speaks first) are never held.
+//! Two paths use it. The egress gateway: its CONNECT names a host and a port, not the server
+//! name the client will ask for. The node's own egress: a connection decided when the peek's
+//! deadline passed without a whole ClientHello (`outbound.rs`), where a host rule or a DENY by
+//! name concerns it — a client that waits, or sends its ClientHello in pieces, is decided on
+//! the server name it finally sends.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
+use membrane_policy::egress::EgressDecision;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
+use super::EgressAttrs;
 use crate::egress::budget::Metered;
 use crate::relay::ResetOnError;
 use crate::sni::{self, Hello};
+use crate::state::{MeshState, Workload};
 
 /// Decides the first flight: `Err(reason)` refuses the connection.
 pub type HelloCheck = Box<dyn FnOnce(&Hello) -> Result<(), String> + Send>;
@@ -38,19 +47,19 @@ enum Gate {
     Refused(String),
 }
 
-/// The gateway's upstream connection.
-pub struct GatewayUpstream {
+/// A connection to the outside whose first flight is held for a check.
+pub struct FirstFlight {
     inner: Inner,
     gate: Gate,
 }
 
-impl std::fmt::Debug for GatewayUpstream {
+impl std::fmt::Debug for FirstFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayUpstream").finish_non_exhaustive()
+        f.debug_struct("FirstFlight").finish_non_exhaustive()
     }
 }
 
-impl GatewayUpstream {
+impl FirstFlight {
     /// Wraps `tcp`, metered when `meter` is given; the first flight is held for `check`.
     pub fn new(
         tcp: TcpStream,
@@ -147,11 +156,64 @@ impl AsyncWrite for Inner {
 fn refused(reason: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
-        format!("egress denied at the gateway: {reason}"),
+        format!("egress first flight denied: {reason}"),
     )
 }
 
-impl AsyncRead for GatewayUpstream {
+/// A refused first flight: the decision on it and the server name it asked for.
+#[derive(Debug, Clone)]
+pub struct FlightRefusal {
+    /// The decision with the first flight's server name and TLS-ness.
+    pub decision: EgressDecision,
+    /// The ClientHello's server name.
+    pub sni: Option<String>,
+}
+
+/// The check of a connection of `source` admitted on `attrs` (the pins it was decided on):
+/// the EgressPolicy decision again against the mesh state of the moment, with the first
+/// flight's server name and TLS-ness; `admits` says which decisions let it go on. A refusal
+/// is logged (`at` says where: `gateway`, `node`) and kept in `refused`.
+pub fn recheck(
+    state: watch::Receiver<Arc<MeshState>>,
+    source: Arc<Workload>,
+    attrs: EgressAttrs,
+    admits: impl FnOnce(&EgressDecision) -> bool + Send + 'static,
+    at: &'static str,
+    refused: Arc<OnceLock<FlightRefusal>>,
+) -> HelloCheck {
+    Box::new(move |hello: &Hello| {
+        let attrs = EgressAttrs {
+            sni: match hello {
+                Hello::Sni(name) => Some(name.clone()),
+                _ => None,
+            },
+            tls: super::is_tls(hello, attrs.dst.port()),
+            sni_unreadable: *hello == Hello::UnreadableTls,
+            ..attrs
+        };
+        let decision = super::decide_attrs(&state.borrow(), &source, &attrs);
+        if admits(&decision) {
+            return Ok(());
+        }
+        let reason = decision.reason.as_str().to_owned();
+        tracing::info!(
+            at,
+            src = %source.identity,
+            dst = %attrs.dst,
+            sni = attrs.sni.as_deref(),
+            policy = decision.policy.as_deref(),
+            reason,
+            "egress first flight refused"
+        );
+        let _ = refused.set(FlightRefusal {
+            decision,
+            sni: attrs.sni,
+        });
+        Err(reason)
+    })
+}
+
+impl AsyncRead for FirstFlight {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -161,7 +223,7 @@ impl AsyncRead for GatewayUpstream {
     }
 }
 
-impl AsyncWrite for GatewayUpstream {
+impl AsyncWrite for FirstFlight {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -220,9 +282,9 @@ impl AsyncWrite for GatewayUpstream {
     }
 }
 
-impl crate::relay::Chunks for GatewayUpstream {}
+impl crate::relay::Chunks for FirstFlight {}
 
-impl ResetOnError for GatewayUpstream {
+impl ResetOnError for FirstFlight {
     fn reset(self) {
         match self.inner {
             Inner::Plain(s) => s.reset(),
@@ -241,7 +303,7 @@ mod tests {
     /// `verdict`; returns it and the far end.
     async fn pair(
         verdict: Result<(), String>,
-    ) -> (GatewayUpstream, TcpStream, Arc<Mutex<Option<Hello>>>) {
+    ) -> (FirstFlight, TcpStream, Arc<Mutex<Option<Hello>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -253,7 +315,7 @@ mod tests {
             *seen.lock().expect("lock") = Some(hello.clone());
             verdict
         });
-        let upstream = GatewayUpstream::new(near.expect("connect"), None, check);
+        let upstream = FirstFlight::new(near.expect("connect"), None, check);
         (upstream, far.expect("accept").0, asked)
     }
 
