@@ -6,6 +6,11 @@
 //! to [`TLS_WAIT`] for the ClientHello (a TLS client sends it at once, and the wait overlaps
 //! the connect to the destination); on any other port it reads only what has already arrived
 //! when the destination's connect completes.
+//!
+//! Nor does it work more than it must while it waits: the record and handshake headers say
+//! how long the ClientHello is ([`needed`]), and bytes are parsed only once that many have
+//! arrived; a stalled connection is peeked ever less often (1 ms doubling to
+//! [`MAX_PAUSE`]).
 
 use std::time::Duration;
 
@@ -17,6 +22,8 @@ pub const TLS_PORTS: [u16; 1] = [443];
 pub const TLS_WAIT: Duration = Duration::from_secs(1);
 /// Most bytes peeked (a ClientHello with a post-quantum key share and padding fits).
 pub const MAX_PEEK: usize = 16 * 1024 + 5;
+/// Longest pause between two peeks of a connection that sent nothing new.
+pub const MAX_PAUSE: Duration = Duration::from_millis(16);
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +42,50 @@ pub enum Hello {
     Incomplete,
 }
 
+/// How many bytes the start of a connection must hold before `bytes` can be read as a whole
+/// ClientHello: the end of the record that completes the handshake message its headers
+/// announce (a lower bound while the headers are still arriving). At most `bytes.len()` when
+/// there is something to parse now — including bytes that are not a handshake record at all.
+pub fn needed(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    // Handshake bytes seen in the records before `at`, and the message's header.
+    let mut carried = 0;
+    let mut header = [0u8; 4];
+    loop {
+        let Some(record) = bytes.get(at..at + 5) else {
+            return at + 5;
+        };
+        if record[0] != 0x16 {
+            return 0;
+        }
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        let start = at + 5;
+        let end = start + len;
+        let available = bytes.get(start..end.min(bytes.len())).unwrap_or_default();
+        for (i, b) in available
+            .iter()
+            .enumerate()
+            .take(4usize.saturating_sub(carried))
+        {
+            header[carried + i] = *b;
+        }
+        if len == 0 || carried + available.len() >= 4 {
+            let body = u32::from_be_bytes([0, header[1], header[2], header[3]]);
+            let message = 4 + usize::try_from(body).unwrap_or(usize::MAX);
+            if len == 0 || carried + len >= message {
+                // The message ends in this record (or the record is malformed): parse once
+                // the record is whole.
+                return end;
+            }
+        }
+        if end > bytes.len() {
+            return end;
+        }
+        carried += len;
+        at = end;
+    }
+}
+
 /// Classifies `bytes`, the start of a connection.
 pub fn client_hello(bytes: &[u8]) -> Hello {
     match bytes {
@@ -42,6 +93,15 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
         // A handshake record of SSL 3.0 to TLS 1.3 (what a ClientHello's record layer says).
         [0x16, 0x03, minor, ..] if *minor <= 0x04 => {}
         _ => return Hello::NotTls,
+    }
+    let needed = needed(bytes);
+    if needed > bytes.len() {
+        // The headers say more is coming; more than the cap can never be read.
+        return if needed > MAX_PEEK {
+            Hello::UnreadableTls
+        } else {
+            Hello::Incomplete
+        };
     }
     let mut acceptor = rustls::server::Acceptor::default();
     let mut reader = bytes;
@@ -64,10 +124,17 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
 
 /// Peeks at the start of `stream` until it is classified or `wait` has passed.
 pub async fn peek(stream: &TcpStream, wait: Duration) -> Hello {
+    peek_counting(stream, wait, &mut 0).await
+}
+
+/// [`peek`], counting in `parses` how often the bytes were classified.
+async fn peek_counting(stream: &TcpStream, wait: Duration, parses: &mut usize) -> Hello {
     let mut buf = vec![0u8; MAX_PEEK];
     let deadline = tokio::time::Instant::now() + wait;
-    let mut last = 0;
+    let mut seen = 0;
+    let mut pause = Duration::from_millis(1);
     loop {
+        // A peek past the deadline still returns what is queued (the timeout polls it first).
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) | Err(_) => return Hello::Incomplete,
@@ -75,19 +142,25 @@ pub async fn peek(stream: &TcpStream, wait: Duration) -> Hello {
         if n == 0 {
             return Hello::Incomplete;
         }
-        let hello = client_hello(&buf[..n]);
-        if hello != Hello::Incomplete || n == buf.len() {
-            return hello;
+        if n > seen {
+            // Classified only when new bytes came, and then only parsed once the headers'
+            // length is there (`client_hello` checks).
+            seen = n;
+            *parses += 1;
+            let hello = client_hello(&buf[..n]);
+            if hello != Hello::Incomplete {
+                return hello;
+            }
+            pause = Duration::from_millis(1);
+        } else {
+            pause = (pause * 2).min(MAX_PAUSE);
         }
-        if n == last && tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Hello::Incomplete;
         }
-        last = n;
         // Peeking again returns at once while the same bytes are queued: wait a little.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        if tokio::time::Instant::now() >= deadline {
-            return Hello::Incomplete;
-        }
+        tokio::time::sleep_until((now + pause).min(deadline)).await;
     }
 }
 
@@ -190,6 +263,51 @@ mod tests {
         long.resize(MAX_PEEK, 0);
         assert_eq!(client_hello(&long[..MAX_PEEK - 1]), Hello::Incomplete);
         assert_eq!(client_hello(&long), Hello::UnreadableTls);
+    }
+
+    #[test]
+    fn the_headers_say_how_many_bytes_a_hello_needs() {
+        let hello = hello_for("huggingface.co");
+        assert_eq!(needed(&hello), hello.len());
+        for cut in [0, 3, 5, 8, 9, hello.len() - 1] {
+            let want = needed(&hello[..cut]);
+            assert!(want > cut && want <= hello.len(), "{cut}: {want}");
+        }
+        assert_eq!(needed(&hello[..9]), hello.len());
+        assert_eq!(needed(b"GET / HTTP/1.1"), 0);
+        // One handshake message over two records: the second record's end.
+        let body = &hello[5..];
+        let mut split = vec![0x16, 0x03, 0x01, 0x00, 0x06];
+        split.extend_from_slice(&body[..6]);
+        let rest = &body[6..];
+        split.extend_from_slice(&[0x16, 0x03, 0x01]);
+        split.extend_from_slice(&u16::try_from(rest.len()).expect("len").to_be_bytes());
+        split.extend_from_slice(rest);
+        assert_eq!(needed(&split[..11]), 16);
+        assert_eq!(needed(&split), split.len());
+        assert_eq!(client_hello(&split), Hello::Sni("huggingface.co".into()));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_hello_is_parsed_only_when_bytes_arrive() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // A hello announcing 16,380 bytes of handshake, of which 16,000 arrive.
+        let mut partial = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc];
+        partial.resize(16_000, 0x41);
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(&partial).await.expect("write");
+        let mut parses = 0;
+        let started = std::time::Instant::now();
+        let hello = peek_counting(&server, Duration::from_millis(500), &mut parses).await;
+        assert_eq!(hello, Hello::Incomplete);
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        assert!(parses <= 20, "{parses} parses of a stalled hello");
+        drop(client);
     }
 
     #[tokio::test]
