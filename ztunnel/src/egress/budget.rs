@@ -2,7 +2,9 @@
 //! identity, host, policy) in a window, counted on the node.
 //!
 //! A window opens at the first connection of its key and lasts the policy's `per`; counts
-//! start from zero when it rolls. Bytes are *reserved* before they move (a write is shortened,
+//! start from zero when it rolls — at the next connection, or at the next byte of a
+//! connection that outlives it (a download longer than the window goes on under the next
+//! one, still closed when that one is spent). A window is kept while a connection holds it. Bytes are *reserved* before they move (a write is shortened,
 //! a read is given a smaller buffer, so a window never carries more than its limit), and the
 //! reservation that reaches the limit exhausts the window: every open connection of the key
 //! is closed (their relays watch the window's token) and new ones are refused until the
@@ -72,6 +74,9 @@ struct Window {
     exhausted: bool,
     #[serde(skip)]
     token: CancellationToken,
+    /// Held by every meter of the window: a window with meters is never expired.
+    #[serde(skip)]
+    live: Arc<()>,
 }
 
 impl Window {
@@ -85,11 +90,28 @@ impl Window {
             received_limit: budget.received_bytes,
             exhausted: false,
             token: CancellationToken::new(),
+            live: Arc::new(()),
         }
     }
 
     fn ends(&self) -> u64 {
         self.start.saturating_add(self.per)
+    }
+
+    /// Starts the window again at `now` under `budget`, for the connections that hold it (its
+    /// token, unless it was spent and its connections closed).
+    fn roll(&mut self, budget: &Budget, now: u64) {
+        let token = if self.token.is_cancelled() {
+            CancellationToken::new()
+        } else {
+            self.token.clone()
+        };
+        let live = self.live.clone();
+        *self = Self {
+            token,
+            live,
+            ..Self::open(budget, now)
+        };
     }
 }
 
@@ -153,6 +175,8 @@ pub struct Ledger {
     file: Option<PathBuf>,
     dirty: AtomicBool,
     metrics: BudgetMetrics,
+    /// The time meters count bytes at.
+    clock: fn() -> SystemTime,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -171,6 +195,7 @@ impl Ledger {
             file,
             dirty: AtomicBool::new(false),
             metrics,
+            clock: SystemTime::now,
         }
     }
 
@@ -215,7 +240,7 @@ impl Ledger {
             .entry(key.clone())
             .or_insert_with(|| Window::open(budget, now));
         if window.ends() <= now {
-            *window = Window::open(budget, now);
+            window.roll(budget, now);
             self.dirty.store(true, Ordering::Relaxed);
         }
         // The policy may have changed its limits since the window opened.
@@ -237,16 +262,39 @@ impl Ledger {
         Ok(Meter {
             ledger: self.clone(),
             token: window.token.clone(),
+            live: window.live.clone(),
             key: Arc::new(key),
+            budget: *budget,
         })
     }
 
-    /// Reserves up to `want` bytes in `direction`: how many may move (0: the window is spent).
-    fn reserve(&self, key: &BudgetKey, direction: Direction, want: usize) -> usize {
+    /// Reserves up to `want` bytes in `direction` for `meter` at `now`: how many may move (0:
+    /// the window is spent). A window that ended is rolled in place (one that is gone is
+    /// opened again for the meter), so a connection outliving its window goes on under the
+    /// next one; a meter whose window was spent stays spent.
+    fn reserve(&self, meter: &Meter, direction: Direction, want: usize, now: SystemTime) -> usize {
+        if meter.token.is_cancelled() {
+            return 0;
+        }
+        let now = unix(now);
+        let key = &*meter.key;
         let mut windows = crate::lock(&self.windows);
+        if !windows.contains_key(key) {
+            let window = Window {
+                token: meter.token.clone(),
+                live: meter.live.clone(),
+                ..Window::open(&meter.budget, now)
+            };
+            windows.insert(key.clone(), window);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         let Some(window) = windows.get_mut(key) else {
             return 0;
         };
+        if window.ends() <= now {
+            window.roll(&meter.budget, now);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         if window.exhausted {
             return 0;
         }
@@ -326,12 +374,12 @@ impl Ledger {
             .collect()
     }
 
-    /// Drops windows that ended before `now`.
+    /// Drops windows that ended before `now` and that no open connection holds.
     pub fn expire(&self, now: SystemTime) {
         let now = unix(now);
         let mut windows = crate::lock(&self.windows);
         let before = windows.len();
-        windows.retain(|_, w| w.ends() > now);
+        windows.retain(|_, w| w.ends() > now || Arc::strong_count(&w.live) > 1);
         if windows.len() != before {
             self.dirty.store(true, Ordering::Relaxed);
         }
@@ -384,6 +432,10 @@ pub struct Meter {
     ledger: Arc<Ledger>,
     key: Arc<BudgetKey>,
     token: CancellationToken,
+    /// Keeps the window from expiring while the connection is open.
+    live: Arc<()>,
+    /// The budget the window is rolled under.
+    budget: Budget,
 }
 
 impl Meter {
@@ -431,7 +483,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let (ledger, key) = (&this.meter.ledger, &this.meter.key);
-        let granted = ledger.reserve(key, Direction::Received, buf.remaining());
+        let granted = ledger.reserve(
+            &this.meter,
+            Direction::Received,
+            buf.remaining(),
+            (ledger.clock)(),
+        );
         if granted == 0 {
             return Poll::Ready(Err(this.meter.spent_error()));
         }
@@ -460,7 +517,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
             return Pin::new(&mut this.inner).poll_write(cx, data);
         }
         let key = &this.meter.key;
-        let granted = this.meter.ledger.reserve(key, Direction::Sent, data.len());
+        let ledger = &this.meter.ledger;
+        let granted = ledger.reserve(&this.meter, Direction::Sent, data.len(), (ledger.clock)());
         if granted == 0 {
             return Poll::Ready(Err(this.meter.spent_error()));
         }

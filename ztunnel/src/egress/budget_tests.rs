@@ -75,8 +75,8 @@ fn a_restart_keeps_the_spending_and_the_exhaustion() {
     let now = SystemTime::now();
     let b = budget(Some(10), None);
     let first = ledger(Some(file.clone()));
-    first.admit(key("hf.co"), &b, now).expect("admitted");
-    let granted = first.reserve(&key("hf.co"), Direction::Sent, 25);
+    let meter = first.admit(key("hf.co"), &b, now).expect("admitted");
+    let granted = first.reserve(&meter, Direction::Sent, 25, now);
     first.settle(&key("hf.co"), Direction::Sent, granted, granted);
     assert_eq!(granted, 10);
     first.persist();
@@ -96,4 +96,48 @@ fn a_restart_keeps_the_spending_and_the_exhaustion() {
     let fourth = ledger(Some(dir.path().join("garbage.json")));
     fourth.restore(now);
     assert!(fourth.admit(key("hf.co"), &b, now).is_ok());
+}
+
+thread_local! {
+    static NOW: std::cell::Cell<SystemTime> = const { std::cell::Cell::new(SystemTime::UNIX_EPOCH) };
+}
+
+fn test_now() -> SystemTime {
+    NOW.with(std::cell::Cell::get)
+}
+
+#[tokio::test]
+async fn a_window_that_ends_under_an_open_connection_rolls_in_place() {
+    let t0 = SystemTime::now();
+    NOW.with(|n| n.set(t0));
+    let mut l = Ledger::new(None, BudgetMetrics::default());
+    l.clock = test_now;
+    let ledger = Arc::new(l);
+    let b = budget(Some(1000), Some(100 << 30));
+    let meter = ledger.admit(key("hf.co"), &b, t0).expect("admitted");
+    let (a, mut far) = tokio::io::duplex(64 * 1024);
+    let mut metered = Metered::new(a, meter.clone());
+    metered.write_all(&[1; 600]).await.expect("under the limit");
+    // The window ends under the open connection; the ledger's second passes.
+    let later = t0 + Duration::from_secs(61);
+    ledger.expire(later);
+    NOW.with(|n| n.set(later));
+    metered
+        .write_all(&[2; 600])
+        .await
+        .expect("the next window has room");
+    let mut got = vec![0; 1200];
+    far.read_exact(&mut got).await.expect("1200 bytes arrived");
+    let windows = ledger.windows();
+    assert_eq!(windows.len(), 1);
+    assert_eq!(windows[0]["sent"], 600, "{windows:?}");
+    assert_eq!(windows[0]["start"], unix(later), "{windows:?}");
+    assert!(!meter.spent().is_cancelled());
+    // The rolled window still closes the connection when it is spent.
+    metered.write_all(&[3; 600]).await.expect_err("crosses");
+    assert!(meter.spent().is_cancelled());
+    // Once the connection is gone, its ended window is dropped.
+    drop((metered, meter));
+    ledger.expire(later + Duration::from_secs(61));
+    assert!(ledger.windows().is_empty());
 }
