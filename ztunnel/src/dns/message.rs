@@ -5,11 +5,18 @@
 //! Pure functions of bytes and the mesh state: no sockets, no clocks. The fuzz target drives
 //! [`parse_query`] and [`summarize_answer`] with arbitrary bytes.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+/// CNAME hops followed from the asked name; a longer chain is cut there (what lies beyond
+/// pins nothing). Resolvers give up far earlier (BIND follows 16 as well).
+pub const MAX_CNAME_HOPS: usize = 16;
+/// Addresses taken from one answer (for the record and the pins); the rest are left out.
+pub const MAX_ANSWER_ADDRESSES: usize = 64;
 
 /// TTL of answers the ztunnel gives for mesh Services (they follow the mesh state, which may
 /// change at any time).
@@ -111,9 +118,10 @@ pub fn display_name(name: &Name) -> String {
 pub struct AnswerSummary {
     /// Response code, as DNS prints it.
     pub rcode: String,
-    /// A and AAAA addresses reached from the question's name (through the CNAME chain).
+    /// A and AAAA addresses reached from the question's name (through the CNAME chain; at
+    /// most [`MAX_ANSWER_ADDRESSES`]).
     pub addresses: Vec<IpAddr>,
-    /// The CNAME chain from the question's name.
+    /// The CNAME chain from the question's name (at most [`MAX_CNAME_HOPS`]).
     pub cnames: Vec<String>,
     /// The smallest TTL among the records used.
     pub ttl: Option<u32>,
@@ -155,40 +163,61 @@ fn summarize(asked: &str, message: &Message) -> AnswerSummary {
         truncated: message.metadata.truncation,
         ..AnswerSummary::default()
     };
-    // Follow the chain: at most as many hops as there are records (no loops).
+    // Each record's owner, once; each owner's first CNAME.
+    let owners: Vec<String> = message
+        .answers
+        .iter()
+        .map(|r| display_name(&r.name))
+        .collect();
+    let mut targets: HashMap<&str, (&Record, &Name)> = HashMap::new();
+    for (owner, record) in owners.iter().zip(&message.answers) {
+        if let RData::CNAME(target) = &record.data {
+            targets.entry(owner.as_str()).or_insert((record, &target.0));
+        }
+    }
+    // Follow the chain, no loops, at most MAX_CNAME_HOPS hops.
     let mut owner = asked.to_owned();
-    for _ in 0..=message.answers.len() {
-        let next = message
-            .answers
-            .iter()
-            .find_map(|r| match &r.data {
-                RData::CNAME(target) if display_name(&r.name) == owner => {
-                    Some((display_name(&target.0), r.ttl))
-                }
-                _ => None,
-            })
-            .filter(|(target, _)| !summary.cnames.contains(target) && *target != asked);
-        let Some((target, ttl)) = next else { break };
-        summary.ttl = Some(summary.ttl.map_or(ttl, |t| t.min(ttl)));
+    while let Some((record, target)) = targets.get(owner.as_str()) {
+        let target = display_name(target);
+        if summary.cnames.contains(&target) || target == asked {
+            break;
+        }
+        if summary.cnames.len() == MAX_CNAME_HOPS {
+            tracing::debug!(
+                name = asked,
+                hops = MAX_CNAME_HOPS,
+                "CNAME chain cut: what lies beyond pins nothing"
+            );
+            break;
+        }
+        summary.ttl = Some(summary.ttl.map_or(record.ttl, |t| t.min(record.ttl)));
         summary.cnames.push(target.clone());
         owner = target;
     }
-    let on_chain = |r: &&Record| {
-        let n = display_name(&r.name);
-        n == asked || summary.cnames.contains(&n)
-    };
     let mut addresses = Vec::new();
     let mut ttl = summary.ttl;
-    for record in message.answers.iter().filter(on_chain) {
+    for (owner, record) in owners.iter().zip(&message.answers) {
         let ip = match &record.data {
             RData::A(a) => IpAddr::V4(a.0),
             RData::AAAA(a) => IpAddr::V6(a.0),
             _ => continue,
         };
-        ttl = Some(ttl.map_or(record.ttl, |t| t.min(record.ttl)));
-        if !addresses.contains(&ip) {
-            addresses.push(ip);
+        if owner != asked && !summary.cnames.contains(owner) {
+            continue;
         }
+        if addresses.contains(&ip) {
+            continue;
+        }
+        if addresses.len() == MAX_ANSWER_ADDRESSES {
+            tracing::debug!(
+                name = asked,
+                kept = MAX_ANSWER_ADDRESSES,
+                "answer with more addresses than are pinned: the rest are left out"
+            );
+            break;
+        }
+        ttl = Some(ttl.map_or(record.ttl, |t| t.min(record.ttl)));
+        addresses.push(ip);
     }
     if ttl.is_none() {
         ttl = message.answers.iter().map(|r| r.ttl).min();
@@ -375,6 +404,52 @@ mod tests {
         let s = summarize_answer(&q, &m.to_vec().expect("encodes")).expect("summary");
         assert_eq!(s.cnames, ["b.example"]);
         assert!(s.addresses.is_empty());
+    }
+
+    #[test]
+    fn a_long_cname_chain_is_cut_at_the_cap() {
+        let q = parse_query(&query("c0.example", RecordType::A)).expect("query");
+        let mut m = q.message.clone().into_response();
+        let hops = 3_500;
+        for i in 0..hops {
+            let target = Name::from_ascii(format!("c{}.example.", i + 1)).expect("n");
+            m.add_answer(rr(
+                &format!("c{i}.example."),
+                60,
+                RData::CNAME(CNAME(target)),
+            ));
+        }
+        // Addresses at the chain's end and within the cap.
+        m.add_answer(rr(
+            &format!("c{hops}.example."),
+            60,
+            RData::A(A("198.51.100.66".parse().expect("ip"))),
+        ));
+        m.add_answer(rr(
+            "c3.example.",
+            60,
+            RData::A(A("198.51.100.3".parse().expect("ip"))),
+        ));
+        for i in 0..200u8 {
+            m.add_answer(rr(
+                "c0.example.",
+                60,
+                RData::A(A(std::net::Ipv4Addr::new(203, 0, 113, i))),
+            ));
+        }
+        let s = summarize(&q.name, &m);
+        assert_eq!(s.cnames.len(), MAX_CNAME_HOPS);
+        assert_eq!(s.cnames[0], "c1.example");
+        assert_eq!(
+            s.cnames[MAX_CNAME_HOPS - 1],
+            format!("c{MAX_CNAME_HOPS}.example")
+        );
+        assert_eq!(s.addresses.len(), MAX_ANSWER_ADDRESSES);
+        assert_eq!(
+            s.addresses[0],
+            "198.51.100.3".parse::<IpAddr>().expect("ip")
+        );
+        assert!(!s.addresses.contains(&"198.51.100.66".parse().expect("ip")));
     }
 
     #[test]
