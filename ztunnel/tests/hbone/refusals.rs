@@ -180,22 +180,15 @@ async fn malformed_requests_get_400() {
             "each counted"
         );
         // A well-formed request on the same connection still works.
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(app_addr.to_string())
-            .body(())
-            .expect("request");
-        let mut ready = sender.clone().ready().await.expect("ready");
-        let (response, mut send) = ready.send_request(request, false).expect("send");
-        let response = response.await.expect("response");
-        assert_eq!(response.status(), http::StatusCode::OK);
+        let (status, mut send) = connect_to(&sender, app_addr).await;
+        assert_eq!(status, http::StatusCode::OK);
         send.send_data(Bytes::from_static(b""), true).expect("end");
         assert_eq!(
             server.calls().len(),
             1,
             "only the well-formed request reached the handler"
         );
-        drop((send, response, sender));
+        drop((send, sender));
         driver.abort();
     })
     .await;
@@ -229,17 +222,8 @@ async fn established_connections_leave_the_handshake_share() {
         }
         // Every connection, the last ones included, still opens a tunnel.
         for (n, (sender, _)) in held.iter().enumerate() {
-            let request = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(app_addr.to_string())
-                .body(())
-                .expect("request");
-            let mut ready = sender.clone().ready().await.expect("ready");
-            let (response, mut send) = ready.send_request(request, false).expect("send");
-            let response = response
-                .await
-                .unwrap_or_else(|e| panic!("connection {n}: {e}"));
-            assert_eq!(response.status(), http::StatusCode::OK, "connection {n}");
+            let (status, mut send) = connect_to(sender, app_addr).await;
+            assert_eq!(status, http::StatusCode::OK, "connection {n}");
             send.send_data(Bytes::from_static(b""), true).expect("end");
         }
         assert_eq!(server.calls().len(), CONNECTIONS);
@@ -248,4 +232,19 @@ async fn established_connections_leave_the_handshake_share() {
         }
     })
     .await;
+}
+
+/// A raw CONNECT to `app` on `sender`: the status, and the request's stream.
+async fn connect_to(
+    sender: &h2::client::SendRequest<Bytes>,
+    app: SocketAddr,
+) -> (http::StatusCode, h2::SendStream<Bytes>) {
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(app.to_string())
+        .body(())
+        .expect("request");
+    let mut ready = sender.clone().ready().await.expect("ready");
+    let (response, send) = ready.send_request(request, false).expect("send");
+    (response.await.expect("response").status(), send)
 }
