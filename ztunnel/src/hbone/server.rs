@@ -338,7 +338,9 @@ impl Lifetime {
     /// When to call [`Lifetime::stop`] next (`quiet`: no tunnel open).
     fn next_stop(&self, quiet: bool) -> Option<Instant> {
         match self.closing_since {
-            Some(since) => quiet.then(|| since + CLOSE_GRACE),
+            // The grace runs from the later of the close and the last tunnel's end: the
+            // connection must first write that tunnel's last frames.
+            Some(since) => quiet.then(|| since.max(self.idle_since) + CLOSE_GRACE),
             None => {
                 let idle = quiet.then(|| self.idle_since + self.idle_timeout);
                 match (idle, self.expires) {
@@ -445,5 +447,41 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     *response.status_mut() = status;
     if let Err(e) = respond.send_response(response, true) {
         tracing::debug!(error = %e, "could not send the refusal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection closing because its peer's certificate expired, while a long tunnel runs
+    /// on: it is dropped only a grace after that tunnel ends (its last frames written), never
+    /// at once because the close began long before.
+    #[test]
+    fn the_close_grace_runs_from_the_last_tunnels_end() {
+        let start = Instant::now();
+        let mut life = Lifetime::new(
+            Some(SystemTime::now() + Duration::from_secs(5)),
+            Duration::from_secs(180),
+        );
+        // A tunnel is open: only the expiry is due.
+        let expiry = life.next_stop(false).expect("expiry");
+        assert!(expiry >= start + Duration::from_secs(4), "{expiry:?}");
+        assert_eq!(life.stop(expiry), Stop::Expired);
+        assert_eq!(life.next_stop(false), None, "open tunnels run on");
+        // It ends 60 s later.
+        let ended = expiry + Duration::from_secs(60);
+        life.idle_from(ended);
+        assert_eq!(life.next_stop(true), Some(ended + CLOSE_GRACE));
+        assert_eq!(life.stop(ended + CLOSE_GRACE), Stop::Unanswered);
+    }
+
+    #[test]
+    fn an_idle_connection_stops_after_the_idle_timeout() {
+        let mut life = Lifetime::new(None, Duration::from_secs(180));
+        assert_eq!(life.next_stop(false), None, "busy, no expiry");
+        let at = life.next_stop(true).expect("idle");
+        assert_eq!(life.stop(at), Stop::Idle);
+        assert_eq!(life.next_stop(true), Some(at + CLOSE_GRACE));
     }
 }
