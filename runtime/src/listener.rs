@@ -201,6 +201,14 @@ pub struct LogLimiter {
 }
 
 impl LogLimiter {
+    /// A limiter that lets the first line through; `const`, so it can be a `static`.
+    pub const fn new() -> Self {
+        Self {
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
     /// `Some(lines held back since the last one)` if a line may be logged now.
     pub fn allow(&self) -> Option<u64> {
         self.allow_at(Instant::now())

@@ -11,7 +11,7 @@
 //! identity: refused unless the pod's namespace permits plaintext, then decided by policy
 //! like any other source (only rules that need no identity can admit them).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use membrane_runtime::listener::LogLimiter;
 
@@ -23,9 +23,9 @@ use membrane_identity::WorkloadIdentity;
 
 /// Lines a peer could otherwise write at its own rate: one per 5 s each, with the count left
 /// out.
-static CONNECTION_LOG: OnceLock<LogLimiter> = OnceLock::new();
-static AUTHORITY_LOG: OnceLock<LogLimiter> = OnceLock::new();
-static FORWARDED_LOG: OnceLock<LogLimiter> = OnceLock::new();
+static CONNECTION_LOG: LogLimiter = LogLimiter::new();
+static AUTHORITY_LOG: LogLimiter = LogLimiter::new();
+static FORWARDED_LOG: LogLimiter = LogLimiter::new();
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -73,7 +73,7 @@ async fn hbone_connection(
         proxy: proxy.clone(),
     });
     if let Err(e) = hbone::serve_connection(tcp, tls, handler).await
-        && let Some(left_out) = hbone::log_limiter(&CONNECTION_LOG).allow()
+        && let Some(left_out) = CONNECTION_LOG.allow()
     {
         tracing::info!(error = %e, left_out, "HBONE connection refused or failed");
     }
@@ -115,7 +115,7 @@ impl ConnectHandler for InboundHandler {
             // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
             if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {
                 self.proxy.guard.refused("inbound_hbone", &e);
-                if let Some(left_out) = hbone::log_limiter(&AUTHORITY_LOG).allow() {
+                if let Some(left_out) = AUTHORITY_LOG.allow() {
                     tracing::warn!(
                         authority = %req.authority,
                         peer = %req.peer,
@@ -169,7 +169,7 @@ impl ConnectHandler for InboundHandler {
                 && source.trust_domain() != &self.proxy.trust_domain;
             if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
                 self.proxy.guard.forwarded_ignored();
-                if let Some(left_out) = hbone::log_limiter(&FORWARDED_LOG).allow() {
+                if let Some(left_out) = FORWARDED_LOG.allow() {
                     tracing::warn!(
                         peer = %req.peer,
                         peer_addr = %peer_addr,

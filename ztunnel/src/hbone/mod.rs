@@ -68,7 +68,6 @@ pub use pool::{HbonePool, PoolConfig, PoolKey};
 pub use request::{
     ConnectRefusal, ConnectRequest, DenialStatus, parse_authority, parse_named_authority,
 };
-pub(crate) use server::log_limiter;
 pub use server::{
     Accepted, ConnectFuture, ConnectHandler, handshakes_failed, requests_malformed,
     serve_connection,

@@ -283,11 +283,7 @@ pub fn handshakes_failed() -> &'static Counter {
 
 /// A peer controls how often these lines would be written: one per 5 s, with the count left
 /// out.
-static MALFORMED_LOG: OnceLock<LogLimiter> = OnceLock::new();
-
-pub(crate) fn log_limiter(cell: &'static OnceLock<LogLimiter>) -> &'static LogLimiter {
-    cell.get_or_init(LogLimiter::default)
-}
+static MALFORMED_LOG: LogLimiter = LogLimiter::new();
 
 /// How long a closing connection with no tunnel left may take to finish the GOAWAY exchange
 /// before it is dropped (a vanished peer never answers).
@@ -376,7 +372,7 @@ async fn handle_stream<H: ConnectHandler + ?Sized>(
         Ok(req) => req,
         Err(refusal) => {
             requests_malformed().inc();
-            if let Some(left_out) = log_limiter(&MALFORMED_LOG).allow() {
+            if let Some(left_out) = MALFORMED_LOG.allow() {
                 tracing::info!(status = %refusal.status(), reason = refusal.reason(), left_out, "CONNECT refused before policy");
             }
             return answer(&mut respond, refusal.status());
