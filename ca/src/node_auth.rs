@@ -94,9 +94,11 @@ pub enum NodeAuthError {
     },
 }
 
-type Digest = [u8; 32];
+/// SHA-256 of a token: what credentials are kept and looked up by (never the token itself).
+pub(crate) type Digest = [u8; 32];
 
-fn sha256(token: &str) -> Digest {
+/// The [`Digest`] of `token`.
+pub(crate) fn sha256(token: &str) -> Digest {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
     out

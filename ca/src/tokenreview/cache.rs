@@ -6,18 +6,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ring::digest;
 use tokio::time::Instant;
 
-/// SHA-256 of a token.
-pub(super) type Digest = [u8; 32];
-
-/// The digest a token is remembered by.
-pub(super) fn sha256(token: &str) -> Digest {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
-    out
-}
+pub(super) use crate::node_auth::{Digest, sha256};
 
 /// Values by token digest, each until its own expiry.
 pub(super) struct Expiring<V> {
@@ -36,7 +27,7 @@ impl<V: Clone> Expiring<V> {
 
     /// The value remembered for `digest`, unless it expired.
     pub(super) fn get(&self, digest: &Digest) -> Option<V> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = membrane_runtime::lock(&self.entries);
         let (value, expires) = entries.get(digest)?;
         (Instant::now() < *expires).then(|| value.clone())
     }
@@ -47,7 +38,7 @@ impl<V: Clone> Expiring<V> {
             return;
         }
         let now = Instant::now();
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = membrane_runtime::lock(&self.entries);
         if entries.len() >= self.capacity && !entries.contains_key(&digest) {
             entries.retain(|_, (_, expires)| *expires > now);
             if entries.len() >= self.capacity {
@@ -60,7 +51,7 @@ impl<V: Clone> Expiring<V> {
     /// How many entries are held (expired ones included).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        membrane_runtime::lock(&self.entries).len()
     }
 }
 
