@@ -79,6 +79,10 @@ spec:
 ";
 
 fn spec() -> MeshSpec {
+    spec_with(&[])
+}
+
+fn spec_with(ztunnel_args: &[&str]) -> MeshSpec {
     let mut spec = MeshSpec::two_nodes(
         vec![
             PodDef::new("model-server", "inference", "model-server", "node-b"),
@@ -97,11 +101,16 @@ fn spec() -> MeshSpec {
     spec.nodes.push(GW_NODE.to_owned());
     spec.policies = POLICIES.to_owned();
     spec.extra_manifests = vec![("ingress.yaml".into(), MANIFESTS.into())];
+    spec.ztunnel_args = ztunnel_args.iter().map(|a| (*a).to_owned()).collect();
     spec
 }
 
 async fn start() -> anyhow::Result<(Mesh, World)> {
-    let mut mesh = Mesh::start(spec()).await?;
+    start_with(spec()).await
+}
+
+async fn start_with(spec: MeshSpec) -> anyhow::Result<(Mesh, World)> {
+    let mut mesh = Mesh::start(spec).await?;
     let world = World::start(&mut mesh.testbed)?;
     mesh.enroll("model-server").await?;
     mesh.enroll("client").await?;
@@ -338,5 +347,40 @@ async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay(
         &client_hello("new.models.example")?,
     )
     .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn the_gateway_carries_more_tunnels_to_one_backend_than_one_peers_share() -> anyhow::Result<()>
+{
+    require_root()?;
+    // One peer address may hold 4 tunnels to a pod; the gateway speaks for many clients.
+    let (mesh, world) = start_with(spec_with(&["--pod-max-connections-per-peer", "4"])).await?;
+    let gw = SocketAddr::new(mesh.ip("ingress-gw"), 8080);
+    // Three clients, three connections each (within each client's share at the gateway),
+    // held open together: nine tunnels from the gateway's address to the model server.
+    let mut held = Vec::new();
+    for client in 1..=3u8 {
+        for n in 0..3u8 {
+            let source = Ipv4Addr::new(198, 51, 100, 100 + client);
+            let mut s = connect_from_internet(&world, source, gw).await?;
+            let msg = [b'a' + client, b'0' + n];
+            s.write_all(&msg).await?;
+            let mut got = [0u8; 2];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+            assert_eq!(got, msg, "client {client}, connection {n}");
+            held.push(s);
+        }
+    }
+    let refused = ztunnel_metric(
+        &mesh,
+        "node-b",
+        "membrane_listener_connections_refused_total",
+        &["listener=\"inbound_tunnels\""],
+    )
+    .await?;
+    assert_eq!(refused, 0.0, "no tunnel of the gateway refused");
+    drop(held);
     Ok(())
 }

@@ -173,7 +173,10 @@ async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Res
     let (za, zb) = (&mesh.ztunnels["node-a"], &mesh.ztunnels["node-b"]);
 
     // 15001: a pod opens 1,000 captured connections and sits on them. The attacker's own
-    // listener holds 400 at most; the rest are closed at once; other pods are not affected.
+    // listener holds 400 at most; the rest are closed at once. Each of the 400 is a tunnel to
+    // the server, i.e. a socket to its application: the server's pod holds 100 of them from
+    // one peer (its share of the pod's 400), so the other 300 are refused there and closed
+    // too. Other pods are not affected: the server has room for their tunnels.
     let held = connect_all(sockets_in(&mesh, "attacker", FLOOD)?, server).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     traffic_flows(&mesh, "client").await?;
@@ -185,8 +188,17 @@ async fn idle_floods_on_ztunnel_listeners_are_capped_and_closed() -> anyhow::Res
     assert!(refused >= 500.0, "outbound refusals: {refused}");
     let closed = closed_within(held, Duration::from_secs(2)).await?;
     assert!(
-        (500..=650).contains(&closed),
-        "the connections over the cap are closed, the admitted ones stay: {closed}"
+        (850..=950).contains(&closed),
+        "the connections over either cap are closed, the admitted ones stay: {closed}"
+    );
+    let tunnels = metric(
+        &metrics_of(zb.metrics).await?,
+        "membrane_listener_connections_refused_total",
+        &["listener=\"inbound_tunnels\"", "reason=\"peer_limit\""],
+    );
+    assert!(
+        (250.0..=400.0).contains(&tunnels),
+        "tunnels over the attacker's share at the server: {tunnels}"
     );
 
     // 15008: a non-mesh pod opens 1,000 TCP connections to a pod's HBONE port and never

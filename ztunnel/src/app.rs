@@ -108,10 +108,12 @@ pub const PINS_FILE: &str = "pins.json";
 /// Caps and timeouts of the ztunnel's listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerConfig {
-    /// Connections each pod listener (15001, 15006, 15008) holds at once.
+    /// Connections each pod listener (15001, 15006, 15008) holds at once; also a pod's
+    /// inbound HBONE tunnels ([`crate::tunnel_slots`]).
     pub pod_max_connections: usize,
     /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008);
-    /// on the outbound one every peer is the pod itself.
+    /// on the outbound one every peer is the pod itself. Also the inbound HBONE tunnels one
+    /// peer IP holds to a pod.
     pub pod_max_connections_per_peer: usize,
     /// Connections each HTTP listener (admin, metrics, readiness) holds at once.
     pub http_max_connections: usize,

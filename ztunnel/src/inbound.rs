@@ -3,8 +3,9 @@
 //! HBONE: mutual TLS is terminated with the pod's SVID, the peer SPIFFE ID comes from the
 //! verified chain, the CONNECT `:authority` must be an application port of this pod (never a
 //! ztunnel port: see [`crate::guard`]), the source address for policy is the TCP peer (never
-//! the `forwarded` claim), and only then does the ztunnel connect to the application (from
-//! inside the pod, with its mark). Connections register for policy re-checks before they are
+//! the `forwarded` claim), and only then — within the pod's tunnel caps
+//! ([`crate::tunnel_slots`]) — does the ztunnel connect to the application (from inside the
+//! pod, with its mark). Connections register for policy re-checks before they are
 //! decided, so a policy change never misses one being admitted. An admitted tunnel's record
 //! is opened at admission and travels with it (the [`hbone::ConnectHandler`]'s admission), so
 //! its duration is the tunnel's and the drain waits for it. Plaintext sources have no
@@ -13,12 +14,13 @@
 
 use std::sync::Arc;
 
-use membrane_runtime::listener::LogLimiter;
+use membrane_runtime::listener::{LogLimiter, RefusalReason};
 
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, INBOUND_HBONE, PodContext, Proxy, original_dst, serve_listener};
 use crate::relay::{RelayResult, ResetOnError, Side};
+use crate::tunnel_slots::{INBOUND_TUNNELS, TunnelSlot};
 use membrane_identity::WorkloadIdentity;
 
 /// Lines a peer could otherwise write at its own rate: one per 5 s each, with the count left
@@ -26,6 +28,7 @@ use membrane_identity::WorkloadIdentity;
 static CONNECTION_LOG: LogLimiter = LogLimiter::new();
 static AUTHORITY_LOG: LogLimiter = LogLimiter::new();
 static FORWARDED_LOG: LogLimiter = LogLimiter::new();
+static TUNNEL_CAP_LOG: LogLimiter = LogLimiter::new();
 
 /// Accepts HBONE connections for one pod until it is removed.
 pub async fn run_hbone(listener: tokio::net::TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -89,6 +92,7 @@ struct InboundHandler {
 struct InboundTunnel {
     log: ConnectionLog,
     _registration: ConnGuard,
+    _slot: TunnelSlot,
 }
 
 impl ConnectHandler for InboundHandler {
@@ -165,8 +169,10 @@ impl ConnectHandler for InboundHandler {
             // Policy gets neither: the source address is unknown, so address conditions
             // fail closed (`membrane_policy::UNKNOWN_SOURCE_IP`) instead of seeing every
             // federated source as the gateway's local address.
-            let relayed = self.is_east_west_gateway(source_ip)
-                && source.trust_domain() != &self.proxy.trust_domain;
+            let through_east_west = self.is_east_west_gateway(source_ip);
+            let relayed = through_east_west && source.trust_domain() != &self.proxy.trust_domain;
+            // A gateway carries many clients' tunnels: exempt from one peer's share.
+            let gateway_peer = through_east_west || self.is_ingress_gateway(&source, source_ip);
             if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
                 self.proxy.guard.forwarded_ignored();
                 if let Some(left_out) = FORWARDED_LOG.allow() {
@@ -205,6 +211,18 @@ impl ConnectHandler for InboundHandler {
                 log.refused(reason.clone());
                 return Err(ConnectRefusal::Denied(reason));
             }
+            // Each tunnel is a socket to the application: counted under the pod's caps.
+            let caps = self.proxy.listener_caps;
+            let slot = match self.pod.tunnels.take(source_ip, gateway_peer, caps) {
+                Ok(slot) => slot,
+                Err(cap) => {
+                    let reason = self.over_tunnel_cap(source_ip, cap);
+                    let mut log = self.log(&req);
+                    log.authorized(decision);
+                    log.refused(reason.clone());
+                    return Err(ConnectRefusal::Unreachable(reason));
+                }
+            };
             let app = match self.pod.netns.connect_app(req.authority).await {
                 Ok(app) => app,
                 Err(e) => {
@@ -229,6 +247,7 @@ impl ConnectHandler for InboundHandler {
                 admission: InboundTunnel {
                     log,
                     _registration: registration,
+                    _slot: slot,
                 },
                 cancel: Some(cancel),
             })
@@ -255,6 +274,35 @@ impl InboundHandler {
     /// Whether `ip` is an east-west gateway pod of this cluster.
     fn is_east_west_gateway(&self, ip: std::net::IpAddr) -> bool {
         self.proxy.state.borrow().is_local_east_west_gateway(ip)
+    }
+
+    /// Counts and logs (at a bounded rate) a tunnel refused over `cap`; the refusal's reason.
+    fn over_tunnel_cap(&self, peer: std::net::IpAddr, cap: RefusalReason) -> String {
+        let caps = self.proxy.listener_caps;
+        self.proxy
+            .listener_metrics
+            .refused_counter(INBOUND_TUNNELS, cap)
+            .inc();
+        let (held, held_by_peer) = self.pod.tunnels.held(peer);
+        if let Some(left_out) = TUNNEL_CAP_LOG.allow() {
+            tracing::warn!(
+                %peer,
+                reason = cap.as_str(),
+                held,
+                held_by_peer,
+                max = caps.max,
+                max_per_peer = caps.max_per_peer,
+                left_out,
+                "tunnel refused: too many tunnels to this pod"
+            );
+        }
+        match cap {
+            RefusalReason::PeerLimit => format!(
+                "{peer} already holds {} tunnels to this pod",
+                caps.max_per_peer
+            ),
+            _ => format!("this pod already holds {} tunnels", caps.max),
+        }
     }
 
     fn log(&self, req: &ConnectRequest) -> ConnectionLog {

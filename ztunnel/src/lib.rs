@@ -49,6 +49,7 @@ pub mod route;
 pub mod sni;
 pub mod state;
 pub mod telemetry;
+pub mod tunnel_slots;
 pub mod udp;
 
 pub(crate) use membrane_runtime::lock;

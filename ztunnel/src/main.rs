@@ -76,10 +76,12 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_grace: Duration,
     /// Connections each pod listener (15001, 15006, 15008) holds at once; more are closed at
-    /// once and counted in `membrane_listener_connections_refused_total`.
+    /// once and counted in `membrane_listener_connections_refused_total`. Also the inbound
+    /// HBONE tunnels a pod holds at once (more are answered 503).
     #[arg(long, default_value_t = 16384)]
     pod_max_connections: usize,
-    /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008).
+    /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008),
+    /// and inbound HBONE tunnels it holds to one pod (gateways of the mesh exempt).
     #[arg(long, default_value_t = 4096)]
     pod_max_connections_per_peer: usize,
     #[command(flatten)]

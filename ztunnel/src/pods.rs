@@ -318,6 +318,7 @@ impl PodRegistry {
             netns: pod_netns,
             accepting: self.draining.child_token(),
             cancel: self.shutdown.child_token(),
+            tunnels: Default::default(),
         });
         let proxy = self.proxy.clone();
         let tasks = listeners::spawn(bound, &self.dns, &context, &proxy);

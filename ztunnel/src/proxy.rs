@@ -71,6 +71,8 @@ pub struct PodContext {
     pub accepting: CancellationToken,
     /// Cancelled when the pod is removed or the drain grace period ends: open connections stop.
     pub cancel: CancellationToken,
+    /// Its open inbound HBONE tunnels, under the listener caps counted in tunnels.
+    pub tunnels: crate::tunnel_slots::TunnelSlots,
 }
 
 /// The `kind` of the outbound listener (15001).

@@ -129,6 +129,7 @@ async fn listen(gw: &Arc<IngressGateway>, port: u16) -> std::io::Result<Cancella
         netns: gw.pod.netns.clone(),
         accepting: token.clone(),
         cancel: gw.pod.cancel.clone(),
+        tunnels: Default::default(),
     });
     let gw = gw.clone();
     tokio::spawn(serve_listener(

@@ -119,6 +119,7 @@ pub async fn run(
         netns: netns.clone(),
         accepting: accepting.clone(),
         cancel,
+        tunnels: Default::default(),
     });
     // Both kinds serve HBONE on 15008: source ztunnels (egress), mesh pods (ingress).
     let listeners = match bind_hbone(&netns).await {
