@@ -3,7 +3,8 @@
 //! outside world: a `via` rule's connections leave from the gateway's address and never from
 //! the source's node, both records name the source identity, the name and the gateway, a
 //! forged CONNECT with another identity's valid SVID is refused by the gateway, budgets are
-//! counted at the gateway, and a gateway restart fails open tunnels cleanly.
+//! counted at the gateway, one source pod holds only its share of the gateway's tunnels, and
+//! a gateway restart fails open tunnels cleanly.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -42,6 +43,10 @@ spec:
 ";
 
 fn spec() -> MeshSpec {
+    spec_with(&[])
+}
+
+fn spec_with(extra_args: &[&str]) -> MeshSpec {
     let mut spec = MeshSpec::two_nodes(
         vec![
             PodDef::new("trainer", "training", "trainer", "node-a"),
@@ -62,6 +67,8 @@ fn spec() -> MeshSpec {
         "--dns-upstream".to_owned(),
         membrane_tests::world::RESOLVER.to_string(),
     ];
+    spec.ztunnel_args
+        .extend(extra_args.iter().map(|a| (*a).to_owned()));
     spec.extra_manifests = vec![("egress.yaml".into(), POLICY.into())];
     spec
 }
@@ -71,7 +78,11 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 async fn start() -> anyhow::Result<(Mesh, World)> {
-    let mut mesh = Mesh::start(spec()).await?;
+    start_with(spec()).await
+}
+
+async fn start_with(spec: MeshSpec) -> anyhow::Result<(Mesh, World)> {
+    let mut mesh = Mesh::start(spec).await?;
     let world = World::start(&mut mesh.testbed)?;
     mesh.enroll("trainer").await?;
     wait_ready(&mesh, GW_NODE, Duration::from_secs(20)).await?;
@@ -374,6 +385,65 @@ async fn budgets_are_counted_at_the_gateway() -> anyhow::Result<()> {
         )
         .await?
             >= 1.0
+    );
+    Ok(())
+}
+
+/// Whether the connection is closed (or reset) within `within`; the sink never answers.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn one_source_pod_holds_its_share_of_the_gateways_tunnels() -> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, _world) = start_with(spec_with(&["--pod-max-connections-per-peer", "4"])).await?;
+    resolve(
+        &mesh.netns_path("trainer"),
+        addr(RESOLVER),
+        "s3.example",
+        RecordType::A,
+    )?;
+    let sink = SocketAddr::new(IpAddr::from([198, 51, 100, 30]), SINK_PORT);
+    // Six uploads held open at once: each is a tunnel to the gateway and a socket out of it.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = mesh.connect_from("trainer", sink).await?;
+        s.write_all(b"x").await?;
+        held.push(s);
+        // In order: the first four take the share, the last two are over it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut closed = Vec::new();
+    for s in &mut held {
+        closed.push(closed_within(s, Duration::from_millis(1500)).await);
+    }
+    assert_eq!(
+        closed,
+        [false, false, false, false, true, true],
+        "the gateway keeps four tunnels of one source pod"
+    );
+    let over = ztunnel_metric(
+        &mesh,
+        GW_NODE,
+        "membrane_gateway_connections_total",
+        &["reason=\"peer_limit\""],
+    )
+    .await?;
+    assert_eq!(over, 2.0, "refusals over the share");
+    // Places are given back when tunnels end.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = mesh.connect_from("trainer", sink).await?;
+    again.write_all(b"y").await?;
+    assert!(
+        !closed_within(&mut again, Duration::from_millis(1500)).await,
+        "a tunnel after the others ended"
     );
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! the model server's node encrypted; the model server's record names the gateway and the
 //! client; `remoteIpBlocks` refuses one client and admits another; unknown server names and
 //! direct plaintext are refused; a route to an unknown Service is refused whole while the
-//! routes that built keep working.
+//! routes that built keep working; the gateway carries more tunnels to one backend than one
+//! peer address's share.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -15,7 +15,9 @@
 //!    rule names this gateway in `via` admits the tunnel (no policy, a DENY, or a rule that
 //!    leaves directly or through another gateway refuses it), and the budget of the deciding
 //!    policy is counted here, per source identity;
-//! 4. the connection leaves from the gateway pod, to the first resolved address that answers;
+//! 4. one source pod address holds at most its share of the gateway's tunnels (the pod caps
+//!    counted in tunnels, [`crate::tunnel_slots`]);
+//! 5. the connection leaves from the gateway pod, to the first resolved address that answers;
 //!    the client's first flight is held until its ClientHello is whole and decided again with
 //!    its server name ([`crate::egress::first_flight`]).
 //!
@@ -39,6 +41,7 @@ use crate::hbone::{Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, Conn
 use crate::proxy::{ConnectionLog, PodContext, Proxy};
 use crate::relay::{RelayResult, Side};
 use crate::state::Workload;
+use crate::tunnel_slots::TunnelSlot;
 
 /// How long connecting to one resolved address may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +71,7 @@ pub struct EgressTunnel {
     meter: Option<egress::budget::Meter>,
     /// Set when the first flight was refused.
     gate_refused: Arc<OnceLock<FlightRefusal>>,
+    _slot: TunnelSlot,
 }
 
 /// A refusal: the record's reason, the metric's label, the peer's status.
@@ -108,7 +112,7 @@ impl ConnectHandler for EgressGateway {
                 Some(self.pod.workload.identity.to_string()),
             );
             match self.admit(&req, peer_ip, &mut log).await {
-                Ok((app, open, meter, gate_refused)) => {
+                Ok((app, open, meter, gate_refused, slot)) => {
                     self.metrics.admitted(KIND);
                     log.opened();
                     let cancel = open.cancel.clone();
@@ -119,6 +123,7 @@ impl ConnectHandler for EgressGateway {
                             open,
                             meter,
                             gate_refused,
+                            _slot: slot,
                         },
                         cancel: Some(cancel),
                     })
@@ -146,6 +151,7 @@ impl ConnectHandler for EgressGateway {
             open,
             meter,
             gate_refused,
+            _slot,
         } = tunnel;
         let control = &self.proxy.egress;
         if let Some(revoked) = open.revoked.get() {
@@ -170,6 +176,7 @@ type Admitted = (
     OpenHandle,
     Option<egress::budget::Meter>,
     Arc<OnceLock<FlightRefusal>>,
+    TunnelSlot,
 );
 
 impl EgressGateway {
@@ -200,6 +207,19 @@ impl EgressGateway {
         log: &mut ConnectionLog,
     ) -> Result<Admitted, Refusal> {
         let source = self.source(req, peer_ip)?;
+        // Each tunnel is a socket out of this pod: one source pod holds its share of them
+        // (the pod caps counted in tunnels, as for a pod's inbound tunnels).
+        let caps = self.proxy.listener_caps;
+        let slot = self.pod.tunnels.take(peer_ip, false, caps).map_err(|cap| {
+            Refusal::new(
+                cap.as_str(),
+                ConnectRefusal::Unreachable(format!(
+                    "{peer_ip} already holds its share of this gateway's tunnels \
+                     ({} per peer, {} in all)",
+                    caps.max_per_peer, caps.max
+                )),
+            )
+        })?;
         let port = req.authority.port();
         let addresses = match &req.host {
             Some(host) => {
@@ -263,7 +283,7 @@ impl EgressGateway {
         let gate_refused = Arc::new(OnceLock::new());
         let check = self.hello_check(source, attrs, gate_refused.clone());
         let app = FirstFlight::new(tcp, meter.clone(), check);
-        Ok((app, open, meter, gate_refused))
+        Ok((app, open, meter, gate_refused, slot))
     }
 
     /// Only an ALLOW whose rule sends the connection through this gateway admits it.
