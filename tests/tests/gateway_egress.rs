@@ -109,6 +109,17 @@ async fn record(mesh: &Mesh, node: &str, pred: impl Fn(&Value) -> bool) -> anyho
         .ok_or_else(|| anyhow::anyhow!("no such record on {node}"))
 }
 
+/// The upload sink, once the trainer has resolved s3.example (the gateway's rule is by name).
+fn s3_sink(mesh: &Mesh) -> anyhow::Result<SocketAddr> {
+    resolve(
+        &mesh.netns_path("trainer"),
+        addr(RESOLVER),
+        "s3.example",
+        RecordType::A,
+    )?;
+    Ok(SocketAddr::new(IpAddr::from([198, 51, 100, 30]), SINK_PORT))
+}
+
 /// Whether the captured frames carry an IPv4 header addressed to `ip` (its 4 bytes).
 fn saw(captured: &membrane_tests::netns::Captured, ip: &str) -> bool {
     let ip: std::net::Ipv4Addr = ip.parse().expect("ipv4");
@@ -318,13 +329,7 @@ async fn the_gateway_decides_again_and_refuses_forged_requests() -> anyhow::Resu
 async fn budgets_are_counted_at_the_gateway() -> anyhow::Result<()> {
     require_root()?;
     let (mesh, world) = start().await?;
-    resolve(
-        &mesh.netns_path("trainer"),
-        addr(RESOLVER),
-        "s3.example",
-        RecordType::A,
-    )?;
-    let sink = SocketAddr::new(IpAddr::from([198, 51, 100, 30]), SINK_PORT);
+    let sink = s3_sink(&mesh)?;
     let mut upload = mesh.connect_from("trainer", sink).await?;
     let chunk = vec![7u8; 64 * 1024];
     // Four times the budget (bounded), then the connection must be closed by the gateway.
@@ -403,13 +408,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 async fn one_source_pod_holds_its_share_of_the_gateways_tunnels() -> anyhow::Result<()> {
     require_root()?;
     let (mesh, _world) = start_with(spec_with(&["--pod-max-connections-per-peer", "4"])).await?;
-    resolve(
-        &mesh.netns_path("trainer"),
-        addr(RESOLVER),
-        "s3.example",
-        RecordType::A,
-    )?;
-    let sink = SocketAddr::new(IpAddr::from([198, 51, 100, 30]), SINK_PORT);
+    let sink = s3_sink(&mesh)?;
     // Six uploads held open at once: each is a tunnel to the gateway and a socket out of it.
     let mut held = Vec::new();
     for _ in 0..6 {
