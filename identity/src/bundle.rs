@@ -138,6 +138,18 @@ impl TrustBundle {
 struct BundleSet {
     local: Arc<TrustBundle>,
     federated: BTreeMap<TrustDomain, Arc<TrustBundle>>,
+    /// Bumped by every replacement: a verification made at one generation holds until the
+    /// next ([`crate::verify::PeerTrust`]).
+    generation: u64,
+}
+
+impl BundleSet {
+    fn for_trust_domain(&self, trust_domain: &TrustDomain) -> Option<Arc<TrustBundle>> {
+        if self.local.trust_domain() == trust_domain {
+            return Some(self.local.clone());
+        }
+        self.federated.get(trust_domain).cloned()
+    }
 }
 
 /// The trust bundles verifiers use, replaceable while they hold on to it (root rotation, a
@@ -153,6 +165,7 @@ impl SharedTrustBundle {
         Self(Arc::new(RwLock::new(Arc::new(BundleSet {
             local: Arc::new(bundle),
             federated: BTreeMap::new(),
+            generation: 0,
         }))))
     }
 
@@ -170,7 +183,11 @@ impl SharedTrustBundle {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        *guard = Arc::new(change(&guard));
+        let generation = guard.generation.wrapping_add(1);
+        *guard = Arc::new(BundleSet {
+            generation,
+            ..change(&guard)
+        });
     }
 
     /// The local trust domain's bundle.
@@ -183,16 +200,25 @@ impl SharedTrustBundle {
         self.replace(|set| BundleSet {
             local: Arc::new(bundle),
             federated: set.federated.clone(),
+            generation: set.generation,
         });
     }
 
     /// The bundle that speaks for `trust_domain`: the local one or a federated one.
     pub fn for_trust_domain(&self, trust_domain: &TrustDomain) -> Option<Arc<TrustBundle>> {
+        self.set().for_trust_domain(trust_domain)
+    }
+
+    /// How many times the bundles were replaced: a chain verified at one generation is still
+    /// trusted while it lasts.
+    pub fn generation(&self) -> u64 {
+        self.set().generation
+    }
+
+    /// [`Self::generation`] and [`Self::for_trust_domain`], read together.
+    pub fn current(&self, trust_domain: &TrustDomain) -> (u64, Option<Arc<TrustBundle>>) {
         let set = self.set();
-        if set.local.trust_domain() == trust_domain {
-            return Some(set.local.clone());
-        }
-        set.federated.get(trust_domain).cloned()
+        (set.generation, set.for_trust_domain(trust_domain))
     }
 
     /// The federated bundles, by trust domain.
@@ -221,6 +247,7 @@ impl SharedTrustBundle {
         self.replace(|set| BundleSet {
             local: set.local.clone(),
             federated,
+            generation: set.generation,
         });
         Ok(())
     }

@@ -256,6 +256,11 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         crate::hbone::handshakes_failed().clone(),
     );
     registry.register(
+        "hbone_peers_untrusted",
+        "CONNECT requests refused on an established inbound HBONE connection because the peer's chain no longer verifies against the changed trust bundles (a root removed, a trust domain no longer federated); the connection is closed",
+        crate::hbone::peers_untrusted().clone(),
+    );
+    registry.register(
         "tcp_congestion_errors",
         "Failures to read or set a TCP congestion control (a pod's default or a network socket's); the traffic goes on with the kernel's",
         crate::congestion::errors().clone(),
@@ -311,10 +316,14 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
 
     let cancel = CancellationToken::new();
     let pods_cancel = CancellationToken::new();
-    let pool = HbonePool::new(PoolConfig {
-        idle_timeout: config.pool_idle_timeout,
-        ..PoolConfig::default()
-    });
+    // Pooled connections take no new tunnel once a bundle change leaves their peer untrusted.
+    let pool = HbonePool::checking_trust(
+        PoolConfig {
+            idle_timeout: config.pool_idle_timeout,
+            ..PoolConfig::default()
+        },
+        certs.bundle(),
+    );
     let access =
         AccessLog::stdout(metrics.access_dropped.clone()).map_err(StartError::AccessLog)?;
     let proxy = Arc::new(Proxy {

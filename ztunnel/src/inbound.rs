@@ -103,6 +103,10 @@ impl ConnectHandler for InboundHandler {
         self.proxy.wire.denial
     }
 
+    fn trust_bundles(&self) -> Option<membrane_identity::SharedTrustBundle> {
+        Some(self.proxy.certs.bundle())
+    }
+
     fn handshake_share_exempt(&self, peer: std::net::IpAddr) -> bool {
         self.is_east_west_gateway(peer)
     }

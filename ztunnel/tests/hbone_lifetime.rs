@@ -1,6 +1,6 @@
 //! How long the listening side keeps an established HBONE connection: no new tunnel once the
-//! peer's certificate expired (open ones run on), and closed after the idle timeout without
-//! a tunnel. Its own test binary: the process-wide limits are set short here.
+//! peer's certificate expired or its root was removed from the trust bundle (open ones run
+//! on), and closed after the idle timeout without a tunnel. Its own test binary: the process-wide limits are set short here.
 //!
 //! Real loopback sockets, a throwaway CA, a raw HTTP/2 client over mutual TLS; every test is
 //! bounded by a timeout.
@@ -47,11 +47,17 @@ fn td() -> TrustDomain {
     parse_trust_domain("cluster.local").expect("trust domain")
 }
 
-struct Forward(SocketAddr);
+/// Forwards every tunnel to an application; checks peers against the bundles again after
+/// they change.
+struct Forward(SocketAddr, SharedTrustBundle);
 
 impl ConnectHandler for Forward {
     type Admission = ();
     type App = TcpStream;
+
+    fn trust_bundles(&self) -> Option<SharedTrustBundle> {
+        Some(self.1.clone())
+    }
 
     fn connect(&self, _req: ConnectRequest) -> ConnectFuture<'_, ()> {
         Box::pin(async move {
@@ -90,7 +96,7 @@ async fn echo_server(ca: &OfflineCa, bundle: &SharedTrustBundle) -> (SocketAddr,
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let handler: Arc<dyn ConnectHandler<Admission = (), App = TcpStream>> =
-        Arc::new(Forward(app_addr));
+        Arc::new(Forward(app_addr, bundle.clone()));
     tokio::spawn(async move {
         let mut conns = JoinSet::new();
         while let Ok((tcp, _)) = listener.accept().await {
@@ -222,6 +228,49 @@ async fn an_idle_connection_is_closed() {
         let ended = timeout(IDLE * 10, driver).await;
         assert!(ended.is_ok(), "the idle connection closes");
         assert!(limits.idle_closed.get() > before, "counted");
+    })
+    .await
+    .expect("within the test's time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_takes_no_new_tunnel_once_the_peers_root_is_removed() {
+    let _ = limits();
+    timeout(Duration::from_secs(60), async {
+        let old = OfflineCa::root("old root").expect("root");
+        let new = OfflineCa::root("new root").expect("root");
+        // Mid-rotation: both roots trusted; the server already has a certificate of the new.
+        let both = TrustBundle::new(td(), [old.der().clone(), new.der().clone()]).expect("bundle");
+        let bundle = SharedTrustBundle::new(both);
+        let (server, app) = echo_server(&new, &bundle).await;
+        let old_svid = old.svid(CLIENT_ID, &[]).expect("svid");
+        let (sender, driver) = client(server, &old_svid, &bundle).await;
+        let (mut send, mut recv) = tunnel(&sender, app).await.expect("tunnel under both roots");
+        echo(&mut send, &mut recv, 1).await;
+        let before = membrane_ztunnel::hbone::peers_untrusted().get();
+
+        // The old root is removed (a rotation's end, or a compromise).
+        bundle.store(TrustBundle::new(td(), [new.der().clone()]).expect("bundle"));
+        let refused = tunnel(&sender, app).await;
+        assert_eq!(refused.err().as_deref(), Some("status 401 Unauthorized"));
+        assert!(
+            membrane_ztunnel::hbone::peers_untrusted().get() > before,
+            "counted"
+        );
+        // The open tunnel runs on; with it gone the connection ends.
+        echo(&mut send, &mut recv, 2).await;
+        send.send_data(Bytes::new(), true).expect("end");
+        drop((send, recv, sender));
+        let ended = timeout(Duration::from_secs(20), driver).await;
+        assert!(ended.is_ok(), "the untrusted connection closes");
+
+        // A peer with a certificate of the remaining root connects and tunnels as before.
+        let new_svid = new.svid(CLIENT_ID, &[]).expect("svid");
+        let (sender, _driver) = client(server, &new_svid, &bundle).await;
+        let (mut send, mut recv) = tunnel(&sender, app)
+            .await
+            .expect("tunnel under the new root");
+        echo(&mut send, &mut recv, 3).await;
     })
     .await
     .expect("within the test's time");

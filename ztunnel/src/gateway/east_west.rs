@@ -159,6 +159,10 @@ impl ConnectHandler for EastWestGateway {
         self.proxy.wire.denial
     }
 
+    fn trust_bundles(&self) -> Option<membrane_identity::SharedTrustBundle> {
+        Some(self.proxy.certs.bundle())
+    }
+
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, Tunnel, Self::App> {
         Box::pin(async move {
             let peer_ip = req

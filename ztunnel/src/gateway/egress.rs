@@ -97,6 +97,10 @@ impl ConnectHandler for EgressGateway {
         self.proxy.wire.denial
     }
 
+    fn trust_bundles(&self) -> Option<membrane_identity::SharedTrustBundle> {
+        Some(self.proxy.certs.bundle())
+    }
+
     fn connect(&self, req: ConnectRequest) -> ConnectFuture<'_, EgressTunnel, FirstFlight> {
         Box::pin(async move {
             let peer_ip = req

@@ -315,6 +315,10 @@ impl ConnectHandler for IngressHbone {
         self.0.proxy.wire.denial
     }
 
+    fn trust_bundles(&self) -> Option<membrane_identity::SharedTrustBundle> {
+        Some(self.0.proxy.certs.bundle())
+    }
+
     fn connect(
         &self,
         req: ConnectRequest,

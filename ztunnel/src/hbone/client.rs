@@ -19,7 +19,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use membrane_identity::{SpiffeId, peer_spiffe_id};
+use membrane_identity::{PeerTrust, SpiffeId, peer_spiffe_id};
 use rustls_pki_types::ServerName;
 
 /// What [`Dial::dial`] returns.
@@ -53,20 +53,24 @@ pub struct ConnectHeaders {
 pub(crate) type ClientIo = tls::TlsStream<Carrier>;
 
 /// An established HBONE connection: the sender, the connection (which must be polled —
-/// spawned — for the sender to make progress), and when the peer's leaf certificate expires.
+/// spawned — for the sender to make progress), when the peer's leaf certificate expires, and
+/// its chain for checks after the bundles change (when the caller gave a generation).
 pub(crate) type Established = (
     SendRequest<Bytes>,
     h2::client::Connection<ClientIo, Bytes>,
     Option<SystemTime>,
+    Option<PeerTrust>,
 );
 
 /// Dials `addr`, completes mutual TLS and the HTTP/2 handshake, and checks the peer is
-/// `expected`.
+/// `expected`. `verified_at`: the bundle generation read before the dial, if the caller
+/// checks the peer again after the bundles change.
 pub(crate) async fn establish(
     addr: SocketAddr,
     expected: &SpiffeId,
     tls: Arc<rustls::ClientConfig>,
     dial: &dyn Dial,
+    verified_at: Option<u64>,
 ) -> Result<Established, HboneError> {
     let carrier = dial.dial(addr).await.map_err(|e| HboneError::Dial {
         addr,
@@ -95,6 +99,11 @@ pub(crate) async fn establish(
         .and_then(<[_]>::first)
         .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
         .map(|info| info.not_after);
+    let trust = verified_at
+        .zip(session.peer_certificates())
+        .and_then(|(at, chain)| {
+            PeerTrust::new(chain, membrane_identity::svid::Usage::Server, at).ok()
+        });
     let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -105,7 +114,7 @@ pub(crate) async fn establish(
         .handshake(tls)
         .await
         .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
-    Ok((sender, connection, peer_not_after))
+    Ok((sender, connection, peer_not_after, trust))
 }
 
 /// Why a CONNECT on an established connection failed.

@@ -69,8 +69,8 @@ pub use request::{
     ConnectRefusal, ConnectRequest, DenialStatus, parse_authority, parse_named_authority,
 };
 pub use server::{
-    Accepted, ConnectFuture, ConnectHandler, handshakes_failed, requests_malformed,
-    serve_connection,
+    Accepted, ConnectFuture, ConnectHandler, handshakes_failed, peers_untrusted,
+    requests_malformed, serve_connection,
 };
 pub use stream::H2Stream;
 pub use tls::records_refused;

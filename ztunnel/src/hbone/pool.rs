@@ -33,9 +33,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use membrane_identity::SpiffeId;
+use membrane_identity::{PeerTrust, SharedTrustBundle, SpiffeId};
 use membrane_runtime::lock;
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::UnixTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -99,6 +100,9 @@ pub struct HbonePool {
 
 struct PoolInner {
     config: PoolConfig,
+    /// When set, a pooled connection's peer is checked against these bundles again after
+    /// they change, before it takes a new tunnel.
+    trust: Option<SharedTrustBundle>,
     keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
     next_id: AtomicU64,
 }
@@ -124,6 +128,9 @@ struct PooledConn {
     local: Option<Arc<CertifiedKey>>,
     /// The earlier of both leaves' expiry: no new tunnel from then on.
     expires_at: Option<SystemTime>,
+    /// The peer's chain, checked again after the bundles change: no new tunnel once they
+    /// reject it (a root removed, its trust domain no longer federated).
+    trust: Option<PeerTrust>,
     /// It was once found unable to take a new tunnel (logged once).
     draining: AtomicBool,
 }
@@ -144,9 +151,20 @@ struct StreamLease {
 impl HbonePool {
     /// An empty pool.
     pub fn new(config: PoolConfig) -> Self {
+        Self::build(config, None)
+    }
+
+    /// An empty pool whose connections take no new tunnel once `bundles` no longer verify
+    /// their peer's chain (checked again after each change of the bundles, [`PeerTrust`]).
+    pub fn checking_trust(config: PoolConfig, bundles: SharedTrustBundle) -> Self {
+        Self::build(config, Some(bundles))
+    }
+
+    fn build(config: PoolConfig, trust: Option<SharedTrustBundle>) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 config,
+                trust,
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
             }),
@@ -208,7 +226,7 @@ impl HbonePool {
             let entry = inner.entry(&key);
             let mut retried = false;
             loop {
-                let reserved = entry.try_reserve(inner.max_streams(), inner.spread(), &presenting);
+                let reserved = entry.try_reserve(inner.max_streams(), inner.spread(), &presenting, inner.trust.as_ref());
                 let lease = match reserved {
                     Some(lease) => lease,
                     None => {
@@ -343,7 +361,9 @@ impl PoolInner {
     ) -> Result<StreamLease, HboneError> {
         let seen = entry.dials_finished.load(Ordering::Acquire);
         let mut last_failure = entry.dial.lock().await;
-        if let Some(lease) = entry.try_reserve(self.max_streams(), self.spread(), presenting) {
+        let trust = self.trust.as_ref();
+        if let Some(lease) = entry.try_reserve(self.max_streams(), self.spread(), presenting, trust)
+        {
             return Ok(lease);
         }
         // A dial that finished while this caller waited failed: share its error rather than
@@ -354,7 +374,8 @@ impl PoolInner {
             return Err(e.clone());
         }
         let timeout = self.config.connect_timeout;
-        let established = client::establish(key.dst_addr, &key.dst, tls.clone(), dial);
+        let verified_at = trust.map(SharedTrustBundle::generation);
+        let established = client::establish(key.dst_addr, &key.dst, tls.clone(), dial, verified_at);
         let result = tokio::time::timeout(timeout, established)
             .await
             .unwrap_or(Err(HboneError::Timeout {
@@ -362,7 +383,7 @@ impl PoolInner {
                 after: timeout,
             }));
         entry.dials_finished.fetch_add(1, Ordering::AcqRel);
-        let (sender, connection, peer_not_after) = match result {
+        let (sender, connection, peer_not_after, peer_trust) = match result {
             Ok(established) => established,
             Err(e) => {
                 tracing::debug!(error = %e, "HBONE connection failed");
@@ -391,6 +412,7 @@ impl PoolInner {
             closed: AtomicBool::new(false),
             local: presenting.clone(),
             expires_at,
+            trust: peer_trust,
             draining: AtomicBool::new(false),
         });
         let span = tracing::debug_span!(
@@ -463,20 +485,23 @@ impl KeyEntry {
         max_streams: usize,
         spread: usize,
         presenting: &Presenting,
+        trust: Option<&SharedTrustBundle>,
     ) -> Option<StreamLease> {
         let now = SystemTime::now();
         let mut leaving = Vec::new();
         let lease = {
             let mut conns = lock(&self.conns);
             conns.retain(|c| {
-                let keep = !c.is_closed() && (c.usable(presenting, now) || !c.is_idle());
+                let keep = !c.is_closed() && (c.usable(presenting, now, trust) || !c.is_idle());
                 if !keep {
                     leaving.push(c.clone());
                 }
                 keep
             });
-            let usable: Vec<&Arc<PooledConn>> =
-                conns.iter().filter(|c| c.usable(presenting, now)).collect();
+            let usable: Vec<&Arc<PooledConn>> = conns
+                .iter()
+                .filter(|c| c.usable(presenting, now, trust))
+                .collect();
             let count = usable.len();
             let least = usable.into_iter().min_by_key(|c| lock(&c.load).open)?;
             let mut load = lock(&least.load);
@@ -511,9 +536,15 @@ impl PooledConn {
     }
 
     /// Whether a new tunnel for `presenting` may ride this connection: neither leaf has
-    /// expired and the connection presents the caller's leaf. An
-    /// unusable connection still carries the tunnels it has (logged once).
-    fn usable(&self, presenting: &Presenting, now: SystemTime) -> bool {
+    /// expired, the connection presents the caller's leaf, and `trust` (when checked) still
+    /// verifies the peer's chain. An unusable connection still carries the tunnels it has
+    /// (logged once).
+    fn usable(
+        &self,
+        presenting: &Presenting,
+        now: SystemTime,
+        trust: Option<&SharedTrustBundle>,
+    ) -> bool {
         let same = match (&self.local, presenting) {
             (None, None) => true,
             (Some(a), Some(b)) => {
@@ -521,12 +552,17 @@ impl PooledConn {
             }
             _ => false,
         };
-        let usable = same && !self.expired(now);
+        let untrusted = match (&self.trust, trust) {
+            (Some(peer), Some(bundles)) if same => peer.recheck(bundles, UnixTime::now()).err(),
+            _ => None,
+        };
+        let usable = same && !self.expired(now) && untrusted.is_none();
         if !usable && !self.draining.swap(true, Ordering::Relaxed) {
             tracing::debug!(
                 conn = self.id,
                 expired = self.expired(now),
-                "HBONE connection drains: its certificate was replaced or expired"
+                untrusted = untrusted.as_ref().map(tracing::field::display),
+                "HBONE connection drains: its certificate was replaced or expired, or its peer is no longer trusted"
             );
         }
         usable

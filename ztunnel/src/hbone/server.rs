@@ -15,9 +15,10 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use membrane_identity::{SpiffeId, peer_spiffe_id};
+use membrane_identity::{PeerTrust, SharedTrustBundle, SpiffeId, peer_spiffe_id};
 use membrane_runtime::listener::LogLimiter;
 use prometheus_client::metrics::counter::Counter;
+use rustls_pki_types::UnixTime;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -85,6 +86,15 @@ pub trait ConnectHandler: Send + Sync + 'static {
         false
     }
 
+    /// The bundles the server's TLS configuration verifies peers with. When given, a
+    /// connection's peer chain is checked again against them before each new tunnel once they
+    /// have changed ([`PeerTrust`]): a peer whose root was removed, or whose trust domain is no
+    /// longer federated, gets 401 and the connection is closed (open tunnels run to their
+    /// end, as at its certificate's expiry).
+    fn trust_bundles(&self) -> Option<SharedTrustBundle> {
+        None
+    }
+
     /// Called once for every accepted request — when its relay ended, or when the tunnel could
     /// not be opened after all (an error on side B, nothing relayed) — with the admission
     /// `connect` returned. Only if the connection task is dropped (pod removed, drain grace
@@ -142,6 +152,9 @@ async fn serve<H: ConnectHandler + ?Sized>(
     }
     let tls = server_tls_with_h2(tls);
     let limits = handshakes();
+    // Read before the handshake: a change while it runs is checked again at the first CONNECT.
+    let bundles = handler.trust_bundles();
+    let verified_at = bundles.as_ref().map(SharedTrustBundle::generation);
     // A peer over its share is refused before it waits for a turn or costs a buffer.
     let peer_turn = match peer_addr {
         Some(addr) => limits.share(addr.ip(), handler.handshake_share_exempt(addr.ip()))?,
@@ -165,6 +178,11 @@ async fn serve<H: ConnectHandler + ?Sized>(
             .and_then(<[_]>::first)
             .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
             .map(|info| info.not_after);
+        let trust = verified_at
+            .zip(session.peer_certificates())
+            .and_then(|(at, chain)| {
+                PeerTrust::new(chain, membrane_identity::svid::Usage::Client, at).ok()
+            });
         let conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -175,7 +193,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
-        Ok::<_, HboneError>((conn, peer, peer_not_after))
+        Ok::<_, HboneError>((conn, peer, peer_not_after, trust))
     };
     let timeout = limits.limits.timeout;
     let established = tokio::time::timeout(timeout, handshake)
@@ -187,7 +205,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
                 after: timeout,
             }
         })?;
-    let (mut conn, peer, peer_not_after) = established.inspect_err(|_| {
+    let (mut conn, peer, peer_not_after, trust) = established.inspect_err(|_| {
         handshakes_failed().inc();
     })?;
     // With a verifier that requires client certificates this cannot fail; if a caller's
@@ -235,6 +253,12 @@ async fn serve<H: ConnectHandler + ?Sized>(
                 }
             }
             accepted = conn.accept() => match accepted {
+                Some(Ok((_, mut respond))) if !still_trusted(trust.as_ref(), bundles.as_ref()) => {
+                    answer(&mut respond, StatusCode::UNAUTHORIZED);
+                    if life.close(Instant::now()) {
+                        conn.graceful_shutdown();
+                    }
+                }
                 Some(Ok((request, respond))) => {
                     let span = tracing::info_span!(
                         "hbone_stream",
@@ -265,6 +289,32 @@ async fn serve<H: ConnectHandler + ?Sized>(
     result
 }
 
+/// Whether the connection's peer is still trusted by the current bundles (always, without
+/// bundles to check against); counts and logs the first refusal.
+fn still_trusted(trust: Option<&PeerTrust>, bundles: Option<&SharedTrustBundle>) -> bool {
+    let (Some(trust), Some(bundles)) = (trust, bundles) else {
+        return true;
+    };
+    match trust.recheck(bundles, UnixTime::now()) {
+        Ok(()) => true,
+        Err(e) => {
+            peers_untrusted().inc();
+            if let Some(left_out) = UNTRUSTED_LOG.allow() {
+                tracing::warn!(error = %e, left_out, "peer no longer trusted after a trust bundle change; refusing its tunnels and closing the connection");
+            }
+            false
+        }
+    }
+}
+
+/// Tunnels refused on an established connection because its peer's chain no longer verifies
+/// against the changed trust bundles (a root removed, a trust domain no longer federated), for
+/// the whole process; the app registers it as `hbone_peers_untrusted`.
+pub fn peers_untrusted() -> &'static Counter {
+    static UNTRUSTED: OnceLock<Counter> = OnceLock::new();
+    UNTRUSTED.get_or_init(Counter::default)
+}
+
 /// CONNECT requests refused before any handler saw them (not CONNECT, an authority that is
 /// neither `ip:port` nor `name:port`, no usable peer identity), for the whole process; the app
 /// registers it as `hbone_requests_malformed`.
@@ -284,6 +334,7 @@ pub fn handshakes_failed() -> &'static Counter {
 /// A peer controls how often these lines would be written: one per 5 s, with the count left
 /// out.
 static MALFORMED_LOG: LogLimiter = LogLimiter::new();
+static UNTRUSTED_LOG: LogLimiter = LogLimiter::new();
 
 /// How long a closing connection with no tunnel left may take to finish the GOAWAY exchange
 /// before it is dropped (a vanished peer never answers).
@@ -345,6 +396,15 @@ impl Lifetime {
                 }
             }
         }
+    }
+
+    /// Starts closing at `now` (the peer is no longer trusted); whether it was not closing yet.
+    fn close(&mut self, now: Instant) -> bool {
+        if self.closing_since.is_some() {
+            return false;
+        }
+        self.closing_since = Some(now);
+        true
     }
 
     /// What to do at `now`, a time [`Lifetime::next_stop`] gave.

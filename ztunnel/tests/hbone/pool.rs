@@ -274,3 +274,54 @@ async fn pool_spreads_busy_tunnels_over_connections() {
     })
     .await;
 }
+
+/// A pooled connection whose peer's root was removed from the bundles takes no new tunnel: the
+/// next one dials again, and that handshake refuses the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_peer_is_no_longer_trusted_leaves_the_pool() {
+    bounded(async {
+        let (old, new) = (TestCa::new("old root"), TestCa::new("new root"));
+        // The server still presents a certificate of the old root.
+        let (app_addr, echo, server) = echo_behind_server(&old).await;
+        let roots = |cas: &[&TestCa]| {
+            TrustBundle::new(td(), cas.iter().map(|ca| ca.0.der().clone())).expect("bundle")
+        };
+        let bundles = SharedTrustBundle::new(roots(&[&old, &new]));
+        let pool = HbonePool::checking_trust(PoolConfig::default(), bundles.clone());
+        let dial = Arc::new(TestDial::default());
+        let mut cfg = mtls_client_config(
+            &old.svid(CLIENT_ID),
+            bundles.clone(),
+            PeerCheck::Exact(id(SERVER_ID)),
+            crypto_provider(),
+        )
+        .expect("client config");
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let tls = Arc::new(cfg);
+        let pool_key = key("10.0.0.7", CLIENT_ID, &server);
+        let open = || {
+            let (key, tls, dial) = (pool_key.clone(), tls.clone(), dial.clone());
+            Box::pin(pool.connect(key, tls, dial, app_addr, ConnectHeaders::default()))
+        };
+        drop(open().await.expect("tunnel"));
+        // A change that keeps the server's root: the connection is reused.
+        let other = TestCa::new("unrelated root");
+        bundles.store(roots(&[&old, &new, &other]));
+        drop(open().await.expect("tunnel on the pooled connection"));
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 1);
+
+        // The old root removed: the pooled connection is not used; the new dial fails at the
+        // handshake, since the server's certificate no longer verifies.
+        bundles.store(roots(&[&new]));
+        let refused = open().await;
+        assert!(
+            matches!(refused, Err(HboneError::Tls(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 2, "dialled again");
+        assert_eq!(pool.connection_count(), 0, "the untrusted connection left");
+        echo.abort();
+    })
+    .await;
+}
