@@ -88,6 +88,20 @@ impl OpenConnections {
         )
     }
 
+    /// Replaces each open connection's destination pod with `state`'s description of it now
+    /// (by UID; a pod the state no longer has keeps the last one): a relabelled pod's open
+    /// connections are then re-checked against the policies that select it now.
+    pub fn refresh_destinations(&self, state: &crate::state::MeshState) {
+        let mut map = crate::lock(&self.map);
+        for entry in map.values_mut() {
+            if let Some(now) = state.by_uid(&entry.attrs.destination.uid)
+                && !Arc::ptr_eq(now, &entry.attrs.destination)
+            {
+                entry.attrs.destination = now.clone();
+            }
+        }
+    }
+
     /// Decides every open connection again with `still_allowed` (returning the reason to close
     /// it, if it is no longer allowed) and cancels the ones it refuses. Returns how many were
     /// closed.

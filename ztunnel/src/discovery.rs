@@ -364,6 +364,7 @@ impl Client {
         let state = Arc::new(built.state);
         sinks.state.send_replace(state.clone());
         sinks.policy.send_replace(Arc::new(built.policy));
+        sinks.open.refresh_destinations(&state);
         let closed = sinks.authorizer.recheck(&sinks.open);
         if closed > 0 {
             tracing::info!(closed, "connections closed after a discovery update");

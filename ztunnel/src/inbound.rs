@@ -42,7 +42,7 @@ async fn hbone_connection(
     proxy: Arc<Proxy>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let identity = &pod.workload.identity;
+    let identity = &pod.workload().identity;
     let svid = match proxy
         .certs
         .svid_for_connection(identity, "destination")
@@ -53,7 +53,7 @@ async fn hbone_connection(
             // Never an expired certificate: the connection is refused (the peer sees the TCP
             // connection close before any TLS) and counted.
             tracing::warn!(
-                identity = %pod.workload.identity,
+                identity = %pod.workload().identity,
                 error = %e,
                 "no valid certificate to serve HBONE; connection refused"
             );
@@ -66,7 +66,7 @@ async fn hbone_connection(
             proxy
                 .certs
                 .metrics()
-                .refused("destination", pod.workload.identity.to_string());
+                .refused("destination", pod.workload().identity.to_string());
             tracing::warn!(error = %e, "TLS configuration failed; connection refused");
             return;
         }
@@ -121,7 +121,7 @@ impl ConnectHandler for InboundHandler {
             }
             // The authority must be an application port of this pod: never loopback, another
             // address or a ztunnel port (a tunnel to 15001/15006/15008 would loop).
-            if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload.ips) {
+            if let Err(e) = crate::guard::check_inbound(req.authority, &self.pod.workload().ips) {
                 self.proxy.guard.refused("inbound_hbone", &e);
                 if let Some(left_out) = AUTHORITY_LOG.allow() {
                     tracing::warn!(
@@ -197,7 +197,7 @@ impl ConnectHandler for InboundHandler {
                     source_ip
                 },
                 remote_ip,
-                destination: self.pod.workload.clone(),
+                destination: self.pod.workload(),
                 destination_ip: req.authority.ip(),
                 destination_port: req.authority.port(),
             };
@@ -322,7 +322,7 @@ impl InboundHandler {
             std::net::SocketAddr::new(ip, 0),
             req.authority,
             Some(req.peer.to_string()),
-            Some(self.pod.workload.identity.to_string()),
+            Some(self.pod.workload().identity.to_string()),
         );
         if let Some(claim) = claim {
             log.claimed_source(claim);
@@ -360,9 +360,9 @@ async fn plaintext_connection(
         peer,
         dst,
         None,
-        Some(pod.workload.identity.to_string()),
+        Some(pod.workload().identity.to_string()),
     );
-    let mode = proxy.state.borrow().plaintext(&pod.workload.namespace);
+    let mode = proxy.state.borrow().plaintext(&pod.workload().namespace);
     let refuse = |log: ConnectionLog, tcp: tokio::net::TcpStream, reason: String| {
         // Reset rather than close: the caller sees a refusal, not an empty reply.
         let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
@@ -370,7 +370,7 @@ async fn plaintext_connection(
         log.refused(reason);
     };
     // Only an application port of this pod: a ztunnel port or loopback would loop.
-    if let Err(e) = crate::guard::check_inbound(dst, &pod.workload.ips) {
+    if let Err(e) = crate::guard::check_inbound(dst, &pod.workload().ips) {
         proxy.guard.refused("inbound_plaintext", &e);
         tracing::warn!(dst = %dst, error = %e, "plaintext destination refused");
         return refuse(log, tcp, format!("destination refused: {e}"));
@@ -382,7 +382,7 @@ async fn plaintext_connection(
             tcp,
             format!(
                 "plaintext source refused: namespace {} does not permit plaintext",
-                pod.workload.namespace
+                pod.workload().namespace
             ),
         );
     }
@@ -392,7 +392,7 @@ async fn plaintext_connection(
         source: None,
         source_ip: peer.ip(),
         remote_ip: None,
-        destination: pod.workload.clone(),
+        destination: pod.workload(),
         destination_ip: dst.ip(),
         destination_port: dst.port(),
     };

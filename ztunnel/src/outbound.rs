@@ -100,7 +100,7 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             return;
         }
     };
-    let route = route(&proxy.state.borrow(), &pod.workload, original);
+    let route = route(&proxy.state.borrow(), &pod.workload(), original);
     let dst = route.dst();
     let log = |dst_identity: Option<String>| {
         ConnectionLog::start(
@@ -109,7 +109,7 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             route.transport(),
             peer,
             dst,
-            Some(pod.workload.identity.to_string()),
+            Some(pod.workload().identity.to_string()),
             dst_identity,
         )
     };
@@ -172,7 +172,7 @@ async fn passthrough(
     mut log: ConnectionLog,
 ) {
     let state = proxy.state.borrow().clone();
-    let source = &pod.workload;
+    let source = &pod.workload();
     let policies = state.egress().selecting(&source.namespace, &source.labels);
     let selected = !policies.is_empty();
     let tls_port = sni::TLS_PORTS.contains(&dst.port());
@@ -325,7 +325,7 @@ async fn via_gateway(
     proxy: &Proxy,
     log: ConnectionLog,
 ) {
-    let source = &pod.workload;
+    let source = &pod.workload();
     let control = &proxy.egress;
     let Some(target) = pick_gateway(&proxy.state.borrow(), gateway, source) else {
         control.metrics.gateway_unavailable();
@@ -456,11 +456,11 @@ async fn tunnel_to(
     early: &mut hbone::EarlyData<'_>,
 ) -> Option<(hbone::H2Stream, ConnectionLog)> {
     let mut headers = headers;
-    headers.baggage = Some(proxy.wire.baggage(&pod.workload));
+    headers.baggage = Some(proxy.wire.baggage(&pod.workload()));
     let src_ip = headers.forwarded_for.unwrap_or(peer.ip());
     // Never an expired certificate: a renewal failed until expiry is refused here, with the
     // reason, until the controller answers again.
-    let identity = &pod.workload.identity;
+    let identity = &pod.workload().identity;
     let svid = match proxy.certs.svid_for_connection(identity, "source").await {
         Ok(svid) => svid,
         Err(e) => {
@@ -496,7 +496,7 @@ async fn tunnel_to(
                 pool: proxy.pool.clone(),
                 key: PoolKey {
                     src_ip,
-                    src: pod.workload.identity.spiffe_id().clone(),
+                    src: pod.workload().identity.spiffe_id().clone(),
                     dst: gw.identity.clone(),
                     dst_addr: gw.addr,
                     via: None,
@@ -517,7 +517,7 @@ async fn tunnel_to(
     };
     let key = PoolKey {
         src_ip,
-        src: pod.workload.identity.spiffe_id().clone(),
+        src: pod.workload().identity.spiffe_id().clone(),
         dst: workload.identity.spiffe_id().clone(),
         dst_addr: peer,
         via,

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dns::Dns;
 use crate::netns::PodNetns;
-use crate::proxy::{PodContext, Proxy};
+use crate::proxy::{PodContext, Proxy, WorkloadCell};
 use crate::redirect;
 use crate::redirect::PodRules;
 use crate::state::{MeshState, Workload};
@@ -302,6 +302,7 @@ impl PodRegistry {
         if let Some(existing) = pods.enrolled.get_mut(uid)
             && same_netns(&existing.netns_path, &netns)
         {
+            existing.context.workload.set(&workload);
             redirect::install(&existing.context.netns, &rules).await?;
             existing.rules = rules;
             return Ok(());
@@ -314,7 +315,7 @@ impl PodRegistry {
         // accepted on 15001 take the namespace's default at their handshake.
         pod_congestion(&pod_netns, crate::congestion::enroll_job()).await;
         let context = Arc::new(PodContext {
-            workload: workload.clone(),
+            workload: WorkloadCell::new(workload.clone()),
             netns: pod_netns,
             accepting: self.draining.child_token(),
             cancel: self.shutdown.child_token(),
@@ -355,12 +356,12 @@ impl PodRegistry {
         let Some(enrolled) = pods.enrolled.remove(uid) else {
             return false;
         };
-        let identity = enrolled.context.workload.identity.clone();
+        let identity = enrolled.context.workload().identity.clone();
         Self::teardown(enrolled).await;
         if !pods
             .enrolled
             .values()
-            .any(|p| p.context.workload.identity == identity)
+            .any(|p| p.context.workload().identity == identity)
         {
             self.proxy.certs.forget(&identity);
             self.proxy.tls.forget(identity.spiffe_id());

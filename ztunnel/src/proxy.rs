@@ -63,8 +63,8 @@ pub struct Proxy {
 /// One enrolled pod: its workload, its namespace worker, and the token that stops its tasks.
 #[derive(Debug)]
 pub struct PodContext {
-    /// The workload.
-    pub workload: Arc<Workload>,
+    /// The workload, as the mesh state describes it now ([`PodContext::workload`]).
+    pub workload: WorkloadCell,
     /// The pod's network namespace.
     pub netns: Arc<PodNetns>,
     /// Cancelled when the pod is removed or the ztunnel drains: its listeners close.
@@ -73,6 +73,47 @@ pub struct PodContext {
     pub cancel: CancellationToken,
     /// Its open inbound HBONE tunnels, under the listener caps counted in tunnels.
     pub tunnels: crate::tunnel_slots::TunnelSlots,
+}
+
+impl PodContext {
+    /// The pod's workload as the mesh state describes it now: its addresses and labels
+    /// follow the state (a pod's address is often published only after it was captured; a
+    /// relabelled pod is selected by other policies), its identity never changes.
+    pub fn workload(&self) -> Arc<Workload> {
+        self.workload.get()
+    }
+}
+
+/// A pod's workload, replaced when the mesh state's description of the pod changes.
+#[derive(Debug)]
+pub struct WorkloadCell(std::sync::RwLock<Arc<Workload>>);
+
+impl WorkloadCell {
+    /// A cell holding `workload`.
+    pub fn new(workload: Arc<Workload>) -> Self {
+        Self(std::sync::RwLock::new(workload))
+    }
+
+    /// The workload now.
+    pub fn get(&self) -> Arc<Workload> {
+        match self.0.read() {
+            Ok(w) => w.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the workload with `workload` if it differs; whether it did.
+    pub fn set(&self, workload: &Arc<Workload>) -> bool {
+        let mut held = match self.0.write() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if Arc::ptr_eq(&held, workload) || **held == **workload {
+            return false;
+        }
+        *held = workload.clone();
+        true
+    }
 }
 
 /// The `kind` of the outbound listener (15001).
@@ -117,7 +158,7 @@ pub async fn serve_listener<F, Fut>(
             _ = pod.accepting.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let span = tracing::info_span!("conn", kind, pod = %pod.workload.name, peer = %peer);
+        let span = tracing::info_span!("conn", kind, pod = %pod.workload().name, peer = %peer);
         let cancel = pod.cancel.clone();
         let connection = handle(tcp, peer, pod.clone(), proxy.clone());
         tokio::spawn(

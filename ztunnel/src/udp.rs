@@ -132,7 +132,7 @@ pub async fn read_once(
         keep
     });
     for (uid, pod) in &enrolled {
-        let name = format!("{}/{}", pod.workload.namespace, pod.workload.name);
+        let name = format!("{}/{}", pod.workload().namespace, pod.workload().name);
         let now = match redirect::udp_observed(&pod.netns).await {
             Ok(now) => now,
             Err(e) => {
@@ -194,12 +194,10 @@ pub async fn read_once(
 
 /// The record of a new UDP flow from `pod` to `dst`.
 fn flow_record(pod: &PodContext, dst: SocketAddr) -> AccessRecord {
-    let src_ip = pod
-        .workload
-        .ips
-        .iter()
+    let workload = pod.workload();
+    let src_ip = (workload.ips.iter())
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-        .or_else(|| pod.workload.ips.first())
+        .or_else(|| workload.ips.first())
         .copied()
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     AccessRecord {
@@ -208,7 +206,7 @@ fn flow_record(pod: &PodContext, dst: SocketAddr) -> AccessRecord {
         direction: "outbound".into(),
         src_addr: SocketAddr::new(src_ip, 0),
         dst_addr: dst,
-        src_identity: Some(pod.workload.identity.to_string()),
+        src_identity: Some(pod.workload().identity.to_string()),
         dst_identity: None,
         transport: "udp".into(),
         bytes_sent: 0,

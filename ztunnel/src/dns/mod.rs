@@ -102,9 +102,9 @@ impl Dns {
         let mut record = DnsRecord {
             kind: KIND.into(),
             start: crate::telemetry::rfc3339(started),
-            pod: format!("{}/{}", pod.workload.namespace, pod.workload.name),
+            pod: format!("{}/{}", pod.workload().namespace, pod.workload().name),
             src_addr: asked.src,
-            src_identity: Some(pod.workload.identity.to_string()),
+            src_identity: Some(pod.workload().identity.to_string()),
             resolver: asked.resolver,
             protocol: asked.protocol.into(),
             qname: String::new(),
@@ -146,7 +146,7 @@ impl Dns {
             && !record.local
         {
             record.pinned = self.pins.pin(
-                &pod.workload.uid,
+                &pod.workload().uid,
                 &question.name,
                 &summary.cnames,
                 &summary.addresses,

@@ -102,7 +102,10 @@ impl OpenEgress {
             if entry.cancel.is_cancelled() {
                 continue;
             }
-            let decision = decide_attrs(state, &entry.source, &entry.attrs);
+            // The source as the state describes it now: a relabelled pod is selected by
+            // other EgressPolicies.
+            let source = state.by_uid(&entry.source.uid).unwrap_or(&entry.source);
+            let decision = decide_attrs(state, source, &entry.attrs);
             if decision.verdict != EgressVerdict::Deny {
                 continue;
             }

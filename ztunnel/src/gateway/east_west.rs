@@ -175,7 +175,7 @@ impl ConnectHandler for EastWestGateway {
                 SocketAddr::new(peer_ip, 0),
                 req.authority,
                 Some(req.peer.to_string()),
-                Some(self.pod.workload.identity.to_string()),
+                Some(self.pod.workload().identity.to_string()),
             );
             let admitted = match self.check(&req) {
                 Ok(dst) => match take_tunnel(&self.open, &req.peer) {
@@ -228,7 +228,7 @@ impl EastWestGateway {
             &self.proxy.trust_domain,
             federated,
             &state,
-            &self.pod.workload.ips,
+            &self.pod.workload().ips,
         )
     }
 

@@ -113,7 +113,7 @@ impl ConnectHandler for EgressGateway {
                 SocketAddr::new(peer_ip, 0),
                 req.authority,
                 Some(req.peer.to_string()),
-                Some(self.pod.workload.identity.to_string()),
+                Some(self.pod.workload().identity.to_string()),
             );
             match self.admit(&req, peer_ip, &mut log).await {
                 Ok((app, open, meter, gate_refused, slot)) => {

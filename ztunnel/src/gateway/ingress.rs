@@ -100,7 +100,7 @@ pub async fn run(gw: Arc<IngressGateway>, ready: tokio::sync::watch::Sender<bool
         if ports.is_some() && bound_all && !*ready.borrow() {
             tracing::info!(
                 gateway = %gw.gateway,
-                identity = %gw.pod.workload.identity,
+                identity = %gw.pod.workload().identity,
                 ports = ?listening.keys().collect::<Vec<_>>(),
                 "gateway serving"
             );
@@ -125,7 +125,7 @@ async fn listen(gw: &Arc<IngressGateway>, port: u16) -> std::io::Result<Cancella
         .await?;
     let token = gw.pod.accepting.child_token();
     let pod = Arc::new(PodContext {
-        workload: gw.pod.workload.clone(),
+        workload: crate::proxy::WorkloadCell::new(gw.pod.workload()),
         netns: gw.pod.netns.clone(),
         accepting: token.clone(),
         cancel: gw.pod.cancel.clone(),
@@ -210,7 +210,7 @@ impl IngressGateway {
         endpoint: SocketAddr,
         workload: &Workload,
     ) -> Option<crate::hbone::H2Stream> {
-        let own = &self.pod.workload;
+        let own = &self.pod.workload();
         let svid = match self
             .proxy
             .certs
@@ -342,7 +342,7 @@ impl ConnectHandler for IngressHbone {
                 log.refused(format!("ingress {reason}: {}", refusal.reason()));
                 Err(refusal)
             };
-            if req.host.is_some() || !gw.pod.workload.ips.contains(&req.authority.ip()) {
+            if req.host.is_some() || !gw.pod.workload().ips.contains(&req.authority.ip()) {
                 return refuse(
                     "bad_authority",
                     ConnectRefusal::BadRequest(format!(

@@ -115,7 +115,7 @@ pub async fn run(
         }
     }
     let pod = Arc::new(PodContext {
-        workload: workload.clone(),
+        workload: crate::proxy::WorkloadCell::new(workload.clone()),
         netns: netns.clone(),
         accepting: accepting.clone(),
         cancel,
@@ -287,7 +287,7 @@ async fn hbone<H: crate::hbone::ConnectHandler>(
     handler: Arc<H>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let identity = &pod.workload.identity;
+    let identity = &pod.workload().identity;
     let svid = match proxy.certs.svid_for_connection(identity, "gateway").await {
         Ok(svid) => svid,
         Err(e) => {

@@ -123,6 +123,11 @@ impl PodRegistry {
             let Some(e) = pods.enrolled.get_mut(&uid) else {
                 continue;
             };
+            // Its addresses or labels changed (an address is often published only after the
+            // pod was captured): new connections see the pod as the state describes it now.
+            if e.context.workload.set(&workload) {
+                tracing::info!(uid, ips = ?workload.ips, "pod's workload updated");
+            }
             if e.rules != rules {
                 match redirect::install(&e.context.netns, &rules).await {
                     Ok(()) => {
