@@ -2,10 +2,12 @@
 //!
 //! The small plain-HTTP server behind their metrics, readiness and admin endpoints, the
 //! guarded listener every server accepts on ([`listener`], [`idle`]), the shutdown signal, the
-//! flags and log setup the binaries share ([`cli`]) and poison-tolerant locking ([`sync`]).
+//! flags and log setup the binaries share ([`cli`]), poison-tolerant locking ([`sync`]) and
+//! atomic, mode-preserving state files ([`fsutil`]).
 //! Nothing domain-specific lives here.
 
 pub mod cli;
+pub mod fsutil;
 pub mod idle;
 pub mod listener;
 pub mod slots;

@@ -333,10 +333,9 @@ impl Client {
         {
             tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
             if let Some(path) = &sinks.bundle_file {
-                let tmp = path.with_extension("pem.tmp");
-                let saved = std::fs::write(&tmp, bundle.to_pem())
-                    .and_then(|()| std::fs::rename(&tmp, path));
-                if let Err(e) = saved {
+                let pem = bundle.to_pem();
+                if let Err(e) = membrane_runtime::fsutil::write_atomic(path, pem.as_bytes(), 0o600)
+                {
                     tracing::warn!(file = %path.display(), error = %e, "cannot save the trust bundle");
                 }
             }

@@ -501,11 +501,7 @@ impl PodRegistry {
             .collect();
         let result = serde_json::to_vec_pretty(&list)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, bytes)?;
-                std::fs::rename(&tmp, path)
-            });
+            .and_then(|bytes| membrane_runtime::fsutil::write_atomic(path, &bytes, 0o600));
         if let Err(e) = result {
             tracing::warn!(file = %path.display(), error = %e, "could not persist enrollment state");
         }

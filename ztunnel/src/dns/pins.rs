@@ -310,9 +310,8 @@ impl PinTable {
 
 fn write_file(path: &Path, saved: &Saved) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    // What each pod resolved is the node's business only.
+    membrane_runtime::fsutil::write_atomic(path, &bytes, 0o600)
 }
 
 /// How often pins are expired and, when changed, written.
@@ -441,6 +440,16 @@ mod tests {
         t.pin("b", "paste.example", &[], &[ip("198.51.100.20")], 300, now);
         t.forget("b");
         t.persist();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)
+            .expect("saved")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "what pods resolved is readable by root only"
+        );
         let again = table(10, Some(file.clone()));
         again.restore(now);
         assert_eq!(

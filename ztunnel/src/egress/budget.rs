@@ -405,9 +405,7 @@ impl Ledger {
 
 fn write_file(path: &Path, saved: &Saved) -> io::Result<()> {
     let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    membrane_runtime::fsutil::write_atomic(path, &bytes, 0o600)
 }
 
 /// Expires and writes the ledger every second until `cancel` fires, then a last time.

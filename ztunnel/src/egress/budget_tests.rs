@@ -80,6 +80,12 @@ fn a_restart_keeps_the_spending_and_the_exhaustion() {
     first.settle(&key("hf.co"), Direction::Sent, granted, granted);
     assert_eq!(granted, 10);
     first.persist();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)
+        .expect("saved")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     let second = ledger(Some(file.clone()));
     second.restore(now);
     assert!(second.admit(key("hf.co"), &b, now).is_err(), "still spent");
