@@ -1,8 +1,10 @@
 //! `membrane policy ingress`: where would an ingress gateway send a connection? The gateways
 //! and routes of a manifest directory (Gateway API `Gateway`, `TCPRoute`, `TLSRoute`) are
 //! compiled against its Services exactly as the controller compiles them; the answer is the
-//! route and backends for (port, server name), or why there is none — or, when a gateway's
-//! routes cannot be built, every error with its field path (exit 1).
+//! route and backends for (port, server name), or why there is none. Each route is accepted or
+//! refused on its own, as the controller does it: the routes of the gateway that were left out
+//! are listed after the answer with their reason and every error's field path, and then the
+//! command exits 1.
 
 use std::path::PathBuf;
 
@@ -30,7 +32,8 @@ pub struct IngressArgs {
     pub json: bool,
 }
 
-/// Answers; `Ok(false)` when the gateway's routes cannot be built.
+/// Answers; `Ok(false)` when a route of the gateway was refused (the answer is the one the
+/// gateway gives without it).
 pub fn ingress(args: &IngressArgs) -> anyhow::Result<bool> {
     let mut source = DirectorySource::new(&args.manifests);
     source.rescan().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -51,25 +54,29 @@ pub fn ingress(args: &IngressArgs) -> anyhow::Result<bool> {
                 args.manifests.display()
             )
         })?;
-    let table = match table {
-        Ok(table) => table,
-        Err(errors) => {
-            for e in &errors {
-                println!("error: {e}");
-            }
-            return Ok(false);
-        }
-    };
+    let refused = &table.refused;
     let sni = args.sni.as_deref().map(str::to_ascii_lowercase);
-    let answer = table.route(args.port, sni.as_deref());
+    let answer = table.table.route(args.port, sni.as_deref());
     if args.json {
-        let out = match answer {
+        let mut out = match answer {
             Ok(t) => json!({"routed": true, "route": t.route, "backends": t.backends.iter()
                 .map(|b| format!("{}/{}:{}", b.namespace, b.service, b.port)).collect::<Vec<_>>()}),
             Err(miss) => json!({"routed": false, "reason": miss.as_str()}),
         };
+        out["refused_routes"] = refused
+            .iter()
+            .map(|r| {
+                json!({
+                    "kind": r.kind.as_str(),
+                    "route": r.key(),
+                    "reason": r.reason.as_str(),
+                    "errors": r.errors.iter().map(|e| json!({"field": e.path, "error": e.message}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         println!("{out}");
-        return Ok(true);
+        return Ok(refused.is_empty());
     }
     match answer {
         Ok(t) => {
@@ -87,5 +94,10 @@ pub fn ingress(args: &IngressArgs) -> anyhow::Result<bool> {
             println!("why: {}", miss.as_str());
         }
     }
-    Ok(true)
+    for route in refused {
+        for e in &route.errors {
+            println!("route refused ({}): {e}", route.reason);
+        }
+    }
+    Ok(refused.is_empty())
 }

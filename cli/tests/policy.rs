@@ -314,7 +314,8 @@ fn ingress_shows_where_a_gateway_would_send_a_connection() {
     assert_eq!(run(&["--port", "8080"])["route"], "inference/model-raw");
     assert_eq!(run(&["--port", "1"])["reason"], "unknown_port");
 
-    // Routes that cannot be built: every error with its field path, exit 1.
+    // A route that cannot be built is left out (the answer is the gateway's without it) and
+    // listed with its reason and field path; exit 1.
     let dir = tempfile::tempdir().expect("tempdir");
     let example = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/genai"));
     std::fs::copy(example.join("mesh.yaml"), dir.path().join("mesh.yaml")).expect("copy");
@@ -339,8 +340,11 @@ fn ingress_shows_where_a_gateway_would_send_a_connection() {
         "443",
     ]);
     assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("REFUSED\nwhy: no_sni"), "{out}");
     assert!(
-        out.contains("TLSRoute inference/model-api: spec.rules[0].backendRefs[0].port"),
+        out.contains(
+            "route refused (backend_port_not_found): TLSRoute inference/model-api: spec.rules[0].backendRefs[0].port"
+        ),
         "{out}"
     );
 }

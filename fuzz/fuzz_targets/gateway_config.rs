@@ -1,7 +1,8 @@
 //! Gateway API documents (operator input): parse and validate, build every gateway's routing
-//! table against a fixed set of Services, and route a few connections. Never panics; a built
-//! table routes only to Services that exist, on their ports, and the gateway's wire form reads
-//! back into a table that routes the same.
+//! table against a fixed set of Services (each route accepted or refused on its own), and route
+//! a few connections. Never panics; a table routes only to accepted routes and to Services that
+//! exist, on their ports, and the wire form of the accepted routes reads back into a table that
+//! routes the same, refusing nothing.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,18 +25,24 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for gateway in &config.gateways {
-        let Ok(table) = IngressTable::build(gateway, &config.routes, services) else {
-            continue;
-        };
-        // What the controller streams reads back, on the gateway's side, into the same table.
-        let attached: Vec<_> = config.routes.iter().collect();
+        let built = IngressTable::build(gateway, &config.routes, services);
+        let table = &built.table;
+        // What the controller streams (the accepted routes only) reads back, on the gateway's
+        // side, into the same table, with nothing refused there.
+        let attached: Vec<_> = built.accepted.iter().collect();
         let (back, back_routes) =
             from_wire(&to_wire(gateway, &attached)).expect("a valid gateway's wire form reads back");
-        let rebuilt = IngressTable::build(&back, &back_routes, services).expect("rebuilds");
+        let rebuilt = IngressTable::build(&back, &back_routes, services);
+        assert!(rebuilt.refused.is_empty(), "accepted routes rebuild");
+        assert_eq!(table.ports().collect::<Vec<_>>(), rebuilt.table.ports().collect::<Vec<_>>());
         for port in [443, 9000, 80] {
             for sni in [None, Some("api.models.example"), Some("x.y.example")] {
-                assert_eq!(table.route(port, sni), rebuilt.route(port, sni));
+                assert_eq!(table.route(port, sni), rebuilt.table.route(port, sni));
                 if let Ok(target) = table.route(port, sni) {
+                    assert!(
+                        built.accepted.iter().any(|r| r.key() == target.route),
+                        "only accepted routes are routed to"
+                    );
                     for b in &target.backends {
                         let ports = services(&b.namespace, &b.service).expect("a known Service");
                         assert!(ports.contains(&b.port));

@@ -1,7 +1,7 @@
 //! The Gateway API shape of ingress: validation with field paths, and the routing table of one
-//! gateway (by port and server name), built whole or refused.
+//! gateway (by port and server name), each route accepted or refused on its own.
 
-use membrane_policy::gateway::{IngressTable, Miss, parse_gateway_config};
+use membrane_policy::gateway::{IngressTable, Miss, RefusalReason, parse_gateway_config};
 
 const GATEWAY: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -67,7 +67,8 @@ fn services(namespace: &str, name: &str) -> Option<Vec<u16>> {
 fn connections_are_routed_by_port_and_server_name() {
     let config = parse_gateway_config(GATEWAY).expect("valid");
     assert_eq!((config.gateways.len(), config.routes.len()), (1, 4));
-    let table = IngressTable::build(&config.gateways[0], &config.routes, services).expect("built");
+    let built = IngressTable::build(&config.gateways[0], &config.routes, services);
+    let table = built.table;
     assert_eq!(table.gateway(), "membrane-system/ingress");
     let exact = table.route(443, Some("api.models.example")).expect("exact");
     assert_eq!(exact.route, "inference/model-api");
@@ -84,8 +85,15 @@ fn connections_are_routed_by_port_and_server_name() {
     assert_eq!(table.route(80, None), Err(Miss::UnknownPort));
     let raw = table.route(9000, None).expect("tcp");
     assert_eq!(raw.route, "data/raw-features");
-    // A listener that takes only its own namespace's routes ignores the data namespace's.
+    // A listener that takes only its own namespace's routes refuses the data namespace's.
     assert_eq!(table.route(9100, None), Err(Miss::NoRoute));
+    assert_eq!(built.accepted.len(), 3);
+    assert_eq!(built.refused.len(), 1, "{:?}", built.refused);
+    assert_eq!(built.refused[0].key(), "data/not-allowed-here");
+    assert_eq!(
+        built.refused[0].reason,
+        RefusalReason::NotAllowedByListeners
+    );
 }
 
 #[test]
@@ -93,12 +101,16 @@ fn the_wire_form_builds_the_same_table_and_refuses_garbage_with_its_path() {
     use membrane_policy::gateway::wire::{from_wire, to_wire};
     let config = parse_gateway_config(GATEWAY).expect("valid");
     let gateway = &config.gateways[0];
-    let routes: Vec<_> = config.routes.iter().collect();
+    let direct = IngressTable::build(gateway, &config.routes, services);
+    // Only the accepted routes go on the wire; they build again without a refusal.
+    let routes: Vec<_> = direct.accepted.iter().collect();
     let wire = to_wire(gateway, &routes);
+    assert_eq!(wire.routes.len(), 3);
     let (back, back_routes) = from_wire(&wire).expect("reads back");
     assert_eq!(back.listeners, gateway.listeners);
-    let direct = IngressTable::build(gateway, &config.routes, services).expect("built");
-    let rebuilt = IngressTable::build(&back, &back_routes, services).expect("rebuilt");
+    let rebuilt = IngressTable::build(&back, &back_routes, services);
+    assert!(rebuilt.refused.is_empty(), "{:?}", rebuilt.refused);
+    let (direct, rebuilt) = (direct.table, rebuilt.table);
     for (port, sni) in [
         (443, Some("api.models.example")),
         (443, Some("llama.models.example")),
@@ -130,29 +142,62 @@ fn the_wire_form_builds_the_same_table_and_refuses_garbage_with_its_path() {
 }
 
 #[test]
-fn a_route_to_a_service_that_does_not_exist_builds_nothing_and_names_the_field() {
+fn a_route_to_a_service_that_does_not_exist_is_left_out_with_its_field_and_the_rest_served() {
     let config = parse_gateway_config(GATEWAY).expect("valid");
     let missing = |namespace: &str, name: &str| {
         (name != "feature-store")
             .then(|| services(namespace, name))
             .flatten()
     };
-    let errors = IngressTable::build(&config.gateways[0], &config.routes, missing)
-        .expect_err("refused whole");
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0].object, "TCPRoute data/raw-features");
-    assert_eq!(errors[0].path, "spec.rules[0].backendRefs[0].name");
-    let wrong_port = |namespace: &str, name: &str| services(namespace, name).map(|_| vec![1]);
-    let errors =
-        IngressTable::build(&config.gateways[0], &config.routes, wrong_port).expect_err("refused");
-    assert!(
-        errors.iter().all(|e| e.path.ends_with(".port")),
-        "{errors:?}"
+    let built = IngressTable::build(&config.gateways[0], &config.routes, missing);
+    let refused: Vec<_> = built
+        .refused
+        .iter()
+        .filter(|r| r.reason != RefusalReason::NotAllowedByListeners)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].reason, RefusalReason::BackendNotFound);
+    assert_eq!(refused[0].errors[0].object, "TCPRoute data/raw-features");
+    assert_eq!(
+        refused[0].errors[0].path,
+        "spec.rules[0].backendRefs[0].name"
     );
+    assert_eq!(built.table.route(9000, None), Err(Miss::NoRoute));
+    let exact = built.table.route(443, Some("api.models.example"));
+    assert_eq!(exact.expect("still served").route, "inference/model-api");
+
+    // Every route refused: the table is empty, its listeners still there.
+    let wrong_port = |namespace: &str, name: &str| services(namespace, name).map(|_| vec![1]);
+    let built = IngressTable::build(&config.gateways[0], &config.routes, wrong_port);
+    assert!(built.accepted.is_empty());
+    assert!(
+        built
+            .refused
+            .iter()
+            .all(|r| r.reason == RefusalReason::BackendPortNotFound
+                || r.reason == RefusalReason::NotAllowedByListeners),
+        "{:?}",
+        built.refused
+    );
+    assert!(
+        built
+            .refused
+            .iter()
+            .flat_map(|r| &r.errors)
+            .all(|e| e.path.ends_with(".port") || e.path == "spec.parentRefs"),
+        "{:?}",
+        built.refused
+    );
+    assert_eq!(built.table.ports().collect::<Vec<_>>(), [443, 9000, 9100]);
+    assert_eq!(
+        built.table.route(443, Some("api.models.example")),
+        Err(Miss::UnknownSni)
+    );
+    assert_eq!(built.table.route(9000, None), Err(Miss::NoRoute));
 }
 
 #[test]
-fn competing_routes_and_names_outside_the_listener_are_refused() {
+fn competing_routes_lose_to_the_older_and_names_outside_the_listener_are_refused() {
     let text = format!(
         "{GATEWAY}---
 apiVersion: gateway.networking.k8s.io/v1alpha2
@@ -167,34 +212,43 @@ kind: TLSRoute
 metadata: {{name: elsewhere, namespace: inference}}
 spec:
   parentRefs: [{{name: ingress, namespace: membrane-system}}]
-  hostnames: [api.other.example, api.models.example]
+  hostnames: [api.other.example, llama.models.example]
   rules: [{{backendRefs: [{{name: model-server, port: 8443}}]}}]
 "
     );
     let config = parse_gateway_config(&text).expect("each document is valid");
-    let errors =
-        IngressTable::build(&config.gateways[0], &config.routes, services).expect_err("conflict");
-    let found: Vec<(String, String)> = errors
+    let built = IngressTable::build(&config.gateways[0], &config.routes, services);
+    let found: Vec<(String, RefusalReason, String)> = built
+        .refused
         .iter()
-        .map(|e| (e.object.clone(), e.path.clone()))
+        .flat_map(|r| {
+            r.errors
+                .iter()
+                .map(|e| (e.object.clone(), r.reason, e.path.clone()))
+        })
         .collect();
     assert!(
-        found.contains(&("TCPRoute data/second".into(), "spec.parentRefs".into())),
-        "{errors:?}"
+        found.contains(&(
+            "TCPRoute data/second".into(),
+            RefusalReason::PortConflict,
+            "spec.parentRefs".into()
+        )),
+        "{found:?}"
     );
     assert!(
         found.contains(&(
             "TLSRoute inference/elsewhere".into(),
+            RefusalReason::HostnameOutsideListener,
             "spec.hostnames[0]".into()
         )),
-        "{errors:?}"
+        "{found:?}"
     );
-    assert!(
-        found.contains(&(
-            "TLSRoute inference/elsewhere".into(),
-            "spec.hostnames[1]".into()
-        )),
-        "{errors:?}"
+    // A route is taken whole or not: the refused one's other name is not served either.
+    let llama = built.table.route(443, Some("llama.models.example"));
+    assert_eq!(llama.expect("wildcard").route, "inference/any-model");
+    assert_eq!(
+        built.table.route(9000, None).expect("tcp").route,
+        "data/raw-features"
     );
 }
 

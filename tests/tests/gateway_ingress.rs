@@ -2,9 +2,10 @@
 //! only through the gateway (TLS passthrough by SNI, TCP by port), bytes intact, the hop to
 //! the model server's node encrypted; the model server's record names the gateway and the
 //! client; `remoteIpBlocks` refuses one client and admits another; unknown server names and
-//! direct plaintext are refused; a route to an unknown Service is refused whole while the
-//! routes that built keep working; the gateway carries more tunnels to one backend than one
-//! peer address's share.
+//! direct plaintext are refused; another namespace's route to an unknown Service, on the
+//! shared listener, is left out on its own — present from the start, the gateway still turns
+//! ready, and every other route, including one added afterwards, is served; the gateway
+//! carries more tunnels to one backend than one peer address's share.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ metadata: {name: ingress, namespace: inference}
 spec:
   gatewayClassName: membrane
   listeners:
-  - {name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}}
+  - {name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}, allowedRoutes: {namespaces: {from: All}}}
   - {name: raw, port: 8080, protocol: TCP}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
@@ -70,13 +71,24 @@ spec:
   rules: [{from: [{source: {remoteIpBlocks: [198.51.100.78/32]}}]}]
 ";
 
+/// Another namespace's route on the shared TLS listener, to a Service that does not exist.
 const BROKEN_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
-metadata: {name: new-model, namespace: inference}
+metadata: {name: new-model, namespace: apps}
 spec:
-  parentRefs: [{name: ingress, sectionName: tls}]
+  parentRefs: [{name: ingress, namespace: inference, sectionName: tls}]
   hostnames: [new.models.example]
   rules: [{backendRefs: [{name: no-such-service, port: 8443}]}]
+";
+
+/// A route added while the broken one is there.
+const LATE_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: late-model, namespace: inference}
+spec:
+  parentRefs: [{name: ingress, sectionName: tls}]
+  hostnames: [late.models.example]
+  rules: [{backendRefs: [{name: model-server, port: 8443}]}]
 ";
 
 fn spec() -> MeshSpec {
@@ -316,19 +328,24 @@ async fn mesh_pods_reach_tcp_routes_over_hbone_and_are_told_why_not_tls_ones() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root"]
-async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay()
+async fn a_route_to_an_unknown_service_is_left_out_and_every_other_route_is_served()
 -> anyhow::Result<()> {
     require_root()?;
-    let (mesh, world) = start().await?;
+    // The broken route is there from the controller's start: the gateway still gets its
+    // table (start_with waits for it to turn ready).
+    let mut spec = spec();
+    spec.extra_manifests
+        .push(("broken-route.yaml".into(), BROKEN_ROUTE.into()));
+    let (mesh, world) = start_with(spec).await?;
     let gw = mesh.ip("ingress-gw");
-    mesh.write_manifest("broken-route.yaml", BROKEN_ROUTE)?;
-    // The controller refuses the gateway's new routes (counted) and keeps sending the last
-    // ones that built.
+    // The controller refuses that route alone, counted by reason.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = mesh.ca().metrics().await?;
         if metrics.lines().any(|l| {
-            l.starts_with("membrane_ca_discovery_ingress_refused_total") && !l.ends_with(" 0")
+            l.starts_with("membrane_ca_discovery_ingress_routes_refused_total")
+                && l.contains("reason=\"backend_not_found\"")
+                && !l.ends_with(" 0")
         }) {
             break;
         }
@@ -341,6 +358,13 @@ async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay(
     let mut hello = client_hello("api.models.example")?;
     hello.extend_from_slice(b"still-routed");
     echoed(&world, ALLOWED, SocketAddr::new(gw, 443), &hello).await?;
+    echoed(
+        &world,
+        ALLOWED,
+        SocketAddr::new(gw, 8080),
+        b"raw-still-routed",
+    )
+    .await?;
     refused(
         &world,
         ALLOWED,
@@ -348,6 +372,18 @@ async fn a_route_to_an_unknown_service_is_refused_whole_and_the_old_routes_stay(
         &client_hello("new.models.example")?,
     )
     .await;
+    // A route added while the broken one stays is applied.
+    mesh.write_manifest("late-route.yaml", LATE_ROUTE)?;
+    let mut hello = client_hello("late.models.example")?;
+    hello.extend_from_slice(b"late-routed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = echoed(&world, ALLOWED, SocketAddr::new(gw, 443), &hello).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the route added later was never served: {e:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 

@@ -370,21 +370,32 @@ pub fn build(held: &Held, td: &TrustDomain) -> Result<Built, UpdateError> {
         egress,
         root_namespace,
     ));
-    // After every Service: a table is built against the same update's Services, whole or
-    // the update is refused.
+    // After every Service: a table is built against the same update's Services. The
+    // controller sends only the routes its table accepted, so none should be refused here;
+    // one that is (say, its Service vanished from this update) is left out and logged, and
+    // the gateway serves the others.
     for i in ingress {
         let name = format!("{}/{}", i.namespace, i.name);
         let (gateway, routes) = membrane_policy::gateway::wire::from_wire(i)
             .map_err(|e| invalid("ingress", &name, e))?;
-        let table = membrane_policy::gateway::IngressTable::build(&gateway, &routes, |ns, svc| {
+        let built = membrane_policy::gateway::IngressTable::build(&gateway, &routes, |ns, svc| {
             state.service_port_numbers(ns, svc)
-        })
-        .map_err(|errors| {
-            let first = errors
-                .first()
-                .map(|e| format!("{} {}: {}", e.object, e.path, e.message));
-            invalid("ingress", &name, first.unwrap_or_default())
-        })?;
+        });
+        for route in &built.refused {
+            for e in &route.errors {
+                tracing::warn!(
+                    gateway = %name,
+                    route_kind = route.kind.as_str(),
+                    route_namespace = %route.namespace,
+                    route_name = %route.name,
+                    reason = route.reason.as_str(),
+                    field = %e.path,
+                    error = %e.message,
+                    "ingress route refused; the gateway serves its other routes"
+                );
+            }
+        }
+        let table = built.table;
         state.set_ingress(name, table);
     }
     Ok(Built {

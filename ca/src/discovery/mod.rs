@@ -52,6 +52,12 @@ pub const COALESCE: Duration = Duration::from_millis(50);
 /// a reconnect racing its old stream's teardown. More are refused with RESOURCE_EXHAUSTED.
 pub const MAX_STREAMS_PER_CALLER: usize = 4;
 
+/// A gateway's refused routes: (kind, namespace, name) → why.
+type RefusedRoutes = BTreeMap<
+    (membrane_policy::gateway::RouteKind, String, String),
+    membrane_policy::gateway::RefusalReason,
+>;
+
 /// Open discovery streams per ack-book key.
 type StreamSlots = membrane_runtime::slots::KeyedSlots<String>;
 
@@ -70,13 +76,21 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the refused ingress route counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IngressRouteLabels {
+    /// A [`membrane_policy::gateway::RefusalReason`] (`backend_not_found`,
+    /// `hostname_conflict`, …).
+    pub reason: &'static str,
+}
+
 /// Discovery metrics.
 #[derive(Debug, Clone, Default)]
 pub struct DiscoveryMetrics {
     streams: Gauge,
     updates: Family<UpdateLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
-    ingress_refused: Counter,
+    ingress_routes_refused: Family<IngressRouteLabels, Counter>,
 }
 
 impl DiscoveryMetrics {
@@ -99,9 +113,9 @@ impl DiscoveryMetrics {
             m.refused.clone(),
         );
         registry.register(
-            "discovery_ingress_refused",
-            "Views built while a gateway's routes could not be built (its last good routes were sent)",
-            m.ingress_refused.clone(),
+            "discovery_ingress_routes_refused",
+            "Routes left out of an ingress gateway's table (the gateway serves its other routes), by reason; counted when a route is refused, or refused for another reason, not at every rebuild",
+            m.ingress_routes_refused.clone(),
         );
         m
     }
@@ -131,8 +145,9 @@ pub struct DiscoveryService {
     /// Keeps the default (empty) imports channel open.
     _no_imports: Arc<watch::Sender<Imports>>,
     cache: Arc<Mutex<Option<Cached>>>,
-    /// Each ingress gateway's last wire form whose routes built.
-    ingress: Arc<Mutex<BTreeMap<(String, String), pb::Ingress>>>,
+    /// Each ingress gateway's refused routes at the last build, with their reasons (a
+    /// refusal is logged and counted when it first appears).
+    ingress_refused: Arc<Mutex<BTreeMap<(String, String), RefusedRoutes>>>,
     version: Arc<AtomicU64>,
     acks: AckBook,
     /// Open streams per ack-book key (at most [`MAX_STREAMS_PER_CALLER`]).
@@ -176,7 +191,7 @@ impl DiscoveryService {
             imports,
             _no_imports: Arc::new(no_imports),
             cache: Arc::default(),
-            ingress: Arc::default(),
+            ingress_refused: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
             acks: AckBook::default(),
             open: StreamSlots::default(),
@@ -252,32 +267,49 @@ impl DiscoveryService {
         Some(view)
     }
 
-    /// Each gateway's wire form: this state's when its routes build, else the last one that
-    /// did (never half a table); a deleted gateway is forgotten.
+    /// Each gateway's wire form with the routes its table accepted; a gateway whose every
+    /// route is refused gets its (empty) table all the same. A route refused anew (or for
+    /// another reason than at the previous build) is logged with every field path and counted
+    /// by reason; one that stays refused is not logged again at every rebuild.
     fn ingress_of(&self, state: &ClusterState) -> BTreeMap<(String, String), pb::Ingress> {
-        let mut last = self.ingress.lock().unwrap_or_else(|e| e.into_inner());
-        last.retain(|key, _| state.gateways.contains_key(key));
-        for (key, result) in view::ingress_wire(state) {
-            match result {
-                Ok(wire) => {
-                    last.insert(key, wire);
-                }
-                Err(errors) => {
-                    self.metrics.ingress_refused.inc();
-                    for e in errors {
+        let mut seen = self
+            .ingress_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut now = BTreeMap::new();
+        let mut wires = BTreeMap::new();
+        for (key, (wire, refused)) in view::ingress_wire(state) {
+            let before = seen.get(&key);
+            let mut refusals = RefusedRoutes::new();
+            for route in refused {
+                let id = (route.kind, route.namespace.clone(), route.name.clone());
+                if before.and_then(|b| b.get(&id)) != Some(&route.reason) {
+                    self.metrics
+                        .ingress_routes_refused
+                        .get_or_create(&IngressRouteLabels {
+                            reason: route.reason.as_str(),
+                        })
+                        .inc();
+                    for e in &route.errors {
                         tracing::warn!(
                             gateway = %format_args!("{}/{}", key.0, key.1),
-                            object = %e.object,
+                            route_kind = route.kind.as_str(),
+                            route_namespace = %route.namespace,
+                            route_name = %route.name,
+                            reason = route.reason.as_str(),
                             field = %e.path,
                             error = %e.message,
-                            kept = last.contains_key(&key),
-                            "gateway routes refused; its gateways keep the last routes that built (none if never)"
+                            "ingress route refused; the gateway serves its other routes"
                         );
                     }
                 }
+                refusals.insert(id, route.reason);
             }
+            now.insert(key.clone(), refusals);
+            wires.insert(key, wire);
         }
-        last.clone()
+        *seen = now;
+        wires
     }
 
     fn next_version(&self) -> u64 {

@@ -48,29 +48,19 @@ pub struct MeshView {
     ingress: BTreeMap<(String, String), pb::Ingress>,
 }
 
-/// Each gateway's wire form with the routes attached to it, when its routes build into a
-/// table against `state`'s Services; otherwise every error, with its field path.
+/// Each gateway's wire form, carrying only the routes its table accepted (in precedence
+/// order), with the routes it refused.
 pub fn ingress_wire(
     state: &ClusterState,
-) -> BTreeMap<(String, String), Result<pb::Ingress, Vec<membrane_policy::gateway::GatewayError>>> {
+) -> BTreeMap<(String, String), (pb::Ingress, Vec<membrane_policy::gateway::RefusedRoute>)> {
     state
         .ingress_tables()
         .into_iter()
-        .filter_map(|(key, table)| {
+        .filter_map(|(key, built)| {
             let gateway = state.gateways.get(&key)?;
-            let result = table.map(|_| {
-                let attached: Vec<&membrane_policy::gateway::Route> = state
-                    .routes
-                    .values()
-                    .filter(|r| {
-                        r.parents
-                            .iter()
-                            .any(|p| p.namespace == key.0 && p.name == key.1)
-                    })
-                    .collect();
-                membrane_policy::gateway::wire::to_wire(gateway, &attached)
-            });
-            Some((key, result))
+            let accepted: Vec<&membrane_policy::gateway::Route> = built.accepted.iter().collect();
+            let wire = membrane_policy::gateway::wire::to_wire(gateway, &accepted);
+            Some((key, (wire, built.refused)))
         })
         .collect()
 }
@@ -301,7 +291,7 @@ impl MeshView {
         self.shared.delta.as_ref()
     }
 
-    /// Sets the ingress gateways' wire forms (each the last version whose routes built).
+    /// Sets the ingress gateways' wire forms (each with the routes its table accepted).
     pub fn set_ingress(&mut self, ingress: BTreeMap<(String, String), pb::Ingress>) {
         self.ingress = ingress;
     }

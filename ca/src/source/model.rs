@@ -200,15 +200,11 @@ impl ClusterState {
         ns_enabled && !opted_out
     }
 
-    /// Each gateway's routing table, built against this state's Services, or every error
-    /// that keeps it from being built (a route to an unknown Service or port, competing
-    /// routes), each with the route's field path. A gateway's table is built whole or not.
-    pub fn ingress_tables(
-        &self,
-    ) -> BTreeMap<
-        (String, String),
-        Result<membrane_policy::gateway::IngressTable, Vec<membrane_policy::gateway::GatewayError>>,
-    > {
+    /// Each gateway's routing table, built against this state's Services, with the routes it
+    /// accepted and those it refused (a route to an unknown Service or port, one that lost a
+    /// server name or listener to an older route, …), each refusal with its reason and the
+    /// route's field paths. Every gateway has a table, empty when all its routes are refused.
+    pub fn ingress_tables(&self) -> BTreeMap<(String, String), membrane_policy::gateway::Built> {
         let routes: Vec<membrane_policy::gateway::Route> = self.routes.values().cloned().collect();
         let service_ports = |namespace: &str, name: &str| {
             self.services

@@ -5,17 +5,19 @@
 //! the Gateway API CRDs.
 //!
 //! Flow: text → [`validate::parse_gateway_config`] ([`Gateway`]s and [`Route`]s, every error
-//! with its field path, all or nothing) → [`IngressTable::build`] for one gateway, checking
-//! every backend against the Services that exist (an unknown one is an error naming the
-//! route's field, and nothing is built) → [`IngressTable::route`] per accepted connection:
-//! the backend for (listener port, SNI), or why there is none. Pure, like the rest of the
-//! crate: no I/O, no panics on input.
+//! with its field path, all or nothing) → [`IngressTable::build`] for one gateway, each route
+//! accepted or refused on its own: a route whose backend names no existing Service or port, or
+//! that loses a server name or a listener to an older route ([`order`]), is left out with its
+//! reason and field paths while every other route is served → [`IngressTable::route`] per
+//! accepted connection: the backend for (listener port, SNI), or why there is none. Pure, like
+//! the rest of the crate: no I/O, no panics on input.
 
+pub mod order;
 pub mod table;
 pub mod validate;
 pub mod wire;
 
-pub use table::{IngressTable, Miss, Target};
+pub use table::{Built, IngressTable, Miss, RefusalReason, RefusedRoute, Target};
 pub use validate::{GatewayError, GatewayObject, check_gateway_value, parse_gateway_config};
 
 use crate::egress::HostPattern;
@@ -130,12 +132,22 @@ pub struct Gateway {
 }
 
 /// Which route kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RouteKind {
     /// `TCPRoute`.
     Tcp,
     /// `TLSRoute`.
     Tls,
+}
+
+impl RouteKind {
+    /// The Kubernetes kind: `TCPRoute` or `TLSRoute`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCPRoute",
+            Self::Tls => "TLSRoute",
+        }
+    }
 }
 
 /// A route's attachment to a gateway.
@@ -179,6 +191,9 @@ pub struct Route {
     pub backends: Vec<Backend>,
     /// Each backend's field path in the document (`spec.rules[0].backendRefs[1]`).
     pub backend_paths: Vec<String>,
+    /// `metadata.creationTimestamp`, when known: the older of two routes claiming one server
+    /// name or listener keeps it ([`order::precedence`]). The wire form does not carry it.
+    pub created: Option<std::time::SystemTime>,
 }
 
 impl Route {

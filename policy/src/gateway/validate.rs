@@ -30,6 +30,8 @@ struct Meta {
     name: String,
     #[serde(default = "default_namespace")]
     namespace: String,
+    #[serde(default, rename = "creationTimestamp")]
+    creation_timestamp: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -342,6 +344,12 @@ fn check_route(
         count(p, m);
     }
     let namespace = doc.metadata.namespace.clone();
+    let created = match doc.metadata.creation_timestamp.as_deref() {
+        Some(t) => super::order::parse_created(t)
+            .map_err(|e| count("metadata.creationTimestamp".into(), e))
+            .ok(),
+        None => None,
+    };
     if doc.spec.parent_refs.is_empty() {
         count(
             "spec.parentRefs".into(),
@@ -473,6 +481,7 @@ fn check_route(
         hostnames,
         backends,
         backend_paths,
+        created,
     })
 }
 

@@ -1,7 +1,9 @@
 //! Conversions between a gateway with its routes and the wire form (`membrane.v1.Ingress`).
 //! Building the wire form cannot fail; reading it validates every value again (a peer's
 //! message is input like any other) and names the field of the first problem. The table is
-//! then built from the result with [`super::IngressTable::build`], as on the controller.
+//! then built from the result with [`super::IngressTable::build`], as on the controller. The
+//! controller sends only the routes its table accepted, so none of them compete and their
+//! creation times (not carried) are not needed to build the same table again.
 
 use membrane_proto::v1::{self as pb, ingress_listener, ingress_route};
 
@@ -177,6 +179,7 @@ pub fn from_wire(msg: &pb::Ingress) -> Result<(Gateway, Vec<Route>), IngressWire
                 .map(|j| format!("routes[{i}].backends[{j}]"))
                 .collect(),
             backends,
+            created: None,
         });
     }
     Ok((

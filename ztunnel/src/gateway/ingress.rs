@@ -1,8 +1,9 @@
 //! The ingress gateway (DESIGN.md §10): external TCP and TLS in, HBONE to a mesh pod out.
 //!
 //! The gateway serves the `Gateway` its pod's label names, in the pod's namespace: the
-//! discovery stream carries it with its routes (`membrane.v1.Ingress`), built into an
-//! [`IngressTable`](membrane_policy::gateway::IngressTable) whole or not at all. One listener
+//! discovery stream carries it with the routes the controller accepted (`membrane.v1.Ingress`),
+//! built into an [`IngressTable`](membrane_policy::gateway::IngressTable), empty when every
+//! route was refused. One listener
 //! per port of the table, inside the gateway pod, follows the table as it changes. Per
 //! connection:
 //!
@@ -67,7 +68,7 @@ pub async fn run(gw: Arc<IngressGateway>, ready: tokio::sync::watch::Sender<bool
         match &ports {
             None if !warned => {
                 warned = true;
-                tracing::warn!(gateway = %gw.gateway, "no routes for this gateway yet (no Gateway object, or its routes never built); not ready");
+                tracing::warn!(gateway = %gw.gateway, "no table for this gateway yet (no Gateway object for it); not ready");
             }
             _ => {}
         }

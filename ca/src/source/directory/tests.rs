@@ -273,7 +273,7 @@ spec:
 "#;
 
 #[test]
-fn gateways_and_routes_are_read_and_a_route_to_nothing_builds_no_table() {
+fn gateways_and_routes_are_read_and_a_route_to_nothing_is_left_out_of_a_still_built_table() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("ingress.yaml");
     std::fs::write(&file, INGRESS).expect("write");
@@ -282,26 +282,34 @@ fn gateways_and_routes_are_read_and_a_route_to_nothing_builds_no_table() {
     let state = source.state();
     assert_eq!((state.gateways.len(), state.routes.len()), (1, 1));
     let tables = state.ingress_tables();
-    let table = tables[&("inference".to_owned(), "ingress".to_owned())]
-        .as_ref()
-        .expect("built");
-    let target = table
+    let built = &tables[&("inference".to_owned(), "ingress".to_owned())];
+    assert!(built.refused.is_empty(), "{:?}", built.refused);
+    let target = built
+        .table
         .route(443, Some("api.models.example"))
         .expect("routed");
     assert_eq!(target.backends[0].service, "model-server");
 
-    // A route to a Service that does not exist: the gateway's table is refused whole, with
-    // the route's field path.
+    // A route to a Service that does not exist: left out, with its reason and field path; the
+    // gateway still has its (now empty) table.
     std::fs::write(
         &file,
         INGRESS.replace("name: model-server, port", "name: nothing, port"),
     )
     .expect("write");
     assert!(source.rescan().expect("scan"));
-    let errors = source.state().ingress_tables()[&("inference".to_owned(), "ingress".to_owned())]
-        .clone()
-        .expect_err("refused");
-    assert_eq!(errors[0].path, "spec.rules[0].backendRefs[0].name");
+    let built =
+        source.state().ingress_tables()[&("inference".to_owned(), "ingress".to_owned())].clone();
+    assert!(built.accepted.is_empty());
+    assert_eq!(
+        built.refused[0].reason,
+        membrane_policy::gateway::RefusalReason::BackendNotFound
+    );
+    assert_eq!(
+        built.refused[0].errors[0].path,
+        "spec.rules[0].backendRefs[0].name"
+    );
+    assert_eq!(built.table.ports().collect::<Vec<_>>(), [443]);
 
     // An invalid Gateway breaks its file, whose last good version stays.
     std::fs::write(&file, INGRESS.replace("protocol: TLS,", "protocol: HTTP,")).expect("write");

@@ -453,15 +453,20 @@ pub async fn run(
                                 deny_all_stand_ins = source.stand_ins(),
                                 "workload source loaded"
                             );
-                            for ((ns, name), table) in state.ingress_tables() {
-                                for e in table.err().into_iter().flatten() {
-                                    tracing::warn!(
-                                        gateway = %format_args!("{ns}/{name}"),
-                                        object = %e.object,
-                                        field = %e.path,
-                                        error = %e.message,
-                                        "gateway routes refused; none of this gateway's routes are built"
-                                    );
+                            for ((ns, name), built) in state.ingress_tables() {
+                                for route in &built.refused {
+                                    for e in &route.errors {
+                                        tracing::warn!(
+                                            gateway = %format_args!("{ns}/{name}"),
+                                            route_kind = route.kind.as_str(),
+                                            route_namespace = %route.namespace,
+                                            route_name = %route.name,
+                                            reason = route.reason.as_str(),
+                                            field = %e.path,
+                                            error = %e.message,
+                                            "ingress route refused; the gateway serves its other routes"
+                                        );
+                                    }
                                 }
                             }
                         }

@@ -76,3 +76,36 @@ pub fn route_key(key: &Key, route: &Route) -> (String, String, &'static str) {
     };
     (key.0.clone(), key.1.clone(), kind)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API server's creation time reaches the route model (it decides route conflicts).
+    #[test]
+    fn a_route_carries_its_creation_time() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1alpha2",
+            "kind": "TCPRoute",
+            "metadata": {
+                "name": "raw",
+                "namespace": "tenant-a",
+                "uid": "d6a1",
+                "resourceVersion": "7",
+                "creationTimestamp": "2024-05-01T12:00:00Z",
+            },
+            "spec": {
+                "parentRefs": [{"name": "shared", "namespace": "gateways"}],
+                "rules": [{"backendRefs": [{"name": "app", "port": 9000}]}],
+            },
+        }))
+        .expect("a dynamic object");
+        let (key, route) = route(obj).expect("valid");
+        assert_eq!(key, ("tenant-a".to_owned(), "raw".to_owned()));
+        let created = route.created.expect("creation time");
+        let since = created
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970");
+        assert_eq!(since.as_secs(), 1_714_564_800);
+    }
+}
