@@ -41,7 +41,7 @@ pub use delta::{Key, View, diff, diff_with};
 pub use view::{MeshView, PLAINTEXT_ANNOTATION, bundle_resource};
 
 use crate::federation::services::Imports;
-use crate::source::{ClusterState, StateReceiver};
+use crate::source::{ClusterState, StateReceiver, WithheldIps};
 use crate::tokenreview::NodeAuthenticator;
 
 /// How long changes are gathered before a delta is sent.
@@ -84,6 +84,13 @@ pub struct IngressRouteLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the withheld-address gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WithheldLabels {
+    /// `contested` (claimed by more than one active pod), `service_ip` or `clusterset_ip`.
+    pub reason: &'static str,
+}
+
 /// Discovery metrics.
 #[derive(Debug, Clone, Default)]
 pub struct DiscoveryMetrics {
@@ -91,6 +98,7 @@ pub struct DiscoveryMetrics {
     updates: Family<UpdateLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     ingress_routes_refused: Family<IngressRouteLabels, Counter>,
+    withheld: Family<WithheldLabels, Gauge>,
 }
 
 impl DiscoveryMetrics {
@@ -116,6 +124,11 @@ impl DiscoveryMetrics {
             "discovery_ingress_routes_refused",
             "Routes left out of an ingress gateway's table (the gateway serves its other routes), by reason; counted when a route is refused, or refused for another reason, not at every rebuild",
             m.ingress_routes_refused.clone(),
+        );
+        registry.register(
+            "discovery_withheld_pod_ips",
+            "Pod addresses published for no pod in the last view built, by reason (contested, service_ip, clusterset_ip)",
+            m.withheld.clone(),
         );
         m
     }
@@ -148,6 +161,8 @@ pub struct DiscoveryService {
     /// Each ingress gateway's refused routes at the last build, with their reasons (a
     /// refusal is logged and counted when it first appears).
     ingress_refused: Arc<Mutex<BTreeMap<(String, String), RefusedRoutes>>>,
+    /// The withheld pod addresses last reported (each change is logged once).
+    withheld: Arc<Mutex<WithheldIps>>,
     version: Arc<AtomicU64>,
     acks: AckBook,
     /// Open streams per ack-book key (at most [`MAX_STREAMS_PER_CALLER`]).
@@ -192,6 +207,7 @@ impl DiscoveryService {
             _no_imports: Arc::new(no_imports),
             cache: Arc::default(),
             ingress_refused: Arc::default(),
+            withheld: Arc::default(),
             version: Arc::new(AtomicU64::new(0)),
             acks: AckBook::default(),
             open: StreamSlots::default(),
@@ -262,6 +278,7 @@ impl DiscoveryService {
             view.intern(previous);
         }
         view.set_ingress(self.ingress_of(&state));
+        self.report_withheld(view.withheld());
         let view = Arc::new(view);
         *cache = Some((state, bundle, federated, imports, view.clone()));
         Some(view)
@@ -310,6 +327,40 @@ impl DiscoveryService {
         }
         *seen = now;
         wires
+    }
+
+    /// Logs each withheld pod address that is new or whose claimants changed, and each that
+    /// is published again, and sets the gauge.
+    fn report_withheld(&self, now: &WithheldIps) {
+        let mut last = self.withheld.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == *now {
+            return;
+        }
+        let before: BTreeMap<_, _> = last.iter().collect();
+        for (ip, why) in now.iter() {
+            if before.get(ip) != Some(&why) {
+                tracing::warn!(
+                    %ip,
+                    pods = ?why.pods,
+                    services = ?why.services,
+                    reason = why.reason(),
+                    "pod address withheld: published for no pod (claimed by more than one active pod, or a Service's or clusterset address)"
+                );
+            }
+        }
+        for (ip, why) in before {
+            if !now.contains(*ip) {
+                tracing::info!(%ip, pods = ?why.pods, "pod address no longer withheld");
+            }
+        }
+        for reason in ["contested", "service_ip", "clusterset_ip"] {
+            let count = now.iter().filter(|(_, w)| w.reason() == reason).count();
+            self.metrics
+                .withheld
+                .get_or_create(&WithheldLabels { reason })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        *last = now.clone();
     }
 
     fn next_version(&self) -> u64 {

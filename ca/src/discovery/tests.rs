@@ -164,3 +164,38 @@ async fn a_credential_holds_at_most_four_watch_streams() {
         MAX_STREAMS_PER_CALLER
     );
 }
+
+/// A contested pod address is counted by reason in the gauge while it lasts, and the gauge
+/// falls back when it ends.
+#[test]
+fn withheld_addresses_are_counted_while_they_last() {
+    let f = fixture();
+    let gauge = |reason| {
+        f.service
+            .metrics
+            .withheld
+            .get_or_create(&WithheldLabels { reason })
+            .get()
+    };
+    let pod = |name: &str, node: &str| crate::source::Pod {
+        namespace: "a".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        service_account: "default".into(),
+        node_name: Some(node.into()),
+        ips: vec!["10.0.0.7".parse().expect("ip")],
+        ..Default::default()
+    };
+    let mut state = ClusterState::default();
+    for p in [pod("victim", "node-a"), pod("thief", "node-b")] {
+        state.pods.insert((p.namespace.clone(), p.name.clone()), p);
+    }
+    f._state_tx.send_replace(Some(Arc::new(state.clone())));
+    let view = f.service.mesh_view().expect("loaded");
+    assert_eq!(view.withheld().len(), 1);
+    assert_eq!((gauge("contested"), gauge("service_ip")), (1, 0));
+    state.pods.remove(&("a".to_owned(), "thief".to_owned()));
+    f._state_tx.send_replace(Some(Arc::new(state)));
+    assert!(f.service.mesh_view().expect("loaded").withheld().is_empty());
+    assert_eq!(gauge("contested"), 0);
+}

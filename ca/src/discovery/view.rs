@@ -8,6 +8,11 @@
 //! decides for sources anywhere). A node's view shares the workloads, Services and bundle with
 //! every other node's (one map, [`super::delta`]), and a new version reuses the previous one's
 //! unchanged resources ([`MeshView::intern`]).
+//!
+//! A pod address more than one active pod claims, or that is a Service's cluster IP, is
+//! published for no pod and no Service endpoint ([`ClusterState::withheld_ips`]): a node
+//! writes its pods' status, and must not be able to take another pod's or a Service's
+//! address for a pod of its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +25,7 @@ use membrane_proto::v1 as pb;
 use pb::resource_key::Kind;
 
 use crate::federation::services::Imports;
-use crate::source::{ClusterState, Pod, Service};
+use crate::source::{ClusterState, Pod, Service, WithheldIps};
 
 pub use membrane_policy::PLAINTEXT_ANNOTATION;
 
@@ -46,6 +51,8 @@ pub struct MeshView {
     ingress_gateway_nodes: BTreeMap<String, BTreeSet<(String, String)>>,
     /// Each ingress gateway's wire form (set by [`MeshView::set_ingress`]).
     ingress: BTreeMap<(String, String), pb::Ingress>,
+    /// The pod addresses published for no pod ([`ClusterState::withheld_ips`]).
+    withheld: WithheldIps,
 }
 
 /// Each gateway's wire form, carrying only the routes its table accepted (in precedence
@@ -65,7 +72,8 @@ pub fn ingress_wire(
         .collect()
 }
 
-fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
+/// `pod`'s wire form; its addresses without the `withheld` ones.
+fn workload(state: &ClusterState, pod: &Pod, withheld: &WithheldIps) -> pb::Workload {
     let plaintext = state
         .namespaces
         .get(&pod.namespace)
@@ -90,7 +98,10 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
         namespace: pod.namespace.clone(),
         service_account: pod.service_account.clone(),
         node: pod.node_name.clone().unwrap_or_default(),
-        ips: pod.ips.iter().map(ToString::to_string).collect(),
+        ips: withheld
+            .published(&pod.ips)
+            .map(|ip| ip.to_string())
+            .collect(),
         protocol: pb::workload::Protocol::Hbone as i32,
         labels: pod.labels.clone().into_iter().collect(),
         plaintext_permitted: plaintext,
@@ -109,7 +120,8 @@ fn workload(state: &ClusterState, pod: &Pod) -> pb::Workload {
     }
 }
 
-fn service(svc: &Service) -> pb::Service {
+/// `svc`'s wire form; an endpoint on a `withheld` address is left out (it is nobody's).
+fn service(svc: &Service, withheld: &WithheldIps) -> pb::Service {
     pb::Service {
         namespace: svc.namespace.clone(),
         name: svc.name.clone(),
@@ -118,6 +130,7 @@ fn service(svc: &Service) -> pb::Service {
         endpoints: svc
             .endpoints
             .iter()
+            .filter(|e| !withheld.contains(e.ip))
             .map(|e| pb::Endpoint {
                 ip: e.ip.to_string(),
                 pod: e.pod.clone().unwrap_or_default(),
@@ -189,6 +202,7 @@ impl MeshView {
         let mut by_node: BTreeMap<String, Vec<_>> = BTreeMap::new();
         let mut egress_gateway_nodes = BTreeSet::new();
         let mut ingress_gateway_nodes: BTreeMap<String, BTreeSet<_>> = BTreeMap::new();
+        let withheld = state.withheld_ips();
         for pod in state.pods.values() {
             if !pod.phase.is_active() {
                 continue;
@@ -196,7 +210,7 @@ impl MeshView {
             if state.is_hbone_peer(pod) {
                 // Reached through HBONE, never captured here: no node, policy or gateway
                 // bookkeeping.
-                let mut peer = workload(state, pod);
+                let mut peer = workload(state, pod, &withheld);
                 peer.foreign = true;
                 peer.gateway = None;
                 shared.insert(
@@ -230,7 +244,9 @@ impl MeshView {
                 .push((pod.namespace.clone(), pod.labels.clone()));
             shared.insert(
                 (Kind::Workload as i32, pod.uid.clone()),
-                Arc::new(resource(pb::resource::Kind::Workload(workload(state, pod)))),
+                Arc::new(resource(pb::resource::Kind::Workload(workload(
+                    state, pod, &withheld,
+                )))),
             );
         }
         for svc in state.services.values() {
@@ -239,7 +255,9 @@ impl MeshView {
                     Kind::Service as i32,
                     format!("{}/{}", svc.namespace, svc.name),
                 ),
-                Arc::new(resource(pb::resource::Kind::Service(service(svc)))),
+                Arc::new(resource(pb::resource::Kind::Service(service(
+                    svc, &withheld,
+                )))),
             );
         }
         shared.insert(
@@ -275,6 +293,7 @@ impl MeshView {
             egress_gateway_nodes,
             ingress_gateway_nodes,
             ingress: BTreeMap::new(),
+            withheld,
         }
     }
 
@@ -339,6 +358,11 @@ impl MeshView {
         View::new(self.shared.shared.clone(), view)
     }
 
+    /// The pod addresses this view publishes for no pod, and why.
+    pub fn withheld(&self) -> &WithheldIps {
+        &self.withheld
+    }
+
     /// The trust bundle this view carries.
     pub fn bundle(&self) -> &Arc<TrustBundle> {
         &self.bundle
@@ -355,193 +379,5 @@ impl MeshView {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::diff;
-    use crate::source::{MESH_LABEL, Namespace, PolicyEntry};
-
-    fn state() -> ClusterState {
-        let mut s = ClusterState::default();
-        for (name, enabled) in [("a", true), ("b", true), ("off", false)] {
-            let mut ns = Namespace {
-                name: name.into(),
-                ..Default::default()
-            };
-            if enabled {
-                ns.labels.insert(MESH_LABEL.into(), "enabled".into());
-            }
-            s.namespaces.insert(name.into(), ns);
-        }
-        for (ns, name, node) in [("a", "p1", "n1"), ("b", "p2", "n2"), ("off", "p3", "n1")] {
-            let pod = Pod {
-                namespace: ns.into(),
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                service_account: "default".into(),
-                node_name: Some(node.into()),
-                ips: vec![format!("10.0.0.{}", name.len()).parse().expect("ip")],
-                ..Default::default()
-            };
-            s.pods.insert((ns.into(), name.into()), pod);
-        }
-        for ns in ["a", "b"] {
-            let text = format!(
-                "apiVersion: security.membrane.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: {ns}}}\nspec: {{}}\n"
-            );
-            let checked = membrane_policy::parse_policies(&text).expect("valid");
-            let c = checked.into_iter().next().expect("one");
-            s.policies.insert(
-                (ns.into(), "p".into()),
-                PolicyEntry {
-                    policy: c.policy,
-                    warnings: c.warnings,
-                },
-            );
-        }
-        s
-    }
-
-    fn bundle() -> Arc<TrustBundle> {
-        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ttl = std::time::Duration::from_secs(3600);
-        Arc::new(
-            crate::SigningAuthority::load_or_create(dir.path(), &td, ttl)
-                .expect("root")
-                .bundle()
-                .clone(),
-        )
-    }
-
-    fn names(view: &View, kind: Kind) -> Vec<String> {
-        view.keys()
-            .filter(|(k, _)| *k == kind as i32)
-            .map(|(_, n)| n.clone())
-            .collect()
-    }
-
-    #[test]
-    fn a_node_gets_every_mesh_workload_but_only_its_policies() {
-        let mesh = MeshView::build(&state(), &bundle());
-        let n1 = mesh.node_view("n1");
-        assert_eq!(names(&n1, Kind::Workload), ["uid-p1", "uid-p2"]);
-        assert_eq!(names(&n1, Kind::Authorization), ["a/p"]);
-        assert_eq!(names(&n1, Kind::TrustBundle), [""]);
-        let n2 = mesh.node_view("n2");
-        assert_eq!(names(&n2, Kind::Authorization), ["b/p"]);
-        assert!(names(&mesh.node_view("n3"), Kind::Authorization).is_empty());
-    }
-
-    #[test]
-    fn a_gateway_pod_is_published_anywhere_and_its_node_gets_every_egress_policy() {
-        let mut s = state();
-        let egress = |ns: &str| {
-            let text = format!(
-                "apiVersion: security.membrane.dev/v1\nkind: EgressPolicy\nmetadata: {{name: e, namespace: {ns}}}\nspec:\n  rules:\n  - to: [{{hosts: [huggingface.co]}}]\n    via: {{gateway: egress, namespace: \"off\"}}\n"
-            );
-            membrane_policy::egress::parse_egress_policies(&text)
-                .expect("valid")
-                .remove(0)
-        };
-        for ns in ["a", "b"] {
-            s.egress_policies
-                .insert((ns.into(), "e".into()), egress(ns));
-        }
-        let gateway = Pod {
-            namespace: "off".into(),
-            name: "gw".into(),
-            uid: "uid-gw".into(),
-            service_account: "egress-gateway".into(),
-            node_name: Some("n3".into()),
-            ips: vec!["10.0.0.9".parse().expect("ip")],
-            labels: BTreeMap::from([
-                ("membrane.dev/gateway".to_owned(), "egress".to_owned()),
-                (
-                    "gateway.networking.k8s.io/gateway-name".to_owned(),
-                    "egress".to_owned(),
-                ),
-            ]),
-            ..Default::default()
-        };
-        s.pods.insert(("off".into(), "gw".into()), gateway);
-        let mesh = MeshView::build(&s, &bundle());
-        let n3 = mesh.node_view("n3");
-        // In a namespace outside the mesh, yet published, with its role.
-        let role = n3.values().find_map(|r| match &r.kind {
-            Some(pb::resource::Kind::Workload(w)) if w.uid == "uid-gw" => w.gateway.clone(),
-            _ => None,
-        });
-        assert_eq!(
-            role,
-            Some(pb::GatewayRole {
-                kind: pb::gateway_role::Kind::Egress as i32,
-                name: "egress".into()
-            })
-        );
-        assert!(!names(&n3, Kind::Workload).contains(&"uid-p3".to_owned()));
-        // The gateway's node decides for sources anywhere; a pod's node only for its own.
-        assert_eq!(names(&n3, Kind::Egress), ["a/e", "b/e"]);
-        assert_eq!(names(&mesh.node_view("n1"), Kind::Egress), ["a/e"]);
-        // Without the name label it is an ordinary pod of a namespace outside the mesh.
-        if let Some(p) = s.pods.get_mut(&("off".to_owned(), "gw".to_owned())) {
-            p.labels.remove("gateway.networking.k8s.io/gateway-name");
-        }
-        let n3 = MeshView::build(&s, &bundle()).node_view("n3");
-        assert!(names(&n3, Kind::Egress).is_empty());
-        assert!(!names(&n3, Kind::Workload).contains(&"uid-gw".to_owned()));
-    }
-
-    #[test]
-    fn workloads_carry_their_namespace_plaintext_udp_ports() {
-        let ports = |s: &ClusterState| -> Vec<Vec<u32>> {
-            let view = MeshView::build(s, &bundle()).node_view("n1");
-            view.values()
-                .filter_map(|r| match &r.kind {
-                    Some(pb::resource::Kind::Workload(w)) => Some(w.plaintext_udp_ports.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let mut s = state();
-        let annotate = |s: &mut ClusterState, value: &str| {
-            if let Some(ns) = s.namespaces.get_mut("a") {
-                ns.annotations.insert(
-                    crate::source::PLAINTEXT_UDP_PORTS_ANNOTATION.into(),
-                    value.into(),
-                );
-            }
-        };
-        annotate(&mut s, "9999,53");
-        assert_eq!(ports(&s), [vec![53, 9999], vec![]]);
-        // An invalid value (refused by the directory, logged by Kubernetes) opens nothing.
-        annotate(&mut s, "53,dns");
-        assert_eq!(ports(&s), [Vec::<u32>::new(), vec![]]);
-    }
-
-    #[test]
-    fn diff_reports_upserts_and_removals() {
-        let bundle = bundle();
-        let before = MeshView::build(&state(), &bundle).node_view("n1");
-        let mut s = state();
-        s.pods.remove(&("b".to_owned(), "p2".to_owned()));
-        if let Some(p) = s.pods.get_mut(&("a".to_owned(), "p1".to_owned())) {
-            p.labels.insert("app".into(), "x".into());
-        }
-        let after = MeshView::build(&s, &bundle).node_view("n1");
-        let (upserts, removals) = diff(&before, &after);
-        assert_eq!(upserts.len(), 1);
-        assert!(matches!(
-            &upserts[0].kind,
-            Some(pb::resource::Kind::Workload(w)) if w.uid == "uid-p1"
-        ));
-        assert_eq!(
-            removals,
-            [pb::ResourceKey {
-                kind: Kind::Workload as i32,
-                name: "uid-p2".into()
-            }]
-        );
-        let (u, r) = diff(&after, &after);
-        assert!(u.is_empty() && r.is_empty());
-    }
-}
+#[path = "view_tests.rs"]
+mod tests;

@@ -73,12 +73,15 @@ fn controller_path() -> String {
     format!("/ns/{CONTROLLER_NAMESPACE}/sa/{CONTROLLER_SERVICE_ACCOUNT}")
 }
 
-/// The export set of `state`: exported Services and their ready mesh endpoints.
+/// The export set of `state`: exported Services and their ready mesh endpoints, on the
+/// addresses the discovery stream publishes (a withheld address,
+/// [`ClusterState::withheld_ips`], is nobody's; an endpoint left with none is not exported).
 pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
+    let withheld = state.withheld_ips();
     let mut services = Vec::new();
     for svc in state.services.values().filter(|s| s.exported) {
         let mut endpoints: BTreeMap<String, pb::ExportedEndpoint> = BTreeMap::new();
-        for e in svc.endpoints.iter().filter(|e| e.ready) {
+        for e in (svc.endpoints.iter()).filter(|e| e.ready && !withheld.contains(e.ip)) {
             let Some(pod_name) = &e.pod else { continue };
             let Some(pod) = state.pods.get(&(svc.namespace.clone(), pod_name.clone())) else {
                 continue;

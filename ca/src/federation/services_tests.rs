@@ -102,6 +102,26 @@ fn only_exported_services_and_their_ready_mesh_pods_are_offered() {
     validate(&out, &td("cluster-b.example"), &[]).expect("its own exports validate");
 }
 
+/// An address another active pod also claims is nobody's: an endpoint left without one is not
+/// exported (a peer would otherwise route to whichever pod it picked).
+#[test]
+fn a_contested_endpoint_address_is_not_exported() {
+    let mut s = state();
+    let mut thief = s.pods[&("plain".to_owned(), "web-0".to_owned())].clone();
+    thief.name = "thief".into();
+    thief.node_name = Some("node-c".into());
+    thief.ips = vec!["10.20.1.5".parse().expect("ip")];
+    s.pods.insert(("plain".into(), "thief".into()), thief);
+    let out = exports(&s, &td("cluster-b.example"));
+    assert_eq!(out.services[0].name, "model-server");
+    assert!(
+        out.services[0].endpoints.is_empty(),
+        "{:?}",
+        out.services[0]
+    );
+    validate(&out, &td("cluster-b.example"), &[]).expect("still valid");
+}
+
 #[test]
 fn a_bad_export_message_is_refused_whole() {
     let good = exports(&state(), &td("cluster-b.example"));

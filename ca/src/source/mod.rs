@@ -4,6 +4,7 @@
 //! [`ClusterState`] snapshots on a `watch` channel. Consumers (node authorization, the
 //! discovery stream, readiness) read the latest snapshot and never see a half-applied change.
 
+mod addresses;
 mod annotations;
 pub mod directory;
 pub mod kube;
@@ -12,6 +13,7 @@ pub mod stand_in;
 
 use std::sync::Arc;
 
+pub use addresses::{WithheldIp, WithheldIps};
 pub use annotations::{
     MAX_PLAINTEXT_UDP_PORTS, PLAINTEXT_UDP_PORTS_ANNOTATION, UdpPortsError,
     parse_plaintext_udp_ports,

@@ -111,6 +111,8 @@ pub fn pod(pod: core::Pod) -> Option<(Key, Pod)> {
         }
     };
     let status = pod.status.unwrap_or_default();
+    // The node's claim, kept as reported: an address another active pod or a Service also
+    // holds is withheld from every pod where the view is built (`ClusterState::withheld_ips`).
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
     for ip in status.pod_ip.into_iter().chain(listed) {
