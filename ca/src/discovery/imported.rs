@@ -276,4 +276,104 @@ mod tests {
             None
         );
     }
+
+    /// The largest import the bounds let one peer make adds well under a quarter of the
+    /// discovery message limit to every node's snapshot: long names everywhere, the most
+    /// endpoints, two long addresses each (an endpoint's ports travel once per address), and
+    /// the whole port budget spent on endpoints.
+    #[test]
+    fn the_largest_valid_import_fits_in_a_quarter_of_a_discovery_message() {
+        use crate::federation::services::{
+            MAX_ENDPOINTS, MAX_SERVICES, MAX_TOTAL_ENDPOINTS, MAX_TOTAL_PORTS, validate,
+        };
+        use prost::Message;
+        let label =
+            |c: char, tail: &str| format!("{}{tail}", c.to_string().repeat(63 - tail.len()));
+        let td = membrane_identity::spiffe_id::parse_trust_domain(&format!(
+            "{}.example",
+            label('t', "")
+        ))
+        .expect("td");
+        let service_account = [
+            label('s', ""),
+            label('s', ""),
+            label('s', ""),
+            label('s', "xx"),
+        ]
+        .join(".")[..253]
+            .to_owned();
+        let port_names = [label('p', "1"), label('p', "2")];
+        let mut budget = MAX_TOTAL_PORTS;
+        let mut services = Vec::new();
+        let mut endpoint = 0usize;
+        for s in 0..MAX_SERVICES {
+            let mut svc = pb::ExportedService {
+                namespace: label('n', ""),
+                name: label('v', &format!("-{s}")),
+                ..Default::default()
+            };
+            if endpoint < MAX_TOTAL_ENDPOINTS {
+                svc.ports = (port_names.iter().zip(1u32..))
+                    .map(|(name, port)| pb::ServicePort {
+                        name: name.clone(),
+                        port,
+                        target_port: 0,
+                    })
+                    .collect();
+                budget -= svc.ports.len();
+            }
+            while endpoint < MAX_TOTAL_ENDPOINTS && svc.endpoints.len() < MAX_ENDPOINTS {
+                let ports = (port_names.iter().take(budget.min(2)))
+                    .map(|n| (n.clone(), 65_535))
+                    .collect::<std::collections::HashMap<_, _>>();
+                budget -= ports.len();
+                let hi = u16::try_from(endpoint / 0x7fff + 0x8000).expect("small");
+                let lo = u16::try_from(endpoint % 0x7fff + 0x8000).expect("small");
+                svc.endpoints.push(pb::ExportedEndpoint {
+                    pod: label('e', &format!("-{endpoint}")),
+                    ips: vec![
+                        format!("fdff:ffff:ffff:ffff:ffff:ffff:{hi:x}:{lo:x}"),
+                        format!("fdee:ffff:ffff:ffff:ffff:ffff:{hi:x}:{lo:x}"),
+                    ],
+                    service_account: service_account.clone(),
+                    ports,
+                });
+                endpoint += 1;
+            }
+            services.push(svc);
+        }
+        let exports = pb::Exports {
+            trust_domain: td.to_string(),
+            services,
+        };
+        validate(&exports, &td, &[]).expect("within every bound");
+        let gateway = pb::NetworkGateway {
+            address: "[fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:15008".into(),
+            spiffe_id: format!("spiffe://{td}/ns/membrane-system/sa/east-west"),
+        };
+        let imports: Imports = Arc::new(BTreeMap::from([(
+            td,
+            crate::federation::services::Imported {
+                exports,
+                gateway: Some(gateway),
+            },
+        )]));
+        let out = resources(&ClusterState::default(), &imports);
+        let workloads = out
+            .iter()
+            .filter(|((kind, _), _)| *kind == Kind::Workload as i32)
+            .count();
+        assert_eq!(workloads, MAX_TOTAL_ENDPOINTS, "every endpoint imported");
+        // As an `Update` carries them: each resource a length-delimited repeated field.
+        let update = pb::Update {
+            upserts: out.into_iter().map(|(_, r)| r).collect(),
+            ..Default::default()
+        };
+        let len = update.encoded_len();
+        eprintln!("the largest import: {len} bytes");
+        assert!(
+            len < crate::server::DISCOVERY_MAX_MESSAGE_LEN / 4,
+            "{len} bytes"
+        );
+    }
 }

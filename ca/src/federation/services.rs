@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::serving::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, ServingCert};
-use crate::source::{ClusterState, StateReceiver};
+use crate::source::{ClusterState, StateReceiver, check_port_name};
 
 /// The federation listener's name in metrics and logs.
 pub const LISTENER: &str = "federation";
@@ -40,10 +40,16 @@ pub const LISTENER: &str = "federation";
 pub const MAX_SERVICES: usize = 4096;
 /// Most endpoints one exported Service may carry.
 pub const MAX_ENDPOINTS: usize = 4096;
-/// Most ports one exported Service may carry.
+/// Most ports one exported Service may carry, and most per-name target ports one of its
+/// endpoints may carry.
 pub const MAX_PORTS: usize = 64;
 /// Most endpoints one peer may export in all (what every local ztunnel holds for it).
 pub const MAX_TOTAL_ENDPOINTS: usize = 10_000;
+/// Most ports one peer may export in all: every Service's ports plus every endpoint's
+/// per-name target ports (which every local ztunnel holds once per endpoint address).
+/// With the other bounds, one peer's import stays well under a quarter of the discovery
+/// message limit (`crate::server::DISCOVERY_MAX_MESSAGE_LEN`).
+pub const MAX_TOTAL_PORTS: usize = 2 * MAX_TOTAL_ENDPOINTS;
 /// Largest export message decoded.
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 /// Where imported Services get their virtual IPs (never routed: the ztunnel captures every
@@ -95,9 +101,9 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
                     pod: pod_name.clone(),
                     ips: Vec::new(),
                     service_account: pod.service_account.clone(),
-                    ports: e
-                        .ports
-                        .iter()
+                    // Only the Service's own port names (what an importer accepts).
+                    ports: (e.ports.iter())
+                        .filter(|(k, _)| svc.ports.iter().any(|p| &p.name == *k))
                         .map(|(k, v)| (k.clone(), u32::from(*v)))
                         .collect(),
                 });
@@ -144,9 +150,11 @@ fn importable(ip: IpAddr, allowed: &[membrane_policy::IpNet]) -> Result<(), &'st
 }
 
 /// Checks a peer's export message whole: its trust domain is the one it was fetched from,
-/// names and service accounts are valid, every IP is an importable pod address (see
-/// `importable`; within `allowed` when it names networks), every port is 1–65535, no
-/// Service or endpoint appears twice, and the sizes are bounded.
+/// names, port names and service accounts are valid, every IP is an importable pod address
+/// (see `importable`; within `allowed` when it names networks), every port is 1–65535, an
+/// endpoint's per-name target ports name ports of its Service, no Service or endpoint
+/// appears twice, and the sizes are bounded (Services, endpoints and ports per Service and
+/// in all, ports per endpoint).
 pub fn validate(
     exports: &pb::Exports,
     expected: &TrustDomain,
@@ -168,6 +176,14 @@ pub fn validate(
     if total > MAX_TOTAL_ENDPOINTS {
         return Err(format!(
             "{total} endpoints in all, over the limit of {MAX_TOTAL_ENDPOINTS}"
+        ));
+    }
+    let ports: usize = (exports.services.iter())
+        .map(|s| s.ports.len() + s.endpoints.iter().map(|e| e.ports.len()).sum::<usize>())
+        .sum();
+    if ports > MAX_TOTAL_PORTS {
+        return Err(format!(
+            "{ports} ports in all (Services' and endpoints'), over the limit of {MAX_TOTAL_PORTS}"
         ));
     }
     let mut seen = BTreeSet::new();
@@ -193,6 +209,7 @@ pub fn validate(
             )));
         }
         for p in &svc.ports {
+            check_port_name(&p.name).map_err(|e| fail(e.to_string()))?;
             port(p.port, false)?;
             port(p.target_port, true)?;
         }
@@ -221,7 +238,21 @@ pub fn validate(
                 importable(parsed, allowed)
                     .map_err(|why| fail(format!("endpoint {}: {ip} {why}", e.pod)))?;
             }
-            for p in e.ports.values() {
+            if e.ports.len() > MAX_PORTS {
+                return Err(fail(format!(
+                    "endpoint {}: {} ports, over the limit of {MAX_PORTS}",
+                    e.pod,
+                    e.ports.len()
+                )));
+            }
+            for (name, p) in &e.ports {
+                if !svc.ports.iter().any(|sp| &sp.name == name) {
+                    check_port_name(name).map_err(|e| fail(e.to_string()))?;
+                    return Err(fail(format!(
+                        "endpoint {}: port {name:?} is not a port of the Service",
+                        e.pod
+                    )));
+                }
                 port(*p, false)?;
             }
         }

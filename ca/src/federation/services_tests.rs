@@ -207,6 +207,99 @@ fn a_bad_export_message_is_refused_whole() {
     assert!(validate(&mapped, &b, &[everything]).is_err());
 }
 
+/// A peer cannot inflate every node's discovery snapshot through port names or per-endpoint
+/// ports: over any bound, the message is refused whole.
+#[test]
+fn oversized_ports_are_refused_whole() {
+    let b = td("cluster-b.example");
+    let mut good = exports(&state(), &b);
+    good.services[0].endpoints[0]
+        .ports
+        .insert("http".into(), 9090);
+    validate(&good, &b, &[]).expect("a normal message validates");
+    let spoil = |f: &dyn Fn(&mut pb::Exports)| {
+        let mut bad = good.clone();
+        f(&mut bad);
+        bad
+    };
+    let huge = "a".repeat(1024 * 1024);
+    let cases: Vec<(pb::Exports, &str)> = vec![
+        (
+            spoil(&|e| {
+                e.services[0].endpoints[0].ports =
+                    (0..100_000).map(|i| (format!("p{i}"), 8080)).collect();
+            }),
+            "over the limit",
+        ),
+        (
+            spoil(&|e| {
+                e.services[0].endpoints[0].ports =
+                    (0..=MAX_PORTS).map(|i| (format!("p{i}"), 8080)).collect();
+            }),
+            "endpoint ms-0: 65 ports, over the limit of 64",
+        ),
+        (
+            spoil(&|e| e.services[0].ports[0].name = huge.clone()),
+            "port name",
+        ),
+        (
+            spoil(&|e| {
+                e.services[0].endpoints[0].ports.insert(huge.clone(), 8080);
+            }),
+            "port name",
+        ),
+        (
+            spoil(&|e| e.services[0].ports[0].name = "HTTP".into()),
+            "port name",
+        ),
+        (
+            spoil(&|e| {
+                e.services[0].endpoints[0].ports.insert("grpc".into(), 9000);
+            }),
+            "not a port of the Service",
+        ),
+        (
+            spoil(&|e| {
+                e.services[0].ports = (1..=MAX_PORTS + 1)
+                    .map(|i| pb::ServicePort {
+                        name: format!("p{i}"),
+                        port: u32::try_from(i).expect("small"),
+                        target_port: 0,
+                    })
+                    .collect();
+            }),
+            "over the limit of 64",
+        ),
+    ];
+    for (bad, want) in cases {
+        let err = validate(&bad, &b, &[]).expect_err(want);
+        assert!(err.contains(want), "{err} does not say {want}");
+        assert!(err.len() < 1024, "the error quotes at most a bounded name");
+    }
+    // Within every per-Service bound, but over the budget of one peer's import as a whole.
+    let port = |i: usize| pb::ServicePort {
+        name: format!("p{i}"),
+        port: u32::try_from(i + 1).expect("small"),
+        target_port: 0,
+    };
+    let mut many = pb::Exports {
+        trust_domain: b.to_string(),
+        services: Vec::new(),
+    };
+    for s in 0..(MAX_TOTAL_PORTS / MAX_PORTS + 1) {
+        many.services.push(pb::ExportedService {
+            namespace: "a".into(),
+            name: format!("s{s}"),
+            ports: (0..MAX_PORTS).map(port).collect(),
+            endpoints: Vec::new(),
+        });
+    }
+    let err = validate(&many, &b, &[]).expect_err("over the total");
+    assert!(err.contains("ports in all"), "{err}");
+    many.services.pop();
+    validate(&many, &b, &[]).expect("at the total");
+}
+
 #[test]
 fn clusterset_vips_are_stable_distinct_and_in_range() {
     let names = ["inference/model-server", "training/store", "a/b"];

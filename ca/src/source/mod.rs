@@ -20,7 +20,7 @@ pub use annotations::{
 };
 pub use model::{
     ClusterState, EXPORT_LABEL, Endpoint, MESH_LABEL, Namespace, Pod, PodPhase, PolicyEntry,
-    Service, ServiceAccount, ServicePort,
+    PortNameError, Service, ServiceAccount, ServicePort, check_port_name,
 };
 
 /// The receiving end of a source: always holds the latest complete snapshot, or `None` until

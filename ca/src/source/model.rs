@@ -120,6 +120,34 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
+/// A Service port name that is not a DNS label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("port name {name:?} is not a DNS label: {reason}")]
+pub struct PortNameError {
+    /// The name (its first 256 characters).
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Checks a Service port name as Kubernetes does: empty (a single unnamed port) or a DNS
+/// label (at most 63 characters of `[a-z0-9-]`, starting and ending with a letter or digit).
+pub fn check_port_name(name: &str) -> Result<(), PortNameError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    membrane_identity::spiffe_id::validate_namespace(name).map_err(|e| match e {
+        membrane_identity::IdentityError::BadName { name, reason, .. } => PortNameError {
+            name,
+            reason: reason.to_owned(),
+        },
+        other => PortNameError {
+            name: name.chars().take(256).collect(),
+            reason: other.to_string(),
+        },
+    })
+}
+
 /// One backend of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {

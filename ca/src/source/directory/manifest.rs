@@ -432,6 +432,8 @@ fn service_from(doc: ServiceDoc) -> FieldResult<DirService> {
         if p.port == 0 {
             return Err((field("port"), "port must be 1-65535".into()));
         }
+        // Kubernetes' rule, which a federated peer also applies to exports.
+        crate::source::check_port_name(&p.name).map_err(|e| (field("name"), e.to_string()))?;
         if let Some(proto) = &p.protocol
             && proto != "TCP"
         {

@@ -114,6 +114,10 @@ fn errors_name_document_and_field() {
             "field spec.ports[0].port",
         ),
         (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, name: HTTP}]}\n",
+            "field spec.ports[0].name",
+        ),
+        (
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: Bad_SA}\n",
             "field metadata.name",
         ),
