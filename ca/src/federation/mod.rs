@@ -19,6 +19,7 @@
 
 pub mod endpoint;
 pub mod fetch;
+mod follow;
 pub mod importer;
 pub mod persist;
 pub mod services;
@@ -130,7 +131,7 @@ impl FederationMetrics {
 }
 
 /// What is held for one federated trust domain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Held {
     bundle: TrustBundle,
     sequence: Option<u64>,
@@ -157,8 +158,24 @@ pub struct Outputs {
 /// (aborting a task is not immediate).
 type ImporterTask = (JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>);
 
+/// A running fetcher, and the flag that stops it committing a fetched bundle once its
+/// federation is gone (aborting a task is not immediate: a fetch that completes as the
+/// federation is removed would otherwise put the removed trust domain's bundle back). The
+/// flag is cleared, and checked, under the lock of the held bundles.
+type FetcherTask = (JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>);
+
 /// A running federation: its fetcher, and its importer when it imports.
-type Tasks = BTreeMap<String, (TrustFederation, JoinHandle<()>, Option<ImporterTask>)>;
+type Tasks = BTreeMap<String, (TrustFederation, FetcherTask, Option<ImporterTask>)>;
+
+/// Stops a fetcher: after this, it never changes the bundles held (see [`FetcherTask`]).
+fn stop_fetcher((task, alive): FetcherTask, held: &HeldMap) {
+    {
+        // Under the lock the fetcher commits under: no commit of it follows this.
+        let _held = membrane_runtime::lock(held);
+        alive.store(false, std::sync::atomic::Ordering::Release);
+    }
+    task.abort();
+}
 
 /// Follows the `TrustFederation`s of the source state and publishes the bundles held and
 /// the Services imported to `out` until `cancel` fires.
@@ -198,8 +215,8 @@ pub async fn run(
             }
         }
     }
-    for (_, (_, task, importer)) in tasks {
-        task.abort();
+    for (_, (_, fetcher, importer)) in tasks {
+        stop_fetcher(fetcher, &held);
         if let Some((importer, alive)) = importer {
             alive.store(false, std::sync::atomic::Ordering::Release);
             importer.abort();
@@ -261,8 +278,8 @@ fn reconcile(
         .map(|(name, _)| name.clone())
         .collect();
     for name in stale {
-        if let Some((fed, task, importer)) = tasks.remove(&name) {
-            task.abort();
+        if let Some((fed, fetcher, importer)) = tasks.remove(&name) {
+            stop_fetcher(fetcher, held);
             if let Some((importer, alive)) = importer {
                 alive.store(false, std::sync::atomic::Ordering::Release);
                 importer.abort();
@@ -303,17 +320,19 @@ fn reconcile(
                 .set(i64::try_from(seq).unwrap_or(i64::MAX));
         }
         membrane_runtime::lock(held).insert(fed.trust_domain.clone(), start);
-        let task = tokio::spawn(follow(
-            fed.clone(),
-            held.clone(),
-            out.bundles.clone(),
-            out.store.clone(),
-            metrics.clone(),
-        ));
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = tokio::spawn(follow::follow(follow::Fetcher {
+            fed: fed.clone(),
+            held: held.clone(),
+            alive: alive.clone(),
+            out: out.bundles.clone(),
+            store: out.store.clone(),
+            metrics: metrics.clone(),
+        }));
         // The importer looks the peer's bundle up when it connects: publish it first.
         publish(held, &out.bundles);
         let importer = spawn_importer(&fed, out);
-        tasks.insert(name, (fed, task, importer));
+        tasks.insert(name, (fed, (task, alive), importer));
     }
     publish(held, &out.bundles);
 }
@@ -413,111 +432,4 @@ fn publish(held: &HeldMap, out: &watch::Sender<Arc<Vec<TrustBundle>>>) {
         *current = Arc::new(bundles);
         true
     });
-}
-
-/// Fetches one federation's bundle at its refresh hint, forever (the task is aborted when the
-/// federation goes away).
-async fn follow(
-    fed: TrustFederation,
-    held: HeldMap,
-    out: watch::Sender<Arc<Vec<TrustBundle>>>,
-    store: persist::Store,
-    metrics: FederationMetrics,
-) {
-    let td = fed.trust_domain.to_string();
-    let mut retry = RETRY_BOUNDS.0;
-    let mut saved_at: Option<Instant> = None;
-    loop {
-        let Some(current) = membrane_runtime::lock(&held)
-            .get(&fed.trust_domain)
-            .cloned()
-        else {
-            return;
-        };
-        let wait = match fetch::fetch(&fed, &current.bundle, current.sequence).await {
-            Ok(fetched) => {
-                metrics
-                    .fetches
-                    .get_or_create(&FetchLabels {
-                        trust_domain: td.clone(),
-                        result: "ok",
-                    })
-                    .inc();
-                if let Some(seq) = fetched.sequence {
-                    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-                    metrics
-                        .sequence
-                        .get_or_create(&TrustDomainLabels {
-                            trust_domain: td.clone(),
-                        })
-                        .set(seq);
-                }
-                let changed = fetched.bundle != current.bundle;
-                if changed {
-                    tracing::info!(trust_domain = %td, roots = fetched.bundle.roots().len(), sequence = ?fetched.sequence, "federated trust bundle changed");
-                }
-                let sequence = fetched.sequence.or(current.sequence);
-                // Saved when it changed, else at most once a minute (the age a restart
-                // resumes with is that fresh).
-                if changed
-                    || sequence != current.sequence
-                    || saved_at.is_none_or(|at| at.elapsed() >= SAVE_INTERVAL)
-                {
-                    // Off the runtime's threads: the write is synced to disk.
-                    let (store, saving, bundle) =
-                        (store.clone(), fed.clone(), fetched.bundle.clone());
-                    let saved =
-                        tokio::task::spawn_blocking(move || store.save(&saving, &bundle, sequence))
-                            .await;
-                    match saved {
-                        Ok(Ok(())) => saved_at = Some(Instant::now()),
-                        Ok(Err(e)) => {
-                            metrics.store_error(&fed.trust_domain, "save");
-                            tracing::warn!(trust_domain = %td, error = %e, "cannot save the federated bundle; a restart would start from an older one")
-                        }
-                        Err(e) => {
-                            metrics.store_error(&fed.trust_domain, "save");
-                            tracing::warn!(trust_domain = %td, error = %e, "saving the federated bundle failed")
-                        }
-                    }
-                }
-                membrane_runtime::lock(&held).insert(
-                    fed.trust_domain.clone(),
-                    Held {
-                        bundle: fetched.bundle,
-                        sequence,
-                        since: Instant::now(),
-                    },
-                );
-                publish(&held, &out);
-                retry = RETRY_BOUNDS.0;
-                fetched
-                    .refresh_hint
-                    .unwrap_or(DEFAULT_REFRESH)
-                    .clamp(REFRESH_BOUNDS.0, REFRESH_BOUNDS.1)
-            }
-            Err(e) => {
-                let result = match &e {
-                    fetch::FetchError::Connect { .. } => "connect",
-                    fetch::FetchError::Tls { .. } => "tls",
-                    fetch::FetchError::Http { .. } => "http",
-                    fetch::FetchError::Document { .. } => "document",
-                    fetch::FetchError::Rollback { .. } => "rollback",
-                    fetch::FetchError::Timeout { .. } => "timeout",
-                };
-                metrics
-                    .fetches
-                    .get_or_create(&FetchLabels {
-                        trust_domain: td.clone(),
-                        result,
-                    })
-                    .inc();
-                tracing::warn!(trust_domain = %td, error = %e, age_s = current.since.elapsed().as_secs(), "federated bundle fetch failed; the last good bundle stays in force");
-                let wait = retry;
-                retry = (retry * 2).min(RETRY_BOUNDS.1);
-                wait
-            }
-        };
-        tokio::time::sleep(wait).await;
-    }
 }
