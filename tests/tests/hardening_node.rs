@@ -228,6 +228,23 @@ fn udp_in(netns: PathBuf, port: u16) -> anyhow::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
+/// A UDP-Lite socket (a protocol no listener of the ztunnel sees) bound to `port` inside the
+/// namespace at `netns`, with a 300 ms read timeout.
+fn udplite_in(netns: PathBuf, port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    const IPPROTO_UDPLITE: i32 = 136;
+    let socket = run_in_netns(netns, move || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::from(IPPROTO_UDPLITE)),
+        )?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        Ok(s.into())
+    })??;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    Ok(socket)
+}
+
 /// Sends `count` datagrams from `from` to `dst`; how many `to` received (it is drained).
 fn datagrams(
     from: &std::net::UdpSocket,
@@ -295,6 +312,12 @@ async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Resul
         datagrams(&outsider, &closed, ip("target", 7000), 3)? == 3,
         "no UDP path from outsider"
     );
+    let lite_target = udplite_in(mesh.netns_path("target"), 7100)?;
+    let lite_outsider = udplite_in(mesh.netns_path("outsider"), 0)?;
+    ensure!(
+        datagrams(&lite_outsider, &lite_target, ip("target", 7100), 3)? == 3,
+        "no UDP-Lite path from outsider"
+    );
     ensure!(
         datagrams(&peer, &closed, ip("target", 7000), 3)? == 3,
         "no UDP path from peer"
@@ -339,8 +362,14 @@ async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Resul
         0,
         "mesh-pod UDP got through"
     );
+    // Nor by a protocol no listener sees.
+    assert_eq!(
+        datagrams(&lite_outsider, &lite_target, ip("target", 7100), 5)?,
+        0,
+        "non-mesh UDP-Lite got through"
+    );
     let counted = nft_dropped(&mesh, "target")?;
-    assert!(counted >= 10, "drops not counted in the pod: {counted}");
+    assert!(counted >= 15, "drops not counted in the pod: {counted}");
     until(
         "the drops are exported",
         Duration::from_secs(15),
@@ -349,7 +378,7 @@ async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Resul
             Ok(sample(
                 &text,
                 "membrane_udp_dropped_packets_total{pod=\"shop/target\",direction=\"inbound\"} ",
-            ) >= 10.0)
+            ) >= 15.0)
         },
     )
     .await?;

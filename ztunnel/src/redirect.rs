@@ -40,7 +40,10 @@
 //!   [`UDP_DROPPED_INBOUND`]) when the pod's namespace refuses plaintext ([`UdpInbound`]):
 //!   replies to the pod's own traffic (conntrack established/related, so DNS answers), loopback
 //!   and the namespace's `membrane.dev/plaintext-udp-ports` are let through. Outbound UDP
-//!   leaves uncaptured.
+//!   leaves uncaptured. Other protocols than TCP, UDP and ICMP (SCTP, UDP-Lite, …), which no
+//!   listener of the ztunnel sees, are dropped and counted the same way in such a namespace
+//!   unless they answer the pod's own traffic: a plaintext-refusing pod takes no
+//!   unauthenticated traffic by any protocol.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -99,7 +102,7 @@ pub enum RedirectError {
     },
 }
 
-/// The `input` chain for inbound UDP.
+/// The `input` chain for inbound UDP and the protocols no listener sees.
 fn udp_chain(udp: &UdpInbound) -> String {
     let UdpInbound::Drop { except } = udp else {
         return String::new();
@@ -116,6 +119,9 @@ fn udp_chain(udp: &UdpInbound) -> String {
     iifname \"lo\" accept
     meta l4proto udp ct state established,related accept
 {open}    meta l4proto udp counter name \"{UDP_DROPPED_INBOUND}\" drop
+    meta l4proto {{ tcp, icmp, ipv6-icmp }} accept
+    ct state established,related accept
+    counter name \"{UDP_DROPPED_INBOUND}\" drop
   }}
 "
     )

@@ -62,7 +62,7 @@ impl UdpMetrics {
         let m = Self::default();
         registry.register(
             "udp_dropped_packets",
-            "Plaintext UDP packets dropped in captured pods (namespace does not permit plaintext, port not in membrane.dev/plaintext-udp-ports), by pod and direction",
+            "Plaintext UDP packets dropped in captured pods (namespace does not permit plaintext, port not in membrane.dev/plaintext-udp-ports), and inbound packets of protocols other than TCP, UDP and ICMP there, by pod and direction",
             m.dropped.clone(),
         );
         registry.register(
