@@ -173,10 +173,12 @@ impl ConnectHandler for InboundHandler {
             // Policy gets neither: the source address is unknown, so address conditions
             // fail closed (`membrane_policy::UNKNOWN_SOURCE_IP`) instead of seeing every
             // federated source as the gateway's local address.
-            let through_east_west = self.is_east_west_gateway(source_ip);
-            let relayed = through_east_west && source.trust_domain() != &self.proxy.trust_domain;
-            // A gateway carries many clients' tunnels: exempt from one peer's share.
-            let gateway_peer = through_east_west || self.is_ingress_gateway(&source, source_ip);
+            let relayed = self.is_east_west_gateway(source_ip)
+                && source.trust_domain() != &self.proxy.trust_domain;
+            // A gateway carries many clients' tunnels: exempt from one peer's share — the
+            // east-west gateway only for what it relays (a federated identity), since the
+            // gateway role is a pod label and the label alone must not lift the share.
+            let gateway_peer = relayed || self.is_ingress_gateway(&source, source_ip);
             if let (Some(claim), None, false) = (claim, remote_ip, relayed) {
                 self.proxy.guard.forwarded_ignored();
                 if let Some(left_out) = FORWARDED_LOG.allow() {

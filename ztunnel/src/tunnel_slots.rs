@@ -6,9 +6,10 @@
 //! pod holds at most `--pod-max-connections` inbound tunnels at once, and one peer address at
 //! most `--pod-max-connections-per-peer` of them — one source pod filling its share leaves the
 //! rest of the pod's capacity to the others. Gateways of the mesh that carry many clients'
-//! tunnels to one backend (an ingress gateway, this cluster's east-west gateway) are exempt
-//! from the per-peer share, as the east-west gateway is from the listener's; they limit their
-//! own sources. A CONNECT over a cap is answered 503 and counted in
+//! tunnels to one backend are exempt from the per-peer share and limit their own sources: an
+//! ingress gateway (its address and its identity), and this cluster's east-west gateway for
+//! the tunnels it relays (a federated identity at its address; the role is a pod label, which
+//! alone must not lift the share). A CONNECT over a cap is answered 503 and counted in
 //! `membrane_listener_connections_refused_total{listener="inbound_tunnels"}`.
 
 use std::net::IpAddr;
