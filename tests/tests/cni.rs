@@ -458,3 +458,65 @@ async fn trainer_reaches_store_through_a_tunnel(mesh: &Mesh) -> anyhow::Result<(
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     Ok(())
 }
+
+/// A namespace the ztunnel knows under one pod's UID is never given another workload's
+/// identity by the `--netns-dir` scan, whatever addresses it carries: here a non-mesh pod
+/// carries a mesh workload's address on its own interface (a recycled address, or one a pod
+/// with `NET_ADMIN` added), and the workload's own namespace is gone from the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn the_scan_never_enrolls_a_workload_into_a_namespace_known_as_another_pod()
+-> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let dir = tempfile::tempdir()?;
+    let mut spec = MeshSpec::two_nodes(
+        vec![
+            PodDef::new("store", "data", "feature-store", "node-b"),
+            PodDef::new("legacy", "legacy", "legacy", "node-b"),
+        ],
+        &["data"],
+    );
+    spec.ztunnel_args = vec!["--netns-dir".into(), dir.path().display().to_string()];
+    let mesh = Mesh::start(spec).await?;
+    // The non-mesh pod is told to its ztunnel as the CNI plugin tells it.
+    let run = cni(&mesh, "ADD", "legacy", true).await?;
+    assert!(run.ok(), "{run:?}");
+    let entry = listed(&mesh, "legacy").await?.context("legacy")?;
+    assert_eq!(entry["enrolled"], false, "{entry}");
+    // It takes the store's address on its eth0; the node's directory holds only its namespace.
+    let store_ip = format!("{}/32", mesh.ip("store"));
+    let out = mesh.testbed.exec(
+        mesh.pod("legacy"),
+        &["ip", "addr", "add", &store_ip, "dev", "eth0"],
+    )?;
+    ensure!(out.status.success(), "ip addr add: {out:?}");
+    std::os::unix::fs::symlink(mesh.netns_path("legacy"), dir.path().join("cni-legacy"))?;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while membrane_tests::ztunnel_metric(
+        &mesh,
+        "node-b",
+        "membrane_netns_scan_skipped_total",
+        &[r#"reason="known_pod""#],
+    )
+    .await?
+        < 1.0
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the known namespace was not skipped; store: {:?}",
+                listed(&mesh, "store").await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        listed(&mesh, "store").await?,
+        None,
+        "store enrolled into legacy"
+    );
+    assert!(!captured(&mesh, "legacy")?, "legacy captured as the store");
+    let entry = listed(&mesh, "legacy").await?.context("legacy")?;
+    assert_eq!(entry["enrolled"], false, "{entry}");
+    Ok(())
+}

@@ -236,6 +236,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let authz_metrics = AuthzMetrics::register(&mut registry);
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let enroll_metrics = enroll::EnrollMetrics::register(&mut registry);
+    let scan_metrics = crate::pods::scan::ScanMetrics::register(&mut registry);
     let udp_metrics = crate::udp::UdpMetrics::register(&mut registry);
     let guard_metrics = crate::guard::GuardMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
@@ -413,7 +414,10 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     let mut reconciler = Reconciler::new(
         pods.clone(),
-        config.netns_dir.clone().map(NetnsScanner::new),
+        config
+            .netns_dir
+            .clone()
+            .map(|dir| NetnsScanner::new(dir).with_metrics(scan_metrics)),
     );
     // The previous run's pods are loaded (not yet enrolled) before the enrollment socket
     // serves: an early request must not overwrite the persisted list with just itself.

@@ -14,11 +14,17 @@
 //!    lifted;
 //! 3. with a [`NetnsScanner`] (`--netns-dir`): a mesh workload of this node that nobody told
 //!    the ztunnel about (a pod that existed before Membrane, or whose CNI call was missed) is
-//!    looked up by address among the node's network namespaces and enrolled.
+//!    looked up by address among the node's network namespaces and enrolled. A namespace the
+//!    registry already knows under another pod's UID is never a candidate (it is that pod's,
+//!    whatever addresses it carries: a recycled address, or one a pod with `NET_ADMIN` put
+//!    on its own interface): it is left out, logged and counted
+//!    (`membrane_netns_scan_skipped_total{reason="known_pod"}`).
 //!
 //! A pass that could not finish (an enrollment failed, a workload's namespace was not found)
 //! is retried after [`RETRY_INTERVAL`] even if the state does not change.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::scan::{Located, NetnsScanner};
-use super::{Known, PodRegistry, local_mesh_workload};
+use super::{Known, PodRegistry, local_mesh_workload, same_netns};
 use crate::netns::PodNetns;
 use crate::redirect;
 use crate::state::MeshState;
@@ -187,7 +193,21 @@ impl PodRegistry {
                 .filter(|w| w.node == node && w.captured() && !pods.known.contains_key(&w.uid))
                 .collect();
             for workload in untold {
-                let netns = match scanner.locate(&workload.ips).await {
+                let found = scanner
+                    .locate(&workload.ips, |p| known_as(&pods.known, p).is_some())
+                    .await;
+                for path in &found.taken {
+                    let known_uid = known_as(&pods.known, path).unwrap_or_default();
+                    tracing::warn!(
+                        uid = workload.uid,
+                        netns = %path.display(),
+                        known_uid,
+                        reason = "known_pod",
+                        "a network namespace holding the workload's address is known under another pod's UID; not enrolling the workload into it"
+                    );
+                    scanner.metrics().skipped("known_pod");
+                }
+                let netns = match found.located {
                     Located::One(path) => path,
                     Located::Several(paths) => {
                         tracing::warn!(
@@ -240,6 +260,14 @@ impl PodRegistry {
         }
         pass
     }
+}
+
+/// The UID under which a namespace is known (the same nsfs inode as `netns`), if any.
+fn known_as(known: &BTreeMap<String, Known>, netns: &Path) -> Option<String> {
+    known
+        .iter()
+        .find(|(_, k)| same_netns(&k.netns, netns))
+        .map(|(uid, _)| uid.clone())
 }
 
 /// Removes the rules a previous run left in a pod that is no longer a mesh workload (its
