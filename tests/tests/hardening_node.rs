@@ -6,6 +6,8 @@
 //!   fails (retryable) until the node's view is current again, and the retried ADD captures it.
 //! - Plaintext UDP into a mesh pod of a namespace that refuses plaintext is dropped and
 //!   counted, except on the ports the namespace names, replies, and loopback.
+//! - An enrollment whose namespace path is a FIFO or a regular file is refused at once, and
+//!   the socket keeps answering; an over-long request line closes the connection.
 //!
 //! Needs `cargo build -p membrane-cni -p membrane-ztunnel` first (the plugin is looked up next
 //! to the ztunnel binary).
@@ -412,5 +414,63 @@ async fn plaintext_udp_into_a_mesh_pod_is_dropped_and_counted() -> anyhow::Resul
         "a namespace that permits plaintext must keep its UDP"
     );
     assert_eq!(nft_dropped(&mesh, "relaxed")?, 0);
+    Ok(())
+}
+
+/// A namespace path that is not a network namespace is refused at once with a clear error: a
+/// FIFO (which a blocking open would wait on forever, holding the pod registry) and a regular
+/// file; the socket keeps answering. A line over the limit closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn enrollment_refuses_paths_that_are_not_network_namespaces() -> anyhow::Result<()> {
+    membrane_tests::require_root()?;
+    let mesh = Mesh::start(MeshSpec::two_nodes(
+        vec![PodDef::new("store", "data", "feature-store", "node-b")],
+        &["data"],
+    ))
+    .await?;
+    let fifo = mesh.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU)?;
+    let file = mesh.path().join("file");
+    std::fs::write(&file, b"")?;
+    for path in [&fifo, &file] {
+        // The store's UID: a mesh workload of node-b, so the path is opened to capture it.
+        let add = serde_json::json!({"op": "add", "uid": "data-store", "netns": path});
+        let reply =
+            tokio::time::timeout(Duration::from_secs(1), mesh.enroll_request("node-b", &add))
+                .await
+                .with_context(|| format!("add of {} not answered within 1 s", path.display()))??;
+        assert_eq!(reply["ok"], false, "{reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        assert!(error.contains("not a network namespace"), "{reply}");
+        let list = tokio::time::timeout(
+            Duration::from_secs(1),
+            mesh.enroll_request("node-b", &serde_json::json!({"op": "list"})),
+        )
+        .await
+        .context("list not answered within 1 s")??;
+        assert_eq!(list["ok"], true, "{list}");
+        assert_eq!(
+            list["pods"],
+            serde_json::json!([]),
+            "a refused path is not remembered"
+        );
+    }
+
+    // An over-long line: an error answer, then the connection is closed (the rest of the
+    // line is not read as a request).
+    let socket = &mesh.ztunnels["node-b"].enroll_socket;
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    let mut long = vec![b'x'; 64 * 1024 + 10];
+    long.extend_from_slice(br#"{"op":"list"}"#);
+    long.push(b'\n');
+    stream.write_all(&long).await?;
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply))
+        .await
+        .context("connection not closed")??;
+    let lines: Vec<&str> = reply.lines().collect();
+    assert_eq!(lines.len(), 1, "{reply}");
+    assert!(lines[0].contains("too long"), "{reply}");
     Ok(())
 }

@@ -14,16 +14,26 @@
 //! state says it is a mesh workload of this node), `namespace`, `name`, `ips`, `error`.
 //! Which identity a pod has never comes from this socket: only the UID does, and the identity
 //! is looked up in the mesh state.
+//!
+//! Besides the socket's mode, each connection's peer must run as root (`SO_PEERCRED`, uid
+//! 0: the CNI plugin runs as root, so does the node's tooling); others get an error line
+//! and are closed. At most [`MAX_CONNECTIONS`] connections are served at once; one that
+//! sends no complete line for [`IDLE_TIMEOUT`] (or does not take its answer within it) is
+//! closed, and so is one whose line is longer than [`MAX_LINE`] (after an error answer:
+//! the rest of the line is never read as a request). Each is counted in
+//! `membrane_enroll_connections_refused_total{reason}`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
 
 pub use membrane_api::enrollment::{PodStatus, Request, Response};
@@ -36,6 +46,51 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_IPS: usize = 16;
 /// Longest Kubernetes namespace or pod name accepted.
 const MAX_NAME: usize = 253;
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may take to send a complete request line, or to take an answer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a peer may not use the socket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerRefusal {
+    /// The peer does not run as root.
+    #[error("the enrollment socket serves root (uid 0) only; the peer runs as uid {uid}")]
+    NotRoot {
+        /// The peer's uid.
+        uid: u32,
+    },
+    /// The peer's credentials could not be read.
+    #[error("the enrollment socket could not read the peer's credentials: {0}")]
+    Unknown(String),
+}
+
+impl PeerRefusal {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotRoot { .. } => "peer_not_root",
+            Self::Unknown(_) => "peer_unknown",
+        }
+    }
+}
+
+/// Whether a peer with `uid` (from `SO_PEERCRED`) may use the socket: root only.
+pub fn check_peer(uid: u32) -> Result<(), PeerRefusal> {
+    if uid == 0 {
+        Ok(())
+    } else {
+        Err(PeerRefusal::NotRoot { uid })
+    }
+}
+
+/// Labels of the refused-connection counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// Why (`peer_not_root`, `peer_unknown`, `too_many`, `idle`, `line_too_long`).
+    pub reason: &'static str,
+}
 
 /// Labels of the refusal counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -48,6 +103,7 @@ pub struct RefusalLabels {
 #[derive(Debug, Clone, Default)]
 pub struct EnrollMetrics {
     refused: Family<RefusalLabels, Counter>,
+    connections_refused: Family<ConnectionLabels, Counter>,
 }
 
 impl EnrollMetrics {
@@ -59,7 +115,18 @@ impl EnrollMetrics {
             "Pods the enrollment socket refused to add, by reason (stale_view: the discovery stream was down and the pod unknown)",
             m.refused.clone(),
         );
+        registry.register(
+            "enroll_connections_refused",
+            "Enrollment connections refused or closed, by reason (peer_not_root, peer_unknown: SO_PEERCRED; too_many: over the cap; idle: no complete line in time; line_too_long)",
+            m.connections_refused.clone(),
+        );
         m
+    }
+
+    fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ConnectionLabels { reason })
+            .inc();
     }
 }
 
@@ -144,6 +211,7 @@ pub async fn serve(
     metrics: EnrollMetrics,
     cancel: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -155,9 +223,36 @@ pub async fn serve(
                 }
             },
         };
+        let peer = match stream.peer_cred() {
+            Ok(cred) => check_peer(cred.uid()).map(|()| cred),
+            Err(e) => Err(PeerRefusal::Unknown(e.to_string())),
+        };
+        let slot = slots.clone().try_acquire_owned();
         let (pods, cancel, metrics) = (pods.clone(), cancel.clone(), metrics.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
+            let refusal = match (peer, slot) {
+                (Err(refusal), _) => {
+                    tracing::warn!(reason = refusal.reason(), error = %refusal, "enrollment connection refused");
+                    Some((refusal.reason(), refusal.to_string()))
+                }
+                (Ok(_), Err(_)) => {
+                    tracing::warn!(
+                        max = MAX_CONNECTIONS,
+                        "enrollment connection refused: too many open"
+                    );
+                    Some((
+                        "too_many",
+                        format!("too many enrollment connections (at most {MAX_CONNECTIONS})"),
+                    ))
+                }
+                (Ok(_), Ok(_)) => None,
+            };
+            if let Some((reason, message)) = refusal {
+                metrics.connection_refused(reason);
+                let _ = answer(&mut write, &Response::error(message)).await;
+                return;
+            }
             let mut reader = BufReader::new(read);
             let mut line = String::new();
             loop {
@@ -165,24 +260,44 @@ pub async fn serve(
                 let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
                 let n = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    n = limited.read_line(&mut line) => n,
+                    n = tokio::time::timeout(IDLE_TIMEOUT, limited.read_line(&mut line)) => n,
                 };
-                let response = match n {
-                    Ok(0) => return,
-                    Ok(_) if line.len() > MAX_LINE => Response::error("request line too long"),
-                    Ok(_) => handle(&pods, &metrics, line.trim()).await,
-                    Err(e) => Response::error(format!("unreadable request: {e}")),
+                let (response, last) = match n {
+                    Err(_) => {
+                        metrics.connection_refused("idle");
+                        tracing::debug!("enrollment connection idle; closed");
+                        return;
+                    }
+                    Ok(Ok(0)) => return,
+                    Ok(Ok(_)) if line.len() > MAX_LINE => {
+                        metrics.connection_refused("line_too_long");
+                        tracing::warn!(
+                            max = MAX_LINE,
+                            "enrollment request line too long; connection closed"
+                        );
+                        (Response::error("request line too long"), true)
+                    }
+                    Ok(Ok(_)) => (handle(&pods, &metrics, line.trim()).await, false),
+                    Ok(Err(e)) => (Response::error(format!("unreadable request: {e}")), true),
                 };
-                let Ok(mut out) = serde_json::to_vec(&response) else {
-                    return;
-                };
-                out.push(b'\n');
-                if write.write_all(&out).await.is_err() {
+                if !answer(&mut write, &response).await || last {
                     return;
                 }
             }
         });
     }
+}
+
+/// Writes one response line within [`IDLE_TIMEOUT`]; whether it was written.
+async fn answer(write: &mut OwnedWriteHalf, response: &Response) -> bool {
+    let Ok(mut out) = serde_json::to_vec(response) else {
+        return false;
+    };
+    out.push(b'\n');
+    matches!(
+        tokio::time::timeout(IDLE_TIMEOUT, write.write_all(&out)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Response {
@@ -246,6 +361,20 @@ pub async fn call(path: &Path, request: &Request) -> std::io::Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_root_peers_are_served() {
+        assert_eq!(check_peer(0), Ok(()));
+        for uid in [1, 65534, 1000] {
+            let refused = check_peer(uid).expect_err("non-root");
+            assert_eq!(refused, PeerRefusal::NotRoot { uid });
+            assert_eq!(refused.reason(), "peer_not_root");
+            assert!(
+                refused.to_string().contains("root (uid 0) only"),
+                "{refused}"
+            );
+        }
+    }
 
     #[test]
     fn parses_requests_and_rejects_garbage() {

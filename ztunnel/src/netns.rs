@@ -7,9 +7,15 @@
 //! the node's namespace ever failed, the process aborts rather than run tasks in a pod's
 //! namespace. Commands (`nft`) run on a std thread parked in the pod's namespace: a child
 //! process inherits its parent thread's namespace, and spawning blocks.
+//!
+//! A namespace path that comes from outside (an enrollment request, the `--netns-dir` scan)
+//! is opened by [`open_netns_file`] only: non-blocking (a FIFO put there must not hold the
+//! caller, who may hold the pod registry's lock), close-on-exec, and refused unless it is an
+//! nsfs file (`fstatfs`: `NSFS_MAGIC`) other than the ztunnel's own network namespace.
 
 use std::fs::File;
 use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -35,6 +41,18 @@ pub enum NetnsError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// The path is not a namespace file (a regular file, a FIFO, a device, ...).
+    #[error("{path} is not a network namespace (not an nsfs file)")]
+    NotNetns {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The path is the ztunnel's own network namespace, which is never a pod's.
+    #[error("{path} is the ztunnel's own network namespace, not a pod's")]
+    OwnNetns {
+        /// The path given.
+        path: PathBuf,
     },
     /// `setns` failed.
     #[error("cannot enter network namespace {path}: {source}")]
@@ -84,20 +102,52 @@ fn host_netns() -> std::io::Result<&'static File> {
     Ok(HOST.get_or_init(|| file))
 }
 
+/// Opens the namespace file at `path` as one that came from outside: with `O_NONBLOCK` (a
+/// FIFO does not block), `O_CLOEXEC` and `O_NOCTTY`, then refuses anything that is not an
+/// nsfs file ([`NetnsError::NotNetns`]) and the ztunnel's own network namespace
+/// ([`NetnsError::OwnNetns`], compared by device and inode with `/proc/self/ns/net`). Whether
+/// it is a *network* namespace is left to `setns(CLONE_NEWNET)`, which refuses other kinds.
+pub fn open_netns_file(path: &Path) -> Result<File, NetnsError> {
+    let open_error = |source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(open_error)?;
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_error(std::io::Error::from(e)))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(NetnsError::NotNetns {
+            path: path.to_owned(),
+        });
+    }
+    let opened = file.metadata().map_err(open_error)?;
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(|source| NetnsError::Open {
+        path: PathBuf::from("/proc/self/ns/net"),
+        source,
+    })?;
+    if (opened.dev(), opened.ino()) == (own.dev(), own.ino()) {
+        return Err(NetnsError::OwnNetns {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
 // === impl PodNetns ===
 
 impl PodNetns {
-    /// Opens `path` (for example `/run/netns/<name>` or `/proc/<pid>/ns/net`) and starts the
-    /// worker. Fails if the namespace cannot be entered.
+    /// Opens `path` (for example `/run/netns/<name>` or `/proc/<pid>/ns/net`) with
+    /// [`open_netns_file`] and starts the worker. Fails if the path is not a namespace other
+    /// than the ztunnel's own, or if it cannot be entered.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
         host_netns().map_err(|source| NetnsError::Open {
             path: PathBuf::from("/proc/thread-self/ns/net"),
             source,
         })?;
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = open_netns_file(path)?;
         let thread_file = file.try_clone().map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
@@ -331,6 +381,35 @@ impl PodNetns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_another_namespace_file_is_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let started = std::time::Instant::now();
+        assert!(
+            matches!(PodNetns::open(&fifo), Err(NetnsError::NotNetns { .. })),
+            "a FIFO"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "blocked on a FIFO"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").expect("file");
+        let err = PodNetns::open(&file).expect_err("a regular file");
+        assert!(matches!(err, NetnsError::NotNetns { .. }), "{err}");
+        assert!(err.to_string().contains("not a network namespace"), "{err}");
+        assert!(matches!(
+            open_netns_file(Path::new("/proc/self/ns/net")),
+            Err(NetnsError::OwnNetns { .. })
+        ));
+        assert!(matches!(
+            open_netns_file(&dir.path().join("absent")),
+            Err(NetnsError::Open { .. })
+        ));
+    }
 
     /// An application whose accept queue is full drops the SYNs: connecting gives up within
     /// the bound instead of the kernel's two minutes of retries.

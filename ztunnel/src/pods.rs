@@ -228,14 +228,14 @@ impl PodRegistry {
     /// later if it joins the mesh — but only while the node's view is current: with the
     /// discovery stream down, a pod the state does not know is refused
     /// ([`EnrollError::StaleView`], retryable) so that it cannot start outside the mesh. A
-    /// pod of another node, or one whose namespace does not exist, is refused. Idempotent:
+    /// pod of another node, or one whose namespace path does not exist or is not a network
+    /// namespace other than the ztunnel's own, is refused. Idempotent:
     /// the same pod and namespace again re-installs the rules; another namespace replaces the
     /// old enrollment.
     pub async fn add(&self, pod: PodInfo) -> Result<bool, EnrollError> {
-        std::fs::metadata(&pod.netns).map_err(|source| EnrollError::NoNamespace {
-            path: pod.netns.clone(),
-            source,
-        })?;
+        // Checked before anything else (never blocks: see `open_netns_file`); a refused
+        // path is not remembered.
+        crate::netns::open_netns_file(&pod.netns).map_err(EnrollError::from_open)?;
         let Some(state) = self.loaded_state().await else {
             let mut pods = self.pods.lock().await;
             pods.remember(&pod);

@@ -91,7 +91,11 @@ pub async fn run(
         return;
     };
     let netns = match &config.netns {
-        Some(path) => PodNetns::open(path),
+        // The process's own namespace named by path is used as its own.
+        Some(path) => match PodNetns::open(path) {
+            Err(crate::netns::NetnsError::OwnNetns { .. }) => PodNetns::own(),
+            other => other,
+        },
         None => PodNetns::own(),
     };
     let netns = match netns {

@@ -64,9 +64,20 @@ pub enum EnrollError {
 }
 
 impl EnrollError {
+    /// The refusal of a namespace path that could not be opened as a pod's network namespace
+    /// ([`crate::netns::open_netns_file`]).
+    pub fn from_open(error: NetnsError) -> Self {
+        match error {
+            NetnsError::Open { path, source } => Self::NoNamespace { path, source },
+            other => Self::Netns(other),
+        }
+    }
+
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Netns(NetnsError::NotNetns { .. }) => "not_netns",
+            Self::Netns(NetnsError::OwnNetns { .. }) => "own_netns",
             Self::NotReady => "not_ready",
             Self::StaleView { .. } => "stale_view",
             Self::OtherNode { .. } => "other_node",

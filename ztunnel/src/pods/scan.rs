@@ -200,8 +200,13 @@ fn scan_blocking(dir: &Path) -> std::io::Result<HashMap<IpAddr, Vec<PathBuf>>> {
     paths.sort();
     let mut by_ip: HashMap<IpAddr, Vec<PathBuf>> = HashMap::new();
     for path in paths {
-        let Ok(file) = File::open(&path) else {
-            continue;
+        // Never blocks (a FIFO), never the ztunnel's own namespace, only nsfs files.
+        let file: File = match crate::netns::open_netns_file(&path) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::debug!(netns = %path.display(), error = %e, "not scanned");
+                continue;
+            }
         };
         // Not a network namespace (or gone meanwhile): skipped.
         if setns(&file, CloneFlags::CLONE_NEWNET).is_err() {
