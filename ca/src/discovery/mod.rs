@@ -307,18 +307,7 @@ impl DiscoveryService {
                             reason: route.reason.as_str(),
                         })
                         .inc();
-                    for e in &route.errors {
-                        tracing::warn!(
-                            gateway = %format_args!("{}/{}", key.0, key.1),
-                            route_kind = route.kind.as_str(),
-                            route_namespace = %route.namespace,
-                            route_name = %route.name,
-                            reason = route.reason.as_str(),
-                            field = %e.path,
-                            error = %e.message,
-                            "ingress route refused; the gateway serves its other routes"
-                        );
-                    }
+                    crate::source::log_refused_route(&format_args!("{}/{}", key.0, key.1), &route);
                 }
                 refusals.insert(id, route.reason);
             }

@@ -26,3 +26,24 @@ pub use model::{
 /// The receiving end of a source: always holds the latest complete snapshot, or `None` until
 /// the first load finished.
 pub type StateReceiver = tokio::sync::watch::Receiver<Option<Arc<ClusterState>>>;
+
+/// Logs each problem of an ingress route that `gateway` (`namespace/name`) left out of its
+/// table, with its field path; the directory source (at each load) and the discovery service
+/// (when a refusal first appears) log them alike.
+pub(crate) fn log_refused_route(
+    gateway: &dyn std::fmt::Display,
+    route: &membrane_policy::gateway::RefusedRoute,
+) {
+    for e in &route.errors {
+        tracing::warn!(
+            gateway = %gateway,
+            route_kind = route.kind.as_str(),
+            route_namespace = %route.namespace,
+            route_name = %route.name,
+            reason = route.reason.as_str(),
+            field = %e.path,
+            error = %e.message,
+            "ingress route refused; the gateway serves its other routes"
+        );
+    }
+}

@@ -455,18 +455,10 @@ pub async fn run(
                             );
                             for ((ns, name), built) in state.ingress_tables() {
                                 for route in &built.refused {
-                                    for e in &route.errors {
-                                        tracing::warn!(
-                                            gateway = %format_args!("{ns}/{name}"),
-                                            route_kind = route.kind.as_str(),
-                                            route_namespace = %route.namespace,
-                                            route_name = %route.name,
-                                            reason = route.reason.as_str(),
-                                            field = %e.path,
-                                            error = %e.message,
-                                            "ingress route refused; the gateway serves its other routes"
-                                        );
-                                    }
+                                    crate::source::log_refused_route(
+                                        &format_args!("{ns}/{name}"),
+                                        route,
+                                    );
                                 }
                             }
                         }
