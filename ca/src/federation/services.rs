@@ -81,7 +81,8 @@ fn controller_path() -> String {
 
 /// The export set of `state`: exported Services and their ready mesh endpoints, on the
 /// addresses the discovery stream publishes (a withheld address,
-/// [`ClusterState::withheld_ips`], is nobody's; an endpoint left with none is not exported).
+/// [`ClusterState::withheld_ips`], is nobody's; an endpoint left with none is not exported)
+/// and only on addresses of the pod the endpoint names.
 pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
     let withheld = state.withheld_ips();
     let mut services = Vec::new();
@@ -93,6 +94,11 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
                 continue;
             };
             if !pod.phase.is_active() || !state.is_mesh_pod(pod) {
+                continue;
+            }
+            // The identity exported with an address is its pod's: an address the named pod
+            // does not hold (a hand-written EndpointSlice may list any) is not exported.
+            if !pod.ips.contains(&e.ip) {
                 continue;
             }
             let entry = endpoints

@@ -122,6 +122,38 @@ fn a_contested_endpoint_address_is_not_exported() {
     validate(&out, &td("cluster-b.example"), &[]).expect("still valid");
 }
 
+/// A Service without a selector has hand-written EndpointSlices, which may name a pod of the
+/// Service's namespace beside an address of another pod: the address is not exported under the
+/// named pod's identity (a peer would expect that identity at the other pod's address).
+#[test]
+fn an_endpoint_address_its_pod_does_not_hold_is_not_exported() {
+    let mut s = state();
+    let svc = (s.services)
+        .get_mut(&("inference".to_owned(), "model-server".to_owned()))
+        .expect("service");
+    svc.endpoints = vec![
+        Endpoint {
+            ip: "10.20.1.7".parse().expect("ip"),
+            pod: Some("ms-0".into()),
+            ready: true,
+            ports: BTreeMap::new(),
+        },
+        Endpoint {
+            ip: "10.20.1.5".parse().expect("ip"),
+            pod: Some("ms-0".into()),
+            ready: true,
+            ports: BTreeMap::new(),
+        },
+    ];
+    let out = exports(&s, &td("cluster-b.example"));
+    assert_eq!(out.services[0].name, "model-server");
+    let [only] = out.services[0].endpoints.as_slice() else {
+        panic!("one endpoint: {:?}", out.services[0].endpoints);
+    };
+    assert_eq!(only.pod, "ms-0");
+    assert_eq!(only.ips, ["10.20.1.5"], "the pod's own address only");
+}
+
 #[test]
 fn a_bad_export_message_is_refused_whole() {
     let good = exports(&state(), &td("cluster-b.example"));
