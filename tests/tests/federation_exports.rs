@@ -160,7 +160,30 @@ async fn exported_services_are_imported_with_their_identities_and_only_by_federa
     })
     .await?;
 
-    // B stops exporting the Service: A withdraws it.
+    // B starts a root rotation: its bundle gains a root, A's follower fetches it, and A's
+    // import stream ends and is dialled again at once, verified against the new bundle.
+    membrane_ca::rotation::request(
+        &b.dir.path().join("state"),
+        &membrane_identity::spiffe_id::parse_trust_domain(B)?,
+        Duration::from_secs(3600),
+    )?;
+    let bundle_changed = format!(
+        "membrane_ca_federated_import_stream_ends_total{{trust_domain=\"{B}\",reason=\"bundle_changed\"}}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = a.metrics().await?;
+        if metrics.lines().any(|l| l.starts_with(&bundle_changed)) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "A's import stream did not end on B's new bundle:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // B stops exporting the Service: A withdraws it (over the new stream).
     std::fs::write(
         b.manifests_dir().join("inference.yaml"),
         B_SERVICES.replace("labels: {membrane.dev/export: \"true\"}", "labels: {}"),

@@ -4,13 +4,18 @@
 //! verified against the peer's federated bundle), validating each message whole
 //! ([`super::services::validate`]) and publishing it, with the peer's east-west gateway, to the
 //! imports every node's view is built from. A bad message, a broken stream or an unreachable
-//! peer keeps the last good set; reconnects back off within [`RETRY_BOUNDS`].
+//! peer keeps the last good set; reconnects back off within [`RETRY_BOUNDS`]. A change of the
+//! peer's bundle ends the stream and dials again at once, so the peer's controller is verified
+//! against the bundle in force (a root the peer removed does not keep a stream open).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain};
 use membrane_proto::v1 as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
 use super::services::{Imported, Imports, MAX_MESSAGE_LEN, RETRY_BOUNDS, validate};
@@ -61,6 +66,26 @@ pub struct Importer {
     pub out: watch::Sender<Imports>,
     /// Cleared when the federation goes: nothing is published after that.
     pub alive: Arc<std::sync::atomic::AtomicBool>,
+    /// `membrane_ca_federated_import_stream_ends_total`.
+    pub ends: Family<ImportEndLabels, Counter>,
+}
+
+/// Labels of `membrane_ca_federated_import_stream_ends_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ImportEndLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// `bundle_changed` (the peer's bundle changed: the stream is dialled again, and verified
+    /// against the new one), `ended` (by the peer) or `error` (connecting, TLS, gRPC).
+    pub reason: &'static str,
+}
+
+/// How an import stream that did not fail came to an end.
+enum Ended {
+    /// The peer ended it: dial again after the back-off.
+    ByPeer,
+    /// The peer's bundle changed under it: dial again now, to verify the peer against it.
+    BundleChanged,
 }
 
 impl Importer {
@@ -68,32 +93,52 @@ impl Importer {
     pub async fn run(self) {
         let mut retry = RETRY_BOUNDS.0;
         loop {
-            match self.stream(&mut retry).await {
-                Ok(()) => {
-                    tracing::info!(trust_domain = %self.trust_domain, "service exports stream ended; reconnecting")
+            let reason = match self.stream(&mut retry).await {
+                Ok(Ended::ByPeer) => {
+                    tracing::info!(trust_domain = %self.trust_domain, "service exports stream ended; reconnecting");
+                    "ended"
+                }
+                Ok(Ended::BundleChanged) => {
+                    tracing::info!(trust_domain = %self.trust_domain, "the peer's bundle changed; reconnecting to verify its controller against it (the last imported set stays meanwhile)");
+                    "bundle_changed"
                 }
                 Err(e) => {
-                    tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service import failed; the last imported set stays")
+                    tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service import failed; the last imported set stays");
+                    "error"
                 }
+            };
+            self.ends
+                .get_or_create(&ImportEndLabels {
+                    trust_domain: self.trust_domain.to_string(),
+                    reason,
+                })
+                .inc();
+            if reason != "bundle_changed" {
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_BOUNDS.1);
             }
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(RETRY_BOUNDS.1);
         }
     }
 
-    async fn stream(&self, retry: &mut Duration) -> Result<(), ImportError> {
+    /// The peer's bundle in force now, if any.
+    fn peer_bundle(federated: &[TrustBundle], td: &TrustDomain) -> Option<TrustBundle> {
+        federated.iter().find(|b| b.trust_domain() == td).cloned()
+    }
+
+    async fn stream(&self, retry: &mut Duration) -> Result<Ended, ImportError> {
         let url = self.url.to_string();
         let connect = |message: String| ImportError::Connect {
             url: url.clone(),
             message,
         };
-        let bundle = (self.federated.borrow().iter())
-            .find(|b| b.trust_domain() == &self.trust_domain)
-            .cloned()
+        // The connection is verified against the bundle in force when it is made; a change
+        // of the peer's bundle ends the stream (a removed root must not keep it open).
+        let mut federated = self.federated.clone();
+        let bundle = Self::peer_bundle(&federated.borrow_and_update(), &self.trust_domain)
             .ok_or_else(|| ImportError::NoBundle(self.trust_domain.to_string()))?;
         let provider = membrane_identity::crypto_provider();
         let verifier = membrane_identity::verify::SpiffeServerVerifier::new(
-            SharedTrustBundle::new(bundle),
+            SharedTrustBundle::new(bundle.clone()),
             PeerCheck::Exact(self.peer_id.clone()),
             provider.clone(),
         );
@@ -119,7 +164,24 @@ impl Importer {
             .map_err(stream_err)?
             .into_inner();
         tracing::info!(trust_domain = %self.trust_domain, url = %url, "following the peer's service exports");
-        while let Some(exports) = stream.message().await.map_err(stream_err)? {
+        loop {
+            let exports = tokio::select! {
+                message = stream.message() => match message.map_err(stream_err)? {
+                    Some(exports) => exports,
+                    None => return Ok(Ended::ByPeer),
+                },
+                changed = federated.changed() => {
+                    if changed.is_err() {
+                        // The controller is stopping: nothing will change any more.
+                        return Ok(Ended::ByPeer);
+                    }
+                    let now = Self::peer_bundle(&federated.borrow_and_update(), &self.trust_domain);
+                    if now.as_ref() != Some(&bundle) {
+                        return Ok(Ended::BundleChanged);
+                    }
+                    continue;
+                }
+            };
             *retry = RETRY_BOUNDS.0;
             if let Err(e) = validate(&exports, &self.trust_domain, &self.allowed) {
                 tracing::warn!(trust_domain = %self.trust_domain, error = %e, "service exports refused whole; the last imported set stays");
@@ -146,7 +208,6 @@ impl Importer {
             });
             tracing::info!(trust_domain = %self.trust_domain, services, "service imports updated");
         }
-        Ok(())
     }
 }
 

@@ -89,6 +89,7 @@ pub struct FederationMetrics {
     fetches: Family<FetchLabels, Counter>,
     sequence: Family<TrustDomainLabels, Gauge>,
     store_errors: Family<StoreLabels, Counter>,
+    import_ends: Family<importer::ImportEndLabels, Counter>,
 }
 
 impl FederationMetrics {
@@ -125,6 +126,11 @@ impl FederationMetrics {
             "federated_bundle_store_errors",
             "Federated bundles that could not be saved to or restored from the state directory",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "federated_import_stream_ends",
+            "Service import streams from federated peers that ended, by reason (bundle_changed, ended, error)",
+            m.import_ends.clone(),
         );
         m
     }
@@ -270,7 +276,7 @@ fn reconcile(
             drop_imports(&out.imports, &fed.trust_domain);
         }
         *fed = new.clone();
-        *importer = spawn_importer(fed, out);
+        *importer = spawn_importer(fed, out, metrics);
         tracing::info!(federation = %name, trust_domain = %fed.trust_domain, "federation's service import changed; its bundle stays");
     }
     let stale: Vec<String> = (tasks.iter())
@@ -331,7 +337,7 @@ fn reconcile(
         }));
         // The importer looks the peer's bundle up when it connects: publish it first.
         publish(held, &out.bundles);
-        let importer = spawn_importer(&fed, out);
+        let importer = spawn_importer(&fed, out, metrics);
         tasks.insert(name, (fed, (task, alive), importer));
     }
     publish(held, &out.bundles);
@@ -399,7 +405,11 @@ fn wire_gateway(fed: &TrustFederation) -> Option<membrane_proto::v1::NetworkGate
 }
 
 /// Starts `fed`'s importer, when it imports the peer's Services.
-fn spawn_importer(fed: &TrustFederation, out: &Outputs) -> Option<ImporterTask> {
+fn spawn_importer(
+    fed: &TrustFederation,
+    out: &Outputs,
+    metrics: &FederationMetrics,
+) -> Option<ImporterTask> {
     let url = fed.exports_url.clone()?;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let task = tokio::spawn(
@@ -413,6 +423,7 @@ fn spawn_importer(fed: &TrustFederation, out: &Outputs) -> Option<ImporterTask> 
             federated: out.bundles.subscribe(),
             out: out.imports.clone(),
             alive: alive.clone(),
+            ends: metrics.import_ends.clone(),
         }
         .run(),
     );
