@@ -65,6 +65,9 @@ pub struct AppConfig {
     /// The root namespace: its selector-less AuthorizationPolicies apply mesh-wide (Istio's
     /// is `istio-system`).
     pub root_namespace: String,
+    /// The networks pod addresses are allocated from: a pod address outside them is
+    /// published for no pod. Empty: not checked.
+    pub pod_networks: Vec<membrane_policy::IpNet>,
     /// Lifetime of the serving certificate.
     pub serving_cert_ttl: Duration,
     /// Workload certificate lifetimes.
@@ -224,6 +227,13 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         rotation = phase.as_ref().map_or("plug-in", |p| p.name()),
         "signing authority loaded"
     );
+    if config.pod_networks.is_empty() {
+        tracing::warn!(
+            "--pod-networks is not set: a pod address is not checked against the pod networks, so a compromised node could claim an outside address for a pod of its own"
+        );
+    } else {
+        tracing::info!(pod_networks = ?config.pod_networks.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod addresses outside these networks are published for no pod");
+    }
     let bundle = authority.bundle().clone();
     let signer = Signer::new(authority, config.signer);
     let tokens = match &mode {
@@ -293,7 +303,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     let (state_tx, state_rx) = tokio::sync::watch::channel(None);
     let source = match &mode {
         SourceMode::Directory => tokio::spawn(directory::run(
-            DirectorySource::new(&config.source_dir),
+            DirectorySource::new(&config.source_dir).with_pod_networks(config.pod_networks.clone()),
             config.reload_interval,
             state_tx,
             source_metrics,
@@ -303,7 +313,10 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             let (reports_tx, reports_rx) = tokio::sync::watch::channel(None);
             let watch = crate::source::kube::run(
                 k.client.clone(),
-                crate::source::kube::KubeSourceConfig::default(),
+                crate::source::kube::KubeSourceConfig {
+                    pod_networks: config.pod_networks.clone(),
+                    ..Default::default()
+                },
                 state_tx,
                 reports_tx,
                 source_metrics,

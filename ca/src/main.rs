@@ -163,6 +163,12 @@ struct ServeArgs {
     /// policies where they are.
     #[arg(long, default_value = membrane_policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// The networks pod addresses are allocated from (comma-separated CIDRs, e.g. the
+    /// cluster's pod CIDRs): a pod address outside all of them is published for no pod
+    /// (`membrane_ca_discovery_withheld_pod_ips{reason="outside_pod_networks"}`), so a node
+    /// cannot claim an outside address for a pod of its own. Unset: not checked.
+    #[arg(long, env = "MEMBRANE_POD_NETWORKS", value_delimiter = ',')]
+    pod_networks: Vec<membrane_policy::IpNet>,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
     root_ttl: Duration,
@@ -249,6 +255,7 @@ fn main() -> anyhow::Result<()> {
         rotation_grace: args.rotation_grace,
         rotation_ack_timeout: args.rotation_ack_timeout,
         root_namespace: args.root_namespace,
+        pod_networks: args.pod_networks,
         federation: membrane_ca::app::FederationConfig {
             bundle_endpoint: args.bundle_endpoint_listen,
             exports_listen: args.federation_listen,

@@ -48,7 +48,11 @@ fn command(dir: &std::path::Path) -> Command {
 #[tokio::test]
 async fn binary_serves_then_stops_on_sigterm() -> anyhow::Result<()> {
     let dir = setup();
-    let mut child = Guard(command(dir.path()).spawn()?);
+    let mut child = Guard(
+        command(dir.path())
+            .args(["--pod-networks", "10.0.0.0/8,fd00::/8"])
+            .spawn()?,
+    );
     let stderr = child.0.stderr.take().expect("piped");
     // Read log lines until the serving line names the bound address.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -58,13 +62,22 @@ async fn binary_serves_then_stops_on_sigterm() -> anyhow::Result<()> {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut pod_networks = None;
     let listen = loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
         let value: serde_json::Value = serde_json::from_str(&line)?;
+        if value["message"] == "pod addresses outside these networks are published for no pod" {
+            pod_networks = value["pod_networks"].as_str().map(str::to_owned);
+        }
         if value["message"] == "membrane-ca serving" {
             break value["listen"].as_str().expect("listen field").to_owned();
         }
     };
+    assert_eq!(
+        pod_networks.as_deref(),
+        Some(r#"["10.0.0.0/8", "fd00::/8"]"#),
+        "the pod networks in force are logged at start"
+    );
     let root = std::fs::read(dir.path().join("state/root-cert.pem"))?;
     let mut client = loop {
         match CaClient::connect(&format!("https://{listen}"), &root, "membrane-ca", TOKEN).await {
@@ -137,4 +150,16 @@ fn bad_configuration_fails_with_a_clear_message() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
+
+    let dir = setup();
+    let out = command(dir.path())
+        .args(["--pod-networks", "10.0.0.0/8,10.1.0.0/33"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--pod-networks") && stderr.contains("10.1.0.0/33"),
+        "{stderr}"
+    );
 }

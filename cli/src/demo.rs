@@ -66,6 +66,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         rotation_grace: Duration::from_secs(1),
         rotation_ack_timeout: Duration::from_secs(600),
         root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
+        pod_networks: Vec::new(),
         federation: Default::default(),
         signer: membrane_ca::SignerConfig {
             default_ttl: Duration::from_secs(3600),

@@ -96,6 +96,7 @@ impl TestCa {
             rotation_grace: Duration::from_millis(500),
             rotation_ack_timeout: Duration::from_secs(600),
             root_namespace: "membrane-system".to_owned(),
+            pod_networks: Vec::new(),
             signer: SignerConfig::default(),
             listeners: Default::default(),
             federation: Default::default(),

@@ -87,7 +87,8 @@ pub struct IngressRouteLabels {
 /// Labels of the withheld-address gauge.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct WithheldLabels {
-    /// `contested` (claimed by more than one active pod), `service_ip` or `clusterset_ip`.
+    /// `contested` (claimed by more than one active pod), `service_ip`, `clusterset_ip` or
+    /// `outside_pod_networks`.
     pub reason: &'static str,
 }
 
@@ -127,7 +128,7 @@ impl DiscoveryMetrics {
         );
         registry.register(
             "discovery_withheld_pod_ips",
-            "Pod addresses published for no pod in the last view built, by reason (contested, service_ip, clusterset_ip)",
+            "Pod addresses published for no pod in the last view built, by reason (contested, service_ip, clusterset_ip, outside_pod_networks)",
             m.withheld.clone(),
         );
         m
@@ -333,7 +334,7 @@ impl DiscoveryService {
                     pods = ?why.pods,
                     services = ?why.services,
                     reason = why.reason(),
-                    "pod address withheld: published for no pod (claimed by more than one active pod, or a Service's or clusterset address)"
+                    "pod address withheld: published for no pod (claimed by more than one active pod, a Service's or clusterset address, or outside the pod networks)"
                 );
             }
         }
@@ -342,7 +343,12 @@ impl DiscoveryService {
                 tracing::info!(%ip, pods = ?why.pods, "pod address no longer withheld");
             }
         }
-        for reason in ["contested", "service_ip", "clusterset_ip"] {
+        for reason in [
+            "contested",
+            "service_ip",
+            "clusterset_ip",
+            "outside_pod_networks",
+        ] {
             let count = now.iter().filter(|(_, w)| w.reason() == reason).count();
             self.metrics
                 .withheld

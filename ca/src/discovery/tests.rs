@@ -165,18 +165,21 @@ async fn a_credential_holds_at_most_four_watch_streams() {
     );
 }
 
+/// `membrane_ca_discovery_withheld_pod_ips{reason}` of the fixture's service.
+fn withheld_gauge(f: &Fixture, reason: &'static str) -> i64 {
+    f.service
+        .metrics
+        .withheld
+        .get_or_create(&WithheldLabels { reason })
+        .get()
+}
+
 /// A contested pod address is counted by reason in the gauge while it lasts, and the gauge
 /// falls back when it ends.
 #[test]
 fn withheld_addresses_are_counted_while_they_last() {
     let f = fixture();
-    let gauge = |reason| {
-        f.service
-            .metrics
-            .withheld
-            .get_or_create(&WithheldLabels { reason })
-            .get()
-    };
+    let gauge = |reason| withheld_gauge(&f, reason);
     let pod = |name: &str, node: &str| crate::source::Pod {
         namespace: "a".into(),
         name: name.into(),
@@ -198,4 +201,29 @@ fn withheld_addresses_are_counted_while_they_last() {
     f._state_tx.send_replace(Some(Arc::new(state)));
     assert!(f.service.mesh_view().expect("loaded").withheld().is_empty());
     assert_eq!(gauge("contested"), 0);
+}
+
+/// With the pod networks named, a pod address outside them is withheld and counted apart.
+#[test]
+fn an_address_outside_the_pod_networks_is_counted_apart() {
+    let f = fixture();
+    let gauge = |reason| withheld_gauge(&f, reason);
+    let pod = crate::source::Pod {
+        namespace: "a".into(),
+        name: "hub-squatter".into(),
+        uid: "uid-hub-squatter".into(),
+        service_account: "default".into(),
+        node_name: Some("node-a".into()),
+        ips: vec!["203.0.113.10".parse().expect("ip")],
+        ..Default::default()
+    };
+    let mut state = ClusterState::default();
+    state
+        .pods
+        .insert((pod.namespace.clone(), pod.name.clone()), pod);
+    state.pod_networks = vec!["10.0.0.0/8".parse().expect("net")];
+    f._state_tx.send_replace(Some(Arc::new(state)));
+    let view = f.service.mesh_view().expect("loaded");
+    assert_eq!(view.withheld().len(), 1);
+    assert_eq!((gauge("outside_pod_networks"), gauge("contested")), (1, 0));
 }

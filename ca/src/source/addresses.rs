@@ -6,7 +6,11 @@
 //! destination up by workload address before Service addresses) would then send traffic
 //! meant for the victim to the attacker's identity. So an address is withheld — left out of
 //! every pod's published addresses — when more than one active pod claims it, or when it is a
-//! Service's cluster IP or inside the clusterset network, whoever claims it. Only active pods
+//! Service's cluster IP or inside the clusterset network, whoever claims it — and, when the
+//! operator names the pod networks (`--pod-networks`), when it lies outside all of them: a
+//! node could otherwise claim an outside address (a model hub's, another node's) for a pod of
+//! its own, and every ztunnel would tunnel the mesh's traffic to that address to the node.
+//! Only active pods
 //! ([`super::PodPhase::is_active`]) count, so a pod that took over the address of a finished
 //! one keeps it. A claim is a claim whether or not the pod is in the mesh: an address of a
 //! pod outside the mesh must not become a mesh workload's either.
@@ -25,15 +29,20 @@ pub struct WithheldIp {
     pub services: Vec<String>,
     /// Whether it is inside the clusterset network (imported Services' virtual IPs).
     pub clusterset: bool,
+    /// Whether it lies outside the configured pod networks.
+    pub outside_pod_networks: bool,
 }
 
 impl WithheldIp {
-    /// The reason as a metric label: `service_ip`, `clusterset_ip` or `contested`.
+    /// The reason as a metric label: `service_ip`, `clusterset_ip`, `outside_pod_networks`
+    /// or `contested`.
     pub fn reason(&self) -> &'static str {
         if !self.services.is_empty() {
             "service_ip"
         } else if self.clusterset {
             "clusterset_ip"
+        } else if self.outside_pod_networks {
+            "outside_pod_networks"
         } else {
             "contested"
         }
@@ -96,16 +105,21 @@ impl ClusterState {
             .filter_map(|(ip, pods)| {
                 let services = vips.remove(&ip).unwrap_or_default();
                 let clusterset = membrane_api::clusterset::contains(ip);
-                (pods.len() > 1 || !services.is_empty() || clusterset).then(|| {
-                    (
-                        ip,
-                        WithheldIp {
-                            pods: pods.into_iter().collect(),
-                            services,
-                            clusterset,
-                        },
-                    )
-                })
+                let outside_pod_networks = !self.pod_networks.is_empty()
+                    && !self.pod_networks.iter().any(|net| net.contains(ip));
+                (pods.len() > 1 || !services.is_empty() || clusterset || outside_pod_networks).then(
+                    || {
+                        (
+                            ip,
+                            WithheldIp {
+                                pods: pods.into_iter().collect(),
+                                services,
+                                clusterset,
+                                outside_pod_networks,
+                            },
+                        )
+                    },
+                )
             })
             .collect();
         WithheldIps(withheld)
@@ -203,5 +217,43 @@ mod tests {
         let (_, why) = withheld.iter().next().expect("vip");
         assert_eq!(why.services, ["kube-system/dns"]);
         assert_eq!(why.pods, ["a/vip"]);
+    }
+
+    /// With the pod networks named, an address outside them (an outside service's, a node's)
+    /// is nobody's, in either family; inside them (an IPv4-mapped spelling too) it is kept.
+    #[test]
+    fn an_address_outside_the_pod_networks_is_withheld() {
+        let mut s = state([
+            pod("inside", "n1", "10.0.0.7"),
+            pod("mapped", "n1", "::ffff:10.0.0.8"),
+            pod("hub", "n1", "203.0.113.10"),
+            pod("v6", "n1", "fd00::7"),
+            pod("v6-out", "n1", "2001:db8::7"),
+        ]);
+        assert!(s.withheld_ips().is_empty(), "not checked when unset");
+        s.pod_networks = vec![
+            "10.0.0.0/16".parse().expect("net"),
+            "fd00::/64".parse().expect("net"),
+        ];
+        let withheld = s.withheld_ips();
+        let reasons: Vec<(String, &str, Vec<String>)> = withheld
+            .iter()
+            .map(|(ip, why)| (ip.to_string(), why.reason(), why.pods.clone()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (
+                    "203.0.113.10".to_owned(),
+                    "outside_pod_networks",
+                    vec!["a/hub".to_owned()]
+                ),
+                (
+                    "2001:db8::7".to_owned(),
+                    "outside_pod_networks",
+                    vec!["a/v6-out".to_owned()]
+                ),
+            ]
+        );
     }
 }

@@ -210,6 +210,10 @@ pub struct ClusterState {
     pub routes: BTreeMap<(String, String, &'static str), membrane_policy::gateway::Route>,
     /// Valid `TrustFederation`s by name (cluster-scoped).
     pub federations: BTreeMap<String, crate::federation::TrustFederation>,
+    /// The networks pod addresses are allocated from (the controller's `--pod-networks`),
+    /// set by the source from its configuration; empty: not checked. A pod address outside
+    /// them is published for no pod ([`ClusterState::withheld_ips`]).
+    pub pod_networks: Vec<membrane_policy::IpNet>,
 }
 
 impl ClusterState {

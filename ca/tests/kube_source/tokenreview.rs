@@ -371,6 +371,7 @@ impl Controller {
             rotation_grace: Duration::from_secs(30),
             rotation_ack_timeout: Duration::from_secs(600),
             root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
+            pod_networks: Vec::new(),
             federation: Default::default(),
             signer: membrane_ca::SignerConfig::default(),
             listeners: Default::default(),

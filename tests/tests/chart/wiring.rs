@@ -277,6 +277,16 @@ fn values_flow_into_arguments_images_and_resources() -> anyhow::Result<()> {
     assert_eq!(flag1(ca, "trust-domain")?, td);
     assert_eq!(flag1(zt, "trust-domain")?, td);
     assert_eq!(flag1(ca, "root-namespace")?, str_of(&v["rootNamespace"]));
+    let networks: Vec<String> = (v["podNetworks"].as_array().context("podNetworks")?.iter())
+        .map(|n| str_of(n).to_owned())
+        .collect();
+    assert_eq!(flag1(ca, "pod-networks")?, networks.join(","));
+    let plain = defaults(&helm)?;
+    let plain_ca = container(plain.deployment()?, "membrane-ca")?;
+    ensure!(
+        flag(plain_ca, "pod-networks").is_empty(),
+        "no --pod-networks by default"
+    );
     for (flag_name, key) in [
         ("default-ttl", "defaultTTL"),
         ("max-ttl", "maxTTL"),

@@ -464,3 +464,21 @@ async fn an_unidentifiable_file_withholds_the_first_state() {
     assert_eq!((state.pods.len(), state.policies.len()), (1, 2));
     assert_eq!(running.metrics.unidentified_files.get(), 0);
 }
+
+/// The pod networks given to the source are on every state it builds, so a pod address
+/// outside them is withheld.
+#[test]
+fn the_pod_networks_are_on_every_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pods.yaml"), GOOD).expect("write");
+    let mut source = DirectorySource::new(dir.path())
+        .with_pod_networks(vec!["10.1.0.0/16".parse().expect("net")]);
+    assert!(source.rescan().expect("scan"));
+    let state = source.state();
+    assert_eq!(state.pod_networks, ["10.1.0.0/16".parse().expect("net")]);
+    assert!(
+        state
+            .withheld_ips()
+            .contains("10.0.0.5".parse().expect("ip"))
+    );
+}

@@ -77,6 +77,7 @@ struct FileEntry {
 pub struct DirectorySource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileEntry>,
+    pod_networks: Vec<membrane_policy::IpNet>,
 }
 
 fn list_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -112,7 +113,15 @@ impl DirectorySource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            pod_networks: Vec::new(),
         }
+    }
+
+    /// The networks pod addresses are allocated from, set on every state; empty (the
+    /// default): not checked ([`ClusterState::pod_networks`]).
+    pub fn with_pod_networks(mut self, networks: Vec<membrane_policy::IpNet>) -> Self {
+        self.pod_networks = networks;
+        self
     }
 
     /// Re-reads what changed. Returns whether the merged state may have changed. A directory
@@ -294,7 +303,10 @@ impl DirectorySource {
     /// The merged state of every file's last good version. When two files define the same
     /// object, the one whose path sorts first wins and the conflict is logged.
     pub fn state(&self) -> ClusterState {
-        let mut state = ClusterState::default();
+        let mut state = ClusterState {
+            pod_networks: self.pod_networks.clone(),
+            ..ClusterState::default()
+        };
         let mut services: BTreeMap<(String, String), &DirService> = BTreeMap::new();
         for (path, file) in &self.files {
             for object in &file.objects {

@@ -62,12 +62,16 @@ pub type ReportReceiver = watch::Receiver<Option<Arc<PolicyReports>>>;
 pub struct KubeSourceConfig {
     /// Shortest interval between two published snapshots.
     pub coalesce: Duration,
+    /// The networks pod addresses are allocated from; empty: not checked
+    /// ([`crate::source::ClusterState::pod_networks`]).
+    pub pod_networks: Vec<membrane_policy::IpNet>,
 }
 
 impl Default for KubeSourceConfig {
     fn default() -> Self {
         Self {
             coalesce: Duration::from_millis(100),
+            pod_networks: Vec::new(),
         }
     }
 }

@@ -197,6 +197,8 @@ struct Caches {
     tcp_routes: Cache<Key, membrane_policy::gateway::Route>,
     tls_routes: Cache<Key, membrane_policy::gateway::Route>,
     federations: Cache<String, FederationValue>,
+    /// `KubeSourceConfig::pod_networks`, set on every state.
+    pod_networks: Vec<membrane_policy::IpNet>,
 }
 
 impl Caches {
@@ -333,6 +335,7 @@ impl Caches {
                 .iter()
                 .filter_map(|(k, f)| Some((k.clone(), f.clone()?)))
                 .collect(),
+            pod_networks: self.pod_networks.clone(),
         }
     }
 
@@ -362,7 +365,10 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut updates = streams(&client);
-    let mut caches = Caches::default();
+    let mut caches = Caches {
+        pod_networks: config.pod_networks.clone(),
+        ..Caches::default()
+    };
     let mut synced = false;
     // When the pending change should be published; `None`: nothing pending.
     let mut due: Option<Instant> = None;
