@@ -167,7 +167,7 @@ struct ServeArgs {
     /// cluster's pod CIDRs): a pod address outside all of them is published for no pod
     /// (`membrane_ca_discovery_withheld_pod_ips{reason="outside_pod_networks"}`), so a node
     /// cannot claim an outside address for a pod of its own. Unset: not checked.
-    #[arg(long, env = "MEMBRANE_POD_NETWORKS", value_delimiter = ',')]
+    #[arg(long, env = "MEMBRANE_POD_NETWORKS", value_delimiter = ',', value_parser = parse_pod_network)]
     pod_networks: Vec<membrane_policy::IpNet>,
     /// Lifetime of a newly created self-managed root.
     #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
@@ -210,6 +210,23 @@ struct ServeArgs {
     /// clients without it), `pq-only` or `classical`.
     #[arg(long, env = "MEMBRANE_TLS_KX", default_value = "pq-preferred")]
     tls_kx: membrane_identity::KeyExchange,
+}
+
+/// One of `--pod-networks`: a network with its prefix length and no host bits (a bare
+/// address, or `10.244.1.0/16`, is almost certainly a mistake that would withhold nearly
+/// every pod). An IPv4-mapped network (`::ffff:10.0.0.0/104`) is taken as the IPv4 one.
+fn parse_pod_network(s: &str) -> Result<membrane_policy::IpNet, String> {
+    if !s.contains('/') {
+        return Err(format!(
+            "{s:?}: expected a network with its prefix length, e.g. 10.244.0.0/16"
+        ));
+    }
+    let parsed = membrane_policy::IpNet::parse(s)?;
+    let net = parsed.net;
+    if parsed.host_bits_cleared {
+        return Err(format!("{s:?} has host bits set: did you mean {net}?"));
+    }
+    Ok(net)
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {

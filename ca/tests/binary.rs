@@ -151,15 +151,39 @@ fn bad_configuration_fails_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
 
+    // Each bad pod network is refused by name: a bad prefix, a bare address (it would
+    // withhold nearly every pod), host bits.
     let dir = setup();
-    let out = command(dir.path())
-        .args(["--pod-networks", "10.0.0.0/8,10.1.0.0/33"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--pod-networks") && stderr.contains("10.1.0.0/33"),
-        "{stderr}"
-    );
+    for (bad, why) in [
+        ("10.1.0.0/33", "prefix"),
+        ("10.244.0.0", "prefix length"),
+        ("10.244.1.0/16", "did you mean 10.244.0.0/16"),
+    ] {
+        let out = output_within(
+            command(dir.path()).args(["--pod-networks", &format!("10.0.0.0/8,{bad}")]),
+            Duration::from_secs(20),
+        );
+        assert!(!out.status.success(), "{bad} accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--pod-networks") && stderr.contains(bad) && stderr.contains(why),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
+/// Runs `cmd` to its end, or kills it after `limit` and fails (a controller that accepted
+/// its arguments would serve forever).
+fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd.spawn().expect("run");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {limit:?}: its arguments were accepted");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }

@@ -4,9 +4,10 @@
 //! verified against the peer's federated bundle), validating each message whole
 //! ([`super::services::validate`]) and publishing it, with the peer's east-west gateway, to the
 //! imports every node's view is built from. A bad message, a broken stream or an unreachable
-//! peer keeps the last good set; reconnects back off within [`RETRY_BOUNDS`]. A change of the
-//! peer's bundle ends the stream and dials again at once, so the peer's controller is verified
-//! against the bundle in force (a root the peer removed does not keep a stream open).
+//! peer keeps the last good set; reconnects back off within [`RETRY_BOUNDS`]. When a root the
+//! stream was verified against leaves the peer's bundle, the stream ends and is dialled again
+//! after the shortest back-off, so the peer's controller is verified against the bundle in
+//! force (a removed root does not keep a stream open); an added root changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,8 +76,9 @@ pub struct Importer {
 pub struct ImportEndLabels {
     /// The federated trust domain.
     pub trust_domain: String,
-    /// `bundle_changed` (the peer's bundle changed: the stream is dialled again, and verified
-    /// against the new one), `ended` (by the peer) or `error` (connecting, TLS, gRPC).
+    /// `bundle_changed` (a root the stream was verified against left the peer's bundle: it is
+    /// dialled again and verified against the new one), `ended` (by the peer) or `error`
+    /// (connecting, TLS, gRPC).
     pub reason: &'static str,
 }
 
@@ -84,7 +86,8 @@ pub struct ImportEndLabels {
 enum Ended {
     /// The peer ended it: dial again after the back-off.
     ByPeer,
-    /// The peer's bundle changed under it: dial again now, to verify the peer against it.
+    /// A root it was verified against was removed: dial again (after the shortest back-off)
+    /// to verify the peer against the bundle in force.
     BundleChanged,
 }
 
@@ -99,7 +102,7 @@ impl Importer {
                     "ended"
                 }
                 Ok(Ended::BundleChanged) => {
-                    tracing::info!(trust_domain = %self.trust_domain, "the peer's bundle changed; reconnecting to verify its controller against it (the last imported set stays meanwhile)");
+                    tracing::info!(trust_domain = %self.trust_domain, "a root the import stream was verified against left the peer's bundle; reconnecting to verify its controller against the bundle in force (the last imported set stays meanwhile)");
                     "bundle_changed"
                 }
                 Err(e) => {
@@ -113,7 +116,11 @@ impl Importer {
                     reason,
                 })
                 .inc();
-            if reason != "bundle_changed" {
+            if reason == "bundle_changed" {
+                // At once, but never more often than the shortest back-off: a peer whose
+                // bundle keeps changing must not keep this controller redialling.
+                tokio::time::sleep(RETRY_BOUNDS.0).await;
+            } else {
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_BOUNDS.1);
             }
@@ -131,10 +138,12 @@ impl Importer {
             url: url.clone(),
             message,
         };
-        // The connection is verified against the bundle in force when it is made; a change
-        // of the peer's bundle ends the stream (a removed root must not keep it open).
-        let mut federated = self.federated.clone();
-        let bundle = Self::peer_bundle(&federated.borrow_and_update(), &self.trust_domain)
+        // The connection is verified against the bundle in force when it is made; a root of
+        // it leaving the peer's bundle ends the stream (a removed root must not keep it open).
+        let mut federated = Some(self.federated.clone());
+        let bundle = federated
+            .as_mut()
+            .and_then(|f| Self::peer_bundle(&f.borrow_and_update(), &self.trust_domain))
             .ok_or_else(|| ImportError::NoBundle(self.trust_domain.to_string()))?;
         let provider = membrane_identity::crypto_provider();
         let verifier = membrane_identity::verify::SpiffeServerVerifier::new(
@@ -170,13 +179,15 @@ impl Importer {
                     Some(exports) => exports,
                     None => return Ok(Ended::ByPeer),
                 },
-                changed = federated.changed() => {
-                    if changed.is_err() {
-                        // The controller is stopping: nothing will change any more.
-                        return Ok(Ended::ByPeer);
-                    }
-                    let now = Self::peer_bundle(&federated.borrow_and_update(), &self.trust_domain);
-                    if now.as_ref() != Some(&bundle) {
+                changed = async { federated.as_mut()?.changed().await.ok() }, if federated.is_some() => {
+                    let Some(receiver) = federated.as_mut().filter(|_| changed.is_some()) else {
+                        // The bundles' sender is gone (the controller is stopping): nothing
+                        // changes any more; keep reading the stream.
+                        federated = None;
+                        continue;
+                    };
+                    let now = Self::peer_bundle(&receiver.borrow_and_update(), &self.trust_domain);
+                    if !still_trusted(&bundle, now.as_ref()) {
                         return Ok(Ended::BundleChanged);
                     }
                     continue;
@@ -209,6 +220,13 @@ impl Importer {
             tracing::info!(trust_domain = %self.trust_domain, services, "service imports updated");
         }
     }
+}
+
+/// Whether every root of `verified` (the bundle a stream was verified against) is still in
+/// `now`, the peer's bundle in force: an added root cannot weaken a verified connection, a
+/// removed one (or a bundle gone) can.
+fn still_trusted(verified: &TrustBundle, now: Option<&TrustBundle>) -> bool {
+    now.is_some_and(|now| verified.roots().all(|root| now.roots().any(|r| r == root)))
 }
 
 /// A gRPC channel to `url` over TLS with `tls` (which verifies the server by SPIFFE ID).
@@ -258,4 +276,27 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         next = s.source();
     }
     out.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federation::test_roots::{bundle, root_der as root};
+
+    /// A root added to the peer's bundle (a rotation starting) keeps a verified stream; a root
+    /// it was verified against leaving (a rotation finishing, a compromised root withdrawn),
+    /// or the bundle going, ends it.
+    #[test]
+    fn only_a_removed_root_ends_a_verified_stream() {
+        let (old, new) = (root(), root());
+        let verified = bundle(&[&old]);
+        assert!(still_trusted(&verified, Some(&bundle(&[&old]))));
+        assert!(still_trusted(&verified, Some(&bundle(&[&new, &old]))));
+        assert!(!still_trusted(&verified, Some(&bundle(&[&new]))));
+        assert!(!still_trusted(
+            &bundle(&[&old, &new]),
+            Some(&bundle(&[&new]))
+        ));
+        assert!(!still_trusted(&verified, None));
+    }
 }

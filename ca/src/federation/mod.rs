@@ -24,6 +24,8 @@ pub mod importer;
 pub mod persist;
 pub mod services;
 pub mod spec;
+#[cfg(test)]
+mod test_roots;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;

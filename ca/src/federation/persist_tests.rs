@@ -1,14 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-
-fn root_der() -> rustls_pki_types::CertificateDer<'static> {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::default();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    params.self_signed(&key).expect("root").der().clone()
-}
+use crate::federation::test_roots::{bundle, root_der};
 
 fn federation(url: &str, bootstrap: &TrustBundle) -> TrustFederation {
     super::super::spec::parse(serde_json::json!({
@@ -25,11 +18,6 @@ fn federation(url: &str, bootstrap: &TrustBundle) -> TrustFederation {
         },
     }))
     .expect("valid federation")
-}
-
-fn bundle(roots: &[&rustls_pki_types::CertificateDer<'static>]) -> TrustBundle {
-    let td = membrane_identity::spiffe_id::parse_trust_domain("cluster-b.example").expect("td");
-    TrustBundle::new(td, roots.iter().map(|r| (*r).clone())).expect("bundle")
 }
 
 #[test]

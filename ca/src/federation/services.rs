@@ -98,7 +98,9 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
             }
             // The identity exported with an address is its pod's: an address the named pod
             // does not hold (a hand-written EndpointSlice may list any) is not exported.
-            if !pod.ips.contains(&e.ip) {
+            // Compared and sent canonical: an importer refuses an IPv4-mapped spelling.
+            let ip = e.ip.to_canonical();
+            if !pod.ips.iter().any(|p| p.to_canonical() == ip) {
                 continue;
             }
             let entry = endpoints
@@ -113,7 +115,7 @@ pub fn exports(state: &ClusterState, local: &TrustDomain) -> pb::Exports {
                         .map(|(k, v)| (k.clone(), u32::from(*v)))
                         .collect(),
                 });
-            let ip = e.ip.to_string();
+            let ip = ip.to_string();
             if !entry.ips.contains(&ip) {
                 entry.ips.push(ip);
             }

@@ -154,6 +154,24 @@ fn an_endpoint_address_its_pod_does_not_hold_is_not_exported() {
     assert_eq!(only.ips, ["10.20.1.5"], "the pod's own address only");
 }
 
+/// An address spelled IPv4-mapped (in the pod's status, its endpoint, or both) is exported in
+/// its canonical form, which an importer accepts (it refuses the mapped spelling whole).
+#[test]
+fn endpoint_addresses_are_exported_canonical() {
+    let mut s = state();
+    let pod = (s.pods)
+        .get_mut(&("inference".to_owned(), "ms-0".to_owned()))
+        .expect("pod");
+    pod.ips = vec!["::ffff:10.20.1.5".parse().expect("ip")];
+    let svc = (s.services)
+        .get_mut(&("inference".to_owned(), "model-server".to_owned()))
+        .expect("service");
+    svc.endpoints[0].ip = "::ffff:10.20.1.5".parse().expect("ip");
+    let out = exports(&s, &td("cluster-b.example"));
+    assert_eq!(out.services[0].endpoints[0].ips, ["10.20.1.5"]);
+    validate(&out, &td("cluster-b.example"), &[]).expect("an importer accepts it");
+}
+
 #[test]
 fn a_bad_export_message_is_refused_whole() {
     let good = exports(&state(), &td("cluster-b.example"));
