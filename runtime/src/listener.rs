@@ -2,9 +2,10 @@
 //!
 //! Owns what every TCP listener of Membrane's binaries shares: a back-off after accept errors
 //! (at the descriptor limit `accept` fails at once, and retrying at once burns a core), a cap on
-//! the connections a listener holds (globally and per peer IP — a caller may exempt addresses
-//! from the per-peer part, e.g. a relay of its own that speaks for many sources; a connection
-//! over a cap is accepted and closed at once, counted and logged at a bounded rate);
+//! the connections a listener holds (globally and per peer IP — a caller may name relay
+//! addresses, e.g. a relay of its own that speaks for many sources, which get half the
+//! listener's cap instead of one peer's share; a connection over a cap is accepted and closed
+//! at once, counted and logged at a bounded rate);
 //! [`crate::idle`] adds an
 //! idle timeout to an accepted stream. The counts are `*_listener_*` Prometheus metrics labelled by
 //! listener. It must not know what a listener serves: protocol timeouts (HTTP headers, TLS
@@ -268,16 +269,17 @@ pub struct ConnectionCaps {
 /// Connections each peer IP holds on one listener.
 type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-/// Says whether a peer address is exempt from the per-peer cap (a relay that speaks for many
-/// sources and enforces their shares itself); the listener-wide cap still applies to it.
-pub type PeerExemption = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+/// Says whether a peer address is a relay (one that speaks for many sources and enforces
+/// their shares itself): it is held to half the listener's cap instead of the per-peer cap —
+/// more than one peer's share, never all of the listener.
+pub type RelayPeers = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
-/// A [`PeerExemption`] held by a listener.
-struct Exempt(PeerExemption);
+/// A [`RelayPeers`] held by a listener.
+struct Relays(RelayPeers);
 
-impl std::fmt::Debug for Exempt {
+impl std::fmt::Debug for Relays {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PeerExemption")
+        f.write_str("RelayPeers")
     }
 }
 
@@ -289,7 +291,7 @@ pub struct GuardedListener {
     caps: ConnectionCaps,
     permits: Arc<Semaphore>,
     peers: PeerCounts,
-    exempt: Option<Exempt>,
+    relays: Option<Relays>,
     metrics: ListenerMetrics,
     backoff: AcceptBackoff,
     error_log: LogLimiter,
@@ -337,7 +339,7 @@ impl GuardedListener {
             caps,
             permits: Arc::new(Semaphore::new(caps.max.max(1))),
             peers: Arc::default(),
-            exempt: None,
+            relays: None,
             metrics,
             backoff: AcceptBackoff::default(),
             error_log: LogLimiter::default(),
@@ -345,10 +347,11 @@ impl GuardedListener {
         }
     }
 
-    /// Lifts the per-peer cap for the addresses `exempt` names (asked at every accept).
+    /// Holds the addresses `relays` names (asked at every accept) to half the listener's cap
+    /// instead of the per-peer cap.
     #[must_use]
-    pub fn with_peer_exemption(mut self, exempt: PeerExemption) -> Self {
-        self.exempt = Some(Exempt(exempt));
+    pub fn with_relay_peers(mut self, relays: RelayPeers) -> Self {
+        self.relays = Some(Relays(relays));
         self
     }
 
@@ -430,14 +433,19 @@ impl GuardedListener {
             .clone()
             .try_acquire_owned()
             .map_err(|_| RefusalReason::ListenerLimit)?;
-        let exempt = self.exempt.as_ref().is_some_and(|f| (f.0)(ip));
-        let peer = if self.caps.max_per_peer > 0 && !exempt {
+        let relay = self.relays.as_ref().is_some_and(|f| (f.0)(ip));
+        let peer = if self.caps.max_per_peer > 0 {
+            let share = if relay {
+                (self.caps.max / 2).max(self.caps.max_per_peer)
+            } else {
+                self.caps.max_per_peer
+            };
             let mut peers = match self.peers.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
             let n = peers.entry(ip).or_insert(0);
-            if *n >= self.caps.max_per_peer {
+            if *n >= share {
                 return Err(RefusalReason::PeerLimit);
             }
             *n += 1;
@@ -528,37 +536,55 @@ mod tests {
             .expect("admitted once the first left");
     }
 
+    /// A connection from `from` (a loopback address) to `addr`.
+    async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(from.parse().expect("ip"), 0))
+            .expect("bind");
+        socket.connect(addr).await.expect("connect")
+    }
+
     #[tokio::test]
-    async fn an_exempt_peer_is_held_only_to_the_listener_cap() {
+    async fn a_relay_gets_half_the_listener_and_the_others_keep_the_rest() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = tcp.local_addr().expect("addr");
         let mut l = GuardedListener::new(
             tcp,
             "test",
             ConnectionCaps {
-                max: 3,
+                max: 4,
                 max_per_peer: 1,
             },
             ListenerMetrics::default(),
         )
-        .with_peer_exemption(Arc::new(|ip: IpAddr| ip.is_loopback()));
+        .with_relay_peers(Arc::new(|ip: IpAddr| ip == IpAddr::from([127, 0, 0, 1])));
         let mut held = Vec::new();
-        for _ in 0..3 {
-            let c = TcpStream::connect(addr).await.expect("connect");
+        for _ in 0..2 {
+            let c = connect_from("127.0.0.1", addr).await;
             let (s, _, a) = tokio::time::timeout(Duration::from_secs(2), l.accept())
                 .await
-                .expect("an exempt peer passes its per-peer cap");
+                .expect("a relay passes one peer's cap");
             held.push((c, s, a));
         }
-        // The listener-wide cap still holds.
-        let mut over = TcpStream::connect(addr).await.expect("c4");
+        // Half the listener's cap is the relay's bound (a pod that labelled itself a relay
+        // cannot take the whole listener)…
+        let mut over = connect_from("127.0.0.1", addr).await;
         assert!(
             tokio::time::timeout(Duration::from_millis(300), l.accept())
                 .await
                 .is_err(),
-            "over the listener cap"
+            "over the relay's share"
         );
         let mut byte = [0u8; 1];
         assert_eq!(over.read(&mut byte).await.unwrap_or(0), 0, "closed");
+        // …and the other peers keep the rest.
+        for from in ["127.0.0.2", "127.0.0.3"] {
+            let c = connect_from(from, addr).await;
+            let (s, _, a) = tokio::time::timeout(Duration::from_secs(2), l.accept())
+                .await
+                .expect("another peer within its share");
+            held.push((c, s, a));
+        }
     }
 }

@@ -107,7 +107,7 @@ impl ConnectHandler for InboundHandler {
         Some(self.proxy.certs.bundle())
     }
 
-    fn handshake_share_exempt(&self, peer: std::net::IpAddr) -> bool {
+    fn handshake_relay_share(&self, peer: std::net::IpAddr) -> bool {
         self.is_east_west_gateway(peer)
     }
 

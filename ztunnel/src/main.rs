@@ -81,7 +81,9 @@ struct Args {
     #[arg(long, default_value_t = 16384)]
     pod_max_connections: usize,
     /// Connections one peer IP holds at once on each pod's inbound listeners (15006, 15008),
-    /// and inbound HBONE tunnels it holds to one pod (gateways of the mesh exempt).
+    /// and inbound HBONE tunnels it holds to one pod (gateways of the mesh relaying many
+    /// sources: an east-west gateway gets half of the pod's listener, and neither it nor an
+    /// ingress gateway is held to the tunnel share).
     #[arg(long, default_value_t = 4096)]
     pod_max_connections_per_peer: usize,
     #[command(flatten)]

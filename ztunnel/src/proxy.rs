@@ -147,9 +147,10 @@ pub async fn serve_listener<F, Fut>(
     let mut listener = GuardedListener::new(listener, kind, caps, proxy.listener_metrics.clone());
     if kind == INBOUND_HBONE {
         // Through this cluster's east-west gateway every federated source arrives from the
-        // gateway's address; the gateway limits each source identity itself.
+        // gateway's address; the gateway limits each source identity itself. Half of the
+        // pod's cap, not all of it: the role is a pod label, which any pod could give itself.
         let state = proxy.state.clone();
-        listener = listener.with_peer_exemption(Arc::new(move |ip| {
+        listener = listener.with_relay_peers(Arc::new(move |ip| {
             state.borrow().is_local_east_west_gateway(ip)
         }));
     }

@@ -1,6 +1,7 @@
 //! Bounds on the listening side's handshakes, process-wide and per peer address: a flood of
 //! silent connections to 15008 costs at most `max_pending` handshake buffers, and one address
-//! at most its share of them.
+//! at most its share of them (a relay of this cluster, which carries many sources, at most
+//! half).
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -37,6 +38,14 @@ impl HandshakeLimits {
     pub fn max_pending_per_peer(&self) -> usize {
         (self.max_pending / 8).max(1)
     }
+
+    /// Handshakes a relay's address (this cluster's east-west gateway) may have in progress:
+    /// half of `max_pending`. More than one peer's share, since it speaks for many sources,
+    /// but never all of it — the gateway role is a pod label, and a pod that gave itself the
+    /// role must not be able to starve every other peer's handshakes.
+    pub fn max_pending_per_relay(&self) -> usize {
+        (self.max_pending / 2).max(self.max_pending_per_peer())
+    }
 }
 
 impl Default for HandshakeLimits {
@@ -69,22 +78,23 @@ impl Handshakes {
         }
     }
 
-    /// [`Handshakes::enter`], unless `peer` is `exempt` from the per-address share (then
-    /// only the process-wide bound applies).
+    /// Counts a handshake for `peer` within its share — a relay's
+    /// ([`HandshakeLimits::max_pending_per_relay`]) when `relay` — or refuses it.
     pub(super) fn share(
         &'static self,
         peer: IpAddr,
-        exempt: bool,
-    ) -> Result<Option<PeerHandshake>, HboneError> {
-        if exempt {
-            return Ok(None);
-        }
-        self.enter(peer).map(Some)
+        relay: bool,
+    ) -> Result<PeerHandshake, HboneError> {
+        let limit = if relay {
+            self.limits.max_pending_per_relay()
+        } else {
+            self.limits.max_pending_per_peer()
+        };
+        self.enter(peer, limit)
     }
 
-    /// Counts a handshake for `peer`, or refuses it when that address has its share.
-    fn enter(&'static self, peer: IpAddr) -> Result<PeerHandshake, HboneError> {
-        let limit = self.limits.max_pending_per_peer();
+    /// Counts a handshake for `peer`, or refuses it when that address has `limit`.
+    fn enter(&'static self, peer: IpAddr, limit: usize) -> Result<PeerHandshake, HboneError> {
         let mut counts = crate::lock(&self.per_peer);
         let n = counts.entry(peer).or_insert(0);
         if *n >= limit {
@@ -140,19 +150,44 @@ mod tests {
         let handshakes: &'static Handshakes = Box::leak(Box::new(Handshakes::new(limits)));
         let attacker: IpAddr = "10.0.0.1".parse().expect("ip");
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
-        let first = handshakes.enter(attacker).expect("first");
-        let _second = handshakes.enter(attacker).expect("second");
+        let first = handshakes.share(attacker, false).expect("first");
+        let _second = handshakes.share(attacker, false).expect("second");
         assert!(matches!(
-            handshakes.enter(attacker),
+            handshakes.share(attacker, false),
             Err(HboneError::PeerHandshakes { limit: 2, .. })
         ));
         assert_eq!(refused.get(), 1);
         // Another peer is unaffected; a finished handshake frees its slot.
-        let _other = handshakes.enter(other).expect("other peer");
+        let _other = handshakes.share(other, false).expect("other peer");
         drop(first);
-        let _third = handshakes.enter(attacker).expect("slot freed");
-        // An exempt address (this cluster's east-west gateway) is not held to the share.
-        assert!(handshakes.share(attacker, false).is_err());
-        assert!(matches!(handshakes.share(attacker, true), Ok(None)));
+        let _third = handshakes.share(attacker, false).expect("slot freed");
+    }
+
+    /// A relay (this cluster's east-west gateway, or a pod that labelled itself one) may hold
+    /// half of the pending handshakes, never the other half.
+    #[test]
+    fn a_relay_gets_half_of_the_pending_handshakes() {
+        let limits = HandshakeLimits {
+            max_pending: 16,
+            ..HandshakeLimits::default()
+        };
+        let handshakes: &'static Handshakes = Box::leak(Box::new(Handshakes::new(limits)));
+        let relay: IpAddr = "10.0.0.9".parse().expect("ip");
+        let held: Vec<_> = (0..8)
+            .map(|i| {
+                handshakes
+                    .share(relay, true)
+                    .unwrap_or_else(|e| panic!("{i}: {e}"))
+            })
+            .collect();
+        assert!(matches!(
+            handshakes.share(relay, true),
+            Err(HboneError::PeerHandshakes { limit: 8, .. })
+        ));
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        let _other = handshakes
+            .share(other, false)
+            .expect("another peer still gets its share");
+        drop(held);
     }
 }

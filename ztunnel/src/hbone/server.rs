@@ -78,10 +78,10 @@ pub trait ConnectHandler: Send + Sync + 'static {
         DenialStatus::default()
     }
 
-    /// Whether `peer` is exempt from one address's share of the pending handshakes (a relay
-    /// of this cluster that carries many sources' tunnels and limits each source itself).
-    /// The process-wide bound still applies. None is, unless the handler says so.
-    fn handshake_share_exempt(&self, peer: IpAddr) -> bool {
+    /// Whether `peer` gets a relay's share of the pending handshakes (half of them) instead
+    /// of one address's (an eighth): a relay of this cluster carries many sources' tunnels
+    /// and limits each source itself. None does, unless the handler says so.
+    fn handshake_relay_share(&self, peer: IpAddr) -> bool {
         let _ = peer;
         false
     }
@@ -157,7 +157,7 @@ async fn serve<H: ConnectHandler + ?Sized>(
     let verified_at = bundles.as_ref().map(SharedTrustBundle::generation);
     // A peer over its share is refused before it waits for a turn or costs a buffer.
     let peer_turn = match peer_addr {
-        Some(addr) => limits.share(addr.ip(), handler.handshake_share_exempt(addr.ip()))?,
+        Some(addr) => Some(limits.share(addr.ip(), handler.handshake_relay_share(addr.ip()))?),
         None => None,
     };
     let handshake = async {
