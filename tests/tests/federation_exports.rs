@@ -203,9 +203,9 @@ async fn exported_services_are_imported_with_their_identities_and_only_by_federa
     )?;
     let controller = format!("spiffe://{X}/ns/membrane-system/sa/membrane-ca");
     let deadline = Instant::now() + Duration::from_secs(15);
-    let first = loop {
+    let (first, mut x_stream) = loop {
         match watch_exports(exports, &b.root_pem(), &x, &controller).await {
-            Ok(first) => break first,
+            Ok(watching) => break watching,
             Err(e) if Instant::now() < deadline => {
                 tracing_hint(&e);
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -224,6 +224,35 @@ async fn exported_services_are_imported_with_their_identities_and_only_by_federa
             .context("a workload of X watched B's exports")?
     );
     ensure!(message.contains("not a controller"), "{message}");
+    // B replaces X's root (a compromise: X's trust domain stays federated under a new
+    // bootstrap bundle): the stream X opened under the old root ends, unauthenticated.
+    let x_rotated = OfflineCa::root("cluster X, rotated")?;
+    std::fs::write(
+        b.manifests_dir().join("federation-x.yaml"),
+        federation("cluster-x", X, "https://127.0.0.1:9/", &x_rotated.pem()),
+    )?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), x_stream.message())
+        .await
+        .context("X's stream stayed open under a root B no longer trusts")?;
+    let status = ended
+        .err()
+        .context("X's stream ended without a status, or sent exports")?;
+    ensure!(
+        status.code() == tonic::Code::Unauthenticated,
+        "X's stream ended with {status:?}"
+    );
+    // Under its new root X's controller watches again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match watch_exports(exports, &b.root_pem(), &x_rotated, &controller).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing_hint(&e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context("X's controller under its new root")),
+        }
+    }
     // An unfederated trust domain's controller is refused in the handshake.
     let stranger = OfflineCa::root("stranger")?;
     let refused = watch_exports(
@@ -247,13 +276,14 @@ fn tracing_hint(e: &anyhow::Error) {
 }
 
 /// Watches the exports at `addr` presenting an SVID of `id` issued by `ca`,
-/// verifying the server against `root_pem`; the first message, or why there was none.
+/// verifying the server against `root_pem`; the first message and the stream, or why there
+/// was none.
 async fn watch_exports(
     addr: std::net::SocketAddr,
     root_pem: &str,
     ca: &OfflineCa,
     id: &str,
-) -> anyhow::Result<pb::Exports> {
+) -> anyhow::Result<(pb::Exports, tonic::Streaming<pb::Exports>)> {
     let svid = ca.svid(id, &[])?;
     let roots = membrane_tests::pem_certificates(root_pem);
     let mut store = rustls::RootCertStore::empty();
@@ -287,7 +317,7 @@ async fn watch_exports(
     let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await??
         .context("no exports")?;
-    Ok(first)
+    Ok((first, stream))
 }
 
 #[derive(Debug)]

@@ -10,7 +10,9 @@
 //! domain, its SPIFFE ID). Endpoints of pods outside the mesh are not exported: a federated
 //! peer could only reach them in plaintext.
 //!
-//! A federated trust domain may hold at most [`MAX_STREAMS_PER_PEER`] streams at once.
+//! A federated trust domain may hold at most [`MAX_STREAMS_PER_PEER`] streams at once. An open
+//! stream ends once its caller is no longer trusted: its trust domain no longer federated, or
+//! its chain no longer verified by that trust domain's bundle in force (a root removed).
 //!
 //! **Import** (the `importer` module). A `TrustFederation` with `spec.serviceExports.url` makes
 //! the controller follow that peer's stream, presenting its own serving SVID and requiring the peer controller's
@@ -26,7 +28,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use membrane_identity::{PeerCheck, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain};
+use membrane_identity::svid::Usage;
+use membrane_identity::{
+    PeerCheck, PeerTrust, SharedTrustBundle, SpiffeId, TrustBundle, TrustDomain, Untrusted,
+};
 use membrane_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -341,15 +346,16 @@ pub fn ports_wire(svc: &crate::source::Service) -> Vec<pb::ServicePort> {
 pub struct ExportService {
     local: TrustDomain,
     state: StateReceiver,
-    /// The trust domains federated now: a caller whose trust domain leaves is refused, and
-    /// its open streams end.
+    /// The trust domains federated now, with their bundles: a caller whose trust domain
+    /// leaves, or whose chain the current bundle no longer verifies (a root removed), is
+    /// refused, and its open streams end.
     trust: SharedTrustBundle,
     cancel: CancellationToken,
     /// Open streams per caller trust domain (at most [`MAX_STREAMS_PER_PEER`]).
     open: StreamSlots,
 }
 
-/// How often an open exports stream checks that its caller is still federated.
+/// How often an open exports stream checks that its caller is still trusted.
 const RECHECK: Duration = Duration::from_secs(2);
 
 /// Exports streams one federated trust domain may hold open at once (a controller needs one;
@@ -433,6 +439,13 @@ impl pb::service_exports_server::ServiceExports for ExportService {
         let caller = self.caller(&request).inspect_err(|e| {
             tracing::warn!(error = %e.message(), "service exports refused");
         })?;
+        // The chain the handshake verified, checked again whenever the bundles change: a
+        // root removed from the caller's bundle (or a new bootstrap bundle) ends the stream.
+        // Generation 0 makes the first check verify it unless the bundles never changed.
+        let certs = request.peer_certs();
+        let peer = (certs.as_deref())
+            .and_then(|chain| PeerTrust::new(chain, Usage::Client, 0).ok())
+            .ok_or_else(|| tonic::Status::unauthenticated("no controller SVID"))?;
         let slot = take_stream(&self.open, caller.trust_domain()).inspect_err(|e| {
             tracing::warn!(peer = %caller, error = %e.message(), "service exports refused");
         })?;
@@ -445,8 +458,14 @@ impl pb::service_exports_server::ServiceExports for ExportService {
             let mut last: Option<pb::Exports> = None;
             let mut recheck = tokio::time::interval(RECHECK);
             loop {
-                if let Err(status) = Self::federated(&trust, &caller) {
-                    tracing::info!(peer = %caller, "caller no longer federated; ending its exports stream");
+                if let Err(e) = peer.recheck(&trust, rustls_pki_types::UnixTime::now()) {
+                    tracing::warn!(peer = %caller, error = %e, "caller no longer trusted; ending its exports stream");
+                    let status = match e {
+                        Untrusted::NotFederated(_) => {
+                            tonic::Status::permission_denied(e.to_string())
+                        }
+                        Untrusted::Chain(_) => tonic::Status::unauthenticated(e.to_string()),
+                    };
                     let _ = tx.send(Err(status)).await;
                     break;
                 }
