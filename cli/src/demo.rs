@@ -66,7 +66,12 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         rotation_grace: Duration::from_secs(1),
         rotation_ack_timeout: Duration::from_secs(600),
         root_namespace: membrane_policy::DEFAULT_ROOT_NAMESPACE.to_owned(),
-        pod_networks: Vec::new(),
+        // The example pods' network (examples/genai/mesh.yaml), as an operator would set it.
+        pod_networks: vec![
+            "10.77.0.0/16"
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?,
+        ],
         federation: Default::default(),
         signer: membrane_ca::SignerConfig {
             default_ttl: Duration::from_secs(3600),
