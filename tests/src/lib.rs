@@ -28,9 +28,14 @@ pub async fn ztunnel_metric(
     labels: &[&str],
 ) -> anyhow::Result<f64> {
     let (_, body) = http_get(mesh.ztunnels[node].metrics, "/metrics").await?;
-    Ok(body
-        .lines()
+    Ok(metric_sum(&body, name, labels))
+}
+
+/// The sum of the samples of metric `name` in the exposition `text` whose line contains every
+/// one of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+        .sum()
 }

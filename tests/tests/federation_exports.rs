@@ -168,6 +168,12 @@ async fn exported_services_are_imported_with_their_identities_and_only_by_federa
         &membrane_identity::spiffe_id::parse_trust_domain(B)?,
         Duration::from_secs(3600),
     )?;
+    let open = membrane_tests::metric_sum(
+        &a.metrics().await?,
+        "membrane_ca_federated_import_streams_open",
+        &[&format!("trust_domain=\"{B}\"")],
+    );
+    ensure!(open == 1.0, "A's import stream is not counted open: {open}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while a.federated_roots("node-a", B).await?.len() != 2 {
         ensure!(

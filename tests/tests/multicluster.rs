@@ -165,6 +165,28 @@ async fn cross_cluster_traffic_continues_while_a_federated_cluster_rotates_its_r
         || async { Ok(mesh.ca().federated_roots("node-a", B).await? == b_roots) },
     )
     .await?;
+    // A's import stream, verified under B's old root, ended when that root left B's bundle and
+    // was dialled again, verified against the new one.
+    let td_label = format!("trust_domain=\"{B}\"");
+    until(
+        "A's import stream redialled under B's new root",
+        Duration::from_secs(15),
+        || async {
+            let metrics = mesh.ca().metrics().await?;
+            let ends = membrane_tests::metric_sum(
+                &metrics,
+                "membrane_ca_federated_import_stream_ends_total",
+                &[&td_label, "reason=\"bundle_changed\""],
+            );
+            let open = membrane_tests::metric_sum(
+                &metrics,
+                "membrane_ca_federated_import_streams_open",
+                &[&td_label],
+            );
+            Ok(ends >= 1.0 && open == 1.0)
+        },
+    )
+    .await?;
     echo(&mesh, "trainer", dst, b"after")
         .await
         .context("after the rotation")?;

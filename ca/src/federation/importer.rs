@@ -17,6 +17,7 @@ use membrane_proto::v1 as pb;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::services::{Imported, Imports, MAX_MESSAGE_LEN, RETRY_BOUNDS, validate};
@@ -69,6 +70,8 @@ pub struct Importer {
     pub alive: Arc<std::sync::atomic::AtomicBool>,
     /// `membrane_ca_federated_import_stream_ends_total`.
     pub ends: Family<ImportEndLabels, Counter>,
+    /// `membrane_ca_federated_import_streams_open`: 1 while the peer's stream is followed.
+    pub open: Family<super::TrustDomainLabels, Gauge>,
 }
 
 /// Labels of `membrane_ca_federated_import_stream_ends_total`.
@@ -95,8 +98,15 @@ impl Importer {
     /// Follows the peer's exports forever (the task is aborted when the federation goes).
     pub async fn run(self) {
         let mut retry = RETRY_BOUNDS.0;
+        let open = (self.open)
+            .get_or_create(&super::TrustDomainLabels {
+                trust_domain: self.trust_domain.to_string(),
+            })
+            .clone();
         loop {
-            let reason = match self.stream(&mut retry).await {
+            let outcome = self.stream(&mut retry, &open).await;
+            open.set(0);
+            let reason = match outcome {
                 Ok(Ended::ByPeer) => {
                     tracing::info!(trust_domain = %self.trust_domain, "service exports stream ended; reconnecting");
                     "ended"
@@ -132,7 +142,7 @@ impl Importer {
         federated.iter().find(|b| b.trust_domain() == td).cloned()
     }
 
-    async fn stream(&self, retry: &mut Duration) -> Result<Ended, ImportError> {
+    async fn stream(&self, retry: &mut Duration, open: &Gauge) -> Result<Ended, ImportError> {
         let url = self.url.to_string();
         let connect = |message: String| ImportError::Connect {
             url: url.clone(),
@@ -173,6 +183,7 @@ impl Importer {
             .map_err(stream_err)?
             .into_inner();
         tracing::info!(trust_domain = %self.trust_domain, url = %url, "following the peer's service exports");
+        open.set(1);
         loop {
             let exports = tokio::select! {
                 message = stream.message() => match message.map_err(stream_err)? {

@@ -92,6 +92,7 @@ pub struct FederationMetrics {
     sequence: Family<TrustDomainLabels, Gauge>,
     store_errors: Family<StoreLabels, Counter>,
     import_ends: Family<importer::ImportEndLabels, Counter>,
+    import_open: Family<TrustDomainLabels, Gauge>,
 }
 
 impl FederationMetrics {
@@ -133,6 +134,11 @@ impl FederationMetrics {
             "federated_import_stream_ends",
             "Service import streams from federated peers that ended, by reason (bundle_changed, ended, error)",
             m.import_ends.clone(),
+        );
+        registry.register(
+            "federated_import_streams_open",
+            "1 while a federated peer's service exports stream is followed, 0 while it is being dialled again",
+            m.import_open.clone(),
         );
         m
     }
@@ -300,6 +306,7 @@ fn reconcile(
             };
             metrics.age.remove(&labels);
             metrics.sequence.remove(&labels);
+            metrics.import_open.remove(&labels);
             tracing::info!(federation = %name, trust_domain = %fed.trust_domain, "federation removed or changed; its bundle is no longer trusted");
         }
     }
@@ -426,6 +433,7 @@ fn spawn_importer(
             out: out.imports.clone(),
             alive: alive.clone(),
             ends: metrics.import_ends.clone(),
+            open: metrics.import_open.clone(),
         }
         .run(),
     );
