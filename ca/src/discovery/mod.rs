@@ -44,6 +44,10 @@ use crate::federation::services::Imports;
 use crate::source::{ClusterState, StateReceiver, WithheldIps};
 use crate::tokenreview::NodeAuthenticator;
 
+/// Withheld pod addresses logged one by one per change (each way); the rest are summed up in
+/// one line.
+const WITHHELD_LOG_LINES: usize = 16;
+
 /// How long changes are gathered before a delta is sent.
 pub const COALESCE: Duration = Duration::from_millis(50);
 
@@ -320,28 +324,47 @@ impl DiscoveryService {
     }
 
     /// Logs each withheld pod address that is new or whose claimants changed, and each that
-    /// is published again, and sets the gauge.
+    /// is published again — at most [`WITHHELD_LOG_LINES`] of each per change, then one line
+    /// with how many more and why (a `--pod-networks` that misses a pod range withholds every
+    /// pod of it at once) — and sets the gauge.
     fn report_withheld(&self, now: &WithheldIps) {
         let mut last = self.withheld.lock().unwrap_or_else(|e| e.into_inner());
         if *last == *now {
             return;
         }
         let before: BTreeMap<_, _> = last.iter().collect();
-        for (ip, why) in now.iter() {
-            if before.get(ip) != Some(&why) {
-                tracing::warn!(
-                    %ip,
-                    pods = ?why.pods,
-                    services = ?why.services,
-                    reason = why.reason(),
-                    "pod address withheld: published for no pod (claimed by more than one active pod, a Service's or clusterset address, or outside the pod networks)"
-                );
+        let mut more: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let changed = now.iter().filter(|(ip, why)| before.get(ip) != Some(why));
+        for (n, (ip, why)) in changed.enumerate() {
+            if n >= WITHHELD_LOG_LINES {
+                *more.entry(why.reason()).or_default() += 1;
+                continue;
             }
+            tracing::warn!(
+                %ip,
+                pods = ?why.pods,
+                services = ?why.services,
+                reason = why.reason(),
+                "pod address withheld: published for no pod (claimed by more than one active pod, a Service's or clusterset address, or outside the pod networks)"
+            );
         }
-        for (ip, why) in before {
-            if !now.contains(*ip) {
-                tracing::info!(%ip, pods = ?why.pods, "pod address no longer withheld");
+        if !more.is_empty() {
+            tracing::warn!(by_reason = ?more, "more pod addresses withheld than logged one by one (the gauge counts them all)");
+        }
+        let published = before.iter().filter(|(ip, _)| !now.contains(***ip));
+        let mut more_published = 0usize;
+        for (n, (ip, why)) in published.enumerate() {
+            if n >= WITHHELD_LOG_LINES {
+                more_published += 1;
+                continue;
             }
+            tracing::info!(%ip, pods = ?why.pods, "pod address no longer withheld");
+        }
+        if more_published > 0 {
+            tracing::info!(
+                count = more_published,
+                "more pod addresses no longer withheld than logged one by one"
+            );
         }
         for reason in [
             "contested",

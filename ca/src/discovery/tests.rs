@@ -227,3 +227,57 @@ fn an_address_outside_the_pod_networks_is_counted_apart() {
     assert_eq!(view.withheld().len(), 1);
     assert_eq!((gauge("outside_pod_networks"), gauge("contested")), (1, 0));
 }
+
+/// A `--pod-networks` that misses a pod range withholds every pod of it at once: the first
+/// addresses are logged one by one, the rest in one line with their count by reason, and the
+/// gauge counts them all.
+#[test]
+fn a_mass_withholding_is_logged_in_bounded_lines() {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let f = fixture();
+    let mut state = ClusterState::default();
+    for i in 0..40u8 {
+        let pod = crate::source::Pod {
+            namespace: "a".into(),
+            name: format!("p{i}"),
+            uid: format!("uid-p{i}"),
+            service_account: "default".into(),
+            node_name: Some("node-a".into()),
+            ips: vec![std::net::IpAddr::from([10, 99, 0, i])],
+            ..Default::default()
+        };
+        state
+            .pods
+            .insert((pod.namespace.clone(), pod.name.clone()), pod);
+    }
+    state.pod_networks = vec!["10.0.0.0/16".parse().expect("net")];
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        f._state_tx.send_replace(Some(Arc::new(state)));
+        assert_eq!(f.service.mesh_view().expect("loaded").withheld().len(), 40);
+    });
+    let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+    let one_by_one = text.matches("pod address withheld:").count();
+    assert_eq!(one_by_one, WITHHELD_LOG_LINES, "{text}");
+    assert!(
+        text.contains("more pod addresses withheld")
+            && text.contains("\"outside_pod_networks\": 24"),
+        "{text}"
+    );
+    assert_eq!(withheld_gauge(&f, "outside_pod_networks"), 40);
+}
