@@ -45,6 +45,10 @@ pub enum Request {
     Remove {
         /// Pod UID.
         uid: String,
+        /// The network namespace of the sandbox being torn down, when the runtime gave one:
+        /// a pod enrolled in another namespace (a newer sandbox of the same pod) is kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<PathBuf>,
     },
     /// List known pods.
     List,
@@ -162,7 +166,10 @@ mod tests {
         );
         for (request, text) in [
             (
-                Request::Remove { uid: "u1".into() },
+                Request::Remove {
+                    uid: "u1".into(),
+                    netns: None,
+                },
                 r#"{"op":"remove","uid":"u1"}"#,
             ),
             (Request::List, r#"{"op":"list"}"#),

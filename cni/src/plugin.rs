@@ -235,7 +235,10 @@ impl Plugin<'_> {
     fn del(&mut self) -> Result<(), CniError> {
         let ips = self.conf.pod_ips()?;
         if let Some(uid) = self.inv.pod.uid.clone() {
-            match self.ztunnel.remove(&uid) {
+            // The sandbox's namespace, so a late DEL of an older sandbox leaves a newer one
+            // of the same pod captured.
+            let netns = (self.inv.netns.as_deref()).filter(|p| !p.as_os_str().is_empty());
+            match self.ztunnel.remove(&uid, netns) {
                 Ok(r) if r.ok => {}
                 Ok(r) => self.warnings.push(format!(
                     "the ztunnel did not remove {}: {}",

@@ -76,9 +76,14 @@ impl Ztunnel {
     }
 
     /// Tells the ztunnel the pod is gone.
-    pub fn remove(&self, uid: &str) -> Result<Response, CallError> {
+    pub fn remove(
+        &self,
+        uid: &str,
+        netns: Option<&std::path::Path>,
+    ) -> Result<Response, CallError> {
         self.call(&Request::Remove {
             uid: uid.to_owned(),
+            netns: netns.map(std::path::Path::to_path_buf),
         })
     }
 
@@ -194,7 +199,10 @@ mod tests {
         assert!(matches!(z.list(), Err(CallError::Unreachable { .. })));
         let (path, server) = serve_once(dir.path(), None);
         let z = Ztunnel::new(&path, Duration::from_millis(100));
-        assert!(matches!(z.remove("u"), Err(CallError::Timeout { .. })));
+        assert!(matches!(
+            z.remove("u", None),
+            Err(CallError::Timeout { .. })
+        ));
         server.join().expect("server");
     }
 }

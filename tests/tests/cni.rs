@@ -131,6 +131,27 @@ async fn the_plugin_speaks_cni_add_check_del_version_as_a_runtime_calls_it() -> 
     let run = cni(&mesh, "CHECK", "legacy", true).await?;
     assert!(run.ok(), "{run:?}");
 
+    // A late DEL of an older sandbox of the same pod (its own namespace, not the one the pod
+    // is enrolled in) leaves the running pod captured.
+    let node = mesh.def("store").node.clone();
+    let mut stale = cni_env(&mesh, "DEL", "store")?;
+    for (k, v) in &mut stale {
+        match k.as_str() {
+            "CNI_NETNS" => *v = mesh.netns_path("legacy").display().to_string(),
+            "CNI_CONTAINERID" => *v = "sandbox-store-previous".into(),
+            _ => {}
+        }
+    }
+    let conf = net_conf(&mesh, &node, "store", true)
+        .to_string()
+        .into_bytes();
+    let run = run_plugin(&mesh, &node, stale, conf).await?;
+    assert!(run.ok(), "{run:?}");
+    ensure!(
+        enrolled(listed(&mesh, "store").await?.as_ref()) && captured(&mesh, "store")?,
+        "a DEL of another sandbox uncaptured the running pod"
+    );
+
     // DEL unenrolls: no table, no listener left in the pod; the pod is forgotten.
     let run = cni(&mesh, "DEL", "store", true).await?;
     assert!(run.ok() && run.stdout.is_empty(), "{run:?}");

@@ -181,7 +181,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
     match added_pod(request.clone()) {
         Ok(pod) => check_pod(&pod)?,
-        Err(Request::Remove { uid }) if uid.is_empty() => {
+        Err(Request::Remove { uid, .. }) if uid.is_empty() => {
             return Err("uid must not be empty".into());
         }
         Err(_) => {}
@@ -328,7 +328,7 @@ async fn handle(pods: &PodRegistry, metrics: &EnrollMetrics, line: &str) -> Resp
                 }
             }
         }
-        Err(Request::Remove { uid }) => match pods.remove(&uid).await {
+        Err(Request::Remove { uid, netns }) => match pods.remove(&uid, netns.as_deref()).await {
             Ok(removed) => Response {
                 ok: true,
                 removed: Some(removed),

@@ -372,9 +372,18 @@ impl PodRegistry {
     }
 
     /// Forgets pod `uid`, removing its capture; unknown pods are not an error (removal is
-    /// idempotent). Returns whether it was captured.
-    pub async fn remove(&self, uid: &str) -> Result<bool, EnrollError> {
+    /// idempotent). Returns whether it was captured. With `netns` (the namespace of the
+    /// sandbox being torn down), a pod known in another namespace is kept: a runtime may send
+    /// the DEL of an older sandbox after the ADD of its successor, and removing by UID alone
+    /// would leave the running pod uncaptured.
+    pub async fn remove(&self, uid: &str, netns: Option<&Path>) -> Result<bool, EnrollError> {
         let mut pods = self.pods.lock().await;
+        if let (Some(del), Some(known)) = (netns, pods.known.get(uid))
+            && !same_namespace(del, &known.netns)
+        {
+            tracing::info!(uid, netns = %del.display(), enrolled_in = %known.netns.display(), "DEL of another sandbox of the pod ignored: it is known in another namespace");
+            return Ok(false);
+        }
         let was_enrolled = self.unenroll(&mut pods, uid).await;
         let was_known = pods.known.remove(uid).is_some();
         if was_enrolled || was_known {
@@ -543,6 +552,19 @@ pub(super) async fn pod_congestion(netns: &PodNetns, job: Option<crate::congesti
         Err(e) => Some(e.to_string()),
     };
     job.report(netns.path(), error);
+}
+
+/// Whether two namespace paths name the same namespace: the same path, or files on the same
+/// device with the same inode (`/run/netns/x` and `/var/run/netns/x`, a bind mount).
+fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -189,7 +189,11 @@ fn add_enrolls_passes_the_result_through_and_exempts_probes() {
     assert!(out.success && out.stdout.is_none(), "{out:?}");
     let out = run(&env("DEL"), &conf(&z.socket, json!({})), &probes);
     assert!(out.success && out.stdout.is_none(), "{out:?}");
-    assert_eq!(z.request("remove"), json!({"op": "remove", "uid": "uid-1"}));
+    // With the sandbox's namespace: a pod enrolled in another one (a newer sandbox) stays.
+    assert_eq!(
+        z.request("remove"),
+        json!({"op": "remove", "uid": "uid-1", "netns": "/var/run/netns/cni-1"})
+    );
     assert_eq!(z.ops(), ["add", "list", "list", "remove", "list"]);
     assert_eq!(*probes.set.lock().expect("lock"), [ip("10.1.0.9")]);
 }
