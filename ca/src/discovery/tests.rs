@@ -1,4 +1,5 @@
 use super::*;
+use crate::source::test_pods;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TOKEN: &str = "node-a-token-abcdefgh";
@@ -180,18 +181,11 @@ fn withheld_gauge(f: &Fixture, reason: &'static str) -> i64 {
 fn withheld_addresses_are_counted_while_they_last() {
     let f = fixture();
     let gauge = |reason| withheld_gauge(&f, reason);
-    let pod = |name: &str, node: &str| crate::source::Pod {
-        namespace: "a".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-        service_account: "default".into(),
-        node_name: Some(node.into()),
-        ips: vec!["10.0.0.7".parse().expect("ip")],
-        ..Default::default()
-    };
+    let pod =
+        |name: &str, node: &str| test_pods::pod("a", name, node, "10.0.0.7".parse().expect("ip"));
     let mut state = ClusterState::default();
     for p in [pod("victim", "node-a"), pod("thief", "node-b")] {
-        state.pods.insert((p.namespace.clone(), p.name.clone()), p);
+        test_pods::insert(&mut state, p);
     }
     f._state_tx.send_replace(Some(Arc::new(state.clone())));
     let view = f.service.mesh_view().expect("loaded");
@@ -208,19 +202,14 @@ fn withheld_addresses_are_counted_while_they_last() {
 fn an_address_outside_the_pod_networks_is_counted_apart() {
     let f = fixture();
     let gauge = |reason| withheld_gauge(&f, reason);
-    let pod = crate::source::Pod {
-        namespace: "a".into(),
-        name: "hub-squatter".into(),
-        uid: "uid-hub-squatter".into(),
-        service_account: "default".into(),
-        node_name: Some("node-a".into()),
-        ips: vec!["203.0.113.10".parse().expect("ip")],
-        ..Default::default()
-    };
     let mut state = ClusterState::default();
-    state
-        .pods
-        .insert((pod.namespace.clone(), pod.name.clone()), pod);
+    let pod = test_pods::pod(
+        "a",
+        "hub-squatter",
+        "node-a",
+        "203.0.113.10".parse().expect("ip"),
+    );
+    test_pods::insert(&mut state, pod);
     state.pod_networks = vec!["10.0.0.0/8".parse().expect("net")];
     f._state_tx.send_replace(Some(Arc::new(state)));
     let view = f.service.mesh_view().expect("loaded");
@@ -247,18 +236,11 @@ fn a_mass_withholding_is_logged_in_bounded_lines() {
     let f = fixture();
     let mut state = ClusterState::default();
     for i in 0..40u8 {
-        let pod = crate::source::Pod {
-            namespace: "a".into(),
-            name: format!("p{i}"),
-            uid: format!("uid-p{i}"),
-            service_account: "default".into(),
-            node_name: Some("node-a".into()),
-            ips: vec![std::net::IpAddr::from([10, 99, 0, i])],
-            ..Default::default()
-        };
-        state
-            .pods
-            .insert((pod.namespace.clone(), pod.name.clone()), pod);
+        let ip = std::net::IpAddr::from([10, 99, 0, i]);
+        test_pods::insert(
+            &mut state,
+            test_pods::pod("a", &format!("p{i}"), "node-a", ip),
+        );
     }
     state.pod_networks = vec!["10.0.0.0/16".parse().expect("net")];
     let lines = Lines::default();

@@ -19,16 +19,8 @@ fn state() -> ClusterState {
         ("b", "p2", "n2", "10.0.0.2"),
         ("off", "p3", "n1", "10.0.0.3"),
     ] {
-        let pod = Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            service_account: "default".into(),
-            node_name: Some(node.into()),
-            ips: vec![ip.parse().expect("ip")],
-            ..Default::default()
-        };
-        s.pods.insert((ns.into(), name.into()), pod);
+        let pod = crate::source::test_pods::pod(ns, name, node, ip.parse().expect("ip"));
+        crate::source::test_pods::insert(&mut s, pod);
     }
     for ns in ["a", "b"] {
         let text = format!(

@@ -132,15 +132,7 @@ mod tests {
     use crate::source::{Pod, PodPhase, Service};
 
     fn pod(name: &str, node: &str, ip: &str) -> Pod {
-        Pod {
-            namespace: "a".into(),
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            service_account: "default".into(),
-            node_name: Some(node.into()),
-            ips: vec![ip.parse().expect("ip")],
-            ..Default::default()
-        }
+        crate::source::test_pods::pod("a", name, node, ip.parse().expect("ip"))
     }
 
     fn state(pods: impl IntoIterator<Item = Pod>) -> ClusterState {

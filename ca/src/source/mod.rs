@@ -10,6 +10,8 @@ pub mod directory;
 pub mod kube;
 mod model;
 pub mod stand_in;
+#[cfg(test)]
+pub(crate) mod test_pods;
 
 use std::sync::Arc;
 
