@@ -95,6 +95,7 @@ impl Certificates for CertificateService {
         if let Err(e) = authorized {
             let reason = match e {
                 node_auth::NodeAuthError::NotInMesh { .. } => RefusalReason::NotInMesh,
+                node_auth::NodeAuthError::Reserved { .. } => RefusalReason::ReservedIdentity,
                 _ => RefusalReason::NotOnNode,
             };
             tracing::warn!(node, %identity, reason = reason.as_str(), error = %e, "refused certificate request: node not entitled");

@@ -18,6 +18,8 @@ pub enum RefusalReason {
     NotOnNode,
     /// A pod with the identity is on the node but not enrolled in the mesh.
     NotInMesh,
+    /// The identity is the controller's own, which no node obtains.
+    ReservedIdentity,
     /// The CSR failed validation.
     InvalidCsr,
     /// The workload source has not loaded yet.
@@ -35,6 +37,7 @@ impl RefusalReason {
             Self::Unauthenticated => "unauthenticated",
             Self::NotOnNode => "not_on_node",
             Self::NotInMesh => "not_in_mesh",
+            Self::ReservedIdentity => "reserved_identity",
             Self::InvalidCsr => "invalid_csr",
             Self::SourceNotReady => "source_not_ready",
             Self::AuthUnavailable => "auth_unavailable",

@@ -15,6 +15,7 @@ use std::path::Path;
 use membrane_identity::WorkloadIdentity;
 use ring::digest;
 
+use crate::serving::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
 use crate::source::ClusterState;
 
 /// Shortest token accepted in the token file.
@@ -75,6 +76,18 @@ pub enum NodeAuthError {
     NotInMesh {
         /// The calling node.
         node: String,
+        /// Requested namespace.
+        namespace: String,
+        /// Requested service account.
+        service_account: String,
+    },
+    /// The identity is the controller's own (`membrane-system/membrane-ca`), which federated
+    /// peers authorize exports and bundle endpoints by: no node obtains it, whatever pods it
+    /// runs.
+    #[error(
+        "{namespace}/{service_account} is the controller's own identity; no node may obtain it"
+    )]
+    Reserved {
         /// Requested namespace.
         namespace: String,
         /// Requested service account.
@@ -174,6 +187,21 @@ impl BootstrapTokens {
     }
 }
 
+/// Refuses the controller's own identity: a pod that a node runs under the controller's
+/// namespace and service account (a namespace someone else created, a gateway label) must not
+/// make that node the controller in its federated peers' eyes.
+fn refuse_reserved(identity: &WorkloadIdentity) -> Result<(), NodeAuthError> {
+    if identity.namespace() == CONTROLLER_NAMESPACE
+        && identity.service_account() == CONTROLLER_SERVICE_ACCOUNT
+    {
+        return Err(NodeAuthError::Reserved {
+            namespace: CONTROLLER_NAMESPACE.to_owned(),
+            service_account: CONTROLLER_SERVICE_ACCOUNT.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a gateway pod's own credential: it may obtain only `only` (its service account's
 /// identity), and only while a gateway pod of that account is scheduled on `node`.
 pub fn authorize_gateway(
@@ -182,6 +210,7 @@ pub fn authorize_gateway(
     only: &(String, String),
     identity: &WorkloadIdentity,
 ) -> Result<(), NodeAuthError> {
+    refuse_reserved(identity)?;
     let (namespace, service_account) = (
         identity.namespace().to_owned(),
         identity.service_account().to_owned(),
@@ -215,6 +244,7 @@ pub fn authorize(
     node: &str,
     identity: &WorkloadIdentity,
 ) -> Result<(), NodeAuthError> {
+    refuse_reserved(identity)?;
     let scheduled = state.mesh_pods_on(node).any(|pod| {
         pod.namespace == identity.namespace() && pod.service_account == identity.service_account()
     });
@@ -336,5 +366,71 @@ mod tests {
         let gw = WorkloadIdentity::new(&td, "egress", "egress-gateway").expect("id");
         assert!(authorize(&state, "gw-node", &gw).is_ok());
         assert!(authorize(&state, "node-a", &gw).is_err());
+    }
+
+    /// A pod running as the controller's account (a mesh namespace of that name, or a gateway
+    /// label anywhere) does not entitle its node to the controller's identity.
+    #[test]
+    fn the_controllers_identity_is_never_authorized() {
+        let mut state = ClusterState::default();
+        let labels =
+            std::collections::BTreeMap::from([(MESH_LABEL.to_owned(), "enabled".to_owned())]);
+        state.namespaces.insert(
+            CONTROLLER_NAMESPACE.into(),
+            Namespace {
+                name: CONTROLLER_NAMESPACE.into(),
+                labels,
+                ..Default::default()
+            },
+        );
+        let gateway_labels = std::collections::BTreeMap::from([
+            ("membrane.dev/gateway".to_owned(), "egress".to_owned()),
+            (
+                "gateway.networking.k8s.io/gateway-name".to_owned(),
+                "egress".to_owned(),
+            ),
+        ]);
+        for (name, labels) in [("plain", Default::default()), ("gw", gateway_labels)] {
+            state.pods.insert(
+                (CONTROLLER_NAMESPACE.into(), name.into()),
+                Pod {
+                    namespace: CONTROLLER_NAMESPACE.into(),
+                    name: name.into(),
+                    service_account: CONTROLLER_SERVICE_ACCOUNT.into(),
+                    node_name: Some("node-a".into()),
+                    labels,
+                    ..Default::default()
+                },
+            );
+        }
+        let td = membrane_identity::spiffe_id::parse_trust_domain("cluster.local").expect("td");
+        let controller =
+            WorkloadIdentity::new(&td, CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT)
+                .expect("id");
+        assert!(matches!(
+            authorize(&state, "node-a", &controller),
+            Err(NodeAuthError::Reserved { .. })
+        ));
+        let only = (
+            CONTROLLER_NAMESPACE.to_owned(),
+            CONTROLLER_SERVICE_ACCOUNT.to_owned(),
+        );
+        assert!(matches!(
+            authorize_gateway(&state, "node-a", &only, &controller),
+            Err(NodeAuthError::Reserved { .. })
+        ));
+        // Another account in that namespace is an ordinary workload.
+        state.pods.insert(
+            (CONTROLLER_NAMESPACE.into(), "other".into()),
+            Pod {
+                namespace: CONTROLLER_NAMESPACE.into(),
+                name: "other".into(),
+                service_account: "other".into(),
+                node_name: Some("node-a".into()),
+                ..Default::default()
+            },
+        );
+        let other = WorkloadIdentity::new(&td, CONTROLLER_NAMESPACE, "other").expect("id");
+        assert!(authorize(&state, "node-a", &other).is_ok());
     }
 }
