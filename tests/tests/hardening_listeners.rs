@@ -523,6 +523,10 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The node's tooling connects to the enrollment socket meanwhile: its accept fails too,
+    // and must back off like the listeners'.
+    let enrolling = tokio::net::UnixStream::connect(&za.enroll_socket).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (cpu_before, _, _, fds) = usage(pid)?;
     assert!(
         fds >= baseline_fds + 60,
@@ -552,6 +556,21 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
         (1..=4).contains(&lines),
         "accept errors logged {lines} times"
     );
+    let enroll_lines = za
+        .logs
+        .lock()
+        .map(|l| {
+            l.iter()
+                .filter(|l| l.contains("enrollment accept failed; backing off"))
+                .count()
+        })
+        .unwrap_or(0);
+    eprintln!("enrollment accept error log lines over ~3 s: {enroll_lines}");
+    assert!(
+        (1..=4).contains(&enroll_lines),
+        "enrollment accept errors logged {enroll_lines} times"
+    );
+    drop(enrolling);
 
     // The flood ends: the descriptors come back and new connections work again, without
     // raising the limit.
@@ -563,6 +582,15 @@ async fn at_the_descriptor_limit_the_ztunnel_backs_off_and_recovers() -> anyhow:
         &["listener=\"outbound\""],
     );
     assert!(errors >= 1.0, "accept errors counted: {errors}");
+    let enroll_errors = metric(
+        &metrics_of(za.metrics).await?,
+        "membrane_enroll_accept_errors_total",
+        &[],
+    );
+    assert!(
+        enroll_errors >= 1.0,
+        "enrollment accept errors counted: {enroll_errors}"
+    );
     Ok(())
 }
 

@@ -21,7 +21,9 @@
 //! sends no complete line for [`IDLE_TIMEOUT`] (or does not take its answer within it) is
 //! closed, and so is one whose line is longer than [`MAX_LINE`] (after an error answer:
 //! the rest of the line is never read as a request). Each is counted in
-//! `membrane_enroll_connections_refused_total{reason}`.
+//! `membrane_enroll_connections_refused_total{reason}`. A failed `accept` (out of file
+//! descriptors) is counted in `membrane_enroll_accept_errors_total` and retried after a pause
+//! of 5 ms doubling to 1 s, logged at a bounded rate.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -37,6 +39,8 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
 
 pub use membrane_api::enrollment::{PodStatus, Request, Response};
+
+use membrane_runtime::listener::{AcceptBackoff, LogLimiter};
 
 use crate::pods::{PodInfo, PodRegistry};
 
@@ -104,6 +108,7 @@ pub struct RefusalLabels {
 pub struct EnrollMetrics {
     refused: Family<RefusalLabels, Counter>,
     connections_refused: Family<ConnectionLabels, Counter>,
+    accept_errors: Counter,
 }
 
 impl EnrollMetrics {
@@ -120,7 +125,16 @@ impl EnrollMetrics {
             "Enrollment connections refused or closed, by reason (peer_not_root, peer_unknown: SO_PEERCRED; too_many: over the cap; idle: no complete line in time; line_too_long)",
             m.connections_refused.clone(),
         );
+        registry.register(
+            "enroll_accept_errors",
+            "Failed accepts on the enrollment socket (out of file descriptors, for one); each is followed by a pause of 5 ms doubling to 1 s",
+            m.accept_errors.clone(),
+        );
         m
+    }
+
+    fn accept_failed(&self) {
+        self.accept_errors.inc();
     }
 
     fn connection_refused(&self, reason: &'static str) {
@@ -212,13 +226,33 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // An accept that fails (out of descriptors: the connection stays pending and the socket
+    // readable) is retried after a growing pause, and logged at a bounded rate, not in a loop.
+    let mut backoff = AcceptBackoff::default();
+    let error_log = LogLimiter::new();
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    backoff.succeeded();
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "enrollment accept failed");
+                    metrics.accept_failed();
+                    let wait = backoff.failed();
+                    if let Some(suppressed) = error_log.allow() {
+                        tracing::warn!(
+                            error = %e,
+                            backoff_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                            suppressed,
+                            "enrollment accept failed; backing off"
+                        );
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                     continue;
                 }
             },
