@@ -402,14 +402,22 @@ impl RecordKey {
         let len = out.len() - start - HEADER_LEN;
         debug_assert!(len <= MAX_PLAINTEXT);
         let header = record_header(len);
-        let seq = self.take_seq()?;
-        out[start..start + HEADER_LEN].copy_from_slice(&header);
-        out.push(content);
-        let tag = self
-            .aead
-            .seal(seq, &header, &mut out[start + HEADER_LEN..])?;
-        out.extend_from_slice(&tag);
-        Ok(())
+        let sealed = self.take_seq().and_then(|seq| {
+            out[start..start + HEADER_LEN].copy_from_slice(&header);
+            out.push(content);
+            self.aead.seal(seq, &header, &mut out[start + HEADER_LEN..])
+        });
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            Err(e) => {
+                // The staged plaintext never stays where the socket is written from.
+                out.truncate(start);
+                Err(e)
+            }
+        }
     }
 
     /// Opens the record `header` + `body` in place. Returns the inner content type and the
@@ -453,8 +461,12 @@ fn record_header(plaintext_len: usize) -> [u8; HEADER_LEN] {
     ]
 }
 
-/// Splits a decrypted `TLSInnerPlaintext` (content, type, zero padding).
+/// Splits a decrypted `TLSInnerPlaintext` (content, type, zero padding). RFC 8446 §5.4 bounds
+/// the whole of it, padding included, to 2^14 + 1 bytes.
 fn inner(plain: &[u8]) -> Result<(Content, usize), RecordError> {
+    if plain.len() > MAX_PLAINTEXT + 1 {
+        return Err(RecordError::Overflow(plain.len()));
+    }
     let at = plain
         .iter()
         .rposition(|&b| b != 0)

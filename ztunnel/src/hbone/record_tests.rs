@@ -98,8 +98,18 @@ fn headers_and_inner_types_are_checked() {
     too_long.push(23);
     assert_eq!(
         inner(&too_long),
-        Err(RecordError::Overflow(MAX_PLAINTEXT + 1))
+        Err(RecordError::Overflow(MAX_PLAINTEXT + 2))
     );
+    // A full record's content with padding after its type byte is over RFC 8446's bound too.
+    let padded = [vec![1; MAX_PLAINTEXT], vec![23], vec![0; 100]].concat();
+    assert_eq!(
+        inner(&padded),
+        Err(RecordError::Overflow(MAX_PLAINTEXT + 101))
+    );
+    let full = [vec![1; MAX_PLAINTEXT], vec![23]].concat();
+    assert_eq!(inner(&full), Ok((Content::ApplicationData, MAX_PLAINTEXT)));
+    let short_padded = [vec![1; 100], vec![23], vec![0; 200]].concat();
+    assert_eq!(inner(&short_padded), Ok((Content::ApplicationData, 100)));
 }
 
 /// The same key material in both AEAD suites of 256-bit keys.
@@ -270,10 +280,24 @@ fn a_record_opens_to_an_earlier_place_in_its_buffer() {
 
 #[test]
 fn the_last_sequence_number_is_never_used() {
-    let mut tx = key(u64::MAX);
-    let mut wire = Vec::new();
-    assert_eq!(
-        tx.seal(Content::ApplicationData, b"x", &mut wire),
-        Err(RecordError::SequenceExhausted)
-    );
+    for which in [Implementation::AwsLc, Implementation::Ring] {
+        let [secrets, _] = suites(7, 9);
+        let mut tx = RecordKey::with(which, u64::MAX, secrets).expect("key");
+        let mut wire = b"earlier records".to_vec();
+        assert_eq!(
+            tx.seal(Content::ApplicationData, b"secret", &mut wire),
+            Err(RecordError::SequenceExhausted)
+        );
+        // A refused seal leaves nothing of its plaintext where the socket is written from,
+        // whichever way it was staged.
+        assert_eq!(wire, b"earlier records", "{which:?}");
+        let start = wire.len();
+        wire.extend_from_slice(&[0; HEADER_LEN]);
+        wire.extend_from_slice(b"gathered secret");
+        assert_eq!(
+            tx.seal_staged(Content::ApplicationData, &mut wire, start),
+            Err(RecordError::SequenceExhausted)
+        );
+        assert_eq!(wire, b"earlier records", "{which:?}");
+    }
 }

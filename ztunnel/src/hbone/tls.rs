@@ -20,7 +20,8 @@
 //! rustls stays the authority for what is negotiated and verified (certificates, ALPN, key
 //! exchange) and computes the next secrets on a KeyUpdate (`rustls::kernel`). What this module
 //! enforces after the handshake: only protected records (outer type application_data), at
-//! most 2^14 + 256 bytes each, authenticated with the next sequence number; inner types
+//! most 2^14 + 256 bytes each and 2^14 + 1 once decrypted (content, type and padding),
+//! authenticated with the next sequence number; inner types
 //! application data, handshake (KeyUpdate both ways, NewSessionTicket to a client; anything
 //! else ends the connection) and alert (close_notify is end of stream, any other alert an
 //! error); the end of the TCP stream without close_notify is an error (truncation), as in
@@ -30,7 +31,8 @@
 //! buffer (a peer that asks and never reads would grow that queue without bound); past
 //! either the connection ends with unexpected_message. A refused record is answered with the fatal alert RFC 8446 names
 //! for it (bad_record_mac, record_overflow, unexpected_message, decode_error), then both
-//! directions are closed; the error is final.
+//! directions are closed; the error is final. A record that cannot be sealed (its sequence
+//! numbers spent) leaves nothing of its plaintext in the send buffer.
 
 use std::io;
 use std::ops::Range;
