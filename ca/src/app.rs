@@ -415,6 +415,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
                 .timeout(Duration::from_secs(30))
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                .max_concurrent_streams(16)
                 .concurrency_limit_per_connection(16)
                 .add_service(
                     membrane_proto::v1::service_exports_server::ServiceExportsServer::new(exports)

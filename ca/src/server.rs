@@ -37,6 +37,10 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Streams one connection may have open at once: a node's few watches and the certificate
+/// requests of its pods starting together (a ztunnel queues the rest).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// The server's HTTP/2 keepalive PING interval: 10 s, or a third of the idle timeout when that
 /// is shorter.
 fn keepalive_interval(idle: Duration) -> Duration {
@@ -66,7 +70,11 @@ pub async fn serve(
         // A live client answers these PINGs, so it is never idle for `grpc_idle_timeout`.
         .http2_keepalive_interval(Some(keepalive_interval(limits.grpc_idle_timeout)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .concurrency_limit_per_connection(256)
+        // Announced to the client (SETTINGS_MAX_CONCURRENT_STREAMS), which queues beyond it;
+        // without it one connection could open streams without bound. Equal to the
+        // concurrency limit, so no admitted stream waits outside the request timeout.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .add_service(
             CertificatesServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_LEN)

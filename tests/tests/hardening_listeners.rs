@@ -354,6 +354,22 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
         idle.push(idle_tls(&connector, Ipv4Addr::new(127, 0, 0, 3), grpc).await?);
     }
 
+    // An HTTP/2 client is told how many streams it may open at once.
+    let tls = idle_tls(&connector, Ipv4Addr::new(127, 0, 0, 4), grpc).await?;
+    let (h2_client, h2_conn) = h2::client::handshake(tls).await?;
+    let h2_task = tokio::spawn(h2_conn);
+    let h2_client = h2_client.ready().await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h2_client.current_max_send_streams() == usize::MAX && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        h2_client.current_max_send_streams(),
+        membrane_ca::server::MAX_STREAMS_PER_CONNECTION as usize
+    );
+    drop(h2_client);
+    h2_task.abort();
+
     // While they are held: a Sign succeeds, and a pod enrolled now gets its certificate
     // (its traffic flows).
     let mut client = mesh
