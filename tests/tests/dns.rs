@@ -326,6 +326,55 @@ async fn malformed_queries_get_formerr_and_a_dead_upstream_servfail_without_harm
     Ok(())
 }
 
+/// A pod's queries over TCP share its in-flight budget with UDP: 320 connections each
+/// asking an upstream that never answers, at once, have at most 256 queries in flight; the rest are dropped
+/// and counted, and the pod's next query is answered once the budget is back.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn queries_over_tcp_are_held_to_the_pods_in_flight_budget() -> anyhow::Result<()> {
+    use std::io::Write;
+    require_root()?;
+    // Upstream: the world's upload sink, which takes a query over TCP and never answers.
+    let (mesh, world) = start(&[
+        "--dns-upstream",
+        "198.51.100.30:9000",
+        "--dns-upstream-timeout",
+        "2s",
+    ])
+    .await?;
+    let ns = mesh.netns_path("trainer");
+    let unserved: SocketAddr = UNSERVED.parse()?;
+    let ask = query("huggingface.co", RecordType::A, true)?;
+    let held = membrane_tests::netns::run_in_netns(&ns, move || -> anyhow::Result<Vec<_>> {
+        let mut held = Vec::new();
+        for _ in 0..320 {
+            let mut s = std::net::TcpStream::connect_timeout(&unserved, Duration::from_secs(2))?;
+            s.write_all(&u16::try_from(ask.len())?.to_be_bytes())?;
+            s.write_all(&ask)?;
+            held.push(s);
+        }
+        Ok(held)
+    })??;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut dropped = 0.0;
+    while dropped < 64.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dropped =
+            ztunnel_metric(&mesh, "node-a", "membrane_dns_queries_dropped_total", &[]).await?;
+    }
+    assert!(
+        (64.0..=70.0).contains(&dropped),
+        "dropped over the budget: {dropped}"
+    );
+    drop(held);
+    // Once the held queries time out upstream, the budget is back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = resolve(&ns, unserved, "huggingface.co", RecordType::A)?;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    drop(world);
+    Ok(())
+}
+
 #[tokio::test]
 #[ignore = "needs root"]
 async fn udp_leaving_a_mesh_pod_is_counted_and_recorded_per_flow() -> anyhow::Result<()> {

@@ -43,7 +43,8 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// The cluster domain of mesh Service names.
     pub cluster_domain: String,
-    /// Queries one pod may have in flight (over UDP); more are dropped and counted.
+    /// Queries one pod may have in flight (over UDP and TCP together); more are dropped and
+    /// counted.
     pub max_in_flight_per_pod: usize,
 }
 

@@ -3,10 +3,11 @@
 //! locally generated port-53 traffic to the loopback address, so binding there answers from
 //! the address conntrack expects and nothing outside the pod can reach the port.
 //!
-//! UDP: each datagram is answered in its own task, at most
-//! [`super::DnsConfig::max_in_flight_per_pod`] at once (more are dropped and counted). TCP:
-//! length-prefixed messages (RFC 1035 §4.2.2) on connections held by the pod listener caps,
-//! each closed after [`TCP_IDLE`] without a query or [`TCP_MAX_QUERIES`] queries.
+//! At most [`super::DnsConfig::max_in_flight_per_pod`] queries of one pod are answered at once,
+//! over UDP and TCP together; more are dropped and counted (over TCP with their connection).
+//! UDP: each datagram is answered in its own task. TCP: length-prefixed messages (RFC 1035
+//! §4.2.2) on connections held by the pod listener caps, each closed after [`TCP_IDLE`]
+//! without a query or with an answer not taken, or after [`TCP_MAX_QUERIES`] queries.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use membrane_api::ports;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
 
 use super::upstream::{MAX_MESSAGE, read_framed, write_framed};
 use super::{Asked, Dns};
@@ -60,34 +62,40 @@ pub fn spawn(
     proxy: &Arc<Proxy>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
+    // One budget for all of the pod's queries, over UDP and TCP, IPv4 and IPv6.
+    let limit = Arc::new(Semaphore::new(dns.config.max_in_flight_per_pod.max(1)));
     for udp in sockets.udp {
         tasks.push(tokio::spawn(run_udp(
             Arc::new(udp),
             dns.clone(),
             pod.clone(),
             proxy.clone(),
+            limit.clone(),
         )));
     }
     for tcp in sockets.tcp {
-        let dns = dns.clone();
+        let (dns, limit) = (dns.clone(), limit.clone());
         tasks.push(tokio::spawn(serve_listener(
             tcp,
             pod.clone(),
             proxy.clone(),
             DNS_TCP,
             move |stream, peer, pod, proxy| {
-                let dns = dns.clone();
-                async move { serve_tcp(stream, peer, &dns, &pod, &proxy).await }
+                let (dns, limit) = (dns.clone(), limit.clone());
+                async move { serve_tcp(stream, peer, &dns, &pod, &proxy, &limit).await }
             },
         )));
     }
     tasks
 }
 
-async fn run_udp(socket: Arc<UdpSocket>, dns: Arc<Dns>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(
-        dns.config.max_in_flight_per_pod.max(1),
-    ));
+async fn run_udp(
+    socket: Arc<UdpSocket>,
+    dns: Arc<Dns>,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+    limit: Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let (n, src) = tokio::select! {
@@ -135,6 +143,7 @@ async fn serve_tcp(
     dns: &Dns,
     pod: &PodContext,
     proxy: &Proxy,
+    limit: &Semaphore,
 ) {
     let asked = Asked {
         protocol: "tcp",
@@ -146,11 +155,20 @@ async fn serve_tcp(
             Ok(Ok(query)) => query,
             Ok(Err(_)) | Err(_) => return,
         };
+        // Over the pod's in-flight budget the query is dropped, as over UDP, and so is the
+        // connection (a TCP client retries on a new one).
+        let Ok(_permit) = limit.try_acquire() else {
+            dns.dropped();
+            return;
+        };
         let Some(reply) = dns.answer(pod, proxy, &query, asked).await else {
             return;
         };
-        if write_framed(&mut stream, &reply).await.is_err() {
-            return;
+        // The answer is taken within the idle timeout too, or the connection is closed (a
+        // client that never reads would hold it and its budget).
+        match tokio::time::timeout(TCP_IDLE, write_framed(&mut stream, &reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
     }
 }
