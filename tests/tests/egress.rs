@@ -596,3 +596,47 @@ async fn a_policy_edit_closes_an_open_connection_within_a_second() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+/// A destination outside the mesh that drops SYNs: the application's `connect` returned at
+/// the capture, so the ztunnel gives up after its own connect timeout (10 s), closes the
+/// application's connection and records why — not after the kernel's two minutes of retries.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_destination_that_drops_syns_is_given_up_on_in_seconds() -> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, world) = start().await?;
+    let rules = "table ip membrane-test-blackhole {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 81 drop\n }\n}\n";
+    let mut nft = membrane_tests::netns::command_in(world.netns_name(), "nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = nft.stdin.take() {
+        std::io::Write::write_all(&mut stdin, rules.as_bytes())?;
+    }
+    anyhow::ensure!(nft.wait()?.success(), "installing the blackhole rule");
+    // "free" has no EgressPolicy: its connections pass through.
+    let dst = "198.51.100.20:81";
+    let started = std::time::Instant::now();
+    let mut tcp = mesh.connect_from("free", addr(dst)).await?;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the connection was not closed: {read:?}"
+    );
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(15)).contains(&waited),
+        "closed after {waited:?}"
+    );
+    let r = record(&mesh, "free", dst, 1).await?;
+    assert_eq!(r["result"], "refused", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|why| why.contains("no answer within 10s")),
+        "{r:#}"
+    );
+    drop(world);
+    Ok(())
+}

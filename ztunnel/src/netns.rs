@@ -346,7 +346,28 @@ impl PodNetns {
         addr: SocketAddr,
         within: Duration,
     ) -> Result<tokio::net::TcpStream, std::io::Error> {
-        match tokio::time::timeout(within, self.connect_facing(addr, Facing::App)).await {
+        self.connect_facing_within(addr, Facing::App, within).await
+    }
+
+    /// [`Self::connect`] within `within`: a destination that drops SYNs would otherwise hold
+    /// the connection (and the application, whose own `connect` returned at the capture) for
+    /// the kernel's two minutes of retries.
+    pub async fn connect_within(
+        &self,
+        addr: SocketAddr,
+        within: Duration,
+    ) -> Result<tokio::net::TcpStream, std::io::Error> {
+        self.connect_facing_within(addr, Facing::Network, within)
+            .await
+    }
+
+    async fn connect_facing_within(
+        &self,
+        addr: SocketAddr,
+        facing: Facing,
+        within: Duration,
+    ) -> Result<tokio::net::TcpStream, std::io::Error> {
+        match tokio::time::timeout(within, self.connect_facing(addr, facing)).await {
             Ok(connected) => connected,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

@@ -160,6 +160,10 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
 /// server-speaks-first protocol waits this long once).
 pub const ENFORCED_PEEK: Duration = Duration::from_millis(5);
 
+/// How long connecting to a destination outside the mesh may take: the application's own
+/// `connect` returned at the capture, so only this bounds its wait for one that drops SYNs.
+pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to a destination outside the mesh. Without an EgressPolicy selecting the
 /// source it passes through (the connect overlaps the wait for a ClientHello); otherwise it
 /// is decided *before* the destination is dialled, and a denied connection is reset without
@@ -179,9 +183,15 @@ async fn passthrough(
     if !selected {
         let (connected, hello) = if tls_port {
             // The wait for the ClientHello overlaps the connect.
-            tokio::join!(pod.netns.connect(dst), sni::peek(&tcp, sni::TLS_WAIT))
+            tokio::join!(
+                pod.netns.connect_within(dst, PASSTHROUGH_CONNECT_TIMEOUT),
+                sni::peek(&tcp, sni::TLS_WAIT)
+            )
         } else {
-            let connected = pod.netns.connect(dst).await;
+            let connected = pod
+                .netns
+                .connect_within(dst, PASSTHROUGH_CONNECT_TIMEOUT)
+                .await;
             (connected, sni::peek(&tcp, Duration::ZERO).await)
         };
         admit(&policies, proxy, source, dst, &hello, &mut log);
@@ -246,7 +256,11 @@ async fn passthrough(
             return;
         }
     };
-    let upstream = match pod.netns.connect(dst).await {
+    let upstream = match pod
+        .netns
+        .connect_within(dst, PASSTHROUGH_CONNECT_TIMEOUT)
+        .await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
             log.refused(format!("connect {dst}: {e}"));
