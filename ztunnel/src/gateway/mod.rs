@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use membrane_api::ports;
 use membrane_policy::egress::GatewayRef;
+use membrane_runtime::listener::LogLimiter;
 use tokio_util::sync::CancellationToken;
 
 use crate::netns::PodNetns;
@@ -306,8 +307,12 @@ async fn hbone<H: crate::hbone::ConnectHandler>(
             return;
         }
     };
-    if let Err(e) = crate::hbone::serve_connection(tcp, tls, handler).await {
-        tracing::info!(error = %e, "gateway HBONE connection refused or failed");
+    // Anyone who reaches the port can fail a handshake: logged at a bounded rate.
+    static CONNECTION_LOG: LogLimiter = LogLimiter::new();
+    if let Err(e) = crate::hbone::serve_connection(tcp, tls, handler).await
+        && let Some(left_out) = CONNECTION_LOG.allow()
+    {
+        tracing::info!(error = %e, left_out, "gateway HBONE connection refused or failed");
     }
 }
 
