@@ -401,6 +401,8 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             Arc::new(tls),
             limits,
             listener_metrics.clone(),
+            // Mutual TLS: the handshake authenticates the caller.
+            None,
             cancel.clone(),
         );
         let exports = services::ExportService::new(

@@ -14,6 +14,7 @@ use membrane_proto::v1::certificates_server::Certificates;
 use membrane_proto::v1::{SignRequest, SignResponse};
 use tonic::{Request, Response, Status};
 
+use crate::auth_deadline::AuthenticatedConnections;
 use crate::metrics::{RefusalReason, SignMetrics};
 use crate::node_auth;
 use crate::signer::Signer;
@@ -27,6 +28,7 @@ pub struct CertificateService {
     authenticator: NodeAuthenticator,
     state: StateReceiver,
     metrics: SignMetrics,
+    authenticated: AuthenticatedConnections,
 }
 
 impl CertificateService {
@@ -43,7 +45,15 @@ impl CertificateService {
             authenticator: authenticator.into(),
             state,
             metrics,
+            authenticated: AuthenticatedConnections::default(),
         }
+    }
+
+    /// Marks the connections its calls authenticate on in `authenticated` (the node port's
+    /// [`crate::auth_deadline`]).
+    pub fn with_authenticated(mut self, authenticated: AuthenticatedConnections) -> Self {
+        self.authenticated = authenticated;
+        self
     }
 
     fn trust_domain(&self) -> TrustDomain {
@@ -68,6 +78,7 @@ impl Certificates for CertificateService {
                 return Err(self.refuse(reason, failure.status()));
             }
         };
+        self.authenticated.mark(peer);
         let node = caller.node.clone();
         let request = request.into_inner();
         let csr = match ValidatedCsr::parse(&request.csr_der, &self.trust_domain()) {

@@ -26,6 +26,7 @@
 //! This crate must never depend on the ztunnel crate: both sides meet only in `membrane-proto`.
 
 pub mod app;
+pub mod auth_deadline;
 pub mod authority;
 pub mod certificates;
 pub mod client;

@@ -197,8 +197,9 @@ struct ServeArgs {
     /// Bound on a gRPC connection's TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
-    /// A gRPC connection whose client sent nothing for this long (no HTTP/2 preface, no
-    /// answer to the server's 10 s keepalive PINGs) is closed.
+    /// A gRPC connection on which no call authenticated within this long (no HTTP/2
+    /// preface, or no call with an accepted node credential), or whose client sent nothing
+    /// for this long (no answer to the server's 10 s keepalive PINGs), is closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grpc_idle_timeout: Duration,
     #[command(flatten)]

@@ -13,6 +13,7 @@ use membrane_proto::v1::discovery_server::DiscoveryServer;
 use membrane_runtime::listener::ListenerMetrics;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth_deadline::AuthenticatedConnections;
 use crate::certificates::CertificateService;
 use crate::discovery::DiscoveryService;
 use crate::serving::{ListenerConfig, ServingCert};
@@ -63,8 +64,18 @@ pub async fn serve(
     let config = serving
         .server_config()
         .map_err(|e| ServerError::Certificate(e.to_string()))?;
-    let incoming =
-        crate::serving::incoming(listener, Arc::new(config), limits, metrics, cancel.clone());
+    // A connection must have a call authenticate on it within the idle timeout.
+    let authenticated = AuthenticatedConnections::default();
+    let service = service.with_authenticated(authenticated.clone());
+    let discovery = discovery.with_authenticated(authenticated.clone());
+    let incoming = crate::serving::incoming(
+        listener,
+        Arc::new(config),
+        limits,
+        metrics,
+        authenticated,
+        cancel.clone(),
+    );
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         // A live client answers these PINGs, so it is never idle for `grpc_idle_timeout`.

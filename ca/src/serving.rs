@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::auth_deadline::{AuthDeadline, AuthenticatedConnections};
 use membrane_runtime::idle::IdleTimeout;
 use membrane_runtime::listener::{
     Admission, ConnectionCaps, GuardedListener, ListenerMetrics, TimeoutStage,
@@ -257,6 +258,7 @@ impl Default for ListenerConfig {
 /// silent too long, and its place under the listener's caps (freed when it drops).
 pub struct ServedConnection {
     io: IdleTimeout<TlsStream<TcpStream>>,
+    auth: Option<AuthDeadline>,
     _admission: Admission,
 }
 
@@ -280,7 +282,13 @@ impl AsyncRead for ServedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(auth) = &mut this.auth
+            && let Poll::Ready(e) = auth.poll_expired(cx)
+        {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -320,29 +328,44 @@ pub const GRPC_LISTENER: &str = "grpc";
 /// Accepts TCP connections on `listener` within the caps of `limits` (global and per peer IP,
 /// before any TLS) and yields them once their TLS handshake completed. Each handshake runs in
 /// its own task, bounded by `limits.tls_handshake_timeout` (timeouts are counted in
-/// `membrane_ca_listener_timeouts_total`; failures are logged at debug level and dropped).
+/// `membrane_ca_listener_timeouts_total`; failures are logged at debug level and dropped). A
+/// connection on which no call authenticated (`authenticated`) within `limits.grpc_idle_timeout`
+/// is closed ([`crate::auth_deadline`]).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     limits: ListenerConfig,
     metrics: ListenerMetrics,
+    authenticated: AuthenticatedConnections,
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<ServedConnection, std::io::Error>> {
-    incoming_on(GRPC_LISTENER, listener, config, limits, metrics, cancel)
+    incoming_on(
+        GRPC_LISTENER,
+        listener,
+        config,
+        limits,
+        metrics,
+        Some(authenticated),
+        cancel,
+    )
 }
 
-/// As [`incoming`], for the gRPC listener `name` (its name in metrics and logs).
+/// As [`incoming`], for the gRPC listener `name` (its name in metrics and logs); without
+/// `authenticated` (a listener whose TLS handshake authenticates the caller) no connection
+/// has an authentication deadline.
 pub fn incoming_on(
     name: &'static str,
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     limits: ListenerConfig,
     metrics: ListenerMetrics,
+    authenticated: Option<AuthenticatedConnections>,
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<ServedConnection, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let idle_expired = metrics.timeout_counter(name, TimeoutStage::Idle);
+    let auth_expired = metrics.timeout_counter(name, TimeoutStage::Unauthenticated);
     let mut listener = GuardedListener::new(
         listener,
         name,
@@ -359,16 +382,26 @@ pub fn incoming_on(
                 accepted = listener.accept() => accepted,
             };
             let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
-            let idle_expired = idle_expired.clone();
+            let (idle_expired, auth_expired) = (idle_expired.clone(), auth_expired.clone());
+            let authenticated = authenticated.clone();
             tokio::spawn(async move {
                 let timeout = limits.tls_handshake_timeout;
                 match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let io =
                             IdleTimeout::new(tls, limits.grpc_idle_timeout, false, idle_expired);
+                        let auth = authenticated.map(|connections| {
+                            AuthDeadline::start(
+                                peer,
+                                connections,
+                                limits.grpc_idle_timeout,
+                                auth_expired,
+                            )
+                        });
                         let _ = tx
                             .send(Ok(ServedConnection {
                                 io,
+                                auth,
                                 _admission: admission,
                             }))
                             .await;

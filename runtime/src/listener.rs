@@ -81,6 +81,8 @@ pub enum TimeoutStage {
     Header,
     /// Nothing was received (or sent) for the idle timeout.
     Idle,
+    /// No call on the connection authenticated in time (the controller's node port).
+    Unauthenticated,
 }
 
 impl TimeoutStage {
@@ -90,6 +92,7 @@ impl TimeoutStage {
             Self::Handshake => "handshake",
             Self::Header => "header",
             Self::Idle => "idle",
+            Self::Unauthenticated => "unauthenticated",
         }
     }
 }

@@ -40,6 +40,7 @@ pub use acks::AckBook;
 pub use delta::{Key, View, diff, diff_with};
 pub use view::{MeshView, PLAINTEXT_ANNOTATION, bundle_resource};
 
+use crate::auth_deadline::AuthenticatedConnections;
 use crate::federation::services::Imports;
 use crate::source::{ClusterState, StateReceiver, WithheldIps};
 use crate::tokenreview::NodeAuthenticator;
@@ -172,6 +173,8 @@ pub struct DiscoveryService {
     acks: AckBook,
     /// Open streams per ack-book key (at most [`MAX_STREAMS_PER_CALLER`]).
     open: StreamSlots,
+    /// The node port's connections a call authenticated on.
+    authenticated: AuthenticatedConnections,
     metrics: DiscoveryMetrics,
     cancel: CancellationToken,
     root_namespace: Arc<str>,
@@ -216,10 +219,18 @@ impl DiscoveryService {
             version: Arc::new(AtomicU64::new(0)),
             acks: AckBook::default(),
             open: StreamSlots::default(),
+            authenticated: AuthenticatedConnections::default(),
             metrics,
             cancel,
             root_namespace: Arc::from(membrane_policy::DEFAULT_ROOT_NAMESPACE),
         }
+    }
+
+    /// Marks the connections its calls authenticate on in `authenticated` (the node port's
+    /// [`crate::auth_deadline`]).
+    pub fn with_authenticated(mut self, authenticated: AuthenticatedConnections) -> Self {
+        self.authenticated = authenticated;
+        self
     }
 
     /// Sets the root namespace (default `membrane-system`): its selector-less policies apply
@@ -520,6 +531,7 @@ impl Discovery for DiscoveryService {
                 return Err(self.refuse(reason, failure.status()));
             }
         };
+        self.authenticated.mark(peer);
         let book = ack_book_key(&caller);
         let node = caller.node;
         let asked = request.into_inner().node;
@@ -572,6 +584,7 @@ impl Discovery for DiscoveryService {
                 return Err(self.refuse(failure.refusal().as_str(), failure.status()));
             }
         };
+        self.authenticated.mark(request.remote_addr());
         let book = ack_book_key(&caller);
         let node = caller.node;
         let ack = request.into_inner();
