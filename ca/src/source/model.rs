@@ -53,23 +53,33 @@ pub enum PodPhase {
     Succeeded,
     /// All containers terminated, at least one failed.
     Failed,
-    /// Phase not known.
+    /// Kubernetes' own `Unknown`: the pod's node stopped reporting it (it may still run there).
     Unknown,
+    /// A phase string this version does not know: never active (fail closed).
+    Unrecognized,
 }
 
 impl PodPhase {
-    /// Parses the `status.phase` string; unknown strings map to `Unknown`.
+    /// The phases Kubernetes defines, by their `status.phase` strings.
+    pub const NAMES: &'static [&'static str] =
+        &["Pending", "Running", "Succeeded", "Failed", "Unknown"];
+
+    /// Parses the `status.phase` string; a string that is none of [`Self::NAMES`] is
+    /// `Unrecognized`.
     pub fn parse(s: &str) -> Self {
         match s {
             "Pending" => Self::Pending,
             "Running" => Self::Running,
             "Succeeded" => Self::Succeeded,
             "Failed" => Self::Failed,
-            _ => Self::Unknown,
+            "Unknown" => Self::Unknown,
+            _ => Self::Unrecognized,
         }
     }
 
-    /// Whether a pod in this phase still holds its node (and so may get an identity there).
+    /// Whether a pod in this phase still holds its node (and so may get an identity there):
+    /// Pending, Running, and Kubernetes' `Unknown` (a node that stopped reporting may still
+    /// run it); never a phase this version does not know.
     pub fn is_active(self) -> bool {
         matches!(self, Self::Pending | Self::Running | Self::Unknown)
     }
@@ -328,6 +338,22 @@ mod tests {
         }
         let names: Vec<_> = state.mesh_pods_on("n1").map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn only_known_live_phases_are_active() {
+        for name in PodPhase::NAMES {
+            assert_ne!(PodPhase::parse(name), PodPhase::Unrecognized, "{name}");
+        }
+        let active: Vec<_> = PodPhase::NAMES
+            .iter()
+            .filter(|n| PodPhase::parse(n).is_active())
+            .collect();
+        assert_eq!(active, [&"Pending", &"Running", &"Unknown"]);
+        for odd in ["Completed", "running", "", "Evicted"] {
+            assert_eq!(PodPhase::parse(odd), PodPhase::Unrecognized);
+            assert!(!PodPhase::parse(odd).is_active(), "{odd}");
+        }
     }
 
     #[test]

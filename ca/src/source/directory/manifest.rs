@@ -589,6 +589,21 @@ fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
             }
         }
     }
+    let phase = match doc.status.phase.as_deref() {
+        None => PodPhase::Running,
+        Some(name) => match PodPhase::parse(name) {
+            PodPhase::Unrecognized => {
+                return Err((
+                    "status.phase".into(),
+                    format!(
+                        "{name:?} is not a pod phase (one of {})",
+                        PodPhase::NAMES.join(", ")
+                    ),
+                ));
+            }
+            phase => phase,
+        },
+    };
     Ok(Pod {
         named_ports,
         uid: meta
@@ -600,10 +615,6 @@ fn pod_from(doc: PodDoc) -> FieldResult<Pod> {
         node_name: doc.spec.node_name,
         ips,
         labels: meta.labels,
-        phase: doc
-            .status
-            .phase
-            .as_deref()
-            .map_or(PodPhase::Running, PodPhase::parse),
+        phase,
     })
 }

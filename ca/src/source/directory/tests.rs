@@ -125,6 +125,10 @@ fn errors_name_document_and_field() {
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {membrane.dev/plaintext-udp-ports: \"53,dns\"}}\n",
             "field metadata.annotations[\"membrane.dev/plaintext-udp-ports\"]: annotation membrane.dev/plaintext-udp-ports: \"dns\" is not a UDP port",
         ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {phase: Completed}\n",
+            "field status.phase: \"Completed\" is not a pod phase",
+        ),
     ];
     for (text, expected) in cases {
         let err = parse_manifests(text).expect_err(text).to_string();
