@@ -27,6 +27,7 @@ use crate::serving::{ListenerConfig, ServingCert};
 use crate::signer::{Signer, SignerConfig};
 use crate::source::StateReceiver;
 use crate::source::directory::{self, DirectorySource};
+use crate::token_file::TokenSet;
 use crate::tokenreview::{NodeAuthenticator, TokenReviewConfig, TokenReviewer};
 use membrane_runtime::listener::{ConnectionCaps, GuardedListener, ListenerMetrics};
 
@@ -255,6 +256,7 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
     let discovery_metrics = DiscoveryMetrics::register(&mut registry);
     let rotation_metrics = RotationMetrics::register(&mut registry);
     let plugin_metrics = PluginMetrics::register(&mut registry);
+    let mut token_watch = None;
     let authenticator: NodeAuthenticator = match (&mode, tokens) {
         (SourceMode::Kubernetes(k), _) => TokenReviewer::new(
             k.client.clone(),
@@ -262,8 +264,13 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
             metrics::TokenReviewMetrics::register(&mut registry),
         )
         .into(),
-        (SourceMode::Directory, tokens) => tokens.unwrap_or_default().into(),
+        (SourceMode::Directory, tokens) => {
+            let tokens = TokenSet::new(tokens.unwrap_or_default());
+            token_watch = Some(tokens.clone());
+            tokens.into()
+        }
     };
+    let token_file_metrics = crate::token_file::TokenFileMetrics::register(&mut registry);
     let status_metrics = metrics::StatusMetrics::register(&mut registry);
     let federation_metrics = crate::federation::FederationMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
@@ -493,6 +500,15 @@ pub async fn start_with(config: AppConfig, mode: SourceMode) -> Result<Running, 
         others.push(tokio::spawn(rotator.run(phase, cancel.clone())));
     }
     others.push(tokio::spawn(serving.clone().run(cancel.clone())));
+    if let Some(tokens) = token_watch {
+        others.push(tokio::spawn(crate::token_file::watch(
+            config.tokens_file.clone(),
+            tokens,
+            config.reload_interval,
+            token_file_metrics,
+            cancel.clone(),
+        )));
+    }
     let grpc = tokio::spawn(server::serve(
         listener,
         service,

@@ -45,6 +45,7 @@ pub mod serving;
 pub mod signer;
 pub mod source;
 pub mod status;
+pub mod token_file;
 pub mod tokenreview;
 
 pub use authority::SigningAuthority;

@@ -118,7 +118,7 @@ pub(crate) fn sha256(token: &str) -> Digest {
 }
 
 /// Bootstrap tokens and the nodes they stand for.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct BootstrapTokens {
     nodes: HashMap<Digest, String>,
 }
@@ -179,6 +179,16 @@ impl BootstrapTokens {
             });
         }
         Ok(Self { nodes })
+    }
+
+    /// How many tokens there are.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// There are none.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 
     /// The node a presented token belongs to, if any.

@@ -50,6 +50,7 @@ use self::cache::{Expiring, sha256};
 
 use crate::metrics::{RefusalReason, TokenReviewMetrics};
 use crate::node_auth::BootstrapTokens;
+use crate::token_file::TokenSet;
 
 /// The `user.extra` key that carries the node of a bound pod token.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -348,15 +349,21 @@ impl TokenReviewer {
 /// How the controller learns which node is calling.
 #[derive(Debug, Clone)]
 pub enum NodeAuthenticator {
-    /// Bootstrap tokens from a file (directory mode).
-    Bootstrap(Arc<BootstrapTokens>),
+    /// Bootstrap tokens from a file (directory mode), replaced when the file changes.
+    Bootstrap(TokenSet),
     /// Projected ServiceAccount tokens checked with TokenReview (Kubernetes mode).
     Kubernetes(Arc<TokenReviewer>),
 }
 
 impl From<BootstrapTokens> for NodeAuthenticator {
     fn from(tokens: BootstrapTokens) -> Self {
-        Self::Bootstrap(Arc::new(tokens))
+        Self::Bootstrap(TokenSet::new(tokens))
+    }
+}
+
+impl From<TokenSet> for NodeAuthenticator {
+    fn from(tokens: TokenSet) -> Self {
+        Self::Bootstrap(tokens)
     }
 }
 
@@ -434,6 +441,7 @@ impl NodeAuthenticator {
     pub async fn node_for(&self, token: &str) -> Result<Caller, NodeAuthFailure> {
         match self {
             Self::Bootstrap(tokens) => tokens
+                .current()
                 .node_for(token)
                 .map(Caller::node)
                 .ok_or(NodeAuthFailure::UnknownToken),

@@ -232,6 +232,15 @@ impl TestCa {
         Ok(())
     }
 
+    /// Replaces the bootstrap token file atomically (write, then rename): one
+    /// `<node> <token>` per line.
+    pub fn write_tokens(&self, content: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.path().join(".tokens.tmp");
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, self.dir.path().join("tokens"))?;
+        Ok(())
+    }
+
     /// Stops the controller (as if killed) but keeps its directory and addresses; see
     /// [`TestCa::resume`]. Returns the addresses it listened on.
     pub async fn pause(&mut self) -> Option<(SocketAddr, SocketAddr)> {

@@ -140,6 +140,58 @@ async fn identity_on_another_node_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removing a node's line from the token file takes its credential away while the
+/// controller runs; a broken edit changes nothing.
+#[tokio::test]
+async fn a_token_removed_from_the_file_is_refused_from_then_on() -> anyhow::Result<()> {
+    let ca = TestCa::start(MESH_MANIFESTS).await?;
+    let trainer = identity("training", "trainer");
+    let mut node_b = ca.client(NODE_B_TOKEN).await?;
+    // Known: authenticated, then refused for the node (the trainer runs on node-a).
+    refused_with(
+        node_b.request_svid(&trainer, Duration::ZERO).await,
+        tonic::Code::PermissionDenied,
+    );
+    ca.write_tokens(&format!("node-a {NODE_A_TOKEN}\n"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match node_b.request_svid(&trainer, Duration::ZERO).await {
+            Err(ClientError::Refused {
+                code: tonic::Code::Unauthenticated,
+                ..
+            }) => {
+                break;
+            }
+            other if std::time::Instant::now() > deadline => {
+                anyhow::bail!("node-b's removed token still accepted: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    ca.write_tokens("node-a too-short\n")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ca
+        .metrics()
+        .await?
+        .contains(r#"membrane_ca_token_file_reloads_total{result="refused"} 1"#)
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the broken edit was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut node_a = ca.client(NODE_A_TOKEN).await?;
+    node_a.request_svid(&trainer, Duration::ZERO).await?;
+    let metrics = ca.metrics().await?;
+    assert!(
+        metrics.contains(r#"membrane_ca_token_file_reloads_total{result="applied"} 1"#),
+        "{metrics}"
+    );
+    ca.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn missing_or_wrong_token_is_unauthenticated() -> anyhow::Result<()> {
     let ca = TestCa::start(MESH_MANIFESTS).await?;

@@ -12,8 +12,16 @@
 //! stolen or buggy credential must not multiply them. More are refused with
 //! RESOURCE_EXHAUSTED, logged and counted
 //! (`membrane_ca_discovery_refused_total{reason="too_many_streams"}`).
+//!
+//! A stream outlives the call that opened it, so its credential is checked again every
+//! [`CREDENTIAL_RECHECK`]: a token that is no longer accepted (a removed bootstrap token, a
+//! revoked or expired Kubernetes token, one now naming another node) ends the stream with
+//! UNAUTHENTICATED (`membrane_ca_discovery_refused_total{reason="credential_revoked"}`); the
+//! ztunnel opens a new one with the credential it holds now. A check that cannot be made
+//! (the API server unreachable) keeps the stream.
 
 mod acks;
+mod credential;
 mod delta;
 mod imported;
 mod view;
@@ -48,6 +56,9 @@ use crate::tokenreview::NodeAuthenticator;
 /// Withheld pod addresses logged one by one per change (each way); the rest are summed up in
 /// one line.
 const WITHHELD_LOG_LINES: usize = 16;
+
+/// How often an open stream's credential is checked again.
+pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(60);
 
 /// How long changes are gathered before a delta is sent.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -175,6 +186,8 @@ pub struct DiscoveryService {
     open: StreamSlots,
     /// The node port's connections a call authenticated on.
     authenticated: AuthenticatedConnections,
+    /// How often an open stream's credential is checked again.
+    credential_recheck: Duration,
     metrics: DiscoveryMetrics,
     cancel: CancellationToken,
     root_namespace: Arc<str>,
@@ -220,6 +233,7 @@ impl DiscoveryService {
             acks: AckBook::default(),
             open: StreamSlots::default(),
             authenticated: AuthenticatedConnections::default(),
+            credential_recheck: CREDENTIAL_RECHECK,
             metrics,
             cancel,
             root_namespace: Arc::from(membrane_policy::DEFAULT_ROOT_NAMESPACE),
@@ -230,6 +244,12 @@ impl DiscoveryService {
     /// [`crate::auth_deadline`]).
     pub fn with_authenticated(mut self, authenticated: AuthenticatedConnections) -> Self {
         self.authenticated = authenticated;
+        self
+    }
+
+    /// Checks an open stream's credential every `every` ([`CREDENTIAL_RECHECK`] by default).
+    pub fn with_credential_recheck(mut self, every: Duration) -> Self {
+        self.credential_recheck = every;
         self
     }
 
@@ -403,6 +423,7 @@ impl DiscoveryService {
         self,
         node: String,
         book: String,
+        credential: (String, crate::tokenreview::Caller),
         slot: membrane_runtime::slots::Slot<String>,
         tx: mpsc::Sender<Result<pb::Update, Status>>,
     ) {
@@ -447,6 +468,9 @@ impl DiscoveryService {
             .get_or_create(&UpdateLabels { kind: "snapshot" })
             .inc();
         tracing::info!(node, resources, "discovery stream opened; snapshot sent");
+        let every = self.credential_recheck;
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -455,6 +479,13 @@ impl DiscoveryService {
                 r = bundle_rx.changed() => if r.is_err() { break },
                 r = federated_rx.changed() => if r.is_err() { break },
                 r = imports_rx.changed() => if r.is_err() { break },
+                _ = recheck.tick() => {
+                    if let Err(status) = self.recheck(&node, &credential).await {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                    continue;
+                }
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -532,8 +563,12 @@ impl Discovery for DiscoveryService {
             }
         };
         self.authenticated.mark(peer);
+        // Checked again while the stream is open (authenticate read it already).
+        let token = crate::tokenreview::bearer_token(request.metadata())
+            .unwrap_or_default()
+            .to_owned();
         let book = ack_book_key(&caller);
-        let node = caller.node;
+        let node = caller.node.clone();
         let asked = request.into_inner().node;
         if asked != node {
             tracing::warn!(
@@ -570,7 +605,8 @@ impl Discovery for DiscoveryService {
             ));
         };
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().stream(node, book, slot, tx));
+        let credential = (token, caller);
+        tokio::spawn(self.clone().stream(node, book, credential, slot, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -6,6 +6,7 @@ const TOKEN: &str = "node-a-token-abcdefgh";
 
 struct Fixture {
     service: DiscoveryService,
+    tokens: crate::token_file::TokenSet,
     bundle: Arc<TrustBundle>,
     _state_tx: watch::Sender<Option<Arc<ClusterState>>>,
     _bundle_tx: watch::Sender<Arc<TrustBundle>>,
@@ -22,12 +23,14 @@ fn fixture() -> Fixture {
             .bundle()
             .clone(),
     );
-    let tokens = crate::node_auth::BootstrapTokens::parse("t", &format!("node-a {TOKEN}\n"))
-        .expect("tokens");
+    let tokens = crate::token_file::TokenSet::new(
+        crate::node_auth::BootstrapTokens::parse("t", &format!("node-a {TOKEN}\n"))
+            .expect("tokens"),
+    );
     let (state_tx, state_rx) = watch::channel(Some(Arc::new(ClusterState::default())));
     let (bundle_tx, bundle_rx) = watch::channel(bundle.clone());
     let service = DiscoveryService::new(
-        tokens.into(),
+        tokens.clone().into(),
         state_rx,
         bundle_rx,
         DiscoveryMetrics::default(),
@@ -35,6 +38,7 @@ fn fixture() -> Fixture {
     );
     Fixture {
         service,
+        tokens,
         bundle,
         _state_tx: state_tx,
         _bundle_tx: bundle_tx,
@@ -54,10 +58,14 @@ async fn open(
         .take(&book.to_owned(), MAX_STREAMS_PER_CALLER)
         .expect("a place");
     let (tx, mut rx) = mpsc::channel(4);
+    let credential = (
+        TOKEN.to_owned(),
+        crate::tokenreview::Caller::node(node.to_owned()),
+    );
     tokio::spawn(
         service
             .clone()
-            .stream(node.to_owned(), book.to_owned(), slot, tx),
+            .stream(node.to_owned(), book.to_owned(), credential, slot, tx),
     );
     let snapshot = tokio::time::timeout(WAIT, rx.recv())
         .await
@@ -262,4 +270,50 @@ fn a_mass_withholding_is_logged_in_bounded_lines() {
         "{text}"
     );
     assert_eq!(withheld_gauge(&f, "outside_pod_networks"), 40);
+}
+
+/// A stream whose bootstrap token is removed from the tokens in force ends with
+/// UNAUTHENTICATED at its next credential check; while the token is good it stays.
+#[tokio::test]
+async fn a_stream_ends_when_its_credential_is_revoked() {
+    let mut f = fixture();
+    f.service = f
+        .service
+        .clone()
+        .with_credential_recheck(Duration::from_millis(100));
+    let (mut rx, _) = open(&f.service, "node-a", "node-a").await;
+    // Several checks pass with the token in force.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(350), rx.recv())
+            .await
+            .is_err(),
+        "the stream ended or sent with a good credential"
+    );
+    f.tokens.replace(
+        crate::node_auth::BootstrapTokens::parse("t", "node-b node-b-token-abcdefgh\n")
+            .expect("tokens"),
+    );
+    let ended = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("in time")
+        .expect("an item");
+    let status = ended.expect_err("ended with a status");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("in time")
+            .is_none(),
+        "closed after the status"
+    );
+    assert_eq!(
+        f.service
+            .metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                reason: "credential_revoked"
+            })
+            .get(),
+        1
+    );
 }
