@@ -712,5 +712,12 @@ async fn ten_thousand_connection_flood_returns_memory_and_descriptors() -> anyho
         "anonymous RSS: {anon_before} KiB -> {anon_after} KiB (allowed: +{slack} KiB)"
     );
     traffic_flows(&mesh, "client").await?;
+    // Idle connections took no relay buffer growth, and none was refused.
+    let text = metrics_of(za.metrics).await?;
+    assert!(text.contains("membrane_relay_grown_bytes "), "{text}");
+    assert_eq!(
+        metric(&text, "membrane_relay_growth_refused_total", &[]),
+        0.0
+    );
     Ok(())
 }

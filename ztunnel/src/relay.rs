@@ -8,8 +8,13 @@
 //! close of a truncated stream.
 //!
 //! Both directions are polled by one future (no extra task per connection). Buffers start at
-//! 16 KiB and grow to 256 KiB once a read fills them: idle connections stay small, bulk
-//! transfers make few large writes, which is what the tunnel's cost depends on.
+//! 16 KiB and grow to 256 KiB once a read fills them: bulk transfers make few large writes,
+//! which is what the tunnel's cost depends on. A socket is read into a buffer only once it is
+//! readable, and a 16 KiB buffer with nothing left to write is given back when its reader has
+//! nothing more: an idle connection holds no relay buffer, so a pod opening thousands of idle
+//! connections costs the ztunnel their sockets, not 32 KiB each. Growth past 16 KiB is drawn
+//! from a node-wide budget ([`GROWTH_BUDGET`]); once it is spent, buffers stay at their size
+//! (slower, never unbounded) and `membrane_relay_growth_refused_total` counts it.
 //!
 //! A side that holds its bytes in owned chunks ([`Chunks`]: an HBONE stream's DATA frames)
 //! trades chunks with the relay instead of copying through its buffer: a tunnel's received
@@ -20,6 +25,7 @@ use std::future::Future;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -32,6 +38,74 @@ const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 /// Read/write rounds one direction may do before yielding to other tasks.
 const ROUNDS_PER_POLL: usize = 64;
+/// Bytes all relays of the process may hold in buffers beyond their first 16 KiB: 256
+/// directions at the full 256 KiB (a quarter of the chart's memory limit).
+pub const GROWTH_BUDGET: usize = 128 * 1024 * 1024;
+
+/// Bytes held beyond [`INITIAL_BUFFER`] by all relays' buffers.
+static GROWN: AtomicUsize = AtomicUsize::new(0);
+/// Growths refused because [`GROWTH_BUDGET`] was spent.
+static GROWTH_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Growths refused because the node-wide buffer budget was spent (for the metrics).
+pub fn growth_refused() -> u64 {
+    GROWTH_REFUSED.load(Ordering::Relaxed)
+}
+
+/// Bytes relay buffers hold beyond their first 16 KiB (for the metrics and tests).
+pub fn grown_bytes() -> usize {
+    GROWN.load(Ordering::Relaxed)
+}
+
+/// `membrane_relay_grown_bytes` and `membrane_relay_growth_refused_total`, read from the
+/// node-wide buffer budget at every scrape.
+#[derive(Debug)]
+pub struct BudgetCollector;
+
+impl prometheus_client::collector::Collector for BudgetCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        let grown = i64::try_from(grown_bytes()).unwrap_or(i64::MAX);
+        prometheus_client::metrics::gauge::ConstGauge::new(grown).encode(
+            encoder.encode_descriptor(
+                "relay_grown_bytes",
+                "Bytes relay buffers hold beyond their first 16 KiB, node-wide (bounded by a budget of 128 MiB)",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        prometheus_client::metrics::counter::ConstCounter::new(growth_refused()).encode(
+            encoder.encode_descriptor(
+                "relay_growth_refused",
+                "Relay buffer growths refused because the node-wide budget was spent (the transfer goes on with the smaller buffer)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        Ok(())
+    }
+}
+
+/// Takes `extra` bytes from the budget, if they are there.
+fn take_growth(extra: usize) -> bool {
+    let taken = GROWN
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            held.checked_add(extra).filter(|&sum| sum <= GROWTH_BUDGET)
+        })
+        .is_ok();
+    if !taken {
+        GROWTH_REFUSED.fetch_add(1, Ordering::Relaxed);
+    }
+    taken
+}
+
+fn return_growth(extra: usize) {
+    GROWN.fetch_sub(extra, Ordering::Relaxed);
+}
 
 /// A connection that can be torn down so its peer sees an abort rather than an orderly close.
 ///
@@ -47,6 +121,13 @@ pub trait ResetOnError: Chunks {
 /// relay's buffer. The defaults say it cannot (a socket: the relay reads into and writes from
 /// its own buffer).
 pub trait Chunks {
+    /// Ready once a read would find bytes (or the end, or an error): the relay takes a buffer
+    /// only then. The default is always ready (the buffer is taken before the first read).
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
+
     /// [`Chunks::poll_read_chunk`] works.
     const READS_CHUNKS: bool = false;
     /// [`Chunks::poll_write_chunk`] works.
@@ -72,7 +153,11 @@ pub trait Chunks {
     }
 }
 
-impl Chunks for TcpStream {}
+impl Chunks for TcpStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
 
 impl ResetOnError for TcpStream {
     fn reset(self) {
@@ -295,6 +380,14 @@ struct Pipe {
     /// End-of-stream was passed on (writer shut down).
     done: bool,
     copied: u64,
+    /// Bytes this direction holds from [`GROWTH_BUDGET`].
+    grown: usize,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        return_growth(self.grown);
+    }
 }
 
 impl Pipe {
@@ -311,6 +404,32 @@ impl Pipe {
             need_flush: false,
             done: false,
             copied: 0,
+            grown: 0,
+        }
+    }
+
+    /// The next buffer size after a read filled `current`: larger if the budget has room.
+    fn grown_size(&mut self, current: usize) -> usize {
+        let want = (current * 4).min(MAX_BUFFER);
+        let extra = want - current;
+        if extra > 0 && take_growth(extra) {
+            self.grown += extra;
+            want
+        } else {
+            current
+        }
+    }
+
+    /// Gives back a first-size buffer with nothing left to write (an idle direction holds
+    /// none); grown ones stay for the bulk transfer they serve.
+    fn release_idle(&mut self) {
+        if self.start == self.end && self.buf.len() == INITIAL_BUFFER {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.staging_size == INITIAL_BUFFER && self.staging.is_empty() {
+            self.staging = BytesMut::new();
         }
     }
 
@@ -340,6 +459,7 @@ impl Pipe {
             }
             match self.poll_read_next(cx, reader, W::WRITES_CHUNKS) {
                 Poll::Pending => {
+                    self.release_idle();
                     if self.need_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
                         self.need_flush = false;
@@ -412,24 +532,28 @@ impl Pipe {
         }
         if to_chunks {
             if self.staging.capacity() < self.staging_size {
+                ready!(reader.poll_readable(cx))?;
                 // Reclaims the allocation if every earlier chunk was sent and dropped.
                 self.staging.reserve(self.staging_size);
             }
             return tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.staging)
                 .map_ok(|n| {
                     if n == self.staging_size && self.staging_size < MAX_BUFFER {
-                        self.staging_size = (self.staging_size * 4).min(MAX_BUFFER);
+                        self.staging_size = self.grown_size(self.staging_size);
                     }
                     self.chunk = self.staging.split().freeze();
                     n
                 });
         }
         if self.buf.is_empty() {
+            ready!(reader.poll_readable(cx))?;
             self.buf = vec![0; INITIAL_BUFFER];
         } else if self.grow {
             self.grow = false;
-            let size = (self.buf.len() * 4).min(MAX_BUFFER);
-            self.buf = vec![0; size];
+            let size = self.grown_size(self.buf.len());
+            if size > self.buf.len() {
+                self.buf = vec![0; size];
+            }
         }
         let mut read = ReadBuf::new(&mut self.buf);
         ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
@@ -456,6 +580,43 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Polls `pipe` once from `a` to `b`; whether it is still pending.
+    async fn poll_once(pipe: &mut Pipe, a: &mut TcpStream, b: &mut TcpStream) -> bool {
+        poll_fn(|cx| Poll::Ready(pipe.poll_copy(cx, a, b).is_pending())).await
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer() {
+        let (mut left, mut a) = pair().await;
+        let (mut b, mut right) = pair().await;
+        let mut pipe = Pipe::new();
+        // Nothing to read yet: no buffer is taken.
+        assert!(poll_once(&mut pipe, &mut a, &mut b).await);
+        assert_eq!(pipe.buf.capacity(), 0);
+        left.write_all(b"hello").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Read, written on, and the reader has nothing more: the buffer is given back.
+        assert!(poll_once(&mut pipe, &mut a, &mut b).await);
+        assert_eq!(pipe.buf.capacity(), 0);
+        let mut got = [0u8; 5];
+        right.read_exact(&mut got).await.expect("relayed");
+        assert_eq!(&got, b"hello");
+        assert_eq!(pipe.copied, 5);
+    }
+
+    #[test]
+    fn growth_is_drawn_from_the_budget_and_given_back() {
+        let mut pipe = Pipe::new();
+        assert_eq!(pipe.grown_size(INITIAL_BUFFER), 4 * INITIAL_BUFFER);
+        assert_eq!(pipe.grown_size(4 * INITIAL_BUFFER), MAX_BUFFER);
+        assert_eq!(pipe.grown_size(MAX_BUFFER), MAX_BUFFER);
+        assert_eq!(pipe.grown, MAX_BUFFER - INITIAL_BUFFER);
+        assert!(grown_bytes() >= pipe.grown);
+        // A spent budget refuses: asked for more than it holds, the size stays.
+        assert!(!take_growth(GROWTH_BUDGET + 1));
+        assert!(growth_refused() >= 1);
     }
 
     #[tokio::test]
