@@ -70,7 +70,11 @@ impl CertificateService {
 impl Certificates for CertificateService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let peer = request.remote_addr();
-        let caller = match self.authenticator.authenticate(request.metadata()).await {
+        let caller = match self
+            .authenticator
+            .authenticate(request.metadata(), peer)
+            .await
+        {
             Ok(caller) => caller,
             Err(failure) => {
                 let reason = failure.refusal();

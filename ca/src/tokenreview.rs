@@ -33,11 +33,16 @@
 //! at most [`TokenReviewConfig::max_in_flight`] (32) reviews are in flight at once, for every
 //! caller of the process (`Sign`, `Watch`, `Ack`). A call waits for a turn up to
 //! [`TokenReviewConfig::timeout`]; past that it is refused with [`TokenReviewError::Busy`] →
-//! `UNAVAILABLE` and counted (`membrane_ca_tokenreview_results_total{outcome="busy"}`).
+//! `UNAVAILABLE` and counted (`membrane_ca_tokenreview_results_total{outcome="busy"}`). One
+//! caller address may have at most an eighth of them (at least one) in flight; past its
+//! share a call is refused at once, without waiting or a review
+//! (`outcome="busy_peer"`), so a pod presenting an endless stream of made-up tokens uses its
+//! own share, not every node's turn.
 
 mod cache;
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,7 +195,27 @@ pub struct TokenReviewer {
     cache: Expiring<Caller>,
     refused: Expiring<TokenReviewError>,
     in_flight: Semaphore,
+    /// Reviews in flight per caller address (entries at zero are removed).
+    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     metrics: TokenReviewMetrics,
+}
+
+/// A caller address's place among the reviews in flight; given back when dropped.
+struct PeerTurn {
+    peer: IpAddr,
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for PeerTurn {
+    fn drop(&mut self) {
+        let mut counts = membrane_runtime::lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -227,13 +252,43 @@ impl TokenReviewer {
             cache: Expiring::new(CACHE_CAPACITY),
             refused: Expiring::new(NEGATIVE_CACHE_CAPACITY),
             in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            per_peer: Arc::default(),
             config,
             metrics,
         }
     }
 
+    /// Reviews one caller address may have in flight.
+    pub fn max_in_flight_per_peer(&self) -> usize {
+        (self.config.max_in_flight / 8).max(1)
+    }
+
+    /// Takes a place for a review from `peer`, if its share has room.
+    fn peer_turn(&self, peer: IpAddr) -> Option<PeerTurn> {
+        let mut counts = membrane_runtime::lock(&self.per_peer);
+        let n = counts.entry(peer).or_insert(0);
+        if *n >= self.max_in_flight_per_peer() {
+            return None;
+        }
+        *n += 1;
+        Some(PeerTurn {
+            peer,
+            counts: self.per_peer.clone(),
+        })
+    }
+
     /// The caller `token` belongs to.
     pub async fn node_for(&self, token: &str) -> Result<Caller, TokenReviewError> {
+        self.node_for_from(token, None).await
+    }
+
+    /// The caller `token`, presented from `peer`, belongs to; a token not remembered is
+    /// reviewed only within the peer's share of the reviews in flight.
+    pub async fn node_for_from(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Caller, TokenReviewError> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             self.metrics.result("unauthenticated");
             return Err(TokenReviewError::Unauthenticated(
@@ -244,6 +299,21 @@ impl TokenReviewer {
         if let Some(answer) = self.remembered(&digest) {
             return answer;
         }
+        let _peer_turn = match peer {
+            Some(peer) => match self.peer_turn(peer) {
+                Some(turn) => Some(turn),
+                None => {
+                    self.metrics.result("busy_peer");
+                    tracing::debug!(
+                        %peer,
+                        limit = self.max_in_flight_per_peer(),
+                        "node credential not reviewed: this address has its share of TokenReviews in flight"
+                    );
+                    return Err(TokenReviewError::Busy);
+                }
+            },
+            None => None,
+        };
         let Ok(Ok(_turn)) =
             tokio::time::timeout(self.config.timeout, self.in_flight.acquire()).await
         else {
@@ -432,9 +502,15 @@ impl NodeAuthenticator {
     pub async fn authenticate(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        peer: Option<std::net::SocketAddr>,
     ) -> Result<Caller, NodeAuthFailure> {
         let token = bearer_token(metadata).map_err(NodeAuthFailure::Credential)?;
-        self.node_for(token).await
+        match self {
+            Self::Kubernetes(reviewer) => {
+                Ok(reviewer.node_for_from(token, peer.map(|p| p.ip())).await?)
+            }
+            Self::Bootstrap(_) => self.node_for(token).await,
+        }
     }
 
     /// The caller a bare token belongs to.

@@ -554,7 +554,7 @@ impl Discovery for DiscoveryService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr();
-        let caller = match self.auth.authenticate(request.metadata()).await {
+        let caller = match self.auth.authenticate(request.metadata(), peer).await {
             Ok(caller) => caller,
             Err(failure) => {
                 let reason = failure.refusal().as_str();
@@ -614,7 +614,11 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let caller = match self.auth.authenticate(request.metadata()).await {
+        let caller = match self
+            .auth
+            .authenticate(request.metadata(), request.remote_addr())
+            .await
+        {
             Ok(caller) => caller,
             Err(failure) => {
                 return Err(self.refuse(failure.refusal().as_str(), failure.status()));

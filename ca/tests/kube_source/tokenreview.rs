@@ -59,7 +59,7 @@ async fn tokenreview_accepts_a_bound_ztunnel_token_and_caches_it() {
         TokenReviewConfig::default(),
         metrics.clone(),
     ));
-    let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good")))
+    let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good"), None))
         .await
         .expect("in time");
     assert_eq!(node, Ok(Caller::node("node-a")));
@@ -68,7 +68,7 @@ async fn tokenreview_accepts_a_bound_ztunnel_token_and_caches_it() {
     assert_eq!(review.body["spec"]["token"], "good");
     assert_eq!(review.body["spec"]["audiences"], json!(["membrane-ca"]));
     // Served from the cache: no second review.
-    let node = auth.authenticate(&bearer("good")).await;
+    let node = auth.authenticate(&bearer("good"), None).await;
     assert_eq!(node, Ok(Caller::node("node-a")));
     let more = api
         .seen_within(Duration::from_millis(200), |s| {
@@ -100,7 +100,7 @@ async fn a_gateway_accounts_token_names_its_node_and_only_its_own_identity() {
         config,
         TokenReviewMetrics::default(),
     ));
-    let caller = tokio::time::timeout(WAIT, auth.authenticate(&bearer("gateway")))
+    let caller = tokio::time::timeout(WAIT, auth.authenticate(&bearer("gateway"), None))
         .await
         .expect("in time")
         .expect("accepted");
@@ -115,7 +115,7 @@ async fn a_gateway_accounts_token_names_its_node_and_only_its_own_identity() {
         }
     );
     // The ztunnel account is still a node.
-    let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good")))
+    let node = tokio::time::timeout(WAIT, auth.authenticate(&bearer("good"), None))
         .await
         .expect("in time");
     assert_eq!(node, Ok(Caller::node("node-a")));
@@ -132,7 +132,7 @@ async fn tokenreview_refusals_are_typed() {
     let check = |token: &'static str| {
         let auth = auth.clone();
         async move {
-            tokio::time::timeout(WAIT, auth.authenticate(&bearer(token)))
+            tokio::time::timeout(WAIT, auth.authenticate(&bearer(token), None))
                 .await
                 .expect("in time")
         }
@@ -176,7 +176,7 @@ async fn tokenreview_refusals_are_typed() {
     let mut md = tonic::metadata::MetadataMap::new();
     md.insert("authorization", "Basic abc".parse().expect("ascii"));
     assert!(matches!(
-        auth.authenticate(&md).await,
+        auth.authenticate(&md, None).await,
         Err(NodeAuthFailure::Credential(_))
     ));
 }
@@ -272,6 +272,62 @@ async fn reviews_in_flight_are_bounded() {
     let status = NodeAuthFailure::from(TokenReviewError::Busy).status();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(api.reviews_peak() <= 2);
+}
+
+/// One caller address presenting many unknown tokens at once gets its share of the reviews in
+/// flight (an eighth) and is refused past it at once; another address is still reviewed.
+#[tokio::test]
+async fn one_address_gets_its_share_of_reviews() {
+    let mut setup = reviewer_setup();
+    setup.review_delay = Some(Duration::from_millis(300));
+    let (client, api) = FakeApi::start(setup);
+    let metrics = TokenReviewMetrics::default();
+    let config = TokenReviewConfig::default();
+    let reviewer = TokenReviewer::new(client, config, metrics.clone());
+    let share = reviewer.max_in_flight_per_peer();
+    assert_eq!(share, 4);
+    let auth = NodeAuthenticator::from(reviewer);
+    let attacker: std::net::SocketAddr = "10.0.0.66:40000".parse().expect("addr");
+    let node: std::net::SocketAddr = "10.0.1.1:40000".parse().expect("addr");
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                auth.authenticate(&bearer(&format!("made-up-{i}")), Some(attacker))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Meanwhile a node's (unknown, here: refused) token from another address is reviewed.
+    let other = tokio::time::timeout(WAIT, auth.authenticate(&bearer("other-node"), Some(node)))
+        .await
+        .expect("in time");
+    assert!(
+        matches!(
+            other,
+            Err(NodeAuthFailure::TokenReview(
+                TokenReviewError::Unauthenticated(_)
+            ))
+        ),
+        "{other:?}"
+    );
+    let mut busy = 0;
+    for call in calls {
+        let answer = tokio::time::timeout(WAIT, call)
+            .await
+            .expect("in time")
+            .expect("joined");
+        if matches!(
+            answer,
+            Err(NodeAuthFailure::TokenReview(TokenReviewError::Busy))
+        ) {
+            busy += 1;
+        }
+    }
+    assert_eq!(busy, 20 - share);
+    assert_eq!(outcome_count(&metrics, "busy_peer"), (20 - share) as u64);
+    assert!(api.reviews_peak() <= share + 1, "{}", api.reviews_peak());
 }
 
 /// A token the API server refused is answered from memory for the negative-cache window: it
