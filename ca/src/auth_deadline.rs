@@ -12,7 +12,7 @@
 //! Calls know their connection only by the peer address tonic reports; a live TCP
 //! connection's peer address is unique on one listener, and an address is remembered only
 //! while its connection is open (a call that authenticates after its connection closed marks
-//! nothing).
+//! nothing; a connection's end never removes a later one's entry for the same address).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,37 +26,50 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::Sleep;
 
 /// The node port's open connections and whether a call on each has authenticated.
+/// Each entry: (the connection's generation, a call authenticated on it).
 #[derive(Debug, Clone, Default)]
-pub struct AuthenticatedConnections(Arc<Mutex<HashMap<SocketAddr, bool>>>);
+pub struct AuthenticatedConnections(Arc<Mutex<Connections>>);
+
+#[derive(Debug, Default)]
+struct Connections {
+    next: u64,
+    open: HashMap<SocketAddr, (u64, bool)>,
+}
 
 impl AuthenticatedConnections {
     /// A call from `peer` authenticated (nothing happens if no such connection is open).
     pub fn mark(&self, peer: Option<SocketAddr>) {
         if let Some(peer) = peer
-            && let Some(seen) = membrane_runtime::lock(&self.0).get_mut(&peer)
+            && let Some((_, seen)) = membrane_runtime::lock(&self.0).open.get_mut(&peer)
         {
             *seen = true;
         }
     }
 
-    fn open(&self, peer: SocketAddr) {
-        membrane_runtime::lock(&self.0).insert(peer, false);
+    /// Registers the connection from `peer`; its generation tells it apart from a later
+    /// connection from the same address whose entry replaced it.
+    fn open(&self, peer: SocketAddr) -> u64 {
+        let mut c = membrane_runtime::lock(&self.0);
+        c.next += 1;
+        let generation = c.next;
+        c.open.insert(peer, (generation, false));
+        generation
     }
 
-    fn authenticated(&self, peer: SocketAddr) -> bool {
-        membrane_runtime::lock(&self.0)
-            .get(&peer)
-            .copied()
-            .unwrap_or(false)
+    fn authenticated(&self, peer: SocketAddr, generation: u64) -> bool {
+        membrane_runtime::lock(&self.0).open.get(&peer) == Some(&(generation, true))
     }
 
-    fn close(&self, peer: SocketAddr) {
-        membrane_runtime::lock(&self.0).remove(&peer);
+    fn close(&self, peer: SocketAddr, generation: u64) {
+        let mut c = membrane_runtime::lock(&self.0);
+        if c.open.get(&peer).is_some_and(|(g, _)| *g == generation) {
+            c.open.remove(&peer);
+        }
     }
 
     /// Connections open (for tests).
     pub fn len(&self) -> usize {
-        membrane_runtime::lock(&self.0).len()
+        membrane_runtime::lock(&self.0).open.len()
     }
 
     /// No connection is open.
@@ -69,6 +82,7 @@ impl AuthenticatedConnections {
 #[derive(Debug)]
 pub struct AuthDeadline {
     peer: SocketAddr,
+    generation: u64,
     connections: AuthenticatedConnections,
     sleep: Pin<Box<Sleep>>,
     within: Duration,
@@ -84,9 +98,10 @@ impl AuthDeadline {
         within: Duration,
         expired: Counter,
     ) -> Self {
-        connections.open(peer);
+        let generation = connections.open(peer);
         Self {
             peer,
+            generation,
             connections,
             sleep: Box::pin(tokio::time::sleep(within)),
             within,
@@ -102,7 +117,7 @@ impl AuthDeadline {
             return Poll::Pending;
         }
         self.settled = true;
-        if self.connections.authenticated(self.peer) {
+        if self.connections.authenticated(self.peer, self.generation) {
             return Poll::Pending;
         }
         self.expired.inc();
@@ -116,7 +131,7 @@ impl AuthDeadline {
 
 impl Drop for AuthDeadline {
     fn drop(&mut self) {
-        self.connections.close(self.peer);
+        self.connections.close(self.peer, self.generation);
     }
 }
 
@@ -162,6 +177,25 @@ mod tests {
         assert_eq!(expired.get(), 1);
         drop(silent);
         drop(caller);
+        assert!(connections.is_empty());
+        // The same address again before the old connection is gone: the old one's end does
+        // not take the new one's entry.
+        let old = AuthDeadline::start(
+            peer,
+            connections.clone(),
+            Duration::from_secs(30),
+            expired.clone(),
+        );
+        let new = AuthDeadline::start(
+            peer,
+            connections.clone(),
+            Duration::from_secs(30),
+            expired.clone(),
+        );
+        drop(old);
+        connections.mark(Some(peer));
+        assert!(connections.authenticated(peer, new.generation));
+        drop(new);
         assert!(connections.is_empty());
     }
 }

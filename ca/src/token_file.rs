@@ -7,7 +7,9 @@
 //! ([`crate::discovery`]). A change that does not parse (or a file that vanished) changes
 //! nothing — the last good tokens stay — and is logged and counted in
 //! `membrane_ca_token_file_reloads_total{result="refused"}`; applied ones count as
-//! `result="applied"`.
+//! `result="applied"`. Edit the file by writing a new one and renaming it over the old (as
+//! a ConfigMap or Secret volume does): a file truncated and rewritten in place may be read
+//! half-written, and a half that parses is put in force until the next poll.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

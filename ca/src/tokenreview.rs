@@ -34,10 +34,11 @@
 //! caller of the process (`Sign`, `Watch`, `Ack`). A call waits for a turn up to
 //! [`TokenReviewConfig::timeout`]; past that it is refused with [`TokenReviewError::Busy`] →
 //! `UNAVAILABLE` and counted (`membrane_ca_tokenreview_results_total{outcome="busy"}`). One
-//! caller address may have at most an eighth of them (at least one) in flight; past its
-//! share a call is refused at once, without waiting or a review
-//! (`outcome="busy_peer"`), so a pod presenting an endless stream of made-up tokens uses its
-//! own share, not every node's turn.
+//! caller address may have at most an eighth of them (at least one) in flight: its calls wait
+//! for one of its own turns first (within the same timeout, else `outcome="busy_peer"`), so a
+//! pod presenting an endless stream of made-up tokens uses its own share, not every node's
+//! turn, while a ztunnel presenting one new token on many calls at once has it reviewed at
+//! most once per turn of its share and the rest answered from memory.
 
 mod cache;
 
@@ -195,24 +196,34 @@ pub struct TokenReviewer {
     cache: Expiring<Caller>,
     refused: Expiring<TokenReviewError>,
     in_flight: Semaphore,
-    /// Reviews in flight per caller address (entries at zero are removed).
-    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    /// Each caller address's turns (its share of the reviews in flight) and how many calls
+    /// from it hold or wait for one (the entry goes when none does).
+    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, PeerTurns>>>,
     metrics: TokenReviewMetrics,
 }
 
-/// A caller address's place among the reviews in flight; given back when dropped.
-struct PeerTurn {
-    peer: IpAddr,
-    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+/// One caller address's turns.
+#[derive(Debug)]
+struct PeerTurns {
+    turns: Arc<Semaphore>,
+    users: usize,
 }
 
-impl Drop for PeerTurn {
+/// A call from a caller address holding (or waiting for) one of its turns; leaves the entry
+/// when dropped.
+struct PeerUser {
+    peer: IpAddr,
+    turns: Arc<Semaphore>,
+    map: Arc<std::sync::Mutex<HashMap<IpAddr, PeerTurns>>>,
+}
+
+impl Drop for PeerUser {
     fn drop(&mut self) {
-        let mut counts = membrane_runtime::lock(&self.counts);
-        if let Some(n) = counts.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.peer);
+        let mut map = membrane_runtime::lock(&self.map);
+        if let Some(entry) = map.get_mut(&self.peer) {
+            entry.users -= 1;
+            if entry.users == 0 {
+                map.remove(&self.peer);
             }
         }
     }
@@ -263,18 +274,20 @@ impl TokenReviewer {
         (self.config.max_in_flight / 8).max(1)
     }
 
-    /// Takes a place for a review from `peer`, if its share has room.
-    fn peer_turn(&self, peer: IpAddr) -> Option<PeerTurn> {
-        let mut counts = membrane_runtime::lock(&self.per_peer);
-        let n = counts.entry(peer).or_insert(0);
-        if *n >= self.max_in_flight_per_peer() {
-            return None;
-        }
-        *n += 1;
-        Some(PeerTurn {
+    /// Joins the calls from `peer` that hold or wait for one of its turns.
+    fn peer_user(&self, peer: IpAddr) -> PeerUser {
+        let share = self.max_in_flight_per_peer();
+        let mut map = membrane_runtime::lock(&self.per_peer);
+        let entry = map.entry(peer).or_insert_with(|| PeerTurns {
+            turns: Arc::new(Semaphore::new(share)),
+            users: 0,
+        });
+        entry.users += 1;
+        PeerUser {
             peer,
-            counts: self.per_peer.clone(),
-        })
+            turns: entry.turns.clone(),
+            map: self.per_peer.clone(),
+        }
     }
 
     /// The caller `token` belongs to.
@@ -299,21 +312,28 @@ impl TokenReviewer {
         if let Some(answer) = self.remembered(&digest) {
             return answer;
         }
-        let _peer_turn = match peer {
-            Some(peer) => match self.peer_turn(peer) {
-                Some(turn) => Some(turn),
-                None => {
-                    self.metrics.result("busy_peer");
-                    tracing::debug!(
-                        %peer,
-                        limit = self.max_in_flight_per_peer(),
-                        "node credential not reviewed: this address has its share of TokenReviews in flight"
-                    );
-                    return Err(TokenReviewError::Busy);
-                }
-            },
-            None => None,
-        };
+        // One address waits for one of its own turns first (the same token presented by
+        // several calls at once is then answered from memory after the first review), so it
+        // never holds more than its share of the process's turns.
+        let mut _peer_turn = None;
+        if let Some(peer) = peer {
+            let user = self.peer_user(peer);
+            let Ok(Ok(turn)) =
+                tokio::time::timeout(self.config.timeout, user.turns.clone().acquire_owned()).await
+            else {
+                self.metrics.result("busy_peer");
+                tracing::debug!(
+                    %peer,
+                    limit = self.max_in_flight_per_peer(),
+                    "node credential not reviewed: this address had its share of TokenReviews in flight for too long"
+                );
+                return Err(TokenReviewError::Busy);
+            };
+            _peer_turn = Some((turn, user));
+            if let Some(answer) = self.remembered(&digest) {
+                return answer;
+            }
+        }
         let Ok(Ok(_turn)) =
             tokio::time::timeout(self.config.timeout, self.in_flight.acquire()).await
         else {

@@ -339,7 +339,7 @@ async fn queries_over_tcp_are_held_to_the_pods_in_flight_budget() -> anyhow::Res
         "--dns-upstream",
         "198.51.100.30:9000",
         "--dns-upstream-timeout",
-        "2s",
+        "6s",
     ])
     .await?;
     let ns = mesh.netns_path("trainer");
@@ -355,7 +355,7 @@ async fn queries_over_tcp_are_held_to_the_pods_in_flight_budget() -> anyhow::Res
         }
         Ok(held)
     })??;
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut dropped = 0.0;
     while dropped < 64.0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -368,7 +368,7 @@ async fn queries_over_tcp_are_held_to_the_pods_in_flight_budget() -> anyhow::Res
     );
     drop(held);
     // Once the held queries time out upstream, the budget is back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let m = resolve(&ns, unserved, "huggingface.co", RecordType::A)?;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     drop(world);

@@ -450,11 +450,13 @@ async fn idle_floods_on_the_controller_leave_issuance_working() -> anyhow::Resul
     };
     assert!(timeouts("handshake") >= 40.0, "{}", timeouts("handshake"));
     // The 20 without a preface and the HTTP/2 client without a call: none authenticated a
-    // call, which the deadline (the idle timeout's length) sees first.
+    // call. The preface-less ones meet the deadline and the idle timeout (the same length) at
+    // once, and either may close them; the HTTP/2 client answered every PING, so only the
+    // deadline closes it.
+    let (unauthenticated, idle) = (timeouts("unauthenticated"), timeouts("idle"));
     assert!(
-        timeouts("unauthenticated") >= 21.0,
-        "{}",
-        timeouts("unauthenticated")
+        unauthenticated >= 1.0 && unauthenticated + idle >= 21.0,
+        "unauthenticated {unauthenticated}, idle {idle}"
     );
     // Sign still works after the flood, on the same channel.
     client

@@ -14,7 +14,8 @@
 //! nothing more: an idle connection holds no relay buffer, so a pod opening thousands of idle
 //! connections costs the ztunnel their sockets, not 32 KiB each. Growth past 16 KiB is drawn
 //! from a node-wide budget ([`GROWTH_BUDGET`]); once it is spent, buffers stay at their size
-//! (slower, never unbounded) and `membrane_relay_growth_refused_total` counts it.
+//! (slower, never unbounded) and `membrane_relay_growth_refused_total` counts it. A grown
+//! direction that carried nothing for 2 s gives its buffers and budget back.
 //!
 //! A side that holds its bytes in owned chunks ([`Chunks`]: an HBONE stream's DATA frames)
 //! trades chunks with the relay instead of copying through its buffer: a tunnel's received
@@ -38,6 +39,10 @@ const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 /// Read/write rounds one direction may do before yielding to other tasks.
 const ROUNDS_PER_POLL: usize = 64;
+/// A grown buffer whose direction carried nothing for this long is given back (with its share
+/// of [`GROWTH_BUDGET`]): a connection that once carried a bulk transfer and then sits idle
+/// does not keep 256 KiB.
+const SHRINK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes all relays of the process may hold in buffers beyond their first 16 KiB: 256
 /// directions at the full 256 KiB (a quarter of the chart's memory limit).
 pub const GROWTH_BUDGET: usize = 128 * 1024 * 1024;
@@ -382,6 +387,10 @@ struct Pipe {
     copied: u64,
     /// Bytes this direction holds from [`GROWTH_BUDGET`].
     grown: usize,
+    /// Read something since the shrink timer was last armed.
+    active: bool,
+    /// Fires once a grown direction carried nothing for [`SHRINK_AFTER`].
+    shrink: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Drop for Pipe {
@@ -405,7 +414,40 @@ impl Pipe {
             done: false,
             copied: 0,
             grown: 0,
+            active: false,
+            shrink: None,
         }
+    }
+
+    /// With a grown buffer and nothing left to write: (re)arms the shrink timer after
+    /// activity, and once it fires with none since, gives the buffers and their budget back.
+    fn poll_shrink(&mut self, cx: &mut Context<'_>) {
+        if self.grown == 0
+            || self.start != self.end
+            || !self.staging.is_empty()
+            || !self.chunk.is_empty()
+        {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + SHRINK_AFTER;
+        if std::mem::take(&mut self.active) {
+            match &mut self.shrink {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.shrink = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let Some(timer) = &mut self.shrink else {
+            return;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        self.shrink = None;
+        self.buf = Vec::new();
+        (self.start, self.end, self.grow) = (0, 0, false);
+        self.staging = BytesMut::new();
+        self.staging_size = INITIAL_BUFFER;
+        return_growth(std::mem::take(&mut self.grown));
     }
 
     /// The next buffer size after a read filled `current`: larger if the budget has room.
@@ -460,6 +502,7 @@ impl Pipe {
             match self.poll_read_next(cx, reader, W::WRITES_CHUNKS) {
                 Poll::Pending => {
                     self.release_idle();
+                    self.poll_shrink(cx);
                     if self.need_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
                         self.need_flush = false;
@@ -468,7 +511,7 @@ impl Pipe {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
                 Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => self.active = true,
             }
         }
     }
@@ -604,6 +647,41 @@ mod tests {
         right.read_exact(&mut got).await.expect("relayed");
         assert_eq!(&got, b"hello");
         assert_eq!(pipe.copied, 5);
+    }
+
+    #[tokio::test]
+    async fn a_grown_direction_shrinks_once_idle() {
+        const N: usize = 1 << 20;
+        let (mut left, mut a) = pair().await;
+        let (mut b, mut right) = pair().await;
+        let mut pipe = Pipe::new();
+        let writer = tokio::spawn(async move {
+            left.write_all(&vec![7u8; N]).await.expect("write");
+            left
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; N];
+            right.read_exact(&mut got).await.expect("read");
+            right
+        });
+        poll_fn(|cx| {
+            let _ = pipe.poll_copy(cx, &mut a, &mut b);
+            if pipe.copied >= N as u64 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let (_left, _right) = (writer.await.expect("writer"), reader.await.expect("reader"));
+        assert!(pipe.grown > 0, "a 1 MiB transfer grows the buffer");
+        // Idle: still grown before the delay, given back after it.
+        assert!(poll_once(&mut pipe, &mut a, &mut b).await);
+        assert!(pipe.grown > 0);
+        tokio::time::sleep(SHRINK_AFTER + Duration::from_millis(200)).await;
+        assert!(poll_once(&mut pipe, &mut a, &mut b).await);
+        assert_eq!(pipe.grown, 0);
+        assert_eq!((pipe.buf.capacity(), pipe.staging.capacity()), (0, 0));
     }
 
     #[test]

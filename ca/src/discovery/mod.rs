@@ -15,10 +15,12 @@
 //!
 //! A stream outlives the call that opened it, so its credential is checked again every
 //! [`CREDENTIAL_RECHECK`]: a token that is no longer accepted (a removed bootstrap token, a
-//! revoked or expired Kubernetes token, one now naming another node) ends the stream with
-//! UNAUTHENTICATED (`membrane_ca_discovery_refused_total{reason="credential_revoked"}`); the
-//! ztunnel opens a new one with the credential it holds now. A check that cannot be made
-//! (the API server unreachable) keeps the stream.
+//! revoked Kubernetes token, one now naming another node) ends the stream with
+//! UNAUTHENTICATED (`membrane_ca_discovery_refused_total{reason="credential_revoked"}`); a
+//! projected token past its `exp` ends it the same way, counted as `credential_expired` and
+//! logged at info (the kubelet has replaced it: the ztunnel reconnects with the token it
+//! holds now, once per token lifetime). A check that cannot be made (the API server
+//! unreachable) keeps the stream.
 
 mod acks;
 mod credential;
@@ -57,8 +59,9 @@ use crate::tokenreview::NodeAuthenticator;
 /// one line.
 const WITHHELD_LOG_LINES: usize = 16;
 
-/// How often an open stream's credential is checked again.
-pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(60);
+/// How often an open stream's credential is checked again (a node's certificates outlive a
+/// revocation longer than this anyway; each check of a Kubernetes token can cost a review).
+pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(300);
 
 /// How long changes are gathered before a delta is sent.
 pub const COALESCE: Duration = Duration::from_millis(50);

@@ -540,8 +540,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
-/// Metered bytes are counted as they pass `poll_read` and `poll_write`: no chunk paths.
-impl<S> crate::relay::Chunks for Metered<S> {}
+/// Metered bytes are counted as they pass `poll_read` and `poll_write`: no chunk paths. Ready
+/// to read when the wrapped stream is.
+impl<S: crate::relay::Chunks> crate::relay::Chunks for Metered<S> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_readable(cx)
+    }
+}
 
 impl<S: ResetOnError> ResetOnError for Metered<S> {
     fn reset(self) {

@@ -282,7 +282,16 @@ impl AsyncWrite for FirstFlight {
     }
 }
 
-impl crate::relay::Chunks for FirstFlight {}
+/// Reads pass straight to the upstream (the gate holds back writes only): ready to read when
+/// it is.
+impl crate::relay::Chunks for FirstFlight {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain(s) => s.poll_readable(cx),
+            Inner::Metered(s) => s.poll_readable(cx),
+        }
+    }
+}
 
 impl ResetOnError for FirstFlight {
     fn reset(self) {
