@@ -34,10 +34,10 @@ const FILES: [&str; 4] = [
     "cert-chain.pem",
 ];
 
-/// Labels of the reload counter.
+/// Labels of a reload counter (this one's, and the token file's).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
-    /// `applied`, `invalid` or `root_changed`.
+    /// `applied`, `invalid` or `root_changed` here; `applied` or `refused` for the token file.
     pub result: &'static str,
 }
 

@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::node_auth::BootstrapTokens;
+use crate::plugin_reload::ReloadLabels;
 
 /// The bootstrap tokens in force, replaceable while calls look them up.
 #[derive(Debug, Clone, Default)]
@@ -42,11 +42,6 @@ impl TokenSet {
     pub fn replace(&self, tokens: BootstrapTokens) {
         *membrane_runtime::lock(&self.0) = Arc::new(tokens);
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ReloadLabels {
-    result: &'static str,
 }
 
 /// `membrane_ca_token_file_reloads_total{result}`.
