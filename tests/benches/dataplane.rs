@@ -23,7 +23,9 @@
 //! `MEMBRANE_BENCH_RR_SECS` (5), `MEMBRANE_BENCH_CONN_SECS` (5), `MEMBRANE_BENCH_INFLIGHT` (8),
 //! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`, plus `istio` when `ISTIO_ZTUNNEL_BIN` is set),
 //! `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), `ISTIO_ZTUNNEL_WORKER_THREADS` (the Istio
-//! ztunnel's own default unless set), and the harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with
+//! ztunnel's own default unless set), `MEMBRANE_ZTUNNEL_BUSY_POLL` (the mesh ztunnels'
+//! `--busy-poll` window, e.g. `100us`; off unless set; the report says which), and the
+//! harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with
 //! both ztunnel pids (to attach a profiler) and each proxy's share of a core during every bulk
 //! run (which one bounds it), goes to stderr; the report to stdout.
 //!
@@ -108,6 +110,8 @@ struct Config {
     inflight: usize,
     modes: Vec<Mode>,
     tests: Vec<String>,
+    /// The mesh ztunnels' `--busy-poll` window, as the environment passes it to them.
+    busy_poll: Option<String>,
 }
 
 fn env_list(name: &str, default: &str) -> Vec<String> {
@@ -163,6 +167,9 @@ impl Config {
             )?,
             modes,
             tests,
+            busy_poll: std::env::var("MEMBRANE_ZTUNNEL_BUSY_POLL")
+                .ok()
+                .filter(|v| !v.trim().is_empty()),
         })
     }
 

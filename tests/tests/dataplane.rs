@@ -282,3 +282,56 @@ async fn unenroll_leaves_nothing_and_reenroll_works() -> anyhow::Result<()> {
     assert_eq!(reply["ok"], false, "{reply}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn busy_polling_ztunnels_carry_round_trips_and_sleep_when_quiet() -> anyhow::Result<()> {
+    use membrane_tests::ztunnel_metric;
+    membrane_tests::require_root()?;
+    let mut spec = spec();
+    spec.ztunnel_args = vec!["--busy-poll".into(), "200us".into()];
+    let mesh = Mesh::start(spec).await?;
+    for pod in ["trainer", "store"] {
+        mesh.enroll(pod).await?;
+    }
+    mesh.echo_app("store", APP_PORT)?;
+    let dst = SocketAddr::new(mesh.ip("store"), APP_PORT);
+    let mut s = mesh.connect_from("trainer", dst).await?;
+    s.set_nodelay(true)?;
+    // 2,000 one-byte round trips, each answered with the byte sent.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut b = [0u8; 1];
+        for i in 0..2_000u32 {
+            let sent = (i % 251) as u8;
+            s.write_all(&[sent]).await?;
+            s.read_exact(&mut b).await?;
+            anyhow::ensure!(b[0] == sent, "round trip {i}: sent {sent}, got {}", b[0]);
+        }
+        Ok(())
+    })
+    .await??;
+    // Both ztunnels polled instead of sleeping while the exchange ran ...
+    let mut polled = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let polls = ztunnel_metric(&mesh, node, "membrane_busy_poll_polls_total", &[]).await?;
+        assert!(polls > 0.0, "{node} made no busy polls");
+        polled.push(polls);
+    }
+    // ... and sleep once it is over: a quiet second adds no polls beyond the ones the
+    // scrapes themselves cause (a window after each answer: tens, not the hundreds of
+    // thousands a second spinning makes).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (node, before) in ["node-a", "node-b"].into_iter().zip(polled) {
+        let start = ztunnel_metric(&mesh, node, "membrane_busy_poll_polls_total", &[]).await?;
+        assert!(start >= before);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let end = ztunnel_metric(&mesh, node, "membrane_busy_poll_polls_total", &[]).await?;
+        assert!(
+            end - start < 5_000.0,
+            "{node} kept polling: {start} → {end}"
+        );
+        let expired = ztunnel_metric(&mesh, node, "membrane_busy_poll_expired_total", &[]).await?;
+        assert!(expired >= 1.0, "{node} never ended a window");
+    }
+    Ok(())
+}

@@ -242,6 +242,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
     let listener_metrics = ListenerMetrics::register(&mut registry);
     let memory_metrics = crate::memory::MemoryMetrics::register(&mut registry);
     registry.register_collector(Box::new(crate::relay::BudgetCollector));
+    registry.register_collector(Box::new(crate::busy_poll::Collector));
     registry.register(
         "hbone_tls_records_refused",
         "HBONE connections closed because the peer sent a TLS record refused after the handshake (failed authentication, oversize, unexpected type or message)",

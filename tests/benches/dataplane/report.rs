@@ -92,6 +92,11 @@ pub fn report(cfg: &Config, samples: [&Samples; 4], load: (&str, &str), errors: 
         "\nMembrane data plane, medians of {} rounds (load average at start {}, at end {})\n",
         cfg.rounds, load.0, load.1
     );
+    if let Some(window) = &cfg.busy_poll {
+        println!(
+            "The mesh's ztunnels busy-poll for {window} after forwarded traffic (--busy-poll).\n"
+        );
+    }
     println!(
         "| measurement | direct | mesh | plain relay | Istio ztunnel | mesh/direct | mesh/relay | mesh/istio | targets |"
     );
@@ -150,6 +155,7 @@ pub fn report(cfg: &Config, samples: [&Samples; 4], load: (&str, &str), errors: 
         "rr_secs": cfg.rr.as_secs(),
         "conn_secs": cfg.conn.as_secs(),
         "inflight": cfg.inflight,
+        "mesh_busy_poll": cfg.busy_poll,
         "load_start": load.0,
         "load_end": load.1,
         "direct": md,
