@@ -5,7 +5,8 @@
 //! direct plaintext are refused; another namespace's route to an unknown Service, on the
 //! shared listener, is left out on its own — present from the start, the gateway still turns
 //! ready, and every other route, including one added afterwards, is served; the gateway
-//! carries more tunnels to one backend than one peer address's share.
+//! carries more tunnels to one backend than one peer address's share; a client connection
+//! that carries nothing for the idle timeout is closed, a busy one is not.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -419,5 +420,51 @@ async fn the_gateway_carries_more_tunnels_to_one_backend_than_one_peers_share() 
     .await?;
     assert_eq!(refused, 0.0, "no tunnel of the gateway refused");
     drop(held);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn an_idle_client_connection_is_closed_and_a_busy_one_is_not() -> anyhow::Result<()> {
+    require_root()?;
+    let (mesh, world) = start_with(spec_with(&["--gateway-idle-timeout", "1s"])).await?;
+    let gw = SocketAddr::new(mesh.ip("ingress-gw"), 8080);
+    let started = Instant::now();
+    let mut idle = connect_from_internet(&world, ALLOWED, gw).await?;
+    let mut busy = connect_from_internet(&world, ALLOWED, gw).await?;
+    for s in [&mut idle, &mut busy] {
+        s.write_all(b"hi").await?;
+        let mut got = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await??;
+        assert_eq!(&got, b"hi");
+    }
+    // The busy one echoes a byte every 200 ms for 3.5 s: never a whole second without one.
+    for i in 0..18u8 {
+        busy.write_all(&[i]).await?;
+        let mut got = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), busy.read_exact(&mut got))
+            .await?
+            .map_err(|e| anyhow::anyhow!("the busy connection ended after {i} bytes: {e}"))?;
+        assert_eq!(got, [i]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // By then (over three periods) the idle one has been closed: its read ends at once.
+    let mut got = [0u8; 1];
+    let ended = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut got)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection is still open after {:?}: {ended:?}",
+        started.elapsed()
+    );
+    let closed = ztunnel_metric(
+        &mesh,
+        GW_NODE,
+        "membrane_gateway_connections_total",
+        &["result=\"closed\"", "reason=\"idle_timeout\""],
+    )
+    .await?;
+    assert_eq!(closed, 1.0, "exactly the idle connection was closed");
+    let rec = record(&mesh, GW_NODE, |r| r["result"] == "idle_timeout").await?;
+    assert_eq!(rec["direction"], "ingress_gateway", "{rec}");
     Ok(())
 }

@@ -19,7 +19,7 @@ use membrane_runtime::listener::{LogLimiter, RefusalReason};
 use crate::conntrack::{ConnAttrs, ConnGuard};
 use crate::hbone::{self, Accepted, ConnectFuture, ConnectHandler, ConnectRefusal, ConnectRequest};
 use crate::proxy::{ConnectionLog, INBOUND_HBONE, PodContext, Proxy, original_dst, serve_listener};
-use crate::relay::{RelayResult, ResetOnError, Side};
+use crate::relay::{Limits, RelayResult, ResetOnError, Side};
 use crate::tunnel_slots::{INBOUND_TUNNELS, TunnelSlot};
 use membrane_identity::WorkloadIdentity;
 
@@ -423,5 +423,13 @@ async fn plaintext_connection(
             "policy changed while connecting; no longer allowed".to_owned(),
         );
     }
-    log.relay(tcp, app, Some(revoked)).await;
+    log.relay(
+        tcp,
+        app,
+        Limits {
+            revoked: Some(revoked),
+            idle: None,
+        },
+    )
+    .await;
 }

@@ -164,6 +164,10 @@ struct Args {
     /// container).
     #[arg(long, requires = "gateway")]
     gateway_netns: Option<PathBuf>,
+    /// Ingress gateway mode: a client connection that carried no byte either way for this
+    /// long is closed (between one and two times this after its last byte; 0s: never).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    gateway_idle_timeout: Duration,
 }
 
 /// `--gateway`.
@@ -225,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                 )?,
                 timeout: args.dns_upstream_timeout,
             },
+            idle_timeout: (!args.gateway_idle_timeout.is_zero()).then_some(args.gateway_idle_timeout),
         }),
         _ => None,
     };

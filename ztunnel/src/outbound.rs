@@ -27,7 +27,7 @@ use crate::egress::{self, budget::Metered};
 use crate::hbone::{self, ConnectHeaders, Dial, PoolKey};
 use crate::netns::PodNetns;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, original_dst, serve_listener};
-use crate::relay::{RelayResult, ResetOnError, Side, relay_until};
+use crate::relay::{Limits, RelayResult, ResetOnError, Side, relay_until};
 use crate::route::{Route, route};
 use crate::sni;
 use crate::state::Workload;
@@ -135,7 +135,9 @@ async fn handle(tcp: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, 
             };
             log.sent_early(sent_early);
             match failed {
-                None => log.relay(tcp, stream, None).await,
+                None => {
+                    log.relay(tcp, stream, Limits::default()).await;
+                }
                 // The read that took the early data consumed the socket's error: end the
                 // connection as the relay would have (dropping the stream resets it).
                 Some(error) => {
@@ -199,7 +201,9 @@ async fn passthrough(
         drop(policies);
         drop(state);
         match connected {
-            Ok(upstream) => log.relay(tcp, upstream, None).await,
+            Ok(upstream) => {
+                log.relay(tcp, upstream, Limits::default()).await;
+            }
             Err(e) => log.refused(format!("connect {dst}: {e}")),
         }
         return;

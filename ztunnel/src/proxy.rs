@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::CertificateManager;
 use crate::hbone::HbonePool;
 use crate::netns::PodNetns;
-use crate::relay::{RelayResult, ResetOnError, Side, relay, relay_until};
+use crate::relay::{Limits, RelayResult, ResetOnError, Side, relay_with};
 use crate::state::{MeshState, Workload};
 use crate::telemetry::{AccessLog, AccessRecord, TcpLabels, TcpMetrics};
 
@@ -353,24 +353,19 @@ impl ConnectionLog {
     }
 
     /// Opens the record, relays `source` (the side that made the connection) and
-    /// `destination` until both directions end — or until `revoked` fires, resetting both —
-    /// and closes the record with what happened. The epilogue of every path but inbound HBONE
-    /// (whose relay the HBONE server runs: it closes its record with [`Self::relayed`]).
-    pub async fn relay<S, D>(
-        mut self,
-        source: S,
-        destination: D,
-        revoked: Option<tokio_util::sync::CancellationToken>,
-    ) where
+    /// `destination` until both directions end — or until one of `limits` ends it, resetting
+    /// both — and closes the record with what happened, which it returns. The epilogue of
+    /// every path but inbound HBONE (whose relay the HBONE server runs: it closes its record
+    /// with [`Self::relayed`]).
+    pub async fn relay<S, D>(mut self, source: S, destination: D, limits: Limits) -> RelayResult
+    where
         S: AsyncRead + AsyncWrite + ResetOnError + Unpin,
         D: AsyncRead + AsyncWrite + ResetOnError + Unpin,
     {
         self.opened();
-        let result = match revoked {
-            None => relay(source, destination).await,
-            Some(revoked) => relay_until(source, destination, revoked).await,
-        };
+        let result = relay_with(source, destination, limits).await;
         self.relayed(&result, Side::A);
+        result
     }
 
     /// The connection ended after carrying bytes: `result` is its relay's, in which the

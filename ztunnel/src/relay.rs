@@ -28,6 +28,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -208,6 +209,9 @@ pub enum RelayEnd {
         /// The error.
         error: io::Error,
     },
+    /// No byte moved either way for the relay's idle limit ([`Limits::idle`]); both sides
+    /// were reset.
+    Idle(Duration),
 }
 
 /// What a relay carried and how it ended.
@@ -238,18 +242,28 @@ impl RelayResult {
         }
     }
 
+    /// Whether the idle limit ended it.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.end, RelayEnd::Idle(_))
+    }
+
     /// Whether both directions closed in order.
     pub fn is_clean(&self) -> bool {
         matches!(self.end, RelayEnd::Closed)
     }
 
-    /// A short result word for logs and metrics (`closed`, `reset`, `error`) and, unless the
+    /// A short result word for logs and metrics (`closed`, `reset`, `error`, `idle_timeout`)
+    /// and, unless the
     /// relay ended cleanly, what happened.
     pub fn summary(&self) -> (&'static str, Option<String>) {
         match &self.end {
             RelayEnd::Closed => ("closed", None),
             RelayEnd::Reset(side) => ("reset", Some(format!("side {side} reset the connection"))),
             RelayEnd::Error { side, error } => ("error", Some(format!("side {side}: {error}"))),
+            RelayEnd::Idle(period) => (
+                "idle_timeout",
+                Some(format!("no byte either way for {period:?}")),
+            ),
         }
     }
 }
@@ -269,7 +283,7 @@ where
     A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
     B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
 {
-    relay_inner(a, b, None).await
+    relay_with(a, b, Limits::default()).await
 }
 
 /// [`relay`], ended early when `cancel` fires: both sides are reset and the result is an
@@ -283,26 +297,49 @@ where
     A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
     B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
 {
-    relay_inner(a, b, Some(cancel)).await
+    relay_with(
+        a,
+        b,
+        Limits {
+            revoked: Some(cancel),
+            idle: None,
+        },
+    )
+    .await
 }
 
-async fn relay_inner<A, B>(
-    mut a: A,
-    mut b: B,
-    cancel: Option<tokio_util::sync::CancellationToken>,
-) -> RelayResult
+/// What may end a relay before its two sides do.
+#[derive(Debug, Default)]
+pub struct Limits {
+    /// When it fires both sides are reset and the result is an error on side A saying the
+    /// connection is no longer authorized.
+    pub revoked: Option<tokio_util::sync::CancellationToken>,
+    /// Once no byte has moved either way for at least this long both sides are reset and the
+    /// relay ends as [`RelayEnd::Idle`].
+    /// Checked once per period, so the end comes between one and two periods after the last
+    /// byte (a busy relay never re-arms a timer per read).
+    pub idle: Option<Duration>,
+}
+
+/// [`relay`] under `limits`.
+pub async fn relay_with<A, B>(mut a: A, mut b: B, limits: Limits) -> RelayResult
 where
     A: AsyncRead + AsyncWrite + ResetOnError + Unpin,
     B: AsyncRead + AsyncWrite + ResetOnError + Unpin,
 {
     let mut a_to_b = Pipe::new();
     let mut b_to_a = Pipe::new();
-    let mut cancelled = cancel.map(|c| Box::pin(c.cancelled_owned()));
+    let mut cancelled = limits.revoked.map(|c| Box::pin(c.cancelled_owned()));
+    let mut idle = limits.idle.map(|period| IdleCheck {
+        period,
+        timer: Box::pin(tokio::time::sleep(period)),
+        seen: 0,
+    });
     let outcome = poll_fn(|cx| {
         if let Some(cancelled) = cancelled.as_mut()
             && cancelled.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(Err((
+            return Poll::Ready(Err(Ended::Io(
                 Side::A,
                 io::Error::other("closed: the connection is no longer authorized"),
             )));
@@ -310,29 +347,46 @@ where
         if !a_to_b.done {
             match a_to_b.poll_copy(cx, &mut a, &mut b) {
                 Poll::Ready(Ok(())) => a_to_b.done = true,
-                Poll::Ready(Err(PipeError::Read(e))) => return Poll::Ready(Err((Side::A, e))),
-                Poll::Ready(Err(PipeError::Write(e))) => return Poll::Ready(Err((Side::B, e))),
+                Poll::Ready(Err(PipeError::Read(e))) => {
+                    return Poll::Ready(Err(Ended::Io(Side::A, e)));
+                }
+                Poll::Ready(Err(PipeError::Write(e))) => {
+                    return Poll::Ready(Err(Ended::Io(Side::B, e)));
+                }
                 Poll::Pending => {}
             }
         }
         if !b_to_a.done {
             match b_to_a.poll_copy(cx, &mut b, &mut a) {
                 Poll::Ready(Ok(())) => b_to_a.done = true,
-                Poll::Ready(Err(PipeError::Read(e))) => return Poll::Ready(Err((Side::B, e))),
-                Poll::Ready(Err(PipeError::Write(e))) => return Poll::Ready(Err((Side::A, e))),
+                Poll::Ready(Err(PipeError::Read(e))) => {
+                    return Poll::Ready(Err(Ended::Io(Side::B, e)));
+                }
+                Poll::Ready(Err(PipeError::Write(e))) => {
+                    return Poll::Ready(Err(Ended::Io(Side::A, e)));
+                }
                 Poll::Pending => {}
             }
         }
         if a_to_b.done && b_to_a.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        if let Some(check) = idle.as_mut()
+            && check.expired(cx, a_to_b.copied + b_to_a.copied)
+        {
+            return Poll::Ready(Err(Ended::Idle(check.period)));
+        }
+        Poll::Pending
     })
     .await;
     let end = match outcome {
         Ok(()) => RelayEnd::Closed,
-        Err((side, error)) => {
+        Err(Ended::Idle(period)) => {
+            a.reset();
+            b.reset();
+            RelayEnd::Idle(period)
+        }
+        Err(Ended::Io(side, error)) => {
             a.reset();
             b.reset();
             if is_abort(&error) {
@@ -346,6 +400,37 @@ where
         a_to_b: a_to_b.copied,
         b_to_a: b_to_a.copied,
         end,
+    }
+}
+
+/// Why a relay ended before both directions did.
+enum Ended {
+    /// An error (or the revocation, as an error on side A) on a side.
+    Io(Side, io::Error),
+    /// [`Limits::idle`] passed with no byte moved.
+    Idle(Duration),
+}
+
+/// The idle limit: a timer that fires once per period and the bytes moved when it last did.
+struct IdleCheck {
+    period: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    seen: u64,
+}
+
+impl IdleCheck {
+    /// Whether a whole period passed without a byte moving (`moved`: bytes so far, both ways);
+    /// else re-arms the timer when it fired.
+    fn expired(&mut self, cx: &mut Context<'_>, moved: u64) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if moved == self.seen {
+                return true;
+            }
+            self.seen = moved;
+            let next = tokio::time::Instant::now() + self.period;
+            self.timer.as_mut().reset(next);
+        }
+        false
     }
 }
 

@@ -141,6 +141,57 @@ async fn reset_propagates_to_the_other_side() {
 }
 
 #[tokio::test]
+async fn the_idle_limit_ends_a_silent_relay_and_spares_a_busy_one() {
+    let period = Duration::from_millis(100);
+    let limits = || Limits {
+        revoked: None,
+        idle: Some(period),
+    };
+    // Busy: a byte each way every 40 ms for 600 ms (six periods) and still open.
+    let (mut left, a) = pair().await;
+    let (b, mut right) = pair().await;
+    let busy = tokio::spawn(relay_with(a, b, limits()));
+    let mut buf = [0u8; 1];
+    for i in 0..15u8 {
+        let (from, to) = if i % 2 == 0 {
+            (&mut left, &mut right)
+        } else {
+            (&mut right, &mut left)
+        };
+        from.write_all(&[i]).await.expect("write");
+        to.read_exact(&mut buf).await.expect("carried");
+        assert_eq!(buf, [i]);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(!busy.is_finished(), "a busy relay was ended");
+    drop((left, right));
+    let done = busy.await.expect("join");
+    assert!(!done.is_idle(), "{done:?}");
+
+    // Silent after one exchange: ended within two periods (plus slack), both sides reset.
+    let (mut left, a) = pair().await;
+    let (b, mut right) = pair().await;
+    let started = std::time::Instant::now();
+    let silent = tokio::spawn(relay_with(a, b, limits()));
+    left.write_all(b"x").await.expect("write");
+    right.read_exact(&mut buf).await.expect("carried");
+    let result = tokio::time::timeout(Duration::from_secs(5), silent)
+        .await
+        .expect("ended in time")
+        .expect("join");
+    let took = started.elapsed();
+    assert!(result.is_idle(), "{result:?}");
+    assert!(
+        took >= period && took < period * 2 + Duration::from_millis(400),
+        "{took:?}"
+    );
+    assert_eq!(result.summary().0, "idle_timeout");
+    assert_eq!((result.a_to_b, result.b_to_a), (1, 0));
+    let err = left.read(&mut buf).await.expect_err("reset");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
 async fn large_transfer_grows_the_buffer() {
     let (mut left, a) = pair().await;
     let (b, mut right) = pair().await;

@@ -124,6 +124,7 @@ impl ConnectHandler for TestHandler {
             RelayEnd::Reset(Side::A) => "reset by app".to_string(),
             RelayEnd::Reset(Side::B) => "reset by tunnel".to_string(),
             RelayEnd::Error { side, error } => format!("error on {side}: {error}"),
+            RelayEnd::Idle(period) => format!("idle for {period:?}"),
         };
         let _ = self
             .finished

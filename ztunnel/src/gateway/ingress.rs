@@ -36,7 +36,7 @@ use crate::hbone::{
 };
 use crate::outbound::PodDial;
 use crate::proxy::{ConnectionLog, PodContext, Proxy, serve_listener};
-use crate::relay::{RelayResult, Side};
+use crate::relay::{Limits, RelayResult, Side};
 use crate::sni::{self, Hello};
 use crate::state::{MeshState, Workload};
 
@@ -52,6 +52,9 @@ pub struct IngressGateway {
     pub gateway: String,
     /// Admissions and refusals.
     pub metrics: GatewayMetrics,
+    /// A client connection that carried no byte either way for this long is closed
+    /// (`--gateway-idle-timeout`; `None`: never).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// Keeps one listener per port of the gateway's table until the pod stops accepting; ready
@@ -202,7 +205,14 @@ impl IngressGateway {
         };
         self.metrics.admitted(KIND);
         tracing::debug!(client = %peer, route = %target.route, endpoint = %endpoint, sni = server_name.as_deref(), "ingress admitted");
-        log.relay(tcp, stream, None).await;
+        let limits = Limits {
+            revoked: None,
+            idle: self.idle_timeout,
+        };
+        if log.relay(tcp, stream, limits).await.is_idle() {
+            self.metrics.closed(KIND, "idle_timeout");
+            tracing::debug!(client = %peer, route = %target.route, "ingress connection closed: idle");
+        }
     }
 
     async fn tunnel(

@@ -24,7 +24,7 @@ impl GatewayMetrics {
         let m = Self::default();
         registry.register(
             "gateway_connections",
-            "Connections a gateway admitted or refused (kind egress|ingress|east-west; reason of a refusal)",
+            "Connections a gateway admitted, refused or closed (kind egress|ingress|east-west; result admitted|refused|closed; reason of a refusal or closing)",
             m.connections.clone(),
         );
         m
@@ -33,6 +33,11 @@ impl GatewayMetrics {
     /// Counts an admitted connection.
     pub fn admitted(&self, kind: &'static str) {
         self.count(kind, "admitted", String::new());
+    }
+
+    /// Counts an admitted connection the gateway closed (`idle_timeout`).
+    pub fn closed(&self, kind: &'static str, reason: &str) {
+        self.count(kind, "closed", reason.to_owned());
     }
 
     /// Counts a refused connection.

@@ -53,6 +53,9 @@ pub struct GatewayConfig {
     pub netns: Option<PathBuf>,
     /// Where an egress gateway resolves names.
     pub resolver: Resolver,
+    /// An ingress gateway closes a client connection that carried no byte either way for
+    /// this long (`None`: never).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// Parses `--gateway-pod`: `<namespace>/<name>`.
@@ -166,6 +169,7 @@ pub async fn run(
                 proxy: proxy.clone(),
                 gateway: format!("{}/{name}", workload.namespace),
                 metrics,
+                idle_timeout: config.idle_timeout,
             });
             let handler = Arc::new(ingress::IngressHbone(gateway.clone()));
             let tasks = serve_hbone(listeners, &pod, &proxy, handler, "ingress_gateway_hbone");
