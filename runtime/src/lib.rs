@@ -194,3 +194,39 @@ pub async fn shutdown_signal() {
         _ = int.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A client that asks for a large body and never reads it holds no slot past the idle
+    /// timeout: a write that makes no progress is idleness too.
+    #[tokio::test]
+    async fn a_reader_that_never_reads_is_closed_after_the_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server_io, peer) = listener.accept().await.expect("accept");
+        let big = "x".repeat(32 * 1024 * 1024);
+        let route: Route = Arc::new(move |_| Reply::ok("text/plain", big.clone()));
+        let server = HttpServer::new("test", listener::ListenerMetrics::default());
+        let timeouts = HttpTimeouts {
+            header: Duration::from_secs(5),
+            idle: Duration::from_millis(300),
+        };
+        let serving =
+            tokio::spawn(server.serve(peer, server_io, route, timeouts, CancellationToken::new()));
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        tokio::time::timeout(Duration::from_secs(5), serving)
+            .await
+            .expect("the connection outlived the idle timeout by seconds")
+            .expect("join");
+        drop(client);
+    }
+}
