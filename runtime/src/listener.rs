@@ -83,6 +83,9 @@ pub enum TimeoutStage {
     Idle,
     /// No call on the connection authenticated in time (the controller's node port).
     Unauthenticated,
+    /// A handshake held its turn past the limit while another connection waited for one
+    /// (HBONE); its turn was taken back.
+    HandshakeEvicted,
 }
 
 impl TimeoutStage {
@@ -93,6 +96,7 @@ impl TimeoutStage {
             Self::Header => "header",
             Self::Idle => "idle",
             Self::Unauthenticated => "unauthenticated",
+            Self::HandshakeEvicted => "handshake_evicted",
         }
     }
 }

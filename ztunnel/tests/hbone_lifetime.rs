@@ -1,6 +1,8 @@
 //! How long the listening side keeps an established HBONE connection: no new tunnel once the
 //! peer's certificate expired or its root was removed from the trust bundle (open ones run
-//! on), and closed after the idle timeout without a tunnel. Its own test binary: the process-wide limits are set short here.
+//! on), and closed after the idle timeout without a tunnel; and how long a handshake keeps
+//! its turn while others wait for one. Its own test binary: the process-wide limits are set
+//! short here.
 //!
 //! Real loopback sockets, a throwaway CA, a raw HTTP/2 client over mutual TLS; every test is
 //! bounded by a timeout.
@@ -29,13 +31,18 @@ use tokio::time::timeout;
 const SERVER_ID: &str = "spiffe://cluster.local/ns/backend/sa/api";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/frontend/sa/web";
 const IDLE: Duration = Duration::from_secs(1);
+/// Handshakes in progress at once in this process (one peer address: an eighth, 8).
+const MAX_PENDING: usize = 64;
 
-/// The limits of this process: a one-second idle timeout.
+/// The limits of this process: a one-second idle timeout, 64 handshakes in progress, a turn
+/// taken back after 300 ms when another connection waits for one.
 fn limits() -> &'static HandshakeLimits {
     static LIMITS: OnceLock<HandshakeLimits> = OnceLock::new();
     LIMITS.get_or_init(|| {
         let limits = HandshakeLimits {
             idle_timeout: IDLE,
+            max_pending: MAX_PENDING,
+            evict_after: Duration::from_millis(300),
             ..HandshakeLimits::default()
         };
         assert!(set_handshake_limits(limits.clone()), "limits set once");
@@ -271,6 +278,43 @@ async fn a_connection_takes_no_new_tunnel_once_the_peers_root_is_removed() {
             .await
             .expect("tunnel under the new root");
         echo(&mut send, &mut recv, 3).await;
+    })
+    .await
+    .expect("within the test's time");
+}
+
+/// Eight addresses, each within its share, fill every handshake turn with connections that
+/// never speak; a real peer arriving then is not made to wait out the 10 s handshake timeout:
+/// it takes the turn of the oldest silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_many_addresses_do_not_hold_every_turn() {
+    let limits = limits();
+    timeout(Duration::from_secs(60), async {
+        let ca = OfflineCa::root("root").expect("root");
+        let bundle =
+            SharedTrustBundle::new(TrustBundle::new(td(), [ca.der().clone()]).expect("bundle"));
+        let (server, app) = echo_server(&ca, &bundle).await;
+        let before = limits.evicted.get();
+        let mut silent = Vec::new();
+        for host in 2..10u8 {
+            for _ in 0..MAX_PENDING / 8 {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket
+                    .bind(SocketAddr::from(([127, 0, 0, host], 0)))
+                    .expect("bind");
+                silent.push(socket.connect(server).await.expect("connect"));
+            }
+        }
+        // Every turn is now held by a connection that will never send a ClientHello.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let svid = ca.svid(CLIENT_ID, &[]).expect("svid");
+        let (sender, _driver) = timeout(Duration::from_secs(3), client(server, &svid, &bundle))
+            .await
+            .expect("a real peer's handshake waited for the silent ones' timeout");
+        let (mut send, mut recv) = tunnel(&sender, app).await.expect("tunnel");
+        echo(&mut send, &mut recv, 9).await;
+        assert!(limits.evicted.get() > before, "no turn was taken back");
+        drop(silent);
     })
     .await
     .expect("within the test's time");

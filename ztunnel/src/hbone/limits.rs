@@ -1,11 +1,19 @@
 //! Bounds on the listening side's handshakes, process-wide and per peer address: a flood of
 //! silent connections to 15008 costs at most `max_pending` handshake buffers, and one address
 //! at most its share of them (a relay of this cluster, which carries many sources, at most
-//! half).
+//! half). Under pressure — a connection waiting for a turn — a handshake that has held its
+//! turn for `evict_after` is closed and its turn given to the waiter: a real handshake takes
+//! milliseconds, so a few addresses of silent connections cannot hold every turn for the
+//! whole timeout.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
 use super::HboneError;
 
@@ -31,6 +39,11 @@ pub struct HandshakeLimits {
     pub idle_timeout: Duration,
     /// Incremented for each established connection closed for being idle.
     pub idle_closed: prometheus_client::metrics::counter::Counter,
+    /// While a connection waits for a turn, a handshake that has held one this long is closed
+    /// to give it up.
+    pub evict_after: Duration,
+    /// Incremented for each handshake closed that way.
+    pub evicted: prometheus_client::metrics::counter::Counter,
 }
 
 impl HandshakeLimits {
@@ -57,6 +70,8 @@ impl Default for HandshakeLimits {
             peer_refused: Default::default(),
             idle_timeout: Duration::from_secs(180),
             idle_closed: Default::default(),
+            evict_after: Duration::from_secs(1),
+            evicted: Default::default(),
         }
     }
 }
@@ -66,6 +81,9 @@ pub(super) struct Handshakes {
     pub(super) pending: Arc<tokio::sync::Semaphore>,
     /// Handshakes in progress per peer address (entries at zero are removed).
     per_peer: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// Handshakes holding a turn, oldest first: when each took it, and how to close it.
+    holders: std::sync::Mutex<BTreeMap<u64, (Instant, Arc<Notify>)>>,
+    next_holder: AtomicU64,
 }
 
 impl Handshakes {
@@ -75,6 +93,50 @@ impl Handshakes {
             limits,
             pending,
             per_peer: Default::default(),
+            holders: Default::default(),
+            next_holder: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for a turn to run a handshake. While it waits, it closes the oldest handshake
+    /// that has held a turn for `evict_after` (one per check, a check per half of it).
+    pub(super) async fn turn(&'static self) -> Turn {
+        let acquire = self.pending.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            if self.pending.available_permits() == 0 {
+                self.evict_stalled();
+            }
+            tokio::select! {
+                biased;
+                // The semaphore is never closed: the error arm cannot happen.
+                permit = &mut acquire => break permit.ok(),
+                () = tokio::time::sleep(self.limits.evict_after / 2) => {}
+            }
+        };
+        let seq = self.next_holder.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        crate::lock(&self.holders).insert(seq, (Instant::now(), evict.clone()));
+        Turn {
+            _permit: permit,
+            owner: self,
+            seq,
+            evict,
+        }
+    }
+
+    /// Closes the oldest handshake that has held its turn for `evict_after`, if any.
+    fn evict_stalled(&self) {
+        let mut holders = crate::lock(&self.holders);
+        let Some((&seq, (since, _))) = holders.first_key_value() else {
+            return;
+        };
+        if since.elapsed() < self.limits.evict_after {
+            return;
+        }
+        if let Some((_, evict)) = holders.remove(&seq) {
+            evict.notify_one();
+            self.limits.evicted.inc();
         }
     }
 
@@ -124,6 +186,27 @@ impl Drop for PeerHandshake {
     }
 }
 
+/// A turn to run a handshake (one of `max_pending`); given back when dropped.
+pub(super) struct Turn {
+    _permit: Option<OwnedSemaphorePermit>,
+    owner: &'static Handshakes,
+    seq: u64,
+    evict: Arc<Notify>,
+}
+
+impl Turn {
+    /// Completes when the turn is taken back for a waiting connection.
+    pub(super) async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        crate::lock(&self.owner.holders).remove(&self.seq);
+    }
+}
+
 static HANDSHAKES: OnceLock<Handshakes> = OnceLock::new();
 
 /// Sets the process's [`HandshakeLimits`]; only the first call counts (later ones return
@@ -161,6 +244,43 @@ mod tests {
         let _other = handshakes.share(other, false).expect("other peer");
         drop(first);
         let _third = handshakes.share(attacker, false).expect("slot freed");
+    }
+
+    /// Under pressure the oldest turn held past `evict_after` goes to the waiter; without a
+    /// waiter nobody is closed.
+    #[tokio::test]
+    async fn a_waiting_handshake_takes_the_turn_of_a_stalled_one() {
+        let limits = HandshakeLimits {
+            max_pending: 2,
+            evict_after: Duration::from_millis(100),
+            ..HandshakeLimits::default()
+        };
+        let evicted = limits.evicted.clone();
+        let handshakes: &'static Handshakes = Box::leak(Box::new(Handshakes::new(limits)));
+        let oldest = handshakes.turn().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let younger = handshakes.turn().await;
+        // Nobody waits: both keep their turns past `evict_after`.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(evicted.get(), 0);
+        let waiter = tokio::spawn(async move { handshakes.turn().await });
+        tokio::time::timeout(Duration::from_secs(2), oldest.evicted())
+            .await
+            .expect("the oldest turn is taken back");
+        assert_eq!(evicted.get(), 1);
+        drop(oldest);
+        let third = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter gets the turn")
+            .expect("join");
+        // The younger one was not closed; the third is new, so nothing else is due.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), younger.evicted())
+                .await
+                .is_err()
+        );
+        assert_eq!(evicted.get(), 1);
+        drop((younger, third));
     }
 
     /// A relay (this cluster's east-west gateway, or a pod that labelled itself one) may hold

@@ -164,12 +164,17 @@ async fn serve<H: ConnectHandler + ?Sized>(
         // The share counts handshakes in progress: released when this block ends (done or
         // timed out), not held for the connection's life.
         let _peer_turn = peer_turn;
-        // The turn is taken before the read buffer is allocated. The semaphore is never
-        // closed, so the error arm cannot happen.
-        let _turn = limits.pending.clone().acquire_owned().await.ok();
-        let tls = super::handshake::accept(tcp, tls)
-            .await
-            .map_err(|e| HboneError::Tls(Arc::new(e)))?;
+        // The turn is taken before the read buffer is allocated; a connection waiting for
+        // one takes it back from a handshake that has held it too long (`HandshakeLimits::
+        // evict_after`).
+        let turn = limits.turn().await;
+        let tls = tokio::select! {
+            tls = super::handshake::accept(tcp, tls) => tls.map_err(|e| HboneError::Tls(Arc::new(e)))?,
+            () = turn.evicted() => return Err(HboneError::Timeout {
+                stage: "HBONE server handshake, its turn taken back for a waiting connection",
+                after: limits.limits.evict_after,
+            }),
+        };
         let session = tls.session();
         require_h2(session.alpn.as_deref())?;
         let peer = peer_spiffe_id(session.peer_certificates());
