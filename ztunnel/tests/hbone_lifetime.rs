@@ -116,6 +116,15 @@ async fn echo_server(ca: &OfflineCa, bundle: &SharedTrustBundle) -> (SocketAddr,
     (addr, app_addr)
 }
 
+/// A throwaway root, its bundle, and [`echo_server`] under it: (root, bundle, server, app).
+async fn one_root_echo_server() -> (OfflineCa, SharedTrustBundle, SocketAddr, SocketAddr) {
+    let ca = OfflineCa::root("root").expect("root");
+    let bundle =
+        SharedTrustBundle::new(TrustBundle::new(td(), [ca.der().clone()]).expect("bundle"));
+    let (server, app) = echo_server(&ca, &bundle).await;
+    (ca, bundle, server, app)
+}
+
 type Driver = tokio::task::JoinHandle<Result<(), h2::Error>>;
 
 /// A raw HTTP/2 client connection presenting `svid`.
@@ -179,10 +188,7 @@ async fn echo(send: &mut h2::SendStream<Bytes>, recv: &mut h2::RecvStream, byte:
 async fn a_connection_takes_no_new_tunnel_once_the_peers_certificate_expired() {
     let _ = limits();
     timeout(Duration::from_secs(60), async {
-        let ca = OfflineCa::root("root").expect("root");
-        let bundle =
-            SharedTrustBundle::new(TrustBundle::new(td(), [ca.der().clone()]).expect("bundle"));
-        let (server, app) = echo_server(&ca, &bundle).await;
+        let (ca, bundle, server, app) = one_root_echo_server().await;
         let lifetime = Duration::from_secs(3);
         let short = ca
             .svid_valid_for(CLIENT_ID, &[], lifetime)
@@ -213,10 +219,7 @@ async fn a_connection_takes_no_new_tunnel_once_the_peers_certificate_expired() {
 async fn an_idle_connection_is_closed() {
     let limits = limits();
     timeout(Duration::from_secs(60), async {
-        let ca = OfflineCa::root("root").expect("root");
-        let bundle =
-            SharedTrustBundle::new(TrustBundle::new(td(), [ca.der().clone()]).expect("bundle"));
-        let (server, app) = echo_server(&ca, &bundle).await;
+        let (ca, bundle, server, app) = one_root_echo_server().await;
         let svid = ca.svid(CLIENT_ID, &[]).expect("svid");
         let (sender, driver) = client(server, &svid, &bundle).await;
         let before = limits.idle_closed.get();
@@ -290,10 +293,7 @@ async fn a_connection_takes_no_new_tunnel_once_the_peers_root_is_removed() {
 async fn silent_connections_from_many_addresses_do_not_hold_every_turn() {
     let limits = limits();
     timeout(Duration::from_secs(60), async {
-        let ca = OfflineCa::root("root").expect("root");
-        let bundle =
-            SharedTrustBundle::new(TrustBundle::new(td(), [ca.der().clone()]).expect("bundle"));
-        let (server, app) = echo_server(&ca, &bundle).await;
+        let (ca, bundle, server, app) = one_root_echo_server().await;
         let before = limits.evicted.get();
         let mut silent = Vec::new();
         for host in 2..10u8 {
