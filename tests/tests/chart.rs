@@ -352,11 +352,20 @@ fn default_and_custom_values_render_the_expected_objects() -> anyhow::Result<()>
 #[test]
 fn inconsistent_values_are_refused_with_the_reason() -> anyhow::Result<()> {
     let helm = need_helm!();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--set", "controller.replicas=3"], "needs a plug-in CA"),
         (&["--set", "trustDomain=Not_Valid!"], "trustDomain"),
         (&["--set", "certificates.maxTTL=soon"], "maxTTL"),
         (&["--set", "ztunnel.privileged=true"], "privileged"),
+        (
+            &[
+                "--set",
+                "ztunnel.busyPoll=100us",
+                "--set",
+                "ztunnel.workerThreads=2",
+            ],
+            "ztunnel.busyPoll runs on one worker thread",
+        ),
     ];
     for (extra, reason) in cases {
         let chart = chart_dir();

@@ -317,9 +317,9 @@ async fn busy_polling_ztunnels_carry_round_trips_and_sleep_when_quiet() -> anyho
         assert!(polls > 0.0, "{node} made no busy polls");
         polled.push(polls);
     }
-    // ... and sleep once it is over: a quiet second adds no polls beyond the ones the
-    // scrapes themselves cause (a window after each answer: tens, not the hundreds of
-    // thousands a second spinning makes).
+    // ... and sleep once it is over: a quiet second adds next to no polls (scrapes do not go
+    // through the relay and open no window; a thread that kept spinning would make hundreds
+    // of thousands).
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (node, before) in ["node-a", "node-b"].into_iter().zip(polled) {
         let start = ztunnel_metric(&mesh, node, "membrane_busy_poll_polls_total", &[]).await?;

@@ -301,6 +301,7 @@ pub async fn start(config: ZtunnelConfig) -> Result<Running, StartError> {
         peer_refused: listener_metrics.refused_counter("inbound", RefusalReason::PeerHandshakes),
         idle_closed: listener_metrics.timeout_counter("inbound", TimeoutStage::Idle),
         evicted: listener_metrics.timeout_counter("inbound", TimeoutStage::HandshakeEvicted),
+        evict_after: limits.hbone_handshake_timeout / 4,
         ..crate::hbone::HandshakeLimits::default()
     }) {
         tracing::warn!("HBONE handshake limits were already set in this process; keeping them");

@@ -5,12 +5,14 @@
 //! vCPU is a hypervisor exit. With a window set, the proxy thread that has just forwarded
 //! bytes keeps polling its sockets instead of sleeping until the window passes with no
 //! further traffic, so the answer finds it awake: the sender's `sendto` wakes nobody and the
-//! proxy skips the return from sleep. Each poll also yields the CPU (`sched_yield`), so a
-//! runnable thread on the same CPU — often the application the answer is for — runs first.
+//! proxy skips the return from sleep. Each poll also yields the CPU (`sched_yield`), giving a
+//! runnable thread on the same CPU — often the application the answer is for — the chance to
+//! run first.
 //!
 //! The price is CPU: after every forwarded message the thread spins for up to the window, so
 //! a node whose messages come closer together than the window keeps one core per ztunnel
-//! busy. A quiet node sleeps as before. The trade and its measurement are in
+//! busy (and under a container CPU limit, spends the quota: the kernel then throttles the
+//! proxy). A quiet node sleeps as before. The trade and its measurement are in
 //! docs/design.md ("busy polling after forwarded traffic").
 //!
 //! Mechanism: the runtime calls [`before_park`] before it would block in `epoll_wait`; inside
@@ -56,6 +58,8 @@ pub fn expired() -> u64 {
 /// that carried bytes. A zero window leaves it off.
 pub fn enable(window: Duration) {
     WINDOW.with(|w| w.set((!window.is_zero()).then_some(window)));
+    UNTIL.with(|u| u.set(None));
+    SPINNER.with(|s| s.borrow_mut().take());
 }
 
 /// Traffic was forwarded on this thread: stay awake for the window.
@@ -157,17 +161,24 @@ mod tests {
     #[test]
     fn the_runtime_polls_inside_the_window_and_sleeps_after_it() {
         runtime().block_on(async {
-            enable(Duration::from_millis(40));
+            enable(Duration::from_millis(300));
             tokio::spawn(spinner());
             tokio::task::yield_now().await;
             // Within the window a 10 ms timer is waited for by polling (a runtime without the
-            // window parks once for it, making no poll).
+            // window parks once for it, making no poll), and the polls drive the timers: it
+            // fires long before the window ends.
             let before = polls();
             note_traffic();
+            let started = std::time::Instant::now();
             tokio::time::sleep(Duration::from_millis(10)).await;
+            let took = started.elapsed();
             assert!(polls() >= before + 2, "no polls inside the window");
+            assert!(
+                took < Duration::from_millis(200),
+                "the timer waited for the window: {took:?}"
+            );
             // Once the window has passed the thread sleeps: no poll while a timer runs.
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::time::sleep(Duration::from_millis(350)).await;
             let (after, gone) = (polls(), expired());
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert_eq!(polls(), after, "polled after the window");

@@ -127,12 +127,13 @@ async fn one_root_echo_server() -> (OfflineCa, SharedTrustBundle, SocketAddr, So
 
 type Driver = tokio::task::JoinHandle<Result<(), h2::Error>>;
 
-/// A raw HTTP/2 client connection presenting `svid`.
-async fn client(
+/// A mutual-TLS connection presenting `svid`, from `tcp` (connected to `server`).
+async fn tls(
+    tcp: TcpStream,
     server: SocketAddr,
     svid: &WorkloadSvid,
     bundle: &SharedTrustBundle,
-) -> (h2::client::SendRequest<Bytes>, Driver) {
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut cfg = mtls_client_config(
         svid,
         bundle.clone(),
@@ -141,11 +142,20 @@ async fn client(
     )
     .expect("client config");
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    let tcp = TcpStream::connect(server).await.expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::IpAddress(server.ip().into()), tcp)
         .await
-        .expect("tls");
+        .expect("tls")
+}
+
+/// A raw HTTP/2 client connection presenting `svid`.
+async fn client(
+    server: SocketAddr,
+    svid: &WorkloadSvid,
+    bundle: &SharedTrustBundle,
+) -> (h2::client::SendRequest<Bytes>, Driver) {
+    let tcp = TcpStream::connect(server).await.expect("connect");
+    let tls = tls(tcp, server, svid, bundle).await;
     let (sender, connection) = h2::client::handshake(tls).await.expect("h2");
     (sender, tokio::spawn(connection))
 }
@@ -287,34 +297,41 @@ async fn a_connection_takes_no_new_tunnel_once_the_peers_root_is_removed() {
 }
 
 /// Eight addresses, each within its share, fill every handshake turn with connections that
-/// never speak; a real peer arriving then is not made to wait out the 10 s handshake timeout:
-/// it takes the turn of the oldest silent one.
+/// stop speaking — half after completing TLS (held in the HTTP/2 preface), half before the
+/// ClientHello; a real peer arriving then is not made to wait out the 10 s handshake
+/// timeout: it takes the turn of the oldest silent one, whatever step that one is at.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_from_many_addresses_do_not_hold_every_turn() {
     let limits = limits();
     timeout(Duration::from_secs(60), async {
         let (ca, bundle, server, app) = one_root_echo_server().await;
         let before = limits.evicted.get();
-        let mut silent = Vec::new();
+        let svid = ca.svid(CLIENT_ID, &[]).expect("svid");
+        let (mut after_tls, mut raw) = (Vec::new(), Vec::new());
         for host in 2..10u8 {
             for _ in 0..MAX_PENDING / 8 {
                 let socket = tokio::net::TcpSocket::new_v4().expect("socket");
                 socket
                     .bind(SocketAddr::from(([127, 0, 0, host], 0)))
                     .expect("bind");
-                silent.push(socket.connect(server).await.expect("connect"));
+                let tcp = socket.connect(server).await.expect("connect");
+                // The oldest turns: TLS completed, then silence.
+                if host < 6 {
+                    after_tls.push(tls(tcp, server, &svid, &bundle).await);
+                } else {
+                    raw.push(tcp);
+                }
             }
         }
-        // Every turn is now held by a connection that will never send a ClientHello.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let svid = ca.svid(CLIENT_ID, &[]).expect("svid");
+        // Every turn is now held, the oldest for longer than a turn may be held.
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let (sender, _driver) = timeout(Duration::from_secs(3), client(server, &svid, &bundle))
             .await
             .expect("a real peer's handshake waited for the silent ones' timeout");
         let (mut send, mut recv) = tunnel(&sender, app).await.expect("tunnel");
         echo(&mut send, &mut recv, 9).await;
         assert!(limits.evicted.get() > before, "no turn was taken back");
-        drop(silent);
+        drop((after_tls, raw));
     })
     .await
     .expect("within the test's time");

@@ -2,9 +2,9 @@
 //! silent connections to 15008 costs at most `max_pending` handshake buffers, and one address
 //! at most its share of them (a relay of this cluster, which carries many sources, at most
 //! half). Under pressure — a connection waiting for a turn — a handshake that has held its
-//! turn for `evict_after` is closed and its turn given to the waiter: a real handshake takes
-//! milliseconds, so a few addresses of silent connections cannot hold every turn for the
-//! whole timeout.
+//! turn for `evict_after` (a quarter of the timeout) is closed and its turn given to the
+//! waiter: a real handshake takes milliseconds, or a few round trips across a WAN, so a few
+//! addresses of silent connections cannot hold every turn for the whole timeout.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -40,7 +40,7 @@ pub struct HandshakeLimits {
     /// Incremented for each established connection closed for being idle.
     pub idle_closed: prometheus_client::metrics::counter::Counter,
     /// While a connection waits for a turn, a handshake that has held one this long is closed
-    /// to give it up.
+    /// to give it up (the node agent sets a quarter of `timeout`: 2.5 s by default).
     pub evict_after: Duration,
     /// Incremented for each handshake closed that way.
     pub evicted: prometheus_client::metrics::counter::Counter,
@@ -70,7 +70,7 @@ impl Default for HandshakeLimits {
             peer_refused: Default::default(),
             idle_timeout: Duration::from_secs(180),
             idle_closed: Default::default(),
-            evict_after: Duration::from_secs(1),
+            evict_after: Duration::from_millis(2500),
             evicted: Default::default(),
         }
     }

@@ -172,6 +172,13 @@ pub enum HboneError {
         /// The bound that elapsed.
         after: Duration,
     },
+    /// The handshake held its turn past `HandshakeLimits::evict_after` while another
+    /// connection waited for one, and gave it up.
+    #[error("HBONE server handshake gave up its turn to a waiting connection after {after:?}")]
+    Evicted {
+        /// How long a turn may be held while others wait.
+        after: Duration,
+    },
     /// One peer address already holds its share of the node's pending handshakes.
     #[error("{peer} already has {limit} HBONE handshakes in progress")]
     PeerHandshakes {

@@ -168,37 +168,41 @@ async fn serve<H: ConnectHandler + ?Sized>(
         // one takes it back from a handshake that has held it too long (`HandshakeLimits::
         // evict_after`).
         let turn = limits.turn().await;
-        let tls = tokio::select! {
-            tls = super::handshake::accept(tcp, tls) => tls.map_err(|e| HboneError::Tls(Arc::new(e)))?,
-            () = turn.evicted() => return Err(HboneError::Timeout {
-                stage: "HBONE server handshake, its turn taken back for a waiting connection",
-                after: limits.limits.evict_after,
-            }),
+        // Every step the turn covers (TLS, ALPN, the HTTP/2 preface and settings) can be
+        // taken back: a peer that completed TLS and then stays silent holds it no longer.
+        let steps = async {
+            let tls = super::handshake::accept(tcp, tls)
+                .await
+                .map_err(|e| HboneError::Tls(Arc::new(e)))?;
+            let session = tls.session();
+            require_h2(session.alpn.as_deref())?;
+            let peer = peer_spiffe_id(session.peer_certificates());
+            let peer_not_after = session
+                .peer_certificates()
+                .and_then(<[_]>::first)
+                .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
+                .map(|info| info.not_after);
+            let trust = verified_at
+                .zip(session.peer_certificates())
+                .and_then(|(at, chain)| {
+                    PeerTrust::new(chain, membrane_identity::svid::Usage::Client, at).ok()
+                });
+            let conn = h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
+                .max_send_buffer_size(MAX_SEND_BUFFER)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
+            Ok::<_, HboneError>((conn, peer, peer_not_after, trust))
         };
-        let session = tls.session();
-        require_h2(session.alpn.as_deref())?;
-        let peer = peer_spiffe_id(session.peer_certificates());
-        let peer_not_after = session
-            .peer_certificates()
-            .and_then(<[_]>::first)
-            .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
-            .map(|info| info.not_after);
-        let trust = verified_at
-            .zip(session.peer_certificates())
-            .and_then(|(at, chain)| {
-                PeerTrust::new(chain, membrane_identity::svid::Usage::Client, at).ok()
-            });
-        let conn = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| HboneError::Handshake(Arc::new(e)))?;
-        Ok::<_, HboneError>((conn, peer, peer_not_after, trust))
+        tokio::select! {
+            done = steps => done,
+            () = turn.evicted() => Err(HboneError::Evicted { after: limits.limits.evict_after }),
+        }
     };
     let timeout = limits.limits.timeout;
     let established = tokio::time::timeout(timeout, handshake)
@@ -210,8 +214,11 @@ async fn serve<H: ConnectHandler + ?Sized>(
                 after: timeout,
             }
         })?;
-    let (mut conn, peer, peer_not_after, trust) = established.inspect_err(|_| {
-        handshakes_failed().inc();
+    let (mut conn, peer, peer_not_after, trust) = established.inspect_err(|e| {
+        // An evicted handshake is counted as such (`HandshakeLimits::evicted`), like a timeout.
+        if !matches!(e, HboneError::Evicted { .. }) {
+            handshakes_failed().inc();
+        }
     })?;
     // With a verifier that requires client certificates this cannot fail; if a caller's
     // config lets anonymous clients through, every request is answered 401.
