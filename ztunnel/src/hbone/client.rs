@@ -94,16 +94,8 @@ pub(crate) async fn establish(
         });
     }
     // The pool puts no new tunnel on the connection once the peer's certificate expired.
-    let peer_not_after = session
-        .peer_certificates()
-        .and_then(<[_]>::first)
-        .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
-        .map(|info| info.not_after);
-    let trust = verified_at
-        .zip(session.peer_certificates())
-        .and_then(|(at, chain)| {
-            PeerTrust::new(chain, membrane_identity::svid::Usage::Server, at).ok()
-        });
+    let (peer_not_after, trust) =
+        session.peer_validity(verified_at, membrane_identity::svid::Usage::Server);
     let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -177,16 +177,8 @@ async fn serve<H: ConnectHandler + ?Sized>(
             let session = tls.session();
             require_h2(session.alpn.as_deref())?;
             let peer = peer_spiffe_id(session.peer_certificates());
-            let peer_not_after = session
-                .peer_certificates()
-                .and_then(<[_]>::first)
-                .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
-                .map(|info| info.not_after);
-            let trust = verified_at
-                .zip(session.peer_certificates())
-                .and_then(|(at, chain)| {
-                    PeerTrust::new(chain, membrane_identity::svid::Usage::Client, at).ok()
-                });
+            let (peer_not_after, trust) =
+                session.peer_validity(verified_at, membrane_identity::svid::Usage::Client);
             let conn = h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)

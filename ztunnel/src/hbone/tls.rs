@@ -98,6 +98,29 @@ impl Session {
     pub(crate) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         (!self.peer_certificates.is_empty()).then_some(self.peer_certificates.as_slice())
     }
+
+    /// When the peer's certificate expires, and its chain to check again against later
+    /// bundles (`verified_at`: the bundle generation read before the handshake; `usage`: the
+    /// role the peer's certificate was verified for). No new tunnel goes on a connection past
+    /// either.
+    pub(crate) fn peer_validity(
+        &self,
+        verified_at: Option<u64>,
+        usage: membrane_identity::svid::Usage,
+    ) -> (
+        Option<std::time::SystemTime>,
+        Option<membrane_identity::PeerTrust>,
+    ) {
+        let not_after = self
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .and_then(|leaf| membrane_identity::svid::parse_leaf(leaf).ok())
+            .map(|info| info.not_after);
+        let trust = verified_at
+            .zip(self.peer_certificates())
+            .and_then(|(at, chain)| membrane_identity::PeerTrust::new(chain, usage, at).ok());
+        (not_after, trust)
+    }
 }
 
 /// rustls' state after the handshake: computes the next secrets on a KeyUpdate.
