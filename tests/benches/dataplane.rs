@@ -24,7 +24,8 @@
 //! `MEMBRANE_BENCH_MODES` (`direct,mesh,relay`, plus `istio` when `ISTIO_ZTUNNEL_BIN` is set),
 //! `MEMBRANE_BENCH_TESTS` (`tcp1,tcp4,rr,conn`), `ISTIO_ZTUNNEL_WORKER_THREADS` (the Istio
 //! ztunnel's own default unless set), `MEMBRANE_ZTUNNEL_BUSY_POLL` (the mesh ztunnels'
-//! `--busy-poll` window, e.g. `100us`; off unless set; the report says which), and the
+//! `--busy-poll`, e.g. `off` or `100us`; their default, `auto`, unless set; the report says
+//! which), and the
 //! harness's `MEMBRANE_ZTUNNEL_BIN`. Progress, with
 //! both ztunnel pids (to attach a profiler) and each proxy's share of a core during every bulk
 //! run (which one bounds it), goes to stderr; the report to stdout.
@@ -110,8 +111,8 @@ struct Config {
     inflight: usize,
     modes: Vec<Mode>,
     tests: Vec<String>,
-    /// The mesh ztunnels' `--busy-poll` window, as the environment passes it to them.
-    busy_poll: Option<String>,
+    /// The mesh ztunnels' `--busy-poll`, as the environment passes it to them (`auto` unset).
+    busy_poll: String,
 }
 
 fn env_list(name: &str, default: &str) -> Vec<String> {
@@ -169,7 +170,8 @@ impl Config {
             tests,
             busy_poll: std::env::var("MEMBRANE_ZTUNNEL_BUSY_POLL")
                 .ok()
-                .filter(|v| !v.trim().is_empty()),
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| "auto".into()),
         })
     }
 

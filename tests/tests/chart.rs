@@ -364,7 +364,7 @@ fn inconsistent_values_are_refused_with_the_reason() -> anyhow::Result<()> {
                 "--set",
                 "ztunnel.workerThreads=2",
             ],
-            "ztunnel.busyPoll runs on one worker thread",
+            "ztunnel.busyPoll as a fixed window runs on one worker thread",
         ),
     ];
     for (extra, reason) in cases {

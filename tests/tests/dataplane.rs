@@ -286,10 +286,44 @@ async fn unenroll_leaves_nothing_and_reenroll_works() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root"]
 async fn busy_polling_ztunnels_carry_round_trips_and_sleep_when_quiet() -> anyhow::Result<()> {
+    round_trips_then_quiet(&["--busy-poll", "200us"], |_, window| {
+        anyhow::ensure!(
+            (window - 200e-6).abs() < 1e-9,
+            "fixed window reported as {window}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn adaptive_busy_polling_learns_a_window_from_round_trips() -> anyhow::Result<()> {
+    // `auto` is the default; one worker makes it run whatever this machine's CPU count. Its
+    // window starts closed, so any poll at all means it learnt one from the exchange; how
+    // wide it is when the exchange ends depends on this machine's round-trip time (in a
+    // debug build often above the ceiling, which closes it again).
+    round_trips_then_quiet(&["--worker-threads", "1"], |node, window| {
+        anyhow::ensure!(
+            (0.0..=100e-6).contains(&window),
+            "{node} learnt a window of {window} s"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// 2,000 one-byte round trips through two ztunnels started with `args`: both must have polled
+/// instead of sleeping (and `window` accepts each one's busy-poll window, in seconds), and
+/// neither may keep polling once the exchange is over.
+async fn round_trips_then_quiet(
+    args: &[&str],
+    window: impl Fn(&str, f64) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     use membrane_tests::ztunnel_metric;
     membrane_tests::require_root()?;
     let mut spec = spec();
-    spec.ztunnel_args = vec!["--busy-poll".into(), "200us".into()];
+    spec.ztunnel_args = args.iter().map(|a| a.to_string()).collect();
     let mesh = Mesh::start(spec).await?;
     for pod in ["trainer", "store"] {
         mesh.enroll(pod).await?;
@@ -315,6 +349,10 @@ async fn busy_polling_ztunnels_carry_round_trips_and_sleep_when_quiet() -> anyho
     for node in ["node-a", "node-b"] {
         let polls = ztunnel_metric(&mesh, node, "membrane_busy_poll_polls_total", &[]).await?;
         assert!(polls > 0.0, "{node} made no busy polls");
+        window(
+            node,
+            ztunnel_metric(&mesh, node, "membrane_busy_poll_window_seconds", &[]).await?,
+        )?;
         polled.push(polls);
     }
     // ... and sleep once it is over: a quiet second adds next to no polls (scrapes do not go

@@ -11,8 +11,8 @@
 //! the pod's DNS [pins](dns::pins) and the [`sni`] it asked for are recorded, and [`egress`]
 //! decides by EgressPolicy, with budgets and open connections re-decided) → [`hbone`] (the
 //! tunnel protocol and connection pool) → [`inbound`] (the tunnel's end, and plaintext);
-//! [`relay`] (the byte copy every path ends in; [`busy_poll`]: staying awake after it, when
-//! asked), [`proxy`] (what handlers share, and each
+//! [`relay`] (the byte copy every path ends in; [`busy_poll`]: staying awake after it, for a
+//! window learnt from the traffic), [`proxy`] (what handlers share, and each
 //! connection's record), [`guard`] (destinations
 //! and sources never trusted), [`authz`] (policy decisions), [`conntrack`] (open connections
 //! re-checked on policy change), [`telemetry`] (metrics and access records), [`dns`] (the

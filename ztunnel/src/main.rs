@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use membrane_runtime::cli::{HttpArgs, LogFormat, init_tracing};
 use membrane_ztunnel::app::{self, DnsSettings, ListenerConfig, ZtunnelConfig};
+use membrane_ztunnel::busy_poll::BusyPoll;
 use membrane_ztunnel::certs::CaConfig;
 use membrane_ztunnel::dns::DnsConfig;
 use membrane_ztunnel::gateway::GatewayConfig;
@@ -122,12 +123,16 @@ struct Args {
     /// process may use (cgroup quota included): half of them, at least 1 and at most 4.
     #[arg(long, env = "MEMBRANE_ZTUNNEL_WORKERS", default_value_t = 0)]
     worker_threads: usize,
-    /// After forwarding bytes, keep polling the sockets instead of sleeping for this long
-    /// (at most 1ms; 0s, the default, turns it off): lower request/response latency for a
-    /// core's worth of CPU while messages come closer together than the window. Runs on one
-    /// worker thread (chosen when --worker-threads is 0; more is refused).
-    #[arg(long, env = "MEMBRANE_ZTUNNEL_BUSY_POLL", default_value = "0s", value_parser = humantime::parse_duration)]
-    busy_poll: Duration,
+    /// After forwarding bytes, keep polling the sockets instead of sleeping for a while:
+    /// lower request/response latency for CPU. `auto` (the default) learns the window from
+    /// the traffic (up to 100us, never for traffic sparser than that) and polls at most four
+    /// times as long as the proxy works; a duration (at most 1ms) is a fixed window with no
+    /// budget, up to a core's worth of CPU while messages come closer together than it; `off`
+    /// (or 0s) never.
+    /// Runs on one worker thread: a duration picks one when --worker-threads is 0 and refuses
+    /// more; `auto` is off on a runtime with several.
+    #[arg(long, env = "MEMBRANE_ZTUNNEL_BUSY_POLL", default_value = "auto")]
+    busy_poll: membrane_ztunnel::busy_poll::BusyPoll,
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -284,13 +289,13 @@ fn main() -> anyhow::Result<()> {
     };
     let unenroll = args.unenroll_on_exit;
     let workers = match args.worker_threads {
-        // Busy polling runs on the single-threaded runtime.
-        0 if !args.busy_poll.is_zero() => 1,
+        // A fixed busy-poll window runs on the single-threaded runtime.
+        0 if matches!(args.busy_poll, BusyPoll::Fixed(_)) => 1,
         0 => default_workers(std::thread::available_parallelism().map_or(1, usize::from)),
         n => n,
     };
-    let busy_poll = busy_poll_window(args.busy_poll, workers)?;
-    tracing::info!(workers, busy_poll = ?busy_poll, "starting the proxy runtime");
+    let busy_poll = busy_poll_mode(args.busy_poll, workers)?;
+    tracing::info!(workers, busy_poll = %busy_poll, "starting the proxy runtime");
     let serve = async move {
         let running = app::start(config).await?;
         membrane_runtime::shutdown_signal().await;
@@ -312,14 +317,15 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(membrane_ztunnel::busy_poll::before_park)
+        .on_thread_unpark(membrane_ztunnel::busy_poll::after_unpark)
         .build()
         .context("cannot start the runtime")?;
     std::thread::Builder::new()
         .name("ztunnel-proxy".into())
         .spawn(move || {
             rt.block_on(async move {
-                if let Some(window) = busy_poll {
-                    membrane_ztunnel::busy_poll::enable(window);
+                if busy_poll != BusyPoll::Off {
+                    membrane_ztunnel::busy_poll::enable(busy_poll);
                     tokio::spawn(membrane_ztunnel::busy_poll::spinner());
                 }
                 serve.await
@@ -337,24 +343,19 @@ fn default_workers(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
-/// The `--busy-poll` window, if any: at most [`busy_poll::MAX_WINDOW`], and only with one
-/// worker (its state is the runtime thread's).
-///
-/// [`busy_poll::MAX_WINDOW`]: membrane_ztunnel::busy_poll::MAX_WINDOW
-fn busy_poll_window(window: Duration, workers: usize) -> anyhow::Result<Option<Duration>> {
-    use membrane_ztunnel::busy_poll::MAX_WINDOW;
-    if window.is_zero() {
-        return Ok(None);
+/// The busy polling a runtime of `workers` threads runs: only one thread supports it (its
+/// state is the runtime thread's), so a fixed window with more is refused and `auto` is off.
+fn busy_poll_mode(mode: BusyPoll, workers: usize) -> anyhow::Result<BusyPoll> {
+    match mode {
+        BusyPoll::Fixed(window) if workers > 1 => anyhow::bail!(
+            "--busy-poll {window:?} needs one worker thread (--worker-threads 1); {workers} were asked for"
+        ),
+        BusyPoll::Adaptive if workers > 1 => {
+            tracing::info!(workers, "busy polling is off: it runs on one worker thread");
+            Ok(BusyPoll::Off)
+        }
+        mode => Ok(mode),
     }
-    if window > MAX_WINDOW {
-        anyhow::bail!("--busy-poll {window:?} is longer than the longest window, {MAX_WINDOW:?}");
-    }
-    if workers > 1 {
-        anyhow::bail!(
-            "--busy-poll needs one worker thread (--worker-threads 1); {workers} were asked for"
-        );
-    }
-    Ok(Some(window))
 }
 
 /// Every captured connection holds two sockets; raise the soft descriptor limit to the hard
@@ -384,17 +385,16 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_needs_one_worker_and_a_short_window() {
+    fn busy_poll_runs_on_one_worker() {
+        use membrane_ztunnel::busy_poll::BusyPoll;
         use std::time::Duration;
-        let us = Duration::from_micros;
-        assert_eq!(super::busy_poll_window(Duration::ZERO, 4).ok(), Some(None));
-        assert_eq!(
-            super::busy_poll_window(us(100), 1).ok(),
-            Some(Some(us(100)))
-        );
-        let two = super::busy_poll_window(us(100), 2).expect_err("two workers");
+        let fixed = BusyPoll::Fixed(Duration::from_micros(100));
+        let mode = |m, w| super::busy_poll_mode(m, w).ok();
+        assert_eq!(mode(BusyPoll::Off, 4), Some(BusyPoll::Off));
+        assert_eq!(mode(fixed, 1), Some(fixed));
+        assert_eq!(mode(BusyPoll::Adaptive, 1), Some(BusyPoll::Adaptive));
+        assert_eq!(mode(BusyPoll::Adaptive, 2), Some(BusyPoll::Off));
+        let two = super::busy_poll_mode(fixed, 2).expect_err("two workers");
         assert!(two.to_string().contains("--worker-threads 1"), "{two}");
-        let long = super::busy_poll_window(us(1001), 1).expect_err("too long");
-        assert!(long.to_string().contains("longest window"), "{long}");
     }
 }

@@ -92,11 +92,10 @@ pub fn report(cfg: &Config, samples: [&Samples; 4], load: (&str, &str), errors: 
         "\nMembrane data plane, medians of {} rounds (load average at start {}, at end {})\n",
         cfg.rounds, load.0, load.1
     );
-    if let Some(window) = &cfg.busy_poll {
-        println!(
-            "The mesh's ztunnels busy-poll for {window} after forwarded traffic (--busy-poll).\n"
-        );
-    }
+    println!(
+        "The mesh's ztunnels ran with --busy-poll {} (the default is auto).\n",
+        cfg.busy_poll
+    );
     println!(
         "| measurement | direct | mesh | plain relay | Istio ztunnel | mesh/direct | mesh/relay | mesh/istio | targets |"
     );
