@@ -382,6 +382,23 @@ fn inconsistent_values_are_refused_with_the_reason() -> anyhow::Result<()> {
             "helm {args:?}: expected {reason:?} in:\n{stderr}"
         );
     }
+    // The busy-poll values that run on several worker threads render, and YAML's unquoted
+    // off (read as false) is off.
+    for (value, flag) in [
+        ("auto", "auto"),
+        ("off", "off"),
+        ("false", "off"),
+        ("0s", "0s"),
+    ] {
+        let set = format!("ztunnel.busyPoll={value}");
+        let r = template(&helm, &["--set", &set, "--set", "ztunnel.workerThreads=2"])?;
+        let zt = container(r.daemonset()?, "ztunnel")?;
+        ensure!(
+            args(zt).contains(&format!("--busy-poll={flag}")),
+            "busyPoll={value}: {:?}",
+            args(zt)
+        );
+    }
     Ok(())
 }
 

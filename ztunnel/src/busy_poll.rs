@@ -11,16 +11,16 @@
 //! run first.
 //!
 //! **Adaptive (`auto`).** The window is learnt per thread the way Linux's `cpuidle-haltpoll`
-//! governor learns its poll time: it starts closed; when traffic arrives within
-//! [`ADAPTIVE_CEILING`] of the thread going to sleep (a window that long would have caught
-//! it) the window doubles from [`GROW_START`] up to the ceiling; when the thread slept longer
-//! than the ceiling it halves (below the start it closes). Traffic sparser than the ceiling
-//! therefore never opens it, and a quiet node sleeps as before. Spinning is also capped by a
-//! budget per [`BUDGET_PERIOD`]: at most [`BUDGET_RATIO`] times as long as the thread worked
-//! in the previous period (scaled to the period's length), and never more than
-//! [`BUDGET_CAP`] of it; once the period's budget is spent the thread sleeps between events
-//! until the next one. A thread that barely works barely polls, and a period of sleep leaves
-//! the next one nothing to poll with.
+//! governor learns its poll time, from how long the thread sat idle (polling or asleep)
+//! before traffic came: it starts closed; idle longer than the window but no longer than
+//! [`ADAPTIVE_CEILING`] (a wider window would have caught it), it doubles from [`GROW_START`]
+//! up to the ceiling; idle longer than the ceiling, it halves (below the start it closes).
+//! A proxy idle for more than the ceiling between messages therefore never keeps it open, and
+//! a quiet node sleeps as before. Spinning is also capped by a budget per [`BUDGET_PERIOD`]:
+//! at most [`BUDGET_RATIO`] times as long as the thread worked in the previous period (scaled
+//! to the period's length), and never more than [`BUDGET_CAP`] of it; once the period's
+//! budget is spent the thread sleeps between events until the next one. A thread that barely
+//! works barely polls, and a period of sleep leaves the next one nothing to poll with.
 //!
 //! **Fixed (`--busy-poll 100us`).** The window is what the operator set (at most
 //! [`MAX_WINDOW`]), with no budget: a node whose messages come closer together than the
@@ -122,8 +122,9 @@ struct State {
     until: Option<Instant>,
     /// When the current run of polls began (none while not polling).
     polling_since: Option<Instant>,
-    /// When the thread last went to sleep (cleared by the next traffic).
-    slept_at: Option<Instant>,
+    /// When the thread went idle after its last traffic — its first park since, polling or
+    /// not (cleared by the next traffic).
+    idle_since: Option<Instant>,
     /// When the thread went to sleep, until it wakes (for the budget).
     asleep_since: Option<Instant>,
     /// The adaptive budget's current period, what was spent polling and sleeping in it, and
@@ -140,7 +141,7 @@ impl State {
         window: Duration::ZERO,
         until: None,
         polling_since: None,
-        slept_at: None,
+        idle_since: None,
         asleep_since: None,
         period_start: None,
         spent: Duration::ZERO,
@@ -168,6 +169,11 @@ impl State {
         if elapsed < BUDGET_PERIOD {
             return;
         }
+        // A run of polls still going belongs to the period that ends up to now, and goes on
+        // in the new one.
+        if let Some(since) = self.polling_since.replace(now) {
+            self.spent += now.saturating_duration_since(since);
+        }
         let worked = elapsed.saturating_sub(self.spent + self.slept);
         let scaled = worked.as_secs_f64() * BUDGET_PERIOD.as_secs_f64() / elapsed.as_secs_f64();
         self.allowance = Duration::from_secs_f64(scaled * BUDGET_RATIO).min(BUDGET_CAP);
@@ -185,21 +191,26 @@ impl State {
         self.spent + running >= self.allowance
     }
 
-    /// Adaptive: learns from how long the thread slept before this traffic.
-    fn learn(&mut self, slept: Duration) {
-        let window = if slept <= ADAPTIVE_CEILING {
-            if self.window.is_zero() {
-                GROW_START
-            } else {
-                (self.window * 2).min(ADAPTIVE_CEILING)
-            }
-        } else {
+    /// Adaptive: learns from how long the thread was idle before this traffic. Idle longer
+    /// than the ceiling: the window halves (below [`GROW_START`] it closes). Idle longer than
+    /// the window but within the ceiling — a wider window would have caught the traffic — it
+    /// doubles. Caught by the window: it stays.
+    fn learn(&mut self, idle: Duration) {
+        let window = if idle > ADAPTIVE_CEILING {
             let half = self.window / 2;
             if half < GROW_START {
                 Duration::ZERO
             } else {
                 half
             }
+        } else if idle > self.window {
+            if self.window.is_zero() {
+                GROW_START
+            } else {
+                (self.window * 2).min(ADAPTIVE_CEILING)
+            }
+        } else {
+            self.window
         };
         if window != self.window {
             self.window = window;
@@ -269,10 +280,10 @@ pub fn note_traffic() {
         }
         let now = Instant::now();
         s.charge(now);
-        if let Some(slept_at) = s.slept_at.take()
+        if let Some(idle_since) = s.idle_since.take()
             && s.mode == BusyPoll::Adaptive
         {
-            s.learn(now.saturating_duration_since(slept_at));
+            s.learn(now.saturating_duration_since(idle_since));
         }
         // An adaptive thread whose period's budget is spent sleeps until the next period.
         let spent = s.mode == BusyPoll::Adaptive && s.over_budget(now);
@@ -290,22 +301,18 @@ pub fn before_park() {
             return false;
         }
         let now = Instant::now();
+        s.idle_since.get_or_insert(now);
         let Some(until) = s.until else {
-            s.slept_at = Some(now);
             s.asleep_since = Some(now);
             return false;
         };
-        let over_budget = s.mode == BusyPoll::Adaptive && s.over_budget(now);
-        if now >= until || over_budget {
+        let expired = now >= until;
+        if expired || (s.mode == BusyPoll::Adaptive && s.over_budget(now)) {
             s.charge(now);
             s.until = None;
-            s.slept_at = Some(now);
             s.asleep_since = Some(now);
-            if over_budget {
-                OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
-            } else {
-                EXPIRED.fetch_add(1, Ordering::Relaxed);
-            }
+            let counter = if expired { &EXPIRED } else { &OVER_BUDGET };
+            counter.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         s.polling_since.get_or_insert(now);
@@ -465,39 +472,65 @@ mod tests {
             note_traffic();
             before_park();
             let s = state();
-            assert_eq!((s.until, s.slept_at), (None, None));
+            assert_eq!((s.until, s.idle_since), (None, None));
         });
     }
 
     #[test]
-    fn the_adaptive_window_grows_after_short_sleeps_and_shrinks_after_long_ones() {
+    fn the_adaptive_window_grows_when_too_short_and_shrinks_after_long_idles() {
+        let us = Duration::from_micros;
+        let mut s = State {
+            mode: BusyPoll::Adaptive,
+            ..State::OFF
+        };
+        let mut learn = |idle: Duration| {
+            s.learn(idle);
+            s.window.as_micros()
+        };
+        // Traffic 100 µs into each idle spell, longer than the window: 10, 20, 40, 80, then
+        // the ceiling, which catches it.
+        let grown: Vec<u128> = (0..6).map(|_| learn(us(100))).collect();
+        assert_eq!(grown, [10, 20, 40, 80, 100, 100]);
+        // Traffic the window caught leaves it as it is.
+        assert_eq!(learn(us(30)), 100);
+        // Idle longer than the ceiling halves it, down to closed.
+        let shrunk: Vec<u128> = (0..5).map(|_| learn(us(101))).collect();
+        assert_eq!(shrunk, [50, 25, 12, 0, 0]);
+    }
+
+    #[test]
+    fn the_relay_hooks_learn_a_window_and_open_it() {
         enable(BusyPoll::Adaptive);
+        let ms = Duration::from_millis;
+        let budget = |s: &mut State| {
+            s.period_start = Some(Instant::now());
+            s.allowance = ms(5);
+        };
+        STATE.with(|s| budget(&mut s.borrow_mut()));
         assert_eq!(state().window, Duration::ZERO, "the window starts closed");
-        // Traffic soon after each sleep: 10, 20, 40, 80, then the ceiling.
-        let mut seen = Vec::new();
-        for _ in 0..6 {
+        // Traffic right after the thread went idle: a window is learnt and opened (retried:
+        // a thread preempted for over 100 µs between the two calls learns the opposite).
+        for _ in 0..100 {
+            note_traffic();
             before_park();
             note_traffic();
-            seen.push(state().window.as_micros());
-            // Close the window as an expiry would, so the next park is a sleep.
-            STATE.with(|s| s.borrow_mut().until = None);
+            if state().window == GROW_START {
+                break;
+            }
         }
-        assert_eq!(seen, [10, 20, 40, 80, 100, 100]);
-        assert_eq!(window(), ADAPTIVE_CEILING);
-        // A sleep longer than the ceiling halves it, down to closed.
-        let mut seen = Vec::new();
-        for _ in 0..5 {
-            STATE.with(|s| s.borrow_mut().until = None);
-            before_park();
-            STATE.with(|s| {
-                let mut s = s.borrow_mut();
-                s.slept_at = s.slept_at.map(|t| t - Duration::from_millis(1));
-            });
-            note_traffic();
-            seen.push(state().window.as_micros());
-        }
-        assert_eq!(seen, [50, 25, 12, 0, 0]);
-        assert_eq!(state().until, None, "a closed window polls nothing");
+        let s = state();
+        assert_eq!(s.window, GROW_START);
+        assert!(s.until.is_some(), "the learnt window did not open");
+        // Traffic after a long idle spell closes a 10 µs window, and nothing opens.
+        before_park();
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.idle_since = s.idle_since.map(|t| t - ms(1));
+            budget(&mut s);
+        });
+        note_traffic();
+        let s = state();
+        assert_eq!((s.window, s.until), (Duration::ZERO, None));
     }
 
     #[test]
@@ -574,24 +607,22 @@ mod tests {
     #[test]
     fn a_sleep_counts_against_the_period_it_began_in() {
         enable(BusyPoll::Adaptive);
-        let start = Instant::now() - Duration::from_millis(2);
+        // A period that began 2 ms before a one-second sleep.
+        let now = Instant::now();
+        let start = now - Duration::from_millis(1002);
         STATE.with(|s| {
             let mut s = s.borrow_mut();
             s.period_start = Some(start);
-            s.allowance = Duration::from_millis(5);
-        });
-        before_park();
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            // As if the thread had slept for a second.
-            s.asleep_since = s.asleep_since.map(|t| t - Duration::from_secs(1));
-            s.period_start = Some(start - Duration::from_secs(1));
+            s.asleep_since = Some(now - Duration::from_secs(1));
+            s.allowance = BUDGET_CAP;
         });
         after_unpark();
         let s = state();
         assert!(s.period_start.is_some_and(|p| p > start), "no new period");
+        // 2 ms of work in a second: 4 × 0.02 ms per period (1 ms allows for a slow machine;
+        // the sleep counted as work would give the whole cap).
         assert!(
-            s.allowance < Duration::from_micros(200),
+            s.allowance < Duration::from_millis(1),
             "a long sleep left an allowance of {:?}",
             s.allowance
         );

@@ -125,8 +125,8 @@ struct Args {
     worker_threads: usize,
     /// After forwarding bytes, keep polling the sockets instead of sleeping for a while:
     /// lower request/response latency for CPU. `auto` (the default) learns the window from
-    /// the traffic (up to 100us, never for traffic sparser than that) and polls at most four
-    /// times as long as the proxy works; a duration (at most 1ms) is a fixed window with no
+    /// the traffic (up to 100us; never kept open by a proxy idle longer than that between
+    /// messages) and polls at most four times as long as the proxy works; a duration (at most 1ms) is a fixed window with no
     /// budget, up to a core's worth of CPU while messages come closer together than it; `off`
     /// (or 0s) never.
     /// Runs on one worker thread: a duration picks one when --worker-threads is 0 and refuses
