@@ -151,9 +151,13 @@ impl State {
 
     /// Adds a run of polls that ended at `now` to the period's spending.
     fn charge(&mut self, now: Instant) {
-        if let Some(since) = self.polling_since.take() {
+        if self.polling_since.is_some() {
+            // Rolling first charges the part of the run before a period boundary to the
+            // period that ended.
             self.roll_period(now);
-            self.spent += now.saturating_duration_since(since);
+            if let Some(since) = self.polling_since.take() {
+                self.spent += now.saturating_duration_since(since);
+            }
         }
     }
 
@@ -602,6 +606,25 @@ mod tests {
         assert_eq!(allowance(ms(10), ms(0), ms(10)), 0);
         // A period not yet over keeps its allowance.
         assert_eq!(allowance(ms(5), ms(0), ms(0)), 0);
+    }
+
+    #[test]
+    fn a_run_of_polls_is_charged_to_the_periods_it_spans() {
+        let ms = Duration::from_millis;
+        let now = Instant::now();
+        // A period that began 12 ms ago: 7 ms asleep, 1 ms of work, then 4 ms of polls that
+        // end now.
+        let mut s = State {
+            mode: BusyPoll::Adaptive,
+            period_start: Some(now - ms(12)),
+            polling_since: Some(now - ms(4)),
+            slept: ms(7),
+            ..State::OFF
+        };
+        s.charge(now);
+        // The polls are the ended period's, not its work: 4 × 1 ms per 12 ms, scaled to 10 ms.
+        assert_eq!(s.allowance.as_micros(), 3_333);
+        assert_eq!((s.spent, s.polling_since), (Duration::ZERO, None));
     }
 
     #[test]
