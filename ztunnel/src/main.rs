@@ -126,11 +126,11 @@ struct Args {
     /// After forwarding bytes, keep polling the sockets instead of sleeping for a while:
     /// lower request/response latency for CPU. `auto` (the default) learns the window from
     /// the traffic (up to 100us; never kept open by a proxy idle longer than that between
-    /// messages) and polls at most four times as long as the proxy works; a duration (at most 1ms) is a fixed window with no
-    /// budget, up to a core's worth of CPU while messages come closer together than it; `off`
-    /// (or 0s) never.
-    /// Runs on one worker thread: a duration picks one when --worker-threads is 0 and refuses
-    /// more; `auto` is off on a runtime with several.
+    /// messages) and polls at most four times as long as the proxy works; a duration (at
+    /// most 1ms) is a fixed window with no budget, up to a core's worth of CPU while messages
+    /// come closer together than it; `off` (or 0s) never. Runs on one worker thread: a
+    /// duration picks one when --worker-threads is 0 and refuses more; `auto` is off on a
+    /// runtime with several.
     #[arg(long, env = "MEMBRANE_ZTUNNEL_BUSY_POLL", default_value = "auto")]
     busy_poll: membrane_ztunnel::busy_poll::BusyPoll,
     /// Log format (logs go to stderr; access records are JSON lines on stdout).
